@@ -1,0 +1,521 @@
+"""One Mixture-of-Experts layer on one GPU: transformers' implementations against moe_ops, and a floor.
+
+Every layer is transformers' own ``MixtralSparseMoeBlock`` at a model's shape (router linear, softmax,
+top-k, renormalise, gated SiLU experts), bf16, weights ~N(0, 0.02), random inputs. Implementations:
+
+    hf_eager               experts_implementation="eager": a Python loop over the experts hit
+    hf_grouped_mm          experts_implementation="grouped_mm": sort slots by expert, F.grouped_mm
+    compile_hf_eager       torch.compile of hf_eager
+    compile_hf_grouped_mm  torch.compile of hf_grouped_mm
+    moe_ops                router linear + moe_ops.route + moe_ops.fused_experts, on the block's own weights
+
+Floor of a cell = max(bytes / copy bandwidth, FLOPs / bf16 matmul rate), both ceilings measured once per
+run on the same GPU. Bytes = the expert weights touched (expected distinct experts under uniform
+routing) plus the activations read and written; FLOPs = the three expert GEMMs of every slot.
+
+    python benchmarks/bench_layer.py                      # all 18 cells, writes benchmarks/results/
+    python benchmarks/bench_layer.py --out "$OUT" --shapes deepseek-v3 --tokens 1,128 --skip-hf-eager
+    python benchmarks/bench_layer.py --dry-run            # CPU, tiny shapes: checks everything but speed
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import datetime
+import gc
+import itertools
+import re
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+import moe_ops
+
+DTYPE = torch.bfloat16
+INIT_STD = 0.02
+# Beyond this max|error| / max|hf_eager| an implementation is reported as disagreeing (bf16 tolerance,
+# as in tests/conftest.py).
+REL_ERR_TOLERANCE = 2e-2
+
+# transformers' version checks are lru_cache-wrapped; dynamo says once per function that it traces
+# through the cache, which is harmless here and would bury the tables.
+warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEShape:
+    name: str
+    num_experts: int  # E
+    top_k: int  # K
+    hidden: int  # H
+    intermediate: int  # F, per expert
+
+
+SHAPES = {
+    s.name: s
+    for s in (
+        MoEShape("mixtral-8x7b", 8, 2, 4096, 14336),
+        MoEShape("qwen3-30b-a3b", 128, 8, 2048, 768),
+        MoEShape("deepseek-v3", 256, 8, 7168, 2048),
+    )
+}
+TOKENS = (1, 32, 128, 512, 2048, 8192)
+
+# --dry-run: small enough for the CPU, still covering T = 1 (static graph), a recompile to dynamic T,
+# and a second shape (fresh modules after a dynamo reset).
+DRY_RUN_SHAPES = {
+    s.name: s for s in (MoEShape("tiny-mixtral", 8, 2, 64, 128), MoEShape("tiny-deepseek", 32, 4, 96, 32))
+}
+DRY_RUN_TOKENS = (1, 5, 48)
+
+IMPLS = ("hf_eager", "hf_grouped_mm", "compile_hf_eager", "compile_hf_grouped_mm", "moe_ops")
+HF_EAGER_IMPLS = ("hf_eager", "compile_hf_eager")
+IMPL_LABELS = {
+    "hf_eager": "HF eager loop",
+    "hf_grouped_mm": "HF grouped_mm",
+    "compile_hf_eager": "torch.compile(HF eager loop)",
+    "compile_hf_grouped_mm": "torch.compile(HF grouped_mm)",
+    "moe_ops": "moe_ops (eager op)",
+}
+
+CSV_COLUMNS = (
+    "shape", "E", "K", "H", "F", "T", "impl", "ms_p50", "ms_p20", "ms_p80", "floor_ms",
+    "floor_over_measured", "gpu", "torch", "triton", "transformers", "timestamp",
+)  # fmt: skip
+CSV_KEY = ("shape", "T", "impl")
+
+
+@dataclasses.dataclass(frozen=True)
+class Ceilings:
+    copy_bytes_per_s: float  # bytes read + written by a large device copy
+    matmul_flops_per_s: float  # 8192^3 bf16 matmul (512^3 in --dry-run)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    shape: MoEShape
+    impl: str
+    num_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentResult:
+    config: ExperimentConfig
+    ms_p50: float
+    ms_p20: float
+    ms_p80: float
+    rel_err: float  # max |out - hf_eager out| / max |hf_eager out|, same input
+
+
+@dataclasses.dataclass(frozen=True)
+class RunInfo:
+    gpu: str
+    torch: str
+    triton: str
+    transformers: str
+    timestamp: str
+
+
+# ---- Timing ----------------------------------------------------------------------------------------
+
+
+def _percentiles(times_ms: list[float]) -> tuple[float, float, float]:
+    """(p50, p20, p80), interpolated linearly, as do_bench's own quantiles."""
+    q = torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64)
+    p20, p50, p80 = torch.tensor(times_ms, dtype=torch.float64).quantile(q).tolist()
+    return p50, p20, p80
+
+
+def time_on_gpu(fn: Callable[[], object]) -> tuple[float, float, float]:
+    """(p50, p20, p80) in ms; do_bench flushes L2 between calls, and its p50 is its "median"."""
+    return _percentiles(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="all"))
+
+
+def time_wall_clock(fn: Callable[[], object]) -> tuple[float, float, float]:
+    """--dry-run stand-in for do_bench (which needs a GPU driver): same output, CPU wall clock."""
+    fn()
+    times_ms = []
+    for _ in range(5):
+        start = time.perf_counter()
+        fn()
+        times_ms.append((time.perf_counter() - start) * 1e3)
+    return _percentiles(times_ms)
+
+
+def copy_bytes_per_s(numel: int, device: torch.device, time_fn) -> float:
+    src = torch.randn(numel, device=device, dtype=DTYPE)
+    dst = torch.empty_like(src)
+    return 2 * src.nbytes / (time_fn(lambda: dst.copy_(src))[0] * 1e-3)
+
+
+def matmul_flops_per_s(n: int, device: torch.device, time_fn) -> float:
+    a = torch.randn(n, n, device=device, dtype=DTYPE)
+    b = torch.randn(n, n, device=device, dtype=DTYPE)
+    c = torch.empty(n, n, device=device, dtype=DTYPE)
+    return 2 * n**3 / (time_fn(lambda: torch.mm(a, b, out=c))[0] * 1e-3)
+
+
+def measure_ceilings(device: torch.device, time_fn, *, dry_run: bool) -> Ceilings:
+    if dry_run:
+        return Ceilings(copy_bytes_per_s(2**20, device, time_fn), matmul_flops_per_s(512, device, time_fn))
+    # 1 GiB of bf16, far past L2.
+    return Ceilings(copy_bytes_per_s(2**29, device, time_fn), matmul_flops_per_s(8192, device, time_fn))
+
+
+def floor_ms(shape: MoEShape, num_tokens: int, ceilings: Ceilings) -> float:
+    E, K, H, F_ = shape.num_experts, shape.top_k, shape.hidden, shape.intermediate
+    # A token picks K distinct experts, so an expert is missed by one token with probability 1 - K/E
+    # (exactly K experts at T = 1, unlike the with-replacement 1 - (1 - 1/E)^(T*K)).
+    experts_touched = E * (1 - (1 - K / E) ** num_tokens)
+    bytes_moved = (experts_touched * 3 * H * F_ + num_tokens * H * 2) * DTYPE.itemsize
+    flops = 2 * num_tokens * K * 3 * H * F_
+    return 1e3 * max(bytes_moved / ceilings.copy_bytes_per_s, flops / ceilings.matmul_flops_per_s)
+
+
+# ---- The layer, four ways --------------------------------------------------------------------------
+
+
+def build_hf_blocks(shape: MoEShape, device: torch.device) -> dict[str, torch.nn.Module]:
+    """HF blocks for experts_implementation "eager" and "grouped_mm", sharing one set of weights."""
+    # Imported here so that --help works without the [bench] extra.
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    blocks = {}
+    for impl, experts_implementation in (("hf_eager", "eager"), ("hf_grouped_mm", "grouped_mm")):
+        # The experts module reads config._experts_implementation at every call: one config per block.
+        config = MixtralConfig(
+            num_local_experts=shape.num_experts,
+            num_experts_per_tok=shape.top_k,
+            hidden_size=shape.hidden,
+            intermediate_size=shape.intermediate,
+            experts_implementation=experts_implementation,
+        )
+        # Built on the meta device: DeepSeek-V3's experts are 22.5 GB in bf16, too big to build in fp32.
+        with torch.device("meta"):
+            blocks[impl] = MixtralSparseMoeBlock(config).to(DTYPE).eval().requires_grad_(False)
+
+    weights = blocks["hf_eager"].to_empty(device=device)
+    for param in weights.parameters():
+        param.normal_(0.0, INIT_STD)
+    blocks["hf_grouped_mm"].load_state_dict(weights.state_dict(), assign=True)
+    return blocks
+
+
+def moe_ops_layer(block: torch.nn.Module, top_k: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The HF block's work through moe_ops: router linear + route + fused experts, same weight tensors."""
+    router_weight = block.gate.weight  # (E, H)
+    w_gate_up = block.experts.gate_up_proj  # (E, 2F, H), gate rows then up rows
+    w_down = block.experts.down_proj  # (E, H, F)
+
+    def layer(x: torch.Tensor) -> torch.Tensor:
+        batch, seq, hidden = x.shape
+        x_TH = x.view(-1, hidden)
+        topk_weights, topk_ids = moe_ops.route(F.linear(x_TH, router_weight), top_k, renormalize=True)
+        out_TH = moe_ops.fused_experts(x_TH, topk_weights, topk_ids, w_gate_up, w_down)
+        return out_TH.view(batch, seq, hidden)
+
+    return layer
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    expected = expected.float()
+    return ((actual.float() - expected).abs().max() / expected.abs().max().clamp_min(1e-6)).item()
+
+
+# ---- Experiments -----------------------------------------------------------------------------------
+
+
+def get_configs(shape: MoEShape, impls: list[str], tokens: list[int]) -> list[ExperimentConfig]:
+    """Implementation-major: a compiled implementation sweeps every T before the next one compiles."""
+    return [ExperimentConfig(shape, impl, t) for impl, t in itertools.product(impls, tokens)]
+
+
+def make_layer(impl: str, blocks: dict[str, torch.nn.Module], shape: MoEShape) -> Callable:
+    if impl == "moe_ops":
+        return moe_ops_layer(blocks["hf_eager"], shape.top_k)
+    if impl.startswith("compile_"):
+        # Both blocks run MixtralSparseMoeBlock.forward, one code object with one dynamo cache; the
+        # eager-loop block's entries (graph break before the experts, no guard on the experts'
+        # implementation) would also serve the grouped_mm block. Each compiled block starts clean.
+        torch._dynamo.reset()
+        return torch.compile(blocks[impl.removeprefix("compile_")])
+    return blocks[impl]
+
+
+def run_experiment(
+    config: ExperimentConfig, layer: Callable, x: torch.Tensor, expected: torch.Tensor, time_fn
+) -> ExperimentResult:
+    """Checks the layer's output against the reference output, then times it."""
+    actual = layer(x)  # a compiled layer's first call at this T: compilation happens here
+    if not torch.isfinite(actual).all():  # also synchronises, so an asynchronous CUDA error stops here
+        raise RuntimeError(
+            f"{config.shape.name} T={config.num_tokens}: {config.impl} returned non-finite values"
+        )
+    rel_err = relative_error(actual, expected)
+    return ExperimentResult(config, *time_fn(lambda: layer(x)), rel_err)
+
+
+def run_shape(
+    shape: MoEShape,
+    tokens: list[int],
+    impls: list[str],
+    device: torch.device,
+    time_fn,
+    ceilings: Ceilings,
+    run_info: RunInfo,
+    out_dir: Path,
+    mismatches: list[str],
+) -> None:
+    blocks = build_hf_blocks(shape, device)
+    inputs = {t: torch.randn(1, t, shape.hidden, device=device, dtype=DTYPE) for t in tokens}
+    # hf_eager gives the reference output, even when --skip-hf-eager leaves it untimed.
+    expected = {t: blocks["hf_eager"](x) for t, x in inputs.items()}
+
+    rows = []
+    layer, layer_impl = None, None
+    for config in get_configs(shape, impls, tokens):
+        if config.impl != layer_impl:
+            layer, layer_impl = make_layer(config.impl, blocks, shape), config.impl
+        T = config.num_tokens
+        result = run_experiment(config, layer, inputs[T], expected[T], time_fn)
+        floor = floor_ms(shape, T, ceilings)
+        flag = ""
+        if result.rel_err > REL_ERR_TOLERANCE:
+            flag = f"  <-- disagrees with hf_eager (> {REL_ERR_TOLERANCE:g})"
+            mismatches.append(f"{shape.name} T={T} {config.impl}: {result.rel_err:.2e}")
+        print(
+            f"{shape.name:<14} T={T:<5} {config.impl:<22} {result.ms_p50:9.3f} ms"
+            f"  floor/measured {floor / result.ms_p50:5.3f}  rel err vs hf_eager {result.rel_err:.1e}{flag}"
+        )
+        rows.append(result_row(result, floor, run_info))
+    print_shape_table(shape, rows)
+    write_results(out_dir, run_info.gpu, rows, ceilings)
+
+
+# ---- Results ---------------------------------------------------------------------------------------
+
+
+def result_row(result: ExperimentResult, floor: float, run_info: RunInfo) -> dict:
+    shape = result.config.shape
+    return {
+        "shape": shape.name, "E": shape.num_experts, "K": shape.top_k, "H": shape.hidden,
+        "F": shape.intermediate, "T": result.config.num_tokens, "impl": result.config.impl,
+        "ms_p50": f"{result.ms_p50:.4f}", "ms_p20": f"{result.ms_p20:.4f}", "ms_p80": f"{result.ms_p80:.4f}",
+        "floor_ms": f"{floor:.4f}", "floor_over_measured": f"{floor / result.ms_p50:.4f}",
+        **dataclasses.asdict(run_info),
+    }  # fmt: skip
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _key(row: dict) -> tuple[str, ...]:
+    return tuple(str(row[c]) for c in CSV_KEY)
+
+
+def write_results(out_dir: Path, gpu: str, rows: list[dict], ceilings: Ceilings) -> None:
+    """Merge rows into layer_<gpu>.csv (a row replaces the one with the same shape, T and impl) and
+    rewrite layer_<gpu>.md from the whole file. Called after every shape, so a crash keeps the rest."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = out_dir / f"layer_{slug(gpu)}.csv"
+    merged = {}
+    if csv_path.exists():
+        with csv_path.open(newline="") as f:
+            merged = {_key(row): row for row in csv.DictReader(f)}
+    merged.update({_key(row): {c: str(row[c]) for c in CSV_COLUMNS} for row in rows})
+    all_rows = sorted(merged.values(), key=_sort_key)
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(all_rows)
+    (out_dir / f"layer_{slug(gpu)}.md").write_text(markdown_report(all_rows, ceilings))
+
+
+def _sort_key(row: dict):
+    shape_order = list(SHAPES) + list(DRY_RUN_SHAPES)
+    shape_rank = shape_order.index(row["shape"]) if row["shape"] in shape_order else len(shape_order)
+    return shape_rank, row["shape"], int(row["T"]), IMPLS.index(row["impl"])
+
+
+def _table(shape_rows: list[dict], column: str, floor_row: bool) -> list[str]:
+    """impl x T markdown table of one column, three decimals."""
+    tokens = sorted({int(r["T"]) for r in shape_rows})
+    by_cell = {(r["impl"], int(r["T"])): r for r in shape_rows}
+    lines = ["| impl | " + " | ".join(f"T={t}" for t in tokens) + " |", "|---" * (len(tokens) + 1) + "|"]
+    for impl in IMPLS:
+        if any((impl, t) in by_cell for t in tokens):
+            cells = [f"{float(by_cell[impl, t][column]):.3f}" if (impl, t) in by_cell else "" for t in tokens]
+            lines.append(f"| {IMPL_LABELS[impl]} | " + " | ".join(cells) + " |")
+    if floor_row:
+        floors = {int(r["T"]): float(r["floor_ms"]) for r in shape_rows}
+        lines.append("| floor | " + " | ".join(f"{floors[t]:.3f}" for t in tokens) + " |")
+    return lines
+
+
+def summary_lines(rows: list[dict]) -> list[str]:
+    p50 = {(r["shape"], r["T"], r["impl"]): float(r["ms_p50"]) for r in rows}
+    cells = sorted(
+        {(s, t) for s, t, impl in p50 if impl == "moe_ops" and (s, t, "compile_hf_grouped_mm") in p50}
+    )
+    ahead = sum(p50[s, t, "moe_ops"] <= p50[s, t, "compile_hf_grouped_mm"] for s, t in cells)
+    lines = [
+        f"moe_ops (eager op) at or ahead of torch.compile(HF grouped_mm) in {ahead} of {len(cells)} cells"
+    ]
+    for impl in IMPLS:
+        ratios = [float(r["floor_over_measured"]) for r in rows if r["impl"] == impl]
+        if ratios:
+            geomean = statistics.geometric_mean(ratios)
+            lines.append(
+                f"geometric mean of floor/measured, {IMPL_LABELS[impl]}: {geomean:.3f} ({len(ratios)} cells)"
+            )
+    return lines
+
+
+def markdown_report(rows: list[dict], ceilings: Ceilings) -> str:
+    def distinct(column: str) -> str:
+        return ", ".join(sorted({r[column] for r in rows}))
+
+    lines = [
+        "# MoE layer benchmark (benchmarks/bench_layer.py)",
+        "",
+        f"- GPU: {distinct('gpu')}",
+        f"- torch {distinct('torch')}, triton {distinct('triton')}, transformers {distinct('transformers')}",
+        f"- runs: {distinct('timestamp')}",
+        f"- ceilings measured by the latest run: device copy {ceilings.copy_bytes_per_s / 1e12:.3f} TB/s"
+        f" (read + write), bf16 matmul {ceilings.matmul_flops_per_s / 1e12:.1f} TFLOP/s",
+        "- bf16, transformers' MixtralSparseMoeBlock at each shape, weights ~N(0, 0.02), random inputs;"
+        " `triton.testing.do_bench` p50 in ms",
+    ]
+    for name in dict.fromkeys(r["shape"] for r in rows):
+        shape_rows = [r for r in rows if r["shape"] == name]
+        first = shape_rows[0]
+        lines += ["", f"## {name} (E={first['E']}, K={first['K']}, H={first['H']}, F={first['F']})", ""]
+        lines += ["ms (p50):", "", *_table(shape_rows, "ms_p50", floor_row=True), ""]
+        lines += ["floor / measured:", "", *_table(shape_rows, "floor_over_measured", floor_row=False)]
+    lines += ["", "## Summary", "", *(f"- {line}" for line in summary_lines(rows))]
+    return "\n".join(lines) + "\n"
+
+
+def print_shape_table(shape: MoEShape, rows: list[dict]) -> None:
+    print(f"\n{shape.name}: ms (p50), with floor/measured in brackets")
+    tokens = sorted({int(r["T"]) for r in rows})
+    by_cell = {(r["impl"], int(r["T"])): r for r in rows}
+    print(f"{'impl':<30}" + "".join(f"{f'T={t}':>18}" for t in tokens))
+    for impl in IMPLS:
+        if any((impl, t) in by_cell for t in tokens):
+            cells = [by_cell.get((impl, t)) for t in tokens]
+            print(
+                f"{IMPL_LABELS[impl]:<30}"
+                + "".join(
+                    f"{float(c['ms_p50']):>9.3f} ({float(c['floor_over_measured']):.2f})"
+                    if c
+                    else f"{'':>18}"
+                    for c in cells
+                )
+            )
+    floors = {int(r["T"]): float(r["floor_ms"]) for r in rows}
+    print((f"{'floor':<30}" + "".join(f"{floors[t]:>9.3f}{'':>9}" for t in tokens)).rstrip() + "\n")
+
+
+# ---- Main ------------------------------------------------------------------------------------------
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="results folder (default benchmarks/results; a temporary folder with --dry-run)",
+    )
+    parser.add_argument("--shapes", help=f"comma-separated subset of {','.join(SHAPES)}")
+    parser.add_argument(
+        "--tokens", help=f"comma-separated token counts (default {','.join(map(str, TOKENS))})"
+    )
+    parser.add_argument(
+        "--skip-hf-eager",
+        action="store_true",
+        help="do not time the HF eager loop, compiled or not (slow at DeepSeek-V3 shapes); "
+        "it still gives the reference output",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help=f"on the CPU: shapes {','.join(DRY_RUN_SHAPES)}, tokens {','.join(map(str, DRY_RUN_TOKENS))}, "
+        "wall-clock timer; checks everything except the speed",
+    )
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    known_shapes = DRY_RUN_SHAPES if args.dry_run else SHAPES
+    shape_names = args.shapes.split(",") if args.shapes else list(known_shapes)
+    unknown = [name for name in shape_names if name not in known_shapes]
+    if unknown:
+        raise SystemExit(f"--shapes: unknown {unknown}; known: {list(known_shapes)}")
+    default_tokens = DRY_RUN_TOKENS if args.dry_run else TOKENS
+    tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else list(default_tokens)
+    impls = [impl for impl in IMPLS if not (args.skip_hf_eager and impl in HF_EAGER_IMPLS)]
+
+    if args.dry_run:
+        device, time_fn, gpu = torch.device("cpu"), time_wall_clock, "cpu-dry-run"
+        out_dir = args.out or Path(tempfile.mkdtemp(prefix="bench_layer_"))
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("bench_layer.py needs a CUDA GPU (or --dry-run)")
+        device, time_fn, gpu = torch.device("cuda"), time_on_gpu, torch.cuda.get_device_name()
+        out_dir = args.out or Path(__file__).parent / "results"
+
+    import transformers
+
+    run_info = RunInfo(
+        gpu=gpu,
+        torch=torch.__version__,
+        triton=triton.__version__,
+        transformers=transformers.__version__,
+        timestamp=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    )
+    print(f"{gpu}: torch {run_info.torch}, triton {run_info.triton}, transformers {run_info.transformers}")
+
+    with torch.inference_mode():
+        ceilings = measure_ceilings(device, time_fn, dry_run=args.dry_run)
+        print(
+            f"ceilings: device copy {ceilings.copy_bytes_per_s / 1e12:.3f} TB/s (read + write), "
+            f"bf16 matmul {ceilings.matmul_flops_per_s / 1e12:.1f} TFLOP/s\n"
+        )
+        mismatches = []
+        for name in shape_names:
+            run_shape(
+                known_shapes[name], tokens, impls, device, time_fn, ceilings, run_info, out_dir, mismatches
+            )
+            # Compiled graphs and dynamo's caches hold the previous shape's modules; drop them so the
+            # next shape gets the GPU memory and fresh recompile budgets.
+            torch._dynamo.reset()
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    csv_path = out_dir / f"layer_{slug(gpu)}.csv"
+    with csv_path.open(newline="") as f:
+        all_rows = list(csv.DictReader(f))
+    print("\n".join(summary_lines(all_rows)))
+    if mismatches:
+        print(f"WARNING: {len(mismatches)} cells disagree with hf_eager:\n  " + "\n  ".join(mismatches))
+    print(f"results: {csv_path} and {csv_path.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""moe_ops: Mixture-of-Experts layers as fused Triton kernels.
+
+The op layer: every op is a ``torch.ops.moe_ops.*`` custom op with a fake kernel (torch.compile,
+export), a plain-PyTorch reference (CPU tensors run it) and a Triton kernel (CUDA tensors).
+"""
+
+from moe_ops.capacity import apply_capacity, capacity_from_factor
+from moe_ops.expert_gemm import expert_gemm
+from moe_ops.fused_experts import fused_experts, fused_experts_ref
+from moe_ops.routing import route, route_ref
+from moe_ops.schedule import BlockSchedule, block_schedule
+
+__all__ = [
+    # the layer
+    "route",
+    "fused_experts",
+    # its parts
+    "block_schedule",
+    "BlockSchedule",
+    "apply_capacity",
+    "capacity_from_factor",
+    "expert_gemm",
+    # plain-PyTorch references (the definition of each op's semantics)
+    "route_ref",
+    "fused_experts_ref",
+]

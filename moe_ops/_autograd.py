@@ -1,0 +1,103 @@
+"""Autograd for moe_ops ops by differentiating their plain-PyTorch reference.
+
+Each differentiable op ``moe_ops::X`` gets an opaque backward op ``moe_ops::X_backward`` whose
+implementation re-runs the reference under autograd and whose fake kernel returns gradients shaped
+like the inputs. Keeping the backward opaque matters: the references loop over experts with
+data-dependent sizes, which AOTAutograd could not trace with fake tensors, while an opaque op with a
+static-shape fake kernel traces fine (opcheck's aot_dispatch tests, torch.compile training).
+This is the first correct version; fused backward kernels replace the implementation later without
+changing the schema.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from moe_ops._compat import autograd_inside_custom_op
+
+
+def _arguments_text(op) -> str:
+    schema = str(op._opoverload._schema)
+    return schema[schema.index("(") + 1 : schema.rindex(") ->")]
+
+
+def register_reference_autograd(op, reference: Callable, differentiable: Sequence[str]) -> None:
+    """Make ``op`` differentiable in the arguments named by ``differentiable``.
+
+    ``reference`` takes the op's arguments by name and returns what the op returns, built from
+    differentiable torch operations. Optional tensor arguments that are None get no gradient.
+    """
+    schema = op._opoverload._schema
+    names = [a.name for a in schema.arguments]
+    wrt = [names.index(n) for n in differentiable]
+    qualname = f"{op._namespace}::{op._name}_backward"
+
+    def backward_impl(*args):
+        *fwd_args, grads = args
+        bound = dict(zip(names, fwd_args, strict=True))
+        with autograd_inside_custom_op():
+            leaves = {}
+            for i in wrt:
+                value = fwd_args[i]
+                if value is not None:
+                    leaves[names[i]] = value.detach().requires_grad_(True)
+            outputs = reference(**{**bound, **leaves})
+            outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+            pairs = [
+                (out, grad)
+                for out, grad in zip(outputs, grads, strict=True)
+                if out.requires_grad and grad.numel() == out.numel() and out.numel() > 0
+            ]
+            got = (
+                torch.autograd.grad(
+                    [p[0] for p in pairs], list(leaves.values()), [p[1] for p in pairs], allow_unused=True
+                )
+                if pairs
+                else [None] * len(leaves)
+            )
+        by_name = dict(zip(leaves, got, strict=True))
+        result = []
+        for i in wrt:
+            value = fwd_args[i]
+            if value is None:
+                result.append(torch.empty(0))
+            else:
+                g = by_name[names[i]]
+                result.append(torch.zeros_like(value) if g is None else g.to(value.dtype))
+        return result
+
+    backward_op = torch.library.custom_op(
+        qualname,
+        backward_impl,
+        mutates_args=(),
+        schema=f"({_arguments_text(op)}, Tensor[] grads) -> Tensor[]",
+    )
+
+    @backward_op.register_fake
+    def _(*args):
+        fwd_args = args[:-1]
+        return [
+            torch.empty(0) if fwd_args[i] is None else torch.empty_like(fwd_args[i]) for i in wrt
+        ]
+
+    def setup_context(ctx, inputs, output):
+        ctx.fwd_inputs = inputs
+        outputs = output if isinstance(output, tuple) else (output,)
+        ctx.output_meta = [(o.shape, o.dtype, o.device) for o in outputs]
+
+    def backward(ctx, *grads):
+        filled = [
+            g if g is not None else (torch.zeros(shape, dtype=dtype, device=device)
+                                     if dtype.is_floating_point else torch.empty(0, device=device))
+            for g, (shape, dtype, device) in zip(grads, ctx.output_meta, strict=True)
+        ]
+        input_grads = backward_op(*ctx.fwd_inputs, filled)
+        result: list = [None] * len(names)
+        for i, g in zip(wrt, input_grads, strict=True):
+            if ctx.fwd_inputs[i] is not None and ctx.needs_input_grad[i]:
+                result[i] = g
+        return tuple(result)
+
+    torch.library.register_autograd(op, backward, setup_context=setup_context)

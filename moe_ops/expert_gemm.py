@@ -1,0 +1,226 @@
+"""Grouped expert GEMM over a block schedule, with the expert MLP's pointwise work fused in.
+
+Shape legend: T tokens, E experts, N output features, K reduction features, S slots (= T * top_k),
+P = S_MAX schedule positions (rows of the padded, expert-sorted order), B = B_MAX blocks.
+
+For schedule position p holding slot s = sorted_slots[p] of block expert e = block_expert[p // block_m]:
+
+    a_row   = a[s // gather_top_k]        if gather_top_k > 0 (rows gathered from the tokens, no
+              a[p]                        permuted copy)    else a is already in schedule order
+    y       = a_row @ w[e].T (+ bias[e])                     accumulated in fp32
+    y       = act(y, a_row @ w_up[e].T (+ bias_up[e]))       gated (w_up given), else act(y)
+    y       = y * slot_weights[s]                            if slot_weights is given
+    out[s]  = y    if scatter (out has S rows; slots never scheduled stay 0)
+    out[p]  = y    otherwise (out has P rows; padding rows and unused blocks are 0)
+
+Weights are (E, N, K) with any strides, so HF's (E, 2F, H) gate_up halves, GPT-OSS's interleaved
+columns and torchtitan's transposed (E, H, F) tensors are all views, never copies.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moe_ops._autograd import register_reference_autograd
+from moe_ops._checks import FLOAT_DTYPES, check_choice, check_tensor
+
+ACTIVATIONS = ("none", "silu", "gelu", "gelu_tanh", "relu", "clamped_swiglu")
+# Triton's constexpr code for each activation (expert_gemm_triton._activate).
+ACTIVATION_CODE = {name: code for code, name in enumerate(ACTIVATIONS)}
+
+
+def activate_ref(gate: torch.Tensor, up: torch.Tensor | None, activation: str, alpha: float, limit: float):
+    """The activation of the expert MLP: act(gate) * up when gated, act(gate) otherwise."""
+    if activation == "clamped_swiglu":
+        # GPT-OSS: gate clamped above, up clamped both ways, and up shifted by one.
+        gate = gate.clamp(max=limit)
+        return (up.clamp(-limit, limit) + 1) * (gate * torch.sigmoid(alpha * gate))
+    acted = {
+        "none": lambda g: g,
+        "silu": F.silu,
+        "gelu": F.gelu,
+        "gelu_tanh": lambda g: F.gelu(g, approximate="tanh"),
+        "relu": F.relu,
+    }[activation](gate)
+    return acted if up is None else acted * up
+
+
+def _check_expert_gemm_args(
+    a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
+    num_slots, block_m, gather_top_k, activation,
+) -> None:
+    check_tensor("a", a, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("w", w, shape=("E", "N", a.shape[1]), dtypes=(a.dtype,), device=a.device)
+    E, N, _ = w.shape
+    if w_up is not None:
+        check_tensor("w_up", w_up, shape=tuple(w.shape), dtypes=(a.dtype,), device=a.device)
+    if bias is not None:
+        check_tensor("bias", bias, shape=(E, N), dtypes=FLOAT_DTYPES, device=a.device)
+    if bias_up is not None:
+        if w_up is None:
+            raise ValueError("bias_up: given without w_up")
+        check_tensor("bias_up", bias_up, shape=(E, N), dtypes=FLOAT_DTYPES, device=a.device)
+    if slot_weights is not None:
+        check_tensor("slot_weights", slot_weights, shape=(num_slots,), dtypes=FLOAT_DTYPES, device=a.device)
+    check_tensor("sorted_slots", sorted_slots, ndim=1, dtypes=(torch.int32,), device=a.device)
+    num_positions = sorted_slots.shape[0]
+    if block_m < 1 or num_positions % block_m:
+        raise ValueError(f"block_m: expected a positive divisor of len(sorted_slots)={num_positions}, got {block_m}")
+    check_tensor("block_expert", block_expert, shape=(num_positions // block_m,), dtypes=(torch.int32,),
+                 device=a.device)
+    check_tensor("num_padded", num_padded, shape=(1,), dtypes=(torch.int32,), device=a.device)
+    if gather_top_k > 0:
+        if a.shape[0] * gather_top_k != num_slots:
+            raise ValueError(
+                f"a: expected ({num_slots // gather_top_k}, K) token rows for num_slots={num_slots} and "
+                f"gather_top_k={gather_top_k}, got {tuple(a.shape)}"
+            )
+    elif a.shape[0] != num_positions:
+        raise ValueError(f"a: expected ({num_positions}, K) rows in schedule order, got {tuple(a.shape)}")
+    check_choice("activation", activation, ACTIVATIONS)
+    if activation == "clamped_swiglu" and w_up is None:
+        raise ValueError("activation: 'clamped_swiglu' is gated and needs w_up")
+
+
+def expert_gemm_ref(
+    a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
+    num_slots, block_m, gather_top_k, scatter, activation, alpha, limit,
+):
+    """Plain-PyTorch definition of the op: a loop over experts (the semantics kernels are tested against)."""
+    _check_expert_gemm_args(
+        a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
+        num_slots, block_m, gather_top_k, activation,
+    )
+    acc_dtype = torch.promote_types(a.dtype, torch.float32)
+    num_positions = sorted_slots.shape[0]
+    slot_P = sorted_slots.long()
+    expert_P = block_expert.long().repeat_interleave(block_m)
+    valid_P = (slot_P < num_slots) & (expert_P >= 0)
+    a_row_P = slot_P // gather_top_k if gather_top_k > 0 else torch.arange(num_positions, device=a.device)
+
+    out_PN = torch.zeros(num_positions, w.shape[1], dtype=acc_dtype, device=a.device)
+    for e in range(w.shape[0]):
+        pos = torch.nonzero(valid_P & (expert_P == e)).flatten()
+        if pos.numel() == 0:
+            continue
+        x = a[a_row_P[pos]].to(acc_dtype)
+        gate = x @ w[e].to(acc_dtype).T
+        if bias is not None:
+            gate = gate + bias[e].to(acc_dtype)
+        up = None
+        if w_up is not None:
+            up = x @ w_up[e].to(acc_dtype).T
+            if bias_up is not None:
+                up = up + bias_up[e].to(acc_dtype)
+        y = activate_ref(gate, up, activation, alpha, limit)
+        if slot_weights is not None:
+            y = y * slot_weights[slot_P[pos]].to(acc_dtype)[:, None]
+        out_PN = out_PN.index_copy(0, pos, y)
+    out_PN = out_PN.to(a.dtype)
+    if not scatter:
+        return out_PN
+    valid_pos = torch.nonzero(valid_P).flatten()
+    out_SN = torch.zeros(num_slots, w.shape[1], dtype=a.dtype, device=a.device)
+    return out_SN.index_copy(0, slot_P[valid_pos], out_PN[valid_pos])
+
+
+@torch.library.custom_op("moe_ops::expert_gemm", mutates_args=())
+def _expert_gemm_op(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    w_up: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    bias_up: torch.Tensor | None,
+    slot_weights: torch.Tensor | None,
+    sorted_slots: torch.Tensor,
+    block_expert: torch.Tensor,
+    num_padded: torch.Tensor,
+    num_slots: int,
+    block_m: int,
+    gather_top_k: int,
+    scatter: bool,
+    activation: str,
+    alpha: float,
+    limit: float,
+) -> torch.Tensor:
+    return expert_gemm_ref(
+        a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
+        num_slots, block_m, gather_top_k, scatter, activation, alpha, limit,
+    )
+
+
+@_expert_gemm_op.register_kernel("cuda")
+def _(a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
+      num_slots, block_m, gather_top_k, scatter, activation, alpha, limit):
+    from moe_ops.expert_gemm_triton import expert_gemm_triton
+
+    _check_expert_gemm_args(
+        a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
+        num_slots, block_m, gather_top_k, activation,
+    )
+    return expert_gemm_triton(
+        a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
+        num_slots, block_m, gather_top_k, scatter, activation, alpha, limit,
+    )
+
+
+@_expert_gemm_op.register_fake
+def _(a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
+      num_slots, block_m, gather_top_k, scatter, activation, alpha, limit):
+    _check_expert_gemm_args(
+        a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
+        num_slots, block_m, gather_top_k, activation,
+    )
+    rows = num_slots if scatter else sorted_slots.shape[0]
+    return a.new_empty((rows, w.shape[1]))
+
+
+register_reference_autograd(
+    _expert_gemm_op,
+    expert_gemm_ref,
+    differentiable=("a", "w", "w_up", "bias", "bias_up", "slot_weights"),
+)
+
+
+def expert_gemm(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    schedule,
+    *,
+    num_slots: int,
+    block_m: int,
+    w_up: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    bias_up: torch.Tensor | None = None,
+    slot_weights: torch.Tensor | None = None,
+    gather_top_k: int = 0,
+    scatter: bool = False,
+    activation: str = "none",
+    alpha: float = 1.702,
+    limit: float = 7.0,
+) -> torch.Tensor:
+    """Grouped GEMM of scheduled rows against their expert's weight (see the module docstring).
+
+    Args:
+        a:            (T, K) if gather_top_k > 0, else (P, K); fp32/fp16/bf16
+        w:            (E, N, K) same dtype as a, any strides
+        schedule:     :class:`moe_ops.BlockSchedule`
+        num_slots:    S, the slot count the schedule was built for (its padding sentinel)
+        block_m:      the block_m the schedule was built with
+        w_up:         (E, N, K) optional; makes the op gated: act(a w^T) * (a w_up^T)
+        bias/bias_up: (E, N) optional, added before the activation
+        slot_weights: (S,) optional routing weight per slot, multiplied after the activation
+        gather_top_k: read row s // gather_top_k of a for slot s (a holds tokens); 0: a is in
+                      schedule order
+        scatter:      write row s of an (S, N) output; else row p of a (P, N) output
+        activation:   "none" | "silu" | "gelu" | "gelu_tanh" | "relu" | "clamped_swiglu"
+        alpha/limit:  clamped_swiglu's constants (GPT-OSS: 1.702 and 7.0)
+
+    Returns:
+        (S, N) if scatter else (P, N), dtype of a; accumulation in fp32.
+    """
+    return torch.ops.moe_ops.expert_gemm(
+        a, w, w_up, bias, bias_up, slot_weights, schedule.sorted_slots, schedule.block_expert,
+        schedule.num_padded, num_slots, block_m, gather_top_k, scatter, activation, alpha, limit,
+    )

@@ -1,0 +1,206 @@
+"""Triton kernel of moe_ops::expert_gemm: one launch for all experts' blocks.
+
+The block schedule gives each BLOCK_M rows one expert, so a program computes one
+(BLOCK_M, BLOCK_N) output tile with plain tile loads of that expert's weights and a row gather of
+the activations. Gate and up tiles share one A tile per K step (two accumulators), and bias,
+activation, routing weight and the scatter back to slot order happen in registers before the only
+store. No atomics: every output element is written by exactly one program.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from moe_ops.expert_gemm import ACTIVATION_CODE
+
+
+@triton.jit
+def _activate(gate, up, ACTIVATION: tl.constexpr, GATED: tl.constexpr, alpha, limit):
+    # Codes follow expert_gemm.ACTIVATIONS.
+    if ACTIVATION == 1:  # silu
+        gate = gate * tl.sigmoid(gate)
+    elif ACTIVATION == 2:  # gelu (erf)
+        gate = 0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476))
+    elif ACTIVATION == 3:  # gelu, tanh approximation; tanh(z) = 2 sigmoid(2z) - 1
+        inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+        gate = gate * tl.sigmoid(2.0 * inner)
+    elif ACTIVATION == 4:  # relu
+        gate = tl.maximum(gate, 0.0)
+    elif ACTIVATION == 5:  # GPT-OSS clamped SwiGLU
+        gate = tl.minimum(gate, limit)
+        up = tl.minimum(tl.maximum(up, -limit), limit) + 1.0
+        gate = gate * tl.sigmoid(alpha * gate)
+    if GATED:
+        gate = gate * up
+    return gate
+
+
+@triton.jit
+def _expert_gemm_kernel(
+    # pointers
+    a_ptr, w_ptr, w_up_ptr, bias_ptr, bias_up_ptr, slot_weight_ptr, out_ptr,
+    sorted_slots_ptr, block_expert_ptr, num_padded_ptr,
+    # sizes
+    N, K, num_slots, gather_top_k, num_blocks_max,
+    # strides
+    stride_am, stride_ak,
+    stride_we, stride_wn, stride_wk,
+    stride_ue, stride_un, stride_uk,
+    stride_be, stride_bn,
+    stride_bue, stride_bun,
+    stride_om, stride_on,
+    # activation constants
+    alpha, limit,
+    # meta
+    GATHER: tl.constexpr, SCATTER: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_BIAS_UP: tl.constexpr, HAS_SLOT_WEIGHT: tl.constexpr, ACTIVATION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_blocks = tl.load(num_padded_ptr) // BLOCK_M
+    num_busy = num_blocks * num_pid_n
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_m_local = tl.arange(0, BLOCK_M)
+
+    if pid >= num_busy:
+        # Blocks past the schedule's end: zero them in schedule-order output (so every row of the
+        # op's output is defined); in scatter mode they own no slot and do nothing.
+        if not SCATTER:
+            idle = pid - num_busy
+            pid_m = num_blocks + idle // num_pid_n
+            pid_n = idle % num_pid_n
+            if pid_m < num_blocks_max:
+                rows = (pid_m * BLOCK_M + offs_m_local).to(tl.int64)
+                cols = pid_n * BLOCK_N + offs_n
+                zeros = tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty)
+                tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on, zeros,
+                         mask=cols[None, :] < N)
+        return
+
+    # Grouped order: GROUP_M consecutive blocks (mostly of one expert) sweep the N tiles together,
+    # so each weight tile is fetched from HBM about once per group instead of once per block.
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = tl.minimum(num_blocks - first_m, GROUP_M)
+    pid_m = first_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + offs_m_local
+    slot = tl.load(sorted_slots_ptr + offs_m)
+    row_valid = slot < num_slots
+    if GATHER:
+        a_row = tl.where(row_valid, slot // gather_top_k, 0).to(tl.int64)
+    else:
+        a_row = offs_m.to(tl.int64)
+    cols = pid_n * BLOCK_N + offs_n
+    col_valid = cols < N
+    offs_k = tl.arange(0, BLOCK_K)
+
+    a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak
+    w_ptrs = w_ptr + expert * stride_we + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if GATED:
+        u_ptrs = (w_up_ptr + expert * stride_ue + cols[None, :].to(tl.int64) * stride_un
+                  + offs_k[:, None] * stride_uk)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        acc_up = acc
+    for k0 in range(0, K, BLOCK_K):
+        k_valid = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=row_valid[:, None] & k_valid[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_valid[:, None] & col_valid[None, :], other=0.0)
+        acc = tl.dot(a, w, acc)
+        if GATED:
+            u = tl.load(u_ptrs, mask=k_valid[:, None] & col_valid[None, :], other=0.0)
+            acc_up = tl.dot(a, u, acc_up)
+            u_ptrs += BLOCK_K * stride_uk
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + expert * stride_be + cols * stride_bn, mask=col_valid, other=0.0
+                       ).to(tl.float32)[None, :]
+    if HAS_BIAS_UP:
+        acc_up += tl.load(bias_up_ptr + expert * stride_bue + cols * stride_bun, mask=col_valid,
+                          other=0.0).to(tl.float32)[None, :]
+    y = _activate(acc, acc_up, ACTIVATION, GATED, alpha, limit)
+    if HAS_SLOT_WEIGHT:
+        y *= tl.load(slot_weight_ptr + slot, mask=row_valid, other=0.0).to(tl.float32)[:, None]
+
+    if SCATTER:
+        out_rows = slot.to(tl.int64)
+        store_mask = row_valid[:, None] & col_valid[None, :]
+    else:
+        out_rows = offs_m.to(tl.int64)
+        y = tl.where(row_valid[:, None], y, 0.0)
+        store_mask = col_valid[None, :]
+    tl.store(out_ptr + out_rows[:, None] * stride_om + cols[None, :] * stride_on,
+             y.to(out_ptr.dtype.element_ty), mask=store_mask)
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def gemm_config(block_m: int, n: int, k: int, gated: bool, busy_blocks_estimate: int, device) -> dict:
+    """Tile config by token bucket (block_m): a heuristic, not autotuned, so that eager calls never
+    pay a tuning sweep. Small block_m is decode: weight-bandwidth bound, so narrow N tiles spread
+    the weight stream over every SM and deep K steps keep many loads in flight."""
+    num_sms = _num_sms(device.index or 0) if device.type == "cuda" else 1
+    if block_m <= 32:
+        block_n, block_k, warps, stages = 64, 128, 4, 4
+        # At least two programs per SM, else part of the HBM bandwidth is never asked for.
+        while block_n > 16 and busy_blocks_estimate * triton.cdiv(n, block_n) < 2 * num_sms:
+            block_n //= 2
+    elif block_m == 64:
+        block_n, block_k, warps, stages = (64 if gated else 128), 64, 4, 4
+    else:
+        block_n, block_k, warps, stages = (64 if gated else 128), 64, 8, 3
+    return dict(BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages)
+
+
+def expert_gemm_triton(
+    a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
+    num_slots, block_m, gather_top_k, scatter, activation, alpha, limit,
+):
+    """Launch the kernel; same arguments and result as moe_ops.expert_gemm.expert_gemm_ref."""
+    num_positions = sorted_slots.shape[0]
+    n, k = w.shape[1], w.shape[2]
+    if scatter:
+        out = torch.zeros((num_slots, n), dtype=a.dtype, device=a.device)
+    else:
+        out = torch.empty((num_positions, n), dtype=a.dtype, device=a.device)
+    num_blocks_max = block_expert.shape[0]
+    if num_slots == 0 or num_blocks_max == 0 or n == 0:
+        return out.zero_()
+    gated = w_up is not None
+    # Busy blocks are at most one per slot and one per expert with a slot.
+    busy_estimate = min(num_blocks_max, num_slots, w.shape[0]) if block_m <= 32 else num_blocks_max
+    config = gemm_config(block_m, n, k, gated, busy_estimate, a.device)
+    grid = (num_blocks_max * triton.cdiv(n, config["BLOCK_N"]),)
+    dummy = out  # placeholder pointer for absent optional tensors; never dereferenced
+    _expert_gemm_kernel[grid](
+        a, w, w_up if gated else dummy, bias if bias is not None else dummy,
+        bias_up if bias_up is not None else dummy,
+        slot_weights if slot_weights is not None else dummy, out,
+        sorted_slots, block_expert, num_padded,
+        n, k, num_slots, max(gather_top_k, 1), num_blocks_max,
+        a.stride(0), a.stride(1),
+        *w.stride(),
+        *(w_up.stride() if gated else (0, 0, 0)),
+        *(bias.stride() if bias is not None else (0, 0)),
+        *(bias_up.stride() if bias_up is not None else (0, 0)),
+        out.stride(0), out.stride(1),
+        float(alpha), float(limit),
+        GATHER=gather_top_k > 0, SCATTER=bool(scatter), GATED=gated, HAS_BIAS=bias is not None,
+        HAS_BIAS_UP=bias_up is not None, HAS_SLOT_WEIGHT=slot_weights is not None, ACTIVATION=ACTIVATION_CODE[activation],
+        BLOCK_M=block_m, **config,
+    )
+    return out

@@ -1,0 +1,289 @@
+"""The whole routed-expert MLP of a MoE layer as one op: the target of the graph passes.
+
+Shape legend: T tokens, H hidden, F expert intermediate size, E experts, K top-k, S = T*K slots.
+
+    out[t] = sum_j  w[t, j] * down_e( act(gate_e(x[t]), up_e(x[t])) ),  e = ids[t, j] < E
+
+On CUDA: [capacity] -> block schedule -> gate_up GEMM with the activation fused (rows gathered
+from x, no permuted copy) -> down GEMM with the routing weight fused, scattered to (T, K, H) ->
+sum over K in a fixed order (deterministic, fp32 accumulation).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe_ops._autograd import register_reference_autograd
+from moe_ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_ids_in_range, check_tensor
+from moe_ops.capacity import apply_capacity_ref, capacity_from_factor
+from moe_ops.expert_gemm import ACTIVATIONS, activate_ref
+
+LAYOUTS = ("EFH", "EHF")
+DROP_POLICIES = ("position", "score")
+
+
+class ExpertWeights:
+    """The expert tensors as (E, N, K) views (N output features, K reduction), never copies."""
+
+    def __init__(self, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down, layout, interleaved, gated):
+        if layout == "EHF":
+            w_gate_up = w_gate_up.transpose(1, 2)
+            w_up = None if w_up is None else w_up.transpose(1, 2)
+            w_down = w_down.transpose(1, 2)
+        self.gate, self.up, self.b_gate, self.b_up = w_gate_up, w_up, b_gate_up, b_up
+        if gated and w_up is None:
+            # Gate and up share one tensor: HF concatenates the halves, GPT-OSS interleaves them.
+            if interleaved:
+                self.gate, self.up = w_gate_up[:, 0::2], w_gate_up[:, 1::2]
+                if b_gate_up is not None:
+                    self.b_gate, self.b_up = b_gate_up[:, 0::2], b_gate_up[:, 1::2]
+            else:
+                half = w_gate_up.shape[1] // 2
+                self.gate, self.up = w_gate_up[:, :half], w_gate_up[:, half:]
+                if b_gate_up is not None:
+                    self.b_gate, self.b_up = b_gate_up[:, :half], b_gate_up[:, half:]
+        self.down, self.b_down = w_down, b_down
+
+
+def _check_fused_args(
+    x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
+    layout, interleaved, activation, gated, capacity_factor, drop_policy,
+) -> None:
+    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
+    T, H = x.shape
+    check_tensor("topk_ids", topk_ids, ndim=2, dtypes=INDEX_DTYPES, device=x.device)
+    if topk_ids.shape[0] != T:
+        raise ValueError(f"topk_ids: expected shape ({T}, K) like x's {T} tokens, got {tuple(topk_ids.shape)}")
+    check_tensor("topk_weights", topk_weights, shape=tuple(topk_ids.shape), dtypes=FLOAT_DTYPES, device=x.device)
+    check_choice("layout", layout, LAYOUTS)
+    check_choice("activation", activation, ACTIVATIONS)
+    check_choice("drop_policy", drop_policy, DROP_POLICIES)
+    if activation == "clamped_swiglu" and not gated:
+        raise ValueError("activation: 'clamped_swiglu' needs gated=True")
+    if interleaved and (w_up is not None or not gated):
+        raise ValueError("interleaved: only for a gated w_gate_up holding both gate and up (w_up=None)")
+    check_tensor("w_gate_up", w_gate_up, ndim=3, dtypes=(x.dtype,), device=x.device)
+    E = w_gate_up.shape[0]
+    fused_gate_up = gated and w_up is None
+    f_axis = 1 if layout == "EFH" else 2
+    F2 = w_gate_up.shape[f_axis]
+    F = F2 // 2 if fused_gate_up else F2
+    want = (E, F2, H) if layout == "EFH" else (E, H, F2)
+    if w_gate_up.shape != want or (fused_gate_up and F2 % 2):
+        f_name = "2F" if fused_gate_up else "F"
+        dims = ("E", f_name, f"H={H}") if layout == "EFH" else ("E", f"H={H}", f_name)
+        raise ValueError(
+            f"w_gate_up: expected shape ({', '.join(dims)}) for layout={layout!r}"
+            + (" with an even 2F" if fused_gate_up else "")
+            + f" (H is x's hidden size), got {tuple(w_gate_up.shape)}"
+        )
+    if w_up is not None:
+        if not gated:
+            raise ValueError("w_up: given with gated=False")
+        check_tensor("w_up", w_up, shape=tuple(w_gate_up.shape), dtypes=(x.dtype,), device=x.device)
+    want_down = (E, H, F) if layout == "EFH" else (E, F, H)
+    check_tensor("w_down", w_down, shape=want_down, dtypes=(x.dtype,), device=x.device)
+    if b_gate_up is not None:
+        check_tensor("b_gate_up", b_gate_up, shape=(E, F2), dtypes=FLOAT_DTYPES, device=x.device)
+    if b_up is not None:
+        if w_up is None:
+            raise ValueError("b_up: given without w_up (a fused w_gate_up takes its bias in b_gate_up)")
+        check_tensor("b_up", b_up, shape=(E, F), dtypes=FLOAT_DTYPES, device=x.device)
+    if b_down is not None:
+        check_tensor("b_down", b_down, shape=(E, H), dtypes=FLOAT_DTYPES, device=x.device)
+    K = topk_ids.shape[1]
+    if not 1 <= K <= E:
+        raise ValueError(f"topk_ids: expected 1 <= K <= E={E} choices per token, got K={K}")
+    if capacity_factor < 0:
+        raise ValueError(f"capacity_factor: expected >= 0 (0 = dropless), got {capacity_factor}")
+
+
+def fused_experts_ref(
+    x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
+    layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy,
+):
+    """Plain-PyTorch definition: a loop over experts, rounding where the kernels round (the
+    intermediate activation and each slot's output are stored in x's dtype)."""
+    _check_fused_args(
+        x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
+        layout, interleaved, activation, gated, capacity_factor, drop_policy,
+    )
+    T, K = topk_ids.shape
+    w = ExpertWeights(w_gate_up, w_down, w_up, b_gate_up, b_up, b_down, layout, interleaved, gated)
+    E = w_gate_up.shape[0]
+    check_ids_in_range("topk_ids", topk_ids, E, allow_sentinels=True)
+    ids = topk_ids
+    num_dropped = torch.zeros((), dtype=torch.int32, device=x.device)
+    capacity = capacity_from_factor(capacity_factor, T, K, E)
+    if capacity >= 0:
+        ids, num_dropped = apply_capacity_ref(topk_ids, topk_weights, E, capacity, drop_policy)
+    acc_dtype = torch.promote_types(x.dtype, torch.float32)
+    out_TH = torch.zeros(T, x.shape[1], dtype=acc_dtype, device=x.device)
+    for e in range(E):
+        token, choice = torch.nonzero(ids == e, as_tuple=True)
+        if token.numel() == 0:
+            continue
+        x_e = x[token].to(acc_dtype)
+        gate = x_e @ w.gate[e].to(acc_dtype).T
+        if w.b_gate is not None:
+            gate = gate + w.b_gate[e].to(acc_dtype)
+        up = None
+        if w.up is not None:
+            up = x_e @ w.up[e].to(acc_dtype).T
+            if w.b_up is not None:
+                up = up + w.b_up[e].to(acc_dtype)
+        h = activate_ref(gate, up, activation, alpha, limit).to(x.dtype).to(acc_dtype)
+        y = h @ w.down[e].to(acc_dtype).T
+        if w.b_down is not None:
+            y = y + w.b_down[e].to(acc_dtype)
+        y = (y * topk_weights[token, choice].to(acc_dtype)[:, None]).to(x.dtype)
+        out_TH = out_TH.index_add(0, token, y.to(acc_dtype))
+    return out_TH.to(x.dtype), num_dropped
+
+
+@torch.library.custom_op("moe_ops::fused_experts", mutates_args=())
+def _fused_experts_op(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    w_up: torch.Tensor | None,
+    b_gate_up: torch.Tensor | None,
+    b_up: torch.Tensor | None,
+    b_down: torch.Tensor | None,
+    layout: str,
+    interleaved: bool,
+    activation: str,
+    gated: bool,
+    alpha: float,
+    limit: float,
+    capacity_factor: float,
+    drop_policy: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return fused_experts_ref(
+        x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
+        layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy,
+    )
+
+
+def choose_block_m(num_slots: int, num_experts: int) -> int:
+    """Rows per GEMM block from the expected rows per expert: small blocks waste little padding at
+    decode, large ones reuse each weight tile across more rows at prefill."""
+    rows_per_expert = num_slots / num_experts
+    for block_m, up_to in ((16, 16), (32, 32), (64, 96)):
+        if rows_per_expert <= up_to:
+            return block_m
+    return 128
+
+
+def fused_experts_triton(
+    x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
+    layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy,
+):
+    """The Triton path (the op's CUDA kernel; tests also run it on CPU under the interpreter)."""
+    from moe_ops.capacity_triton import apply_capacity_triton
+    from moe_ops.expert_gemm_triton import expert_gemm_triton
+    from moe_ops.schedule_triton import block_schedule_triton
+
+    _check_fused_args(
+        x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
+        layout, interleaved, activation, gated, capacity_factor, drop_policy,
+    )
+    T, K = topk_ids.shape
+    E = w_gate_up.shape[0]
+    num_dropped = torch.zeros((), dtype=torch.int32, device=x.device)
+    if T == 0:
+        return x.new_empty((0, x.shape[1])), num_dropped
+    w = ExpertWeights(w_gate_up, w_down, w_up, b_gate_up, b_up, b_down, layout, interleaved, gated)
+    ids = topk_ids
+    capacity = capacity_from_factor(capacity_factor, T, K, E)
+    if capacity >= 0:
+        ids, num_dropped = apply_capacity_triton(topk_ids, topk_weights, E, capacity, drop_policy)
+    num_slots = T * K
+    block_m = choose_block_m(num_slots, E)
+    schedule = block_schedule_triton(ids, E, block_m)
+    h = expert_gemm_triton(
+        x, w.gate, w.up, w.b_gate, w.b_up, None, *schedule[:3],
+        num_slots, block_m, K, False, activation, alpha, limit,
+    )
+    slot_weights = topk_weights.reshape(-1)
+    y_SH = expert_gemm_triton(
+        h, w.down, None, w.b_down, None, slot_weights, *schedule[:3],
+        num_slots, block_m, 0, True, "none", alpha, limit,
+    )
+    # torch's sum accumulates half-precision inputs in fp32 and sums K in a fixed order.
+    return y_SH.view(T, K, -1).sum(1), num_dropped
+
+
+_fused_experts_op.register_kernel("cuda")(fused_experts_triton)
+
+
+@_fused_experts_op.register_fake
+def _(x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
+      layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy):
+    _check_fused_args(
+        x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
+        layout, interleaved, activation, gated, capacity_factor, drop_policy,
+    )
+    return x.new_empty(x.shape), x.new_empty((), dtype=torch.int32)
+
+
+register_reference_autograd(
+    _fused_experts_op,
+    fused_experts_ref,
+    differentiable=("x", "topk_weights", "w_gate_up", "w_down", "w_up", "b_gate_up", "b_up", "b_down"),
+)
+
+
+def fused_experts(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    *,
+    w_up: torch.Tensor | None = None,
+    b_gate_up: torch.Tensor | None = None,
+    b_up: torch.Tensor | None = None,
+    b_down: torch.Tensor | None = None,
+    layout: str = "EFH",
+    interleaved: bool = False,
+    activation: str = "silu",
+    gated: bool = True,
+    alpha: float = 1.702,
+    limit: float = 7.0,
+    capacity_factor: float = 0.0,
+    drop_policy: str = "position",
+    return_num_dropped: bool = False,
+):
+    """The routed experts of a MoE layer: sum_j w[t, j] * MLP_{ids[t, j]}(x[t]).
+
+    Args:
+        x:            (T, H) fp32/fp16/bf16
+        topk_weights: (T, K) float routing weights (from :func:`moe_ops.route`)
+        topk_ids:     (T, K) int32/int64 expert ids; ids >= E are skipped (expert-parallel sentinels)
+        w_gate_up:    layout "EFH": (E, 2F, H) gate and up stacked (HF), or w1 (E, F, H) with w_up;
+                      layout "EHF": (E, H, 2F) (torchtitan, GPT-OSS), or w1 (E, H, F) with w_up
+        w_down:       "EFH": (E, H, F); "EHF": (E, F, H)
+        w_up:         optional separate up projection (w3), same shape as w1
+        b_gate_up:    optional (E, 2F) bias of w_gate_up ((E, F) with w_up or gated=False)
+        b_up:         optional (E, F) bias of w_up
+        b_down:       optional (E, H) bias of w_down (scaled by the routing weight, as GPT-OSS does)
+        interleaved:  gate and up alternate along the 2F axis (GPT-OSS) instead of two halves
+        activation:   "silu" (SwiGLU) | "gelu" | "gelu_tanh" | "relu" | "clamped_swiglu" (GPT-OSS:
+                      alpha, limit) | "none"
+        gated:        act(gate) * up; False for a plain act(x W1) W2 MLP (w_gate_up is then W1)
+        capacity_factor: 0 = dropless; else each expert takes at most ceil(cf * T * K / E) slots and
+                      the rest contribute zero, chosen by drop_policy "position" (token order) or
+                      "score" (highest routing weight kept)
+        return_num_dropped: also return the number of dropped slots (0-dim int32 tensor)
+
+    Returns:
+        (T, H) in x's dtype [, num_dropped]
+    """
+    out, num_dropped = torch.ops.moe_ops.fused_experts(
+        x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
+        layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy,
+    )
+    return (out, num_dropped) if return_num_dropped else out

@@ -1,0 +1,211 @@
+"""Router: per-token expert selection (top-k) and routing weights for every common MoE family.
+
+Shape legend: T tokens, E experts, K experts per token (top-k), G = E / n_group experts per group.
+
+One op covers the routers of the model families in use:
+
+=====================  ==========================================================================
+Mixtral, Qwen2/3-MoE   scoring="softmax", renormalize=True (Qwen2-MoE/OLMoE: renormalize=False)
+GPT-OSS                scoring="softmax", softmax_after_topk=True (softmax over the K chosen logits)
+DeepSeek-V3            scoring="sigmoid", correction_bias, n_group=8, topk_group=4, renormalize=True,
+                       renorm_eps=1e-20, routed_scaling_factor=2.5
+=====================  ==========================================================================
+
+Ties are broken towards the lower expert index (and, for group selection, the lower group index),
+so the result is deterministic and identical on every backend: ``torch.topk`` on the CPU does not
+promise this order, ``torch.topk`` on CUDA happens to follow it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe_ops._autograd import register_reference_autograd
+from moe_ops._checks import FLOAT_DTYPES, check_choice, check_tensor
+
+SCORINGS = ("softmax", "sigmoid")
+
+
+def _check_route_args(
+    logits, k, scoring, softmax_after_topk, correction_bias, n_group, topk_group
+) -> None:
+    check_tensor("logits", logits, ndim=2, dtypes=FLOAT_DTYPES)
+    num_experts = logits.shape[1]
+    if not (1 <= k <= num_experts):
+        raise ValueError(f"k: expected 1 <= k <= E={num_experts}, got {k}")
+    check_choice("scoring", scoring, SCORINGS)
+    if softmax_after_topk and scoring != "softmax":
+        raise ValueError(
+            f"softmax_after_topk: only valid with scoring='softmax', got scoring={scoring!r}"
+        )
+    if correction_bias is not None:
+        check_tensor(
+            "correction_bias", correction_bias, shape=(num_experts,), dtypes=FLOAT_DTYPES,
+            device=logits.device,
+        )
+    if n_group < 1:
+        raise ValueError(f"n_group: expected a positive int, got {n_group}")
+    if not (1 <= topk_group <= n_group):
+        raise ValueError(f"topk_group: expected 1 <= topk_group <= n_group={n_group}, got {topk_group}")
+    if n_group > 1:
+        # The group score is the sum of each group's two best experts, so a group needs two.
+        if num_experts % n_group != 0 or num_experts // n_group < 2:
+            raise ValueError(
+                f"n_group: expected a divisor of E={num_experts} with E/n_group >= 2, got {n_group}"
+            )
+        kept = topk_group * (num_experts // n_group)
+        if k > kept:
+            raise ValueError(
+                f"k: expected k <= topk_group * E / n_group = {kept} (experts in the kept groups), got {k}"
+            )
+
+
+def _weight_dtype(logits: torch.Tensor) -> torch.dtype:
+    # float64 logits keep float64 so that gradcheck can run through the op.
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def route_ref(
+    logits: torch.Tensor,
+    k: int,
+    scoring: str,
+    softmax_after_topk: bool,
+    renormalize: bool,
+    renorm_eps: float,
+    correction_bias: torch.Tensor | None,
+    n_group: int,
+    topk_group: int,
+    routed_scaling_factor: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-PyTorch definition of the router (the semantics every kernel is tested against).
+
+    Differentiable w.r.t. ``logits`` through the weights; the selection itself is piecewise
+    constant and carries no gradient.
+    """
+    _check_route_args(logits, k, scoring, softmax_after_topk, correction_bias, n_group, topk_group)
+    num_tokens, num_experts = logits.shape
+    x_TE = logits.to(_weight_dtype(logits))
+
+    if softmax_after_topk:
+        scores_TE = x_TE  # selection on the raw logits; the softmax comes after the top-k
+    elif scoring == "softmax":
+        scores_TE = torch.softmax(x_TE, dim=-1)
+    else:
+        scores_TE = torch.sigmoid(x_TE)
+
+    choice_TE = scores_TE.detach()
+    if correction_bias is not None:
+        # The bias steers the selection only (DeepSeek-V3 load balancing); weights stay unbiased.
+        choice_TE = choice_TE + correction_bias.to(choice_TE.dtype)
+
+    if n_group > 1:
+        group_size = num_experts // n_group
+        choice_TNG = choice_TE.reshape(num_tokens, n_group, group_size)
+        group_score_TN = choice_TNG.topk(2, dim=-1).values.sum(dim=-1)
+        kept_groups_TN = torch.sort(group_score_TN, dim=-1, descending=True, stable=True).indices[
+            :, :topk_group
+        ]
+        keep_TN = torch.zeros_like(group_score_TN, dtype=torch.bool).scatter_(1, kept_groups_TN, True)
+        keep_TE = keep_TN.repeat_interleave(group_size, dim=1)
+        choice_TE = choice_TE.masked_fill(~keep_TE, float("-inf"))
+
+    # A stable descending sort puts equal choices in ascending expert order (the tie rule).
+    ids_TK = torch.sort(choice_TE, dim=-1, descending=True, stable=True).indices[:, :k]
+
+    weights_TK = scores_TE.gather(1, ids_TK)
+    if softmax_after_topk:
+        weights_TK = torch.softmax(weights_TK, dim=-1)
+    if renormalize:
+        weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + renorm_eps)
+    weights_TK = weights_TK * routed_scaling_factor
+    return weights_TK, ids_TK.to(torch.int32)
+
+
+@torch.library.custom_op("moe_ops::route", mutates_args=())
+def _route_op(
+    logits: torch.Tensor,
+    k: int,
+    scoring: str,
+    softmax_after_topk: bool,
+    renormalize: bool,
+    renorm_eps: float,
+    correction_bias: torch.Tensor | None,
+    n_group: int,
+    topk_group: int,
+    routed_scaling_factor: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return route_ref(
+        logits, k, scoring, softmax_after_topk, renormalize, renorm_eps, correction_bias, n_group,
+        topk_group, routed_scaling_factor,
+    )
+
+
+@_route_op.register_kernel("cuda")
+def _(logits, k, scoring, softmax_after_topk, renormalize, renorm_eps, correction_bias, n_group,
+      topk_group, routed_scaling_factor):
+    from moe_ops.routing_triton import route_triton
+
+    _check_route_args(logits, k, scoring, softmax_after_topk, correction_bias, n_group, topk_group)
+    return route_triton(
+        logits, k, scoring, softmax_after_topk, renormalize, renorm_eps, correction_bias, n_group,
+        topk_group, routed_scaling_factor,
+    )
+
+
+@_route_op.register_fake
+def _(logits, k, scoring, softmax_after_topk, renormalize, renorm_eps, correction_bias, n_group,
+      topk_group, routed_scaling_factor):
+    _check_route_args(logits, k, scoring, softmax_after_topk, correction_bias, n_group, topk_group)
+    num_tokens = logits.shape[0]
+    return (
+        logits.new_empty((num_tokens, k), dtype=_weight_dtype(logits)),
+        logits.new_empty((num_tokens, k), dtype=torch.int32),
+    )
+
+
+register_reference_autograd(_route_op, route_ref, differentiable=("logits",))
+
+
+def route(
+    router_logits: torch.Tensor,
+    top_k: int,
+    *,
+    scoring: str = "softmax",
+    softmax_after_topk: bool = False,
+    renormalize: bool = False,
+    renorm_eps: float = 0.0,
+    correction_bias: torch.Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    routed_scaling_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose ``top_k`` experts per token and their routing weights.
+
+    Args:
+        router_logits:         (T, E) float32/float16/bfloat16/float64  gate output; any strides
+        top_k:                 K, 1 <= K <= E
+        scoring:               "softmax" | "sigmoid"  scores = softmax/sigmoid(logits), in fp32
+        softmax_after_topk:    select on the raw logits, weights = softmax over the K selected
+                               logits (Mixtral original, GPT-OSS); scoring="softmax" only
+        renormalize:           weights / (weights.sum(-1) + renorm_eps)
+        renorm_eps:            added to the denominator of the renormalisation (DeepSeek-V3: 1e-20)
+        correction_bias:       (E,) float, on the logits' device, or None  added to the scores for
+                               the selection only (DeepSeek-V3 e_score_correction_bias); no gradient
+        n_group:               expert groups; > 1 enables group-limited selection (E % n_group == 0,
+                               E / n_group >= 2): a group scores the sum of its top-2 choices
+        topk_group:            groups kept per token (1 <= topk_group <= n_group); experts of the
+                               other groups are never chosen, so K <= topk_group * E / n_group
+        routed_scaling_factor: final multiplier of the weights (DeepSeek-V3: 2.5)
+
+    Returns:
+        (topk_weights, topk_ids):
+        topk_weights: (T, K) float32 (float64 for float64 logits), in descending choice order;
+                      differentiable w.r.t. router_logits
+        topk_ids:     (T, K) int32 expert ids, descending by choice (scores + bias), ties broken
+                      towards the lower expert index
+    """
+    return torch.ops.moe_ops.route(
+        router_logits, int(top_k), scoring, bool(softmax_after_topk), bool(renormalize),
+        float(renorm_eps), correction_bias, int(n_group), int(topk_group),
+        float(routed_scaling_factor),
+    )

@@ -1,0 +1,204 @@
+"""Triton kernel of ``moe_ops::route``: scoring, group-limited top-k and weights in one pass.
+
+Shape legend: T tokens, E experts (E_PAD = next power of two), K experts per token (K_PAD likewise),
+N_GROUP expert groups of G = E / N_GROUP experts.
+
+Each program owns BLOCK_T rows and reads its (BLOCK_T, E_PAD) tile of logits once; everything else
+happens in registers. The semantics are those of :func:`moe_ops.routing.route_ref`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+# Register tile budget of one program: rows * padded experts, for num_warps=4.
+_TILE_ELEMENTS = 4096
+# More rows per program only adds serial work once the tile is full; fewer programs than SMs for a
+# few thousand tokens would leave the GPU idle.
+_MAX_BLOCK_T = 32
+
+
+@triton.jit
+def _exp(x, PRECISE_EXP: tl.constexpr):
+    # tl.exp lowers fp32 to ex2.approx; libdevice's expf is what torch's CUDA softmax/sigmoid use,
+    # so on the GPU the scores (and hence near-tied selections) match torch bit for bit.
+    # The interpreter has no libdevice, hence the flag.
+    if PRECISE_EXP:
+        return libdevice.exp(x)
+    else:
+        return tl.exp(x)
+
+
+@triton.jit
+def _div(a, b, IEEE_DIV: tl.constexpr):
+    # fp32 `/` lowers to div.full.f32 (2 ulp); torch divides with IEEE rounding. fp64 `/` is IEEE.
+    if IEEE_DIV:
+        return tl.div_rn(a, b)
+    else:
+        return a / b
+
+
+@triton.jit
+def _route_kernel(
+    logits_ptr, bias_ptr, weights_ptr, ids_ptr,
+    T, E, group_size,
+    stride_lt, stride_le, stride_b,
+    renorm_eps, scale,
+    E_PAD: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+    SCORING: tl.constexpr,  # 0 = softmax, 1 = sigmoid
+    SOFTMAX_AFTER_TOPK: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    N_GROUP: tl.constexpr, N_GROUP_PAD: tl.constexpr, TOPK_GROUP: tl.constexpr,
+    PRECISE_EXP: tl.constexpr, IEEE_DIV: tl.constexpr,
+):
+    NEG_INF: tl.constexpr = float("-inf")
+    compute_dtype = weights_ptr.dtype.element_ty  # fp32, or fp64 for fp64 logits
+
+    # int64 before the stride multiply: T * stride can pass 2**31 at long sequences.
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, E_PAD)
+    row_ok = rows < T
+    col_ok = cols < E
+    col_ok_2d = (rows >= 0)[:, None] & col_ok[None, :]
+
+    # Rows past T load zeros, not -inf, so their (discarded) softmax stays finite.
+    x = tl.load(
+        logits_ptr + rows[:, None] * stride_lt + cols[None, :] * stride_le,
+        mask=row_ok[:, None] & col_ok[None, :],
+        other=0.0,
+    ).to(compute_dtype)
+    x = tl.where(col_ok_2d, x, NEG_INF)
+
+    if SOFTMAX_AFTER_TOPK:
+        scores = x
+    elif SCORING == 0:
+        e = _exp(x - tl.max(x, axis=1)[:, None], PRECISE_EXP)
+        scores = _div(e, tl.sum(e, axis=1)[:, None], IEEE_DIV)
+    else:
+        # torch's formula, 1 / (1 + exp(-x)), so that equal inputs give torch's exact scores.
+        scores = _div(1.0, 1.0 + _exp(-x, PRECISE_EXP), IEEE_DIV)
+
+    choice = scores
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols * stride_b, mask=col_ok, other=0.0).to(compute_dtype)
+        choice = choice + bias[None, :]
+    # Sigmoid gives 0 on padding, which would outrank the -inf of masked-out groups.
+    choice = tl.where(col_ok_2d, choice, NEG_INF)
+
+    if N_GROUP > 1:
+        # Groups are contiguous runs of group_size experts; padding columns fall in no group
+        # (their group index is >= N_GROUP), which works for any E, not just powers of two.
+        col_group = cols // group_size
+        groups = tl.arange(0, N_GROUP_PAD)
+        group_score = tl.full((BLOCK_T, N_GROUP_PAD), NEG_INF, compute_dtype)
+        col_group_score = tl.full((BLOCK_T, E_PAD), NEG_INF, compute_dtype)
+        for g in range(N_GROUP):
+            in_g = (col_group == g)[None, :] & col_ok_2d
+            v = tl.where(in_g, choice, NEG_INF)
+            best = tl.max(v, axis=1)
+            # Drop one instance of the best (its lowest index), so a repeated best counts twice,
+            # as torch.topk(2) does.
+            best_at = tl.min(tl.where(in_g & (v == best[:, None]), cols[None, :], E_PAD), axis=1)
+            second = tl.max(tl.where(cols[None, :] == best_at[:, None], NEG_INF, v), axis=1)
+            s = best + second
+            group_score = tl.where(groups[None, :] == g, s[:, None], group_score)
+            col_group_score = tl.where(in_g, s[:, None], col_group_score)
+        # Rank of each column's group = groups that beat it (higher score, or equal score and lower
+        # index); the TOPK_GROUP best groups have rank < TOPK_GROUP.
+        rank = tl.zeros((BLOCK_T, E_PAD), dtype=tl.int32)
+        for h in range(N_GROUP):
+            s_h = tl.max(tl.where(groups[None, :] == h, group_score, NEG_INF), axis=1)[:, None]
+            beats = (s_h > col_group_score) | ((s_h == col_group_score) & (h < col_group[None, :]))
+            rank += beats.to(tl.int32)
+        choice = tl.where(rank < TOPK_GROUP, choice, NEG_INF)
+
+    # Top-K by repeated (max, lowest index attaining it). A separate `taken` mask, rather than
+    # overwriting chosen entries with -inf, keeps -inf choices selectable in index order.
+    taken = ~col_ok_2d
+    ks = tl.arange(0, K_PAD)
+    sel_score = tl.zeros((BLOCK_T, K_PAD), dtype=compute_dtype)
+    sel_id = tl.zeros((BLOCK_T, K_PAD), dtype=tl.int32)
+    for j in range(K):
+        best = tl.max(tl.where(taken, NEG_INF, choice), axis=1)
+        # `best != best` (NaN rows) falls back to the lowest free index so ids stay valid.
+        hit = ~taken & ((choice == best[:, None]) | (best != best)[:, None])
+        best_at = tl.min(tl.where(hit, cols[None, :], E_PAD), axis=1)
+        is_best = cols[None, :] == best_at[:, None]
+        taken = taken | is_best
+        # Exact gather: every other term of the sum is +0.
+        s = tl.sum(tl.where(is_best, scores, 0.0), axis=1)
+        sel_score = tl.where(ks[None, :] == j, s[:, None], sel_score)
+        sel_id = tl.where(ks[None, :] == j, best_at[:, None], sel_id)
+
+    k_ok = ks[None, :] < K
+    w = sel_score
+    if SOFTMAX_AFTER_TOPK:
+        w = tl.where(k_ok, w, NEG_INF)
+        w = _exp(w - tl.max(w, axis=1)[:, None], PRECISE_EXP)
+        w = _div(w, tl.sum(w, axis=1)[:, None], IEEE_DIV)
+    w = tl.where(k_ok, w, 0.0)
+    if RENORMALIZE:
+        w = _div(w, tl.sum(w, axis=1)[:, None] + renorm_eps, IEEE_DIV)
+    w = w * scale
+
+    out_offs = rows[:, None] * K + ks[None, :]
+    out_mask = row_ok[:, None] & k_ok
+    tl.store(weights_ptr + out_offs, w, mask=out_mask)
+    tl.store(ids_ptr + out_offs, sel_id, mask=out_mask)
+
+
+def route_triton(
+    logits: torch.Tensor,
+    k: int,
+    scoring: str,
+    softmax_after_topk: bool,
+    renormalize: bool,
+    renorm_eps: float,
+    correction_bias: torch.Tensor | None,
+    n_group: int,
+    topk_group: int,
+    routed_scaling_factor: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the fused router kernel (arguments already checked by moe_ops.routing).
+
+    Args:
+        logits:          (T, E) float32/float16/bfloat16/float64, any strides
+        k:               K
+        scoring:         "softmax" | "sigmoid"
+        softmax_after_topk, renormalize, renorm_eps, routed_scaling_factor: as in route()
+        correction_bias: (E,) float or None
+        n_group, topk_group: group-limited selection (n_group=1: none)
+
+    Returns:
+        (topk_weights (T, K) float32 [float64 for float64 logits], topk_ids (T, K) int32),
+        contiguous.
+    """
+    num_tokens, num_experts = logits.shape
+    weight_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    weights = torch.empty((num_tokens, k), dtype=weight_dtype, device=logits.device)
+    ids = torch.empty((num_tokens, k), dtype=torch.int32, device=logits.device)
+    if num_tokens == 0:
+        return weights, ids
+
+    e_pad = triton.next_power_of_2(num_experts)
+    block_t = max(1, min(_MAX_BLOCK_T, _TILE_ELEMENTS // e_pad))
+    grid = (triton.cdiv(num_tokens, block_t),)
+    has_bias = correction_bias is not None
+    # Off only under TRITON_INTERPRET (CPU tensors), which cannot call libdevice.
+    precise = logits.is_cuda
+    _route_kernel[grid](
+        logits, correction_bias if has_bias else logits, weights, ids,
+        num_tokens, num_experts, num_experts // n_group,
+        logits.stride(0), logits.stride(1), correction_bias.stride(0) if has_bias else 0,
+        float(renorm_eps), float(routed_scaling_factor),
+        E_PAD=e_pad, K=k, K_PAD=triton.next_power_of_2(k), BLOCK_T=block_t,
+        SCORING=0 if scoring == "softmax" else 1,
+        SOFTMAX_AFTER_TOPK=bool(softmax_after_topk), RENORMALIZE=bool(renormalize),
+        HAS_BIAS=has_bias,
+        N_GROUP=n_group, N_GROUP_PAD=triton.next_power_of_2(n_group), TOPK_GROUP=topk_group,
+        PRECISE_EXP=precise, IEEE_DIV=precise and weight_dtype == torch.float32,
+        num_warps=4,
+    )
+    return weights, ids

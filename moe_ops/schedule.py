@@ -1,0 +1,124 @@
+"""Block schedule: token slots grouped by expert and padded per expert to whole GEMM blocks.
+
+Shape legend: T tokens, K experts per token (top-k), E experts, S = T*K slots,
+S_MAX = static upper bound on padded rows, B_MAX = S_MAX // block_m blocks.
+
+A *slot* is one (token, choice) pair, numbered ``s = t * K + j``. The schedule lists the slots of
+expert 0, then expert 1, ..., each expert's run padded with the sentinel ``S`` to a multiple of
+``block_m`` so that every GEMM block of ``block_m`` rows belongs to one expert. Every output has a
+size that depends only on input shapes (no host synchronisation, CUDA-graph safe); the true sizes
+(``num_padded``, counts) stay on the device and the kernels read them.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from moe_ops._checks import INDEX_DTYPES, check_ids_in_range, check_tensor
+
+
+class BlockSchedule(NamedTuple):
+    """Routing metadata consumed by :func:`moe_ops.expert_gemm`. All int32, all on the ids' device."""
+
+    sorted_slots: torch.Tensor  # (S_MAX,) slots by expert, ascending within an expert; padding = S
+    block_expert: torch.Tensor  # (B_MAX,) expert of each block; -1 for blocks past num_padded
+    num_padded: torch.Tensor  # (1,) rows in use = sum over experts of counts rounded up to block_m
+    expert_counts: torch.Tensor  # (E,) valid slots per expert (ids >= E are skipped)
+    expert_offsets: torch.Tensor  # (E + 1,) exclusive cumsum of expert_counts; [E] = valid slots
+
+
+def schedule_sizes(num_slots, num_experts: int, block_m: int):
+    """(S_MAX, B_MAX): the worst case is every expert that can have a slot (at most min(E, S) of
+    them) ending in a partial block. ``num_slots`` may be symbolic under torch.compile."""
+    padded_experts = torch.sym_min(num_experts, num_slots)
+    s_max = (num_slots + padded_experts * (block_m - 1) + block_m - 1) // block_m * block_m
+    return s_max, s_max // block_m
+
+
+def _check_schedule_args(topk_ids, num_experts: int, block_m: int) -> None:
+    check_tensor("topk_ids", topk_ids, ndim=2, dtypes=INDEX_DTYPES)
+    if num_experts < 1:
+        raise ValueError(f"num_experts: expected a positive int, got {num_experts}")
+    if block_m < 1:
+        raise ValueError(f"block_m: expected a positive int, got {block_m}")
+
+
+def block_schedule_ref(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> BlockSchedule:
+    """Plain-PyTorch definition of the schedule (the semantics every kernel is tested against)."""
+    _check_schedule_args(topk_ids, num_experts, block_m)
+    check_ids_in_range("topk_ids", topk_ids, num_experts, allow_sentinels=True)
+    device = topk_ids.device
+    num_slots = topk_ids.numel()
+    s_max, b_max = schedule_sizes(num_slots, num_experts, block_m)
+
+    expert_S = topk_ids.reshape(-1).long()
+    valid_S = expert_S < num_experts
+    counts_E = torch.bincount(expert_S[valid_S], minlength=num_experts)
+    offsets_E1 = torch.nn.functional.pad(counts_E.cumsum(0), (1, 0))
+    padded_offsets_E1 = torch.nn.functional.pad(
+        ((counts_E + block_m - 1) // block_m * block_m).cumsum(0), (1, 0)
+    )
+    num_padded = padded_offsets_E1[-1]
+
+    # A stable sort keeps slots of one expert in ascending slot order; sentinels sort last.
+    order_S = torch.sort(torch.where(valid_S, expert_S, num_experts), stable=True).indices
+    num_valid = int(offsets_E1[-1])
+    sorted_expert = expert_S[order_S[:num_valid]]
+    rank_in_expert = torch.arange(num_valid, device=device) - offsets_E1[sorted_expert]
+    position = padded_offsets_E1[sorted_expert] + rank_in_expert
+
+    sorted_slots = torch.full((s_max,), num_slots, dtype=torch.int32, device=device)
+    sorted_slots[position] = order_S[:num_valid].to(torch.int32)
+
+    block_start_B = torch.arange(b_max, device=device) * block_m
+    block_expert = torch.searchsorted(padded_offsets_E1[1:], block_start_B, right=True)
+    block_expert = torch.where(block_start_B < num_padded, block_expert, -1)
+
+    return BlockSchedule(
+        sorted_slots,
+        block_expert.to(torch.int32),
+        num_padded.reshape(1).to(torch.int32),
+        counts_E.to(torch.int32),
+        offsets_E1.to(torch.int32),
+    )
+
+
+@torch.library.custom_op("moe_ops::block_schedule", mutates_args=())
+def _block_schedule_op(
+    topk_ids: torch.Tensor, num_experts: int, block_m: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(block_schedule_ref(topk_ids, num_experts, block_m))
+
+
+@_block_schedule_op.register_kernel("cuda")
+def _(topk_ids, num_experts, block_m):
+    from moe_ops.schedule_triton import block_schedule_triton
+
+    _check_schedule_args(topk_ids, num_experts, block_m)
+    return tuple(block_schedule_triton(topk_ids, num_experts, block_m))
+
+
+@_block_schedule_op.register_fake
+def _(topk_ids, num_experts, block_m):
+    _check_schedule_args(topk_ids, num_experts, block_m)
+    s_max, b_max = schedule_sizes(topk_ids.numel(), num_experts, block_m)
+    new = lambda n: topk_ids.new_empty((n,), dtype=torch.int32)  # noqa: E731
+    return new(s_max), new(b_max), new(1), new(num_experts), new(num_experts + 1)
+
+
+def block_schedule(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> BlockSchedule:
+    """Group the slots of ``topk_ids`` by expert, padded per expert to multiples of ``block_m``.
+
+    Args:
+        topk_ids:    (T, K) int32/int64  expert of each slot; ids >= num_experts are skipped
+                                         (expert-parallel sentinels, dropped slots)
+        num_experts: E
+        block_m:     rows per GEMM block
+
+    Returns:
+        :class:`BlockSchedule` of int32 tensors with static sizes S_MAX = ceil((S + min(E, S) *
+        (block_m - 1)) / block_m) * block_m and B_MAX = S_MAX / block_m. Deterministic: no atomics.
+    """
+    return BlockSchedule(*torch.ops.moe_ops.block_schedule(topk_ids, num_experts, block_m))

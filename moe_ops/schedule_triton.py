@@ -1,0 +1,326 @@
+"""Triton kernels of ``moe_ops::block_schedule`` (and the pieces ``moe_ops::apply_capacity`` shares).
+
+A stable counting sort of the slots by expert, over chunks of ``CHUNK`` consecutive slots, with no host
+synchronisation and no atomics (deterministic, CUDA-graph safe):
+
+1. ``_chunk_histogram_kernel`` (grid: chunks): ``counts_CE[c, e]`` = slots of expert ``e`` in chunk ``c``
+   (``tl.histogram``; ids outside ``[0, E)`` are masked out).
+2. ``_chunk_scan_kernel`` (grid: expert tiles): scans ``counts_CE`` down the chunk axis with a running
+   carry, overwriting it in place with the exclusive prefix (slots of ``e`` in earlier chunks), and
+   writes the totals ``expert_counts``.
+3. ``_schedule_scatter_kernel`` (grid: max(chunks, block tiles)): every program rebuilds the padded expert
+   offsets from ``expert_counts`` (an E-long cumsum). As a *chunk* program it sorts its chunk by
+   ``(expert, slot)`` (``tl.sort`` on a packed key), takes each slot's rank among the same expert in
+   the chunk from a segmented scan, and stores the slot at ``padded_start[e] + prefix[c, e] + rank``.
+   As a *block-tile* program it writes ``block_expert`` of its blocks (searchsorted by comparison) and
+   the sentinel into their padding rows, so ``sorted_slots`` needs no separate fill. Program 0 writes
+   ``expert_offsets`` and ``num_padded``.
+
+When all slots fit in one chunk (decode: T*K <= MAX_CHUNK), steps 1-2 are skipped (``SINGLE``): the
+scatter kernel takes the counts from a histogram of that chunk, so the schedule is one launch.
+
+The sort-based rank replaced a ``CHUNK x CHUNK`` comparison matrix, which was 3-5x slower on an H100.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moe_ops.schedule import BlockSchedule, schedule_sizes
+
+# Slots per chunk: one program sorts a chunk. 512 measured best on an H100 at S = 524288, E = 256.
+MAX_CHUNK = 512
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared jit helpers (also used by moe_ops.capacity_triton)
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_chunk_ids(ids_ptr, chunk, num_slots, num_experts, CHUNK: tl.constexpr):
+    """Slots of chunk ``chunk``: (slot numbers (int64), raw ids, int32 expert (0 where invalid), valid)."""
+    slot = chunk * CHUNK + tl.arange(0, CHUNK).to(tl.int64)
+    in_range = slot < num_slots
+    raw = tl.load(ids_ptr + slot, mask=in_range, other=-1)
+    valid = in_range & (raw >= 0) & (raw < num_experts)
+    expert = tl.where(valid, raw, 0).to(tl.int32)
+    return slot, raw, expert, valid
+
+
+@triton.jit
+def _run_start_combine(expert_a, start_a, expert_b, start_b):
+    # Associative on sorted experts: if the left part ends in b's expert, b's run started there.
+    return expert_b, tl.where(expert_a == expert_b, start_a, start_b)
+
+
+@triton.jit
+def _sort_chunk(expert, valid, num_experts, CHUNK: tl.constexpr):
+    """Sort a chunk's slots by (expert, slot), invalid slots last.
+
+    Returns, in sorted order: (expert, slot index within the chunk, rank among the earlier slots of
+    the same expert in the chunk, valid).
+    """
+    idx = tl.arange(0, CHUNK)
+    key = tl.sort(tl.where(valid, expert, num_experts) * CHUNK + idx)
+    s_expert = key // CHUNK
+    s_local = key % CHUNK
+    _, run_start = tl.associative_scan((s_expert, idx), 0, _run_start_combine)
+    return s_expert, s_local, idx - run_start, s_expert < num_experts
+
+
+@triton.jit
+def _chunk_histogram_kernel(
+    ids_ptr, counts_ptr, num_slots, num_experts, CHUNK: tl.constexpr, E_PAD: tl.constexpr
+):
+    chunk = tl.program_id(0)
+    _, _, expert, valid = _load_chunk_ids(ids_ptr, chunk, num_slots, num_experts, CHUNK)
+    hist = tl.histogram(expert, E_PAD, mask=valid)
+    bins = tl.arange(0, E_PAD)
+    tl.store(counts_ptr + chunk.to(tl.int64) * num_experts + bins, hist, mask=bins < num_experts)
+
+
+@triton.jit
+def _chunk_scan_kernel(
+    counts_ptr, expert_counts_ptr, num_chunks, num_experts, C_TILE: tl.constexpr, E_TILE: tl.constexpr
+):
+    """counts_CE[:, tile] -> exclusive prefix over chunks (in place); expert_counts[tile] = totals."""
+    e = tl.program_id(0) * E_TILE + tl.arange(0, E_TILE)
+    e_mask = e < num_experts
+    carry = tl.zeros([E_TILE], dtype=tl.int32)
+    for c0 in range(0, num_chunks, C_TILE):
+        c = c0 + tl.arange(0, C_TILE)
+        mask = (c < num_chunks)[:, None] & e_mask[None, :]
+        ptrs = counts_ptr + c.to(tl.int64)[:, None] * num_experts + e[None, :]
+        x = tl.load(ptrs, mask=mask, other=0)
+        tl.store(ptrs, tl.cumsum(x, axis=0) - x + carry[None, :], mask=mask)
+        carry += tl.sum(x, axis=0)
+    tl.store(expert_counts_ptr + e, carry, mask=e_mask)
+
+
+@triton.jit
+def _expert_counts(
+    ids_ptr,
+    expert_counts_ptr,
+    num_slots,
+    num_experts,
+    CHUNK: tl.constexpr,
+    E_PAD: tl.constexpr,
+    SINGLE: tl.constexpr,
+):
+    """(E_PAD,) valid slots per expert: a histogram of the only chunk, or the scan's totals."""
+    e = tl.arange(0, E_PAD)
+    if SINGLE:
+        _, _, expert, valid = _load_chunk_ids(ids_ptr, 0, num_slots, num_experts, CHUNK)
+        counts = tl.histogram(expert, E_PAD, mask=valid)
+    else:
+        counts = tl.load(expert_counts_ptr + e, mask=e < num_experts, other=0)
+    return counts
+
+
+# --------------------------------------------------------------------------------------------------
+# block_schedule
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _schedule_scatter_kernel(
+    ids_ptr,
+    prefix_ptr,
+    expert_counts_ptr,
+    sorted_slots_ptr,
+    block_expert_ptr,
+    num_padded_ptr,
+    expert_offsets_ptr,
+    num_slots,
+    num_experts,
+    num_chunks,
+    num_blocks,
+    num_block_tiles,
+    block_m,
+    CHUNK: tl.constexpr,
+    E_PAD: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_M_PAD: tl.constexpr,
+    SINGLE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+
+    # Padded expert offsets, rebuilt by every program (E values: cheaper than another launch).
+    e = tl.arange(0, E_PAD)
+    e_mask = e < num_experts
+    counts = _expert_counts(ids_ptr, expert_counts_ptr, num_slots, num_experts, CHUNK, E_PAD, SINGLE)
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_end = tl.cumsum(padded, axis=0)
+    padded_start = padded_end - padded
+    num_padded = tl.sum(padded, axis=0)
+
+    # Chunk part: every valid slot to its row.
+    if pid < num_chunks:
+        _, _, expert, valid = _load_chunk_ids(ids_ptr, pid, num_slots, num_experts, CHUNK)
+        s_expert, s_local, rank, s_valid = _sort_chunk(expert, valid, num_experts, CHUNK)
+        s_expert = tl.where(s_valid, s_expert, 0)
+        row = tl.gather(padded_start, s_expert, 0) + rank
+        if not SINGLE:
+            row += tl.load(prefix_ptr + pid.to(tl.int64) * num_experts + s_expert, mask=s_valid, other=0)
+        tl.store(sorted_slots_ptr + row, pid * CHUNK + s_local, mask=s_valid)
+
+    # Block part: expert of each block of this tile, sentinel into the padding rows.
+    if pid < num_block_tiles:
+        b = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+        b_mask = b < num_blocks
+        start = b * block_m
+        in_use = start < num_padded
+        # searchsorted(padded_end, start, right=True): experts whose padded run ends at or before start.
+        ended = (padded_end[None, :] <= start[:, None]) & e_mask[None, :]
+        block_exp = tl.sum(ended.to(tl.int32), axis=1)
+        tl.store(block_expert_ptr + b, tl.where(in_use, block_exp, -1), mask=b_mask)
+        valid_end = tl.gather(padded_start + counts, tl.minimum(block_exp, num_experts - 1), 0)
+        r = tl.arange(0, BLOCK_M_PAD)
+        rows = start[:, None] + r[None, :]
+        is_padding = (~in_use)[:, None] | (rows >= valid_end[:, None])
+        row_mask = b_mask[:, None] & (r < block_m)[None, :] & is_padding
+        tl.store(sorted_slots_ptr + rows, tl.zeros(rows.shape, tl.int32) + num_slots, mask=row_mask)
+
+    if pid == 0:
+        tl.store(expert_offsets_ptr + 1 + e, tl.cumsum(counts, axis=0), mask=e_mask)
+        zeros = tl.zeros([E_PAD], dtype=tl.int32)
+        tl.store(expert_offsets_ptr + e, zeros, mask=e == 0)
+        tl.store(num_padded_ptr + e, zeros + num_padded, mask=e == 0)
+        if SINGLE:
+            tl.store(expert_counts_ptr + e, counts, mask=e_mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------
+
+
+def chunk_size(num_slots: int) -> int:
+    """Slots per chunk: MAX_CHUNK, or the power of two (>= 16) that holds all slots when fewer."""
+    return min(MAX_CHUNK, max(16, triton.next_power_of_2(num_slots)))
+
+
+def expert_pad(num_experts: int) -> int:
+    """Expert-axis tile: a power of two >= E (>= 32, one bin per lane of a warp for tl.histogram)."""
+    return max(32, triton.next_power_of_2(num_experts))
+
+
+def chunk_prefix(ids_S: torch.Tensor, num_experts: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the histogram and scan kernels on the flat, contiguous ids (more than one chunk).
+
+    Returns ``(prefix_CE, expert_counts)``: ``prefix_CE[c, e]`` = slots of expert ``e`` in the chunks
+    before ``c`` ((num_chunks, E) int32); ``expert_counts`` (E,) int32 valid slots per expert.
+    """
+    num_slots = ids_S.numel()
+    num_chunks = triton.cdiv(num_slots, chunk)
+    device = ids_S.device
+    counts_CE = torch.empty((num_chunks, num_experts), dtype=torch.int32, device=device)
+    expert_counts = torch.empty((num_experts,), dtype=torch.int32, device=device)
+    e_pad = expert_pad(num_experts)
+    _chunk_histogram_kernel[(num_chunks,)](
+        ids_S, counts_CE, num_slots, num_experts, CHUNK=chunk, E_PAD=e_pad, num_warps=4
+    )
+    # ~64 programs of a few experts each (H100: E_TILE=4 x C_TILE=1024 at E=256, 1024 chunks: 4 us).
+    e_tile = min(e_pad, max(4, triton.next_power_of_2(triton.cdiv(num_experts, 64))))
+    if num_chunks <= 16:
+        e_tile = e_pad
+    c_tile = min(triton.next_power_of_2(num_chunks), max(1, 4096 // e_tile))
+    _chunk_scan_kernel[(triton.cdiv(num_experts, e_tile),)](
+        counts_CE, expert_counts, num_chunks, num_experts, C_TILE=c_tile, E_TILE=e_tile, num_warps=4
+    )
+    return counts_CE, expert_counts
+
+
+def block_schedule_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> BlockSchedule:
+    """Triton version of :func:`moe_ops.schedule.block_schedule_ref` (bit-exact, no host sync).
+
+    Args:
+        topk_ids:    (T, K) int32/int64  expert of each slot; ids outside [0, E) are skipped
+        num_experts: E
+        block_m:     rows per GEMM block
+
+    Returns:
+        :class:`BlockSchedule` (int32, on the ids' device). One launch when T*K <= MAX_CHUNK, else three.
+    """
+    device = topk_ids.device
+    num_slots = topk_ids.numel()
+    s_max, b_max = schedule_sizes(num_slots, num_experts, block_m)
+    i32 = dict(dtype=torch.int32, device=device)
+    if num_slots == 0:
+        return BlockSchedule(
+            torch.full((s_max,), num_slots, **i32),
+            torch.full((b_max,), -1, **i32),
+            torch.zeros((1,), **i32),
+            torch.zeros((num_experts,), **i32),
+            torch.zeros((num_experts + 1,), **i32),
+        )
+
+    ids_S = topk_ids.reshape(-1).contiguous()
+    chunk = chunk_size(num_slots)
+    num_chunks = triton.cdiv(num_slots, chunk)
+    single = num_chunks == 1
+    if single:
+        prefix_CE = ids_S  # unused
+        expert_counts = torch.empty((num_experts,), **i32)
+    else:
+        prefix_CE, expert_counts = chunk_prefix(ids_S, num_experts, chunk)
+
+    sorted_slots = torch.empty((s_max,), **i32)
+    block_expert = torch.empty((b_max,), **i32)
+    num_padded = torch.empty((1,), **i32)
+    expert_offsets = torch.empty((num_experts + 1,), **i32)
+    e_pad = expert_pad(num_experts)
+    block_m_pad = triton.next_power_of_2(block_m)
+    block_b = max(1, min(32, 4096 // block_m_pad, 8192 // e_pad))
+    num_block_tiles = triton.cdiv(b_max, block_b)
+    _schedule_scatter_kernel[(max(num_chunks, num_block_tiles),)](
+        ids_S,
+        prefix_CE,
+        expert_counts,
+        sorted_slots,
+        block_expert,
+        num_padded,
+        expert_offsets,
+        num_slots,
+        num_experts,
+        num_chunks,
+        b_max,
+        num_block_tiles,
+        block_m,
+        CHUNK=chunk,
+        E_PAD=e_pad,
+        BLOCK_B=block_b,
+        BLOCK_M_PAD=block_m_pad,
+        SINGLE=single,
+        num_warps=4,
+    )
+    return BlockSchedule(sorted_slots, block_expert, num_padded, expert_counts, expert_offsets)
+
+
+def _benchmark() -> None:  # pragma: no cover - by hand on a GPU: python -m moe_ops.schedule_triton
+    from triton.testing import do_bench
+
+    from moe_ops.schedule import block_schedule_ref
+
+    for tokens, k, e, block_m in [(1, 8, 256, 16), (64, 8, 256, 16), (4096, 8, 256, 64),
+                                  (65536, 8, 256, 16), (65536, 8, 256, 128), (65536, 8, 8, 64),
+                                  (65536, 4, 512, 64)]:
+        probs = 1.0 / torch.arange(1, e + 1, device="cuda").double() ** 1.1  # Zipf-skewed routing
+        ids = torch.multinomial(probs, tokens * k, replacement=True).reshape(tokens, k).int()
+        got = block_schedule_triton(ids, e, block_m)
+        exact = all(torch.equal(a, b) for a, b in zip(got, block_schedule_ref(ids, e, block_m)))
+        eager = do_bench(lambda: block_schedule_triton(ids, e, block_m), return_mode="median")
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(10):
+                block_schedule_triton(ids, e, block_m)
+        replay = do_bench(graph.replay, return_mode="median") / 10
+        print(f"T={tokens} K={k} E={e} block_m={block_m}: exact={exact} "
+              f"eager {eager * 1e3:.1f} us, in a CUDA graph {replay * 1e3:.1f} us")
+
+
+if __name__ == "__main__":
+    _benchmark()

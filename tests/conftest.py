@@ -1,0 +1,82 @@
+"""Test setup: Triton kernels run on the GPU when there is one, else under Triton's interpreter.
+
+``TRITON_INTERPRET`` must be set before any ``@triton.jit`` function is created, so it is set here,
+before the tests import the kernel modules.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Device on which the Triton kernels run in this session: the GPU, or the CPU under the interpreter.
+TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+# Tolerance of a result against its reference, relative to max|reference| (scale-free):
+# bf16 keeps 8 mantissa bits, fp16 11; fp32 dots may use tf32 on the GPU.
+TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 2e-3, torch.float64: 1e-10}
+
+
+def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
+    """max |actual - expected| <= tol(dtype) * max |expected|, with NaN/inf never passing."""
+    actual = actual.double().cpu()
+    expected = expected.double().cpu()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values in the result"
+    if expected.numel() == 0:
+        return
+    scale = expected.abs().max().clamp_min(1e-6)
+    err = (actual - expected).abs().max() / scale
+    assert err <= TOLERANCE[dtype], f"{what}: relative error {err:.3e} > {TOLERANCE[dtype]:.1e} ({dtype})"
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(skip)
+
+
+def _patch_interpreter_bf16_dot() -> None:
+    """Triton 3.6's interpreter multiplies bf16 dot operands as their raw uint16 storage.
+
+    Upcast them to fp32 first, which is what the tensor cores compute. Test-only: the library never
+    patches Triton.
+    """
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    original = interpreter.InterpreterBuilder.create_dot
+    if getattr(original, "_moe_ops_patched", False):
+        return
+
+    def upcast(handle):
+        if handle.dtype.scalar == tl.bfloat16:
+            data = (handle.data.astype(np.uint32) << 16).view(np.float32)
+            return interpreter.TensorHandle(data, tl.float32)
+        return handle
+
+    def create_dot(self, a, b, d, *args):
+        return original(self, upcast(a), upcast(b), d, *args)
+
+    create_dot._moe_ops_patched = True
+    interpreter.InterpreterBuilder.create_dot = create_dot
+
+
+if not HAS_CUDA:
+    _patch_interpreter_bf16_dot()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,75 @@
+"""Run every op's CUDA kernels at the edge shapes, for compute-sanitizer's memcheck:
+
+    compute-sanitizer --tool memcheck --error-exitcode 1 python tests/memcheck_edges.py
+
+Not collected by pytest (no test_ prefix): it needs a GPU and the sanitizer. Each case also checks
+the result against the reference, so a clean run means in-bounds and correct.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import moe_ops
+from moe_ops.fused_experts import fused_experts_ref
+
+# (name, T, K, E, H, F, routing)
+EDGES = [
+    ("T=1", 1, 2, 8, 256, 384, "uniform"),
+    ("T<block_m", 5, 2, 8, 256, 384, "uniform"),
+    ("empty expert", 40, 2, 8, 256, 384, "skip-expert-3"),
+    ("all on one expert", 64, 1, 8, 256, 384, "one-expert"),
+    ("k=E", 16, 8, 8, 256, 384, "uniform"),
+    ("E=256", 33, 8, 256, 256, 128, "uniform"),
+    ("non-pow2 H and F", 37, 2, 6, 200, 333, "uniform"),
+    ("zipf", 300, 4, 32, 256, 128, "zipf"),
+    ("sentinels", 50, 2, 8, 256, 384, "sentinels"),
+]
+
+
+def routed_ids(T, K, E, routing):
+    if routing == "zipf":
+        return torch.multinomial((1.0 / torch.arange(1, E + 1) ** 1.2).expand(T, E), K).cuda()
+    ids = torch.rand(T, E, device="cuda").argsort(-1)[:, :K]
+    if routing == "skip-expert-3":
+        ids[ids == 3] = 4
+    elif routing == "one-expert":
+        ids[:] = 5
+    elif routing == "sentinels":
+        ids[::3, 0] = E
+    return ids
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    for name, T, K, E, H, F, routing in EDGES:
+        for dtype in (torch.bfloat16, torch.float32):
+            x = torch.randn(T, H, dtype=dtype, device="cuda")
+            logits = torch.randn(T, E, device="cuda")
+            w_gate_up = torch.randn(E, 2 * F, H, dtype=dtype, device="cuda") / H**0.5
+            w_down = torch.randn(E, H, F, dtype=dtype, device="cuda") / F**0.5
+            weights, _ = moe_ops.route(logits, K, renormalize=True)
+            ids = routed_ids(T, K, E, routing)
+            for capacity_factor in (0.0, 1.0):
+                out, dropped = moe_ops.fused_experts(x, weights, ids, w_gate_up, w_down,
+                                                     capacity_factor=capacity_factor, return_num_dropped=True)
+                want, want_dropped = fused_experts_ref(
+                    x, weights, ids, w_gate_up, w_down, None, None, None, None, "EFH", False, "silu", True,
+                    1.702, 7.0, capacity_factor, "position")
+                err = ((out.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-6)).item()
+                assert err < 2e-2 and int(dropped) == int(want_dropped), (name, dtype, err)
+            if E % 8 == 0 and E >= 16:
+                moe_ops.route(logits, K, scoring="sigmoid", correction_bias=torch.randn(E, device="cuda"),
+                              n_group=8, topk_group=4, renormalize=True, renorm_eps=1e-20,
+                              routed_scaling_factor=2.5)
+        print(f"ok  {name}")
+    empty = torch.empty(0, 64, device="cuda")
+    moe_ops.route(torch.empty(0, 8, device="cuda"), 2)
+    moe_ops.fused_experts(empty, torch.empty(0, 2, device="cuda"), torch.empty(0, 2, dtype=torch.int32, device="cuda"),
+                          torch.randn(8, 32, 64, device="cuda"), torch.randn(8, 64, 16, device="cuda"))
+    torch.cuda.synchronize()
+    print("ok  T=0")
+
+
+if __name__ == "__main__":
+    main()

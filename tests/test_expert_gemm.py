@@ -1,0 +1,254 @@
+"""moe_ops::expert_gemm: the Triton kernel against the reference, opcheck, gradcheck, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TRITON_DEVICE, assert_close_rel
+
+from moe_ops.expert_gemm import expert_gemm
+from moe_ops.expert_gemm import expert_gemm_ref
+from moe_ops.schedule import block_schedule_ref
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def _zipf_ids(T, K, E, s=1.2, generator=None):
+    """Skewed routing: expert e drawn with probability ~ 1/(e+1)^s, K distinct per token."""
+    p = 1.0 / torch.arange(1, E + 1, dtype=torch.float64) ** s
+    return torch.multinomial(p.expand(T, E), K, replacement=False, generator=generator)
+
+
+def _problem(T, K, E, N, D, dtype, device, *, gated, bias, slot_weights, ids=None, block_m=16, layout="NK"):
+    """Random inputs of one expert_gemm call; weights are views as the fused op passes them."""
+    x = torch.randn(T, D, dtype=dtype, device=device)
+    if layout == "NK":
+        w_all = torch.randn(E, 2 * N, D, dtype=dtype, device=device) / D**0.5
+    else:  # transposed storage (E, D, 2N), as torchtitan and GPT-OSS keep it
+        w_all = (torch.randn(E, D, 2 * N, dtype=dtype, device=device) / D**0.5).transpose(1, 2)
+    b_all = torch.randn(E, 2 * N, dtype=torch.float32, device=device)
+    if ids is None:
+        ids = torch.rand(T, E).argsort(-1)[:, :K].to(device)
+    schedule = block_schedule_ref(ids.to(device), E, block_m)
+    return dict(
+        a=x,
+        w=w_all[:, 0::2] if gated else w_all[:, :N],
+        w_up=w_all[:, 1::2] if gated else None,
+        bias=b_all[:, :N] if bias else None,
+        bias_up=b_all[:, N:] if (bias and gated) else None,
+        slot_weights=torch.rand(T * K, device=device) if slot_weights else None,
+        sorted_slots=schedule.sorted_slots,
+        block_expert=schedule.block_expert,
+        num_padded=schedule.num_padded,
+        num_slots=T * K,
+        block_m=block_m,
+    )
+
+
+def _run_both(args, **mode):
+    from moe_ops.expert_gemm_triton import expert_gemm_triton
+
+    full = dict(args, gather_top_k=mode.get("gather_top_k", 0), scatter=mode.get("scatter", False),
+                activation=mode.get("activation", "none"), alpha=1.702, limit=7.0)
+    return expert_gemm_triton(**full), expert_gemm_ref(**full)
+
+
+SHAPES = [
+    # (T, K, E, N, D, block_m)
+    pytest.param(1, 2, 4, 24, 40, 16, id="T=1"),
+    pytest.param(7, 2, 4, 24, 40, 16, id="T<block_m"),
+    pytest.param(13, 3, 5, 20, 36, 16, id="non-pow2-N-and-D"),
+    pytest.param(6, 4, 4, 16, 32, 16, id="k=E"),
+    pytest.param(40, 2, 8, 24, 40, 32, id="block_m=32"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,K,E,N,D,block_m", SHAPES)
+def test_gate_up_gathered_matches_reference(T, K, E, N, D, block_m, dtype):
+    # First GEMM of the MLP: rows gathered from tokens, interleaved gate/up views, SwiGLU, bias.
+    args = _problem(T, K, E, N, D, dtype, TRITON_DEVICE, gated=True, bias=True, slot_weights=False,
+                    block_m=block_m)
+    got, want = _run_both(args, gather_top_k=K, activation="silu")
+    assert_close_rel(got, want, dtype, "gate_up")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,K,E,N,D,block_m", SHAPES)
+def test_down_scattered_matches_reference(T, K, E, N, D, block_m, dtype):
+    # Second GEMM: schedule-order input, routing weight in the epilogue, scattered to slot order.
+    args = _problem(T, K, E, N, D, dtype, TRITON_DEVICE, gated=False, bias=True, slot_weights=True,
+                    block_m=block_m, layout="KN")
+    args["a"] = torch.randn(args["sorted_slots"].shape[0], D, dtype=dtype, device=TRITON_DEVICE)
+    got, want = _run_both(args, scatter=True)
+    assert_close_rel(got, want, dtype, "down")
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh", "relu", "clamped_swiglu", "none"])
+def test_activations(activation):
+    args = _problem(9, 2, 4, 24, 40, torch.float32, TRITON_DEVICE, gated=True, bias=True, slot_weights=True)
+    args["a"] = args["a"] * 4  # reach the clamp at +-7 of clamped_swiglu
+    got, want = _run_both(args, gather_top_k=2, activation=activation)
+    assert_close_rel(got, want, torch.float32, activation)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh", "relu"])
+def test_ungated_activations(activation):
+    args = _problem(9, 2, 4, 24, 40, torch.float16, TRITON_DEVICE, gated=False, bias=False, slot_weights=False)
+    got, want = _run_both(args, gather_top_k=2, activation=activation)
+    assert_close_rel(got, want, torch.float16, activation)
+
+
+def test_routing_edge_cases():
+    T, K, E = 12, 2, 6
+    ids = torch.rand(T, E).argsort(-1)[:, :K]
+    ids[ids == 3] = 4  # an expert with no tokens
+    ids[0, 0] = E  # expert-parallel sentinel: skipped
+    ids[1, 1] = E + 5
+    args = _problem(T, K, E, 16, 32, torch.float32, TRITON_DEVICE, gated=True, bias=False,
+                    slot_weights=True, ids=ids)
+    got, want = _run_both(args, gather_top_k=K, activation="silu", scatter=True)
+    assert_close_rel(got, want, torch.float32, "edge")
+    assert (got[0] == 0).all() and (got[3] == 0).all(), "sentinel slots must contribute zero"
+
+
+def test_all_tokens_on_one_expert_with_zipf_and_empty():
+    T, K, E = 30, 1, 5
+    ids_all_one = torch.full((T, K), 2)
+    args = _problem(T, K, E, 16, 32, torch.float32, TRITON_DEVICE, gated=True, bias=True,
+                    slot_weights=False, ids=ids_all_one)
+    got, want = _run_both(args, gather_top_k=K, activation="silu")
+    assert_close_rel(got, want, torch.float32, "one expert")
+    ids_zipf = _zipf_ids(T, 2, E)
+    args = _problem(T, 2, E, 16, 32, torch.float32, TRITON_DEVICE, gated=True, bias=False,
+                    slot_weights=True, ids=ids_zipf)
+    got, want = _run_both(args, gather_top_k=2, activation="silu", scatter=True)
+    assert_close_rel(got, want, torch.float32, "zipf")
+
+
+def test_zero_tokens_launches_nothing():
+    args = _problem(0, 2, 4, 16, 32, torch.float32, TRITON_DEVICE, gated=True, bias=False, slot_weights=False)
+    got, want = _run_both(args, gather_top_k=2, activation="silu")
+    assert got.shape == want.shape and (got == 0).all()
+    got, want = _run_both(dict(args, a=torch.randn(args["sorted_slots"].shape[0], 32, device=TRITON_DEVICE),
+                               w=args["w"][:, :, :32]), scatter=True)
+    assert got.shape == (0, 16) == want.shape
+
+
+def test_padding_rows_and_unused_blocks_are_zero():
+    args = _problem(5, 2, 4, 16, 32, torch.float32, TRITON_DEVICE, gated=True, bias=True, slot_weights=False)
+    got, _ = _run_both(args, gather_top_k=2, activation="silu")
+    padding = args["sorted_slots"] >= args["num_slots"]
+    assert padding.any()
+    assert (got[padding] == 0).all()
+
+
+def test_public_wrapper_and_opcheck():
+    T, K, E, N, D = 6, 2, 4, 8, 16
+    args = _problem(T, K, E, N, D, torch.float32, "cpu", gated=True, bias=True, slot_weights=True)
+    schedule = block_schedule_ref(torch.rand(T, E).argsort(-1)[:, :K], E, 16)
+    args.update(sorted_slots=schedule.sorted_slots, block_expert=schedule.block_expert,
+                num_padded=schedule.num_padded)
+    out = expert_gemm(args["a"], args["w"], schedule, num_slots=T * K, block_m=16, w_up=args["w_up"], bias=args["bias"],
+                      bias_up=args["bias_up"], slot_weights=args["slot_weights"], gather_top_k=K,
+                      scatter=True, activation="silu")
+    assert out.shape == (T * K, N)
+    op_args = (args["a"], args["w"], args["w_up"], args["bias"], args["bias_up"], args["slot_weights"],
+               schedule.sorted_slots, schedule.block_expert, schedule.num_padded, T * K, 16, K, True,
+               "silu", 1.702, 7.0)
+    torch.library.opcheck(torch.ops.moe_ops.expert_gemm.default, op_args)
+    op_args_sorted = (args["a"], args["w"], None, None, None, None, *op_args[6:12], False, "gelu", 1.702, 7.0)
+    torch.library.opcheck(torch.ops.moe_ops.expert_gemm.default, op_args_sorted)
+
+
+def test_gradcheck_float64():
+    T, K, E, N, D = 5, 2, 3, 4, 6
+    args = _problem(T, K, E, N, D, torch.float64, "cpu", gated=True, bias=True, slot_weights=True)
+    leaves = {n: args[n].detach().clone().requires_grad_(True)
+              for n in ("a", "w", "w_up", "bias", "bias_up", "slot_weights")}
+    leaves["bias"] = leaves["bias"].double().detach().requires_grad_(True)
+    leaves["bias_up"] = leaves["bias_up"].double().detach().requires_grad_(True)
+    leaves["slot_weights"] = leaves["slot_weights"].double().detach().requires_grad_(True)
+    rest = (args["sorted_slots"], args["block_expert"], args["num_padded"], T * K, 16, K, True, "silu", 1.702, 7.0)
+
+    def f(a, w, w_up, bias, bias_up, slot_weights):
+        return torch.ops.moe_ops.expert_gemm(a, w, w_up, bias, bias_up, slot_weights, *rest)
+
+    assert torch.autograd.gradcheck(f, tuple(leaves.values()))
+
+
+def test_errors_name_the_argument():
+    args = _problem(4, 2, 4, 8, 16, torch.float32, "cpu", gated=True, bias=False, slot_weights=False)
+    base = dict(args, gather_top_k=2, scatter=False, activation="silu", alpha=1.0, limit=7.0)
+    with pytest.raises(ValueError, match=r"w: expected shape \(E, N, 16\)"):
+        expert_gemm_ref(**dict(base, w=args["w"][:, :, :8]))
+    with pytest.raises(TypeError, match=r"w_up: expected dtype in \(float32\)"):
+        expert_gemm_ref(**dict(base, w_up=args["w_up"].half()))
+    with pytest.raises(ValueError, match="a: expected"):
+        expert_gemm_ref(**dict(base, a=args["a"][:3]))
+    with pytest.raises(ValueError, match="activation: expected one of"):
+        expert_gemm_ref(**dict(base, activation="swish"))
+    with pytest.raises(ValueError, match="clamped_swiglu"):
+        expert_gemm_ref(**dict(base, w_up=None, activation="clamped_swiglu"))
+    with pytest.raises(TypeError, match="sorted_slots: expected dtype in \\(int32\\)"):
+        expert_gemm_ref(**dict(base, sorted_slots=args["sorted_slots"].long()))
+
+
+# ---- CUDA only: real shapes, poisoned memory, int32 boundary ----
+
+REAL_SHAPES = [
+    # (name, E, K, H, F, T)
+    ("mixtral", 8, 2, 4096, 14336, 512),
+    ("qwen3-30b-a3b", 128, 8, 2048, 768, 2048),
+    ("deepseek-v3", 256, 8, 7168, 2048, 256),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name,E,K,H,F,T", REAL_SHAPES)
+def test_cuda_real_shapes(name, E, K, H, F, T):
+    from moe_ops.fused_experts import choose_block_m
+
+    dtype = torch.bfloat16
+    block_m = choose_block_m(T * K, E)
+    # Poison the caching allocator so any output row the kernel fails to write shows up as NaN.
+    torch.full((1 << 28,), float("nan"), device="cuda")
+    args = _problem(T, K, E, F, H, dtype, "cuda", gated=True, bias=False, slot_weights=False, block_m=block_m)
+    got, want = _run_both(args, gather_top_k=K, activation="silu")
+    assert_close_rel(got, want, dtype, f"{name} gate_up")
+    args_down = _problem(T, K, E, H, F, dtype, "cuda", gated=False, bias=False, slot_weights=True,
+                         block_m=block_m)
+    args_down["a"] = torch.randn(args_down["sorted_slots"].shape[0], F, dtype=dtype, device="cuda")
+    got, want = _run_both(args_down, scatter=True)
+    assert_close_rel(got, want, dtype, f"{name} down")
+
+
+@pytest.mark.cuda
+def test_cuda_int32_boundary():
+    # T*K*N > 2^31 elements in the scattered output and the schedule-order intermediate: every
+    # row offset must be computed in int64.
+    T, K, E, D, N = 65536, 8, 16, 512, 4608
+    assert T * K * N > 2**31
+    dtype = torch.bfloat16
+    ids = torch.rand(T, E, device="cuda").argsort(-1)[:, :K]
+    args = _problem(T, K, E, N, D, dtype, "cuda", gated=False, bias=False, slot_weights=True, ids=ids,
+                    block_m=128)
+    args["a"] = torch.randn(args["sorted_slots"].shape[0], D, dtype=dtype, device="cuda")
+    got, want = _run_both(args, scatter=True)
+    last = slice(T * K - 4096, T * K)  # the rows past 2^31 elements
+    assert_close_rel(got[last], want[last], dtype, "scatter tail")
+    assert_close_rel(got, want, dtype, "scatter")
+    del got, want
+    gathered = dict(args, a=torch.randn(T, D, dtype=dtype, device="cuda"), slot_weights=None)
+    got, want = _run_both(gathered, gather_top_k=K, activation="relu")
+    assert_close_rel(got, want, dtype, "schedule-order")
+
+
+@pytest.mark.cuda
+def test_cuda_deterministic():
+    args = _problem(512, 8, 64, 256, 512, torch.bfloat16, "cuda", gated=True, bias=True, slot_weights=True,
+                    block_m=64)
+    first, _ = _run_both(args, gather_top_k=8, activation="silu", scatter=True)
+    for _ in range(3):
+        again, _ = _run_both(args, gather_top_k=8, activation="silu", scatter=True)
+        assert torch.equal(first, again)

@@ -1,0 +1,279 @@
+"""moe_ops::fused_experts: layouts, activations, capacity, edge shapes, opcheck, gradcheck, CUDA graphs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TRITON_DEVICE, assert_close_rel
+
+from moe_ops.fused_experts import choose_block_m, fused_experts, fused_experts_ref, fused_experts_triton
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def _layer(T, K, E, H, Fi, dtype, device, *, ids=None, biases=False):
+    """HF-layout expert weights (gate_up (E, 2F, H), down (E, H, F)) and a routed batch."""
+    x = torch.randn(T, H, dtype=dtype, device=device)
+    w_gate_up = torch.randn(E, 2 * Fi, H, dtype=dtype, device=device) / H**0.5
+    w_down = torch.randn(E, H, Fi, dtype=dtype, device=device) / Fi**0.5
+    if ids is None:
+        ids = torch.rand(T, E).argsort(-1)[:, :K]
+    weights = torch.rand(T, K).softmax(-1)
+    layer = dict(x=x, topk_weights=weights.to(device), topk_ids=ids.to(device), w_gate_up=w_gate_up, w_down=w_down)
+    if biases:
+        layer["b_gate_up"] = torch.randn(E, 2 * Fi, device=device)
+        layer["b_down"] = torch.randn(E, H, device=device)
+    return layer
+
+
+def _args(layer, **options):
+    """The op's full positional argument list from a layer dict and options."""
+    o = dict(w_up=None, b_gate_up=None, b_up=None, b_down=None, layout="EFH", interleaved=False,
+             activation="silu", gated=True, alpha=1.702, limit=7.0, capacity_factor=0.0, drop_policy="position")
+    o.update({k: v for k, v in layer.items() if k in o})
+    o.update(options)
+    return (layer["x"], layer["topk_weights"], layer["topk_ids"], layer["w_gate_up"], layer["w_down"],
+            o["w_up"], o["b_gate_up"], o["b_up"], o["b_down"], o["layout"], o["interleaved"], o["activation"],
+            o["gated"], o["alpha"], o["limit"], o["capacity_factor"], o["drop_policy"])
+
+
+def _gpt_fast_formulation(x, weights, ids, w_gate_up, w_down):
+    """An independent statement of the same layer (gpt-fast's per-token weight gather)."""
+    Fi = w_down.shape[2]
+    w1, w3 = w_gate_up[:, :Fi].float(), w_gate_up[:, Fi:].float()
+    x1 = F.silu(torch.einsum("ti,taoi->tao", x.float(), w1[ids]))
+    x3 = torch.einsum("ti,taoi->tao", x.float(), w3[ids])
+    y = torch.einsum("tao,taio->tai", x1 * x3, w_down.float()[ids])
+    return torch.einsum("tai,ta->ti", y, weights.float())
+
+
+def test_reference_matches_independent_formulation():
+    layer = _layer(20, 2, 6, 32, 48, torch.float32, "cpu")
+    out, dropped = fused_experts_ref(*_args(layer))
+    want = _gpt_fast_formulation(layer["x"], layer["topk_weights"], layer["topk_ids"], layer["w_gate_up"],
+                                 layer["w_down"])
+    assert_close_rel(out, want, torch.float32, "reference")
+    assert int(dropped) == 0
+
+
+SHAPES = [
+    # (T, K, E, H, F)
+    pytest.param(1, 2, 4, 32, 48, id="T=1"),
+    pytest.param(9, 2, 4, 32, 48, id="T<block_m"),
+    pytest.param(11, 3, 5, 40, 24, id="non-pow2-H-and-F"),
+    pytest.param(8, 4, 4, 32, 16, id="k=E"),
+    pytest.param(70, 2, 8, 32, 32, id="block_m=32"),
+    pytest.param(3, 8, 256, 32, 16, id="E=256"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,K,E,H,Fi", SHAPES)
+def test_triton_matches_reference(T, K, E, H, Fi, dtype):
+    layer = _layer(T, K, E, H, Fi, dtype, TRITON_DEVICE)
+    got, _ = fused_experts_triton(*_args(layer))
+    want, _ = fused_experts_ref(*_args(layer))
+    assert_close_rel(got, want, dtype, "fused_experts")
+
+
+def test_routing_edges():
+    T, K, E = 24, 2, 6
+    ids = torch.rand(T, E).argsort(-1)[:, :K]
+    ids[ids == 1] = 0  # an expert with no tokens (and duplicate choices of expert 0 in a row are fine)
+    ids[3, 1] = E  # expert-parallel sentinel: contributes zero
+    for case, routed in {"edges": ids, "one expert": torch.full((T, 1), 4),
+                         "zipf": torch.multinomial((1.0 / torch.arange(1, E + 1) ** 1.2).expand(T, E), K)}.items():
+        layer = _layer(T, routed.shape[1], E, 32, 32, torch.float32, TRITON_DEVICE, ids=routed)
+        got, _ = fused_experts_triton(*_args(layer))
+        want, _ = fused_experts_ref(*_args(layer))
+        assert_close_rel(got, want, torch.float32, case)
+
+
+def test_zero_tokens():
+    layer = _layer(0, 2, 4, 32, 16, torch.float32, TRITON_DEVICE)
+    got, dropped = fused_experts_triton(*_args(layer))
+    assert got.shape == (0, 32) and int(dropped) == 0
+    assert fused_experts(**{k: v for k, v in _layer(0, 2, 4, 32, 16, torch.float32, "cpu").items()}).shape == (0, 32)
+
+
+def _layouts(layer):
+    """The same experts in every supported storage: (name, options) pairs for fused_experts."""
+    Fi = layer["w_down"].shape[2]
+    gu, down = layer["w_gate_up"], layer["w_down"]
+    interleaved = torch.stack([gu[:, :Fi], gu[:, Fi:]], dim=2).reshape(gu.shape)  # g0 u0 g1 u1 ...
+    return {
+        "EFH fused (HF)": dict(w_gate_up=gu, w_down=down),
+        "EFH w1/w3 (gpt-fast)": dict(w_gate_up=gu[:, :Fi].contiguous(), w_up=gu[:, Fi:].contiguous(), w_down=down),
+        "EHF w1/w3 (torchtitan)": dict(w_gate_up=gu[:, :Fi].transpose(1, 2).contiguous(),
+                                       w_up=gu[:, Fi:].transpose(1, 2).contiguous(),
+                                       w_down=down.transpose(1, 2).contiguous(), layout="EHF"),
+        "EHF interleaved (GPT-OSS)": dict(w_gate_up=interleaved.transpose(1, 2).contiguous(),
+                                          w_down=down.transpose(1, 2).contiguous(), layout="EHF",
+                                          interleaved=True),
+    }
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_layouts_agree(impl):
+    layer = _layer(10, 2, 4, 32, 24, torch.float32, TRITON_DEVICE)
+    run = fused_experts_triton if impl == "triton" else fused_experts_ref
+    base = {k: layer[k] for k in ("x", "topk_weights", "topk_ids")}
+    outs = {name: run(*_args(dict(base, **opts), **{k: v for k, v in opts.items() if k not in ("w_gate_up", "w_down")}))[0]
+            for name, opts in _layouts(layer).items()}
+    first = outs.pop("EFH fused (HF)")
+    for name, out in outs.items():
+        assert_close_rel(out, first, torch.float32, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpt_oss_form(dtype):
+    # Interleaved gate/up in (E, H, 2F), biases on both projections, clamped SwiGLU.
+    layer = _layer(13, 4, 8, 32, 24, dtype, TRITON_DEVICE, biases=True)
+    layer["x"] = layer["x"] * 3  # reach the clamp
+    Fi = 24
+    layer["w_gate_up"] = layer["w_gate_up"].transpose(1, 2).contiguous()
+    layer["w_down"] = layer["w_down"].transpose(1, 2).contiguous()
+    args = _args(layer, layout="EHF", interleaved=True, activation="clamped_swiglu")
+    got, _ = fused_experts_triton(*args)
+    want, _ = fused_experts_ref(*args)
+    assert_close_rel(got, want, dtype, "gpt-oss")
+    assert layer["b_gate_up"].shape == (8, 2 * Fi)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu"])
+def test_plain_mlp_with_bias(activation):
+    # Megablocks / nanoMoE: act(x W1 + b1) W2 + b2, no gate.
+    layer = _layer(12, 2, 4, 32, 24, torch.float16, TRITON_DEVICE)
+    layer["w_gate_up"] = layer["w_gate_up"][:, :24].contiguous()
+    args = _args(layer, gated=False, activation=activation,
+                 b_gate_up=torch.randn(4, 24, device=TRITON_DEVICE), b_down=torch.randn(4, 32, device=TRITON_DEVICE))
+    got, _ = fused_experts_triton(*args)
+    want, _ = fused_experts_ref(*args)
+    assert_close_rel(got, want, torch.float16, activation)
+
+
+@pytest.mark.parametrize("policy", ["position", "score"])
+def test_capacity(policy):
+    T, K, E = 32, 2, 4
+    skewed = torch.multinomial(torch.tensor([8.0, 1.0, 1.0, 1.0]).expand(T, E), K)
+    layer = _layer(T, K, E, 32, 16, torch.float32, TRITON_DEVICE, ids=skewed)
+    args = _args(layer, capacity_factor=1.0, drop_policy=policy)
+    got, got_dropped = fused_experts_triton(*args)
+    want, want_dropped = fused_experts_ref(*args)
+    assert int(got_dropped) == int(want_dropped) > 0
+    assert_close_rel(got, want, torch.float32, "capacity")
+    dropless, none_dropped = fused_experts_ref(*_args(layer))
+    assert int(none_dropped) == 0 and not torch.allclose(dropless, want)
+
+
+def test_public_api_opcheck_and_noncontiguous_input():
+    layer = _layer(6, 2, 4, 16, 8, torch.float32, "cpu", biases=True)
+    torch.library.opcheck(torch.ops.moe_ops.fused_experts.default, _args(layer))
+    torch.library.opcheck(torch.ops.moe_ops.fused_experts.default, _args(layer, capacity_factor=1.0))
+    x_wide = torch.randn(6, 32)
+    strided = dict(layer, x=x_wide[:, ::2])  # a non-contiguous view of the activations
+    out = fused_experts(**strided)
+    assert_close_rel(out, fused_experts(**dict(layer, x=x_wide[:, ::2].contiguous())), torch.float32, "strided")
+    out, dropped = fused_experts(**layer, capacity_factor=0.5, return_num_dropped=True)
+    assert out.shape == (6, 16) and dropped.dtype == torch.int32
+
+
+def test_gradcheck_float64():
+    layer = _layer(5, 2, 3, 6, 4, torch.float64, "cpu", biases=True)
+    names = ("x", "topk_weights", "w_gate_up", "w_down", "b_gate_up", "b_down")
+    leaves = tuple(layer[n].double().detach().requires_grad_(True) for n in names)
+
+    def f(*tensors):
+        return fused_experts(**dict(layer, **dict(zip(names, tensors))))
+
+    assert torch.autograd.gradcheck(f, leaves)
+
+
+def test_errors_name_the_argument():
+    layer = _layer(4, 2, 4, 16, 8, torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"w_gate_up: expected shape \(E, 2F, H=32\)"):
+        fused_experts(**dict(layer, x=torch.randn(4, 32)))
+    with pytest.raises(ValueError, match=r"topk_ids: expected 1 <= K <= E=4"):
+        fused_experts(**dict(layer, topk_ids=torch.zeros(4, 5, dtype=torch.int64), topk_weights=torch.rand(4, 5)))
+    with pytest.raises(TypeError, match=r"w_down: expected dtype in \(float32\)"):
+        fused_experts(**dict(layer, w_down=layer["w_down"].half()))
+    with pytest.raises(ValueError, match="topk_weights: expected shape"):
+        fused_experts(**dict(layer, topk_weights=torch.rand(4, 3)))
+    with pytest.raises(ValueError, match="layout: expected one of"):
+        fused_experts(**layer, layout="HFE")
+    with pytest.raises(ValueError, match="expert ids must lie in"):
+        fused_experts(**dict(layer, topk_ids=-layer["topk_ids"] - 1))
+    with pytest.raises(ValueError, match="capacity_factor"):
+        fused_experts(**layer, capacity_factor=-1.0)
+
+
+# ---- CUDA only ----
+
+REAL_SHAPES = [
+    # (name, E, K, H, F, T)
+    ("mixtral", 8, 2, 4096, 14336, 128),
+    ("qwen3-30b-a3b", 128, 8, 2048, 768, 512),
+    ("deepseek-v3", 256, 8, 7168, 2048, 64),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name,E,K,H,Fi,T", REAL_SHAPES)
+def test_cuda_real_shapes(name, E, K, H, Fi, T):
+    layer = _layer(T, K, E, H, Fi, torch.bfloat16, "cuda")
+    got = fused_experts(**layer)
+    want, _ = fused_experts_ref(*_args(layer))
+    assert_close_rel(got, want, torch.bfloat16, name)
+
+
+@pytest.mark.cuda
+def test_cuda_weights_on_another_device():
+    layer = _layer(4, 2, 4, 16, 8, torch.float32, "cuda")
+    with pytest.raises(ValueError, match="w_down: expected a tensor on cuda"):
+        fused_experts(**dict(layer, w_down=layer["w_down"].cpu()))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("capacity_factor", [0.0, 1.25])
+def test_cuda_graph_capture(capacity_factor):
+    # Routing + the whole fused-experts call in one CUDA graph: proof that nothing syncs the host.
+    from moe_ops import route
+
+    T, K, E, H, Fi = 256, 8, 64, 512, 256
+    layer = _layer(T, K, E, H, Fi, torch.bfloat16, "cuda")
+    logits = torch.randn(T, E, device="cuda")
+
+    def step():
+        w, ids = route(logits, K, renormalize=True)
+        return fused_experts(layer["x"], w, ids, layer["w_gate_up"], layer["w_down"],
+                             capacity_factor=capacity_factor, return_num_dropped=True)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # compile kernels outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, dropped = step()
+    for _ in range(2):
+        logits.copy_(torch.randn(T, E, device="cuda"))
+        layer["x"].copy_(torch.randn(T, H, device="cuda"))
+        graph.replay()
+        w, ids = route(logits, K, renormalize=True)
+        want, want_dropped = fused_experts_ref(*_args(dict(layer, topk_weights=w, topk_ids=ids),
+                                                      capacity_factor=capacity_factor))
+        assert_close_rel(out, want, torch.bfloat16, "graph replay")
+        assert int(dropped) == int(want_dropped)
+
+
+@pytest.mark.cuda
+def test_cuda_block_m_buckets():
+    # Every token bucket's tile config is exercised at a real hidden size.
+    E, K, H, Fi = 8, 2, 1024, 1536
+    for T in (1, 40, 200, 2000):
+        layer = _layer(T, K, E, H, Fi, torch.bfloat16, "cuda")
+        got = fused_experts(**layer)
+        want, _ = fused_experts_ref(*_args(layer))
+        assert_close_rel(got, want, torch.bfloat16, f"T={T} block_m={choose_block_m(T * K, E)}")
