@@ -21,3 +21,12 @@ def autograd_inside_custom_op():
     with torch._C._ForceDispatchKeyGuard(included, excluded.remove(torch._C.DispatchKey.AutogradFunctionality)):
         with torch.enable_grad():
             yield
+
+
+def fp32_matmul_allows_tf32() -> bool:
+    """Whether the user lets fp32 matmuls round their inputs to tf32 (moe_ops follows torch's setting:
+    ``torch.backends.cuda.matmul.fp32_precision`` since 2.9, ``allow_tf32`` before; off by default)."""
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", "none")
+    if precision != "none":
+        return precision == "tf32"
+    return bool(torch.backends.cuda.matmul.allow_tf32)

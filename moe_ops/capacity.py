@@ -24,7 +24,7 @@ POLICIES = ("position", "score")
 
 
 def capacity_from_factor(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int:
-    """Slots per expert for a capacity factor: ``ceil(factor * T * K / E)``; ``factor <= 0``: -1 (dropless)."""
+    """Slots per expert: ``ceil(factor * T * K / E)``; ``factor <= 0`` means dropless (-1)."""
     if num_experts < 1:
         raise ValueError(f"num_experts: expected a positive int, got {num_experts}")
     if capacity_factor <= 0:

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moe_ops._compat import fp32_matmul_allows_tf32
 from moe_ops.expert_gemm import ACTIVATION_CODE
 
 
@@ -58,6 +59,7 @@ def _expert_gemm_kernel(
     # meta
     GATHER: tl.constexpr, SCATTER: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_BIAS_UP: tl.constexpr, HAS_SLOT_WEIGHT: tl.constexpr, ACTIVATION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -115,10 +117,10 @@ def _expert_gemm_kernel(
         k_valid = offs_k < K - k0
         a = tl.load(a_ptrs, mask=row_valid[:, None] & k_valid[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_valid[:, None] & col_valid[None, :], other=0.0)
-        acc = tl.dot(a, w, acc)
+        acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
         if GATED:
             u = tl.load(u_ptrs, mask=k_valid[:, None] & col_valid[None, :], other=0.0)
-            acc_up = tl.dot(a, u, acc_up)
+            acc_up = tl.dot(a, u, acc_up, input_precision=INPUT_PRECISION)
             u_ptrs += BLOCK_K * stride_uk
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
@@ -145,24 +147,38 @@ def _expert_gemm_kernel(
 
 
 @functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _device_limits(device_index: int) -> tuple[int, int]:
+    """(multiprocessors, shared memory bytes one program may use)."""
+    props = torch.cuda.get_device_properties(device_index)
+    return props.multi_processor_count, getattr(props, "shared_memory_per_block_optin", 101376)
 
 
-def gemm_config(block_m: int, n: int, k: int, gated: bool, busy_blocks_estimate: int, device) -> dict:
+@functools.lru_cache(maxsize=1024)
+def gemm_config(
+    block_m: int, n: int, gated: bool, itemsize: int, busy_blocks_estimate: int, num_sms: int, smem_bytes: int
+) -> dict:
     """Tile config by token bucket (block_m): a heuristic, not autotuned, so that eager calls never
-    pay a tuning sweep. Small block_m is decode: weight-bandwidth bound, so narrow N tiles spread
-    the weight stream over every SM and deep K steps keep many loads in flight."""
-    num_sms = _num_sms(device.index or 0) if device.type == "cuda" else 1
+    pay a tuning sweep (benchmarks/NOTES.md records what each choice measured)."""
     if block_m <= 32:
+        # Decode-sized blocks are weight-bandwidth bound: deep K steps keep many loads in flight, and
+        # narrow N tiles make at least two programs per SM, else part of HBM bandwidth goes unasked.
         block_n, block_k, warps, stages = 64, 128, 4, 4
-        # At least two programs per SM, else part of the HBM bandwidth is never asked for.
         while block_n > 16 and busy_blocks_estimate * triton.cdiv(n, block_n) < 2 * num_sms:
             block_n //= 2
     elif block_m == 64:
         block_n, block_k, warps, stages = (64 if gated else 128), 64, 4, 4
     else:
-        block_n, block_k, warps, stages = (64 if gated else 128), 64, 8, 3
+        # Prefill is compute bound: the 128 x 256 tile, 8 warps, 3 stages that Hopper's Triton GEMMs
+        # run best with; gated, the 256 columns are 128 of gate and 128 of up.
+        block_n, block_k, warps, stages = (128 if gated else 256), 64, 8, 3
+    # The pipeline's stages must fit in shared memory with room left for the epilogue's layout
+    # change: fp32 inputs (twice the bytes) and smaller GPUs give up stages first, then depth in K.
+    weight_tiles = 2 if gated else 1
+    while stages * (block_m + weight_tiles * block_n) * block_k * itemsize > 0.8 * smem_bytes:
+        if stages > 2:
+            stages -= 1
+        else:
+            block_k //= 2
     return dict(BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages)
 
 
@@ -183,7 +199,9 @@ def expert_gemm_triton(
     gated = w_up is not None
     # Busy blocks are at most one per slot and one per expert with a slot.
     busy_estimate = min(num_blocks_max, num_slots, w.shape[0]) if block_m <= 32 else num_blocks_max
-    config = gemm_config(block_m, n, k, gated, busy_estimate, a.device)
+    # The interpreter (CPU tensors) has no SMs or shared-memory limit to respect.
+    num_sms, smem_bytes = _device_limits(a.device.index or 0) if a.device.type == "cuda" else (1, 1 << 30)
+    config = gemm_config(block_m, n, gated, a.element_size(), busy_estimate, num_sms, smem_bytes)
     grid = (num_blocks_max * triton.cdiv(n, config["BLOCK_N"]),)
     dummy = out  # placeholder pointer for absent optional tensors; never dereferenced
     _expert_gemm_kernel[grid](
@@ -201,6 +219,8 @@ def expert_gemm_triton(
         float(alpha), float(limit),
         GATHER=gather_top_k > 0, SCATTER=bool(scatter), GATED=gated, HAS_BIAS=bias is not None,
         HAS_BIAS_UP=bias_up is not None, HAS_SLOT_WEIGHT=slot_weights is not None, ACTIVATION=ACTIVATION_CODE[activation],
+        # fp32 inputs stay exact unless the user allowed tf32, as torch.matmul does.
+        INPUT_PRECISION="tf32" if a.dtype != torch.float32 or fp32_matmul_allows_tf32() else "ieee",
         BLOCK_M=block_m, **config,
     )
     return out

@@ -11,6 +11,8 @@ sum over K in a fixed order (deterministic, fp32 accumulation).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from moe_ops._autograd import register_reference_autograd
@@ -99,11 +101,13 @@ def _check_fused_args(
 
 
 def fused_experts_ref(
-    x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
-    layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy,
+    x, topk_weights, topk_ids, w_gate_up, w_down, w_up=None, b_gate_up=None, b_up=None, b_down=None,
+    layout="EFH", interleaved=False, activation="silu", gated=True, alpha=1.702, limit=7.0,
+    capacity_factor=0.0, drop_policy="position", return_num_dropped=False,
 ):
-    """Plain-PyTorch definition: a loop over experts, rounding where the kernels round (the
-    intermediate activation and each slot's output are stored in x's dtype)."""
+    """Plain-PyTorch definition of :func:`fused_experts` (same arguments): a loop over experts,
+    rounding where the kernels round (the intermediate activation and each slot's output are
+    stored in x's dtype)."""
     _check_fused_args(
         x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
         layout, interleaved, activation, gated, capacity_factor, drop_policy,
@@ -138,7 +142,8 @@ def fused_experts_ref(
             y = y + w.b_down[e].to(acc_dtype)
         y = (y * topk_weights[token, choice].to(acc_dtype)[:, None]).to(x.dtype)
         out_TH = out_TH.index_add(0, token, y.to(acc_dtype))
-    return out_TH.to(x.dtype), num_dropped
+    out_TH = out_TH.to(x.dtype)
+    return (out_TH, num_dropped) if return_num_dropped else out_TH
 
 
 @torch.library.custom_op("moe_ops::fused_experts", mutates_args=())
@@ -164,14 +169,16 @@ def _fused_experts_op(
     return fused_experts_ref(
         x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
         layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy,
+        return_num_dropped=True,
     )
 
 
 def choose_block_m(num_slots: int, num_experts: int) -> int:
     """Rows per GEMM block from the expected rows per expert: small blocks waste little padding at
-    decode, large ones reuse each weight tile across more rows at prefill."""
+    decode; a block that holds an expert's whole share reads its weights once; large blocks reuse
+    each weight tile across more rows at prefill."""
     rows_per_expert = num_slots / num_experts
-    for block_m, up_to in ((16, 16), (32, 32), (64, 96)):
+    for block_m, up_to in ((16, 8), (32, 32), (64, 48)):
         if rows_per_expert <= up_to:
             return block_m
     return 128
@@ -231,7 +238,7 @@ def _(x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_dow
 
 register_reference_autograd(
     _fused_experts_op,
-    fused_experts_ref,
+    functools.partial(fused_experts_ref, return_num_dropped=True),
     differentiable=("x", "topk_weights", "w_gate_up", "w_down", "w_up", "b_gate_up", "b_up", "b_down"),
 )
 

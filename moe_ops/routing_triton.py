@@ -23,8 +23,9 @@ _MAX_BLOCK_T = 32
 
 @triton.jit
 def _exp(x, PRECISE_EXP: tl.constexpr):
-    # tl.exp lowers fp32 to ex2.approx; libdevice's expf is what torch's CUDA softmax/sigmoid use,
-    # so on the GPU the scores (and hence near-tied selections) match torch bit for bit.
+    # tl.exp lowers fp32 to ex2.approx; libdevice's expf is what torch's CUDA softmax/sigmoid use.
+    # With IEEE division, GPU sigmoid scores then equal torch's bit for bit (softmax ones up to
+    # the order of the row sum), so near-tied selections (sigmoid + bias) come out as torch's.
     # The interpreter has no libdevice, hence the flag.
     if PRECISE_EXP:
         return libdevice.exp(x)

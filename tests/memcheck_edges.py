@@ -55,7 +55,7 @@ def main() -> None:
                                                      capacity_factor=capacity_factor, return_num_dropped=True)
                 want, want_dropped = fused_experts_ref(
                     x, weights, ids, w_gate_up, w_down, None, None, None, None, "EFH", False, "silu", True,
-                    1.702, 7.0, capacity_factor, "position")
+                    1.702, 7.0, capacity_factor, "position", return_num_dropped=True)
                 err = ((out.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-6)).item()
                 assert err < 2e-2 and int(dropped) == int(want_dropped), (name, dtype, err)
             if E % 8 == 0 and E >= 16:

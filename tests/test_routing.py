@@ -212,7 +212,8 @@ def test_triton_empty_launches_nothing(monkeypatch):
             raise AssertionError("kernel launched for T=0")
 
     monkeypatch.setattr(rt, "_route_kernel", _NoLaunch())
-    weights, ids = rt.route_triton(*_ref_args(torch.empty(0, 16, device=TRITON_DEVICE), 4, **MODES["mixtral"]))
+    empty = torch.empty(0, 16, device=TRITON_DEVICE)
+    weights, ids = rt.route_triton(*_ref_args(empty, 4, **MODES["mixtral"]))
     assert weights.shape == ids.shape == (0, 4)
     assert weights.dtype == torch.float32 and ids.dtype == torch.int32
 
@@ -235,7 +236,8 @@ def test_triton_float16_and_float64_logits():
 def test_triton_large_num_experts():
     # E=512 (past DeepSeek's 256): one row per few-row tile, groups of 64.
     cfg = dict(MODES["deepseek_v3"])
-    _triton_vs_ref(torch.randn(5, 512).to(TRITON_DEVICE), 8, cfg, _bias_for("deepseek_v3", 512, TRITON_DEVICE))
+    bias = _bias_for("deepseek_v3", 512, TRITON_DEVICE)
+    _triton_vs_ref(torch.randn(5, 512).to(TRITON_DEVICE), 8, cfg, bias)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -305,10 +307,13 @@ def test_backward_matches_reference_autograd():
          ValueError, r"correction_bias: expected shape \(8\)"),
         (lambda: route(torch.randn(4, 8), 2, correction_bias=torch.zeros(8, dtype=torch.int64)),
          TypeError, r"correction_bias: expected dtype"),
-        (lambda: route(torch.randn(4, 12), 2, n_group=5, topk_group=2), ValueError, r"n_group: expected a divisor"),
-        (lambda: route(torch.randn(4, 8), 2, n_group=8, topk_group=2), ValueError, r"n_group: .*E/n_group >= 2"),
+        (lambda: route(torch.randn(4, 12), 2, n_group=5, topk_group=2),
+         ValueError, r"n_group: expected a divisor"),
+        (lambda: route(torch.randn(4, 8), 2, n_group=8, topk_group=2),
+         ValueError, r"n_group: .*E/n_group >= 2"),
         (lambda: route(torch.randn(4, 8), 2, n_group=2, topk_group=3), ValueError, r"topk_group: expected"),
-        (lambda: route(torch.randn(4, 16), 5, n_group=4, topk_group=1), ValueError, r"k: expected k <= topk_group"),
+        (lambda: route(torch.randn(4, 16), 5, n_group=4, topk_group=1),
+         ValueError, r"k: expected k <= topk_group"),
     ],
     ids=["k_gt_E", "k_zero", "logits_1d", "logits_int", "scoring", "after_topk_sigmoid", "bias_shape",
          "bias_dtype", "group_not_divisor", "group_of_one", "topk_group_gt_n_group", "k_gt_kept"],
@@ -347,7 +352,8 @@ def test_cuda_ties_vs_torch_topk(k):
         assert torch.equal(ids.long()[:, 0], scores.argmax(dim=-1))
     _, ids_raw = route(logits, k, softmax_after_topk=True)
     assert torch.equal(logits.gather(1, ids_raw.long()), torch.topk(logits, k, dim=-1).values)
-    assert torch.equal(ids_raw.long(), torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :k])
+    stable_order = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :k]
+    assert torch.equal(ids_raw.long(), stable_order)
 
 
 @pytest.mark.cuda
