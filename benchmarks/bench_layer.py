@@ -227,6 +227,23 @@ def moe_ops_layer(block: torch.nn.Module, top_k: int) -> Callable[[torch.Tensor]
     return layer
 
 
+def random_tokens(router_weight: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
+    """(1, T, H) random tokens whose router logits never tie at the top-k boundary.
+
+    A tie there is broken differently by different top-k implementations (moe_ops: lower expert
+    index; torch.topk on the CPU: not promised), which picks another expert and shows up as a large
+    error that says nothing about the experts. bf16 logits tie often enough to hit most cells.
+    """
+    x_TH = torch.randn(num_tokens, router_weight.shape[1], device=router_weight.device, dtype=DTYPE)
+    while top_k < router_weight.shape[0]:
+        top_values = F.linear(x_TH, router_weight).float().topk(top_k + 1, dim=-1).values
+        tied = top_values[:, top_k - 1] == top_values[:, top_k]
+        if not tied.any():
+            break
+        x_TH[tied] = torch.randn_like(x_TH[tied])
+    return x_TH.unsqueeze(0)
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     expected = expected.float()
     return ((actual.float() - expected).abs().max() / expected.abs().max().clamp_min(1e-6)).item()
@@ -277,7 +294,7 @@ def run_shape(
     mismatches: list[str],
 ) -> None:
     blocks = build_hf_blocks(shape, device)
-    inputs = {t: torch.randn(1, t, shape.hidden, device=device, dtype=DTYPE) for t in tokens}
+    inputs = {t: random_tokens(blocks["hf_eager"].gate.weight, t, shape.top_k) for t in tokens}
     # hf_eager gives the reference output, even when --skip-hf-eager leaves it untimed.
     expected = {t: blocks["hf_eager"](x) for t, x in inputs.items()}
 
@@ -488,6 +505,7 @@ def main() -> None:
         transformers=transformers.__version__,
         timestamp=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     )
+    torch.manual_seed(0)
     print(f"{gpu}: torch {run_info.torch}, triton {run_info.triton}, transformers {run_info.transformers}")
 
     with torch.inference_mode():

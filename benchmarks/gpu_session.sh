@@ -1,25 +1,36 @@
 #!/usr/bin/env bash
 # What the H100 runs, in as few device calls as possible: bash benchmarks/gpu_session.sh STAGE...
-#   tests     every test, the CUDA-marked ones included (Triton kernels on the GPU)
-#   memcheck  compute-sanitizer memcheck over tests/memcheck_edges.py
-#   kernels   benchmarks/bench_kernels.py (per-kernel times)
-#   layer     benchmarks/bench_layer.py (the 18-cell table against transformers)
-# Logs and result files go to $OUT (the device tool brings them back).
+#   tests     every test file (CUDA-marked tests included), in parallel groups so Triton's compiles
+#             use several cores, with compute-sanitizer memcheck over tests/memcheck_edges.py beside them
+#   kernels   benchmarks/bench_kernels.py (per-kernel times; run alone, after the tests)
+#   layer     benchmarks/bench_layer.py (the table against transformers; LAYER_ARGS passes filters)
+# Logs and result files go to $OUT (the device tool brings them back). STAGE_TIMEOUT caps each stage.
 set -uo pipefail
 OUT=${OUT:-/tmp/moe_ops_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+LIMIT=${STAGE_TIMEOUT:-300}
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 status=0
 for stage in "$@"; do
   echo "=== $stage"
   case "$stage" in
-    tests) python3 -m pytest tests -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -40 || status=1 ;;
-    memcheck) compute-sanitizer --tool memcheck --error-exitcode 1 python3 tests/memcheck_edges.py \
-                > "$OUT/memcheck.log" 2>&1 || status=1; tail -15 "$OUT/memcheck.log" ;;
-    kernels) python3 benchmarks/bench_kernels.py --out "$OUT" ${KERNEL_ARGS:-} || status=1 ;;
-    layer) python3 benchmarks/bench_layer.py --out "$OUT" ${LAYER_ARGS:-} 2>&1 | tee "$OUT/layer.log" | tail -60 || status=1 ;;
+    tests)
+      timeout "$LIMIT" python3 -m pytest -q -rfE -p no:cacheprovider tests/test_expert_gemm.py \
+        tests/test_fused_experts.py > "$OUT/pytest_gemm.log" 2>&1 & g1=$!
+      timeout "$LIMIT" python3 -m pytest -q -rfE -p no:cacheprovider tests/test_routing.py tests/test_docs.py \
+        > "$OUT/pytest_routing.log" 2>&1 & g2=$!
+      timeout "$LIMIT" python3 -m pytest -q -rfE -p no:cacheprovider tests/test_schedule.py \
+        tests/test_capacity.py > "$OUT/pytest_schedule.log" 2>&1 & g3=$!
+      timeout "$LIMIT" compute-sanitizer --tool memcheck --error-exitcode 1 python3 tests/memcheck_edges.py \
+        > "$OUT/memcheck.log" 2>&1 & g4=$!
+      for job in $g1 $g2 $g3 $g4; do wait $job || status=1; done
+      for log in pytest_gemm pytest_routing pytest_schedule; do echo "--- $log"; tail -12 "$OUT/$log.log"; done
+      echo "--- memcheck"; tail -12 "$OUT/memcheck.log" ;;
+    kernels) timeout "$LIMIT" python3 benchmarks/bench_kernels.py --out "$OUT" ${KERNEL_ARGS:-} || status=1 ;;
+    layer) timeout "$LIMIT" python3 benchmarks/bench_layer.py --out "$OUT" ${LAYER_ARGS:-} 2>&1 \
+             | tee "$OUT/layer.log" | tail -40 || status=1 ;;
     *) echo "unknown stage $stage"; status=1 ;;
   esac
 done
