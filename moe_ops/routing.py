@@ -68,14 +68,14 @@ def _weight_dtype(logits: torch.Tensor) -> torch.dtype:
 def route_ref(
     logits: torch.Tensor,
     k: int,
-    scoring: str,
-    softmax_after_topk: bool,
-    renormalize: bool,
-    renorm_eps: float,
-    correction_bias: torch.Tensor | None,
-    n_group: int,
-    topk_group: int,
-    routed_scaling_factor: float,
+    scoring: str = "softmax",
+    softmax_after_topk: bool = False,
+    renormalize: bool = False,
+    renorm_eps: float = 0.0,
+    correction_bias: torch.Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    routed_scaling_factor: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-PyTorch definition of the router (the semantics every kernel is tested against).
 
