@@ -181,6 +181,22 @@ def test_public_api_opcheck_and_noncontiguous_input():
     assert out.shape == (6, 16) and dropped.dtype == torch.int32
 
 
+def test_triton_path_takes_strided_inputs():
+    # Views straight from a model: a column slice of a wider activation, weights and ids transposed
+    # from (K, T) storage. The kernels read through strides; nothing needs to be made contiguous.
+    layer = _layer(10, 2, 4, 32, 24, torch.float32, TRITON_DEVICE)
+    strided = dict(
+        layer,
+        x=torch.randn(10, 64, device=TRITON_DEVICE)[:, 16:48],
+        topk_weights=layer["topk_weights"].T.contiguous().T,
+        topk_ids=layer["topk_ids"].T.contiguous().T,
+    )
+    assert not strided["x"].is_contiguous() and not strided["topk_ids"].is_contiguous()
+    got, _ = fused_experts_triton(*_args(strided))
+    want = fused_experts_ref(*_args(dict(strided, x=strided["x"].contiguous())))
+    assert_close_rel(got, want, torch.float32, "strided")
+
+
 def test_gradcheck_float64():
     layer = _layer(5, 2, 3, 6, 4, torch.float64, "cpu", biases=True)
     names = ("x", "topk_weights", "w_gate_up", "w_down", "b_gate_up", "b_down")
