@@ -2,11 +2,15 @@
 
 The op layer: every op is a ``torch.ops.moe_ops.*`` custom op with a fake kernel (torch.compile,
 export), a plain-PyTorch reference (CPU tensors run it) and a Triton kernel (CUDA tensors).
+
+The graph passes: importing moe_ops installs a torch.compile (Inductor) pass that rewrites plain
+PyTorch MoE code into these ops; ``disable()``, ``rewrites_disabled()`` and ``config`` control it.
 """
 
 from moe_ops.capacity import apply_capacity, capacity_from_factor
 from moe_ops.expert_gemm import expert_gemm
 from moe_ops.fused_experts import fused_experts, fused_experts_ref
+from lowering import config, disable, enable, rewrites_disabled
 from moe_ops.routing import route, route_ref
 from moe_ops.schedule import BlockSchedule, block_schedule
 
@@ -23,4 +27,11 @@ __all__ = [
     # plain-PyTorch references (the definition of each op's semantics)
     "route_ref",
     "fused_experts_ref",
+    # torch.compile rewrites
+    "config",
+    "enable",
+    "disable",
+    "rewrites_disabled",
 ]
+
+enable()

@@ -30,3 +30,32 @@ def fp32_matmul_allows_tf32() -> bool:
     if precision != "none":
         return precision == "tf32"
     return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+def custom_passes_in(hook_value) -> tuple:
+    """The passes held by an Inductor custom-pass hook (``config.post_grad_custom_post_pass`` etc.).
+
+    Since about 2.12 a hook may hold a list or tuple of passes, not just one pass or None; on 2.11 it
+    holds at most one. Reading it through here handles both.
+    """
+    if hook_value is None:
+        return ()
+    if isinstance(hook_value, (list, tuple)):
+        return tuple(hook_value)
+    return (hook_value,)
+
+
+def online_softmax_target():
+    """``prims.prepare_softmax_online``, or None where this torch lacks it.
+
+    On CUDA (Triton backend, ``config.online_softmax``) Inductor's own post-grad patterns turn the
+    amax/sum half of a decomposed softmax into this prim before ``post_grad_custom_post_pass`` runs,
+    so a post-grad matcher meets both forms. The prim is registered when ``inductor_prims`` is
+    imported.
+    """
+    try:
+        import torch._inductor.inductor_prims  # noqa: F401
+    except ImportError:
+        return None
+    packet = getattr(torch.ops.prims, "prepare_softmax_online", None)
+    return None if packet is None else packet.default

@@ -1,0 +1,62 @@
+"""The post-grad pass that Inductor runs: it chains any pass installed before it, then the rewrites.
+
+Inductor keys its FX graph cache on ``uuid()`` of every custom pass, so the uuid covers the source
+of this package and of moe_ops (a code change invalidates cached graphs), the on/off switch and the
+chained pass.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from pathlib import Path
+
+import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+from lowering import config
+from lowering.route_rewrite import rewrite_routing_prologues
+from moe_ops._compat import custom_passes_in
+
+# Each rewrite takes the post-grad graph and returns how many subgraphs it replaced.
+REWRITES = (rewrite_routing_prologues,)
+
+
+@functools.cache
+def _source_hash() -> str:
+    """Hash of the rewrites and of the ops they emit (whose schemas and fake kernels they rely on)."""
+    import moe_ops
+
+    hasher = hashlib.sha256()
+    for folder in (Path(__file__).parent, Path(moe_ops.__file__).parent):
+        for path in sorted(folder.glob("*.py")):
+            hasher.update(f"{folder.name}/{path.name}".encode())
+            hasher.update(path.read_bytes())
+    return hasher.hexdigest()
+
+
+class MoeOpsPostGradPass(CustomGraphPass):
+    """``post_grad_custom_post_pass`` of moe_ops: ``previous`` (what the hook held before), then the
+    moe_ops rewrites when ``moe_ops.config.rewrites`` is on."""
+
+    def __init__(self, previous=None):
+        self.previous = previous
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        for chained in custom_passes_in(self.previous):
+            chained(graph)
+        if not config.rewrites:
+            return
+        rewritten = sum(rewrite(graph) for rewrite in REWRITES)
+        if rewritten:
+            graph.eliminate_dead_code()
+
+    def uuid(self) -> str | None:
+        chained_uuids = []
+        for chained in custom_passes_in(self.previous):
+            chained_uuid = chained.uuid() if isinstance(chained, CustomGraphPass) else None
+            if chained_uuid is None:
+                # As for a bare function in the hook: Inductor cannot key the cache, so it bypasses it.
+                return None
+            chained_uuids.append(repr(chained_uuid))
+        return f"moe_ops:{_source_hash()}:rewrites={config.rewrites}:chained=[{','.join(chained_uuids)}]"

@@ -1,0 +1,478 @@
+"""The routing-prologue rewrite: router code as models write it, compiled with Inductor on the CPU,
+gives eager's results, and its post-grad graph holds one ``moe_ops.route`` in place of the prologue.
+
+Each router below restates one model family's router (patterns.md, "Routing") as a function of the
+router logits (GPT-OSS: of the hidden states, to include its biased linear; DeepSeek-V3: of the
+logits and the selection bias).
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+
+import pytest
+import torch
+import torch._inductor.config as inductor_config
+import torch.nn.functional as F
+from expecttest import assert_expected_inline
+from torch._dynamo.utils import counters
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+import moe_ops
+from lowering.passes import MoeOpsPostGradPass
+from lowering.route_rewrite import rewrite_routing_prologues
+
+T, H, E, K = 6, 16, 8, 2
+
+
+# ---- Routers as the models write them --------------------------------------------------------------
+
+
+def mixtral_router(router_logits):  # R1: softmax in fp32, topk, renormalise in place
+    routing_weights = F.softmax(router_logits, dim=1, dtype=torch.float)
+    routing_weights, selected_experts = torch.topk(routing_weights, K, dim=-1)
+    routing_weights /= routing_weights.sum(dim=-1, keepdim=True)
+    return routing_weights, selected_experts
+
+
+def qwen2_moe_router(router_logits):  # R1': no renormalisation (norm_topk_prob=False)
+    routing_weights = F.softmax(router_logits, dim=1, dtype=torch.float)
+    return torch.topk(routing_weights, K, dim=-1)
+
+
+def qwen3_moe_router(router_logits):  # R1 with the cast back to the logits' dtype
+    routing_weights = F.softmax(router_logits, dim=1, dtype=torch.float)
+    routing_weights, selected_experts = torch.topk(routing_weights, K, dim=-1)
+    routing_weights /= routing_weights.sum(dim=-1, keepdim=True)
+    return routing_weights.to(router_logits.dtype), selected_experts
+
+
+def gpt_oss_router(hidden_states, weight, bias):  # R2: topk on biased logits, softmax over the K values
+    router_logits = F.linear(hidden_states, weight, bias)
+    router_top_value, router_indices = torch.topk(router_logits, K, dim=-1)
+    router_top_value = F.softmax(router_top_value, dim=1, dtype=router_top_value.dtype)
+    return router_top_value, router_indices
+
+
+def scaled_sigmoid_router(router_logits):  # R1 with sigmoid scores, eps in the renorm and a scale
+    scores = router_logits.float().sigmoid()
+    weights, ids = torch.topk(scores, K, dim=-1, sorted=False)
+    weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * 2.5, ids
+
+
+# ---- Harness ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _fresh_compile_state():
+    """Each case compiles from scratch (no dynamo or FX-graph cache hit skips the pass) and leaves
+    the global settings as it found them."""
+    saved_rewrites = moe_ops.config.rewrites
+    torch._dynamo.reset()
+    counters.clear()
+    with inductor_config.patch(fx_graph_cache=False):
+        yield
+    torch._dynamo.reset()
+    moe_ops.config.rewrites = saved_rewrites
+
+
+class _RecordAfter(CustomGraphPass):
+    """Runs ``inner``, then keeps the post-grad graph it left."""
+
+    def __init__(self, inner):
+        self.inner, self.graphs = inner, []
+
+    def __call__(self, graph):
+        self.inner(graph)
+        self.graphs.append(graph_summary(graph))
+
+    def uuid(self):
+        return None
+
+
+def graph_summary(graph: torch.fx.Graph) -> str:
+    """The call_function targets in order, each with its non-tensor arguments: stable across torch
+    versions, unlike node names."""
+    lines = []
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = "getitem" if node.target is operator.getitem else str(node.target)
+        args = [repr(a) for a in node.args if not isinstance(a, torch.fx.Node)]
+        lines.append(f"{name}({', '.join(args)})")
+    return "\n".join(lines)
+
+
+def compile_and_record(fn, *args):
+    """(compiled result, the post-grad graph after the moe_ops pass)."""
+    recorder = _RecordAfter(inductor_config.post_grad_custom_post_pass)
+    with inductor_config.patch(post_grad_custom_post_pass=recorder):
+        result = torch.compile(fn, backend="inductor", fullgraph=True)(*args)
+    (graph,) = recorder.graphs
+    return result, graph
+
+
+def assert_same_routing(actual, expected):
+    (w, ids), (w_ref, ids_ref) = actual, expected
+    assert w.dtype == w_ref.dtype and ids.dtype == ids_ref.dtype == torch.int64
+    torch.testing.assert_close(ids, ids_ref, rtol=0, atol=0)
+    torch.testing.assert_close(w, w_ref)
+
+
+def by_expert(weights, ids):
+    order = ids.argsort(dim=-1)
+    return weights.gather(1, order), ids.gather(1, order)
+
+
+def rewrites() -> int:
+    return counters["moe_ops"]["route_rewrite"]
+
+
+def logits(dtype):
+    return torch.randn(T, E, dtype=dtype)
+
+
+# ---- The rewrite fires, and compiled == eager ------------------------------------------------------
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_mixtral(dtype):
+    x = logits(dtype)
+    result, graph = compile_and_record(mixtral_router, x)
+    assert_same_routing(result, mixtral_router(x))
+    assert rewrites() == 1
+    if dtype == torch.bfloat16:
+        assert_expected_inline(graph, """\
+moe_ops.route.default(2, 'softmax', False, True, 0.0, None, 1, 1, 1.0)
+getitem(0)
+getitem(1)
+prims.convert_element_type.default(torch.int64)""")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_qwen2_moe_no_renorm(dtype):
+    x = logits(dtype)
+    result, graph = compile_and_record(qwen2_moe_router, x)
+    assert_same_routing(result, qwen2_moe_router(x))
+    assert rewrites() == 1
+    if dtype == torch.float32:
+        assert_expected_inline(graph, """\
+moe_ops.route.default(2, 'softmax', False, False, 0.0, None, 1, 1, 1.0)
+getitem(0)
+getitem(1)
+prims.convert_element_type.default(torch.int64)""")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_qwen3_moe_cast_back(dtype):
+    x = logits(dtype)
+    result, graph = compile_and_record(qwen3_moe_router, x)
+    assert_same_routing(result, qwen3_moe_router(x))
+    assert rewrites() == 1
+    if dtype == torch.bfloat16:
+        assert_expected_inline(graph, """\
+moe_ops.route.default(2, 'softmax', False, True, 0.0, None, 1, 1, 1.0)
+getitem(0)
+getitem(1)
+prims.convert_element_type.default(torch.int64)
+prims.convert_element_type.default(torch.bfloat16)""")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpt_oss_topk_then_softmax(dtype):
+    args = (torch.randn(T, H, dtype=dtype), torch.randn(E, H, dtype=dtype), torch.randn(E, dtype=dtype))
+    result, graph = compile_and_record(gpt_oss_router, *args)
+    assert_same_routing(result, gpt_oss_router(*args))
+    assert rewrites() == 1
+    if dtype == torch.bfloat16:
+        assert_expected_inline(graph, """\
+aten.permute.default([1, 0])
+aten.addmm.default()
+moe_ops.route.default(2, 'softmax', True, False, 0.0, None, 1, 1, 1.0)
+getitem(0)
+getitem(1)
+prims.convert_element_type.default(torch.int64)
+prims.convert_element_type.default(torch.bfloat16)""")
+
+
+def test_sigmoid_eps_scale_unsorted():
+    x = logits(torch.bfloat16)
+    result, graph = compile_and_record(scaled_sigmoid_router, x)
+    # sorted=False: any order of the K choices is right, so compare them in one order.
+    assert_same_routing(by_expert(*result), by_expert(*scaled_sigmoid_router(x)))
+    assert rewrites() == 1
+    assert_expected_inline(graph, """\
+moe_ops.route.default(2, 'sigmoid', False, True, 1e-20, None, 1, 1, 2.5)
+getitem(0)
+getitem(1)
+prims.convert_element_type.default(torch.int64)""")
+
+
+# ---- Near misses: not rewritten (or only partly), and still correct --------------------------------
+
+
+def softmax_over_tokens(router_logits):
+    return torch.topk(F.softmax(router_logits, dim=0, dtype=torch.float), K, dim=-1)
+
+
+def smallest_k(router_logits):
+    return torch.topk(F.softmax(router_logits, dim=1, dtype=torch.float), K, dim=-1, largest=False)
+
+
+def bf16_softmax(router_logits):  # topk on bf16-rounded scores: ties and order differ from fp32
+    return torch.topk(F.softmax(router_logits, dim=1), K, dim=-1)
+
+
+def topk_values_also_returned(hidden_states, weight, bias):  # R2 whose raw top-k logits are used too
+    router_top_value, router_indices = torch.topk(F.linear(hidden_states, weight, bias), K, dim=-1)
+    return F.softmax(router_top_value, dim=1, dtype=torch.float), router_indices, router_top_value
+
+
+@pytest.mark.parametrize("router", [softmax_over_tokens, smallest_k, bf16_softmax])
+def test_not_rewritten(router, caplog):
+    x = logits(torch.bfloat16)
+    with caplog.at_level(logging.DEBUG, logger="moe_ops"):
+        result, graph = compile_and_record(router, x)
+    torch.testing.assert_close(result, router(x))
+    assert rewrites() == 0
+    assert "moe_ops.route" not in graph and "aten.topk.default" in graph
+    assert "not rewritten" in caplog.text
+
+
+def test_r2_topk_values_used_elsewhere_not_rewritten():
+    args = (torch.randn(T, H), torch.randn(E, H), torch.randn(E))
+    result, graph = compile_and_record(topk_values_also_returned, *args)
+    torch.testing.assert_close(result, topk_values_also_returned(*args))
+    assert rewrites() == 0 and "moe_ops.route" not in graph
+
+
+def renorm_over_tokens(router_logits):
+    weights, ids = torch.topk(F.softmax(router_logits, dim=1, dtype=torch.float), K, dim=-1)
+    return weights / weights.sum(dim=0, keepdim=True), ids
+
+
+def renorm_by_total(router_logits):
+    weights, ids = torch.topk(F.softmax(router_logits, dim=1, dtype=torch.float), K, dim=-1)
+    return weights / weights.sum(), ids
+
+
+def weighted_by_tensor(router_logits, gate):
+    weights, ids = torch.topk(F.softmax(router_logits, dim=1, dtype=torch.float), K, dim=-1)
+    return weights * gate, ids
+
+
+@pytest.mark.parametrize("router", [renorm_over_tokens, renorm_by_total])
+def test_other_denominator_stays_in_graph(router):
+    """Only a renormalisation over the last dim is folded: another one stays in the graph and reads
+    the op's (unrenormalised) weights."""
+    x = logits(torch.bfloat16)
+    result, graph = compile_and_record(router, x)
+    assert_same_routing(result, router(x))
+    assert rewrites() == 1
+    assert "moe_ops.route.default(2, 'softmax', False, False, 0.0" in graph
+    assert "aten.sum" in graph and "aten.div.Tensor" in graph
+
+
+def test_multiplied_by_tensor_is_not_a_scale():
+    x, gate = logits(torch.float32), torch.rand(T, 1)
+    result, graph = compile_and_record(weighted_by_tensor, x, gate)
+    assert_same_routing(result, weighted_by_tensor(x, gate))
+    assert_expected_inline(graph, """\
+moe_ops.route.default(2, 'softmax', False, False, 0.0, None, 1, 1, 1.0)
+getitem(0)
+getitem(1)
+prims.convert_element_type.default(torch.int64)
+aten.mul.Tensor()""")
+
+
+def scores_also_used(router_logits):  # e.g. a load-balancing loss on the full probabilities
+    probs = F.softmax(router_logits, dim=1, dtype=torch.float)
+    weights, ids = torch.topk(probs, K, dim=-1)
+    return weights / weights.sum(dim=-1, keepdim=True), ids, probs.mean(0)
+
+
+def test_scores_used_elsewhere_are_kept():
+    """The rewrite happens; the other users of the softmax keep reading Inductor's softmax."""
+    x = logits(torch.bfloat16)
+    result, graph = compile_and_record(scores_also_used, x)
+    expected = scores_also_used(x)
+    assert_same_routing(result[:2], expected[:2])
+    torch.testing.assert_close(result[2], expected[2])
+    assert rewrites() == 1
+    assert "aten.topk.default" not in graph and "aten.exp.default" in graph
+
+
+def test_renormalised_weights_read_before_renorm_too():
+    """The raw top-k weights are also returned: the renormalisation is not folded, both read the op."""
+
+    def router(router_logits):
+        weights, ids = torch.topk(F.softmax(router_logits, dim=1, dtype=torch.float), K, dim=-1)
+        return weights / weights.sum(dim=-1, keepdim=True), ids, weights
+
+    x = logits(torch.float32)
+    result, graph = compile_and_record(router, x)
+    torch.testing.assert_close(result, router(x))
+    assert rewrites() == 1 and "aten.topk.default" not in graph
+    assert "moe_ops.route.default(2, 'softmax', False, False" in graph
+
+
+# ---- The online-softmax form (what Inductor leaves on CUDA) ---------------------------------------
+
+
+def online_softmax(x):
+    from torch._inductor.inductor_prims import prepare_softmax_online
+
+    row_max, row_sum = prepare_softmax_online(x, 1)
+    return (x - row_max).exp() / row_sum
+
+
+def mixtral_router_online(router_logits):
+    weights, ids = torch.topk(online_softmax(router_logits.float()), K, dim=-1)
+    return weights / weights.sum(dim=-1, keepdim=True), ids
+
+
+def gpt_oss_router_online(router_logits):
+    router_top_value, router_indices = torch.topk(router_logits, K, dim=-1)
+    return online_softmax(router_top_value.float()), router_indices
+
+
+@pytest.mark.parametrize(
+    "router, expected_call",
+    [
+        (mixtral_router_online, "moe_ops.route.default(2, 'softmax', False, True"),
+        (gpt_oss_router_online, "moe_ops.route.default(2, 'softmax', True, False"),
+    ],
+)
+def test_online_softmax_form(router, expected_call):
+    from torch._inductor.decomposition import select_decomp_table
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x = logits(torch.bfloat16)
+    # Inductor's decompositions give the post-grad ops (casts as prims.convert_element_type).
+    gm = make_fx(router, decomposition_table=select_decomp_table(), tracing_mode="fake")(x)
+    assert rewrite_routing_prologues(gm.graph) == 1
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    assert expected_call in graph_summary(gm.graph) and "aten.topk" not in graph_summary(gm.graph)
+    assert_same_routing(gm(x), router(x))
+
+
+# ---- Switches, chaining, cache key -----------------------------------------------------------------
+
+
+def test_disable_and_rewrites_disabled():
+    x = logits(torch.float32)
+    with moe_ops.rewrites_disabled():
+        _, graph = compile_and_record(mixtral_router, x)
+    assert rewrites() == 0 and "aten.topk.default" in graph
+    assert moe_ops.config.rewrites
+
+    moe_ops.disable()
+    torch._dynamo.reset()
+    compile_and_record(mixtral_router, x)
+    assert rewrites() == 0
+    moe_ops.enable()
+    torch._dynamo.reset()
+    compile_and_record(mixtral_router, x)
+    assert rewrites() == 1
+
+
+def test_uuid_tracks_the_switch():
+    moe_pass = MoeOpsPostGradPass()
+    on = moe_pass.uuid()
+    with moe_ops.rewrites_disabled():
+        off = moe_pass.uuid()
+    assert on and off and on != off
+
+
+class _CountingPass(CustomGraphPass):
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, graph):
+        self.calls += 1
+
+    def uuid(self):
+        return "counting-pass"
+
+
+def test_enable_is_idempotent_and_chains_a_user_pass():
+    user_pass = _CountingPass()
+    with inductor_config.patch(post_grad_custom_post_pass=user_pass):
+        moe_ops.enable()
+        moe_ops.enable()
+        installed = inductor_config.post_grad_custom_post_pass
+        assert isinstance(installed, MoeOpsPostGradPass) and installed.previous is user_pass
+        assert "counting-pass" in installed.uuid()
+        x = logits(torch.float32)
+        result = torch.compile(mixtral_router, backend="inductor")(x)
+    assert_same_routing(result, mixtral_router(x))
+    assert user_pass.calls == 1 and rewrites() == 1
+    assert isinstance(inductor_config.post_grad_custom_post_pass, MoeOpsPostGradPass)
+
+
+# ---- Dynamic token count ---------------------------------------------------------------------------
+
+
+def test_one_graph_serves_every_token_count():
+    compiled = torch.compile(qwen3_moe_router, backend="inductor")
+    warm_up = logits(torch.bfloat16)
+    torch._dynamo.mark_dynamic(warm_up, 0)
+    assert_same_routing(compiled(warm_up), qwen3_moe_router(warm_up))
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for num_tokens in (3, 17, 40):
+            x = torch.randn(num_tokens, E, dtype=torch.bfloat16)
+            assert_same_routing(compiled(x), qwen3_moe_router(x))
+    assert rewrites() == 1
+
+
+# ---- DeepSeek-V3: group-limited selection -----------------------------------------------------------
+
+N_GROUP, TOPK_GROUP, GROUPED_E, GROUPED_K = 4, 2, 16, 4
+
+
+def deepseek_v3_router(router_logits, e_score_correction_bias, masked_value=float("-inf")):
+    """DeepseekV3TopkRouter.get_topk_indices + the weights of DeepseekV3MoE.route_tokens_to_experts."""
+    scores = router_logits.sigmoid()
+    scores_for_choice = scores.view(-1, GROUPED_E) + e_score_correction_bias.unsqueeze(0)
+    group_scores = (
+        scores_for_choice.view(-1, N_GROUP, GROUPED_E // N_GROUP).topk(2, dim=-1)[0].sum(dim=-1)
+    )
+    group_idx = torch.topk(group_scores, k=TOPK_GROUP, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores)
+    group_mask.scatter_(1, group_idx, 1)
+    score_mask = (
+        group_mask.unsqueeze(-1).expand(-1, N_GROUP, GROUPED_E // N_GROUP).reshape(-1, GROUPED_E)
+    )
+    scores_for_choice = scores_for_choice.masked_fill(~score_mask.bool(), masked_value)
+    topk_indices = torch.topk(scores_for_choice, k=GROUPED_K, dim=-1, sorted=False)[1]
+    topk_weights = scores.gather(1, topk_indices)
+    topk_weights /= topk_weights.sum(dim=-1, keepdim=True) + 1e-20
+    return topk_weights * 2.5, topk_indices
+
+
+def test_deepseek_v3_group_limited():
+    args = (torch.randn(T, GROUPED_E), 0.1 * torch.randn(GROUPED_E))
+    result, graph = compile_and_record(deepseek_v3_router, *args)
+    assert_same_routing(by_expert(*result), by_expert(*deepseek_v3_router(*args)))
+    assert rewrites() == 1
+    assert_expected_inline(graph, """\
+moe_ops.route.default(4, 'sigmoid', False, True, 1e-20, 4, 2, 2.5)
+getitem(0)
+getitem(1)
+prims.convert_element_type.default(torch.int64)""")
+
+
+def test_deepseek_v3_masked_with_zero_not_rewritten(caplog):
+    """HF fills the masked experts with 0.0, not -inf: not the op's computation when a kept expert's
+    biased score is negative."""
+    args = (torch.randn(T, GROUPED_E), torch.randn(GROUPED_E), 0.0)
+    with caplog.at_level(logging.DEBUG, logger="moe_ops"):
+        result, graph = compile_and_record(deepseek_v3_router, *args)
+    assert_same_routing(by_expert(*result), by_expert(*deepseek_v3_router(*args)))
+    assert rewrites() == 0 and "moe_ops.route" not in graph
+    assert "masked with 0.0, not -inf" in caplog.text
