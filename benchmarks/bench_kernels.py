@@ -34,6 +34,45 @@ def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median")
 
 
+def time_cell(name: str, T: int, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> str:
+    """One table row: every kernel of the fused op at T tokens, on the given expert weights."""
+    E, K, H, F = SHAPES[name]
+    x = torch.randn(T, H, dtype=torch.bfloat16, device="cuda")
+    logits = torch.randn(T, E, device="cuda")
+    weights, ids = moe_ops.route(logits, K, renormalize=True)
+    block_m = choose_block_m(T * K, E)
+    schedule = block_schedule_triton(ids, E, block_m)
+
+    def gate_up():
+        return expert_gemm_triton(x, w_gate_up[:, :F], w_gate_up[:, F:], None, None, None, *schedule[:3],
+                                  T * K, block_m, K, False, "silu", 0.0, 0.0)
+
+    h = gate_up()
+
+    def down():
+        return expert_gemm_triton(h, w_down, None, None, None, weights.reshape(-1), *schedule[:3],
+                                  T * K, block_m, 0, True, "none", 0.0, 0.0)
+
+    y = down()
+    t = {
+        "route": bench(lambda: moe_ops.route(logits, K, renormalize=True)),
+        "schedule": bench(lambda: block_schedule_triton(ids, E, block_m)),
+        "gate_up": bench(gate_up),
+        "down": bench(down),
+        "sum": bench(lambda: y.view(T, K, H).sum(1)),
+        "fused": bench(lambda: moe_ops.fused_experts(x, weights, ids, w_gate_up, w_down)),
+    }
+    touched = int((schedule.expert_counts > 0).sum())
+    gate_up_bytes = touched * 2 * F * H * 2
+    down_bytes = touched * F * H * 2
+    flops = 2 * T * K * 3 * H * F
+    return (
+        f"| {name} | {T} | {block_m} | {t['route']:.4f} | {t['schedule']:.4f} | {t['gate_up']:.4f} | "
+        f"{t['down']:.4f} | {t['sum']:.4f} | {t['fused']:.4f} | {gate_up_bytes / t['gate_up'] / 1e6:.0f} | "
+        f"{down_bytes / t['down'] / 1e6:.0f} | {flops / t['fused'] / 1e9:.0f} |"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results")
@@ -49,38 +88,9 @@ def main() -> None:
         w_gate_up = torch.randn(E, 2 * F, H, dtype=torch.bfloat16, device="cuda") * 0.02
         w_down = torch.randn(E, H, F, dtype=torch.bfloat16, device="cuda") * 0.02
         for T in map(int, args.tokens.split(",")):
-            x = torch.randn(T, H, dtype=torch.bfloat16, device="cuda")
-            logits = torch.randn(T, E, device="cuda")
-            weights, ids = moe_ops.route(logits, K, renormalize=True)
-            block_m = choose_block_m(T * K, E)
-            schedule = block_schedule_triton(ids, E, block_m)
-            h = expert_gemm_triton(x, w_gate_up[:, :F], w_gate_up[:, F:], None, None, None, *schedule[:3],
-                                   T * K, block_m, K, False, "silu", 0.0, 0.0)
-            y = expert_gemm_triton(h, w_down, None, None, None, weights.reshape(-1), *schedule[:3],
-                                   T * K, block_m, 0, True, "none", 0.0, 0.0)
-            touched = int((schedule.expert_counts > 0).sum())
-            t = {
-                "route": bench(lambda: moe_ops.route(logits, K, renormalize=True)),
-                "schedule": bench(lambda: block_schedule_triton(ids, E, block_m)),
-                "gate_up": bench(lambda: expert_gemm_triton(
-                    x, w_gate_up[:, :F], w_gate_up[:, F:], None, None, None, *schedule[:3],
-                    T * K, block_m, K, False, "silu", 0.0, 0.0)),
-                "down": bench(lambda: expert_gemm_triton(
-                    h, w_down, None, None, None, weights.reshape(-1), *schedule[:3],
-                    T * K, block_m, 0, True, "none", 0.0, 0.0)),
-                "sum": bench(lambda: y.view(T, K, H).sum(1)),
-                "fused": bench(lambda: moe_ops.fused_experts(x, weights, ids, w_gate_up, w_down)),
-            }
-            gate_up_bytes = touched * 2 * F * H * 2
-            down_bytes = touched * F * H * 2
-            flops = 2 * T * K * 3 * H * F
-            lines.append(
-                f"| {name} | {T} | {block_m} | {t['route']:.4f} | {t['schedule']:.4f} | {t['gate_up']:.4f} | "
-                f"{t['down']:.4f} | {t['sum']:.4f} | {t['fused']:.4f} | {gate_up_bytes / t['gate_up'] / 1e6:.0f} | "
-                f"{down_bytes / t['down'] / 1e6:.0f} | {flops / t['fused'] / 1e9:.0f} |"
-            )
+            lines.append(time_cell(name, T, w_gate_up, w_down))
             print(lines[-1], flush=True)
-        del w_gate_up, w_down
+        del w_gate_up, w_down  # DeepSeek-V3's experts alone are 22.5 GB
         torch.cuda.empty_cache()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

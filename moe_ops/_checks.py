@@ -32,7 +32,7 @@ def check_tensor(
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if shape is not None:
         ok = t.dim() == len(shape) and all(
-            isinstance(want, str) or got == want for got, want in zip(t.shape, shape)
+            isinstance(want, str) or got == want for got, want in zip(t.shape, shape, strict=True)
         )
         if not ok:
             raise ValueError(f"{name}: expected shape {_fmt_shape(shape)}, got {_fmt_shape(t.shape)}")

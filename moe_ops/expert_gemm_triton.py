@@ -218,7 +218,8 @@ def expert_gemm_triton(
         out.stride(0), out.stride(1),
         float(alpha), float(limit),
         GATHER=gather_top_k > 0, SCATTER=bool(scatter), GATED=gated, HAS_BIAS=bias is not None,
-        HAS_BIAS_UP=bias_up is not None, HAS_SLOT_WEIGHT=slot_weights is not None, ACTIVATION=ACTIVATION_CODE[activation],
+        HAS_BIAS_UP=bias_up is not None, HAS_SLOT_WEIGHT=slot_weights is not None,
+        ACTIVATION=ACTIVATION_CODE[activation],
         # fp32 inputs stay exact unless the user allowed tf32, as torch.matmul does.
         INPUT_PRECISION="tf32" if a.dtype != torch.float32 or fp32_matmul_allows_tf32() else "ieee",
         BLOCK_M=block_m, **config,

@@ -298,29 +298,3 @@ def block_schedule_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int
         num_warps=4,
     )
     return BlockSchedule(sorted_slots, block_expert, num_padded, expert_counts, expert_offsets)
-
-
-def _benchmark() -> None:  # pragma: no cover - by hand on a GPU: python -m moe_ops.schedule_triton
-    from triton.testing import do_bench
-
-    from moe_ops.schedule import block_schedule_ref
-
-    for tokens, k, e, block_m in [(1, 8, 256, 16), (64, 8, 256, 16), (4096, 8, 256, 64),
-                                  (65536, 8, 256, 16), (65536, 8, 256, 128), (65536, 8, 8, 64),
-                                  (65536, 4, 512, 64)]:
-        probs = 1.0 / torch.arange(1, e + 1, device="cuda").double() ** 1.1  # Zipf-skewed routing
-        ids = torch.multinomial(probs, tokens * k, replacement=True).reshape(tokens, k).int()
-        got = block_schedule_triton(ids, e, block_m)
-        exact = all(torch.equal(a, b) for a, b in zip(got, block_schedule_ref(ids, e, block_m)))
-        eager = do_bench(lambda: block_schedule_triton(ids, e, block_m), return_mode="median")
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(10):
-                block_schedule_triton(ids, e, block_m)
-        replay = do_bench(graph.replay, return_mode="median") / 10
-        print(f"T={tokens} K={k} E={e} block_m={block_m}: exact={exact} "
-              f"eager {eager * 1e3:.1f} us, in a CUDA graph {replay * 1e3:.1f} us")
-
-
-if __name__ == "__main__":
-    _benchmark()

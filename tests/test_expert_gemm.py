@@ -6,8 +6,7 @@ import pytest
 import torch
 from conftest import TRITON_DEVICE, assert_close_rel
 
-from moe_ops.expert_gemm import expert_gemm
-from moe_ops.expert_gemm import expert_gemm_ref
+from moe_ops.expert_gemm import expert_gemm, expert_gemm_ref
 from moe_ops.schedule import block_schedule_ref
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]

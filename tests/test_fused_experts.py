@@ -121,8 +121,10 @@ def test_layouts_agree(impl):
     layer = _layer(10, 2, 4, 32, 24, torch.float32, TRITON_DEVICE)
     run = fused_experts_triton if impl == "triton" else functools.partial(fused_experts_ref, return_num_dropped=True)
     base = {k: layer[k] for k in ("x", "topk_weights", "topk_ids")}
-    outs = {name: run(*_args(dict(base, **opts), **{k: v for k, v in opts.items() if k not in ("w_gate_up", "w_down")}))[0]
-            for name, opts in _layouts(layer).items()}
+    outs = {}
+    for name, opts in _layouts(layer).items():
+        options = {k: v for k, v in opts.items() if k not in ("w_gate_up", "w_down")}
+        outs[name] = run(*_args(dict(base, **opts), **options))[0]
     first = outs.pop("EFH fused (HF)")
     for name, out in outs.items():
         assert_close_rel(out, first, torch.float32, name)
@@ -203,7 +205,7 @@ def test_gradcheck_float64():
     leaves = tuple(layer[n].double().detach().requires_grad_(True) for n in names)
 
     def f(*tensors):
-        return fused_experts(**dict(layer, **dict(zip(names, tensors))))
+        return fused_experts(**dict(layer, **dict(zip(names, tensors, strict=True))))
 
     assert torch.autograd.gradcheck(f, leaves)
 

@@ -77,7 +77,7 @@ def _check_invariants(ids: torch.Tensor, num_experts: int, block_m: int, sched: 
     sched = BlockSchedule(*(t.cpu() for t in sched))
     num_slots = ids.numel()
     s_max, b_max = schedule_sizes(num_slots, num_experts, block_m)
-    for t, n in zip(sched, (s_max, b_max, 1, num_experts, num_experts + 1)):
+    for t, n in zip(sched, (s_max, b_max, 1, num_experts, num_experts + 1), strict=True):
         assert t.dtype == torch.int32 and t.shape == (n,)
 
     flat = ids.reshape(-1).long()
@@ -118,7 +118,7 @@ def _check_invariants(ids: torch.Tensor, num_experts: int, block_m: int, sched: 
 
 
 def _assert_same(got: BlockSchedule, want: BlockSchedule) -> None:
-    for name, g, w in zip(BlockSchedule._fields, got, want):
+    for name, g, w in zip(BlockSchedule._fields, got, want, strict=True):
         assert g.dtype == w.dtype, name
         assert torch.equal(g.cpu(), w.cpu()), f"{name} differs"
 
