@@ -4,6 +4,7 @@ or that reaches into torch internals, lives here."""
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -45,6 +46,7 @@ def custom_passes_in(hook_value) -> tuple:
     return (hook_value,)
 
 
+@functools.cache
 def online_softmax_target():
     """``prims.prepare_softmax_online``, or None where this torch lacks it.
 

@@ -36,6 +36,14 @@ def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.
     assert err <= TOLERANCE[dtype], f"{what}: relative error {err:.3e} > {TOLERANCE[dtype]:.1e} ({dtype})"
 
 
+def zipf_ids(tokens: int, k: int, num_experts: int, device="cpu", alpha: float = 1.2) -> torch.Tensor:
+    """Skewed routing: expert e drawn with probability ~ 1/(e+1)^alpha, k distinct experts a token (int32)."""
+    if tokens == 0:
+        return torch.empty((0, k), dtype=torch.int32, device=device)
+    probs = 1.0 / torch.arange(1, num_experts + 1, dtype=torch.float64) ** alpha
+    return torch.multinomial(probs.expand(tokens, -1), k, replacement=False).to(device=device, dtype=torch.int32)
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return

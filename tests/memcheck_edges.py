@@ -9,6 +9,7 @@ the result against the reference, so a clean run means in-bounds and correct.
 from __future__ import annotations
 
 import torch
+from conftest import zipf_ids  # tests/ is this script's folder, hence on its path
 
 import moe_ops
 from moe_ops.fused_experts import fused_experts_ref
@@ -29,7 +30,7 @@ EDGES = [
 
 def routed_ids(T, K, E, routing):
     if routing == "zipf":
-        return torch.multinomial((1.0 / torch.arange(1, E + 1) ** 1.2).expand(T, E), K).cuda()
+        return zipf_ids(T, K, E, device="cuda")
     ids = torch.rand(T, E, device="cuda").argsort(-1)[:, :K]
     if routing == "skip-expert-3":
         ids[ids == 3] = 4

@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TRITON_DEVICE, assert_close_rel
+from conftest import TRITON_DEVICE, assert_close_rel, zipf_ids
 
 from moe_ops.expert_gemm import expert_gemm, expert_gemm_ref
 from moe_ops.schedule import block_schedule_ref
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
-
-def _zipf_ids(T, K, E, s=1.2, generator=None):
-    """Skewed routing: expert e drawn with probability ~ 1/(e+1)^s, K distinct per token."""
-    p = 1.0 / torch.arange(1, E + 1, dtype=torch.float64) ** s
-    return torch.multinomial(p.expand(T, E), K, replacement=False, generator=generator)
 
 
 def _problem(T, K, E, N, D, dtype, device, *, gated, bias, slot_weights, ids=None, block_m=16, layout="NK"):
@@ -118,7 +113,7 @@ def test_all_tokens_on_one_expert_with_zipf_and_empty():
                     slot_weights=False, ids=ids_all_one)
     got, want = _run_both(args, gather_top_k=K, activation="silu")
     assert_close_rel(got, want, torch.float32, "one expert")
-    ids_zipf = _zipf_ids(T, 2, E)
+    ids_zipf = zipf_ids(T, 2, E)
     args = _problem(T, 2, E, 16, 32, torch.float32, TRITON_DEVICE, gated=True, bias=False,
                     slot_weights=True, ids=ids_zipf)
     got, want = _run_both(args, gather_top_k=2, activation="silu", scatter=True)

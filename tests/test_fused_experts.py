@@ -7,7 +7,7 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TRITON_DEVICE, assert_close_rel
+from conftest import TRITON_DEVICE, assert_close_rel, zipf_ids
 
 from moe_ops.fused_experts import choose_block_m, fused_experts, fused_experts_ref, fused_experts_triton
 
@@ -85,7 +85,7 @@ def test_routing_edges():
     ids[ids == 1] = 0  # an expert with no tokens (and duplicate choices of expert 0 in a row are fine)
     ids[3, 1] = E  # expert-parallel sentinel: contributes zero
     for case, routed in {"edges": ids, "one expert": torch.full((T, 1), 4),
-                         "zipf": torch.multinomial((1.0 / torch.arange(1, E + 1) ** 1.2).expand(T, E), K)}.items():
+                         "zipf": zipf_ids(T, K, E)}.items():
         layer = _layer(T, routed.shape[1], E, 32, 32, torch.float32, TRITON_DEVICE, ids=routed)
         got, _ = fused_experts_triton(*_args(layer))
         want, _ = fused_experts_ref(*_args(layer), return_num_dropped=True)

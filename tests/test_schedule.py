@@ -8,19 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HAS_CUDA, TRITON_DEVICE
+from conftest import HAS_CUDA, TRITON_DEVICE, zipf_ids
 
 import moe_ops.schedule_triton as schedule_triton
 from moe_ops.schedule import BlockSchedule, block_schedule, block_schedule_ref, schedule_sizes
 from moe_ops.schedule_triton import block_schedule_triton
-
-
-def _zipf_ids(tokens: int, k: int, num_experts: int, device="cpu", alpha: float = 1.2) -> torch.Tensor:
-    """Skewed routing: expert e drawn with probability ~ 1/(e+1)^alpha, k distinct experts a token."""
-    probs = 1.0 / torch.arange(1, num_experts + 1, dtype=torch.float64) ** alpha
-    ids = torch.multinomial(probs.expand(tokens, -1), k, replacement=False) if tokens else None
-    ids = ids if ids is not None else torch.empty((0, k), dtype=torch.int64)
-    return ids.to(device=device, dtype=torch.int32)
 
 
 def _random_ids(tokens: int, k: int, num_experts: int) -> torch.Tensor:
@@ -61,7 +53,7 @@ def _cases() -> list[tuple[str, torch.Tensor, int]]:
         # Ids >= E present (sentinels are skipped), int64 ids.
         ("sentinels_int64", _with_sentinels(_random_ids(60, 4, 16), 16).long(), 16),
         # Zipf-skewed routing: a few hot experts, a long tail of cold ones.
-        ("zipf", _zipf_ids(128, 4, 32), 32),
+        ("zipf", zipf_ids(128, 4, 32), 32),
         # Plain random routing, odd sizes.
         ("random", _random_ids(97, 3, 12), 12),
     ]
@@ -204,7 +196,7 @@ def test_opcheck(device):
 
 
 def test_public_wrapper_cpu():
-    ids = _zipf_ids(40, 2, 8)
+    ids = zipf_ids(40, 2, 8)
     got = block_schedule(ids, 8, 16)
     assert isinstance(got, BlockSchedule)
     _assert_same(got, block_schedule_ref(ids, 8, 16))
@@ -228,7 +220,7 @@ def test_fake_shapes():
 @pytest.mark.cuda
 @pytest.mark.parametrize("block_m", [16, 128])
 def test_cuda_large(block_m):
-    ids = _zipf_ids(65536, 8, 256, device="cuda")
+    ids = zipf_ids(65536, 8, 256, device="cuda")
     ids[::7, 3] = 256  # some sentinels
     got = block_schedule(ids, 256, block_m)
     want = block_schedule_ref(ids.cpu(), 256, block_m)
@@ -240,7 +232,7 @@ def test_cuda_large(block_m):
 def test_cuda_graph_capture(tokens):
     """The CUDA path has no host synchronisation: capture it once, replay it on new ids."""
     num_experts, block_m = 64, 16
-    static_ids = _zipf_ids(tokens, 4, num_experts, device="cuda")
+    static_ids = zipf_ids(tokens, 4, num_experts, device="cuda")
     block_schedule(static_ids, num_experts, block_m)  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
