@@ -4,6 +4,7 @@
 #             use several cores, with compute-sanitizer memcheck over tests/memcheck_edges.py beside them
 #   kernels   benchmarks/bench_kernels.py (per-kernel times; run alone, after the tests)
 #   layer     benchmarks/bench_layer.py (the table against transformers; LAYER_ARGS passes filters)
+#   profile   benchmarks/profile_host.py (host vs GPU time of the eager layer, with a cProfile)
 # Logs and result files go to $OUT (the device tool brings them back). STAGE_TIMEOUT caps each stage.
 set -uo pipefail
 OUT=${OUT:-/tmp/moe_ops_out}
@@ -35,6 +36,7 @@ for stage in "$@"; do
       rm -f "$OUT"/pytest_*.log
       echo "--- memcheck"; tail -12 "$OUT/memcheck.log" ;;
     kernels) timeout "$LIMIT" python3 benchmarks/bench_kernels.py --out "$OUT" ${KERNEL_ARGS:-} || status=1 ;;
+    profile) timeout "$LIMIT" python3 benchmarks/profile_host.py --out "$OUT" || status=1 ;;
     layer) timeout "$LIMIT" python3 benchmarks/bench_layer.py --out "$OUT" ${LAYER_ARGS:-} 2>&1 \
              | tee "$OUT/layer.log" | tail -40 || status=1 ;;
     *) echo "unknown stage $stage"; status=1 ;;
