@@ -2,8 +2,10 @@
 
 For each cell: the layer (router linear + moe_ops.route + moe_ops.fused_experts) timed by do_bench,
 the same layer replayed from a CUDA graph (GPU time alone, no host), the host's submission time per
-call (wall clock over back-to-back calls, too few to fill the launch queue), and a cProfile of the
-calls (the functions that cost the most host time). Writes host_profile_<gpu>.md.
+call (wall clock over back-to-back calls, too few to fill the launch queue), the same two through
+torch.ops (the dispatcher path that the public functions skip for plain CUDA tensors without
+autograd), and a cProfile of the public calls (the functions that cost the most host time).
+Writes host_profile_<gpu>.md.
 
     python benchmarks/profile_host.py --out benchmarks/results
 """
@@ -39,7 +41,13 @@ def layer_fn(E, K, H, F_, T, device):
         weights, ids = moe_ops.route(F.linear(x, router), K, renormalize=True)
         return moe_ops.fused_experts(x, weights, ids, w_gate_up, w_down)
 
-    return layer
+    def layer_through_dispatcher():
+        weights, ids = torch.ops.moe_ops.route(F.linear(x, router), K, "softmax", False, True, 0.0, None, 1, 1, 1.0)
+        return torch.ops.moe_ops.fused_experts(
+            x, weights, ids, w_gate_up, w_down, None, None, None, None, "EFH", False, "silu", True, 1.702, 7.0,
+            0.0, "position")
+
+    return layer, layer_through_dispatcher
 
 
 def host_us_per_call(fn) -> float:
@@ -88,13 +96,16 @@ def main() -> None:
     gpu = torch.cuda.get_device_name()
     lines = [f"# Host profile of the eager moe_ops layer: {gpu}, torch {torch.__version__}, "
              f"triton {triton.__version__}", "",
-             "| shape | T | do_bench ms | CUDA-graph replay ms | host us/call |", "|---|---|---|---|---|"]
+             "| shape | T | do_bench ms | CUDA-graph replay ms | host us/call | through torch.ops: do_bench ms "
+             "| host us/call |", "|---|---|---|---|---|---|---|"]
     profiles = []
     for name, E, K, H, F_, T in CELLS:
-        fn = layer_fn(E, K, H, F_, T, device)
+        fn, fn_ops = layer_fn(E, K, H, F_, T, device)
         fn()
-        row = (triton.testing.do_bench(fn, warmup=25, rep=200), graph_ms(fn), host_us_per_call(fn))
-        lines.append(f"| {name} | {T} | {row[0]:.4f} | {row[1]:.4f} | {row[2]:.1f} |")
+        fn_ops()
+        row = (triton.testing.do_bench(fn, warmup=25, rep=200), graph_ms(fn), host_us_per_call(fn),
+               triton.testing.do_bench(fn_ops, warmup=25, rep=200), host_us_per_call(fn_ops))
+        lines.append(f"| {name} | {T} | {row[0]:.4f} | {row[1]:.4f} | {row[2]:.1f} | {row[3]:.4f} | {row[4]:.1f} |")
         print(lines[-1], flush=True)
         profiles += ["", f"## cProfile, {name} T={T}, {CALLS} calls", "```", profile_text(fn, args.top), "```"]
     args.out.mkdir(parents=True, exist_ok=True)

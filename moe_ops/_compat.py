@@ -61,3 +61,14 @@ def online_softmax_target():
         return None
     packet = getattr(torch.ops.prims, "prepare_softmax_online", None)
     return None if packet is None else packet.default
+
+
+def no_tracing_or_modes_active() -> bool:
+    """True when nothing intercepts torch calls here: no torch.compile tracing, no torch function or
+    dispatch mode (FakeTensorMode, profilers' modes, ...), no functorch transform (vmap, grad)."""
+    return (
+        not torch.compiler.is_compiling()
+        and torch._C._len_torch_dispatch_stack() == 0
+        and torch._C._len_torch_function_stack() == 0
+        and torch._C._functorch.peek_interpreter_stack() is None
+    )

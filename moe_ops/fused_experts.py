@@ -17,6 +17,7 @@ import torch
 
 from moe_ops._autograd import register_reference_autograd
 from moe_ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_ids_in_range, check_tensor
+from moe_ops._dispatch import direct_cuda_call_allowed
 from moe_ops.capacity import apply_capacity_ref, capacity_from_factor
 from moe_ops.expert_gemm import ACTIVATIONS, activate_ref
 
@@ -289,8 +290,12 @@ def fused_experts(
     Returns:
         (T, H) in x's dtype [, num_dropped]
     """
-    out, num_dropped = torch.ops.moe_ops.fused_experts(
+    args = (
         x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
         layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy,
     )
+    if direct_cuda_call_allowed(x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down):
+        out, num_dropped = fused_experts_triton(*args)
+    else:
+        out, num_dropped = torch.ops.moe_ops.fused_experts(*args)
     return (out, num_dropped) if return_num_dropped else out

@@ -22,6 +22,7 @@ import torch
 
 from moe_ops._autograd import register_reference_autograd
 from moe_ops._checks import FLOAT_DTYPES, check_choice, check_tensor
+from moe_ops._dispatch import direct_cuda_call_allowed
 
 SCORINGS = ("softmax", "sigmoid")
 
@@ -141,8 +142,8 @@ def _route_op(
 
 
 @_route_op.register_kernel("cuda")
-def _(logits, k, scoring, softmax_after_topk, renormalize, renorm_eps, correction_bias, n_group,
-      topk_group, routed_scaling_factor):
+def _route_cuda(logits, k, scoring, softmax_after_topk, renormalize, renorm_eps, correction_bias, n_group,
+                topk_group, routed_scaling_factor):
     from moe_ops.routing_triton import route_triton
 
     _check_route_args(logits, k, scoring, softmax_after_topk, correction_bias, n_group, topk_group)
@@ -204,8 +205,10 @@ def route(
         topk_ids:     (T, K) int32 expert ids, descending by choice (scores + bias), ties broken
                       towards the lower expert index
     """
-    return torch.ops.moe_ops.route(
+    args = (
         router_logits, int(top_k), scoring, bool(softmax_after_topk), bool(renormalize),
-        float(renorm_eps), correction_bias, int(n_group), int(topk_group),
-        float(routed_scaling_factor),
+        float(renorm_eps), correction_bias, int(n_group), int(topk_group), float(routed_scaling_factor),
     )
+    if direct_cuda_call_allowed(router_logits, correction_bias):
+        return _route_cuda(*args)
+    return torch.ops.moe_ops.route(*args)

@@ -29,7 +29,9 @@ logging.basicConfig(format="%(name)s %(levelname)s: %(message)s")
 logging.getLogger("moe_ops").setLevel(logging.INFO)
 
 torch.manual_seed(0)
-router_logits = torch.randn(T, E, dtype=torch.bfloat16)
+# Distinct logits in every row: torch.topk orders tied scores as it likes (CPU builds differ), moe_ops
+# puts the lower expert first, so tied logits could swap ids between eager and compiled.
+router_logits = (torch.rand(T, E).argsort(dim=-1) - E / 2).to(torch.bfloat16) * 0.5
 weights, ids = torch.compile(mixtral_router)(router_logits)  # logs "rewrote routing prologue ..."
 eager_weights, eager_ids = mixtral_router(router_logits)
 

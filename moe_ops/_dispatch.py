@@ -1,0 +1,24 @@
+"""Calling an op's CUDA kernel without the dispatcher, when that provably changes nothing.
+
+A ``torch.library.custom_op`` call passes through Python layers (autograd wrapper, redispatch, the
+backend wrapper's aliasing checks) that cost more host time than the kernels take on the GPU at
+decode sizes (benchmarks/results/host_profile_*.md). For plain CUDA tensors that need no autograd,
+outside torch.compile and any mode, the dispatcher would reach exactly the op's CUDA kernel: the
+public functions call that kernel themselves. Everything else (compile, fake/meta tensors, subclasses,
+autograd, vmap, CPU) goes through the op.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe_ops._compat import no_tracing_or_modes_active
+
+
+def direct_cuda_call_allowed(*tensors: torch.Tensor | None) -> bool:
+    present = [t for t in tensors if t is not None]
+    if not all(type(t) is torch.Tensor and t.is_cuda for t in present):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
+        return False
+    return no_tracing_or_modes_active()
