@@ -40,19 +40,24 @@ from torch._dynamo.utils import counters
 from torch._guards import detect_fake_mode
 from torch.fx import Graph, Node
 
+from lowering.fx_match import (
+    Rejected,
+    arg,
+    aten,
+    is_call,
+    is_float_scalar,
+    is_last_dim,
+    is_view_call,
+    prims,
+    shape,
+    val,
+)
 from moe_ops._compat import online_softmax_target
 
 log = logging.getLogger("moe_ops")
 
-aten = torch.ops.aten
-prims = torch.ops.prims
-
 # Logits dtypes whose cast to fp32 is exact (so the op, which casts them itself, sees the same values).
 _EXACT_TO_FP32 = (torch.float32, torch.bfloat16, torch.float16)
-
-
-class _Rejected(Exception):
-    """A candidate that is not provably the op's computation; the message says why."""
 
 
 @dataclass
@@ -92,7 +97,7 @@ def rewrite_routing_prologues(graph: Graph) -> int:
     for topk in [n for n in graph.nodes if n.op == "call_function" and n.target is aten.topk.default]:
         try:
             prologue = _match(topk)
-        except _Rejected as reason:
+        except Rejected as reason:
             log.debug("routing prologue at node %s not rewritten: %s", topk.name, reason)
             continue
         _replace(graph, prologue)
@@ -107,37 +112,20 @@ def rewrite_routing_prologues(graph: Graph) -> int:
 # ---- Matching -------------------------------------------------------------------------------------
 
 
-def _val(node) -> torch.Tensor | None:
-    return node.meta.get("val") if isinstance(node, Node) else None
 
 
-def _arg(node: Node, index: int, name: str, default):
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
 
 
-def _is_call(node, target) -> bool:
-    return isinstance(node, Node) and node.op == "call_function" and node.target is target
 
 
-def _is_last_dim(dims, ndim: int) -> bool:
-    """``dims`` (an int or a one-element list) names the last of ``ndim`` dims."""
-    if isinstance(dims, (list, tuple)):
-        if len(dims) != 1:
-            return False
-        (dims,) = dims
-    return isinstance(dims, int) and dims in (-1, ndim - 1)
 
 
-def _is_float_scalar(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _fp32_source(node: Node) -> Node:
     """The tensor before ``node``'s cast to fp32 when that cast is exact (the op casts it itself)."""
-    if _is_call(node, prims.convert_element_type.default) and node.args[1] == torch.float32:
-        source_val = _val(node.args[0])
+    if is_call(node, prims.convert_element_type.default) and node.args[1] == torch.float32:
+        source_val = val(node.args[0])
         if source_val is not None and source_val.dtype in _EXACT_TO_FP32:
             return node.args[0]
     return node
@@ -145,37 +133,37 @@ def _fp32_source(node: Node) -> Node:
 
 def _match_softmax_last_dim(out: Node) -> tuple[Node, set[Node]] | None:
     """``out`` = softmax over the last dim of x, decomposed: returns (x, the nodes computing it)."""
-    if not (_is_call(out, aten.div.Tensor) and isinstance(out.args[1], Node)):
+    if not (is_call(out, aten.div.Tensor) and isinstance(out.args[1], Node)):
         return None
     exp, denominator = out.args
-    if not (_is_call(exp, aten.exp.default) and _is_call(exp.args[0], aten.sub.Tensor)):
+    if not (is_call(exp, aten.exp.default) and is_call(exp.args[0], aten.sub.Tensor)):
         return None
     sub = exp.args[0]
     x, row_max = sub.args
-    if sub.kwargs or _val(x) is None:  # sub's only kwarg is alpha: x - alpha * max is no softmax
+    if sub.kwargs or val(x) is None:  # sub's only kwarg is alpha: x - alpha * max is no softmax
         return None
-    ndim = _val(x).dim()
-    if _is_call(denominator, aten.sum.dim_IntList):  # amax -> sub -> exp -> sum -> div
+    ndim = val(x).dim()
+    if is_call(denominator, aten.sum.dim_IntList):  # amax -> sub -> exp -> sum -> div
         if not (
             denominator.args[0] is exp
-            and _is_last_dim(denominator.args[1], ndim)
-            and _arg(denominator, 2, "keepdim", False)
-            and _is_call(row_max, aten.amax.default)
+            and is_last_dim(denominator.args[1], ndim)
+            and arg(denominator, 2, "keepdim", False)
+            and is_call(row_max, aten.amax.default)
             and row_max.args[0] is x
-            and _is_last_dim(row_max.args[1], ndim)
-            and _arg(row_max, 2, "keepdim", False)
+            and is_last_dim(row_max.args[1], ndim)
+            and arg(row_max, 2, "keepdim", False)
         ):
             return None
         return x, {row_max, sub, exp, denominator, out}
     online = online_softmax_target()
-    stats = row_max.args[0] if _is_call(row_max, operator.getitem) else None
+    stats = row_max.args[0] if is_call(row_max, operator.getitem) else None
     if (  # prepare_softmax_online(x, dim) -> (max, sum) -> sub -> exp -> div
         online is not None
-        and _is_call(stats, online)
+        and is_call(stats, online)
         and stats.args[0] is x
-        and _is_last_dim(stats.args[1], ndim)
+        and is_last_dim(stats.args[1], ndim)
         and row_max.args[1] == 0
-        and _is_call(denominator, operator.getitem)
+        and is_call(denominator, operator.getitem)
         and denominator.args[0] is stats
         and denominator.args[1] == 1
     ):
@@ -188,19 +176,19 @@ def _match_scores(scores: Node) -> tuple[str, Node]:
     softmax = _match_softmax_last_dim(scores)
     if softmax is not None:
         scoring, fp32_logits = "softmax", softmax[0]
-    elif _is_call(scores, aten.sigmoid.default):
+    elif is_call(scores, aten.sigmoid.default):
         scoring, fp32_logits = "sigmoid", scores.args[0]
-    elif _is_call(scores, prims.convert_element_type.default):
-        raise _Rejected(
+    elif is_call(scores, prims.convert_element_type.default):
+        raise Rejected(
             f"topk input {scores.name} is a cast to {scores.args[1]}: the selection reads rounded scores"
         )
     else:
-        raise _Rejected(
+        raise Rejected(
             f"topk input {scores.name} is not a softmax/sigmoid over the last dim, and its values "
             "do not feed a softmax"
         )
-    if _val(fp32_logits).dtype != torch.float32:
-        raise _Rejected(f"{scoring} computed in {_val(fp32_logits).dtype}, not float32")
+    if val(fp32_logits).dtype != torch.float32:
+        raise Rejected(f"{scoring} computed in {val(fp32_logits).dtype}, not float32")
     return scoring, fp32_logits
 
 
@@ -209,76 +197,76 @@ def _fold_renorm_and_scale(weights: Node) -> tuple[Node, bool, float, float]:
     nothing else reads the intermediate values. Returns (end, renormalize, renorm_eps, scale)."""
     renormalize, renorm_eps, scale = False, 0.0, 1.0
     users = set(weights.users)
-    sums = [u for u in users if _is_call(u, aten.sum.dim_IntList)]
-    divs = [u for u in users if _is_call(u, aten.div.Tensor) and u.args[0] is weights]
+    sums = [u for u in users if is_call(u, aten.sum.dim_IntList)]
+    divs = [u for u in users if is_call(u, aten.div.Tensor) and u.args[0] is weights]
     if len(users) == 2 and len(sums) == 1 and len(divs) == 1:
         (total,), (div,) = sums, divs
         denominator, eps = total, 0.0
         (after_sum,) = total.users if len(total.users) == 1 else (None,)
         if (
-            _is_call(after_sum, aten.add.Tensor)
+            is_call(after_sum, aten.add.Tensor)
             and after_sum.args[0] is total
-            and _is_float_scalar(after_sum.args[1])
+            and is_float_scalar(after_sum.args[1])
             and not after_sum.kwargs  # alpha
         ):
             denominator, eps = after_sum, float(after_sum.args[1])
         if (
             total.args[0] is weights
-            and _is_last_dim(total.args[1], 2)
-            and _arg(total, 2, "keepdim", False)
-            and _arg(total, 3, "dtype", None) is None
+            and is_last_dim(total.args[1], 2)
+            and arg(total, 2, "keepdim", False)
+            and arg(total, 3, "dtype", None) is None
             and div.args[1] is denominator
             and list(denominator.users) == [div]
         ):
             weights, renormalize, renorm_eps = div, True, eps
     (only_user,) = weights.users if len(weights.users) == 1 else (None,)
-    if _is_call(only_user, aten.mul.Tensor):
+    if is_call(only_user, aten.mul.Tensor):
         a, b = only_user.args
         factor = b if a is weights else a if b is weights else None
-        if _is_float_scalar(factor):
+        if is_float_scalar(factor):
             weights, scale = only_user, float(factor)
     return weights, renormalize, renorm_eps, scale
 
 
 def _match(topk: Node) -> RoutePrologue:
     scores = topk.args[0]
-    k = _arg(topk, 1, "k", None)
+    k = arg(topk, 1, "k", None)
     if not isinstance(k, int):
-        raise _Rejected(f"k={k!r} is not a Python int")
-    scores_val = _val(scores)
+        raise Rejected(f"k={k!r} is not a Python int")
+    scores_val = val(scores)
     if scores_val is None or scores_val.dim() != 2:
-        raise _Rejected("topk input is not a 2-D (tokens, experts) tensor")
-    if not _is_last_dim(_arg(topk, 2, "dim", -1), 2):
-        raise _Rejected(f"topk over dim {_arg(topk, 2, 'dim', -1)}, not the last (experts) dim")
-    if not _arg(topk, 3, "largest", True):
-        raise _Rejected("topk with largest=False")
+        raise Rejected("topk input is not a 2-D (tokens, experts) tensor")
+    if not is_last_dim(arg(topk, 2, "dim", -1), 2):
+        raise Rejected(f"topk over dim {arg(topk, 2, 'dim', -1)}, not the last (experts) dim")
+    if not arg(topk, 3, "largest", True):
+        raise Rejected("topk with largest=False")
     # sorted=False accepted: the op's descending order is one of the orders topk may then return.
-    outputs = {u.args[1]: u for u in topk.users if _is_call(u, operator.getitem)}
+    outputs = {u.args[1]: u for u in topk.users if is_call(u, operator.getitem)}
     if len(outputs) != len(topk.users):
-        raise _Rejected("topk result used other than through getitem")
+        raise Rejected("topk result used other than through getitem")
     values, ids = outputs.get(0), outputs.get(1)
 
-    if _is_call(scores, aten.where.self):  # R3: selection among the experts of the kept groups
+    if is_call(scores, aten.where.self):  # R3: selection among the experts of the kept groups
         return _match_group_limited(topk, k, values, ids)
     softmax_after = _match_softmax_after_topk(values)
     if isinstance(softmax_after, Node):  # R2
         scoring, logits, weights = "softmax", scores, softmax_after
         if scores_val.dtype not in _EXACT_TO_FP32:
-            raise _Rejected(f"logits of dtype {scores_val.dtype}")
+            raise Rejected(f"logits of dtype {scores_val.dtype}")
     else:  # R1
         try:
             scoring, fp32_logits = _match_scores(scores)
-        except _Rejected:
+        except Rejected:
             if softmax_after is not None:  # the values feed a softmax, just not one the op computes
-                raise _Rejected(softmax_after) from None
+                raise Rejected(softmax_after) from None
             raise
         logits, weights = _fp32_source(fp32_logits), values
 
     renormalize, renorm_eps, scale = False, 0.0, 1.0
     if weights is not None:
         weights, renormalize, renorm_eps, scale = _fold_renorm_and_scale(weights)
-        if _val(weights).dtype != torch.float32:
-            raise _Rejected(f"weights of dtype {_val(weights).dtype}; the op returns float32")
+        if val(weights).dtype != torch.float32:
+            raise Rejected(f"weights of dtype {val(weights).dtype}; the op returns float32")
     return RoutePrologue(
         topk=topk, logits=logits, k=k, scoring=scoring, softmax_after_topk=softmax_after is not None,
         renormalize=renormalize, renorm_eps=renorm_eps, routed_scaling_factor=scale, weights=weights,
@@ -294,32 +282,27 @@ def _match_softmax_after_topk(values: Node | None) -> Node | str | None:
         return None
     (only_user,) = values.users if len(values.users) == 1 else (None,)
     x = only_user if only_user is not None and _fp32_source(only_user) is values else values
-    subs = [u for u in x.users if _is_call(u, aten.sub.Tensor) and u.args[0] is x]
-    exps = [u for sub in subs for u in sub.users if _is_call(u, aten.exp.default)]
-    outs = [u for exp in exps for u in exp.users if _is_call(u, aten.div.Tensor) and u.args[0] is exp]
+    subs = [u for u in x.users if is_call(u, aten.sub.Tensor) and u.args[0] is x]
+    exps = [u for sub in subs for u in sub.users if is_call(u, aten.exp.default)]
+    outs = [u for exp in exps for u in exp.users if is_call(u, aten.div.Tensor) and u.args[0] is exp]
     if len(outs) != 1:
         return None
     (out,) = outs
     softmax = _match_softmax_last_dim(out)
     if softmax is None or softmax[0] is not x:
         return None
-    if _val(x).dtype != torch.float32:
-        return f"softmax over the top-k values computed in {_val(x).dtype}, not float32"
+    if val(x).dtype != torch.float32:
+        return f"softmax over the top-k values computed in {val(x).dtype}, not float32"
     internal = softmax[1] | {x}
     if any(user not in internal for node in internal - {out} | {values} for user in node.users):
         return "the top-k values (or a softmax intermediate) are also used outside the softmax"
     return out
 
 
-_VIEWS = (aten.reshape.default, aten.view.default, aten._unsafe_view.default)
 
 
-def _is_view_call(node) -> bool:
-    return isinstance(node, Node) and node.op == "call_function" and node.target in _VIEWS
 
 
-def _shape(node: Node) -> tuple:
-    return tuple(_val(node).shape)
 
 
 def _match_group_limited(topk: Node, k: int, values: Node | None, ids: Node | None) -> RoutePrologue:
@@ -327,78 +310,78 @@ def _match_group_limited(topk: Node, k: int, values: Node | None, ids: Node | No
     experts outside the best ``topk_group`` groups are masked to -inf; topk on the masked choices;
     the weights are the unbiased scores gathered at the chosen ids."""
     cond, if_true, if_false = topk.args[0].args
-    if _is_call(cond, aten.bitwise_not.default):  # masked_fill(choice, ~keep, fill)
+    if is_call(cond, aten.bitwise_not.default):  # masked_fill(choice, ~keep, fill)
         keep, fill, choice = cond.args[0], if_true, if_false
     else:  # where(keep, choice, fill)
         keep, fill, choice = cond, if_false, if_true
-    fill_value = fill.args[1] if _is_call(fill, aten.full.default) else None
+    fill_value = fill.args[1] if is_call(fill, aten.full.default) else None
     if fill_value != float("-inf"):
         # HF's DeepseekV3 fills 0.0: then a masked expert beats a kept one whose biased score is
         # negative, which moe_ops.route (-inf) never allows.
-        raise _Rejected(f"experts masked with {fill_value!r}, not -inf")
+        raise Rejected(f"experts masked with {fill_value!r}, not -inf")
     if values is not None and values.users:
-        raise _Rejected("the top-k masked choices are used, not just their ids")
+        raise Rejected("the top-k masked choices are used, not just their ids")
 
     # choice = scores + bias (E,), the bias broadcast over the tokens
-    num_experts = _shape(choice)[1]
+    num_experts = shape(choice)[1]
     if not isinstance(num_experts, int):
-        raise _Rejected("the number of experts is not static")
-    if not (_is_call(choice, aten.add.Tensor) and not choice.kwargs and _val(choice).dtype == torch.float32):
-        raise _Rejected("masked choices are not an fp32 add of scores and a bias")
+        raise Rejected("the number of experts is not static")
+    if not (is_call(choice, aten.add.Tensor) and not choice.kwargs and val(choice).dtype == torch.float32):
+        raise Rejected("masked choices are not an fp32 add of scores and a bias")
     scores, bias = choice.args
-    if _is_call(bias, aten.unsqueeze.default) and bias.args[1] == 0:
+    if is_call(bias, aten.unsqueeze.default) and bias.args[1] == 0:
         bias = bias.args[0]
-    if not (isinstance(bias, Node) and _shape(bias) == (num_experts,)):
-        raise _Rejected("the selection bias is not an (E,) tensor")
+    if not (isinstance(bias, Node) and shape(bias) == (num_experts,)):
+        raise Rejected("the selection bias is not an (E,) tensor")
     scoring, fp32_logits = _match_scores(scores)
 
     # keep (T, E) = the kept groups' mask (T, n_group) repeated over each group's experts
-    if _is_call(keep, prims.convert_element_type.default) and keep.args[1] == torch.bool:
+    if is_call(keep, prims.convert_element_type.default) and keep.args[1] == torch.bool:
         keep = keep.args[0]
-    before_view = keep.args[0] if _is_view_call(keep) else None
-    expanded = before_view.args[0] if _is_call(before_view, aten.clone.default) else before_view
-    unsqueezed = expanded.args[0] if _is_call(expanded, aten.expand.default) else None
-    group_keep = unsqueezed.args[0] if _is_call(unsqueezed, aten.unsqueeze.default) else None
+    before_view = keep.args[0] if is_view_call(keep) else None
+    expanded = before_view.args[0] if is_call(before_view, aten.clone.default) else before_view
+    unsqueezed = expanded.args[0] if is_call(expanded, aten.expand.default) else None
+    group_keep = unsqueezed.args[0] if is_call(unsqueezed, aten.unsqueeze.default) else None
     if not (
-        _is_call(group_keep, aten.scatter.value)
+        is_call(group_keep, aten.scatter.value)
         and unsqueezed.args[1] in (-1, 2)
         and group_keep.args[1] == 1
         and group_keep.args[3] not in (0, False)
-        and _is_call(group_keep.args[0], aten.full.default)
+        and is_call(group_keep.args[0], aten.full.default)
         and group_keep.args[0].args[1] in (0, False)
     ):
-        raise _Rejected("the expert mask is not the kept groups' mask repeated over their experts")
-    n_group, group_size = _shape(expanded)[1:]
-    if _shape(keep)[1:] != (num_experts,) or not (isinstance(n_group, int) and isinstance(group_size, int)):
-        raise _Rejected("the expert mask is not (T, E), or the group sizes are not static")
+        raise Rejected("the expert mask is not the kept groups' mask repeated over their experts")
+    n_group, group_size = shape(expanded)[1:]
+    if shape(keep)[1:] != (num_experts,) or not (isinstance(n_group, int) and isinstance(group_size, int)):
+        raise Rejected("the expert mask is not (T, E), or the group sizes are not static")
     group_ids = group_keep.args[2]
-    group_topk = group_ids.args[0] if _is_call(group_ids, operator.getitem) else None
+    group_topk = group_ids.args[0] if is_call(group_ids, operator.getitem) else None
     if not (
         group_ids.args[1] == 1
-        and _is_call(group_topk, aten.topk.default)
-        and _is_last_dim(_arg(group_topk, 2, "dim", -1), 2)
-        and _arg(group_topk, 3, "largest", True)
+        and is_call(group_topk, aten.topk.default)
+        and is_last_dim(arg(group_topk, 2, "dim", -1), 2)
+        and arg(group_topk, 3, "largest", True)
     ):
-        raise _Rejected("the kept groups are not the top-k of the group scores")
-    topk_group = _arg(group_topk, 1, "k", None)
+        raise Rejected("the kept groups are not the top-k of the group scores")
+    topk_group = arg(group_topk, 1, "k", None)
 
     # group score = sum of each group's two best choices
     group_sum = group_topk.args[0]
-    best_two = group_sum.args[0] if _is_call(group_sum, aten.sum.dim_IntList) else None
-    best_two_topk = best_two.args[0] if _is_call(best_two, operator.getitem) else None
-    grouped = best_two_topk.args[0] if _is_call(best_two_topk, aten.topk.default) else None
+    best_two = group_sum.args[0] if is_call(group_sum, aten.sum.dim_IntList) else None
+    best_two_topk = best_two.args[0] if is_call(best_two, operator.getitem) else None
+    grouped = best_two_topk.args[0] if is_call(best_two_topk, aten.topk.default) else None
     if not (
-        _is_last_dim(group_sum.args[1], 2)
-        and not _arg(group_sum, 2, "keepdim", False)
+        is_last_dim(group_sum.args[1], 2)
+        and not arg(group_sum, 2, "keepdim", False)
         and best_two.args[1] == 0
-        and _arg(best_two_topk, 1, "k", None) == 2
-        and _is_last_dim(_arg(best_two_topk, 2, "dim", -1), 3)
-        and _arg(best_two_topk, 3, "largest", True)
-        and _is_view_call(grouped)
+        and arg(best_two_topk, 1, "k", None) == 2
+        and is_last_dim(arg(best_two_topk, 2, "dim", -1), 3)
+        and arg(best_two_topk, 3, "largest", True)
+        and is_view_call(grouped)
         and grouped.args[0] is choice
-        and _shape(grouped)[1:] == (n_group, group_size)
+        and shape(grouped)[1:] == (n_group, group_size)
     ):
-        raise _Rejected("the group scores are not the sum of each group's top-2 choices")
+        raise Rejected("the group scores are not the sum of each group's top-2 choices")
     if not (
         isinstance(topk_group, int)
         and n_group * group_size == num_experts
@@ -406,20 +389,20 @@ def _match_group_limited(topk: Node, k: int, values: Node | None, ids: Node | No
         and 1 <= topk_group <= n_group
         and k <= topk_group * group_size
     ):
-        raise _Rejected(f"groups n_group={n_group}, topk_group={topk_group} of size {group_size}, k={k}")
+        raise Rejected(f"groups n_group={n_group}, topk_group={topk_group} of size {group_size}, k={k}")
 
     # weights = the unbiased scores at the chosen ids
     gathers = [
         user
         for user in (ids.users if ids is not None else ())
-        if _is_call(user, aten.gather.default)
+        if is_call(user, aten.gather.default)
         and user.args[0] is scores
         and user.args[1] in (1, -1)
         and user.args[2] is ids
-        and not _arg(user, 3, "sparse_grad", False)
+        and not arg(user, 3, "sparse_grad", False)
     ]
     if len(gathers) != 1:
-        raise _Rejected("the weights are not the scores gathered at the chosen ids")
+        raise Rejected("the weights are not the scores gathered at the chosen ids")
     weights, renormalize, renorm_eps, scale = _fold_renorm_and_scale(gathers[0])
     return RoutePrologue(
         topk=topk, logits=_fp32_source(fp32_logits), k=k, scoring=scoring, softmax_after_topk=False,
@@ -437,11 +420,11 @@ def _replace(graph: Graph, prologue: RoutePrologue) -> None:
         prologue.renorm_eps, prologue.correction_bias, prologue.n_group, prologue.topk_group,
         prologue.routed_scaling_factor,
     )
-    logits_val = _val(prologue.logits)
+    logits_val = val(prologue.logits)
     # New nodes need meta["val"] (Inductor lowers from it): the op's fake kernel gives it.
     with detect_fake_mode([logits_val]):
         weights_val, ids_val = torch.ops.moe_ops.route.default(
-            logits_val, *route_args[1:6], _val(prologue.correction_bias), *route_args[7:]
+            logits_val, *route_args[1:6], val(prologue.correction_bias), *route_args[7:]
         )
         ids_int64_val = prims.convert_element_type.default(ids_val, torch.int64)
 

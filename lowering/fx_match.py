@@ -1,0 +1,62 @@
+"""Helpers the rewrites share to read post-grad FX graphs: node predicates, arguments, shapes."""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+VIEWS = (aten.reshape.default, aten.view.default, aten._unsafe_view.default)
+
+
+class Rejected(Exception):
+    """A candidate that is not provably the op's computation; the message says why."""
+
+
+def val(node) -> torch.Tensor | None:
+    """The fake value Inductor recorded for ``node`` (None for non-nodes)."""
+    return node.meta.get("val") if isinstance(node, Node) else None
+
+
+def arg(node: Node, index: int, name: str, default):
+    """``node``'s argument by position or keyword."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def is_call(node, target) -> bool:
+    return isinstance(node, Node) and node.op == "call_function" and node.target is target
+
+
+def is_view_call(node) -> bool:
+    return isinstance(node, Node) and node.op == "call_function" and node.target in VIEWS
+
+
+def shape(node: Node) -> tuple:
+    return tuple(val(node).shape)
+
+
+def same_size(a, b) -> bool:
+    """Sizes equal for every value of the shape symbols (sizes may be SymInts under dynamic shapes)."""
+    return statically_known_true(a == b)
+
+
+def same_shape(a, b) -> bool:
+    return len(a) == len(b) and all(same_size(x, y) for x, y in zip(a, b, strict=True))
+
+
+def is_last_dim(dims, ndim: int) -> bool:
+    """``dims`` (an int or a one-element list) names the last of ``ndim`` dims."""
+    if isinstance(dims, (list, tuple)):
+        if len(dims) != 1:
+            return False
+        (dims,) = dims
+    return isinstance(dims, int) and dims in (-1, ndim - 1)
+
+
+def is_float_scalar(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
