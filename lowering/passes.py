@@ -15,11 +15,16 @@ import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from lowering import config
+from lowering.experts_rewrite import rewrite_experts
+from lowering.match_grouped_mm import find_grouped_mm_blocks
 from lowering.route_rewrite import rewrite_routing_prologues
 from moe_ops._compat import custom_passes_in
 
-# Each rewrite takes the post-grad graph and returns how many subgraphs it replaced.
-REWRITES = (rewrite_routing_prologues,)
+# The routed-experts forms recognised (each yields candidate blocks of the post-grad graph).
+EXPERT_FORMS = (find_grouped_mm_blocks,)
+# Each rewrite takes the post-grad graph and returns how many subgraphs it replaced. Routing first:
+# an experts block then reads the route op's ids, whose int64 cast it skips.
+REWRITES = (rewrite_routing_prologues, functools.partial(rewrite_experts, forms=EXPERT_FORMS))
 
 
 @functools.cache

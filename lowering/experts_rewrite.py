@@ -1,0 +1,272 @@
+"""Rewrite: a whole routed-experts block in the post-grad graph -> one ``moe_ops.fused_experts`` call.
+
+The forms (one ``match_*`` module each, listed in lowering/passes.py) find a candidate block and describe it as an
+``ExpertsMatch``: the op's inputs (graph nodes), its options, the node whose value the op computes
+and the set of nodes it replaces. This module checks what every form must hold before anything is
+replaced, and replaces:
+
+- the block's result has x's dtype and shape (T, H), the ids and weights are (T, K);
+- no node of the block other than its result is read outside the block (its intermediates die);
+- the activation between the two GEMMs is, node for node, what Inductor makes of the activation the
+  op computes (``match_activation``: the candidate is compared with a traced reference, so every
+  constant, cast and operand order is checked, not guessed).
+
+Rounding: the op computes each GEMM in fp32 and rounds the activation and each slot's output once,
+where the plain code also rounds the GEMM outputs and each step of the activation to the input
+dtype; the rewritten block is the same computation with fewer roundings (within the tolerances
+that tests/ apply to every moe_ops op). Ties and sentinel ids (>= E: dropped, as the plain code
+masks them) behave as in the plain code.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+from torch._guards import detect_fake_mode
+from torch.fx import Graph, Node
+
+from lowering.fx_match import Rejected, aten, is_call, prims, same_shape, same_size, val
+
+log = logging.getLogger("moe_ops")
+
+# Placeholder constants traced into the activation templates, bound to the graph's own values.
+_ALPHA, _LIMIT = 1.2345678, 8.7654321
+_COMMUTATIVE = (aten.mul.Tensor, aten.add.Tensor)
+
+
+@dataclass
+class ExpertsMatch:
+    """A recognised routed-experts block and the ``moe_ops.fused_experts`` call that replaces it."""
+
+    form: str  # which code it came from, for the log
+    result: Node  # (T, H) in x's dtype; its users read the op's output instead
+    region: set[Node]  # every node the op replaces (result included, inputs excluded)
+    x: Node
+    topk_weights: Node
+    topk_ids: Node
+    w_gate_up: Node
+    w_down: Node
+    w_up: Node | None = None
+    b_gate_up: Node | None = None
+    b_up: Node | None = None
+    b_down: Node | None = None
+    layout: str = "EFH"
+    interleaved: bool = False
+    activation: str = "silu"
+    gated: bool = True
+    alpha: float = 1.702
+    limit: float = 7.0
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        num_tokens, hidden = val(self.x).shape
+        experts, top_k = val(self.w_gate_up).shape[0], val(self.topk_ids).shape[1]
+        parts = [f"E={experts}", f"K={top_k}", f"H={hidden}", self.layout, self.activation]
+        if self.interleaved:
+            parts.append("interleaved")
+        if self.w_up is not None:
+            parts.append("separate w_up")
+        if any(b is not None for b in (self.b_gate_up, self.b_up, self.b_down)):
+            parts.append("biases")
+        return ", ".join(parts + self.notes)
+
+
+# ---- Activations ---------------------------------------------------------------------------------
+
+
+def _activation_fn(activation: str, gate_up_form: str):
+    """The activation as transformers / torchtitan write it, from the gate_up GEMM output(s)."""
+    act = {
+        "silu": F.silu, "relu": F.relu, "gelu": F.gelu,
+        "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
+    }.get(activation)
+
+    def split(gate_up):
+        if gate_up_form == "interleaved":
+            return gate_up[..., ::2], gate_up[..., 1::2]
+        return gate_up.chunk(2, dim=-1)
+
+    if activation == "clamped_swiglu":  # GPT-OSS's _apply_gate
+        def fn(*inputs):
+            gate, up = split(inputs[0]) if len(inputs) == 1 else inputs
+            gate = gate.clamp(min=None, max=_LIMIT)
+            up = up.clamp(min=-_LIMIT, max=_LIMIT)
+            return (up + 1) * (gate * torch.sigmoid(gate * _ALPHA))
+        return fn
+    if gate_up_form == "ungated":
+        return act
+
+    def gated(*inputs):
+        gate, up = split(inputs[0]) if len(inputs) == 1 else inputs
+        return act(gate) * up
+
+    return gated
+
+
+@functools.cache
+def _activation_template(activation: str, gate_up_form: str, dtype: torch.dtype, width: int) -> Graph:
+    """The post-grad graph of the activation: traced with Inductor's decompositions, as Inductor does.
+    ``width`` is the gate_up output width (it appears in the split)."""
+    from torch._inductor.decomposition import select_decomp_table
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    num_inputs = 2 if gate_up_form == "separate" else 1
+    example = [torch.zeros(2, width, dtype=dtype) for _ in range(num_inputs)]
+    fn = _activation_fn(activation, gate_up_form)
+    return make_fx(fn, decomposition_table=select_decomp_table())(*example).graph
+
+
+class _TemplateMatch:
+    """Node-for-node comparison of a template graph with the graph, walking back from the outputs."""
+
+    def __init__(self):
+        self.nodes: dict[Node, Node] = {}  # template node -> graph node
+        self.constants: dict[str, float] = {}
+
+    def constant(self, t, g) -> bool:
+        if isinstance(t, float) and abs(abs(t) - _LIMIT) < 1e-9 or t == _ALPHA:
+            name, sign = ("alpha", 1.0) if t == _ALPHA else ("limit", 1.0 if t > 0 else -1.0)
+            if not isinstance(g, (int, float)) or isinstance(g, bool):
+                return False
+            return self.constants.setdefault(name, sign * float(g)) == sign * float(g)
+        if isinstance(t, (list, tuple)):
+            return isinstance(g, (list, tuple)) and len(t) == len(g) and all(map(self.constant_or_node, t, g))
+        if isinstance(t, torch.SymInt | int) and isinstance(g, torch.SymInt | int) and not isinstance(t, bool):
+            return same_size(t, g)
+        return type(t) is type(g) and t == g
+
+    def constant_or_node(self, t, g) -> bool:
+        return self.node(t, g) if isinstance(t, Node) else self.constant(t, g)
+
+    def node(self, t: Node, g) -> bool:
+        if not isinstance(g, Node):
+            return False
+        if t in self.nodes:
+            return self.nodes[t] is g
+        if t.op == "placeholder":
+            self.nodes[t] = g
+            return True
+        if g.op != "call_function" or g.target != t.target or set(t.kwargs) != set(g.kwargs):
+            return False
+        self.nodes[t] = g
+        orders = [g.args]
+        if t.target in _COMMUTATIVE and len(g.args) == 2:
+            orders.append(g.args[::-1])
+        for args in orders:
+            saved = dict(self.nodes), dict(self.constants)
+            if len(args) == len(t.args) and all(map(self.constant_or_node, t.args, args)) and all(
+                self.constant_or_node(t.kwargs[k], g.kwargs[k]) for k in t.kwargs
+            ):
+                return True
+            self.nodes, self.constants = saved
+        del self.nodes[t]
+        return False
+
+
+def match_activation(
+    h: Node, inputs: list[Node], activation: str, gate_up_form: str
+) -> tuple[set[Node], dict[str, float]] | None:
+    """Whether ``h`` is ``activation`` applied to the gate_up GEMM output(s) ``inputs`` (one tensor
+    split "concat" or "interleaved", or gate and up "separate"; "ungated": the one tensor).
+    Returns the nodes computing it (inputs excluded) and the bound constants (alpha, limit)."""
+    width = val(inputs[0]).shape[-1]
+    if not isinstance(width, int):
+        return None
+    template = _activation_template(activation, gate_up_form, val(inputs[0]).dtype, width)
+    placeholders = [n for n in template.nodes if n.op == "placeholder"]
+    (output,) = [n for n in template.nodes if n.op == "output"]
+    matcher = _TemplateMatch()
+    matcher.nodes.update(zip(placeholders, inputs, strict=True))
+    if not matcher.node(output.args[0], h):
+        return None
+    return {g for t, g in matcher.nodes.items() if t.op != "placeholder"}, matcher.constants
+
+
+def match_any_activation(h: Node, inputs: list[Node], gate_up_form: str) -> tuple[str, set[Node], dict]:
+    """The first activation the op knows that ``h`` computes from ``inputs``; Rejected if none."""
+    activations = ("silu", "gelu", "gelu_tanh", "relu")
+    if gate_up_form != "ungated":
+        activations += ("clamped_swiglu",)
+    for activation in activations:
+        found = match_activation(h, inputs, activation, gate_up_form)
+        if found is not None:
+            return activation, *found
+    raise Rejected(f"{h.name} is no activation the op computes ({', '.join(activations)}, {gate_up_form} gate/up)")
+
+
+# ---- Checking and replacing ----------------------------------------------------------------------
+
+
+def strip_int64_cast(ids: Node) -> Node:
+    """The op takes int32 or int64 ids: skip a widening cast of int32 ids (e.g. moe_ops.route's)."""
+    if is_call(ids, prims.convert_element_type.default) and ids.args[1] == torch.int64:
+        source = ids.args[0]
+        if val(source) is not None and val(source).dtype == torch.int32:
+            return source
+    return ids
+
+
+def check(match: ExpertsMatch) -> None:
+    x, ids, weights, result = val(match.x), val(match.topk_ids), val(match.topk_weights), val(match.result)
+    if x.dim() != 2 or ids.dim() != 2 or not same_shape(ids.shape, weights.shape):
+        raise Rejected("x is not (T, H) or ids and weights are not (T, K)")
+    if not same_size(ids.shape[0], x.shape[0]):
+        raise Rejected("ids and x have different token counts")
+    if ids.dtype not in (torch.int32, torch.int64) or not weights.is_floating_point():
+        raise Rejected(f"ids of dtype {ids.dtype}, weights of dtype {weights.dtype}")
+    if result.dtype != x.dtype or not same_shape(result.shape, x.shape):
+        raise Rejected(f"result {result.dtype} {tuple(result.shape)} is not x's {x.dtype} {tuple(x.shape)}")
+    for name in ("w_gate_up", "w_down", "w_up"):
+        weight = getattr(match, name)
+        if weight is not None and val(weight).dtype != x.dtype:
+            raise Rejected(f"{name} is {val(weight).dtype}, x is {x.dtype}")
+    for node in match.region - {match.result}:
+        outside = [user.name for user in node.users if user not in match.region]
+        if outside:
+            raise Rejected(f"{node.name} is also read outside the block (by {', '.join(outside)})")
+
+
+def replace(graph: Graph, match: ExpertsMatch) -> None:
+    args = (
+        match.x, match.topk_weights, match.topk_ids, match.w_gate_up, match.w_down, match.w_up,
+        match.b_gate_up, match.b_up, match.b_down, match.layout, match.interleaved, match.activation,
+        match.gated, float(match.alpha), float(match.limit), 0.0, "position",
+    )
+    fake_args = [val(a) if isinstance(a, Node) else a for a in args]
+    # New nodes need meta["val"] (Inductor lowers from it): the op's fake kernel gives it.
+    with detect_fake_mode([v for v in fake_args if isinstance(v, torch.Tensor)]):
+        out_val, dropped_val = torch.ops.moe_ops.fused_experts.default(*fake_args)
+    with graph.inserting_before(match.result):
+        fused = graph.call_function(torch.ops.moe_ops.fused_experts.default, args)
+        fused.meta["val"] = (out_val, dropped_val)
+        out = graph.call_function(operator.getitem, (fused, 0))
+        out.meta["val"] = out_val
+    match.result.replace_all_uses_with(out)
+
+
+def rewrite_experts(graph: Graph, forms) -> int:
+    """Replace every routed-experts block that one of ``forms`` recognises; returns how many.
+    A form maps the graph to candidates: callables that return an ExpertsMatch or raise Rejected."""
+    rewritten = 0
+    for find in forms:
+        for candidate in find(graph):
+            try:
+                match = candidate()
+                check(match)
+            except Rejected as reason:
+                log.debug("experts block not rewritten: %s", reason)
+                continue
+            match.topk_ids = strip_int64_cast(match.topk_ids)
+            replace(graph, match)
+            counters["moe_ops"]["experts_rewrite"] += 1
+            counters["moe_ops"][f"experts_rewrite_{match.form}"] += 1
+            log.info("rewrote %s experts block at node %s into moe_ops.fused_experts (%s)",
+                     match.form, match.result.name, match.describe())
+            rewritten += 1
+    return rewritten
