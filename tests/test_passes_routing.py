@@ -9,12 +9,12 @@ logits and the selection bias).
 from __future__ import annotations
 
 import logging
-import operator
 
 import pytest
 import torch
 import torch._inductor.config as inductor_config
 import torch.nn.functional as F
+from compile_harness import compile_and_record, fresh_compile_state, graph_summary  # noqa: F401  (fixture)
 from expecttest import assert_expected_inline
 from torch._dynamo.utils import counters
 from torch._inductor.custom_graph_pass import CustomGraphPass
@@ -24,6 +24,7 @@ from lowering.passes import MoeOpsPostGradPass
 from lowering.route_rewrite import rewrite_routing_prologues
 
 T, H, E, K = 6, 16, 8, 2
+pytestmark = pytest.mark.usefixtures("fresh_compile_state")
 
 
 # ---- Routers as the models write them --------------------------------------------------------------
@@ -63,55 +64,6 @@ def scaled_sigmoid_router(router_logits):  # R1 with sigmoid scores, eps in the 
 
 
 # ---- Harness ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def _fresh_compile_state():
-    """Each case compiles from scratch (no dynamo or FX-graph cache hit skips the pass) and leaves
-    the global settings as it found them."""
-    saved_rewrites = moe_ops.config.rewrites
-    torch._dynamo.reset()
-    counters.clear()
-    with inductor_config.patch(fx_graph_cache=False):
-        yield
-    torch._dynamo.reset()
-    moe_ops.config.rewrites = saved_rewrites
-
-
-class _RecordAfter(CustomGraphPass):
-    """Runs ``inner``, then keeps the post-grad graph it left."""
-
-    def __init__(self, inner):
-        self.inner, self.graphs = inner, []
-
-    def __call__(self, graph):
-        self.inner(graph)
-        self.graphs.append(graph_summary(graph))
-
-    def uuid(self):
-        return None
-
-
-def graph_summary(graph: torch.fx.Graph) -> str:
-    """The call_function targets in order, each with its non-tensor arguments: stable across torch
-    versions, unlike node names."""
-    lines = []
-    for node in graph.nodes:
-        if node.op != "call_function":
-            continue
-        name = "getitem" if node.target is operator.getitem else str(node.target)
-        args = [repr(a) for a in node.args if not isinstance(a, torch.fx.Node)]
-        lines.append(f"{name}({', '.join(args)})")
-    return "\n".join(lines)
-
-
-def compile_and_record(fn, *args):
-    """(compiled result, the post-grad graph after the moe_ops pass)."""
-    recorder = _RecordAfter(inductor_config.post_grad_custom_post_pass)
-    with inductor_config.patch(post_grad_custom_post_pass=recorder):
-        result = torch.compile(fn, backend="inductor", fullgraph=True)(*args)
-    (graph,) = recorder.graphs
-    return result, graph
 
 
 def assert_same_routing(actual, expected):
