@@ -226,10 +226,33 @@ def check(match: ExpertsMatch) -> None:
         weight = getattr(match, name)
         if weight is not None and val(weight).dtype != x.dtype:
             raise Rejected(f"{name} is {val(weight).dtype}, x is {x.dtype}")
+    _add_size_reads(match.region)
     for node in match.region - {match.result}:
         outside = [user.name for user in node.users if user not in match.region]
         if outside:
             raise Rejected(f"{node.name} is also read outside the block (by {', '.join(outside)})")
+
+
+_SIZE_ARITHMETIC = (aten.sym_size.int, operator.mul, operator.add, operator.sub, operator.floordiv)
+
+
+def _add_size_reads(region: set[Node]) -> None:
+    """Under dynamic shapes, sizes are read off intermediates (``sym_size``) to size other
+    intermediates: such reads belong to the block when everything they feed does."""
+    grown = True
+    while grown:
+        grown = False
+        for node in list(region):
+            for user in node.users:
+                if (
+                    user not in region
+                    and user.op == "call_function"
+                    and user.target in _SIZE_ARITHMETIC
+                    and user.users
+                    and all(u in region for u in user.users)
+                ):
+                    region.add(user)
+                    grown = True
 
 
 def replace(graph: Graph, match: ExpertsMatch) -> None:

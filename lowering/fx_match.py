@@ -41,7 +41,11 @@ def shape(node: Node) -> tuple:
 
 
 def same_size(a, b) -> bool:
-    """Sizes equal for every value of the shape symbols (sizes may be SymInts under dynamic shapes)."""
+    """Sizes equal for every value of the shape symbols (sizes may be SymInts under dynamic shapes,
+    or graph nodes computing one)."""
+    a, b = (val(v) if isinstance(v, Node) else v for v in (a, b))
+    if a is None or b is None:
+        return False
     return statically_known_true(a == b)
 
 

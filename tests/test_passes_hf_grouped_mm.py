@@ -1,0 +1,253 @@
+"""Form 1 of the experts rewrite: transformers' own MoE blocks (default experts implementation
+"grouped_mm"; "grouped_mm_fallback" for non-bf16 weights) compiled with Inductor on the CPU become one
+``moe_ops.fused_experts`` call, give eager's results, and near-misses are left alone.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from compile_harness import compile_and_record, fresh_compile_state  # noqa: F401  (fixture)
+from conftest import assert_close_rel
+from expecttest import assert_expected_inline
+from torch._dynamo.utils import counters
+
+transformers = pytest.importorskip("transformers")
+from transformers.integrations import moe as hf_moe  # noqa: E402
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE  # noqa: E402
+from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP  # noqa: E402
+from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock  # noqa: E402
+from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock  # noqa: E402
+from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock  # noqa: E402
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("fresh_compile_state")
+
+H, F, E, K = 64, 32, 8, 2
+
+BLOCKS = {
+    "mixtral": lambda: MixtralSparseMoeBlock(transformers.MixtralConfig(
+        hidden_size=H, intermediate_size=F, num_local_experts=E, num_experts_per_tok=K)),
+    "qwen3_moe": lambda: Qwen3MoeSparseMoeBlock(transformers.Qwen3MoeConfig(
+        hidden_size=H, moe_intermediate_size=F, num_experts=E, num_experts_per_tok=K, norm_topk_prob=True)),
+    "qwen2_moe": lambda: Qwen2MoeSparseMoeBlock(transformers.Qwen2MoeConfig(
+        hidden_size=H, moe_intermediate_size=F, shared_expert_intermediate_size=48, num_experts=E,
+        num_experts_per_tok=K, norm_topk_prob=False)),
+    "olmoe": lambda: OlmoeSparseMoeBlock(transformers.OlmoeConfig(
+        hidden_size=H, intermediate_size=F, num_experts=E, num_experts_per_tok=K, norm_topk_prob=False)),
+    "deepseek_v3": lambda: DeepseekV3MoE(transformers.DeepseekV3Config(
+        hidden_size=H, moe_intermediate_size=F, intermediate_size=48, n_routed_experts=16, num_experts_per_tok=4,
+        n_group=4, topk_group=2, n_shared_experts=1, routed_scaling_factor=2.5)),
+    "gpt_oss": lambda: GptOssMLP(transformers.GptOssConfig(
+        hidden_size=H, intermediate_size=F, num_local_experts=E, num_experts_per_tok=K)),
+}
+
+
+def build(name: str, dtype: torch.dtype, experts_implementation: str = "grouped_mm") -> torch.nn.Module:
+    torch.manual_seed(0)
+    block = BLOCKS[name]()
+    block.experts.config._experts_implementation = experts_implementation
+    for param in block.parameters():
+        torch.nn.init.normal_(param, std=0.1)
+    return block.to(dtype).eval().requires_grad_(False)
+
+
+def tokens(num_tokens: int, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return torch.randn(1, num_tokens, H).to(dtype)
+
+
+def output(result):
+    return result[0] if isinstance(result, tuple) else result
+
+
+def experts_rewrites(form: str | None = None) -> int:
+    return counters["moe_ops"]["experts_rewrite" + (f"_{form}" if form else "")]
+
+
+# ---- The rewrite fires on every model family, compiled == eager -----------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("name", list(BLOCKS))
+def test_block_is_rewritten(name, dtype):
+    block = build(name, dtype)
+    x = tokens(10, dtype)
+    result, graph = compile_and_record(block, x)
+    assert "moe_ops.fused_experts.default" in graph
+    assert "_grouped_mm" not in graph and "grouped_mm_fallback" not in graph
+    # bf16 weights take torch's grouped_mm, others transformers' fallback op (a per-expert mm loop).
+    form = "hf_grouped_mm" if dtype == torch.bfloat16 else "hf_grouped_mm_fallback"
+    assert experts_rewrites(form) == 1
+    assert_close_rel(output(result), output(block(x)), dtype, name)
+
+
+def test_expected_graph_qwen3():
+    block = build("qwen3_moe", torch.bfloat16)
+    _, graph = compile_and_record(block, tokens(10, torch.bfloat16))
+    assert_expected_inline(graph, """\
+aten.reshape.default([-1, 64])
+aten.permute.default([1, 0])
+aten.mm.default()
+moe_ops.route.default(2, 'softmax', False, True, 0.0, None, 1, 1, 1.0)
+getitem(0)
+getitem(1)
+prims.convert_element_type.default(torch.bfloat16)
+moe_ops.fused_experts.default(None, None, None, None, 'EFH', False, 'silu', True, 1.702, 7.0, 0.0, 'position')
+getitem(0)
+aten.reshape.default([1, 10, 64])""")
+
+
+def test_expected_graph_gpt_oss():
+    """Interleaved gate/up, clamped SwiGLU with GPT-OSS's constants, biases, transposed weights."""
+    block = build("gpt_oss", torch.bfloat16)
+    _, graph = compile_and_record(block, tokens(10, torch.bfloat16))
+    assert_expected_inline(graph, """\
+aten.reshape.default([-1, 64])
+aten.permute.default([1, 0])
+aten.addmm.default()
+moe_ops.route.default(2, 'softmax', True, False, 0.0, None, 1, 1, 1.0)
+getitem(0)
+getitem(1)
+prims.convert_element_type.default(torch.bfloat16)
+moe_ops.fused_experts.default(None, None, 'EHF', True, 'clamped_swiglu', True, 1.702, 7.0, 0.0, 'position')
+getitem(0)
+aten.reshape.default([1, 10, 64])""")
+
+
+def test_logs_the_rewrite(caplog):
+    with caplog.at_level(logging.INFO, logger="moe_ops"):
+        compile_and_record(build("mixtral", torch.bfloat16), tokens(10, torch.bfloat16))
+    assert "rewrote hf_grouped_mm experts block" in caplog.text and "E=8, K=2, H=64, EFH, silu" in caplog.text
+
+
+# ---- One graph for every token count ----------------------------------------------------------------
+
+
+def test_dynamic_tokens_no_recompile():
+    block = build("qwen3_moe", torch.bfloat16)
+    compiled = torch.compile(block, fullgraph=True)
+    first = tokens(7, torch.bfloat16)
+    torch._dynamo.mark_dynamic(first, 1)
+    assert_close_rel(output(compiled(first)), output(block(first)), torch.bfloat16, "T=7")
+    assert experts_rewrites() == 1
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for num_tokens in (2, 33):
+            x = tokens(num_tokens, torch.bfloat16, seed=num_tokens)
+            assert_close_rel(output(compiled(x)), output(block(x)), torch.bfloat16, f"T={num_tokens}")
+
+
+def test_automatic_dynamic_shapes():
+    block = build("mixtral", torch.float32)
+    compiled = torch.compile(block, fullgraph=True)
+    for num_tokens in (4, 9, 21):  # the second size recompiles with a dynamic T, the third reuses it
+        x = tokens(num_tokens, torch.float32, seed=num_tokens)
+        assert_close_rel(output(compiled(x)), output(block(x)), torch.float32, f"T={num_tokens}")
+    assert experts_rewrites() == 2  # the static graph, then the dynamic one
+
+
+# ---- Near-misses are left alone --------------------------------------------------------------------
+
+
+def _variant(**changes):
+    """transformers' grouped_mm experts forward with one thing changed, as a user's fork would be."""
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        num_top_k, num_tokens = top_k_index.size(-1), hidden_states.size(0)
+        sample_weights, expert_ids = top_k_weights.reshape(-1), top_k_index.reshape(-1)
+        expert_ids_g, perm = torch.sort(expert_ids)
+        hidden_g = hidden_states[perm // num_top_k]
+        tokens_per_expert = torch.histc(expert_ids_g.float(), bins=self.num_experts, min=0, max=self.num_experts - 1)
+        offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
+        sentinel = (expert_ids_g >= self.num_experts).unsqueeze(-1)
+        hidden_g = hidden_g.masked_fill(sentinel, 0.0)
+        gate_up = hf_moe._grouped_mm(hidden_g, self.gate_up_proj.transpose(-2, -1), offsets).masked_fill(sentinel, 0)
+        gate, up = gate_up.chunk(2, dim=-1)
+        act = changes.get("act", self.act_fn)
+        h = act(gate) * up
+        out = hf_moe._grouped_mm(h, self.down_proj.transpose(-2, -1), offsets).masked_fill(sentinel, 0.0)
+        if not changes.get("skip_weights"):
+            out = out * sample_weights[perm].unsqueeze(-1)
+        inv_perm = torch.empty_like(perm)
+        inv_perm[perm] = torch.arange(perm.size(0))
+        result = out[inv_perm].view(num_tokens, num_top_k, -1).sum(dim=1)
+        if changes.get("leak_h"):  # an intermediate read after the block
+            result = result + h.sum() * 0
+        return result.to(hidden_states.dtype)
+
+    return forward
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        (dict(act=torch.tanh), "no activation the op computes"),
+        (dict(skip_weights=True), "not multiplied by their routing weights"),
+        (dict(leak_h=True), "also read outside the block"),
+    ],
+    ids=["tanh", "no_weights", "extra_user"],
+)
+def test_near_miss_is_not_rewritten(change, reason, monkeypatch, caplog):
+    monkeypatch.setitem(hf_moe.ALL_EXPERTS_FUNCTIONS._global_mapping, "near_miss", _variant(**change))
+    block = build("qwen3_moe", torch.bfloat16, experts_implementation="near_miss")
+    x = tokens(10, torch.bfloat16)
+    with caplog.at_level(logging.DEBUG, logger="moe_ops"):
+        result, graph = compile_and_record(block, x)
+    assert experts_rewrites() == 0 and "fused_experts" not in graph
+    assert reason in caplog.text
+    assert_close_rel(output(result), output(block(x)), torch.bfloat16, str(change))
+
+
+def test_the_restated_forward_is_rewritten(monkeypatch):
+    """The control for the near-misses: the restatement with nothing changed does fire."""
+    monkeypatch.setitem(hf_moe.ALL_EXPERTS_FUNCTIONS._global_mapping, "near_miss", _variant())
+    block = build("qwen3_moe", torch.bfloat16, experts_implementation="near_miss")
+    x = tokens(10, torch.bfloat16)
+    result, _ = compile_and_record(block, x)
+    assert experts_rewrites() == 1
+    assert_close_rel(output(result), output(block(x)), torch.bfloat16, "restated")
+
+
+def test_rewrites_disabled_leaves_grouped_mm():
+    import moe_ops
+
+    block = build("qwen3_moe", torch.bfloat16)
+    with moe_ops.rewrites_disabled():
+        _, graph = compile_and_record(block, tokens(10, torch.bfloat16))
+    assert "_grouped_mm" in graph and "fused_experts" not in graph
+
+
+# ---- On the GPU, at real shapes ------------------------------------------------------------------------
+
+
+REAL_SHAPES = {  # (block, config overrides); bf16 weights ~N(0, 0.02)
+    "mixtral": (MixtralSparseMoeBlock, transformers.MixtralConfig, dict(
+        hidden_size=4096, intermediate_size=14336, num_local_experts=8, num_experts_per_tok=2)),
+    "qwen3_moe": (Qwen3MoeSparseMoeBlock, transformers.Qwen3MoeConfig, dict(
+        hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True)),
+    "deepseek_v3": (DeepseekV3MoE, transformers.DeepseekV3Config, dict(
+        hidden_size=7168, moe_intermediate_size=2048, intermediate_size=18432, n_routed_experts=256,
+        num_experts_per_tok=8, n_group=8, topk_group=4, n_shared_experts=1, routed_scaling_factor=2.5)),
+}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", list(REAL_SHAPES))
+def test_cuda_real_shape_uses_moe_ops_kernels(name):
+    from torch._inductor.utils import run_and_get_code
+
+    block_cls, config_cls, overrides = REAL_SHAPES[name]
+    with torch.device("meta"):
+        block = block_cls(config_cls(**overrides)).to(torch.bfloat16).eval().requires_grad_(False)
+    block = block.to_empty(device="cuda")
+    torch.manual_seed(0)
+    for param in block.parameters():
+        param.normal_(0.0, 0.02)
+    x = torch.randn(1, 96, overrides["hidden_size"], device="cuda", dtype=torch.bfloat16)
+    expected = output(block(x))
+    result, codes = run_and_get_code(torch.compile(block, fullgraph=True), x)
+    assert experts_rewrites() == 1
+    assert any("moe_ops.fused_experts" in code for code in codes)
+    assert_close_rel(output(result), expected, torch.bfloat16, name)
