@@ -8,6 +8,9 @@ top-k, renormalise, gated SiLU experts), bf16, weights ~N(0, 0.02), random input
     compile_hf_eager       torch.compile of hf_eager
     compile_hf_grouped_mm  torch.compile of hf_grouped_mm
     moe_ops                router linear + moe_ops.route + moe_ops.fused_experts, on the block's own weights
+    moe_ops_compile_hf_grouped_mm
+                           torch.compile of hf_grouped_mm with the moe_ops rewrites on (the peers above
+                           compile with them off)
 
 Floor of a cell = max(bytes / copy bandwidth, FLOPs / bf16 matmul rate), both ceilings measured once per
 run on the same GPU. Bytes = the expert weights touched (expected distinct experts under uniform
@@ -77,7 +80,10 @@ DRY_RUN_SHAPES = {
 }
 DRY_RUN_TOKENS = (1, 5, 48)
 
-IMPLS = ("hf_eager", "hf_grouped_mm", "compile_hf_eager", "compile_hf_grouped_mm", "moe_ops")
+IMPLS = (
+    "hf_eager", "hf_grouped_mm", "compile_hf_eager", "compile_hf_grouped_mm", "moe_ops",
+    "moe_ops_compile_hf_grouped_mm",
+)
 HF_EAGER_IMPLS = ("hf_eager", "compile_hf_eager")
 IMPL_LABELS = {
     "hf_eager": "HF eager loop",
@@ -85,6 +91,7 @@ IMPL_LABELS = {
     "compile_hf_eager": "torch.compile(HF eager loop)",
     "compile_hf_grouped_mm": "torch.compile(HF grouped_mm)",
     "moe_ops": "moe_ops (eager op)",
+    "moe_ops_compile_hf_grouped_mm": "torch.compile(HF grouped_mm) + moe_ops",
 }
 
 CSV_COLUMNS = (
@@ -260,12 +267,21 @@ def get_configs(shape: MoEShape, impls: list[str], tokens: list[int]) -> list[Ex
 def make_layer(impl: str, blocks: dict[str, torch.nn.Module], shape: MoEShape) -> Callable:
     if impl == "moe_ops":
         return moe_ops_layer(blocks["hf_eager"], shape.top_k)
-    if impl.startswith("compile_"):
+    if "compile_" in impl:
         # Both blocks run MixtralSparseMoeBlock.forward, one code object with one dynamo cache; the
         # eager-loop block's entries (graph break before the experts, no guard on the experts'
         # implementation) would also serve the grouped_mm block. Each compiled block starts clean.
         torch._dynamo.reset()
-        return torch.compile(blocks[impl.removeprefix("compile_")])
+        compiled = torch.compile(blocks[impl.split("compile_", 1)[1]])
+        if impl.startswith("moe_ops_"):
+            return compiled
+        # The peers: importing moe_ops turned its rewrites on, and compiles (one per new T) read the
+        # switch, so every call of a peer runs with the rewrites off.
+        def without_rewrites(x: torch.Tensor) -> torch.Tensor:
+            with moe_ops.rewrites_disabled():
+                return compiled(x)
+
+        return without_rewrites
     return blocks[impl]
 
 
@@ -311,7 +327,7 @@ def run_shape(
             flag = f"  <-- disagrees with hf_eager (> {REL_ERR_TOLERANCE:g})"
             mismatches.append(f"{shape.name} T={T} {config.impl}: {result.rel_err:.2e}")
         print(
-            f"{shape.name:<14} T={T:<5} {config.impl:<22} {result.ms_p50:9.3f} ms"
+            f"{shape.name:<14} T={T:<5} {config.impl:<30} {result.ms_p50:9.3f} ms"
             f"  floor/measured {floor / result.ms_p50:5.3f}  rel err vs hf_eager {result.rel_err:.1e}{flag}"
         )
         rows.append(result_row(result, floor, run_info))
@@ -382,13 +398,14 @@ def _table(shape_rows: list[dict], column: str, floor_row: bool) -> list[str]:
 
 def summary_lines(rows: list[dict]) -> list[str]:
     p50 = {(r["shape"], r["T"], r["impl"]): float(r["ms_p50"]) for r in rows}
-    cells = sorted(
-        {(s, t) for s, t, impl in p50 if impl == "moe_ops" and (s, t, "compile_hf_grouped_mm") in p50}
-    )
-    ahead = sum(p50[s, t, "moe_ops"] <= p50[s, t, "compile_hf_grouped_mm"] for s, t in cells)
-    lines = [
-        f"moe_ops (eager op) at or ahead of torch.compile(HF grouped_mm) in {ahead} of {len(cells)} cells"
-    ]
+    lines = []
+    for impl in ("moe_ops", "moe_ops_compile_hf_grouped_mm"):
+        cells = sorted({(s, t) for s, t, i in p50 if i == impl and (s, t, "compile_hf_grouped_mm") in p50})
+        if cells:
+            ahead = sum(p50[s, t, impl] <= p50[s, t, "compile_hf_grouped_mm"] for s, t in cells)
+            lines.append(
+                f"{IMPL_LABELS[impl]} at or ahead of torch.compile(HF grouped_mm) in {ahead} of {len(cells)} cells"
+            )
     for impl in IMPLS:
         ratios = [float(r["floor_over_measured"]) for r in rows if r["impl"] == impl]
         if ratios:
@@ -428,12 +445,12 @@ def print_shape_table(shape: MoEShape, rows: list[dict]) -> None:
     print(f"\n{shape.name}: ms (p50), with floor/measured in brackets")
     tokens = sorted({int(r["T"]) for r in rows})
     by_cell = {(r["impl"], int(r["T"])): r for r in rows}
-    print(f"{'impl':<30}" + "".join(f"{f'T={t}':>18}" for t in tokens))
+    print(f"{'impl':<40}" + "".join(f"{f'T={t}':>18}" for t in tokens))
     for impl in IMPLS:
         if any((impl, t) in by_cell for t in tokens):
             cells = [by_cell.get((impl, t)) for t in tokens]
             print(
-                f"{IMPL_LABELS[impl]:<30}"
+                f"{IMPL_LABELS[impl]:<40}"
                 + "".join(
                     f"{float(c['ms_p50']):>9.3f} ({float(c['floor_over_measured']):.2f})"
                     if c
@@ -442,7 +459,7 @@ def print_shape_table(shape: MoEShape, rows: list[dict]) -> None:
                 )
             )
     floors = {int(r["T"]): float(r["floor_ms"]) for r in rows}
-    print((f"{'floor':<30}" + "".join(f"{floors[t]:>9.3f}{'':>9}" for t in tokens)).rstrip() + "\n")
+    print((f"{'floor':<40}" + "".join(f"{floors[t]:>9.3f}{'':>9}" for t in tokens)).rstrip() + "\n")
 
 
 # ---- Main ------------------------------------------------------------------------------------------
