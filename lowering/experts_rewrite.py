@@ -100,7 +100,7 @@ def _activation_fn(activation: str, gate_up_form: str):
             return (up + 1) * (gate * torch.sigmoid(gate * _ALPHA))
         return fn
     if gate_up_form == "ungated":
-        return act
+        return lambda up: act(up)  # one parameter: make_fx traces F.silu's ``inplace`` as a second input
 
     def gated(*inputs):
         gate, up = split(inputs[0]) if len(inputs) == 1 else inputs

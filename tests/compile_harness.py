@@ -41,15 +41,35 @@ class _RecordAfter(CustomGraphPass):
         return None
 
 
+_aten = torch.ops.aten
+_CHECKS = (_aten._assert_async.msg, _aten._assert_async.default, _aten._assert_scalar.default)
+
+
 def graph_summary(graph: torch.fx.Graph) -> str:
-    """The call_function targets in order, each with its non-tensor arguments: stable across torch
-    versions, unlike node names."""
+    """The call_function targets in order, each with its non-tensor arguments (a node inside a list
+    shows as ``%``): stable across torch versions, unlike node names. Runtime checks (asserts and the
+    nodes only they read, e.g. one_hot's range checks) are left out: which ones a decomposition emits
+    differs between torch versions."""
+    checks: set[torch.fx.Node] = set()
+    for node in reversed(graph.nodes):
+        if node.op == "call_function" and (node.target in _CHECKS or (node.users and checks.issuperset(node.users))):
+            checks.add(node)
+
+    def show(arg):
+        if isinstance(arg, torch.fx.Node):
+            return "%"
+        if isinstance(arg, list):
+            return f"[{', '.join(map(show, arg))}]"
+        if isinstance(arg, tuple):
+            return f"({', '.join(map(show, arg))}{',' if len(arg) == 1 else ''})"
+        return repr(arg)
+
     lines = []
     for node in graph.nodes:
-        if node.op != "call_function":
+        if node.op != "call_function" or node in checks:
             continue
         name = "getitem" if node.target is operator.getitem else str(node.target)
-        args = [repr(a) for a in node.args if not isinstance(a, torch.fx.Node)]
+        args = [show(a) for a in node.args if not isinstance(a, torch.fx.Node)]
         lines.append(f"{name}({', '.join(args)})")
     return "\n".join(lines)
 

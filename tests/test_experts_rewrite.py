@@ -1,0 +1,76 @@
+"""The activation matcher shared by the experts rewrites: a traced activation is recognised as the one
+the op computes, with its form and constants, and a different function is not."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._inductor.decomposition import select_decomp_table
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from lowering.experts_rewrite import match_any_activation
+from lowering.fx_match import Rejected
+
+WIDTH = 8
+
+
+def traced(fn, num_inputs=1):
+    """fn's graph as Inductor sees it post-grad: make_fx with Inductor's decompositions."""
+    example = [torch.randn(3, WIDTH) for _ in range(num_inputs)]
+    graph = make_fx(fn, decomposition_table=select_decomp_table())(*example).graph
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    (output,) = [n for n in graph.nodes if n.op == "output"]
+    return output.args[0], inputs
+
+
+def swiglu_concat(gate_up):
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def gpt_oss_interleaved(gate_up, alpha=1.702, limit=7.0):
+    gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+    gate = gate.clamp(min=None, max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+@pytest.mark.parametrize(
+    "fn, num_inputs, form, expected",
+    [
+        (swiglu_concat, 1, "concat", "silu"),
+        (lambda gate, up: F.gelu(gate) * up, 2, "separate", "gelu"),
+        (lambda up: F.relu(up), 1, "ungated", "relu"),  # NemotronH-style act(up) alone
+        (lambda up: F.silu(up), 1, "ungated", "silu"),
+        (lambda up: F.gelu(up, approximate="tanh"), 1, "ungated", "gelu_tanh"),
+    ],
+    ids=["swiglu_concat", "gelu_separate", "relu_ungated", "silu_ungated", "gelu_tanh_ungated"],
+)
+def test_activation_recognised(fn, num_inputs, form, expected):
+    h, inputs = traced(fn, num_inputs)
+    activation, nodes, constants = match_any_activation(h, inputs, form)
+    assert activation == expected and h in nodes and constants == {}
+
+
+def test_clamped_swiglu_binds_its_constants():
+    h, inputs = traced(functools.partial(gpt_oss_interleaved, alpha=1.5, limit=5.0))
+    activation, _, constants = match_any_activation(h, inputs, "interleaved")
+    assert activation == "clamped_swiglu" and constants == {"alpha": 1.5, "limit": 5.0}
+
+
+@pytest.mark.parametrize(
+    "fn, form",
+    [
+        (lambda up: torch.tanh(up), "ungated"),
+        (lambda gate_up: F.silu(gate_up.chunk(2, -1)[1]) * gate_up.chunk(2, -1)[0], "concat"),  # gate, up swapped
+        (lambda gate_up: F.silu(gate_up.chunk(2, -1)[0]) + gate_up.chunk(2, -1)[1], "concat"),  # sum, not product
+    ],
+    ids=["tanh", "gate_up_swapped", "sum_not_product"],
+)
+def test_other_functions_rejected(fn, form):
+    h, inputs = traced(fn)
+    with pytest.raises(Rejected, match="no activation the op computes"):
+        match_any_activation(h, inputs, form)
