@@ -16,12 +16,15 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from lowering import config
 from lowering.experts_rewrite import rewrite_experts
+from lowering.match_expert_loop import find_expert_loop_blocks
 from lowering.match_grouped_mm import find_grouped_mm_blocks
+from lowering.match_torchtitan import find_torchtitan_blocks
+from lowering.match_weight_gather import find_weight_gather_blocks
 from lowering.route_rewrite import rewrite_routing_prologues
 from moe_ops._compat import custom_passes_in
 
 # The routed-experts forms recognised (each yields candidate blocks of the post-grad graph).
-EXPERT_FORMS = (find_grouped_mm_blocks,)
+EXPERT_FORMS = (find_grouped_mm_blocks, find_torchtitan_blocks, find_weight_gather_blocks, find_expert_loop_blocks)
 # Each rewrite takes the post-grad graph and returns how many subgraphs it replaced. Routing first:
 # an experts block then reads the route op's ids, whose int64 cast it skips.
 REWRITES = (rewrite_routing_prologues, functools.partial(rewrite_experts, forms=EXPERT_FORMS))
@@ -64,4 +67,7 @@ class MoeOpsPostGradPass(CustomGraphPass):
                 # As for a bare function in the hook: Inductor cannot key the cache, so it bypasses it.
                 return None
             chained_uuids.append(repr(chained_uuid))
-        return f"moe_ops:{_source_hash()}:rewrites={config.rewrites}:chained=[{','.join(chained_uuids)}]"
+        return (
+            f"moe_ops:{_source_hash()}:rewrites={config.rewrites}:stack_expert_weights={config.stack_expert_weights}"
+            f":chained=[{','.join(chained_uuids)}]"
+        )

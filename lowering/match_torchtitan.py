@@ -1,0 +1,324 @@
+"""Form 3: torchtitan's MoE (``models/common/moe.py`` + ``token_dispatcher.py``, LocalTokenDispatcher).
+
+What ``MoE.forward`` with the EP=1 dispatcher and ``GroupedExperts`` becomes post-grad (S = T*K slots;
+``order`` = the slots sorted by expert id, ``tok`` = the token of each sorted slot):
+
+    n     = sum(scatter(full((T, E), False), -1, ids, True), 0)    # routing_map.sum(0)
+          | histc(ids_flat | ids_sorted (as float), bins=E, min=0, max=E or E-1)
+    offs  = cumsum(n, dtype=int32)
+    order = sort(ids.view(-1), stable=True)[1]                    # argsort(stable=True)
+    tok   = order // K
+    xg    = x[tok]                                                # no .bfloat16() cast: x is bf16
+    h     = act(grouped_mm(xg, w1^T, offs), grouped_mm(xg, w3^T, offs))   # silu(g) * u
+    y     = grouped_mm(h, w2^T, offs)                             # .type_as(x): no cast
+    ys    = (y.float() * w.view(-1)[order].view(-1, 1)).to(x.dtype)
+    out   = scatter_add(zeros_like(x), 0, tok.view(-1, 1).expand(-1, D), ys)
+            (or torchtitan::deterministic_scatter_add(zeros_like(x), index, ys), a custom op around it)
+
+Why that is ``moe_ops.fused_experts(x, w, ids, w1, w2, w_up=w3, layout="EFH")`` (weights used
+untransposed: "EHF"; the activation: any the op computes on separate gate and up, compared node for
+node by ``match_any_activation``; torchtitan's is silu):
+
+- grouped_mm gives rows [offs[e-1], offs[e]) to expert e. The rows are the slots sorted by id, so
+  row r holds a slot of expert e exactly when offs[e] counts, for every expert, the slots with
+  that id. The rewrite requires ``n`` to count the ids that are sorted (the same node), and the
+  ids to come from a top-k over the E experts (``aten.topk`` over the last dim of a (T, E) tensor,
+  or ``moe_ops.route`` with E logits, where the routing rewrite ran first): then every id is in
+  [0, E) and a token's K ids are distinct, so the routing-map count (tokens per expert) and the
+  histogram (ids per expert) both equal the slots per expert. Counts of other ids, or ids of
+  unknown provenance (a duplicate id in a row is counted once by the routing map; an id outside
+  [0, E) falls outside every group) are not rewritten.
+- Row r reads x[order[r] // K] and is weighted by w.view(-1)[order[r]]: the token and weight of
+  slot order[r] (row-major flattening of (T, K), the same ``order``), and the scatter_add adds it to
+  row order[r] // K of zeros, over all D columns (an index of shape (S, D) repeating ``tok``): each
+  token's output is the sum of its K weighted slots.
+- torchtitan casts x and the weights to bf16 around each grouped_mm; those casts are no-ops only
+  when they are bf16 already. A cast in the graph (fp32 model) means the plain code rounds inputs
+  that the op would not: not rewritten.
+
+Rounding: torchtitan rounds each GEMM output to bf16 and adds the K slots in bf16 (scatter_add into a
+bf16 zeros); the op keeps the GEMMs and the sum in fp32 (see lowering/experts_rewrite.py).
+
+Not handled (logged): token-group padding. torchtitan (b5bcd76) no longer pads in the local
+dispatcher (no ``generate_permute_indices``); it pads groups to a multiple of 16/32 only in
+``TorchAOTokenDispatcher`` (quantized grouped GEMMs: torchao's ``permute_and_pad``, an opaque op) and
+HybridEP. There the grouped_mm rows are not ``x[tok]`` and the offsets are not the counts' cumsum.
+The EP dispatchers (all-to-all) and the GPT-OSS experts (biases, interleaved clamped SwiGLU) are
+other forms.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Iterator
+
+import torch
+from torch.fx import Graph, Node
+
+from lowering.experts_rewrite import ExpertsMatch, match_any_activation
+from lowering.fx_match import Rejected, arg, aten, is_call, is_view_call, prims, same_shape, same_size, shape, val
+
+
+def _scatter_add_targets() -> tuple:
+    """``aten.scatter_add`` and, where it is registered, torchtitan's custom op around it (dim 0)."""
+    targets = [aten.scatter_add.default]
+    torchtitan_ops = getattr(torch.ops, "torchtitan", None)
+    if torchtitan_ops is not None and hasattr(torchtitan_ops, "deterministic_scatter_add"):
+        targets.append(torchtitan_ops.deterministic_scatter_add.default)
+    return tuple(targets)
+
+
+def _is_grouped_mm(node) -> bool:
+    return is_call(node, aten._grouped_mm.default)
+
+
+def _is_constant(node, values) -> bool:
+    """``full(size, v)`` with v in ``values`` (``zeros_like`` post-grad)."""
+    if is_call(node, aten.full.default):
+        return node.args[1] in values
+    return is_call(node, aten.zeros.default) and 0 in values
+
+
+def _is_cast(node) -> bool:
+    return is_call(node, prims.convert_element_type.default) or is_call(node, aten._to_copy.default)
+
+
+def _expert_weight(b: Node, name: str) -> tuple[Node, str, set[Node]]:
+    """A grouped_mm's (E, in, out) operand -> (the parameter, its layout, the nodes in between)."""
+    if is_call(b, aten.permute.default) and list(b.args[1]) in ([0, 2, 1], [0, -1, -2]):
+        weight, layout, between = b.args[0], "EFH", {b}
+    elif is_call(b, aten.transpose.int) and sorted(d % 3 for d in b.args[1:3]) == [1, 2]:
+        weight, layout, between = b.args[0], "EFH", {b}
+    else:
+        weight, layout, between = b, "EHF", set()
+    if _is_cast(weight):
+        raise Rejected(f"{name} is cast to {val(weight).dtype} for the grouped_mm (a rounding the op would skip)")
+    if val(weight) is None or val(weight).dim() != 3:
+        raise Rejected(f"{name} is not an (E, N, K) tensor")
+    return weight, layout, between
+
+
+def _grouped_mm_args(gemm: Node) -> tuple[Node, Node, Node]:
+    a, b = gemm.args[:2]
+    offsets = arg(gemm, 2, "offs", None)
+    if arg(gemm, 3, "bias", None) is not None or arg(gemm, 4, "out_dtype", None) not in (None, val(a).dtype):
+        raise Rejected(f"{gemm.name} has a bias or another output dtype")
+    return a, b, offsets
+
+
+def _ids_from_top_k(ids: Node, num_experts: int) -> None:
+    """``ids`` are a top-k over the last dim of (T, E) scores: in [0, E), distinct along each row."""
+    source = ids
+    if is_call(source, prims.convert_element_type.default) and source.args[1] == torch.int64:
+        source = source.args[0]  # moe_ops.route's int32 ids, cast back by the routing rewrite
+    producer = source.args[0] if is_call(source, operator.getitem) and source.args[1] == 1 else None
+    if is_call(producer, aten.topk.default):
+        scores = val(producer.args[0])
+        dim = arg(producer, 2, "dim", -1)
+        if scores.dim() == 2 and dim in (-1, 1) and same_size(scores.shape[1], num_experts):
+            return
+    route = getattr(getattr(torch.ops, "moe_ops", None), "route", None)
+    if route is not None and is_call(producer, route.default):
+        logits = val(producer.args[0])
+        if logits.dim() == 2 and same_size(logits.shape[1], num_experts):
+            return
+    raise Rejected(
+        f"the ids ({ids.name}) are not a top-k over the {num_experts} experts: their counts need not be "
+        "the slots per expert (a repeated id in a row is counted once, an id outside [0, E) in no group)"
+    )
+
+
+def _counts_region(offsets: Node, ids: Node, flat_ids: Node, sort: Node, num_experts: int) -> set[Node]:
+    """``offsets`` = cumsum of the per-expert counts of ``ids``; returns the nodes computing them."""
+    if not (
+        is_call(offsets, aten.cumsum.default)
+        and offsets.args[1] in (0, -1)
+        and offsets.kwargs.get("dtype", val(offsets).dtype) == torch.int32
+        and val(offsets).dim() == 1
+    ):
+        raise Rejected("the group offsets are not a cumsum (int32) of per-expert counts")
+    counts = offsets.args[0]
+    if not same_shape(shape(counts), (num_experts,)):
+        raise Rejected(f"the group offsets do not hold one count per expert (E={num_experts})")
+    nodes = {offsets, counts}
+
+    # routing_map = zeros_like(scores, dtype=bool).scatter_(-1, ids, True); counts = routing_map.sum(0)
+    if is_call(counts, aten.sum.dim_IntList):
+        routing_map = counts.args[0]
+        if not (
+            list(counts.args[1]) in ([0], [-2])
+            and not arg(counts, 2, "keepdim", False)
+            and is_call(routing_map, aten.scatter.value)
+            and val(routing_map).dim() == 2
+            and routing_map.args[1] in (-1, 1)
+            and routing_map.args[3] in (True, 1)
+            and _is_constant(routing_map.args[0], (False, 0))
+            and same_size(shape(routing_map)[1], num_experts)
+        ):
+            raise Rejected("the counts are not routing_map.sum(0), routing_map = zeros.scatter(-1, ids, True)")
+        if routing_map.args[2] is not ids:
+            raise Rejected("the counts are of other ids than the sorted ones")
+        return nodes | {routing_map}
+
+    # counts = histc(ids.view(-1).float(), bins=E, min=0, max=E-1 | E)  (or of the sorted ids)
+    if is_call(counts, aten.histc.default):
+        counted = counts.args[0]
+        bins, low, high = (arg(counts, i, name, d) for i, name, d in ((1, "bins", 100), (2, "min", 0), (3, "max", 0)))
+        if not (bins == num_experts and low == 0 and high in (num_experts - 1, num_experts) and high > low):
+            raise Rejected(f"the histogram is not bins=E={num_experts}, min=0, max=E-1 or E")
+        if _is_cast(counted):
+            if val(counted).dtype not in (torch.float32, torch.float64):  # exact for ids < 2**24
+                raise Rejected(f"the ids are counted as {val(counted).dtype} (not exact for every id)")
+            nodes.add(counted)
+            counted = counted.args[0]
+        flat_of_ids = is_view_call(counted) and counted.args[0] is ids and val(counted).dim() == 1
+        sorted_ids = is_call(counted, operator.getitem) and counted.args[0] is sort and counted.args[1] == 0
+        if not (counted is flat_ids or flat_of_ids or sorted_ids):
+            raise Rejected("the counts are of other ids than the sorted ones")
+        return nodes | {counted}
+    raise Rejected("the counts are neither a routing-map sum nor a histc of the ids")
+
+
+def _match(combine: Node) -> ExpertsMatch:
+    region: set[Node] = {combine}
+    if combine.target is aten.scatter_add.default:
+        base, dim, index, weighted = combine.args[:4]
+        if dim not in (0, -2):
+            raise Rejected("the scatter_add is not over dim 0 (tokens)")
+    else:  # torchtitan::deterministic_scatter_add(out, index, src): out.scatter_add(0, index, src)
+        base, index, weighted = combine.args[:3]
+    if not _is_constant(base, (0, 0.0, False)) or val(base).dim() != 2:
+        raise Rejected("the slot outputs are not scattered into a (T, D) zeros")
+    num_tokens, hidden = shape(base)
+
+    # index = tok.view(-1, 1).expand(-1, D): row i of every column goes to token tok[i]
+    column = index.args[0] if is_call(index, aten.expand.default) else None
+    if not (column is not None and same_shape(shape(index), shape(weighted)) and same_size(shape(index)[1], hidden)):
+        raise Rejected("the scatter index is not one token per slot row, expanded over all D columns")
+    if is_call(column, aten.unsqueeze.default) and column.args[1] in (1, -1):
+        tok = column.args[0]
+    elif is_view_call(column) and len(shape(column)) == 2 and same_size(shape(column)[1], 1):
+        tok = column.args[0]
+    else:
+        raise Rejected("the scatter index is not tok[:, None]")
+    if val(tok).dim() != 1:
+        raise Rejected("the scatter index is not tok[:, None] of a 1-D tok")
+    region.update((index, column))
+
+    # tok = order // K, order = argsort(ids.view(-1))
+    if not (
+        (is_call(tok, aten.div.Tensor_mode) and tok.kwargs.get("rounding_mode") == "floor")
+        or is_call(tok, aten.floor_divide.default)
+    ):
+        raise Rejected("the slot rows do not map to their tokens by order // K")
+    order, top_k = tok.args[:2]
+    sort = order.args[0] if is_call(order, operator.getitem) and order.args[1] == 1 else None
+    if not (is_call(sort, aten.sort.default) or is_call(sort, aten.sort.stable)):
+        raise Rejected("the slot order does not come from sorting the ids")
+    if sort.target is aten.sort.default:
+        dim, descending = arg(sort, 1, "dim", -1), arg(sort, 2, "descending", False)
+    else:
+        dim, descending = sort.kwargs.get("dim", -1), sort.kwargs.get("descending", False)
+    flat_ids = sort.args[0]
+    if dim not in (0, -1) or descending or not is_view_call(flat_ids):
+        raise Rejected("the slot order is not the ascending sort of the flattened ids")
+    ids = flat_ids.args[0]
+    if not isinstance(top_k, int) or val(ids).dim() != 2 or val(flat_ids).dim() != 1 or shape(ids)[1] != top_k:
+        raise Rejected("the sorted ids are not (T, K) with tok = order // K")
+    num_slots = shape(flat_ids)[0]
+    if not same_size(shape(tok)[0], num_slots):
+        raise Rejected("the scattered rows are not the T*K slots")
+    region.update((tok, order, sort, flat_ids))
+    region.update(u for u in sort.users if is_call(u, operator.getitem))
+
+    # weighted = (y.float() * w.view(-1)[order].view(-1, 1)).to(x.dtype)
+    product = weighted
+    if _is_cast(product):
+        region.add(product)
+        product = product.args[0]
+    operands = product.args if is_call(product, aten.mul.Tensor) else ()
+    if not (len(operands) == 2 and all(isinstance(operand, Node) for operand in operands)):
+        raise Rejected("the slot outputs are not multiplied by their routing weights")
+    region.add(product)
+    topk_weights = down = None
+    for scores, y in (product.args, product.args[::-1]):
+        gathered = scores.args[0] if is_view_call(scores) or is_call(scores, aten.unsqueeze.default) else None
+        if not (is_call(gathered, aten.index.Tensor) and list(gathered.args[1]) == [order]):
+            continue
+        flat_weights = gathered.args[0]
+        if not (same_shape(shape(scores), (num_slots, 1)) and is_view_call(flat_weights)):
+            continue
+        if val(flat_weights).dim() != 1 or val(flat_weights.args[0]).dim() != 2:
+            continue
+        region.update((scores, gathered, flat_weights))
+        topk_weights = flat_weights.args[0]
+        if _is_cast(y) and val(y).dtype == torch.float32:
+            region.add(y)
+            y = y.args[0]
+        down = y
+        break
+    if topk_weights is None:
+        raise Rejected("the slot outputs are not multiplied by the (T, K) weights in slot order")
+
+    # y = grouped_mm(h, w2^T, offs)
+    if not _is_grouped_mm(down):
+        raise Rejected(f"the weighted slot outputs ({down.name}) are not a grouped_mm (or are cast first)")
+    region.add(down)
+    h, w_down_view, offsets = _grouped_mm_args(down)
+    w_down, layout, between = _expert_weight(w_down_view, "w2")
+    region |= between
+    num_experts = shape(w_down)[0]
+
+    _ids_from_top_k(ids, num_experts)
+    region |= _counts_region(offsets, ids, flat_ids, sort, num_experts)
+
+    # h = act(grouped_mm(xg, w1^T, offs), grouped_mm(xg, w3^T, offs)), xg = x[tok]
+    gate_up = [n for n in offsets.users if _is_grouped_mm(n) and n is not down]
+    if len(gate_up) != 2:
+        raise Rejected(f"not three grouped_mms share the offsets (w1, w3, w2): {len(gate_up) + 1}")
+    try:
+        activation, act_nodes, constants = match_any_activation(h, gate_up, "separate")
+    except Rejected:
+        gate_up = gate_up[::-1]
+        activation, act_nodes, constants = match_any_activation(h, gate_up, "separate")
+    region |= act_nodes
+    x = None
+    weights = []
+    for gemm, name in zip(gate_up, ("w1", "w3"), strict=True):
+        gathered_x, weight_view, gemm_offsets = _grouped_mm_args(gemm)
+        if gemm_offsets is not offsets:
+            raise Rejected(f"the {name} grouped_mm has other offsets")
+        if _is_cast(gathered_x):
+            raise Rejected(f"x is cast to {val(gathered_x).dtype} for the grouped_mm (a rounding the op would skip)")
+        if not (is_call(gathered_x, aten.index.Tensor) and list(gathered_x.args[1]) == [tok]):
+            raise Rejected("the grouped_mm rows are not x[tok] (padded or otherwise permuted token groups)")
+        if x is not None and gathered_x.args[0] is not x:
+            raise Rejected("the w1 and w3 grouped_mms read different inputs")
+        x = gathered_x.args[0]
+        weight, weight_layout, between = _expert_weight(weight_view, name)
+        if weight_layout != layout:
+            raise Rejected("w1, w3 and w2 in different layouts")
+        weights.append(weight)
+        region |= between | {gemm, gathered_x}
+    if not same_size(shape(x)[0], num_tokens) or not same_size(shape(x)[1], hidden):
+        raise Rejected("the output is not x's shape")
+    # The op's shapes (grouped_mm alone would let w3's output broadcast against w1's).
+    w1_shape = shape(weights[0])
+    down_shape = (w1_shape[0], w1_shape[2], w1_shape[1])  # EFH: (E, F, H) -> (E, H, F); EHF: the reverse
+    if not (same_shape(w1_shape, shape(weights[1])) and same_shape(shape(w_down), down_shape)):
+        raise Rejected(f"w1 {w1_shape}, w3 {shape(weights[1])} and w2 {shape(w_down)} are not one MLP's shapes")
+
+    return ExpertsMatch(
+        form="torchtitan", result=combine, region=region, x=x, topk_weights=topk_weights, topk_ids=ids,
+        w_gate_up=weights[0], w_up=weights[1], w_down=w_down, layout=layout, activation=activation,
+        alpha=constants.get("alpha", 1.702), limit=constants.get("limit", 7.0),
+    )
+
+
+def find_torchtitan_blocks(graph: Graph) -> Iterator[Callable[[], ExpertsMatch]]:
+    """Candidates: scatter_adds (and torchtitan::deterministic_scatter_add); each call matches one block
+    or raises Rejected."""
+    targets = _scatter_add_targets()
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in targets:
+            yield lambda combine=node: _match(combine)

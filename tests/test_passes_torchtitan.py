@@ -1,0 +1,356 @@
+"""The experts rewrite, form 3: torchtitan's MoE compiled with Inductor on the CPU gives eager's results,
+and its post-grad graph holds one ``moe_ops.fused_experts`` in place of dispatch, experts and combine.
+
+torchtitan is not installed here: the modules below restate ``torchtitan/models/common/moe.py`` and
+``token_dispatcher.py`` (pytorch/torchtitan b5bcd76) with the same op sequence, minus the DTensor,
+SPMD and expert-parallel branches. The one change: torchtitan computes the router gate under
+``torch.autocast(dtype=torch.float32)``, which CPU autocast does not support, so the restatement casts
+x and the gate weight to fp32 itself (what that autocast does on CUDA).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from compile_harness import compile_and_record, fresh_compile_state  # noqa: F401  (fixture)
+from conftest import assert_close_rel
+from expecttest import assert_expected_inline
+from torch import nn
+from torch._dynamo.utils import counters
+
+import moe_ops  # noqa: F401  (installs the pass)
+
+T, D, F_HIDDEN, E, K = 6, 64, 32, 8, 2
+pytestmark = pytest.mark.usefixtures("fresh_compile_state")
+
+
+# ---- torchtitan's custom op around scatter_add (torchtitan/ops/scatter_add.py) ----------------------
+
+if not hasattr(torch.ops.torchtitan, "deterministic_scatter_add"):
+
+    @torch.library.custom_op("torchtitan::deterministic_scatter_add", mutates_args=())
+    def deterministic_scatter_add(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        prev = torch.are_deterministic_algorithms_enabled()
+        prev_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+        torch.use_deterministic_algorithms(True, warn_only=False)
+        try:
+            return out.scatter_add(dim=0, index=index, src=src)
+        finally:
+            torch.use_deterministic_algorithms(prev, warn_only=prev_warn_only)
+
+    @deterministic_scatter_add.register_fake
+    def _(out, index, src):
+        return torch.empty_like(out)
+
+
+# ---- torchtitan's MoE, restated ---------------------------------------------------------------------
+
+
+class TokenChoiceTopKRouter(nn.Module):
+    def __init__(self, score_func="sigmoid", route_norm=False, route_scale=1.0):
+        super().__init__()
+        self.gate = nn.Linear(D, E, bias=False)
+        self.score_func, self.route_norm, self.route_scale = score_func, route_norm, route_scale
+
+    def forward(self, x_TD, expert_bias_E=None):
+        scores_TE = F.linear(x_TD.float(), self.gate.weight.float())  # autocast(float32) on CUDA
+        if self.score_func == "sigmoid":
+            scores_TE = torch.sigmoid(scores_TE)
+        else:
+            scores_TE = F.softmax(scores_TE, dim=-1)
+        scores_for_choice_TE = scores_TE if expert_bias_E is None else scores_TE + expert_bias_E
+        _, topk_expert_ids_TK = torch.topk(scores_for_choice_TE, k=K, dim=-1, sorted=False)
+        topk_scores_TK = scores_TE.gather(dim=-1, index=topk_expert_ids_TK)
+        if self.route_norm:
+            denominator = topk_scores_TK.sum(dim=-1, keepdim=True) + 1e-20
+            topk_scores_TK = topk_scores_TK / denominator
+        topk_scores_TK = topk_scores_TK * self.route_scale
+        return topk_scores_TK, topk_expert_ids_TK, scores_TE
+
+
+class LocalTokenDispatcher:
+    top_k = K
+
+    def dispatch(self, x_TD, topk_scores_TK, topk_expert_ids_TK):
+        token_indices_experts_sorted_N = torch.argsort(topk_expert_ids_TK.view(-1), stable=True)
+        topk_scores_experts_sorted_N = topk_scores_TK.view(-1)[token_indices_experts_sorted_N]
+        token_indices_experts_sorted_N = token_indices_experts_sorted_N // self.top_k
+        routed_input_ND = x_TD[token_indices_experts_sorted_N]
+        return routed_input_ND, (token_indices_experts_sorted_N, topk_scores_experts_sorted_N)
+
+    def weight(self, routed_output_RD, topk_scores_experts_sorted_N):
+        return (
+            routed_output_RD.to(torch.float32) * topk_scores_experts_sorted_N.reshape(-1, 1)
+        ).to(routed_output_RD.dtype)
+
+    def scatter(self, out_TD, index, routed_output_RD):
+        return out_TD.scatter_add(0, index, routed_output_RD)
+
+    def combine(self, routed_output_RD, metadata, x_TD):
+        token_indices_experts_sorted_N, topk_scores_experts_sorted_N = metadata
+        out_TD = torch.zeros_like(x_TD)
+        routed_output_RD = self.weight(routed_output_RD, topk_scores_experts_sorted_N)
+        dim = x_TD.shape[-1]
+        return self.scatter(out_TD, token_indices_experts_sorted_N.reshape(-1, 1).expand(-1, dim), routed_output_RD)
+
+
+class CustomOpDispatcher(LocalTokenDispatcher):  # what torchtitan calls: its custom op
+    def scatter(self, out_TD, index, routed_output_RD):
+        return torch.ops.torchtitan.deterministic_scatter_add(out_TD, index, routed_output_RD)
+
+
+class GroupedExperts(nn.Module):
+    def __init__(self, dtype):
+        super().__init__()
+        self.w1_EFD = nn.Parameter(torch.randn(E, F_HIDDEN, D, dtype=dtype) / D**0.5)
+        self.w2_EDF = nn.Parameter(torch.randn(E, D, F_HIDDEN, dtype=dtype) / F_HIDDEN**0.5)
+        self.w3_EFD = nn.Parameter(torch.randn(E, F_HIDDEN, D, dtype=dtype) / D**0.5)
+
+    def activation(self, gate, up):
+        return F.silu(gate) * up
+
+    def forward(self, x_RD, num_tokens_per_expert_E):
+        offsets_E = torch.cumsum(num_tokens_per_expert_E, dim=0, dtype=torch.int32)
+        gate = torch._grouped_mm(x_RD.bfloat16(), self.w1_EFD.bfloat16().transpose(-2, -1), offs=offsets_E)
+        up = torch._grouped_mm(x_RD.bfloat16(), self.w3_EFD.bfloat16().transpose(-2, -1), offs=offsets_E)
+        h_RF = self.activation(gate, up)
+        return torch._grouped_mm(h_RF, self.w2_EDF.bfloat16().transpose(-2, -1), offs=offsets_E).type_as(x_RD)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dtype):
+        super().__init__()
+        self.w1 = nn.Linear(D, F_HIDDEN, bias=False, dtype=dtype)
+        self.w2 = nn.Linear(F_HIDDEN, D, bias=False, dtype=dtype)
+        self.w3 = nn.Linear(D, F_HIDDEN, bias=False, dtype=dtype)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class MoE(nn.Module):
+    def __init__(self, dtype=torch.bfloat16, score_func="sigmoid", route_norm=False, route_scale=1.0,
+                 expert_bias=False, shared_experts=False, dispatcher=LocalTokenDispatcher):
+        super().__init__()
+        self.router = TokenChoiceTopKRouter(score_func, route_norm, route_scale)
+        self.experts = GroupedExperts(dtype)
+        self.token_dispatcher = dispatcher()
+        self.shared_experts = FeedForward(dtype) if shared_experts else None
+        self.register_buffer("expert_bias_E", torch.randn(E) * 0.1 if expert_bias else None)
+
+    def count(self, scores_TE, topk_expert_ids_TK):
+        routing_map_TE = torch.zeros_like(scores_TE, dtype=torch.bool).scatter_(-1, topk_expert_ids_TK, True)
+        return routing_map_TE.sum(dim=0)
+
+    def forward(self, x_TD):
+        topk_scores_TK, topk_expert_ids_TK, scores_TE = self.router(x_TD, self.expert_bias_E)
+        num_tokens_per_expert_E = self.count(scores_TE, topk_expert_ids_TK)
+        routed_input_RD, metadata = self.token_dispatcher.dispatch(x_TD, topk_scores_TK, topk_expert_ids_TK)
+        routed_output_RD = self.experts(routed_input_RD, num_tokens_per_expert_E)
+        out_TD = self.token_dispatcher.combine(routed_output_RD, metadata, x_TD)
+        if self.shared_experts is not None:
+            out_TD = out_TD + self.shared_experts(x_TD)
+        return out_TD
+
+
+# ---- Harness ----------------------------------------------------------------------------------------
+
+
+def rewrites() -> int:
+    return counters["moe_ops"]["experts_rewrite"]
+
+
+def check_against_eager(model, x, dtype=torch.bfloat16):
+    with torch.no_grad():
+        result, graph = compile_and_record(model, x)
+        assert_close_rel(result, model(x), dtype, "compiled vs eager")
+    return graph
+
+
+def inputs(num_tokens=T, dtype=torch.bfloat16):
+    return torch.randn(num_tokens, D, dtype=dtype)
+
+
+# ---- The rewrite fires, and compiled == eager -------------------------------------------------------
+
+
+def test_softmax_router():
+    model = MoE(score_func="softmax").eval()
+    graph = check_against_eager(model, inputs())
+    assert rewrites() == 1 and counters["moe_ops"]["experts_rewrite_torchtitan"] == 1
+    assert_expected_inline(graph, """\
+prims.convert_element_type.default(torch.float32)
+aten.permute.default([1, 0])
+aten.mm.default()
+aten.amax.default([-1], True)
+aten.sub.Tensor()
+aten.exp.default()
+aten.sum.dim_IntList([-1], True)
+aten.div.Tensor()
+moe_ops.route.default(2, 'softmax', False, False, 0.0, None, 1, 1, 1.0)
+getitem(1)
+prims.convert_element_type.default(torch.int64)
+aten.gather.default(-1)
+aten.mul.Tensor(1.0)
+moe_ops.fused_experts.default(None, None, None, 'EFH', False, 'silu', True, 1.702, 7.0, 0.0, 'position')
+getitem(0)""")
+
+
+def test_sigmoid_bias_router_and_shared_expert():
+    model = MoE(score_func="sigmoid", route_norm=True, route_scale=2.5, expert_bias=True, shared_experts=True)
+    graph = check_against_eager(model.eval(), inputs())
+    assert rewrites() == 1
+    assert_expected_inline(graph, """\
+prims.convert_element_type.default(torch.float32)
+aten.permute.default([1, 0])
+aten.mm.default()
+aten.sigmoid.default()
+aten.add.Tensor()
+aten.topk.default(2, -1, True, False)
+getitem(1)
+aten.gather.default(-1)
+aten.sum.dim_IntList([-1], True)
+aten.add.Tensor(1e-20)
+aten.div.Tensor()
+aten.mul.Tensor(2.5)
+moe_ops.fused_experts.default(None, None, None, 'EFH', False, 'silu', True, 1.702, 7.0, 0.0, 'position')
+getitem(0)
+aten.permute.default([1, 0])
+aten.mm.default()
+prims.convert_element_type.default(torch.float32)
+aten.neg.default()
+aten.exp.default()
+aten.add.Tensor(1)
+aten.div.Tensor()
+prims.convert_element_type.default(torch.bfloat16)
+aten.permute.default([1, 0])
+aten.mm.default()
+aten.mul.Tensor()
+aten.permute.default([1, 0])
+aten.addmm.default()""")
+
+
+class HistcCounts(MoE):  # torchtitan before the routing map: a histogram of the flattened ids
+    def count(self, scores_TE, topk_expert_ids_TK):
+        return torch.histc(topk_expert_ids_TK.view(-1).float(), bins=E, min=0, max=E)
+
+
+def test_histc_counts():
+    graph = check_against_eager(HistcCounts(score_func="softmax").eval(), inputs())
+    assert rewrites() == 1
+    assert "moe_ops.fused_experts" in graph and "aten.histc" not in graph and "aten._grouped_mm" not in graph
+
+
+def test_torchtitan_scatter_add_custom_op():
+    model = MoE(score_func="sigmoid", expert_bias=True, dispatcher=CustomOpDispatcher).eval()
+    graph = check_against_eager(model, inputs())
+    assert rewrites() == 1
+    assert "moe_ops.fused_experts" in graph and "torchtitan.deterministic_scatter_add" not in graph
+
+
+# ---- Near misses: not rewritten, and still correct -------------------------------------------------
+
+
+class ScoresNotApplied(LocalTokenDispatcher):
+    def weight(self, routed_output_RD, topk_scores_experts_sorted_N):
+        return routed_output_RD
+
+
+class CountsOfOtherIds(MoE):  # offsets from the counts of other (equally valid) ids
+    def count(self, scores_TE, topk_expert_ids_TK):
+        _, other_ids_TK = torch.topk(scores_TE, k=K, dim=-1, largest=False)
+        return super().count(scores_TE, other_ids_TK)
+
+
+class GeluPlusUp(GroupedExperts):  # gelu on w1, but added to w3's output: no gated activation
+    def activation(self, gate, up):
+        return F.gelu(gate) + up
+
+
+class ExpertOutputsAlsoReturned(MoE):  # an intermediate with a user outside the block
+    def forward(self, x_TD):
+        topk_scores_TK, topk_expert_ids_TK, scores_TE = self.router(x_TD, self.expert_bias_E)
+        num_tokens_per_expert_E = self.count(scores_TE, topk_expert_ids_TK)
+        routed_input_RD, metadata = self.token_dispatcher.dispatch(x_TD, topk_scores_TK, topk_expert_ids_TK)
+        routed_output_RD = self.experts(routed_input_RD, num_tokens_per_expert_E)
+        return self.token_dispatcher.combine(routed_output_RD, metadata, x_TD), routed_output_RD
+
+
+def gelu_plus_up():
+    model = MoE()
+    model.experts = GeluPlusUp(torch.bfloat16)
+    return model
+
+
+NEAR_MISSES = {
+    "scores not applied": (lambda: MoE(dispatcher=ScoresNotApplied), "not multiplied by their routing weights"),
+    "counts of other ids": (lambda: CountsOfOtherIds(score_func="softmax"), "counts are of other ids"),
+    "gelu(w1 x) + w3 x": (gelu_plus_up, "is no activation the op computes"),
+    "expert outputs also returned": (ExpertOutputsAlsoReturned, "also read outside the block"),
+    "fp32 model (bf16 casts)": (lambda: MoE(dtype=torch.float32), "cast to torch.bfloat16 for the grouped_mm"),
+}
+
+
+@pytest.mark.parametrize("case", list(NEAR_MISSES))
+def test_not_rewritten(case, caplog):
+    make, reason = NEAR_MISSES[case]
+    model = make().eval()
+    dtype = next(model.experts.parameters()).dtype
+    x = inputs(dtype=dtype)
+    with caplog.at_level(logging.DEBUG, logger="moe_ops"), torch.no_grad():
+        result, graph = compile_and_record(model, x)
+        expected = model(x)
+    for got, want in zip(*((r,) if isinstance(r, torch.Tensor) else r for r in (result, expected)), strict=True):
+        assert_close_rel(got, want, torch.bfloat16, case)  # the fp32 model computes its GEMMs in bf16
+    assert rewrites() == 0
+    assert "moe_ops.fused_experts" not in graph and graph.count("aten._grouped_mm") == 3
+    assert reason in caplog.text
+
+
+def plain_block(x_TD, topk_scores_TK, topk_expert_ids_TK, w1, w2, w3):
+    """The dispatch, experts and combine of torchtitan's MoE on ids given from outside."""
+    routing_map_TE = torch.zeros(x_TD.shape[0], E, dtype=torch.bool).scatter_(-1, topk_expert_ids_TK, True)
+    offsets_E = torch.cumsum(routing_map_TE.sum(dim=0), dim=0, dtype=torch.int32)
+    order_N = torch.argsort(topk_expert_ids_TK.view(-1), stable=True)
+    scores_N = topk_scores_TK.view(-1)[order_N]
+    token_N = order_N // K
+    x_ND = x_TD[token_N]
+    h = F.silu(torch._grouped_mm(x_ND, w1.transpose(-2, -1), offs=offsets_E))
+    h = h * torch._grouped_mm(x_ND, w3.transpose(-2, -1), offs=offsets_E)
+    y_ND = torch._grouped_mm(h, w2.transpose(-2, -1), offs=offsets_E)
+    y_ND = (y_ND.float() * scores_N.reshape(-1, 1)).to(y_ND.dtype)
+    return torch.zeros_like(x_TD).scatter_add(0, token_N.reshape(-1, 1).expand(-1, D), y_ND)
+
+
+def test_ids_not_from_topk(caplog):
+    """Ids from outside the graph could repeat an expert in a row (the routing map counts it once, the
+    groups then miss a sorted slot, whose grouped_mm row is left unwritten) or lie outside [0, E): the
+    pass cannot tell, so even these valid ids are not rewritten."""
+    experts = GroupedExperts(torch.bfloat16)
+    ids = torch.rand(T, E).argsort(dim=-1)[:, :K].contiguous()  # K distinct experts a token
+    args = (inputs(), torch.rand(T, K), ids, experts.w1_EFD.detach(), experts.w2_EDF.detach(), experts.w3_EFD.detach())
+    with caplog.at_level(logging.DEBUG, logger="moe_ops"):
+        result, graph = compile_and_record(plain_block, *args)
+    assert_close_rel(result, plain_block(*args), torch.bfloat16)
+    assert rewrites() == 0 and "moe_ops.fused_experts" not in graph
+    assert "are not a top-k over the 8 experts" in caplog.text
+
+
+# ---- Dynamic token count ----------------------------------------------------------------------------
+
+
+def test_one_graph_serves_every_token_count():
+    model = MoE(score_func="sigmoid", route_norm=True, expert_bias=True, shared_experts=True).eval()
+    compiled = torch.compile(model, backend="inductor", fullgraph=True)
+    warm_up = inputs()
+    torch._dynamo.mark_dynamic(warm_up, 0)
+    with torch.no_grad():
+        assert_close_rel(compiled(warm_up), model(warm_up), torch.bfloat16)
+        with torch.compiler.set_stance("fail_on_recompile"):
+            for num_tokens in (3, 17):
+                x = inputs(num_tokens)
+                assert_close_rel(compiled(x), model(x), torch.bfloat16, f"T={num_tokens}")
+    assert rewrites() == 1

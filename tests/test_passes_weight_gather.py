@@ -1,0 +1,316 @@
+"""The weight-gather experts rewrite (form 2): experts code that gathers each slot's expert weights
+(``W[ids]``) and multiplies them with batched GEMMs, compiled with Inductor on the CPU, gives eager's
+results, and its post-grad graph holds one ``moe_ops.fused_experts`` in place of the block.
+
+Real transformers blocks run with ``experts_implementation="batched_mm"``; gpt-fast's mixtral-moe
+``MOEFeedForward`` is restated below as its source writes it. Near misses are restatements of
+``batched_mm_experts_forward`` with one thing changed.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from compile_harness import compile_and_record, fresh_compile_state  # noqa: F401  (fixture)
+from conftest import assert_close_rel
+from expecttest import assert_expected_inline
+from torch._dynamo.utils import counters
+
+import moe_ops  # noqa: F401  (installs the pass)
+
+transformers = pytest.importorskip("transformers")
+
+B, S, H, F_, E, K = 2, 5, 64, 32, 8, 2  # F_: the expert intermediate size (F is torch.nn.functional)
+T = B * S
+DTYPES = [torch.float32, torch.bfloat16]
+pytestmark = pytest.mark.usefixtures("fresh_compile_state")
+
+
+def rewrites() -> int:
+    return counters["moe_ops"]["experts_rewrite"]
+
+
+def init_(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    for p in module.parameters():
+        nn.init.normal_(p, std=0.1)
+    return module.to(dtype).eval()
+
+
+def hidden_states(dtype, batch=B):
+    return torch.randn(batch, S, H, dtype=dtype)
+
+
+# ---- transformers 5.x blocks, experts_implementation="batched_mm" ----------------------------------
+
+
+def hf_config(config_class, **kwargs):
+    config = config_class(
+        hidden_size=H, intermediate_size=F_, moe_intermediate_size=F_, num_local_experts=E, num_experts=E,
+        num_experts_per_tok=K, **kwargs,
+    )
+    config._experts_implementation = "batched_mm"
+    return config
+
+
+def mixtral_block(dtype):
+    from transformers.models.mixtral.modeling_mixtral import MixtralConfig, MixtralSparseMoeBlock
+
+    return init_(MixtralSparseMoeBlock(hf_config(MixtralConfig)), dtype)
+
+
+def qwen3_moe_block(dtype):
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeConfig, Qwen3MoeSparseMoeBlock
+
+    return init_(Qwen3MoeSparseMoeBlock(hf_config(Qwen3MoeConfig, norm_topk_prob=True)), dtype)
+
+
+def gpt_oss_block(dtype):  # transposed, interleaved gate/up, biases, clamped SwiGLU; returns the scores too
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssConfig, GptOssMLP
+
+    return init_(GptOssMLP(hf_config(GptOssConfig)), dtype)
+
+
+# ---- gpt-fast mixtral-moe (model.py), restated ------------------------------------------------------
+
+
+class ConditionalFeedForward(nn.Module):
+    def __init__(self, num_experts, intermediate_size, dim):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(num_experts, intermediate_size, dim))
+        self.w2 = nn.Parameter(torch.empty(num_experts, dim, intermediate_size))
+        self.w3 = nn.Parameter(torch.empty(num_experts, intermediate_size, dim))
+
+    def forward(self, x, expert_indices):
+        w1_weights = self.w1[expert_indices]  # [T, A, D, D]
+        w3_weights = self.w3[expert_indices]  # [T, A, D, D]
+        w2_weights = self.w2[expert_indices]  # [T, A, D, D]
+        x1 = F.silu(torch.einsum("ti,taoi -> tao", x, w1_weights))
+        x3 = torch.einsum("ti, taoi -> tao", x, w3_weights)
+        expert_outs = torch.einsum("tao, taio -> tai", (x1 * x3), w2_weights)
+        return expert_outs
+
+
+class MOEFeedForward(nn.Module):
+    def __init__(self, num_experts=E, intermediate_size=F_, dim=H, num_activated_experts=K):
+        super().__init__()
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+        self.cond_ffn = ConditionalFeedForward(num_experts, intermediate_size, dim)
+        self.dim = dim
+        self.num_activated_experts = num_activated_experts
+
+    def forward(self, x):
+        x = x.view(-1, self.dim)
+        # T = num_tokens, E = num_experts, D = hidden dim, A = activated experts
+        # x: [T, D]
+        scores = self.gate(x)  # [T, E]
+        expert_weights = F.softmax(scores, dim=-1)
+        expert_weights, expert_indices = torch.topk(expert_weights, self.num_activated_experts, dim=-1)  # [T, A]
+        expert_weights /= expert_weights.sum(dim=-1, keepdim=True)  # [T, A]
+        expert_outs = self.cond_ffn(x, expert_indices)
+        return torch.einsum("tai,ta -> ti", expert_outs, expert_weights)
+
+
+def gpt_fast_block(dtype):
+    return init_(MOEFeedForward(), dtype)
+
+
+# ---- The rewrite fires, and compiled == eager -------------------------------------------------------
+
+
+def run(block, x):
+    """(compiled output, eager output, post-grad graph); a block returning a tuple is compared in full."""
+    with torch.no_grad():
+        result, graph = compile_and_record(block, x)
+        expected = block(x)
+    return result, expected, graph
+
+
+def assert_same(result, expected, dtype):
+    result = result if isinstance(result, tuple) else (result,)
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    for i, (actual, reference) in enumerate(zip(result, expected, strict=True)):
+        assert_close_rel(actual, reference, dtype, f"output {i}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_mixtral_batched_mm(dtype):
+    x = hidden_states(dtype)
+    result, expected, graph = run(mixtral_block(dtype), x)
+    assert_same(result, expected, dtype)
+    assert rewrites() == 1 and counters["moe_ops"]["experts_rewrite_weight_gather"] == 1
+    if dtype == torch.bfloat16:
+        # The router is moe_ops.route; the fp32-weighted sum's cast back to bf16 is part of the block.
+        assert_expected_inline(graph, """\
+aten.reshape.default([-1, 64])
+aten.permute.default([1, 0])
+aten.mm.default()
+moe_ops.route.default(2, 'softmax', False, True, 0.0, None, 1, 1, 1.0)
+getitem(0)
+getitem(1)
+moe_ops.fused_experts.default(None, None, None, None, 'EFH', False, 'silu', True, 1.702, 7.0, 0.0, 'position')
+getitem(0)
+aten.reshape.default([2, 5, 64])""")
+
+
+def test_qwen3_moe_batched_mm():
+    x = hidden_states(torch.float32)
+    result, expected, graph = run(qwen3_moe_block(torch.float32), x)
+    assert_same(result, expected, torch.float32)
+    assert rewrites() == 1
+    assert graph.count("moe_ops.fused_experts") == 1 and "aten.bmm" not in graph
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpt_oss_batched_mm(dtype):
+    x = hidden_states(dtype)
+    result, expected, graph = run(gpt_oss_block(dtype), x)
+    assert_same(result, expected, dtype)
+    assert rewrites() == 1
+    if dtype == torch.bfloat16:
+        # Transposed weights ("EHF"), interleaved gate/up, three biases; the router scores stay an output.
+        assert_expected_inline(graph, """\
+aten.reshape.default([-1, 64])
+aten.permute.default([1, 0])
+aten.addmm.default()
+moe_ops.route.default(2, 'softmax', True, False, 0.0, None, 1, 1, 1.0)
+getitem(0)
+getitem(1)
+prims.convert_element_type.default(torch.bfloat16)
+moe_ops.fused_experts.default(None, None, 'EHF', True, 'clamped_swiglu', True, 1.702, 7.0, 0.0, 'position')
+getitem(0)
+aten.reshape.default([2, 5, 64])""")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpt_fast_weight_gather(dtype):
+    x = hidden_states(dtype)
+    result, expected, graph = run(gpt_fast_block(dtype), x)
+    assert_same(result, expected, dtype)
+    assert rewrites() == 1
+    if dtype == torch.bfloat16:
+        # bf16 softmax: the router stays (its top-k reads rounded scores); w1/w3 are gate and up.
+        assert_expected_inline(graph, """\
+aten.reshape.default([-1, 64])
+aten.permute.default([1, 0])
+aten.mm.default()
+prims.convert_element_type.default(torch.float32)
+aten.amax.default([-1], True)
+aten.sub.Tensor()
+aten.exp.default()
+aten.sum.dim_IntList([-1], True)
+aten.div.Tensor()
+prims.convert_element_type.default(torch.bfloat16)
+aten.topk.default(2)
+getitem(0)
+getitem(1)
+aten.sum.dim_IntList([-1], True)
+aten.div.Tensor()
+moe_ops.fused_experts.default(None, None, None, 'EFH', False, 'silu', True, 1.702, 7.0, 0.0, 'position')
+getitem(0)""")
+
+
+# ---- Near misses: not rewritten, and still correct --------------------------------------------------
+
+
+def batched_mm_moe(x, router_weight, gate_up_proj, down_proj, variant="plain"):
+    """Mixtral's router and transformers' batched_mm_experts_forward, with ``variant`` changed."""
+    num_experts, top_k = gate_up_proj.shape[0], K
+    logits = F.linear(x, router_weight)
+    weights = F.softmax(logits, dim=1, dtype=torch.float)
+    weights, ids = torch.topk(weights, top_k, dim=-1)
+    weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+    if variant == "null_expert":  # the router also scores a "no expert" E: the clamp makes it expert E-1
+        null_logit = logits.mean(dim=1, keepdim=True)
+        weights, ids = torch.topk(F.softmax(torch.cat([logits, null_logit], 1), dim=1), top_k, dim=-1)
+
+    xr = x.repeat_interleave(top_k, dim=0)
+    slot_weights = weights.reshape(-1)
+    expert_ids = ids.reshape(-1).clamp(0, num_experts - 1)
+    gate_up = torch.bmm(gate_up_proj[expert_ids], xr.unsqueeze(-1)).squeeze(-1)
+    gate, up = gate_up.chunk(2, dim=-1)
+    if variant == "tanh":
+        h = torch.tanh(gate) * up
+    elif variant == "no_gate_multiply":
+        h = F.silu(gate)
+    else:
+        h = F.silu(gate) * up
+    y = torch.bmm(down_proj[expert_ids], h.unsqueeze(-1)).squeeze(-1)
+    if variant == "weights_after_sum":
+        return y.view(-1, top_k, x.shape[1]).sum(1) * weights.sum(-1, keepdim=True)
+    out = (y * slot_weights.unsqueeze(-1)).view(-1, top_k, x.shape[1]).sum(1)
+    if variant == "activations_returned":
+        return out, h
+    return out
+
+
+def batched_mm_args(dtype=torch.float32):
+    return (
+        torch.randn(T, H, dtype=dtype), 0.1 * torch.randn(E, H, dtype=dtype),
+        0.1 * torch.randn(E, 2 * F_, H, dtype=dtype), 0.1 * torch.randn(E, H, F_, dtype=dtype),
+    )
+
+
+def test_restated_batched_mm_is_rewritten():
+    """The restatement the near misses start from is itself rewritten."""
+    args = batched_mm_args()
+    result, graph = compile_and_record(batched_mm_moe, *args)
+    assert_close_rel(result, batched_mm_moe(*args), torch.float32)
+    assert rewrites() == 1 and "aten.bmm" not in graph
+
+
+@pytest.mark.parametrize(
+    "variant, reason",
+    [
+        ("weights_after_sum", "not multiplied by their routing weights"),
+        ("tanh", "is no activation the op computes"),
+        ("no_gate_multiply", "is no activation the op computes"),
+        ("activations_returned", "also read outside the block"),
+        ("null_expert", "a top-k over 9 scores, more than the 8 experts"),
+    ],
+)
+def test_near_miss_not_rewritten(variant, reason, caplog):
+    args = batched_mm_args()
+    with caplog.at_level(logging.DEBUG, logger="moe_ops"):
+        result, graph = compile_and_record(lambda *a: batched_mm_moe(*a, variant=variant), *args)
+    expected = batched_mm_moe(*args, variant=variant)
+    assert_same(result, expected, torch.float32)
+    assert rewrites() == 0 and "moe_ops.fused_experts" not in graph and "aten.bmm" in graph
+    assert reason in caplog.text
+
+
+def test_ids_from_outside_not_rewritten(caplog):
+    """The experts module alone: its ids could hold sentinels (>= E), which the clamp sends to expert
+    E-1 and the op skips; nothing in the graph bounds them, so the block is left alone."""
+    from transformers.models.mixtral.modeling_mixtral import MixtralConfig, MixtralExperts
+
+    experts = init_(MixtralExperts(hf_config(MixtralConfig)), torch.float32)
+    x, ids = torch.randn(T, H), torch.randint(0, E, (T, K))
+    weights = torch.rand(T, K)
+    with caplog.at_level(logging.DEBUG, logger="moe_ops"), torch.no_grad():
+        result, graph = compile_and_record(experts, x, ids, weights)
+        expected = experts(x, ids, weights)
+    assert_close_rel(result, expected, torch.float32)
+    assert rewrites() == 0 and "moe_ops.fused_experts" not in graph
+    assert "are not a top-k's indices in this graph" in caplog.text
+
+
+# ---- Dynamic token count -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make_block", [mixtral_block, gpt_fast_block], ids=["mixtral", "gpt_fast"])
+def test_one_graph_serves_every_token_count(make_block):
+    block = make_block(torch.float32)
+    compiled = torch.compile(block, backend="inductor", fullgraph=True)
+    warm_up = hidden_states(torch.float32)
+    torch._dynamo.mark_dynamic(warm_up, 0)
+    with torch.no_grad():
+        assert_same(compiled(warm_up), block(warm_up), torch.float32)
+        with torch.compiler.set_stance("fail_on_recompile"):
+            for batch in (3, 7):
+                x = hidden_states(torch.float32, batch)
+                assert_same(compiled(x), block(x), torch.float32)
+    assert rewrites() == 1
