@@ -4,15 +4,23 @@
 context manager turn them off. What was rewritten is logged to the ``"moe_ops"`` logger (INFO: one
 line per rewrite; DEBUG: one line per rejected candidate, with the reason) and counted in
 ``torch._dynamo.utils.counters["moe_ops"]``.
+
+transformers' experts modules are not reached by a graph pass (dynamo breaks the graph in their per-expert
+loop); where transformers is installed, ``enable()`` also registers the "moe_ops" and "eager" experts
+implementations of ``lowering.hf_experts``, which call ``moe_ops.fused_experts`` instead.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch._inductor.config as inductor_config
+
+log = logging.getLogger("moe_ops")
 
 
 @dataclass
@@ -22,9 +30,21 @@ class RewriteConfig:
     Attributes:
         rewrites: run the rewrites when Inductor compiles a graph. Part of the passes' cache key,
                   so graphs compiled with the rewrites on are never reused with them off.
+        transformers_eager_experts: while dynamo traces a transformers experts module with
+                  ``experts_implementation="eager"`` (and ``rewrites`` is on), run it as
+                  ``moe_ops.fused_experts`` instead of its per-expert loop, which dynamo cannot capture.
+                  Dynamo guards on this switch and on ``rewrites``: changing either recompiles, no
+                  ``torch._dynamo.reset()`` needed. ``experts_implementation="moe_ops"`` ignores both.
+        stack_expert_weights: rewrite a static loop over experts that hold separate weight tensors
+                  (mistral-inference, transformers <= 4.47 Mixtral; captured only with dynamo's
+                  ``capture_dynamic_output_shape_ops``) by stacking their weights into (E, F, H)
+                  tensors: a copy of all expert weights on every call, so off by default (cost in
+                  ``lowering/match_expert_loop.py``). Part of the passes' cache key.
     """
 
     rewrites: bool = True
+    transformers_eager_experts: bool = True
+    stack_expert_weights: bool = False
 
 
 config = RewriteConfig()
@@ -36,6 +56,9 @@ def enable() -> None:
     The pass goes into ``torch._inductor.config.post_grad_custom_post_pass``. A pass already there
     is kept: the moe_ops pass runs it first, then its own rewrites. A pass set there *after*
     ``enable()`` replaces the moe_ops pass; call ``enable()`` again to chain it.
+
+    Where transformers is installed, it is imported here, and the "moe_ops" and "eager" experts
+    implementations are registered in its ``ALL_EXPERTS_FUNCTIONS`` (see ``lowering.hf_experts``).
     """
     from lowering.passes import MoeOpsPostGradPass
 
@@ -43,6 +66,20 @@ def enable() -> None:
     installed = inductor_config.post_grad_custom_post_pass
     if not isinstance(installed, MoeOpsPostGradPass):
         inductor_config.post_grad_custom_post_pass = MoeOpsPostGradPass(previous=installed)
+    _register_transformers_experts()
+
+
+def _register_transformers_experts() -> None:
+    # At import, not on first use: a model built after ``import moe_ops`` must find "moe_ops" among the
+    # experts implementations that transformers validates its config against.
+    if importlib.util.find_spec("transformers") is None:
+        return
+    try:
+        from lowering.hf_experts import register_experts_implementations
+    except ImportError as error:  # a transformers without use_experts_implementation (< 5), or a broken install
+        log.debug("transformers experts implementations not registered: %s", error)
+        return
+    register_experts_implementations()
 
 
 def disable() -> None:

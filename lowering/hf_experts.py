@@ -1,0 +1,270 @@
+"""transformers' experts modules through ``moe_ops.fused_experts``: the "moe_ops" and "eager" experts implementations.
+
+transformers (5.x) keeps the routed experts of a MoE layer in a module decorated with
+``use_experts_implementation``. Its ``forward`` looks ``config._experts_implementation`` up in
+``ALL_EXPERTS_FUNCTIONS`` and, for ``"eager"``, runs the class's own loop: ``one_hot`` -> ``nonzero`` -> a
+Python loop over the experts hit -> ``index_add_``. The loop's trip count depends on the routing, so dynamo
+breaks the graph there and no Inductor graph pass ever sees the experts. This module registers two entries
+in that interface instead of rewriting graphs:
+
+- ``"moe_ops"``: always ``moe_ops.fused_experts``, compiled or not (``experts_implementation="moe_ops"``).
+- ``"eager"``: ``moe_ops.fused_experts`` while dynamo traces (``torch.compile``, ``torch.export``) with
+  ``moe_ops.config.rewrites`` and ``moe_ops.config.transformers_eager_experts`` on; otherwise the class's
+  own loop, unchanged. Dynamo guards on both switches, so flipping one recompiles.
+
+Either entry calls ``fused_experts`` only for a module whose result it knows to be the same computation as
+the class's own loop: the loop's code must be one of the loops below (matched token for token), the
+decorator's flags must agree with it, and the activation, dtypes and devices must map onto the op.
+Anything else runs the class's own loop, and the reason is logged once per experts class and reason on
+the ``"moe_ops"`` logger (INFO). Each trace is counted in ``torch._dynamo.utils.counters["moe_ops"]``
+(``"hf_experts"``: traced into ``fused_experts``; ``"hf_experts_fallback"``: traced the class's loop).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import io
+import logging
+import textwrap
+import tokenize
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torch._dynamo.utils import counters
+from transformers.activations import GELUActivation, GELUTanh, NewGELUActivation, SiLUActivation
+from transformers.integrations.moe import ExpertsInterface, use_experts_implementation
+
+import moe_ops
+from lowering import config
+
+log = logging.getLogger("moe_ops")
+
+IMPLEMENTATION_NAME = "moe_ops"
+
+
+class EagerLoop(NamedTuple):
+    """A per-expert loop of transformers that ``fused_experts`` reproduces, and what the module must declare."""
+
+    name: str
+    # (has_gate, has_bias, is_transposed, is_concatenated) of ``use_experts_implementation``: the weight
+    # layout and biases this loop reads. A class whose flags differ is not the computation mapped here.
+    flags: tuple[bool, bool, bool, bool]
+    # Where the loop's activation comes from: "act_fn" (act_fn(gate) * up, or act_fn(up) without a gate)
+    # or "gpt_oss_gate" (GptOssExperts._apply_gate: interleaved, clamped SwiGLU with self.alpha, self.limit).
+    gate: str
+
+
+# The loops, keyed by _code_fingerprint of the original (undecorated) ``forward``; read in transformers 5.17.
+KNOWN_EAGER_LOOPS = {
+    # MixtralExperts and 47 classes with the same code (Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3, GLM-4-MoE, ...):
+    # gate_up_proj (E, 2F, H) -> chunk(2) -> act_fn(gate) * up -> down_proj (E, H, F), no biases.
+    "40494943dd3db184": EagerLoop("MixtralExperts", (True, False, False, True), "act_fn"),
+    # GptOssExperts: gate_up_proj (E, H, 2F) + gate_up_proj_bias -> self._apply_gate -> down_proj (E, F, H)
+    # + down_proj_bias, the down bias scaled by the routing weight.
+    "a37b05b7e1db2477": EagerLoop("GptOssExperts", (True, True, True, False), "gpt_oss_gate"),
+    # NemotronHExperts: up_proj (E, F, H) -> act_fn -> down_proj (E, H, F), no gate, no biases.
+    "d837061af87e18df": EagerLoop("NemotronHExperts", (False, False, False, True), "act_fn"),
+}
+
+# _code_fingerprint of GptOssExperts._apply_gate (transformers 5.17): gate, up = x[..., ::2], x[..., 1::2];
+# (up.clamp(-limit, limit) + 1) * gate.clamp(max=limit) * sigmoid(alpha * gate.clamp(max=limit)).
+GPT_OSS_GATE_FINGERPRINT = "a7f9b5b0d88e31cf"
+
+# act_fn modules that compute exactly one moe_ops activation (exact types: a subclass may override forward).
+# GELUActivation is erf GELU in both of its variants; GELUTanh and NewGELUActivation the tanh formula.
+ACTIVATION_OF_TYPE = {
+    nn.SiLU: "silu",
+    SiLUActivation: "silu",
+    GELUActivation: "gelu",
+    GELUTanh: "gelu_tanh",
+    NewGELUActivation: "gelu_tanh",
+    nn.ReLU: "relu",
+}
+TORCH_GELU_ACTIVATIONS = {"none": "gelu", "tanh": "gelu_tanh"}  # nn.GELU(approximate=...)
+
+_LAYOUT_TOKENS = {
+    tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER,
+}
+
+
+def _code_fingerprint(function) -> str | None:
+    """Hash of a function's source tokens, comments and line layout left out (None without source).
+
+    Comparing code rather than class names keeps the check honest across transformers versions: a loop that
+    changes, even in a class listed above, no longer matches and runs unchanged.
+    """
+    try:
+        source = textwrap.dedent(inspect.getsource(function))
+    except (OSError, TypeError):
+        return None
+    tokens = tokenize.generate_tokens(io.StringIO(source).readline)
+    text = " ".join(token.string for token in tokens if token.type not in _LAYOUT_TOKENS)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class _DecoratedProbe(nn.Module):
+    def forward(self):
+        raise NotImplementedError
+
+
+# The code object of the ``forward`` that ``use_experts_implementation`` installs: it tells transformers'
+# dispatching wrapper apart from a class's own forward (both carry the same name and docstring).
+_DISPATCHING_FORWARD_CODE = use_experts_implementation(_DecoratedProbe).forward.__code__
+
+
+def original_experts_forward(experts_class: type):
+    """The class's own per-expert loop: what transformers runs for ``experts_implementation="eager"``.
+
+    The nearest ``forward`` in the MRO, unwrapped through every dispatching wrapper (a decorated class
+    derived from a decorated class wraps its parent's wrapper). Written so that dynamo traces it.
+    """
+    for klass in experts_class.__mro__:
+        forward = vars(klass).get("forward")
+        if forward is not None:
+            while getattr(forward, "__code__", None) is _DISPATCHING_FORWARD_CODE:
+                forward = forward.__wrapped__
+            return forward
+    raise TypeError(f"experts_class: {experts_class.__name__} has no forward")
+
+
+_LOOP_OF_CLASS: dict[type, EagerLoop | str] = {}
+
+
+@torch.compiler.assume_constant_result
+def _verified_gate(experts_class: type, flags: tuple[bool, bool, bool, bool]) -> tuple[str | None, str | None]:
+    """``(gate, None)`` where the class runs a known loop that agrees with its decorator ``flags``
+    (has_gate, has_bias, is_transposed, is_concatenated); ``(None, reason)`` otherwise.
+
+    Dynamo runs this at trace time and keeps the result as a constant: it reads source files, which dynamo
+    cannot trace. It depends only on its arguments, which dynamo already guards (the class's identity and
+    the flag values read in the traced caller).
+    """
+    if experts_class not in _LOOP_OF_CLASS:
+        _LOOP_OF_CLASS[experts_class] = _find_eager_loop(experts_class)
+    loop = _LOOP_OF_CLASS[experts_class]
+    if isinstance(loop, str):
+        return None, loop
+    if flags != loop.flags:
+        return None, (
+            f"its use_experts_implementation flags (has_gate, has_bias, is_transposed, is_concatenated) = "
+            f"{flags} differ from {loop.flags}, those of its eager loop ({loop.name})"
+        )
+    return loop.gate, None
+
+
+def _find_eager_loop(experts_class: type) -> EagerLoop | str:
+    forward = original_experts_forward(experts_class)
+    loop = KNOWN_EAGER_LOOPS.get(_code_fingerprint(forward))
+    if loop is None:
+        return (
+            f"its eager loop {forward.__qualname__} is not one moe_ops has verified "
+            f"({', '.join(known.name for known in KNOWN_EAGER_LOOPS.values())}.forward of transformers 5.17)"
+        )
+    if loop.gate == "gpt_oss_gate":
+        apply_gate = getattr(experts_class, "_apply_gate", None)
+        if _code_fingerprint(apply_gate) != GPT_OSS_GATE_FINGERPRINT:
+            return f"its _apply_gate {getattr(apply_gate, '__qualname__', apply_gate)} is not GptOssExperts._apply_gate"
+    return loop
+
+
+_REPORTED: set[tuple[type, str]] = set()
+
+
+@torch.compiler.assume_constant_result
+def _report(experts_class: type, message: str, fused: bool, compiling: bool) -> None:
+    """Log ``message`` once per experts class and message; count traces. Dynamo runs it at trace time."""
+    if compiling:
+        counters["moe_ops"]["hf_experts" if fused else "hf_experts_fallback"] += 1
+    if (experts_class, message) not in _REPORTED:
+        _REPORTED.add((experts_class, message))
+        log.info("%s: %s", experts_class.__name__, message)
+
+
+def _activation_of(act_fn) -> str | None:
+    act_type = type(act_fn)
+    if act_type is nn.GELU:
+        return TORCH_GELU_ACTIVATIONS.get(act_fn.approximate)
+    return ACTIVATION_OF_TYPE.get(act_type)
+
+
+def fused_experts_arguments(experts: nn.Module, hidden_states: torch.Tensor) -> dict | str:
+    """Keyword arguments of ``moe_ops.fused_experts`` that compute what ``experts``' own loop computes on
+    ``hidden_states``, or the reason there are none."""
+    has_gate, has_bias, is_transposed, is_concatenated = flags = (
+        experts.has_gate, experts.has_bias, experts.is_transposed, experts.is_concatenated
+    )
+    gate, reason = _verified_gate(type(experts), flags)
+    if reason is not None:
+        return reason
+    if gate == "gpt_oss_gate":
+        activation = "clamped_swiglu"
+        alpha, limit = float(experts.alpha), float(experts.limit)
+    else:
+        activation = _activation_of(experts.act_fn)
+        if activation is None:
+            return f"act_fn {type(experts.act_fn).__name__} has no moe_ops activation"
+        alpha, limit = 1.702, 7.0  # fused_experts' defaults; only clamped_swiglu reads them
+    first_name = "gate_up_proj" if has_gate else "up_proj"
+    tensors = {"w_gate_up": first_name, "w_down": "down_proj"}
+    if has_bias:
+        tensors.update(b_gate_up=f"{first_name}_bias", b_down="down_proj_bias")
+    if hidden_states.dim() != 2:
+        return f"hidden_states has {hidden_states.dim()} dims, fused_experts takes (tokens, hidden)"
+    if torch.is_autocast_enabled(hidden_states.device.type):
+        return "autocast is on: the eager loop multiplies in the autocast dtype, fused_experts in the weights' dtype"
+    arguments = {}
+    for argument, attribute in tensors.items():
+        tensor = getattr(experts, attribute)
+        if tensor.dtype != hidden_states.dtype or tensor.device != hidden_states.device:
+            return (
+                f"{attribute} is {tensor.dtype} on {tensor.device} but hidden_states is "
+                f"{hidden_states.dtype} on {hidden_states.device}"
+            )
+        arguments[argument] = tensor
+    arguments.update(
+        layout="EHF" if is_transposed else "EFH",
+        interleaved=not is_concatenated,
+        activation=activation,
+        gated=has_gate,
+        alpha=alpha,
+        limit=limit,
+    )
+    return arguments
+
+
+def moe_ops_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """``experts_implementation="moe_ops"``: the experts module ``self`` as one ``moe_ops.fused_experts``
+    call, or its own loop where that would not be the same computation (the reason is logged)."""
+    arguments = fused_experts_arguments(self, hidden_states)
+    compiling = torch.compiler.is_compiling()
+    if isinstance(arguments, str):
+        _report(type(self), f"runs its own loop, not moe_ops.fused_experts: {arguments}", False, compiling)
+        return original_experts_forward(type(self))(self, hidden_states, top_k_index, top_k_weights)
+    _report(
+        type(self),
+        f"runs as moe_ops.fused_experts(layout={arguments['layout']!r}, interleaved={arguments['interleaved']}, "
+        f"activation={arguments['activation']!r}, gated={arguments['gated']}, biases={'b_down' in arguments})",
+        True,
+        compiling,
+    )
+    return moe_ops.fused_experts(hidden_states, top_k_weights, top_k_index, **arguments)
+
+
+def eager_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """``experts_implementation="eager"``: the class's own loop, except while dynamo traces with the
+    rewrites on, where it becomes :func:`moe_ops_experts_forward` (the loop cannot be captured)."""
+    if torch.compiler.is_compiling() and config.rewrites and config.transformers_eager_experts:
+        return moe_ops_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    return original_experts_forward(type(self))(self, hidden_states, top_k_index, top_k_weights)
+
+
+def register_experts_implementations() -> None:
+    """Register "moe_ops" and "eager" in transformers' ``ALL_EXPERTS_FUNCTIONS`` (idempotent).
+
+    ``ExpertsInterface.get_interface`` returns a registered "eager" before the class's own forward, which is
+    how "eager" reaches :func:`eager_experts_forward`; a local override on an interface instance still wins.
+    """
+    ExpertsInterface.register(IMPLEMENTATION_NAME, moe_ops_experts_forward)
+    ExpertsInterface.register("eager", eager_experts_forward)

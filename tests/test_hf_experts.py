@@ -1,0 +1,359 @@
+"""transformers' experts modules through moe_ops (lowering/hf_experts.py).
+
+Real transformers MoE blocks, built from tiny configs with random weights, with
+``experts_implementation="eager"`` under ``torch.compile`` (Inductor, CPU): dynamo traces the experts
+into one ``moe_ops.fused_experts`` call with no graph break, and the result matches the uncompiled
+block, whose experts run transformers' per-expert loop. Also: the "moe_ops" implementation in eager
+mode, the cases that must fall back to the loop (and say why), and the switches.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+import pytest
+import torch
+from conftest import assert_close_rel
+from torch._dynamo.utils import counters
+from torch._inductor.compile_fx import compile_fx
+
+import moe_ops
+
+transformers = pytest.importorskip("transformers")
+moe_integration = pytest.importorskip("transformers.integrations.moe")
+hf_experts = importlib.import_module("lowering.hf_experts")
+fused_experts = moe_ops.fused_experts  # before any test replaces it with a counting wrapper
+mixtral = importlib.import_module("transformers.models.mixtral.modeling_mixtral")
+gpt_oss = importlib.import_module("transformers.models.gpt_oss.modeling_gpt_oss")
+
+H, F, E, K = 64, 32, 8, 2  # hidden, expert intermediate, experts, experts per token
+
+
+def _modeling(model_type: str):
+    return importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+
+
+# Each MoE block as the model builds it: (module, block class, config class, config of the experts' sizes).
+BLOCKS = {
+    "mixtral": ("mixtral", "MixtralSparseMoeBlock", "MixtralConfig",
+                dict(intermediate_size=F, num_local_experts=E)),
+    "qwen3_moe": ("qwen3_moe", "Qwen3MoeSparseMoeBlock", "Qwen3MoeConfig",
+                  dict(moe_intermediate_size=F, num_experts=E, norm_topk_prob=True)),
+    "qwen2_moe": ("qwen2_moe", "Qwen2MoeSparseMoeBlock", "Qwen2MoeConfig",  # with a gated shared expert
+                  dict(moe_intermediate_size=F, num_experts=E, shared_expert_intermediate_size=2 * F)),
+    "olmoe": ("olmoe", "OlmoeSparseMoeBlock", "OlmoeConfig", dict(intermediate_size=F, num_experts=E)),
+    "deepseek_v3": ("deepseek_v3", "DeepseekV3MoE", "DeepseekV3Config",  # group-limited router, shared expert
+                    dict(moe_intermediate_size=F, n_routed_experts=E, n_group=2, topk_group=1, n_shared_experts=1)),
+    "gpt_oss": ("gpt_oss", "GptOssMLP", "GptOssConfig",  # interleaved, clamped SwiGLU, biases
+                dict(intermediate_size=F, num_local_experts=E)),
+}
+
+
+def tiny_block(name: str, dtype: torch.dtype, **config_overrides):
+    """The block with random weights and ``experts_implementation="eager"``."""
+    model_type, block_name, config_name, sizes = BLOCKS[name]
+    config = getattr(transformers, config_name)(
+        hidden_size=H, num_experts_per_tok=K, experts_implementation="eager", **{**sizes, **config_overrides}
+    )
+    block = getattr(_modeling(model_type), block_name)(config)
+    with torch.no_grad():
+        for parameter in block.parameters():  # the blocks allocate their experts uninitialised
+            parameter.normal_(0.0, 0.1)
+    return block.to(dtype)
+
+
+def block_output(block, x):
+    out = block(x)
+    return out[0] if isinstance(out, tuple) else out  # GptOssMLP also returns the router scores
+
+
+def run_graph_as_is(graph_module, example_inputs):
+    return graph_module.forward
+
+
+class RecordingBackend:
+    """A torch.compile backend that keeps every dynamo graph (a graph break makes one more) and hands it to
+    Inductor, or, where a test only inspects the graphs, runs it as traced (faster to compile)."""
+
+    def __init__(self, compile_graph=compile_fx):
+        self.compile_graph = compile_graph
+        self.graphs = []
+
+    def __call__(self, graph_module, example_inputs):
+        self.graphs.append(graph_module)
+        return self.compile_graph(graph_module, example_inputs)
+
+    def fused_experts_calls(self) -> int:
+        return sum(
+            node.op == "call_function" and str(node.target).startswith("moe_ops.fused_experts")
+            for graph_module in self.graphs
+            for node in graph_module.graph.nodes
+        )
+
+
+def set_experts_implementation(block, name: str) -> None:
+    block.experts.config._experts_implementation = name
+
+
+@pytest.fixture(autouse=True)
+def _fresh_state():
+    """Each case traces from scratch, sees every log line, and leaves the switches as it found them."""
+    saved = (moe_ops.config.rewrites, moe_ops.config.transformers_eager_experts)
+    torch._dynamo.reset()
+    counters.clear()
+    hf_experts._REPORTED.clear()
+    yield
+    torch._dynamo.reset()
+    moe_ops.config.rewrites, moe_ops.config.transformers_eager_experts = saved
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(BLOCKS))
+def test_compiled_eager_experts_run_fused_experts(name, dtype):
+    block = tiny_block(name, dtype)
+    x = torch.randn(2, 5, H, dtype=dtype)
+    backend = RecordingBackend()
+
+    out = block_output(torch.compile(block, backend=backend, fullgraph=True), x)
+
+    # fullgraph=True raises on a graph break; one graph, holding the experts as one op.
+    assert len(backend.graphs) == 1
+    assert backend.fused_experts_calls() == 1
+    assert counters["moe_ops"]["hf_experts"] == 1 and counters["moe_ops"]["hf_experts_fallback"] == 0
+    with torch.no_grad():
+        expected = block_output(block, x)  # not compiling: transformers' own loop
+    assert_close_rel(out, expected, dtype, f"{name} compiled vs eager")
+
+
+def test_dynamic_tokens_compile_once():
+    block = tiny_block("mixtral", torch.float32)
+    backend = RecordingBackend()
+    compiled = torch.compile(block, backend=backend, fullgraph=True)
+    x = torch.randn(1, 5, H)
+    torch._dynamo.mark_dynamic(x, 1)
+    compiled(x)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for tokens in (2, 9, 33):  # 1 would recompile: dynamo specialises sizes 0 and 1
+            x = torch.randn(1, tokens, H)
+            assert_close_rel(compiled(x), block_output(block, x), torch.float32, f"T={tokens}")
+    assert len(backend.graphs) == 1 and backend.fused_experts_calls() == 1
+
+
+def test_eager_outside_compile_runs_transformers_loop(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("moe_ops.fused_experts called outside torch.compile for experts_implementation='eager'")
+
+    monkeypatch.setattr(moe_ops, "fused_experts", fail)
+    block = tiny_block("mixtral", torch.float32)
+    with torch.no_grad():
+        block_output(block, torch.randn(2, 5, H))
+    assert not counters["moe_ops"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(BLOCKS))
+def test_moe_ops_implementation_in_eager_mode(name, dtype, monkeypatch):
+    block = tiny_block(name, dtype)
+    x = torch.randn(2, 5, H, dtype=dtype)
+    with torch.no_grad():
+        expected = block_output(block, x)
+    calls = []
+
+    def counted_fused_experts(*args, **kwargs):
+        calls.append(kwargs)
+        return fused_experts(*args, **kwargs)
+
+    monkeypatch.setattr(moe_ops, "fused_experts", counted_fused_experts)
+    set_experts_implementation(block, "moe_ops")
+
+    with torch.no_grad():
+        out = block_output(block, x)
+
+    assert len(calls) == 1
+    assert_close_rel(out, expected, dtype, f"{name} moe_ops vs eager")
+
+
+def test_ungated_nemotron_h_experts():
+    """NemotronH's experts have no gate (up_proj, act_fn, down_proj): relu maps onto fused_experts; its
+    default relu2 has no moe_ops activation and falls back."""
+    nemotron_h = _modeling("nemotron_h")
+    x, ids, weights = torch.randn(6, H), torch.randint(0, E, (6, K)), torch.rand(6, K)
+    for act, fuses in (("relu", True), ("relu2", False)):
+        config = transformers.NemotronHConfig(
+            hidden_size=H, moe_intermediate_size=F, n_routed_experts=E, num_experts_per_tok=K,
+            mlp_hidden_act=act, experts_implementation="eager",
+        )
+        experts = nemotron_h.NemotronHExperts(config)
+        with torch.no_grad():
+            for parameter in experts.parameters():
+                parameter.normal_(0.0, 0.1)
+            expected = experts(x, ids, weights)
+            config._experts_implementation = "moe_ops"
+            counters.clear()
+            out = torch.compile(experts, backend="eager")(x, ids, weights)
+        assert counters["moe_ops"]["hf_experts" if fuses else "hf_experts_fallback"] >= 1, act
+        assert_close_rel(out, expected, torch.float32, act)
+
+
+def _expect_fallback(caplog, experts_class_name: str, reason: str) -> None:
+    messages = [record.getMessage() for record in caplog.records if record.name == "moe_ops"]
+    wanted = f"{experts_class_name}: runs its own loop, not moe_ops.fused_experts: {reason}"
+    assert any(message.startswith(wanted) for message in messages), messages
+
+
+def test_unknown_activation_falls_back_when_compiled(caplog):
+    block = tiny_block("mixtral", torch.float32, hidden_act="quick_gelu")  # x * sigmoid(1.702 x): no moe_ops op
+    x = torch.randn(2, 5, H)
+    backend = RecordingBackend(run_graph_as_is)
+    with caplog.at_level(logging.INFO, logger="moe_ops"):
+        out = block_output(torch.compile(block, backend=backend), x)
+
+    assert backend.fused_experts_calls() == 0 and counters["moe_ops"]["hf_experts_fallback"] >= 1
+    assert len(backend.graphs) > 1  # transformers' loop breaks the graph, as without moe_ops
+    _expect_fallback(caplog, "MixtralExperts", "act_fn QuickGELUActivation has no moe_ops activation")
+    assert_close_rel(out, block_output(block, x), torch.float32, "fallback")
+
+
+class ShiftedGateGptOssExperts(gpt_oss.GptOssExperts):
+    """A custom _apply_gate: the GPT-OSS loop calls it, so fused_experts' clamped SwiGLU would be wrong."""
+
+    def _apply_gate(self, gate_up):
+        return super()._apply_gate(gate_up) + 1.0
+
+
+@moe_integration.use_experts_implementation
+class DoubledMixtralExperts(mixtral.MixtralExperts):
+    """A loop moe_ops has not verified (here: the Mixtral loop, doubled), in a decorated subclass."""
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        return 2 * mixtral.MixtralExperts.forward.__wrapped__(self, hidden_states, top_k_index, top_k_weights)
+
+
+@pytest.mark.parametrize(
+    "experts_class, reason",
+    [
+        (ShiftedGateGptOssExperts,
+         "its _apply_gate ShiftedGateGptOssExperts._apply_gate is not GptOssExperts._apply_gate"),
+        (DoubledMixtralExperts, "its eager loop DoubledMixtralExperts.forward is not one moe_ops has verified"),
+    ],
+    ids=lambda value: getattr(value, "__name__", ""),
+)
+def test_unrecognised_code_falls_back(experts_class, reason, caplog):
+    name = "gpt_oss" if issubclass(experts_class, gpt_oss.GptOssExperts) else "mixtral"
+    block = tiny_block(name, torch.float32)
+    experts = experts_class(block.experts.config)
+    experts.load_state_dict(block.experts.state_dict())
+    block.experts = experts
+    x = torch.randn(2, 5, H)
+    with torch.no_grad():
+        expected = block_output(block, x)
+        set_experts_implementation(block, "moe_ops")
+        with caplog.at_level(logging.INFO, logger="moe_ops"):
+            out = block_output(block, x)
+    _expect_fallback(caplog, experts_class.__name__, reason)
+    assert torch.equal(out, expected)  # the same loop ran
+
+
+def test_autocast_falls_back(caplog):
+    block = tiny_block("mixtral", torch.float32)
+    set_experts_implementation(block, "moe_ops")
+    x = torch.randn(2, 5, H)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), caplog.at_level(logging.INFO, logger="moe_ops"):
+        out = block_output(block, x)
+        set_experts_implementation(block, "eager")
+        expected = block_output(block, x)
+    _expect_fallback(caplog, "MixtralExperts", "autocast is on")
+    assert torch.equal(out, expected)
+
+
+def test_switch_off_keeps_transformers_loop():
+    moe_ops.config.transformers_eager_experts = False
+    block = tiny_block("mixtral", torch.float32)
+    x = torch.randn(2, 5, H)
+    backend = RecordingBackend(run_graph_as_is)
+    out = block_output(torch.compile(block, backend=backend), x)
+    assert backend.fused_experts_calls() == 0 and len(backend.graphs) > 1
+    assert not counters["moe_ops"]["hf_experts"]
+    assert_close_rel(out, block_output(block, x), torch.float32, "switch off")
+
+
+def test_disable_recompiles_without_reset():
+    """Dynamo guards on moe_ops.config: after moe_ops.disable() the same compiled module retraces with
+    transformers' loop. After moe_ops.enable() the experts run through fused_experts again, but in a graph of
+    their own: the newest entry of the block's frame calls the experts module outside its graph and wins
+    over the first one. torch._dynamo.reset() brings back the single graph."""
+    block = tiny_block("mixtral", torch.float32)
+    x = torch.randn(2, 5, H)
+    backend = RecordingBackend(run_graph_as_is)
+    compiled = torch.compile(block, backend=backend)
+    compiled(x)
+    assert backend.fused_experts_calls() == 1 and len(backend.graphs) == 1
+
+    moe_ops.disable()
+    out = block_output(compiled, x)
+    assert backend.fused_experts_calls() == 1 and len(backend.graphs) > 2  # new graphs, broken, no fused_experts
+    assert_close_rel(out, block_output(block, x), torch.float32, "disabled")
+
+    moe_ops.enable()
+    out = block_output(compiled, x)
+    assert backend.fused_experts_calls() == 2
+    assert_close_rel(out, block_output(block, x), torch.float32, "enabled again")
+
+    torch._dynamo.reset()
+    backend.graphs.clear()
+    block_output(compiled, x)
+    assert backend.fused_experts_calls() == 1 and len(backend.graphs) == 1
+
+
+def test_original_forward_of_decorated_subclass():
+    """A decorated class derived from a decorated class wraps its parent's dispatching forward; "eager"
+    must reach the parent's loop once, not dispatch back into itself."""
+
+    @moe_integration.use_experts_implementation
+    class DerivedMixtralExperts(mixtral.MixtralExperts):
+        pass
+
+    assert hf_experts.original_experts_forward(DerivedMixtralExperts) is mixtral.MixtralExperts.forward.__wrapped__
+    block = tiny_block("mixtral", torch.float32)
+    x, ids, weights = torch.randn(6, H), torch.randint(0, E, (6, K)), torch.rand(6, K)
+    derived = DerivedMixtralExperts(block.experts.config)
+    derived.load_state_dict(block.experts.state_dict())
+    with torch.no_grad():
+        assert torch.equal(derived(x, ids, weights), block.experts(x, ids, weights))
+
+
+def test_registration_is_idempotent_and_validated_by_transformers():
+    moe_ops.enable()
+    moe_ops.enable()
+    interface = moe_integration.ALL_EXPERTS_FUNCTIONS
+    assert interface["moe_ops"] is hf_experts.moe_ops_experts_forward
+    assert interface["eager"] is hf_experts.eager_experts_forward
+    config = transformers.MixtralConfig(
+        vocab_size=32, hidden_size=H, intermediate_size=F, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=E, num_experts_per_tok=K,
+    )
+    model = transformers.MixtralForCausalLM._from_config(config, experts_implementation="moe_ops")
+    assert model.config._experts_implementation == "moe_ops"
+
+
+@pytest.mark.cuda
+def test_mixtral_8x7b_shapes_compiled_on_gpu():
+    """Mixtral-8x7B's expert shapes, bf16, a few tokens: compiled "eager" runs the Triton kernels."""
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(
+        hidden_size=4096, intermediate_size=14336, num_local_experts=8, num_experts_per_tok=2,
+        experts_implementation="eager",
+    )
+    with torch.device("cuda"), torch.no_grad():
+        block = mixtral.MixtralSparseMoeBlock(config)
+        for parameter in block.parameters():
+            parameter.normal_(0.0, 0.02)
+    block = block.to(torch.bfloat16)
+    x = torch.randn(1, 16, 4096, device="cuda", dtype=torch.bfloat16)
+    backend = RecordingBackend()
+    with torch.no_grad():
+        out = torch.compile(block, backend=backend, fullgraph=True)(x)
+        expected = block(x)
+    assert len(backend.graphs) == 1 and backend.fused_experts_calls() == 1
+    assert_close_rel(out, expected, torch.bfloat16, "Mixtral-8x7B shapes")
