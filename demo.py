@@ -6,6 +6,7 @@ moe_ops ops, the largest difference of the compiled logits from eager, and on a 
 forward pass: eager, torch.compile without the moe_ops rewrites, and torch.compile with them.
 """
 
+import copy
 import logging
 import warnings
 
@@ -56,10 +57,25 @@ print(f"{device} {dtype}: {config.num_hidden_layers} MoE blocks (E={config.num_e
       f"{batch}x{seq} tokens")
 print(f"rewritten: {stats['experts_rewrite']} experts blocks -> moe_ops.fused_experts, "
       f"{stats['route_rewrite']} routers -> moe_ops.route")
-error = ((logits.float() - eager_logits.float()).abs().max() / eager_logits.float().abs().max()).item()
-print(f"max |compiled - eager| / max |eager| over the logits = {error:.2e}")
+
+
+def relative_error(result, reference):
+    return ((result.float() - reference.float()).abs().max() / reference.float().abs().max()).item()
+
+
 assert stats["experts_rewrite"] == config.num_hidden_layers, "a MoE block was not rewritten"
-assert error < (2e-2 if dtype == torch.bfloat16 else 2e-3), "compiled logits differ from eager"
+if dtype == torch.float32:
+    error = relative_error(logits, eager_logits)
+    print(f"max |compiled - eager| / max |eager| over the logits = {error:.2e}")
+    assert error < 2e-3, "compiled logits differ from eager"
+else:
+    # In bf16, four layers of rounding separate any two implementations; what matters is whether the
+    # compiled model is as close to the exact (fp32) model as eager bf16 is.
+    exact_logits = forward(copy.deepcopy(model).float())
+    eager_error, error = relative_error(eager_logits, exact_logits), relative_error(logits, exact_logits)
+    print(f"max |x - fp32 model| / max |fp32 model| over the logits: eager bf16 {eager_error:.2e}, "
+          f"compiled with moe_ops {error:.2e} (compiled vs eager: {relative_error(logits, eager_logits):.2e})")
+    assert error < 1.5 * eager_error, "compiled logits are further from the fp32 model than eager's"
 
 if on_gpu:
     from triton.testing import do_bench

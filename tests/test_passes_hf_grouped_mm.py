@@ -241,6 +241,7 @@ def test_cuda_real_shape_uses_moe_ops_kernels(name):
     block_cls, config_cls, overrides = REAL_SHAPES[name]
     with torch.device("meta"):
         block = block_cls(config_cls(**overrides)).to(torch.bfloat16).eval().requires_grad_(False)
+    block.experts.config._experts_implementation = "grouped_mm"  # what a model built from the config gets
     block = block.to_empty(device="cuda")
     torch.manual_seed(0)
     for param in block.parameters():
