@@ -168,6 +168,8 @@ def _variant(**changes):
         act = changes.get("act", self.act_fn)
         h = act(gate) * up
         out = hf_moe._grouped_mm(h, self.down_proj.transpose(-2, -1), offsets).masked_fill(sentinel, 0.0)
+        if changes.get("shared_bias"):  # one bias for all experts: no per-expert bias the op takes
+            out = out + 0.5
         if not changes.get("skip_weights"):
             out = out * sample_weights[perm].unsqueeze(-1)
         inv_perm = torch.empty_like(perm)
@@ -180,14 +182,36 @@ def _variant(**changes):
     return forward
 
 
+class UngatedSharedExpert(Qwen2MoeSparseMoeBlock):  # Qwen2-MoE without the shared expert's sigmoid gate
+    def forward(self, hidden_states):
+        batch_size, sequence_length, hidden_dim = hidden_states.shape
+        flat = hidden_states.view(-1, hidden_dim)
+        _, routing_weights, selected_experts = self.gate(flat)
+        routed = self.experts(flat, selected_experts, routing_weights)
+        return (routed + self.shared_expert(flat)).reshape(batch_size, sequence_length, hidden_dim)
+
+
+def test_shared_expert_without_its_gate():
+    """The routed experts are the same computation and are rewritten; the shared expert is not part of
+    what the op replaces (gated or not), so it stays as written, and the sum is eager's."""
+    block = build("qwen2_moe", torch.bfloat16)
+    block.__class__ = UngatedSharedExpert
+    x = tokens(10, torch.bfloat16)
+    result, graph = compile_and_record(block, x)
+    assert experts_rewrites() == 1 and graph.count("moe_ops.fused_experts") == 1
+    assert "aten.sigmoid" not in graph
+    assert_close_rel(result, block(x), torch.bfloat16, "ungated shared expert")
+
+
 @pytest.mark.parametrize(
     "change, reason",
     [
         (dict(act=torch.tanh), "no activation the op computes"),
         (dict(skip_weights=True), "not multiplied by their routing weights"),
         (dict(leak_h=True), "also read outside the block"),
+        (dict(shared_bias=True), "the down projection's"),
     ],
-    ids=["tanh", "no_weights", "extra_user"],
+    ids=["tanh", "no_weights", "extra_user", "bias_dropped"],
 )
 def test_near_miss_is_not_rewritten(change, reason, monkeypatch, caplog):
     monkeypatch.setitem(hf_moe.ALL_EXPERTS_FUNCTIONS._global_mapping, "near_miss", _variant(**change))
