@@ -314,3 +314,31 @@ def test_one_graph_serves_every_token_count(make_block):
                 x = hidden_states(torch.float32, batch)
                 assert_same(compiled(x), block(x), torch.float32)
     assert rewrites() == 1
+
+
+def test_ungated_nemotron_h_batched_mm():
+    """NemotronH's experts have no gate (up_proj -> relu -> down_proj): batched_mm of them is rewritten
+    with gated=False, and matches eager."""
+    nemotron_h = pytest.importorskip("transformers.models.nemotron_h.modeling_nemotron_h")
+    torch.manual_seed(0)
+    config = transformers.NemotronHConfig(
+        hidden_size=H, moe_intermediate_size=F_, n_routed_experts=E, num_experts_per_tok=K,
+        mlp_hidden_act="relu", experts_implementation="batched_mm",
+    )
+    experts = nemotron_h.NemotronHExperts(config)
+    with torch.no_grad():
+        for parameter in experts.parameters():
+            parameter.normal_(0.0, 0.1)
+    router = torch.nn.Linear(H, E, bias=False)
+
+    def block(x):
+        weights, ids = torch.topk(torch.softmax(router(x), dim=-1, dtype=torch.float32), K, dim=-1)
+        return experts(x, ids, weights.to(x.dtype))
+
+    x = torch.randn(7, H)
+    result, expected, graph = run(block, x)
+    assert_same(result, expected, torch.float32)
+    assert rewrites() == 1
+    (call,) = [line for line in graph.splitlines() if line.startswith("moe_ops.fused_experts")]
+    # layout, interleaved, activation, gated, ...
+    assert "'EFH', False, 'relu', False," in call
