@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch.fx import Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
@@ -64,3 +66,21 @@ def is_last_dim(dims, ndim: int) -> bool:
 
 def is_float_scalar(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def top_k_scores(ids: Node) -> tuple[Node, int] | None:
+    """``ids`` as the indices of a top-k (``aten.topk``, or ``moe_ops.route``, which selects over the
+    last dim), possibly cast between int32 and int64 (value-preserving for indices): (the scores node,
+    the dim selected over), or None. Such ids are in [0, scores.shape[dim]) and distinct along that dim."""
+    source = ids
+    if is_call(source, prims.convert_element_type.default) and source.args[1] in (torch.int32, torch.int64):
+        source = source.args[0]
+    if not (is_call(source, operator.getitem) and source.args[1] == 1):
+        return None
+    producer = source.args[0]
+    if is_call(producer, aten.topk.default):
+        return producer.args[0], arg(producer, 2, "dim", -1)
+    route = getattr(getattr(torch.ops, "moe_ops", None), "route", None)
+    if route is not None and is_call(producer, route.default):
+        return producer.args[0], -1
+    return None

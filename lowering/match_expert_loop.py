@@ -92,7 +92,18 @@ from torch.fx import Graph, Node
 
 from lowering import config
 from lowering.experts_rewrite import ExpertsMatch, check, match_any_activation
-from lowering.fx_match import Rejected, arg, aten, is_call, is_view_call, prims, same_shape, same_size, val
+from lowering.fx_match import (
+    Rejected,
+    arg,
+    aten,
+    is_call,
+    is_view_call,
+    prims,
+    same_shape,
+    same_size,
+    top_k_scores,
+    val,
+)
 
 log = logging.getLogger("moe_ops")
 
@@ -182,17 +193,8 @@ def _link_after(acc: Node) -> _Link | None:
 
 def _distinct_ids(ids: Node) -> bool:
     """Ids from a top-k over the last dim (torch's or moe_ops.route's): >= 0, distinct within a row."""
-    source = ids
-    if is_call(source, prims.convert_element_type.default) and source.args[1] in (torch.int32, torch.int64):
-        source = source.args[0]
-    if not (is_call(source, operator.getitem) and source.args[1] == 1):
-        return False
-    producer = source.args[0]
-    if is_call(producer, aten.topk.default):
-        scores = val(producer.args[0])
-        return scores is not None and scores.dim() == 2 and arg(producer, 2, "dim", -1) in (-1, 1)
-    route = getattr(getattr(torch.ops, "moe_ops", None), "route", None)
-    return route is not None and is_call(producer, route.default)
+    found = top_k_scores(ids)
+    return found is not None and val(found[0]) is not None and val(found[0]).dim() == 2 and found[1] in (-1, 1)
 
 
 def _one_hot_ids(mask: Node, region: set[Node]) -> Node | None:

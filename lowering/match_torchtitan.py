@@ -56,7 +56,19 @@ import torch
 from torch.fx import Graph, Node
 
 from lowering.experts_rewrite import ExpertsMatch, match_any_activation
-from lowering.fx_match import Rejected, arg, aten, is_call, is_view_call, prims, same_shape, same_size, shape, val
+from lowering.fx_match import (
+    Rejected,
+    arg,
+    aten,
+    is_call,
+    is_view_call,
+    prims,
+    same_shape,
+    same_size,
+    shape,
+    top_k_scores,
+    val,
+)
 
 
 def _scatter_add_targets() -> tuple:
@@ -108,19 +120,10 @@ def _grouped_mm_args(gemm: Node) -> tuple[Node, Node, Node]:
 
 def _ids_from_top_k(ids: Node, num_experts: int) -> None:
     """``ids`` are a top-k over the last dim of (T, E) scores: in [0, E), distinct along each row."""
-    source = ids
-    if is_call(source, prims.convert_element_type.default) and source.args[1] == torch.int64:
-        source = source.args[0]  # moe_ops.route's int32 ids, cast back by the routing rewrite
-    producer = source.args[0] if is_call(source, operator.getitem) and source.args[1] == 1 else None
-    if is_call(producer, aten.topk.default):
-        scores = val(producer.args[0])
-        dim = arg(producer, 2, "dim", -1)
+    found = top_k_scores(ids)
+    if found is not None:
+        scores, dim = val(found[0]), found[1]
         if scores.dim() == 2 and dim in (-1, 1) and same_size(scores.shape[1], num_experts):
-            return
-    route = getattr(getattr(torch.ops, "moe_ops", None), "route", None)
-    if route is not None and is_call(producer, route.default):
-        logits = val(producer.args[0])
-        if logits.dim() == 2 and same_size(logits.shape[1], num_experts):
             return
     raise Rejected(
         f"the ids ({ids.name}) are not a top-k over the {num_experts} experts: their counts need not be "

@@ -48,7 +48,6 @@ logged, even where a sentinel's zero weight would make them agree.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -56,7 +55,7 @@ import torch
 from torch.fx import Graph, Node
 
 from lowering.experts_rewrite import ExpertsMatch, match_any_activation
-from lowering.fx_match import Rejected, arg, aten, is_call, prims, same_size, val
+from lowering.fx_match import Rejected, arg, aten, is_call, prims, same_size, top_k_scores, val
 from moe_ops.fused_experts import _check_fused_args
 
 # Ops that move values without changing them: each output element is one input element.
@@ -289,23 +288,11 @@ def _ids_chain(idx: Node) -> tuple[Node, list[Node], list[Node]]:
 
 def _ids_bound(ids: Node) -> int | None:
     """An upper bound E' with 0 <= ids < E' for every input: the ids are a top-k's indices over E'
-    scores (``aten.topk``, or ``moe_ops.route`` over E' logits), possibly widened to int64."""
-    node = ids
-    if (
-        is_call(node, prims.convert_element_type.default)
-        and node.args[1] == torch.int64
-        and val(node.args[0]).dtype == torch.int32
-    ):
-        node = node.args[0]
-    if not (is_call(node, operator.getitem) and node.args[1] == 1):
+    scores (``aten.topk``, or ``moe_ops.route`` over E' logits)."""
+    found = top_k_scores(ids)
+    if found is None:
         return None
-    producer = node.args[0]
-    size = None
-    if is_call(producer, aten.topk.default):
-        scores = val(producer.args[0])
-        size = scores.shape[arg(producer, 2, "dim", -1)]
-    elif is_call(producer, torch.ops.moe_ops.route.default):
-        size = val(producer.args[0]).shape[-1]
+    size = val(found[0]).shape[found[1]]
     return size if isinstance(size, int) else None
 
 
