@@ -10,7 +10,10 @@ top-k, renormalise, gated SiLU experts), bf16, weights ~N(0, 0.02), random input
     moe_ops                router linear + moe_ops.route + moe_ops.fused_experts, on the block's own weights
     moe_ops_compile_hf_grouped_mm
                            torch.compile of hf_grouped_mm with the moe_ops rewrites on (the peers above
-                           compile with them off)
+                           compile with them off): the Inductor templates with their neighbours fused
+    moe_ops_extern_compile_hf_grouped_mm
+                           the same with moe_ops.config.inductor_templates off: the rewritten op is one
+                           opaque extern call (the unfused variant)
 
 Floor of a cell = max(bytes / copy bandwidth, FLOPs / bf16 matmul rate), both ceilings measured once per
 run on the same GPU. Bytes = the expert weights touched (expected distinct experts under uniform
@@ -82,7 +85,7 @@ DRY_RUN_TOKENS = (1, 5, 48)
 
 IMPLS = (
     "hf_eager", "hf_grouped_mm", "compile_hf_eager", "compile_hf_grouped_mm", "moe_ops",
-    "moe_ops_compile_hf_grouped_mm",
+    "moe_ops_compile_hf_grouped_mm", "moe_ops_extern_compile_hf_grouped_mm",
 )
 HF_EAGER_IMPLS = ("hf_eager", "compile_hf_eager")
 IMPL_LABELS = {
@@ -92,6 +95,7 @@ IMPL_LABELS = {
     "compile_hf_grouped_mm": "torch.compile(HF grouped_mm)",
     "moe_ops": "moe_ops (eager op)",
     "moe_ops_compile_hf_grouped_mm": "torch.compile(HF grouped_mm) + moe_ops",
+    "moe_ops_extern_compile_hf_grouped_mm": "torch.compile(HF grouped_mm) + moe_ops, templates off",
 }
 
 CSV_COLUMNS = (
@@ -273,8 +277,17 @@ def make_layer(impl: str, blocks: dict[str, torch.nn.Module], shape: MoEShape) -
         # implementation) would also serve the grouped_mm block. Each compiled block starts clean.
         torch._dynamo.reset()
         compiled = torch.compile(blocks[impl.split("compile_", 1)[1]])
-        if impl.startswith("moe_ops_"):
+        if impl == "moe_ops_compile_hf_grouped_mm":
             return compiled
+        if impl == "moe_ops_extern_compile_hf_grouped_mm":
+            def extern_op(x: torch.Tensor) -> torch.Tensor:
+                moe_ops.config.inductor_templates = False
+                try:
+                    return compiled(x)
+                finally:
+                    moe_ops.config.inductor_templates = True
+
+            return extern_op
         # The peers: importing moe_ops turned its rewrites on, and compiles (one per new T) read the
         # switch, so every call of a peer runs with the rewrites off.
         def without_rewrites(x: torch.Tensor) -> torch.Tensor:
@@ -399,7 +412,7 @@ def _table(shape_rows: list[dict], column: str, floor_row: bool) -> list[str]:
 def summary_lines(rows: list[dict]) -> list[str]:
     p50 = {(r["shape"], r["T"], r["impl"]): float(r["ms_p50"]) for r in rows}
     lines = []
-    for impl in ("moe_ops", "moe_ops_compile_hf_grouped_mm"):
+    for impl in ("moe_ops", "moe_ops_compile_hf_grouped_mm", "moe_ops_extern_compile_hf_grouped_mm"):
         cells = sorted({(s, t) for s, t, i in p50 if i == impl and (s, t, "compile_hf_grouped_mm") in p50})
         if cells:
             ahead = sum(p50[s, t, impl] <= p50[s, t, "compile_hf_grouped_mm"] for s, t in cells)

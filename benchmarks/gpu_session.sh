@@ -22,7 +22,7 @@ for stage in "$@"; do
       # test_expert_gemm.py) holds ~67 GB, so the other GPU-heavy file (real shapes) shares its group.
       pids=()
       for group in "test_expert_gemm.py test_fused_experts.py" "test_routing.py test_docs.py" \
-                   "test_schedule.py test_capacity.py" "test_passes_*.py test_hf_*.py"; do
+                   "test_schedule.py test_capacity.py" "test_passes_*.py test_hf_*.py test_lowering.py test_export.py"; do
         files=(); for pattern in $group; do for f in tests/$pattern; do [ -e "$f" ] && files+=("$f"); done; done
         timeout "$LIMIT" python3 -m pytest -q -rfE -p no:cacheprovider "${files[@]}" > "$OUT/pytest_${#pids[@]}.log" 2>&1 &
         pids+=($!)

@@ -40,11 +40,15 @@ class RewriteConfig:
                   ``capture_dynamic_output_shape_ops``) by stacking their weights into (E, F, H)
                   tensors: a copy of all expert weights on every call, so off by default (cost in
                   ``lowering/match_expert_loop.py``). Part of the passes' cache key.
+        inductor_templates: Inductor lowers ``fused_experts`` and ``expert_gemm`` into Triton templates
+                  (on CUDA) into which neighbouring pointwise work fuses; off, each op is one opaque
+                  extern call. Part of the passes' cache key.
     """
 
     rewrites: bool = True
     transformers_eager_experts: bool = True
     stack_expert_weights: bool = False
+    inductor_templates: bool = True
 
 
 config = RewriteConfig()
@@ -60,6 +64,7 @@ def enable() -> None:
     Where transformers is installed, it is imported here, and the "moe_ops" and "eager" experts
     implementations are registered in its ``ALL_EXPERTS_FUNCTIONS`` (see ``lowering.hf_experts``).
     """
+    import lowering.fused_experts_lowering  # noqa: F401  (registers the Inductor lowerings)
     from lowering.passes import MoeOpsPostGradPass
 
     config.rewrites = True

@@ -69,5 +69,5 @@ class MoeOpsPostGradPass(CustomGraphPass):
             chained_uuids.append(repr(chained_uuid))
         return (
             f"moe_ops:{_source_hash()}:rewrites={config.rewrites}:stack_expert_weights={config.stack_expert_weights}"
-            f":chained=[{','.join(chained_uuids)}]"
+            f":inductor_templates={config.inductor_templates}:chained=[{','.join(chained_uuids)}]"
         )

@@ -72,3 +72,36 @@ def no_tracing_or_modes_active() -> bool:
         and torch._C._len_torch_function_stack() == 0
         and torch._C._functorch.peek_interpreter_stack() is None
     )
+
+
+def inductor_size_hint(expr) -> int:
+    """The value Inductor assumes for a (possibly symbolic) size while compiling: ``optimization_hint``
+    since about 2.12, ``size_hint`` before."""
+    from torch._inductor.virtualized import V
+
+    sizevars = V.graph.sizevars
+    hint = getattr(sizevars, "optimization_hint", None) or sizevars.size_hint
+    return int(hint(expr))
+
+
+def selected_node(autotune_result):
+    """``autotune_select_algorithm`` returns the chosen node on 2.11 and (node, choice) since 2.12."""
+    return autotune_result[0] if isinstance(autotune_result, tuple) else autotune_result
+
+
+def custom_op_kernel(qualname: str, device_type: str):
+    """The kernel registered with ``register_kernel(device_type)`` on the custom op ``qualname``, or None."""
+    from torch._library.custom_ops import OPDEFS
+
+    opdef = OPDEFS.get(qualname)
+    return None if opdef is None else opdef._backend_fns.get(device_type)
+
+
+def wrap_for_lowering(node):
+    """An extern kernel's output as a lowering returns it: ``IRNode.wrap_for_lowering()`` since about
+    2.12, ``TensorBox.create`` on 2.11."""
+    if hasattr(node, "wrap_for_lowering"):
+        return node.wrap_for_lowering()
+    from torch._inductor.ir import TensorBox
+
+    return TensorBox.create(node)

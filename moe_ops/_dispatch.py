@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_ops._compat import no_tracing_or_modes_active
+from moe_ops._compat import custom_op_kernel, no_tracing_or_modes_active
 
 
 def direct_cuda_call_allowed(*tensors: torch.Tensor | None) -> bool:
@@ -22,3 +22,13 @@ def direct_cuda_call_allowed(*tensors: torch.Tensor | None) -> bool:
     if torch.is_grad_enabled() and any(t.requires_grad for t in present):
         return False
     return no_tracing_or_modes_active()
+
+
+def __getattr__(name: str):
+    """``moe_ops._dispatch.<op>_cuda``: the CUDA kernel of ``moe_ops::<op>``, which Inductor-compiled
+    graphs call directly (lowering/direct_calls.py)."""
+    if name.endswith("_cuda"):
+        kernel = custom_op_kernel(f"moe_ops::{name[:-len('_cuda')]}", "cuda")
+        if kernel is not None:
+            return kernel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

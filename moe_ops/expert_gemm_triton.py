@@ -41,6 +41,95 @@ def _activate(gate, up, ACTIVATION: tl.constexpr, GATED: tl.constexpr, alpha, li
 
 
 @triton.jit
+def expert_gemm_tile(
+    pid,
+    a_ptr, w_ptr, w_up_ptr, bias_ptr, bias_up_ptr, slot_weight_ptr,
+    sorted_slots_ptr, block_expert_ptr, num_padded_ptr,
+    N, K, num_slots, gather_top_k, num_blocks_max,
+    stride_am, stride_ak,
+    stride_we, stride_wn, stride_wk,
+    stride_ue, stride_un, stride_uk,
+    stride_be, stride_bn,
+    stride_bue, stride_bun,
+    alpha, limit,
+    GATHER: tl.constexpr, SCATTER: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_BIAS_UP: tl.constexpr, HAS_SLOT_WEIGHT: tl.constexpr, ACTIVATION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """The (BLOCK_M, BLOCK_N) output tile of program ``pid``: (values in fp32, output rows, output
+    columns, store mask). Shared by the eager kernel (which stores it) and the Inductor template
+    (whose store_output fuses the graph's epilogue into the store)."""
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_blocks = tl.load(num_padded_ptr) // BLOCK_M
+    num_busy = num_blocks * num_pid_n
+    busy = pid < num_busy
+    # Grouped order: GROUP_M consecutive blocks (mostly of one expert) sweep the N tiles together,
+    # so each weight tile is fetched from HBM about once per group instead of once per block.
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = tl.maximum(tl.minimum(num_blocks - first_m, GROUP_M), 1)
+    # Blocks past the schedule's end hold only padding: no K loop, a tile of zeros, which the
+    # schedule-order output stores (every row of the op's output is defined).
+    idle = pid - num_busy
+    pid_m = tl.where(busy, first_m + (pid % num_pid_in_group) % group_size_m, num_blocks + idle // num_pid_n)
+    pid_n = tl.where(busy, (pid % num_pid_in_group) // group_size_m, idle % num_pid_n)
+    k_end = tl.where(busy, K, 0)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    block_in_range = pid_m < num_blocks_max
+    expert = tl.maximum(tl.load(block_expert_ptr + pid_m, mask=block_in_range, other=0), 0).to(tl.int64)
+    slot = tl.load(sorted_slots_ptr + offs_m, mask=block_in_range, other=num_slots)
+    row_valid = slot < num_slots
+    if GATHER:
+        a_row = tl.where(row_valid, slot // gather_top_k, 0).to(tl.int64)
+    else:
+        a_row = offs_m.to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_valid = cols < N
+    offs_k = tl.arange(0, BLOCK_K)
+
+    a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak
+    w_ptrs = w_ptr + expert * stride_we + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if GATED:
+        u_ptrs = (w_up_ptr + expert * stride_ue + cols[None, :].to(tl.int64) * stride_un
+                  + offs_k[:, None] * stride_uk)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        acc_up = acc
+    for k0 in range(0, k_end, BLOCK_K):
+        k_valid = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=row_valid[:, None] & k_valid[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_valid[:, None] & col_valid[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+        if GATED:
+            u = tl.load(u_ptrs, mask=k_valid[:, None] & col_valid[None, :], other=0.0)
+            acc_up = tl.dot(a, u, acc_up, input_precision=INPUT_PRECISION)
+            u_ptrs += BLOCK_K * stride_uk
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + expert * stride_be + cols * stride_bn, mask=col_valid, other=0.0
+                       ).to(tl.float32)[None, :]
+    if HAS_BIAS_UP:
+        acc_up += tl.load(bias_up_ptr + expert * stride_bue + cols * stride_bun, mask=col_valid,
+                          other=0.0).to(tl.float32)[None, :]
+    y = _activate(acc, acc_up, ACTIVATION, GATED, alpha, limit)
+    if HAS_SLOT_WEIGHT:
+        y *= tl.load(slot_weight_ptr + slot, mask=row_valid, other=0.0).to(tl.float32)[:, None]
+    # Padding rows and idle blocks are 0 (a bias or the activation would make them nonzero).
+    y = tl.where(row_valid[:, None], y, 0.0)
+
+    if SCATTER:
+        # Slot order: only scheduled slots are written, each by exactly one program.
+        return y, slot.to(tl.int64), cols, row_valid[:, None] & col_valid[None, :]
+    rows_in_range = offs_m < num_blocks_max * BLOCK_M
+    return y, offs_m.to(tl.int64), cols, rows_in_range[:, None] & col_valid[None, :]
+
+
+@triton.jit
 def _expert_gemm_kernel(
     # pointers
     a_ptr, w_ptr, w_up_ptr, bias_ptr, bias_up_ptr, slot_weight_ptr, out_ptr,
@@ -62,88 +151,19 @@ def _expert_gemm_kernel(
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_blocks = tl.load(num_padded_ptr) // BLOCK_M
-    num_busy = num_blocks * num_pid_n
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_m_local = tl.arange(0, BLOCK_M)
-
-    if pid >= num_busy:
-        # Blocks past the schedule's end: zero them in schedule-order output (so every row of the
-        # op's output is defined); in scatter mode they own no slot and do nothing.
-        if not SCATTER:
-            idle = pid - num_busy
-            pid_m = num_blocks + idle // num_pid_n
-            pid_n = idle % num_pid_n
-            if pid_m < num_blocks_max:
-                rows = (pid_m * BLOCK_M + offs_m_local).to(tl.int64)
-                cols = pid_n * BLOCK_N + offs_n
-                zeros = tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty)
-                tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on, zeros,
-                         mask=cols[None, :] < N)
-        return
-
-    # Grouped order: GROUP_M consecutive blocks (mostly of one expert) sweep the N tiles together,
-    # so each weight tile is fetched from HBM about once per group instead of once per block.
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = tl.minimum(num_blocks - first_m, GROUP_M)
-    pid_m = first_m + (pid % num_pid_in_group) % group_size_m
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
-    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + offs_m_local
-    slot = tl.load(sorted_slots_ptr + offs_m)
-    row_valid = slot < num_slots
-    if GATHER:
-        a_row = tl.where(row_valid, slot // gather_top_k, 0).to(tl.int64)
-    else:
-        a_row = offs_m.to(tl.int64)
-    cols = pid_n * BLOCK_N + offs_n
-    col_valid = cols < N
-    offs_k = tl.arange(0, BLOCK_K)
-
-    a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak
-    w_ptrs = w_ptr + expert * stride_we + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if GATED:
-        u_ptrs = (w_up_ptr + expert * stride_ue + cols[None, :].to(tl.int64) * stride_un
-                  + offs_k[:, None] * stride_uk)
-        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    else:
-        acc_up = acc
-    for k0 in range(0, K, BLOCK_K):
-        k_valid = offs_k < K - k0
-        a = tl.load(a_ptrs, mask=row_valid[:, None] & k_valid[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_valid[:, None] & col_valid[None, :], other=0.0)
-        acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
-        if GATED:
-            u = tl.load(u_ptrs, mask=k_valid[:, None] & col_valid[None, :], other=0.0)
-            acc_up = tl.dot(a, u, acc_up, input_precision=INPUT_PRECISION)
-            u_ptrs += BLOCK_K * stride_uk
-        a_ptrs += BLOCK_K * stride_ak
-        w_ptrs += BLOCK_K * stride_wk
-
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + expert * stride_be + cols * stride_bn, mask=col_valid, other=0.0
-                       ).to(tl.float32)[None, :]
-    if HAS_BIAS_UP:
-        acc_up += tl.load(bias_up_ptr + expert * stride_bue + cols * stride_bun, mask=col_valid,
-                          other=0.0).to(tl.float32)[None, :]
-    y = _activate(acc, acc_up, ACTIVATION, GATED, alpha, limit)
-    if HAS_SLOT_WEIGHT:
-        y *= tl.load(slot_weight_ptr + slot, mask=row_valid, other=0.0).to(tl.float32)[:, None]
-
-    if SCATTER:
-        out_rows = slot.to(tl.int64)
-        store_mask = row_valid[:, None] & col_valid[None, :]
-    else:
-        out_rows = offs_m.to(tl.int64)
-        y = tl.where(row_valid[:, None], y, 0.0)
-        store_mask = col_valid[None, :]
-    tl.store(out_ptr + out_rows[:, None] * stride_om + cols[None, :] * stride_on,
-             y.to(out_ptr.dtype.element_ty), mask=store_mask)
+    y, rows, cols, mask = expert_gemm_tile(
+        tl.program_id(0),
+        a_ptr, w_ptr, w_up_ptr, bias_ptr, bias_up_ptr, slot_weight_ptr,
+        sorted_slots_ptr, block_expert_ptr, num_padded_ptr,
+        N, K, num_slots, gather_top_k, num_blocks_max,
+        stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_ue, stride_un, stride_uk,
+        stride_be, stride_bn, stride_bue, stride_bun,
+        alpha, limit,
+        GATHER, SCATTER, GATED, HAS_BIAS, HAS_BIAS_UP, HAS_SLOT_WEIGHT, ACTIVATION, INPUT_PRECISION,
+        BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+    )
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on, y.to(out_ptr.dtype.element_ty),
+             mask=mask)
 
 
 @functools.cache

@@ -1,0 +1,260 @@
+"""Inductor lowering of ``moe_ops::expert_gemm``: a Triton template whose store fuses the graph's epilogue.
+
+The template's body is the eager kernel's tile function (``moe_ops.expert_gemm_triton.expert_gemm_tile``:
+gather, both GEMMs of a gated MLP from one A tile, bias, activation, routing weight); only the store
+differs. Inductor's ``store_output`` writes the tile and appends whatever pointwise work the graph does
+with the result (a dtype cast, a residual add, a scale), so those run in registers instead of as a
+second kernel over the output.
+
+Choices: under plain ``torch.compile`` one template config from the same heuristic the eager kernel
+uses (``gemm_config``: by token bucket), so nothing is benchmarked at compile time. Under
+``max_autotune`` Inductor benchmarks several tile configs and the op's eager kernel (an extern
+choice), on a synthetic but valid block schedule: random schedule tensors would index out of bounds.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+from torch._inductor import config as inductor_config
+from torch._inductor import ir
+from torch._inductor.lowering import register_lowering
+from torch._inductor.select_algorithm import (
+    ExternKernelChoice,
+    SymbolicGridFn,
+    TritonTemplate,
+    autotune_select_algorithm,
+)
+from torch._inductor.virtualized import V
+
+from lowering.direct_calls import extern_call
+from moe_ops._compat import fp32_matmul_allows_tf32, inductor_size_hint, selected_node
+from moe_ops.expert_gemm import ACTIVATION_CODE
+from moe_ops.schedule import block_schedule_ref
+
+log = logging.getLogger("moe_ops")
+
+# The optional tensors of the op, in its schema's order, and their names in the template.
+OPTIONAL_INPUTS = (("w_up", "W_UP"), ("bias", "BIAS"), ("bias_up", "BIAS_UP"), ("slot_weights", "SLOT_W"))
+
+TEMPLATE_SOURCE = r"""
+import triton
+import triton.language as tl
+from moe_ops.expert_gemm_triton import expert_gemm_tile
+
+{%- set names = ["A", "W"] %}
+{%- if GATED %}{% set names = names + ["W_UP"] %}{% endif %}
+{%- if HAS_BIAS %}{% set names = names + ["BIAS"] %}{% endif %}
+{%- if HAS_BIAS_UP %}{% set names = names + ["BIAS_UP"] %}{% endif %}
+{%- if HAS_SLOT_WEIGHT %}{% set names = names + ["SLOT_W"] %}{% endif %}
+{%- set names = names + ["SORTED_SLOTS", "BLOCK_EXPERT", "NUM_PADDED"] %}
+{%- if ZERO_UNROUTED %}{% set names = names + ["IDS"] %}{% endif %}
+
+{{def_kernel(*names)}}
+    N = {{size("W", 1)}}
+    K = {{size("W", 2)}}
+{%- if GATHER %}
+    num_slots = {{size("A", 0)}} * GATHER_TOP_K
+{%- elif SCATTER %}
+    num_slots = {{size(None, 0)}}
+{%- else %}
+    num_slots = {{size("SLOT_W", 0)}}
+{%- endif %}
+    num_blocks_max = {{size("BLOCK_EXPERT", 0)}}
+    pid = tl.program_id(0)
+    y, rows, cols, mask = expert_gemm_tile(
+        pid,
+        A, W, {{"W_UP" if GATED else "W"}}, {{"BIAS" if HAS_BIAS else "W"}}, {{"BIAS_UP" if HAS_BIAS_UP else "W"}},
+        {{"SLOT_W" if HAS_SLOT_WEIGHT else "W"}}, SORTED_SLOTS, BLOCK_EXPERT, NUM_PADDED,
+        N, K, num_slots, GATHER_TOP_K, num_blocks_max,
+        {{stride("A", 0)}}, {{stride("A", 1)}},
+        {{stride("W", 0)}}, {{stride("W", 1)}}, {{stride("W", 2)}},
+{%- if GATED %}
+        {{stride("W_UP", 0)}}, {{stride("W_UP", 1)}}, {{stride("W_UP", 2)}},
+{%- else %}
+        0, 0, 0,
+{%- endif %}
+{%- if HAS_BIAS %}
+        {{stride("BIAS", 0)}}, {{stride("BIAS", 1)}},
+{%- else %}
+        0, 0,
+{%- endif %}
+{%- if HAS_BIAS_UP %}
+        {{stride("BIAS_UP", 0)}}, {{stride("BIAS_UP", 1)}},
+{%- else %}
+        0, 0,
+{%- endif %}
+        ALPHA, LIMIT,
+        GATHER, SCATTER, GATED, HAS_BIAS, HAS_BIAS_UP, HAS_SLOT_WEIGHT, ACTIVATION,
+        {{'"ieee"' if IEEE else '"tf32"'}},
+        BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+    )
+{%- if ZERO_UNROUTED %}
+    # Programs past the GEMM tiles got a zero tile that stores nothing. They write the rows of slots
+    # routed to no expert instead (ids >= E: no block owns them), so every output row is defined.
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    q = pid - num_blocks_max * num_pid_n
+    if q >= 0:
+        rows = ((q // num_pid_n) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        cols = (q % num_pid_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+        unrouted = tl.load(IDS + rows * {{stride("IDS", 0)}}, mask=rows < num_slots, other=0) >= NUM_EXPERTS
+        mask = (unrouted & (rows < num_slots))[:, None] & (cols < N)[None, :]
+{%- endif %}
+    idx_m = rows[:, None]
+    idx_n = cols[None, :]
+    {{store_output(("idx_m", "idx_n"), "y", "mask", val_shape=("BLOCK_M", "BLOCK_N"))}}
+"""
+
+
+@SymbolicGridFn
+def expert_gemm_grid(num_blocks_max, n, unrouted_rows, meta, *, cdiv):
+    """One program per (block, N tile) the schedule can hold (the busy ones are read on the device),
+    then one per (BLOCK_M rows, N tile) of ``unrouted_rows`` slot rows to zero where unrouted."""
+    return ((num_blocks_max + cdiv(unrouted_rows, meta["BLOCK_M"])) * cdiv(n, meta["BLOCK_N"]), 1, 1)
+
+
+expert_gemm_template = TritonTemplate(name="moe_ops_expert_gemm", grid=expert_gemm_grid, source=TEMPLATE_SOURCE)
+
+
+def _extern_expert_gemm(*tensors, present, num_slots, block_m, gather_top_k, scatter, activation, alpha, limit):
+    """The op's own kernel as an autotuning choice: Inductor passes only the tensors that exist."""
+    remaining = list(tensors)
+    a, w = remaining.pop(0), remaining.pop(0)
+    optional = [remaining.pop(0) if given else None for given in present]
+    sorted_slots, block_expert, num_padded = remaining
+    return torch.ops.moe_ops.expert_gemm(
+        a, w, *optional, sorted_slots, block_expert, num_padded,
+        num_slots, block_m, gather_top_k, scatter, activation, alpha, limit,
+    )
+
+
+extern_expert_gemm = ExternKernelChoice(_extern_expert_gemm, name="moe_ops_expert_gemm_eager", has_out_variant=False)
+
+
+def templates_allowed(device: torch.device) -> bool:
+    """Templates need Triton's backend for this device: CUDA, or CPU where Inductor was told to emit
+    Triton (the tests' code-generation-only mode; stock Triton cannot run it on CPU)."""
+    from lowering import config
+
+    if not config.inductor_templates:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and inductor_config.cpu_backend == "triton")
+
+
+def _device_limits(device: torch.device) -> tuple[int, int]:
+    if device.type == "cuda":
+        from moe_ops.expert_gemm_triton import _device_limits as cuda_limits
+
+        return cuda_limits(device.index or 0)
+    return 132, 232448  # an H100's, for code generated on CPU
+
+
+@functools.lru_cache(maxsize=64)
+def _synthetic_schedule(num_slots: int, num_experts: int, block_m: int, device: str):
+    """A valid schedule of uniformly routed slots (slot s -> expert s % E), for benchmarking choices."""
+    ids = (torch.arange(num_slots) % num_experts).reshape(-1, 1)
+    return tuple(t.to(device) for t in block_schedule_ref(ids, num_experts, block_m)[:3])
+
+
+def _autotune_configs(base: dict) -> list[dict]:
+    """The heuristic config first, then tiles around it (all keep the schedule's BLOCK_M)."""
+    configs = [base]
+    for block_n, block_k, warps, stages in ((64, 64, 4, 4), (128, 64, 4, 3), (128, 128, 8, 3), (256, 64, 8, 3),
+                                            (32, 128, 4, 5), (64, 128, 4, 4)):
+        candidate = dict(base, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+        if candidate not in configs:
+            configs.append(candidate)
+    return configs
+
+
+def tuned_expert_gemm(
+    a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
+    num_slots, block_m, gather_top_k, scatter, activation, alpha, limit, slot_ids=None,
+):
+    """The template node for one expert GEMM (Inductor IR in, IR out). Callers check that the
+    template applies (``template_applies``). ``slot_ids`` (S,), for a scatter output only: the expert
+    of each slot, so that rows of slots routed to no expert (ids >= E) are written as zeros."""
+    from moe_ops.expert_gemm_triton import gemm_config
+
+    optional = (w_up, bias, bias_up, slot_weights)
+    present = tuple(t is not None for t in optional)
+    tensors = [a, w, *[t for t in optional if t is not None], sorted_slots, block_expert, num_padded]
+    # realize_input, not select_algorithm.realize_inputs: that one copies a view without a unit stride,
+    # and GPT-OSS's interleaved gate/up columns are such a view (the tile function takes any strides).
+    input_nodes = [ir.ExternKernel.realize_input(t) for t in (*tensors, *([] if slot_ids is None else [slot_ids]))]
+    device = a.get_device()
+    rows = num_slots if scatter else sorted_slots.get_size()[0]
+    n = w.get_size()[1]
+    layout = ir.FixedLayout(device, a.get_dtype(), [rows, n], [n, 1])
+
+    num_experts = int(w.get_size()[0])
+    slots_hint = inductor_size_hint(num_slots)
+    blocks_hint = inductor_size_hint(block_expert.get_size()[0])
+    busy_estimate = min(blocks_hint, slots_hint, num_experts) if block_m <= 32 else blocks_hint
+    num_sms, smem_bytes = _device_limits(device)
+    gated = w_up is not None
+    base = gemm_config(block_m, int(n), gated, a.get_dtype().itemsize, busy_estimate, num_sms, smem_bytes)
+    flags = dict(
+        GATHER=gather_top_k > 0, SCATTER=bool(scatter), GATED=gated, HAS_BIAS=bias is not None,
+        HAS_BIAS_UP=bias_up is not None, HAS_SLOT_WEIGHT=slot_weights is not None,
+        ACTIVATION=ACTIVATION_CODE[activation], GATHER_TOP_K=max(gather_top_k, 1),
+        ALPHA=float(alpha), LIMIT=float(limit),
+        IEEE=a.get_dtype() == torch.float32 and not fp32_matmul_allows_tf32(), BLOCK_M=block_m,
+        ZERO_UNROUTED=slot_ids is not None, NUM_EXPERTS=num_experts,
+    )
+    unrouted_rows = num_slots if slot_ids is not None else 0
+    autotune = inductor_config.max_autotune or inductor_config.max_autotune_gemm
+    choices = []
+    for cfg in _autotune_configs(base) if autotune else [base]:
+        cfg = dict(cfg)
+        num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        expert_gemm_template.maybe_append_choice(
+            choices, input_nodes=input_nodes, layout=layout, num_warps=num_warps, num_stages=num_stages,
+            call_sizes=[block_expert.get_size()[0], n, unrouted_rows], **flags, **cfg,
+        )
+    input_gen_fns = {}
+    if autotune:
+        schedule_at = len(tensors) - 3
+        synthetic = functools.partial(_synthetic_schedule, slots_hint, num_experts, block_m, str(device))
+        for i in range(3):
+            input_gen_fns[schedule_at + i] = lambda node, i=i: synthetic()[i]
+        if device.type == "cuda" and isinstance(num_slots, int) and not V.graph.cpp_wrapper and slot_ids is None:
+            choices.append(extern_expert_gemm.bind(
+                input_nodes, layout, present=present, num_slots=num_slots, block_m=block_m,
+                gather_top_k=gather_top_k, scatter=scatter, activation=activation, alpha=alpha, limit=limit,
+            ))
+    if not choices:
+        raise RuntimeError("moe_ops: the expert GEMM template produced no choice")
+    return selected_node(autotune_select_algorithm(
+        "moe_ops_expert_gemm", choices, input_nodes, layout, input_gen_fns=input_gen_fns,
+    ))
+
+
+def template_applies(a, num_slots, gather_top_k, scatter, slot_weights) -> str | None:
+    """None if the template computes exactly what the op computes here, else why not."""
+    if not templates_allowed(a.get_device()):
+        return "no Triton templates for this device (or moe_ops.config.inductor_templates is off)"
+    if scatter:
+        # The op's scatter output holds zeros in rows of slots no block owns (ids >= E); the
+        # template writes scheduled rows only. fused_experts' lowering masks those rows itself.
+        return "scatter output: rows of unscheduled slots would be left unwritten"
+    if gather_top_k == 0 and not scatter and slot_weights is None:
+        return "the slot count is not known from any input's shape"
+    return None
+
+
+@register_lowering(torch.ops.moe_ops.expert_gemm.default, type_promotion_kind=None)
+def lower_expert_gemm(
+    a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
+    num_slots, block_m, gather_top_k, scatter, activation, alpha, limit,
+):
+    args = (a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
+            num_slots, block_m, gather_top_k, scatter, activation, alpha, limit)
+    why_not = template_applies(a, num_slots, gather_top_k, scatter, slot_weights)
+    if why_not is not None:
+        log.debug("moe_ops.expert_gemm stays an extern call: %s", why_not)
+        return extern_call(torch.ops.moe_ops.expert_gemm.default, *args)
+    return tuned_expert_gemm(*args)
+

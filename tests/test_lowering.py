@@ -1,0 +1,427 @@
+"""Inductor lowerings (lowering/fused_experts_lowering.py, expert_gemm_lowering.py, direct_calls.py).
+
+CPU: Inductor's C++ backend keeps each op one extern call (and the compiled result equals eager); with
+``cpu_backend="triton"`` Inductor generates the Triton templates on CPU without running them, and the
+generated source shows which neighbouring work fused into which kernel. CUDA (the H100): the
+templates' results against eager across the op's variants, dynamic token counts, max-autotune, CUDA
+graphs, and the number of kernels one MoE layer launches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from unittest import mock
+
+import pytest
+import torch
+import torch._inductor.config as inductor_config
+from compile_harness import fresh_compile_state  # noqa: F401  (fixture)
+from conftest import assert_close_rel
+from torch._dynamo.utils import counters
+from torch._inductor.graph import GraphLowering
+from torch._inductor.utils import run_and_get_code
+from torch.testing import FileCheck
+
+import moe_ops
+
+pytestmark = pytest.mark.usefixtures("fresh_compile_state")
+
+T, H, F_, E = 24, 64, 32, 4
+
+
+class _Stop(Exception):
+    pass
+
+
+def generated_code(fn, *args) -> str:
+    """The wrapper and kernel source Inductor generates for ``fn(*args)`` on CPU, with Triton as the CPU
+    backend: code generation only (stock Triton has no CPU driver, so nothing is compiled or run)."""
+    sources: list[str] = []
+
+    def keep_source(graph: GraphLowering):
+        wrapper, kernels = graph.codegen()
+        sources.append(wrapper.value)
+        if kernels:
+            sources.append(kernels.value)
+        raise _Stop
+
+    torch._dynamo.reset()
+    with (
+        mock.patch("torch.utils._triton.triton_hash_with_backend", lambda: "FAKEHASH"),
+        mock.patch.object(GraphLowering, "compile_to_module", keep_source),
+        inductor_config.patch(cpu_backend="triton", fx_graph_cache=False),
+        contextlib.suppress(Exception),
+    ):
+        torch.compile(fn)(*args)
+    assert sources, "Inductor generated no code"
+    return "\n".join(sources)
+
+
+def weights(dtype=torch.bfloat16, num_experts=E, hidden=H, inter=F_, device="cpu"):
+    g = torch.Generator().manual_seed(0)
+    w_gate_up = (torch.randn(num_experts, 2 * inter, hidden, generator=g) * hidden**-0.5).to(device, dtype)
+    w_down = (torch.randn(num_experts, hidden, inter, generator=g) * inter**-0.5).to(device, dtype)
+    return w_gate_up, w_down
+
+
+def moe_layer(k, w_gate_up, w_down, unrouted_expert=None):
+    """route + fused_experts + a residual add: what a decoder layer does after the router."""
+
+    def layer(x, logits, residual):
+        topk_weights, topk_ids = moe_ops.route(logits, k, renormalize=True)
+        if unrouted_expert is not None:
+            # Slots of one expert go nowhere (ids >= E: expert-parallel sentinels).
+            topk_ids = torch.where(topk_ids == unrouted_expert, w_gate_up.shape[0], topk_ids)
+        return moe_ops.fused_experts(x, topk_weights, topk_ids, w_gate_up, w_down) + residual
+
+    return layer
+
+
+def layer_inputs(tokens=T, dtype=torch.bfloat16, num_experts=E, hidden=H, device="cpu"):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(tokens, hidden, generator=g).to(device, dtype)
+    logits = torch.randn(tokens, num_experts, generator=g).to(device)
+    residual = torch.randn(tokens, hidden, generator=g).to(device, dtype)
+    return x, logits, residual
+
+
+def kernel_sources(code: str) -> dict[str, str]:
+    """Generated Triton kernels by name: the source between ``def <name>(`` and the kernel's end."""
+    kernels = {}
+    for chunk in code.split("async_compile.triton(")[1:]:
+        name = chunk.split("'", 2)[1]
+        kernels[name] = chunk.split("''', device_str=")[0]
+    return kernels
+
+
+# ---- CPU: the C++ backend keeps the ops extern --------------------------------------------------------
+
+
+def test_cpu_backend_calls_the_op_and_matches_eager():
+    w_gate_up, w_down = weights()
+    layer = moe_layer(2, w_gate_up, w_down)
+    args = layer_inputs()
+    out, (code, *_) = run_and_get_code(torch.compile(layer), *args)
+    assert "torch.ops.moe_ops.fused_experts.default(" in code
+    assert "triton_tem_" not in code
+    assert torch.equal(out, layer(*args))
+
+
+# ---- CPU: the generated templates -------------------------------------------------------------------
+
+
+def test_templates_replace_the_extern_call():
+    w_gate_up, w_down = weights()
+    code = generated_code(moe_layer(2, w_gate_up, w_down), *layer_inputs())
+    kernels = kernel_sources(code)
+    templates = [name for name in kernels if name.startswith("triton_tem_")]
+    # gate_up (gather rows of x, gated SiLU) and down (routing weight, scatter to slot order)
+    assert len(templates) == 2, templates
+    gate_up, down = (kernels[name] for name in templates)
+    for source in (gate_up, down):
+        assert "expert_gemm_tile(" in source
+    FileCheck().check("GATHER : tl.constexpr = True").check("GATED : tl.constexpr = True").check(
+        "ACTIVATION : tl.constexpr = 1"
+    ).run(gate_up)
+    # The routing-weight multiply runs in the down template's registers, before its only store.
+    FileCheck().check("SCATTER : tl.constexpr = True").check("HAS_SLOT_WEIGHT : tl.constexpr = True").check(
+        "ZERO_UNROUTED : tl.constexpr = True"
+    ).run(down)
+    calls = code.split("def call(")[1]
+    assert "moe_ops.fused_experts.default(" not in calls
+    # The schedule is still an extern op (an argsort on the device, no host sync).
+    assert "torch.ops.moe_ops.block_schedule.default(" in calls
+
+
+def test_combine_over_k_and_residual_add_are_one_kernel():
+    """K = 2: a token's two slots come from two programs, so the combine is its own kernel; the residual
+    add after the layer fuses into it (one read of each slot row, one write of the output)."""
+    w_gate_up, w_down = weights()
+    code = generated_code(moe_layer(2, w_gate_up, w_down), *layer_inputs())
+    kernels = kernel_sources(code)
+    others = [name for name in kernels if not name.startswith("triton_tem_")]
+    assert len(others) == 1, others
+    (combine,) = others
+    assert "add" in combine
+    # Reads slot rows 2t and 2t + 1 of the down template's output, sums them in fp32, adds the residual.
+    FileCheck().check("tl.load").check("128*x1").check("tl.load").check("64 + x0 + 128*x1").check(
+        "tl.load"
+    ).check(" + ").check("tl.store").run(kernels[combine])
+
+
+def test_k1_epilogue_fuses_into_the_down_template():
+    """K = 1: the combine is pointwise, so the combine, the residual add and a cast to fp32 all run in
+    the down template's epilogue (store_output), and its (T, H) output is the layer's."""
+    w_gate_up, w_down = weights()
+    inner = moe_layer(1, w_gate_up, w_down)
+
+    def layer(x, logits, residual):
+        return inner(x, logits, residual).float()
+
+    code = generated_code(layer, *layer_inputs())
+    kernels = kernel_sources(code)
+    assert len(kernels) == 2, list(kernels)
+    down = next(name for name in kernels if "add" in name)
+    assert down.startswith("triton_tem_fused_"), down
+    FileCheck().check("expert_gemm_tile(").check("tl.load(in_ptr").check(" + ").check(
+        "tl.store(out_ptr"
+    ).run(kernels[down])
+
+
+def test_shared_expert_output_fuses_into_the_combine():
+    """Qwen2-MoE / DeepSeek-V3: the shared expert's gated output is added to the routed output; the
+    sigmoid gate, the multiply and both adds run in the combine kernel."""
+    w_gate_up, w_down = weights()
+    routed = moe_layer(2, w_gate_up, w_down)
+    g = torch.Generator().manual_seed(2)
+    w_shared = (torch.randn(H, H, generator=g) * H**-0.5).bfloat16()
+    w_shared_gate = (torch.randn(1, H, generator=g) * H**-0.5).bfloat16()
+
+    def layer(x, logits, residual):
+        shared = torch.sigmoid(x @ w_shared_gate.T) * (x @ w_shared.T)
+        return routed(x, logits, residual) + shared
+
+    code = generated_code(layer, *layer_inputs())
+    kernels = kernel_sources(code)
+    # (the shared expert's two matmuls stay extern GEMMs; its sigmoid gate then joins the combine)
+    combine = [name for name in kernels if all(op in name for op in ("add", "fused_experts", "mul", "sigmoid"))]
+    assert len(combine) == 1, list(kernels)
+    # The (T, 1) sigmoid gate is a kernel of its own; the combine reads it, multiplies and adds.
+    FileCheck().check("128*x1").check("64 + x0 + 128*x1").check(" * ").check(" + ").check("tl.store").run(
+        kernels[combine[0]]
+    )
+
+
+def test_dynamic_token_count_is_one_template():
+    w_gate_up, w_down = weights()
+    args = layer_inputs()
+    for t in args:
+        torch._dynamo.mark_dynamic(t, 0)
+    code = generated_code(moe_layer(2, w_gate_up, w_down), *args)
+    kernels = kernel_sources(code)
+    templates = [src for name, src in kernels.items() if name.startswith("triton_tem_")]
+    assert len(templates) == 2
+    # Sizes are kernel arguments (ks0 = T), not constants baked into the source.
+    FileCheck().check("def triton_tem_").check("ks0").check("num_slots = ks0 * GATHER_TOP_K").run(templates[0])
+    FileCheck().check("num_slots = 2*ks0").run(templates[1])
+
+
+def test_templates_off_keeps_one_extern_call():
+    w_gate_up, w_down = weights()
+    moe_ops.config.inductor_templates = False
+    try:
+        code = generated_code(moe_layer(2, w_gate_up, w_down), *layer_inputs())
+    finally:
+        moe_ops.config.inductor_templates = True
+    assert "torch.ops.moe_ops.fused_experts.default(" in code
+    assert "triton_tem_" not in code
+
+
+def test_capacity_mode_keeps_one_extern_call(caplog):
+    w_gate_up, w_down = weights()
+
+    def layer(x, logits, residual):
+        topk_weights, topk_ids = moe_ops.route(logits, 2, renormalize=True)
+        return moe_ops.fused_experts(x, topk_weights, topk_ids, w_gate_up, w_down, capacity_factor=1.0)
+
+    with caplog.at_level(logging.DEBUG, logger="moe_ops"):
+        code = generated_code(layer, *layer_inputs())
+    assert "torch.ops.moe_ops.fused_experts.default(" in code
+    assert "triton_tem_" not in code
+    assert "capacity mode" in caplog.text
+
+
+def test_gpt_oss_variant_reads_interleaved_views_with_biases():
+    """Layout EHF (E, H, 2F), interleaved gate/up columns, biases, clamped SwiGLU: views, never copies."""
+    g = torch.Generator().manual_seed(3)
+    w_gate_up = torch.randn(E, H, 2 * F_, generator=g).bfloat16()
+    w_down = torch.randn(E, F_, H, generator=g).bfloat16()
+    b_gate_up = torch.randn(E, 2 * F_, generator=g).bfloat16()
+    b_down = torch.randn(E, H, generator=g).bfloat16()
+
+    def layer(x, logits, residual):
+        topk_weights, topk_ids = moe_ops.route(logits, 2, softmax_after_topk=True)
+        return moe_ops.fused_experts(
+            x, topk_weights, topk_ids, w_gate_up, w_down, b_gate_up=b_gate_up, b_down=b_down, layout="EHF",
+            interleaved=True, activation="clamped_swiglu",
+        )
+
+    code = generated_code(layer, *layer_inputs())
+    kernels = kernel_sources(code)
+    gate_up = next(src for name, src in kernels.items() if "GATHER : tl.constexpr = True" in src)
+    # gate = columns 0, 2, 4, ... and up = columns 1, 3, 5, ... of one (E, H, 2F) tensor: strides
+    # (2FH, 2, 2F) and an offset of one element, read in place.
+    for line in ("HAS_BIAS : tl.constexpr = True", "HAS_BIAS_UP : tl.constexpr = True", "ACTIVATION : tl.constexpr = 5",
+                 "W_UP = arg_W_UP + 1", "BIAS_UP = arg_BIAS_UP + 1", f"{2 * F_ * H}, 2, {2 * F_},"):
+        assert line in gate_up, line
+    # No kernel other than the two templates and the combine: nothing copies the weights.
+    assert len(kernel_sources(code)) == 3, list(kernel_sources(code))
+
+
+def test_expert_gemm_op_template_with_fused_epilogue():
+    """The grouped GEMM op on its own (schedule order, rows gathered from x): a cast and a scale after
+    it run in the template's store."""
+    w_gate_up, _ = weights()
+    ids = torch.randint(0, E, (T, 2), generator=torch.Generator().manual_seed(4))
+
+    def gemm(x, ids):
+        schedule = moe_ops.block_schedule(ids, E, 16)
+        h = moe_ops.expert_gemm(x, w_gate_up[:, :F_], schedule, num_slots=T * 2, block_m=16,
+                                w_up=w_gate_up[:, F_:], gather_top_k=2, activation="silu")
+        return h.float() * 2.0
+
+    code = generated_code(gemm, layer_inputs()[0], ids)
+    kernels = kernel_sources(code)
+    assert len(kernels) == 1, list(kernels)
+    (name,) = kernels
+    assert name.startswith("triton_tem_fused_"), name
+    FileCheck().check("expert_gemm_tile(").check("2.0").check("tl.store").run(kernels[name])
+
+
+def test_expert_gemm_scatter_stays_extern(caplog):
+    """Scatter output: rows of slots no block owns must be zero, which only the op's own kernel (it
+    zero-fills) guarantees without knowing the ids."""
+    _, w_down = weights()
+    ids = torch.randint(0, E, (T, 2), generator=torch.Generator().manual_seed(5))
+
+    def gemm(h, ids, w):
+        schedule = moe_ops.block_schedule(ids, E, 16)
+        return moe_ops.expert_gemm(h, w_down, schedule, num_slots=T * 2, block_m=16, slot_weights=w, scatter=True)
+
+    s_max = schedule_rows(T * 2, E, 16)
+    with caplog.at_level(logging.DEBUG, logger="moe_ops"):
+        code = generated_code(gemm, torch.randn(s_max, F_).bfloat16(), ids, torch.rand(T * 2))
+    assert "moe_ops.expert_gemm.default(" in code
+    assert "unscheduled slots" in caplog.text
+
+
+def schedule_rows(num_slots, num_experts, block_m):
+    from moe_ops.schedule import schedule_sizes
+
+    return schedule_sizes(num_slots, num_experts, block_m)[0]
+
+
+# ---- CUDA (run on the H100) --------------------------------------------------------------------------
+
+
+def _compiled_vs_eager(layer, args, dtype, **compile_kwargs):
+    torch._dynamo.reset()
+    expected = layer(*args)
+    actual, codes = run_and_get_code(torch.compile(layer, **compile_kwargs), *args)
+    assert_close_rel(actual, expected, dtype)
+    return "\n".join(codes)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("k", [1, 2, 8])
+@pytest.mark.parametrize("unrouted", [False, True])
+def test_cuda_templates_match_eager(dtype, k, unrouted):
+    num_experts = 16
+    w_gate_up, w_down = weights(dtype, num_experts, 256, 128, "cuda")
+    layer = moe_layer(k, w_gate_up, w_down, unrouted_expert=0 if unrouted else None)
+    for tokens in (1, 7, 300):
+        code = _compiled_vs_eager(layer, layer_inputs(tokens, dtype, num_experts, 256, "cuda"), dtype)
+        assert "triton_tem_" in code
+        assert "torch.ops.moe_ops" not in code.split("def call(")[1]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", ["gpt_oss", "ungated_gelu", "separate_w_up"])
+def test_cuda_template_variants_match_eager(variant):
+    g = torch.Generator().manual_seed(6)
+    n_e, hid, inter, dtype = 8, 128, 64, torch.bfloat16
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to("cuda", dtype)
+
+    if variant == "gpt_oss":
+        kw = dict(b_gate_up=rnd(n_e, 2 * inter), b_down=rnd(n_e, hid), layout="EHF", interleaved=True,
+                  activation="clamped_swiglu")
+        w_gate_up, w_down = rnd(n_e, hid, 2 * inter, scale=hid**-0.5), rnd(n_e, inter, hid, scale=inter**-0.5)
+    elif variant == "ungated_gelu":
+        kw = dict(gated=False, activation="gelu", b_gate_up=rnd(n_e, inter))
+        w_gate_up, w_down = rnd(n_e, inter, hid, scale=hid**-0.5), rnd(n_e, hid, inter, scale=inter**-0.5)
+    else:
+        kw = dict(w_up=rnd(n_e, inter, hid, scale=hid**-0.5))
+        w_gate_up, w_down = rnd(n_e, inter, hid, scale=hid**-0.5), rnd(n_e, hid, inter, scale=inter**-0.5)
+
+    def layer(x, logits):
+        topk_weights, topk_ids = moe_ops.route(logits, 2, renormalize=True)
+        return moe_ops.fused_experts(x, topk_weights, topk_ids, w_gate_up, w_down, **kw)
+
+    x, logits, _ = layer_inputs(50, dtype, n_e, hid, "cuda")
+    code = _compiled_vs_eager(layer, (x, logits), dtype)
+    assert "triton_tem_" in code
+
+
+@pytest.mark.cuda
+def test_cuda_one_layer_launches_three_kernels_and_two_direct_calls():
+    """One MoE layer (route, fused experts, residual add) compiles to: the route and the block schedule,
+    called as their CUDA kernels directly (no dispatcher), then 3 Inductor launches: the gate_up
+    template, the down template, and the combine over K with the residual add."""
+    w_gate_up, w_down = weights(torch.bfloat16, 16, 256, 128, "cuda")
+    code = _compiled_vs_eager(moe_layer(4, w_gate_up, w_down), layer_inputs(64, torch.bfloat16, 16, 256, "cuda"),
+                              torch.bfloat16)
+    body = code.split("def call(")[1]
+    assert body.count(".run(") == 3, body
+    assert body.count("moe_ops._dispatch.route_cuda(") == 1
+    assert body.count("moe_ops._dispatch.block_schedule_cuda(") == 1
+    assert "torch.ops.moe_ops" not in body
+
+
+@pytest.mark.cuda
+def test_cuda_dynamic_tokens_one_graph():
+    w_gate_up, w_down = weights(torch.bfloat16, 16, 256, 128, "cuda")
+    layer = moe_layer(2, w_gate_up, w_down)
+    compiled = torch.compile(layer)
+    for tokens in (3, 40):
+        args = layer_inputs(tokens, torch.bfloat16, 16, 256, "cuda")
+        assert_close_rel(compiled(*args), layer(*args), torch.bfloat16)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for tokens in (5, 129, 1000):
+            args = layer_inputs(tokens, torch.bfloat16, 16, 256, "cuda")
+            assert_close_rel(compiled(*args), layer(*args), torch.bfloat16)
+
+
+@pytest.mark.cuda
+def test_cuda_max_autotune_benchmarks_valid_schedules():
+    w_gate_up, w_down = weights(torch.bfloat16, 16, 256, 128, "cuda")
+    with inductor_config.patch(max_autotune=True):
+        code = _compiled_vs_eager(moe_layer(2, w_gate_up, w_down), layer_inputs(512, torch.bfloat16, 16, 256, "cuda"),
+                                  torch.bfloat16)
+    assert "triton_tem_" in code or "moe_ops_expert_gemm_eager" in code
+
+
+@pytest.mark.cuda
+def test_cuda_graphs_replay_the_templates():
+    w_gate_up, w_down = weights(torch.bfloat16, 16, 256, 128, "cuda")
+    layer = moe_layer(2, w_gate_up, w_down)
+    compiled = torch.compile(layer, mode="reduce-overhead")
+    for seed in range(3):
+        torch.manual_seed(seed)
+        args = layer_inputs(32, torch.bfloat16, 16, 256, "cuda")
+        args = tuple(a + torch.randn_like(a) for a in args)
+        assert_close_rel(compiled(*args).clone(), layer(*args), torch.bfloat16)
+    assert counters["inductor"]["cudagraph_skips"] == 0
+
+
+@pytest.mark.cuda
+def test_cuda_transformers_mixtral_block_uses_the_templates():
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    config = transformers.MixtralConfig(hidden_size=256, intermediate_size=512, num_local_experts=8,
+                                        num_experts_per_tok=2)
+    config._experts_implementation = "grouped_mm"
+    block = MixtralSparseMoeBlock(config).to("cuda", torch.bfloat16).eval()
+    x = torch.randn(2, 33, 256, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = block(x)
+        actual, codes = run_and_get_code(torch.compile(block), x)
+    code = "\n".join(codes)
+    assert_close_rel(actual, expected, torch.bfloat16)
+    assert counters["moe_ops"]["experts_rewrite_hf_grouped_mm"] == 1
+    assert code.count("triton_tem_") >= 2 and "expert_gemm_tile(" in code
+
