@@ -13,9 +13,10 @@ output added to the routed output, a dtype cast) into that same kernel. With K =
 pointwise and all of that fuses into the down template's store.
 
 The lowering is exact where it fires: it computes what the op's CUDA kernel computes (same tile
-function, same rounding points). It steps aside (the op stays one extern call) for capacity mode
-(its drop decision is another kernel and a second output), on devices without Triton templates, and
-when ``moe_ops.config.inductor_templates`` is off.
+function, same rounding points). It steps aside (the op stays one extern call, to its CUDA kernel
+directly) for a dynamic token count (the op picks its block size per call), capacity mode (its drop
+decision is another kernel and a second output), on devices without Triton templates, and when
+``moe_ops.config.inductor_templates`` is off.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from torch._inductor.lowering import register_lowering
 
 from lowering.direct_calls import extern_call
 from lowering.expert_gemm_lowering import templates_allowed, tuned_expert_gemm
-from moe_ops._compat import inductor_size_hint
 from moe_ops.fused_experts import choose_block_m
 
 log = logging.getLogger("moe_ops")
@@ -70,6 +70,11 @@ def lower_fused_experts(
         why_not = "capacity mode"
     elif not all(isinstance(d, (int, sympy.Integer)) for w in (w_gate_up, w_down) for d in w.get_size()):
         why_not = "the expert weights' shapes are dynamic (the schedule and the tiles need them static)"
+    elif not isinstance(x.get_size()[0], (int, sympy.Integer)):
+        # The op picks its block size per call from T (16 rows at decode, 128 at prefill); a template
+        # compiles one. One block size for every T measured 3-4x slower at T = 8192 when it was chosen
+        # for T = 32 (benchmarks/NOTES.md, v4), so a graph for a dynamic T keeps the op's own choice.
+        why_not = "dynamic token count (the op chooses its block size per call)"
     if why_not is not None:
         log.debug("moe_ops.fused_experts stays one extern call: %s", why_not)
         return extern_call(torch.ops.moe_ops.fused_experts.default, *args)
@@ -78,9 +83,7 @@ def lower_fused_experts(
     K = topk_ids.get_size()[1]
     E = int(w_gate_up.get_size()[0])
     num_slots = T * K
-    # The schedule's block size is fixed when the graph compiles; with a dynamic token count it is
-    # chosen for the size Inductor compiles for (any block size is correct for any T).
-    block_m = choose_block_m(inductor_size_hint(num_slots), E)
+    block_m = choose_block_m(int(num_slots), E)
     gate, up, b_gate, b_up, down = _expert_weight_views(
         w_gate_up, w_down, w_up, b_gate_up, b_up, layout, interleaved, gated
     )
