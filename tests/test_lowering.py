@@ -417,6 +417,8 @@ def test_cuda_transformers_mixtral_block_uses_the_templates():
                                         num_experts_per_tok=2)
     block = MixtralSparseMoeBlock(config).to("cuda", torch.bfloat16).eval().requires_grad_(False)
     block.experts.config._experts_implementation = "grouped_mm"  # what a model built from the config gets
+    for param in block.parameters():  # the experts' weights are created with torch.empty
+        param.normal_(0.0, 0.02)
     x = torch.randn(2, 33, 256, device="cuda", dtype=torch.bfloat16)
 
     def output(result):
