@@ -36,9 +36,6 @@ from moe_ops.schedule import block_schedule_ref
 
 log = logging.getLogger("moe_ops")
 
-# The optional tensors of the op, in its schema's order, and their names in the template.
-OPTIONAL_INPUTS = (("w_up", "W_UP"), ("bias", "BIAS"), ("bias_up", "BIAS_UP"), ("slot_weights", "SLOT_W"))
-
 TEMPLATE_SOURCE = r"""
 import triton
 import triton.language as tl
