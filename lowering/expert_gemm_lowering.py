@@ -229,7 +229,7 @@ def tuned_expert_gemm(
     ))
 
 
-def template_applies(a, num_slots, gather_top_k, scatter, slot_weights) -> str | None:
+def template_applies(a, gather_top_k, scatter, slot_weights) -> str | None:
     """None if the template computes exactly what the op computes here, else why not."""
     if not templates_allowed(a.get_device()):
         return "no Triton templates for this device (or moe_ops.config.inductor_templates is off)"
@@ -249,7 +249,7 @@ def lower_expert_gemm(
 ):
     args = (a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
             num_slots, block_m, gather_top_k, scatter, activation, alpha, limit)
-    why_not = template_applies(a, num_slots, gather_top_k, scatter, slot_weights)
+    why_not = template_applies(a, gather_top_k, scatter, slot_weights)
     if why_not is not None:
         log.debug("moe_ops.expert_gemm stays an extern call: %s", why_not)
         return extern_call(torch.ops.moe_ops.expert_gemm.default, *args)
