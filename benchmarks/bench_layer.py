@@ -20,6 +20,7 @@ run on the same GPU. Bytes = the expert weights touched (expected distinct exper
 routing) plus the activations read and written; FLOPs = the three expert GEMMs of every slot.
 
     python benchmarks/bench_layer.py                      # all 18 cells, writes benchmarks/results/
+    python benchmarks/bench_layer.py --impls all          # also compile_hf_eager (slow to compile)
     python benchmarks/bench_layer.py --out "$OUT" --shapes deepseek-v3 --tokens 1,128 --skip-hf-eager
     python benchmarks/bench_layer.py --dry-run            # CPU, tiny shapes: checks everything but speed
 """
@@ -88,6 +89,9 @@ IMPLS = (
     "moe_ops_compile_hf_grouped_mm", "moe_ops_extern_compile_hf_grouped_mm",
 )
 HF_EAGER_IMPLS = ("hf_eager", "compile_hf_eager")
+# torch.compile of the eager loop graph-breaks at every expert (data-dependent nonzero) and compiles
+# for minutes at DeepSeek-V3's 256 experts; it is timed only when asked for.
+DEFAULT_IMPLS = tuple(impl for impl in IMPLS if impl != "compile_hf_eager")
 IMPL_LABELS = {
     "hf_eager": "HF eager loop",
     "hf_grouped_mm": "HF grouped_mm",
@@ -195,7 +199,7 @@ def floor_ms(shape: MoEShape, num_tokens: int, ceilings: Ceilings) -> float:
 # ---- The layer, four ways --------------------------------------------------------------------------
 
 
-def build_hf_blocks(shape: MoEShape, device: torch.device) -> dict[str, torch.nn.Module]:
+def build_hf_blocks(shape: MoEShape, device: torch.device, dtype: torch.dtype = DTYPE) -> dict[str, torch.nn.Module]:
     """HF blocks for experts_implementation "eager" and "grouped_mm", sharing one set of weights."""
     # Imported here so that --help works without the [bench] extra.
     from transformers import MixtralConfig
@@ -213,7 +217,7 @@ def build_hf_blocks(shape: MoEShape, device: torch.device) -> dict[str, torch.nn
         )
         # Built on the meta device: DeepSeek-V3's experts are 22.5 GB in bf16, too big to build in fp32.
         with torch.device("meta"):
-            blocks[impl] = MixtralSparseMoeBlock(config).to(DTYPE).eval().requires_grad_(False)
+            blocks[impl] = MixtralSparseMoeBlock(config).to(dtype).eval().requires_grad_(False)
 
     weights = blocks["hf_eager"].to_empty(device=device)
     for param in weights.parameters():
@@ -245,7 +249,7 @@ def random_tokens(router_weight: torch.Tensor, num_tokens: int, top_k: int) -> t
     index; torch.topk on the CPU: not promised), which picks another expert and shows up as a large
     error that says nothing about the experts. bf16 logits tie often enough to hit most cells.
     """
-    x_TH = torch.randn(num_tokens, router_weight.shape[1], device=router_weight.device, dtype=DTYPE)
+    x_TH = torch.randn(num_tokens, router_weight.shape[1], device=router_weight.device, dtype=router_weight.dtype)
     while top_k < router_weight.shape[0]:
         top_values = F.linear(x_TH, router_weight).float().topk(top_k + 1, dim=-1).values
         tied = top_values[:, top_k - 1] == top_values[:, top_k]
@@ -268,7 +272,8 @@ def get_configs(shape: MoEShape, impls: list[str], tokens: list[int]) -> list[Ex
     return [ExperimentConfig(shape, impl, t) for impl, t in itertools.product(impls, tokens)]
 
 
-def make_layer(impl: str, blocks: dict[str, torch.nn.Module], shape: MoEShape) -> Callable:
+def make_layer(impl: str, blocks: dict[str, torch.nn.Module], shape: MoEShape, mode: str | None = None) -> Callable:
+    """``mode`` is torch.compile's (bench_targets.py times decode with "reduce-overhead")."""
     if impl == "moe_ops":
         return moe_ops_layer(blocks["hf_eager"], shape.top_k)
     if "compile_" in impl:
@@ -276,7 +281,7 @@ def make_layer(impl: str, blocks: dict[str, torch.nn.Module], shape: MoEShape) -
         # eager-loop block's entries (graph break before the experts, no guard on the experts'
         # implementation) would also serve the grouped_mm block. Each compiled block starts clean.
         torch._dynamo.reset()
-        compiled = torch.compile(blocks[impl.split("compile_", 1)[1]])
+        compiled = torch.compile(blocks[impl.split("compile_", 1)[1]], mode=mode)
         if impl == "moe_ops_compile_hf_grouped_mm":
             return compiled
         if impl == "moe_ops_extern_compile_hf_grouped_mm":
@@ -492,6 +497,10 @@ def parse_args() -> argparse.Namespace:
         "--tokens", help=f"comma-separated token counts (default {','.join(map(str, TOKENS))})"
     )
     parser.add_argument(
+        "--impls",
+        help=f"comma-separated subset of {','.join(IMPLS)}, or 'all' (default: all but compile_hf_eager)",
+    )
+    parser.add_argument(
         "--skip-hf-eager",
         action="store_true",
         help="do not time the HF eager loop, compiled or not (slow at DeepSeek-V3 shapes); "
@@ -515,7 +524,11 @@ def main() -> None:
         raise SystemExit(f"--shapes: unknown {unknown}; known: {list(known_shapes)}")
     default_tokens = DRY_RUN_TOKENS if args.dry_run else TOKENS
     tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else list(default_tokens)
-    impls = [impl for impl in IMPLS if not (args.skip_hf_eager and impl in HF_EAGER_IMPLS)]
+    chosen = IMPLS if args.impls == "all" else args.impls.split(",") if args.impls else DEFAULT_IMPLS
+    unknown = [impl for impl in chosen if impl not in IMPLS]
+    if unknown:
+        raise SystemExit(f"--impls: unknown {unknown}; known: {list(IMPLS)}")
+    impls = [impl for impl in IMPLS if impl in chosen and not (args.skip_hf_eager and impl in HF_EAGER_IMPLS)]
 
     if args.dry_run:
         device, time_fn, gpu = torch.device("cpu"), time_wall_clock, "cpu-dry-run"

@@ -5,6 +5,8 @@
 #   kernels   benchmarks/bench_kernels.py (per-kernel times; run alone, after the tests)
 #   layer     benchmarks/bench_layer.py (the table against transformers; LAYER_ARGS passes filters)
 #   profile   benchmarks/profile_host.py (host vs GPU time of the eager layer, with a cProfile)
+#   gemm      benchmarks/profile_kernels.py: compiler report and tile sweep of the expert GEMMs, and
+#             Nsight Compute sections of the GEMMs of NCU_CELLS (one file, ncu.txt)
 # Logs and result files go to $OUT (the device tool brings them back). STAGE_TIMEOUT caps each stage.
 set -uo pipefail
 OUT=${OUT:-/tmp/moe_ops_out}
@@ -37,6 +39,16 @@ for stage in "$@"; do
       echo "--- memcheck"; tail -12 "$OUT/memcheck.log" ;;
     kernels) timeout "$LIMIT" python3 benchmarks/bench_kernels.py --out "$OUT" ${KERNEL_ARGS:-} || status=1 ;;
     profile) timeout "$LIMIT" python3 benchmarks/profile_host.py --out "$OUT" || status=1 ;;
+    gemm)
+      timeout "$LIMIT" python3 benchmarks/profile_kernels.py --out "$OUT" report || status=1
+      timeout "$LIMIT" python3 benchmarks/profile_kernels.py --out "$OUT" sweep || status=1
+      for cell in ${NCU_CELLS:-qwen3-30b-a3b:1 mixtral-8x7b:8192 qwen3-30b-a3b:8192}; do
+        echo "=== $cell"
+        timeout "$LIMIT" ncu --clock-control none --nvtx --nvtx-include "profile/" \
+          --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+          --section WarpStateStats --section LaunchStats --section ComputeWorkloadAnalysis \
+          python3 benchmarks/profile_kernels.py ncu "$cell" || status=1
+      done > "$OUT/ncu.txt" 2>&1 ;;
     layer) timeout "$LIMIT" python3 benchmarks/bench_layer.py --out "$OUT" ${LAYER_ARGS:-} 2>&1 \
              | tee "$OUT/layer.log" | tail -40 || status=1 ;;
     *) echo "unknown stage $stage"; status=1 ;;

@@ -204,9 +204,11 @@ def gemm_config(
 
 def expert_gemm_triton(
     a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
-    num_slots, block_m, gather_top_k, scatter, activation, alpha, limit,
+    num_slots, block_m, gather_top_k, scatter, activation, alpha, limit, config=None,
 ):
-    """Launch the kernel; same arguments and result as moe_ops.expert_gemm.expert_gemm_ref."""
+    """Launch the kernel; same arguments and result as moe_ops.expert_gemm.expert_gemm_ref.
+    ``config`` (BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) replaces the heuristic's choice:
+    benchmarks/profile_kernels.py sweeps it."""
     num_positions = sorted_slots.shape[0]
     n, k = w.shape[1], w.shape[2]
     if scatter:
@@ -221,7 +223,8 @@ def expert_gemm_triton(
     busy_estimate = min(num_blocks_max, num_slots, w.shape[0]) if block_m <= 32 else num_blocks_max
     # The interpreter (CPU tensors) has no SMs or shared-memory limit to respect.
     num_sms, smem_bytes = _device_limits(a.device.index or 0) if a.device.type == "cuda" else (1, 1 << 30)
-    config = gemm_config(block_m, n, gated, a.element_size(), busy_estimate, num_sms, smem_bytes)
+    if config is None:
+        config = gemm_config(block_m, n, gated, a.element_size(), busy_estimate, num_sms, smem_bytes)
     grid = (num_blocks_max * triton.cdiv(n, config["BLOCK_N"]),)
     dummy = out  # placeholder pointer for absent optional tensors; never dereferenced
     _expert_gemm_kernel[grid](
