@@ -5,6 +5,8 @@
 #   kernels   benchmarks/bench_kernels.py (per-kernel times; run alone, after the tests)
 #   layer     benchmarks/bench_layer.py (the table against transformers; LAYER_ARGS passes filters)
 #   profile   benchmarks/profile_host.py (host vs GPU time of the eager layer, with a cProfile)
+#   targets   benchmarks/bench_targets.py (decode under CUDA graphs, skewed routing, fp16/fp32; TARGET_ARGS)
+#   hostc     benchmarks/profile_host.py --compiled (host time of the compiled block, with a cProfile)
 #   gemm      benchmarks/profile_kernels.py: compiler report and tile sweep of the expert GEMMs, and
 #             Nsight Compute sections of the GEMMs of NCU_CELLS (one file, ncu.txt)
 # Logs and result files go to $OUT (the device tool brings them back). STAGE_TIMEOUT caps each stage.
@@ -49,6 +51,9 @@ for stage in "$@"; do
           --section WarpStateStats --section LaunchStats --section ComputeWorkloadAnalysis \
           python3 benchmarks/profile_kernels.py ncu "$cell" || status=1
       done > "$OUT/ncu.txt" 2>&1 ;;
+    targets) timeout "$LIMIT" python3 benchmarks/bench_targets.py --out "$OUT" ${TARGET_ARGS:-} 2>&1 \
+               | tee "$OUT/targets.log" | tail -60 || status=1 ;;
+    hostc) timeout "$LIMIT" python3 benchmarks/profile_host.py --out "$OUT" --compiled || status=1 ;;
     layer) timeout "$LIMIT" python3 benchmarks/bench_layer.py --out "$OUT" ${LAYER_ARGS:-} 2>&1 \
              | tee "$OUT/layer.log" | tail -40 || status=1 ;;
     *) echo "unknown stage $stage"; status=1 ;;

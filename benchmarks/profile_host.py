@@ -7,13 +7,18 @@ torch.ops (the dispatcher path that the public functions skip for plain CUDA ten
 autograd), and a cProfile of the public calls (the functions that cost the most host time).
 Writes host_profile_<gpu>.md.
 
-    python benchmarks/profile_host.py --out benchmarks/results
+With --compiled, the same for transformers' block under torch.compile, with the moe_ops rewrites and
+without (its T = 1 graph is static, the later token counts share one dynamic-T graph, as in
+bench_layer.py), and a cProfile of the compiled call with moe_ops: host_profile_compiled_<gpu>.md.
+
+    python benchmarks/profile_host.py --out benchmarks/results [--compiled]
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import io
 import pstats
 import time
@@ -87,13 +92,43 @@ def profile_text(fn, top: int) -> str:
     return text.getvalue()
 
 
+def compiled_report(gpu: str, top: int) -> list[str]:
+    from bench_layer import SHAPES, build_hf_blocks, make_layer, random_tokens
+
+    shape = SHAPES["qwen3-30b-a3b"]
+    blocks = build_hf_blocks(shape, torch.device("cuda"))
+    lines = [f"# Host profile of transformers' block under torch.compile: {gpu}, torch {torch.__version__}, "
+             f"triton {triton.__version__}", "", f"{shape.name}; T = 1 static graph, later T one dynamic-T graph.",
+             "", "| impl | T | do_bench ms | host us/call |", "|---|---|---|---|"]
+    profiles = []
+    for impl in ("compile_hf_grouped_mm", "moe_ops_compile_hf_grouped_mm"):
+        layer = make_layer(impl, blocks, shape)
+        for T in (1, 32, 512):
+            call = functools.partial(layer, random_tokens(blocks["hf_eager"].gate.weight, T, shape.top_k))
+            call()
+            lines.append(f"| {impl} | {T} | {triton.testing.do_bench(call, warmup=25, rep=200):.4f} | "
+                         f"{host_us_per_call(call):.1f} |")
+            print(lines[-1], flush=True)
+            if T == 32:
+                profiles += ["", f"## cProfile, {impl} T={T}, {CALLS} calls", "```", profile_text(call, top), "```"]
+    return lines + profiles
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--compiled", action="store_true", help="profile transformers' block under torch.compile")
     args = parser.parse_args()
     device = torch.device("cuda")
     gpu = torch.cuda.get_device_name()
+    if args.compiled:
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / f"host_profile_compiled_{gpu.lower().replace(' ', '-')}.md"
+        with torch.inference_mode():
+            path.write_text("\n".join(compiled_report(gpu, args.top)) + "\n")
+        print("wrote", path)
+        return
     lines = [f"# Host profile of the eager moe_ops layer: {gpu}, torch {torch.__version__}, "
              f"triton {triton.__version__}", "",
              "| shape | T | do_bench ms | CUDA-graph replay ms | host us/call | through torch.ops: do_bench ms "

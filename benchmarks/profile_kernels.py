@@ -5,6 +5,7 @@
     python benchmarks/profile_kernels.py --out DIR sweep        # heuristic config vs a grid of others
     ncu --clock-control none --nvtx --nvtx-include "profile/" --section SpeedOfLight ... \\
         python benchmarks/profile_kernels.py ncu qwen3-30b-a3b:1  # the cell's GEMMs once, under NVTX
+    ncu ... python benchmarks/profile_kernels.py ncu-decode-graph qwen3-30b-a3b  # one CUDA-graph replay
 
 Cells are the layer benchmark's shapes (bench_kernels.SHAPES) at a token count, bf16, uniform random
 routing, weights ~N(0, 0.02). The tool behind benchmarks/NOTES.md, not a test.
@@ -32,18 +33,23 @@ SWEEP_CELLS = ("qwen3-30b-a3b:1", "mixtral-8x7b:1", "deepseek-v3:1", "qwen3-30b-
                "mixtral-8x7b:8192", "qwen3-30b-a3b:8192")
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
 class Cell:
-    """One (shape, T): inputs, schedule and the two GEMM calls of the fused op."""
+    """One (shape, T[, dtype]) ("qwen3-30b-a3b:1", "mixtral-8x7b:2048:fp32"): inputs, schedule and the
+    two GEMM calls of the fused op."""
 
     def __init__(self, spec: str):
-        self.name, tokens = spec.split(":")
+        self.name, tokens, *dtype_name = spec.split(":")
         self.T = int(tokens)
+        self.dtype = DTYPES[dtype_name[0] if dtype_name else "bf16"]
         E, K, H, F = SHAPES[self.name]
         self.E, self.K, self.H, self.F = E, K, H, F
         gen = torch.Generator(device="cuda").manual_seed(0)
-        self.w_gate_up = torch.randn(E, 2 * F, H, dtype=torch.bfloat16, device="cuda", generator=gen) * 0.02
-        self.w_down = torch.randn(E, H, F, dtype=torch.bfloat16, device="cuda", generator=gen) * 0.02
-        self.x = torch.randn(self.T, H, dtype=torch.bfloat16, device="cuda", generator=gen)
+        self.w_gate_up = torch.randn(E, 2 * F, H, dtype=self.dtype, device="cuda", generator=gen) * 0.02
+        self.w_down = torch.randn(E, H, F, dtype=self.dtype, device="cuda", generator=gen) * 0.02
+        self.x = torch.randn(self.T, H, dtype=self.dtype, device="cuda", generator=gen)
         logits = torch.randn(self.T, E, device="cuda", generator=gen)
         self.weights, self.ids = moe_ops.route(logits, K, renormalize=True)
         self.S = self.T * K
@@ -71,10 +77,11 @@ class Cell:
         busy = self.schedule.block_expert.shape[0]
         if self.block_m <= 32:
             busy = min(busy, self.S, self.E)
-        return gemm_config(self.block_m, n, gated, 2, busy, *_device_limits(0))
+        return gemm_config(self.block_m, n, gated, self.dtype.itemsize, busy, *_device_limits(0),
+                           ieee_fp32=self.dtype == torch.float32)
 
     def weight_bytes(self, which: str) -> int:
-        return self.touched * (2 if which == "gate_up" else 1) * self.F * self.H * 2
+        return self.touched * (2 if which == "gate_up" else 1) * self.F * self.H * self.dtype.itemsize
 
     def flops(self, which: str) -> int:
         return 2 * self.S * (2 if which == "gate_up" else 1) * self.F * self.H
@@ -115,14 +122,17 @@ def report(cells: list[str]) -> list[str]:
     return lines
 
 
-def sweep_configs(block_m: int, gated: bool):
-    if block_m <= 32:
+def sweep_configs(block_m: int, gated: bool, itemsize: int):
+    if itemsize == 4:
+        # fp32 without tf32: tl.dot runs on FMA units, where tile shape and registers decide.
+        tiles = itertools.product((32, 64, 128), (16, 32), ((4, 2), (8, 2), (8, 3)))
+    elif block_m <= 32:
         tiles = itertools.product((16, 32, 64), (128, 256), ((2, 4), (4, 3), (4, 5)))
     else:
         tiles = itertools.product((64, 128) if gated else (128, 256), (64, 128), ((8, 3), (8, 4), (4, 4)))
     for block_n, block_k, (warps, stages) in tiles:
         weight_tiles = 2 if gated else 1
-        if stages * (block_m + weight_tiles * block_n) * block_k * 2 > 0.8 * _device_limits(0)[1]:
+        if stages * (block_m + weight_tiles * block_n) * block_k * itemsize > 0.8 * _device_limits(0)[1]:
             continue
         yield dict(BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages)
 
@@ -135,7 +145,7 @@ def sweep(cells: list[str]) -> list[str]:
         for which in ("gate_up", "down"):
             launch = getattr(cell, which)
             times = {}
-            for cfg in sweep_configs(cell.block_m, which == "gate_up"):
+            for cfg in sweep_configs(cell.block_m, which == "gate_up", cell.dtype.itemsize):
                 times[tuple(cfg.items())] = bench(lambda cfg=cfg, launch=launch: launch(cfg))
             best_cfg, best_ms = min(times.items(), key=lambda kv: kv[1])
             best = dict(best_cfg)
@@ -153,6 +163,26 @@ def sweep(cells: list[str]) -> list[str]:
     return lines
 
 
+def ncu_decode_graph(name: str) -> None:
+    """One replay of transformers' block at T = 1, compiled with moe_ops under CUDA graphs, under NVTX:
+    ncu lists the graph's kernels with their durations (their sum against the replay's time = gaps)."""
+    from bench_layer import SHAPES as LAYER_SHAPES
+    from bench_layer import build_hf_blocks, make_layer, random_tokens
+
+    shape = LAYER_SHAPES[name]
+    with torch.inference_mode():
+        blocks = build_hf_blocks(shape, torch.device("cuda"))
+        layer = make_layer("moe_ops_compile_hf_grouped_mm", blocks, shape, mode="reduce-overhead")
+        x = random_tokens(blocks["hf_eager"].gate.weight, 1, shape.top_k)
+        for _ in range(3):
+            layer(x)
+        torch.cuda.synchronize()
+        torch.cuda.nvtx.range_push("profile")
+        layer(x)
+        torch.cuda.synchronize()
+        torch.cuda.nvtx.range_pop()
+
+
 def ncu_cell(spec: str) -> None:
     cell = Cell(spec)
     torch.cuda.synchronize()
@@ -165,13 +195,13 @@ def ncu_cell(spec: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("report", "sweep", "ncu"))
+    parser.add_argument("what", choices=("report", "sweep", "ncu", "ncu-decode-graph"))
     parser.add_argument("cells", nargs="*", help="shape:T (defaults per mode)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
-    if args.what == "ncu":
+    if args.what in ("ncu", "ncu-decode-graph"):
         for spec in args.cells:
-            ncu_cell(spec)
+            (ncu_cell if args.what == "ncu" else ncu_decode_graph)(spec)
         return
     gpu = torch.cuda.get_device_name()
     header = [f"# moe_ops expert GEMMs, {args.what}: {gpu}, torch {torch.__version__}, triton {triton.__version__}",

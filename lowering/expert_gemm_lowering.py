@@ -192,13 +192,14 @@ def tuned_expert_gemm(
     busy_estimate = min(blocks_hint, slots_hint, num_experts) if block_m <= 32 else blocks_hint
     num_sms, smem_bytes = _device_limits(device)
     gated = w_up is not None
-    base = gemm_config(block_m, int(n), gated, a.get_dtype().itemsize, busy_estimate, num_sms, smem_bytes)
+    ieee = a.get_dtype() == torch.float32 and not fp32_matmul_allows_tf32()
+    base = gemm_config(block_m, int(n), gated, a.get_dtype().itemsize, busy_estimate, num_sms, smem_bytes, ieee)
     flags = dict(
         GATHER=gather_top_k > 0, SCATTER=bool(scatter), GATED=gated, HAS_BIAS=bias is not None,
         HAS_BIAS_UP=bias_up is not None, HAS_SLOT_WEIGHT=slot_weights is not None,
         ACTIVATION=ACTIVATION_CODE[activation], GATHER_TOP_K=max(gather_top_k, 1),
         ALPHA=float(alpha), LIMIT=float(limit),
-        IEEE=a.get_dtype() == torch.float32 and not fp32_matmul_allows_tf32(), BLOCK_M=block_m,
+        IEEE=ieee, BLOCK_M=block_m,
         ZERO_UNROUTED=slot_ids is not None, NUM_EXPERTS=num_experts,
     )
     unrouted_rows = num_slots if slot_ids is not None else 0

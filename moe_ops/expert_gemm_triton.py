@@ -175,11 +175,17 @@ def _device_limits(device_index: int) -> tuple[int, int]:
 
 @functools.lru_cache(maxsize=1024)
 def gemm_config(
-    block_m: int, n: int, gated: bool, itemsize: int, busy_blocks_estimate: int, num_sms: int, smem_bytes: int
+    block_m: int, n: int, gated: bool, itemsize: int, busy_blocks_estimate: int, num_sms: int, smem_bytes: int,
+    ieee_fp32: bool = False,
 ) -> dict:
     """Tile config by token bucket (block_m): a heuristic, not autotuned, so that eager calls never
-    pay a tuning sweep (benchmarks/NOTES.md records what each choice measured)."""
-    if block_m <= 32:
+    pay a tuning sweep (benchmarks/NOTES.md records what each choice measured). ``ieee_fp32``: fp32
+    inputs without tf32, whose dots run on the FMA units."""
+    if ieee_fp32 and block_m >= 64:
+        # The tensor-core tiles below spill on FMA dots (255 registers, 124 spilled in the down
+        # GEMM); these were the fastest of a sweep at Mixtral / Qwen3 shapes, T = 2048 (v5).
+        block_n, block_k, warps, stages = (128, 16, 8, 3) if gated else (128, 32, 4, 2)
+    elif block_m <= 32:
         # Decode-sized blocks are weight-bandwidth bound: deep K steps keep many loads in flight, and
         # narrow N tiles make at least two programs per SM, else part of HBM bandwidth goes unasked.
         block_n, block_k, warps, stages = 64, 128, 4, 4
@@ -223,8 +229,10 @@ def expert_gemm_triton(
     busy_estimate = min(num_blocks_max, num_slots, w.shape[0]) if block_m <= 32 else num_blocks_max
     # The interpreter (CPU tensors) has no SMs or shared-memory limit to respect.
     num_sms, smem_bytes = _device_limits(a.device.index or 0) if a.device.type == "cuda" else (1, 1 << 30)
+    # fp32 inputs stay exact unless the user allowed tf32, as torch.matmul does.
+    ieee = a.dtype == torch.float32 and not fp32_matmul_allows_tf32()
     if config is None:
-        config = gemm_config(block_m, n, gated, a.element_size(), busy_estimate, num_sms, smem_bytes)
+        config = gemm_config(block_m, n, gated, a.element_size(), busy_estimate, num_sms, smem_bytes, ieee)
     grid = (num_blocks_max * triton.cdiv(n, config["BLOCK_N"]),)
     dummy = out  # placeholder pointer for absent optional tensors; never dereferenced
     _expert_gemm_kernel[grid](
@@ -243,8 +251,7 @@ def expert_gemm_triton(
         GATHER=gather_top_k > 0, SCATTER=bool(scatter), GATED=gated, HAS_BIAS=bias is not None,
         HAS_BIAS_UP=bias_up is not None, HAS_SLOT_WEIGHT=slot_weights is not None,
         ACTIVATION=ACTIVATION_CODE[activation],
-        # fp32 inputs stay exact unless the user allowed tf32, as torch.matmul does.
-        INPUT_PRECISION="tf32" if a.dtype != torch.float32 or fp32_matmul_allows_tf32() else "ieee",
+        INPUT_PRECISION="ieee" if ieee else "tf32",
         BLOCK_M=block_m, **config,
     )
     return out

@@ -19,6 +19,10 @@ _TILE_ELEMENTS = 4096
 # More rows per program only adds serial work once the tile is full; fewer programs than SMs for a
 # few thousand tokens would leave the GPU idle.
 _MAX_BLOCK_T = 32
+# Tile elements per warp. A decode-sized tile (one token, 128 experts) on one warp reduces with
+# shuffles alone; on four warps each of the K top-k steps' reductions crossed shared memory: 14.5 us
+# for one token on the H100 (benchmarks/NOTES.md, v5).
+_ELEMENTS_PER_WARP = 512
 
 
 @triton.jit
@@ -184,7 +188,8 @@ def route_triton(
         return weights, ids
 
     e_pad = triton.next_power_of_2(num_experts)
-    block_t = max(1, min(_MAX_BLOCK_T, _TILE_ELEMENTS // e_pad))
+    block_t = max(1, min(_MAX_BLOCK_T, _TILE_ELEMENTS // e_pad, triton.next_power_of_2(num_tokens)))
+    num_warps = max(1, min(4, block_t * e_pad // _ELEMENTS_PER_WARP))
     grid = (triton.cdiv(num_tokens, block_t),)
     has_bias = correction_bias is not None
     # Off only under TRITON_INTERPRET (CPU tensors), which cannot call libdevice.
@@ -200,6 +205,6 @@ def route_triton(
         HAS_BIAS=has_bias,
         N_GROUP=n_group, N_GROUP_PAD=triton.next_power_of_2(n_group), TOPK_GROUP=topk_group,
         PRECISE_EXP=precise, IEEE_DIV=precise and weight_dtype == torch.float32,
-        num_warps=4,
+        num_warps=num_warps,
     )
     return weights, ids

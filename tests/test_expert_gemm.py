@@ -54,6 +54,8 @@ SHAPES = [
     pytest.param(13, 3, 5, 20, 36, 16, id="non-pow2-N-and-D"),
     pytest.param(6, 4, 4, 16, 32, 16, id="k=E"),
     pytest.param(40, 2, 8, 24, 40, 32, id="block_m=32"),
+    # Prefill tiles (fp32: the FMA-unit configs of gemm_config).
+    pytest.param(150, 2, 4, 24, 40, 128, id="block_m=128"),
 ]
 
 

@@ -362,8 +362,9 @@ def test_cuda_ties_vs_torch_topk(k):
     [("mixtral", 8, 2, "mixtral"), ("qwen3", 128, 8, "mixtral"), ("deepseek_v3", 256, 8, "deepseek_v3"),
      ("gpt_oss", 32, 4, "gpt_oss")],
 )
-def test_cuda_real_shapes(name, num_experts, k, mode):
-    logits = torch.randn(4096, num_experts, device="cuda").to(torch.bfloat16)
+@pytest.mark.parametrize("num_tokens", [1, 5, 4096])  # decode tiles run on fewer warps
+def test_cuda_real_shapes(name, num_experts, k, mode, num_tokens):
+    logits = torch.randn(num_tokens, num_experts, device="cuda").to(torch.bfloat16)
     bias = _bias_for(mode, num_experts, "cuda")
     args = _ref_args(logits, k, correction_bias=bias, **MODES[mode])
     weights, ids = torch.ops.moe_ops.route(*args)  # the Triton kernel
