@@ -424,6 +424,16 @@ def summary_lines(rows: list[dict]) -> list[str]:
             lines.append(
                 f"{IMPL_LABELS[impl]} at or ahead of torch.compile(HF grouped_mm) in {ahead} of {len(cells)} cells"
             )
+    peers = ("hf_eager", "compile_hf_eager", "hf_grouped_mm", "compile_hf_grouped_mm")
+    impl = "moe_ops_compile_hf_grouped_mm"
+    cells = sorted({(s, t) for s, t, i in p50 if i == impl}, key=lambda cell: (cell[0], int(cell[1])))
+    best_peer = {cell: min((p50[(*cell, peer)] for peer in peers if (*cell, peer) in p50), default=None)
+                 for cell in cells}
+    behind = [f"{s} T={t}" for (s, t), best in best_peer.items() if best is not None and p50[s, t, impl] > best]
+    if cells:
+        lines.append(f"{IMPL_LABELS[impl]} at or ahead of the best peer (any of {', '.join(peers)} timed) in "
+                     f"{len(cells) - len(behind)} of {len(cells)} cells" + (f"; behind in {', '.join(behind)}"
+                                                                            if behind else ""))
     for impl in IMPLS:
         ratios = [float(r["floor_over_measured"]) for r in rows if r["impl"] == impl]
         if ratios:

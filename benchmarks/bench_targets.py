@@ -4,7 +4,11 @@ Same layer, inputs, floor and timer as bench_layer.py (transformers' MixtralSpar
 shape, weights ~N(0, 0.02), do_bench p50), in three sections:
 
     decode  T = 1 under torch.compile(mode="reduce-overhead") (CUDA graphs): the compiled block with
-            moe_ops against the compiled HF grouped_mm. Target: moe_ops within 2x the floor.
+            moe_ops against the compiled HF grouped_mm, timed per call of one block and per layer of
+            a graph of DECODE_LAYERS blocks in sequence (x = rms_norm(x + block(x)), the same
+            weights: in a model one CUDA graph holds every layer, so its host cost is not paid per
+            layer; the norm keeps the chain finite and adds one small kernel per layer). Target:
+            moe_ops within 2x the floor, per layer.
     skew    T = 512 and 8192, uniform routing against Zipf(s = 1.2) over the experts, through the
             block's own router (inputs solved for router logits log p + Gumbel noise, so each token's
             top-k is a draw without replacement from p). Target: skewed within 15% of uniform.
@@ -50,6 +54,7 @@ from bench_layer import (
 SECTIONS = ("decode", "skew", "dtypes")
 ZIPF_S = 1.2
 SKEW_TOKENS = (512, 8192)
+DECODE_LAYERS = 8
 DTYPE_TOKENS = (32, 2048)
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
 # fp32 DeepSeek-V3 experts are 45 GB; the fp16 cells cover that shape.
@@ -63,6 +68,23 @@ CSV_COLUMNS = (
     "rel_err", "experts_touched", "hottest_expert_share", "gpu", "torch", "triton", "timestamp",
 )  # fmt: skip
 CSV_KEY = ("section", "shape", "dtype", "routing", "T", "impl")
+
+
+PER_LAYER = f"_per_layer_of_{DECODE_LAYERS}"
+
+
+class LayerStack(torch.nn.Module):
+    """``n`` applications of one MoE block, each followed by a residual add and an RMSNorm (without
+    the norm, the chain's values grow past bf16's range within a few layers)."""
+
+    def __init__(self, block: torch.nn.Module, n: int):
+        super().__init__()
+        self.block, self.n = block, n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(self.n):
+            x = F.rms_norm(x + self.block(x), (x.shape[-1],))
+        return x
 
 
 def zipf_tokens(router_weight: torch.Tensor, num_tokens: int, top_k: int, s: float) -> torch.Tensor:
@@ -127,17 +149,21 @@ class Bench:
         self.rows: list[dict] = []
         self.mismatches: list[str] = []
 
-    def cell(self, section, shape, dtype_name, routing, T, impl, layer, x, expected, blocks):
+    def cell(self, section, shape, dtype_name, routing, T, impl, layer, x, expected, blocks, layers=1):
+        """Check, time and record one cell; ``layers``: blocks in ``layer``, times are per block. A
+        chain of blocks is not held to the tolerance: one bf16 rounding that flips a top-k choice in
+        one layer changes every later layer's input (the compiled HF peer differs from eager by 0.4-0.6
+        after 8 layers), so only single-block cells check correctness."""
         actual = layer(x)
         if not torch.isfinite(actual).all():
             raise RuntimeError(f"{section} {shape.name} {dtype_name} T={T} {impl}: non-finite output")
         rel_err = relative_error(actual, expected)
-        p50, p20, p80 = self.time_fn(lambda: layer(x))
+        p50, p20, p80 = (t / layers for t in self.time_fn(lambda: layer(x)))
         touched, hottest = routing_stats(blocks["hf_eager"], x, shape.top_k)
         floor = self.ceilings.floor_ms(shape, T, touched, DTYPES[dtype_name])
         tolerance = REL_ERR_TOLERANCE if dtype_name == "bf16" else 5e-3
         flag = ""
-        if rel_err > tolerance:
+        if rel_err > tolerance and layers == 1:
             flag = f"  <-- disagrees with hf_eager (> {tolerance:g})"
             self.mismatches.append(f"{section} {shape.name} {dtype_name} {routing} T={T} {impl}: {rel_err:.2e}")
         print(f"{section:<7} {shape.name:<14} {dtype_name} {routing:<7} T={T:<5} {impl:<30} {p50:9.4f} ms "
@@ -152,11 +178,14 @@ class Bench:
     def decode(self, shape: MoEShape) -> None:
         blocks = build_hf_blocks(shape, self.device)
         x = random_tokens(blocks["hf_eager"].gate.weight, 1, shape.top_k)
-        expected = blocks["hf_eager"](x)
+        stacks = {name: LayerStack(block, DECODE_LAYERS) for name, block in blocks.items()}
         for impl in ("compile_hf_grouped_mm", "moe_ops_compile_hf_grouped_mm"):
             layer = make_layer(impl, blocks, shape, mode="reduce-overhead")
-            self.cell("decode", shape, "bf16", "uniform", 1, impl, layer, x, expected, blocks)
-        del blocks
+            self.cell("decode", shape, "bf16", "uniform", 1, impl, layer, x, blocks["hf_eager"](x), blocks)
+            stack = make_layer(impl, stacks, shape, mode="reduce-overhead")
+            self.cell("decode", shape, "bf16", "uniform", 1, f"{impl}{PER_LAYER}", stack, x,
+                      stacks["hf_eager"](x), blocks, layers=DECODE_LAYERS)
+        del blocks, stacks
 
     def skew(self, shape: MoEShape, tokens) -> None:
         blocks = build_hf_blocks(shape, self.device)
@@ -217,16 +246,22 @@ def markdown_report(rows: list[dict]) -> str:
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     decode = [r for r in rows if r["section"] == "decode"]
     if decode:
-        lines += ["", "## Decode (T = 1) under CUDA graphs, bf16: target moe_ops <= 2x floor", "",
-                  "| shape | floor | torch.compile(HF grouped_mm) | + moe_ops | moe_ops / floor | met |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", "## Decode (T = 1) under CUDA graphs, bf16: target moe_ops <= 2x floor per layer", "",
+                  f"ms per layer: one block per call (host cost included), and per layer of a graph of "
+                  f"{DECODE_LAYERS} blocks.", "",
+                  "| shape | floor | compile(HF grouped_mm), per call | + moe_ops, per call | "
+                  f"compile(HF grouped_mm), {DECODE_LAYERS}-layer graph | + moe_ops, {DECODE_LAYERS}-layer graph | "
+                  "moe_ops / floor | met |", "|---|---|---|---|---|---|---|---|"]
         for name in shapes:
-            ours = _ms(decode, shape=name, impl="moe_ops_compile_hf_grouped_mm")
-            peer = _ms(decode, shape=name, impl="compile_hf_grouped_mm")
+            impls = [f"{impl}{suffix}" for suffix in ("", PER_LAYER)
+                     for impl in ("compile_hf_grouped_mm", "moe_ops_compile_hf_grouped_mm")]
+            ms = {impl: _ms(decode, shape=name, impl=impl) for impl in impls}
             floor = next((float(r["floor_ms"]) for r in decode if r["shape"] == name), None)
-            if ours and peer and floor:
+            ours = ms[f"moe_ops_compile_hf_grouped_mm{PER_LAYER}"]
+            if ours and floor:
                 ratio = ours / floor
-                lines.append(f"| {name} | {floor:.4f} | {peer:.4f} | {ours:.4f} | {ratio:.2f} | "
+                cells = " | ".join(f"{v:.4f}" if v else "" for v in ms.values())
+                lines.append(f"| {name} | {floor:.4f} | {cells} | {ratio:.2f} | "
                              f"{'yes' if ratio <= TARGETS['decode'] else 'no'} |")
     skew = [r for r in rows if r["section"] == "skew"]
     if skew:
