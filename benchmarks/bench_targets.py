@@ -5,9 +5,11 @@ shape, weights ~N(0, 0.02), do_bench p50), in three sections:
 
     decode  T = 1 under torch.compile(mode="reduce-overhead") (CUDA graphs): the compiled block with
             moe_ops against the compiled HF grouped_mm, timed per call of one block and per layer of
-            a graph of DECODE_LAYERS blocks in sequence (x = rms_norm(x + block(x)), the same
-            weights: in a model one CUDA graph holds every layer, so its host cost is not paid per
-            layer; the norm keeps the chain finite and adds one small kernel per layer). Target:
+            a graph of DECODE_LAYERS blocks in sequence (x = rms_norm(x + block(x)); in a model one
+            CUDA graph holds every layer, so its host cost is not paid per layer; the norm keeps the
+            chain finite and adds one small kernel per layer). The blocks have their own weights
+            where they fit in GPU memory (DeepSeek-V3's repeat one block: 8 experts' weights per token
+            are 350 MB, far past the 50 MB L2, so little is reused). Target:
             moe_ops within 2x the floor, per layer.
     skew    T = 512 and 8192, uniform routing against Zipf(s = 1.2) over the experts, through the
             block's own router (inputs solved for router logits log p + Gumbel noise, so each token's
@@ -55,6 +57,7 @@ SECTIONS = ("decode", "skew", "dtypes")
 ZIPF_S = 1.2
 SKEW_TOKENS = (512, 8192)
 DECODE_LAYERS = 8
+DISTINCT_LAYERS_MAX_BYTES = 30e9  # beyond this the decode chain repeats one block
 DTYPE_TOKENS = (32, 2048)
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
 # fp32 DeepSeek-V3 experts are 45 GB; the fp16 cells cover that shape.
@@ -74,16 +77,16 @@ PER_LAYER = f"_per_layer_of_{DECODE_LAYERS}"
 
 
 class LayerStack(torch.nn.Module):
-    """``n`` applications of one MoE block, each followed by a residual add and an RMSNorm (without
-    the norm, the chain's values grow past bf16's range within a few layers)."""
+    """MoE blocks in sequence, each followed by a residual add and an RMSNorm (without the norm, the
+    chain's values grow past bf16's range within a few layers)."""
 
-    def __init__(self, block: torch.nn.Module, n: int):
+    def __init__(self, blocks: list[torch.nn.Module]):
         super().__init__()
-        self.block, self.n = block, n
+        self.blocks = torch.nn.ModuleList(blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for _ in range(self.n):
-            x = F.rms_norm(x + self.block(x), (x.shape[-1],))
+        for block in self.blocks:
+            x = F.rms_norm(x + block(x), (x.shape[-1],))
         return x
 
 
@@ -178,14 +181,19 @@ class Bench:
     def decode(self, shape: MoEShape) -> None:
         blocks = build_hf_blocks(shape, self.device)
         x = random_tokens(blocks["hf_eager"].gate.weight, 1, shape.top_k)
-        stacks = {name: LayerStack(block, DECODE_LAYERS) for name, block in blocks.items()}
+        expert_bytes = 3 * shape.num_experts * shape.hidden * shape.intermediate * 2
+        if DECODE_LAYERS * expert_bytes <= DISTINCT_LAYERS_MAX_BYTES:
+            layer_sets = [blocks] + [build_hf_blocks(shape, self.device) for _ in range(DECODE_LAYERS - 1)]
+        else:
+            layer_sets = [blocks] * DECODE_LAYERS
+        stacks = {name: LayerStack([layer[name] for layer in layer_sets]) for name in blocks}
         for impl in ("compile_hf_grouped_mm", "moe_ops_compile_hf_grouped_mm"):
             layer = make_layer(impl, blocks, shape, mode="reduce-overhead")
             self.cell("decode", shape, "bf16", "uniform", 1, impl, layer, x, blocks["hf_eager"](x), blocks)
             stack = make_layer(impl, stacks, shape, mode="reduce-overhead")
             self.cell("decode", shape, "bf16", "uniform", 1, f"{impl}{PER_LAYER}", stack, x,
                       stacks["hf_eager"](x), blocks, layers=DECODE_LAYERS)
-        del blocks, stacks
+        del blocks, stacks, layer_sets
 
     def skew(self, shape: MoEShape, tokens) -> None:
         blocks = build_hf_blocks(shape, self.device)
