@@ -32,6 +32,8 @@ from moe_ops.schedule import BlockSchedule, schedule_sizes
 
 # Slots per chunk: one program sorts a chunk. 512 measured best on an H100 at S = 524288, E = 256.
 MAX_CHUNK = 512
+# Tile elements per warp of the scatter kernel: more warps only for tiles past one warp's 1024.
+_ELEMENTS_PER_WARP = 1024
 
 
 # --------------------------------------------------------------------------------------------------
@@ -274,8 +276,12 @@ def block_schedule_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int
     expert_offsets = torch.empty((num_experts + 1,), **i32)
     e_pad = expert_pad(num_experts)
     block_m_pad = triton.next_power_of_2(block_m)
-    block_b = max(1, min(32, 4096 // block_m_pad, 8192 // e_pad))
+    block_b = max(1, min(32, 4096 // block_m_pad, 8192 // e_pad, triton.next_power_of_2(b_max)))
     num_block_tiles = triton.cdiv(b_max, block_b)
+    # Decode-sized schedules (a few blocks, one chunk) fit one warp, whose reductions need no shared
+    # memory round trips, as in the router kernel (benchmarks/NOTES.md, v5).
+    largest_tile = max(chunk, e_pad, block_b * max(e_pad, block_m_pad))
+    num_warps = max(1, min(4, largest_tile // _ELEMENTS_PER_WARP))
     _schedule_scatter_kernel[(max(num_chunks, num_block_tiles),)](
         ids_S,
         prefix_CE,
@@ -295,6 +301,6 @@ def block_schedule_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int
         BLOCK_B=block_b,
         BLOCK_M_PAD=block_m_pad,
         SINGLE=single,
-        num_warps=4,
+        num_warps=num_warps,
     )
     return BlockSchedule(sorted_slots, block_expert, num_padded, expert_counts, expert_offsets)
