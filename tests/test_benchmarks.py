@@ -1,0 +1,101 @@
+"""The benchmark scripts' own logic (CPU): skewed inputs, the decode chain, the judged summaries.
+
+The numbers in benchmarks/results/ are only as good as these pieces: a Zipf input that is not Zipf,
+a chain that overflows or a summary that miscounts would publish wrong claims.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import bench_layer  # noqa: E402
+import bench_targets  # noqa: E402
+
+
+def test_zipf_tokens_route_with_zipf_frequencies():
+    """With K = 1 the Gumbel top-1 of log p picks expert e with probability p_e exactly."""
+    torch.manual_seed(0)
+    num_experts, hidden, tokens = 16, 64, 20000
+    router = torch.randn(num_experts, hidden) * 0.02
+    x = bench_targets.zipf_tokens(router, tokens, 1, bench_targets.ZIPF_S)
+    assert x.shape == (1, tokens, hidden) and x.dtype == router.dtype
+    ids = torch.nn.functional.linear(x[0], router).argmax(-1)
+    share = torch.bincount(ids, minlength=num_experts).double().sort(descending=True).values / tokens
+    want = 1.0 / torch.arange(1, num_experts + 1, dtype=torch.float64) ** bench_targets.ZIPF_S
+    torch.testing.assert_close(share, want / want.sum(), atol=0.01, rtol=0)
+
+
+def test_zipf_tokens_have_no_top_k_ties():
+    torch.manual_seed(1)
+    router = (torch.randn(8, 32) * 0.02).to(torch.bfloat16)
+    x = bench_targets.zipf_tokens(router, 4096, 2, bench_targets.ZIPF_S)
+    top = torch.nn.functional.linear(x[0], router).float().topk(3, dim=-1).values
+    assert not (top[:, 1] == top[:, 2]).any()
+
+
+def test_decode_chain_stays_finite():
+    """Without its RMSNorm the chain overflowed bf16 within a few Mixtral-sized layers."""
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    shape = bench_layer.MoEShape("chain", 8, 2, 64, 128)
+    blocks = [bench_layer.build_hf_blocks(shape, torch.device("cpu"))["hf_grouped_mm"] for _ in range(4)]
+    for block in blocks:  # large weights make the unnormalised chain blow up at once
+        for param in block.parameters():
+            param.mul_(50)
+    x = torch.randn(1, 3, 64, dtype=torch.bfloat16) * 10
+    with torch.inference_mode():
+        out = bench_targets.LayerStack(blocks)(x)
+        unnormalised = x
+        for block in blocks:
+            unnormalised = unnormalised + block(unnormalised)
+    assert torch.isfinite(out).all()
+    assert not torch.isfinite(unnormalised).all()
+
+
+def _layer_row(T: int, impl: str, ms: float) -> dict:
+    return {"shape": "s", "T": str(T), "impl": impl, "ms_p50": str(ms), "floor_over_measured": "0.5"}
+
+
+def test_layer_summary_counts_cells_against_the_best_peer():
+    rows = [
+        _layer_row(1, "hf_grouped_mm", 1.0), _layer_row(1, "compile_hf_grouped_mm", 2.0),
+        _layer_row(1, "moe_ops_compile_hf_grouped_mm", 1.5),  # ahead of compile, behind eager
+        _layer_row(32, "hf_grouped_mm", 3.0), _layer_row(32, "compile_hf_grouped_mm", 2.0),
+        _layer_row(32, "moe_ops_compile_hf_grouped_mm", 2.0),  # level with the best peer
+    ]
+    lines = bench_layer.summary_lines(rows)
+    assert "torch.compile(HF grouped_mm) + moe_ops at or ahead of torch.compile(HF grouped_mm) in 2 of 2 cells" in lines
+    best = [line for line in lines if "best peer" in line]
+    assert len(best) == 1 and "in 1 of 2 cells; behind in s T=1" in best[0]
+
+
+def _target_row(section, impl, ms, floor, T=1, dtype="bf16", routing="uniform"):
+    return {"section": section, "shape": "s", "dtype": dtype, "routing": routing, "T": str(T), "impl": impl,
+            "ms_p50": str(ms), "floor_ms": str(floor), "experts_touched": "8", "hottest_expert_share": "0.3",
+            "gpu": "g", "torch": "t", "triton": "tr", "timestamp": "now"}
+
+
+def test_targets_report_judges_each_section():
+    per_layer = bench_targets.PER_LAYER
+    rows = [
+        _target_row("decode", "compile_hf_grouped_mm", 0.3, 0.1),
+        _target_row("decode", "moe_ops_compile_hf_grouped_mm", 0.3, 0.1),
+        _target_row("decode", f"compile_hf_grouped_mm{per_layer}", 0.25, 0.1),
+        _target_row("decode", f"moe_ops_compile_hf_grouped_mm{per_layer}", 0.21, 0.1),  # 2.1x: not met
+        _target_row("skew", "moe_ops_compile_hf_grouped_mm", 1.0, 0.5, T=512),
+        _target_row("skew", "moe_ops_compile_hf_grouped_mm", 1.1, 0.5, T=512, routing="zipf"),  # 1.10: met
+        *(_target_row("dtypes", impl, ms, 0.5, T=32, dtype="fp16") for impl, ms in
+          (("hf_eager", 3.0), ("hf_grouped_mm", 1.0), ("compile_hf_grouped_mm", 1.2),
+           ("moe_ops_compile_hf_grouped_mm", 1.05), ("moe_ops", 1.3))),  # 1.05 of the best peer: met
+    ]
+    report = bench_targets.markdown_report(rows)
+    assert "| s | 0.1000 | 0.3000 | 0.3000 | 0.2500 | 0.2100 | 2.10 | no |" in report
+    assert "| s | 512 | moe_ops_compile_hf_grouped_mm | 1.0000 | 1.1000 | 1.10 | 8, 8 | 0.300 | yes |" in report
+    assert "| 1.0000 | 1.0500 | 1.3000 | 1.05 | yes |" in report
+    assert "2 of 3 judged rows meet their targets." in report
