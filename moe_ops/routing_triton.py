@@ -19,9 +19,9 @@ _TILE_ELEMENTS = 4096
 # More rows per program only adds serial work once the tile is full; fewer programs than SMs for a
 # few thousand tokens would leave the GPU idle.
 _MAX_BLOCK_T = 32
-# Tile elements per warp. A decode-sized tile (one token, 128 experts) on one warp reduces with
-# shuffles alone; on four warps each of the K top-k steps' reductions crossed shared memory: 14.5 us
-# for one token on the H100 (benchmarks/NOTES.md, v5).
+# Tile elements per warp. Rows per program follow T and warps follow the tile: one token over 128
+# experts is one row on one warp, whose reductions are shuffles (it was 32 rows on four warps for any
+# T: 14.5 us for one token on the H100, 5.0 us after; benchmarks/NOTES.md, v5).
 _ELEMENTS_PER_WARP = 512
 
 
