@@ -172,10 +172,10 @@ def copy_bytes_per_s(numel: int, device: torch.device, time_fn) -> float:
     return 2 * src.nbytes / (time_fn(lambda: dst.copy_(src))[0] * 1e-3)
 
 
-def matmul_flops_per_s(n: int, device: torch.device, time_fn) -> float:
-    a = torch.randn(n, n, device=device, dtype=DTYPE)
-    b = torch.randn(n, n, device=device, dtype=DTYPE)
-    c = torch.empty(n, n, device=device, dtype=DTYPE)
+def matmul_flops_per_s(n: int, device: torch.device, time_fn, dtype: torch.dtype = DTYPE) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    c = torch.empty(n, n, device=device, dtype=dtype)
     return 2 * n**3 / (time_fn(lambda: torch.mm(a, b, out=c))[0] * 1e-3)
 
 
@@ -371,26 +371,31 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def _key(row: dict) -> tuple[str, ...]:
-    return tuple(str(row[c]) for c in CSV_KEY)
-
-
 def write_results(out_dir: Path, gpu: str, rows: list[dict], ceilings: Ceilings) -> None:
     """Merge rows into layer_<gpu>.csv (a row replaces the one with the same shape, T and impl) and
     rewrite layer_<gpu>.md from the whole file. Called after every shape, so a crash keeps the rest."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path = out_dir / f"layer_{slug(gpu)}.csv"
+    all_rows = merge_csv(out_dir / f"layer_{slug(gpu)}.csv", rows, CSV_COLUMNS, CSV_KEY, _sort_key)
+    (out_dir / f"layer_{slug(gpu)}.md").write_text(markdown_report(all_rows, ceilings))
+
+
+def merge_csv(csv_path: Path, rows: list[dict], columns, key, sort_key=None) -> list[dict]:
+    """Rewrite csv_path with its rows and ``rows``, a new row replacing the old one with the same
+    ``key`` columns; returns the merged rows (as strings, as read back)."""
+    def row_key(row):
+        return tuple(str(row[c]) for c in key)
+
     merged = {}
     if csv_path.exists():
         with csv_path.open(newline="") as f:
-            merged = {_key(row): row for row in csv.DictReader(f)}
-    merged.update({_key(row): {c: str(row[c]) for c in CSV_COLUMNS} for row in rows})
-    all_rows = sorted(merged.values(), key=_sort_key)
+            merged = {row_key(row): row for row in csv.DictReader(f)}
+    merged.update({row_key(row): {c: str(row[c]) for c in columns} for row in rows})
+    all_rows = sorted(merged.values(), key=sort_key) if sort_key else list(merged.values())
     with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(all_rows)
-    (out_dir / f"layer_{slug(gpu)}.md").write_text(markdown_report(all_rows, ceilings))
+    return all_rows
 
 
 def _sort_key(row: dict):

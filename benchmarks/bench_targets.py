@@ -28,7 +28,6 @@ and the matmul rate of its dtype (fp32: IEEE, as torch.matmul and moe_ops run it
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import gc
 import statistics
@@ -46,6 +45,8 @@ from bench_layer import (
     build_hf_blocks,
     copy_bytes_per_s,
     make_layer,
+    matmul_flops_per_s,
+    merge_csv,
     random_tokens,
     relative_error,
     slug,
@@ -120,12 +121,6 @@ def routing_stats(block: torch.nn.Module, x: torch.Tensor, top_k: int) -> tuple[
     return int((counts > 0).sum()), float(counts.max() / ids.numel())
 
 
-def matmul_rate(dtype: torch.dtype, device: torch.device, time_fn, n: int) -> float:
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    c = torch.empty(n, n, device=device, dtype=dtype)
-    return 2 * n**3 / (time_fn(lambda: torch.mm(a, b, out=c))[0] * 1e-3)
-
-
 class Ceilings:
     def __init__(self, device: torch.device, time_fn, dry_run: bool):
         self.device, self.time_fn = device, time_fn
@@ -135,7 +130,7 @@ class Ceilings:
 
     def matmul(self, dtype: torch.dtype) -> float:
         if dtype not in self._matmul:
-            self._matmul[dtype] = matmul_rate(dtype, self.device, self.time_fn, self.n)
+            self._matmul[dtype] = matmul_flops_per_s(self.n, self.device, self.time_fn, dtype)
         return self._matmul[dtype]
 
     def floor_ms(self, shape: MoEShape, T: int, touched: int, dtype: torch.dtype) -> float:
@@ -223,16 +218,7 @@ class Bench:
     def write(self) -> Path:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         csv_path = self.out_dir / f"targets_{slug(self.run_info['gpu'])}.csv"
-        merged = {}
-        if csv_path.exists():
-            with csv_path.open(newline="") as f:
-                merged = {tuple(r[c] for c in CSV_KEY): r for r in csv.DictReader(f)}
-        merged.update({tuple(str(r[c]) for c in CSV_KEY): {c: str(r[c]) for c in CSV_COLUMNS} for r in self.rows})
-        rows = list(merged.values())
-        with csv_path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
+        rows = merge_csv(csv_path, self.rows, CSV_COLUMNS, CSV_KEY)
         csv_path.with_suffix(".md").write_text(markdown_report(rows))
         return csv_path
 

@@ -23,7 +23,13 @@ import triton
 from bench_kernels import SHAPES
 
 import moe_ops
-from moe_ops.expert_gemm_triton import _device_limits, _expert_gemm_kernel, expert_gemm_triton, gemm_config
+from moe_ops.expert_gemm_triton import (
+    _device_limits,
+    _expert_gemm_kernel,
+    expert_gemm_triton,
+    gemm_config,
+    pipeline_fits,
+)
 from moe_ops.fused_experts import choose_block_m
 from moe_ops.schedule_triton import block_schedule_triton
 
@@ -100,25 +106,32 @@ def compiled_kernel(launch):
     return kernel
 
 
-def report(cells: list[str]) -> list[str]:
-    lines = ["| cell | GEMM | block_m | config | regs | spills | shared KB | wgmma in PTX | ms | GB/s | TFLOP/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+def config_label(cfg: dict) -> str:
+    return f"{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} s{cfg['num_stages']}"
+
+
+def each_gemm(cells: list[str]):
+    """(spec, cell, "gate_up" | "down", launch) for both GEMMs of each cell, one cell in memory at a time."""
     for spec in cells:
         cell = Cell(spec)
         for which in ("gate_up", "down"):
-            launch = getattr(cell, which)
-            kernel = compiled_kernel(launch)
-            ms = bench(launch)
-            cfg = cell.heuristic(which)
-            lines.append(
-                f"| {spec} | {which} | {cell.block_m} | {cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} "
-                f"s{cfg['num_stages']} | {kernel.n_regs} | {kernel.n_spills} | {kernel.metadata.shared / 1024:.0f} | "
-                f"{kernel.asm['ptx'].count('wgmma.mma_async')} | {ms:.4f} | "
-                f"{cell.weight_bytes(which) / ms / 1e6:.0f} | {cell.flops(which) / ms / 1e9:.0f} |"
-            )
-            print(lines[-1], flush=True)
+            yield spec, cell, which, getattr(cell, which)
         del cell
         torch.cuda.empty_cache()
+
+
+def report(cells: list[str]) -> list[str]:
+    lines = ["| cell | GEMM | block_m | config | regs | spills | shared KB | wgmma in PTX | ms | GB/s | TFLOP/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for spec, cell, which, launch in each_gemm(cells):
+        kernel = compiled_kernel(launch)
+        ms = bench(launch)
+        lines.append(
+            f"| {spec} | {which} | {cell.block_m} | {config_label(cell.heuristic(which))} | {kernel.n_regs} | "
+            f"{kernel.n_spills} | {kernel.metadata.shared / 1024:.0f} | {kernel.asm['ptx'].count('wgmma.mma_async')} | "
+            f"{ms:.4f} | {cell.weight_bytes(which) / ms / 1e6:.0f} | {cell.flops(which) / ms / 1e9:.0f} |"
+        )
+        print(lines[-1], flush=True)
     return lines
 
 
@@ -131,35 +144,24 @@ def sweep_configs(block_m: int, gated: bool, itemsize: int):
     else:
         tiles = itertools.product((64, 128) if gated else (128, 256), (64, 128), ((8, 3), (8, 4), (4, 4)))
     for block_n, block_k, (warps, stages) in tiles:
-        weight_tiles = 2 if gated else 1
-        if stages * (block_m + weight_tiles * block_n) * block_k * itemsize > 0.8 * _device_limits(0)[1]:
-            continue
-        yield dict(BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages)
+        if pipeline_fits(block_m, block_n, block_k, stages, gated, itemsize, _device_limits(0)[1]):
+            yield dict(BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages)
 
 
 def sweep(cells: list[str]) -> list[str]:
     lines = ["| cell | GEMM | heuristic | ms | best config | ms | GB/s at best | TFLOP/s at best |",
              "|---|---|---|---|---|---|---|---|"]
-    for spec in cells:
-        cell = Cell(spec)
-        for which in ("gate_up", "down"):
-            launch = getattr(cell, which)
-            times = {}
-            for cfg in sweep_configs(cell.block_m, which == "gate_up", cell.dtype.itemsize):
-                times[tuple(cfg.items())] = bench(lambda cfg=cfg, launch=launch: launch(cfg))
-            best_cfg, best_ms = min(times.items(), key=lambda kv: kv[1])
-            best = dict(best_cfg)
-            h = cell.heuristic(which)
-            ms = bench(launch)
-            lines.append(
-                f"| {spec} | {which} | {h['BLOCK_N']}x{h['BLOCK_K']} w{h['num_warps']} s{h['num_stages']} | "
-                f"{ms:.4f} | {best['BLOCK_N']}x{best['BLOCK_K']} w{best['num_warps']} s{best['num_stages']} | "
-                f"{best_ms:.4f} | {cell.weight_bytes(which) / best_ms / 1e6:.0f} | "
-                f"{cell.flops(which) / best_ms / 1e9:.0f} |"
-            )
-            print(lines[-1], flush=True)
-        del cell
-        torch.cuda.empty_cache()
+    for spec, cell, which, launch in each_gemm(cells):
+        times = {}
+        for cfg in sweep_configs(cell.block_m, which == "gate_up", cell.dtype.itemsize):
+            times[tuple(cfg.items())] = bench(lambda cfg=cfg, launch=launch: launch(cfg))
+        best_cfg, best_ms = min(times.items(), key=lambda kv: kv[1])
+        lines.append(
+            f"| {spec} | {which} | {config_label(cell.heuristic(which))} | {bench(launch):.4f} | "
+            f"{config_label(dict(best_cfg))} | {best_ms:.4f} | {cell.weight_bytes(which) / best_ms / 1e6:.0f} | "
+            f"{cell.flops(which) / best_ms / 1e9:.0f} |"
+        )
+        print(lines[-1], flush=True)
     return lines
 
 

@@ -173,6 +173,13 @@ def _device_limits(device_index: int) -> tuple[int, int]:
     return props.multi_processor_count, getattr(props, "shared_memory_per_block_optin", 101376)
 
 
+def pipeline_fits(block_m: int, block_n: int, block_k: int, stages: int, gated: bool, itemsize: int,
+                  smem_bytes: int) -> bool:
+    """Whether the pipeline's stages fit in shared memory with room left for the epilogue's layout change."""
+    weight_tiles = 2 if gated else 1
+    return stages * (block_m + weight_tiles * block_n) * block_k * itemsize <= 0.8 * smem_bytes
+
+
 @functools.lru_cache(maxsize=1024)
 def gemm_config(
     block_m: int, n: int, gated: bool, itemsize: int, busy_blocks_estimate: int, num_sms: int, smem_bytes: int,
@@ -197,10 +204,8 @@ def gemm_config(
         # Prefill is compute bound: the 128 x 256 tile, 8 warps, 3 stages that Hopper's Triton GEMMs
         # run best with; gated, the 256 columns are 128 of gate and 128 of up.
         block_n, block_k, warps, stages = (128 if gated else 256), 64, 8, 3
-    # The pipeline's stages must fit in shared memory with room left for the epilogue's layout
-    # change: fp32 inputs (twice the bytes) and smaller GPUs give up stages first, then depth in K.
-    weight_tiles = 2 if gated else 1
-    while stages * (block_m + weight_tiles * block_n) * block_k * itemsize > 0.8 * smem_bytes:
+    # fp32 inputs (twice the bytes) and smaller GPUs give up stages first, then depth in K.
+    while not pipeline_fits(block_m, block_n, block_k, stages, gated, itemsize, smem_bytes):
         if stages > 2:
             stages -= 1
         else:
