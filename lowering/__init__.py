@@ -57,20 +57,22 @@ config = RewriteConfig()
 def enable() -> None:
     """Turn the rewrites on and make sure the moe_ops pass is installed (idempotent).
 
-    The pass goes into ``torch._inductor.config.post_grad_custom_post_pass``. A pass already there
-    is kept: the moe_ops pass runs it first, then its own rewrites. A pass set there *after*
-    ``enable()`` replaces the moe_ops pass; call ``enable()`` again to chain it.
+    The passes go into ``torch._inductor.config.post_grad_custom_post_pass`` (inference graphs) and
+    ``joint_custom_post_pass`` (training graphs). A pass already in either hook is kept: the moe_ops
+    pass runs it first, then its own rewrites. A pass set there *after* ``enable()`` replaces the
+    moe_ops pass; call ``enable()`` again to chain it.
 
     Where transformers is installed, it is imported here, and the "moe_ops" and "eager" experts
     implementations are registered in its ``ALL_EXPERTS_FUNCTIONS`` (see ``lowering.hf_experts``).
     """
     import lowering.fused_experts_lowering  # noqa: F401  (registers the Inductor lowerings)
-    from lowering.passes import MoeOpsPostGradPass
+    from lowering.passes import PASSES
 
     config.rewrites = True
-    installed = inductor_config.post_grad_custom_post_pass
-    if not isinstance(installed, MoeOpsPostGradPass):
-        inductor_config.post_grad_custom_post_pass = MoeOpsPostGradPass(previous=installed)
+    for moe_ops_pass in PASSES:
+        installed = getattr(inductor_config, moe_ops_pass.hook)
+        if not isinstance(installed, moe_ops_pass):
+            setattr(inductor_config, moe_ops_pass.hook, moe_ops_pass(previous=installed))
     _register_transformers_experts()
 
 

@@ -1,4 +1,4 @@
-"""The post-grad pass that Inductor runs: it chains any pass installed before it, then the rewrites.
+"""The passes that Inductor runs: each chains any pass installed before it in its hook, then the rewrites.
 
 Inductor keys its FX graph cache on ``uuid()`` of every custom pass, so the uuid covers the source
 of this package and of moe_ops (a code change invalidates cached graphs), the on/off switch and the
@@ -16,6 +16,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from lowering import config
 from lowering.experts_rewrite import rewrite_experts
+from lowering.joint_rewrite import is_joint_graph, rewrite_joint_graph
 from lowering.match_expert_loop import find_expert_loop_blocks
 from lowering.match_grouped_mm import find_grouped_mm_blocks
 from lowering.match_torchtitan import find_torchtitan_blocks
@@ -43,9 +44,11 @@ def _source_hash() -> str:
     return hasher.hexdigest()
 
 
-class MoeOpsPostGradPass(CustomGraphPass):
-    """``post_grad_custom_post_pass`` of moe_ops: ``previous`` (what the hook held before), then the
+class _ChainedPass(CustomGraphPass):
+    """An Inductor custom-pass hook of moe_ops: ``previous`` (what the hook held before), then the
     moe_ops rewrites when ``moe_ops.config.rewrites`` is on."""
+
+    hook = ""  # the torch._inductor.config field this pass is installed in
 
     def __init__(self, previous=None):
         self.previous = previous
@@ -53,11 +56,11 @@ class MoeOpsPostGradPass(CustomGraphPass):
     def __call__(self, graph: torch.fx.Graph) -> None:
         for chained in custom_passes_in(self.previous):
             chained(graph)
-        if not config.rewrites:
-            return
-        rewritten = sum(rewrite(graph) for rewrite in REWRITES)
-        if rewritten:
-            graph.eliminate_dead_code()
+        if config.rewrites:
+            self.rewrite(graph)
+
+    def rewrite(self, graph: torch.fx.Graph) -> None:
+        raise NotImplementedError
 
     def uuid(self) -> str | None:
         chained_uuids = []
@@ -68,6 +71,34 @@ class MoeOpsPostGradPass(CustomGraphPass):
                 return None
             chained_uuids.append(repr(chained_uuid))
         return (
-            f"moe_ops:{_source_hash()}:rewrites={config.rewrites}:stack_expert_weights={config.stack_expert_weights}"
+            f"moe_ops.{self.hook}:{_source_hash()}:rewrites={config.rewrites}"
+            f":stack_expert_weights={config.stack_expert_weights}"
             f":inductor_templates={config.inductor_templates}:chained=[{','.join(chained_uuids)}]"
         )
+
+
+class MoeOpsPostGradPass(_ChainedPass):
+    """``post_grad_custom_post_pass``: inference graphs and the forward and backward graphs of training."""
+
+    hook = "post_grad_custom_post_pass"
+
+    def rewrite(self, graph: torch.fx.Graph) -> None:
+        if sum(rewrite(graph) for rewrite in REWRITES):
+            graph.eliminate_dead_code()
+
+
+class MoeOpsJointPass(_ChainedPass):
+    """``joint_custom_post_pass``: training graphs before partitioning, so that their backward comes
+    from the moe_ops ops' autograd formulas (lowering/joint_rewrite.py). It runs after Inductor's own
+    joint-graph patterns, which leave the forward as the post-grad matchers expect it (for example
+    ``where(mask, 0.0, x)`` with the scalar folded in)."""
+
+    hook = "joint_custom_post_pass"
+
+    def rewrite(self, graph: torch.fx.Graph) -> None:
+        if is_joint_graph(graph):
+            rewrite_joint_graph(graph, REWRITES)
+
+
+# Where each pass is installed.
+PASSES = (MoeOpsPostGradPass, MoeOpsJointPass)

@@ -23,6 +23,17 @@ def _arguments_text(op) -> str:
     return schema[schema.index("(") + 1 : schema.rindex(") ->")]
 
 
+def _laid_out_like(value: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+    """``grad`` with the dtype and strides ``torch.empty_like(value)`` has, as the fake kernel says
+    (autograd may return a contiguous gradient for a transposed weight)."""
+    like = torch.empty_like(value)
+    if grad is None:
+        return like.zero_()
+    if like.stride() != grad.stride() or like.dtype != grad.dtype:
+        return like.copy_(grad)
+    return grad
+
+
 def register_reference_autograd(op, reference: Callable, differentiable: Sequence[str]) -> None:
     """Make ``op`` differentiable in the arguments named by ``differentiable``.
 
@@ -64,8 +75,7 @@ def register_reference_autograd(op, reference: Callable, differentiable: Sequenc
             if value is None:
                 result.append(torch.empty(0))
             else:
-                g = by_name[names[i]]
-                result.append(torch.zeros_like(value) if g is None else g.to(value.dtype))
+                result.append(_laid_out_like(value, by_name[names[i]]))
         return result
 
     backward_op = torch.library.custom_op(

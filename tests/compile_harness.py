@@ -8,6 +8,7 @@ import operator
 import pytest
 import torch
 import torch._inductor.config as inductor_config
+from conftest import assert_close_rel
 from torch._dynamo.utils import counters
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
@@ -81,3 +82,43 @@ def compile_and_record(fn, *args):
         result = torch.compile(fn, backend="inductor", fullgraph=True)(*args)
     (graph,) = recorder.graphs
     return result, graph
+
+
+def training_step(module: torch.nn.Module, fn, *inputs, seed: int = 7):
+    """(output, {name: gradient}) of one forward and backward through ``fn(*inputs)`` with random
+    output gradients; the gradients of ``module``'s parameters and of the floating-point inputs."""
+    module.zero_grad(set_to_none=True)
+    leaves = [x.detach().requires_grad_(x.is_floating_point()) for x in inputs]
+    result = fn(*leaves)
+    outputs = [o for o in (result if isinstance(result, tuple) else (result,)) if o.requires_grad]
+    generator = torch.Generator().manual_seed(seed)
+    torch.autograd.backward(outputs, [torch.randn(o.shape, generator=generator).to(o.dtype) for o in outputs])
+    grads = {name: p.grad for name, p in module.named_parameters() if p.grad is not None}
+    grads.update({f"input {i}": x.grad for i, x in enumerate(leaves) if x.grad is not None})
+    return result, grads
+
+
+def compile_training_and_record(module: torch.nn.Module, *inputs, fn=None):
+    """(result, gradients, the forward's and the backward's post-grad graphs) of one compiled
+    training step (``fn`` defaults to the module)."""
+    recorder = _RecordAfter(inductor_config.post_grad_custom_post_pass)
+    compiled = torch.compile(fn or module, backend="inductor", fullgraph=True)
+    with inductor_config.patch(post_grad_custom_post_pass=recorder):
+        result, grads = training_step(module, compiled, *inputs)
+    forward_graph, backward_graph = recorder.graphs
+    return result, grads, forward_graph, backward_graph
+
+
+def check_training(module: torch.nn.Module, *inputs, dtype: torch.dtype, **dynamo_flags):
+    """One compiled training step against eager: every output and every gradient within ``dtype``'s
+    tolerance. Returns the forward's and the backward's post-grad graphs."""
+    with torch._dynamo.config.patch(**dynamo_flags):
+        result, grads, forward_graph, backward_graph = compile_training_and_record(module, *inputs)
+    expected, expected_grads = training_step(module, module, *inputs)
+    as_tuple = lambda r: r if isinstance(r, tuple) else (r,)  # noqa: E731
+    for i, (actual, reference) in enumerate(zip(as_tuple(result), as_tuple(expected), strict=True)):
+        assert_close_rel(actual, reference, dtype, f"output {i}")
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in expected_grads.items():
+        assert_close_rel(grads[name], grad, dtype, f"gradient of {name}")
+    return forward_graph, backward_graph

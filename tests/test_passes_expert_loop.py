@@ -14,7 +14,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from compile_harness import compile_and_record, fresh_compile_state  # noqa: F401  (fixture)
+from compile_harness import check_training, compile_and_record, fresh_compile_state  # noqa: F401  (fixture)
 from conftest import assert_close_rel
 from expecttest import assert_expected_inline
 from torch import nn
@@ -297,3 +297,19 @@ def test_default_flags_graph_break_not_rewritten(caplog):
     assert_close_rel(result, expected, torch.float32, "MoeLayer, default flags")
     assert rewrites() == 0 and counters["moe_ops"]["expert_loop_not_stacked"] == 0
     assert "expert loop" not in caplog.text
+
+
+# ---- Training ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("stacking")
+@pytest.mark.parametrize("layer_class", [MoeLayer, MixtralSparseMoeBlock], ids=["mistral_inference", "mixtral_4_47"])
+def test_training(layer_class):
+    """The joint graph is rewritten: each expert's nn.Linear weights get their gradients through the
+    stacked weights' backward, equal to eager's."""
+    layer = layer_class()
+    x = tokens(torch.float32, 10) if layer_class is MoeLayer else tokens(torch.float32, 2, 5)
+    forward_graph, backward_graph = check_training(layer, x, dtype=torch.float32, **CAPTURE)
+    assert rewrites() == 1 and counters["moe_ops"]["joint_rewrite"] == 1
+    assert "moe_ops.fused_experts.default" in forward_graph
+    assert "moe_ops.fused_experts_backward.default" in backward_graph

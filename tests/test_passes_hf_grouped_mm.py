@@ -9,7 +9,7 @@ import logging
 
 import pytest
 import torch
-from compile_harness import compile_and_record, fresh_compile_state  # noqa: F401  (fixture)
+from compile_harness import check_training, compile_and_record, fresh_compile_state  # noqa: F401  (fixture)
 from conftest import assert_close_rel
 from expecttest import assert_expected_inline
 from torch._dynamo.utils import counters
@@ -292,21 +292,16 @@ def test_cuda_graphs_reduce_overhead():
     assert counters["inductor"]["cudagraph_skips"] == 0
 
 
-def test_training_graph_left_alone_and_correct(caplog):
-    """Training: the forward graph saves the block's intermediates for the backward, so the block has
-    users outside it and is not rewritten (joint-graph rewriting is not done); gradients match eager.
-    bf16: the backward of transformers' fp32 grouped_mm_fallback does not compile, with or without moe_ops."""
-    block = build("mixtral", torch.bfloat16).train().requires_grad_(True)
-    x = tokens(10, torch.bfloat16).requires_grad_(True)
-    upstream = torch.randn(1, 10, H, dtype=torch.bfloat16)
-    with caplog.at_level(logging.DEBUG, logger="moe_ops"):
-        (output(torch.compile(block, fullgraph=True)(x)) * upstream).sum().backward()
-    compiled_grads = [x.grad, *(p.grad for p in block.parameters())]
-    assert experts_rewrites() == 0 and "experts block not rewritten" in caplog.text
+# ---- Training ---------------------------------------------------------------------------------------
 
-    x.grad = None
-    block.zero_grad(set_to_none=True)
-    (output(block(x)) * upstream).sum().backward()
-    expected_grads = [x.grad, *(p.grad for p in block.parameters())]
-    for index, (got, want) in enumerate(zip(compiled_grads, expected_grads, strict=True)):
-        assert_close_rel(got, want, torch.bfloat16, f"gradient {index}")
+
+@pytest.mark.parametrize("name", list(BLOCKS))
+def test_training(name):
+    """The joint graph is rewritten: the forward calls the ops, the backward is their formulas, every
+    gradient (input, router, experts, shared expert) equals eager's. bf16 only: the backward of
+    transformers' grouped_mm_fallback (other dtypes) does not compile, with or without moe_ops."""
+    block = build(name, torch.bfloat16).train().requires_grad_(True)
+    forward_graph, backward_graph = check_training(block, tokens(10, torch.bfloat16), dtype=torch.bfloat16)
+    assert experts_rewrites("hf_grouped_mm") == 1 and counters["moe_ops"]["joint_rewrite"] == 1
+    assert "moe_ops.fused_experts.default" in forward_graph and "_grouped_mm" not in forward_graph
+    assert "moe_ops.fused_experts_backward.default" in backward_graph and "_grouped_mm" not in backward_graph

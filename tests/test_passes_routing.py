@@ -14,13 +14,13 @@ import pytest
 import torch
 import torch._inductor.config as inductor_config
 import torch.nn.functional as F
-from compile_harness import compile_and_record, fresh_compile_state, graph_summary  # noqa: F401  (fixture)
+from compile_harness import check_training, compile_and_record, fresh_compile_state, graph_summary  # noqa: F401
 from expecttest import assert_expected_inline
 from torch._dynamo.utils import counters
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import moe_ops
-from lowering.passes import MoeOpsPostGradPass
+from lowering.passes import PASSES
 from lowering.route_rewrite import rewrite_routing_prologues
 
 T, H, E, K = 6, 16, 8, 2
@@ -333,8 +333,9 @@ def test_disable_and_rewrites_disabled():
     assert rewrites() == 1
 
 
-def test_uuid_tracks_the_switch():
-    moe_pass = MoeOpsPostGradPass()
+@pytest.mark.parametrize("pass_class", PASSES, ids=lambda p: p.hook)
+def test_uuid_tracks_the_switch(pass_class):
+    moe_pass = pass_class()
     on = moe_pass.uuid()
     with moe_ops.rewrites_disabled():
         off = moe_pass.uuid()
@@ -352,19 +353,22 @@ class _CountingPass(CustomGraphPass):
         return "counting-pass"
 
 
-def test_enable_is_idempotent_and_chains_a_user_pass():
+@pytest.mark.parametrize("pass_class", PASSES, ids=lambda p: p.hook)
+def test_enable_is_idempotent_and_chains_a_user_pass(pass_class):
+    """Both hooks (post-grad: inference graphs; joint: training graphs, and inference graphs pass it
+    too) keep a user's pass and run it first."""
     user_pass = _CountingPass()
-    with inductor_config.patch(post_grad_custom_post_pass=user_pass):
+    with inductor_config.patch({pass_class.hook: user_pass}):
         moe_ops.enable()
         moe_ops.enable()
-        installed = inductor_config.post_grad_custom_post_pass
-        assert isinstance(installed, MoeOpsPostGradPass) and installed.previous is user_pass
+        installed = getattr(inductor_config, pass_class.hook)
+        assert isinstance(installed, pass_class) and installed.previous is user_pass
         assert "counting-pass" in installed.uuid()
         x = logits(torch.float32)
         result = torch.compile(mixtral_router, backend="inductor")(x)
     assert_same_routing(result, mixtral_router(x))
     assert user_pass.calls == 1 and rewrites() == 1
-    assert isinstance(inductor_config.post_grad_custom_post_pass, MoeOpsPostGradPass)
+    assert isinstance(getattr(inductor_config, pass_class.hook), pass_class)
 
 
 # ---- Dynamic token count ---------------------------------------------------------------------------
@@ -428,3 +432,26 @@ def test_deepseek_v3_masked_with_zero_not_rewritten(caplog):
     assert_same_routing(by_expert(*result), by_expert(*deepseek_v3_router(*args)))
     assert rewrites() == 0 and "moe_ops.route" not in graph
     assert "masked with 0.0, not -inf" in caplog.text
+
+
+# ---- Training ---------------------------------------------------------------------------------------
+
+
+class RouterWithGate(torch.nn.Module):
+    def __init__(self, router):
+        super().__init__()
+        self.gate = torch.nn.Linear(H, E, bias=False)
+        self.router = router
+
+    def forward(self, x):
+        weights, ids = self.router(self.gate(x))
+        return weights * ids.to(weights.dtype)  # ids in the result: a swapped expert would show
+
+
+@pytest.mark.parametrize("router", [mixtral_router, qwen2_moe_router], ids=["renormalised", "plain"])
+def test_training(router):
+    """Routing alone in a training graph: its backward is route's formula; gradients equal eager's."""
+    forward_graph, backward_graph = check_training(RouterWithGate(router), torch.randn(T, H), dtype=torch.float32)
+    assert rewrites() == 1 and counters["moe_ops"]["joint_rewrite"] == 1
+    assert "moe_ops.route.default" in forward_graph and "topk" not in forward_graph
+    assert "moe_ops.route_backward.default" in backward_graph

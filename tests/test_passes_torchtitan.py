@@ -15,7 +15,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from compile_harness import compile_and_record, fresh_compile_state  # noqa: F401  (fixture)
+from compile_harness import check_training, compile_and_record, fresh_compile_state  # noqa: F401  (fixture)
 from conftest import assert_close_rel
 from expecttest import assert_expected_inline
 from torch import nn
@@ -354,3 +354,22 @@ def test_one_graph_serves_every_token_count():
                 x = inputs(num_tokens)
                 assert_close_rel(compiled(x), model(x), torch.bfloat16, f"T={num_tokens}")
     assert rewrites() == 1
+
+
+# ---- Training ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(score_func="softmax", route_norm=True),
+     dict(expert_bias=True, shared_experts=True, route_scale=2.0)],
+    ids=["softmax_router", "sigmoid_bias_shared_expert"],
+)
+def test_training(options):
+    """The joint graph is rewritten: the backward is the ops' formulas (torchtitan trains with this
+    code), every gradient equals eager's, the shared expert keeps its own backward."""
+    model = MoE(**options)
+    forward_graph, backward_graph = check_training(model, inputs(), dtype=torch.bfloat16)
+    assert rewrites() == 1 and counters["moe_ops"]["joint_rewrite"] == 1
+    assert "moe_ops.fused_experts.default" in forward_graph and "_grouped_mm" not in forward_graph
+    assert "moe_ops.fused_experts_backward.default" in backward_graph and "_grouped_mm" not in backward_graph

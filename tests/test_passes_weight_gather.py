@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from compile_harness import compile_and_record, fresh_compile_state  # noqa: F401  (fixture)
+from compile_harness import check_training, compile_and_record, fresh_compile_state  # noqa: F401  (fixture)
 from conftest import assert_close_rel
 from expecttest import assert_expected_inline
 from torch._dynamo.utils import counters
@@ -342,3 +342,21 @@ def test_ungated_nemotron_h_batched_mm():
     (call,) = [line for line in graph.splitlines() if line.startswith("moe_ops.fused_experts")]
     # layout, interleaved, activation, gated, ...
     assert "'EFH', False, 'relu', False," in call
+
+
+# ---- Training ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make_block, dtype",
+    [(mixtral_block, torch.bfloat16), (gpt_oss_block, torch.float32), (gpt_fast_block, torch.float32)],
+    ids=["mixtral_batched_mm", "gpt_oss_batched_mm", "gpt_fast"],
+)
+def test_training(make_block, dtype):
+    """The joint graph is rewritten (lowering/joint_rewrite.py): the backward is the ops' formulas, not
+    the gathers' and bmms', and every gradient equals eager's."""
+    block = make_block(dtype).train().requires_grad_(True)
+    forward_graph, backward_graph = check_training(block, hidden_states(dtype), dtype=dtype)
+    assert rewrites() == 1 and counters["moe_ops"]["joint_rewrite"] == 1
+    assert "moe_ops.fused_experts.default" in forward_graph and "bmm" not in forward_graph
+    assert "moe_ops.fused_experts_backward.default" in backward_graph and "bmm" not in backward_graph

@@ -1,0 +1,224 @@
+"""Training: the rewrites applied to AOTAutograd's joint forward-backward graph.
+
+In a training graph the post-grad pass comes too late: the backward of the plain code is already
+there and reads the block's intermediates, so the block cannot be replaced. Inductor hands the joint
+graph (``primals_*`` and ``tangents_*`` in; forward outputs, then one gradient per primal out) to
+``joint_custom_pre_pass`` before partitioning it. This pass
+
+1. cuts the forward out of it: the nodes the forward outputs need, as a graph of the primals;
+2. runs the same rewrites as the post-grad pass on that forward graph (same matchers, same proofs);
+3. if anything was rewritten, traces the joint again from the rewritten forward: the forward under
+   autograd, then ``torch.autograd.grad`` of the outputs that need gradients with the same tangents,
+   with the decompositions Inductor gave AOTAutograd. The backward so comes from the moe_ops ops'
+   own autograd formulas, not from the plain code's;
+4. puts that joint graph in place of the old one (same placeholders, same output structure).
+
+It steps aside (the joint graph stays as it was, and the reason is logged) where it cannot show the
+new joint graph has the old one's interface and keeps everything it did: placeholders other than
+primals and tangents, outputs needing gradients that do not line up with the tangents,
+activation-checkpointing tags (recomputation choices the trace would lose), a backward node with an
+effect that no output reads (a runtime assert the re-derived backward would not have), a forward assert
+the new trace loses, an op without an autograd formula, mutations in the traced graph.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+from torch._dynamo.utils import counters
+from torch._guards import detect_fake_mode
+from torch.fx import Graph, GraphModule, Node
+
+log = logging.getLogger("moe_ops")
+
+
+class NotRewritable(Exception):
+    """The joint graph is left as it is, for the reason given."""
+
+
+def _placeholders(graph: Graph) -> tuple[list[Node], list[Node]]:
+    primals, tangents = [], []
+    for node in graph.find_nodes(op="placeholder"):
+        if node.name.startswith("primals"):
+            primals.append(node)
+        elif node.name.startswith("tangents"):
+            tangents.append(node)
+        else:
+            raise NotRewritable(f"placeholder {node.name} is neither a primal nor a tangent")
+    return primals, tangents
+
+
+def is_joint_graph(graph: Graph) -> bool:
+    """Inductor runs the joint passes on inference graphs too; only a joint graph has tangents."""
+    return any(node.name.startswith("tangents") for node in graph.find_nodes(op="placeholder"))
+
+
+def _downstream(sources: list[Node]) -> set[Node]:
+    seen: set[Node] = set()
+    stack = list(sources)
+    while stack:
+        node = stack.pop()
+        if node not in seen:
+            seen.add(node)
+            stack.extend(node.users)
+    return seen
+
+
+def _effects(graph: Graph) -> list[Node]:
+    """Nodes kept for their effect alone (runtime asserts on sizes): impure, read by nothing."""
+    return [node for node in graph.nodes if node.op == "call_function" and not node.users and node.is_impure()]
+
+
+def _forward_graph(graph: Graph, primals: list[Node], tangents: list[Node], forward_outputs: list) -> Graph:
+    """The nodes that ``forward_outputs`` need, and the forward's runtime asserts, copied into a graph
+    whose inputs are the primals."""
+    backward = _downstream(tangents)
+    effects = _effects(graph)
+    for node in effects:
+        if node in backward:
+            raise NotRewritable(f"node {node.name} ({node.target}) of the backward has an effect and no users")
+    needed: set[Node] = set()
+    stack = [out for out in forward_outputs if isinstance(out, Node)] + effects
+    while stack:
+        node = stack.pop()
+        if node in needed:
+            continue
+        needed.add(node)
+        if node.op == "placeholder" and node not in primals:
+            raise NotRewritable(f"a forward output depends on {node.name}")
+        if any(key in node.meta for key in ("recompute", "ac_graph_id")):
+            raise NotRewritable(f"node {node.name} carries activation-checkpointing tags")
+        stack.extend(node.all_input_nodes)
+    forward = Graph()
+    env: dict[Node, Node] = {}
+    for node in graph.nodes:
+        if node.op == "placeholder" and node in primals:
+            env[node] = forward.placeholder(node.name)
+            env[node].meta = dict(node.meta)
+        elif node in needed:
+            env[node] = forward.node_copy(node, lambda n: env[n])
+    forward.output(tuple(env[o] if isinstance(o, Node) else o for o in forward_outputs))
+    return forward
+
+
+class _DifferentiableInterpreter(torch.fx.Interpreter):
+    """Runs a decomposed graph under autograd: the prims that decompositions leave in it have no
+    autograd formulas, so each runs as the aten op it came from."""
+
+    def call_function(self, target, args, kwargs):
+        if target is torch.ops.prims.convert_element_type.default:
+            tensor, dtype = args
+            return torch.ops.aten._to_copy.default(tensor, dtype=dtype)
+        return super().call_function(target, args, kwargs)
+
+
+def _trace_joint(forward: GraphModule, example_primals: list, example_tangents: list, wants_grad: list[bool]):
+    """The joint graph of ``forward`` (AOTAutograd's interface: forward outputs, then one gradient or
+    None per primal), traced with fake tensors and Inductor's decompositions."""
+    from torch._inductor.decomposition import select_decomp_table
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.fx.experimental.symbolic_shapes import guard_or_false
+
+    num_primals = len(example_primals)
+
+    def joint(*args):
+        primals, tangents = list(args[:num_primals]), list(args[num_primals:])
+        with torch.enable_grad():
+            leaves = [
+                p.detach().requires_grad_(True) if wants else p for p, wants in zip(primals, wants_grad, strict=True)
+            ]
+            outputs = _DifferentiableInterpreter(forward).run(*leaves)
+            differentiable = [o for o in outputs if isinstance(o, torch.Tensor) and o.requires_grad]
+            if len(differentiable) != len(tangents) or not all(
+                o.dtype == t.dtype and guard_or_false(o.shape == t.shape)
+                for o, t in zip(differentiable, tangents, strict=True)
+            ):
+                raise NotRewritable("the outputs that need gradients do not line up with the tangents")
+            inputs = [leaf for leaf, wants in zip(leaves, wants_grad, strict=True) if wants]
+            grads = iter(torch.autograd.grad(differentiable, inputs, tangents, allow_unused=True))
+        gradients = []
+        for leaf, wants in zip(leaves, wants_grad, strict=True):
+            grad = next(grads) if wants else None
+            gradients.append(torch.zeros_like(leaf) if wants and grad is None else grad)
+        return [*(o.detach() if isinstance(o, torch.Tensor) else o for o in outputs), *gradients]
+
+    fake_mode = detect_fake_mode([*example_primals, *example_tangents])
+    try:
+        with fake_mode:
+            return make_fx(joint, decomposition_table=select_decomp_table())(*example_primals, *example_tangents)
+    except RuntimeError as error:  # e.g. an op of the forward that has no autograd formula
+        raise NotRewritable(f"tracing the new joint graph failed: {error}") from error
+
+
+def _mark_forward_and_backward(graph: Graph, tangents: list[Node], num_forward_outputs: int) -> None:
+    """Tag nodes for the partitioner as AOTAutograd does: forward = what the forward outputs need
+    without the tangents; everything else belongs to the backward."""
+    output = graph.output_node()
+    forward: set[Node] = set()
+    stack = [o for o in output.args[0][:num_forward_outputs] if isinstance(o, Node)]
+    while stack:
+        node = stack.pop()
+        if node not in forward:
+            forward.add(node)
+            stack.extend(node.all_input_nodes)
+    for node in graph.nodes:
+        if node.op not in ("placeholder", "output"):
+            node.meta["partitioner_tag"] = "is_forward" if node in forward else "is_backward"
+    for node in tangents:
+        node.meta["partitioner_tag"] = "is_backward"
+
+
+def rewrite_joint_graph(graph: Graph, rewrites: Sequence[Callable[[Graph], int]]) -> int:
+    """Apply ``rewrites`` to the forward of the joint ``graph`` and re-derive its backward; returns
+    how many subgraphs they replaced (0: the graph is unchanged)."""
+    try:
+        primals, tangents = _placeholders(graph)
+        outputs = list(graph.output_node().args[0])
+        num_forward_outputs = len(outputs) - len(primals)
+        if num_forward_outputs < 0:
+            raise NotRewritable("fewer outputs than primals")
+        forward_outputs, gradients = outputs[:num_forward_outputs], outputs[num_forward_outputs:]
+        forward = _forward_graph(graph, primals, tangents, forward_outputs)
+        rewritten = sum(rewrite(forward) for rewrite in rewrites)
+        if not rewritten:
+            return 0
+        forward.eliminate_dead_code()
+        wants_grad = [grad is not None for grad in gradients]
+        traced = _trace_joint(
+            GraphModule(graph.owning_module, forward),
+            [p.meta["val"] for p in primals],
+            [t.meta["val"] for t in tangents],
+            wants_grad,
+        )
+        if len(_effects(traced.graph)) < len(_effects(forward)):
+            raise NotRewritable("the new trace lost a runtime assert of the forward")
+    except NotRewritable as reason:
+        log.debug("joint graph not rewritten: %s", reason)
+        return 0
+    for node in traced.graph.nodes:
+        if isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable:
+            log.debug("joint graph not rewritten: the traced joint graph mutates (%s)", node.target)
+            return 0
+
+    owner = graph.owning_module
+    for node in traced.graph.find_nodes(op="get_attr"):
+        # Constants the trace made (and the forward's own): they move onto the joint graph's module.
+        name = f"_moe_ops_{node.target}"
+        while hasattr(owner, name):
+            name += "_"
+        setattr(owner, name, getattr(traced, node.target))
+        node.target = name
+    for node in reversed(list(graph.nodes)):
+        if node.op != "placeholder":
+            graph.erase_node(node)
+    traced_placeholders = list(traced.graph.find_nodes(op="placeholder"))
+    new_outputs = graph.graph_copy(
+        traced.graph, dict(zip(traced_placeholders, [*primals, *tangents], strict=True))
+    )
+    graph.output(list(new_outputs))
+    _mark_forward_and_backward(graph, tangents, num_forward_outputs)
+    counters["moe_ops"]["joint_rewrite"] += 1
+    log.info("rewrote a training graph: %d subgraph(s) in its forward, backward from the moe_ops ops", rewritten)
+    return rewritten

@@ -1,0 +1,172 @@
+"""Training graphs (lowering/joint_rewrite.py): the rewrites run on AOTAutograd's joint graph, so the
+forward calls the moe_ops ops and the backward is their autograd formulas; gradients equal eager's.
+
+Each form's own test module checks its models in training (``test_training_*``); this one checks the
+mechanism: the graphs it leaves, where it steps aside, the switch, dynamic token counts,
+and (CUDA) a real-sized block on the GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from compile_harness import check_training, fresh_compile_state, training_step  # noqa: F401  (fixture)
+from conftest import assert_close_rel
+from expecttest import assert_expected_inline
+from torch import nn
+from torch._dynamo.utils import counters
+
+import moe_ops
+
+pytestmark = pytest.mark.usefixtures("fresh_compile_state")
+
+H, F_, E, K = 64, 32, 8, 2
+
+
+class GroupedMoE(nn.Module):
+    """torchtitan-style routed experts (router, stable argsort, ``_grouped_mm`` on w1/w3/w2, scatter_add)."""
+
+    def __init__(self, activation=lambda gate, up: F.silu(gate) * up):
+        super().__init__()
+        self.gate = nn.Linear(H, E, bias=False)
+        self.w1 = nn.Parameter(torch.randn(E, F_, H) / H**0.5)
+        self.w2 = nn.Parameter(torch.randn(E, H, F_) / F_**0.5)
+        self.w3 = nn.Parameter(torch.randn(E, F_, H) / H**0.5)
+        self.activation = activation
+        self.to(torch.bfloat16)
+
+    def experts(self, x_TH):
+        scores_TE = F.softmax(self.gate(x_TH).float(), dim=-1)
+        weights_TK, ids_TK = torch.topk(scores_TE, K, dim=-1)
+        order_S = torch.argsort(ids_TK.view(-1), stable=True)
+        counts_E = torch.histc(ids_TK.view(-1).float(), bins=E, min=0, max=E - 1)
+        offsets_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
+        token_S = order_S // K
+        x_SH = x_TH[token_S]
+        gate = torch._grouped_mm(x_SH, self.w1.transpose(-2, -1), offs=offsets_E)
+        up = torch._grouped_mm(x_SH, self.w3.transpose(-2, -1), offs=offsets_E)
+        y_SH = torch._grouped_mm(self.activation(gate, up), self.w2.transpose(-2, -1), offs=offsets_E)
+        y_SH = (y_SH.float() * weights_TK.view(-1)[order_S].reshape(-1, 1)).to(x_TH.dtype)
+        index = token_S.reshape(-1, 1).expand(-1, H)
+        return torch.zeros_like(x_TH).scatter_add(0, index, y_SH)
+
+    def forward(self, x_TH):
+        return self.experts(x_TH)
+
+
+class CheckpointedMoE(GroupedMoE):
+    def forward(self, x_TH):
+        return torch.utils.checkpoint.checkpoint(self.experts, x_TH, use_reentrant=False)
+
+
+def tokens(num_tokens=10, seed=1):
+    torch.manual_seed(seed)
+    return torch.randn(num_tokens, H, dtype=torch.bfloat16)
+
+
+def joint_rewrites() -> int:
+    return counters["moe_ops"]["joint_rewrite"]
+
+
+def test_forward_and_backward_graphs():
+    forward_graph, backward_graph = check_training(GroupedMoE(), tokens(), dtype=torch.bfloat16)
+    assert joint_rewrites() == 1
+    assert_expected_inline(forward_graph, """\
+aten.permute.default([1, 0])
+aten.mm.default()
+moe_ops.route.default(2, 'softmax', False, False, 0.0, None, 1, 1, 1.0)
+getitem(0)
+getitem(1)
+moe_ops.fused_experts.default(None, None, None, 'EFH', False, 'silu', True, 1.702, 7.0, 0.0, 'position')
+getitem(0)""")
+    assert_expected_inline(backward_graph, """\
+aten.full.default([], 0)
+moe_ops.fused_experts_backward.default(None, None, None, 'EFH', False, 'silu', True, 1.702, 7.0, 0.0, 'position', [%, %])
+getitem(0)
+getitem(1)
+getitem(2)
+getitem(3)
+getitem(4)
+aten.full.default([10, 2], 0)
+moe_ops.route_backward.default(2, 'softmax', False, False, 0.0, None, 1, 1, 1.0, [%, %])
+getitem(0)
+aten.permute.default([1, 0])
+aten.mm.default()
+aten.permute.default([1, 0])
+aten.permute.default([1, 0])
+aten.permute.default([1, 0])
+aten.addmm.default()
+aten.permute.default([1, 0])""")  # noqa: E501
+
+
+def test_one_graph_for_every_token_count():
+    model = GroupedMoE()
+    compiled = torch.compile(model, fullgraph=True)
+    for num_tokens in (10, 12):  # automatic dynamic shapes: the second size compiles for any T
+        training_step(model, compiled, tokens(num_tokens))
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for num_tokens in (3, 17, 40):
+            x = tokens(num_tokens, seed=num_tokens)
+            result, grads = training_step(model, compiled, x)
+            expected, expected_grads = training_step(model, model, x)
+            assert_close_rel(result, expected, torch.bfloat16, f"output, T={num_tokens}")
+            for name, grad in expected_grads.items():
+                assert_close_rel(grads[name], grad, torch.bfloat16, f"gradient of {name}, T={num_tokens}")
+    assert joint_rewrites() == 2
+
+
+def test_inference_graphs_are_left_to_the_post_grad_pass():
+    with torch.no_grad():
+        torch.compile(GroupedMoE(), fullgraph=True)(tokens())
+    assert counters["moe_ops"]["experts_rewrite"] == 1 and joint_rewrites() == 0
+
+
+# ---- Where it steps aside -------------------------------------------------------------------------
+
+
+def test_near_miss_keeps_its_own_backward():
+    model = GroupedMoE(activation=lambda gate, up: F.silu(gate) + up)  # not a gated activation the op has
+    forward_graph, backward_graph = check_training(model, tokens(), dtype=torch.bfloat16)
+    # The router is still rewritten (its backward is route's); the experts keep theirs.
+    assert counters["moe_ops"]["experts_rewrite"] == 0 and counters["moe_ops"]["route_rewrite"] == 1
+    assert joint_rewrites() == 1
+    assert "_grouped_mm" in forward_graph and "_grouped_mm" in backward_graph and "fused_experts" not in backward_graph
+    assert "moe_ops.route_backward.default" in backward_graph
+
+
+def test_activation_checkpointing_is_left_alone(caplog):
+    with caplog.at_level(logging.DEBUG, logger="moe_ops"):
+        check_training(CheckpointedMoE(), tokens(), dtype=torch.bfloat16)
+    assert joint_rewrites() == 0
+    assert "carries activation-checkpointing tags" in caplog.text
+
+
+def test_switched_off():
+    with moe_ops.rewrites_disabled():
+        forward_graph, _ = check_training(GroupedMoE(), tokens(), dtype=torch.bfloat16)
+    assert joint_rewrites() == 0 and "moe_ops" not in forward_graph
+
+
+# ---- On the GPU --------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+def test_cuda_mixtral_block_training():
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(hidden_size=1024, intermediate_size=512, num_local_experts=8,
+                                        num_experts_per_tok=2)
+    block = MixtralSparseMoeBlock(config)
+    for param in block.parameters():
+        nn.init.normal_(param, std=0.02)
+    block = block.to("cuda", torch.bfloat16).train()
+    x = torch.randn(4, 128, 1024, device="cuda", dtype=torch.bfloat16)
+    forward_graph, backward_graph = check_training(block, x, dtype=torch.bfloat16)
+    assert joint_rewrites() == 1
+    assert "moe_ops.fused_experts.default" in forward_graph and "_grouped_mm" not in forward_graph
+    assert "moe_ops.fused_experts_backward.default" in backward_graph
