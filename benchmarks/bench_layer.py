@@ -150,9 +150,11 @@ def _percentiles(times_ms: list[float]) -> tuple[float, float, float]:
     return p50, p20, p80
 
 
-def time_on_gpu(fn: Callable[[], object]) -> tuple[float, float, float]:
-    """(p50, p20, p80) in ms; do_bench flushes L2 between calls, and its p50 is its "median"."""
-    return _percentiles(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="all"))
+def time_on_gpu(fn: Callable[[], object], grad_to_none=None) -> tuple[float, float, float]:
+    """(p50, p20, p80) in ms; do_bench flushes L2 between calls, and its p50 is its "median".
+    ``grad_to_none``: tensors whose .grad do_bench resets between calls, untimed (training steps)."""
+    return _percentiles(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="all",
+                                                grad_to_none=grad_to_none))
 
 
 def time_wall_clock(fn: Callable[[], object]) -> tuple[float, float, float]:
@@ -449,16 +451,23 @@ def summary_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
-def markdown_report(rows: list[dict], ceilings: Ceilings) -> str:
+def run_lines(rows: list[dict]) -> list[str]:
+    """The report lines naming the GPU, the versions and the runs that the rows come from."""
     def distinct(column: str) -> str:
-        return ", ".join(sorted({r[column] for r in rows}))
+        return ", ".join(sorted({r[column] for r in rows if column in r}))
 
-    lines = [
-        "# MoE layer benchmark (benchmarks/bench_layer.py)",
-        "",
+    return [
         f"- GPU: {distinct('gpu')}",
         f"- torch {distinct('torch')}, triton {distinct('triton')}, transformers {distinct('transformers')}",
         f"- runs: {distinct('timestamp')}",
+    ]
+
+
+def markdown_report(rows: list[dict], ceilings: Ceilings) -> str:
+    lines = [
+        "# MoE layer benchmark (benchmarks/bench_layer.py)",
+        "",
+        *run_lines(rows),
         f"- ceilings measured by the latest run: device copy {ceilings.copy_bytes_per_s / 1e12:.3f} TB/s"
         f" (read + write), bf16 matmul {ceilings.matmul_flops_per_s / 1e12:.1f} TFLOP/s",
         "- bf16, transformers' MixtralSparseMoeBlock at each shape, weights ~N(0, 0.02), random inputs;"

@@ -5,6 +5,7 @@
 #   kernels   benchmarks/bench_kernels.py (per-kernel times; run alone, after the tests)
 #   layer     benchmarks/bench_layer.py (the table against transformers; LAYER_ARGS passes filters)
 #   profile   benchmarks/profile_host.py (host vs GPU time of the eager layer, with a cProfile)
+#   training  benchmarks/bench_training.py (one training step, with and without moe_ops; TRAINING_ARGS)
 #   targets   benchmarks/bench_targets.py (decode under CUDA graphs, skewed routing, fp16/fp32; TARGET_ARGS)
 #   hostc     benchmarks/profile_host.py --compiled (host time of the compiled block, with a cProfile)
 #   gemm      benchmarks/profile_kernels.py: compiler report and tile sweep of the expert GEMMs, and
@@ -25,8 +26,9 @@ for stage in "$@"; do
       # Groups run in parallel so Triton's compiles use several cores; the int32-boundary test (in
       # test_expert_gemm.py) holds ~67 GB, so the other GPU-heavy file (real shapes) shares its group.
       pids=()
-      for group in "test_expert_gemm.py test_fused_experts.py" "test_routing.py test_docs.py" \
-                   "test_schedule.py test_capacity.py" "test_passes_*.py test_hf_*.py test_lowering.py test_export.py"; do
+      for group in "test_expert_gemm.py test_fused_experts*.py" "test_routing.py test_docs.py" \
+                   "test_schedule.py test_capacity.py test_joint_rewrite.py" \
+                   "test_passes_*.py test_hf_*.py test_lowering.py test_export.py"; do
         files=(); for pattern in $group; do for f in tests/$pattern; do [ -e "$f" ] && files+=("$f"); done; done
         timeout "$LIMIT" python3 -m pytest -q -rfE -p no:cacheprovider "${files[@]}" > "$OUT/pytest_${#pids[@]}.log" 2>&1 &
         pids+=($!)
@@ -53,6 +55,8 @@ for stage in "$@"; do
       done > "$OUT/ncu.txt" 2>&1 ;;
     targets) timeout "$LIMIT" python3 benchmarks/bench_targets.py --out "$OUT" ${TARGET_ARGS:-} 2>&1 \
                | tee "$OUT/targets.log" | tail -60 || status=1 ;;
+    training) timeout "$LIMIT" python3 benchmarks/bench_training.py --out "$OUT" ${TRAINING_ARGS:-} 2>&1 \
+                | tee "$OUT/training.log" | tail -40 || status=1 ;;
     hostc) timeout "$LIMIT" python3 benchmarks/profile_host.py --out "$OUT" --compiled || status=1 ;;
     layer) timeout "$LIMIT" python3 benchmarks/bench_layer.py --out "$OUT" ${LAYER_ARGS:-} 2>&1 \
              | tee "$OUT/layer.log" | tail -40 || status=1 ;;

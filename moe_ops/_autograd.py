@@ -5,8 +5,8 @@ implementation re-runs the reference under autograd and whose fake kernel return
 like the inputs. Keeping the backward opaque matters: the references loop over experts with
 data-dependent sizes, which AOTAutograd could not trace with fake tensors, while an opaque op with a
 static-shape fake kernel traces fine (opcheck's aot_dispatch tests, torch.compile training).
-This is the first correct version; fused backward kernels replace the implementation later without
-changing the schema.
+That implementation is the reference every backward kernel is tested against; a kernel registered
+for a device (``fused_experts``' CUDA backward) replaces it there without changing the schema.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def _arguments_text(op) -> str:
     return schema[schema.index("(") + 1 : schema.rindex(") ->")]
 
 
-def _laid_out_like(value: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+def laid_out_like(value: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
     """``grad`` with the dtype and strides ``torch.empty_like(value)`` has, as the fake kernel says
     (autograd may return a contiguous gradient for a transposed weight)."""
     like = torch.empty_like(value)
@@ -34,11 +34,13 @@ def _laid_out_like(value: torch.Tensor, grad: torch.Tensor | None) -> torch.Tens
     return grad
 
 
-def register_reference_autograd(op, reference: Callable, differentiable: Sequence[str]) -> None:
-    """Make ``op`` differentiable in the arguments named by ``differentiable``.
+def register_reference_autograd(op, reference: Callable, differentiable: Sequence[str]):
+    """Make ``op`` differentiable in the arguments named by ``differentiable``; returns the backward op.
 
     ``reference`` takes the op's arguments by name and returns what the op returns, built from
-    differentiable torch operations. Optional tensor arguments that are None get no gradient.
+    differentiable torch operations. Optional tensor arguments that are None get no gradient (an
+    empty tensor in the backward op's result). The backward op's own implementation differentiates
+    the reference; a device kernel registered on it (``register_kernel``) must return the same list.
     """
     schema = op._opoverload._schema
     names = [a.name for a in schema.arguments]
@@ -75,7 +77,7 @@ def register_reference_autograd(op, reference: Callable, differentiable: Sequenc
             if value is None:
                 result.append(torch.empty(0))
             else:
-                result.append(_laid_out_like(value, by_name[names[i]]))
+                result.append(laid_out_like(value, by_name[names[i]]))
         return result
 
     backward_op = torch.library.custom_op(
@@ -111,3 +113,4 @@ def register_reference_autograd(op, reference: Callable, differentiable: Sequenc
         return tuple(result)
 
     torch.library.register_autograd(op, backward, setup_context=setup_context)
+    return backward_op

@@ -215,17 +215,19 @@ def gemm_config(
 
 def expert_gemm_triton(
     a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
-    num_slots, block_m, gather_top_k, scatter, activation, alpha, limit, config=None,
+    num_slots, block_m, gather_top_k, scatter, activation, alpha, limit, config=None, out_dtype=None,
 ):
     """Launch the kernel; same arguments and result as moe_ops.expert_gemm.expert_gemm_ref.
     ``config`` (BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) replaces the heuristic's choice:
-    benchmarks/profile_kernels.py sweeps it."""
+    benchmarks/profile_kernels.py sweeps it. ``out_dtype`` (default a's) stores the fp32 accumulator
+    in another dtype: the backward keeps its pre-activations in fp32."""
     num_positions = sorted_slots.shape[0]
     n, k = w.shape[1], w.shape[2]
+    out_dtype = out_dtype or a.dtype
     if scatter:
-        out = torch.zeros((num_slots, n), dtype=a.dtype, device=a.device)
+        out = torch.zeros((num_slots, n), dtype=out_dtype, device=a.device)
     else:
-        out = torch.empty((num_positions, n), dtype=a.dtype, device=a.device)
+        out = torch.empty((num_positions, n), dtype=out_dtype, device=a.device)
     num_blocks_max = block_expert.shape[0]
     if num_slots == 0 or num_blocks_max == 0 or n == 0:
         return out.zero_()

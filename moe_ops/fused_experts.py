@@ -237,11 +237,119 @@ def _(x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_dow
     return x.new_empty(x.shape), x.new_empty((), dtype=torch.int32)
 
 
-register_reference_autograd(
+_fused_experts_backward_op = register_reference_autograd(
     _fused_experts_op,
     functools.partial(fused_experts_ref, return_num_dropped=True),
     differentiable=("x", "topk_weights", "w_gate_up", "w_down", "w_up", "b_gate_up", "b_up", "b_down"),
 )
+
+
+@_fused_experts_backward_op.register_kernel("cuda")
+def fused_experts_backward_triton(
+    x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
+    layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy, grads,
+):
+    """The backward of ``fused_experts`` on the GPU (tests also run it on CPU under the interpreter):
+    what differentiating ``fused_experts_ref`` gives, without its loop over experts or host syncs.
+
+    The forward's GEMMs are recomputed over a block schedule (pre-activations kept in fp32), the
+    activation is differentiated in fp32, the hidden and input gradients are expert GEMMs against the
+    transposed weights, and the weight gradients are ``expert_weight_grad_triton`` over each expert's
+    rows. Gradients flow through the roundings of the forward unchanged, as in the reference.
+    Returns the gradients of x, topk_weights, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down (an
+    empty tensor for an absent argument), each laid out like its argument (``zeros_like``), as the
+    backward op's fake kernel says."""
+    from moe_ops._compat import autograd_inside_custom_op
+    from moe_ops.capacity_triton import apply_capacity_triton
+    from moe_ops.expert_gemm_triton import expert_gemm_triton
+    from moe_ops.expert_weight_grad_triton import expert_weight_grad_triton
+    from moe_ops.schedule_triton import block_schedule_triton
+
+    _check_fused_args(
+        x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
+        layout, interleaved, activation, gated, capacity_factor, drop_policy,
+    )
+    grad_TH = grads[0]
+    T, K = topk_ids.shape
+    E = w_gate_up.shape[0]
+    S = T * K
+    inputs = (x, topk_weights, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down)
+    dx, d_topk_weights, dw_gate_up, dw_down, dw_up, db_gate_up, db_up, db_down = (
+        torch.empty(0) if t is None else torch.zeros_like(t) for t in inputs
+    )
+    if S == 0:
+        return [dx, d_topk_weights, dw_gate_up, dw_down, dw_up, db_gate_up, db_up, db_down]
+    w = ExpertWeights(w_gate_up, w_down, w_up, b_gate_up, b_up, b_down, layout, interleaved, gated)
+    dw = ExpertWeights(
+        dw_gate_up, dw_down, None if w_up is None else dw_up, None if b_gate_up is None else db_gate_up,
+        None if b_up is None else db_up, None if b_down is None else db_down, layout, interleaved, gated,
+    )
+    ids = topk_ids
+    capacity = capacity_from_factor(capacity_factor, T, K, E)
+    if capacity >= 0:
+        ids, _ = apply_capacity_triton(topk_ids, topk_weights, E, capacity, drop_policy)
+    block_m = choose_block_m(S, E)
+    sorted_slots, block_expert, num_padded, counts_E, _ = block_schedule_triton(ids, E, block_m)
+    padded_offsets = torch.nn.functional.pad(((counts_E + block_m - 1) // block_m * block_m).cumsum(0), (1, 0))
+    padded_offsets = padded_offsets.to(torch.int32)
+
+    def gemm(a, weight, bias=None, gather_top_k=0, scatter=False):
+        return expert_gemm_triton(
+            a, weight, None, bias, None, None, sorted_slots, block_expert, num_padded,
+            S, block_m, gather_top_k, scatter, "none", alpha, limit, out_dtype=torch.float32,
+        )
+
+    def weight_grad(g_PN, a, out_ENK, gather_top_k=0):
+        expert_weight_grad_triton(g_PN, a, out_ENK, sorted_slots, padded_offsets, S, gather_top_k)
+
+    def bias_grad(rows_PN, out_EN):
+        # Per-expert sums of the schedule rows; padding rows (all zero) go to a discarded row E.
+        expert_P = torch.where(valid_P, block_expert.long().repeat_interleave(block_m), E)
+        sums = torch.zeros(E + 1, rows_PN.shape[1], dtype=torch.float32, device=x.device)
+        out_EN.copy_(sums.index_add_(0, expert_P, rows_PN)[:E])
+
+    slot_P = sorted_slots.long()
+    valid_P = slot_P < S
+    token_P = torch.where(valid_P, slot_P // K, 0)
+    weight_P = torch.where(valid_P, topk_weights.reshape(-1)[slot_P.clamp(max=S - 1)].float(), 0.0)
+
+    # Forward, recomputed: pre-activations in fp32, the activation rounded to x's dtype as the op does.
+    gate_PF = gemm(x, w.gate, w.b_gate, gather_top_k=K)
+    up_PF = None if w.up is None else gemm(x, w.up, w.b_up, gather_top_k=K)
+    with autograd_inside_custom_op():
+        pre = [t.requires_grad_() for t in (gate_PF, up_PF) if t is not None]
+        h_PF = activate_ref(gate_PF, up_PF, activation, alpha, limit)
+    h_lp = h_PF.detach().to(x.dtype)
+    z_PH = gemm(h_lp, w.down, w.b_down)  # the down GEMM before the routing weight
+
+    # y[slot] = z[slot] * weight[slot], summed over the K slots of a token.
+    g_PH = grad_TH[token_P].float() * valid_P[:, None]
+    d_weight_P = (g_PH * z_PH).sum(1)
+    d_topk_weights.view(-1).copy_(
+        torch.zeros(S + 1, dtype=torch.float32, device=x.device)
+        .scatter_(0, torch.where(valid_P, slot_P, S), d_weight_P)[:S]
+    )
+    dz_PH = g_PH * weight_P[:, None]
+    dz_lp = dz_PH.to(x.dtype)
+    weight_grad(dz_lp, h_lp, dw.down)
+    if dw.b_down is not None:
+        bias_grad(dz_PH, dw.b_down)
+
+    dh_PF = gemm(dz_lp, w.down.transpose(1, 2))
+    with autograd_inside_custom_op():
+        d_pre = torch.autograd.grad(h_PF, pre, dh_PF)
+    dx_SH = None
+    for d_pre_PF, weight, d_weight, d_bias in zip(
+        d_pre, (w.gate, w.up), (dw.gate, dw.up), (dw.b_gate, dw.b_up), strict=False
+    ):
+        d_pre_lp = d_pre_PF.to(x.dtype)
+        weight_grad(d_pre_lp, x, d_weight, gather_top_k=K)
+        if d_bias is not None:
+            bias_grad(d_pre_PF, d_bias)
+        part = gemm(d_pre_lp, weight.transpose(1, 2), scatter=True)
+        dx_SH = part if dx_SH is None else dx_SH + part
+    dx.copy_(dx_SH.view(T, K, -1).sum(1))
+    return [dx, d_topk_weights, dw_gate_up, dw_down, dw_up, db_gate_up, db_up, db_down]
 
 
 def fused_experts(

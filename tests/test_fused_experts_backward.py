@@ -1,0 +1,140 @@
+"""The backward of moe_ops::fused_experts on the GPU path (fused_experts_backward_triton and the
+expert weight-gradient kernel) against autograd through fused_experts_ref: layouts, activations,
+biases, capacity, sentinel ids, edge shapes; CUDA: real shapes, CUDA-graph capture, autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TRITON_DEVICE, assert_close_rel
+
+from moe_ops.fused_experts import fused_experts, fused_experts_backward_triton, fused_experts_ref
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+NAMES = ("x", "topk_weights", "w_gate_up", "w_down", "w_up", "b_gate_up", "b_up", "b_down")
+
+
+def make_args(T, K, E, H, Fi, dtype, device, *, layout="EFH", interleaved=False, activation="silu", gated=True,
+              separate_up=False, biases=False, capacity_factor=0.0, sentinels=False):
+    """The op's positional arguments for a random layer in the given form."""
+    gen = torch.Generator().manual_seed(T * 7 + E)
+    randn = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    x = randn(T, H).to(dtype)
+    weights, ids = torch.topk(randn(T, E).softmax(-1), K)
+    if sentinels and T:
+        ids[0, 0] = E  # an expert-parallel sentinel: skipped by the op, zero gradient
+    f2 = 2 * Fi if gated and not separate_up else Fi
+    w_gate_up, w_down = randn(E, f2, H) / H**0.5, randn(E, H, Fi) / Fi**0.5
+    w_up = randn(E, Fi, H) / H**0.5 if separate_up else None
+    if layout == "EHF":  # stored transposed, as torchtitan and GPT-OSS do
+        w_gate_up, w_down = w_gate_up.transpose(1, 2).contiguous(), w_down.transpose(1, 2).contiguous()
+        w_up = None if w_up is None else w_up.transpose(1, 2).contiguous()
+    cast = lambda t: None if t is None else t.to(dtype).to(device)  # noqa: E731
+    b_gate_up = randn(E, f2) if biases else None
+    b_up = randn(E, Fi) if biases and separate_up else None
+    b_down = randn(E, H) if biases else None
+    on = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return (cast(x), on(weights), on(ids.to(torch.int32)), cast(w_gate_up), cast(w_down), cast(w_up),
+            on(b_gate_up), on(b_up), on(b_down), layout, interleaved, activation, gated, 1.702, 7.0,
+            capacity_factor, "position")
+
+
+def reference_grads(args, grad_TH):
+    """Autograd through the plain-PyTorch reference (what the op's backward must equal)."""
+    tensors = list(args[:9])
+    wrt = [i for i, t in enumerate(tensors) if t is not None and t.is_floating_point()]
+    for i in wrt:
+        tensors[i] = tensors[i].detach().requires_grad_(True)
+    with torch.enable_grad():
+        out = fused_experts_ref(*tensors, *args[9:])
+        if not out.requires_grad:  # no slot reached an expert (T = 0): every gradient is zero
+            return [None] * 8
+        got = torch.autograd.grad(out, [tensors[i] for i in wrt], grad_TH, allow_unused=True)
+    by_index = dict(zip(wrt, got, strict=True))
+    return [by_index.get(i) for i in (0, 1, 3, 4, 5, 6, 7, 8)]
+
+
+def check(args, dtype):
+    grad_TH = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(3)).to(args[0])
+    got = fused_experts_backward_triton(*args, [grad_TH, torch.empty(0)])
+    want = reference_grads(args, grad_TH)
+    inputs = [args[i] for i in (0, 1, 3, 4, 5, 6, 7, 8)]
+    for name, value, actual, expected in zip(NAMES, inputs, got, want, strict=True):
+        if value is None:
+            assert actual.numel() == 0, name
+            continue
+        # Laid out as the fake kernel says (empty_like), in the argument's dtype.
+        assert actual.shape == value.shape and actual.dtype == value.dtype, name
+        assert actual.stride() == torch.empty_like(value).stride(), name
+        assert_close_rel(actual, torch.zeros_like(value) if expected is None else expected, dtype, name)
+
+
+SHAPES = [
+    # (T, K, E, H, F)
+    pytest.param(1, 2, 4, 32, 48, id="T=1"),
+    pytest.param(9, 2, 4, 32, 48, id="T<block_m"),
+    pytest.param(11, 3, 5, 40, 24, id="non-pow2-H-and-F"),
+    pytest.param(70, 2, 8, 32, 32, id="block_m=32"),
+    pytest.param(3, 8, 64, 32, 16, id="E>>S"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T,K,E,H,Fi", SHAPES)
+def test_matches_reference(T, K, E, H, Fi, dtype):
+    check(make_args(T, K, E, H, Fi, dtype, TRITON_DEVICE), dtype)
+
+
+FORMS = {
+    "EHF": dict(layout="EHF"),
+    "gpt_oss": dict(layout="EHF", interleaved=True, activation="clamped_swiglu", biases=True),
+    "w1_w3_biases": dict(separate_up=True, biases=True),
+    "ungated_gelu": dict(gated=False, activation="gelu"),
+    "gelu_tanh": dict(activation="gelu_tanh"),
+    "relu_biases": dict(activation="relu", biases=True),
+    "capacity_drops": dict(capacity_factor=0.5),
+    "sentinel_ids": dict(sentinels=True),
+}
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_forms(form):
+    check(make_args(13, 2, 4, 32, 16, torch.float32, TRITON_DEVICE, **FORMS[form]), torch.float32)
+
+
+def test_zero_tokens():
+    check(make_args(0, 2, 4, 32, 16, torch.float32, TRITON_DEVICE), torch.float32)
+
+
+# ---- CUDA only ----
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("E,K,H,Fi,T", [(8, 2, 1024, 1792, 512), (128, 8, 2048, 768, 256), (64, 6, 1024, 512, 1)],
+                         ids=["mixtral_quarter", "qwen3_30b_a3b", "decode"])
+def test_cuda_real_shapes(E, K, H, Fi, T):
+    check(make_args(T, K, E, H, Fi, torch.bfloat16, "cuda"), torch.bfloat16)
+
+
+@pytest.mark.cuda
+def test_cuda_autograd_uses_the_kernel_and_captures():
+    """Autograd through the op on CUDA runs this backward; it has no host sync, so it captures."""
+    args = make_args(64, 2, 8, 256, 128, torch.bfloat16, "cuda", biases=True)
+    leaves = [t.detach().requires_grad_(True) if t is not None and t.is_floating_point() else t for t in args[:9]]
+    names = ("w_up", "b_gate_up", "b_up", "b_down")
+    options = dict(zip(names, leaves[5:9], strict=True))
+    grad_TH = torch.randn_like(args[0])
+
+    def step():
+        out = fused_experts(*leaves[:5], **options)
+        return torch.autograd.grad(out, [leaves[0], leaves[3], leaves[4]], grad_TH)
+
+    eager = step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for name, a, b in zip(("x", "w_gate_up", "w_down"), captured, eager, strict=True):
+        assert torch.equal(a, b), name
