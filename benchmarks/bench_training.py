@@ -16,6 +16,7 @@ against the eager block's before timing.
 
     python benchmarks/bench_training.py                    # writes benchmarks/results/training_<gpu>.*
     python benchmarks/bench_training.py --dry-run          # CPU, tiny shapes: checks everything but speed
+    python benchmarks/bench_training.py --profile qwen3-30b-a3b:8192   # kernel table of one cell
 """
 
 from __future__ import annotations
@@ -124,6 +125,33 @@ def run_shape(shape: MoEShape, tokens, device, time_fn, run_info: dict, out_dir:
     (out_dir / f"training_{slug(run_info['gpu'])}.md").write_text(markdown_report(all_rows))
 
 
+def profile_cell(shape: MoEShape, num_tokens: int, device, out_path: Path) -> None:
+    """Where one training step's time goes: torch.profiler's kernel table for each implementation."""
+    from torch.profiler import ProfilerActivity, profile
+
+    block = build_hf_blocks(shape, device)["hf_grouped_mm"].train().requires_grad_(True)
+    with torch.no_grad():
+        x = random_tokens(block.gate.weight, num_tokens, shape.top_k)
+    x.requires_grad_(True)
+    grad_out = torch.randn_like(x)
+    sections = []
+    for impl in IMPLS:
+        step = make_step(impl, block)
+        for _ in range(3):
+            reset_grads(block, x)
+            step(x, grad_out)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                reset_grads(block, x)
+                step(x, grad_out)
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70)
+        sections.append(f"=== {impl}, {shape.name} T={num_tokens}, 5 steps\n{table}")
+    out_path.write_text("\n\n".join(sections) + "\n")
+    print(out_path.read_text())
+
+
 def markdown_report(rows: list[dict]) -> str:
     lines = [
         "# MoE layer training step (benchmarks/bench_training.py)",
@@ -153,7 +181,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results)")
     parser.add_argument("--shapes", help=f"comma-separated subset of {','.join(SHAPES)}")
     parser.add_argument("--dry-run", action="store_true", help="on the CPU, tiny shapes, wall-clock timer")
+    parser.add_argument("--profile", metavar="SHAPE:T", help="only print (and write) a kernel profile of one cell")
     args = parser.parse_args()
+    if args.profile:
+        name, num_tokens = args.profile.split(":")
+        out_dir = args.out or Path(__file__).parent / "results"
+        gpu = slug(torch.cuda.get_device_name())
+        profile_cell(SHAPES[name], int(num_tokens), torch.device("cuda"), out_dir / f"training_profile_{gpu}.txt")
+        return
     known = DRY_RUN_SHAPES if args.dry_run else SHAPES
     names = args.shapes.split(",") if args.shapes else list(known)
     if any(name not in known for name in names):

@@ -35,17 +35,19 @@ class ExpertWeights:
             w_down = w_down.transpose(1, 2)
         self.gate, self.up, self.b_gate, self.b_up = w_gate_up, w_up, b_gate_up, b_up
         if gated and w_up is None:
-            # Gate and up share one tensor: HF concatenates the halves, GPT-OSS interleaves them.
-            if interleaved:
-                self.gate, self.up = w_gate_up[:, 0::2], w_gate_up[:, 1::2]
-                if b_gate_up is not None:
-                    self.b_gate, self.b_up = b_gate_up[:, 0::2], b_gate_up[:, 1::2]
-            else:
-                half = w_gate_up.shape[1] // 2
-                self.gate, self.up = w_gate_up[:, :half], w_gate_up[:, half:]
-                if b_gate_up is not None:
-                    self.b_gate, self.b_up = b_gate_up[:, :half], b_gate_up[:, half:]
+            self.gate, self.up = split_gate_up(w_gate_up, interleaved)
+            if b_gate_up is not None:
+                self.b_gate, self.b_up = split_gate_up(b_gate_up, interleaved)
         self.down, self.b_down = w_down, b_down
+
+
+def split_gate_up(t: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate and up parts of a shared 2F axis (dim 1) as views: HF concatenates the two halves,
+    GPT-OSS interleaves them."""
+    if interleaved:
+        return t[:, 0::2], t[:, 1::2]
+    half = t.shape[1] // 2
+    return t[:, :half], t[:, half:]
 
 
 def _check_fused_args(
@@ -252,13 +254,14 @@ def fused_experts_backward_triton(
     """The backward of ``fused_experts`` on the GPU (tests also run it on CPU under the interpreter):
     what differentiating ``fused_experts_ref`` gives, without its loop over experts or host syncs.
 
-    The forward's GEMMs are recomputed over a block schedule (pre-activations kept in fp32), the
-    activation is differentiated in fp32, the hidden and input gradients are expert GEMMs against the
-    transposed weights, and the weight gradients are ``expert_weight_grad_triton`` over each expert's
-    rows. Gradients flow through the roundings of the forward unchanged, as in the reference.
-    Returns the gradients of x, topk_weights, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down (an
-    empty tensor for an absent argument), each laid out like its argument (``zeros_like``), as the
-    backward op's fake kernel says."""
+    With g the output gradient, t(s) a slot's token, w_s its routing weight and h_s = act(x W_gu^T):
+    y_s = w_s (h_s W_d^T + b_d), so dh_s = w_s g_t W_d, d w_s = h_s . (g_t W_d) + g_t . b_d,
+    dW_d = sum_s (w_s g_t)^T h_s, and the pre-activation gradient gives dx and dW_gu. Four GEMMs over
+    the block schedule (the pre-activations recomputed in fp32, g_t W_d, dx) and two weight-gradient
+    kernels; g is read gathered and scaled inside the kernels, never materialised per slot.
+    Gradients pass the forward's roundings unchanged, as in the reference. Returns the gradients of
+    x, topk_weights, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down (an empty tensor for an absent
+    argument), each laid out like its argument (``empty_like``), as the backward op's fake kernel says."""
     from moe_ops._compat import autograd_inside_custom_op
     from moe_ops.capacity_triton import apply_capacity_triton
     from moe_ops.expert_gemm_triton import expert_gemm_triton
@@ -274,16 +277,17 @@ def fused_experts_backward_triton(
     E = w_gate_up.shape[0]
     S = T * K
     inputs = (x, topk_weights, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down)
-    dx, d_topk_weights, dw_gate_up, dw_down, dw_up, db_gate_up, db_up, db_down = (
-        torch.empty(0) if t is None else torch.zeros_like(t) for t in inputs
-    )
     if S == 0:
-        return [dx, d_topk_weights, dw_gate_up, dw_down, dw_up, db_gate_up, db_up, db_down]
-    w = ExpertWeights(w_gate_up, w_down, w_up, b_gate_up, b_up, b_down, layout, interleaved, gated)
-    dw = ExpertWeights(
-        dw_gate_up, dw_down, None if w_up is None else dw_up, None if b_gate_up is None else db_gate_up,
-        None if b_up is None else db_up, None if b_down is None else db_down, layout, interleaved, gated,
+        return [torch.empty(0) if t is None else torch.zeros_like(t) for t in inputs]
+    # Every element of each gradient is written below.
+    dx, d_topk_weights, dw_gate_up, dw_down, dw_up, db_gate_up, db_up, db_down = (
+        torch.empty(0) if t is None else torch.empty_like(t) for t in inputs
     )
+    # (E, N, K) orientation of each weight and of its gradient: views, never copies.
+    oriented = (lambda t: t) if layout == "EFH" else (lambda t: None if t is None else t.transpose(1, 2))
+    w_gu, w_d, w_u = oriented(w_gate_up), oriented(w_down), oriented(w_up)
+    dw_gu, dw_d, dw_u = oriented(dw_gate_up), oriented(dw_down), oriented(None if w_up is None else dw_up)
+
     ids = topk_ids
     capacity = capacity_from_factor(capacity_factor, T, K, E)
     if capacity >= 0:
@@ -292,6 +296,7 @@ def fused_experts_backward_triton(
     sorted_slots, block_expert, num_padded, counts_E, _ = block_schedule_triton(ids, E, block_m)
     padded_offsets = torch.nn.functional.pad(((counts_E + block_m - 1) // block_m * block_m).cumsum(0), (1, 0))
     padded_offsets = padded_offsets.to(torch.int32)
+    slot_weights = topk_weights.reshape(-1)
 
     def gemm(a, weight, bias=None, gather_top_k=0, scatter=False):
         return expert_gemm_triton(
@@ -299,53 +304,56 @@ def fused_experts_backward_triton(
             S, block_m, gather_top_k, scatter, "none", alpha, limit, out_dtype=torch.float32,
         )
 
-    def weight_grad(g_PN, a, out_ENK, gather_top_k=0):
-        expert_weight_grad_triton(g_PN, a, out_ENK, sorted_slots, padded_offsets, S, gather_top_k)
-
-    def bias_grad(rows_PN, out_EN):
-        # Per-expert sums of the schedule rows; padding rows (all zero) go to a discarded row E.
-        expert_P = torch.where(valid_P, block_expert.long().repeat_interleave(block_m), E)
-        sums = torch.zeros(E + 1, rows_PN.shape[1], dtype=torch.float32, device=x.device)
-        out_EN.copy_(sums.index_add_(0, expert_P, rows_PN)[:E])
+    def weight_grad(g, a, out_ENK, **options):
+        expert_weight_grad_triton(g, a, out_ENK, sorted_slots, padded_offsets, S, K, **options)
 
     slot_P = sorted_slots.long()
     valid_P = slot_P < S
-    token_P = torch.where(valid_P, slot_P // K, 0)
-    weight_P = torch.where(valid_P, topk_weights.reshape(-1)[slot_P.clamp(max=S - 1)].float(), 0.0)
+    expert_P = torch.where(valid_P, block_expert.long().repeat_interleave(block_m), E)
 
-    # Forward, recomputed: pre-activations in fp32, the activation rounded to x's dtype as the op does.
-    gate_PF = gemm(x, w.gate, w.b_gate, gather_top_k=K)
-    up_PF = None if w.up is None else gemm(x, w.up, w.b_up, gather_top_k=K)
+    def bias_grad(rows_PN, out_EN):
+        # Per-expert sums of the schedule rows; padding rows (all zero) go to a discarded row E.
+        sums = torch.zeros(E + 1, rows_PN.shape[1], dtype=torch.float32, device=x.device)
+        out_EN.copy_(sums.index_add_(0, expert_P, rows_PN)[:E])
+
+    # Pre-activations (fp32), and the activation as the forward rounds it.
+    pre = [gemm(x, w_gu, b_gate_up, gather_top_k=K)]
+    if w_u is not None:
+        pre.append(gemm(x, w_u, b_up, gather_top_k=K))
     with autograd_inside_custom_op():
-        pre = [t.requires_grad_() for t in (gate_PF, up_PF) if t is not None]
-        h_PF = activate_ref(gate_PF, up_PF, activation, alpha, limit)
+        for leaf in pre:
+            leaf.requires_grad_()
+        if len(pre) == 2:
+            gate, up = pre
+        else:
+            gate, up = split_gate_up(pre[0], interleaved) if gated else (pre[0], None)
+        h_PF = activate_ref(gate, up, activation, alpha, limit)
     h_lp = h_PF.detach().to(x.dtype)
-    z_PH = gemm(h_lp, w.down, w.b_down)  # the down GEMM before the routing weight
 
-    # y[slot] = z[slot] * weight[slot], summed over the K slots of a token.
-    g_PH = grad_TH[token_P].float() * valid_P[:, None]
-    d_weight_P = (g_PH * z_PH).sum(1)
+    g_wd_PF = gemm(grad_TH, w_d.transpose(1, 2), gather_top_k=K)  # g_t W_d: (P, F)
+    token_P = torch.where(valid_P, slot_P // K, 0)
+    d_weight_P = (h_lp.float() * g_wd_PF).sum(1)
+    if b_down is not None:
+        g_PH = grad_TH[token_P].float() * valid_P[:, None]
+        d_weight_P += (g_PH * b_down.float()[expert_P.clamp(max=E - 1)]).sum(1)
     d_topk_weights.view(-1).copy_(
         torch.zeros(S + 1, dtype=torch.float32, device=x.device)
         .scatter_(0, torch.where(valid_P, slot_P, S), d_weight_P)[:S]
     )
-    dz_PH = g_PH * weight_P[:, None]
-    dz_lp = dz_PH.to(x.dtype)
-    weight_grad(dz_lp, h_lp, dw.down)
-    if dw.b_down is not None:
-        bias_grad(dz_PH, dw.b_down)
-
-    dh_PF = gemm(dz_lp, w.down.transpose(1, 2))
+    weight_P = torch.where(valid_P, slot_weights[slot_P.clamp(max=S - 1)].float(), 0.0)
     with autograd_inside_custom_op():
-        d_pre = torch.autograd.grad(h_PF, pre, dh_PF)
+        d_pre = torch.autograd.grad(h_PF, pre, g_wd_PF * weight_P[:, None])
+
+    weight_grad(grad_TH, h_lp, dw_d, gather_g=True, slot_scale=slot_weights)
+    if b_down is not None:
+        bias_grad(g_PH * weight_P[:, None], db_down)
     dx_SH = None
-    for d_pre_PF, weight, d_weight, d_bias in zip(
-        d_pre, (w.gate, w.up), (dw.gate, dw.up), (dw.b_gate, dw.b_up), strict=False
-    ):
-        d_pre_lp = d_pre_PF.to(x.dtype)
-        weight_grad(d_pre_lp, x, d_weight, gather_top_k=K)
-        if d_bias is not None:
-            bias_grad(d_pre_PF, d_bias)
+    for d_pre_PN, weight, d_weight, d_bias in zip(d_pre, (w_gu, w_u), (dw_gu, dw_u), (db_gate_up, db_up),
+                                                  strict=False):
+        d_pre_lp = d_pre_PN.to(x.dtype)
+        weight_grad(d_pre_lp, x, d_weight, gather_a=True)
+        if d_bias.numel():
+            bias_grad(d_pre_PN, d_bias)
         part = gemm(d_pre_lp, weight.transpose(1, 2), scatter=True)
         dx_SH = part if dx_SH is None else dx_SH + part
     dx.copy_(dx_SH.view(T, K, -1).sum(1))
