@@ -20,24 +20,50 @@ from moe_ops.expert_gemm import ACTIVATION_CODE
 
 
 @triton.jit
-def _activate(gate, up, ACTIVATION: tl.constexpr, GATED: tl.constexpr, alpha, limit):
-    # Codes follow expert_gemm.ACTIVATIONS.
+def gate_activation(gate, ACTIVATION: tl.constexpr, alpha, limit):
+    """act(gate) and d act / d gate, in fp32; codes follow expert_gemm.ACTIVATIONS. The forward kernels
+    use the first only (Triton drops the unused derivative); the backward uses both."""
     if ACTIVATION == 1:  # silu
-        gate = gate * tl.sigmoid(gate)
+        s = tl.sigmoid(gate)
+        acted, slope = gate * s, s * (1.0 + gate * (1.0 - s))
     elif ACTIVATION == 2:  # gelu (erf)
-        gate = 0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476))
-    elif ACTIVATION == 3:  # gelu, tanh approximation; tanh(z) = 2 sigmoid(2z) - 1
+        cdf = 0.5 * (1.0 + tl.erf(gate * 0.7071067811865476))
+        acted, slope = gate * cdf, cdf + gate * 0.3989422804014327 * tl.exp(-0.5 * gate * gate)
+    elif ACTIVATION == 3:  # gelu, tanh approximation; 0.5 (1 + tanh(z)) = sigmoid(2z)
         inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
-        gate = gate * tl.sigmoid(2.0 * inner)
+        s = tl.sigmoid(2.0 * inner)
+        acted = gate * s
+        slope = s + gate * 2.0 * s * (1.0 - s) * 0.7978845608028654 * (1.0 + 0.134145 * gate * gate)
     elif ACTIVATION == 4:  # relu
-        gate = tl.maximum(gate, 0.0)
-    elif ACTIVATION == 5:  # GPT-OSS clamped SwiGLU
-        gate = tl.minimum(gate, limit)
-        up = tl.minimum(tl.maximum(up, -limit), limit) + 1.0
-        gate = gate * tl.sigmoid(alpha * gate)
+        acted, slope = tl.maximum(gate, 0.0), tl.where(gate > 0.0, 1.0, 0.0)
+    elif ACTIVATION == 5:  # GPT-OSS clamped SwiGLU, gate side: clamped above, then x sigmoid(alpha x)
+        clamped = tl.minimum(gate, limit)
+        s = tl.sigmoid(alpha * clamped)
+        acted = clamped * s
+        slope = tl.where(gate <= limit, s + alpha * clamped * s * (1.0 - s), 0.0)
+    else:  # none
+        acted, slope = gate, tl.full(gate.shape, 1.0, tl.float32)
+    return acted, slope
+
+
+@triton.jit
+def up_factor(up, ACTIVATION: tl.constexpr, limit):
+    """What multiplies act(gate), and its derivative: GPT-OSS clamps up both ways and shifts it by one."""
+    if ACTIVATION == 5:
+        factor = tl.minimum(tl.maximum(up, -limit), limit) + 1.0
+        slope = tl.where((up >= -limit) & (up <= limit), 1.0, 0.0)
+    else:
+        factor, slope = up, tl.full(up.shape, 1.0, tl.float32)
+    return factor, slope
+
+
+@triton.jit
+def _activate(gate, up, ACTIVATION: tl.constexpr, GATED: tl.constexpr, alpha, limit):
+    acted, _ = gate_activation(gate, ACTIVATION, alpha, limit)
     if GATED:
-        gate = gate * up
-    return gate
+        factor, _ = up_factor(up, ACTIVATION, limit)
+        acted = acted * factor
+    return acted
 
 
 @triton.jit

@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import TRITON_DEVICE, assert_close_rel
 
-from moe_ops.fused_experts import fused_experts, fused_experts_backward_triton, fused_experts_ref
+from moe_ops.fused_experts import fused_experts, fused_experts_ref
+from moe_ops.fused_experts_backward_triton import fused_experts_backward_triton
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 NAMES = ("x", "topk_weights", "w_gate_up", "w_down", "w_up", "b_gate_up", "b_up", "b_down")
@@ -90,6 +91,7 @@ FORMS = {
     "gpt_oss": dict(layout="EHF", interleaved=True, activation="clamped_swiglu", biases=True),
     "w1_w3_biases": dict(separate_up=True, biases=True),
     "ungated_gelu": dict(gated=False, activation="gelu"),
+    "ungated_none": dict(gated=False, activation="none"),
     "gelu_tanh": dict(activation="gelu_tanh"),
     "relu_biases": dict(activation="relu", biases=True),
     "capacity_drops": dict(capacity_factor=0.5),

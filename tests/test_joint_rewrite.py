@@ -161,6 +161,7 @@ def test_cuda_mixtral_block_training():
     torch.manual_seed(0)
     config = transformers.MixtralConfig(hidden_size=1024, intermediate_size=512, num_local_experts=8,
                                         num_experts_per_tok=2)
+    config._experts_implementation = "grouped_mm"
     block = MixtralSparseMoeBlock(config)
     for param in block.parameters():
         nn.init.normal_(param, std=0.02)
