@@ -7,8 +7,9 @@ random output gradients. One step = forward, then backward into the input and ev
 
     hf_grouped_mm                  eager
     compile_hf_grouped_mm          torch.compile, moe_ops rewrites off (plain torch.compile)
-    moe_ops_compile_hf_grouped_mm  torch.compile with moe_ops: the joint graph rewritten, the backward
-                                   is fused_experts' backward kernel (lowering/joint_rewrite.py)
+    moe_ops_compile_hf_grouped_mm  torch.compile with moe_ops and moe_ops.config.training_rewrites on:
+                                   the joint graph rewritten, the backward is fused_experts' backward
+                                   kernel (lowering/joint_rewrite.py)
 
 Each compiled implementation compiles once per shape for a dynamic token count (mark_dynamic), as a
 training run with varying sequence lengths would. Gradients of every implementation are checked
@@ -75,9 +76,13 @@ def make_step(impl: str, block: torch.nn.Module):
                     return compiled(x)
 
     def step(x, grad_out):
-        out = layer(x)
-        out = out[0] if isinstance(out, tuple) else out
-        out.backward(grad_out)
+        moe_ops.config.training_rewrites = impl == "moe_ops_compile_hf_grouped_mm"
+        try:
+            out = layer(x)
+            out = out[0] if isinstance(out, tuple) else out
+            out.backward(grad_out)
+        finally:
+            moe_ops.config.training_rewrites = False
 
     return step
 

@@ -43,12 +43,18 @@ class RewriteConfig:
         inductor_templates: Inductor lowers ``fused_experts`` and ``expert_gemm`` into Triton templates
                   (on CUDA) into which neighbouring pointwise work fuses; off, each op is one opaque
                   extern call. Part of the passes' cache key.
+        training_rewrites: also rewrite training graphs (AOTAutograd's joint graph), so that their
+                  backward is the moe_ops ops' formulas (lowering/joint_rewrite.py). Off by default: on
+                  the H100 a training step of transformers' block is 1.2-2.2x slower with it than plain
+                  torch.compile (benchmarks/results/training_*.md); training graphs then compute what
+                  the plain code does. Part of the passes' cache key.
     """
 
     rewrites: bool = True
     transformers_eager_experts: bool = True
     stack_expert_weights: bool = False
     inductor_templates: bool = True
+    training_rewrites: bool = False
 
 
 config = RewriteConfig()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 from pathlib import Path
 
 import torch
@@ -23,6 +24,8 @@ from lowering.match_torchtitan import find_torchtitan_blocks
 from lowering.match_weight_gather import find_weight_gather_blocks
 from lowering.route_rewrite import rewrite_routing_prologues
 from moe_ops._compat import custom_passes_in
+
+log = logging.getLogger("moe_ops")
 
 # The routed-experts forms recognised (each yields candidate blocks of the post-grad graph).
 EXPERT_FORMS = (find_grouped_mm_blocks, find_torchtitan_blocks, find_weight_gather_blocks, find_expert_loop_blocks)
@@ -73,7 +76,8 @@ class _ChainedPass(CustomGraphPass):
         return (
             f"moe_ops.{self.hook}:{_source_hash()}:rewrites={config.rewrites}"
             f":stack_expert_weights={config.stack_expert_weights}"
-            f":inductor_templates={config.inductor_templates}:chained=[{','.join(chained_uuids)}]"
+            f":inductor_templates={config.inductor_templates}:training_rewrites={config.training_rewrites}"
+            f":chained=[{','.join(chained_uuids)}]"
         )
 
 
@@ -96,8 +100,12 @@ class MoeOpsJointPass(_ChainedPass):
     hook = "joint_custom_post_pass"
 
     def rewrite(self, graph: torch.fx.Graph) -> None:
-        if is_joint_graph(graph):
+        if not is_joint_graph(graph):
+            return
+        if config.training_rewrites:
             rewrite_joint_graph(graph, REWRITES)
+        else:
+            log.debug("training graph not rewritten: moe_ops.config.training_rewrites is off")
 
 
 # Where each pass is installed.

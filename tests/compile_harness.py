@@ -28,6 +28,15 @@ def fresh_compile_state():
     moe_ops.config.rewrites = saved_rewrites
 
 
+@pytest.fixture
+def training_rewrites():
+    """``moe_ops.config.training_rewrites`` on inside the test (it is off by default), as it was after."""
+    saved = moe_ops.config.training_rewrites
+    moe_ops.config.training_rewrites = True
+    yield
+    moe_ops.config.training_rewrites = saved
+
+
 class _RecordAfter(CustomGraphPass):
     """Runs ``inner``, then keeps the post-grad graph it left."""
 
@@ -92,7 +101,7 @@ def training_step(module: torch.nn.Module, fn, *inputs, seed: int = 7):
     result = fn(*leaves)
     outputs = [o for o in (result if isinstance(result, tuple) else (result,)) if o.requires_grad]
     generator = torch.Generator().manual_seed(seed)
-    torch.autograd.backward(outputs, [torch.randn(o.shape, generator=generator).to(o.dtype) for o in outputs])
+    torch.autograd.backward(outputs, [torch.randn(o.shape, generator=generator).to(o) for o in outputs])
     grads = {name: p.grad for name, p in module.named_parameters() if p.grad is not None}
     grads.update({f"input {i}": x.grad for i, x in enumerate(leaves) if x.grad is not None})
     return result, grads

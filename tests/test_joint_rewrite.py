@@ -13,7 +13,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from compile_harness import check_training, fresh_compile_state, training_step  # noqa: F401  (fixture)
+from compile_harness import check_training, fresh_compile_state, training_rewrites, training_step  # noqa: F401
 from conftest import assert_close_rel
 from expecttest import assert_expected_inline
 from torch import nn
@@ -21,7 +21,7 @@ from torch._dynamo.utils import counters
 
 import moe_ops
 
-pytestmark = pytest.mark.usefixtures("fresh_compile_state")
+pytestmark = pytest.mark.usefixtures("fresh_compile_state", "training_rewrites")
 
 H, F_, E, K = 64, 32, 8, 2
 
@@ -142,6 +142,15 @@ def test_activation_checkpointing_is_left_alone(caplog):
         check_training(CheckpointedMoE(), tokens(), dtype=torch.bfloat16)
     assert joint_rewrites() == 0
     assert "carries activation-checkpointing tags" in caplog.text
+
+
+def test_off_by_default(caplog):
+    """Without ``moe_ops.config.training_rewrites`` a training graph keeps the plain code's backward."""
+    moe_ops.config.training_rewrites = False  # the fixture restores it
+    with caplog.at_level(logging.DEBUG, logger="moe_ops"):
+        forward_graph, backward_graph = check_training(GroupedMoE(), tokens(), dtype=torch.bfloat16)
+    assert joint_rewrites() == 0 and "_grouped_mm" in forward_graph and "moe_ops" not in backward_graph
+    assert "moe_ops.config.training_rewrites is off" in caplog.text
 
 
 def test_switched_off():

@@ -14,7 +14,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from compile_harness import check_training, compile_and_record, fresh_compile_state  # noqa: F401  (fixture)
+from compile_harness import check_training, compile_and_record, fresh_compile_state, training_rewrites  # noqa: F401  (fixture)
 from conftest import assert_close_rel
 from expecttest import assert_expected_inline
 from torch import nn
@@ -302,6 +302,7 @@ def test_default_flags_graph_break_not_rewritten(caplog):
 # ---- Training ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("training_rewrites")
 @pytest.mark.usefixtures("stacking")
 @pytest.mark.parametrize("layer_class", [MoeLayer, MixtralSparseMoeBlock], ids=["mistral_inference", "mixtral_4_47"])
 def test_training(layer_class):

@@ -9,7 +9,7 @@ import logging
 
 import pytest
 import torch
-from compile_harness import check_training, compile_and_record, fresh_compile_state  # noqa: F401  (fixture)
+from compile_harness import check_training, compile_and_record, fresh_compile_state, training_rewrites  # noqa: F401  (fixture)
 from conftest import assert_close_rel
 from expecttest import assert_expected_inline
 from torch._dynamo.utils import counters
@@ -295,6 +295,7 @@ def test_cuda_graphs_reduce_overhead():
 # ---- Training ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("training_rewrites")
 @pytest.mark.parametrize("name", list(BLOCKS))
 def test_training(name):
     """The joint graph is rewritten: the forward calls the ops, the backward is their formulas, every

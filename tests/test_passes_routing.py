@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch._inductor.config as inductor_config
 import torch.nn.functional as F
-from compile_harness import check_training, compile_and_record, fresh_compile_state, graph_summary  # noqa: F401
+from compile_harness import check_training, compile_and_record, fresh_compile_state, graph_summary, training_rewrites  # noqa: F401
 from expecttest import assert_expected_inline
 from torch._dynamo.utils import counters
 from torch._inductor.custom_graph_pass import CustomGraphPass
@@ -448,6 +448,7 @@ class RouterWithGate(torch.nn.Module):
         return weights * ids.to(weights.dtype)  # ids in the result: a swapped expert would show
 
 
+@pytest.mark.usefixtures("training_rewrites")
 @pytest.mark.parametrize("router", [mixtral_router, qwen2_moe_router], ids=["renormalised", "plain"])
 def test_training(router):
     """Routing alone in a training graph: its backward is route's formula; gradients equal eager's."""

@@ -15,7 +15,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from compile_harness import check_training, compile_and_record, fresh_compile_state  # noqa: F401  (fixture)
+from compile_harness import check_training, compile_and_record, fresh_compile_state, training_rewrites  # noqa: F401  (fixture)
 from conftest import assert_close_rel
 from expecttest import assert_expected_inline
 from torch import nn
@@ -359,6 +359,7 @@ def test_one_graph_serves_every_token_count():
 # ---- Training ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("training_rewrites")
 @pytest.mark.parametrize(
     "options",
     [dict(score_func="softmax", route_norm=True),

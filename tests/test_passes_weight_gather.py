@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from compile_harness import check_training, compile_and_record, fresh_compile_state  # noqa: F401  (fixture)
+from compile_harness import check_training, compile_and_record, fresh_compile_state, training_rewrites  # noqa: F401  (fixture)
 from conftest import assert_close_rel
 from expecttest import assert_expected_inline
 from torch._dynamo.utils import counters
@@ -347,6 +347,7 @@ def test_ungated_nemotron_h_batched_mm():
 # ---- Training ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("training_rewrites")
 @pytest.mark.parametrize(
     "make_block, dtype",
     [(mixtral_block, torch.bfloat16), (gpt_oss_block, torch.float32), (gpt_fast_block, torch.float32)],
