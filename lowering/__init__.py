@@ -45,7 +45,7 @@ class RewriteConfig:
                   extern call. Part of the passes' cache key.
         training_rewrites: also rewrite training graphs (AOTAutograd's joint graph), so that their
                   backward is the moe_ops ops' formulas (lowering/joint_rewrite.py). Off by default: on
-                  the H100 a training step of transformers' block is 1.2-2.2x slower with it than plain
+                  the H100 a training step of transformers' block is 1.2-2.9x slower with it than plain
                   torch.compile (benchmarks/results/training_*.md); training graphs then compute what
                   the plain code does. Part of the passes' cache key.
     """
