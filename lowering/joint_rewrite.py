@@ -3,7 +3,7 @@
 In a training graph the post-grad pass comes too late: the backward of the plain code is already
 there and reads the block's intermediates, so the block cannot be replaced. Inductor hands the joint
 graph (``primals_*`` and ``tangents_*`` in; forward outputs, then one gradient per primal out) to
-``joint_custom_pre_pass`` before partitioning it. This pass
+``joint_custom_post_pass`` (after its own joint-graph patterns) before partitioning it. This pass
 
 1. cuts the forward out of it: the nodes the forward outputs need, as a graph of the primals;
 2. runs the same rewrites as the post-grad pass on that forward graph (same matchers, same proofs);
@@ -181,6 +181,8 @@ def rewrite_joint_graph(graph: Graph, rewrites: Sequence[Callable[[Graph], int]]
             raise NotRewritable("fewer outputs than primals")
         forward_outputs, gradients = outputs[:num_forward_outputs], outputs[num_forward_outputs:]
         forward = _forward_graph(graph, primals, tangents, forward_outputs)
+        # The rewrites count what they replace; if the joint graph is then kept, nothing was replaced.
+        counted = dict(counters["moe_ops"])
         rewritten = sum(rewrite(forward) for rewrite in rewrites)
         if not rewritten:
             return 0
@@ -194,13 +196,16 @@ def rewrite_joint_graph(graph: Graph, rewrites: Sequence[Callable[[Graph], int]]
         )
         if len(_effects(traced.graph)) < len(_effects(forward)):
             raise NotRewritable("the new trace lost a runtime assert of the forward")
+        mutating = [n.target for n in traced.graph.nodes
+                    if isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable]
+        if mutating:
+            raise NotRewritable(f"the traced joint graph mutates ({mutating[0]})")
     except NotRewritable as reason:
-        log.debug("joint graph not rewritten: %s", reason)
+        if "counted" in locals():
+            counters["moe_ops"].clear()
+            counters["moe_ops"].update(counted)
+        log.debug("joint graph not rewritten (its forward is left as the plain code): %s", reason)
         return 0
-    for node in traced.graph.nodes:
-        if isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable:
-            log.debug("joint graph not rewritten: the traced joint graph mutates (%s)", node.target)
-            return 0
 
     owner = graph.owning_module
     for node in traced.graph.find_nodes(op="get_attr"):

@@ -144,6 +144,24 @@ def test_activation_checkpointing_is_left_alone(caplog):
     assert "carries activation-checkpointing tags" in caplog.text
 
 
+def test_a_joint_graph_that_cannot_be_retraced_is_kept(monkeypatch, caplog):
+    """When the new joint graph cannot be traced, the old one stays, and the forward rewrites that ran
+    on its copy are not counted."""
+    import lowering.joint_rewrite as joint_rewrite
+
+    def refuse(*args):
+        raise joint_rewrite.NotRewritable("refused by the test")
+
+    monkeypatch.setattr(joint_rewrite, "_trace_joint", refuse)
+    with caplog.at_level(logging.DEBUG, logger="moe_ops"):
+        forward_graph, backward_graph = check_training(GroupedMoE(), tokens(), dtype=torch.bfloat16)
+    assert "refused by the test" in caplog.text
+    # (The post-grad pass may still rewrite the router in the forward graph: same values, and its
+    # backward keeps reading them; the experts block it leaves alone, its intermediates being saved.)
+    assert joint_rewrites() == 0 and not counters["moe_ops"]["experts_rewrite"]
+    assert "_grouped_mm" in forward_graph and "moe_ops" not in backward_graph
+
+
 def test_off_by_default(caplog):
     """Without ``moe_ops.config.training_rewrites`` a training graph keeps the plain code's backward."""
     moe_ops.config.training_rewrites = False  # the fixture restores it
