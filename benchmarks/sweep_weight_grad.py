@@ -1,0 +1,88 @@
+"""Tile configs of fused_experts' weight-gradient kernel, and the fused op's forward and backward, timed.
+
+For each cell (Qwen3-30B-A3B T = 8192, Mixtral-8x7B T = 2048; bf16, uniform routing, random data) it
+times ``weight_grad_triton`` for dW_gate_up (rows of x gathered) and dW_down (g gathered and scaled by
+the routing weight) at each config, then the op's forward and its backward (the CUDA kernel of
+``moe_ops::fused_experts_backward``). Writes ``results/weight_grad_sweep_<gpu>.md``.
+
+    python benchmarks/sweep_weight_grad.py [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+from pathlib import Path
+
+import torch
+import triton
+from bench_layer import slug
+
+import moe_ops
+from moe_ops.fused_experts import choose_block_m
+from moe_ops.fused_experts_backward_triton import fused_experts_backward_triton, weight_grad_triton
+from moe_ops.schedule_triton import block_schedule_triton
+
+CELLS = (("qwen3-30b-a3b", 128, 8, 2048, 768, 8192), ("mixtral-8x7b", 8, 2, 4096, 14336, 2048))
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); None: the kernel's default.
+CONFIGS = (None, (128, 128, 128, 8, 3), (64, 128, 128, 8, 4), (64, 128, 256, 8, 3), (32, 128, 128, 4, 4),
+           (64, 256, 128, 8, 3), (128, 128, 64, 8, 3), (64, 64, 128, 4, 4))
+
+
+def sweep_cell(name, E, K, H, F, T) -> list[str]:
+    S = T * K
+    ids = torch.rand(T, E, device="cuda").argsort(-1)[:, :K].to(torch.int32)
+    block_m = choose_block_m(S, E)
+    sorted_slots, _, _, counts, _ = block_schedule_triton(ids, E, block_m)
+    padded_offsets = torch.nn.functional.pad(((counts + block_m - 1) // block_m * block_m).cumsum(0), (1, 0))
+    padded_offsets = padded_offsets.to(torch.int32)
+    P = sorted_slots.shape[0]
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    x, g = torch.randn(T, H, **bf16), torch.randn(T, H, **bf16)
+    d_pre, h = torch.randn(P, 2 * F, **bf16), torch.randn(P, F, **bf16)
+    slot_weights = torch.rand(S, device="cuda")
+    dw_gate_up, dw_down = torch.empty(E, 2 * F, H, **bf16), torch.empty(E, H, F, **bf16)
+    flops_gate_up, flops_down = 2 * S * 2 * F * H, 2 * S * H * F
+    lines = [f"## {name} T={T} (E={E}, K={K}, H={H}, F={F}; block_m={block_m}, {P} schedule rows)", "",
+             "| config (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) | dW_gate_up ms | TFLOP/s | dW_down ms | TFLOP/s |",
+             "|---|---|---|---|---|"]
+    for config in CONFIGS:
+        t_gu = triton.testing.do_bench(lambda config=config: weight_grad_triton(
+            d_pre, x, dw_gate_up, sorted_slots, padded_offsets, S, K, gather_a=True, config=config))
+        t_d = triton.testing.do_bench(lambda config=config: weight_grad_triton(
+            g, h, dw_down, sorted_slots, padded_offsets, S, K, gather_g=True, slot_scale=slot_weights, config=config))
+        label = "default" if config is None else str(config)
+        lines.append(f"| {label} | {t_gu:.3f} | {flops_gate_up / t_gu / 1e9:.0f} | {t_d:.3f} | "
+                     f"{flops_down / t_d / 1e9:.0f} |")
+        print(lines[-1])
+    w_gate_up = torch.randn(E, 2 * F, H, **bf16) / H**0.5
+    w_down = torch.randn(E, H, F, **bf16) / F**0.5
+    weights = torch.rand(T, K, device="cuda").softmax(-1)
+    args = (x, weights, ids, w_gate_up, w_down, None, None, None, None, "EFH", False, "silu", True, 1.702, 7.0,
+            0.0, "position")
+    t_fwd = triton.testing.do_bench(lambda: moe_ops.fused_experts(x, weights, ids, w_gate_up, w_down))
+    t_bwd = triton.testing.do_bench(lambda: fused_experts_backward_triton(*args, [g, torch.empty(0)]))
+    lines += ["", f"fused_experts forward {t_fwd:.3f} ms, its backward {t_bwd:.3f} ms (do_bench medians)", ""]
+    print(lines[-2])
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    out_dir = parser.parse_args().out
+    torch.manual_seed(0)
+    gpu = torch.cuda.get_device_name()
+    lines = ["# fused_experts weight-gradient kernel: tile sweep (benchmarks/sweep_weight_grad.py)", "",
+             f"- GPU: {gpu}", f"- torch {torch.__version__}, triton {triton.__version__}",
+             f"- run: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')}",
+             "- bf16, uniform routing, random data; `triton.testing.do_bench` medians", ""]
+    for cell in CELLS:
+        lines += sweep_cell(*cell)
+        torch.cuda.empty_cache()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"weight_grad_sweep_{slug(gpu)}.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
