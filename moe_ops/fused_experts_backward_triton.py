@@ -247,20 +247,23 @@ def fused_experts_backward_triton(
         d_weight_P += (g_PH * b_down.float()[expert_P.clamp(max=E - 1)]).sum(1)
         weight_P = torch.where(valid_P, slot_weights[slot_P.clamp(max=S - 1)].float(), 0.0)
         bias_grad(g_PH * weight_P[:, None], db_down)
-    d_topk_weights.view(-1).copy_(
+    # Padding rows all scatter to a discarded slot S.
+    d_topk_weights.copy_(
         torch.zeros(S + 1, dtype=torch.float32, device=x.device)
-        .scatter_(0, torch.where(valid_P, slot_P, S), d_weight_P)[:S]
+        .scatter_(0, torch.where(valid_P, slot_P, S), d_weight_P)[:S].view(T, K)
     )
 
     weight_grad(grad_TH, h_lp, dw_d, gather_g=True, slot_scale=slot_weights)
+    # As the forward: each slot's row in x's dtype, the K of a token summed in fp32 (a separate w_up
+    # gives two parts per slot, added in fp32 first).
+    slot_dtype = x.dtype if len(d_pre) == 1 else torch.float32
     dx_SH = None
     for d_pre_PN, weight, d_weight, d_bias in zip(d_pre, (w_gu, w_u), (dw_gu, dw_u), (db_gate_up, db_up),
                                                   strict=False):
         weight_grad(d_pre_PN, x, d_weight, gather_a=True)
         if d_bias.numel():
             bias_grad(d_pre_PN.float(), d_bias)
-        part = gemm(d_pre_PN, weight.transpose(1, 2), scatter=True, out_dtype=x.dtype)
+        part = gemm(d_pre_PN, weight.transpose(1, 2), scatter=True, out_dtype=slot_dtype)
         dx_SH = part if dx_SH is None else dx_SH + part
-    # As the forward: each slot's row in x's dtype, the K of a token summed in fp32.
     dx.copy_(dx_SH.view(T, K, -1).sum(1, dtype=torch.float32))
     return [dx, d_topk_weights, dw_gate_up, dw_down, dw_up, db_gate_up, db_up, db_down]

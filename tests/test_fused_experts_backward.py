@@ -16,7 +16,7 @@ NAMES = ("x", "topk_weights", "w_gate_up", "w_down", "w_up", "b_gate_up", "b_up"
 
 
 def make_args(T, K, E, H, Fi, dtype, device, *, layout="EFH", interleaved=False, activation="silu", gated=True,
-              separate_up=False, biases=False, capacity_factor=0.0, sentinels=False):
+              separate_up=False, biases=False, capacity_factor=0.0, sentinels=False, column_major_weights=False):
     """The op's positional arguments for a random layer in the given form."""
     gen = torch.Generator().manual_seed(T * 7 + E)
     randn = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
@@ -24,6 +24,8 @@ def make_args(T, K, E, H, Fi, dtype, device, *, layout="EFH", interleaved=False,
     weights, ids = torch.topk(randn(T, E).softmax(-1), K)
     if sentinels and T:
         ids[0, 0] = E  # an expert-parallel sentinel: skipped by the op, zero gradient
+    if column_major_weights:  # routing weights laid out (K, T): their gradient must be too
+        weights = weights.t().contiguous().t()
     f2 = 2 * Fi if gated and not separate_up else Fi
     w_gate_up, w_down = randn(E, f2, H) / H**0.5, randn(E, H, Fi) / Fi**0.5
     w_up = randn(E, Fi, H) / H**0.5 if separate_up else None
@@ -96,6 +98,7 @@ FORMS = {
     "relu_biases": dict(activation="relu", biases=True),
     "capacity_drops": dict(capacity_factor=0.5),
     "sentinel_ids": dict(sentinels=True),
+    "column_major_routing_weights": dict(column_major_weights=True),
 }
 
 
