@@ -21,6 +21,7 @@ from bench_layer import slug
 import moe_ops
 from moe_ops.fused_experts import choose_block_m
 from moe_ops.fused_experts_backward_triton import fused_experts_backward_triton, weight_grad_triton
+from moe_ops.schedule import padded_offsets
 from moe_ops.schedule_triton import block_schedule_triton
 
 CELLS = (("qwen3-30b-a3b", 128, 8, 2048, 768, 8192), ("mixtral-8x7b", 8, 2, 4096, 14336, 2048))
@@ -34,8 +35,7 @@ def sweep_cell(name, E, K, H, F, T) -> list[str]:
     ids = torch.rand(T, E, device="cuda").argsort(-1)[:, :K].to(torch.int32)
     block_m = choose_block_m(S, E)
     sorted_slots, _, _, counts, _ = block_schedule_triton(ids, E, block_m)
-    padded_offsets = torch.nn.functional.pad(((counts + block_m - 1) // block_m * block_m).cumsum(0), (1, 0))
-    padded_offsets = padded_offsets.to(torch.int32)
+    row_offsets = padded_offsets(counts, block_m).to(torch.int32)
     P = sorted_slots.shape[0]
     bf16 = dict(device="cuda", dtype=torch.bfloat16)
     x, g = torch.randn(T, H, **bf16), torch.randn(T, H, **bf16)
@@ -48,9 +48,9 @@ def sweep_cell(name, E, K, H, F, T) -> list[str]:
              "|---|---|---|---|---|"]
     for config in CONFIGS:
         t_gu = triton.testing.do_bench(lambda config=config: weight_grad_triton(
-            d_pre, x, dw_gate_up, sorted_slots, padded_offsets, S, K, gather_a=True, config=config))
+            d_pre, x, dw_gate_up, sorted_slots, row_offsets, S, K, gather_a=True, config=config))
         t_d = triton.testing.do_bench(lambda config=config: weight_grad_triton(
-            g, h, dw_down, sorted_slots, padded_offsets, S, K, gather_g=True, slot_scale=slot_weights, config=config))
+            g, h, dw_down, sorted_slots, row_offsets, S, K, gather_g=True, slot_scale=slot_weights, config=config))
         label = "default" if config is None else str(config)
         lines.append(f"| {label} | {t_gu:.3f} | {flops_gate_up / t_gu / 1e9:.0f} | {t_d:.3f} | "
                      f"{flops_down / t_d / 1e9:.0f} |")

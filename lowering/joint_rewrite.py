@@ -55,15 +55,24 @@ def is_joint_graph(graph: Graph) -> bool:
     return any(node.name.startswith("tangents") for node in graph.find_nodes(op="placeholder"))
 
 
-def _downstream(sources: list[Node]) -> set[Node]:
+def _closure(sources, step) -> set[Node]:
+    """The nodes reachable from ``sources`` (the non-nodes among them skipped) through ``step``."""
     seen: set[Node] = set()
-    stack = list(sources)
+    stack = [n for n in sources if isinstance(n, Node)]
     while stack:
         node = stack.pop()
         if node not in seen:
             seen.add(node)
-            stack.extend(node.users)
+            stack.extend(step(node))
     return seen
+
+
+def _downstream(sources) -> set[Node]:
+    return _closure(sources, lambda node: node.users)
+
+
+def _upstream(sources) -> set[Node]:
+    return _closure(sources, lambda node: node.all_input_nodes)
 
 
 def _effects(graph: Graph) -> list[Node]:
@@ -79,18 +88,12 @@ def _forward_graph(graph: Graph, primals: list[Node], tangents: list[Node], forw
     for node in effects:
         if node in backward:
             raise NotRewritable(f"node {node.name} ({node.target}) of the backward has an effect and no users")
-    needed: set[Node] = set()
-    stack = [out for out in forward_outputs if isinstance(out, Node)] + effects
-    while stack:
-        node = stack.pop()
-        if node in needed:
-            continue
-        needed.add(node)
+    needed = _upstream([*forward_outputs, *effects])
+    for node in needed:
         if node.op == "placeholder" and node not in primals:
             raise NotRewritable(f"a forward output depends on {node.name}")
         if any(key in node.meta for key in ("recompute", "ac_graph_id")):
             raise NotRewritable(f"node {node.name} carries activation-checkpointing tags")
-        stack.extend(node.all_input_nodes)
     forward = Graph()
     env: dict[Node, Node] = {}
     for node in graph.nodes:
@@ -155,14 +158,7 @@ def _trace_joint(forward: GraphModule, example_primals: list, example_tangents: 
 def _mark_forward_and_backward(graph: Graph, tangents: list[Node], num_forward_outputs: int) -> None:
     """Tag nodes for the partitioner as AOTAutograd does: forward = what the forward outputs need
     without the tangents; everything else belongs to the backward."""
-    output = graph.output_node()
-    forward: set[Node] = set()
-    stack = [o for o in output.args[0][:num_forward_outputs] if isinstance(o, Node)]
-    while stack:
-        node = stack.pop()
-        if node not in forward:
-            forward.add(node)
-            stack.extend(node.all_input_nodes)
+    forward = _upstream(graph.output_node().args[0][:num_forward_outputs])
     for node in graph.nodes:
         if node.op not in ("placeholder", "output"):
             node.meta["partitioner_tag"] = "is_forward" if node in forward else "is_backward"

@@ -25,6 +25,7 @@ from moe_ops.capacity_triton import apply_capacity_triton
 from moe_ops.expert_gemm import ACTIVATION_CODE
 from moe_ops.expert_gemm_triton import expert_gemm_triton, gate_activation, up_factor
 from moe_ops.fused_experts import _check_fused_args, choose_block_m, split_gate_up
+from moe_ops.schedule import padded_offsets
 from moe_ops.schedule_triton import block_schedule_triton
 
 
@@ -129,7 +130,7 @@ def _expert_weight_grad_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_valid[:, None] & k_valid[None, :])
 
 
-def weight_grad_triton(g, a, out_ENK, sorted_slots, padded_offsets, num_slots, top_k, *,
+def weight_grad_triton(g, a, out_ENK, sorted_slots, row_offsets, num_slots, top_k, *,
                        gather_g=False, gather_a=False, slot_scale=None, config=None):
     """Write ``out_ENK[e] = sum over the schedule rows p of expert e of (s_p g_p)^T a_p`` and return it.
 
@@ -137,7 +138,8 @@ def weight_grad_triton(g, a, out_ENK, sorted_slots, padded_offsets, num_slots, t
     (``gather_g`` / ``gather_a``), per token: slot s reads row s // top_k. ``slot_scale`` (S,) scales
     each row of g by its slot's value (a routing weight), in fp32 before the product's rounding to a's
     dtype. ``out_ENK`` (E, N, K) may have any strides (a view into a gradient laid out like the weight);
-    every element is written. ``padded_offsets`` (E + 1,) int32: where each expert's padded rows start.
+    every element is written. ``row_offsets`` (E + 1,) int32: where each expert's padded rows start
+    (``moe_ops.schedule.padded_offsets``).
     ``config`` (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) replaces the default tiles (for sweeps).
     """
     num_experts, n, k = out_ENK.shape
@@ -151,7 +153,7 @@ def weight_grad_triton(g, a, out_ENK, sorted_slots, padded_offsets, num_slots, t
     )
     grid = (num_experts, triton.cdiv(n, block_n) * triton.cdiv(k, block_k))
     _expert_weight_grad_kernel[grid](
-        g, a, slot_scale if slot_scale is not None else g, out_ENK, sorted_slots, padded_offsets,
+        g, a, slot_scale if slot_scale is not None else g, out_ENK, sorted_slots, row_offsets,
         n, k, num_slots, max(top_k, 1),
         g.stride(0), g.stride(1), a.stride(0), a.stride(1), *out_ENK.stride(),
         GATHER_G=gather_g, GATHER_A=gather_a, HAS_SCALE=slot_scale is not None,
@@ -203,8 +205,7 @@ def fused_experts_backward_triton(
         ids, _ = apply_capacity_triton(topk_ids, topk_weights, E, capacity, drop_policy)
     block_m = choose_block_m(S, E)
     sorted_slots, block_expert, num_padded, counts_E, _ = block_schedule_triton(ids, E, block_m)
-    padded_offsets = torch.nn.functional.pad(((counts_E + block_m - 1) // block_m * block_m).cumsum(0), (1, 0))
-    padded_offsets = padded_offsets.to(torch.int32)
+    row_offsets = padded_offsets(counts_E, block_m).to(torch.int32)
     slot_weights = topk_weights.reshape(-1)
 
     def gemm(a, weight, bias=None, gather_top_k=0, scatter=False, out_dtype=torch.float32):
@@ -214,11 +215,13 @@ def fused_experts_backward_triton(
         )
 
     def weight_grad(g, a, out_ENK, **options):
-        weight_grad_triton(g, a, out_ENK, sorted_slots, padded_offsets, S, K, **options)
+        weight_grad_triton(g, a, out_ENK, sorted_slots, row_offsets, S, K, **options)
 
     slot_P = sorted_slots.long()
     valid_P = slot_P < S
-    expert_P = torch.where(valid_P, block_expert.long().repeat_interleave(block_m), E)
+    # Each schedule row's expert, E for padding: only the bias gradients need it.
+    has_bias = any(b is not None for b in (b_gate_up, b_up, b_down))
+    expert_P = torch.where(valid_P, block_expert.long().repeat_interleave(block_m), E) if has_bias else None
 
     def bias_grad(rows_PN, out_EN):
         # Per-expert sums of the schedule rows; padding rows (all zero) go to a discarded row E.

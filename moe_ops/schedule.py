@@ -37,6 +37,11 @@ def schedule_sizes(num_slots, num_experts: int, block_m: int):
     return s_max, s_max // block_m
 
 
+def padded_offsets(counts_E: torch.Tensor, block_m: int) -> torch.Tensor:
+    """(E + 1,): where each expert's run starts in the schedule, each run padded to whole blocks."""
+    return torch.nn.functional.pad(((counts_E + block_m - 1) // block_m * block_m).cumsum(0), (1, 0))
+
+
 def _check_schedule_args(topk_ids, num_experts: int, block_m: int) -> None:
     check_tensor("topk_ids", topk_ids, ndim=2, dtypes=INDEX_DTYPES)
     if num_experts < 1:
@@ -57,9 +62,7 @@ def block_schedule_ref(topk_ids: torch.Tensor, num_experts: int, block_m: int) -
     valid_S = expert_S < num_experts
     counts_E = torch.bincount(expert_S[valid_S], minlength=num_experts)
     offsets_E1 = torch.nn.functional.pad(counts_E.cumsum(0), (1, 0))
-    padded_offsets_E1 = torch.nn.functional.pad(
-        ((counts_E + block_m - 1) // block_m * block_m).cumsum(0), (1, 0)
-    )
+    padded_offsets_E1 = padded_offsets(counts_E, block_m)
     num_padded = padded_offsets_E1[-1]
 
     # A stable sort keeps slots of one expert in ascending slot order; sentinels sort last.

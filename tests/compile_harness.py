@@ -28,13 +28,20 @@ def fresh_compile_state():
     moe_ops.config.rewrites = saved_rewrites
 
 
-@pytest.fixture
-def training_rewrites():
-    """``moe_ops.config.training_rewrites`` on inside the test (it is off by default), as it was after."""
-    saved = moe_ops.config.training_rewrites
-    moe_ops.config.training_rewrites = True
-    yield
-    moe_ops.config.training_rewrites = saved
+def config_switched_on(field: str):
+    """A fixture that turns ``moe_ops.config.<field>`` on inside the test and restores it after."""
+
+    @pytest.fixture
+    def switched_on():
+        saved = getattr(moe_ops.config, field)
+        setattr(moe_ops.config, field, True)
+        yield
+        setattr(moe_ops.config, field, saved)
+
+    return switched_on
+
+
+training_rewrites = config_switched_on("training_rewrites")  # off by default
 
 
 class _RecordAfter(CustomGraphPass):

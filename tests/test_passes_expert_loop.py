@@ -14,7 +14,13 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from compile_harness import check_training, compile_and_record, fresh_compile_state, training_rewrites  # noqa: F401  (fixture)
+from compile_harness import (  # noqa: F401  (fixtures)
+    check_training,
+    compile_and_record,
+    config_switched_on,
+    fresh_compile_state,
+    training_rewrites,
+)
 from conftest import assert_close_rel
 from expecttest import assert_expected_inline
 from torch import nn
@@ -112,13 +118,7 @@ class MixtralSparseMoeBlock(nn.Module):
 # ---- Harness ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def stacking():
-    """``moe_ops.config.stack_expert_weights`` on inside the test, as it was after."""
-    saved = moe_ops.config.stack_expert_weights
-    moe_ops.config.stack_expert_weights = True
-    yield
-    moe_ops.config.stack_expert_weights = saved
+stacking = config_switched_on("stack_expert_weights")
 
 
 def run(layer, x, **dynamo_flags):
