@@ -18,6 +18,7 @@ import functools
 import logging
 
 import torch
+import triton
 from torch._inductor import config as inductor_config
 from torch._inductor import ir
 from torch._inductor.lowering import register_lowering
@@ -28,6 +29,7 @@ from torch._inductor.select_algorithm import (
     autotune_select_algorithm,
 )
 from torch._inductor.virtualized import V
+from torch.utils._sympy.functions import CeilDiv, Min
 
 from lowering.direct_calls import extern_call
 from moe_ops._compat import fp32_matmul_allows_tf32, inductor_size_hint, selected_node
@@ -46,8 +48,10 @@ from moe_ops.expert_gemm_triton import expert_gemm_tile
 {%- if HAS_BIAS %}{% set names = names + ["BIAS"] %}{% endif %}
 {%- if HAS_BIAS_UP %}{% set names = names + ["BIAS_UP"] %}{% endif %}
 {%- if HAS_SLOT_WEIGHT %}{% set names = names + ["SLOT_W"] %}{% endif %}
-{%- set names = names + ["SORTED_SLOTS", "BLOCK_EXPERT", "NUM_PADDED"] %}
+{%- if PACKED %}{% set names = names + ["SORTED_SLOTS", "EXPERT_OFFSETS"] %}
+{%- else %}{% set names = names + ["SORTED_SLOTS", "BLOCK_EXPERT", "NUM_PADDED"] %}{% endif %}
 {%- if ZERO_UNROUTED %}{% set names = names + ["IDS"] %}{% endif %}
+{%- if STORE_TO_OUT %}{% set names = names + ["OUT"] %}{% endif %}
 
 {{def_kernel(*names)}}
     N = {{size("W", 1)}}
@@ -55,17 +59,22 @@ from moe_ops.expert_gemm_triton import expert_gemm_tile
 {%- if GATHER %}
     num_slots = {{size("A", 0)}} * GATHER_TOP_K
 {%- elif SCATTER %}
-    num_slots = {{size(None, 0)}}
+    num_slots = {{size("OUT", 0) if STORE_TO_OUT else size(None, 0)}}
 {%- else %}
     num_slots = {{size("SLOT_W", 0)}}
 {%- endif %}
+{%- if PACKED %}
+    num_blocks_max = tl.cdiv(num_slots, BLOCK_M) + tl.minimum(num_slots, NUM_EXPERTS)
+{%- else %}
     num_blocks_max = {{size("BLOCK_EXPERT", 0)}}
+{%- endif %}
     pid = tl.program_id(0)
     y, rows, cols, mask = expert_gemm_tile(
         pid,
         A, W, {{"W_UP" if GATED else "W"}}, {{"BIAS" if HAS_BIAS else "W"}}, {{"BIAS_UP" if HAS_BIAS_UP else "W"}},
-        {{"SLOT_W" if HAS_SLOT_WEIGHT else "W"}}, SORTED_SLOTS, BLOCK_EXPERT, NUM_PADDED,
-        N, K, num_slots, GATHER_TOP_K, num_blocks_max,
+        {{"SLOT_W" if HAS_SLOT_WEIGHT else "W"}},
+        {{"SORTED_SLOTS, EXPERT_OFFSETS, SORTED_SLOTS" if PACKED else "SORTED_SLOTS, BLOCK_EXPERT, NUM_PADDED"}},
+        N, K, num_slots, GATHER_TOP_K, num_blocks_max, NUM_EXPERTS,
         {{stride("A", 0)}}, {{stride("A", 1)}},
         {{stride("W", 0)}}, {{stride("W", 1)}}, {{stride("W", 2)}},
 {%- if GATED %}
@@ -86,7 +95,7 @@ from moe_ops.expert_gemm_triton import expert_gemm_tile
         ALPHA, LIMIT,
         GATHER, SCATTER, GATED, HAS_BIAS, HAS_BIAS_UP, HAS_SLOT_WEIGHT, ACTIVATION,
         {{'"ieee"' if IEEE else '"tf32"'}},
-        BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+        BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, PACKED, E_PAD,
     )
 {%- if ZERO_UNROUTED %}
     # Programs past the GEMM tiles got a zero tile that stores nothing. They write the rows of slots
@@ -101,25 +110,41 @@ from moe_ops.expert_gemm_triton import expert_gemm_tile
 {%- endif %}
     idx_m = rows[:, None]
     idx_n = cols[None, :]
+{%- if STORE_TO_OUT %}
+    # Into a buffer the template pairs of every block size share (only one pair runs per call); no
+    # epilogue fuses into this store.
+    tl.store(OUT + idx_m * {{stride("OUT", 0)}} + idx_n * {{stride("OUT", 1)}}, y.to(OUT.dtype.element_ty), mask)
+{%- else %}
     {{store_output(("idx_m", "idx_n"), "y", "mask", val_shape=("BLOCK_M", "BLOCK_N"))}}
+{%- endif %}
 """
 
 
 @SymbolicGridFn
-def expert_gemm_grid(num_blocks_max, n, unrouted_rows, meta, *, cdiv):
+def expert_gemm_grid(num_blocks_max, n, unrouted_rows, active, meta, *, cdiv):
     """One program per (block, N tile) the schedule can hold (the busy ones are read on the device),
-    then one per (BLOCK_M rows, N tile) of ``unrouted_rows`` slot rows to zero where unrouted."""
-    return ((num_blocks_max + cdiv(unrouted_rows, meta["BLOCK_M"])) * cdiv(n, meta["BLOCK_N"]), 1, 1)
+    then one per (BLOCK_M rows, N tile) of ``unrouted_rows`` slot rows to zero where unrouted; no
+    program at all where ``active`` (0 or 1, an expression in the token count) is 0."""
+    return ((num_blocks_max + cdiv(unrouted_rows, meta["BLOCK_M"])) * cdiv(n, meta["BLOCK_N"]) * active, 1, 1)
 
 
 expert_gemm_template = TritonTemplate(name="moe_ops_expert_gemm", grid=expert_gemm_grid, source=TEMPLATE_SOURCE)
 
 
-def _extern_expert_gemm(*tensors, present, num_slots, block_m, gather_top_k, scatter, activation, alpha, limit):
+def _extern_expert_gemm(*tensors, present, packed, num_slots, block_m, gather_top_k, scatter, activation, alpha,
+                        limit):
     """The op's own kernel as an autotuning choice: Inductor passes only the tensors that exist."""
     remaining = list(tensors)
     a, w = remaining.pop(0), remaining.pop(0)
     optional = [remaining.pop(0) if given else None for given in present]
+    if packed:
+        from moe_ops.expert_gemm_triton import expert_gemm_triton
+
+        sorted_slots, expert_offsets = remaining
+        return expert_gemm_triton(
+            a, w, *optional, sorted_slots, None, None, num_slots, block_m, gather_top_k, scatter, activation,
+            alpha, limit, expert_offsets=expert_offsets,
+        )
     sorted_slots, block_expert, num_padded = remaining
     return torch.ops.moe_ops.expert_gemm(
         a, w, *optional, sorted_slots, block_expert, num_padded,
@@ -149,10 +174,12 @@ def _device_limits(device: torch.device) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=64)
-def _synthetic_schedule(num_slots: int, num_experts: int, block_m: int, device: str):
-    """A valid schedule of uniformly routed slots (slot s -> expert s % E), for benchmarking choices."""
+def _synthetic_schedule(num_slots: int, num_experts: int, block_m: int, packed: bool, device: str):
+    """A valid schedule of uniformly routed slots (slot s -> expert s % E), for benchmarking choices:
+    (sorted_slots, block_expert, num_padded), or (sorted_slots, expert_offsets) packed."""
     ids = (torch.arange(num_slots) % num_experts).reshape(-1, 1)
-    return tuple(t.to(device) for t in block_schedule_ref(ids, num_experts, block_m)[:3])
+    schedule = block_schedule_ref(ids, num_experts, 1 if packed else block_m)
+    return tuple(t.to(device) for t in ((schedule[0], schedule[4]) if packed else schedule[:3]))
 
 
 def _autotune_configs(base: dict) -> list[dict]:
@@ -169,27 +196,39 @@ def _autotune_configs(base: dict) -> list[dict]:
 def tuned_expert_gemm(
     a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
     num_slots, block_m, gather_top_k, scatter, activation, alpha, limit, slot_ids=None,
+    expert_offsets=None, active=1, busy_estimate=None, out=None,
 ):
     """The template node for one expert GEMM (Inductor IR in, IR out). Callers check that the
     template applies (``template_applies``). ``slot_ids`` (S,), for a scatter output only: the expert
-    of each slot, so that rows of slots routed to no expert (ids >= E) are written as zeros."""
+    of each slot, so that rows of slots routed to no expert (ids >= E) are written as zeros.
+    ``expert_offsets``: a packed schedule (``block_expert``/``num_padded`` None), see expert_gemm_tile.
+    ``active`` (0/1, an expression in the token count): launch no program where 0; the choice is then
+    not benchmarked, and ``busy_estimate`` (busy blocks expected where it runs) sizes the tiles.
+    ``out``: a buffer of the output's shape that the kernel writes (a mutated input) instead of a new
+    one; the node returned then stands for nothing but that write."""
     from moe_ops.expert_gemm_triton import gemm_config
 
+    packed = expert_offsets is not None
     optional = (w_up, bias, bias_up, slot_weights)
     present = tuple(t is not None for t in optional)
-    tensors = [a, w, *[t for t in optional if t is not None], sorted_slots, block_expert, num_padded]
+    schedule = [sorted_slots, expert_offsets] if packed else [sorted_slots, block_expert, num_padded]
+    tensors = [a, w, *[t for t in optional if t is not None], *schedule]
     # realize_input, not select_algorithm.realize_inputs: that one copies a view without a unit stride,
     # and GPT-OSS's interleaved gate/up columns are such a view (the tile function takes any strides).
-    input_nodes = [ir.ExternKernel.realize_input(t) for t in (*tensors, *([] if slot_ids is None else [slot_ids]))]
+    extra = [t for t in (slot_ids, out) if t is not None]
+    input_nodes = [ir.ExternKernel.realize_input(t) for t in (*tensors, *extra)]
     device = a.get_device()
     rows = num_slots if scatter else sorted_slots.get_size()[0]
     n = w.get_size()[1]
-    layout = ir.FixedLayout(device, a.get_dtype(), [rows, n], [n, 1])
+    layout = ir.FixedLayout(device, a.get_dtype(), [rows, n] if out is None else [1], [n, 1] if out is None else [1])
 
     num_experts = int(w.get_size()[0])
-    slots_hint = inductor_size_hint(num_slots)
-    blocks_hint = inductor_size_hint(block_expert.get_size()[0])
-    busy_estimate = min(blocks_hint, slots_hint, num_experts) if block_m <= 32 else blocks_hint
+    # As expert_gemm_triton.packed_blocks_max, for a token count that may be symbolic.
+    blocks_max = CeilDiv(num_slots, block_m) + Min(num_experts, num_slots) if packed else block_expert.get_size()[0]
+    if busy_estimate is None:
+        slots_hint = inductor_size_hint(num_slots)
+        blocks_hint = inductor_size_hint(blocks_max)
+        busy_estimate = min(blocks_hint, slots_hint, num_experts) if block_m <= 32 else blocks_hint
     num_sms, smem_bytes = _device_limits(device)
     gated = w_up is not None
     ieee = a.get_dtype() == torch.float32 and not fp32_matmul_allows_tf32()
@@ -201,26 +240,31 @@ def tuned_expert_gemm(
         ALPHA=float(alpha), LIMIT=float(limit),
         IEEE=ieee, BLOCK_M=block_m,
         ZERO_UNROUTED=slot_ids is not None, NUM_EXPERTS=num_experts,
+        PACKED=packed, E_PAD=triton.next_power_of_2(num_experts) if packed else 1, STORE_TO_OUT=out is not None,
     )
     unrouted_rows = num_slots if slot_ids is not None else 0
-    autotune = inductor_config.max_autotune or inductor_config.max_autotune_gemm
+    always_active = active == 1
+    autotune = (inductor_config.max_autotune or inductor_config.max_autotune_gemm) and always_active
     choices = []
     for cfg in _autotune_configs(base) if autotune else [base]:
         cfg = dict(cfg)
         num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
         expert_gemm_template.maybe_append_choice(
             choices, input_nodes=input_nodes, layout=layout, num_warps=num_warps, num_stages=num_stages,
-            call_sizes=[block_expert.get_size()[0], n, unrouted_rows], **flags, **cfg,
+            call_sizes=[blocks_max, n, unrouted_rows, active],
+            mutated_inputs=None if out is None else [input_nodes[-1]], **flags, **cfg,
         )
     input_gen_fns = {}
     if autotune:
-        schedule_at = len(tensors) - 3
-        synthetic = functools.partial(_synthetic_schedule, slots_hint, num_experts, block_m, str(device))
-        for i in range(3):
+        schedule_at = len(tensors) - len(schedule)
+        synthetic = functools.partial(
+            _synthetic_schedule, inductor_size_hint(num_slots), num_experts, block_m, packed, str(device)
+        )
+        for i in range(len(schedule)):
             input_gen_fns[schedule_at + i] = lambda node, i=i: synthetic()[i]
         if device.type == "cuda" and isinstance(num_slots, int) and not V.graph.cpp_wrapper and slot_ids is None:
             choices.append(extern_expert_gemm.bind(
-                input_nodes, layout, present=present, num_slots=num_slots, block_m=block_m,
+                input_nodes, layout, present=present, packed=packed, num_slots=num_slots, block_m=block_m,
                 gather_top_k=gather_top_k, scatter=scatter, activation=activation, alpha=alpha, limit=limit,
             ))
     if not choices:

@@ -1,7 +1,7 @@
 """Inductor lowering of ``moe_ops::fused_experts``: the op's own steps, as Inductor nodes.
 
-    block schedule (extern call: sort by expert, on the device, no host sync)
-    -> gate_up template: rows gathered from x, gate and up GEMMs, activation      (P, F)
+    block schedule (extern call: sort by expert, on the device, no host sync; packed, no padding)
+    -> gate_up template: rows gathered from x, gate and up GEMMs, activation      (S, F)
     -> down template: routing weight in registers, written to slot order          (S, H)
     -> combine over K: one Inductor reduction kernel, into which the graph's consumers fuse
 
@@ -12,25 +12,34 @@ Inductor fuses the pointwise work that follows the MoE layer (the residual add, 
 output added to the routed output, a dtype cast) into that same kernel. With K = 1 the combine is
 pointwise and all of that fuses into the down template's store.
 
+A dynamic token count (one graph for every T): the block size that pays differs by T (16 rows at
+decode, 128 at prefill: 4x apart at T = 8192), so the graph holds a template pair per block size of
+``block_m_ranges``, all over the one packed schedule. Each pair's grid is zero unless T is in its
+range (the launch then starts no program), and every down template writes into one shared output
+buffer, which the combine reads. No host-side branch: CUDA graphs record whichever pair ran.
+
 The lowering is exact where it fires: it computes what the op's CUDA kernel computes (same tile
-function, same rounding points). It steps aside (the op stays one extern call, to its CUDA kernel
-directly) for a dynamic token count (the op picks its block size per call), capacity mode (its drop
-decision is another kernel and a second output), on devices without Triton templates, and when
+function, same schedule, same rounding points). It steps aside (the op stays one extern call, to its
+CUDA kernel directly) for capacity mode (its drop decision is another kernel and a second output),
+dynamic expert shapes, on devices without Triton templates, and when
 ``moe_ops.config.inductor_templates`` is off.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import sympy
 import torch
+from torch._inductor.lowering import empty_strided, register_lowering
 from torch._inductor.lowering import lowerings as L
-from torch._inductor.lowering import register_lowering
+from torch._inductor.virtualized import ops
+from torch.utils._sympy.functions import Max, Min
 
 from lowering.direct_calls import extern_call
 from lowering.expert_gemm_lowering import templates_allowed, tuned_expert_gemm
-from moe_ops.fused_experts import choose_block_m
+from moe_ops.fused_experts import block_m_ranges, choose_block_m
 
 log = logging.getLogger("moe_ops")
 aten = torch.ops.aten
@@ -56,6 +65,41 @@ def _expert_weight_views(w_gate_up, w_down, w_up, b_gate_up, b_up, layout, inter
     return gate, up, b_gate, b_up, w_down
 
 
+class _Variant(NamedTuple):
+    """One template pair: its block size, and the slot counts S it runs for (fewer < S <= most)."""
+
+    block_m: int
+    fewer: int = -1
+    most: int | None = None
+    busy_estimate: int | None = None  # busy blocks to size the tiles for; None: from the size hint
+
+    def active(self, num_slots):
+        """1 where the pair runs, else 0: a factor of its grid (sympy, so the wrapper evaluates it per call)."""
+        if self.fewer < 0:
+            return 1
+        runs = Max(0, Min(1, num_slots - self.fewer))
+        return runs if self.most is None else runs * Max(0, Min(1, self.most + 1 - num_slots))
+
+    def runs(self, num_slots):
+        """The same condition as a kernel value (Inductor ops)."""
+        slots = ops.index_expr(num_slots, torch.int64)
+        runs = ops.gt(slots, ops.constant(self.fewer, torch.int64))
+        return runs if self.most is None else ops.and_(runs, ops.le(slots, ops.constant(self.most, torch.int64)))
+
+
+def _variants(num_slots, num_experts: int, top_k: int) -> list[_Variant]:
+    """A static T: the op's block size. A dynamic T: one pair per range of block_m_ranges, with tiles
+    sized for the fewest busy blocks that range can have."""
+    if isinstance(num_slots, (int, sympy.Integer)):
+        return [_Variant(choose_block_m(int(num_slots), num_experts))]
+    variants = []
+    for block_m, fewer, most in block_m_ranges(num_experts):
+        fewest_slots = max(fewer + 1, 2 * top_k)  # a dynamic T is at least 2 (dynamo specialises 0 and 1)
+        busy = min(fewest_slots, num_experts) if block_m <= 32 else None
+        variants.append(_Variant(block_m, fewer, most, busy))
+    return variants
+
+
 @register_lowering(torch.ops.moe_ops.fused_experts.default, type_promotion_kind=None)
 def lower_fused_experts(
     x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
@@ -70,35 +114,37 @@ def lower_fused_experts(
         why_not = "capacity mode"
     elif not all(isinstance(d, (int, sympy.Integer)) for w in (w_gate_up, w_down) for d in w.get_size()):
         why_not = "the expert weights' shapes are dynamic (the schedule and the tiles need them static)"
-    elif not isinstance(x.get_size()[0], (int, sympy.Integer)):
-        # The op picks its block size per call from T (16 rows at decode, 128 at prefill); a template
-        # compiles one. One block size for every T measured 3-4x slower at T = 8192 when it was chosen
-        # for T = 32 (benchmarks/NOTES.md, v4), so a graph for a dynamic T keeps the op's own choice.
-        why_not = "dynamic token count (the op chooses its block size per call)"
     if why_not is not None:
         log.debug("moe_ops.fused_experts stays one extern call: %s", why_not)
         return extern_call(torch.ops.moe_ops.fused_experts.default, *args)
 
     T, H = x.get_size()
-    K = topk_ids.get_size()[1]
+    K = int(topk_ids.get_size()[1])
     E = int(w_gate_up.get_size()[0])
     num_slots = T * K
-    block_m = choose_block_m(int(num_slots), E)
     gate, up, b_gate, b_up, down = _expert_weight_views(
         w_gate_up, w_down, w_up, b_gate_up, b_up, layout, interleaved, gated
     )
-    sorted_slots, block_expert, num_padded, _, _ = extern_call(
-        torch.ops.moe_ops.block_schedule.default, topk_ids, E, block_m
-    )
-    h_PF = tuned_expert_gemm(
-        x, gate, up, b_gate, b_up, None, sorted_slots, block_expert, num_padded,
-        num_slots, block_m, K, False, activation, alpha, limit,
-    )
+    # Packed (block_m = 1: no padding), so that every block size's templates can share it.
+    sorted_slots, _, _, _, expert_offsets = extern_call(torch.ops.moe_ops.block_schedule.default, topk_ids, E, 1)
     slot_weights = L[aten.reshape.default](topk_weights, [num_slots])
-    y_SH = tuned_expert_gemm(
-        h_PF, down, None, b_down, None, slot_weights, sorted_slots, block_expert, num_padded,
-        num_slots, block_m, 0, True, "none", alpha, limit, slot_ids=L[aten.reshape.default](topk_ids, [num_slots]),
-    )
+    slot_ids = L[aten.reshape.default](topk_ids, [num_slots])
+    variants = _variants(num_slots, E, K)
+    # Several pairs (a dynamic T) write one output buffer; one pair returns its own, for epilogue fusion.
+    shared = None if len(variants) == 1 else empty_strided([num_slots, H], None, dtype=x.get_dtype(),
+                                                           device=x.get_device())
+    for variant in variants:
+        schedule = dict(expert_offsets=expert_offsets, active=variant.active(num_slots),
+                        busy_estimate=variant.busy_estimate)
+        h_SF = tuned_expert_gemm(
+            x, gate, up, b_gate, b_up, None, sorted_slots, None, None,
+            num_slots, variant.block_m, K, False, activation, alpha, limit, **schedule,
+        )
+        y_SH = tuned_expert_gemm(
+            h_SF, down, None, b_down, None, slot_weights, sorted_slots, None, None,
+            num_slots, variant.block_m, 0, True, "none", alpha, limit, slot_ids=slot_ids, out=shared, **schedule,
+        )
+    y_SH = y_SH if shared is None else shared
     # As the op: K summed in fp32, in a fixed order, rounded once to x's dtype.
     y_TKH = L[prims.convert_element_type.default](L[aten.view.default](y_SH, [T, K, H]), torch.float32)
     out_TH = L[prims.convert_element_type.default](L[aten.sum.dim_IntList](y_TKH, [1]), x.get_dtype())

@@ -71,7 +71,7 @@ def expert_gemm_tile(
     pid,
     a_ptr, w_ptr, w_up_ptr, bias_ptr, bias_up_ptr, slot_weight_ptr,
     sorted_slots_ptr, block_expert_ptr, num_padded_ptr,
-    N, K, num_slots, gather_top_k, num_blocks_max,
+    N, K, num_slots, gather_top_k, num_blocks_max, num_experts,
     stride_am, stride_ak,
     stride_we, stride_wn, stride_wk,
     stride_ue, stride_un, stride_uk,
@@ -82,12 +82,28 @@ def expert_gemm_tile(
     HAS_BIAS_UP: tl.constexpr, HAS_SLOT_WEIGHT: tl.constexpr, ACTIVATION: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PACKED: tl.constexpr = False, E_PAD: tl.constexpr = 1,
 ):
     """The (BLOCK_M, BLOCK_N) output tile of program ``pid``: (values in fp32, output rows, output
     columns, store mask). Shared by the eager kernel (which stores it) and the Inductor template
-    (whose store_output fuses the graph's epilogue into the store)."""
+    (whose store_output fuses the graph's epilogue into the store).
+
+    ``PACKED``: the schedule has no padding (``block_schedule(..., block_m=1)``: each expert's slots
+    follow the previous expert's) and ``block_expert_ptr`` points at its ``expert_offsets`` (E + 1,).
+    Each program finds its expert and rows from those offsets (an E-long prefix sum of every expert's
+    block count), so one schedule serves any BLOCK_M: a graph compiled for every T holds templates of
+    several block sizes over one schedule. Rows are schedule positions; idle programs store nothing."""
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_blocks = tl.load(num_padded_ptr) // BLOCK_M
+    if PACKED:
+        e_idx = tl.arange(0, E_PAD)
+        e_valid = e_idx < num_experts
+        expert_start = tl.load(block_expert_ptr + e_idx, mask=e_valid, other=0)
+        expert_end = tl.load(block_expert_ptr + 1 + e_idx, mask=e_valid, other=0)
+        expert_blocks = (expert_end - expert_start + BLOCK_M - 1) // BLOCK_M
+        expert_blocks_end = tl.cumsum(expert_blocks, 0)
+        num_blocks = tl.sum(expert_blocks, 0)
+    else:
+        num_blocks = tl.load(num_padded_ptr) // BLOCK_M
     num_busy = num_blocks * num_pid_n
     busy = pid < num_busy
     # Grouped order: GROUP_M consecutive blocks (mostly of one expert) sweep the N tiles together,
@@ -102,10 +118,24 @@ def expert_gemm_tile(
     pid_n = tl.where(busy, (pid % num_pid_in_group) // group_size_m, idle % num_pid_n)
     k_end = tl.where(busy, K, 0)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    block_in_range = pid_m < num_blocks_max
-    expert = tl.maximum(tl.load(block_expert_ptr + pid_m, mask=block_in_range, other=0), 0).to(tl.int64)
-    slot = tl.load(sorted_slots_ptr + offs_m, mask=block_in_range, other=num_slots)
+    if PACKED:
+        # The expert whose blocks cover pid_m: the first whose running block count passes it (E for an
+        # idle program, whose rows are then empty).
+        expert_of_block = tl.sum((expert_blocks_end <= pid_m).to(tl.int32), 0)
+        mine = e_idx == expert_of_block
+        first_block = tl.sum(tl.where(mine, expert_blocks_end - expert_blocks, 0), 0)
+        rows_end = tl.sum(tl.where(mine, expert_end, 0), 0)
+        offs_m = (tl.sum(tl.where(mine, expert_start, 0), 0) + (pid_m - first_block) * BLOCK_M
+                  + tl.arange(0, BLOCK_M))
+        rows_in_range = offs_m < rows_end
+        expert = tl.minimum(expert_of_block, num_experts - 1).to(tl.int64)
+        slot = tl.load(sorted_slots_ptr + offs_m, mask=rows_in_range, other=num_slots)
+    else:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        block_in_range = pid_m < num_blocks_max
+        expert = tl.maximum(tl.load(block_expert_ptr + pid_m, mask=block_in_range, other=0), 0).to(tl.int64)
+        slot = tl.load(sorted_slots_ptr + offs_m, mask=block_in_range, other=num_slots)
+        rows_in_range = offs_m < num_blocks_max * BLOCK_M
     row_valid = slot < num_slots
     if GATHER:
         a_row = tl.where(row_valid, slot // gather_top_k, 0).to(tl.int64)
@@ -151,7 +181,6 @@ def expert_gemm_tile(
     if SCATTER:
         # Slot order: only scheduled slots are written, each by exactly one program.
         return y, slot.to(tl.int64), cols, row_valid[:, None] & col_valid[None, :]
-    rows_in_range = offs_m < num_blocks_max * BLOCK_M
     return y, offs_m.to(tl.int64), cols, rows_in_range[:, None] & col_valid[None, :]
 
 
@@ -161,7 +190,7 @@ def _expert_gemm_kernel(
     a_ptr, w_ptr, w_up_ptr, bias_ptr, bias_up_ptr, slot_weight_ptr, out_ptr,
     sorted_slots_ptr, block_expert_ptr, num_padded_ptr,
     # sizes
-    N, K, num_slots, gather_top_k, num_blocks_max,
+    N, K, num_slots, gather_top_k, num_blocks_max, num_experts,
     # strides
     stride_am, stride_ak,
     stride_we, stride_wn, stride_wk,
@@ -176,17 +205,18 @@ def _expert_gemm_kernel(
     HAS_BIAS_UP: tl.constexpr, HAS_SLOT_WEIGHT: tl.constexpr, ACTIVATION: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PACKED: tl.constexpr, E_PAD: tl.constexpr,
 ):
     y, rows, cols, mask = expert_gemm_tile(
         tl.program_id(0),
         a_ptr, w_ptr, w_up_ptr, bias_ptr, bias_up_ptr, slot_weight_ptr,
         sorted_slots_ptr, block_expert_ptr, num_padded_ptr,
-        N, K, num_slots, gather_top_k, num_blocks_max,
+        N, K, num_slots, gather_top_k, num_blocks_max, num_experts,
         stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_ue, stride_un, stride_uk,
         stride_be, stride_bn, stride_bue, stride_bun,
         alpha, limit,
         GATHER, SCATTER, GATED, HAS_BIAS, HAS_BIAS_UP, HAS_SLOT_WEIGHT, ACTIVATION, INPUT_PRECISION,
-        BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+        BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, PACKED, E_PAD,
     )
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on, y.to(out_ptr.dtype.element_ty),
              mask=mask)
@@ -239,27 +269,42 @@ def gemm_config(
     return dict(BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages)
 
 
+def packed_blocks_max(num_slots: int, num_experts: int, block_m: int) -> int:
+    """Blocks a packed schedule can need: every expert with a slot may end in a partial block. (The
+    template computes the same, in the kernel and as a sympy expression for its grid.)"""
+    return triton.cdiv(num_slots, block_m) + min(num_experts, num_slots)
+
+
 def expert_gemm_triton(
     a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
     num_slots, block_m, gather_top_k, scatter, activation, alpha, limit, config=None, out_dtype=None,
+    expert_offsets=None,
 ):
     """Launch the kernel; same arguments and result as moe_ops.expert_gemm.expert_gemm_ref.
     ``config`` (BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) replaces the heuristic's choice:
     benchmarks/profile_kernels.py sweeps it. ``out_dtype`` (default a's) stores the fp32 accumulator
-    in another dtype: the backward keeps its pre-activations in fp32."""
+    in another dtype: the backward keeps its pre-activations in fp32. ``expert_offsets`` (E + 1,), with
+    ``block_expert`` and ``num_padded`` None: a packed schedule (``block_schedule(..., 1)``), for any
+    ``block_m``; a schedule-order output then has one row per position and only routed rows written."""
     num_positions = sorted_slots.shape[0]
     n, k = w.shape[1], w.shape[2]
+    num_experts = w.shape[0]
     out_dtype = out_dtype or a.dtype
     if scatter:
         out = torch.zeros((num_slots, n), dtype=out_dtype, device=a.device)
     else:
         out = torch.empty((num_positions, n), dtype=out_dtype, device=a.device)
-    num_blocks_max = block_expert.shape[0]
+    packed = expert_offsets is not None
+    if packed:
+        block_expert, num_padded = expert_offsets, sorted_slots  # the kernel reads offsets, never num_padded
+        num_blocks_max = packed_blocks_max(num_slots, num_experts, block_m)
+    else:
+        num_blocks_max = block_expert.shape[0]
     if num_slots == 0 or num_blocks_max == 0 or n == 0:
         return out.zero_()
     gated = w_up is not None
     # Busy blocks are at most one per slot and one per expert with a slot.
-    busy_estimate = min(num_blocks_max, num_slots, w.shape[0]) if block_m <= 32 else num_blocks_max
+    busy_estimate = min(num_blocks_max, num_slots, num_experts) if block_m <= 32 else num_blocks_max
     # The interpreter (CPU tensors) has no SMs or shared-memory limit to respect.
     num_sms, smem_bytes = _device_limits(a.device.index or 0) if a.device.type == "cuda" else (1, 1 << 30)
     # fp32 inputs stay exact unless the user allowed tf32, as torch.matmul does.
@@ -273,7 +318,7 @@ def expert_gemm_triton(
         bias_up if bias_up is not None else dummy,
         slot_weights if slot_weights is not None else dummy, out,
         sorted_slots, block_expert, num_padded,
-        n, k, num_slots, max(gather_top_k, 1), num_blocks_max,
+        n, k, num_slots, max(gather_top_k, 1), num_blocks_max, num_experts,
         a.stride(0), a.stride(1),
         *w.stride(),
         *(w_up.stride() if gated else (0, 0, 0)),
@@ -285,6 +330,6 @@ def expert_gemm_triton(
         HAS_BIAS_UP=bias_up is not None, HAS_SLOT_WEIGHT=slot_weights is not None,
         ACTIVATION=ACTIVATION_CODE[activation],
         INPUT_PRECISION="ieee" if ieee else "tf32",
-        BLOCK_M=block_m, **config,
+        BLOCK_M=block_m, PACKED=packed, E_PAD=triton.next_power_of_2(num_experts) if packed else 1, **config,
     )
     return out

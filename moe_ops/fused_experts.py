@@ -4,7 +4,7 @@ Shape legend: T tokens, H hidden, F expert intermediate size, E experts, K top-k
 
     out[t] = sum_j  w[t, j] * down_e( act(gate_e(x[t]), up_e(x[t])) ),  e = ids[t, j] < E
 
-On CUDA: [capacity] -> block schedule -> gate_up GEMM with the activation fused (rows gathered
+On CUDA: [capacity] -> packed block schedule -> gate_up GEMM with the activation fused (rows gathered
 from x, no permuted copy) -> down GEMM with the routing weight fused, scattered to (T, K, H) ->
 sum over K in a fixed order (deterministic, fp32 accumulation).
 """
@@ -187,6 +187,14 @@ def choose_block_m(num_slots: int, num_experts: int) -> int:
     return 128
 
 
+def block_m_ranges(num_experts: int) -> list[tuple[int, int, int | None]]:
+    """For a graph compiled for every T: (block_m, fewest slots - 1, most slots or None) per block size
+    it holds. Three sizes where choose_block_m has four: 64 rows was the best size only around 128 rows
+    per expert, and there by 3% (benchmarks/NOTES.md, v7); each size is one more pair of templates."""
+    bounds = [(16, 8 * num_experts), (32, 48 * num_experts), (128, None)]
+    return [(block_m, 0 if i == 0 else bounds[i - 1][1], most) for i, (block_m, most) in enumerate(bounds)]
+
+
 def fused_experts_triton(
     x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
     layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy,
@@ -212,15 +220,16 @@ def fused_experts_triton(
         ids, num_dropped = apply_capacity_triton(topk_ids, topk_weights, E, capacity, drop_policy)
     num_slots = T * K
     block_m = choose_block_m(num_slots, E)
-    schedule = block_schedule_triton(ids, E, block_m)
+    # Packed (no padding): the same schedule the compiled graphs use, where several block sizes share it.
+    sorted_slots, _, _, _, expert_offsets = block_schedule_triton(ids, E, 1)
     h = expert_gemm_triton(
-        x, w.gate, w.up, w.b_gate, w.b_up, None, *schedule[:3],
-        num_slots, block_m, K, False, activation, alpha, limit,
+        x, w.gate, w.up, w.b_gate, w.b_up, None, sorted_slots, None, None,
+        num_slots, block_m, K, False, activation, alpha, limit, expert_offsets=expert_offsets,
     )
     slot_weights = topk_weights.reshape(-1)
     y_SH = expert_gemm_triton(
-        h, w.down, None, w.b_down, None, slot_weights, *schedule[:3],
-        num_slots, block_m, 0, True, "none", alpha, limit,
+        h, w.down, None, w.b_down, None, slot_weights, sorted_slots, None, None,
+        num_slots, block_m, 0, True, "none", alpha, limit, expert_offsets=expert_offsets,
     )
     # torch's sum accumulates half-precision inputs in fp32 and sums K in a fixed order.
     return y_SH.view(T, K, -1).sum(1), num_dropped

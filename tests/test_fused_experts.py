@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 
 import pytest
 import torch
@@ -90,6 +91,21 @@ def test_routing_edges():
         got, _ = fused_experts_triton(*_args(layer))
         want, _ = fused_experts_ref(*_args(layer), return_num_dropped=True)
         assert_close_rel(got, want, torch.float32, case)
+
+
+@pytest.mark.parametrize("block_m", [16, 32, 64, 128])
+def test_packed_schedule_serves_every_block_size(block_m, monkeypatch):
+    """One packed schedule, any block size: each program finds its expert and rows from the expert
+    offsets (an empty expert, one spanning several blocks, partial blocks, a sentinel slot)."""
+    T, K, E = 150, 2, 6
+    ids = zipf_ids(T, K, E)
+    ids[ids == 2] = 1  # expert 2 gets nothing
+    ids[5, 0] = E
+    monkeypatch.setattr(sys.modules["moe_ops.fused_experts"], "choose_block_m", lambda num_slots, num_experts: block_m)
+    layer = _layer(T, K, E, 32, 24, torch.float32, TRITON_DEVICE, ids=ids)
+    got, _ = fused_experts_triton(*_args(layer))
+    want, _ = fused_experts_ref(*_args(layer), return_num_dropped=True)
+    assert_close_rel(got, want, torch.float32, f"block_m={block_m}")
 
 
 def test_zero_tokens():

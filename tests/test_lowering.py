@@ -193,18 +193,46 @@ def test_shared_expert_output_fuses_into_the_combine():
     )
 
 
-def test_dynamic_token_count_keeps_the_op_call(caplog):
-    """A graph for every T keeps the op, which chooses its block size per call (a template would fix
-    one block size for all T)."""
+def test_dynamic_token_count_holds_a_template_pair_per_block_size():
+    """One graph for every T: a gate_up/down template pair per block size over one packed schedule, each
+    pair's grid zero outside its range of T, and the combine reading the pair that ran."""
+    from moe_ops.fused_experts import block_m_ranges
+
     w_gate_up, w_down = weights()
     args = layer_inputs()
     for t in args:
         torch._dynamo.mark_dynamic(t, 0)
-    with caplog.at_level(logging.DEBUG, logger="moe_ops"):
-        code = generated_code(moe_layer(2, w_gate_up, w_down), *args)
-    assert "torch.ops.moe_ops.fused_experts.default(" in code
-    assert "triton_tem_" not in code
-    assert "dynamic token count" in caplog.text
+    code = generated_code(moe_layer(2, w_gate_up, w_down), *args)
+    calls = code.split("def call(")[1]
+    assert "moe_ops.fused_experts.default(" not in calls
+    assert calls.count("torch.ops.moe_ops.block_schedule.default(") == 1
+    assert "block_schedule.default(buf2, 4, 1)" in calls  # packed: block_m = 1, no padding
+    kernels = kernel_sources(code)
+    templates = [name for name in kernels if name.startswith("triton_tem_")]
+    ranges = block_m_ranges(E)
+    assert len(templates) == 2 * len(ranges) == 6, templates
+    for (block_m, fewer, most), pair in zip(ranges, zip(templates[::2], templates[1::2], strict=True), strict=True):
+        for name in pair:
+            FileCheck().check(f"BLOCK_M : tl.constexpr = {block_m}").check("PACKED : tl.constexpr = True").run(
+                kernels[name]
+            )
+            # The launch's grid is a multiple of [fewer < S <= most], S = 2 * T (sympy drops S > 0).
+            launch = calls.split(f"{name}.run(")[1].split("\n")[0]
+            if fewer > 0:
+                assert f"max(0, min(1, (-{fewer}) + 2*s" in launch, launch
+            if most is not None:
+                assert f"max(0, min(1, {most + 1} + ((-2)*s" in launch, launch
+    # Every down template writes one shared buffer (a mutated input, not an output of its own), which
+    # the combine (with the residual add) reads: one buffer, whichever pair ran.
+    def launch_args(name):
+        return set(calls.split(f"{name}.run(")[1].split(")")[0].split(", "))
+
+    combine = [name for name in kernels if not name.startswith("triton_tem_")]
+    assert len(combine) == 1, combine
+    shared = set.intersection(launch_args(combine[0]), *(launch_args(name) for name in templates[1::2]))
+    assert len(shared) == 1 and shared.pop().startswith("buf"), calls
+    for name in templates[1::2]:
+        FileCheck().check("STORE_TO_OUT : tl.constexpr = True").check("tl.store(OUT + idx_m").run(kernels[name])
 
 
 def test_templates_off_keeps_one_extern_call():
@@ -373,17 +401,29 @@ def test_cuda_one_layer_launches_three_kernels_and_two_direct_calls():
 
 
 @pytest.mark.cuda
-def test_cuda_dynamic_tokens_one_graph():
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_cuda_dynamic_tokens_one_graph(mode):
+    """One graph for every T, through the templates: T at both ends of each block size's range
+    (E = 16, K = 2: 16 rows up to T = 64, 32 rows up to T = 384, 128 rows beyond), also replayed
+    from CUDA graphs. Launches: the 3 template pairs (only the pair of T's range starts programs)
+    and the combine with the residual add; route and schedule as direct calls."""
     w_gate_up, w_down = weights(torch.bfloat16, 16, 256, 128, "cuda")
     layer = moe_layer(2, w_gate_up, w_down)
-    compiled = torch.compile(layer)
-    for tokens in (3, 40):
-        args = layer_inputs(tokens, torch.bfloat16, 16, 256, "cuda")
-        assert_close_rel(compiled(*args), layer(*args), torch.bfloat16)
+    compiled = torch.compile(layer, mode=mode)
+    args = layer_inputs(40, torch.bfloat16, 16, 256, "cuda")
+    for t in args:
+        torch._dynamo.mark_dynamic(t, 0)
+    actual, codes = run_and_get_code(compiled, *args)
+    assert_close_rel(actual, layer(*args), torch.bfloat16)
+    code = "\n".join(codes)  # under CUDA graphs the launches sit in a partition function, not in call()
+    assert code.count(".run(") == 7, code
+    assert code.count("moe_ops._dispatch.route_cuda(") == code.count("moe_ops._dispatch.block_schedule_cuda(") == 1
+    assert "moe_ops.fused_experts.default(" not in code
     with torch.compiler.set_stance("fail_on_recompile"):
-        for tokens in (5, 129, 1000):
+        for tokens in (3, 64, 65, 129, 384, 385, 1000, 3):
             args = layer_inputs(tokens, torch.bfloat16, 16, 256, "cuda")
-            assert_close_rel(compiled(*args), layer(*args), torch.bfloat16)
+            assert_close_rel(compiled(*args).clone(), layer(*args), torch.bfloat16, f"T={tokens}")
+    assert counters["inductor"]["cudagraph_skips"] == 0
 
 
 @pytest.mark.cuda
