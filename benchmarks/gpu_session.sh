@@ -7,6 +7,7 @@
 #   profile   benchmarks/profile_host.py (host vs GPU time of the eager layer, with a cProfile)
 #   training  benchmarks/bench_training.py (one training step, with and without moe_ops; TRAINING_ARGS)
 #   targets   benchmarks/bench_targets.py (decode under CUDA graphs, skewed routing, fp16/fp32; TARGET_ARGS)
+#   blockm    benchmarks/sweep_block_m.py (the fused op at each GEMM block size, T = 2-8192)
 #   hostc     benchmarks/profile_host.py --compiled (host time of the compiled block, with a cProfile)
 #   gemm      benchmarks/profile_kernels.py: compiler report and tile sweep of the expert GEMMs, and
 #             Nsight Compute sections of the GEMMs of NCU_CELLS (one file, ncu.txt)
@@ -28,7 +29,7 @@ for stage in "$@"; do
       pids=()
       for group in "test_expert_gemm.py test_fused_experts*.py" "test_routing.py test_docs.py" \
                    "test_schedule.py test_capacity.py test_joint_rewrite.py" \
-                   "test_passes_*.py test_hf_*.py test_lowering.py test_export.py"; do
+                   "test_passes_*.py test_hf_*.py" "test_lowering.py test_export.py"; do
         files=(); for pattern in $group; do for f in tests/$pattern; do [ -e "$f" ] && files+=("$f"); done; done
         timeout "$LIMIT" python3 -m pytest -q -rfE -p no:cacheprovider "${files[@]}" > "$OUT/pytest_${#pids[@]}.log" 2>&1 &
         pids+=($!)
@@ -57,6 +58,7 @@ for stage in "$@"; do
                | tee "$OUT/targets.log" | tail -60 || status=1 ;;
     training) timeout "$LIMIT" python3 benchmarks/bench_training.py --out "$OUT" ${TRAINING_ARGS:-} 2>&1 \
                 | tee "$OUT/training.log" | tail -40 || status=1 ;;
+    blockm) timeout "$LIMIT" python3 benchmarks/sweep_block_m.py --out "$OUT" || status=1 ;;
     hostc) timeout "$LIMIT" python3 benchmarks/profile_host.py --out "$OUT" --compiled || status=1 ;;
     layer) timeout "$LIMIT" python3 benchmarks/bench_layer.py --out "$OUT" ${LAYER_ARGS:-} 2>&1 \
              | tee "$OUT/layer.log" | tail -40 || status=1 ;;
