@@ -189,8 +189,9 @@ def choose_block_m(num_slots: int, num_experts: int) -> int:
 
 def block_m_ranges(num_experts: int) -> list[tuple[int, int, int | None]]:
     """For a graph compiled for every T: (block_m, fewest slots - 1, most slots or None) per block size
-    it holds. Three sizes where choose_block_m has four: 64 rows was the best size only around 128 rows
-    per expert, and there by 3% (benchmarks/NOTES.md, v7); each size is one more pair of templates."""
+    it holds. Three sizes where choose_block_m has four, as each size is one more pair of templates:
+    in benchmarks/results/block_m_sweep_*.md 64 rows beat the size chosen here by 1-5% where the GPU
+    time dominates, and by more only in a host-bound cell whose ranking moved between runs (NOTES v7)."""
     bounds = [(16, 8 * num_experts), (32, 48 * num_experts), (128, None)]
     return [(block_m, 0 if i == 0 else bounds[i - 1][1], most) for i, (block_m, most) in enumerate(bounds)]
 
