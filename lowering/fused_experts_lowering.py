@@ -16,7 +16,8 @@ A dynamic token count (one graph for every T): the block size that pays differs 
 decode, 128 at prefill: 4x apart at T = 8192), so the graph holds a template pair per block size of
 ``block_m_ranges``, all over the one packed schedule. Each pair's grid is zero unless T is in its
 range (the launch then starts no program), and every down template writes into one shared output
-buffer, which the combine reads. No host-side branch: CUDA graphs record whichever pair ran.
+buffer, which the combine reads (so with K = 1 the graph's epilogue fuses into the combine, not into
+a template's store). No host-side branch: CUDA graphs record whichever pair ran.
 
 The lowering is exact where it fires: it computes what the op's CUDA kernel computes (same tile
 function, same schedule, same rounding points). It steps aside (the op stays one extern call, to its

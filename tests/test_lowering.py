@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from unittest import mock
 
 import pytest
@@ -356,8 +357,9 @@ def test_cuda_templates_match_eager(dtype, k, unrouted):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static_T", "dynamic_T"])
 @pytest.mark.parametrize("variant", ["gpt_oss", "ungated_gelu", "separate_w_up"])
-def test_cuda_template_variants_match_eager(variant):
+def test_cuda_template_variants_match_eager(variant, dynamic):
     g = torch.Generator().manual_seed(6)
     n_e, hid, inter, dtype = 8, 128, 64, torch.bfloat16
 
@@ -380,8 +382,11 @@ def test_cuda_template_variants_match_eager(variant):
         return moe_ops.fused_experts(x, topk_weights, topk_ids, w_gate_up, w_down, **kw)
 
     x, logits, _ = layer_inputs(50, dtype, n_e, hid, "cuda")
+    if dynamic:  # the template pairs of every block size; T = 50 runs the 32-row pair (E = 8, K = 2)
+        for t in (x, logits):
+            torch._dynamo.mark_dynamic(t, 0)
     code = _compiled_vs_eager(layer, (x, logits), dtype)
-    assert "triton_tem_" in code
+    assert len(set(re.findall(r"def (triton_tem_\w+)\(", code))) == (6 if dynamic else 2)
 
 
 @pytest.mark.cuda
