@@ -432,11 +432,25 @@ def test_cuda_dynamic_tokens_one_graph(mode):
 
 
 @pytest.mark.cuda
-def test_cuda_max_autotune_benchmarks_valid_schedules():
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static_T", "dynamic_T"])
+def test_cuda_max_autotune_benchmarks_valid_schedules(dynamic):
+    """Tile configs benchmarked on a synthetic valid schedule. A dynamic T keeps the heuristic configs
+    (benchmarking a template whose grid is an expression in T failed inside torch 2.11's benchmark
+    launcher: "launcher() got multiple values for argument 'stream'") and is right at every T."""
     w_gate_up, w_down = weights(torch.bfloat16, 16, 256, 128, "cuda")
+    layer = moe_layer(2, w_gate_up, w_down)
+    args = layer_inputs(512, torch.bfloat16, 16, 256, "cuda")
+    if dynamic:
+        for t in args:
+            torch._dynamo.mark_dynamic(t, 0)
     with inductor_config.patch(max_autotune=True):
-        code = _compiled_vs_eager(moe_layer(2, w_gate_up, w_down), layer_inputs(512, torch.bfloat16, 16, 256, "cuda"),
-                                  torch.bfloat16)
+        code = _compiled_vs_eager(layer, args, torch.bfloat16)
+        if dynamic:
+            compiled = torch.compile(layer)  # the same graph, from dynamo's cache, at other T
+            with torch.compiler.set_stance("fail_on_recompile"):
+                for tokens in (40, 300, 2000):
+                    args = layer_inputs(tokens, torch.bfloat16, 16, 256, "cuda")
+                    assert_close_rel(compiled(*args), layer(*args), torch.bfloat16, f"T={tokens}")
     assert "triton_tem_" in code or "moe_ops_expert_gemm_eager" in code
 
 
