@@ -41,7 +41,7 @@ log = logging.getLogger("moe_ops")
 TEMPLATE_SOURCE = r"""
 import triton
 import triton.language as tl
-from moe_ops.expert_gemm_triton import expert_gemm_tile
+from moe_ops.expert_gemm_triton import expert_gemm_tile, unrouted_rows_tile
 
 {%- set names = ["A", "W"] %}
 {%- if GATED %}{% set names = names + ["W_UP"] %}{% endif %}
@@ -100,13 +100,9 @@ from moe_ops.expert_gemm_triton import expert_gemm_tile
 {%- if ZERO_UNROUTED %}
     # Programs past the GEMM tiles got a zero tile that stores nothing. They write the rows of slots
     # routed to no expert instead (ids >= E: no block owns them), so every output row is defined.
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    q = pid - num_blocks_max * num_pid_n
+    q = pid - num_blocks_max * tl.cdiv(N, BLOCK_N)
     if q >= 0:
-        rows = ((q // num_pid_n) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        cols = (q % num_pid_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-        unrouted = tl.load(IDS + rows * {{stride("IDS", 0)}}, mask=rows < num_slots, other=0) >= NUM_EXPERTS
-        mask = (unrouted & (rows < num_slots))[:, None] & (cols < N)[None, :]
+        rows, cols, mask = unrouted_rows_tile(q, IDS, {{stride("IDS", 0)}}, num_slots, N, NUM_EXPERTS, BLOCK_M, BLOCK_N)
 {%- endif %}
     idx_m = rows[:, None]
     idx_n = cols[None, :]

@@ -185,10 +185,24 @@ def expert_gemm_tile(
 
 
 @triton.jit
+def unrouted_rows_tile(q, ids_ptr, stride_ids, num_slots, N, num_experts,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For program ``q`` of those launched past the GEMM tiles of a slot-order output: (rows, columns,
+    mask) of the rows of slots routed to no expert (ids >= E), which no block owns, so that they can
+    be written as zeros. With it the output needs no memset before the GEMM."""
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    rows = ((q // num_pid_n) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = (q % num_pid_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_range = rows < num_slots
+    unrouted = tl.load(ids_ptr + rows * stride_ids, mask=in_range, other=0) >= num_experts
+    return rows, cols, (unrouted & in_range)[:, None] & (cols < N)[None, :]
+
+
+@triton.jit
 def _expert_gemm_kernel(
     # pointers
     a_ptr, w_ptr, w_up_ptr, bias_ptr, bias_up_ptr, slot_weight_ptr, out_ptr,
-    sorted_slots_ptr, block_expert_ptr, num_padded_ptr,
+    sorted_slots_ptr, block_expert_ptr, num_padded_ptr, ids_ptr,
     # sizes
     N, K, num_slots, gather_top_k, num_blocks_max, num_experts,
     # strides
@@ -197,7 +211,7 @@ def _expert_gemm_kernel(
     stride_ue, stride_un, stride_uk,
     stride_be, stride_bn,
     stride_bue, stride_bun,
-    stride_om, stride_on,
+    stride_om, stride_on, stride_ids,
     # activation constants
     alpha, limit,
     # meta
@@ -205,10 +219,11 @@ def _expert_gemm_kernel(
     HAS_BIAS_UP: tl.constexpr, HAS_SLOT_WEIGHT: tl.constexpr, ACTIVATION: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PACKED: tl.constexpr, E_PAD: tl.constexpr,
+    PACKED: tl.constexpr, E_PAD: tl.constexpr, ZERO_UNROUTED: tl.constexpr,
 ):
+    pid = tl.program_id(0)
     y, rows, cols, mask = expert_gemm_tile(
-        tl.program_id(0),
+        pid,
         a_ptr, w_ptr, w_up_ptr, bias_ptr, bias_up_ptr, slot_weight_ptr,
         sorted_slots_ptr, block_expert_ptr, num_padded_ptr,
         N, K, num_slots, gather_top_k, num_blocks_max, num_experts,
@@ -218,6 +233,10 @@ def _expert_gemm_kernel(
         GATHER, SCATTER, GATED, HAS_BIAS, HAS_BIAS_UP, HAS_SLOT_WEIGHT, ACTIVATION, INPUT_PRECISION,
         BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, PACKED, E_PAD,
     )
+    if ZERO_UNROUTED:
+        q = pid - num_blocks_max * tl.cdiv(N, BLOCK_N)
+        if q >= 0:
+            rows, cols, mask = unrouted_rows_tile(q, ids_ptr, stride_ids, num_slots, N, num_experts, BLOCK_M, BLOCK_N)
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on, y.to(out_ptr.dtype.element_ty),
              mask=mask)
 
@@ -278,20 +297,23 @@ def packed_blocks_max(num_slots: int, num_experts: int, block_m: int) -> int:
 def expert_gemm_triton(
     a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
     num_slots, block_m, gather_top_k, scatter, activation, alpha, limit, config=None, out_dtype=None,
-    expert_offsets=None,
+    expert_offsets=None, slot_ids=None,
 ):
     """Launch the kernel; same arguments and result as moe_ops.expert_gemm.expert_gemm_ref.
     ``config`` (BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) replaces the heuristic's choice:
     benchmarks/profile_kernels.py sweeps it. ``out_dtype`` (default a's) stores the fp32 accumulator
     in another dtype: the backward keeps its pre-activations in fp32. ``expert_offsets`` (E + 1,), with
     ``block_expert`` and ``num_padded`` None: a packed schedule (``block_schedule(..., 1)``), for any
-    ``block_m``; a schedule-order output then has one row per position and only routed rows written."""
+    ``block_m``; a schedule-order output then has one row per position and only routed rows written.
+    ``slot_ids`` (S,), with ``scatter``: each slot's expert, so that the kernel writes the zeros of the
+    slots routed to no expert (ids >= E) itself (else the output is zero-filled first)."""
     num_positions = sorted_slots.shape[0]
     n, k = w.shape[1], w.shape[2]
     num_experts = w.shape[0]
     out_dtype = out_dtype or a.dtype
+    zero_unrouted = scatter and slot_ids is not None
     if scatter:
-        out = torch.zeros((num_slots, n), dtype=out_dtype, device=a.device)
+        out = (torch.empty if zero_unrouted else torch.zeros)((num_slots, n), dtype=out_dtype, device=a.device)
     else:
         out = torch.empty((num_positions, n), dtype=out_dtype, device=a.device)
     packed = expert_offsets is not None
@@ -311,25 +333,27 @@ def expert_gemm_triton(
     ieee = a.dtype == torch.float32 and not fp32_matmul_allows_tf32()
     if config is None:
         config = gemm_config(block_m, n, gated, a.element_size(), busy_estimate, num_sms, smem_bytes, ieee)
-    grid = (num_blocks_max * triton.cdiv(n, config["BLOCK_N"]),)
+    unrouted_blocks = triton.cdiv(num_slots, block_m) if zero_unrouted else 0
+    grid = ((num_blocks_max + unrouted_blocks) * triton.cdiv(n, config["BLOCK_N"]),)
     dummy = out  # placeholder pointer for absent optional tensors; never dereferenced
     _expert_gemm_kernel[grid](
         a, w, w_up if gated else dummy, bias if bias is not None else dummy,
         bias_up if bias_up is not None else dummy,
         slot_weights if slot_weights is not None else dummy, out,
-        sorted_slots, block_expert, num_padded,
+        sorted_slots, block_expert, num_padded, slot_ids if zero_unrouted else dummy,
         n, k, num_slots, max(gather_top_k, 1), num_blocks_max, num_experts,
         a.stride(0), a.stride(1),
         *w.stride(),
         *(w_up.stride() if gated else (0, 0, 0)),
         *(bias.stride() if bias is not None else (0, 0)),
         *(bias_up.stride() if bias_up is not None else (0, 0)),
-        out.stride(0), out.stride(1),
+        out.stride(0), out.stride(1), slot_ids.stride(0) if zero_unrouted else 0,
         float(alpha), float(limit),
         GATHER=gather_top_k > 0, SCATTER=bool(scatter), GATED=gated, HAS_BIAS=bias is not None,
         HAS_BIAS_UP=bias_up is not None, HAS_SLOT_WEIGHT=slot_weights is not None,
         ACTIVATION=ACTIVATION_CODE[activation],
         INPUT_PRECISION="ieee" if ieee else "tf32",
-        BLOCK_M=block_m, PACKED=packed, E_PAD=triton.next_power_of_2(num_experts) if packed else 1, **config,
+        BLOCK_M=block_m, PACKED=packed, E_PAD=triton.next_power_of_2(num_experts) if packed else 1,
+        ZERO_UNROUTED=zero_unrouted, **config,
     )
     return out

@@ -230,7 +230,7 @@ def fused_experts_triton(
     slot_weights = topk_weights.reshape(-1)
     y_SH = expert_gemm_triton(
         h, w.down, None, w.b_down, None, slot_weights, sorted_slots, None, None,
-        num_slots, block_m, 0, True, "none", alpha, limit, expert_offsets=expert_offsets,
+        num_slots, block_m, 0, True, "none", alpha, limit, expert_offsets=expert_offsets, slot_ids=ids.reshape(-1),
     )
     # torch's sum accumulates half-precision inputs in fp32 and sums K in a fixed order.
     return y_SH.view(T, K, -1).sum(1), num_dropped

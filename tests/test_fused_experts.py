@@ -108,6 +108,26 @@ def test_packed_schedule_serves_every_block_size(block_m, monkeypatch):
     assert_close_rel(got, want, torch.float32, f"block_m={block_m}")
 
 
+def test_unrouted_slots_are_written_as_zeros(monkeypatch):
+    """The down GEMM's slot-order output is not zero-filled first: its extra programs write the rows of
+    slots routed to no expert. Uninitialised memory is NaN here, so a row left unwritten would show."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    T, K, E = 40, 2, 4
+    ids = torch.rand(T, E).argsort(-1)[:, :K]
+    ids[::3, 1] = E  # every third token sends its second slot nowhere
+    layer = _layer(T, K, E, 32, 24, torch.float32, TRITON_DEVICE, ids=ids)
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    got, _ = fused_experts_triton(*_args(layer))
+    monkeypatch.undo()
+    want, _ = fused_experts_ref(*_args(layer), return_num_dropped=True)
+    assert_close_rel(got, want, torch.float32, "unrouted slots")
+
+
 def test_zero_tokens():
     layer = _layer(0, 2, 4, 32, 16, torch.float32, TRITON_DEVICE)
     got, dropped = fused_experts_triton(*_args(layer))
