@@ -261,8 +261,10 @@ def test_capacity_mode_keeps_one_extern_call(caplog):
     assert "capacity mode" in caplog.text
 
 
-def test_gpt_oss_variant_reads_interleaved_views_with_biases():
-    """Layout EHF (E, H, 2F), interleaved gate/up columns, biases, clamped SwiGLU: views, never copies."""
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static_T", "dynamic_T"])
+def test_gpt_oss_variant_reads_interleaved_views_with_biases(dynamic):
+    """Layout EHF (E, H, 2F), interleaved gate/up columns, biases, clamped SwiGLU: views, never copies;
+    for a dynamic T, in every block size's gate_up template."""
     g = torch.Generator().manual_seed(3)
     w_gate_up = torch.randn(E, H, 2 * F_, generator=g).bfloat16()
     w_down = torch.randn(E, F_, H, generator=g).bfloat16()
@@ -276,16 +278,24 @@ def test_gpt_oss_variant_reads_interleaved_views_with_biases():
             interleaved=True, activation="clamped_swiglu",
         )
 
-    code = generated_code(layer, *layer_inputs())
+    args = layer_inputs()
+    if dynamic:
+        for t in args:
+            torch._dynamo.mark_dynamic(t, 0)
+    code = generated_code(layer, *args)
     kernels = kernel_sources(code)
-    gate_up = next(src for name, src in kernels.items() if "GATHER : tl.constexpr = True" in src)
+    gate_ups = [src for name, src in kernels.items() if "GATHER : tl.constexpr = True" in src]
+    pairs = 3 if dynamic else 1
+    assert len(gate_ups) == pairs
     # gate = columns 0, 2, 4, ... and up = columns 1, 3, 5, ... of one (E, H, 2F) tensor: strides
     # (2FH, 2, 2F) and an offset of one element, read in place.
-    for line in ("HAS_BIAS : tl.constexpr = True", "HAS_BIAS_UP : tl.constexpr = True", "ACTIVATION : tl.constexpr = 5",
-                 "W_UP = arg_W_UP + 1", "BIAS_UP = arg_BIAS_UP + 1", f"{2 * F_ * H}, 2, {2 * F_},"):
-        assert line in gate_up, line
-    # No kernel other than the two templates and the combine: nothing copies the weights.
-    assert len(kernel_sources(code)) == 3, list(kernel_sources(code))
+    for gate_up in gate_ups:
+        for line in ("HAS_BIAS : tl.constexpr = True", "HAS_BIAS_UP : tl.constexpr = True",
+                     "ACTIVATION : tl.constexpr = 5", "W_UP = arg_W_UP + 1", "BIAS_UP = arg_BIAS_UP + 1",
+                     f"{2 * F_ * H}, 2, {2 * F_},"):
+            assert line in gate_up, line
+    # No kernel other than the templates and the combine: nothing copies the weights.
+    assert len(kernels) == 2 * pairs + 1, list(kernels)
 
 
 def test_expert_gemm_op_template_with_fused_epilogue():
