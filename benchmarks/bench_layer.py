@@ -463,6 +463,24 @@ def run_lines(rows: list[dict]) -> list[str]:
     ]
 
 
+def run_sweep(description: str, title: str, setup: str, sections: list[Callable[[], list[str]]], stem: str) -> None:
+    """main() of a sweep script: parse --out, seed, write the report ``<stem>_<gpu>.md``: a header naming
+    the GPU, the versions and the run, then each section's lines (GPU memory freed between sections)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    out_dir = parser.parse_args().out
+    torch.manual_seed(0)
+    gpu = torch.cuda.get_device_name()
+    lines = [f"# {title}", "", f"- GPU: {gpu}", f"- torch {torch.__version__}, triton {triton.__version__}",
+             f"- run: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')}",
+             f"- {setup}", ""]
+    for section in sections:
+        lines += section()
+        torch.cuda.empty_cache()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}_{slug(gpu)}.md").write_text("\n".join(lines) + "\n")
+
+
 def markdown_report(rows: list[dict], ceilings: Ceilings) -> str:
     lines = [
         "# MoE layer benchmark (benchmarks/bench_layer.py)",

@@ -10,14 +10,12 @@ the one a dynamic-T graph runs (``block_m_ranges``). Writes ``results/block_m_sw
 
 from __future__ import annotations
 
-import argparse
-import datetime
+import functools
 import sys
-from pathlib import Path
 
 import torch
 import triton
-from bench_layer import SHAPES, slug
+from bench_layer import SHAPES, run_sweep
 
 import moe_ops
 import moe_ops.fused_experts  # noqa: F401  (the module, for its choose_block_m)
@@ -64,22 +62,12 @@ def sweep_shape(shape) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    out_dir = parser.parse_args().out
-    torch.manual_seed(0)
-    gpu = torch.cuda.get_device_name()
-    lines = ["# fused_experts by GEMM block size (benchmarks/sweep_block_m.py)", "",
-             f"- GPU: {gpu}", f"- torch {torch.__version__}, triton {triton.__version__}",
-             f"- run: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')}",
-             "- bf16, routing from random logits, random data; the op's CUDA path called eagerly (host time "
-             "included: small T is bound by it); `triton.testing.do_bench` medians", ""]
-    for shape in SHAPES.values():
-        lines += sweep_shape(shape)
-        torch.cuda.empty_cache()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"block_m_sweep_{slug(gpu)}.md").write_text("\n".join(lines) + "\n")
-
+    run_sweep(
+        __doc__, "fused_experts by GEMM block size (benchmarks/sweep_block_m.py)",
+        "bf16, routing from random logits, random data; the op's CUDA path called eagerly (host time included: "
+        "small T is bound by it); `triton.testing.do_bench` medians",
+        [functools.partial(sweep_shape, shape) for shape in SHAPES.values()], "block_m_sweep",
+    )
 
 if __name__ == "__main__":
     main()

@@ -10,13 +10,11 @@ the routing weight) at each config, then the op's forward and its backward (the 
 
 from __future__ import annotations
 
-import argparse
-import datetime
-from pathlib import Path
+import functools
 
 import torch
 import triton
-from bench_layer import slug
+from bench_layer import run_sweep
 
 import moe_ops
 from moe_ops.fused_experts import choose_block_m
@@ -68,21 +66,11 @@ def sweep_cell(name, E, K, H, F, T) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    out_dir = parser.parse_args().out
-    torch.manual_seed(0)
-    gpu = torch.cuda.get_device_name()
-    lines = ["# fused_experts weight-gradient kernel: tile sweep (benchmarks/sweep_weight_grad.py)", "",
-             f"- GPU: {gpu}", f"- torch {torch.__version__}, triton {triton.__version__}",
-             f"- run: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')}",
-             "- bf16, uniform routing, random data; `triton.testing.do_bench` medians", ""]
-    for cell in CELLS:
-        lines += sweep_cell(*cell)
-        torch.cuda.empty_cache()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"weight_grad_sweep_{slug(gpu)}.md").write_text("\n".join(lines) + "\n")
-
+    run_sweep(
+        __doc__, "fused_experts weight-gradient kernel: tile sweep (benchmarks/sweep_weight_grad.py)",
+        "bf16, uniform routing, random data; `triton.testing.do_bench` medians",
+        [functools.partial(sweep_cell, *cell) for cell in CELLS], "weight_grad_sweep",
+    )
 
 if __name__ == "__main__":
     main()

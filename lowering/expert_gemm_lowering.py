@@ -202,7 +202,7 @@ def tuned_expert_gemm(
     not benchmarked, and ``busy_estimate`` (busy blocks expected where it runs) sizes the tiles.
     ``out``: a buffer of the output's shape that the kernel writes (a mutated input) instead of a new
     one; the node returned then stands for nothing but that write."""
-    from moe_ops.expert_gemm_triton import gemm_config
+    from moe_ops.expert_gemm_triton import gemm_config, packed_blocks_max
 
     packed = expert_offsets is not None
     optional = (w_up, bias, bias_up, slot_weights)
@@ -216,11 +216,15 @@ def tuned_expert_gemm(
     device = a.get_device()
     rows = num_slots if scatter else sorted_slots.get_size()[0]
     n = w.get_size()[1]
-    layout = ir.FixedLayout(device, a.get_dtype(), [rows, n] if out is None else [1], [n, 1] if out is None else [1])
+    # Writing into ``out``, the node's own output is a placeholder that is never allocated.
+    size, stride = ([rows, n], [n, 1]) if out is None else ([1], [1])
+    layout = ir.FixedLayout(device, a.get_dtype(), size, stride)
 
     num_experts = int(w.get_size()[0])
-    # As expert_gemm_triton.packed_blocks_max, for a token count that may be symbolic.
-    blocks_max = CeilDiv(num_slots, block_m) + Min(num_experts, num_slots) if packed else block_expert.get_size()[0]
+    if packed:
+        blocks_max = packed_blocks_max(num_slots, num_experts, block_m, cdiv=CeilDiv, minimum=Min)
+    else:
+        blocks_max = block_expert.get_size()[0]
     if busy_estimate is None:
         slots_hint = inductor_size_hint(num_slots)
         blocks_hint = inductor_size_hint(blocks_max)

@@ -288,10 +288,11 @@ def gemm_config(
     return dict(BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages)
 
 
-def packed_blocks_max(num_slots: int, num_experts: int, block_m: int) -> int:
-    """Blocks a packed schedule can need: every expert with a slot may end in a partial block. (The
-    template computes the same, in the kernel and as a sympy expression for its grid.)"""
-    return triton.cdiv(num_slots, block_m) + min(num_experts, num_slots)
+def packed_blocks_max(num_slots, num_experts: int, block_m: int, cdiv=triton.cdiv, minimum=min):
+    """Blocks a packed schedule can need: every expert with a slot may end in a partial block. The
+    lowering passes sympy's ``cdiv``/``minimum`` for a symbolic slot count (its template's kernel
+    computes the same with tl.cdiv/tl.minimum)."""
+    return cdiv(num_slots, block_m) + minimum(num_experts, num_slots)
 
 
 def expert_gemm_triton(
