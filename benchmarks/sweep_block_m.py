@@ -26,7 +26,7 @@ TOKENS = (2, 8, 32, 128, 512, 2048, 8192)
 
 
 def dynamic_block_m(num_slots: int, num_experts: int) -> int:
-    for block_m, fewer, most in fused_module.block_m_ranges(num_experts):
+    for block_m, fewer, most, _ in fused_module.block_m_ranges(num_experts):
         if fewer < num_slots and (most is None or num_slots <= most):
             return block_m
     raise AssertionError("block_m_ranges covers every slot count")

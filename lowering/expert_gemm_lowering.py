@@ -41,7 +41,7 @@ log = logging.getLogger("moe_ops")
 TEMPLATE_SOURCE = r"""
 import triton
 import triton.language as tl
-from moe_ops.expert_gemm_triton import expert_gemm_tile, unrouted_rows_tile
+from moe_ops.expert_gemm_triton import expert_gemm_tile, make_descriptors, unrouted_rows_tile
 
 {%- set names = ["A", "W"] %}
 {%- if GATED %}{% set names = names + ["W_UP"] %}{% endif %}
@@ -60,6 +60,8 @@ from moe_ops.expert_gemm_triton import expert_gemm_tile, unrouted_rows_tile
     num_slots = {{size("A", 0)}} * GATHER_TOP_K
 {%- elif SCATTER %}
     num_slots = {{size("OUT", 0) if STORE_TO_OUT else size(None, 0)}}
+{%- elif PACKED %}
+    num_slots = {{size("A", 0)}}
 {%- else %}
     num_slots = {{size("SLOT_W", 0)}}
 {%- endif %}
@@ -68,60 +70,78 @@ from moe_ops.expert_gemm_triton import expert_gemm_tile, unrouted_rows_tile
 {%- else %}
     num_blocks_max = {{size("BLOCK_EXPERT", 0)}}
 {%- endif %}
-    pid = tl.program_id(0)
-    y, rows, cols, mask = expert_gemm_tile(
-        pid,
-        A, W, {{"W_UP" if GATED else "W"}}, {{"BIAS" if HAS_BIAS else "W"}}, {{"BIAS_UP" if HAS_BIAS_UP else "W"}},
-        {{"SLOT_W" if HAS_SLOT_WEIGHT else "W"}},
-        {{"SORTED_SLOTS, EXPERT_OFFSETS, SORTED_SLOTS" if PACKED else "SORTED_SLOTS, BLOCK_EXPERT, NUM_PADDED"}},
-        N, K, num_slots, GATHER_TOP_K, num_blocks_max, NUM_EXPERTS,
-        {{stride("A", 0)}}, {{stride("A", 1)}},
-        {{stride("W", 0)}}, {{stride("W", 1)}}, {{stride("W", 2)}},
-{%- if GATED %}
-        {{stride("W_UP", 0)}}, {{stride("W_UP", 1)}}, {{stride("W_UP", 2)}},
+{%- if TMA %}
+    a_desc, w_desc, u_desc = make_descriptors(
+        A, W, {{"W_UP" if GATED else "W"}}, {{size("A", 0)}}, N, K, NUM_EXPERTS, {{stride("A", 0)}},
+        {{stride("W", 0)}}, {{stride("W", 1)}},
+        {{stride("W_UP", 0) if GATED else 0}}, {{stride("W_UP", 1) if GATED else 0}},
+        GATED, BLOCK_M, BLOCK_N, BLOCK_K,
+    )
 {%- else %}
-        0, 0, 0,
+    a_desc, w_desc, u_desc = A, W, W
+{%- endif %}
+    num_tiles = num_blocks_max * tl.cdiv(N, BLOCK_N)
+{%- if ZERO_UNROUTED %}
+    num_tiles += tl.cdiv(num_slots, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+{%- endif %}
+    # One tile per program, or (TMA: a persistent grid of one program per SM) tiles strided by the grid.
+    for pid in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+        y, rows, cols, mask = expert_gemm_tile(
+            pid,
+            A, W, {{"W_UP" if GATED else "W"}}, {{"BIAS" if HAS_BIAS else "W"}}, {{"BIAS_UP" if HAS_BIAS_UP else "W"}},
+            {{"SLOT_W" if HAS_SLOT_WEIGHT else "W"}},
+            {{"SORTED_SLOTS, EXPERT_OFFSETS, SORTED_SLOTS" if PACKED else "SORTED_SLOTS, BLOCK_EXPERT, NUM_PADDED"}},
+            N, K, num_slots, GATHER_TOP_K, num_blocks_max, NUM_EXPERTS,
+            {{stride("A", 0)}}, {{stride("A", 1)}},
+            {{stride("W", 0)}}, {{stride("W", 1)}}, {{stride("W", 2)}},
+{%- if GATED %}
+            {{stride("W_UP", 0)}}, {{stride("W_UP", 1)}}, {{stride("W_UP", 2)}},
+{%- else %}
+            0, 0, 0,
 {%- endif %}
 {%- if HAS_BIAS %}
-        {{stride("BIAS", 0)}}, {{stride("BIAS", 1)}},
+            {{stride("BIAS", 0)}}, {{stride("BIAS", 1)}},
 {%- else %}
-        0, 0,
+            0, 0,
 {%- endif %}
 {%- if HAS_BIAS_UP %}
-        {{stride("BIAS_UP", 0)}}, {{stride("BIAS_UP", 1)}},
+            {{stride("BIAS_UP", 0)}}, {{stride("BIAS_UP", 1)}},
 {%- else %}
-        0, 0,
+            0, 0,
 {%- endif %}
-        ALPHA, LIMIT,
-        GATHER, SCATTER, GATED, HAS_BIAS, HAS_BIAS_UP, HAS_SLOT_WEIGHT, ACTIVATION,
-        {{'"ieee"' if IEEE else '"tf32"'}},
-        BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, PACKED, E_PAD,
-    )
+            ALPHA, LIMIT,
+            GATHER, SCATTER, GATED, HAS_BIAS, HAS_BIAS_UP, HAS_SLOT_WEIGHT, ACTIVATION,
+            {{'"ieee"' if IEEE else '"tf32"'}},
+            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, PACKED, E_PAD, TMA, a_desc, w_desc, u_desc,
+        )
 {%- if ZERO_UNROUTED %}
-    # Programs past the GEMM tiles got a zero tile that stores nothing. They write the rows of slots
-    # routed to no expert instead (ids >= E: no block owns them), so every output row is defined.
-    q = pid - num_blocks_max * tl.cdiv(N, BLOCK_N)
-    if q >= 0:
-        rows, cols, mask = unrouted_rows_tile(q, IDS, {{stride("IDS", 0)}}, num_slots, N, NUM_EXPERTS, BLOCK_M, BLOCK_N)
+        # Programs past the GEMM tiles got a zero tile that stores nothing. They write the rows of slots
+        # routed to no expert instead (ids >= E: no block owns them), so every output row is defined.
+        q = pid - num_blocks_max * tl.cdiv(N, BLOCK_N)
+        if q >= 0:
+            rows, cols, mask = unrouted_rows_tile(q, IDS, {{stride("IDS", 0)}}, num_slots, N, NUM_EXPERTS, BLOCK_M,
+                                                  BLOCK_N)
 {%- endif %}
-    idx_m = rows[:, None]
-    idx_n = cols[None, :]
+        idx_m = rows[:, None]
+        idx_n = cols[None, :]
 {%- if STORE_TO_OUT %}
-    # Into a buffer the template pairs of every block size share (only one pair runs per call); no
-    # epilogue fuses into this store.
-    tl.store(OUT + idx_m * {{stride("OUT", 0)}} + idx_n * {{stride("OUT", 1)}}, y.to(OUT.dtype.element_ty), mask)
+        # Into a buffer the template pairs of every block size share (only one pair runs per call); no
+        # epilogue fuses into this store.
+        tl.store(OUT + idx_m * {{stride("OUT", 0)}} + idx_n * {{stride("OUT", 1)}}, y.to(OUT.dtype.element_ty), mask)
 {%- else %}
-    {{store_output(("idx_m", "idx_n"), "y", "mask", val_shape=("BLOCK_M", "BLOCK_N"))}}
+        {{store_output(("idx_m", "idx_n"), "y", "mask", indent_width=8, val_shape=("BLOCK_M", "BLOCK_N"))}}
 {%- endif %}
 """
 
 
 @SymbolicGridFn
-def expert_gemm_grid(num_blocks_max, n, unrouted_rows, active, meta, *, cdiv):
+def expert_gemm_grid(num_blocks_max, n, unrouted_rows, active, meta, *, cdiv, min):
     """One program per (block, N tile) the schedule can hold (the busy ones are read on the device),
-    then one per (BLOCK_M rows, N tile) of ``unrouted_rows`` slot rows to zero where unrouted; no
-    program at all where ``active`` (0 or 1, an expression in the token count) is 0."""
-    return ((num_blocks_max + cdiv(unrouted_rows, meta["BLOCK_M"])) * cdiv(n, meta["BLOCK_N"]) * active, 1, 1)
+    then one per (BLOCK_M rows, N tile) of ``unrouted_rows`` slot rows to zero where unrouted; with
+    TMA at most one per SM, each walking tiles (persistent); no program at all where ``active`` (0 or
+    1, an expression in the token count) is 0."""
+    tiles = (num_blocks_max + cdiv(unrouted_rows, meta["BLOCK_M"])) * cdiv(n, meta["BLOCK_N"])
+    return ((min(tiles, meta["NUM_SMS"]) if meta["TMA"] else tiles) * active, 1, 1)
 
 
 expert_gemm_template = TritonTemplate(name="moe_ops_expert_gemm", grid=expert_gemm_grid, source=TEMPLATE_SOURCE)
@@ -161,6 +181,18 @@ def templates_allowed(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and inductor_config.cpu_backend == "triton")
 
 
+def tma_allowed(device: torch.device) -> bool:
+    """TMA tiles for this device: a Hopper-or-newer GPU, or CPU code generation (as for an H100)."""
+    from moe_ops.expert_gemm_triton import tma_device
+
+    return device.type == "cpu" or tma_device(device)
+
+
+def weight_views(*weights) -> list:
+    """(shape, strides, None) of each IR weight view present, as tma_applies takes them."""
+    return [(w.get_size(), w.get_stride(), None) for w in weights if w is not None]
+
+
 def _device_limits(device: torch.device) -> tuple[int, int]:
     if device.type == "cuda":
         from moe_ops.expert_gemm_triton import _device_limits as cuda_limits
@@ -192,7 +224,7 @@ def _autotune_configs(base: dict) -> list[dict]:
 def tuned_expert_gemm(
     a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
     num_slots, block_m, gather_top_k, scatter, activation, alpha, limit, slot_ids=None,
-    expert_offsets=None, active=1, busy_estimate=None, out=None,
+    expert_offsets=None, active=1, busy_estimate=None, out=None, tma=False,
 ):
     """The template node for one expert GEMM (Inductor IR in, IR out). Callers check that the
     template applies (``template_applies``). ``slot_ids`` (S,), for a scatter output only: the expert
@@ -201,8 +233,9 @@ def tuned_expert_gemm(
     ``active`` (0/1, an expression in the token count): launch no program where 0; the choice is then
     not benchmarked, and ``busy_estimate`` (busy blocks expected where it runs) sizes the tiles.
     ``out``: a buffer of the output's shape that the kernel writes (a mutated input) instead of a new
-    one; the node returned then stands for nothing but that write."""
-    from moe_ops.expert_gemm_triton import gemm_config, packed_blocks_max
+    one; the node returned then stands for nothing but that write. ``tma``: TMA tiles on a persistent
+    grid where the inputs allow them (``tma_applies``; A in schedule order, made contiguous here)."""
+    from moe_ops.expert_gemm_triton import gemm_config, packed_blocks_max, pipeline_fits, tma_applies
 
     packed = expert_offsets is not None
     optional = (w_up, bias, bias_up, slot_weights)
@@ -214,6 +247,9 @@ def tuned_expert_gemm(
     extra = [t for t in (slot_ids, out) if t is not None]
     input_nodes = [ir.ExternKernel.realize_input(t) for t in (*tensors, *extra)]
     device = a.get_device()
+    if tma:
+        # TMA loads A's rows as blocks: they must be contiguous.
+        input_nodes[0] = ir.ExternKernel.require_contiguous(input_nodes[0])
     rows = num_slots if scatter else sorted_slots.get_size()[0]
     n = w.get_size()[1]
     # Writing into ``out``, the node's own output is a placeholder that is never allocated.
@@ -232,13 +268,15 @@ def tuned_expert_gemm(
     num_sms, smem_bytes = _device_limits(device)
     gated = w_up is not None
     ieee = a.get_dtype() == torch.float32 and not fp32_matmul_allows_tf32()
-    base = gemm_config(block_m, int(n), gated, a.get_dtype().itemsize, busy_estimate, num_sms, smem_bytes, ieee)
+    tma = (tma and packed and gather_top_k == 0 and tma_allowed(device)
+           and tma_applies(a.get_dtype(), block_m, n, gated, weight_views(w, w_up)))
+    base = gemm_config(block_m, int(n), gated, a.get_dtype().itemsize, busy_estimate, num_sms, smem_bytes, ieee, tma)
     flags = dict(
         GATHER=gather_top_k > 0, SCATTER=bool(scatter), GATED=gated, HAS_BIAS=bias is not None,
         HAS_BIAS_UP=bias_up is not None, HAS_SLOT_WEIGHT=slot_weights is not None,
         ACTIVATION=ACTIVATION_CODE[activation], GATHER_TOP_K=max(gather_top_k, 1),
         ALPHA=float(alpha), LIMIT=float(limit),
-        IEEE=ieee, BLOCK_M=block_m,
+        IEEE=ieee, BLOCK_M=block_m, TMA=tma, NUM_SMS=num_sms,
         ZERO_UNROUTED=slot_ids is not None, NUM_EXPERTS=num_experts,
         PACKED=packed, E_PAD=triton.next_power_of_2(num_experts) if packed else 1, STORE_TO_OUT=out is not None,
     )
@@ -247,6 +285,10 @@ def tuned_expert_gemm(
     autotune = (inductor_config.max_autotune or inductor_config.max_autotune_gemm) and always_active
     choices = []
     for cfg in _autotune_configs(base) if autotune else [base]:
+        if tma and (int(n) % cfg["BLOCK_N"] or not pipeline_fits(
+                block_m, cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_stages"], gated, a.get_dtype().itemsize,
+                smem_bytes, tma=True)):
+            continue
         cfg = dict(cfg)
         num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
         expert_gemm_template.maybe_append_choice(

@@ -12,9 +12,13 @@ Inductor fuses the pointwise work that follows the MoE layer (the residual add, 
 output added to the routed output, a dtype cast) into that same kernel. With K = 1 the combine is
 pointwise and all of that fuses into the down template's store.
 
+From TMA_MIN_ROWS_PER_EXPERT rows per expert up (prefill), as in the op, both templates load their
+tiles through TMA on a persistent grid (expert_gemm_tile), the gate_up one from x's rows copied into
+schedule order by one gather kernel before it (TMA loads row blocks, it cannot gather).
+
 A dynamic token count (one graph for every T): the block size that pays differs by T (16 rows at
-decode, 128 at prefill: 4x apart at T = 8192), so the graph holds a template pair per block size of
-``block_m_ranges``, all over the one packed schedule. Each pair's grid is zero unless T is in its
+decode, 128 at prefill: 4x apart at T = 8192), so the graph holds a template pair per range of
+``block_m_ranges`` (the 128-row blocks without and with TMA), all over the one packed schedule. Each pair's grid is zero unless T is in its
 range (the launch then starts no program), and every down template writes into one shared output
 buffer, which the combine reads (so with K = 1 the graph's epilogue fuses into the combine, not into
 a template's store). No host-side branch: CUDA graphs record whichever pair ran.
@@ -38,7 +42,8 @@ from torch._inductor.lowering import lowerings as L
 from torch.utils._sympy.functions import Max, Min
 
 from lowering.direct_calls import extern_call
-from lowering.expert_gemm_lowering import templates_allowed, tuned_expert_gemm
+from lowering.expert_gemm_lowering import templates_allowed, tma_allowed, tuned_expert_gemm, weight_views
+from moe_ops.expert_gemm_triton import TMA_BLOCK_M, TMA_MIN_ROWS_PER_EXPERT, tma_applies
 from moe_ops.fused_experts import block_m_ranges, choose_block_m
 
 log = logging.getLogger("moe_ops")
@@ -72,6 +77,7 @@ class _Variant(NamedTuple):
     fewer: int = -1
     most: int | None = None
     busy_estimate: int | None = None  # busy blocks to size the tiles for; None: from the size hint
+    tma: bool = False  # TMA tiles (where the weights allow them), as the op chooses for these slot counts
 
     def active(self, num_slots):
         """1 where the pair runs, else 0: a factor of its grid (sympy, so the wrapper evaluates it per call)."""
@@ -81,17 +87,31 @@ class _Variant(NamedTuple):
         return runs if self.most is None else runs * Max(0, Min(1, self.most + 1 - num_slots))
 
 
-def _variants(num_slots, num_experts: int, top_k: int) -> list[_Variant]:
-    """A static T: the op's block size. A dynamic T: one pair per range of block_m_ranges, with tiles
-    sized for the fewest busy blocks that range can have."""
+def _variants(num_slots, num_experts: int, top_k: int, tma_possible: bool) -> list[_Variant]:
+    """A static T: the op's block size and TMA choice. A dynamic T: one pair per range of
+    block_m_ranges (its two 128-row ranges as one where TMA tiles are not possible for these weights),
+    with tiles sized for the fewest busy blocks that range can have."""
     if isinstance(num_slots, (int, sympy.Integer)):
-        return [_Variant(choose_block_m(int(num_slots), num_experts))]
+        num_slots = int(num_slots)
+        return [_Variant(choose_block_m(num_slots, num_experts),
+                         tma=tma_possible and num_slots >= TMA_MIN_ROWS_PER_EXPERT * num_experts)]
+    ranges = block_m_ranges(num_experts)
+    if not tma_possible:
+        (block_m, fewer, _, _), _ = ranges[-2:]
+        ranges = [*ranges[:-2], (block_m, fewer, None, False)]
     variants = []
-    for block_m, fewer, most in block_m_ranges(num_experts):
+    for block_m, fewer, most, tma in ranges:
         fewest_slots = max(fewer + 1, 2 * top_k)  # a dynamic T is at least 2 (dynamo specialises 0 and 1)
         busy = min(fewest_slots, num_experts) if block_m <= 32 else None
-        variants.append(_Variant(block_m, fewer, most, busy))
+        variants.append(_Variant(block_m, fewer, most, busy, tma))
     return variants
+
+
+def _rows_in_schedule_order(x, sorted_slots, top_k):
+    """x[sorted_slots // K] (T, H) -> (S, H); the sentinel positions of unrouted slots read row T - 1."""
+    token = L[aten.div.Tensor_mode](sorted_slots, top_k, rounding_mode="floor")
+    token = L[aten.clamp_max.default](token, x.get_size()[0] - 1)
+    return L[aten.index.Tensor](x, [token])
 
 
 @register_lowering(torch.ops.moe_ops.fused_experts.default, type_promotion_kind=None)
@@ -123,20 +143,27 @@ def lower_fused_experts(
     sorted_slots, _, _, _, expert_offsets = extern_call(torch.ops.moe_ops.block_schedule.default, topk_ids, E, 1)
     slot_weights = L[aten.reshape.default](topk_weights, [num_slots])
     slot_ids = L[aten.reshape.default](topk_ids, [num_slots])
-    variants = _variants(num_slots, E, K)
+    tma_possible = tma_allowed(x.get_device()) and tma_applies(
+        x.get_dtype(), TMA_BLOCK_M, gate.get_size()[1], up is not None, weight_views(gate, up))
+    variants = _variants(num_slots, E, K, tma_possible)
     # Several pairs (a dynamic T) write one output buffer; one pair returns its own, for epilogue fusion.
     shared = None if len(variants) == 1 else empty_strided([num_slots, H], None, dtype=x.get_dtype(),
                                                            device=x.get_device())
     for variant in variants:
         schedule = dict(expert_offsets=expert_offsets, active=variant.active(num_slots),
                         busy_estimate=variant.busy_estimate)
+        a, gather_top_k, tma = x, K, variant.tma
+        if tma:
+            # As the op: TMA loads row blocks, so x's rows are copied into schedule order first.
+            a, gather_top_k = _rows_in_schedule_order(x, sorted_slots, K), 0
         h_SF = tuned_expert_gemm(
-            x, gate, up, b_gate, b_up, None, sorted_slots, None, None,
-            num_slots, variant.block_m, K, False, activation, alpha, limit, **schedule,
+            a, gate, up, b_gate, b_up, None, sorted_slots, None, None,
+            num_slots, variant.block_m, gather_top_k, False, activation, alpha, limit, tma=tma, **schedule,
         )
         y_SH = tuned_expert_gemm(
             h_SF, down, None, b_down, None, slot_weights, sorted_slots, None, None,
-            num_slots, variant.block_m, 0, True, "none", alpha, limit, slot_ids=slot_ids, out=shared, **schedule,
+            num_slots, variant.block_m, 0, True, "none", alpha, limit, slot_ids=slot_ids, out=shared, tma=tma,
+            **schedule,
         )
     y_SH = y_SH if shared is None else shared
     # As the op: K summed in fp32, in a fixed order, rounded once to x's dtype. Written as K pointwise

@@ -82,7 +82,7 @@ def expert_gemm_tile(
     HAS_BIAS_UP: tl.constexpr, HAS_SLOT_WEIGHT: tl.constexpr, ACTIVATION: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PACKED: tl.constexpr = False, E_PAD: tl.constexpr = 1,
+    PACKED: tl.constexpr, E_PAD: tl.constexpr, TMA: tl.constexpr, a_desc, w_desc, u_desc,
 ):
     """The (BLOCK_M, BLOCK_N) output tile of program ``pid``: (values in fp32, output rows, output
     columns, store mask). Shared by the eager kernel (which stores it) and the Inductor template
@@ -92,7 +92,14 @@ def expert_gemm_tile(
     follow the previous expert's) and ``block_expert_ptr`` points at its ``expert_offsets`` (E + 1,).
     Each program finds its expert and rows from those offsets (an E-long prefix sum of every expert's
     block count), so one schedule serves any BLOCK_M: a graph compiled for every T holds templates of
-    several block sizes over one schedule. Rows are schedule positions; idle programs store nothing."""
+    several block sizes over one schedule. Rows are schedule positions; idle programs store nothing.
+
+    ``TMA`` (packed, A already in schedule order): A and weight tiles come through the tensor
+    descriptors ``a_desc`` (rows of A, block (BLOCK_M, BLOCK_K)) and ``w_desc``/``u_desc`` (rows of the
+    weights as (experts x stride_we / stride_wn, K), block (BLOCK_N, BLOCK_K)), which the caller makes
+    once per program (``make_descriptors``): Hopper's copy engine fetches them, so the warps spend no
+    registers or instructions on addresses and masks. The descriptors zero-fill past K and past A's
+    rows; rows of the next expert that a tile reads are never stored."""
     num_pid_n = tl.cdiv(N, BLOCK_N)
     if PACKED:
         e_idx = tl.arange(0, E_PAD)
@@ -125,8 +132,8 @@ def expert_gemm_tile(
         mine = e_idx == expert_of_block
         first_block = tl.sum(tl.where(mine, expert_blocks_end - expert_blocks, 0), 0)
         rows_end = tl.sum(tl.where(mine, expert_end, 0), 0)
-        offs_m = (tl.sum(tl.where(mine, expert_start, 0), 0) + (pid_m - first_block) * BLOCK_M
-                  + tl.arange(0, BLOCK_M))
+        row0 = tl.sum(tl.where(mine, expert_start, 0), 0) + (pid_m - first_block) * BLOCK_M
+        offs_m = row0 + tl.arange(0, BLOCK_M)
         rows_in_range = offs_m < rows_end
         expert = tl.minimum(expert_of_block, num_experts - 1).to(tl.int64)
         slot = tl.load(sorted_slots_ptr + offs_m, mask=rows_in_range, other=num_slots)
@@ -145,26 +152,38 @@ def expert_gemm_tile(
     col_valid = cols < N
     offs_k = tl.arange(0, BLOCK_K)
 
-    a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak
-    w_ptrs = w_ptr + expert * stride_we + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if GATED:
-        u_ptrs = (w_up_ptr + expert * stride_ue + cols[None, :].to(tl.int64) * stride_un
-                  + offs_k[:, None] * stride_uk)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
         acc_up = acc
-    for k0 in range(0, k_end, BLOCK_K):
-        k_valid = offs_k < K - k0
-        a = tl.load(a_ptrs, mask=row_valid[:, None] & k_valid[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_valid[:, None] & col_valid[None, :], other=0.0)
-        acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+    if TMA:
+        tl.static_assert(PACKED and not GATHER, "TMA tiles need a packed schedule and A in its order")
+        w_row = (expert * (stride_we // stride_wn) + pid_n * BLOCK_N).to(tl.int32)
         if GATED:
-            u = tl.load(u_ptrs, mask=k_valid[:, None] & col_valid[None, :], other=0.0)
-            acc_up = tl.dot(a, u, acc_up, input_precision=INPUT_PRECISION)
-            u_ptrs += BLOCK_K * stride_uk
-        a_ptrs += BLOCK_K * stride_ak
-        w_ptrs += BLOCK_K * stride_wk
+            u_row = (expert * (stride_ue // stride_un) + pid_n * BLOCK_N).to(tl.int32)
+        for k0 in range(0, k_end, BLOCK_K):
+            a = a_desc.load([row0.to(tl.int32), k0])
+            acc = tl.dot(a, w_desc.load([w_row, k0]).T, acc, input_precision=INPUT_PRECISION)
+            if GATED:
+                acc_up = tl.dot(a, u_desc.load([u_row, k0]).T, acc_up, input_precision=INPUT_PRECISION)
+    else:
+        a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak
+        w_ptrs = (w_ptr + expert * stride_we + cols[None, :].to(tl.int64) * stride_wn
+                  + offs_k[:, None] * stride_wk)
+        u_ptrs = (w_up_ptr + expert * stride_ue + cols[None, :].to(tl.int64) * stride_un
+                  + offs_k[:, None] * stride_uk)
+        for k0 in range(0, k_end, BLOCK_K):
+            k_valid = offs_k < K - k0
+            a = tl.load(a_ptrs, mask=row_valid[:, None] & k_valid[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_valid[:, None] & col_valid[None, :], other=0.0)
+            acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+            if GATED:
+                u = tl.load(u_ptrs, mask=k_valid[:, None] & col_valid[None, :], other=0.0)
+                acc_up = tl.dot(a, u, acc_up, input_precision=INPUT_PRECISION)
+                u_ptrs += BLOCK_K * stride_uk
+            a_ptrs += BLOCK_K * stride_ak
+            w_ptrs += BLOCK_K * stride_wk
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + expert * stride_be + cols * stride_bn, mask=col_valid, other=0.0
@@ -204,7 +223,7 @@ def _expert_gemm_kernel(
     a_ptr, w_ptr, w_up_ptr, bias_ptr, bias_up_ptr, slot_weight_ptr, out_ptr,
     sorted_slots_ptr, block_expert_ptr, num_padded_ptr, ids_ptr,
     # sizes
-    N, K, num_slots, gather_top_k, num_blocks_max, num_experts,
+    N, K, num_slots, gather_top_k, num_blocks_max, num_experts, num_a_rows,
     # strides
     stride_am, stride_ak,
     stride_we, stride_wn, stride_wk,
@@ -219,26 +238,62 @@ def _expert_gemm_kernel(
     HAS_BIAS_UP: tl.constexpr, HAS_SLOT_WEIGHT: tl.constexpr, ACTIVATION: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PACKED: tl.constexpr, E_PAD: tl.constexpr, ZERO_UNROUTED: tl.constexpr,
+    PACKED: tl.constexpr, E_PAD: tl.constexpr, ZERO_UNROUTED: tl.constexpr, TMA: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    y, rows, cols, mask = expert_gemm_tile(
-        pid,
-        a_ptr, w_ptr, w_up_ptr, bias_ptr, bias_up_ptr, slot_weight_ptr,
-        sorted_slots_ptr, block_expert_ptr, num_padded_ptr,
-        N, K, num_slots, gather_top_k, num_blocks_max, num_experts,
-        stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_ue, stride_un, stride_uk,
-        stride_be, stride_bn, stride_bue, stride_bun,
-        alpha, limit,
-        GATHER, SCATTER, GATED, HAS_BIAS, HAS_BIAS_UP, HAS_SLOT_WEIGHT, ACTIVATION, INPUT_PRECISION,
-        BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, PACKED, E_PAD,
-    )
+    if TMA:
+        a_desc, w_desc, u_desc = make_descriptors(
+            a_ptr, w_ptr, w_up_ptr, num_a_rows, N, K, num_experts, stride_am, stride_we, stride_wn, stride_ue,
+            stride_un, GATED, BLOCK_M, BLOCK_N, BLOCK_K,
+        )
+    else:
+        a_desc, w_desc, u_desc = a_ptr, w_ptr, w_up_ptr
+    num_tiles = num_blocks_max * tl.cdiv(N, BLOCK_N)
     if ZERO_UNROUTED:
-        q = pid - num_blocks_max * tl.cdiv(N, BLOCK_N)
-        if q >= 0:
-            rows, cols, mask = unrouted_rows_tile(q, ids_ptr, stride_ids, num_slots, N, num_experts, BLOCK_M, BLOCK_N)
-    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on, y.to(out_ptr.dtype.element_ty),
-             mask=mask)
+        num_tiles += tl.cdiv(num_slots, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    # One tile per program, or (a persistent grid of one program per SM) tiles strided by the grid.
+    for pid in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+        y, rows, cols, mask = expert_gemm_tile(
+            pid,
+            a_ptr, w_ptr, w_up_ptr, bias_ptr, bias_up_ptr, slot_weight_ptr,
+            sorted_slots_ptr, block_expert_ptr, num_padded_ptr,
+            N, K, num_slots, gather_top_k, num_blocks_max, num_experts,
+            stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_ue, stride_un, stride_uk,
+            stride_be, stride_bn, stride_bue, stride_bun,
+            alpha, limit,
+            GATHER, SCATTER, GATED, HAS_BIAS, HAS_BIAS_UP, HAS_SLOT_WEIGHT, ACTIVATION, INPUT_PRECISION,
+            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, PACKED, E_PAD, TMA, a_desc, w_desc, u_desc,
+        )
+        if ZERO_UNROUTED:
+            q = pid - num_blocks_max * tl.cdiv(N, BLOCK_N)
+            if q >= 0:
+                rows, cols, mask = unrouted_rows_tile(q, ids_ptr, stride_ids, num_slots, N, num_experts, BLOCK_M,
+                                                      BLOCK_N)
+        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on, y.to(out_ptr.dtype.element_ty),
+                 mask=mask)
+
+
+@triton.jit
+def make_descriptors(a_ptr, w_ptr, w_up_ptr, num_a_rows, N, K, num_experts, stride_am, stride_we, stride_wn,
+                     stride_ue, stride_un, GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+    """Tensor descriptors of a TMA tile (see expert_gemm_tile): A's rows, and each weight as the 2-D
+    rows of its (E, N, K) view (expert e's rows start at e * stride_we / stride_wn)."""
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[num_a_rows, K], strides=[stride_am, 1],
+                                       block_shape=[BLOCK_M, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[(num_experts - 1) * (stride_we // stride_wn) + N, K],
+                                       strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
+    if GATED:
+        u_desc = tl.make_tensor_descriptor(w_up_ptr, shape=[(num_experts - 1) * (stride_ue // stride_un) + N, K],
+                                           strides=[stride_un, 1], block_shape=[BLOCK_N, BLOCK_K])
+    else:
+        u_desc = w_desc
+    return a_desc, w_desc, u_desc
+
+
+def set_descriptor_allocator(device: torch.device) -> None:
+    """Device-side tensor descriptors live in global scratch memory that Triton asks the caller's
+    allocator for; Inductor's launcher sets one for its kernels, the eager launcher does the same."""
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
 
 
 @functools.cache
@@ -249,16 +304,54 @@ def _device_limits(device_index: int) -> tuple[int, int]:
 
 
 def pipeline_fits(block_m: int, block_n: int, block_k: int, stages: int, gated: bool, itemsize: int,
-                  smem_bytes: int) -> bool:
-    """Whether the pipeline's stages fit in shared memory with room left for the epilogue's layout change."""
+                  smem_bytes: int, tma: bool = False) -> bool:
+    """Whether the pipeline's stages fit in shared memory with room left for the epilogue's layout change
+    (less room with TMA loads, whose pipeline is drained before the epilogue)."""
     weight_tiles = 2 if gated else 1
-    return stages * (block_m + weight_tiles * block_n) * block_k * itemsize <= 0.8 * smem_bytes
+    return stages * (block_m + weight_tiles * block_n) * block_k * itemsize <= (0.9 if tma else 0.8) * smem_bytes
+
+
+# TMA (expert_gemm_tile) for tiles of this many rows, when experts average at least this many rows:
+# measured on the H100 (benchmarks/NOTES.md, v8), the fused op 1.06-1.24x faster from 256 rows per
+# expert up (Mixtral T >= 2048, Qwen3-30B-A3B and DeepSeek-V3 T = 8192) and 0.94-0.96x at 64-128
+# (Qwen3 and DeepSeek-V3 T = 2048), where the copy of x into schedule order and a persistent grid's
+# unhidden tile ends cost more than the loads save.
+TMA_BLOCK_M = 128
+TMA_MIN_ROWS_PER_EXPERT = 256
+
+
+def tma_device(device: torch.device) -> bool:
+    """A Hopper-or-newer GPU, with Triton's device-side tensor descriptors."""
+    return (device.type == "cuda" and hasattr(tl, "make_tensor_descriptor")
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def tma_applies(dtype: torch.dtype, block_m: int, n, gated: bool, weights) -> bool:
+    """Whether a packed-schedule GEMM with A in schedule order can load through TMA (on a device where
+    ``tma_device``): 16-bit inputs, prefill-sized tiles, and weight views (E, N, K) whose rows are
+    K-contiguous, 16-byte aligned and a whole number of rows apart between experts (``weights``:
+    (shape, strides, data_ptr or None) of each, from tensors or Inductor IR), N a multiple of the
+    tile's columns (a tile must not reach into the next expert's rows). Callers pass A with contiguous
+    rows."""
+    if block_m != TMA_BLOCK_M or dtype not in (torch.bfloat16, torch.float16) or int(n) % prefill_block_n(gated):
+        return False
+    itemsize = dtype.itemsize
+    for shape, strides, data_ptr in weights:
+        (_, _, k), (stride_e, stride_n, stride_k) = map(int, shape), map(int, strides)
+        if (stride_k != 1 or stride_n < k or stride_e % stride_n or (stride_n * itemsize) % 16
+                or (k * itemsize) % 16 or (data_ptr is not None and data_ptr % 16)):
+            return False
+    return True
 
 
 @functools.lru_cache(maxsize=1024)
+def prefill_block_n(gated: bool) -> int:
+    return 128 if gated else 256
+
+
 def gemm_config(
     block_m: int, n: int, gated: bool, itemsize: int, busy_blocks_estimate: int, num_sms: int, smem_bytes: int,
-    ieee_fp32: bool = False,
+    ieee_fp32: bool = False, tma: bool = False,
 ) -> dict:
     """Tile config by token bucket (block_m): a heuristic, not autotuned, so that eager calls never
     pay a tuning sweep (benchmarks/NOTES.md records what each choice measured). ``ieee_fp32``: fp32
@@ -278,9 +371,13 @@ def gemm_config(
     else:
         # Prefill is compute bound: the 128 x 256 tile, 8 warps, 3 stages that Hopper's Triton GEMMs
         # run best with; gated, the 256 columns are 128 of gate and 128 of up.
-        block_n, block_k, warps, stages = (128 if gated else 256), 64, 8, 3
+        block_n, block_k, warps, stages = prefill_block_n(gated), 64, 8, 3
+    if tma:
+        # The same tile one stage deeper: with TMA loads the epilogue needs no room beside the pipeline
+        # (Mixtral T = 8192 gate_up: 6.20 -> 5.76 ms with a persistent grid; benchmarks/NOTES.md, v8).
+        stages += 1
     # fp32 inputs (twice the bytes) and smaller GPUs give up stages first, then depth in K.
-    while not pipeline_fits(block_m, block_n, block_k, stages, gated, itemsize, smem_bytes):
+    while not pipeline_fits(block_m, block_n, block_k, stages, gated, itemsize, smem_bytes, tma):
         if stages > 2:
             stages -= 1
         else:
@@ -298,7 +395,7 @@ def packed_blocks_max(num_slots, num_experts: int, block_m: int, cdiv=triton.cdi
 def expert_gemm_triton(
     a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
     num_slots, block_m, gather_top_k, scatter, activation, alpha, limit, config=None, out_dtype=None,
-    expert_offsets=None, slot_ids=None,
+    expert_offsets=None, slot_ids=None, tma=False,
 ):
     """Launch the kernel; same arguments and result as moe_ops.expert_gemm.expert_gemm_ref.
     ``config`` (BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) replaces the heuristic's choice:
@@ -307,7 +404,9 @@ def expert_gemm_triton(
     ``block_expert`` and ``num_padded`` None: a packed schedule (``block_schedule(..., 1)``), for any
     ``block_m``; a schedule-order output then has one row per position and only routed rows written.
     ``slot_ids`` (S,), with ``scatter``: each slot's expert, so that the kernel writes the zeros of the
-    slots routed to no expert (ids >= E) itself (else the output is zero-filled first)."""
+    slots routed to no expert (ids >= E) itself (else the output is zero-filled first). ``tma``: load
+    through tensor descriptors on a persistent grid (expert_gemm_tile) where the inputs allow it
+    (``tma_applies``, A in schedule order with contiguous rows); the caller decides whether it pays."""
     num_positions = sorted_slots.shape[0]
     n, k = w.shape[1], w.shape[2]
     num_experts = w.shape[0]
@@ -332,17 +431,28 @@ def expert_gemm_triton(
     num_sms, smem_bytes = _device_limits(a.device.index or 0) if a.device.type == "cuda" else (1, 1 << 30)
     # fp32 inputs stay exact unless the user allowed tf32, as torch.matmul does.
     ieee = a.dtype == torch.float32 and not fp32_matmul_allows_tf32()
+    if tma:
+        weights = [(t.shape, t.stride(), t.data_ptr()) for t in (w, w_up) if t is not None]
+        # CPU tensors: the interpreter, which runs descriptors too (the tests' way to check this path).
+        tma = (packed and gather_top_k == 0 and a.stride(1) == 1 and (a.stride(0) * a.element_size()) % 16 == 0
+               and a.data_ptr() % 16 == 0 and (a.device.type == "cpu" or tma_device(a.device))
+               and tma_applies(a.dtype, block_m, n, gated, weights))
     if config is None:
-        config = gemm_config(block_m, n, gated, a.element_size(), busy_estimate, num_sms, smem_bytes, ieee)
+        config = gemm_config(block_m, n, gated, a.element_size(), busy_estimate, num_sms, smem_bytes, ieee, tma)
+    tma = tma and n % config["BLOCK_N"] == 0
     unrouted_blocks = triton.cdiv(num_slots, block_m) if zero_unrouted else 0
-    grid = ((num_blocks_max + unrouted_blocks) * triton.cdiv(n, config["BLOCK_N"]),)
+    num_tiles = (num_blocks_max + unrouted_blocks) * triton.cdiv(n, config["BLOCK_N"])
+    # TMA tiles run on a persistent grid: one program per SM walks the tiles.
+    grid = (min(num_tiles, num_sms) if tma else num_tiles,)
+    if tma:
+        set_descriptor_allocator(a.device)
     dummy = out  # placeholder pointer for absent optional tensors; never dereferenced
     _expert_gemm_kernel[grid](
         a, w, w_up if gated else dummy, bias if bias is not None else dummy,
         bias_up if bias_up is not None else dummy,
         slot_weights if slot_weights is not None else dummy, out,
         sorted_slots, block_expert, num_padded, slot_ids if zero_unrouted else dummy,
-        n, k, num_slots, max(gather_top_k, 1), num_blocks_max, num_experts,
+        n, k, num_slots, max(gather_top_k, 1), num_blocks_max, num_experts, a.shape[0],
         a.stride(0), a.stride(1),
         *w.stride(),
         *(w_up.stride() if gated else (0, 0, 0)),
@@ -355,6 +465,6 @@ def expert_gemm_triton(
         ACTIVATION=ACTIVATION_CODE[activation],
         INPUT_PRECISION="ieee" if ieee else "tf32",
         BLOCK_M=block_m, PACKED=packed, E_PAD=triton.next_power_of_2(num_experts) if packed else 1,
-        ZERO_UNROUTED=zero_unrouted, **config,
+        ZERO_UNROUTED=zero_unrouted, TMA=tma, **config,
     )
     return out

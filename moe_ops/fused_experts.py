@@ -187,13 +187,18 @@ def choose_block_m(num_slots: int, num_experts: int) -> int:
     return 128
 
 
-def block_m_ranges(num_experts: int) -> list[tuple[int, int, int | None]]:
-    """For a graph compiled for every T: (block_m, fewest slots - 1, most slots or None) per block size
-    it holds. Three sizes where choose_block_m has four, as each size is one more pair of templates:
-    in benchmarks/results/block_m_sweep_*.md 64 rows beat the size chosen here by 1-5% where the GPU
-    time dominates, and by more only in a host-bound cell whose ranking moved between runs (NOTES v7)."""
-    bounds = [(16, 8 * num_experts), (32, 48 * num_experts), (128, None)]
-    return [(block_m, 0 if i == 0 else bounds[i - 1][1], most) for i, (block_m, most) in enumerate(bounds)]
+def block_m_ranges(num_experts: int) -> list[tuple[int, int, int | None, bool]]:
+    """For a graph compiled for every T: (block_m, fewest slots - 1, most slots or None, TMA) per
+    template pair it holds. Three block sizes where choose_block_m has four, as each is one more pair
+    of templates: in benchmarks/results/block_m_sweep_*.md 64 rows beat the size chosen here by 1-5%
+    where the GPU time dominates, and by more only in a host-bound cell whose ranking moved between
+    runs (NOTES v7). The 128-row blocks are two pairs: TMA tiles from TMA_MIN_ROWS_PER_EXPERT rows
+    per expert up, as the op chooses."""
+    from moe_ops.expert_gemm_triton import TMA_MIN_ROWS_PER_EXPERT
+
+    bounds = [(16, 8 * num_experts, False), (32, 48 * num_experts, False),
+              (128, TMA_MIN_ROWS_PER_EXPERT * num_experts - 1, False), (128, None, True)]
+    return [(block_m, 0 if i == 0 else bounds[i - 1][1], most, tma) for i, (block_m, most, tma) in enumerate(bounds)]
 
 
 def fused_experts_triton(
@@ -202,7 +207,7 @@ def fused_experts_triton(
 ):
     """The Triton path (the op's CUDA kernel; tests also run it on CPU under the interpreter)."""
     from moe_ops.capacity_triton import apply_capacity_triton
-    from moe_ops.expert_gemm_triton import expert_gemm_triton
+    from moe_ops.expert_gemm_triton import TMA_MIN_ROWS_PER_EXPERT, expert_gemm_triton, tma_applies, tma_device
     from moe_ops.schedule_triton import block_schedule_triton
 
     _check_fused_args(
@@ -223,14 +228,23 @@ def fused_experts_triton(
     block_m = choose_block_m(num_slots, E)
     # Packed (no padding): the same schedule the compiled graphs use, where several block sizes share it.
     sorted_slots, _, _, _, expert_offsets = block_schedule_triton(ids, E, 1)
+    a, gather_top_k = x, K
+    weight_views = [(t.shape, t.stride(), t.data_ptr()) for t in (w.gate, w.up) if t is not None]
+    tma = (num_slots >= TMA_MIN_ROWS_PER_EXPERT * E and tma_device(x.device)
+           and tma_applies(x.dtype, block_m, w.gate.shape[1], w.up is not None, weight_views))
+    if tma:
+        # TMA loads whole row blocks, not a gather: x's rows copied into schedule order first (one
+        # pass over S x H, ~1% of the GEMMs' time at the sizes that get here).
+        a, gather_top_k = x.index_select(0, (sorted_slots // K).clamp_max(T - 1)), 0
     h = expert_gemm_triton(
-        x, w.gate, w.up, w.b_gate, w.b_up, None, sorted_slots, None, None,
-        num_slots, block_m, K, False, activation, alpha, limit, expert_offsets=expert_offsets,
+        a, w.gate, w.up, w.b_gate, w.b_up, None, sorted_slots, None, None,
+        num_slots, block_m, gather_top_k, False, activation, alpha, limit, expert_offsets=expert_offsets, tma=tma,
     )
     slot_weights = topk_weights.reshape(-1)
     y_SH = expert_gemm_triton(
         h, w.down, None, w.b_down, None, slot_weights, sorted_slots, None, None,
         num_slots, block_m, 0, True, "none", alpha, limit, expert_offsets=expert_offsets, slot_ids=ids.reshape(-1),
+        tma=tma,
     )
     # torch's sum accumulates half-precision inputs in fp32 and sums K in a fixed order.
     return y_SH.view(T, K, -1).sum(1), num_dropped

@@ -337,7 +337,9 @@ def test_cuda_aoti_package_contents(cuda_package):
     assert "_grouped_mm" not in wrapper and "topk" not in wrapper
     assert extern_ops == ["moe_ops::route", "moe_ops::block_schedule"]
     kernels = set(re.findall(r"triton_tem_\w+", wrapper))
-    assert len(kernels) >= (2 * len(block_m_ranges(E)) if dynamic else 2), kernels
+    # H and F here are not multiples of the TMA tiles' columns: the two 128-row ranges are one pair.
+    pairs = len(block_m_ranges(E)) - 1 if dynamic else 1
+    assert len(kernels) >= 2 * pairs, kernels
 
 
 @pytest.mark.cuda

@@ -210,13 +210,18 @@ def test_dynamic_token_count_holds_a_template_pair_per_block_size():
     assert "block_schedule.default(buf2, 4, 1)" in calls  # packed: block_m = 1, no padding
     kernels = kernel_sources(code)
     templates = [name for name in kernels if name.startswith("triton_tem_")]
-    ranges = block_m_ranges(E)
+    # TMA tiles need N a multiple of the tile's columns, which these weights are not (F = 32): the two
+    # 128-row ranges are one pair.
+    *ranges, (block_m, fewer, _, _) = block_m_ranges(E)
+    ranges[-1] = (block_m, ranges[-1][1], None, False)
     assert len(templates) == 2 * len(ranges) == 6, templates
-    for (block_m, fewer, most), pair in zip(ranges, zip(templates[::2], templates[1::2], strict=True), strict=True):
+    for (block_m, fewer, most, _), pair in zip(ranges, zip(templates[::2], templates[1::2], strict=True),
+                                               strict=True):
         for name in pair:
             FileCheck().check(f"BLOCK_M : tl.constexpr = {block_m}").check("PACKED : tl.constexpr = True").run(
                 kernels[name]
             )
+            assert "TMA : tl.constexpr = False" in kernels[name]
             # The launch's grid is a multiple of [fewer < S <= most], S = 2 * T (sympy drops S > 0).
             launch = calls.split(f"{name}.run(")[1].split("\n")[0]
             if fewer > 0:
@@ -234,6 +239,38 @@ def test_dynamic_token_count_holds_a_template_pair_per_block_size():
     assert len(shared) == 1 and shared.pop().startswith("buf"), calls
     for name in templates[1::2]:
         FileCheck().check("STORE_TO_OUT : tl.constexpr = True").check("tl.store(OUT + idx_m").run(kernels[name])
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static_T", "dynamic_T"])
+def test_prefill_tiles_load_through_tma(dynamic):
+    """From TMA_MIN_ROWS_PER_EXPERT rows per expert up (a static T that large, or the last pair of a
+    dynamic T), the gate_up and down templates load through tensor descriptors on a persistent grid
+    (one program per SM of an H100 when generated on CPU), the gate_up one reading x's rows copied
+    into schedule order by one gather kernel; a dynamic T's other pairs keep pointer loads."""
+    from moe_ops.expert_gemm_triton import TMA_MIN_ROWS_PER_EXPERT
+
+    hidden, inter = 256, 128  # multiples of the TMA tiles' columns (down 256, gate and up 128 each)
+    tokens = TMA_MIN_ROWS_PER_EXPERT * E // 2
+    w_gate_up, w_down = weights(hidden=hidden, inter=inter)
+    args = layer_inputs(tokens=tokens, hidden=hidden)
+    if dynamic:
+        for t in args:
+            torch._dynamo.mark_dynamic(t, 0)
+    code = generated_code(moe_layer(2, w_gate_up, w_down), *args)
+    calls = code.split("def call(")[1]
+    kernels = kernel_sources(code)
+    templates = [name for name in kernels if name.startswith("triton_tem_")]
+    tma = [name for name in templates if "TMA : tl.constexpr = True" in kernels[name]]
+    assert len(templates) == (8 if dynamic else 2) and tma == templates[-2:], templates
+    for name in tma:
+        FileCheck().check("make_descriptors(").check("for pid in range(tl.program_id(0), num_tiles").check(
+            "expert_gemm_tile(").run(kernels[name])
+        if dynamic:  # a static T's grid is a number (here fewer tiles than SMs)
+            assert "min(132, " in calls.split(f"{name}.run(")[1].split("\n")[0]
+    # The gather: one pointwise kernel writes the rows the TMA gate_up template reads.
+    gate_up_inputs = calls.split(f"{tma[0]}.run(")[1].split(",")
+    writer = calls.split(f", {gate_up_inputs[0]},")[0].rsplit("\n", 1)[-1]
+    assert "triton_poi_" in writer and "x" not in gate_up_inputs[0], writer
 
 
 def test_templates_off_keeps_one_extern_call():
@@ -419,9 +456,10 @@ def test_cuda_one_layer_launches_three_kernels_and_two_direct_calls():
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
 def test_cuda_dynamic_tokens_one_graph(mode):
     """One graph for every T, through the templates: T at both ends of each block size's range
-    (E = 16, K = 2: 16 rows up to T = 64, 32 rows up to T = 384, 128 rows beyond), also replayed
-    from CUDA graphs. Launches: the 3 template pairs (only the pair of T's range starts programs)
-    and the combine with the residual add; route and schedule as direct calls."""
+    (E = 16, K = 2: 16 rows up to T = 64, 32 rows up to T = 384, 128 rows up to T = 2047, 128-row TMA
+    tiles beyond), also replayed from CUDA graphs. Launches: the 4 template pairs (only the pair of
+    T's range starts programs), the copy of x into schedule order for the TMA pair, and the combine
+    with the residual add; route and schedule as direct calls."""
     w_gate_up, w_down = weights(torch.bfloat16, 16, 256, 128, "cuda")
     layer = moe_layer(2, w_gate_up, w_down)
     compiled = torch.compile(layer, mode=mode)
@@ -431,11 +469,11 @@ def test_cuda_dynamic_tokens_one_graph(mode):
     actual, codes = run_and_get_code(compiled, *args)
     assert_close_rel(actual, layer(*args), torch.bfloat16)
     code = "\n".join(codes)  # under CUDA graphs the launches sit in a partition function, not in call()
-    assert code.count(".run(") == 7, code
+    assert code.count(".run(") == 10, code
     assert code.count("moe_ops._dispatch.route_cuda(") == code.count("moe_ops._dispatch.block_schedule_cuda(") == 1
     assert "moe_ops.fused_experts.default(" not in code
     with torch.compiler.set_stance("fail_on_recompile"):
-        for tokens in (3, 64, 65, 129, 384, 385, 1000, 3):
+        for tokens in (3, 64, 65, 129, 384, 385, 1000, 2047, 2048, 3000, 3):
             args = layer_inputs(tokens, torch.bfloat16, 16, 256, "cuda")
             assert_close_rel(compiled(*args).clone(), layer(*args), torch.bfloat16, f"T={tokens}")
     assert counters["inductor"]["cudagraph_skips"] == 0
