@@ -18,10 +18,11 @@ schedule order by one gather kernel before it (TMA loads row blocks, it cannot g
 
 A dynamic token count (one graph for every T): the block size that pays differs by T (16 rows at
 decode, 128 at prefill: 4x apart at T = 8192), so the graph holds a template pair per range of
-``block_m_ranges`` (the 128-row blocks without and with TMA), all over the one packed schedule. Each pair's grid is zero unless T is in its
-range (the launch then starts no program), and every down template writes into one shared output
-buffer, which the combine reads (so with K = 1 the graph's epilogue fuses into the combine, not into
-a template's store). No host-side branch: CUDA graphs record whichever pair ran.
+``block_m_ranges`` (the 128-row blocks without and with TMA), all over the one packed schedule.
+Each pair's grid is zero unless T is in its range (the launch then starts no program), and every
+down template writes into one shared output buffer, which the combine reads (so with K = 1 the
+graph's epilogue fuses into the combine, not into a template's store). No host-side branch: CUDA
+graphs record whichever pair ran.
 
 The lowering is exact where it fires: it computes what the op's CUDA kernel computes (same tile
 function, same schedule, same rounding points). It steps aside (the op stays one extern call, to its
@@ -43,7 +44,7 @@ from torch.utils._sympy.functions import Max, Min
 
 from lowering.direct_calls import extern_call
 from lowering.expert_gemm_lowering import templates_allowed, tma_allowed, tuned_expert_gemm, weight_views
-from moe_ops.expert_gemm_triton import TMA_BLOCK_M, TMA_MIN_ROWS_PER_EXPERT, tma_applies
+from moe_ops.expert_gemm_triton import TMA_BLOCK_M, tma_applies, tma_pays
 from moe_ops.fused_experts import block_m_ranges, choose_block_m
 
 log = logging.getLogger("moe_ops")
@@ -94,7 +95,7 @@ def _variants(num_slots, num_experts: int, top_k: int, tma_possible: bool) -> li
     if isinstance(num_slots, (int, sympy.Integer)):
         num_slots = int(num_slots)
         return [_Variant(choose_block_m(num_slots, num_experts),
-                         tma=tma_possible and num_slots >= TMA_MIN_ROWS_PER_EXPERT * num_experts)]
+                         tma=tma_possible and tma_pays(num_slots, num_experts))]
     ranges = block_m_ranges(num_experts)
     if not tma_possible:
         (block_m, fewer, _, _), _ = ranges[-2:]

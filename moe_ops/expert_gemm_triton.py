@@ -322,8 +322,17 @@ TMA_MIN_ROWS_PER_EXPERT = 256
 
 def tma_device(device: torch.device) -> bool:
     """A Hopper-or-newer GPU, with Triton's device-side tensor descriptors."""
-    return (device.type == "cuda" and hasattr(tl, "make_tensor_descriptor")
-            and torch.cuda.get_device_capability(device)[0] >= 9)
+    return device.type == "cuda" and _tma_capable(device.index or 0)
+
+
+@functools.cache
+def _tma_capable(device_index: int) -> bool:
+    return hasattr(tl, "make_tensor_descriptor") and torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def tma_pays(num_slots, num_experts: int) -> bool:
+    """Whether TMA tiles are worth their gather pass at this many slots (TMA_MIN_ROWS_PER_EXPERT)."""
+    return num_slots >= TMA_MIN_ROWS_PER_EXPERT * num_experts
 
 
 def tma_applies(dtype: torch.dtype, block_m: int, n, gated: bool, weights) -> bool:

@@ -207,7 +207,7 @@ def fused_experts_triton(
 ):
     """The Triton path (the op's CUDA kernel; tests also run it on CPU under the interpreter)."""
     from moe_ops.capacity_triton import apply_capacity_triton
-    from moe_ops.expert_gemm_triton import TMA_MIN_ROWS_PER_EXPERT, expert_gemm_triton, tma_applies, tma_device
+    from moe_ops.expert_gemm_triton import expert_gemm_triton, tma_applies, tma_device, tma_pays
     from moe_ops.schedule_triton import block_schedule_triton
 
     _check_fused_args(
@@ -230,7 +230,7 @@ def fused_experts_triton(
     sorted_slots, _, _, _, expert_offsets = block_schedule_triton(ids, E, 1)
     a, gather_top_k = x, K
     weight_views = [(t.shape, t.stride(), t.data_ptr()) for t in (w.gate, w.up) if t is not None]
-    tma = (num_slots >= TMA_MIN_ROWS_PER_EXPERT * E and tma_device(x.device)
+    tma = (tma_pays(num_slots, E) and tma_device(x.device)
            and tma_applies(x.dtype, block_m, w.gate.shape[1], w.up is not None, weight_views))
     if tma:
         # TMA loads whole row blocks, not a gather: x's rows copied into schedule order first (one
