@@ -7,11 +7,13 @@ torch.ops (the dispatcher path that the public functions skip for plain CUDA ten
 autograd), and a cProfile of the public calls (the functions that cost the most host time).
 Writes host_profile_<gpu>.md.
 
-With --compiled, the same for transformers' block under torch.compile, with the moe_ops rewrites and
-without (its T = 1 graph is static, the later token counts share one dynamic-T graph, as in
-bench_layer.py), and a cProfile of the compiled call with moe_ops: host_profile_compiled_<gpu>.md.
+With --compiled, transformers' block under torch.compile with the moe_ops rewrites and without, and
+the eager op, at the cells of --cells, each compiled block seeing its token counts in bench_layer.py's
+order: do_bench, host submission time, one call's latency, GPU kernel time and launches per call
+(torch.profiler), whether a call synchronises, the kernels by time, and every compile's generated
+code: compiled_profile_<gpu>.md and compiled_profile_<gpu>_code.py.txt.
 
-    python benchmarks/profile_host.py --out benchmarks/results [--compiled]
+    python benchmarks/profile_host.py --out benchmarks/results [--compiled [--cells "shape:T,T;shape:T"]]
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import io
 import pstats
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -92,26 +95,99 @@ def profile_text(fn, top: int) -> str:
     return text.getvalue()
 
 
-def compiled_report(gpu: str, top: int) -> list[str]:
-    from bench_layer import SHAPES, build_hf_blocks, make_layer, random_tokens
+def gpu_kernels_per_call(fn, calls: int = 20) -> tuple[float, float, list[tuple[str, float, float]]]:
+    """(GPU busy us per call, launches per call, [(kernel, us per call, launches per call)] by time):
+    torch.profiler's CUDA kernel records over ``calls`` back-to-back calls."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
 
-    shape = SHAPES["qwen3-30b-a3b"]
-    blocks = build_hf_blocks(shape, torch.device("cuda"))
-    lines = [f"# Host profile of transformers' block under torch.compile: {gpu}, torch {torch.__version__}, "
-             f"triton {triton.__version__}", "", f"{shape.name}; T = 1 static graph, later T one dynamic-T graph.",
-             "", "| impl | T | do_bench ms | host us/call |", "|---|---|---|---|"]
-    profiles = []
-    for impl in ("compile_hf_grouped_mm", "moe_ops_compile_hf_grouped_mm"):
-        layer = make_layer(impl, blocks, shape)
-        for T in (1, 32, 512):
-            call = functools.partial(layer, random_tokens(blocks["hf_eager"].gate.weight, T, shape.top_k))
-            call()
-            lines.append(f"| {impl} | {T} | {triton.testing.do_bench(call, warmup=25, rep=200):.4f} | "
-                         f"{host_us_per_call(call):.1f} |")
-            print(lines[-1], flush=True)
-            if T == 32:
-                profiles += ["", f"## cProfile, {impl} T={T}, {CALLS} calls", "```", profile_text(call, top), "```"]
-    return lines + profiles
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    per_kernel: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type == DeviceType.CUDA:
+            per_kernel.setdefault(event.name, []).append(event.time_range.elapsed_us())
+    table = sorted(((name, sum(us) / calls, len(us) / calls) for name, us in per_kernel.items()),
+                   key=lambda row: -row[1])
+    return sum(row[1] for row in table), sum(row[2] for row in table), table
+
+
+def synchronizing(fn) -> str:
+    """'' if one call makes no host-device synchronisation, else the error torch's sync debug mode raised."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+    except RuntimeError as error:
+        return str(error).splitlines()[0]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return ""
+
+
+def latency_us(fn) -> float:
+    """Median wall clock of one call to its GPU work's end (host and GPU in series, as at decode)."""
+    times = []
+    for _ in range(100):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e6)
+    return sorted(times)[len(times) // 2]
+
+
+# moe_ops_extern_...: templates off, so route and schedule are calls of the ops (lowering/kernel_calls.py).
+COMPILED_IMPLS = ("compile_hf_grouped_mm", "moe_ops_compile_hf_grouped_mm", "moe_ops_extern_compile_hf_grouped_mm",
+                  "moe_ops")
+
+
+def compiled_report(gpu: str, top: int, cells: dict[str, list[int]]) -> tuple[list[str], list[str]]:
+    """Report lines, and the generated code of every compile (one text)."""
+    from bench_layer import SHAPES, build_hf_blocks, make_layer, random_tokens
+    from torch._inductor.graph import GraphLowering
+
+    lines = [f"# transformers' block under torch.compile, with and without moe_ops: {gpu}, torch {torch.__version__}, "
+             f"triton {triton.__version__}, {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}", "",
+             "Each compiled block sees the token counts in bench_layer.py's order (its first T a static graph, "
+             "later ones one dynamic-T graph). do_bench: p50 with L2 flushed; host: submission time per call, "
+             f"best of 5 x {CALLS} back-to-back calls; latency: one call to its GPU work's end, median of 100; "
+             "GPU: kernel time per call (torch.profiler, 20 calls); sync: what a call synchronises, if anything.",
+             "", "| shape | impl | T | do_bench ms | host us | latency us | GPU us | launches | sync |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    details, codes = [], []
+    for shape_name, tokens in cells.items():
+        shape = SHAPES[shape_name]
+        blocks = build_hf_blocks(shape, torch.device("cuda"))
+        for impl in COMPILED_IMPLS:
+            layer = make_layer(impl, blocks, shape)
+            for T in tokens:
+                x = random_tokens(blocks["hf_eager"].gate.weight, T, shape.top_k)
+                call = functools.partial(layer, x)
+                # Not run_and_get_code: it resets dynamo, and the dynamic-T graph is what later T reuse.
+                code = []
+                with mock.patch.object(GraphLowering, "save_output_code", code.append):
+                    call()
+                codes += [f"# ==== {shape_name} {impl} compiled at T = {T}\n{c}" for c in code]
+                busy, launches, kernels = gpu_kernels_per_call(call)
+                sync = synchronizing(call)
+                lines.append(
+                    f"| {shape_name} | {impl} | {T} | {triton.testing.do_bench(call, warmup=25, rep=200):.4f} | "
+                    f"{host_us_per_call(call):.1f} | {latency_us(call):.1f} | {busy:.1f} | {launches:g} | "
+                    f"{sync or 'none'} |")
+                print(lines[-1], flush=True)
+                details += ["", f"### {shape_name} {impl} T={T}: GPU us per call by kernel", "",
+                            "| kernel | us | launches |", "|---|---|---|"]
+                details += [f"| `{name[:100]}` | {us:.1f} | {n:g} |" for name, us, n in kernels[:top]]
+                if T == tokens[0] and impl != "moe_ops":
+                    details += ["", f"cProfile, {CALLS} calls:", "```", profile_text(call, top), "```"]
+            del layer
+            torch._dynamo.reset()
+    return lines + details, codes
 
 
 def main() -> None:
@@ -119,15 +195,21 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--compiled", action="store_true", help="profile transformers' block under torch.compile")
+    parser.add_argument("--cells", default="qwen3-30b-a3b:1,32,128;mixtral-8x7b:1,32,128,512,2048,8192",
+                        help="--compiled: shape:T,T,...;shape:... (each shape's T in bench_layer.py's order)")
     args = parser.parse_args()
     device = torch.device("cuda")
     gpu = torch.cuda.get_device_name()
     if args.compiled:
+        cells = {name: [int(t) for t in tokens.split(",")]
+                 for name, tokens in (cell.split(":") for cell in args.cells.split(";"))}
         args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / f"host_profile_compiled_{gpu.lower().replace(' ', '-')}.md"
+        stem = f"compiled_profile_{gpu.lower().replace(' ', '-')}"
         with torch.inference_mode():
-            path.write_text("\n".join(compiled_report(gpu, args.top)) + "\n")
-        print("wrote", path)
+            report, codes = compiled_report(gpu, args.top, cells)
+        (args.out / f"{stem}.md").write_text("\n".join(report) + "\n")
+        (args.out / f"{stem}_code.py.txt").write_text("\n".join(codes))
+        print("wrote", args.out / f"{stem}.md")
         return
     lines = [f"# Host profile of the eager moe_ops layer: {gpu}, torch {torch.__version__}, "
              f"triton {triton.__version__}", "",

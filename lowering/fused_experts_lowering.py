@@ -44,6 +44,7 @@ from torch.utils._sympy.functions import Max, Min
 
 from lowering.direct_calls import extern_call
 from lowering.expert_gemm_lowering import templates_allowed, tma_allowed, tuned_expert_gemm, weight_views
+from lowering.kernel_calls import block_schedule_in_graph
 from moe_ops.expert_gemm_triton import TMA_BLOCK_M, tma_applies, tma_pays
 from moe_ops.fused_experts import block_m_ranges, choose_block_m
 
@@ -141,7 +142,7 @@ def lower_fused_experts(
         w_gate_up, w_down, w_up, b_gate_up, b_up, layout, interleaved, gated
     )
     # Packed (block_m = 1: no padding), so that every block size's templates can share it.
-    sorted_slots, _, _, _, expert_offsets = extern_call(torch.ops.moe_ops.block_schedule.default, topk_ids, E, 1)
+    sorted_slots, _, _, _, expert_offsets = block_schedule_in_graph(topk_ids, E, 1)
     slot_weights = L[aten.reshape.default](topk_weights, [num_slots])
     slot_ids = L[aten.reshape.default](topk_ids, [num_slots])
     tma_possible = tma_allowed(x.get_device()) and tma_applies(

@@ -105,3 +105,32 @@ def wrap_for_lowering(node):
     from torch._inductor.ir import TensorBox
 
     return TensorBox.create(node)
+
+
+@functools.cache
+def _with_num_warps(kernel, num_warps: int):
+    # Inductor takes a user kernel's launch options from triton.autotune configs (dynamo wraps
+    # ``kernel[grid](..., num_warps=w)`` the same way): one config, nothing to tune.
+    import triton
+
+    return triton.autotune(configs=[triton.Config({}, num_warps=num_warps)], key=[])(kernel)
+
+
+def lower_user_triton_kernel(kernel, grid, num_warps: int, kwargs: dict) -> None:
+    """Add a launch of the ``@triton.jit`` ``kernel`` to the graph being lowered, as Inductor lowers a
+    user's kernel call (``triton_kernel_wrapper_mutation``): the tensors (IR) among ``kwargs`` that it
+    writes become mutated buffers; ints, floats, bools and sympy expressions are its other arguments."""
+    import sympy
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table, triton_kernel_wrapper_mutation
+    from torch._inductor.ir import TensorBox
+    from torch._inductor.lowering import lowerings
+
+    in_graph = {name: v for name, v in kwargs.items() if isinstance(v, (TensorBox, sympy.Expr))}
+    constants = {name: v for name, v in kwargs.items() if name not in in_graph}
+    lowerings[triton_kernel_wrapper_mutation](
+        kernel_idx=kernel_side_table.add_kernel(_with_num_warps(kernel, num_warps)),
+        constant_args_idx=kernel_side_table.add_constant_args(constants),
+        grid=[tuple(grid) + (1,) * (3 - len(grid))],
+        tma_descriptor_metadata={},
+        kwargs=in_graph,
+    )

@@ -24,6 +24,12 @@ def direct_cuda_call_allowed(*tensors: torch.Tensor | None) -> bool:
     return no_tracing_or_modes_active()
 
 
+def launch_jit(kernel, grid, num_warps: int, *args, **constexprs) -> None:
+    """A kernel launch of the eager launchers, which share their launch code with the compiled graph's
+    (lowering/kernel_calls.py passes its own ``launch``)."""
+    kernel[grid](*args, num_warps=num_warps, **constexprs)
+
+
 def __getattr__(name: str):
     """``moe_ops._dispatch.<op>_cuda``: the CUDA kernel of ``moe_ops::<op>``, which Inductor-compiled
     graphs call directly (lowering/direct_calls.py)."""

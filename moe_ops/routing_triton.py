@@ -14,6 +14,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from moe_ops._dispatch import launch_jit
+
 # Register tile budget of one program: rows * padded experts, for num_warps=4.
 _TILE_ELEMENTS = 4096
 # More rows per program only adds serial work once the tile is full; fewer programs than SMs for a
@@ -145,13 +147,50 @@ def _route_kernel(
         w = _div(w, tl.sum(w, axis=1)[:, None], IEEE_DIV)
     w = tl.where(k_ok, w, 0.0)
     if RENORMALIZE:
-        w = _div(w, tl.sum(w, axis=1)[:, None] + renorm_eps, IEEE_DIV)
-    w = w * scale
+        # The casts keep the scalars' precision out of the result: a compiled graph may pass them as fp64.
+        w = _div(w, (tl.sum(w, axis=1)[:, None] + renorm_eps).to(compute_dtype), IEEE_DIV)
+    w = (w * scale).to(compute_dtype)
 
     out_offs = rows[:, None] * K + ks[None, :]
     out_mask = row_ok[:, None] & k_ok
     tl.store(weights_ptr + out_offs, w, mask=out_mask)
     tl.store(ids_ptr + out_offs, sel_id, mask=out_mask)
+
+
+def route_tiles(num_tokens: int | None, num_experts: int) -> tuple[int, int, int]:
+    """(E_PAD, BLOCK_T, num_warps). ``num_tokens`` None: tiles for any token count (a compiled graph
+    for every T), those of a large T."""
+    e_pad = triton.next_power_of_2(num_experts)
+    rows = _MAX_BLOCK_T if num_tokens is None else triton.next_power_of_2(num_tokens)
+    block_t = max(1, min(_MAX_BLOCK_T, _TILE_ELEMENTS // e_pad, rows))
+    num_warps = max(1, min(4, block_t * e_pad // _ELEMENTS_PER_WARP))
+    return e_pad, block_t, num_warps
+
+
+def launch_route(
+    launch, logits, bias, weights, ids, num_tokens, num_experts: int, logits_strides, bias_stride: int,
+    k: int, scoring: str, softmax_after_topk: bool, renormalize: bool, renorm_eps: float, n_group: int,
+    topk_group: int, routed_scaling_factor: float, precise: bool, fp32_weights: bool,
+    cdiv=triton.cdiv, any_count: bool = False,
+) -> None:
+    """The route kernel's launch, written once for the eager op (``launch`` calls the kernel; tensors)
+    and the compiled graph (lowering/kernel_calls.py: ``launch`` adds the kernel to Inductor's graph; IR
+    nodes, a symbolic token count with ``cdiv`` and ``any_count``). ``bias`` None: no correction bias.
+    ``precise``: libdevice's exp and IEEE division (off only in the interpreter, which lacks libdevice)."""
+    e_pad, block_t, num_warps = route_tiles(None if any_count else num_tokens, num_experts)
+    has_bias = bias is not None
+    launch(
+        _route_kernel, (cdiv(num_tokens, block_t),), num_warps,
+        logits, bias if has_bias else logits, weights, ids,
+        num_tokens, num_experts, num_experts // n_group, *logits_strides, bias_stride,
+        float(renorm_eps), float(routed_scaling_factor),
+        E_PAD=e_pad, K=k, K_PAD=triton.next_power_of_2(k), BLOCK_T=block_t,
+        SCORING=0 if scoring == "softmax" else 1,
+        SOFTMAX_AFTER_TOPK=bool(softmax_after_topk), RENORMALIZE=bool(renormalize),
+        HAS_BIAS=has_bias,
+        N_GROUP=n_group, N_GROUP_PAD=triton.next_power_of_2(n_group), TOPK_GROUP=topk_group,
+        PRECISE_EXP=precise, IEEE_DIV=precise and fp32_weights,
+    )
 
 
 def route_triton(
@@ -165,8 +204,10 @@ def route_triton(
     n_group: int,
     topk_group: int,
     routed_scaling_factor: float,
+    any_count: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the fused router kernel (arguments already checked by moe_ops.routing).
+    """Launch the fused router kernel (arguments already checked by moe_ops.routing). ``any_count``: the
+    tiles a compiled graph for every token count launches (tested against the same reference).
 
     Args:
         logits:          (T, E) float32/float16/bfloat16/float64, any strides
@@ -186,25 +227,10 @@ def route_triton(
     ids = torch.empty((num_tokens, k), dtype=torch.int32, device=logits.device)
     if num_tokens == 0:
         return weights, ids
-
-    e_pad = triton.next_power_of_2(num_experts)
-    block_t = max(1, min(_MAX_BLOCK_T, _TILE_ELEMENTS // e_pad, triton.next_power_of_2(num_tokens)))
-    num_warps = max(1, min(4, block_t * e_pad // _ELEMENTS_PER_WARP))
-    grid = (triton.cdiv(num_tokens, block_t),)
-    has_bias = correction_bias is not None
-    # Off only under TRITON_INTERPRET (CPU tensors), which cannot call libdevice.
-    precise = logits.is_cuda
-    _route_kernel[grid](
-        logits, correction_bias if has_bias else logits, weights, ids,
-        num_tokens, num_experts, num_experts // n_group,
-        logits.stride(0), logits.stride(1), correction_bias.stride(0) if has_bias else 0,
-        float(renorm_eps), float(routed_scaling_factor),
-        E_PAD=e_pad, K=k, K_PAD=triton.next_power_of_2(k), BLOCK_T=block_t,
-        SCORING=0 if scoring == "softmax" else 1,
-        SOFTMAX_AFTER_TOPK=bool(softmax_after_topk), RENORMALIZE=bool(renormalize),
-        HAS_BIAS=has_bias,
-        N_GROUP=n_group, N_GROUP_PAD=triton.next_power_of_2(n_group), TOPK_GROUP=topk_group,
-        PRECISE_EXP=precise, IEEE_DIV=precise and weight_dtype == torch.float32,
-        num_warps=num_warps,
+    launch_route(
+        launch_jit, logits, correction_bias, weights, ids, num_tokens, num_experts, logits.stride(),
+        correction_bias.stride(0) if correction_bias is not None else 0, k, scoring, softmax_after_topk,
+        renormalize, renorm_eps, n_group, topk_group, routed_scaling_factor,
+        precise=logits.is_cuda, fp32_weights=weight_dtype == torch.float32, any_count=any_count,
     )
     return weights, ids

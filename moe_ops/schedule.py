@@ -29,12 +29,17 @@ class BlockSchedule(NamedTuple):
     expert_offsets: torch.Tensor  # (E + 1,) exclusive cumsum of expert_counts; [E] = valid slots
 
 
-def schedule_sizes(num_slots, num_experts: int, block_m: int):
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def schedule_sizes(num_slots, num_experts: int, block_m: int, minimum=torch.sym_min, cdiv=_cdiv):
     """(S_MAX, B_MAX): the worst case is every expert that can have a slot (at most min(E, S) of
-    them) ending in a partial block. ``num_slots`` may be symbolic under torch.compile."""
-    padded_experts = torch.sym_min(num_experts, num_slots)
-    s_max = (num_slots + padded_experts * (block_m - 1) + block_m - 1) // block_m * block_m
-    return s_max, s_max // block_m
+    them) ending in a partial block. ``num_slots`` may be symbolic: a SymInt under torch.compile, or
+    a sympy expression in a lowering, which passes sympy's ``Min`` and ``CeilDiv``."""
+    padded_experts = minimum(num_experts, num_slots)
+    s_max = cdiv(num_slots + padded_experts * (block_m - 1), block_m) * block_m
+    return s_max, cdiv(s_max, block_m)
 
 
 def padded_offsets(counts_E: torch.Tensor, block_m: int) -> torch.Tensor:

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moe_ops._dispatch import launch_jit
 from moe_ops.schedule import BlockSchedule, schedule_sizes
 
 # Slots per chunk: one program sorts a chunk. 512 measured best on an H100 at S = 524288, E = 256.
@@ -210,34 +211,93 @@ def expert_pad(num_experts: int) -> int:
     return max(32, triton.next_power_of_2(num_experts))
 
 
-def chunk_prefix(ids_S: torch.Tensor, num_experts: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the histogram and scan kernels on the flat, contiguous ids (more than one chunk).
+def launch_chunk_prefix(
+    launch, alloc, ids_S, num_slots, num_experts: int, chunk: int, num_chunks, cdiv=triton.cdiv, any_count=False
+):
+    """The histogram and scan kernels on the flat, contiguous ids (more than one chunk), written once for
+    eager calls and compiled graphs (see :func:`launch_block_schedule`).
 
     Returns ``(prefix_CE, expert_counts)``: ``prefix_CE[c, e]`` = slots of expert ``e`` in the chunks
     before ``c`` ((num_chunks, E) int32); ``expert_counts`` (E,) int32 valid slots per expert.
     """
-    num_slots = ids_S.numel()
-    num_chunks = triton.cdiv(num_slots, chunk)
-    device = ids_S.device
-    counts_CE = torch.empty((num_chunks, num_experts), dtype=torch.int32, device=device)
-    expert_counts = torch.empty((num_experts,), dtype=torch.int32, device=device)
+    counts_CE = alloc(num_chunks, num_experts)
+    expert_counts = alloc(num_experts)
     e_pad = expert_pad(num_experts)
-    _chunk_histogram_kernel[(num_chunks,)](
-        ids_S, counts_CE, num_slots, num_experts, CHUNK=chunk, E_PAD=e_pad, num_warps=4
-    )
+    launch(_chunk_histogram_kernel, (num_chunks,), 4, ids_S, counts_CE, num_slots, num_experts,
+           CHUNK=chunk, E_PAD=e_pad)
     # ~64 programs of a few experts each (H100: E_TILE=4 x C_TILE=1024 at E=256, 1024 chunks: 4 us).
     e_tile = min(e_pad, max(4, triton.next_power_of_2(triton.cdiv(num_experts, 64))))
-    if num_chunks <= 16:
+    if not any_count and num_chunks <= 16:
         e_tile = e_pad
-    c_tile = min(triton.next_power_of_2(num_chunks), max(1, 4096 // e_tile))
-    _chunk_scan_kernel[(triton.cdiv(num_experts, e_tile),)](
-        counts_CE, expert_counts, num_chunks, num_experts, C_TILE=c_tile, E_TILE=e_tile, num_warps=4
-    )
+    c_tile = max(1, 4096 // e_tile)
+    if not any_count:
+        c_tile = min(triton.next_power_of_2(num_chunks), c_tile)
+    launch(_chunk_scan_kernel, (cdiv(num_experts, e_tile),), 4, counts_CE, expert_counts, num_chunks, num_experts,
+           C_TILE=c_tile, E_TILE=e_tile)
     return counts_CE, expert_counts
 
 
-def block_schedule_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> BlockSchedule:
+def chunk_prefix(ids_S: torch.Tensor, num_experts: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`launch_chunk_prefix` on tensors."""
+    num_slots = ids_S.numel()
+
+    def alloc(*shape):
+        return torch.empty(shape, dtype=torch.int32, device=ids_S.device)
+
+    return launch_chunk_prefix(launch_jit, alloc, ids_S, num_slots, num_experts, chunk, triton.cdiv(num_slots, chunk))
+
+
+def launch_block_schedule(
+    launch, alloc, ids_S, num_slots, num_experts: int, block_m: int,
+    cdiv=triton.cdiv, maximum=max, minimum=min, any_count: bool = False,
+) -> BlockSchedule:
+    """The schedule's launches, written once for the eager op (``launch`` calls a kernel, ``alloc(*shape)``
+    makes an int32 tensor) and the compiled graph (lowering/kernel_calls.py: the same on Inductor IR, a
+    symbolic slot count with sympy's ``cdiv``/``maximum``/``minimum``). ``ids_S``: the flat, contiguous
+    ids, ``num_slots`` > 0 of them. ``any_count``: tiles and launches that hold for every slot count (a
+    graph for every T): chunks of MAX_CHUNK and the three-launch form even where one chunk would do."""
+    s_max, b_max = schedule_sizes(num_slots, num_experts, block_m, minimum, cdiv)
+    chunk = MAX_CHUNK if any_count else chunk_size(num_slots)
+    num_chunks = cdiv(num_slots, chunk)
+    single = not any_count and num_chunks == 1
+    if single:
+        prefix_CE = ids_S  # unused
+        expert_counts = alloc(num_experts)
+    else:
+        prefix_CE, expert_counts = launch_chunk_prefix(
+            launch, alloc, ids_S, num_slots, num_experts, chunk, num_chunks, cdiv, any_count
+        )
+
+    sorted_slots = alloc(s_max)
+    block_expert = alloc(b_max)
+    num_padded = alloc(1)
+    expert_offsets = alloc(num_experts + 1)
+    e_pad = expert_pad(num_experts)
+    block_m_pad = triton.next_power_of_2(block_m)
+    block_b = max(1, min(32, 4096 // block_m_pad, 8192 // e_pad))
+    if not any_count:
+        block_b = min(block_b, triton.next_power_of_2(b_max))
+    num_block_tiles = cdiv(b_max, block_b)
+    # Tiles sized to the blocks there are, and warps to the tiles: a decode-sized schedule (a few
+    # blocks, one chunk) runs on one warp. Measured 4.3 -> 4.1 us for one Qwen3-30B-A3B token on the
+    # H100: the kernel is latency-bound (benchmarks/NOTES.md, v5).
+    largest_tile = max(chunk, e_pad, block_b * max(e_pad, block_m_pad))
+    num_warps = max(1, min(4, largest_tile // _ELEMENTS_PER_WARP))
+    launch(
+        _schedule_scatter_kernel, (maximum(num_chunks, num_block_tiles),), num_warps,
+        ids_S, prefix_CE, expert_counts, sorted_slots, block_expert, num_padded, expert_offsets,
+        num_slots, num_experts, num_chunks, b_max, num_block_tiles, block_m,
+        CHUNK=chunk, E_PAD=e_pad, BLOCK_B=block_b, BLOCK_M_PAD=block_m_pad, SINGLE=single,
+    )
+    return BlockSchedule(sorted_slots, block_expert, num_padded, expert_counts, expert_offsets)
+
+
+def block_schedule_triton(
+    topk_ids: torch.Tensor, num_experts: int, block_m: int, any_count: bool = False
+) -> BlockSchedule:
     """Triton version of :func:`moe_ops.schedule.block_schedule_ref` (bit-exact, no host sync).
+    ``any_count``: the launches a compiled graph for every token count makes (tested against the same
+    reference).
 
     Args:
         topk_ids:    (T, K) int32/int64  expert of each slot; ids outside [0, E) are skipped
@@ -249,9 +309,9 @@ def block_schedule_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int
     """
     device = topk_ids.device
     num_slots = topk_ids.numel()
-    s_max, b_max = schedule_sizes(num_slots, num_experts, block_m)
     i32 = dict(dtype=torch.int32, device=device)
     if num_slots == 0:
+        s_max, b_max = schedule_sizes(num_slots, num_experts, block_m)
         return BlockSchedule(
             torch.full((s_max,), num_slots, **i32),
             torch.full((b_max,), -1, **i32),
@@ -260,48 +320,9 @@ def block_schedule_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int
             torch.zeros((num_experts + 1,), **i32),
         )
 
-    ids_S = topk_ids.reshape(-1).contiguous()
-    chunk = chunk_size(num_slots)
-    num_chunks = triton.cdiv(num_slots, chunk)
-    single = num_chunks == 1
-    if single:
-        prefix_CE = ids_S  # unused
-        expert_counts = torch.empty((num_experts,), **i32)
-    else:
-        prefix_CE, expert_counts = chunk_prefix(ids_S, num_experts, chunk)
+    def alloc(*shape):
+        return torch.empty(shape, **i32)
 
-    sorted_slots = torch.empty((s_max,), **i32)
-    block_expert = torch.empty((b_max,), **i32)
-    num_padded = torch.empty((1,), **i32)
-    expert_offsets = torch.empty((num_experts + 1,), **i32)
-    e_pad = expert_pad(num_experts)
-    block_m_pad = triton.next_power_of_2(block_m)
-    block_b = max(1, min(32, 4096 // block_m_pad, 8192 // e_pad, triton.next_power_of_2(b_max)))
-    num_block_tiles = triton.cdiv(b_max, block_b)
-    # Tiles sized to the blocks there are, and warps to the tiles: a decode-sized schedule (a few
-    # blocks, one chunk) runs on one warp. Measured 4.3 -> 4.1 us for one Qwen3-30B-A3B token on the
-    # H100: the kernel is latency-bound (benchmarks/NOTES.md, v5).
-    largest_tile = max(chunk, e_pad, block_b * max(e_pad, block_m_pad))
-    num_warps = max(1, min(4, largest_tile // _ELEMENTS_PER_WARP))
-    _schedule_scatter_kernel[(max(num_chunks, num_block_tiles),)](
-        ids_S,
-        prefix_CE,
-        expert_counts,
-        sorted_slots,
-        block_expert,
-        num_padded,
-        expert_offsets,
-        num_slots,
-        num_experts,
-        num_chunks,
-        b_max,
-        num_block_tiles,
-        block_m,
-        CHUNK=chunk,
-        E_PAD=e_pad,
-        BLOCK_B=block_b,
-        BLOCK_M_PAD=block_m_pad,
-        SINGLE=single,
-        num_warps=num_warps,
+    return launch_block_schedule(
+        launch_jit, alloc, topk_ids.reshape(-1).contiguous(), num_slots, num_experts, block_m, any_count=any_count
     )
-    return BlockSchedule(sorted_slots, block_expert, num_padded, expert_counts, expert_offsets)

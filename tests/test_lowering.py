@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
+import subprocess
+import sys
 from unittest import mock
 
 import pytest
@@ -23,8 +26,10 @@ from torch._dynamo.utils import counters
 from torch._inductor.graph import GraphLowering
 from torch._inductor.utils import run_and_get_code
 from torch.testing import FileCheck
+from triton.runtime.jit import JITFunction
 
 import moe_ops
+from moe_ops.routing_triton import _route_kernel
 
 pytestmark = pytest.mark.usefixtures("fresh_compile_state")
 
@@ -88,12 +93,20 @@ def layer_inputs(tokens=T, dtype=torch.bfloat16, num_experts=E, hidden=H, device
 
 
 def kernel_sources(code: str) -> dict[str, str]:
-    """Generated Triton kernels by name: the source between ``def <name>(`` and the kernel's end."""
+    """Inductor's generated Triton kernels by name: the source between ``def <name>(`` and the kernel's
+    end. The route's and the schedule's kernels, which the graph launches as they are
+    (lowering/kernel_calls.py), are left out."""
     kernels = {}
     for chunk in code.split("async_compile.triton(")[1:]:
         name = chunk.split("'", 2)[1]
-        kernels[name] = chunk.split("''', device_str=")[0]
+        if name.startswith("triton_"):
+            kernels[name] = chunk.split("''', device_str=")[0]
     return kernels
+
+
+# Under Triton's interpreter (CPU test runs) route and schedule stay extern calls; with compiled kernels
+# (the GPU box) the graph launches their kernels.
+KERNELS_IN_GRAPH = isinstance(_route_kernel, JITFunction)
 
 
 # ---- CPU: the C++ backend keeps the ops extern --------------------------------------------------------
@@ -131,8 +144,11 @@ def test_templates_replace_the_extern_call():
     ).run(down)
     calls = code.split("def call(")[1]
     assert "moe_ops.fused_experts.default(" not in calls
-    # The schedule is still an extern op (an argsort on the device, no host sync).
-    assert "torch.ops.moe_ops.block_schedule.default(" in calls
+    # The schedule: an extern op under the interpreter, else its kernel in the graph.
+    if KERNELS_IN_GRAPH:
+        assert re.search(r"_schedule_scatter_kernel_\d+\.run\(", calls) and "block_schedule" not in calls
+    else:
+        assert "torch.ops.moe_ops.block_schedule.default(" in calls
 
 
 def test_combine_over_k_and_residual_add_are_one_kernel():
@@ -206,8 +222,12 @@ def test_dynamic_token_count_holds_a_template_pair_per_block_size():
     code = generated_code(moe_layer(2, w_gate_up, w_down), *args)
     calls = code.split("def call(")[1]
     assert "moe_ops.fused_experts.default(" not in calls
-    assert calls.count("torch.ops.moe_ops.block_schedule.default(") == 1
-    assert "block_schedule.default(buf2, 4, 1)" in calls  # packed: block_m = 1, no padding
+    # Packed: block_m = 1, no padding (in the graph, the scatter kernel's last size argument is block_m).
+    if KERNELS_IN_GRAPH:
+        assert re.search(r"_schedule_scatter_kernel_\d+\.run\(.*\(31 \+ 2\*s\d+\) // 32, 1, ", calls), calls
+    else:
+        assert calls.count("torch.ops.moe_ops.block_schedule.default(") == 1
+        assert "block_schedule.default(buf2, 4, 1)" in calls
     kernels = kernel_sources(code)
     templates = [name for name in kernels if name.startswith("triton_tem_")]
     # TMA tiles need N a multiple of the tile's columns, which these weights are not (F = 32): the two
@@ -239,6 +259,45 @@ def test_dynamic_token_count_holds_a_template_pair_per_block_size():
     assert len(shared) == 1 and shared.pop().startswith("buf"), calls
     for name in templates[1::2]:
         FileCheck().check("STORE_TO_OUT : tl.constexpr = True").check("tl.store(OUT + idx_m").run(kernels[name])
+
+
+_IN_GRAPH_CODE = """
+import sys
+sys.path.insert(0, {tests!r})
+import torch, test_lowering as t
+w_gate_up, w_down = t.weights()
+args = t.layer_inputs(tokens={tokens})
+for a in args if {dynamic} else ():
+    torch._dynamo.mark_dynamic(a, 0)
+print(t.generated_code(t.moe_layer(2, w_gate_up, w_down), *args))
+"""
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static_T", "dynamic_T"])
+def test_route_and_schedule_kernels_in_the_graph(dynamic):
+    """With compiled Triton kernels (a subprocess without the interpreter, which these tests run under),
+    the route and the schedule are launches of their own kernels in the graph (lowering/kernel_calls.py),
+    not extern calls: one route launch and, for a static T = 24 (48 slots, one chunk), one schedule
+    launch; a dynamic T launches the three-kernel schedule with tiles for any T, grids in T."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    script = _IN_GRAPH_CODE.format(tests=os.path.dirname(__file__), tokens=T, dynamic=dynamic)
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    calls = result.stdout.split("def call(")[1].split("\nrunner = ")[0]
+    launches = re.findall(r"(_\w+_kernel)_\d+\.run\(", calls)
+    schedule = ["_chunk_histogram_kernel", "_chunk_scan_kernel"] if dynamic else []
+    assert launches == ["_route_kernel", *schedule, "_schedule_scatter_kernel"], launches
+    assert "moe_ops.route.default(" not in calls and "block_schedule.default(" not in calls
+    assert "moe_ops._dispatch" not in calls
+    # The route's outputs feed the templates: ids into the schedule and the down template, weights into down.
+    assert calls.count("triton_tem_") >= 2
+    route_args = calls.split("_route_kernel_")[1].split("\n")[0]
+    if dynamic:
+        assert "s" in route_args.split(", ")[4], route_args  # the token count, an argument of the launch
+        # Rows per program fixed for any T, min(32, 4096 // 4 experts) = 32: the grid is cdiv(T, 32).
+        assert "(31 + s" in route_args, route_args
+    else:
+        assert route_args.split(", ")[4] == str(T), route_args
 
 
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static_T", "dynamic_T"])
@@ -437,19 +496,17 @@ def test_cuda_template_variants_match_eager(variant, dynamic):
 
 
 @pytest.mark.cuda
-def test_cuda_one_layer_launches_three_kernels_and_two_direct_calls():
-    """One MoE layer (route, fused experts, residual add) compiles to: the route and the block schedule,
-    called as their CUDA kernels directly (no dispatcher), then 3 Inductor launches: the gate_up
-    template, the down template, and the combine over K with the residual add."""
+def test_cuda_one_layer_launches_five_kernels():
+    """One MoE layer (route, fused experts, residual add) compiles to 5 launches, all Inductor's: the
+    route kernel, the schedule kernel (one chunk), the gate_up template, the down template, and the
+    combine over K with the residual add. No extern call, no dispatcher."""
     w_gate_up, w_down = weights(torch.bfloat16, 16, 256, 128, "cuda")
     code = _compiled_vs_eager(moe_layer(4, w_gate_up, w_down), layer_inputs(64, torch.bfloat16, 16, 256, "cuda"),
                               torch.bfloat16)
     body = code.split("def call(")[1]
-    assert body.count(".run(") == 3, body
-    assert body.count("moe_ops._dispatch.route_cuda(") == 1
-    assert body.count("moe_ops._dispatch.block_schedule_cuda(") == 1
-    assert "torch.ops.moe_ops.route.default(" not in body
-    assert "torch.ops.moe_ops.block_schedule.default(" not in body
+    assert body.count(".run(") == 5, body
+    assert re.findall(r"(_\w+_kernel)_\d+\.run\(", body) == ["_route_kernel", "_schedule_scatter_kernel"]
+    assert "moe_ops._dispatch" not in body and "torch.ops.moe_ops" not in body
 
 
 @pytest.mark.cuda
@@ -457,9 +514,9 @@ def test_cuda_one_layer_launches_three_kernels_and_two_direct_calls():
 def test_cuda_dynamic_tokens_one_graph(mode):
     """One graph for every T, through the templates: T at both ends of each block size's range
     (E = 16, K = 2: 16 rows up to T = 64, 32 rows up to T = 384, 128 rows up to T = 2047, 128-row TMA
-    tiles beyond), also replayed from CUDA graphs. Launches: the 4 template pairs (only the pair of
-    T's range starts programs), the copy of x into schedule order for the TMA pair, and the combine
-    with the residual add; route and schedule as direct calls."""
+    tiles beyond), also replayed from CUDA graphs. Launches: the route, the schedule's three kernels
+    (histogram, scan, scatter), the 4 template pairs (only the pair of T's range starts programs), the
+    copy of x into schedule order for the TMA pair, and the combine with the residual add."""
     w_gate_up, w_down = weights(torch.bfloat16, 16, 256, 128, "cuda")
     layer = moe_layer(2, w_gate_up, w_down)
     compiled = torch.compile(layer, mode=mode)
@@ -469,8 +526,9 @@ def test_cuda_dynamic_tokens_one_graph(mode):
     actual, codes = run_and_get_code(compiled, *args)
     assert_close_rel(actual, layer(*args), torch.bfloat16)
     code = "\n".join(codes)  # under CUDA graphs the launches sit in a partition function, not in call()
-    assert code.count(".run(") == 10, code
-    assert code.count("moe_ops._dispatch.route_cuda(") == code.count("moe_ops._dispatch.block_schedule_cuda(") == 1
+    assert code.count(".run(") == 14, code
+    calls = [line for line in code.splitlines() if "moe_ops" in line and not line.lstrip().startswith("#")]
+    assert not [line for line in calls if "moe_ops._dispatch" in line or "torch.ops.moe_ops" in line], calls
     assert "moe_ops.fused_experts.default(" not in code
     with torch.compiler.set_stance("fail_on_recompile"):
         for tokens in (3, 64, 65, 129, 384, 385, 1000, 2047, 2048, 3000, 3):

@@ -135,11 +135,11 @@ def test_reference_float64_keeps_float64():
 # Triton kernel vs reference. Under the interpreter (CPU) keep T small.
 
 
-def _triton_vs_ref(logits, k, mode_kwargs, bias=None):
+def _triton_vs_ref(logits, k, mode_kwargs, bias=None, any_count=False):
     from moe_ops.routing_triton import route_triton
 
     args = _ref_args(logits, k, correction_bias=bias, **mode_kwargs)
-    got_w, got_ids = route_triton(*args)
+    got_w, got_ids = route_triton(*args, any_count=any_count)
     want_w, want_ids = route_ref(*args)
     assert got_ids.dtype == torch.int32 and got_w.dtype == want_w.dtype
     assert torch.equal(got_ids.cpu(), want_ids.cpu()), "ids differ from the reference"
@@ -201,6 +201,16 @@ def test_triton_matches_reference(name, num_tokens, num_experts, k, mode, kind, 
         # sigmoid(c) + b2 tie in real arithmetic and split by rounding, differently per backend.
         bias = torch.zeros_like(bias)
     _triton_vs_ref(logits, k, cfg, bias)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3", "deepseek_v3", "single_token", "single_expert"])
+def test_triton_any_count_tiles(name):
+    """The tiles of a compiled graph for every T (lowering/kernel_calls.py): rows per program not sized
+    to the token count."""
+    _, num_tokens, num_experts, k, mode, kind = TRITON_CASES[[c[0] for c in TRITON_CASES].index(name)]
+    cfg = dict(MODES[mode])
+    logits = _make_logits(kind, num_tokens, num_experts).to(TRITON_DEVICE)
+    _triton_vs_ref(logits, k, cfg, _bias_for(mode, num_experts, TRITON_DEVICE), any_count=True)
 
 
 def test_triton_empty_launches_nothing(monkeypatch):

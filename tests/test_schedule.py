@@ -174,6 +174,18 @@ def test_triton_multi_chunk(name, monkeypatch):
         _assert_same(block_schedule_triton(ids.to(TRITON_DEVICE), num_experts, block_m), want)
 
 
+@pytest.mark.parametrize("name", ["T1", "T_lt_block_m", "sentinels_int64", "zipf", "E256", "random"])
+def test_triton_any_count_tiles(name, monkeypatch):
+    """The launches of a compiled graph for every T (lowering/kernel_calls.py): chunks of MAX_CHUNK and
+    the three-launch form even for one chunk, block tiles not sized to the slot count."""
+    _, ids, num_experts = CASES[CASE_IDS.index(name)]
+    for max_chunk in (512, 32):  # one chunk, several
+        monkeypatch.setattr(schedule_triton, "MAX_CHUNK", max_chunk)
+        for block_m in (1, 16):
+            want = block_schedule_ref(ids, num_experts, block_m)
+            _assert_same(block_schedule_triton(ids.to(TRITON_DEVICE), num_experts, block_m, any_count=True), want)
+
+
 def test_triton_non_contiguous_ids():
     ids = _random_ids(30, 4, 8)
     strided = ids.to(TRITON_DEVICE).t().contiguous().t()  # same values, column-major storage
