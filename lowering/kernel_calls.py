@@ -1,4 +1,5 @@
-"""``moe_ops::route`` and ``moe_ops::block_schedule`` as Triton kernels in Inductor's graph.
+"""``moe_ops::route`` and ``moe_ops::block_schedule`` (and fused_experts' copy of x's rows into schedule
+order) as Triton kernels in Inductor's graph.
 
 Their CUDA kernels are plain ``@triton.jit`` functions. Called from a compiled graph as an extern op
 (even without the dispatcher, lowering/direct_calls.py), each call runs the op's Python launcher:
@@ -29,7 +30,7 @@ from lowering.direct_calls import extern_call
 from lowering.expert_gemm_lowering import templates_allowed
 from moe_ops._compat import lower_user_triton_kernel
 from moe_ops.routing_triton import _route_kernel, launch_route
-from moe_ops.schedule_triton import launch_block_schedule
+from moe_ops.schedule_triton import launch_block_schedule, launch_rows_in_schedule_order
 
 
 def kernels_in_graph(*tensors) -> bool:
@@ -103,3 +104,16 @@ def block_schedule_in_graph(topk_ids, num_experts: int, block_m: int):
 
 
 register_lowering(torch.ops.moe_ops.block_schedule.default, type_promotion_kind=None)(block_schedule_in_graph)
+
+
+def rows_in_schedule_order_in_graph(x, sorted_slots, top_k: int):
+    """(positions, H) IR: x's rows in schedule order, the op's kernel (``kernels_in_graph`` holds)."""
+    num_tokens, hidden = x.get_size()
+    x = _contiguous(x)
+    num_positions = sorted_slots.get_size()[0]
+    out = empty_strided([num_positions, hidden], None, dtype=x.get_dtype(), device=x.get_device())
+    launch_rows_in_schedule_order(
+        _launch_in_graph, x, _contiguous(sorted_slots), out, _count(num_positions), _count(num_tokens), int(hidden),
+        int(hidden), top_k, **({} if _static(num_positions) else dict(cdiv=CeilDiv)),
+    )
+    return out

@@ -208,7 +208,7 @@ def fused_experts_triton(
     """The Triton path (the op's CUDA kernel; tests also run it on CPU under the interpreter)."""
     from moe_ops.capacity_triton import apply_capacity_triton
     from moe_ops.expert_gemm_triton import expert_gemm_triton, tma_applies, tma_device, tma_pays
-    from moe_ops.schedule_triton import block_schedule_triton
+    from moe_ops.schedule_triton import block_schedule_triton, rows_in_schedule_order
 
     _check_fused_args(
         x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
@@ -235,7 +235,7 @@ def fused_experts_triton(
     if tma:
         # TMA loads whole row blocks, not a gather: x's rows copied into schedule order first (one
         # pass over S x H, ~1% of the GEMMs' time at the sizes that get here).
-        a, gather_top_k = x.index_select(0, (sorted_slots // K).clamp_max(T - 1)), 0
+        a, gather_top_k = rows_in_schedule_order(x, sorted_slots, K), 0
     h = expert_gemm_triton(
         a, w.gate, w.up, w.b_gate, w.b_up, None, sorted_slots, None, None,
         num_slots, block_m, gather_top_k, False, activation, alpha, limit, expert_offsets=expert_offsets, tma=tma,
