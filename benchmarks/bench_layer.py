@@ -31,8 +31,8 @@ import argparse
 import csv
 import dataclasses
 import datetime
+import functools
 import gc
-import itertools
 import re
 import statistics
 import tempfile
@@ -150,22 +150,30 @@ def _percentiles(times_ms: list[float]) -> tuple[float, float, float]:
     return p50, p20, p80
 
 
+def gpu_samples(fn: Callable[[], object], grad_to_none=None) -> list[float]:
+    """One do_bench run's times in ms (L2 flushed between calls). ``grad_to_none``: tensors whose .grad
+    do_bench resets between calls, untimed (training steps)."""
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="all", grad_to_none=grad_to_none)
+
+
 def time_on_gpu(fn: Callable[[], object], grad_to_none=None) -> tuple[float, float, float]:
-    """(p50, p20, p80) in ms; do_bench flushes L2 between calls, and its p50 is its "median".
-    ``grad_to_none``: tensors whose .grad do_bench resets between calls, untimed (training steps)."""
-    return _percentiles(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="all",
-                                                grad_to_none=grad_to_none))
+    """(p50, p20, p80) in ms of one do_bench run; its p50 is do_bench's "median"."""
+    return _percentiles(gpu_samples(fn, grad_to_none))
 
 
-def time_wall_clock(fn: Callable[[], object]) -> tuple[float, float, float]:
-    """--dry-run stand-in for do_bench (which needs a GPU driver): same output, CPU wall clock."""
+def wall_clock_samples(fn: Callable[[], object]) -> list[float]:
+    """--dry-run stand-in for do_bench (which needs a GPU driver): CPU wall clock, ms."""
     fn()
     times_ms = []
     for _ in range(5):
         start = time.perf_counter()
         fn()
         times_ms.append((time.perf_counter() - start) * 1e3)
-    return _percentiles(times_ms)
+    return times_ms
+
+
+def time_wall_clock(fn: Callable[[], object]) -> tuple[float, float, float]:
+    return _percentiles(wall_clock_samples(fn))
 
 
 def copy_bytes_per_s(numel: int, device: torch.device, time_fn) -> float:
@@ -269,9 +277,15 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 # ---- Experiments -----------------------------------------------------------------------------------
 
 
-def get_configs(shape: MoEShape, impls: list[str], tokens: list[int]) -> list[ExperimentConfig]:
-    """Implementation-major: a compiled implementation sweeps every T before the next one compiles."""
-    return [ExperimentConfig(shape, impl, t) for impl, t in itertools.product(impls, tokens)]
+def own_code_object(block: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``block(x)`` as a function with a code object of its own. Dynamo keeps compiled graphs on the code
+    object it compiles: two blocks run MixtralSparseMoeBlock.forward, and one block is compiled both with
+    and without the moe_ops rewrites, so each compiled layer gets its own entry point and cache (without
+    it, the eager-loop block's entries, which graph-break before the experts, would serve the grouped_mm
+    block, and a dynamo reset between implementations would keep them from being timed side by side)."""
+    namespace = {}
+    exec("def forward(x):\n    return block(x)\n", {"block": block}, namespace)  # noqa: S102
+    return namespace["forward"]
 
 
 def make_layer(impl: str, blocks: dict[str, torch.nn.Module], shape: MoEShape, mode: str | None = None) -> Callable:
@@ -279,11 +293,7 @@ def make_layer(impl: str, blocks: dict[str, torch.nn.Module], shape: MoEShape, m
     if impl == "moe_ops":
         return moe_ops_layer(blocks["hf_eager"], shape.top_k)
     if "compile_" in impl:
-        # Both blocks run MixtralSparseMoeBlock.forward, one code object with one dynamo cache; the
-        # eager-loop block's entries (graph break before the experts, no guard on the experts'
-        # implementation) would also serve the grouped_mm block. Each compiled block starts clean.
-        torch._dynamo.reset()
-        compiled = torch.compile(blocks[impl.split("compile_", 1)[1]], mode=mode)
+        compiled = torch.compile(own_code_object(blocks[impl.split("compile_", 1)[1]]), mode=mode)
         if impl == "moe_ops_compile_hf_grouped_mm":
             return compiled
         if impl == "moe_ops_extern_compile_hf_grouped_mm":
@@ -305,17 +315,14 @@ def make_layer(impl: str, blocks: dict[str, torch.nn.Module], shape: MoEShape, m
     return blocks[impl]
 
 
-def run_experiment(
-    config: ExperimentConfig, layer: Callable, x: torch.Tensor, expected: torch.Tensor, time_fn
-) -> ExperimentResult:
-    """Checks the layer's output against the reference output, then times it."""
-    actual = layer(x)  # a compiled layer's first call at this T: compilation happens here
+def checked_error(config: ExperimentConfig, layer: Callable, x: torch.Tensor, expected: torch.Tensor) -> float:
+    """The layer's first call at this T (a compiled layer compiles here), checked against the reference."""
+    actual = layer(x)
     if not torch.isfinite(actual).all():  # also synchronises, so an asynchronous CUDA error stops here
         raise RuntimeError(
             f"{config.shape.name} T={config.num_tokens}: {config.impl} returned non-finite values"
         )
-    rel_err = relative_error(actual, expected)
-    return ExperimentResult(config, *time_fn(lambda: layer(x)), rel_err)
+    return relative_error(actual, expected)
 
 
 def run_shape(
@@ -323,36 +330,56 @@ def run_shape(
     tokens: list[int],
     impls: list[str],
     device: torch.device,
-    time_fn,
+    samples_fn,
+    rounds: int,
     ceilings: Ceilings,
     run_info: RunInfo,
     out_dir: Path,
     mismatches: list[str],
 ) -> None:
+    """Every implementation first sees the token counts in order, as a model's first calls would (a
+    compiled one: a static graph at the first T, then one dynamic-T graph), and is checked; then each T
+    is timed in ``rounds`` rounds, implementations in alternating order, and a cell's percentiles are
+    over all its rounds' samples. Interleaving spreads the GPU's state (a prefill cell runs at the
+    power cap, where clocks drift with temperature) over all implementations alike."""
     blocks = build_hf_blocks(shape, device)
     inputs = {t: random_tokens(blocks["hf_eager"].gate.weight, t, shape.top_k) for t in tokens}
     # hf_eager gives the reference output, even when --skip-hf-eager leaves it untimed.
     expected = {t: blocks["hf_eager"](x) for t, x in inputs.items()}
 
+    layers, rel_errs = {}, {}
+    for impl in impls:
+        layers[impl] = make_layer(impl, blocks, shape)
+        for T in tokens:
+            rel_errs[impl, T] = checked_error(ExperimentConfig(shape, impl, T), layers[impl], inputs[T], expected[T])
+
     rows = []
-    layer, layer_impl = None, None
-    for config in get_configs(shape, impls, tokens):
-        if config.impl != layer_impl:
-            layer, layer_impl = make_layer(config.impl, blocks, shape), config.impl
-        T = config.num_tokens
-        result = run_experiment(config, layer, inputs[T], expected[T], time_fn)
-        floor = floor_ms(shape, T, ceilings)
-        flag = ""
-        if result.rel_err > REL_ERR_TOLERANCE:
-            flag = f"  <-- disagrees with hf_eager (> {REL_ERR_TOLERANCE:g})"
-            mismatches.append(f"{shape.name} T={T} {config.impl}: {result.rel_err:.2e}")
-        print(
-            f"{shape.name:<14} T={T:<5} {config.impl:<30} {result.ms_p50:9.3f} ms"
-            f"  floor/measured {floor / result.ms_p50:5.3f}  rel err vs hf_eager {result.rel_err:.1e}{flag}"
-        )
-        rows.append(result_row(result, floor, run_info))
+    for T in tokens:
+        samples = {impl: [] for impl in impls}
+        for round_index in range(rounds):
+            for impl in impls if round_index % 2 == 0 else impls[::-1]:
+                samples[impl] += samples_fn(functools.partial(layers[impl], inputs[T]))
+        for impl in impls:
+            result = ExperimentResult(ExperimentConfig(shape, impl, T), *_percentiles(samples[impl]), rel_errs[impl, T])
+            rows.append(_reported(result, shape, ceilings, run_info, mismatches))
     print_shape_table(shape, rows)
     write_results(out_dir, run_info.gpu, rows, ceilings)
+
+
+def _reported(result: ExperimentResult, shape: MoEShape, ceilings: Ceilings, run_info: RunInfo,
+              mismatches: list[str]) -> dict:
+    """Print a cell's line (flagging a disagreement with hf_eager) and return its CSV row."""
+    config, T = result.config, result.config.num_tokens
+    floor = floor_ms(shape, T, ceilings)
+    flag = ""
+    if result.rel_err > REL_ERR_TOLERANCE:
+        flag = f"  <-- disagrees with hf_eager (> {REL_ERR_TOLERANCE:g})"
+        mismatches.append(f"{shape.name} T={T} {config.impl}: {result.rel_err:.2e}")
+    print(
+        f"{shape.name:<14} T={T:<5} {config.impl:<30} {result.ms_p50:9.3f} ms"
+        f"  floor/measured {floor / result.ms_p50:5.3f}  rel err vs hf_eager {result.rel_err:.1e}{flag}"
+    )
+    return result_row(result, floor, run_info)
 
 
 # ---- Results ---------------------------------------------------------------------------------------
@@ -489,7 +516,9 @@ def markdown_report(rows: list[dict], ceilings: Ceilings) -> str:
         f"- ceilings measured by the latest run: device copy {ceilings.copy_bytes_per_s / 1e12:.3f} TB/s"
         f" (read + write), bf16 matmul {ceilings.matmul_flops_per_s / 1e12:.1f} TFLOP/s",
         "- bf16, transformers' MixtralSparseMoeBlock at each shape, weights ~N(0, 0.02), random inputs;"
-        " `triton.testing.do_bench` p50 in ms",
+        " `triton.testing.do_bench` p50 in ms of all a cell's samples: each T timed in rounds, the"
+        " implementations in alternating order (rows of runs before 2026-11-24T06:00Z: one do_bench per cell,"
+        " implementations one after another)",
     ]
     for name in dict.fromkeys(r["shape"] for r in rows):
         shape_rows = [r for r in rows if r["shape"] == name]
@@ -549,6 +578,12 @@ def parse_args() -> argparse.Namespace:
         "it still gives the reference output",
     )
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="timing rounds per token count, implementations in alternating order (default 3)",
+    )
+    parser.add_argument(
         "--dry-run",
         action="store_true",
         help=f"on the CPU: shapes {','.join(DRY_RUN_SHAPES)}, tokens {','.join(map(str, DRY_RUN_TOKENS))}, "
@@ -573,12 +608,12 @@ def main() -> None:
     impls = [impl for impl in IMPLS if impl in chosen and not (args.skip_hf_eager and impl in HF_EAGER_IMPLS)]
 
     if args.dry_run:
-        device, time_fn, gpu = torch.device("cpu"), time_wall_clock, "cpu-dry-run"
+        device, time_fn, samples_fn, gpu = torch.device("cpu"), time_wall_clock, wall_clock_samples, "cpu-dry-run"
         out_dir = args.out or Path(tempfile.mkdtemp(prefix="bench_layer_"))
     else:
         if not torch.cuda.is_available():
             raise SystemExit("bench_layer.py needs a CUDA GPU (or --dry-run)")
-        device, time_fn, gpu = torch.device("cuda"), time_on_gpu, torch.cuda.get_device_name()
+        device, time_fn, samples_fn, gpu = torch.device("cuda"), time_on_gpu, gpu_samples, torch.cuda.get_device_name()
         out_dir = args.out or Path(__file__).parent / "results"
 
     import transformers
@@ -602,7 +637,8 @@ def main() -> None:
         mismatches = []
         for name in shape_names:
             run_shape(
-                known_shapes[name], tokens, impls, device, time_fn, ceilings, run_info, out_dir, mismatches
+                known_shapes[name], tokens, impls, device, samples_fn, args.rounds, ceilings, run_info, out_dir,
+                mismatches,
             )
             # Compiled graphs and dynamo's caches hold the previous shape's modules; drop them so the
             # next shape gets the GPU memory and fresh recompile budgets.

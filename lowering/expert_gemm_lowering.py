@@ -41,7 +41,7 @@ log = logging.getLogger("moe_ops")
 TEMPLATE_SOURCE = r"""
 import triton
 import triton.language as tl
-from moe_ops.expert_gemm_triton import expert_gemm_tile, make_descriptors, unrouted_rows_tile
+from moe_ops.expert_gemm_triton import expert_gemm_tile, make_descriptors, unrouted_row_blocks, unrouted_rows_tile
 
 {%- set names = ["A", "W"] %}
 {%- if GATED %}{% set names = names + ["W_UP"] %}{% endif %}
@@ -82,7 +82,7 @@ from moe_ops.expert_gemm_triton import expert_gemm_tile, make_descriptors, unrou
 {%- endif %}
     num_tiles = num_blocks_max * tl.cdiv(N, BLOCK_N)
 {%- if ZERO_UNROUTED %}
-    num_tiles += tl.cdiv(num_slots, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    num_tiles += unrouted_row_blocks(EXPERT_OFFSETS, NUM_EXPERTS, num_slots, BLOCK_M) * tl.cdiv(N, BLOCK_N)
 {%- endif %}
     # One tile per program, or (TMA: a persistent grid of one program per SM) tiles strided by the grid.
     for pid in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
@@ -137,7 +137,8 @@ from moe_ops.expert_gemm_triton import expert_gemm_tile, make_descriptors, unrou
 @SymbolicGridFn
 def expert_gemm_grid(num_blocks_max, n, unrouted_rows, active, meta, *, cdiv, min):
     """One program per (block, N tile) the schedule can hold (the busy ones are read on the device),
-    then one per (BLOCK_M rows, N tile) of ``unrouted_rows`` slot rows to zero where unrouted; with
+    then one per (BLOCK_M rows, N tile) of ``unrouted_rows`` slot rows to zero where unrouted (idle
+    unless some slot is routed to no expert: ``unrouted_row_blocks``); with
     TMA at most one per SM, each walking tiles (persistent); no program at all where ``active`` (0 or
     1, an expression in the token count) is 0."""
     tiles = (num_blocks_max + cdiv(unrouted_rows, meta["BLOCK_M"])) * cdiv(n, meta["BLOCK_N"])

@@ -99,3 +99,25 @@ def test_targets_report_judges_each_section():
     assert "| s | 512 | moe_ops_compile_hf_grouped_mm | 1.0000 | 1.1000 | 1.10 | 8, 8 | 0.300 | yes |" in report
     assert "| 1.0000 | 1.0500 | 1.3000 | 1.05 | yes |" in report
     assert "2 of 3 judged rows meet their targets." in report
+
+
+def test_compiled_layers_of_one_block_keep_their_own_graphs():
+    """bench_layer times compile(HF) and compile(HF) + moe_ops of one block side by side: each compiled
+    layer must compile its own graph, where dynamo's cache on the shared forward would serve the first."""
+    torch._dynamo.reset()
+    block = torch.nn.Linear(4, 4)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    x = torch.randn(2, 4)
+    shared = bench_layer.own_code_object(block)
+    torch.compile(shared, backend=backend)(x)
+    torch.compile(shared, backend=backend)(x)
+    assert len(graphs) == 1, "control: one code object, one cache entry serves both compiles"
+    torch.compile(bench_layer.own_code_object(block), backend=backend)(x)
+    torch.compile(bench_layer.own_code_object(block), backend=backend)(x)
+    assert len(graphs) == 3
+    torch._dynamo.reset()

@@ -108,9 +108,11 @@ def test_packed_schedule_serves_every_block_size(block_m, monkeypatch):
     assert_close_rel(got, want, torch.float32, f"block_m={block_m}")
 
 
-def test_unrouted_slots_are_written_as_zeros(monkeypatch):
+@pytest.mark.parametrize("unrouted", [True, False], ids=["some_unrouted", "all_routed"])
+def test_unrouted_slots_are_written_as_zeros(monkeypatch, unrouted):
     """The down GEMM's slot-order output is not zero-filled first: its extra programs write the rows of
-    slots routed to no expert. Uninitialised memory is NaN here, so a row left unwritten would show."""
+    slots routed to no expert, and find nothing to do when every slot is routed. Uninitialised memory is
+    NaN here, so a row left unwritten would show."""
     real_empty = torch.empty
 
     def nan_empty(*args, **kwargs):
@@ -119,7 +121,8 @@ def test_unrouted_slots_are_written_as_zeros(monkeypatch):
 
     T, K, E = 40, 2, 4
     ids = torch.rand(T, E).argsort(-1)[:, :K]
-    ids[::3, 1] = E  # every third token sends its second slot nowhere
+    if unrouted:
+        ids[::3, 1] = E  # every third token sends its second slot nowhere
     layer = _layer(T, K, E, 32, 24, torch.float32, TRITON_DEVICE, ids=ids)
     monkeypatch.setattr(torch, "empty", nan_empty)
     got, _ = fused_experts_triton(*_args(layer))
