@@ -109,12 +109,13 @@ def _variants(num_slots, num_experts: int, top_k: int, tma_possible: bool) -> li
     return variants
 
 
-def _rows_in_schedule_order(x, sorted_slots, top_k):
+def _rows_in_schedule_order(x, sorted_slots, top_k, active):
     """x[sorted_slots // K] (T, H) -> (S, H); the sentinel positions of unrouted slots read row T - 1.
-    The op's kernel in the graph where it can be (lowering/kernel_calls.py), else as Inductor IR (an
-    elementwise gather, ~2x slower at Mixtral T = 8192: each element loads through its own index)."""
+    The op's kernel in the graph where it can be (lowering/kernel_calls.py), launching no program where
+    ``active`` (the reading template pair's) is 0, else as Inductor IR (an elementwise gather, ~2x slower
+    at Mixtral T = 8192: each element loads through its own index)."""
     if kernels_in_graph(x, sorted_slots):
-        return rows_in_schedule_order_in_graph(x, sorted_slots, top_k)
+        return rows_in_schedule_order_in_graph(x, sorted_slots, top_k, active)
     token = L[aten.div.Tensor_mode](sorted_slots, top_k, rounding_mode="floor")
     token = L[aten.clamp_max.default](token, x.get_size()[0] - 1)
     return L[aten.index.Tensor](x, [token])
@@ -161,7 +162,7 @@ def lower_fused_experts(
         a, gather_top_k, tma = x, K, variant.tma
         if tma:
             # As the op: TMA loads row blocks, so x's rows are copied into schedule order first.
-            a, gather_top_k = _rows_in_schedule_order(x, sorted_slots, K), 0
+            a, gather_top_k = _rows_in_schedule_order(x, sorted_slots, K, schedule["active"]), 0
         h_SF = tuned_expert_gemm(
             a, gate, up, b_gate, b_up, None, sorted_slots, None, None,
             num_slots, variant.block_m, gather_top_k, False, activation, alpha, limit, tma=tma, **schedule,

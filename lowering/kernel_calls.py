@@ -107,14 +107,15 @@ def block_schedule_in_graph(topk_ids, num_experts: int, block_m: int):
 register_lowering(torch.ops.moe_ops.block_schedule.default, type_promotion_kind=None)(block_schedule_in_graph)
 
 
-def rows_in_schedule_order_in_graph(x, sorted_slots, top_k: int):
-    """(positions, H) IR: x's rows in schedule order, the op's kernel (``kernels_in_graph`` holds)."""
+def rows_in_schedule_order_in_graph(x, sorted_slots, top_k: int, active=1):
+    """(positions, H) IR: x's rows in schedule order, the op's kernel (``kernels_in_graph`` holds);
+    no program where ``active`` (see launch_rows_in_schedule_order) is 0."""
     num_tokens, hidden = x.get_size()
     x = _contiguous(x)
     num_positions = sorted_slots.get_size()[0]
     out = empty_strided([num_positions, hidden], None, dtype=x.get_dtype(), device=x.get_device())
     launch_rows_in_schedule_order(
         _launch_in_graph, x, _contiguous(sorted_slots), out, _count(num_positions), _count(num_tokens), int(hidden),
-        int(hidden), top_k, **({} if _static(num_positions) else dict(cdiv=CeilDiv)),
+        int(hidden), top_k, active=active, **({} if _static(num_positions) else dict(cdiv=CeilDiv)),
     )
     return out

@@ -353,12 +353,15 @@ def block_schedule_triton(
 
 
 def launch_rows_in_schedule_order(
-    launch, x, sorted_slots, out, num_positions, num_tokens, hidden: int, stride_xt, top_k: int, cdiv=triton.cdiv
+    launch, x, sorted_slots, out, num_positions, num_tokens, hidden: int, stride_xt, top_k: int, cdiv=triton.cdiv,
+    active=1,
 ) -> None:
     """``out`` (positions, H) = x's rows in schedule order (what TMA tiles load: they cannot gather),
-    written once for the eager op and the compiled graph (see :func:`launch_block_schedule`)."""
+    written once for the eager op and the compiled graph (see :func:`launch_block_schedule`). ``active``
+    (0 or 1, a graph's expression in the token count): no program where 0, for a graph whose TMA tiles,
+    the only readers, do not run at that count."""
     block_h = min(1024, triton.next_power_of_2(hidden))
-    launch(_rows_in_schedule_order_kernel, (cdiv(num_positions, 8),), 4,
+    launch(_rows_in_schedule_order_kernel, (cdiv(num_positions, 8) * active,), 4,
            x, sorted_slots, out, num_positions, num_tokens, hidden, stride_xt, TOP_K=top_k, BLOCK_R=8, BLOCK_H=block_h)
 
 
