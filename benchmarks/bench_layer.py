@@ -107,6 +107,7 @@ CSV_COLUMNS = (
     "floor_over_measured", "gpu", "torch", "triton", "transformers", "timestamp",
 )  # fmt: skip
 CSV_KEY = ("shape", "T", "impl")
+INTERLEAVED_SINCE = "2026-11-24T06:00:00Z"  # runs from here on time each T in interleaved rounds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -517,8 +518,9 @@ def markdown_report(rows: list[dict], ceilings: Ceilings) -> str:
         f" (read + write), bf16 matmul {ceilings.matmul_flops_per_s / 1e12:.1f} TFLOP/s",
         "- bf16, transformers' MixtralSparseMoeBlock at each shape, weights ~N(0, 0.02), random inputs;"
         " `triton.testing.do_bench` p50 in ms of all a cell's samples: each T timed in rounds, the"
-        " implementations in alternating order (rows of runs before 2026-11-24T06:00Z: one do_bench per cell,"
-        " implementations one after another)",
+        " implementations in alternating order"
+        + (" (rows of runs before 2026-11-24T06:00Z: one do_bench per cell, implementations one after another)"
+           if any(r["timestamp"] < INTERLEAVED_SINCE for r in rows) else ""),
     ]
     for name in dict.fromkeys(r["shape"] for r in rows):
         shape_rows = [r for r in rows if r["shape"] == name]

@@ -221,8 +221,8 @@ def unrouted_rows_tile(q, ids_ptr, stride_ids, num_slots, N, num_experts,
 def unrouted_row_blocks(expert_offsets_ptr, num_experts, num_slots, BLOCK_M: tl.constexpr):
     """Row blocks for unrouted_rows_tile to scan in a packed schedule: every block of slot rows where some
     slot is routed to no expert (the last expert offset, the routed count, falls short of the slots), else
-    none, so that the usual case pays no pass over the ids (6% of DeepSeek-V3's down GEMM at T = 8192 on
-    the H100, where the persistent grid walked those tiles one dependent load at a time)."""
+    none, so that the usual case pays no pass over the ids (a persistent grid walks those tiles one
+    dependent load at a time: benchmarks/NOTES.md, v10)."""
     routed = tl.load(expert_offsets_ptr + num_experts)
     return tl.where(routed < num_slots, tl.cdiv(num_slots, BLOCK_M), 0)
 
