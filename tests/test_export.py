@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -35,10 +36,11 @@ from torch._dynamo.utils import counters
 import moe_ops
 from moe_ops.fused_experts import block_m_ranges
 
-# On torch 2.11 (the H100 box), loading an AOTInductor package that calls moe_ops' custom ops, CPU or
-# CUDA, segfaults inside torch's loader (torch/export/pt2_archive/_package.py, _load_aoti; the CUDA
-# case seen with faulthandler in a fresh process), killing the test process; 2.13 loads and runs CPU
-# packages. Nothing on moe_ops' side changes it: the loads are skipped below 2.12.
+# On torch 2.11 (the H100 box), loading any AOTInductor package segfaults inside torch's loader
+# (torch/export/pt2_archive/_package.py, _load_aoti, seen with faulthandler in a fresh process): one
+# that calls moe_ops' ops, CPU or CUDA, and as well a CPU package of torch.sin(x) * 2 with no custom op
+# at all (a probe on the H100, 2026-11-24). 2.13 loads and runs CPU packages. Nothing on moe_ops' side
+# changes it: the loads are skipped below 2.12.
 loads_packages = pytest.mark.skipif(
     torch.torch_version.TorchVersion(torch.__version__) < (2, 12),
     reason="torch 2.11's AOTInductor loader segfaults here",
@@ -276,6 +278,27 @@ def check_outputs(outputs_path, inputs, block):
         assert_close_rel(got, output(block(x)), torch.bfloat16, f"fresh process, T={x.shape[1]}")
 
 
+class _PlainOps(torch.nn.Module):
+    def forward(self, x):
+        return torch.sin(x) * 2
+
+
+def test_loader_control_a_package_without_moe_ops(tmp_path):
+    """The control behind ``loads_packages``: a package of plain torch ops, loaded and run in a fresh
+    process that never imports moe_ops. torch 2.12+ runs it; torch 2.11 dies of a segfault inside
+    _load_aoti, as with moe_ops' packages, so that crash is torch's (the test flips when it is fixed)."""
+    x = torch.randn(4, 8)
+    path = torch._inductor.aoti_compile_and_package(
+        torch.export.export(_PlainOps(), (x,)), package_path=str(tmp_path / "plain.pt2"))
+    torch.save([x], tmp_path / "inputs.pt")
+    result = load_in_subprocess(path, tmp_path / "inputs.pt", tmp_path / "outputs.pt", import_moe_ops=False)
+    if torch.torch_version.TorchVersion(torch.__version__) < (2, 12):
+        assert result.returncode == -signal.SIGSEGV, (result.returncode, result.stderr[-2000:])
+    else:
+        assert result.returncode == 0, result.stderr[-2000:]
+        torch.testing.assert_close(torch.load(tmp_path / "outputs.pt")[0], torch.sin(x) * 2)
+
+
 @loads_packages
 def test_fresh_process_that_imports_moe_ops_runs_the_package(hf_block, hf_package, saved_inputs):
     inputs, inputs_path, outputs_path = saved_inputs
@@ -346,7 +369,7 @@ def test_cuda_aoti_package_contents(cuda_package):
 @loads_packages
 def test_cuda_aoti_package_runs(cuda_package, tmp_path):
     """A fresh process that imports moe_ops loads the CUDA package and runs it (in a subprocess: torch
-    2.11's loader segfaults on it, as on CPU packages, inside _load_aoti)."""
+    2.11's loader segfaults on every package, inside _load_aoti)."""
     block, path, dynamic = cuda_package
     inputs = [hf_tokens(n).cuda() for n in (TOKEN_COUNTS if dynamic else (10,))]
     torch.save(inputs, tmp_path / "inputs.pt")
