@@ -1,10 +1,14 @@
-"""Inductor lowering of ``moe_ops::expert_gemm``: a Triton template whose store fuses the graph's epilogue.
+"""Inductor lowering of ``moe_ops::expert_gemm``: a Triton template whose store fuses the graph's epilogue
+and whose A load fuses its prologue.
 
 The template's body is the eager kernel's tile function (``moe_ops.expert_gemm_triton.expert_gemm_tile``:
-gather, both GEMMs of a gated MLP from one A tile, bias, activation, routing weight); only the store
-differs. Inductor's ``store_output`` writes the tile and appends whatever pointwise work the graph does
-with the result (a dtype cast, a residual add, a scale), so those run in registers instead of as a
-second kernel over the output.
+gather, both GEMMs of a gated MLP from one A tile, bias, activation, routing weight); only the loads of A
+and the store differ. Inductor's ``store_output`` writes the tile and appends whatever pointwise work the
+graph does with the result (a dtype cast, a residual add, a scale), so those run in registers instead of
+as a second kernel over the output. With pointer loads the template runs the tile function's steps
+(``tile_coords``, ``k_step``, ``tile_output``) around a K loop of its own whose A tile comes through
+``load_input``, where Inductor fuses a pointwise producer of A that only this template reads (a
+prologue, e.g. a cast); TMA tiles call the tile function whole (their A is a copy in schedule order).
 
 Choices: under plain ``torch.compile`` one template config from the same heuristic the eager kernel
 uses (``gemm_config``: by token bucket), so nothing is benchmarked at compile time. Under
@@ -41,7 +45,10 @@ log = logging.getLogger("moe_ops")
 TEMPLATE_SOURCE = r"""
 import triton
 import triton.language as tl
-from moe_ops.expert_gemm_triton import expert_gemm_tile, make_descriptors, unrouted_row_blocks, unrouted_rows_tile
+from moe_ops.expert_gemm_triton import (
+    expert_gemm_tile, k_step, make_descriptors, tile_coords, tile_output, unrouted_row_blocks, unrouted_rows_tile,
+    weight_tile_ptrs,
+)
 
 {%- set names = ["A", "W"] %}
 {%- if GATED %}{% set names = names + ["W_UP"] %}{% endif %}
@@ -77,43 +84,68 @@ from moe_ops.expert_gemm_triton import expert_gemm_tile, make_descriptors, unrou
         {{stride("W_UP", 0) if GATED else 0}}, {{stride("W_UP", 1) if GATED else 0}},
         GATED, BLOCK_M, BLOCK_N, BLOCK_K,
     )
-{%- else %}
-    a_desc, w_desc, u_desc = A, W, W
 {%- endif %}
     num_tiles = num_blocks_max * tl.cdiv(N, BLOCK_N)
 {%- if ZERO_UNROUTED %}
     num_tiles += unrouted_row_blocks(EXPERT_OFFSETS, NUM_EXPERTS, num_slots, BLOCK_M) * tl.cdiv(N, BLOCK_N)
 {%- endif %}
+{%- set w_up = "W_UP" if GATED else "W" %}
+{%- set w_up_strides = [stride("W_UP", 0), stride("W_UP", 1), stride("W_UP", 2)] if GATED else [0, 0, 0] %}
+{%- set bias_strides = [stride("BIAS", 0), stride("BIAS", 1)] if HAS_BIAS else [0, 0] %}
+{%- set bias_up_strides = [stride("BIAS_UP", 0), stride("BIAS_UP", 1)] if HAS_BIAS_UP else [0, 0] %}
+{%- set schedule = "SORTED_SLOTS, EXPERT_OFFSETS, SORTED_SLOTS" if PACKED
+                   else "SORTED_SLOTS, BLOCK_EXPERT, NUM_PADDED" %}
+{%- set optional_ptrs = [("BIAS" if HAS_BIAS else "W"), ("BIAS_UP" if HAS_BIAS_UP else "W"),
+                         ("SLOT_W" if HAS_SLOT_WEIGHT else "W")] | join(", ") %}
+{%- set precision = '"ieee"' if IEEE else '"tf32"' %}
     # One tile per program, or (TMA: a persistent grid of one program per SM) tiles strided by the grid.
     for pid in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+{%- if TMA %}
         y, rows, cols, mask = expert_gemm_tile(
             pid,
-            A, W, {{"W_UP" if GATED else "W"}}, {{"BIAS" if HAS_BIAS else "W"}}, {{"BIAS_UP" if HAS_BIAS_UP else "W"}},
-            {{"SLOT_W" if HAS_SLOT_WEIGHT else "W"}},
-            {{"SORTED_SLOTS, EXPERT_OFFSETS, SORTED_SLOTS" if PACKED else "SORTED_SLOTS, BLOCK_EXPERT, NUM_PADDED"}},
+            A, W, {{w_up}}, {{optional_ptrs}}, {{schedule}},
             N, K, num_slots, GATHER_TOP_K, num_blocks_max, NUM_EXPERTS,
             {{stride("A", 0)}}, {{stride("A", 1)}},
-            {{stride("W", 0)}}, {{stride("W", 1)}}, {{stride("W", 2)}},
-{%- if GATED %}
-            {{stride("W_UP", 0)}}, {{stride("W_UP", 1)}}, {{stride("W_UP", 2)}},
-{%- else %}
-            0, 0, 0,
-{%- endif %}
-{%- if HAS_BIAS %}
-            {{stride("BIAS", 0)}}, {{stride("BIAS", 1)}},
-{%- else %}
-            0, 0,
-{%- endif %}
-{%- if HAS_BIAS_UP %}
-            {{stride("BIAS_UP", 0)}}, {{stride("BIAS_UP", 1)}},
-{%- else %}
-            0, 0,
-{%- endif %}
+            {{stride("W", 0)}}, {{stride("W", 1)}}, {{stride("W", 2)}}, {{w_up_strides | join(", ")}},
+            {{bias_strides | join(", ")}}, {{bias_up_strides | join(", ")}},
             ALPHA, LIMIT,
-            GATHER, SCATTER, GATED, HAS_BIAS, HAS_BIAS_UP, HAS_SLOT_WEIGHT, ACTIVATION,
-            {{'"ieee"' if IEEE else '"tf32"'}},
+            GATHER, SCATTER, GATED, HAS_BIAS, HAS_BIAS_UP, HAS_SLOT_WEIGHT, ACTIVATION, {{precision}},
             BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, PACKED, E_PAD, TMA, a_desc, w_desc, u_desc,
         )
+{%- else %}
+        # The tile function's steps with the template's own K loop: A comes through load_input, where
+        # Inductor can fuse a pointwise producer of A (a prologue: a cast, a scale) into the load.
+        expert, row0, offs_m, rows_in_range, slot, row_valid, a_row, col0, cols, col_valid, k_end = tile_coords(
+            pid, {{schedule}}, N, K, num_slots, GATHER_TOP_K, num_blocks_max, NUM_EXPERTS,
+            GATHER, BLOCK_M, BLOCK_N, GROUP_M, PACKED, E_PAD,
+        )
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = {{"tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)" if GATED else "acc"}}
+        w_ptrs, u_ptrs = weight_tile_ptrs(
+            W, {{w_up}}, expert, cols, {{stride("W", 0)}}, {{stride("W", 1)}}, {{stride("W", 2)}},
+            {{w_up_strides | join(", ")}}, BLOCK_K,
+        )
+        for k0 in range(0, k_end, BLOCK_K):
+            idx_am = a_row[:, None]
+            idx_ak = k0 + tl.arange(0, BLOCK_K)[None, :]
+            a_mask = row_valid[:, None] & (idx_ak < K)
+            {{load_input("A", "a", ("idx_am", "idx_ak"), mask="a_mask", indent_width=12,
+                         index_shape=("BLOCK_M", "BLOCK_K"))}}
+{%- if not EVEN_K %}
+            # Past K the weights are 0, but a fused prologue may leave anything in A's masked lanes (a NaN
+            # times 0 is NaN): A is zeroed there. Rows are independent, and masked rows are never stored.
+            a = tl.where(idx_ak < K, a, 0.0)
+{%- endif %}
+            acc, acc_up, w_ptrs, u_ptrs = k_step(
+                a, acc, acc_up, w_ptrs, u_ptrs, K - k0, col_valid, {{stride("W", 2)}}, {{w_up_strides[2]}}, GATED,
+                {{precision}}, BLOCK_K,
+            )
+        y, rows, cols, mask = tile_output(
+            acc, acc_up, expert, slot, row_valid, offs_m, rows_in_range, cols, col_valid, {{optional_ptrs}},
+            {{bias_strides | join(", ")}}, {{bias_up_strides | join(", ")}}, ALPHA, LIMIT,
+            SCATTER, GATED, HAS_BIAS, HAS_BIAS_UP, HAS_SLOT_WEIGHT, ACTIVATION,
+        )
+{%- endif %}
 {%- if ZERO_UNROUTED %}
         # Programs past the GEMM tiles got a zero tile that stores nothing. They write the rows of slots
         # routed to no expert instead (ids >= E: no block owns them), so every output row is defined.
@@ -290,7 +322,7 @@ def tuned_expert_gemm(
                 block_m, cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_stages"], gated, a.get_dtype().itemsize,
                 smem_bytes, tma=True)):
             continue
-        cfg = dict(cfg)
+        cfg = dict(cfg, EVEN_K=int(w.get_size()[2]) % cfg["BLOCK_K"] == 0)
         num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
         expert_gemm_template.maybe_append_choice(
             choices, input_nodes=input_nodes, layout=layout, num_warps=num_warps, num_stages=num_stages,

@@ -100,6 +100,49 @@ def expert_gemm_tile(
     once per program (``make_descriptors``): Hopper's copy engine fetches them, so the warps spend no
     registers or instructions on addresses and masks. The descriptors zero-fill past K and past A's
     rows; rows of the next expert that a tile reads are never stored."""
+    expert, row0, offs_m, rows_in_range, slot, row_valid, a_row, col0, cols, col_valid, k_end = tile_coords(
+        pid, sorted_slots_ptr, block_expert_ptr, num_padded_ptr, N, K, num_slots, gather_top_k, num_blocks_max,
+        num_experts, GATHER, BLOCK_M, BLOCK_N, GROUP_M, PACKED, E_PAD,
+    )
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if GATED:
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        acc_up = acc
+    if TMA:
+        tl.static_assert(PACKED and not GATHER, "TMA tiles need a packed schedule and A in its order")
+        w_row = (expert * (stride_we // stride_wn) + col0).to(tl.int32)
+        if GATED:
+            u_row = (expert * (stride_ue // stride_un) + col0).to(tl.int32)
+        for k0 in range(0, k_end, BLOCK_K):
+            a = a_desc.load([row0.to(tl.int32), k0])
+            acc = tl.dot(a, w_desc.load([w_row, k0]).T, acc, input_precision=INPUT_PRECISION)
+            if GATED:
+                acc_up = tl.dot(a, u_desc.load([u_row, k0]).T, acc_up, input_precision=INPUT_PRECISION)
+    else:
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak
+        w_ptrs, u_ptrs = weight_tile_ptrs(w_ptr, w_up_ptr, expert, cols, stride_we, stride_wn, stride_wk, stride_ue,
+                                          stride_un, stride_uk, BLOCK_K)
+        for k0 in range(0, k_end, BLOCK_K):
+            a = tl.load(a_ptrs, mask=row_valid[:, None] & (offs_k < K - k0)[None, :], other=0.0)
+            acc, acc_up, w_ptrs, u_ptrs = k_step(a, acc, acc_up, w_ptrs, u_ptrs, K - k0, col_valid, stride_wk,
+                                                 stride_uk, GATED, INPUT_PRECISION, BLOCK_K)
+            a_ptrs += BLOCK_K * stride_ak
+    return tile_output(
+        acc, acc_up, expert, slot, row_valid, offs_m, rows_in_range, cols, col_valid, bias_ptr, bias_up_ptr,
+        slot_weight_ptr, stride_be, stride_bn, stride_bue, stride_bun, alpha, limit, SCATTER, GATED, HAS_BIAS,
+        HAS_BIAS_UP, HAS_SLOT_WEIGHT, ACTIVATION,
+    )
+
+
+@triton.jit
+def tile_coords(pid, sorted_slots_ptr, block_expert_ptr, num_padded_ptr, N, K, num_slots, gather_top_k,
+                num_blocks_max, num_experts, GATHER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                GROUP_M: tl.constexpr, PACKED: tl.constexpr, E_PAD: tl.constexpr):
+    """Where program ``pid``'s tile is (see expert_gemm_tile): (expert, first row, its rows, which of them
+    are in the schedule, their slots, which are routed, the rows of A they read, the first column, the
+    columns, which of them exist, the K extent: 0 for an idle tile)."""
     num_pid_n = tl.cdiv(N, BLOCK_N)
     if PACKED:
         e_idx = tl.arange(0, E_PAD)
@@ -138,7 +181,8 @@ def expert_gemm_tile(
         expert = tl.minimum(expert_of_block, num_experts - 1).to(tl.int64)
         slot = tl.load(sorted_slots_ptr + offs_m, mask=rows_in_range, other=num_slots)
     else:
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row0 = pid_m * BLOCK_M
+        offs_m = row0 + tl.arange(0, BLOCK_M)
         block_in_range = pid_m < num_blocks_max
         expert = tl.maximum(tl.load(block_expert_ptr + pid_m, mask=block_in_range, other=0), 0).to(tl.int64)
         slot = tl.load(sorted_slots_ptr + offs_m, mask=block_in_range, other=num_slots)
@@ -150,41 +194,40 @@ def expert_gemm_tile(
         a_row = offs_m.to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_valid = cols < N
+    return expert, row0, offs_m, rows_in_range, slot, row_valid, a_row, pid_n * BLOCK_N, cols, col_valid, k_end
+
+
+@triton.jit
+def weight_tile_ptrs(w_ptr, w_up_ptr, expert, cols, stride_we, stride_wn, stride_wk, stride_ue, stride_un, stride_uk,
+                     BLOCK_K: tl.constexpr):
+    """Pointers to the first (BLOCK_K, BLOCK_N) weight tiles (gate, up) of a pointer-load tile."""
     offs_k = tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + expert * stride_we + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
+    u_ptrs = w_up_ptr + expert * stride_ue + cols[None, :].to(tl.int64) * stride_un + offs_k[:, None] * stride_uk
+    return w_ptrs, u_ptrs
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+@triton.jit
+def k_step(a, acc, acc_up, w_ptrs, u_ptrs, k_left, col_valid, stride_wk, stride_uk, GATED: tl.constexpr,
+           INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One K step of a pointer-load tile, given its A tile (loaded by the caller: the eager kernel loads it,
+    the Inductor template through load_input, where a fused prologue computes it): both GEMMs' dots, and
+    the weight pointers moved on."""
+    k_valid = tl.arange(0, BLOCK_K) < k_left
+    w = tl.load(w_ptrs, mask=k_valid[:, None] & col_valid[None, :], other=0.0)
+    acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
     if GATED:
-        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    else:
-        acc_up = acc
-    if TMA:
-        tl.static_assert(PACKED and not GATHER, "TMA tiles need a packed schedule and A in its order")
-        w_row = (expert * (stride_we // stride_wn) + pid_n * BLOCK_N).to(tl.int32)
-        if GATED:
-            u_row = (expert * (stride_ue // stride_un) + pid_n * BLOCK_N).to(tl.int32)
-        for k0 in range(0, k_end, BLOCK_K):
-            a = a_desc.load([row0.to(tl.int32), k0])
-            acc = tl.dot(a, w_desc.load([w_row, k0]).T, acc, input_precision=INPUT_PRECISION)
-            if GATED:
-                acc_up = tl.dot(a, u_desc.load([u_row, k0]).T, acc_up, input_precision=INPUT_PRECISION)
-    else:
-        a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak
-        w_ptrs = (w_ptr + expert * stride_we + cols[None, :].to(tl.int64) * stride_wn
-                  + offs_k[:, None] * stride_wk)
-        u_ptrs = (w_up_ptr + expert * stride_ue + cols[None, :].to(tl.int64) * stride_un
-                  + offs_k[:, None] * stride_uk)
-        for k0 in range(0, k_end, BLOCK_K):
-            k_valid = offs_k < K - k0
-            a = tl.load(a_ptrs, mask=row_valid[:, None] & k_valid[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_valid[:, None] & col_valid[None, :], other=0.0)
-            acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
-            if GATED:
-                u = tl.load(u_ptrs, mask=k_valid[:, None] & col_valid[None, :], other=0.0)
-                acc_up = tl.dot(a, u, acc_up, input_precision=INPUT_PRECISION)
-                u_ptrs += BLOCK_K * stride_uk
-            a_ptrs += BLOCK_K * stride_ak
-            w_ptrs += BLOCK_K * stride_wk
+        u = tl.load(u_ptrs, mask=k_valid[:, None] & col_valid[None, :], other=0.0)
+        acc_up = tl.dot(a, u, acc_up, input_precision=INPUT_PRECISION)
+    return acc, acc_up, w_ptrs + BLOCK_K * stride_wk, u_ptrs + BLOCK_K * stride_uk
 
+
+@triton.jit
+def tile_output(acc, acc_up, expert, slot, row_valid, offs_m, rows_in_range, cols, col_valid, bias_ptr, bias_up_ptr,
+                slot_weight_ptr, stride_be, stride_bn, stride_bue, stride_bun, alpha, limit, SCATTER: tl.constexpr,
+                GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS_UP: tl.constexpr,
+                HAS_SLOT_WEIGHT: tl.constexpr, ACTIVATION: tl.constexpr):
+    """The accumulators made into the tile's output: (values in fp32, output rows, columns, store mask)."""
     if HAS_BIAS:
         acc += tl.load(bias_ptr + expert * stride_be + cols * stride_bn, mask=col_valid, other=0.0
                        ).to(tl.float32)[None, :]

@@ -133,8 +133,9 @@ def test_templates_replace_the_extern_call():
     # gate_up (gather rows of x, gated SiLU) and down (routing weight, scatter to slot order)
     assert len(templates) == 2, templates
     gate_up, down = (kernels[name] for name in templates)
-    for source in (gate_up, down):
-        assert "expert_gemm_tile(" in source
+    for source in (gate_up, down):  # pointer loads: the tile's steps around the template's own K loop
+        FileCheck().check("tile_coords(").check("for k0 in range(").check("tl.load(A +").check("k_step(").check(
+            "tile_output(").run(source)
     FileCheck().check("GATHER : tl.constexpr = True").check("GATED : tl.constexpr = True").check(
         "ACTIVATION : tl.constexpr = 1"
     ).run(gate_up)
@@ -181,9 +182,56 @@ def test_k1_epilogue_fuses_into_the_down_template():
     assert len(kernels) == 2, list(kernels)
     down = next(name for name in kernels if "add" in name)
     assert down.startswith("triton_tem_fused_"), down
-    FileCheck().check("expert_gemm_tile(").check("tl.load(in_ptr").check(" + ").check(
+    FileCheck().check("tile_output(").check("tl.load(in_ptr").check(" + ").check(
         "tl.store(out_ptr"
     ).run(kernels[down])
+
+
+def _experts_of_cast_input(w_gate_up, w_down):
+    """fp32 experts fed a bf16 activation through a cast that only they read (the router reads logits)."""
+
+    def layer(x, logits):
+        topk_weights, topk_ids = moe_ops.route(logits, 2, renormalize=True)
+        return moe_ops.fused_experts(x.float(), topk_weights, topk_ids, w_gate_up, w_down)
+
+    return layer
+
+
+def test_cast_feeding_the_experts_fuses_into_the_gate_up_template():
+    """Prologue fusion: a cast that only the experts read runs in the gate_up template's A load
+    (load_input), not as a kernel of its own that writes an fp32 copy of x."""
+    w_gate_up, w_down = weights(dtype=torch.float32)
+    x, logits, _ = layer_inputs()
+    kernels = kernel_sources(generated_code(_experts_of_cast_input(w_gate_up, w_down), x, logits))
+    templates = [name for name in kernels if name.startswith("triton_tem_")]
+    assert len(templates) == 2 and len(kernels) == 3, list(kernels)  # gate_up, down, combine
+    gate_up = kernels[templates[0]]
+    assert "_to_copy" in templates[0], templates
+    # x (bf16) loaded and converted inside the K loop, where the template would load A.
+    FileCheck().check("for k0 in range(").check("tl.load(in_ptr").check(".to(tl.float32)").check("a = ").check(
+        "k_step(").run(gate_up)
+    assert "tl.load(A +" not in gate_up
+
+
+def test_prologue_stays_out_when_the_router_reads_it_too():
+    """Where prologue fusion does not pay, and does not happen: in a MoE layer the router reads the same
+    activation as the experts, so a pointwise op before the layer (here a scale) is computed once into
+    a buffer that both read; fused into the gate_up template it would still be written for the router,
+    and recomputed by every N tile of every row block."""
+    w_gate_up, w_down = weights(dtype=torch.float32)
+    x, _, _ = layer_inputs(dtype=torch.float32)
+    router = torch.randn(E, H, generator=torch.Generator().manual_seed(3)) * H**-0.5
+
+    def layer(x):
+        x_in = x * 0.5
+        topk_weights, topk_ids = moe_ops.route(x_in @ router.T, 2, renormalize=True)
+        return moe_ops.fused_experts(x_in, topk_weights, topk_ids, w_gate_up, w_down)
+
+    kernels = kernel_sources(generated_code(layer, x))
+    gate_up = kernels[next(name for name in kernels if name.startswith("triton_tem_"))]
+    assert "tl.load(A +" in gate_up
+    scale = [name for name in kernels if name.startswith("triton_poi_") and "mul" in name]
+    assert len(scale) == 1, list(kernels)
 
 
 def test_shared_expert_output_fuses_into_the_combine():
@@ -416,7 +464,7 @@ def test_expert_gemm_op_template_with_fused_epilogue():
     assert len(kernels) == 1, list(kernels)
     (name,) = kernels
     assert name.startswith("triton_tem_fused_"), name
-    FileCheck().check("expert_gemm_tile(").check("2.0").check("tl.store").run(kernels[name])
+    FileCheck().check("tile_output(").check("2.0").check("tl.store").run(kernels[name])
 
 
 def test_expert_gemm_scatter_stays_extern(caplog):
@@ -451,6 +499,17 @@ def _compiled_vs_eager(layer, args, dtype, **compile_kwargs):
     actual, codes = run_and_get_code(torch.compile(layer, **compile_kwargs), *args)
     assert_close_rel(actual, expected, dtype)
     return "\n".join(codes)
+
+
+@pytest.mark.cuda
+def test_cuda_fused_cast_prologue_matches_eager():
+    """The cast fused into the gate_up template's A load (test_cast_feeding_...) computes what the eager
+    layer computes, with K not a multiple of the tile's depth (the masked tail of A)."""
+    hidden = 72
+    w_gate_up, w_down = weights(dtype=torch.float32, hidden=hidden, device="cuda")
+    x, logits, _ = layer_inputs(hidden=hidden, device="cuda")
+    code = _compiled_vs_eager(_experts_of_cast_input(w_gate_up, w_down), (x, logits), torch.float32)
+    assert re.search(r"def triton_tem_fused__to_copy\w*\(", code), "the cast did not fuse into a template"
 
 
 @pytest.mark.cuda
@@ -599,5 +658,5 @@ def test_cuda_transformers_mixtral_block_uses_the_templates():
     code = "\n".join(codes)
     assert_close_rel(output(actual), expected, torch.bfloat16)
     assert counters["moe_ops"]["experts_rewrite_hf_grouped_mm"] == 1
-    assert code.count("triton_tem_") >= 2 and "expert_gemm_tile(" in code
+    assert code.count("triton_tem_") >= 2 and ("tile_output(" in code or "expert_gemm_tile(" in code)
 
