@@ -26,10 +26,11 @@ for stage in "$@"; do
     tests)
       # Groups run in parallel so Triton's compiles use several cores; the int32-boundary test (in
       # test_expert_gemm.py) holds ~67 GB, so the other GPU-heavy file (real shapes) shares its group.
+      # test_lowering.py and test_export.py (AOTInductor's C++ compiles) each take ~7 minutes alone.
       pids=()
       for group in "test_expert_gemm.py test_fused_experts*.py" "test_routing.py test_docs.py" \
                    "test_schedule.py test_capacity.py test_joint_rewrite.py" \
-                   "test_passes_*.py test_hf_*.py" "test_lowering.py test_export.py"; do
+                   "test_passes_*.py test_hf_*.py" "test_lowering.py" "test_export.py"; do
         files=(); for pattern in $group; do for f in tests/$pattern; do [ -e "$f" ] && files+=("$f"); done; done
         timeout "$LIMIT" python3 -m pytest -q -rfE -p no:cacheprovider "${files[@]}" > "$OUT/pytest_${#pids[@]}.log" 2>&1 &
         pids+=($!)
