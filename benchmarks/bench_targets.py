@@ -54,6 +54,14 @@ from bench_layer import (
     time_wall_clock,
 )
 
+
+def fresh_layer(impl: str, blocks, shape: MoEShape, mode: str | None = None):
+    """bench_layer's make_layer after a dynamo reset: this script times one implementation at a time, so
+    the previous one's graphs (and CUDA graph pools) are dropped before the next compiles."""
+    torch._dynamo.reset()
+    return make_layer(impl, blocks, shape, mode=mode)
+
+
 SECTIONS = ("decode", "skew", "dtypes")
 ZIPF_S = 1.2
 SKEW_TOKENS = (512, 8192)
@@ -183,9 +191,9 @@ class Bench:
             layer_sets = [blocks] * DECODE_LAYERS
         stacks = {name: LayerStack([layer[name] for layer in layer_sets]) for name in blocks}
         for impl in ("compile_hf_grouped_mm", "moe_ops_compile_hf_grouped_mm"):
-            layer = make_layer(impl, blocks, shape, mode="reduce-overhead")
+            layer = fresh_layer(impl, blocks, shape, mode="reduce-overhead")
             self.cell("decode", shape, "bf16", "uniform", 1, impl, layer, x, blocks["hf_eager"](x), blocks)
-            stack = make_layer(impl, stacks, shape, mode="reduce-overhead")
+            stack = fresh_layer(impl, stacks, shape, mode="reduce-overhead")
             self.cell("decode", shape, "bf16", "uniform", 1, f"{impl}{PER_LAYER}", stack, x,
                       stacks["hf_eager"](x), blocks, layers=DECODE_LAYERS)
         del blocks, stacks, layer_sets
@@ -200,7 +208,7 @@ class Bench:
         }  # fmt: skip
         expected = {key: blocks["hf_eager"](x) for key, x in inputs.items()}
         for impl in ("compile_hf_grouped_mm", *OURS):
-            layer = make_layer(impl, blocks, shape)
+            layer = fresh_layer(impl, blocks, shape)
             for (T, routing), x in inputs.items():
                 self.cell("skew", shape, "bf16", routing, T, impl, layer, x, expected[T, routing], blocks)
         del blocks
@@ -210,7 +218,7 @@ class Bench:
         inputs = {T: random_tokens(blocks["hf_eager"].gate.weight, T, shape.top_k) for T in tokens}
         expected = {T: blocks["hf_eager"](x) for T, x in inputs.items()}
         for impl in (*PEERS, *OURS):
-            layer = make_layer(impl, blocks, shape)
+            layer = fresh_layer(impl, blocks, shape)
             for T, x in inputs.items():
                 self.cell("dtypes", shape, dtype_name, "uniform", T, impl, layer, x, expected[T], blocks)
         del blocks
