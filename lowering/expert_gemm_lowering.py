@@ -6,9 +6,10 @@ gather, both GEMMs of a gated MLP from one A tile, bias, activation, routing wei
 and the store differ. Inductor's ``store_output`` writes the tile and appends whatever pointwise work the
 graph does with the result (a dtype cast, a residual add, a scale), so those run in registers instead of
 as a second kernel over the output. With pointer loads the template runs the tile function's steps
-(``tile_coords``, ``k_step``, ``tile_output``) around a K loop of its own whose A tile comes through
-``load_input``, where Inductor fuses a pointwise producer of A that only this template reads (a
-prologue, e.g. a cast); TMA tiles call the tile function whole (their A is a copy in schedule order).
+(``tile_coords``, ``tile_accumulators``, ``k_step``, ``tile_output``) around a K loop of its own whose A
+tile comes through ``load_input``, where Inductor fuses a pointwise producer of A that only this
+template reads (a prologue, e.g. a cast); TMA tiles call the tile function whole (their A is a copy in
+schedule order).
 
 Choices: under plain ``torch.compile`` one template config from the same heuristic the eager kernel
 uses (``gemm_config``: by token bucket), so nothing is benchmarked at compile time. Under
@@ -46,8 +47,8 @@ TEMPLATE_SOURCE = r"""
 import triton
 import triton.language as tl
 from moe_ops.expert_gemm_triton import (
-    expert_gemm_tile, k_step, make_descriptors, tile_coords, tile_output, unrouted_row_blocks, unrouted_rows_tile,
-    weight_tile_ptrs,
+    expert_gemm_tile, k_step, make_descriptors, tile_accumulators, tile_coords, tile_output, unrouted_row_blocks,
+    unrouted_rows_tile, weight_tile_ptrs,
 )
 
 {%- set names = ["A", "W"] %}
@@ -119,8 +120,7 @@ from moe_ops.expert_gemm_triton import (
             pid, {{schedule}}, N, K, num_slots, GATHER_TOP_K, num_blocks_max, NUM_EXPERTS,
             GATHER, BLOCK_M, BLOCK_N, GROUP_M, PACKED, E_PAD,
         )
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_up = {{"tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)" if GATED else "acc"}}
+        acc, acc_up = tile_accumulators(BLOCK_M, BLOCK_N, GATED)
         w_ptrs, u_ptrs = weight_tile_ptrs(
             W, {{w_up}}, expert, cols, {{stride("W", 0)}}, {{stride("W", 1)}}, {{stride("W", 2)}},
             {{w_up_strides | join(", ")}}, BLOCK_K,

@@ -104,11 +104,7 @@ def expert_gemm_tile(
         pid, sorted_slots_ptr, block_expert_ptr, num_padded_ptr, N, K, num_slots, gather_top_k, num_blocks_max,
         num_experts, GATHER, BLOCK_M, BLOCK_N, GROUP_M, PACKED, E_PAD,
     )
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if GATED:
-        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    else:
-        acc_up = acc
+    acc, acc_up = tile_accumulators(BLOCK_M, BLOCK_N, GATED)
     if TMA:
         tl.static_assert(PACKED and not GATHER, "TMA tiles need a packed schedule and A in its order")
         w_row = (expert * (stride_we // stride_wn) + col0).to(tl.int32)
@@ -195,6 +191,17 @@ def tile_coords(pid, sorted_slots_ptr, block_expert_ptr, num_padded_ptr, N, K, n
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_valid = cols < N
     return expert, row0, offs_m, rows_in_range, slot, row_valid, a_row, pid_n * BLOCK_N, cols, col_valid, k_end
+
+
+@triton.jit
+def tile_accumulators(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATED: tl.constexpr):
+    """The gate and up accumulators (up is the gate's when not gated: no second GEMM)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if GATED:
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        acc_up = acc
+    return acc, acc_up
 
 
 @triton.jit

@@ -157,16 +157,6 @@ def _route_kernel(
     tl.store(ids_ptr + out_offs, sel_id, mask=out_mask)
 
 
-def route_tiles(num_tokens: int | None, num_experts: int) -> tuple[int, int, int]:
-    """(E_PAD, BLOCK_T, num_warps). ``num_tokens`` None: tiles for any token count (a compiled graph
-    for every T), those of a large T."""
-    e_pad = triton.next_power_of_2(num_experts)
-    rows = _MAX_BLOCK_T if num_tokens is None else triton.next_power_of_2(num_tokens)
-    block_t = max(1, min(_MAX_BLOCK_T, _TILE_ELEMENTS // e_pad, rows))
-    num_warps = max(1, min(4, block_t * e_pad // _ELEMENTS_PER_WARP))
-    return e_pad, block_t, num_warps
-
-
 def launch_route(
     launch, logits, bias, weights, ids, num_tokens, num_experts: int, logits_strides, bias_stride: int,
     k: int, scoring: str, softmax_after_topk: bool, renormalize: bool, renorm_eps: float, n_group: int,
@@ -176,8 +166,12 @@ def launch_route(
     """The route kernel's launch, written once for the eager op (``launch`` calls the kernel; tensors)
     and the compiled graph (lowering/kernel_calls.py: ``launch`` adds the kernel to Inductor's graph; IR
     nodes, a symbolic token count with ``cdiv`` and ``any_count``). ``bias`` None: no correction bias.
-    ``precise``: libdevice's exp and IEEE division (off only in the interpreter, which lacks libdevice)."""
-    e_pad, block_t, num_warps = route_tiles(None if any_count else num_tokens, num_experts)
+    ``precise``: libdevice's exp and IEEE division (off only in the interpreter, which lacks libdevice).
+    ``any_count``: tiles for any token count (a graph for every T), those of a large T."""
+    e_pad = triton.next_power_of_2(num_experts)
+    rows = _MAX_BLOCK_T if any_count else triton.next_power_of_2(num_tokens)
+    block_t = max(1, min(_MAX_BLOCK_T, _TILE_ELEMENTS // e_pad, rows))
+    num_warps = max(1, min(4, block_t * e_pad // _ELEMENTS_PER_WARP))
     has_bias = bias is not None
     launch(
         _route_kernel, (cdiv(num_tokens, block_t),), num_warps,
