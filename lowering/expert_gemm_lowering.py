@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import logging
 
+import sympy
 import torch
 import triton
 from torch._inductor import config as inductor_config
@@ -83,7 +84,7 @@ from moe_ops.expert_gemm_triton import (
         A, W, {{"W_UP" if GATED else "W"}}, {{size("A", 0)}}, N, K, NUM_EXPERTS, {{stride("A", 0)}},
         {{stride("W", 0)}}, {{stride("W", 1)}},
         {{stride("W_UP", 0) if GATED else 0}}, {{stride("W_UP", 1) if GATED else 0}},
-        GATED, BLOCK_M, BLOCK_N, BLOCK_K,
+        GATED, BLOCK_M, BLOCK_N, BLOCK_K, PAIRED, PAIR_STRIDE,
     )
 {%- endif %}
     num_tiles = num_blocks_max * tl.cdiv(N, BLOCK_N)
@@ -111,7 +112,7 @@ from moe_ops.expert_gemm_triton import (
             {{bias_strides | join(", ")}}, {{bias_up_strides | join(", ")}},
             ALPHA, LIMIT,
             GATHER, SCATTER, GATED, HAS_BIAS, HAS_BIAS_UP, HAS_SLOT_WEIGHT, ACTIVATION, {{precision}},
-            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, PACKED, E_PAD, TMA, a_desc, w_desc, u_desc,
+            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, PACKED, E_PAD, TMA, a_desc, w_desc, u_desc, PAIRED,
         )
 {%- else %}
         # The tile function's steps with the template's own K loop: A comes through load_input, where
@@ -226,6 +227,21 @@ def weight_views(*weights) -> list:
     return [(w.get_size(), w.get_stride(), None) for w in weights if w is not None]
 
 
+def ir_pair_stride(w, w_up) -> int | None:
+    """weight_pair_stride for two views of one buffer (the halves of a fused gate_up weight), from their
+    offsets; None for anything else (a view Inductor may move or copy is not a fixed distance apart)."""
+    from moe_ops.expert_gemm_triton import weight_pair_stride
+
+    if not (isinstance(w, ir.ReinterpretView) and isinstance(w_up, ir.ReinterpretView)):
+        return None
+    step = w_up.get_layout().offset - w.get_layout().offset
+    if w.data.get_name() != w_up.data.get_name() or not isinstance(step, (int, sympy.Integer)):
+        return None
+    itemsize = w.get_dtype().itemsize
+    return weight_pair_stride((w.get_size(), w.get_stride()), (w_up.get_size(), w_up.get_stride()),
+                              int(step) * itemsize, itemsize)
+
+
 def _device_limits(device: torch.device) -> tuple[int, int]:
     if device.type == "cuda":
         from moe_ops.expert_gemm_triton import _device_limits as cuda_limits
@@ -303,13 +319,15 @@ def tuned_expert_gemm(
     ieee = a.get_dtype() == torch.float32 and not fp32_matmul_allows_tf32()
     tma = (tma and packed and gather_top_k == 0 and tma_allowed(device)
            and tma_applies(a.get_dtype(), block_m, n, gated, weight_views(w, w_up)))
+    pair_stride = ir_pair_stride(input_nodes[1], input_nodes[2]) if tma and gated else None
     base = gemm_config(block_m, int(n), gated, a.get_dtype().itemsize, busy_estimate, num_sms, smem_bytes, ieee, tma)
     flags = dict(
         GATHER=gather_top_k > 0, SCATTER=bool(scatter), GATED=gated, HAS_BIAS=bias is not None,
         HAS_BIAS_UP=bias_up is not None, HAS_SLOT_WEIGHT=slot_weights is not None,
         ACTIVATION=ACTIVATION_CODE[activation], GATHER_TOP_K=max(gather_top_k, 1),
         ALPHA=float(alpha), LIMIT=float(limit),
-        IEEE=ieee, BLOCK_M=block_m, TMA=tma, NUM_SMS=num_sms,
+        IEEE=ieee, BLOCK_M=block_m, TMA=tma, NUM_SMS=num_sms, PAIRED=pair_stride is not None,
+        PAIR_STRIDE=pair_stride or 0,
         ZERO_UNROUTED=slot_ids is not None, NUM_EXPERTS=num_experts,
         PACKED=packed, E_PAD=triton.next_power_of_2(num_experts) if packed else 1, STORE_TO_OUT=out is not None,
     )

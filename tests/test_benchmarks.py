@@ -14,6 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import bench_energy  # noqa: E402
 import bench_layer  # noqa: E402
 import bench_targets  # noqa: E402
 
@@ -121,3 +122,19 @@ def test_compiled_layers_of_one_block_keep_their_own_graphs():
     torch.compile(bench_layer.own_code_object(block), backend=backend)(x)
     assert len(graphs) == 3
     torch._dynamo.reset()
+
+
+def test_energy_report_takes_medians_over_rounds():
+    runs = [dict(ms=ms, mj=mj, watts=mj / ms, mhz=mhz) for ms, mj, mhz in ((2.0, 1400, 1300), (3.0, 2100, 1200),
+                                                                           (2.5, 1700, 1500))]
+    rows = bench_energy.report_rows({"v": runs})
+    assert rows[2] == "| v | 2.500 | 1700 | 700 | 1300 | 1400 2100 1700 |"
+
+
+def test_energy_counter_says_what_it_needs(monkeypatch):
+    def no_library(name):
+        raise OSError(name)
+
+    monkeypatch.setattr(bench_energy.ctypes, "CDLL", no_library)
+    with pytest.raises(RuntimeError, match="NVIDIA GPU with NVML"):
+        bench_energy.EnergyCounter()

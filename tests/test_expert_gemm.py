@@ -122,18 +122,26 @@ def test_all_tokens_on_one_expert_with_zipf_and_empty():
     assert_close_rel(got, want, torch.float32, "zipf")
 
 
-def test_tma_tiles_match_pointer_tiles():
+@pytest.mark.parametrize("weight_halves", ["gate_first", "up_first"])
+def test_tma_tiles_match_pointer_tiles(weight_halves):
     """The TMA path (descriptors, persistent grid: one program walks every tile here, as the interpreter
     counts one SM) computes what the pointer loads compute, for the packed schedule the fused op uses:
     gate_up from x copied into schedule order, down scattered to slots with an unrouted slot's row
-    written as zeros. fp16: the interpreter's descriptors do not take bf16."""
-    from moe_ops.expert_gemm_triton import TMA_BLOCK_M, expert_gemm_triton
+    written as zeros. Gate and up as halves of one weight, gate first: one (2, rows, K) descriptor
+    (PAIRED); up first: a descriptor each. fp16: the interpreter's descriptors do not take bf16."""
+    from moe_ops.expert_gemm_triton import TMA_BLOCK_M, expert_gemm_triton, weight_pair_stride
     from moe_ops.schedule_triton import block_schedule_triton
 
     T, K, E, H, F = 150, 2, 3, 256, 128  # N multiples of the TMA tiles' columns (128 gated, 256 down)
     x = torch.randn(T, H, device=TRITON_DEVICE).half()
     w_gate_up = (torch.randn(E, 2 * F, H, device=TRITON_DEVICE) / H**0.5).half()
     w_down = (torch.randn(E, H, F, device=TRITON_DEVICE) / F**0.5).half()
+    gate, up = w_gate_up[:, :F], w_gate_up[:, F:]
+    if weight_halves == "up_first":
+        gate, up = up, gate
+    pair = weight_pair_stride((gate.shape, gate.stride()), (up.shape, up.stride()), up.data_ptr() - gate.data_ptr(),
+                              2)
+    assert pair == (F * H if weight_halves == "gate_first" else None)
     ids = torch.rand(T, E).argsort(-1)[:, :K].to(TRITON_DEVICE, torch.int32)
     ids[3, 1] = E  # routed to no expert
     slot_weights = torch.rand(T * K, device=TRITON_DEVICE)
@@ -142,7 +150,7 @@ def test_tma_tiles_match_pointer_tiles():
     routed = sorted_slots < T * K
     outputs = []
     for tma in (False, True):
-        h = expert_gemm_triton(x_sorted, w_gate_up[:, :F], w_gate_up[:, F:], None, None, None, sorted_slots, None,
+        h = expert_gemm_triton(x_sorted, gate, up, None, None, None, sorted_slots, None,
                                None, T * K, TMA_BLOCK_M, 0, False, "silu", 1.702, 7.0, expert_offsets=offsets, tma=tma)
         y = expert_gemm_triton(h, w_down, None, None, None, slot_weights, sorted_slots, None, None, T * K,
                                TMA_BLOCK_M, 0, True, "none", 1.702, 7.0, expert_offsets=offsets,
@@ -155,6 +163,19 @@ def test_tma_tiles_match_pointer_tiles():
     torch.testing.assert_close(h_tma, h_ptr, **exact)
     torch.testing.assert_close(y_tma, y_ptr, **exact)
     assert (y_tma[3 * K + 1] == 0).all()
+
+
+def test_weight_pair_stride_only_for_one_layout_a_valid_step_apart():
+    from moe_ops.expert_gemm_triton import weight_pair_stride
+
+    layout = ((8, 128, 256), (65536, 256, 1))
+    assert weight_pair_stride(layout, layout, 128 * 256 * 2, 2) == 128 * 256
+    assert weight_pair_stride(layout, ((8, 128, 256), (32768, 256, 1)), 128 * 256 * 2, 2) is None  # strides
+    assert weight_pair_stride(layout, ((8, 64, 256), (65536, 256, 1)), 128 * 256 * 2, 2) is None  # shape
+    assert weight_pair_stride(layout, layout, -128 * 256 * 2, 2) is None  # up before gate
+    assert weight_pair_stride(layout, layout, 0, 2) is None
+    assert weight_pair_stride(layout, layout, 24, 2) is None  # not a 16-byte multiple
+    assert weight_pair_stride(layout, layout, 1 << 40, 2) is None  # past a descriptor's stride limit
 
 
 def test_zero_tokens_launches_nothing():

@@ -385,6 +385,44 @@ def test_prefill_tiles_load_through_tma(dynamic):
         assert "max(0, min(1, (-" in launch, launch
 
 
+def _tma_layer(w_gate_up, w_down, w_up):
+    def layer(x, logits):
+        topk_weights, topk_ids = moe_ops.route(logits, 2, renormalize=True)
+        return moe_ops.fused_experts(x, topk_weights, topk_ids, w_gate_up, w_down, w_up=w_up)
+
+    return layer
+
+
+def _tma_weights(gate_up, dtype=torch.bfloat16, device="cpu", hidden=256, inter=128):
+    """Weights for TMA tiles (N multiples of the tiles' columns): gate and up as the halves of one
+    weight, or separate parameters (w_up)."""
+    w_gate_up, w_down = weights(dtype, hidden=hidden, inter=inter, device=device)
+    if gate_up == "fused":
+        return w_gate_up, w_down, None
+    return w_gate_up[:, :inter].clone(), w_down, w_gate_up[:, inter:].clone()
+
+
+@pytest.mark.parametrize("gate_up", ["fused", "separate_w_up"])
+def test_tma_gate_up_reads_a_fused_weight_through_one_descriptor(gate_up):
+    """Gate and up as the two halves of one weight: the TMA gate_up template reads them through one
+    (2, rows, K) descriptor (PAIRED, up PAIR_STRIDE = F x H elements after gate), one 256-wide dot per K
+    step; separate parameters, which Inductor may place anywhere, keep a descriptor each."""
+    from moe_ops.expert_gemm_triton import TMA_MIN_ROWS_PER_EXPERT
+
+    hidden, inter = 256, 128
+    w_gate_up, w_down, w_up = _tma_weights(gate_up)
+    x, logits, _ = layer_inputs(tokens=TMA_MIN_ROWS_PER_EXPERT * E // 2, hidden=hidden)
+    kernels = kernel_sources(generated_code(_tma_layer(w_gate_up, w_down, w_up), x, logits))
+    gate_up_tma = [k for name, k in kernels.items() if name.startswith("triton_tem_")
+                   and "TMA : tl.constexpr = True" in k and "GATED : tl.constexpr = True" in k]
+    assert len(gate_up_tma) == 1, list(kernels)
+    if gate_up == "fused":
+        FileCheck().check("PAIRED : tl.constexpr = True").check(f"PAIR_STRIDE : tl.constexpr = {inter * hidden}").check(
+            "make_descriptors(").check("PAIRED, PAIR_STRIDE").run(gate_up_tma[0])
+    else:
+        assert "PAIRED : tl.constexpr = False" in gate_up_tma[0]
+
+
 def test_templates_off_keeps_one_extern_call():
     w_gate_up, w_down = weights()
     moe_ops.config.inductor_templates = False
@@ -557,6 +595,20 @@ def test_cuda_template_variants_match_eager(variant, dynamic):
             torch._dynamo.mark_dynamic(t, 0)
     code = _compiled_vs_eager(layer, (x, logits), dtype)
     assert len(set(re.findall(r"def (triton_tem_\w+)\(", code))) == (6 if dynamic else 2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("gate_up", ["fused", "separate_w_up"])
+def test_cuda_tma_templates_match_eager(gate_up):
+    """TMA templates (prefill: 256+ rows per expert) against the eager layer, with one descriptor for a
+    fused gate_up weight's halves and with a descriptor each for separate gate and up weights."""
+    from moe_ops.expert_gemm_triton import TMA_MIN_ROWS_PER_EXPERT
+
+    w_gate_up, w_down, w_up = _tma_weights(gate_up, device="cuda")
+    args = layer_inputs(TMA_MIN_ROWS_PER_EXPERT * E // 2 + 37, torch.bfloat16, E, 256, "cuda")[:2]
+    code = _compiled_vs_eager(_tma_layer(w_gate_up, w_down, w_up), args, torch.bfloat16)
+    assert code.count("TMA : tl.constexpr = True") == 2
+    assert ("PAIRED : tl.constexpr = True" in code) == (gate_up == "fused")
 
 
 @pytest.mark.cuda
