@@ -102,8 +102,8 @@ def expert_gemm_tile(
     rows; rows of the next expert that a tile reads are never stored. ``PAIRED`` (gated, up a fixed
     distance after gate, as the halves of one gate_up weight: ``weight_pair_stride``): ``u_desc`` covers
     both as a (2, rows, K) array, so each K step is one dot of 2 BLOCK_N columns, A read from shared
-    memory once instead of once per weight (Mixtral T = 8192 gate_up: 3% less energy per call and time
-    at the power cap; benchmarks/NOTES.md, v11)."""
+    memory once instead of once per weight (Mixtral gate_up at T = 2048 / 8192: 2% / 4% less energy per
+    call; benchmarks/NOTES.md, v11)."""
     expert, row0, offs_m, rows_in_range, slot, row_valid, a_row, col0, cols, col_valid, k_end = tile_coords(
         pid, sorted_slots_ptr, block_expert_ptr, num_padded_ptr, N, K, num_slots, gather_top_k, num_blocks_max,
         num_experts, GATHER, BLOCK_M, BLOCK_N, GROUP_M, PACKED, E_PAD,
