@@ -103,7 +103,7 @@ IMPL_LABELS = {
 }
 
 CSV_COLUMNS = (
-    "shape", "E", "K", "H", "F", "T", "impl", "ms_p50", "ms_p20", "ms_p80", "floor_ms",
+    "shape", "E", "K", "H", "F", "T", "impl", "ms_p50", "ms_p20", "ms_p80", "ms_rounds", "floor_ms",
     "floor_over_measured", "gpu", "torch", "triton", "transformers", "timestamp",
 )  # fmt: skip
 CSV_KEY = ("shape", "T", "impl")
@@ -130,6 +130,7 @@ class ExperimentResult:
     ms_p20: float
     ms_p80: float
     rel_err: float  # max |out - hf_eager out| / max |hf_eager out|, same input
+    round_medians: tuple[float, ...] = ()  # each timing round's median, in round order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -356,12 +357,14 @@ def run_shape(
 
     rows = []
     for T in tokens:
-        samples = {impl: [] for impl in impls}
+        rounds_of = {impl: [] for impl in impls}
         for round_index in range(rounds):
             for impl in impls if round_index % 2 == 0 else impls[::-1]:
-                samples[impl] += samples_fn(functools.partial(layers[impl], inputs[T]))
+                rounds_of[impl].append(samples_fn(functools.partial(layers[impl], inputs[T])))
         for impl in impls:
-            result = ExperimentResult(ExperimentConfig(shape, impl, T), *_percentiles(samples[impl]), rel_errs[impl, T])
+            pooled = [t for samples in rounds_of[impl] for t in samples]
+            result = ExperimentResult(ExperimentConfig(shape, impl, T), *_percentiles(pooled), rel_errs[impl, T],
+                                      tuple(statistics.median(samples) for samples in rounds_of[impl]))
             rows.append(_reported(result, shape, ceilings, run_info, mismatches))
     print_shape_table(shape, rows)
     write_results(out_dir, run_info.gpu, rows, ceilings)
@@ -392,6 +395,7 @@ def result_row(result: ExperimentResult, floor: float, run_info: RunInfo) -> dic
         "shape": shape.name, "E": shape.num_experts, "K": shape.top_k, "H": shape.hidden,
         "F": shape.intermediate, "T": result.config.num_tokens, "impl": result.config.impl,
         "ms_p50": f"{result.ms_p50:.4f}", "ms_p20": f"{result.ms_p20:.4f}", "ms_p80": f"{result.ms_p80:.4f}",
+        "ms_rounds": " ".join(f"{ms:.4f}" for ms in result.round_medians),
         "floor_ms": f"{floor:.4f}", "floor_over_measured": f"{floor / result.ms_p50:.4f}",
         **dataclasses.asdict(run_info),
     }  # fmt: skip
@@ -459,6 +463,7 @@ def summary_lines(rows: list[dict]) -> list[str]:
             lines.append(
                 f"{IMPL_LABELS[impl]} at or ahead of torch.compile(HF grouped_mm) in {ahead} of {len(cells)} cells"
             )
+    lines += clear_of_rounds_lines(rows)
     peers = ("hf_eager", "compile_hf_eager", "hf_grouped_mm", "compile_hf_grouped_mm")
     impl = "moe_ops_compile_hf_grouped_mm"
     cells = sorted({(s, t) for s, t, i in p50 if i == impl}, key=lambda cell: (cell[0], int(cell[1])))
@@ -477,6 +482,22 @@ def summary_lines(rows: list[dict]) -> list[str]:
                 f"geometric mean of floor/measured, {IMPL_LABELS[impl]}: {geomean:.3f} ({len(ratios)} cells)"
             )
     return lines
+
+
+def clear_of_rounds_lines(rows: list[dict]) -> list[str]:
+    """Cells where every timing round of compile + moe_ops beat every round of compile(HF grouped_mm):
+    a cell ahead at p50 but not clear of the rounds' spread is a tie on that machine (a prefill cell at
+    the power cap drifts between rounds). Rows from runs before per-round medians were kept are left out."""
+    rounds = {(r["shape"], r["T"], r["impl"]): [float(ms) for ms in r["ms_rounds"].split()]
+              for r in rows if r.get("ms_rounds")}
+    ours, peer = "moe_ops_compile_hf_grouped_mm", "compile_hf_grouped_mm"
+    cells = sorted({(s, t) for s, t, i in rounds if i == ours and (s, t, peer) in rounds},
+                   key=lambda cell: (cell[0], int(cell[1])))
+    if not cells:
+        return []
+    unclear = [f"{s} T={t}" for s, t in cells if max(rounds[s, t, ours]) >= min(rounds[s, t, peer])]
+    return [f"{IMPL_LABELS[ours]} ahead of torch.compile(HF grouped_mm) in every timing round in "
+            f"{len(cells) - len(unclear)} of {len(cells)} cells" + (f"; not in {', '.join(unclear)}" if unclear else "")]
 
 
 def run_lines(rows: list[dict]) -> list[str]:
@@ -518,7 +539,7 @@ def markdown_report(rows: list[dict], ceilings: Ceilings) -> str:
         f" (read + write), bf16 matmul {ceilings.matmul_flops_per_s / 1e12:.1f} TFLOP/s",
         "- bf16, transformers' MixtralSparseMoeBlock at each shape, weights ~N(0, 0.02), random inputs;"
         " `triton.testing.do_bench` p50 in ms of all a cell's samples: each T timed in rounds, the"
-        " implementations in alternating order"
+        " implementations in alternating order (each round's median in the CSV's ms_rounds)"
         + (" (rows of runs before 2026-11-24T06:00Z: one do_bench per cell, implementations one after another)"
            if any(r["timestamp"] < INTERLEAVED_SINCE for r in rows) else ""),
     ]

@@ -138,3 +138,20 @@ def test_energy_counter_says_what_it_needs(monkeypatch):
     monkeypatch.setattr(bench_energy.ctypes, "CDLL", no_library)
     with pytest.raises(RuntimeError, match="NVIDIA GPU with NVML"):
         bench_energy.EnergyCounter()
+
+
+def test_layer_summary_counts_cells_clear_of_the_rounds_spread():
+    def row(T, impl, rounds):
+        return dict(_layer_row(T, impl, sorted(rounds)[1]), ms_rounds=" ".join(map(str, rounds)))
+
+    rows = [
+        row(1, "compile_hf_grouped_mm", [2.0, 2.1, 2.2]), row(1, "moe_ops_compile_hf_grouped_mm", [1.0, 1.2, 1.1]),
+        # ahead at the median, but one round of moe_ops is slower than one round of the peer: a tie
+        row(8192, "compile_hf_grouped_mm", [9.5, 9.6, 9.8]),
+        row(8192, "moe_ops_compile_hf_grouped_mm", [9.4, 9.5, 9.7]),
+    ]
+    assert bench_layer.clear_of_rounds_lines(rows) == [
+        "torch.compile(HF grouped_mm) + moe_ops ahead of torch.compile(HF grouped_mm) in every timing round in "
+        "1 of 2 cells; not in s T=8192"
+    ]
+    assert bench_layer.clear_of_rounds_lines([dict(r, ms_rounds="") for r in rows]) == []  # older runs' rows
