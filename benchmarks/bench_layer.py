@@ -496,8 +496,9 @@ def clear_of_rounds_lines(rows: list[dict]) -> list[str]:
     if not cells:
         return []
     unclear = [f"{s} T={t}" for s, t in cells if max(rounds[s, t, ours]) >= min(rounds[s, t, peer])]
+    not_in = f"; not in {', '.join(unclear)}" if unclear else ""
     return [f"{IMPL_LABELS[ours]} ahead of torch.compile(HF grouped_mm) in every timing round in "
-            f"{len(cells) - len(unclear)} of {len(cells)} cells" + (f"; not in {', '.join(unclear)}" if unclear else "")]
+            f"{len(cells) - len(unclear)} of {len(cells)} cells{not_in}"]
 
 
 def run_lines(rows: list[dict]) -> list[str]:
