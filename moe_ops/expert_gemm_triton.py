@@ -569,10 +569,11 @@ def weight_pair_stride(gate_layout, up_layout, step_bytes: int, itemsize: int) -
     """Elements from the gate weight to the up weight when a TMA tile can read both as one (2, rows, K)
     array (PAIRED): the same (shape, strides) layouts, up after gate by a 16-byte multiple (the two
     halves of a fused gate_up weight; two tensors too, if so placed), else None. A descriptor's strides
-    are 16-byte multiples below 2**40 bytes."""
+    are 16-byte multiples below 2**40 bytes; the pair's stride must also exceed a row's (the order of
+    strides run on the H100: gate and up rows interleaved, one row apart, keep a descriptor each)."""
     (gate_shape, gate_strides), (up_shape, up_strides) = gate_layout, up_layout
     if [*map(int, gate_shape), *map(int, gate_strides)] != [*map(int, up_shape), *map(int, up_strides)]:
         return None
-    if not 0 < step_bytes < 1 << 40 or step_bytes % 16:
+    if not 0 < step_bytes < 1 << 40 or step_bytes % 16 or step_bytes <= int(gate_strides[1]) * itemsize:
         return None
     return step_bytes // itemsize

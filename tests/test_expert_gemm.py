@@ -176,6 +176,8 @@ def test_weight_pair_stride_only_for_one_layout_a_valid_step_apart():
     assert weight_pair_stride(layout, layout, 0, 2) is None
     assert weight_pair_stride(layout, layout, 24, 2) is None  # not a 16-byte multiple
     assert weight_pair_stride(layout, layout, 1 << 40, 2) is None  # past a descriptor's stride limit
+    interleaved = ((8, 128, 256), (65536, 512, 1))  # gate rows 0, 2, 4, ...; up rows 1, 3, 5, ...
+    assert weight_pair_stride(interleaved, interleaved, 256 * 2, 2) is None
 
 
 def test_zero_tokens_launches_nothing():
