@@ -100,7 +100,7 @@ def expert_gemm_tile(
     once per program (``make_descriptors``): Hopper's copy engine fetches them, so the warps spend no
     registers or instructions on addresses and masks. The descriptors zero-fill past K and past A's
     rows; rows of the next expert that a tile reads are never stored. ``PAIRED`` (gated, up a fixed
-    distance after gate, as the halves of one gate_up weight: ``weight_pair_stride``): ``u_desc`` covers
+    distance after gate, as the halves of one gate_up weight: ``weight_pair_stride``): ``w_desc`` covers
     both as a (2, rows, K) array, so each K step is one dot of 2 BLOCK_N columns, A read from shared
     memory once instead of once per weight (Mixtral gate_up at T = 2048 / 8192: 2% / 4% less energy per
     call; benchmarks/NOTES.md, v11)."""
@@ -119,7 +119,7 @@ def expert_gemm_tile(
             acc_pair = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
             for k0 in range(0, k_end, BLOCK_K):
                 a = a_desc.load([row0.to(tl.int32), k0])
-                w_pair = u_desc.load([0, w_row, k0]).reshape(2 * BLOCK_N, BLOCK_K)
+                w_pair = w_desc.load([0, w_row, k0]).reshape(2 * BLOCK_N, BLOCK_K)
                 acc_pair = tl.dot(a, w_pair.T, acc_pair, input_precision=INPUT_PRECISION)
             acc, acc_up = tl.split(acc_pair.reshape(BLOCK_M, 2, BLOCK_N).permute(0, 2, 1))
         else:
@@ -354,16 +354,17 @@ def make_descriptors(a_ptr, w_ptr, w_up_ptr, num_a_rows, N, K, num_experts, stri
                      stride_ue, stride_un, GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, PAIRED: tl.constexpr = False, pair_stride=0):
     """Tensor descriptors of a TMA tile (see expert_gemm_tile): A's rows, and each weight as the 2-D
-    rows of its (E, N, K) view (expert e's rows start at e * stride_we / stride_wn)."""
+    rows of its (E, N, K) view (expert e's rows start at e * stride_we / stride_wn); PAIRED, one for both
+    weights, the pair's rows as a (2, rows, K) array (up = gate + pair_stride elements)."""
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[num_a_rows, K], strides=[stride_am, 1],
                                        block_shape=[BLOCK_M, BLOCK_K])
-    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[(num_experts - 1) * (stride_we // stride_wn) + N, K],
-                                       strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
     if PAIRED:
-        # up = gate + pair_stride elements: both weights' rows as one (2, rows, K) array.
-        u_desc = tl.make_tensor_descriptor(w_ptr, shape=[2, (num_experts - 1) * (stride_we // stride_wn) + N, K],
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[2, (num_experts - 1) * (stride_we // stride_wn) + N, K],
                                            strides=[pair_stride, stride_wn, 1], block_shape=[2, BLOCK_N, BLOCK_K])
-    elif GATED:
+    else:
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[(num_experts - 1) * (stride_we // stride_wn) + N, K],
+                                           strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
+    if GATED and not PAIRED:
         u_desc = tl.make_tensor_descriptor(w_up_ptr, shape=[(num_experts - 1) * (stride_ue // stride_un) + N, K],
                                            strides=[stride_un, 1], block_shape=[BLOCK_N, BLOCK_K])
     else:
@@ -531,7 +532,7 @@ def expert_gemm_triton(
         config = gemm_config(block_m, n, gated, a.element_size(), busy_estimate, num_sms, smem_bytes, ieee, tma)
     tma = tma and n % config["BLOCK_N"] == 0
     pair_stride = None
-    if tma and gated and w_up.dtype == w.dtype:
+    if tma and gated:
         pair_stride = weight_pair_stride((w.shape, w.stride()), (w_up.shape, w_up.stride()),
                                          w_up.data_ptr() - w.data_ptr(), w.element_size())
     unrouted_blocks = triton.cdiv(num_slots, block_m) if zero_unrouted else 0
