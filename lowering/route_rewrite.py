@@ -24,9 +24,10 @@ Where the scores (the softmax output) have other users, the rewrite still happen
 keep reading Inductor's softmax: the op recomputes it. Where the top-k weights have users besides
 the renormalisation or the scaling, that step is not folded into the op and stays in the graph.
 
-Ties: ``moe_ops.route`` breaks ties towards the lower expert index, ``torch.topk`` leaves the order
-among equal scores unspecified. The rewrite accepts the difference: for continuous logits ties have
-probability zero, and where they occur the op's order is one that topk may return as well.
+Ties and NaN: ``moe_ops.route`` selects exactly what ``torch.topk`` selects on the logits' device (its
+CPU path calls ``torch.topk``; its CUDA kernel follows CUDA's rule: see moe_ops.routing), so the rewrite
+keeps every token's experts. Ties are frequent, not a measure-zero case: bf16 logits cast exactly to
+fp32 keep them. Only the order of tied experts among a token's K slots may differ from ``topk``'s.
 """
 
 from __future__ import annotations
@@ -240,7 +241,7 @@ def _match(topk: Node) -> RoutePrologue:
         raise Rejected(f"topk over dim {arg(topk, 2, 'dim', -1)}, not the last (experts) dim")
     if not arg(topk, 3, "largest", True):
         raise Rejected("topk with largest=False")
-    # sorted=False accepted: the op's descending order is one of the orders topk may then return.
+    # sorted=False accepted: the op returns the same experts, in descending order.
     outputs = {u.args[1]: u for u in topk.users if is_call(u, operator.getitem)}
     if len(outputs) != len(topk.users):
         raise Rejected("topk result used other than through getitem")

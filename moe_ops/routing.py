@@ -11,9 +11,12 @@ DeepSeek-V3            scoring="sigmoid", correction_bias, n_group=8, topk_group
                        renorm_eps=1e-20, routed_scaling_factor=2.5
 =====================  ==========================================================================
 
-Ties are broken towards the lower expert index (and, for group selection, the lower group index),
-so the result is deterministic and identical on every backend: ``torch.topk`` on the CPU does not
-promise this order, ``torch.topk`` on CUDA happens to follow it.
+Selection order: every top-k is ``torch.topk``'s on the logits' device, so a rewritten router picks
+the experts the user's code picks, ties and NaNs included. Ties are common, not rare: bf16 logits cast
+exactly to fp32 keep their ties (on random bf16 logits 6% of tokens tie at the K-th expert for E=128,
+K=8). ``torch.topk`` ranks NaN above +inf; among equal values CUDA's keeps the lower index (and ranks
++0.0 above -0.0), while the CPU's order follows its partial sort and is matched only by calling it.
+The CPU path calls ``torch.topk``; the CUDA kernel follows CUDA's rule (moe_ops.routing_triton).
 """
 
 from __future__ import annotations
@@ -99,19 +102,18 @@ def route_ref(
         # The bias steers the selection only (DeepSeek-V3 load balancing); weights stay unbiased.
         choice_TE = choice_TE + correction_bias.to(choice_TE.dtype)
 
+    # Each selection is torch.topk itself, as the model code writes it: its order among equal values
+    # (and NaN) is device-specific and matched only by calling it.
     if n_group > 1:
         group_size = num_experts // n_group
         choice_TNG = choice_TE.reshape(num_tokens, n_group, group_size)
-        group_score_TN = choice_TNG.topk(2, dim=-1).values.sum(dim=-1)
-        kept_groups_TN = torch.sort(group_score_TN, dim=-1, descending=True, stable=True).indices[
-            :, :topk_group
-        ]
+        group_score_TN = torch.topk(choice_TNG, 2, dim=-1).values.sum(dim=-1)
+        kept_groups_TN = torch.topk(group_score_TN, topk_group, dim=-1).indices
         keep_TN = torch.zeros_like(group_score_TN, dtype=torch.bool).scatter_(1, kept_groups_TN, True)
         keep_TE = keep_TN.repeat_interleave(group_size, dim=1)
         choice_TE = choice_TE.masked_fill(~keep_TE, float("-inf"))
 
-    # A stable descending sort puts equal choices in ascending expert order (the tie rule).
-    ids_TK = torch.sort(choice_TE, dim=-1, descending=True, stable=True).indices[:, :k]
+    ids_TK = torch.topk(choice_TE, k, dim=-1).indices
 
     weights_TK = scores_TE.gather(1, ids_TK)
     if softmax_after_topk:
@@ -202,8 +204,9 @@ def route(
         (topk_weights, topk_ids):
         topk_weights: (T, K) float32 (float64 for float64 logits), in descending choice order;
                       differentiable w.r.t. router_logits
-        topk_ids:     (T, K) int32 expert ids, descending by choice (scores + bias), ties broken
-                      towards the lower expert index
+        topk_ids:     (T, K) int32 expert ids, descending by choice (scores + bias); the experts
+                      torch.topk picks on the logits' device, ties and NaN included (NaN ranks
+                      highest); the order among tied ids is unspecified, as torch.topk's
     """
     args = (
         router_logits, int(top_k), scoring, bool(softmax_after_topk), bool(renormalize),

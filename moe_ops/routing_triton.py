@@ -4,7 +4,10 @@ Shape legend: T tokens, E experts (E_PAD = next power of two), K experts per tok
 N_GROUP expert groups of G = E / N_GROUP experts.
 
 Each program owns BLOCK_T rows and reads its (BLOCK_T, E_PAD) tile of logits once; everything else
-happens in registers. The semantics are those of :func:`moe_ops.routing.route_ref`.
+happens in registers. The semantics are those of :func:`moe_ops.routing.route_ref` on CUDA tensors,
+whose selections are CUDA's ``torch.topk``: it picks by the radix order of the values' bits (NaN above
++inf, +0.0 above -0.0) and, among equal values, the lower index. The kernel selects on that order as an
+integer key (:func:`_order_key`), so its experts are torch.topk's on the GPU, ties and NaNs included.
 """
 
 from __future__ import annotations
@@ -49,6 +52,21 @@ def _div(a, b, IEEE_DIV: tl.constexpr):
 
 
 @triton.jit
+def _order_key(x):
+    """An integer that orders like CUDA's torch.topk orders ``x``: the float's bits with the magnitude
+    bits flipped for negatives (so -0.0 ranks below +0.0, -inf below every finite value), and every NaN
+    above +inf. fp32 gives int32 keys, fp64 int64."""
+    if x.dtype == tl.float64:
+        bits = x.to(tl.int64, bitcast=True)
+        key = tl.where(bits < 0, bits ^ 0x7FFFFFFFFFFFFFFF, bits)
+        return tl.where(x != x, 0x7FFFFFFFFFFFFFFF, key)
+    else:
+        bits = x.to(tl.int32, bitcast=True)
+        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+        return tl.where(x != x, 0x7FFFFFFF, key)
+
+
+@triton.jit
 def _route_kernel(
     logits_ptr, bias_ptr, weights_ptr, ids_ptr,
     T, E, group_size,
@@ -59,6 +77,7 @@ def _route_kernel(
     SOFTMAX_AFTER_TOPK: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
     N_GROUP: tl.constexpr, N_GROUP_PAD: tl.constexpr, TOPK_GROUP: tl.constexpr,
     PRECISE_EXP: tl.constexpr, IEEE_DIV: tl.constexpr,
+    NONE: tl.constexpr,  # a key below every value's, -inf's included: padding and experts taken
 ):
     NEG_INF: tl.constexpr = float("-inf")
     compute_dtype = weights_ptr.dtype.element_ty  # fp32, or fp64 for fp64 logits
@@ -91,50 +110,51 @@ def _route_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols * stride_b, mask=col_ok, other=0.0).to(compute_dtype)
         choice = choice + bias[None, :]
-    # Sigmoid gives 0 on padding, which would outrank the -inf of masked-out groups.
-    choice = tl.where(col_ok_2d, choice, NEG_INF)
+    key = tl.where(col_ok_2d, _order_key(choice), NONE)
 
     if N_GROUP > 1:
         # Groups are contiguous runs of group_size experts; padding columns fall in no group
         # (their group index is >= N_GROUP), which works for any E, not just powers of two.
         col_group = cols // group_size
         groups = tl.arange(0, N_GROUP_PAD)
-        group_score = tl.full((BLOCK_T, N_GROUP_PAD), NEG_INF, compute_dtype)
-        col_group_score = tl.full((BLOCK_T, E_PAD), NEG_INF, compute_dtype)
+        group_key = tl.full((BLOCK_T, N_GROUP_PAD), NONE, key.dtype)
+        col_group_key = tl.full((BLOCK_T, E_PAD), NONE, key.dtype)
         for g in range(N_GROUP):
             in_g = (col_group == g)[None, :] & col_ok_2d
-            v = tl.where(in_g, choice, NEG_INF)
+            # The group's score is the sum of its top-2 choices (torch.topk(2): the two best keys, the
+            # lower index first among equal ones, so a repeated best counts twice).
+            v = tl.where(in_g, key, NONE)
             best = tl.max(v, axis=1)
-            # Drop one instance of the best (its lowest index), so a repeated best counts twice,
-            # as torch.topk(2) does.
-            best_at = tl.min(tl.where(in_g & (v == best[:, None]), cols[None, :], E_PAD), axis=1)
-            second = tl.max(tl.where(cols[None, :] == best_at[:, None], NEG_INF, v), axis=1)
-            s = best + second
-            group_score = tl.where(groups[None, :] == g, s[:, None], group_score)
-            col_group_score = tl.where(in_g, s[:, None], col_group_score)
-        # Rank of each column's group = groups that beat it (higher score, or equal score and lower
+            best_at = tl.min(tl.where(v == best[:, None], cols[None, :], E_PAD), axis=1)
+            v = tl.where(cols[None, :] == best_at[:, None], NONE, v)
+            second = tl.max(v, axis=1)
+            second_at = tl.min(tl.where(v == second[:, None], cols[None, :], E_PAD), axis=1)
+            picked = (cols[None, :] == best_at[:, None]) | (cols[None, :] == second_at[:, None])
+            s = tl.sum(tl.where(picked, choice, 0.0), axis=1)  # exact: the other terms are +0
+            s_key = _order_key(s)
+            group_key = tl.where(groups[None, :] == g, s_key[:, None], group_key)
+            col_group_key = tl.where(in_g, s_key[:, None], col_group_key)
+        # Rank of each column's group = groups that beat it (higher key, or equal key and lower
         # index); the TOPK_GROUP best groups have rank < TOPK_GROUP.
         rank = tl.zeros((BLOCK_T, E_PAD), dtype=tl.int32)
         for h in range(N_GROUP):
-            s_h = tl.max(tl.where(groups[None, :] == h, group_score, NEG_INF), axis=1)[:, None]
-            beats = (s_h > col_group_score) | ((s_h == col_group_score) & (h < col_group[None, :]))
+            k_h = tl.max(tl.where(groups[None, :] == h, group_key, NONE), axis=1)[:, None]
+            beats = (k_h > col_group_key) | ((k_h == col_group_key) & (h < col_group[None, :]))
             rank += beats.to(tl.int32)
-        choice = tl.where(rank < TOPK_GROUP, choice, NEG_INF)
+        # Masked to -inf as the model code masks them: still selectable, after every kept expert.
+        key = tl.where(rank < TOPK_GROUP, key, _order_key(tl.full((BLOCK_T, E_PAD), NEG_INF, compute_dtype)))
+        key = tl.where(col_ok_2d, key, NONE)
 
-    # Top-K by repeated (max, lowest index attaining it). A separate `taken` mask, rather than
-    # overwriting chosen entries with -inf, keeps -inf choices selectable in index order.
-    taken = ~col_ok_2d
+    # Top-K by repeated (highest key, lowest index holding it); taken experts drop to NONE.
     ks = tl.arange(0, K_PAD)
     sel_score = tl.zeros((BLOCK_T, K_PAD), dtype=compute_dtype)
     sel_id = tl.zeros((BLOCK_T, K_PAD), dtype=tl.int32)
     for j in range(K):
-        best = tl.max(tl.where(taken, NEG_INF, choice), axis=1)
-        # `best != best` (NaN rows) falls back to the lowest free index so ids stay valid.
-        hit = ~taken & ((choice == best[:, None]) | (best != best)[:, None])
-        best_at = tl.min(tl.where(hit, cols[None, :], E_PAD), axis=1)
+        best = tl.max(key, axis=1)
+        best_at = tl.min(tl.where(key == best[:, None], cols[None, :], E_PAD), axis=1)
         is_best = cols[None, :] == best_at[:, None]
-        taken = taken | is_best
-        # Exact gather: every other term of the sum is +0.
+        key = tl.where(is_best, NONE, key)
+        # Exact gather: every other term of the sum is +0 (a NaN score is kept by the where).
         s = tl.sum(tl.where(is_best, scores, 0.0), axis=1)
         sel_score = tl.where(ks[None, :] == j, s[:, None], sel_score)
         sel_id = tl.where(ks[None, :] == j, best_at[:, None], sel_id)
@@ -184,6 +204,7 @@ def launch_route(
         HAS_BIAS=has_bias,
         N_GROUP=n_group, N_GROUP_PAD=triton.next_power_of_2(n_group), TOPK_GROUP=topk_group,
         PRECISE_EXP=precise, IEEE_DIV=precise and fp32_weights,
+        NONE=-(2**31 - 1) if fp32_weights else -(2**63 - 1),  # _order_key's int32 / int64 range
     )
 
 

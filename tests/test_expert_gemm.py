@@ -158,10 +158,10 @@ def test_tma_tiles_match_pointer_tiles(weight_halves):
         outputs.append((h[routed], y))
     (h_ptr, y_ptr), (h_tma, y_tma) = outputs
     assert h_ptr.abs().sum() > 0 and y_ptr.abs().sum() > 0
-    # The interpreter sums K in the same order both ways; on a GPU the pipelines may differ in rounding.
-    exact = dict(rtol=0, atol=0) if x.device.type == "cpu" else {}
-    torch.testing.assert_close(h_tma, h_ptr, **exact)
-    torch.testing.assert_close(y_tma, y_ptr, **exact)
+    # Not bitwise: a paired 256-wide dot and two 128-wide dots round alike only where the dot's blocking
+    # is the same, which depends on the host's BLAS under the interpreter and on the pipeline on a GPU.
+    assert_close_rel(h_tma, h_ptr, torch.float16, "gate_up TMA vs pointer tiles")
+    assert_close_rel(y_tma, y_ptr, torch.float16, "down TMA vs pointer tiles")
     assert (y_tma[3 * K + 1] == 0).all()
 
 

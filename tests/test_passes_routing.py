@@ -456,3 +456,53 @@ def test_training(router):
     assert rewrites() == 1 and counters["moe_ops"]["joint_rewrite"] == 1
     assert "moe_ops.route.default" in forward_graph and "topk" not in forward_graph
     assert "moe_ops.route_backward.default" in backward_graph
+
+
+# ---- Ties: the compiled router picks the experts eager picks ---------------------------------------
+
+
+def routers_at(num_experts, k):
+    """The three router forms over (T, num_experts) logits, each as the model code writes it."""
+
+    def softmax_router(router_logits):
+        weights, ids = torch.topk(F.softmax(router_logits, dim=1, dtype=torch.float), k, dim=-1)
+        return weights / weights.sum(dim=-1, keepdim=True), ids
+
+    def softmax_after_topk_router(router_logits):
+        values, ids = torch.topk(router_logits, k, dim=-1)
+        return F.softmax(values, dim=1, dtype=torch.float), ids
+
+    bias = torch.zeros(num_experts)  # a zero selection bias keeps the ties exact
+
+    def grouped_router(router_logits):  # DeepSeek-V3's, with the -inf mask
+        n_group, topk_group = 8, 4
+        scores = router_logits.float().sigmoid()
+        choice = scores + bias.unsqueeze(0)
+        group_scores = choice.view(-1, n_group, num_experts // n_group).topk(2, dim=-1)[0].sum(dim=-1)
+        group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores)
+        group_mask.scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(-1, n_group, num_experts // n_group).reshape(-1, num_experts)
+        ids = torch.topk(choice.masked_fill(~score_mask.bool(), float("-inf")), k=k, dim=-1, sorted=False)[1]
+        weights = scores.gather(1, ids)
+        return weights / (weights.sum(dim=-1, keepdim=True) + 1e-20), ids
+
+    return [softmax_router, softmax_after_topk_router] + ([grouped_router] if num_experts >= 16 else [])
+
+
+@pytest.mark.parametrize("logits_kind", ["bf16_randn", "three_values"])
+@pytest.mark.parametrize("num_experts,k", [(8, 2), (64, 8), (128, 8), (256, 8)])
+def test_ties_pick_the_experts_eager_picks(num_experts, k, logits_kind):
+    """bf16 logits tie (6% of tokens at the K-th expert for E=128, K=8); a rewritten router must select,
+    for every token, the experts the uncompiled code selects."""
+    shape = (512, num_experts)
+    x = torch.randn(shape) if logits_kind == "bf16_randn" else torch.randint(0, 3, shape) * 0.5
+    x = x.bfloat16()
+    for router in routers_at(num_experts, k):
+        torch._dynamo.reset()
+        counters.clear()
+        result, graph = compile_and_record(router, x)
+        assert rewrites() == 1, router.__name__
+        (w, ids), (w_ref, ids_ref) = by_expert(*result), by_expert(*router(x))
+        assert torch.equal(ids, ids_ref), f"{router.__name__}: {(ids != ids_ref).any(-1).sum()} tokens differ"
+        torch.testing.assert_close(w, w_ref)

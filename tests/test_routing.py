@@ -3,7 +3,8 @@ op registration and argument checks."""
 
 from __future__ import annotations
 
-import numpy as np
+from unittest import mock
+
 import pytest
 import torch
 from conftest import TRITON_DEVICE, assert_close_rel
@@ -23,6 +24,7 @@ MODES = {
         scoring="sigmoid", renormalize=True, renorm_eps=1e-20, n_group=8, topk_group=4,
         routed_scaling_factor=2.5,
     ),
+    "sigmoid": dict(scoring="sigmoid"),
 }
 FLOAT_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
@@ -41,23 +43,14 @@ def _bias_for(mode: str, num_experts: int, device="cpu") -> torch.Tensor | None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Independent formulations, written the way the model code writes them (HF transformers), with the
-# library's tie rule (descending value, then ascending index) done by a numpy lexsort instead of a
-# stable torch.sort.
-
-
-def _lexsort_topk(values: torch.Tensor, k: int) -> torch.Tensor:
-    v = values.detach().double().cpu().numpy()
-    idx = np.broadcast_to(np.arange(v.shape[-1]), v.shape)
-    order = np.lexsort((idx, -v), axis=-1)  # last key is the primary key
-    return torch.from_numpy(order[..., :k].copy()).to(values.device)
+# Independent formulations, written the way the model code writes them (HF transformers), with
+# ``torch.topk`` as the models call it: the reference must pick what they pick, ties included.
 
 
 def _mixtral_like(logits, k, renormalize):
     # MixtralSparseMoeBlock / Qwen2MoeSparseMoeBlock / OlmoeSparseMoeBlock
     routing_weights = torch.nn.functional.softmax(logits, dim=1, dtype=torch.float)
-    selected = _lexsort_topk(routing_weights, k)
-    routing_weights = routing_weights.gather(1, selected)
+    routing_weights, selected = torch.topk(routing_weights, k, dim=-1)
     if renormalize:
         routing_weights /= routing_weights.sum(dim=-1, keepdim=True)
     return routing_weights, selected
@@ -65,32 +58,52 @@ def _mixtral_like(logits, k, renormalize):
 
 def _gpt_oss_like(logits, k):
     # GptOssTopKRouter: top-k of the raw logits, softmax over the chosen ones
-    selected = _lexsort_topk(logits.float(), k)
-    top_value = logits.float().gather(1, selected)
-    return torch.nn.functional.softmax(top_value, dim=1), selected
+    top_value, selected = torch.topk(logits, k, dim=-1)
+    return torch.nn.functional.softmax(top_value.float(), dim=1), selected
 
 
 def _deepseek_v3_like(logits, k, bias, n_group, topk_group, scale, eps):
-    # DeepseekV3TopkRouter.get_topk_indices / DeepseekV3MoE.route_tokens_to_experts
+    # DeepseekV3TopkRouter.get_topk_indices / DeepseekV3MoE.route_tokens_to_experts (the -inf mask)
     num_experts = logits.shape[-1]
     scores = logits.float().sigmoid()
     scores_for_choice = scores + bias.float().unsqueeze(0)
     grouped = scores_for_choice.view(-1, n_group, num_experts // n_group)
-    group_scores = grouped.sort(dim=-1, descending=True).values[..., :2].sum(dim=-1)
-    group_idx = _lexsort_topk(group_scores, topk_group)
+    group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
+    group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
     group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
     score_mask = (
         group_mask.unsqueeze(-1).expand(-1, n_group, num_experts // n_group).reshape(-1, num_experts)
     )
     scores_for_choice = scores_for_choice.masked_fill(~score_mask.bool(), float("-inf"))
-    topk_indices = _lexsort_topk(scores_for_choice, k)
+    topk_indices = torch.topk(scores_for_choice, k=k, dim=-1, sorted=False)[1]
     topk_weights = scores.gather(1, topk_indices)
     topk_weights /= topk_weights.sum(dim=-1, keepdim=True) + eps
     return topk_weights * scale, topk_indices
 
 
+def _by_expert(weights, ids):
+    """Each row's (weights, ids) ordered by expert id: torch.topk's order among ties (and with
+    sorted=False) is unspecified, the set of experts and their weights are not."""
+    order = ids.long().argsort(dim=-1)
+    return weights.gather(1, order), ids.long().gather(1, order)
+
+
+def _cuda_topk_rule(values, k, sorted=True, dim=-1, largest=True):
+    """CUDA torch.topk's choice, written out (checked against torch on the GPU by
+    test_cuda_topk_rule_is_torchs): the radix order of the float's bits (NaN above +inf, +0.0 above
+    -0.0), the lower index first among equal values. Under the interpreter, the route kernel (which
+    follows this rule) is compared with route_ref computing through it."""
+    assert largest and dim in (-1, values.dim() - 1)
+    v = values.detach().double().cpu()
+    bits = v.view(torch.int64)
+    key = torch.where(bits < 0, bits ^ 0x7FFFFFFFFFFFFFFF, bits)
+    key = torch.where(torch.isnan(v), torch.iinfo(torch.int64).max, key)
+    ids = torch.sort(key, dim=-1, descending=True, stable=True).indices[..., :k].to(values.device)
+    return torch.return_types.topk((values.gather(-1, ids), ids))
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("mode", ["mixtral", "qwen2", "gpt_oss", "deepseek_v3"])
 def test_reference_matches_model_formulations(mode, dtype):
     num_tokens, num_experts, k = 64, (256 if mode == "deepseek_v3" else 32), 8
     logits = torch.randn(num_tokens, num_experts).to(dtype)
@@ -105,15 +118,41 @@ def test_reference_matches_model_formulations(mode, dtype):
         want_w, want_ids = _deepseek_v3_like(logits, k, bias, 8, 4, 2.5, 1e-20)
     assert weights.dtype == torch.float32 and ids.dtype == torch.int32
     assert weights.shape == ids.shape == (num_tokens, k)
-    torch.testing.assert_close(ids.long(), want_ids)
-    torch.testing.assert_close(weights, want_w, rtol=1e-6, atol=1e-7)
+    got_w, got_ids = _by_expert(weights, ids)
+    want_w, want_ids = _by_expert(want_w, want_ids)
+    torch.testing.assert_close(got_ids, want_ids, rtol=0, atol=0)
+    torch.testing.assert_close(got_w, want_w, rtol=1e-6, atol=1e-7)
 
 
-def test_reference_ties_lower_index_first():
-    # All logits equal: every score ties, so the ids must be 0..k-1 in order.
-    weights, ids = route(torch.zeros(3, 16), 4, renormalize=True)
-    assert ids.tolist() == [[0, 1, 2, 3]] * 3
-    torch.testing.assert_close(weights, torch.full((3, 4), 0.25))
+@pytest.mark.parametrize("levels", [2, 3, 0], ids=["two_values", "three_values", "bf16_randn"])
+@pytest.mark.parametrize("num_experts,k", [(8, 2), (60, 4), (64, 8), (128, 8), (256, 8), (16, 15)])
+def test_reference_picks_torch_topk_experts_on_ties(num_experts, k, levels):
+    """bf16 logits tie often (6% of tokens tie at the K-th expert for E=128, K=8 on randn logits); the
+    op must pick the experts torch.topk picks on the same device, for every token."""
+    shape = (512, num_experts)
+    logits = (_quantised(shape, levels) if levels else torch.randn(shape)).bfloat16()
+    _, ids = route(logits, k, renormalize=True)
+    _, want = _mixtral_like(logits, k, True)
+    torch.testing.assert_close(_by_expert(ids.float(), ids)[1], _by_expert(want.float(), want)[1], rtol=0, atol=0)
+    _, ids = route(logits, k, softmax_after_topk=True)
+    _, want = _gpt_oss_like(logits, k)
+    torch.testing.assert_close(_by_expert(ids.float(), ids)[1], _by_expert(want.float(), want)[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_reference_nan_and_inf_logits_follow_torch(scoring):
+    """NaN and +inf logits: the selection is torch.topk's (NaN ranks above every number), the weights
+    carry the NaN; nothing is dropped or made up."""
+    logits = torch.randn(4, 8)
+    logits[0, 3] = float("nan")
+    logits[1, 2] = float("inf")
+    logits[2, :] = float("nan")
+    logits[3, 5] = float("-inf")
+    weights, ids = route(logits, 2, scoring=scoring)
+    scores = torch.softmax(logits, -1) if scoring == "softmax" else torch.sigmoid(logits)
+    want = torch.topk(scores, 2, dim=-1)
+    torch.testing.assert_close(_by_expert(weights, ids), _by_expert(want.values, want.indices), equal_nan=True)
+    assert ((ids >= 0) & (ids < 8)).all()
 
 
 def test_reference_group_masking_excludes_groups():
@@ -136,14 +175,23 @@ def test_reference_float64_keeps_float64():
 
 
 def _triton_vs_ref(logits, k, mode_kwargs, bias=None, any_count=False):
+    """The kernel against route_ref on the same tensors. On the GPU route_ref's selections are CUDA's
+    torch.topk, the rule the kernel follows; under the interpreter (CPU tensors) route_ref computes
+    through that rule written out (_cuda_topk_rule) instead of the CPU's torch.topk."""
     from moe_ops.routing_triton import route_triton
 
     args = _ref_args(logits, k, correction_bias=bias, **mode_kwargs)
     got_w, got_ids = route_triton(*args, any_count=any_count)
-    want_w, want_ids = route_ref(*args)
+    if logits.is_cuda:
+        want_w, want_ids = route_ref(*args)
+    else:
+        with mock.patch.object(torch, "topk", _cuda_topk_rule):
+            want_w, want_ids = route_ref(*args)
     assert got_ids.dtype == torch.int32 and got_w.dtype == want_w.dtype
-    assert torch.equal(got_ids.cpu(), want_ids.cpu()), "ids differ from the reference"
-    torch.testing.assert_close(got_w.cpu(), want_w.cpu(), rtol=1e-5, atol=1e-6)
+    got_w, got_ids = _by_expert(got_w.cpu(), got_ids.cpu())
+    want_w, want_ids = _by_expert(want_w.cpu(), want_ids.cpu())
+    assert torch.equal(got_ids, want_ids), "ids differ from the reference"
+    torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6, equal_nan=True)
     return got_w, got_ids
 
 
@@ -171,6 +219,11 @@ TRITON_CASES = [
     ("neg_inf_softmax", 12, 16, 6, "qwen2", "neginf"),  # -inf / -1e30 logits (zero scores, ties)
     ("neg_inf_after_topk", 12, 16, 10, "gpt_oss", "neginf"),  # -inf raw logits still selectable
     ("neg_inf_groups", 12, 64, 8, "deepseek_v3", "neginf"),
+    ("nonfinite_softmax", 12, 16, 4, "mixtral", "nonfinite"),  # NaN / +inf logits: NaN ranks highest
+    ("nonfinite_sigmoid", 12, 16, 4, "sigmoid", "nonfinite"),
+    ("nonfinite_after_topk", 12, 16, 4, "gpt_oss", "nonfinite"),
+    ("nonfinite_groups", 12, 64, 8, "deepseek_v3", "nonfinite"),
+    ("signed_zeros_after_topk", 12, 16, 6, "gpt_oss", "signed_zeros"),  # +0.0 ranks above -0.0
 ]
 
 
@@ -179,6 +232,17 @@ def _make_logits(kind, num_tokens, num_experts):
         return torch.randn(num_tokens, num_experts) * 2
     if kind == "ties":
         return _quantised((num_tokens, num_experts))
+    if kind == "nonfinite":
+        logits = _quantised((num_tokens, num_experts))
+        logits[0::3, 1] = float("nan")
+        logits[1::3, 2] = float("inf")
+        logits[2::3, 0::2] = float("nan")
+        return logits
+    if kind == "signed_zeros":
+        logits = torch.zeros(num_tokens, num_experts)
+        logits[:, ::2] = -0.0
+        logits[::2, 5] = 1.0
+        return logits
     logits = torch.randn(num_tokens, num_experts)
     logits[:, 1::3] = float("-inf")
     logits[:, 2::5] = -1e30
@@ -346,24 +410,53 @@ def test_fake_tensor_shapes():
 # GPU only.
 
 
+def _tied_values(kind, shape, device):
+    if kind == "signed_zeros":
+        values = torch.zeros(shape, device=device)
+        values[:, ::2] = -0.0
+        values[:, 1::4] = 1.0
+        return values
+    values = _quantised(shape, levels=3).to(device)
+    if kind == "nan":
+        values[0::2, 3] = float("nan")
+        values[1::4, :] = float("nan")
+    return values
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("k", [1, 2, 8, 64])
-def test_cuda_ties_vs_torch_topk(k):
-    # torch.topk promises no order among ties. Seen on an H100 with torch 2.11: lower index first
-    # for k=1 and k >= E/2, but not for 1 < k < E/2. So the tie rule is that of a stable
-    # descending sort (and of argmax); the selection has torch.topk's values, in that order.
-    logits = _quantised((4096, 64), levels=3).cuda()
-    scores = torch.softmax(logits, dim=-1)
-    _, ids = route(logits, k)
-    top = torch.topk(scores, k, dim=-1)
-    assert torch.equal(scores.gather(1, ids.long()), top.values)
-    assert torch.equal(ids.long(), torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k])
-    if k == 1:
-        assert torch.equal(ids.long()[:, 0], scores.argmax(dim=-1))
-    _, ids_raw = route(logits, k, softmax_after_topk=True)
-    assert torch.equal(logits.gather(1, ids_raw.long()), torch.topk(logits, k, dim=-1).values)
-    stable_order = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :k]
-    assert torch.equal(ids_raw.long(), stable_order)
+@pytest.mark.parametrize("kind", ["ties", "nan", "signed_zeros"])
+@pytest.mark.parametrize("num_experts", [8, 60, 64, 128, 256])
+def test_cuda_topk_rule_is_torchs(num_experts, kind):
+    """The rule the kernel follows (_cuda_topk_rule) picks the experts CUDA's torch.topk picks."""
+    for k in sorted({1, 2, 4, 8, num_experts // 2, num_experts - 1}):
+        values = _tied_values(kind, (2048, num_experts), "cuda")
+        for sorted_ in (True, False):
+            top = torch.topk(values, k, dim=-1, sorted=sorted_)
+            assert torch.equal(top.indices.sort(-1).values, _cuda_topk_rule(values, k).indices.sort(-1).values)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("kind", ["ties", "nan", "bf16_randn"])
+@pytest.mark.parametrize("num_experts,k", [(8, 2), (60, 4), (128, 8), (256, 8), (64, 32)])
+def test_cuda_picks_torch_topk_experts(num_experts, k, kind, dtype):
+    """The kernel picks, for every token, the experts the model code picks with torch.topk on the GPU."""
+    shape = (4096, num_experts)
+    logits = (torch.randn(shape, device="cuda") if kind == "bf16_randn" else _tied_values(kind, shape, "cuda"))
+    logits = logits.to(dtype)
+    for (weights, ids), (want_w, want_ids) in [
+        (route(logits, k, renormalize=True), _mixtral_like(logits, k, True)),
+        (route(logits, k, softmax_after_topk=True), _gpt_oss_like(logits, k)),
+    ]:
+        got_w, got_ids = _by_expert(weights, ids)
+        want_w, want_ids = _by_expert(want_w, want_ids)
+        assert torch.equal(got_ids, want_ids)
+        torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6, equal_nan=True)
+    if num_experts % 8 == 0 and k <= num_experts // 2:
+        bias = torch.zeros(num_experts, device="cuda")  # ties stay exact
+        weights, ids = route(logits, k, **MODES["deepseek_v3"] | dict(correction_bias=bias))
+        want_w, want_ids = _deepseek_v3_like(logits, k, bias, 8, 4, 2.5, 1e-20)
+        assert torch.equal(_by_expert(weights, ids)[1], _by_expert(want_w, want_ids)[1])
 
 
 @pytest.mark.cuda
@@ -377,8 +470,8 @@ def test_cuda_real_shapes(name, num_experts, k, mode, num_tokens):
     logits = torch.randn(num_tokens, num_experts, device="cuda").to(torch.bfloat16)
     bias = _bias_for(mode, num_experts, "cuda")
     args = _ref_args(logits, k, correction_bias=bias, **MODES[mode])
-    weights, ids = torch.ops.moe_ops.route(*args)  # the Triton kernel
-    want_w, want_ids = route_ref(*args)  # torch on the same CUDA tensors
+    weights, ids = _by_expert(*torch.ops.moe_ops.route(*args))  # the Triton kernel
+    want_w, want_ids = _by_expert(*route_ref(*args))  # torch on the same CUDA tensors
     assert torch.equal(ids, want_ids)
     assert_close_rel(weights, want_w, torch.float32, name)
     torch.testing.assert_close(weights, want_w, rtol=1e-5, atol=1e-6)
