@@ -38,6 +38,7 @@ from torch._inductor.virtualized import V
 from torch.utils._sympy.functions import CeilDiv, Min
 
 from lowering.direct_calls import extern_call
+from moe_ops._checks import KERNEL_DTYPES
 from moe_ops._compat import fp32_matmul_allows_tf32, inductor_size_hint, selected_node
 from moe_ops.expert_gemm import ACTIVATION_CODE
 from moe_ops.schedule import block_schedule_ref
@@ -371,8 +372,10 @@ def template_applies(a, gather_top_k, scatter, slot_weights) -> str | None:
     """None if the template computes exactly what the op computes here, else why not."""
     if not templates_allowed(a.get_device()):
         return "no Triton templates for this device (or moe_ops.config.inductor_templates is off)"
+    if a.get_dtype() not in KERNEL_DTYPES:
+        return f"{a.get_dtype()}: the op's own kernel refuses it with the reason"
     if scatter:
-        # The op's scatter output holds zeros in rows of slots no block owns (ids >= E); the
+        # The op's scatter output holds zeros in rows of slots no block owns (ids outside [0, E)); the
         # template writes scheduled rows only. fused_experts' lowering masks those rows itself.
         return "scatter output: rows of unscheduled slots would be left unwritten"
     if gather_top_k == 0 and not scatter and slot_weights is None:

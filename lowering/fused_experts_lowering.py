@@ -45,6 +45,7 @@ from torch.utils._sympy.functions import Max, Min
 from lowering.direct_calls import extern_call
 from lowering.expert_gemm_lowering import templates_allowed, tma_allowed, tuned_expert_gemm, weight_views
 from lowering.kernel_calls import block_schedule_in_graph, kernels_in_graph, rows_in_schedule_order_in_graph
+from moe_ops._checks import KERNEL_DTYPES
 from moe_ops.expert_gemm_triton import TMA_BLOCK_M, tma_applies, tma_pays
 from moe_ops.fused_experts import block_m_ranges, choose_block_m
 
@@ -133,6 +134,8 @@ def lower_fused_experts(
         why_not = "no Triton templates for this device (or moe_ops.config.inductor_templates is off)"
     elif capacity_factor != 0:
         why_not = "capacity mode"
+    elif x.get_dtype() not in KERNEL_DTYPES:
+        why_not = f"{x.get_dtype()}: the op's own kernel refuses it with the reason"
     elif not all(isinstance(d, (int, sympy.Integer)) for w in (w_gate_up, w_down) for d in w.get_size()):
         why_not = "the expert weights' shapes are dynamic (the schedule and the tiles need them static)"
     if why_not is not None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# What the Triton kernels compute in; float64 runs on the plain-PyTorch references only (CPU tensors).
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
@@ -45,24 +48,33 @@ def check_tensor(
         raise ValueError(f"{name}: expected a tensor on {device} (like the input), got one on {t.device}")
 
 
+def check_kernel_dtype(name: str, t: torch.Tensor) -> None:
+    """Refuse what the Triton kernels would not compute exactly as asked (float64 would run in fp32)."""
+    if t.dtype not in KERNEL_DTYPES:
+        raise TypeError(
+            f"{name}: {str(t.dtype).replace('torch.', '')} is computed by the plain-PyTorch reference only "
+            f"(CPU tensors); the Triton kernels take float32, float16 or bfloat16"
+        )
+
+
+def check_int(name: str, value, *, minimum: int | None = None) -> None:
+    """An int (not a bool, not a float that would be truncated), at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
+        raise TypeError(f"{name}: expected an int, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+
+
+def check_number(name: str, value, *, minimum: float | None = None) -> None:
+    """A finite real number (int or float, not a bool), at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.SymInt, torch.SymFloat)):
+        raise TypeError(f"{name}: expected a number, got {value!r}")
+    if not math.isfinite(value) or (minimum is not None and value < minimum):
+        bound = f" >= {minimum}" if minimum is not None else ""
+        raise ValueError(f"{name}: expected a finite number{bound}, got {value}")
+
+
 def check_choice(name: str, value, choices: Sequence) -> None:
     if value not in choices:
         raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
 
-
-def check_ids_in_range(name: str, ids: torch.Tensor, num_experts: int, allow_sentinels: bool) -> None:
-    """Data-dependent check, run by the references only (it would synchronise the GPU).
-
-    With ``allow_sentinels`` ids >= num_experts are expert-parallel sentinels and are allowed;
-    negative ids never are.
-    """
-    if ids.numel() == 0:
-        return
-    lo = int(ids.min())
-    hi = int(ids.max())
-    if lo < 0 or (not allow_sentinels and hi >= num_experts):
-        raise ValueError(
-            f"{name}: expert ids must lie in [0, {num_experts})"
-            + (" (ids >= num_experts are skipped as sentinels)" if allow_sentinels else "")
-            + f", got values in [{lo}, {hi}]"
-        )

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from moe_ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_ids_in_range, check_tensor
+from moe_ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_tensor
 
 POLICIES = ("position", "score")
 
@@ -87,7 +87,6 @@ def apply_capacity_ref(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-PyTorch definition of the capacity rule (the semantics every kernel is tested against)."""
     _check_capacity_args(topk_ids, topk_weights, num_experts, capacity, policy)
-    check_ids_in_range("topk_ids", topk_ids, num_experts, allow_sentinels=True)
     if capacity < 0 or topk_ids.numel() == 0:
         return topk_ids.to(torch.int32, copy=True), torch.zeros((), dtype=torch.int32, device=topk_ids.device)
     return _apply_capacity_torch(topk_ids, topk_weights, num_experts, capacity, policy)
@@ -124,7 +123,7 @@ def apply_capacity(
     """Drop the slots over each expert's capacity by setting their id to ``num_experts``.
 
     Args:
-        topk_ids:     (T, K) int32/int64  expert of each slot; ids >= num_experts pass through
+        topk_ids:     (T, K) int32/int64  expert of each slot; ids outside [0, num_experts) pass through
         topk_weights: (T, K) float        routing weights (ranks the slots for ``policy="score"``)
         num_experts:  E
         capacity:     slots each expert keeps; < 0: dropless (see :func:`capacity_from_factor`)
@@ -133,4 +132,6 @@ def apply_capacity(
     Returns:
         ``(kept_ids (T, K) int32, num_dropped () int32)``, both on the ids' device, no host sync.
     """
+    # Checked before the op: its schema would turn capacity=True into 1 and refuse 1.5 in its own words.
+    _check_capacity_args(topk_ids, topk_weights, num_experts, capacity, policy)
     return torch.ops.moe_ops.apply_capacity(topk_ids, topk_weights, num_experts, capacity, policy)

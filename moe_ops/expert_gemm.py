@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from moe_ops._autograd import register_reference_autograd
-from moe_ops._checks import FLOAT_DTYPES, check_choice, check_tensor
+from moe_ops._checks import FLOAT_DTYPES, check_choice, check_int, check_kernel_dtype, check_tensor
+from moe_ops.schedule import BlockSchedule
 
 ACTIVATIONS = ("none", "silu", "gelu", "gelu_tanh", "relu", "clamped_swiglu")
 # Triton's constexpr code for each activation (expert_gemm_triton._activate).
@@ -159,6 +160,7 @@ def _(a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_p
         a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
         num_slots, block_m, gather_top_k, activation,
     )
+    check_kernel_dtype("a", a)
     return expert_gemm_triton(
         a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
         num_slots, block_m, gather_top_k, scatter, activation, alpha, limit,
@@ -220,6 +222,21 @@ def expert_gemm(
     Returns:
         (S, N) if scatter else (P, N), dtype of a; accumulation in fp32.
     """
+    if not isinstance(schedule, BlockSchedule):
+        raise TypeError(
+            f"schedule: expected a moe_ops.BlockSchedule (what moe_ops.block_schedule returns), got "
+            f"{type(schedule).__name__}"
+        )
+    check_tensor("w", w, ndim=3)
+    if w.shape[0] != schedule.expert_counts.shape[0]:
+        # block_expert's values are data on the device; the schedule's E is its counts' length.
+        raise ValueError(
+            f"w: expected (E={schedule.expert_counts.shape[0]}, N, K), the experts the schedule was built "
+            f"for, got {tuple(w.shape)}"
+        )
+    check_int("num_slots", num_slots, minimum=0)
+    check_int("block_m", block_m, minimum=1)
+    check_int("gather_top_k", gather_top_k, minimum=0)
     return torch.ops.moe_ops.expert_gemm(
         a, w, w_up, bias, bias_up, slot_weights, schedule.sorted_slots, schedule.block_expert,
         schedule.num_padded, num_slots, block_m, gather_top_k, scatter, activation, alpha, limit,

@@ -272,13 +272,14 @@ def tile_output(acc, acc_up, expert, slot, row_valid, offs_m, rows_in_range, col
 def unrouted_rows_tile(q, ids_ptr, stride_ids, num_slots, N, num_experts,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """For program ``q`` of those launched past the GEMM tiles of a slot-order output: (rows, columns,
-    mask) of the rows of slots routed to no expert (ids >= E), which no block owns, so that they can
-    be written as zeros. With it the output needs no memset before the GEMM."""
+    mask) of the rows of slots routed to no expert (ids outside [0, E)), which no block owns, so that
+    they can be written as zeros. With it the output needs no memset before the GEMM."""
     num_pid_n = tl.cdiv(N, BLOCK_N)
     rows = ((q // num_pid_n) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = (q % num_pid_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_range = rows < num_slots
-    unrouted = tl.load(ids_ptr + rows * stride_ids, mask=in_range, other=0) >= num_experts
+    expert = tl.load(ids_ptr + rows * stride_ids, mask=in_range, other=0)
+    unrouted = (expert < 0) | (expert >= num_experts)
     return rows, cols, (unrouted & in_range)[:, None] & (cols < N)[None, :]
 
 
@@ -495,7 +496,7 @@ def expert_gemm_triton(
     ``block_expert`` and ``num_padded`` None: a packed schedule (``block_schedule(..., 1)``), for any
     ``block_m``; a schedule-order output then has one row per position and only routed rows written.
     ``slot_ids`` (S,), with ``scatter``: each slot's expert, so that the kernel writes the zeros of the
-    slots routed to no expert (ids >= E) itself (else the output is zero-filled first). ``tma``: load
+    slots routed to no expert (ids outside [0, E)) itself (else the output is zero-filled first). ``tma``: load
     through tensor descriptors on a persistent grid (expert_gemm_tile) where the inputs allow it
     (``tma_applies``, A in schedule order with contiguous rows); the caller decides whether it pays."""
     num_positions = sorted_slots.shape[0]

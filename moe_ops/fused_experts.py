@@ -2,7 +2,7 @@
 
 Shape legend: T tokens, H hidden, F expert intermediate size, E experts, K top-k, S = T*K slots.
 
-    out[t] = sum_j  w[t, j] * down_e( act(gate_e(x[t]), up_e(x[t])) ),  e = ids[t, j] < E
+    out[t] = sum_j  w[t, j] * down_e( act(gate_e(x[t]), up_e(x[t])) ),  over the j with 0 <= e = ids[t, j] < E
 
 On CUDA: [capacity] -> packed block schedule -> gate_up GEMM with the activation fused (rows gathered
 from x, no permuted copy) -> down GEMM with the routing weight fused, scattered to (T, K, H) ->
@@ -16,7 +16,7 @@ import functools
 import torch
 
 from moe_ops._autograd import register_reference_autograd
-from moe_ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_ids_in_range, check_tensor
+from moe_ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_kernel_dtype, check_tensor
 from moe_ops._dispatch import direct_cuda_call_allowed
 from moe_ops.capacity import apply_capacity_ref, capacity_from_factor
 from moe_ops.expert_gemm import ACTIVATIONS, activate_ref
@@ -118,7 +118,6 @@ def fused_experts_ref(
     T, K = topk_ids.shape
     w = ExpertWeights(w_gate_up, w_down, w_up, b_gate_up, b_up, b_down, layout, interleaved, gated)
     E = w_gate_up.shape[0]
-    check_ids_in_range("topk_ids", topk_ids, E, allow_sentinels=True)
     ids = topk_ids
     num_dropped = torch.zeros((), dtype=torch.int32, device=x.device)
     capacity = capacity_from_factor(capacity_factor, T, K, E)
@@ -214,6 +213,7 @@ def fused_experts_triton(
         x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
         layout, interleaved, activation, gated, capacity_factor, drop_policy,
     )
+    check_kernel_dtype("x", x)
     T, K = topk_ids.shape
     E = w_gate_up.shape[0]
     num_dropped = torch.zeros((), dtype=torch.int32, device=x.device)
@@ -303,7 +303,8 @@ def fused_experts(
     Args:
         x:            (T, H) fp32/fp16/bf16
         topk_weights: (T, K) float routing weights (from :func:`moe_ops.route`)
-        topk_ids:     (T, K) int32/int64 expert ids; ids >= E are skipped (expert-parallel sentinels)
+        topk_ids:     (T, K) int32/int64 expert ids; ids outside [0, E) are routed to no expert
+                      (dropped slots, expert-parallel sentinels): they add nothing
         w_gate_up:    layout "EFH": (E, 2F, H) gate and up stacked (HF), or w1 (E, F, H) with w_up;
                       layout "EHF": (E, H, 2F) (torchtitan, GPT-OSS), or w1 (E, H, F) with w_up
         w_down:       "EFH": (E, H, F); "EHF": (E, F, H)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from moe_ops._autograd import register_reference_autograd
-from moe_ops._checks import FLOAT_DTYPES, check_choice, check_tensor
+from moe_ops._checks import FLOAT_DTYPES, check_choice, check_int, check_number, check_tensor
 from moe_ops._dispatch import direct_cuda_call_allowed
 
 SCORINGS = ("softmax", "sigmoid")
@@ -208,9 +208,14 @@ def route(
                       torch.topk picks on the logits' device, ties and NaN included (NaN ranks
                       highest); the order among tied ids is unspecified, as torch.topk's
     """
+    check_int("top_k", top_k, minimum=1)
+    check_number("renorm_eps", renorm_eps, minimum=0.0)
+    check_int("n_group", n_group, minimum=1)
+    check_int("topk_group", topk_group, minimum=1)
+    check_number("routed_scaling_factor", routed_scaling_factor)
     args = (
-        router_logits, int(top_k), scoring, bool(softmax_after_topk), bool(renormalize),
-        float(renorm_eps), correction_bias, int(n_group), int(topk_group), float(routed_scaling_factor),
+        router_logits, top_k, scoring, bool(softmax_after_topk), bool(renormalize),
+        float(renorm_eps), correction_bias, n_group, topk_group, float(routed_scaling_factor),
     )
     if direct_cuda_call_allowed(router_logits, correction_bias):
         return _route_cuda(*args)

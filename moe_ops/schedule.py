@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from moe_ops._checks import INDEX_DTYPES, check_ids_in_range, check_tensor
+from moe_ops._checks import INDEX_DTYPES, check_tensor
 
 
 class BlockSchedule(NamedTuple):
@@ -25,7 +25,7 @@ class BlockSchedule(NamedTuple):
     sorted_slots: torch.Tensor  # (S_MAX,) slots by expert, ascending within an expert; padding = S
     block_expert: torch.Tensor  # (B_MAX,) expert of each block; -1 for blocks past num_padded
     num_padded: torch.Tensor  # (1,) rows in use = sum over experts of counts rounded up to block_m
-    expert_counts: torch.Tensor  # (E,) valid slots per expert (ids >= E are skipped)
+    expert_counts: torch.Tensor  # (E,) valid slots per expert (ids outside [0, E) are skipped)
     expert_offsets: torch.Tensor  # (E + 1,) exclusive cumsum of expert_counts; [E] = valid slots
 
 
@@ -58,13 +58,12 @@ def _check_schedule_args(topk_ids, num_experts: int, block_m: int) -> None:
 def block_schedule_ref(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> BlockSchedule:
     """Plain-PyTorch definition of the schedule (the semantics every kernel is tested against)."""
     _check_schedule_args(topk_ids, num_experts, block_m)
-    check_ids_in_range("topk_ids", topk_ids, num_experts, allow_sentinels=True)
     device = topk_ids.device
     num_slots = topk_ids.numel()
     s_max, b_max = schedule_sizes(num_slots, num_experts, block_m)
 
     expert_S = topk_ids.reshape(-1).long()
-    valid_S = expert_S < num_experts
+    valid_S = (expert_S >= 0) & (expert_S < num_experts)  # any other id: routed to no expert
     counts_E = torch.bincount(expert_S[valid_S], minlength=num_experts)
     offsets_E1 = torch.nn.functional.pad(counts_E.cumsum(0), (1, 0))
     padded_offsets_E1 = padded_offsets(counts_E, block_m)
@@ -120,8 +119,9 @@ def block_schedule(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Bl
     """Group the slots of ``topk_ids`` by expert, padded per expert to multiples of ``block_m``.
 
     Args:
-        topk_ids:    (T, K) int32/int64  expert of each slot; ids >= num_experts are skipped
-                                         (expert-parallel sentinels, dropped slots)
+        topk_ids:    (T, K) int32/int64  expert of each slot; ids outside [0, num_experts) are
+                                         skipped (routed to no expert: dropped slots, expert-parallel
+                                         sentinels)
         num_experts: E
         block_m:     rows per GEMM block
 

@@ -165,8 +165,17 @@ def test_errors():
         apply_capacity(ids, weights, 8, 2, policy="random")
     with pytest.raises(ValueError, match="num_experts"):
         apply_capacity(ids, weights, 0, 2)
-    with pytest.raises(ValueError, match="topk_ids.*-1"):
-        apply_capacity_ref(torch.tensor([[0, -1]]), torch.ones(1, 2), 4, 2)
+    with pytest.raises(TypeError, match=r"capacity: expected an int"):
+        apply_capacity(ids, weights, 8, True)
+    with pytest.raises(TypeError, match=r"capacity: expected an int"):
+        apply_capacity(ids, weights, 8, 1.5)
+
+
+def test_ids_outside_range_pass_through_uncounted():
+    """Ids outside [0, E) are routed to no expert already: kept as they are, never counted as dropped."""
+    ids = torch.tensor([[0, -1], [0, 4], [0, -(2**31)]], dtype=torch.int32)
+    kept, dropped = apply_capacity(ids, torch.ones(3, 2), 4, 1)
+    assert kept.tolist() == [[0, -1], [4, 4], [4, -(2**31)]] and int(dropped) == 2
 
 
 # ------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import torch
 from conftest import TRITON_DEVICE, assert_close_rel, zipf_ids
 
 from moe_ops.expert_gemm import expert_gemm, expert_gemm_ref
+from moe_ops.schedule import block_schedule
 from moe_ops.schedule import block_schedule_ref
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -246,6 +247,33 @@ def test_errors_name_the_argument():
         expert_gemm_ref(**dict(base, w_up=None, activation="clamped_swiglu"))
     with pytest.raises(TypeError, match="sorted_slots: expected dtype in \\(int32\\)"):
         expert_gemm_ref(**dict(base, sorted_slots=args["sorted_slots"].long()))
+
+
+def test_public_call_checks_the_schedule_and_scalars():
+    """What only the public call can see: the schedule object, its expert count against w's, and ints
+    that the op's schema would truncate or take from a bool."""
+    ids = torch.rand(8, 4).argsort(-1)[:, :2]
+    schedule = block_schedule(ids, 4, 16)
+    a, w = torch.randn(8, 16), torch.randn(4, 8, 16)
+    call = dict(num_slots=16, block_m=16, gather_top_k=2)
+    assert expert_gemm(a, w, schedule, **call).shape == (schedule.sorted_slots.shape[0], 8)
+    with pytest.raises(TypeError, match=r"schedule: expected a moe_ops.BlockSchedule .* got tuple"):
+        expert_gemm(a, w, tuple(schedule), **call)
+    with pytest.raises(ValueError, match=r"w: expected \(E=4, N, K\), the experts the schedule was built for"):
+        expert_gemm(a, w[:3], schedule, **call)
+    with pytest.raises(TypeError, match=r"block_m: expected an int, got 16.0"):
+        expert_gemm(a, w, schedule, **dict(call, block_m=16.0))
+    with pytest.raises(TypeError, match=r"gather_top_k: expected an int, got True"):
+        expert_gemm(a, w, schedule, **dict(call, gather_top_k=True))
+
+
+def test_kernel_refuses_float64():
+    """float64 would run in fp32 in the kernel: the op's CUDA kernel refuses it (the reference takes it)."""
+    from moe_ops._dispatch import expert_gemm_cuda
+
+    args = _problem(4, 2, 4, 8, 16, torch.float64, TRITON_DEVICE, gated=False, bias=False, slot_weights=False)
+    with pytest.raises(TypeError, match=r"a: float64 is computed by the plain-PyTorch reference only"):
+        expert_gemm_cuda(**dict(args, gather_top_k=2, scatter=False, activation="relu", alpha=1.0, limit=7.0))
 
 
 # ---- CUDA only: real shapes, poisoned memory, int32 boundary ----

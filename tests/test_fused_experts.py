@@ -93,6 +93,35 @@ def test_routing_edges():
         assert_close_rel(got, want, torch.float32, case)
 
 
+OUTSIDE_IDS = [-1, -2, -5, -(2**31), 4, 7]  # E = 4
+
+
+@pytest.mark.parametrize("device", [TRITON_DEVICE, "cpu"] if TRITON_DEVICE == "cuda" else ["cpu"])
+@pytest.mark.parametrize("path", ["reference", "triton", "op", "compiled"])
+def test_ids_outside_range_route_to_no_expert(path, device):
+    """An id outside [0, E), negative or not, is a slot routed to no expert on every path: the output is
+    that of the same layer with the slot's weight zeroed."""
+    T, K, E = 16, 2, 4
+    layer = _layer(T, K, E, 32, 16, torch.float32, device)
+    ids = layer["topk_ids"].to(torch.int32)
+    ids[3::4, 1] = torch.tensor(OUTSIDE_IDS[: len(ids[3::4, 1])], dtype=torch.int32, device=device)
+    ids[5, :] = torch.tensor([-1, E], dtype=torch.int32, device=device)  # a token routed nowhere
+    outside = (ids < 0) | (ids >= E)
+    zeroed = dict(layer, topk_ids=torch.where(outside, 0, ids), topk_weights=layer["topk_weights"] * ~outside)
+    want = fused_experts_ref(**zeroed)
+    run = {
+        "reference": lambda lay: fused_experts_ref(**lay),
+        "triton": lambda lay: fused_experts_triton(*_args(lay))[0],
+        "op": lambda lay: fused_experts(**lay),
+        "compiled": lambda lay: torch.compile(fused_experts, fullgraph=True)(**lay),
+    }[path]
+    if path == "triton" and device == "cpu" and TRITON_DEVICE == "cuda":
+        pytest.skip("the Triton path runs on the GPU here")
+    got = run(dict(layer, topk_ids=ids))
+    assert_close_rel(got, want, torch.float32, path)
+    assert (got[5] == 0).all()
+
+
 @pytest.mark.parametrize("block_m", [16, 32, 64, 128])
 def test_packed_schedule_serves_every_block_size(block_m, monkeypatch):
     """One packed schedule, any block size: each program finds its expert and rows from the expert
@@ -261,10 +290,15 @@ def test_errors_name_the_argument():
         fused_experts(**dict(layer, topk_weights=torch.rand(4, 3)))
     with pytest.raises(ValueError, match="layout: expected one of"):
         fused_experts(**layer, layout="HFE")
-    with pytest.raises(ValueError, match="expert ids must lie in"):
-        fused_experts(**dict(layer, topk_ids=-layer["topk_ids"] - 1))
     with pytest.raises(ValueError, match="capacity_factor"):
         fused_experts(**layer, capacity_factor=-1.0)
+
+
+def test_triton_path_refuses_float64():
+    """The kernels would compute float64 in fp32: the Triton path refuses it, naming the reference."""
+    layer = _layer(4, 2, 4, 16, 8, torch.float64, TRITON_DEVICE)
+    with pytest.raises(TypeError, match=r"x: float64 is computed by the plain-PyTorch reference only"):
+        fused_experts_triton(*_args(layer))
 
 
 # ---- CUDA only ----

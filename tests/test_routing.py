@@ -371,7 +371,14 @@ def test_backward_matches_reference_autograd():
     "call,error,match",
     [
         (lambda: route(torch.randn(4, 8), 9), ValueError, r"k: expected 1 <= k <= E=8, got 9"),
-        (lambda: route(torch.randn(4, 8), 0), ValueError, r"k: expected 1 <= k <= E=8"),
+        (lambda: route(torch.randn(4, 8), 0), ValueError, r"top_k: expected an int >= 1, got 0"),
+        (lambda: route(torch.randn(4, 8), 2.7), TypeError, r"top_k: expected an int, got 2.7"),
+        (lambda: route(torch.randn(4, 8), True), TypeError, r"top_k: expected an int, got True"),
+        (lambda: route(torch.randn(4, 8), 2, renorm_eps=-1), ValueError, r"renorm_eps: expected a finite number >= 0"),
+        (lambda: route(torch.randn(4, 8), 2, renorm_eps=float("nan")), ValueError, r"renorm_eps: expected a finite"),
+        (lambda: route(torch.randn(4, 8), 2, routed_scaling_factor=float("inf")), ValueError,
+         r"routed_scaling_factor: expected a finite number"),
+        (lambda: route(torch.randn(4, 8), 2, n_group=2.0), TypeError, r"n_group: expected an int"),
         (lambda: route(torch.randn(8), 2), ValueError, r"logits: expected a 2-D tensor"),
         (lambda: route(torch.randint(0, 3, (4, 8)), 2), TypeError, r"logits: expected dtype"),
         (lambda: route(torch.randn(4, 8), 2, scoring="relu"), ValueError, r"scoring: expected one of"),
@@ -389,7 +396,8 @@ def test_backward_matches_reference_autograd():
         (lambda: route(torch.randn(4, 16), 5, n_group=4, topk_group=1),
          ValueError, r"k: expected k <= topk_group"),
     ],
-    ids=["k_gt_E", "k_zero", "logits_1d", "logits_int", "scoring", "after_topk_sigmoid", "bias_shape",
+    ids=["k_gt_E", "k_zero", "k_float", "k_bool", "renorm_eps_negative", "renorm_eps_nan", "scale_inf",
+         "n_group_float", "logits_1d", "logits_int", "scoring", "after_topk_sigmoid", "bias_shape",
          "bias_dtype", "group_not_divisor", "group_of_one", "topk_group_gt_n_group", "k_gt_kept"],
 )
 def test_bad_arguments(call, error, match):

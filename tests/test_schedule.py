@@ -23,10 +23,12 @@ def _random_ids(tokens: int, k: int, num_experts: int) -> torch.Tensor:
 
 
 def _with_sentinels(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Replace ~1/4 of the slots by ids >= E (expert-parallel sentinels / dropped slots)."""
+    """Replace ~1/4 of the slots by ids outside [0, E) (dropped slots, expert-parallel sentinels): E and
+    above, and negative ids down to the dtype's minimum."""
     ids = ids.clone()
     drop = torch.rand(ids.shape) < 0.25
-    ids[drop] = num_experts + torch.randint(0, 3, (int(drop.sum()),), dtype=ids.dtype)
+    outside = torch.tensor([num_experts, num_experts + 2, -1, -2, -5, torch.iinfo(ids.dtype).min], dtype=ids.dtype)
+    ids[drop] = outside[torch.randint(0, len(outside), (int(drop.sum()),))]
     return ids
 
 
@@ -73,7 +75,7 @@ def _check_invariants(ids: torch.Tensor, num_experts: int, block_m: int, sched: 
         assert t.dtype == torch.int32 and t.shape == (n,)
 
     flat = ids.reshape(-1).long()
-    valid = flat < num_experts
+    valid = (flat >= 0) & (flat < num_experts)
     counts = torch.bincount(flat[valid], minlength=num_experts)
     assert torch.equal(sched.expert_counts.long(), counts)
     assert sched.expert_offsets[0] == 0
@@ -146,8 +148,6 @@ def test_reference_errors():
         block_schedule_ref(ids, 4, 0)
     with pytest.raises(ValueError, match="num_experts"):
         block_schedule_ref(ids, 0, 16)
-    with pytest.raises(ValueError, match="topk_ids.*-1"):
-        block_schedule_ref(torch.tensor([[0, -1]], dtype=torch.int32), 4, 16)
 
 
 # ------------------------------------------------------------------------------------------------
