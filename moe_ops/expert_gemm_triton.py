@@ -15,8 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_ops._compat import fp32_matmul_allows_tf32
+from moe_ops._compat import fix_interpreter_bf16_dot, fp32_matmul_allows_tf32
 from moe_ops.expert_gemm import ACTIVATION_CODE
+
+# bf16 dots under TRITON_INTERPRET=1 are wrong in Triton 3.6 without it (every kernel that dots imports this).
+fix_interpreter_bf16_dot()
 
 
 @triton.jit

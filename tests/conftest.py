@@ -53,37 +53,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def _patch_interpreter_bf16_dot() -> None:
-    """Triton 3.6's interpreter multiplies bf16 dot operands as their raw uint16 storage.
-
-    Upcast them to fp32 first, which is what the tensor cores compute. Test-only: the library never
-    patches Triton.
-    """
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    original = interpreter.InterpreterBuilder.create_dot
-    if getattr(original, "_moe_ops_patched", False):
-        return
-
-    def upcast(handle):
-        if handle.dtype.scalar == tl.bfloat16:
-            data = (handle.data.astype(np.uint32) << 16).view(np.float32)
-            return interpreter.TensorHandle(data, tl.float32)
-        return handle
-
-    def create_dot(self, a, b, d, *args):
-        return original(self, upcast(a), upcast(b), d, *args)
-
-    create_dot._moe_ops_patched = True
-    interpreter.InterpreterBuilder.create_dot = create_dot
-
-
-if not HAS_CUDA:
-    _patch_interpreter_bf16_dot()
-
-
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -334,3 +334,28 @@ def test_cuda_deterministic():
     for _ in range(3):
         again, _ = _run_both(args, gather_top_k=8, activation="silu", scatter=True)
         assert torch.equal(first, again)
+
+
+def test_interpreter_bf16_dot_is_right_without_test_setup():
+    """A user's own process with TRITON_INTERPRET=1 (nothing from conftest): bf16 kernels still match
+    the reference, because importing the kernels fixes the interpreter's bf16 dot."""
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import torch
+from moe_ops.expert_gemm import expert_gemm_ref
+from moe_ops.expert_gemm_triton import expert_gemm_triton
+from moe_ops.schedule import block_schedule_ref
+torch.manual_seed(0)
+a, w = torch.randn(8, 32).bfloat16(), (torch.randn(4, 16, 32) / 32**0.5).bfloat16()
+s = block_schedule_ref(torch.rand(8, 4).argsort(-1)[:, :2], 4, 16)
+args = (a, w, None, None, None, None, s.sorted_slots, s.block_expert, s.num_padded, 16, 16, 2, True, "none", 1.0, 7.0)
+got, want = expert_gemm_triton(*args).float(), expert_gemm_ref(*args).float()
+print(((got - want).abs().max() / want.abs().max()).item())
+"""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert float(result.stdout.strip().splitlines()[-1]) < 2e-2
