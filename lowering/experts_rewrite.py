@@ -277,6 +277,7 @@ def rewrite_experts(graph: Graph, forms) -> int:
     """Replace every routed-experts block that one of ``forms`` recognises; returns how many.
     A form maps the graph to candidates: callables that return an ExpertsMatch or raise Rejected."""
     rewritten = 0
+    reasons: list[str] = []
     for find in forms:
         for candidate in find(graph):
             try:
@@ -284,6 +285,7 @@ def rewrite_experts(graph: Graph, forms) -> int:
                 check(match)
             except Rejected as reason:
                 log.debug("experts block not rewritten: %s", reason)
+                reasons.append(str(reason))
                 continue
             match.topk_ids = strip_int64_cast(match.topk_ids)
             replace(graph, match)
@@ -292,4 +294,67 @@ def rewrite_experts(graph: Graph, forms) -> int:
             log.info("rewrote %s experts block at node %s into moe_ops.fused_experts (%s)",
                      match.form, match.result.name, match.describe())
             rewritten += 1
+    _explain_routers_left_alone(graph, reasons)
     return rewritten
+
+
+# Routers (by source line) already explained: recompiles of the same code would repeat the message, with
+# other node names in it.
+_explained: set[str] = set()
+_PASS_THROUGH = (prims.convert_element_type.default, aten.view.default, aten.reshape.default, aten.clone.default,
+                 aten._to_copy.default)
+_ROUTERS = (aten.topk.default, torch.ops.moe_ops.route.default)
+_MASK_WRITES = (aten.scatter.value, aten.scatter_.value, aten.scatter.src)
+
+
+def _calls(node, targets) -> bool:
+    return isinstance(node, Node) and node.op == "call_function" and node.target in targets
+
+
+def _source_line(node: Node) -> str:
+    """The user's source line that made ``node`` ("file:line: code"), where the graph recorded it."""
+    trace = node.meta.get("stack_trace") or ""
+    lines = [line.strip() for line in trace.strip().splitlines()]
+    frames = [i for i, line in enumerate(lines) if line.startswith("File ")]
+    if not frames:
+        return f"graph node {node.name}"
+    last = frames[-1]
+    where = lines[last].split(", in ")[0].replace('File "', "").replace('", line ', ":")
+    code = lines[last + 1] if last + 1 < len(lines) else ""
+    return f"{where}: {code}" if code else where
+
+
+def _router_ids(node: Node) -> Node | None:
+    """The selection whose ids ``node`` carries (through casts and views): a topk, or moe_ops.route."""
+    while _calls(node, _PASS_THROUGH):
+        node = node.args[0]
+    if is_call(node, operator.getitem) and node.args[1] == 1:
+        source = node.args[0]
+        if _calls(source, _ROUTERS):
+            return source
+    return None
+
+
+def _explain_routers_left_alone(graph: Graph, reasons: list[str]) -> None:
+    """Log at INFO, once each, why the experts after a router were not rewritten: a top-k over
+    (tokens, experts) whose ids some expert computation reads but no moe_ops.fused_experts does.
+    Other top-ks (a group mask's, a sampler's: ids that only feed scatters or leave the graph) and
+    candidates that were no MoE block at all stay at DEBUG."""
+    served = {_router_ids(n.args[2]) for n in graph.nodes if is_call(n, torch.ops.moe_ops.fused_experts.default)}
+    for router in graph.nodes:
+        if not _calls(router, _ROUTERS) or router in served:
+            continue
+        if val(router.args[0]) is None or val(router.args[0]).dim() != 2:
+            continue
+        readers = [u for u in router.users if is_call(u, operator.getitem) and u.args[1] == 1]
+        while any(_calls(r, _PASS_THROUGH) or is_call(r, operator.getitem) for r in readers):
+            readers = [u for r in readers for u in (r.users if _calls(r, _PASS_THROUGH) or is_call(r, operator.getitem)
+                                                      else (r,))]
+        if not readers or all(_calls(r, _MASK_WRITES) or r.op == "output" for r in readers):
+            continue
+        where = _source_line(router)
+        why = "; ".join(dict.fromkeys(reasons)) or "no form of routed-experts code was recognised after it"
+        if where in _explained:
+            continue
+        _explained.add(where)
+        log.info("MoE block not rewritten (router at %s): %s", where, why)

@@ -382,7 +382,7 @@ def _expert(link: _Link) -> _Expert:
         return _Expert(
             expert, ids, weights, x, gate, up, w_down, gate_up_form, activation, constants, size_checks, region
         )
-    raise Rejected("; ".join(reasons))
+    raise Rejected("; ".join(dict.fromkeys(reasons)))
 
 
 def _stack(graph: Graph, weights: list[Node], before: Node) -> tuple[Node, list[Node]]:

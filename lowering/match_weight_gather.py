@@ -393,7 +393,7 @@ def _activation(h: Node) -> _Activation:
             name, form, constants, {original[n] for n in matched} | nodes,
             [(sources[i], groups[sources[i]]) for i in order],
         )
-    raise Rejected("; ".join(reasons))
+    raise Rejected("; ".join(dict.fromkeys(reasons)))
 
 
 # ---- The block ------------------------------------------------------------------------------------
@@ -605,7 +605,7 @@ def _match(root: Node) -> ExpertsMatch:
             continue
         break
     else:
-        raise Rejected("; ".join(reasons))
+        raise Rejected("; ".join(dict.fromkeys(reasons)))
     region = block.region(result_at)
     result = block.root if result_at is None else block.forward[result_at]
     x = block.x

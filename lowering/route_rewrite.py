@@ -432,6 +432,8 @@ def _replace(graph: Graph, prologue: RoutePrologue) -> None:
     with graph.inserting_before(prologue.topk):
         route = graph.call_function(torch.ops.moe_ops.route.default, route_args)
         route.meta["val"] = (weights_val, ids_val)
+        # The user's source line, for the log of whatever happens to the experts after it.
+        route.meta["stack_trace"] = prologue.topk.meta.get("stack_trace")
         if prologue.weights is not None:
             weights = graph.call_function(operator.getitem, (route, 0))
             weights.meta["val"] = weights_val

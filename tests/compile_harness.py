@@ -13,6 +13,7 @@ from torch._dynamo.utils import counters
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import moe_ops
+from lowering import experts_rewrite
 
 
 @pytest.fixture
@@ -22,6 +23,7 @@ def fresh_compile_state():
     saved_rewrites = moe_ops.config.rewrites
     torch._dynamo.reset()
     counters.clear()
+    experts_rewrite._explained.clear()  # each test sees its own "not rewritten" messages
     with inductor_config.patch(fx_graph_cache=False):
         yield
     torch._dynamo.reset()

@@ -7,8 +7,7 @@ import torch
 from conftest import TRITON_DEVICE, assert_close_rel, zipf_ids
 
 from moe_ops.expert_gemm import expert_gemm, expert_gemm_ref
-from moe_ops.schedule import block_schedule
-from moe_ops.schedule import block_schedule_ref
+from moe_ops.schedule import block_schedule, block_schedule_ref
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 

@@ -8,6 +8,7 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+from compile_harness import fresh_compile_state  # noqa: F401  (fixture)
 from torch._inductor.decomposition import select_decomp_table
 from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -74,3 +75,61 @@ def test_other_functions_rejected(fn, form):
     h, inputs = traced(fn)
     with pytest.raises(Rejected, match="no activation the op computes"):
         match_any_activation(h, inputs, form)
+
+
+# ---- Why a block that looks like MoE was not rewritten: INFO, once, with the user's line ------------
+
+E, K, H, F_ = 8, 2, 32, 16
+
+
+def _gpt_fast_block(activation):
+    weights = [torch.randn(E, H), torch.randn(E, F_, H), torch.randn(E, F_, H), torch.randn(E, H, F_)]
+    w_router, w1, w3, w2 = weights
+
+    def block(x):
+        scores = F.softmax(x @ w_router.T, dim=-1, dtype=torch.float)
+        w, ids = torch.topk(scores, K, dim=-1)  # ROUTER LINE
+        w = w / w.sum(-1, keepdim=True)
+        x1 = activation(torch.einsum("ti,taoi->tao", x, w1[ids]))
+        x3 = torch.einsum("ti,taoi->tao", x, w3[ids])
+        y = torch.einsum("tao,taio->tai", x1 * x3, w2[ids])
+        return torch.einsum("tai,ta->ti", y, w.to(x.dtype))
+
+    return block
+
+
+def _not_rewritten_lines(caplog):
+    messages = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
+    return [m for m in messages if "MoE block not rewritten" in m]
+
+
+@pytest.mark.usefixtures("fresh_compile_state")
+def test_unrewritten_moe_block_says_why_at_info_once(caplog):
+    import inspect
+    import logging
+
+    block = _gpt_fast_block(torch.tanh)
+    line = next(i for i, text in enumerate(inspect.getsource(_gpt_fast_block).splitlines()) if "ROUTER LINE" in text)
+    router_line = inspect.getsourcelines(_gpt_fast_block)[1] + line
+    with caplog.at_level(logging.INFO, logger="moe_ops"):
+        for tokens in (10, 10, 12):  # a second call hits the cache; a third recompiles: one message still
+            x = torch.randn(tokens, H)
+            torch.testing.assert_close(torch.compile(block)(x), block(x), rtol=1e-4, atol=1e-4)
+    messages = _not_rewritten_lines(caplog)
+    assert len(messages) == 1, messages
+    (message,) = messages
+    assert f"test_experts_rewrite.py:{router_line}: w, ids = torch.topk(scores, K, dim=-1)" in message
+    assert "is no activation the op computes" in message
+
+
+@pytest.mark.usefixtures("fresh_compile_state")
+def test_rewritten_block_and_plain_topk_say_nothing_at_info(caplog):
+    import logging
+
+    def sampler(logits):  # a top-k that is no router: its ids leave the graph
+        return torch.topk(logits.softmax(-1), 5, dim=-1)
+
+    with caplog.at_level(logging.INFO, logger="moe_ops"):
+        torch.compile(_gpt_fast_block(F.silu))(torch.randn(10, H))
+        torch.compile(sampler)(torch.randn(4, 50))
+    assert _not_rewritten_lines(caplog) == []
