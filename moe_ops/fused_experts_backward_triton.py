@@ -219,14 +219,20 @@ def fused_experts_backward_triton(
 
     slot_P = sorted_slots.long()
     valid_P = slot_P < S
-    # Each schedule row's expert, E for padding: only the bias gradients need it.
-    has_bias = any(b is not None for b in (b_gate_up, b_up, b_down))
-    expert_P = torch.where(valid_P, block_expert.long().repeat_interleave(block_m), E) if has_bias else None
+    # Each schedule row's expert, E for padding: only the down bias's term of the weight gradient needs it.
+    expert_P = torch.where(valid_P, block_expert.long().repeat_interleave(block_m), E) if b_down is not None else None
 
     def bias_grad(rows_PN, out_EN):
-        # Per-expert sums of the schedule rows; padding rows (all zero) go to a discarded row E.
-        sums = torch.zeros(E + 1, rows_PN.shape[1], dtype=torch.float32, device=x.device)
-        out_EN.copy_(sums.index_add_(0, expert_P, rows_PN)[:E])
+        # Per-expert sums of the schedule rows without atomics (index_add_ on CUDA would make the
+        # gradient differ run to run): a block of block_m rows has one expert and an expert's blocks
+        # are contiguous, so a float64 running sum over the block sums, differenced at each expert's
+        # first block, gives every expert's sum (the cancellation error, ~1e-16 of the running total,
+        # is far below the fp32 result's rounding). Padding rows are zeroed first.
+        rows_PN = torch.where(valid_P[:, None], rows_PN, 0.0)
+        block_sums = rows_PN.view(-1, block_m, rows_PN.shape[1]).sum(1, dtype=torch.float64)
+        running = torch.cat([block_sums.new_zeros(1, block_sums.shape[1]), block_sums.cumsum(0)])
+        first_block = (row_offsets // block_m).long()
+        out_EN.copy_(running[first_block[1:]] - running[first_block[:-1]])
 
     # Pre-activations in fp32, and their gradients in x's dtype, laid out alike (gate and up halves,
     # interleaved, or two tensors).

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TRITON_DEVICE, assert_close_rel
+from conftest import TRITON_DEVICE, assert_close_rel, zipf_ids
 
 from moe_ops.fused_experts import fused_experts, fused_experts_ref
 from moe_ops.fused_experts_backward_triton import fused_experts_backward_triton
@@ -143,3 +143,52 @@ def test_cuda_autograd_uses_the_kernel_and_captures():
     torch.cuda.synchronize()
     for name, a, b in zip(("x", "w_gate_up", "w_down"), captured, eager, strict=True):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("biases", [False, True], ids=["no_bias", "biases"])
+def test_cuda_gradients_identical_run_to_run(biases):
+    """Deterministic by default: no atomics anywhere in the backward (bias gradients included), so
+    every gradient is the same bit for bit on every run, with skewed routing that crowds experts."""
+    args = list(make_args(2048, 4, 32, 512, 256, torch.bfloat16, "cuda", biases=biases, layout="EHF"))
+    args[2] = zipf_ids(2048, 4, 32, device="cuda")
+    grad_TH = torch.randn_like(args[0])
+    first = fused_experts_backward_triton(*args, [grad_TH])
+    for _ in range(3):
+        again = fused_experts_backward_triton(*args, [grad_TH])
+        for name, a, b in zip(NAMES, first, again, strict=True):
+            assert torch.equal(a, b), name
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    "T,K,E,H,Fi",
+    [(40000, 8, 16, 7168, 256),  # T*K*H = 2.29e9 > 2**31 (DeepSeek-V3's H, 320k slots)
+     (350000, 8, 16, 2048, 768)],  # T*K*F = 2.15e9 > 2**31 (Qwen3-30B-A3B's H and F)
+    ids=["TKH_past_2^31", "TKF_past_2^31"],
+)
+def test_cuda_offsets_past_int32(T, K, E, H, Fi):
+    """Element offsets past 2**31 in the slot-order tensors, forward and backward. The output gradient is
+    zero except on the last tokens (whose slot rows lie past the boundary), so every gradient, the
+    weights' included, is the reference's over those tokens alone."""
+    torch.manual_seed(0)
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w_gate_up = (torch.randn(E, 2 * Fi, H, device="cuda") / H**0.5).bfloat16().requires_grad_(True)
+    w_down = (torch.randn(E, H, Fi, device="cuda") / Fi**0.5).bfloat16().requires_grad_(True)
+    weights = torch.rand(T, K, device="cuda").softmax(-1).requires_grad_(True)
+    ids = torch.rand(T, E, device="cuda").argsort(-1)[:, :K].int()
+    out = fused_experts(x, weights, ids, w_gate_up, w_down)
+    tail = slice(T - 256, T)
+    grad_TH = torch.zeros_like(out)
+    grad_TH[tail] = torch.randn(256, H, device="cuda", dtype=out.dtype)
+    got = torch.autograd.grad(out, (x, weights, w_gate_up, w_down), grad_TH)
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in got)
+    assert (got[0][: T - 256] == 0).all()
+    leaves = [t.detach()[tail].clone().requires_grad_(True) for t in (x, weights)]
+    leaves += [t.detach().clone().requires_grad_(True) for t in (w_gate_up, w_down)]
+    want = fused_experts_ref(leaves[0], leaves[1], ids[tail], leaves[2], leaves[3])
+    assert_close_rel(out[tail], want, torch.bfloat16, "output past 2**31")
+    want_grads = torch.autograd.grad(want, leaves, grad_TH[tail])
+    for name, g, w in zip(("dx", "d_weights", "dw_gate_up", "dw_down"), (got[0][tail], got[1][tail], *got[2:]),
+                          want_grads, strict=True):
+        assert_close_rel(g, w, torch.bfloat16, f"{name} past 2**31")
