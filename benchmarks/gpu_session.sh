@@ -16,7 +16,14 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/moe_ops_out}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# moe_ops.lowering is the repository's lowering/ folder (pyproject's package-dir), so the package runs
+# installed from this tree, not from the tree itself; MOE_OPS_WHEEL names a wheel to install instead
+# (built from the same tree with `pip wheel --no-deps -w .whl .`, where the GPU box cannot build).
+# `python3 -P` keeps the tree's moe_ops/ folder (which lacks lowering) off the path.
+SITE=/tmp/moe_ops_site
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target "$SITE" "${MOE_OPS_WHEEL:-.}" \
+  || { echo "gpu_session: could not install moe_ops from ${MOE_OPS_WHEEL:-this tree}" >&2; exit 1; }
+export PYTHONUNBUFFERED=1 PYTHONPATH="$SITE:$PWD/benchmarks:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"
 LIMIT=${STAGE_TIMEOUT:-300}
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
@@ -33,10 +40,10 @@ for stage in "$@"; do
                    "test_schedule.py test_capacity.py test_joint_rewrite.py" \
                    "test_passes_*.py test_hf_*.py" "test_lowering.py" "test_export.py"; do
         files=(); for pattern in $group; do for f in tests/$pattern; do [ -e "$f" ] && files+=("$f"); done; done
-        timeout "$LIMIT" python3 -m pytest -q -rfE -p no:cacheprovider "${files[@]}" > "$OUT/pytest_${#pids[@]}.log" 2>&1 &
+        timeout "$LIMIT" python3 -P -m pytest -q -rfE -p no:cacheprovider "${files[@]}" > "$OUT/pytest_${#pids[@]}.log" 2>&1 &
         pids+=($!)
       done
-      timeout "$LIMIT" compute-sanitizer --tool memcheck --error-exitcode 1 python3 tests/memcheck_edges.py \
+      timeout "$LIMIT" compute-sanitizer --tool memcheck --error-exitcode 1 python3 -P tests/memcheck_edges.py \
         > "$OUT/memcheck.log" 2>&1 & g4=$!
       for job in "${pids[@]}" $g4; do wait "$job" || status=1; done
       for log in "$OUT"/pytest_*.log; do echo "--- $log"; tail -6 "$log"; done
@@ -44,27 +51,27 @@ for stage in "$@"; do
       for log in "$OUT"/pytest_*.log; do echo "=== $log"; cat "$log"; done > "$OUT/tests.log"
       rm -f "$OUT"/pytest_*.log
       echo "--- memcheck"; tail -12 "$OUT/memcheck.log" ;;
-    kernels) timeout "$LIMIT" python3 benchmarks/bench_kernels.py --out "$OUT" ${KERNEL_ARGS:-} || status=1 ;;
-    profile) timeout "$LIMIT" python3 benchmarks/profile_host.py --out "$OUT" || status=1 ;;
+    kernels) timeout "$LIMIT" python3 -P benchmarks/bench_kernels.py --out "$OUT" ${KERNEL_ARGS:-} || status=1 ;;
+    profile) timeout "$LIMIT" python3 -P benchmarks/profile_host.py --out "$OUT" || status=1 ;;
     gemm)
-      timeout "$LIMIT" python3 benchmarks/profile_kernels.py --out "$OUT" report || status=1
-      timeout "$LIMIT" python3 benchmarks/profile_kernels.py --out "$OUT" sweep || status=1
+      timeout "$LIMIT" python3 -P benchmarks/profile_kernels.py --out "$OUT" report || status=1
+      timeout "$LIMIT" python3 -P benchmarks/profile_kernels.py --out "$OUT" sweep || status=1
       for cell in ${NCU_CELLS:-qwen3-30b-a3b:1 mixtral-8x7b:8192 qwen3-30b-a3b:8192}; do
         echo "=== $cell"
         timeout "$LIMIT" ncu --clock-control none --nvtx --nvtx-include "profile/" \
           --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
           --section WarpStateStats --section LaunchStats --section ComputeWorkloadAnalysis \
-          python3 benchmarks/profile_kernels.py ncu "$cell" || status=1
+          python3 -P benchmarks/profile_kernels.py ncu "$cell" || status=1
       done > "$OUT/ncu.txt" 2>&1 ;;
-    targets) timeout "$LIMIT" python3 benchmarks/bench_targets.py --out "$OUT" ${TARGET_ARGS:-} 2>&1 \
+    targets) timeout "$LIMIT" python3 -P benchmarks/bench_targets.py --out "$OUT" ${TARGET_ARGS:-} 2>&1 \
                | tee "$OUT/targets.log" | tail -60 || status=1 ;;
-    training) timeout "$LIMIT" python3 benchmarks/bench_training.py --out "$OUT" ${TRAINING_ARGS:-} 2>&1 \
+    training) timeout "$LIMIT" python3 -P benchmarks/bench_training.py --out "$OUT" ${TRAINING_ARGS:-} 2>&1 \
                 | tee "$OUT/training.log" | tail -40 || status=1 ;;
-    energy) timeout "$LIMIT" python3 benchmarks/bench_energy.py --out "$OUT" ${ENERGY_ARGS:-} 2>&1 \
+    energy) timeout "$LIMIT" python3 -P benchmarks/bench_energy.py --out "$OUT" ${ENERGY_ARGS:-} 2>&1 \
               | tee "$OUT/energy.log" | tail -40 || status=1 ;;
-    blockm) timeout "$LIMIT" python3 benchmarks/sweep_block_m.py --out "$OUT" || status=1 ;;
-    hostc) timeout "$LIMIT" python3 benchmarks/profile_host.py --out "$OUT" --compiled || status=1 ;;
-    layer) timeout "$LIMIT" python3 benchmarks/bench_layer.py --out "$OUT" ${LAYER_ARGS:-} 2>&1 \
+    blockm) timeout "$LIMIT" python3 -P benchmarks/sweep_block_m.py --out "$OUT" || status=1 ;;
+    hostc) timeout "$LIMIT" python3 -P benchmarks/profile_host.py --out "$OUT" --compiled || status=1 ;;
+    layer) timeout "$LIMIT" python3 -P benchmarks/bench_layer.py --out "$OUT" ${LAYER_ARGS:-} 2>&1 \
              | tee "$OUT/layer.log" | tail -40 || status=1 ;;
     *) echo "unknown stage $stage"; status=1 ;;
   esac

@@ -7,12 +7,14 @@ line per rewrite; DEBUG: one line per rejected candidate, with the reason) and c
 
 transformers' experts modules are not reached by a graph pass (dynamo breaks the graph in their per-expert
 loop); where transformers is installed, ``enable()`` also registers the "moe_ops" and "eager" experts
-implementations of ``lowering.hf_experts``, which call ``moe_ops.fused_experts`` instead.
+implementations of ``moe_ops.lowering.hf_experts``, which call ``moe_ops.fused_experts`` instead.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import difflib
 import importlib.util
 import logging
 from collections.abc import Iterator
@@ -44,10 +46,13 @@ class RewriteConfig:
                   (on CUDA) into which neighbouring pointwise work fuses; off, each op is one opaque
                   extern call. Part of the passes' cache key.
         training_rewrites: also rewrite training graphs (AOTAutograd's joint graph), so that their
-                  backward is the moe_ops ops' formulas (lowering/joint_rewrite.py). Off by default: on
-                  the H100 a training step of transformers' block is 1.2-2.9x slower with it than plain
-                  torch.compile (benchmarks/results/training_*.md); training graphs then compute what
-                  the plain code does. Part of the passes' cache key.
+                  backward is the moe_ops ops' formulas (lowering/joint_rewrite.py). Off by default:
+                  a training step is slower with it than plain torch.compile today (benchmarks/results/
+                  training_*.md); training graphs then compute what the plain code does. Part of the
+                  passes' cache key.
+
+    Every setting is a bool; setting a name that is not one of them, or a value that is not a bool,
+    raises (a typo would otherwise create a new attribute that nothing reads).
     """
 
     rewrites: bool = True
@@ -55,6 +60,16 @@ class RewriteConfig:
     stack_expert_weights: bool = False
     inductor_templates: bool = True
     training_rewrites: bool = False
+
+    def __setattr__(self, name: str, value) -> None:
+        settings = [f.name for f in dataclasses.fields(self)]
+        if name not in settings:
+            close = difflib.get_close_matches(name, settings, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"the settings are {', '.join(settings)}"
+            raise AttributeError(f"moe_ops.config has no setting {name!r}: {hint}")
+        if not isinstance(value, bool):
+            raise TypeError(f"moe_ops.config.{name}: expected True or False, got {value!r}")
+        object.__setattr__(self, name, value)
 
 
 config = RewriteConfig()
@@ -71,8 +86,8 @@ def enable() -> None:
     Where transformers is installed, it is imported here, and the "moe_ops" and "eager" experts
     implementations are registered in its ``ALL_EXPERTS_FUNCTIONS`` (see ``lowering.hf_experts``).
     """
-    import lowering.fused_experts_lowering  # noqa: F401  (registers the Inductor lowerings)
-    from lowering.passes import PASSES
+    import moe_ops.lowering.fused_experts_lowering  # noqa: F401  (registers the Inductor lowerings)
+    from moe_ops.lowering.passes import PASSES
 
     config.rewrites = True
     for moe_ops_pass in PASSES:
@@ -88,7 +103,7 @@ def _register_transformers_experts() -> None:
     if importlib.util.find_spec("transformers") is None:
         return
     try:
-        from lowering.hf_experts import register_experts_implementations
+        from moe_ops.lowering.hf_experts import register_experts_implementations
     except ImportError as error:  # a transformers without use_experts_implementation (< 5), or a broken install
         log.debug("transformers experts implementations not registered: %s", error)
         return

@@ -31,7 +31,7 @@ from torch._dynamo.utils import counters
 from torch._guards import detect_fake_mode
 from torch.fx import Graph, Node
 
-from lowering.fx_match import Rejected, aten, is_call, prims, same_shape, same_size, val
+from moe_ops.lowering.fx_match import Rejected, aten, is_call, prims, same_shape, same_size, val
 
 log = logging.getLogger("moe_ops")
 

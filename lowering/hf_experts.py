@@ -37,7 +37,7 @@ from transformers.activations import GELUActivation, GELUTanh, NewGELUActivation
 from transformers.integrations.moe import ExpertsInterface, use_experts_implementation
 
 import moe_ops
-from lowering import config
+from moe_ops.lowering import config
 
 log = logging.getLogger("moe_ops")
 

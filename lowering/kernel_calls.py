@@ -27,9 +27,9 @@ from torch._inductor.virtualized import V
 from torch.utils._sympy.functions import CeilDiv, Max, Min
 from triton.runtime.jit import JITFunction
 
-from lowering.direct_calls import extern_call
-from lowering.expert_gemm_lowering import templates_allowed
 from moe_ops._compat import lower_user_triton_kernel
+from moe_ops.lowering.direct_calls import extern_call
+from moe_ops.lowering.expert_gemm_lowering import templates_allowed
 from moe_ops.routing_triton import _route_kernel, launch_route
 from moe_ops.schedule_triton import launch_block_schedule, launch_rows_in_schedule_order
 

@@ -90,9 +90,9 @@ from torch._dynamo.utils import counters
 from torch._guards import detect_fake_mode
 from torch.fx import Graph, Node
 
-from lowering import config
-from lowering.experts_rewrite import ExpertsMatch, check, match_any_activation
-from lowering.fx_match import (
+from moe_ops.lowering import config
+from moe_ops.lowering.experts_rewrite import ExpertsMatch, check, match_any_activation
+from moe_ops.lowering.fx_match import (
     Rejected,
     arg,
     aten,

@@ -55,8 +55,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.fx import Graph, Node
 
-from lowering.experts_rewrite import ExpertsMatch, match_any_activation
-from lowering.fx_match import (
+from moe_ops.lowering.experts_rewrite import ExpertsMatch, match_any_activation
+from moe_ops.lowering.fx_match import (
     Rejected,
     arg,
     aten,

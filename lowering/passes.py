@@ -15,15 +15,15 @@ from pathlib import Path
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from lowering import config
-from lowering.experts_rewrite import rewrite_experts
-from lowering.joint_rewrite import is_joint_graph, rewrite_joint_graph
-from lowering.match_expert_loop import find_expert_loop_blocks
-from lowering.match_grouped_mm import find_grouped_mm_blocks
-from lowering.match_torchtitan import find_torchtitan_blocks
-from lowering.match_weight_gather import find_weight_gather_blocks
-from lowering.route_rewrite import rewrite_routing_prologues
 from moe_ops._compat import custom_passes_in
+from moe_ops.lowering import config
+from moe_ops.lowering.experts_rewrite import rewrite_experts
+from moe_ops.lowering.joint_rewrite import is_joint_graph, rewrite_joint_graph
+from moe_ops.lowering.match_expert_loop import find_expert_loop_blocks
+from moe_ops.lowering.match_grouped_mm import find_grouped_mm_blocks
+from moe_ops.lowering.match_torchtitan import find_torchtitan_blocks
+from moe_ops.lowering.match_weight_gather import find_weight_gather_blocks
+from moe_ops.lowering.route_rewrite import rewrite_routing_prologues
 
 log = logging.getLogger("moe_ops")
 

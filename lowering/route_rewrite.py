@@ -41,7 +41,8 @@ from torch._dynamo.utils import counters
 from torch._guards import detect_fake_mode
 from torch.fx import Graph, Node
 
-from lowering.fx_match import (
+from moe_ops._compat import online_softmax_target
+from moe_ops.lowering.fx_match import (
     Rejected,
     arg,
     aten,
@@ -53,7 +54,6 @@ from lowering.fx_match import (
     shape,
     val,
 )
-from moe_ops._compat import online_softmax_target
 
 log = logging.getLogger("moe_ops")
 

@@ -22,7 +22,7 @@ import moe_ops
 
 transformers = pytest.importorskip("transformers")
 moe_integration = pytest.importorskip("transformers.integrations.moe")
-hf_experts = importlib.import_module("lowering.hf_experts")
+hf_experts = importlib.import_module("moe_ops.lowering.hf_experts")
 fused_experts = moe_ops.fused_experts  # before any test replaces it with a counting wrapper
 mixtral = importlib.import_module("transformers.models.mixtral.modeling_mixtral")
 gpt_oss = importlib.import_module("transformers.models.gpt_oss.modeling_gpt_oss")

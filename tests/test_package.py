@@ -1,0 +1,45 @@
+"""The installed package: one import name, and a settings object that refuses what it does not know."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import moe_ops
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_config_refuses_typos_and_non_bools():
+    saved = moe_ops.config.training_rewrites
+    with pytest.raises(AttributeError, match=r"no setting 'training_rewrite': did you mean 'training_rewrites'\?"):
+        moe_ops.config.training_rewrite = True
+    with pytest.raises(AttributeError, match=r"no setting 'speed': the settings are rewrites, "):
+        moe_ops.config.speed = True
+    with pytest.raises(TypeError, match=r"moe_ops.config.rewrites: expected True or False, got 1"):
+        moe_ops.config.rewrites = 1
+    assert moe_ops.config.training_rewrites is saved and not hasattr(moe_ops.config, "speed")
+    moe_ops.config.training_rewrites = not saved
+    moe_ops.config.training_rewrites = saved
+
+
+def test_one_import_name(tmp_path):
+    """A built wheel holds moe_ops (with the lowering/ folder as moe_ops.lowering) and nothing else at its
+    top level, so a user's own lowering.py cannot shadow part of the library."""
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
+                    "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("moe_ops-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {name.split("/")[0] for name in names} == {"moe_ops", wheel.name.split("-py3")[0] + ".dist-info"}
+    assert "moe_ops/lowering/passes.py" in names and "moe_ops/lowering/__init__.py" in names
+
+
+def test_a_users_lowering_module_does_not_shadow_the_library(tmp_path):
+    (tmp_path / "lowering.py").write_text("raise ImportError('the user module was imported')\n")
+    result = subprocess.run([sys.executable, "-c", "import moe_ops; print(moe_ops.config.rewrites)"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "True", result.stderr[-2000:]
