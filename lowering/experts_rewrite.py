@@ -31,6 +31,7 @@ from torch._dynamo.utils import counters
 from torch._guards import detect_fake_mode
 from torch.fx import Graph, Node
 
+from moe_ops.activations import CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT
 from moe_ops.lowering.fx_match import Rejected, aten, is_call, prims, same_shape, same_size, val
 
 log = logging.getLogger("moe_ops")
@@ -60,8 +61,8 @@ class ExpertsMatch:
     interleaved: bool = False
     activation: str = "silu"
     gated: bool = True
-    alpha: float = 1.702
-    limit: float = 7.0
+    alpha: float = CLAMPED_SWIGLU_ALPHA
+    limit: float = CLAMPED_SWIGLU_LIMIT
     notes: list[str] = field(default_factory=list)
 
     def describe(self) -> str:

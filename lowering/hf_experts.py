@@ -37,6 +37,7 @@ from transformers.activations import GELUActivation, GELUTanh, NewGELUActivation
 from transformers.integrations.moe import ExpertsInterface, use_experts_implementation
 
 import moe_ops
+from moe_ops.activations import CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT
 from moe_ops.lowering import config
 
 log = logging.getLogger("moe_ops")
@@ -205,7 +206,7 @@ def fused_experts_arguments(experts: nn.Module, hidden_states: torch.Tensor) -> 
         activation = _activation_of(experts.act_fn)
         if activation is None:
             return f"act_fn {type(experts.act_fn).__name__} has no moe_ops activation"
-        alpha, limit = 1.702, 7.0  # fused_experts' defaults; only clamped_swiglu reads them
+        alpha, limit = CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT  # only clamped_swiglu reads them
     first_name = "gate_up_proj" if has_gate else "up_proj"
     tensors = {"w_gate_up": first_name, "w_down": "down_proj"}
     if has_bias:

@@ -90,6 +90,7 @@ from torch._dynamo.utils import counters
 from torch._guards import detect_fake_mode
 from torch.fx import Graph, Node
 
+from moe_ops.activations import CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT
 from moe_ops.lowering import config
 from moe_ops.lowering.experts_rewrite import ExpertsMatch, check, match_any_activation
 from moe_ops.lowering.fx_match import (
@@ -484,7 +485,8 @@ class _Candidate:
             form="expert_loop", result=result, region=region, x=first.x, topk_weights=first.weights,
             topk_ids=first.ids, w_gate_up=stacks["gate"], w_down=stacks["down"], w_up=stacks.get("up"),
             layout="EFH", activation=first.activation, gated=gated,
-            alpha=first.constants.get("alpha", 1.702), limit=first.constants.get("limit", 7.0),
+            alpha=first.constants.get("alpha", CLAMPED_SWIGLU_ALPHA),
+            limit=first.constants.get("limit", CLAMPED_SWIGLU_LIMIT),
             notes=([] if first.gate_up_form == "separate" else [f"{first.gate_up_form} gate/up"])
             + ["weights stacked per call"],
         )

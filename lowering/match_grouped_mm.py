@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.fx import Graph, Node
 
+from moe_ops.activations import CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT
 from moe_ops.lowering.experts_rewrite import ExpertsMatch, match_any_activation
 from moe_ops.lowering.fx_match import Rejected, arg, aten, is_call, is_view_call, prims, same_size, shape, val
 
@@ -238,7 +239,7 @@ def _match(total: Node) -> ExpertsMatch:
         result=result, region=region, x=x, topk_weights=topk_weights, topk_ids=topk_ids,
         w_gate_up=w_gate_up, w_down=w_down, b_gate_up=gate_up_bias, b_down=b_down, layout=layout,
         interleaved=gate_up_form == "interleaved", activation=activation,
-        alpha=constants.get("alpha", 1.702), limit=constants.get("limit", 7.0),
+        alpha=constants.get("alpha", CLAMPED_SWIGLU_ALPHA), limit=constants.get("limit", CLAMPED_SWIGLU_LIMIT),
     )
 
 

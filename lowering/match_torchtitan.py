@@ -55,6 +55,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.fx import Graph, Node
 
+from moe_ops.activations import CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT
 from moe_ops.lowering.experts_rewrite import ExpertsMatch, match_any_activation
 from moe_ops.lowering.fx_match import (
     Rejected,
@@ -314,7 +315,7 @@ def _match(combine: Node) -> ExpertsMatch:
     return ExpertsMatch(
         form="torchtitan", result=combine, region=region, x=x, topk_weights=topk_weights, topk_ids=ids,
         w_gate_up=weights[0], w_up=weights[1], w_down=w_down, layout=layout, activation=activation,
-        alpha=constants.get("alpha", 1.702), limit=constants.get("limit", 7.0),
+        alpha=constants.get("alpha", CLAMPED_SWIGLU_ALPHA), limit=constants.get("limit", CLAMPED_SWIGLU_LIMIT),
     )
 
 

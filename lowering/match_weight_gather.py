@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx import Graph, Node
 
+from moe_ops.activations import CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT
 from moe_ops.fused_experts import _check_fused_args
 from moe_ops.lowering.experts_rewrite import ExpertsMatch, match_any_activation
 from moe_ops.lowering.fx_match import Rejected, arg, aten, is_call, prims, same_size, top_k_scores, val
@@ -641,8 +642,8 @@ def _match(root: Node) -> ExpertsMatch:
         w_gate_up=gate.weight, w_down=block.down.weight, w_up=up.weight if up else None, b_gate_up=gate.bias,
         b_up=up.bias if up else None, b_down=block.down.bias, layout=layout,
         interleaved=activation.form == "interleaved", activation=activation.name,
-        gated=activation.form != "ungated", alpha=activation.constants.get("alpha", 1.702),
-        limit=activation.constants.get("limit", 7.0), notes=notes,
+        gated=activation.form != "ungated", alpha=activation.constants.get("alpha", CLAMPED_SWIGLU_ALPHA),
+        limit=activation.constants.get("limit", CLAMPED_SWIGLU_LIMIT), notes=notes,
     )
     _check_op_args(match)
     return match

@@ -20,31 +20,11 @@ columns and torchtitan's transposed (E, H, F) tensors are all views, never copie
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from moe_ops._autograd import register_reference_autograd
 from moe_ops._checks import FLOAT_DTYPES, check_choice, check_int, check_kernel_dtype, check_tensor
+from moe_ops.activations import ACTIVATIONS, CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT, activate_ref
 from moe_ops.schedule import BlockSchedule
-
-ACTIVATIONS = ("none", "silu", "gelu", "gelu_tanh", "relu", "clamped_swiglu")
-# Triton's constexpr code for each activation (expert_gemm_triton._activate).
-ACTIVATION_CODE = {name: code for code, name in enumerate(ACTIVATIONS)}
-
-
-def activate_ref(gate: torch.Tensor, up: torch.Tensor | None, activation: str, alpha: float, limit: float):
-    """The activation of the expert MLP: act(gate) * up when gated, act(gate) otherwise."""
-    if activation == "clamped_swiglu":
-        # GPT-OSS: gate clamped above, up clamped both ways, and up shifted by one.
-        gate = gate.clamp(max=limit)
-        return (up.clamp(-limit, limit) + 1) * (gate * torch.sigmoid(alpha * gate))
-    acted = {
-        "none": lambda g: g,
-        "silu": F.silu,
-        "gelu": F.gelu,
-        "gelu_tanh": lambda g: F.gelu(g, approximate="tanh"),
-        "relu": F.relu,
-    }[activation](gate)
-    return acted if up is None else acted * up
 
 
 def _check_expert_gemm_args(
@@ -199,8 +179,8 @@ def expert_gemm(
     gather_top_k: int = 0,
     scatter: bool = False,
     activation: str = "none",
-    alpha: float = 1.702,
-    limit: float = 7.0,
+    alpha: float = CLAMPED_SWIGLU_ALPHA,
+    limit: float = CLAMPED_SWIGLU_LIMIT,
 ) -> torch.Tensor:
     """Grouped GEMM of scheduled rows against their expert's weight (see the module docstring).
 
@@ -217,7 +197,7 @@ def expert_gemm(
                       schedule order
         scatter:      write row s of an (S, N) output; else row p of a (P, N) output
         activation:   "none" | "silu" | "gelu" | "gelu_tanh" | "relu" | "clamped_swiglu"
-        alpha/limit:  clamped_swiglu's constants (GPT-OSS: 1.702 and 7.0)
+        alpha/limit:  clamped_swiglu's constants (defaults: GPT-OSS's, moe_ops.activations)
 
     Returns:
         (S, N) if scatter else (P, N), dtype of a; accumulation in fp32.

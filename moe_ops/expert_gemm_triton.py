@@ -16,35 +16,43 @@ import triton
 import triton.language as tl
 
 from moe_ops._compat import fix_interpreter_bf16_dot, fp32_matmul_allows_tf32
-from moe_ops.expert_gemm import ACTIVATION_CODE
+from moe_ops.activations import ACTIVATION_CODE
 
 # bf16 dots under TRITON_INTERPRET=1 are wrong in Triton 3.6 without it (every kernel that dots imports this).
 fix_interpreter_bf16_dot()
 
+# The activations' codes, from their one table (moe_ops.activations).
+NONE: tl.constexpr = tl.constexpr(ACTIVATION_CODE["none"])
+SILU: tl.constexpr = tl.constexpr(ACTIVATION_CODE["silu"])
+GELU: tl.constexpr = tl.constexpr(ACTIVATION_CODE["gelu"])
+GELU_TANH: tl.constexpr = tl.constexpr(ACTIVATION_CODE["gelu_tanh"])
+RELU: tl.constexpr = tl.constexpr(ACTIVATION_CODE["relu"])
+CLAMPED_SWIGLU: tl.constexpr = tl.constexpr(ACTIVATION_CODE["clamped_swiglu"])
+
 
 @triton.jit
 def gate_activation(gate, ACTIVATION: tl.constexpr, alpha, limit):
-    """act(gate) and d act / d gate, in fp32; codes follow expert_gemm.ACTIVATIONS. The forward kernels
+    """act(gate) and d act / d gate, in fp32 (codes: moe_ops.activations). The forward kernels
     use the first only (Triton drops the unused derivative); the backward uses both."""
-    if ACTIVATION == 1:  # silu
+    if ACTIVATION == SILU:
         s = tl.sigmoid(gate)
         acted, slope = gate * s, s * (1.0 + gate * (1.0 - s))
-    elif ACTIVATION == 2:  # gelu (erf)
+    elif ACTIVATION == GELU:  # erf form
         cdf = 0.5 * (1.0 + tl.erf(gate * 0.7071067811865476))
         acted, slope = gate * cdf, cdf + gate * 0.3989422804014327 * tl.exp(-0.5 * gate * gate)
-    elif ACTIVATION == 3:  # gelu, tanh approximation; 0.5 (1 + tanh(z)) = sigmoid(2z)
+    elif ACTIVATION == GELU_TANH:  # 0.5 (1 + tanh(z)) = sigmoid(2z)
         inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
         s = tl.sigmoid(2.0 * inner)
         acted = gate * s
         slope = s + gate * 2.0 * s * (1.0 - s) * 0.7978845608028654 * (1.0 + 0.134145 * gate * gate)
-    elif ACTIVATION == 4:  # relu
+    elif ACTIVATION == RELU:
         acted, slope = tl.maximum(gate, 0.0), tl.where(gate > 0.0, 1.0, 0.0)
-    elif ACTIVATION == 5:  # GPT-OSS clamped SwiGLU, gate side: clamped above, then x sigmoid(alpha x)
+    elif ACTIVATION == CLAMPED_SWIGLU:  # GPT-OSS, gate side: clamped above, then x sigmoid(alpha x)
         clamped = tl.minimum(gate, limit)
         s = tl.sigmoid(alpha * clamped)
         acted = clamped * s
         slope = tl.where(gate <= limit, s + alpha * clamped * s * (1.0 - s), 0.0)
-    else:  # none
+    else:  # NONE
         acted, slope = gate, tl.full(gate.shape, 1.0, tl.float32)
     return acted, slope
 
@@ -52,7 +60,7 @@ def gate_activation(gate, ACTIVATION: tl.constexpr, alpha, limit):
 @triton.jit
 def up_factor(up, ACTIVATION: tl.constexpr, limit):
     """What multiplies act(gate), and its derivative: GPT-OSS clamps up both ways and shifts it by one."""
-    if ACTIVATION == 5:
+    if ACTIVATION == CLAMPED_SWIGLU:
         factor = tl.minimum(tl.maximum(up, -limit), limit) + 1.0
         slope = tl.where((up >= -limit) & (up <= limit), 1.0, 0.0)
     else:

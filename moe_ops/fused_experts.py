@@ -18,8 +18,8 @@ import torch
 from moe_ops._autograd import register_reference_autograd
 from moe_ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_kernel_dtype, check_tensor
 from moe_ops._dispatch import direct_cuda_call_allowed
+from moe_ops.activations import ACTIVATIONS, CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT, activate_ref
 from moe_ops.capacity import apply_capacity_ref, capacity_from_factor
-from moe_ops.expert_gemm import ACTIVATIONS, activate_ref
 
 LAYOUTS = ("EFH", "EHF")
 DROP_POLICIES = ("position", "score")
@@ -105,7 +105,8 @@ def _check_fused_args(
 
 def fused_experts_ref(
     x, topk_weights, topk_ids, w_gate_up, w_down, w_up=None, b_gate_up=None, b_up=None, b_down=None,
-    layout="EFH", interleaved=False, activation="silu", gated=True, alpha=1.702, limit=7.0,
+    layout="EFH", interleaved=False, activation="silu", gated=True, alpha=CLAMPED_SWIGLU_ALPHA,
+    limit=CLAMPED_SWIGLU_LIMIT,
     capacity_factor=0.0, drop_policy="position", return_num_dropped=False,
 ):
     """Plain-PyTorch definition of :func:`fused_experts` (same arguments): a loop over experts,
@@ -292,8 +293,8 @@ def fused_experts(
     interleaved: bool = False,
     activation: str = "silu",
     gated: bool = True,
-    alpha: float = 1.702,
-    limit: float = 7.0,
+    alpha: float = CLAMPED_SWIGLU_ALPHA,
+    limit: float = CLAMPED_SWIGLU_LIMIT,
     capacity_factor: float = 0.0,
     drop_policy: str = "position",
     return_num_dropped: bool = False,

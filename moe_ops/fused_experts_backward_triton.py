@@ -20,9 +20,9 @@ import triton
 import triton.language as tl
 
 from moe_ops._compat import fp32_matmul_allows_tf32
+from moe_ops.activations import ACTIVATION_CODE
 from moe_ops.capacity import capacity_from_factor
 from moe_ops.capacity_triton import apply_capacity_triton
-from moe_ops.expert_gemm import ACTIVATION_CODE
 from moe_ops.expert_gemm_triton import expert_gemm_triton, gate_activation, up_factor
 from moe_ops.fused_experts import _check_fused_args, choose_block_m, split_gate_up
 from moe_ops.schedule import padded_offsets

@@ -1,0 +1,51 @@
+"""The expert MLP's activations, in one table that the reference, the kernels, the backward and the graph
+passes all read: each activation's name (the ops' ``activation`` argument), its code (the kernels'
+``tl.constexpr ACTIVATION``) and its parameters with their defaults.
+
+Gated (``w_up`` given, or a fused gate/up weight): ``act(gate) * up``; ungated: ``act(gate)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# GPT-OSS's clamped SwiGLU constants, the defaults of every ``alpha`` / ``limit`` argument (only
+# clamped_swiglu reads them).
+CLAMPED_SWIGLU_ALPHA = 1.702
+CLAMPED_SWIGLU_LIMIT = 7.0
+
+
+@dataclass(frozen=True)
+class Activation:
+    name: str
+    code: int  # the kernels' ACTIVATION constexpr
+    gate_fn: Callable[[torch.Tensor], torch.Tensor] | None  # act(gate); None: clamped_swiglu's own formula
+    gated_only: bool = False  # needs an up projection
+    parameters: tuple[str, ...] = ()  # the op arguments it reads
+
+
+TABLE = (
+    Activation("none", 0, lambda g: g),
+    Activation("silu", 1, F.silu),
+    Activation("gelu", 2, F.gelu),
+    Activation("gelu_tanh", 3, lambda g: F.gelu(g, approximate="tanh")),
+    Activation("relu", 4, F.relu),
+    Activation("clamped_swiglu", 5, None, gated_only=True, parameters=("alpha", "limit")),
+)
+BY_NAME = {activation.name: activation for activation in TABLE}
+ACTIVATIONS = tuple(BY_NAME)  # the names, for argument checks
+ACTIVATION_CODE = {activation.name: activation.code for activation in TABLE}
+
+
+def activate_ref(gate: torch.Tensor, up: torch.Tensor | None, activation: str, alpha: float, limit: float):
+    """The activation of the expert MLP: act(gate) * up when gated, act(gate) otherwise."""
+    if activation == "clamped_swiglu":
+        # GPT-OSS: gate clamped above, up clamped both ways, and up shifted by one.
+        gate = gate.clamp(max=limit)
+        return (up.clamp(-limit, limit) + 1) * (gate * torch.sigmoid(alpha * gate))
+    acted = BY_NAME[activation].gate_fn(gate)
+    return acted if up is None else acted * up
