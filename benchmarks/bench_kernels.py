@@ -19,8 +19,8 @@ import triton
 
 import moe_ops
 from moe_ops.expert_gemm_triton import expert_gemm_triton
-from moe_ops.fused_experts import choose_block_m
 from moe_ops.schedule_triton import block_schedule_triton
+from moe_ops.tiles import choose_block_m
 
 SHAPES = {  # name: (E, K, H, F)
     "mixtral-8x7b": (8, 2, 4096, 14336),

@@ -30,8 +30,8 @@ from moe_ops.expert_gemm_triton import (
     gemm_config,
     pipeline_fits,
 )
-from moe_ops.fused_experts import choose_block_m
 from moe_ops.schedule_triton import block_schedule_triton
+from moe_ops.tiles import choose_block_m
 
 REPORT_CELLS = ("qwen3-30b-a3b:1", "mixtral-8x7b:1", "deepseek-v3:1", "qwen3-30b-a3b:512",
                 "mixtral-8x7b:8192", "qwen3-30b-a3b:8192")

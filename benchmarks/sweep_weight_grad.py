@@ -17,10 +17,10 @@ import triton
 from bench_layer import run_sweep
 
 import moe_ops
-from moe_ops.fused_experts import choose_block_m
 from moe_ops.fused_experts_backward_triton import fused_experts_backward_triton, weight_grad_triton
-from moe_ops.schedule import padded_offsets
+from moe_ops.layout import padded_offsets
 from moe_ops.schedule_triton import block_schedule_triton
+from moe_ops.tiles import choose_block_m
 
 CELLS = (("qwen3-30b-a3b", 128, 8, 2048, 768, 8192), ("mixtral-8x7b", 8, 2, 4096, 14336, 2048))
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); None: the kernel's default.

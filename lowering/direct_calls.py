@@ -16,6 +16,7 @@ from torch._inductor import ir
 from torch._inductor.lowering import register_lowering
 from torch._inductor.virtualized import V
 
+import moe_ops.capacity  # noqa: F401  (defines moe_ops::apply_capacity, lowered here)
 from moe_ops._compat import wrap_for_lowering
 
 

@@ -37,10 +37,12 @@ from torch._inductor.select_algorithm import (
 from torch._inductor.virtualized import V
 from torch.utils._sympy.functions import CeilDiv, Min
 
+import moe_ops.expert_gemm  # noqa: F401  (defines moe_ops::expert_gemm, lowered here)
 from moe_ops._checks import KERNEL_DTYPES
 from moe_ops._compat import fp32_matmul_allows_tf32, inductor_size_hint, selected_node
 from moe_ops.activations import ACTIVATION_CODE
 from moe_ops.lowering.direct_calls import extern_call
+from moe_ops.lowering.settings import config
 from moe_ops.schedule import block_schedule_ref
 
 log = logging.getLogger("moe_ops")
@@ -209,8 +211,6 @@ extern_expert_gemm = ExternKernelChoice(_extern_expert_gemm, name="moe_ops_exper
 def templates_allowed(device: torch.device) -> bool:
     """Templates need Triton's backend for this device: CUDA, or CPU where Inductor was told to emit
     Triton (the tests' code-generation-only mode; stock Triton cannot run it on CPU)."""
-    from moe_ops.lowering import config
-
     if not config.inductor_templates:
         return False
     return device.type == "cuda" or (device.type == "cpu" and inductor_config.cpu_backend == "triton")

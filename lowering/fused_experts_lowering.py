@@ -42,12 +42,13 @@ from torch._inductor.lowering import empty_strided, register_lowering
 from torch._inductor.lowering import lowerings as L
 from torch.utils._sympy.functions import Max, Min
 
+import moe_ops.fused_experts  # noqa: F401  (defines moe_ops::fused_experts, lowered here)
 from moe_ops._checks import KERNEL_DTYPES
-from moe_ops.expert_gemm_triton import TMA_BLOCK_M, tma_applies, tma_pays
-from moe_ops.fused_experts import block_m_ranges, choose_block_m
+from moe_ops.expert_gemm_triton import tma_applies
 from moe_ops.lowering.direct_calls import extern_call
 from moe_ops.lowering.expert_gemm_lowering import templates_allowed, tma_allowed, tuned_expert_gemm, weight_views
 from moe_ops.lowering.kernel_calls import block_schedule_in_graph, kernels_in_graph, rows_in_schedule_order_in_graph
+from moe_ops.tiles import TMA_BLOCK_M, block_m_ranges, choose_block_m, tma_pays
 
 log = logging.getLogger("moe_ops")
 aten = torch.ops.aten

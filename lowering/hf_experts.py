@@ -36,9 +36,9 @@ from torch._dynamo.utils import counters
 from transformers.activations import GELUActivation, GELUTanh, NewGELUActivation, SiLUActivation
 from transformers.integrations.moe import ExpertsInterface, use_experts_implementation
 
-import moe_ops
 from moe_ops.activations import CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT
-from moe_ops.lowering import config
+from moe_ops.fused_experts import fused_experts
+from moe_ops.lowering.settings import config
 
 log = logging.getLogger("moe_ops")
 
@@ -250,7 +250,7 @@ def moe_ops_experts_forward(self, hidden_states, top_k_index, top_k_weights):
         True,
         compiling,
     )
-    return moe_ops.fused_experts(hidden_states, top_k_weights, top_k_index, **arguments)
+    return fused_experts(hidden_states, top_k_weights, top_k_index, **arguments)
 
 
 def eager_experts_forward(self, hidden_states, top_k_index, top_k_weights):

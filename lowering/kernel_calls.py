@@ -27,6 +27,8 @@ from torch._inductor.virtualized import V
 from torch.utils._sympy.functions import CeilDiv, Max, Min
 from triton.runtime.jit import JITFunction
 
+import moe_ops.routing  # noqa: F401  (defines moe_ops::route, lowered here)
+import moe_ops.schedule  # noqa: F401  (defines moe_ops::block_schedule, lowered here)
 from moe_ops._compat import lower_user_triton_kernel
 from moe_ops.lowering.direct_calls import extern_call
 from moe_ops.lowering.expert_gemm_lowering import templates_allowed

@@ -91,7 +91,6 @@ from torch._guards import detect_fake_mode
 from torch.fx import Graph, Node
 
 from moe_ops.activations import CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT
-from moe_ops.lowering import config
 from moe_ops.lowering.experts_rewrite import ExpertsMatch, check, match_any_activation
 from moe_ops.lowering.fx_match import (
     Rejected,
@@ -105,6 +104,7 @@ from moe_ops.lowering.fx_match import (
     top_k_scores,
     val,
 )
+from moe_ops.lowering.settings import config
 
 log = logging.getLogger("moe_ops")
 

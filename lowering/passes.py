@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
+import moe_ops._compat as _compat  # its folder: the op layer, hashed with the passes
 from moe_ops._compat import custom_passes_in
-from moe_ops.lowering import config
 from moe_ops.lowering.experts_rewrite import rewrite_experts
 from moe_ops.lowering.joint_rewrite import is_joint_graph, rewrite_joint_graph
 from moe_ops.lowering.match_expert_loop import find_expert_loop_blocks
@@ -24,6 +24,7 @@ from moe_ops.lowering.match_grouped_mm import find_grouped_mm_blocks
 from moe_ops.lowering.match_torchtitan import find_torchtitan_blocks
 from moe_ops.lowering.match_weight_gather import find_weight_gather_blocks
 from moe_ops.lowering.route_rewrite import rewrite_routing_prologues
+from moe_ops.lowering.settings import config
 
 log = logging.getLogger("moe_ops")
 
@@ -37,10 +38,8 @@ REWRITES = (rewrite_routing_prologues, functools.partial(rewrite_experts, forms=
 @functools.cache
 def _source_hash() -> str:
     """Hash of the rewrites and of the ops they emit (whose schemas and fake kernels they rely on)."""
-    import moe_ops
-
     hasher = hashlib.sha256()
-    for folder in (Path(__file__).parent, Path(moe_ops.__file__).parent):
+    for folder in (Path(__file__).parent, Path(_compat.__file__).parent):
         for path in sorted(folder.glob("*.py")):
             hasher.update(f"{folder.name}/{path.name}".encode())
             hasher.update(path.read_bytes())

@@ -7,12 +7,13 @@ The graph passes: importing moe_ops installs a torch.compile (Inductor) pass tha
 PyTorch MoE code into these ops; ``disable()``, ``rewrites_disabled()`` and ``config`` control it.
 """
 
-from moe_ops.capacity import apply_capacity, capacity_from_factor
+from moe_ops.capacity import apply_capacity
 from moe_ops.expert_gemm import expert_gemm
 from moe_ops.fused_experts import fused_experts, fused_experts_ref
+from moe_ops.layout import BlockSchedule, capacity_from_factor
 from moe_ops.lowering import config, disable, enable, rewrites_disabled
 from moe_ops.routing import route, route_ref
-from moe_ops.schedule import BlockSchedule, block_schedule
+from moe_ops.schedule import block_schedule
 
 __all__ = [
     # the layer

@@ -14,22 +14,13 @@ Which slots an expert keeps:
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from moe_ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_tensor
+from moe_ops.capacity_triton import apply_capacity_triton
+from moe_ops.layout import apply_capacity_torch
 
 POLICIES = ("position", "score")
-
-
-def capacity_from_factor(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int:
-    """Slots per expert: ``ceil(factor * T * K / E)``; ``factor <= 0`` means dropless (-1)."""
-    if num_experts < 1:
-        raise ValueError(f"num_experts: expected a positive int, got {num_experts}")
-    if capacity_factor <= 0:
-        return -1
-    return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
 
 
 def _check_capacity_args(topk_ids, topk_weights, num_experts: int, capacity: int, policy: str) -> None:
@@ -44,40 +35,6 @@ def _check_capacity_args(topk_ids, topk_weights, num_experts: int, capacity: int
     check_choice("policy", policy, POLICIES)
 
 
-def _expert_order(expert_S: torch.Tensor, num_experts: int, first: torch.Tensor | None = None):
-    """Slots grouped by expert (invalid ids last), stable, optionally pre-ordered by ``first``.
-
-    Returns ``(order, rank)``: ``order`` the slot numbers in that order, ``rank[i]`` the position of
-    ``order[i]`` among its expert's slots. Device-side torch only (no host synchronisation).
-    """
-    key = torch.where((expert_S >= 0) & (expert_S < num_experts), expert_S, num_experts)
-    if first is not None:
-        key = key[first]
-    sorted_key, order = torch.sort(key, stable=True)
-    if first is not None:
-        order = first[order]
-    starts = torch.searchsorted(sorted_key, torch.arange(num_experts + 1, device=key.device, dtype=key.dtype))
-    rank = torch.arange(key.numel(), device=key.device) - starts[sorted_key]
-    return order, rank
-
-
-def _apply_capacity_torch(topk_ids, topk_weights, num_experts: int, capacity: int, policy: str):
-    """The capacity rule in device-side torch ops (no host sync); used by the reference and, for
-    ``policy="score"``, by the CUDA kernel."""
-    expert_S = topk_ids.reshape(-1).long()
-    valid_S = (expert_S >= 0) & (expert_S < num_experts)
-    if policy == "score":
-        # Stable sort by descending weight (ties keep the lower slot), then stably by expert.
-        by_weight = torch.sort(topk_weights.reshape(-1), descending=True, stable=True).indices
-        order, rank = _expert_order(expert_S, num_experts, first=by_weight)
-    else:
-        order, rank = _expert_order(expert_S, num_experts)
-    rank_S = torch.empty_like(rank).scatter_(0, order, rank)
-    drop_S = valid_S & (rank_S >= capacity)
-    kept = torch.where(drop_S, num_experts, expert_S).to(torch.int32).reshape(topk_ids.shape)
-    return kept, drop_S.sum().to(torch.int32)
-
-
 def apply_capacity_ref(
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
@@ -89,7 +46,7 @@ def apply_capacity_ref(
     _check_capacity_args(topk_ids, topk_weights, num_experts, capacity, policy)
     if capacity < 0 or topk_ids.numel() == 0:
         return topk_ids.to(torch.int32, copy=True), torch.zeros((), dtype=torch.int32, device=topk_ids.device)
-    return _apply_capacity_torch(topk_ids, topk_weights, num_experts, capacity, policy)
+    return apply_capacity_torch(topk_ids, topk_weights, num_experts, capacity, policy)
 
 
 @torch.library.custom_op("moe_ops::apply_capacity", mutates_args=())
@@ -101,8 +58,6 @@ def _apply_capacity_op(
 
 @_apply_capacity_op.register_kernel("cuda")
 def _(topk_ids, topk_weights, num_experts, capacity, policy):
-    from moe_ops.capacity_triton import apply_capacity_triton
-
     _check_capacity_args(topk_ids, topk_weights, num_experts, capacity, policy)
     return apply_capacity_triton(topk_ids, topk_weights, num_experts, capacity, policy)
 

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_ops.capacity import _apply_capacity_torch
+from moe_ops.layout import apply_capacity_torch
 from moe_ops.schedule_triton import (
     _expert_counts,
     _load_chunk_ids,
@@ -77,7 +77,7 @@ def apply_capacity_triton(
     if capacity < 0 or num_slots == 0:
         return topk_ids.to(torch.int32, copy=True), torch.zeros((), dtype=torch.int32, device=device)
     if policy == "score":
-        return _apply_capacity_torch(topk_ids, topk_weights, num_experts, capacity, policy)
+        return apply_capacity_torch(topk_ids, topk_weights, num_experts, capacity, policy)
 
     capacity = min(capacity, num_slots)  # keeps the kernel argument in int32
     ids_S = topk_ids.reshape(-1).contiguous()

@@ -24,7 +24,8 @@ import torch
 from moe_ops._autograd import register_reference_autograd
 from moe_ops._checks import FLOAT_DTYPES, check_choice, check_int, check_kernel_dtype, check_tensor
 from moe_ops.activations import ACTIVATIONS, CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT, activate_ref
-from moe_ops.schedule import BlockSchedule
+from moe_ops.expert_gemm_triton import expert_gemm_triton
+from moe_ops.layout import BlockSchedule
 
 
 def _check_expert_gemm_args(
@@ -134,8 +135,6 @@ def _expert_gemm_op(
 @_expert_gemm_op.register_kernel("cuda")
 def _(a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
       num_slots, block_m, gather_top_k, scatter, activation, alpha, limit):
-    from moe_ops.expert_gemm_triton import expert_gemm_triton
-
     _check_expert_gemm_args(
         a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
         num_slots, block_m, gather_top_k, activation,

@@ -17,6 +17,7 @@ import triton.language as tl
 
 from moe_ops._compat import fix_interpreter_bf16_dot, fp32_matmul_allows_tf32
 from moe_ops.activations import ACTIVATION_CODE
+from moe_ops.tiles import TMA_BLOCK_M
 
 # bf16 dots under TRITON_INTERPRET=1 are wrong in Triton 3.6 without it (every kernel that dots imports this).
 fix_interpreter_bf16_dot()
@@ -405,15 +406,6 @@ def pipeline_fits(block_m: int, block_n: int, block_k: int, stages: int, gated: 
     return stages * (block_m + weight_tiles * block_n) * block_k * itemsize <= (0.9 if tma else 0.8) * smem_bytes
 
 
-# TMA (expert_gemm_tile) for tiles of this many rows, when experts average at least this many rows:
-# measured on the H100 (benchmarks/NOTES.md, v8), the fused op 1.06-1.24x faster from 256 rows per
-# expert up (Mixtral T >= 2048, Qwen3-30B-A3B and DeepSeek-V3 T = 8192) and 0.94-0.96x at 64-128
-# (Qwen3 and DeepSeek-V3 T = 2048), where the copy of x into schedule order and a persistent grid's
-# unhidden tile ends cost more than the loads save.
-TMA_BLOCK_M = 128
-TMA_MIN_ROWS_PER_EXPERT = 256
-
-
 def tma_device(device: torch.device) -> bool:
     """A Hopper-or-newer GPU, with Triton's device-side tensor descriptors."""
     return device.type == "cuda" and _tma_capable(device.index or 0)
@@ -422,11 +414,6 @@ def tma_device(device: torch.device) -> bool:
 @functools.cache
 def _tma_capable(device_index: int) -> bool:
     return hasattr(tl, "make_tensor_descriptor") and torch.cuda.get_device_capability(device_index)[0] >= 9
-
-
-def tma_pays(num_slots, num_experts: int) -> bool:
-    """Whether TMA tiles are worth their gather pass at this many slots (TMA_MIN_ROWS_PER_EXPERT)."""
-    return num_slots >= TMA_MIN_ROWS_PER_EXPERT * num_experts
 
 
 def tma_applies(dtype: torch.dtype, block_m: int, n, gated: bool, weights) -> bool:

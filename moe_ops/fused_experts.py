@@ -19,7 +19,13 @@ from moe_ops._autograd import register_reference_autograd
 from moe_ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_kernel_dtype, check_tensor
 from moe_ops._dispatch import direct_cuda_call_allowed
 from moe_ops.activations import ACTIVATIONS, CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT, activate_ref
-from moe_ops.capacity import apply_capacity_ref, capacity_from_factor
+from moe_ops.capacity import apply_capacity_ref
+from moe_ops.capacity_triton import apply_capacity_triton
+from moe_ops.expert_gemm_triton import expert_gemm_triton, tma_applies, tma_device
+from moe_ops.fused_experts_backward_triton import fused_experts_backward_triton
+from moe_ops.layout import capacity_from_factor, split_gate_up
+from moe_ops.schedule_triton import block_schedule_triton, rows_in_schedule_order
+from moe_ops.tiles import choose_block_m, tma_pays
 
 LAYOUTS = ("EFH", "EHF")
 DROP_POLICIES = ("position", "score")
@@ -39,15 +45,6 @@ class ExpertWeights:
             if b_gate_up is not None:
                 self.b_gate, self.b_up = split_gate_up(b_gate_up, interleaved)
         self.down, self.b_down = w_down, b_down
-
-
-def split_gate_up(t: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gate and up parts of a shared 2F axis (dim 1) as views: HF concatenates the two halves,
-    GPT-OSS interleaves them."""
-    if interleaved:
-        return t[:, 0::2], t[:, 1::2]
-    half = t.shape[1] // 2
-    return t[:, :half], t[:, half:]
 
 
 def _check_fused_args(
@@ -176,39 +173,11 @@ def _fused_experts_op(
     )
 
 
-def choose_block_m(num_slots: int, num_experts: int) -> int:
-    """Rows per GEMM block from the expected rows per expert: small blocks waste little padding at
-    decode; a block that holds an expert's whole share reads its weights once; large blocks reuse
-    each weight tile across more rows at prefill."""
-    rows_per_expert = num_slots / num_experts
-    for block_m, up_to in ((16, 8), (32, 32), (64, 48)):
-        if rows_per_expert <= up_to:
-            return block_m
-    return 128
-
-
-def block_m_ranges(num_experts: int) -> list[tuple[int, int, int | None, bool]]:
-    """For a graph compiled for every T: (block_m, fewest slots - 1, most slots or None, TMA) per
-    template pair it holds. Three block sizes where choose_block_m has four, as each is one more pair
-    of templates: in benchmarks/results/block_m_sweep_*.md 64 rows beat the size chosen here by 1-5%
-    where the GPU time dominates, and by more only in a host-bound cell whose ranking moved between
-    runs (NOTES v7). The 128-row blocks are two pairs: TMA tiles from TMA_MIN_ROWS_PER_EXPERT rows
-    per expert up, as the op chooses."""
-    from moe_ops.expert_gemm_triton import TMA_MIN_ROWS_PER_EXPERT
-
-    bounds = [(16, 8 * num_experts, False), (32, 48 * num_experts, False),
-              (128, TMA_MIN_ROWS_PER_EXPERT * num_experts - 1, False), (128, None, True)]
-    return [(block_m, 0 if i == 0 else bounds[i - 1][1], most, tma) for i, (block_m, most, tma) in enumerate(bounds)]
-
-
 def fused_experts_triton(
     x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
     layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy,
 ):
     """The Triton path (the op's CUDA kernel; tests also run it on CPU under the interpreter)."""
-    from moe_ops.capacity_triton import apply_capacity_triton
-    from moe_ops.expert_gemm_triton import expert_gemm_triton, tma_applies, tma_device, tma_pays
-    from moe_ops.schedule_triton import block_schedule_triton, rows_in_schedule_order
 
     _check_fused_args(
         x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
@@ -273,8 +242,7 @@ _fused_experts_backward_op = register_reference_autograd(
 
 @_fused_experts_backward_op.register_kernel("cuda")
 def _(*args):
-    from moe_ops.fused_experts_backward_triton import fused_experts_backward_triton
-
+    _check_fused_args(*args[:9], *args[9:13], *args[15:17])  # all but alpha, limit and the gradients
     return fused_experts_backward_triton(*args)
 
 

@@ -21,12 +21,11 @@ import triton.language as tl
 
 from moe_ops._compat import fp32_matmul_allows_tf32
 from moe_ops.activations import ACTIVATION_CODE
-from moe_ops.capacity import capacity_from_factor
 from moe_ops.capacity_triton import apply_capacity_triton
 from moe_ops.expert_gemm_triton import expert_gemm_triton, gate_activation, up_factor
-from moe_ops.fused_experts import _check_fused_args, choose_block_m, split_gate_up
-from moe_ops.schedule import padded_offsets
+from moe_ops.layout import capacity_from_factor, padded_offsets, split_gate_up
 from moe_ops.schedule_triton import block_schedule_triton
+from moe_ops.tiles import choose_block_m
 
 
 @triton.jit
@@ -178,11 +177,8 @@ def fused_experts_backward_triton(
     kernels, never materialised per slot (except with a down bias).
     Gradients pass the forward's roundings unchanged, as in the reference. Returns the gradients of
     x, topk_weights, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down (an empty tensor for an absent
-    argument), each laid out like its argument (``empty_like``), as the backward op's fake kernel says."""
-    _check_fused_args(
-        x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
-        layout, interleaved, activation, gated, capacity_factor, drop_policy,
-    )
+    argument), each laid out like its argument (``empty_like``), as the backward op's fake kernel says.
+    The arguments are checked by the caller (the op's CUDA kernel, moe_ops.fused_experts)."""
     grad_TH = grads[0]
     T, K = topk_ids.shape
     E = w_gate_up.shape[0]

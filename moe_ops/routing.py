@@ -26,6 +26,7 @@ import torch
 from moe_ops._autograd import register_reference_autograd
 from moe_ops._checks import FLOAT_DTYPES, check_choice, check_int, check_number, check_tensor
 from moe_ops._dispatch import direct_cuda_call_allowed
+from moe_ops.routing_triton import route_triton
 
 SCORINGS = ("softmax", "sigmoid")
 
@@ -146,8 +147,6 @@ def _route_op(
 @_route_op.register_kernel("cuda")
 def _route_cuda(logits, k, scoring, softmax_after_topk, renormalize, renorm_eps, correction_bias, n_group,
                 topk_group, routed_scaling_factor):
-    from moe_ops.routing_triton import route_triton
-
     _check_route_args(logits, k, scoring, softmax_after_topk, correction_bias, n_group, topk_group)
     return route_triton(
         logits, k, scoring, softmax_after_topk, renormalize, renorm_eps, correction_bias, n_group,

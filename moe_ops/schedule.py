@@ -12,39 +12,11 @@ size that depends only on input shapes (no host synchronisation, CUDA-graph safe
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
 from moe_ops._checks import INDEX_DTYPES, check_tensor
-
-
-class BlockSchedule(NamedTuple):
-    """Routing metadata consumed by :func:`moe_ops.expert_gemm`. All int32, all on the ids' device."""
-
-    sorted_slots: torch.Tensor  # (S_MAX,) slots by expert, ascending within an expert; padding = S
-    block_expert: torch.Tensor  # (B_MAX,) expert of each block; -1 for blocks past num_padded
-    num_padded: torch.Tensor  # (1,) rows in use = sum over experts of counts rounded up to block_m
-    expert_counts: torch.Tensor  # (E,) valid slots per expert (ids outside [0, E) are skipped)
-    expert_offsets: torch.Tensor  # (E + 1,) exclusive cumsum of expert_counts; [E] = valid slots
-
-
-def _cdiv(a, b):
-    return (a + b - 1) // b
-
-
-def schedule_sizes(num_slots, num_experts: int, block_m: int, minimum=torch.sym_min, cdiv=_cdiv):
-    """(S_MAX, B_MAX): the worst case is every expert that can have a slot (at most min(E, S) of
-    them) ending in a partial block. ``num_slots`` may be symbolic: a SymInt under torch.compile, or
-    a sympy expression in a lowering, which passes sympy's ``Min`` and ``CeilDiv``."""
-    padded_experts = minimum(num_experts, num_slots)
-    s_max = cdiv(num_slots + padded_experts * (block_m - 1), block_m) * block_m
-    return s_max, cdiv(s_max, block_m)
-
-
-def padded_offsets(counts_E: torch.Tensor, block_m: int) -> torch.Tensor:
-    """(E + 1,): where each expert's run starts in the schedule, each run padded to whole blocks."""
-    return torch.nn.functional.pad(((counts_E + block_m - 1) // block_m * block_m).cumsum(0), (1, 0))
+from moe_ops.layout import BlockSchedule, padded_offsets, schedule_sizes
+from moe_ops.schedule_triton import block_schedule_triton
 
 
 def _check_schedule_args(topk_ids, num_experts: int, block_m: int) -> None:
@@ -101,8 +73,6 @@ def _block_schedule_op(
 
 @_block_schedule_op.register_kernel("cuda")
 def _(topk_ids, num_experts, block_m):
-    from moe_ops.schedule_triton import block_schedule_triton
-
     _check_schedule_args(topk_ids, num_experts, block_m)
     return tuple(block_schedule_triton(topk_ids, num_experts, block_m))
 

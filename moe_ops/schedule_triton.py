@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from moe_ops._dispatch import launch_jit
-from moe_ops.schedule import BlockSchedule, schedule_sizes
+from moe_ops.layout import BlockSchedule, schedule_sizes
 
 # Slots per chunk: one program sorts a chunk. 512 measured best on an H100 at S = 524288, E = 256.
 MAX_CHUNK = 512

@@ -12,8 +12,9 @@ import torch
 from conftest import HAS_CUDA, TRITON_DEVICE
 
 import moe_ops.schedule_triton as schedule_triton
-from moe_ops.capacity import apply_capacity, apply_capacity_ref, capacity_from_factor
+from moe_ops.capacity import apply_capacity, apply_capacity_ref
 from moe_ops.capacity_triton import apply_capacity_triton
+from moe_ops.layout import capacity_from_factor
 
 POLICIES = ("position", "score")
 

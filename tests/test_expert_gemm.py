@@ -129,8 +129,9 @@ def test_tma_tiles_match_pointer_tiles(weight_halves):
     gate_up from x copied into schedule order, down scattered to slots with an unrouted slot's row
     written as zeros. Gate and up as halves of one weight, gate first: one (2, rows, K) descriptor
     (PAIRED); up first: a descriptor each. fp16: the interpreter's descriptors do not take bf16."""
-    from moe_ops.expert_gemm_triton import TMA_BLOCK_M, expert_gemm_triton, weight_pair_stride
+    from moe_ops.expert_gemm_triton import expert_gemm_triton, weight_pair_stride
     from moe_ops.schedule_triton import block_schedule_triton
+    from moe_ops.tiles import TMA_BLOCK_M
 
     T, K, E, H, F = 150, 2, 3, 256, 128  # N multiples of the TMA tiles' columns (128 gated, 256 down)
     x = torch.randn(T, H, device=TRITON_DEVICE).half()
@@ -288,7 +289,7 @@ REAL_SHAPES = [
 @pytest.mark.cuda
 @pytest.mark.parametrize("name,E,K,H,F,T", REAL_SHAPES)
 def test_cuda_real_shapes(name, E, K, H, F, T):
-    from moe_ops.fused_experts import choose_block_m
+    from moe_ops.tiles import choose_block_m
 
     dtype = torch.bfloat16
     block_m = choose_block_m(T * K, E)

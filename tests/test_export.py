@@ -34,7 +34,7 @@ from conftest import assert_close_rel
 from torch._dynamo.utils import counters
 
 import moe_ops
-from moe_ops.fused_experts import block_m_ranges
+from moe_ops.tiles import block_m_ranges
 
 # On torch 2.11 (the H100 box), loading any AOTInductor package segfaults inside torch's loader
 # (torch/export/pt2_archive/_package.py, _load_aoti, seen with faulthandler in a fresh process): one

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from conftest import TRITON_DEVICE, assert_close_rel, zipf_ids
 
-from moe_ops.fused_experts import choose_block_m, fused_experts, fused_experts_ref, fused_experts_triton
+from moe_ops.fused_experts import fused_experts, fused_experts_ref, fused_experts_triton
+from moe_ops.tiles import choose_block_m
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 

@@ -144,7 +144,7 @@ def test_eager_outside_compile_runs_transformers_loop(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("moe_ops.fused_experts called outside torch.compile for experts_implementation='eager'")
 
-    monkeypatch.setattr(moe_ops, "fused_experts", fail)
+    monkeypatch.setattr(hf_experts, "fused_experts", fail)
     block = tiny_block("mixtral", torch.float32)
     with torch.no_grad():
         block_output(block, torch.randn(2, 5, H))
@@ -164,7 +164,7 @@ def test_moe_ops_implementation_in_eager_mode(name, dtype, monkeypatch):
         calls.append(kwargs)
         return fused_experts(*args, **kwargs)
 
-    monkeypatch.setattr(moe_ops, "fused_experts", counted_fused_experts)
+    monkeypatch.setattr(hf_experts, "fused_experts", counted_fused_experts)
     set_experts_implementation(block, "moe_ops")
 
     with torch.no_grad():

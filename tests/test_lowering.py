@@ -261,7 +261,7 @@ def test_shared_expert_output_fuses_into_the_combine():
 def test_dynamic_token_count_holds_a_template_pair_per_block_size():
     """One graph for every T: a gate_up/down template pair per block size over one packed schedule, each
     pair's grid zero outside its range of T, and the combine reading the pair that ran."""
-    from moe_ops.fused_experts import block_m_ranges
+    from moe_ops.tiles import block_m_ranges
 
     w_gate_up, w_down = weights()
     args = layer_inputs()
@@ -354,7 +354,7 @@ def test_prefill_tiles_load_through_tma(dynamic):
     dynamic T), the gate_up and down templates load through tensor descriptors on a persistent grid
     (one program per SM of an H100 when generated on CPU), the gate_up one reading x's rows copied
     into schedule order by one gather kernel; a dynamic T's other pairs keep pointer loads."""
-    from moe_ops.expert_gemm_triton import TMA_MIN_ROWS_PER_EXPERT
+    from moe_ops.tiles import TMA_MIN_ROWS_PER_EXPERT
 
     hidden, inter = 256, 128  # multiples of the TMA tiles' columns (down 256, gate and up 128 each)
     tokens = TMA_MIN_ROWS_PER_EXPERT * E // 2
@@ -407,7 +407,7 @@ def test_tma_gate_up_reads_a_fused_weight_through_one_descriptor(gate_up):
     """Gate and up as the two halves of one weight: the TMA gate_up template reads them through one
     (2, rows, K) descriptor (PAIRED, up PAIR_STRIDE = F x H elements after gate), one 256-wide dot per K
     step; separate parameters, which Inductor may place anywhere, keep a descriptor each."""
-    from moe_ops.expert_gemm_triton import TMA_MIN_ROWS_PER_EXPERT
+    from moe_ops.tiles import TMA_MIN_ROWS_PER_EXPERT
 
     hidden, inter = 256, 128
     w_gate_up, w_down, w_up = _tma_weights(gate_up)
@@ -523,7 +523,7 @@ def test_expert_gemm_scatter_stays_extern(caplog):
 
 
 def schedule_rows(num_slots, num_experts, block_m):
-    from moe_ops.schedule import schedule_sizes
+    from moe_ops.layout import schedule_sizes
 
     return schedule_sizes(num_slots, num_experts, block_m)[0]
 
@@ -602,7 +602,7 @@ def test_cuda_template_variants_match_eager(variant, dynamic):
 def test_cuda_tma_templates_match_eager(gate_up):
     """TMA templates (prefill: 256+ rows per expert) against the eager layer, with one descriptor for a
     fused gate_up weight's halves and with a descriptor each for separate gate and up weights."""
-    from moe_ops.expert_gemm_triton import TMA_MIN_ROWS_PER_EXPERT
+    from moe_ops.tiles import TMA_MIN_ROWS_PER_EXPERT
 
     w_gate_up, w_down, w_up = _tma_weights(gate_up, device="cuda")
     args = layer_inputs(TMA_MIN_ROWS_PER_EXPERT * E // 2 + 37, torch.bfloat16, E, 256, "cuda")[:2]

@@ -43,3 +43,48 @@ def test_a_users_lowering_module_does_not_shadow_the_library(tmp_path):
     result = subprocess.run([sys.executable, "-c", "import moe_ops; print(moe_ops.config.rewrites)"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "True", result.stderr[-2000:]
+
+
+def _module_imports() -> dict[str, set[str]]:
+    """Every moe_ops module (the lowering/ folder as moe_ops.lowering) and the moe_ops modules it imports,
+    at module level or inside functions alike (an import inside a function still ties the two)."""
+    import ast
+
+    modules = {}
+    for folder, package in (("moe_ops", "moe_ops"), ("lowering", "moe_ops.lowering")):
+        for path in sorted((ROOT / folder).glob("*.py")):
+            modules[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+    imports = {name: set() for name in modules}
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            imports[name].update(t for t in targets if t in modules and t != name)
+    return imports
+
+
+def test_import_graph_has_no_cycles():
+    """Dependencies run one way: ops -> kernels -> shared types and heuristics; moe_ops.lowering -> ops.
+    A cycle (an op module and its kernel module importing each other, say) fails with its members."""
+    imports = _module_imports()
+    assert len(imports) > 30 and "moe_ops.lowering.passes" in imports
+    state: dict[str, str] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = "open"
+        for target in sorted(imports[module]):
+            if state.get(target) == "open":
+                cycle = path[path.index(target):] + [target]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if target not in state:
+                visit(target, path + [target])
+        state[module] = "done"
+
+    for module in sorted(imports):
+        if module not in state:
+            visit(module, [module])
+

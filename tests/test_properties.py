@@ -147,7 +147,7 @@ def _random_ids(case_seed: int):
 
 @pytest.mark.parametrize("seed", range(NUM_CASES), ids=[f"case_{s}" for s in range(NUM_CASES)])
 def test_block_schedule_against_a_loop(seed):
-    from moe_ops.schedule import schedule_sizes
+    from moe_ops.layout import schedule_sizes
     from moe_ops.schedule_triton import block_schedule_triton
 
     ids, num_experts, block_m, _, _ = _random_ids(seed)

@@ -11,7 +11,8 @@ import torch
 from conftest import HAS_CUDA, TRITON_DEVICE, zipf_ids
 
 import moe_ops.schedule_triton as schedule_triton
-from moe_ops.schedule import BlockSchedule, block_schedule, block_schedule_ref, schedule_sizes
+from moe_ops.layout import BlockSchedule, schedule_sizes
+from moe_ops.schedule import block_schedule, block_schedule_ref
 from moe_ops.schedule_triton import block_schedule_triton
 
 

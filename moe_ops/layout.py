@@ -1,0 +1,93 @@
+"""Shared types and sizes of the op layer, below both the ops and their kernels (which import it, never
+each other the wrong way): the block schedule's type and static sizes, the capacity rule in device-side
+torch, and the split of a fused gate/up weight.
+
+Shape legend: T tokens, K experts per token, E experts, S = T*K slots (slot s = t*K + j).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+
+class BlockSchedule(NamedTuple):
+    """Routing metadata consumed by :func:`moe_ops.expert_gemm`. All int32, all on the ids' device."""
+
+    sorted_slots: torch.Tensor  # (S_MAX,) slots by expert, ascending within an expert; padding = S
+    block_expert: torch.Tensor  # (B_MAX,) expert of each block; -1 for blocks past num_padded
+    num_padded: torch.Tensor  # (1,) rows in use = sum over experts of counts rounded up to block_m
+    expert_counts: torch.Tensor  # (E,) valid slots per expert (ids outside [0, E) are skipped)
+    expert_offsets: torch.Tensor  # (E + 1,) exclusive cumsum of expert_counts; [E] = valid slots
+
+
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def schedule_sizes(num_slots, num_experts: int, block_m: int, minimum=torch.sym_min, cdiv=_cdiv):
+    """(S_MAX, B_MAX): the worst case is every expert that can have a slot (at most min(E, S) of
+    them) ending in a partial block. ``num_slots`` may be symbolic: a SymInt under torch.compile, or
+    a sympy expression in a lowering, which passes sympy's ``Min`` and ``CeilDiv``."""
+    padded_experts = minimum(num_experts, num_slots)
+    s_max = cdiv(num_slots + padded_experts * (block_m - 1), block_m) * block_m
+    return s_max, cdiv(s_max, block_m)
+
+
+def padded_offsets(counts_E: torch.Tensor, block_m: int) -> torch.Tensor:
+    """(E + 1,): where each expert's run starts in the schedule, each run padded to whole blocks."""
+    return torch.nn.functional.pad(((counts_E + block_m - 1) // block_m * block_m).cumsum(0), (1, 0))
+
+
+def capacity_from_factor(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int:
+    """Slots per expert: ``ceil(factor * T * K / E)``; ``factor <= 0`` means dropless (-1)."""
+    if num_experts < 1:
+        raise ValueError(f"num_experts: expected a positive int, got {num_experts}")
+    if capacity_factor <= 0:
+        return -1
+    return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+
+
+def expert_order(expert_S: torch.Tensor, num_experts: int, first: torch.Tensor | None = None):
+    """Slots grouped by expert (invalid ids last), stable, optionally pre-ordered by ``first``.
+
+    Returns ``(order, rank)``: ``order`` the slot numbers in that order, ``rank[i]`` the position of
+    ``order[i]`` among its expert's slots. Device-side torch only (no host synchronisation).
+    """
+    key = torch.where((expert_S >= 0) & (expert_S < num_experts), expert_S, num_experts)
+    if first is not None:
+        key = key[first]
+    sorted_key, order = torch.sort(key, stable=True)
+    if first is not None:
+        order = first[order]
+    starts = torch.searchsorted(sorted_key, torch.arange(num_experts + 1, device=key.device, dtype=key.dtype))
+    rank = torch.arange(key.numel(), device=key.device) - starts[sorted_key]
+    return order, rank
+
+
+def apply_capacity_torch(topk_ids, topk_weights, num_experts: int, capacity: int, policy: str):
+    """The capacity rule in device-side torch ops (no host sync); used by the reference and, for
+    ``policy="score"``, by the CUDA kernel."""
+    expert_S = topk_ids.reshape(-1).long()
+    valid_S = (expert_S >= 0) & (expert_S < num_experts)
+    if policy == "score":
+        # Stable sort by descending weight (ties keep the lower slot), then stably by expert.
+        by_weight = torch.sort(topk_weights.reshape(-1), descending=True, stable=True).indices
+        order, rank = expert_order(expert_S, num_experts, first=by_weight)
+    else:
+        order, rank = expert_order(expert_S, num_experts)
+    rank_S = torch.empty_like(rank).scatter_(0, order, rank)
+    drop_S = valid_S & (rank_S >= capacity)
+    kept = torch.where(drop_S, num_experts, expert_S).to(torch.int32).reshape(topk_ids.shape)
+    return kept, drop_S.sum().to(torch.int32)
+
+
+def split_gate_up(t: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate and up parts of a shared 2F axis (dim 1) as views: HF concatenates the two halves,
+    GPT-OSS interleaves them."""
+    if interleaved:
+        return t[:, 0::2], t[:, 1::2]
+    half = t.shape[1] // 2
+    return t[:, :half], t[:, half:]
