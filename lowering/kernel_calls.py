@@ -5,10 +5,8 @@ Their CUDA kernels are plain ``@triton.jit`` functions. Called from a compiled g
 (even without the dispatcher, lowering/direct_calls.py), each call runs the op's Python launcher:
 allocations and Triton's JIT dispatch, host time that decode cannot hide. Lowered here, the same
 kernels become Inductor's own launches (as a user's ``@triton.jit`` kernel would under torch.compile):
-outputs are graph buffers, and the launch goes through Inductor's launcher. On the H100, transformers'
-block compiled at one Qwen3-30B-A3B token, one run: 199 us of host time per call, against 994 us with
-templates off (every moe_ops op called from the graph) and 532 us without moe_ops
-(benchmarks/results/compiled_profile_*.md; NOTES v9).
+outputs are graph buffers, and the launch goes through Inductor's launcher (host time per call of the
+compiled block with and without this: benchmarks/results/compiled_profile_*.md).
 
 The launch code is the eager launcher's (``launch_route``, ``launch_block_schedule``), run on IR
 nodes. A symbolic token count takes tiles that hold for any count (``any_count``). Elsewhere (CPU

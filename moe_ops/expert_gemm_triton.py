@@ -114,8 +114,7 @@ def expert_gemm_tile(
     rows; rows of the next expert that a tile reads are never stored. ``PAIRED`` (gated, up a fixed
     distance after gate, as the halves of one gate_up weight: ``weight_pair_stride``): ``w_desc`` covers
     both as a (2, rows, K) array, so each K step is one dot of 2 BLOCK_N columns, A read from shared
-    memory once instead of once per weight (Mixtral gate_up at T = 2048 / 8192: 2% / 4% less energy per
-    call; benchmarks/NOTES.md, v11)."""
+    memory once instead of once per weight."""
     expert, row0, offs_m, rows_in_range, slot, row_valid, a_row, col0, cols, col_valid, k_end = tile_coords(
         pid, sorted_slots_ptr, block_expert_ptr, num_padded_ptr, N, K, num_slots, gather_top_k, num_blocks_max,
         num_experts, GATHER, BLOCK_M, BLOCK_N, GROUP_M, PACKED, E_PAD,
@@ -300,7 +299,7 @@ def unrouted_row_blocks(expert_offsets_ptr, num_experts, num_slots, BLOCK_M: tl.
     """Row blocks for unrouted_rows_tile to scan in a packed schedule: every block of slot rows where some
     slot is routed to no expert (the last expert offset, the routed count, falls short of the slots), else
     none, so that the usual case pays no pass over the ids (a persistent grid walks those tiles one
-    dependent load at a time: benchmarks/NOTES.md, v10)."""
+    dependent load at a time)."""
     routed = tl.load(expert_offsets_ptr + num_experts)
     return tl.where(routed < num_slots, tl.cdiv(num_slots, BLOCK_M), 0)
 

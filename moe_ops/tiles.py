@@ -30,10 +30,9 @@ def choose_block_m(num_slots: int, num_experts: int) -> int:
 def block_m_ranges(num_experts: int) -> list[tuple[int, int, int | None, bool]]:
     """For a graph compiled for every T: (block_m, fewest slots - 1, most slots or None, TMA) per
     template pair it holds. Three block sizes where choose_block_m has four, as each is one more pair
-    of templates: in benchmarks/results/block_m_sweep_*.md 64 rows beat the size chosen here by 1-5%
-    where the GPU time dominates, and by more only in a host-bound cell whose ranking moved between
-    runs (NOTES v7). The 128-row blocks are two pairs: TMA tiles from TMA_MIN_ROWS_PER_EXPERT rows
-    per expert up, as the op chooses."""
+    of templates (benchmarks/results/block_m_sweep_*.md measures what the fourth would give). The
+    128-row blocks are two pairs: TMA tiles from TMA_MIN_ROWS_PER_EXPERT rows per expert up, as the op
+    chooses."""
     bounds = [(16, 8 * num_experts, False), (32, 48 * num_experts, False),
               (128, TMA_MIN_ROWS_PER_EXPERT * num_experts - 1, False), (128, None, True)]
     return [(block_m, 0 if i == 0 else bounds[i - 1][1], most, tma) for i, (block_m, most, tma) in enumerate(bounds)]
