@@ -56,6 +56,11 @@ class _ChainedPass(CustomGraphPass):
         self.previous = previous
 
     def __call__(self, graph: torch.fx.Graph) -> None:
+        # The Inductor lowerings of the moe_ops ops, registered at the first graph Inductor compiles
+        # (before it lowers that graph): importing Inductor's lowering module while torch._inductor.config,
+        # whose import installs this pass, is still being imported would be too early.
+        import moe_ops.lowering.fused_experts_lowering  # noqa: F401
+
         for chained in custom_passes_in(self.previous):
             chained(graph)
         if config.rewrites:

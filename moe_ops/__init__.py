@@ -11,7 +11,8 @@ from moe_ops.capacity import apply_capacity
 from moe_ops.expert_gemm import expert_gemm
 from moe_ops.fused_experts import fused_experts, fused_experts_ref
 from moe_ops.layout import BlockSchedule, capacity_from_factor
-from moe_ops.lowering import config, disable, enable, rewrites_disabled
+from moe_ops.lowering.install import disable, enable, rewrites_disabled
+from moe_ops.lowering.settings import config
 from moe_ops.routing import route, route_ref
 from moe_ops.schedule import block_schedule
 

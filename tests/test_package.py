@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -96,3 +97,50 @@ def test_architecture_map_names_every_module():
     missing = [f"{path.parent.name}/{path.name}" for folder in ("moe_ops", "lowering")
                for path in sorted((ROOT / folder).glob("*.py")) if path.name not in text]
     assert not missing, f"docs/architecture.md does not name {missing}"
+
+
+def _fresh(script: str) -> str:
+    """stdout of ``script`` in a fresh interpreter, with Inductor's caches off (a cache hit skips the passes)."""
+    env = dict(os.environ, TORCHINDUCTOR_FX_GRAPH_CACHE="0", TORCHINDUCTOR_AUTOGRAD_CACHE="0")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_import_is_light():
+    """``import moe_ops`` imports neither Inductor (nor so dynamo) nor transformers, and takes under a
+    second beyond ``import torch`` (median of three fresh interpreters)."""
+    script = ("import sys, time, torch; t = time.perf_counter(); import moe_ops; print(time.perf_counter() - t); "
+              "print(sorted(m for m in ('torch._inductor', 'torch._dynamo', 'transformers') if m in sys.modules))")
+    runs = [_fresh(script).split("\n", 1) for _ in range(3)]
+    assert all(loaded.strip() == "[]" for _, loaded in runs), runs
+    seconds = sorted(float(elapsed) for elapsed, _ in runs)[1]
+    assert seconds < 1.0, f"import moe_ops took {seconds:.2f} s beyond torch"
+
+
+ROUTER = """
+import torch, torch.nn.functional as F
+from torch._dynamo.utils import counters
+def router(x):
+    w, i = torch.topk(F.softmax(x, dim=1, dtype=torch.float), 2, dim=-1)
+    return w / w.sum(-1, keepdim=True), i
+torch.compile(router)(torch.randn(6, 8))
+print(counters["moe_ops"]["route_rewrite"])
+"""
+
+
+@pytest.mark.parametrize("order", ["moe_ops_first", "inductor_first"])
+def test_passes_installed_whichever_is_imported_first(order):
+    first = "import moe_ops; import torch._inductor.config" if order == "moe_ops_first" else \
+        "import torch._inductor.config; import moe_ops"
+    assert _fresh(first + "\n" + ROUTER).split()[-1] == "1"
+
+
+@pytest.mark.parametrize("order", ["moe_ops_first", "transformers_first"])
+def test_transformers_experts_registered_whichever_is_imported_first(order):
+    first = "import moe_ops; import transformers" if order == "moe_ops_first" else "import transformers; import moe_ops"
+    script = first + """
+from transformers.integrations import moe
+print("moe_ops" in moe.ALL_EXPERTS_FUNCTIONS, "eager" in moe.ALL_EXPERTS_FUNCTIONS)
+"""
+    assert _fresh(script).split() == ["True", "True"]

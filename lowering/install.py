@@ -1,0 +1,74 @@
+"""Turning the moe_ops rewrites on and off, and installing them where Inductor and transformers look.
+
+``enable()`` sets ``moe_ops.config.rewrites`` and arranges the installation for when it can happen
+without cost: the passes go into Inductor's hooks once ``torch._inductor.config`` is imported (now, if
+it already is; else by torch.compile, which imports it), and the transformers experts implementations are
+registered once transformers is imported. So ``import moe_ops`` imports neither Inductor nor
+transformers (each import of the heavy modules below is inside the function that runs at that moment).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+from moe_ops._compat import when_imported
+from moe_ops.lowering.settings import config
+
+log = logging.getLogger("moe_ops")
+
+
+def enable() -> None:
+    """Turn the rewrites on and make sure the moe_ops pass is installed (idempotent).
+
+    The passes go into ``torch._inductor.config.post_grad_custom_post_pass`` (inference graphs) and
+    ``joint_custom_post_pass`` (training graphs). A pass already in either hook is kept: the moe_ops
+    pass runs it first, then its own rewrites. A pass set there *after* ``enable()`` replaces the
+    moe_ops pass; call ``enable()`` again to chain it.
+
+    When transformers is imported (now, if it already is), the "moe_ops" and "eager" experts
+    implementations are registered in its ``ALL_EXPERTS_FUNCTIONS`` (see ``moe_ops.lowering.hf_experts``),
+    so a model built after that finds them.
+    """
+    config.rewrites = True
+    when_imported("torch._inductor.config", _install_passes)
+    when_imported("transformers", _register_transformers_experts)
+
+
+def _install_passes() -> None:
+    import torch._inductor.config as inductor_config
+
+    from moe_ops.lowering.passes import PASSES
+
+    for moe_ops_pass in PASSES:
+        installed = getattr(inductor_config, moe_ops_pass.hook)
+        if not isinstance(installed, moe_ops_pass):
+            setattr(inductor_config, moe_ops_pass.hook, moe_ops_pass(previous=installed))
+
+
+def _register_transformers_experts() -> None:
+    # As soon as transformers is imported, not on first use: a model built after that must find "moe_ops"
+    # among the experts implementations that transformers validates its config against.
+    try:
+        from moe_ops.lowering.hf_experts import register_experts_implementations
+    except ImportError as error:  # a transformers without use_experts_implementation (< 5), or a broken install
+        log.debug("transformers experts implementations not registered: %s", error)
+        return
+    register_experts_implementations()
+
+
+def disable() -> None:
+    """Turn the rewrites off; the installed pass then only runs the pass it chains, if any."""
+    config.rewrites = False
+
+
+@contextlib.contextmanager
+def rewrites_disabled() -> Iterator[None]:
+    """Compile without the moe_ops rewrites inside the block; the previous setting comes back after."""
+    saved = config.rewrites
+    config.rewrites = False
+    try:
+        yield
+    finally:
+        config.rewrites = saved
