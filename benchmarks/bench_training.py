@@ -9,7 +9,7 @@ random output gradients. One step = forward, then backward into the input and ev
     compile_hf_grouped_mm          torch.compile, moe_ops rewrites off (plain torch.compile)
     moe_ops_compile_hf_grouped_mm  torch.compile with moe_ops and moe_ops.config.training_rewrites on:
                                    the joint graph rewritten, the backward is fused_experts' backward
-                                   kernel (lowering/joint_rewrite.py)
+                                   kernel (lowering/graph/joint_rewrite.py)
 
 Each compiled implementation compiles once per shape for a dynamic token count (mark_dynamic), as a
 training run with varying sequence lengths would. Gradients of every implementation are checked

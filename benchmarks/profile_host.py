@@ -141,7 +141,7 @@ def latency_us(fn) -> float:
     return sorted(times)[len(times) // 2]
 
 
-# moe_ops_extern_...: templates off, so route and schedule are calls of the ops (lowering/kernel_calls.py).
+# moe_ops_extern_...: templates off, so route and schedule are calls of the ops (lowering/inductor/kernel_calls.py).
 COMPILED_IMPLS = ("compile_hf_grouped_mm", "moe_ops_compile_hf_grouped_mm", "moe_ops_extern_compile_hf_grouped_mm",
                   "moe_ops")
 

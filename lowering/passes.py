@@ -3,6 +3,10 @@
 Inductor keys its FX graph cache on ``uuid()`` of every custom pass, so the uuid covers the source
 of this package and of moe_ops (a code change invalidates cached graphs), the on/off switch and the
 chained pass.
+
+This module is imported while ``torch._inductor.config`` is (moe_ops.lowering.install), so it imports
+nothing heavy itself: the rewrites (which import dynamo) and the Inductor lowerings load at the first
+graph a pass sees, inside ``__call__`` and ``rewrite``.
 """
 
 from __future__ import annotations
@@ -17,22 +21,10 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import moe_ops._compat as _compat  # its folder: the op layer, hashed with the passes
 from moe_ops._compat import custom_passes_in
-from moe_ops.lowering.experts_rewrite import rewrite_experts
-from moe_ops.lowering.joint_rewrite import is_joint_graph, rewrite_joint_graph
-from moe_ops.lowering.match_expert_loop import find_expert_loop_blocks
-from moe_ops.lowering.match_grouped_mm import find_grouped_mm_blocks
-from moe_ops.lowering.match_torchtitan import find_torchtitan_blocks
-from moe_ops.lowering.match_weight_gather import find_weight_gather_blocks
-from moe_ops.lowering.route_rewrite import rewrite_routing_prologues
 from moe_ops.lowering.settings import config
 
 log = logging.getLogger("moe_ops")
 
-# The routed-experts forms recognised (each yields candidate blocks of the post-grad graph).
-EXPERT_FORMS = (find_grouped_mm_blocks, find_torchtitan_blocks, find_weight_gather_blocks, find_expert_loop_blocks)
-# Each rewrite takes the post-grad graph and returns how many subgraphs it replaced. Routing first:
-# an experts block then reads the route op's ids, whose int64 cast it skips.
-REWRITES = (rewrite_routing_prologues, functools.partial(rewrite_experts, forms=EXPERT_FORMS))
 
 
 @functools.cache
@@ -40,8 +32,8 @@ def _source_hash() -> str:
     """Hash of the rewrites and of the ops they emit (whose schemas and fake kernels they rely on)."""
     hasher = hashlib.sha256()
     for folder in (Path(__file__).parent, Path(_compat.__file__).parent):
-        for path in sorted(folder.glob("*.py")):
-            hasher.update(f"{folder.name}/{path.name}".encode())
+        for path in sorted(folder.rglob("*.py")):
+            hasher.update(f"{folder.name}/{path.relative_to(folder)}".encode())
             hasher.update(path.read_bytes())
     return hasher.hexdigest()
 
@@ -59,7 +51,7 @@ class _ChainedPass(CustomGraphPass):
         # The Inductor lowerings of the moe_ops ops, registered at the first graph Inductor compiles
         # (before it lowers that graph): importing Inductor's lowering module while torch._inductor.config,
         # whose import installs this pass, is still being imported would be too early.
-        import moe_ops.lowering.fused_experts_lowering  # noqa: F401
+        import moe_ops.lowering.inductor.fused_experts_lowering  # noqa: F401
 
         for chained in custom_passes_in(self.previous):
             chained(graph)
@@ -91,19 +83,24 @@ class MoeOpsPostGradPass(_ChainedPass):
     hook = "post_grad_custom_post_pass"
 
     def rewrite(self, graph: torch.fx.Graph) -> None:
+        from moe_ops.lowering.graph.pipeline import REWRITES
+
         if sum(rewrite(graph) for rewrite in REWRITES):
             graph.eliminate_dead_code()
 
 
 class MoeOpsJointPass(_ChainedPass):
     """``joint_custom_post_pass``: training graphs before partitioning, so that their backward comes
-    from the moe_ops ops' autograd formulas (lowering/joint_rewrite.py). It runs after Inductor's own
+    from the moe_ops ops' autograd formulas (lowering/graph/joint_rewrite.py). It runs after Inductor's own
     joint-graph patterns, which leave the forward as the post-grad matchers expect it (for example
     ``where(mask, 0.0, x)`` with the scalar folded in)."""
 
     hook = "joint_custom_post_pass"
 
     def rewrite(self, graph: torch.fx.Graph) -> None:
+        from moe_ops.lowering.graph.joint_rewrite import is_joint_graph, rewrite_joint_graph
+        from moe_ops.lowering.graph.pipeline import REWRITES
+
         if not is_joint_graph(graph):
             return
         if config.training_rewrites:

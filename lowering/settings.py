@@ -24,12 +24,12 @@ class RewriteConfig:
                   (mistral-inference, transformers <= 4.47 Mixtral; captured only with dynamo's
                   ``capture_dynamic_output_shape_ops``) by stacking their weights into (E, F, H)
                   tensors: a copy of all expert weights on every call, so off by default (cost in
-                  ``lowering/match_expert_loop.py``). Part of the passes' cache key.
+                  ``lowering/graph/match_expert_loop.py``). Part of the passes' cache key.
         inductor_templates: Inductor lowers ``fused_experts`` and ``expert_gemm`` into Triton templates
                   (on CUDA) into which neighbouring pointwise work fuses; off, each op is one opaque
                   extern call. Part of the passes' cache key.
         training_rewrites: also rewrite training graphs (AOTAutograd's joint graph), so that their
-                  backward is the moe_ops ops' formulas (lowering/joint_rewrite.py). Off by default:
+                  backward is the moe_ops ops' formulas (lowering/graph/joint_rewrite.py). Off by default:
                   a training step is slower with it than plain torch.compile today (benchmarks/results/
                   training_*.md); training graphs then compute what the plain code does. Part of the
                   passes' cache key.

@@ -26,13 +26,13 @@ def direct_cuda_call_allowed(*tensors: torch.Tensor | None) -> bool:
 
 def launch_jit(kernel, grid, num_warps: int, *args, **constexprs) -> None:
     """A kernel launch of the eager launchers, which share their launch code with the compiled graph's
-    (lowering/kernel_calls.py passes its own ``launch``)."""
+    (lowering/inductor/kernel_calls.py passes its own ``launch``)."""
     kernel[grid](*args, num_warps=num_warps, **constexprs)
 
 
 def __getattr__(name: str):
     """``moe_ops._dispatch.<op>_cuda``: the CUDA kernel of ``moe_ops::<op>``, which Inductor-compiled
-    graphs call directly (lowering/direct_calls.py)."""
+    graphs call directly (lowering/inductor/direct_calls.py)."""
     if name.endswith("_cuda"):
         kernel = custom_op_kernel(f"moe_ops::{name[:-len('_cuda')]}", "cuda")
         if kernel is not None:

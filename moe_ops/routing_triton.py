@@ -184,7 +184,7 @@ def launch_route(
     cdiv=triton.cdiv, any_count: bool = False,
 ) -> None:
     """The route kernel's launch, written once for the eager op (``launch`` calls the kernel; tensors)
-    and the compiled graph (lowering/kernel_calls.py: ``launch`` adds the kernel to Inductor's graph; IR
+    and the compiled graph (lowering/inductor/kernel_calls.py: ``launch`` adds the kernel to Inductor's graph; IR
     nodes, a symbolic token count with ``cdiv`` and ``any_count``). ``bias`` None: no correction bias.
     ``precise``: libdevice's exp and IEEE division (off only in the interpreter, which lacks libdevice).
     ``any_count``: tiles for any token count (a graph for every T), those of a large T."""

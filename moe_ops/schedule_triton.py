@@ -276,7 +276,7 @@ def launch_block_schedule(
     cdiv=triton.cdiv, maximum=max, minimum=min, any_count: bool = False,
 ) -> BlockSchedule:
     """The schedule's launches, written once for the eager op (``launch`` calls a kernel, ``alloc(*shape)``
-    makes an int32 tensor) and the compiled graph (lowering/kernel_calls.py: the same on Inductor IR, a
+    makes an int32 tensor) and the compiled graph (lowering/inductor/kernel_calls.py: the same on Inductor IR, a
     symbolic slot count with sympy's ``cdiv``/``maximum``/``minimum``). ``ids_S``: the flat, contiguous
     ids, ``num_slots`` > 0 of them. ``any_count``: tiles and launches that hold for every slot count (a
     graph for every T): chunks of MAX_CHUNK and the three-launch form even where one chunk would do."""

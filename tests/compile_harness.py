@@ -13,7 +13,7 @@ from torch._dynamo.utils import counters
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import moe_ops
-from moe_ops.lowering import experts_rewrite
+from moe_ops.lowering.graph import experts_rewrite
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ from compile_harness import fresh_compile_state  # noqa: F401  (fixture)
 from torch._inductor.decomposition import select_decomp_table
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from moe_ops.lowering.experts_rewrite import match_any_activation
-from moe_ops.lowering.fx_match import Rejected
+from moe_ops.lowering.graph.experts_rewrite import match_any_activation
+from moe_ops.lowering.graph.fx_match import Rejected
 
 WIDTH = 8
 

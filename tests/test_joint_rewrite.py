@@ -1,4 +1,4 @@
-"""Training graphs (lowering/joint_rewrite.py): the rewrites run on AOTAutograd's joint graph, so the
+"""Training graphs (lowering/graph/joint_rewrite.py): the rewrites run on AOTAutograd's joint graph, so the
 forward calls the moe_ops ops and the backward is their autograd formulas; gradients equal eager's.
 
 Each form's own test module checks its models in training (``test_training_*``); this one checks the
@@ -147,7 +147,7 @@ def test_activation_checkpointing_is_left_alone(caplog):
 def test_a_joint_graph_that_cannot_be_retraced_is_kept(monkeypatch, caplog):
     """When the new joint graph cannot be traced, the old one stays, and the forward rewrites that ran
     on its copy are not counted."""
-    import moe_ops.lowering.joint_rewrite as joint_rewrite
+    import moe_ops.lowering.graph.joint_rewrite as joint_rewrite
 
     def refuse(*args):
         raise joint_rewrite.NotRewritable("refused by the test")

@@ -1,4 +1,4 @@
-"""Inductor lowerings (lowering/fused_experts_lowering.py, expert_gemm_lowering.py, direct_calls.py).
+"""Inductor lowerings (lowering/inductor/fused_experts_lowering.py, expert_gemm_lowering.py, direct_calls.py).
 
 CPU: Inductor's C++ backend keeps each op one extern call (and the compiled result equals eager); with
 ``cpu_backend="triton"`` Inductor generates the Triton templates on CPU without running them, and the
@@ -95,7 +95,7 @@ def layer_inputs(tokens=T, dtype=torch.bfloat16, num_experts=E, hidden=H, device
 def kernel_sources(code: str) -> dict[str, str]:
     """Inductor's generated Triton kernels by name: the source between ``def <name>(`` and the kernel's
     end. The route's and the schedule's kernels, which the graph launches as they are
-    (lowering/kernel_calls.py), are left out."""
+    (lowering/inductor/kernel_calls.py), are left out."""
     kernels = {}
     for chunk in code.split("async_compile.triton(")[1:]:
         name = chunk.split("'", 2)[1]
@@ -324,7 +324,7 @@ print(t.generated_code(t.moe_layer(2, w_gate_up, w_down), *args))
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static_T", "dynamic_T"])
 def test_route_and_schedule_kernels_in_the_graph(dynamic):
     """With compiled Triton kernels (a subprocess without the interpreter, which these tests run under),
-    the route and the schedule are launches of their own kernels in the graph (lowering/kernel_calls.py),
+    the route and the schedule are launches of their own kernels in the graph (lowering/inductor/kernel_calls.py),
     not extern calls: one route launch and, for a static T = 24 (48 slots, one chunk), one schedule
     launch; a dynamic T launches the three-kernel schedule with tiles for any T, grids in T."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}

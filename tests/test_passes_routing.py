@@ -20,8 +20,8 @@ from torch._dynamo.utils import counters
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import moe_ops
+from moe_ops.lowering.graph.route_rewrite import rewrite_routing_prologues
 from moe_ops.lowering.passes import PASSES
-from moe_ops.lowering.route_rewrite import rewrite_routing_prologues
 
 T, H, E, K = 6, 16, 8, 2
 pytestmark = pytest.mark.usefixtures("fresh_compile_state")

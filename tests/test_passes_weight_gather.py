@@ -354,7 +354,7 @@ def test_ungated_nemotron_h_batched_mm():
     ids=["mixtral_batched_mm", "gpt_oss_batched_mm", "gpt_fast"],
 )
 def test_training(make_block, dtype):
-    """The joint graph is rewritten (lowering/joint_rewrite.py): the backward is the ops' formulas, not
+    """The joint graph is rewritten (lowering/graph/joint_rewrite.py): the backward is the ops' formulas, not
     the gathers' and bmms', and every gradient equals eager's."""
     block = make_block(dtype).train().requires_grad_(True)
     forward_graph, backward_graph = check_training(block, hidden_states(dtype), dtype=dtype)

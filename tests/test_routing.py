@@ -269,7 +269,7 @@ def test_triton_matches_reference(name, num_tokens, num_experts, k, mode, kind, 
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen3", "deepseek_v3", "single_token", "single_expert"])
 def test_triton_any_count_tiles(name):
-    """The tiles of a compiled graph for every T (lowering/kernel_calls.py): rows per program not sized
+    """The tiles of a compiled graph for every T (lowering/inductor/kernel_calls.py): rows per program not sized
     to the token count."""
     _, num_tokens, num_experts, k, mode, kind = TRITON_CASES[[c[0] for c in TRITON_CASES].index(name)]
     cfg = dict(MODES[mode])

@@ -177,7 +177,7 @@ def test_triton_multi_chunk(name, monkeypatch):
 
 @pytest.mark.parametrize("name", ["T1", "T_lt_block_m", "sentinels_int64", "zipf", "E256", "random"])
 def test_triton_any_count_tiles(name, monkeypatch):
-    """The launches of a compiled graph for every T (lowering/kernel_calls.py): chunks of MAX_CHUNK and
+    """The launches of a compiled graph for every T (lowering/inductor/kernel_calls.py): chunks of MAX_CHUNK and
     the three-launch form even for one chunk, block tiles not sized to the slot count."""
     _, ids, num_experts = CASES[CASE_IDS.index(name)]
     for max_chunk in (512, 32):  # one chunk, several

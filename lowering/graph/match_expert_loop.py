@@ -91,8 +91,8 @@ from torch._guards import detect_fake_mode
 from torch.fx import Graph, Node
 
 from moe_ops.activations import CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT
-from moe_ops.lowering.experts_rewrite import ExpertsMatch, check, match_any_activation
-from moe_ops.lowering.fx_match import (
+from moe_ops.lowering.graph.experts_rewrite import ExpertsMatch, check, match_any_activation
+from moe_ops.lowering.graph.fx_match import (
     Rejected,
     arg,
     aten,
@@ -470,7 +470,7 @@ class _Candidate:
                 "expert loop at node %s (%s) not rewritten: its experts hold separate weight tensors, and "
                 "moe_ops.fused_experts would need them stacked, a copy of all expert weights on every call "
                 "(set moe_ops.config.stack_expert_weights = True to rewrite it anyway; see "
-                "lowering/match_expert_loop.py)", result.name, description,
+                "lowering/graph/match_expert_loop.py)", result.name, description,
             )
             raise Rejected("expert loop recognised; stacking its weights per call is off (stack_expert_weights)")
 

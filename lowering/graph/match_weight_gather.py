@@ -56,8 +56,8 @@ from torch.fx import Graph, Node
 
 from moe_ops.activations import CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT
 from moe_ops.fused_experts import _check_fused_args
-from moe_ops.lowering.experts_rewrite import ExpertsMatch, match_any_activation
-from moe_ops.lowering.fx_match import Rejected, arg, aten, is_call, prims, same_size, top_k_scores, val
+from moe_ops.lowering.graph.experts_rewrite import ExpertsMatch, match_any_activation
+from moe_ops.lowering.graph.fx_match import Rejected, arg, aten, is_call, prims, same_size, top_k_scores, val
 
 # Ops that move values without changing them: each output element is one input element.
 _VIEWS = (

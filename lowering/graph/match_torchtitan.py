@@ -37,7 +37,7 @@ node by ``match_any_activation``; torchtitan's is silu):
   that the op would not: not rewritten.
 
 Rounding: torchtitan rounds each GEMM output to bf16 and adds the K slots in bf16 (scatter_add into a
-bf16 zeros); the op keeps the GEMMs and the sum in fp32 (see lowering/experts_rewrite.py).
+bf16 zeros); the op keeps the GEMMs and the sum in fp32 (see lowering/graph/experts_rewrite.py).
 
 Not handled (logged): token-group padding. torchtitan (b5bcd76) no longer pads in the local
 dispatcher (no ``generate_permute_indices``); it pads groups to a multiple of 16/32 only in
@@ -56,8 +56,8 @@ import torch
 from torch.fx import Graph, Node
 
 from moe_ops.activations import CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT
-from moe_ops.lowering.experts_rewrite import ExpertsMatch, match_any_activation
-from moe_ops.lowering.fx_match import (
+from moe_ops.lowering.graph.experts_rewrite import ExpertsMatch, match_any_activation
+from moe_ops.lowering.graph.fx_match import (
     Rejected,
     arg,
     aten,

@@ -42,7 +42,7 @@ from torch._guards import detect_fake_mode
 from torch.fx import Graph, Node
 
 from moe_ops._compat import online_softmax_target
-from moe_ops.lowering.fx_match import (
+from moe_ops.lowering.graph.fx_match import (
     Rejected,
     arg,
     aten,

@@ -41,7 +41,7 @@ import moe_ops.expert_gemm  # noqa: F401  (defines moe_ops::expert_gemm, lowered
 from moe_ops._checks import KERNEL_DTYPES
 from moe_ops._compat import fp32_matmul_allows_tf32, inductor_size_hint, selected_node
 from moe_ops.activations import ACTIVATION_CODE
-from moe_ops.lowering.direct_calls import extern_call
+from moe_ops.lowering.inductor.direct_calls import extern_call
 from moe_ops.lowering.settings import config
 from moe_ops.schedule import block_schedule_ref
 

@@ -34,7 +34,7 @@ from torch.fx import Graph, Node
 import moe_ops.fused_experts  # noqa: F401  (defines moe_ops::fused_experts, emitted here)
 import moe_ops.routing  # noqa: F401  (defines moe_ops::route, read here)
 from moe_ops.activations import CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT
-from moe_ops.lowering.fx_match import Rejected, aten, is_call, prims, same_shape, same_size, val
+from moe_ops.lowering.graph.fx_match import Rejected, aten, is_call, prims, same_shape, same_size, val
 
 log = logging.getLogger("moe_ops")
 

@@ -45,9 +45,18 @@ from torch.utils._sympy.functions import Max, Min
 import moe_ops.fused_experts  # noqa: F401  (defines moe_ops::fused_experts, lowered here)
 from moe_ops._checks import KERNEL_DTYPES
 from moe_ops.expert_gemm_triton import tma_applies
-from moe_ops.lowering.direct_calls import extern_call
-from moe_ops.lowering.expert_gemm_lowering import templates_allowed, tma_allowed, tuned_expert_gemm, weight_views
-from moe_ops.lowering.kernel_calls import block_schedule_in_graph, kernels_in_graph, rows_in_schedule_order_in_graph
+from moe_ops.lowering.inductor.direct_calls import extern_call
+from moe_ops.lowering.inductor.expert_gemm_lowering import (
+    templates_allowed,
+    tma_allowed,
+    tuned_expert_gemm,
+    weight_views,
+)
+from moe_ops.lowering.inductor.kernel_calls import (
+    block_schedule_in_graph,
+    kernels_in_graph,
+    rows_in_schedule_order_in_graph,
+)
 from moe_ops.tiles import TMA_BLOCK_M, block_m_ranges, choose_block_m, tma_pays
 
 log = logging.getLogger("moe_ops")
@@ -113,7 +122,7 @@ def _variants(num_slots, num_experts: int, top_k: int, tma_possible: bool) -> li
 
 def _rows_in_schedule_order(x, sorted_slots, top_k, active):
     """x[sorted_slots // K] (T, H) -> (S, H); the sentinel positions of unrouted slots read row T - 1.
-    The op's kernel in the graph where it can be (lowering/kernel_calls.py), launching no program where
+    The op's kernel in the graph where it can be (lowering/inductor/kernel_calls.py), launching no program where
     ``active`` (the reading template pair's) is 0, else as Inductor IR (an elementwise gather, ~2x slower
     at Mixtral T = 8192: each element loads through its own index)."""
     if kernels_in_graph(x, sorted_slots):

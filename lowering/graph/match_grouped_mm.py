@@ -25,8 +25,8 @@ import torch
 from torch.fx import Graph, Node
 
 from moe_ops.activations import CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT
-from moe_ops.lowering.experts_rewrite import ExpertsMatch, match_any_activation
-from moe_ops.lowering.fx_match import Rejected, arg, aten, is_call, is_view_call, prims, same_size, shape, val
+from moe_ops.lowering.graph.experts_rewrite import ExpertsMatch, match_any_activation
+from moe_ops.lowering.graph.fx_match import Rejected, arg, aten, is_call, is_view_call, prims, same_size, shape, val
 
 
 def _grouped_mm_targets() -> tuple:

@@ -42,5 +42,5 @@ def _register_extern_lowering(op_overload) -> None:
     register_lowering(op_overload, type_promotion_kind=None)(lambda *args: extern_call(op_overload, *args))
 
 
-# route and block_schedule: lowering/kernel_calls.py (their kernels in the graph, else these extern calls).
+# route and block_schedule: lowering/inductor/kernel_calls.py (their kernels in the graph, else these extern calls).
 _register_extern_lowering(torch.ops.moe_ops.apply_capacity.default)

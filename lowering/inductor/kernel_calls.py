@@ -2,7 +2,7 @@
 order) as Triton kernels in Inductor's graph.
 
 Their CUDA kernels are plain ``@triton.jit`` functions. Called from a compiled graph as an extern op
-(even without the dispatcher, lowering/direct_calls.py), each call runs the op's Python launcher:
+(even without the dispatcher, lowering/inductor/direct_calls.py), each call runs the op's Python launcher:
 allocations and Triton's JIT dispatch, host time that decode cannot hide. Lowered here, the same
 kernels become Inductor's own launches (as a user's ``@triton.jit`` kernel would under torch.compile):
 outputs are graph buffers, and the launch goes through Inductor's launcher (host time per call of the
@@ -28,8 +28,8 @@ from triton.runtime.jit import JITFunction
 import moe_ops.routing  # noqa: F401  (defines moe_ops::route, lowered here)
 import moe_ops.schedule  # noqa: F401  (defines moe_ops::block_schedule, lowered here)
 from moe_ops._compat import lower_user_triton_kernel
-from moe_ops.lowering.direct_calls import extern_call
-from moe_ops.lowering.expert_gemm_lowering import templates_allowed
+from moe_ops.lowering.inductor.direct_calls import extern_call
+from moe_ops.lowering.inductor.expert_gemm_lowering import templates_allowed
 from moe_ops.routing_triton import _route_kernel, launch_route
 from moe_ops.schedule_triton import launch_block_schedule, launch_rows_in_schedule_order
 
