@@ -32,10 +32,10 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from torch._dynamo.utils import counters
 from transformers.activations import GELUActivation, GELUTanh, NewGELUActivation, SiLUActivation
 from transformers.integrations.moe import ExpertsInterface, use_experts_implementation
 
+from moe_ops._compat.dynamo import counters
 from moe_ops.activations import CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT
 from moe_ops.fused_experts import fused_experts
 from moe_ops.lowering.settings import config

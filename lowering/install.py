@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from collections.abc import Iterator
 
-from moe_ops._compat import when_imported
+from moe_ops._compat.imports import when_imported
 from moe_ops.lowering.settings import config
 
 log = logging.getLogger("moe_ops")
@@ -37,10 +38,18 @@ def enable() -> None:
 
 
 def _install_passes() -> None:
-    import torch._inductor.config as inductor_config
-
+    # Runs right after torch._inductor.config has been imported. Where one of moe_ops' own Inductor-facing
+    # modules started that import, it is half-initialised now and the passes cannot be imported; those
+    # modules are imported only after Inductor's config (by this function), so this is a misuse: logged.
+    for name in ("moe_ops._compat.inductor_hooks", "moe_ops.lowering.passes"):
+        module = sys.modules.get(name)
+        if module is not None and getattr(module.__spec__, "_initializing", False):
+            log.warning("moe_ops passes not installed: %s was imported before torch._inductor.config", name)
+            return
+    from moe_ops._compat.inductor_hooks import loaded_inductor_config
     from moe_ops.lowering.passes import PASSES
 
+    inductor_config = loaded_inductor_config()
     for moe_ops_pass in PASSES:
         installed = getattr(inductor_config, moe_ops_pass.hook)
         if not isinstance(installed, moe_ops_pass):

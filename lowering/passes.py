@@ -17,10 +17,9 @@ import logging
 from pathlib import Path
 
 import torch
-from torch._inductor.custom_graph_pass import CustomGraphPass
 
-import moe_ops._compat as _compat  # its folder: the op layer, hashed with the passes
-from moe_ops._compat import custom_passes_in
+import moe_ops.layout as _op_layer  # its folder: the op layer, hashed with the passes
+from moe_ops._compat.inductor_hooks import CustomGraphPass, custom_passes_in
 from moe_ops.lowering.settings import config
 
 log = logging.getLogger("moe_ops")
@@ -31,7 +30,7 @@ log = logging.getLogger("moe_ops")
 def _source_hash() -> str:
     """Hash of the rewrites and of the ops they emit (whose schemas and fake kernels they rely on)."""
     hasher = hashlib.sha256()
-    for folder in (Path(__file__).parent, Path(_compat.__file__).parent):
+    for folder in (Path(__file__).parent, Path(_op_layer.__file__).parent):
         for path in sorted(folder.rglob("*.py")):
             hasher.update(f"{folder.name}/{path.relative_to(folder)}".encode())
             hasher.update(path.read_bytes())

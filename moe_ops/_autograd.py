@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from moe_ops._compat import autograd_inside_custom_op
+from moe_ops._compat.dispatch import autograd_inside_custom_op
 
 
 def _arguments_text(op) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_ops._compat import custom_op_kernel, no_tracing_or_modes_active
+from moe_ops._compat.dispatch import custom_op_kernel, no_tracing_or_modes_active
 
 
 def direct_cuda_call_allowed(*tensors: torch.Tensor | None) -> bool:

@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_ops._compat import fix_interpreter_bf16_dot, fp32_matmul_allows_tf32
+from moe_ops._compat.dispatch import fp32_matmul_allows_tf32
+from moe_ops._compat.triton_interpreter import fix_interpreter_bf16_dot
 from moe_ops.activations import ACTIVATION_CODE
 from moe_ops.tiles import TMA_BLOCK_M
 

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_ops._compat import fp32_matmul_allows_tf32
+from moe_ops._compat.dispatch import fp32_matmul_allows_tf32
 from moe_ops.activations import ACTIVATION_CODE
 from moe_ops.capacity_triton import apply_capacity_triton
 from moe_ops.expert_gemm_triton import expert_gemm_triton, gate_activation, up_factor

@@ -27,12 +27,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch._dynamo.utils import counters
-from torch._guards import detect_fake_mode
 from torch.fx import Graph, Node
 
 import moe_ops.fused_experts  # noqa: F401  (defines moe_ops::fused_experts, emitted here)
 import moe_ops.routing  # noqa: F401  (defines moe_ops::route, read here)
+from moe_ops._compat.dynamo import counters, detect_fake_mode
+from moe_ops._compat.inductor import select_decomp_table
 from moe_ops.activations import CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT
 from moe_ops.lowering.graph.fx_match import Rejected, aten, is_call, prims, same_shape, same_size, val
 
@@ -116,7 +116,6 @@ def _activation_fn(activation: str, gate_up_form: str):
 def _activation_template(activation: str, gate_up_form: str, dtype: torch.dtype, width: int) -> Graph:
     """The post-grad graph of the activation: traced with Inductor's decompositions, as Inductor does.
     ``width`` is the gate_up output width (it appears in the split)."""
-    from torch._inductor.decomposition import select_decomp_table
     from torch.fx.experimental.proxy_tensor import make_fx
 
     num_inputs = 2 if gate_up_form == "separate" else 1

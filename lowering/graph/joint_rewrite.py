@@ -27,9 +27,10 @@ import logging
 from collections.abc import Callable, Sequence
 
 import torch
-from torch._dynamo.utils import counters
-from torch._guards import detect_fake_mode
 from torch.fx import Graph, GraphModule, Node
+
+from moe_ops._compat.dynamo import counters, detect_fake_mode
+from moe_ops._compat.inductor import select_decomp_table
 
 log = logging.getLogger("moe_ops")
 
@@ -120,7 +121,6 @@ class _DifferentiableInterpreter(torch.fx.Interpreter):
 def _trace_joint(forward: GraphModule, example_primals: list, example_tangents: list, wants_grad: list[bool]):
     """The joint graph of ``forward`` (AOTAutograd's interface: forward outputs, then one gradient or
     None per primal), traced with fake tensors and Inductor's decompositions."""
-    from torch._inductor.decomposition import select_decomp_table
     from torch.fx.experimental.proxy_tensor import make_fx
     from torch.fx.experimental.symbolic_shapes import guard_or_false
 

@@ -86,10 +86,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
-from torch._dynamo.utils import counters
-from torch._guards import detect_fake_mode
 from torch.fx import Graph, Node
 
+from moe_ops._compat.dynamo import counters, detect_fake_mode
 from moe_ops.activations import CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT
 from moe_ops.lowering.graph.experts_rewrite import ExpertsMatch, check, match_any_activation
 from moe_ops.lowering.graph.fx_match import (

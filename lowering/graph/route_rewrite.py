@@ -37,11 +37,10 @@ import operator
 from dataclasses import dataclass
 
 import torch
-from torch._dynamo.utils import counters
-from torch._guards import detect_fake_mode
 from torch.fx import Graph, Node
 
-from moe_ops._compat import online_softmax_target
+from moe_ops._compat.dynamo import counters, detect_fake_mode
+from moe_ops._compat.inductor import online_softmax_target
 from moe_ops.lowering.graph.fx_match import (
     Rejected,
     arg,

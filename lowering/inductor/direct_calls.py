@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import torch
 import torch.utils._pytree as pytree
-from torch._inductor import ir
-from torch._inductor.lowering import register_lowering
-from torch._inductor.virtualized import V
 
 import moe_ops.capacity  # noqa: F401  (defines moe_ops::apply_capacity, lowered here)
-from moe_ops._compat import wrap_for_lowering
+from moe_ops._compat.inductor import V, ir, register_lowering, wrap_for_lowering
 
 
 class _DirectCudaCall(ir.FallbackKernel):

@@ -25,21 +25,23 @@ import logging
 import sympy
 import torch
 import triton
-from torch._inductor import config as inductor_config
-from torch._inductor import ir
-from torch._inductor.lowering import register_lowering
-from torch._inductor.select_algorithm import (
-    ExternKernelChoice,
-    SymbolicGridFn,
-    TritonTemplate,
-    autotune_select_algorithm,
-)
-from torch._inductor.virtualized import V
 from torch.utils._sympy.functions import CeilDiv, Min
 
 import moe_ops.expert_gemm  # noqa: F401  (defines moe_ops::expert_gemm, lowered here)
 from moe_ops._checks import KERNEL_DTYPES
-from moe_ops._compat import fp32_matmul_allows_tf32, inductor_size_hint, selected_node
+from moe_ops._compat.dispatch import fp32_matmul_allows_tf32
+from moe_ops._compat.inductor import (
+    ExternKernelChoice,
+    SymbolicGridFn,
+    TritonTemplate,
+    V,
+    autotune_select_algorithm,
+    inductor_config,
+    inductor_size_hint,
+    ir,
+    register_lowering,
+    selected_node,
+)
 from moe_ops.activations import ACTIVATION_CODE
 from moe_ops.lowering.inductor.direct_calls import extern_call
 from moe_ops.lowering.settings import config

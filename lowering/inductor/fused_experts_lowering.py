@@ -38,12 +38,12 @@ from typing import NamedTuple
 
 import sympy
 import torch
-from torch._inductor.lowering import empty_strided, register_lowering
-from torch._inductor.lowering import lowerings as L
 from torch.utils._sympy.functions import Max, Min
 
 import moe_ops.fused_experts  # noqa: F401  (defines moe_ops::fused_experts, lowered here)
 from moe_ops._checks import KERNEL_DTYPES
+from moe_ops._compat.inductor import empty_strided, register_lowering
+from moe_ops._compat.inductor import lowerings as L
 from moe_ops.expert_gemm_triton import tma_applies
 from moe_ops.lowering.inductor.direct_calls import extern_call
 from moe_ops.lowering.inductor.expert_gemm_lowering import (

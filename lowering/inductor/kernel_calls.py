@@ -18,16 +18,13 @@ from __future__ import annotations
 
 import sympy
 import torch
-from torch._inductor import ir
-from torch._inductor.lowering import empty_strided, register_lowering
-from torch._inductor.lowering import lowerings as L
-from torch._inductor.virtualized import V
 from torch.utils._sympy.functions import CeilDiv, Max, Min
 from triton.runtime.jit import JITFunction
 
 import moe_ops.routing  # noqa: F401  (defines moe_ops::route, lowered here)
 import moe_ops.schedule  # noqa: F401  (defines moe_ops::block_schedule, lowered here)
-from moe_ops._compat import lower_user_triton_kernel
+from moe_ops._compat.inductor import V, empty_strided, ir, lower_user_triton_kernel, register_lowering
+from moe_ops._compat.inductor import lowerings as L
 from moe_ops.lowering.inductor.direct_calls import extern_call
 from moe_ops.lowering.inductor.expert_gemm_lowering import templates_allowed
 from moe_ops.routing_triton import _route_kernel, launch_route

@@ -1,0 +1,12 @@
+"""What differs between the torch versions moe_ops supports, and every reach into torch (and Triton)
+internals, one module per area:
+
+- ``dispatch``: the dispatcher and custom-op internals (dispatch-key guards, registered kernels, modes);
+- ``inductor_hooks``: Inductor's custom-pass hooks (light: imported while Inductor's config is);
+- ``inductor``: Inductor IR, lowerings, templates and autotuning, the graph being lowered;
+- ``dynamo``: dynamo's counters and the fake mode of a traced graph;
+- ``imports``: running set-up code when a module gets imported;
+- ``triton_interpreter``: Triton's interpreter.
+
+This package's ``__init__`` imports nothing, so each area costs only what it imports itself.
+"""

@@ -1,0 +1,63 @@
+"""The compat layer (moe_ops/_compat/): every private torch or Triton name moe_ops uses is reached through
+one of its area modules, each entry exists in this torch, and what the version-dependent helpers return
+is what their callers rely on. A torch release that moves an internal fails here, by name."""
+
+from __future__ import annotations
+
+import importlib
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch._inductor.config  # noqa: F401  (the Inductor areas are imported after it, as moe_ops does)
+
+AREAS = ["dispatch", "inductor_hooks", "inductor", "dynamo", "imports", "triton_interpreter"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("area", AREAS)
+def test_every_entry_exists(area):
+    module = importlib.import_module(f"moe_ops._compat.{area}")
+    assert module.__all__, area
+    missing = [name for name in module.__all__ if getattr(module, name, None) is None]
+    assert not missing, f"moe_ops._compat.{area} lacks {missing} on torch {torch.__version__}"
+
+
+def test_no_private_torch_import_outside_the_compat_layer():
+    """``from torch._x import`` / ``import torch._x`` only in moe_ops/_compat/ (install.py's hook names the
+    module it waits for as a string, which is no import)."""
+    pattern = re.compile(r"^\s*(from torch\._|import torch\._)", re.MULTILINE)
+    offenders = [str(path.relative_to(ROOT)) for folder in ("moe_ops", "lowering")
+                 for path in sorted((ROOT / folder).rglob("*.py"))
+                 if "_compat" not in path.parts and pattern.search(path.read_text())]
+    assert not offenders, offenders
+
+
+def test_custom_op_kernel_finds_the_cuda_registration():
+    """The registered CUDA kernel (torch wraps it) of an op that has one; None for a CPU-only op or none."""
+    from moe_ops._compat.dispatch import custom_op_kernel
+
+    assert callable(custom_op_kernel("moe_ops::fused_experts", "cuda"))
+    assert custom_op_kernel("moe_ops::fused_experts", "cpu") is None
+    assert custom_op_kernel("moe_ops::no_such_op", "cuda") is None
+    assert custom_op_kernel("moe_ops::no_such_op", "cuda") is None
+
+
+def test_custom_passes_in_reads_every_hook_form():
+    from moe_ops._compat.inductor_hooks import custom_passes_in
+
+    def a(graph):
+        return None
+
+    assert custom_passes_in(None) == () and custom_passes_in(a) == (a,) and custom_passes_in([a, a]) == (a, a)
+
+
+def test_modes_are_seen():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from moe_ops._compat.dispatch import no_tracing_or_modes_active
+
+    assert no_tracing_or_modes_active()
+    with FakeTensorMode():
+        assert not no_tracing_or_modes_active()
