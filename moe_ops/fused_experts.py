@@ -21,11 +21,11 @@ from moe_ops._dispatch import direct_cuda_call_allowed
 from moe_ops.activations import ACTIVATIONS, CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT, activate_ref
 from moe_ops.capacity import apply_capacity_ref
 from moe_ops.capacity_triton import apply_capacity_triton
-from moe_ops.expert_gemm_triton import expert_gemm_triton, tma_applies, tma_device
+from moe_ops.expert_gemm_triton import expert_gemm_triton
 from moe_ops.fused_experts_backward_triton import fused_experts_backward_triton
 from moe_ops.layout import capacity_from_factor, split_gate_up
 from moe_ops.schedule_triton import block_schedule_triton, rows_in_schedule_order
-from moe_ops.tiles import choose_block_m, tma_pays
+from moe_ops.tiles import choose_block_m, tma_applies, tma_device, tma_pays
 
 LAYOUTS = ("EFH", "EHF")
 DROP_POLICIES = ("position", "score")

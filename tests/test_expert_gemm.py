@@ -129,9 +129,9 @@ def test_tma_tiles_match_pointer_tiles(weight_halves):
     gate_up from x copied into schedule order, down scattered to slots with an unrouted slot's row
     written as zeros. Gate and up as halves of one weight, gate first: one (2, rows, K) descriptor
     (PAIRED); up first: a descriptor each. fp16: the interpreter's descriptors do not take bf16."""
-    from moe_ops.expert_gemm_triton import expert_gemm_triton, weight_pair_stride
+    from moe_ops.expert_gemm_triton import expert_gemm_triton
     from moe_ops.schedule_triton import block_schedule_triton
-    from moe_ops.tiles import TMA_BLOCK_M
+    from moe_ops.tiles import TMA_BLOCK_M, weight_pair_stride
 
     T, K, E, H, F = 150, 2, 3, 256, 128  # N multiples of the TMA tiles' columns (128 gated, 256 down)
     x = torch.randn(T, H, device=TRITON_DEVICE).half()
@@ -167,7 +167,7 @@ def test_tma_tiles_match_pointer_tiles(weight_halves):
 
 
 def test_weight_pair_stride_only_for_one_layout_a_valid_step_apart():
-    from moe_ops.expert_gemm_triton import weight_pair_stride
+    from moe_ops.tiles import weight_pair_stride
 
     layout = ((8, 128, 256), (65536, 256, 1))
     assert weight_pair_stride(layout, layout, 128 * 256 * 2, 2) == 128 * 256

@@ -46,6 +46,15 @@ from moe_ops.activations import ACTIVATION_CODE
 from moe_ops.lowering.inductor.direct_calls import extern_call
 from moe_ops.lowering.settings import config
 from moe_ops.schedule import block_schedule_ref
+from moe_ops.tiles import (
+    device_limits,
+    gemm_config,
+    packed_blocks_max,
+    pipeline_fits,
+    tma_applies,
+    tma_device,
+    weight_pair_stride,
+)
 
 log = logging.getLogger("moe_ops")
 
@@ -220,7 +229,6 @@ def templates_allowed(device: torch.device) -> bool:
 
 def tma_allowed(device: torch.device) -> bool:
     """TMA tiles for this device: a Hopper-or-newer GPU, or CPU code generation (as for an H100)."""
-    from moe_ops.expert_gemm_triton import tma_device
 
     return device.type == "cpu" or tma_device(device)
 
@@ -233,7 +241,6 @@ def weight_views(*weights) -> list:
 def ir_pair_stride(w, w_up) -> int | None:
     """weight_pair_stride for two views of one buffer (the halves of a fused gate_up weight), from their
     offsets; None for anything else (a view Inductor may move or copy is not a fixed distance apart)."""
-    from moe_ops.expert_gemm_triton import weight_pair_stride
 
     if not (isinstance(w, ir.ReinterpretView) and isinstance(w_up, ir.ReinterpretView)):
         return None
@@ -247,9 +254,8 @@ def ir_pair_stride(w, w_up) -> int | None:
 
 def _device_limits(device: torch.device) -> tuple[int, int]:
     if device.type == "cuda":
-        from moe_ops.expert_gemm_triton import _device_limits as cuda_limits
 
-        return cuda_limits(device.index or 0)
+        return device_limits(device.index or 0)
     return 132, 232448  # an H100's, for code generated on CPU
 
 
@@ -287,7 +293,6 @@ def tuned_expert_gemm(
     ``out``: a buffer of the output's shape that the kernel writes (a mutated input) instead of a new
     one; the node returned then stands for nothing but that write. ``tma``: TMA tiles on a persistent
     grid where the inputs allow them (``tma_applies``; A in schedule order, made contiguous here)."""
-    from moe_ops.expert_gemm_triton import gemm_config, packed_blocks_max, pipeline_fits, tma_applies
 
     packed = expert_offsets is not None
     optional = (w_up, bias, bias_up, slot_weights)

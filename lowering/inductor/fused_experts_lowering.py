@@ -44,7 +44,6 @@ import moe_ops.fused_experts  # noqa: F401  (defines moe_ops::fused_experts, low
 from moe_ops._checks import KERNEL_DTYPES
 from moe_ops._compat.inductor import empty_strided, register_lowering
 from moe_ops._compat.inductor import lowerings as L
-from moe_ops.expert_gemm_triton import tma_applies
 from moe_ops.lowering.inductor.direct_calls import extern_call
 from moe_ops.lowering.inductor.expert_gemm_lowering import (
     templates_allowed,
@@ -57,7 +56,7 @@ from moe_ops.lowering.inductor.kernel_calls import (
     kernels_in_graph,
     rows_in_schedule_order_in_graph,
 )
-from moe_ops.tiles import TMA_BLOCK_M, block_m_ranges, choose_block_m, tma_pays
+from moe_ops.tiles import TMA_BLOCK_M, block_m_ranges, choose_block_m, tma_applies, tma_pays
 
 log = logging.getLogger("moe_ops")
 aten = torch.ops.aten
