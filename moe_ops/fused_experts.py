@@ -206,15 +206,16 @@ def fused_experts_triton(
         # TMA loads whole row blocks, not a gather: x's rows copied into schedule order first (one
         # pass over S x H, ~1% of the GEMMs' time at the sizes that get here).
         a, gather_top_k = rows_in_schedule_order(x, sorted_slots, K), 0
+    # Both GEMMs read the packed schedule (sorted_slots + expert_offsets; no block_expert / num_padded).
+    packed = dict(sorted_slots=sorted_slots, block_expert=None, num_padded=None, expert_offsets=expert_offsets,
+                  num_slots=num_slots, block_m=block_m, alpha=alpha, limit=limit, tma=tma)
     h = expert_gemm_triton(
-        a, w.gate, w.up, w.b_gate, w.b_up, None, sorted_slots, None, None,
-        num_slots, block_m, gather_top_k, False, activation, alpha, limit, expert_offsets=expert_offsets, tma=tma,
+        a, w.gate, w_up=w.up, bias=w.b_gate, bias_up=w.b_up, slot_weights=None, gather_top_k=gather_top_k,
+        scatter=False, activation=activation, **packed,
     )
-    slot_weights = topk_weights.reshape(-1)
     y_SH = expert_gemm_triton(
-        h, w.down, None, w.b_down, None, slot_weights, sorted_slots, None, None,
-        num_slots, block_m, 0, True, "none", alpha, limit, expert_offsets=expert_offsets, slot_ids=ids.reshape(-1),
-        tma=tma,
+        h, w.down, w_up=None, bias=w.b_down, bias_up=None, slot_weights=topk_weights.reshape(-1), gather_top_k=0,
+        scatter=True, activation="none", slot_ids=ids.reshape(-1), **packed,
     )
     # torch's sum accumulates half-precision inputs in fp32 and sums K in a fixed order.
     return y_SH.view(T, K, -1).sum(1), num_dropped

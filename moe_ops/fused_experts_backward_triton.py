@@ -206,8 +206,10 @@ def fused_experts_backward_triton(
 
     def gemm(a, weight, bias=None, gather_top_k=0, scatter=False, out_dtype=torch.float32):
         return expert_gemm_triton(
-            a, weight, None, bias, None, None, sorted_slots, block_expert, num_padded,
-            S, block_m, gather_top_k, scatter, "none", alpha, limit, out_dtype=out_dtype,
+            a, weight, w_up=None, bias=bias, bias_up=None, slot_weights=None, sorted_slots=sorted_slots,
+            block_expert=block_expert, num_padded=num_padded, num_slots=S, block_m=block_m,
+            gather_top_k=gather_top_k, scatter=scatter, activation="none", alpha=alpha, limit=limit,
+            out_dtype=out_dtype,
         )
 
     def weight_grad(g, a, out_ENK, **options):
