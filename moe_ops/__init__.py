@@ -11,6 +11,7 @@ from moe_ops.capacity import apply_capacity
 from moe_ops.expert_gemm import expert_gemm
 from moe_ops.fused_experts import fused_experts, fused_experts_ref
 from moe_ops.layout import BlockSchedule, capacity_from_factor
+from moe_ops.losses import load_balancing_loss, router_z_loss
 from moe_ops.lowering.install import disable, enable, rewrites_disabled
 from moe_ops.lowering.settings import config
 from moe_ops.routing import route, route_ref
@@ -26,6 +27,9 @@ __all__ = [
     "apply_capacity",
     "capacity_from_factor",
     "expert_gemm",
+    # training losses
+    "load_balancing_loss",
+    "router_z_loss",
     # plain-PyTorch references (the definition of each op's semantics)
     "route_ref",
     "fused_experts_ref",

@@ -1,0 +1,94 @@
+"""Router losses for training: the Switch/GShard load-balancing loss and the router z-loss.
+
+Shape legend: T tokens, E experts, K experts per token. Both take one layer's router logits (T, E) or a
+sequence of them, one per layer, as transformers' ``output_router_logits`` returns them.
+
+Both are plain, device-side torch (no host synchronisation, no graph break under torch.compile) and
+differentiable with respect to the logits. Their values are those of the conventions users know:
+
+- ``load_balancing_loss`` is transformers' ``load_balancing_loss_func`` (Mixtral, Qwen-MoE, OLMoE; scaled
+  by ``router_aux_loss_coef`` there, Megatron's ``moe_aux_loss_coeff``):
+  ``E * sum_e f_e * P_e`` with ``f_e`` the slots routed to expert e per token (top-k aware: the K
+  choices of a token all count, so perfectly balanced routing gives K) and ``P_e`` the mean softmax
+  probability of expert e. Over several layers, slot counts and probabilities are summed over the layers
+  before normalising, as transformers does. ``f`` carries no gradient; ``P`` does.
+- ``router_z_loss`` is ST-MoE's: the mean over tokens of ``logsumexp(logits)**2`` (transformers'
+  ``router_z_loss_coef``, Megatron's ``moe_z_loss_coeff`` scale it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from moe_ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
+
+
+def _layers(name: str, value) -> list[torch.Tensor]:
+    layers = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not layers:
+        raise ValueError(f"{name}: expected a tensor or a non-empty sequence of tensors, one per layer")
+    return layers
+
+
+def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(logits.dtype, torch.float32)
+
+
+def load_balancing_loss(
+    router_logits: torch.Tensor | Sequence[torch.Tensor],
+    topk_ids: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    token_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The load-balancing loss of one or several MoE layers (see the module docstring): a scalar computed
+    in fp32 (fp64 for fp64 logits), where transformers takes the softmax in the logits' dtype.
+
+    Args:
+        router_logits: (T, E) float, or a sequence of them (one per layer)
+        topk_ids:      (T, K) int32/int64 experts each token was sent to, or a sequence matching
+                       ``router_logits``; ids outside [0, E) (dropped slots) are not counted
+        token_mask:    optional (T,) bool/float: tokens with mask 0 (padding) count nowhere, as
+                       transformers' ``attention_mask`` (flattened) does
+    """
+    logits_layers, ids_layers = _layers("router_logits", router_logits), _layers("topk_ids", topk_ids)
+    if len(logits_layers) != len(ids_layers):
+        raise ValueError(
+            f"topk_ids: expected one tensor per layer of router_logits ({len(logits_layers)}), got {len(ids_layers)}"
+        )
+    check_tensor("router_logits", logits_layers[0], ndim=2, dtypes=FLOAT_DTYPES)
+    num_tokens, num_experts = logits_layers[0].shape
+    device = logits_layers[0].device
+    dtype = _compute_dtype(logits_layers[0])
+    slots_E = torch.zeros(num_experts, dtype=dtype, device=device)
+    prob_sum_E = torch.zeros(num_experts, dtype=dtype, device=device)
+    rows = None
+    for logits, ids in zip(logits_layers, ids_layers, strict=True):
+        check_tensor("router_logits", logits, shape=(num_tokens, num_experts), dtypes=FLOAT_DTYPES, device=device)
+        check_tensor("topk_ids", ids, ndim=2, dtypes=INDEX_DTYPES, device=device)
+        if ids.shape[0] != num_tokens:
+            raise ValueError(f"topk_ids: expected ({num_tokens}, K) like the logits' tokens, got {tuple(ids.shape)}")
+        weight_T = torch.ones(num_tokens, dtype=dtype, device=device)
+        if token_mask is not None:
+            check_tensor("token_mask", token_mask, shape=(num_tokens,), device=device)
+            weight_T = token_mask.to(dtype)
+        probs_TE = torch.softmax(logits.to(dtype), dim=-1)
+        valid_TK = (ids >= 0) & (ids < num_experts)
+        # Counts by scatter-add of exact small integers (order-independent, so deterministic); a dropped
+        # slot adds 0 at index 0.
+        slot_weight_TK = torch.where(valid_TK, weight_T[:, None], 0.0)
+        slots_E = slots_E.scatter_add(0, torch.where(valid_TK, ids, 0).long().reshape(-1), slot_weight_TK.reshape(-1))
+        prob_sum_E = prob_sum_E + (probs_TE * weight_T[:, None]).sum(dim=0)
+        rows = weight_T.sum() if rows is None else rows + weight_T.sum()
+    return num_experts * torch.sum((slots_E / rows) * (prob_sum_E / rows))
+
+
+def router_z_loss(router_logits: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    """ST-MoE's router z-loss: the mean over the tokens (of every layer given) of ``logsumexp(logits)**2``,
+    a scalar computed in fp32 (fp64 for fp64 logits)."""
+    layers = _layers("router_logits", router_logits)
+    for logits in layers:
+        check_tensor("router_logits", logits, ndim=2, dtypes=FLOAT_DTYPES, device=layers[0].device)
+    lse_T = torch.cat([torch.logsumexp(logits.to(_compute_dtype(logits)), dim=-1) for logits in layers])
+    return lse_T.square().mean()
