@@ -7,6 +7,7 @@ The graph passes: importing moe_ops installs a torch.compile (Inductor) pass tha
 PyTorch MoE code into these ops; ``disable()``, ``rewrites_disabled()`` and ``config`` control it.
 """
 
+from moe_ops.balancing import expert_counts, update_expert_bias
 from moe_ops.capacity import apply_capacity
 from moe_ops.expert_gemm import expert_gemm
 from moe_ops.fused_experts import fused_experts, fused_experts_ref
@@ -27,9 +28,11 @@ __all__ = [
     "apply_capacity",
     "capacity_from_factor",
     "expert_gemm",
-    # training losses
+    # training: router losses, auxiliary-loss-free balancing
     "load_balancing_loss",
     "router_z_loss",
+    "expert_counts",
+    "update_expert_bias",
     # plain-PyTorch references (the definition of each op's semantics)
     "route_ref",
     "fused_experts_ref",

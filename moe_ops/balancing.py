@@ -1,0 +1,58 @@
+"""Auxiliary-loss-free load balancing (DeepSeek-V3, torchtitan's ``expert_bias``): a per-expert fp32 bias
+added to the scores for the selection only (``moe_ops.route``'s ``correction_bias``), nudged after each
+optimizer step towards the experts that got fewer tokens.
+
+Shape legend: T tokens, K experts per token, E experts.
+
+Usage, with the counts accumulated on the device over the micro-batches of a step::
+
+    counts = torch.zeros(E, device="cuda")
+    ...                                      # each micro-batch, each layer:
+    counts += moe_ops.expert_counts(topk_ids, E)
+    ...
+    moe_ops.update_expert_bias(bias, counts, coeff=1e-3)   # before optimizer.step(); zeroes counts
+
+``optimizer.register_step_pre_hook(lambda *_: moe_ops.update_expert_bias(bias, counts, 1e-3))`` runs it
+as the optimizer's pre-hook.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe_ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_number, check_tensor
+
+
+def expert_counts(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(E,) fp32 slots routed to each expert, on the ids' device with no host sync; ids outside [0, E)
+    (dropped slots) are not counted. Exact small integers, summed in any order alike (deterministic)."""
+    check_tensor("topk_ids", topk_ids, ndim=2, dtypes=INDEX_DTYPES)
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts: expected a positive int, got {num_experts!r}")
+    ids_S = topk_ids.reshape(-1).long()
+    valid_S = (ids_S >= 0) & (ids_S < num_experts)
+    counts_E = torch.zeros(num_experts, dtype=torch.float32, device=topk_ids.device)
+    return counts_E.scatter_add(0, torch.where(valid_S, ids_S, 0), valid_S.to(torch.float32))
+
+
+@torch.no_grad()
+def update_expert_bias(expert_bias: torch.Tensor, tokens_per_expert: torch.Tensor, coeff: float) -> torch.Tensor:
+    """In place: ``expert_bias += d - mean(d)`` with ``d = coeff * sign(mean(counts) - counts)`` (the
+    DeepSeek-V3 / torchtitan rule: under-loaded experts up, over-loaded down, the bias kept zero-centred),
+    then ``tokens_per_expert`` zeroed for the next step. No host sync. Returns the applied delta.
+
+    Args:
+        expert_bias:       (E,) float32 (a buffer; it gets no gradient)
+        tokens_per_expert: (E,) float counts accumulated since the last update (``expert_counts``)
+        coeff:             the update speed (torchtitan's ``load_balance_coeff``; DeepSeek-V3: 1e-3)
+    """
+    check_tensor("expert_bias", expert_bias, ndim=1, dtypes=(torch.float32,))
+    check_tensor("tokens_per_expert", tokens_per_expert, shape=tuple(expert_bias.shape), dtypes=FLOAT_DTYPES,
+                 device=expert_bias.device)
+    check_number("coeff", coeff, minimum=0.0)
+    counts_E = tokens_per_expert.to(torch.float32)
+    delta_E = coeff * torch.sign(counts_E.mean() - counts_E)
+    delta_E = delta_E - delta_E.mean()
+    expert_bias.add_(delta_E)
+    tokens_per_expert.zero_()
+    return delta_E

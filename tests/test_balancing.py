@@ -1,0 +1,67 @@
+"""moe_ops.expert_counts and moe_ops.update_expert_bias: against a reference sequence written out over
+several steps; zero-centred bias; counts reset; dropped ids uncounted; no graph break."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moe_ops
+
+E, K = 8, 2
+
+
+def test_counts_skip_dropped_ids_and_compile_without_breaks():
+    ids = torch.tensor([[0, 1], [1, E], [-1, 7], [7, 7]], dtype=torch.int32)
+    assert moe_ops.expert_counts(ids, E).tolist() == [1, 2, 0, 0, 0, 0, 0, 3]
+    torch._dynamo.reset()
+    compiled = torch.compile(moe_ops.expert_counts, fullgraph=True)
+    assert torch.equal(compiled(ids, E), moe_ops.expert_counts(ids, E))
+
+
+def test_bias_update_follows_the_rule_over_steps():
+    """Over five steps of skewed routing (micro-batches accumulated), the bias moves as the rule says,
+    written out with Python numbers; it stays zero-centred and the counts are zeroed each step."""
+    torch.manual_seed(0)
+    bias, counts, coeff = torch.zeros(E), torch.zeros(E), 1e-2
+    want = [0.0] * E
+    for _ in range(5):
+        for _ in range(3):  # micro-batches
+            probs = torch.tensor([8.0, 4, 2, 1, 1, 1, 1, 1])
+            ids = torch.multinomial(probs.expand(64, -1), K)
+            counts += moe_ops.expert_counts(ids, E)
+        step_counts = counts.tolist()
+        mean = sum(step_counts) / E
+        delta = [coeff * ((mean > c) - (mean < c)) for c in step_counts]
+        want = [w + d - sum(delta) / E for w, d in zip(want, delta, strict=True)]
+        moe_ops.update_expert_bias(bias, counts, coeff)
+        torch.testing.assert_close(bias, torch.tensor(want), rtol=0, atol=1e-7)
+        assert (counts == 0).all() and abs(float(bias.sum())) < 1e-6
+    assert bias[0] < 0 < bias[-1]  # the crowded expert pushed down, a quiet one up
+
+
+def test_route_with_the_bias_spreads_the_load():
+    """The bias steers the selection only: route's weights stay the unbiased scores'; with a bias learned
+    from skewed logits the per-expert spread of the selection shrinks."""
+    torch.manual_seed(1)
+    logits = torch.randn(4096, E) + torch.linspace(1.0, 0.0, E)  # expert 0 favoured
+    bias, counts = torch.zeros(E), torch.zeros(E)
+    before = moe_ops.expert_counts(moe_ops.route(logits, K, scoring="sigmoid")[1], E)
+    for _ in range(50):
+        counts += moe_ops.expert_counts(moe_ops.route(logits, K, scoring="sigmoid", correction_bias=bias)[1], E)
+        moe_ops.update_expert_bias(bias, counts, 1e-2)
+    weights, ids = moe_ops.route(logits, K, scoring="sigmoid", correction_bias=bias)
+    after = moe_ops.expert_counts(ids, E)
+    assert after.std() < 0.5 * before.std()
+    torch.testing.assert_close(weights, torch.sigmoid(logits).gather(1, ids.long()))
+
+
+def test_errors_name_the_argument():
+    with pytest.raises(TypeError, match=r"expert_bias: expected dtype in \(float32\)"):
+        moe_ops.update_expert_bias(torch.zeros(E, dtype=torch.float64), torch.zeros(E), 1e-3)
+    with pytest.raises(ValueError, match=r"tokens_per_expert: expected shape \(8\)"):
+        moe_ops.update_expert_bias(torch.zeros(E), torch.zeros(E - 1), 1e-3)
+    with pytest.raises(ValueError, match=r"coeff: expected a finite number >= 0"):
+        moe_ops.update_expert_bias(torch.zeros(E), torch.zeros(E), -1.0)
+    with pytest.raises(ValueError, match=r"num_experts: expected a positive int"):
+        moe_ops.expert_counts(torch.zeros(2, 2, dtype=torch.int32), 0)
