@@ -20,19 +20,24 @@ from __future__ import annotations
 
 import torch
 
-from moe_ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_number, check_tensor
+from moe_ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_num_experts, check_number, check_tensor
 
 
-def expert_counts(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """(E,) fp32 slots routed to each expert, on the ids' device with no host sync; ids outside [0, E)
-    (dropped slots) are not counted. Exact small integers, summed in any order alike (deterministic)."""
+def expert_counts(
+    topk_ids: torch.Tensor, num_experts: int, token_weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(E,) slots routed to each expert, on the ids' device with no host sync; ids outside [0, E) (dropped
+    slots) are not counted. fp32 (the weight's dtype if given), exact for whole counts and so summed in
+    any order alike (deterministic). ``token_weight`` (T,): each token's slots count that much (a
+    padding mask)."""
     check_tensor("topk_ids", topk_ids, ndim=2, dtypes=INDEX_DTYPES)
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-        raise ValueError(f"num_experts: expected a positive int, got {num_experts!r}")
-    ids_S = topk_ids.reshape(-1).long()
-    valid_S = (ids_S >= 0) & (ids_S < num_experts)
-    counts_E = torch.zeros(num_experts, dtype=torch.float32, device=topk_ids.device)
-    return counts_E.scatter_add(0, torch.where(valid_S, ids_S, 0), valid_S.to(torch.float32))
+    check_num_experts(num_experts)
+    ids_TK = topk_ids.long()
+    valid_TK = (ids_TK >= 0) & (ids_TK < num_experts)
+    dtype = torch.float32 if token_weight is None else token_weight.dtype
+    slot_weight_TK = valid_TK.to(dtype) if token_weight is None else torch.where(valid_TK, token_weight[:, None], 0)
+    counts_E = torch.zeros(num_experts, dtype=dtype, device=topk_ids.device)
+    return counts_E.scatter_add(0, torch.where(valid_TK, ids_TK, 0).reshape(-1), slot_weight_TK.reshape(-1))
 
 
 @torch.no_grad()

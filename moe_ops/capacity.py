@@ -16,11 +16,18 @@ from __future__ import annotations
 
 import torch
 
-from moe_ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_tensor
+from moe_ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_num_experts, check_tensor
 from moe_ops.capacity_triton import apply_capacity_triton
 from moe_ops.layout import apply_capacity_torch
 
 POLICIES = ("position", "score")
+
+
+def _check_capacity_scalars(num_experts: int, capacity: int, policy: str) -> None:
+    check_num_experts(num_experts)
+    if isinstance(capacity, bool) or not isinstance(capacity, int):
+        raise TypeError(f"capacity: expected an int (< 0 for dropless), got {capacity!r}")
+    check_choice("policy", policy, POLICIES)
 
 
 def _check_capacity_args(topk_ids, topk_weights, num_experts: int, capacity: int, policy: str) -> None:
@@ -28,11 +35,7 @@ def _check_capacity_args(topk_ids, topk_weights, num_experts: int, capacity: int
     check_tensor(
         "topk_weights", topk_weights, shape=tuple(topk_ids.shape), dtypes=FLOAT_DTYPES, device=topk_ids.device
     )
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-        raise ValueError(f"num_experts: expected a positive int, got {num_experts!r}")
-    if isinstance(capacity, bool) or not isinstance(capacity, int):
-        raise TypeError(f"capacity: expected an int (< 0 for dropless), got {capacity!r}")
-    check_choice("policy", policy, POLICIES)
+    _check_capacity_scalars(num_experts, capacity, policy)
 
 
 def apply_capacity_ref(
@@ -87,6 +90,7 @@ def apply_capacity(
     Returns:
         ``(kept_ids (T, K) int32, num_dropped () int32)``, both on the ids' device, no host sync.
     """
-    # Checked before the op: its schema would turn capacity=True into 1 and refuse 1.5 in its own words.
-    _check_capacity_args(topk_ids, topk_weights, num_experts, capacity, policy)
+    # The scalars are checked before the op: its schema would turn capacity=True into 1 and refuse 1.5 in
+    # its own words. The op checks the tensors.
+    _check_capacity_scalars(num_experts, capacity, policy)
     return torch.ops.moe_ops.apply_capacity(topk_ids, topk_weights, num_experts, capacity, policy)

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from moe_ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
+from moe_ops.balancing import expert_counts
 
 
 def _layers(name: str, value) -> list[torch.Tensor]:
@@ -74,11 +75,7 @@ def load_balancing_loss(
             check_tensor("token_mask", token_mask, shape=(num_tokens,), device=device)
             weight_T = token_mask.to(dtype)
         probs_TE = torch.softmax(logits.to(dtype), dim=-1)
-        valid_TK = (ids >= 0) & (ids < num_experts)
-        # Counts by scatter-add of exact small integers (order-independent, so deterministic); a dropped
-        # slot adds 0 at index 0.
-        slot_weight_TK = torch.where(valid_TK, weight_T[:, None], 0.0)
-        slots_E = slots_E.scatter_add(0, torch.where(valid_TK, ids, 0).long().reshape(-1), slot_weight_TK.reshape(-1))
+        slots_E = slots_E + expert_counts(ids, num_experts, token_weight=weight_T)
         prob_sum_E = prob_sum_E + (probs_TE * weight_T[:, None]).sum(dim=0)
         rows = weight_T.sum() if rows is None else rows + weight_T.sum()
     return num_experts * torch.sum((slots_E / rows) * (prob_sum_E / rows))

@@ -67,6 +67,16 @@ def _order_key(x):
 
 
 @triton.jit
+def _take_best(key, cols, E_PAD: tl.constexpr, NONE: tl.constexpr):
+    """Each row's highest key, at the lowest column holding it (torch.topk's pick on CUDA): returns that
+    column, its mask, and the keys with it taken (set to NONE)."""
+    best = tl.max(key, axis=1)
+    best_at = tl.min(tl.where(key == best[:, None], cols[None, :], E_PAD), axis=1)
+    is_best = cols[None, :] == best_at[:, None]
+    return best_at, is_best, tl.where(is_best, NONE, key)
+
+
+@triton.jit
 def _route_kernel(
     logits_ptr, bias_ptr, weights_ptr, ids_ptr,
     T, E, group_size,
@@ -123,14 +133,9 @@ def _route_kernel(
             in_g = (col_group == g)[None, :] & col_ok_2d
             # The group's score is the sum of its top-2 choices (torch.topk(2): the two best keys, the
             # lower index first among equal ones, so a repeated best counts twice).
-            v = tl.where(in_g, key, NONE)
-            best = tl.max(v, axis=1)
-            best_at = tl.min(tl.where(v == best[:, None], cols[None, :], E_PAD), axis=1)
-            v = tl.where(cols[None, :] == best_at[:, None], NONE, v)
-            second = tl.max(v, axis=1)
-            second_at = tl.min(tl.where(v == second[:, None], cols[None, :], E_PAD), axis=1)
-            picked = (cols[None, :] == best_at[:, None]) | (cols[None, :] == second_at[:, None])
-            s = tl.sum(tl.where(picked, choice, 0.0), axis=1)  # exact: the other terms are +0
+            _, is_first, v = _take_best(tl.where(in_g, key, NONE), cols, E_PAD, NONE)
+            _, is_second, v = _take_best(v, cols, E_PAD, NONE)
+            s = tl.sum(tl.where(is_first | is_second, choice, 0.0), axis=1)  # exact: the other terms are +0
             s_key = _order_key(s)
             group_key = tl.where(groups[None, :] == g, s_key[:, None], group_key)
             col_group_key = tl.where(in_g, s_key[:, None], col_group_key)
@@ -150,10 +155,7 @@ def _route_kernel(
     sel_score = tl.zeros((BLOCK_T, K_PAD), dtype=compute_dtype)
     sel_id = tl.zeros((BLOCK_T, K_PAD), dtype=tl.int32)
     for j in range(K):
-        best = tl.max(key, axis=1)
-        best_at = tl.min(tl.where(key == best[:, None], cols[None, :], E_PAD), axis=1)
-        is_best = cols[None, :] == best_at[:, None]
-        key = tl.where(is_best, NONE, key)
+        best_at, is_best, key = _take_best(key, cols, E_PAD, NONE)
         # Exact gather: every other term of the sum is +0 (a NaN score is kept by the where).
         s = tl.sum(tl.where(is_best, scores, 0.0), axis=1)
         sel_score = tl.where(ks[None, :] == j, s[:, None], sel_score)
