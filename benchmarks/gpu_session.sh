@@ -23,6 +23,10 @@ mkdir -p "$OUT"
 SITE=/tmp/moe_ops_site
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target "$SITE" "${MOE_OPS_WHEEL:-.}" \
   || { echo "gpu_session: could not install moe_ops from ${MOE_OPS_WHEEL:-this tree}" >&2; exit 1; }
+# Test-only wheels the GPU box lacks (expecttest) travel in .whl/ (the device tool's carry).
+for wheel in .whl/expecttest-*.whl; do
+  [ -e "$wheel" ] && python3 -m pip install -q --no-index --no-deps --upgrade --target "$SITE" "$wheel"
+done
 export PYTHONUNBUFFERED=1 PYTHONPATH="$SITE:$PWD/benchmarks:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"
 LIMIT=${STAGE_TIMEOUT:-300}
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
@@ -36,9 +40,17 @@ for stage in "$@"; do
       # test_expert_gemm.py) holds ~67 GB, so the other GPU-heavy file (real shapes) shares its group.
       # test_lowering.py and test_export.py (AOTInductor's C++ compiles) each take ~7 minutes alone.
       pids=()
-      for group in "test_expert_gemm.py test_fused_experts*.py" "test_routing.py test_docs.py" \
-                   "test_schedule.py test_capacity.py test_joint_rewrite.py" \
-                   "test_passes_*.py test_hf_*.py" "test_lowering.py" "test_export.py"; do
+      groups=("test_expert_gemm.py test_fused_experts*.py" "test_routing.py test_docs.py test_properties.py" \
+              "test_schedule.py test_capacity.py test_joint_rewrite.py" "test_passes_*.py test_hf_*.py" \
+              "test_lowering.py" "test_export.py")
+      # Every other test file (the CPU-only units among them) runs in one more group.
+      rest=""; for f in tests/test_*.py; do
+        name=$(basename "$f"); grouped=0
+        for group in "${groups[@]}"; do for pattern in $group; do [[ $name == $pattern ]] && grouped=1; done; done
+        [ $grouped = 0 ] && rest="$rest $name"
+      done
+      groups+=("$rest")
+      for group in "${groups[@]}"; do
         files=(); for pattern in $group; do for f in tests/$pattern; do [ -e "$f" ] && files+=("$f"); done; done
         timeout "$LIMIT" python3 -P -m pytest -q -rfE -p no:cacheprovider "${files[@]}" > "$OUT/pytest_${#pids[@]}.log" 2>&1 &
         pids+=($!)

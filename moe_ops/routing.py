@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from moe_ops._autograd import register_reference_autograd
 from moe_ops._checks import FLOAT_DTYPES, check_choice, check_int, check_number, check_tensor
+from moe_ops._compat.dispatch import autograd_inside_custom_op
 from moe_ops._dispatch import direct_cuda_call_allowed
 from moe_ops.routing_triton import route_triton
 
@@ -115,14 +115,40 @@ def route_ref(
         choice_TE = choice_TE.masked_fill(~keep_TE, float("-inf"))
 
     ids_TK = torch.topk(choice_TE, k, dim=-1).indices
+    weights_TK = route_weights_ref(
+        logits, ids_TK, scoring, softmax_after_topk, renormalize, renorm_eps, routed_scaling_factor
+    )
+    return weights_TK, ids_TK.to(torch.int32)
 
-    weights_TK = scores_TE.gather(1, ids_TK)
+
+def route_weights_ref(
+    logits: torch.Tensor,
+    ids_TK: torch.Tensor,
+    scoring: str,
+    softmax_after_topk: bool,
+    renormalize: bool,
+    renorm_eps: float,
+    routed_scaling_factor: float,
+) -> torch.Tensor:
+    """The routing weights of the chosen ``ids_TK`` (T, K): route's weights once the selection is made.
+
+    route's backward differentiates this at the ids its forward returned, never re-selecting: the
+    order among tied ids is unspecified, so a second top-k could pair a weight's gradient with
+    another expert.
+    """
+    x_TE = logits.to(_weight_dtype(logits))
+    ids_TK = ids_TK.long()
     if softmax_after_topk:
-        weights_TK = torch.softmax(weights_TK, dim=-1)
+        return _renormalized(torch.softmax(x_TE.gather(1, ids_TK), dim=-1), renormalize, renorm_eps,
+                             routed_scaling_factor)
+    scores_TE = torch.softmax(x_TE, dim=-1) if scoring == "softmax" else torch.sigmoid(x_TE)
+    return _renormalized(scores_TE.gather(1, ids_TK), renormalize, renorm_eps, routed_scaling_factor)
+
+
+def _renormalized(weights_TK, renormalize, renorm_eps, routed_scaling_factor):
     if renormalize:
         weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + renorm_eps)
-    weights_TK = weights_TK * routed_scaling_factor
-    return weights_TK, ids_TK.to(torch.int32)
+    return weights_TK * routed_scaling_factor
 
 
 @torch.library.custom_op("moe_ops::route", mutates_args=())
@@ -165,7 +191,48 @@ def _(logits, k, scoring, softmax_after_topk, renormalize, renorm_eps, correctio
     )
 
 
-register_reference_autograd(_route_op, route_ref, differentiable=("logits",))
+@torch.library.custom_op("moe_ops::route_backward", mutates_args=())
+def _route_backward_op(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    grad_weights: torch.Tensor,
+    scoring: str,
+    softmax_after_topk: bool,
+    renormalize: bool,
+    renorm_eps: float,
+    routed_scaling_factor: float,
+) -> torch.Tensor:
+    """Gradient of route's weights w.r.t. the logits, at the ids route's forward chose."""
+    with autograd_inside_custom_op():
+        leaf = logits.detach().requires_grad_(True)
+        weights_TK = route_weights_ref(
+            leaf, ids, scoring, softmax_after_topk, renormalize, renorm_eps, routed_scaling_factor
+        )
+        (grad_logits,) = torch.autograd.grad(weights_TK, leaf, grad_weights)
+    return grad_logits
+
+
+@_route_backward_op.register_fake
+def _(logits, ids, grad_weights, scoring, softmax_after_topk, renormalize, renorm_eps,
+      routed_scaling_factor):
+    return torch.empty_like(logits)
+
+
+def _route_setup_context(ctx, inputs, output):
+    (logits, _, scoring, softmax_after_topk, renormalize, renorm_eps, _, _, _, routed_scaling_factor) = inputs
+    ctx.save_for_backward(logits, output[1])
+    ctx.weight_args = (scoring, softmax_after_topk, renormalize, renorm_eps, routed_scaling_factor)
+
+
+def _route_backward(ctx, grad_weights, _grad_ids):
+    logits, ids = ctx.saved_tensors
+    if grad_weights is None:
+        return (None,) * 10
+    grad_logits = torch.ops.moe_ops.route_backward(logits, ids, grad_weights, *ctx.weight_args)
+    return (grad_logits,) + (None,) * 9
+
+
+torch.library.register_autograd(_route_op, _route_backward, setup_context=_route_setup_context)
 
 
 def route(

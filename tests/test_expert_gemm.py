@@ -356,6 +356,6 @@ got, want = expert_gemm_triton(*args).float(), expert_gemm_ref(*args).float()
 print(((got - want).abs().max() / want.abs().max()).item())
 """
     env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-P", "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert float(result.stdout.strip().splitlines()[-1]) < 2e-2

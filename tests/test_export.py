@@ -261,7 +261,7 @@ def load_in_subprocess(package, inputs_path, outputs_path, import_moe_ops: bool)
         outputs = [compiled(x) for x in torch.load({str(inputs_path)!r})]
         torch.save([o[0] if isinstance(o, (tuple, list)) else o for o in outputs], {str(outputs_path)!r})
     """)
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-P", "-c", script], capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture

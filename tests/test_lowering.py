@@ -329,7 +329,7 @@ def test_route_and_schedule_kernels_in_the_graph(dynamic):
     launch; a dynamic T launches the three-kernel schedule with tiles for any T, grids in T."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     script = _IN_GRAPH_CODE.format(tests=os.path.dirname(__file__), tokens=T, dynamic=dynamic)
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-P", "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     calls = result.stdout.split("def call(")[1].split("\nrunner = ")[0]
     launches = re.findall(r"(_\w+_kernel)_\d+\.run\(", calls)

@@ -38,6 +38,12 @@ def test_one_import_name(tmp_path):
     assert {name.split("/")[0] for name in names} == {"moe_ops", wheel.name.split("-py3")[0] + ".dist-info"}
     assert {"moe_ops/lowering/__init__.py", "moe_ops/lowering/passes.py", "moe_ops/lowering/graph/route_rewrite.py",
             "moe_ops/lowering/inductor/kernel_calls.py"} <= set(names)
+    # Every module of the tree is in the wheel (a package folder left out of pyproject's list is not).
+    tree = {f"{prefix}/{path.relative_to(ROOT / folder)}"
+            for folder, prefix in (("moe_ops", "moe_ops"), ("lowering", "moe_ops/lowering"))
+            for path in (ROOT / folder).rglob("*.py")}
+    assert tree - set(names) == set()
+    assert {name for name in names if name.endswith(".py")} == tree
 
 
 def test_a_users_lowering_module_does_not_shadow_the_library(tmp_path):
@@ -104,7 +110,7 @@ def test_architecture_map_names_every_module():
 def _fresh(script: str) -> str:
     """stdout of ``script`` in a fresh interpreter, with Inductor's caches off (a cache hit skips the passes)."""
     env = dict(os.environ, TORCHINDUCTOR_FX_GRAPH_CACHE="0", TORCHINDUCTOR_AUTOGRAD_CACHE="0")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
+    result = subprocess.run([sys.executable, "-P", "-c", script], capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 

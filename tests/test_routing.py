@@ -342,6 +342,37 @@ def _spread_logits(num_tokens, num_experts, step=0.37):
     return (perm.double() - num_experts / 2) * step
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("mode", list(OPCHECK_CASES))
+def test_backward_pairs_each_weight_with_the_forward_ids(mode, device):
+    """bf16-like logits tie often; the order among tied ids is unspecified, so the gradient of the
+    j-th weight must go to the logit of the j-th id the forward returned (a backward that re-selected
+    could swap two tied experts' gradients)."""
+    num_experts, k, cfg = OPCHECK_CASES[mode]
+    torch.manual_seed(0)
+    logits = (torch.randint(0, 3, (256, num_experts), device=device).float() * 0.5).requires_grad_(True)
+    bias = None if mode != "deepseek_v3" else torch.zeros(num_experts, device=device)
+    weights, ids = route(logits, k, correction_bias=bias, **cfg)
+    grad_TK = torch.randn_like(weights)
+    (got,) = torch.autograd.grad(weights, logits, grad_TK)
+    leaf = logits.detach().requires_grad_(True)
+    weight_args = (cfg.get("scoring", "softmax"), cfg.get("softmax_after_topk", False),
+                   cfg.get("renormalize", False), cfg.get("renorm_eps", 0.0), cfg.get("routed_scaling_factor", 1.0))
+    (want,) = torch.autograd.grad(routing.route_weights_ref(leaf, ids, *weight_args), leaf, grad_TK)
+    torch.testing.assert_close(got, want)
+
+
+def test_backward_op_uses_the_ids_it_is_given():
+    logits = torch.randn(5, 8, dtype=torch.float64)
+    ids = torch.topk(logits, 3).indices.flip(-1).to(torch.int32)  # not the order a top-k returns
+    grad_TK = torch.randn(5, 3, dtype=torch.float64)
+    got = torch.ops.moe_ops.route_backward(logits, ids, grad_TK, "softmax", False, True, 0.0, 2.0)
+    leaf = logits.clone().requires_grad_(True)
+    probs = torch.softmax(leaf, dim=-1).gather(1, ids.long())
+    (want,) = torch.autograd.grad(2.0 * probs / probs.sum(-1, keepdim=True), leaf, grad_TK)
+    torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize(
     "mode,num_experts,k",
     [("mixtral", 8, 2), ("qwen2", 8, 3), ("gpt_oss", 16, 4), ("deepseek_v3", 16, 4)],
