@@ -15,7 +15,7 @@ from moe_ops.layout import BlockSchedule, capacity_from_factor
 from moe_ops.losses import load_balancing_loss, router_z_loss
 from moe_ops.lowering.install import disable, enable, rewrites_disabled
 from moe_ops.lowering.settings import config
-from moe_ops.routing import route, route_ref
+from moe_ops.routing import route, route_ref, router_jitter
 from moe_ops.schedule import block_schedule
 
 __all__ = [
@@ -28,9 +28,10 @@ __all__ = [
     "apply_capacity",
     "capacity_from_factor",
     "expert_gemm",
-    # training: router losses, auxiliary-loss-free balancing
+    # training: router losses, router jitter, auxiliary-loss-free balancing
     "load_balancing_loss",
     "router_z_loss",
+    "router_jitter",
     "expert_counts",
     "update_expert_bias",
     # plain-PyTorch references (the definition of each op's semantics)

@@ -6,7 +6,10 @@ A dropped slot gets the id ``E``, the sentinel every op skips (its token gets no
 that choice). Ids already outside ``[0, E)`` pass through unchanged and are not counted as dropped.
 Which slots an expert keeps:
 
-* ``policy="position"``: its ``capacity`` lowest slot numbers (token order, GShard/Switch style);
+* ``policy="position"``: its ``capacity`` lowest slot numbers (token order: a token's second choice
+  outranks a later token's first; Switch Transformers with K = 1, Megatron's "position");
+* ``policy="gshard"``: every token's first choice before any token's second choice, each choice in
+  token order (GShard's order: later tokens keep their first choice before earlier tokens' second);
 * ``policy="score"``: its ``capacity`` highest ``topk_weights``, ties to the lower slot.
 
 ``capacity < 0`` means dropless (ids unchanged). Not differentiable: only ids come out.
@@ -20,7 +23,7 @@ from moe_ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_num_
 from moe_ops.capacity_triton import apply_capacity_triton
 from moe_ops.layout import apply_capacity_torch
 
-POLICIES = ("position", "score")
+POLICIES = ("position", "gshard", "score")
 
 
 def _check_capacity_scalars(num_experts: int, capacity: int, policy: str) -> None:
@@ -85,7 +88,9 @@ def apply_capacity(
         topk_weights: (T, K) float        routing weights (ranks the slots for ``policy="score"``)
         num_experts:  E
         capacity:     slots each expert keeps; < 0: dropless (see :func:`capacity_from_factor`)
-        policy:       "position" (lowest slot numbers kept) | "score" (highest weights, ties -> lower slot)
+        policy:       "position" (lowest slot numbers kept) | "gshard" (first choices of every token
+                      before second choices, each in token order) | "score" (highest weights, ties ->
+                      lower slot)
 
     Returns:
         ``(kept_ids (T, K) int32, num_dropped () int32)``, both on the ids' device, no host sync.

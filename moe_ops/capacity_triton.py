@@ -7,7 +7,7 @@ the slot is kept iff that rank is below ``capacity``. One launch when all slots 
 else three. ``num_dropped = sum_e max(count_e - capacity, 0)``, computed by program 0 from the counts,
 so no atomics and no second reduction pass.
 
-``policy="score"`` runs device-side torch ops (two stable sorts; see ``_apply_capacity_torch``).
+``policy="score"`` and ``"gshard"`` run device-side torch ops (stable sorts; see ``apply_capacity_torch``).
 Neither path synchronises with the host, so both can be captured in a CUDA graph.
 """
 
@@ -76,7 +76,7 @@ def apply_capacity_triton(
     num_slots = topk_ids.numel()
     if capacity < 0 or num_slots == 0:
         return topk_ids.to(torch.int32, copy=True), torch.zeros((), dtype=torch.int32, device=device)
-    if policy == "score":
+    if policy != "position":
         return apply_capacity_torch(topk_ids, topk_weights, num_experts, capacity, policy)
 
     capacity = min(capacity, num_slots)  # keeps the kernel argument in int32

@@ -19,6 +19,7 @@ from moe_ops._autograd import register_reference_autograd
 from moe_ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_kernel_dtype, check_tensor
 from moe_ops._dispatch import direct_cuda_call_allowed
 from moe_ops.activations import ACTIVATIONS, CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT, activate_ref
+from moe_ops.capacity import POLICIES as CAPACITY_POLICIES
 from moe_ops.capacity import apply_capacity_ref
 from moe_ops.capacity_triton import apply_capacity_triton
 from moe_ops.expert_gemm_triton import expert_gemm_triton
@@ -28,7 +29,6 @@ from moe_ops.schedule_triton import block_schedule_triton, rows_in_schedule_orde
 from moe_ops.tiles import choose_block_m, tma_applies, tma_device, tma_pays
 
 LAYOUTS = ("EFH", "EHF")
-DROP_POLICIES = ("position", "score")
 
 
 class ExpertWeights:
@@ -59,7 +59,7 @@ def _check_fused_args(
     check_tensor("topk_weights", topk_weights, shape=tuple(topk_ids.shape), dtypes=FLOAT_DTYPES, device=x.device)
     check_choice("layout", layout, LAYOUTS)
     check_choice("activation", activation, ACTIVATIONS)
-    check_choice("drop_policy", drop_policy, DROP_POLICIES)
+    check_choice("drop_policy", drop_policy, CAPACITY_POLICIES)
     if activation == "clamped_swiglu" and not gated:
         raise ValueError("activation: 'clamped_swiglu' needs gated=True")
     if interleaved and (w_up is not None or not gated):
@@ -287,8 +287,9 @@ def fused_experts(
                       alpha, limit) | "none"
         gated:        act(gate) * up; False for a plain act(x W1) W2 MLP (w_gate_up is then W1)
         capacity_factor: 0 = dropless; else each expert takes at most ceil(cf * T * K / E) slots and
-                      the rest contribute zero, chosen by drop_policy "position" (token order) or
-                      "score" (highest routing weight kept)
+                      the rest contribute zero, chosen by drop_policy "position" (slot order),
+                      "gshard" (first choices before second choices) or "score" (highest routing
+                      weight kept); see :func:`moe_ops.apply_capacity`
         return_num_dropped: also return the number of dropped slots (0-dim int32 tensor)
 
     Returns:

@@ -69,13 +69,17 @@ def expert_order(expert_S: torch.Tensor, num_experts: int, first: torch.Tensor |
 
 def apply_capacity_torch(topk_ids, topk_weights, num_experts: int, capacity: int, policy: str):
     """The capacity rule in device-side torch ops (no host sync); used by the reference and, for
-    ``policy="score"``, by the CUDA kernel."""
+    ``policy="score"`` and ``"gshard"``, by the CUDA kernel."""
     expert_S = topk_ids.reshape(-1).long()
     valid_S = (expert_S >= 0) & (expert_S < num_experts)
     if policy == "score":
         # Stable sort by descending weight (ties keep the lower slot), then stably by expert.
         by_weight = torch.sort(topk_weights.reshape(-1), descending=True, stable=True).indices
         order, rank = expert_order(expert_S, num_experts, first=by_weight)
+    elif policy == "gshard":
+        # Slots by choice, then token: (j, t) order is the transposed (T, K) slot grid.
+        by_choice = torch.arange(expert_S.numel(), device=expert_S.device).view(topk_ids.shape).t().reshape(-1)
+        order, rank = expert_order(expert_S, num_experts, first=by_choice)
     else:
         order, rank = expert_order(expert_S, num_experts)
     rank_S = torch.empty_like(rank).scatter_(0, order, rank)

@@ -286,3 +286,25 @@ def route(
     if direct_cuda_call_allowed(router_logits, correction_bias):
         return _route_cuda(*args)
     return torch.ops.moe_ops.route(*args)
+
+
+def router_jitter(router_input: torch.Tensor, eps: float) -> torch.Tensor:
+    """Multiplicative jitter of the router's input for training (Megablocks' ``moe_jitter_eps``,
+    Switch Transformers): ``router_input * u`` with u ~ U[1 - eps, 1 + eps) drawn per element, from
+    torch's generator (so ``torch.manual_seed`` repeats it; under torch.compile, Inductor's RNG).
+
+    It applies to what the gate's linear layer reads, not to the logits :func:`route` takes, so it is a
+    function of its own: ``logits = gate(moe_ops.router_jitter(x, 0.01) if self.training else x)``.
+    The experts still read the un-jittered ``x``. ``eps = 0`` returns ``router_input`` itself.
+
+    Args:
+        router_input: floating tensor of any shape
+        eps:          0 <= eps < 1
+    """
+    check_tensor("router_input", router_input, dtypes=FLOAT_DTYPES)
+    check_number("eps", eps, minimum=0.0)
+    if eps >= 1:
+        raise ValueError(f"eps: expected 0 <= eps < 1 (a factor in [1 - eps, 1 + eps)), got {eps}")
+    if eps == 0:
+        return router_input
+    return router_input * torch.empty_like(router_input).uniform_(1.0 - eps, 1.0 + eps)

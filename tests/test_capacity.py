@@ -16,7 +16,7 @@ from moe_ops.capacity import apply_capacity, apply_capacity_ref
 from moe_ops.capacity_triton import apply_capacity_triton
 from moe_ops.layout import capacity_from_factor
 
-POLICIES = ("position", "score")
+POLICIES = ("position", "gshard", "score")
 
 
 def _loop_capacity(ids, weights, num_experts, capacity, policy):
@@ -29,6 +29,8 @@ def _loop_capacity(ids, weights, num_experts, capacity, policy):
             slots = [s for s, x in enumerate(out) if x == e]
             if policy == "score":
                 slots.sort(key=lambda s: (-w[s], s))
+            elif policy == "gshard":
+                slots.sort(key=lambda s: (s % ids.shape[1], s))  # choice j = s % K first, then token
             for s in slots[capacity:]:
                 out[s] = num_experts
                 dropped += 1
@@ -80,6 +82,9 @@ def test_reference_semantics():
     weights = torch.tensor([[0.1, 0.5], [0.3, 0.9], [0.3, 0.2], [0.7, 0.3]])
     kept, n = apply_capacity_ref(ids, weights, 4, 2, "position")  # expert 0: slots 0, 2 kept
     assert kept.tolist() == [[0, 1], [0, 9], [4, 1], [4, 4]] and int(n) == 3
+    # gshard: expert 1's first choices (slot 6, token 3) go before its second choices (slots 1, 5).
+    kept, n = apply_capacity_ref(ids, weights, 4, 2, "gshard")
+    assert kept.tolist() == [[0, 1], [0, 9], [4, 4], [1, 4]] and int(n) == 3
     # score: expert 0 has 0.1, 0.3, 0.3, 0.3 at slots 0, 2, 4, 7 -> the tie keeps slots 2 and 4.
     kept, n = apply_capacity_ref(ids, weights, 4, 2, "score")
     assert kept.tolist() == [[4, 1], [0, 9], [0, 4], [1, 4]] and int(n) == 3

@@ -15,7 +15,8 @@ SCRIPTS = [*sorted((REPO / "docs" / "examples").glob("*.py")), REPO / "demo.py"]
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(REPO)))
 def test_script_runs(script: Path):
     result = subprocess.run(
-        [sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=600
+        # -P: the script's folder (the repository root for demo.py) must not shadow the installed moe_ops.
+        [sys.executable, "-P", str(script)], cwd=REPO, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, (
         f"{script.relative_to(REPO)} exited {result.returncode}\n"

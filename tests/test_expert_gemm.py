@@ -343,6 +343,10 @@ def test_interpreter_bf16_dot_is_right_without_test_setup():
     import subprocess
     import sys
 
+    import numpy
+
+    if tuple(int(part) for part in numpy.__version__.split(".")[:2]) >= (2, 3):
+        pytest.skip(f"Triton 3.6's interpreter needs numpy < 2.3 (the test extra's pin), not {numpy.__version__}")
     script = """
 import torch
 from moe_ops.expert_gemm import expert_gemm_ref

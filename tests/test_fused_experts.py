@@ -226,7 +226,7 @@ def test_plain_mlp_with_bias(activation):
     assert_close_rel(got, want, torch.float16, activation)
 
 
-@pytest.mark.parametrize("policy", ["position", "score"])
+@pytest.mark.parametrize("policy", ["position", "gshard", "score"])
 def test_capacity(policy):
     T, K, E = 32, 2, 4
     skewed = torch.multinomial(torch.tensor([8.0, 1.0, 1.0, 1.0]).expand(T, E), K)

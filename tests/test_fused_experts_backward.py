@@ -16,7 +16,8 @@ NAMES = ("x", "topk_weights", "w_gate_up", "w_down", "w_up", "b_gate_up", "b_up"
 
 
 def make_args(T, K, E, H, Fi, dtype, device, *, layout="EFH", interleaved=False, activation="silu", gated=True,
-              separate_up=False, biases=False, capacity_factor=0.0, sentinels=False, column_major_weights=False):
+              separate_up=False, biases=False, capacity_factor=0.0, drop_policy="position", sentinels=False,
+              column_major_weights=False):
     """The op's positional arguments for a random layer in the given form."""
     gen = torch.Generator().manual_seed(T * 7 + E)
     randn = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
@@ -39,7 +40,7 @@ def make_args(T, K, E, H, Fi, dtype, device, *, layout="EFH", interleaved=False,
     on = lambda t: None if t is None else t.to(device)  # noqa: E731
     return (cast(x), on(weights), on(ids.to(torch.int32)), cast(w_gate_up), cast(w_down), cast(w_up),
             on(b_gate_up), on(b_up), on(b_down), layout, interleaved, activation, gated, 1.702, 7.0,
-            capacity_factor, "position")
+            capacity_factor, drop_policy)
 
 
 def reference_grads(args, grad_TH):
@@ -97,6 +98,8 @@ FORMS = {
     "gelu_tanh": dict(activation="gelu_tanh"),
     "relu_biases": dict(activation="relu", biases=True),
     "capacity_drops": dict(capacity_factor=0.5),
+    "capacity_gshard_order": dict(capacity_factor=0.5, drop_policy="gshard"),
+    "capacity_score_order": dict(capacity_factor=0.5, drop_policy="score"),
     "sentinel_ids": dict(sentinels=True),
     "column_major_routing_weights": dict(column_major_weights=True),
 }

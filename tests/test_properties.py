@@ -44,13 +44,14 @@ def _draw(seed: int) -> dict:
         layout=pick(["EFH", "EHF"]), interleaved=gated and pick([False, True]), gated=gated,
         activation=pick(list(ACTIVATIONS) + (["clamped_swiglu"] if gated else [])),
         skew=pick([False, True]), outside_ids=pick([False, True]),
-        capacity_factor=pick([0.0, 0.0, 0.5, 1.25]), drop_policy=pick(["position", "score"]), generator=g,
+        capacity_factor=pick([0.0, 0.0, 0.5, 1.25]), drop_policy=pick(["position", "gshard", "score"]), generator=g,
     )
 
 
 def _capacity_keep(ids, weights, num_experts, factor, policy):
     """Which slots an expert keeps under a capacity of ceil(factor * T * K / E) slots: the lowest slot
-    numbers ("position") or the highest weights, the lower slot first among equal ones ("score")."""
+    numbers ("position"), the first choices of every token before the second choices ("gshard"), or the
+    highest weights, the lower slot first among equal ones ("score")."""
     T, K = ids.shape
     keep = [[True] * K for _ in range(T)]
     if factor <= 0:
@@ -60,6 +61,8 @@ def _capacity_keep(ids, weights, num_experts, factor, policy):
         slots = [(t, k) for t in range(T) for k in range(K) if int(ids[t, k]) == e]
         if policy == "score":
             slots.sort(key=lambda tk: (-float(weights[tk]), tk[0] * K + tk[1]))
+        elif policy == "gshard":
+            slots.sort(key=lambda tk: (tk[1], tk[0]))
         for t, k in slots[capacity:]:
             keep[t][k] = False
     return keep
@@ -172,7 +175,7 @@ def test_block_schedule_against_a_loop(seed):
     assert got.expert_counts.tolist() == counts and got.expert_offsets.tolist() == offsets
 
 
-@pytest.mark.parametrize("policy", ["position", "score"])
+@pytest.mark.parametrize("policy", ["position", "gshard", "score"])
 @pytest.mark.parametrize("seed", range(NUM_CASES), ids=[f"case_{s}" for s in range(NUM_CASES)])
 def test_apply_capacity_against_a_loop(seed, policy):
     from moe_ops.capacity_triton import apply_capacity_triton

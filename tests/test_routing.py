@@ -530,3 +530,39 @@ def test_cuda_autograd_through_kernel():
 def test_module_docstrings():
     assert "Args:" in route.__doc__ and "Returns:" in route.__doc__
     assert routing.route_ref.__doc__
+
+
+# ---- Router jitter ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_router_jitter_scales_each_element_within_eps(dtype):
+    x = (torch.rand(512, 64) + 0.5).to(dtype).requires_grad_(True)
+    torch.manual_seed(1)
+    out = routing.router_jitter(x, 0.1)
+    factor = out.detach().float() / x.detach().float()
+    slack = 1e-2 if dtype == torch.bfloat16 else 1e-6  # the product's rounding
+    assert factor.min() >= 0.9 - slack and factor.max() <= 1.1 + slack
+    assert abs(factor.mean().item() - 1.0) < 5e-3 and factor.std().item() > 0.05  # ~0.1/sqrt(3)
+    (grad,) = torch.autograd.grad(out.float().sum(), x)
+    torch.testing.assert_close(grad.float(), factor, rtol=2e-2, atol=0)  # d(x u)/dx = u
+    torch.manual_seed(1)
+    torch.testing.assert_close(routing.router_jitter(x, 0.1), out)  # torch's generator: seeded, repeated
+
+
+def test_router_jitter_off_and_bad_input():
+    x = torch.randn(4, 8)
+    assert routing.router_jitter(x, 0.0) is x
+    with pytest.raises(ValueError, match=r"eps: expected 0 <= eps < 1"):
+        routing.router_jitter(x, 1.0)
+    with pytest.raises(ValueError, match=r"eps: expected a finite number >= 0.0, got -0.1"):
+        routing.router_jitter(x, -0.1)
+    with pytest.raises(TypeError, match=r"router_input: expected dtype in"):
+        routing.router_jitter(torch.ones(3, dtype=torch.int64), 0.1)
+
+
+def test_router_jitter_compiles():
+    x = torch.rand(64, 32) + 1.0
+    out = torch.compile(lambda t: routing.router_jitter(t, 0.05), fullgraph=True, backend="inductor")(x)
+    factor = out / x
+    assert factor.min() >= 0.95 - 1e-6 and factor.max() <= 1.05 + 1e-6 and factor.std() > 0.01
