@@ -133,3 +133,37 @@ def test_rewritten_block_and_plain_topk_say_nothing_at_info(caplog):
         torch.compile(_gpt_fast_block(F.silu))(torch.randn(10, H))
         torch.compile(sampler)(torch.randn(4, 50))
     assert _not_rewritten_lines(caplog) == []
+
+
+@pytest.mark.usefixtures("fresh_compile_state")
+def test_top1_router_with_capacity_says_it_is_not_rewritten(caplog):
+    """Switch Transformers' router (a max over the softmax, then a capacity mask from a cumsum of the
+    one-hot choices) is no form the rewrites know: the compiled block computes eager's result and the
+    log names the router's line; an argmax over a softmax is explained alike, a max over other values
+    (attention scores, a sampler's logits) is no router."""
+    import logging
+
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.switch_transformers import modeling_switch_transformers as switch
+
+    config = transformers.SwitchTransformersConfig(d_model=H, d_ff=F_, num_experts=4, expert_capacity=3)
+    block = switch.SwitchTransformersSparseMLP(config).eval()
+    w_router = torch.randn(E, H)
+
+    def argmax_router(x):
+        ids = torch.argmax(F.softmax(x @ w_router.T, dim=-1), dim=-1)  # ARGMAX LINE
+        return x * (ids[:, None] + 1).to(x.dtype)
+
+    def max_of_scores(x):
+        return x * torch.max(x @ w_router.T, dim=-1).indices[:, None].to(x.dtype)
+
+    with caplog.at_level(logging.INFO, logger="moe_ops"), torch.no_grad():
+        x = torch.randn(2, 8, H)
+        torch.testing.assert_close(torch.compile(block)(x), block(x))
+        x = torch.randn(10, H)
+        for fn in (argmax_router, max_of_scores):
+            torch.testing.assert_close(torch.compile(fn)(x), fn(x))
+    messages = _not_rewritten_lines(caplog)
+    assert len(messages) == 2, messages
+    assert "modeling_switch_transformers.py" in messages[0] and "torch.max(router_probs, dim=-1" in messages[0]
+    assert "ids = torch.argmax(F.softmax(x @ w_router.T, dim=-1), dim=-1)" in messages[1]

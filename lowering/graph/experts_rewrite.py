@@ -306,6 +306,9 @@ _explained: set[str] = set()
 _PASS_THROUGH = (prims.convert_element_type.default, aten.view.default, aten.reshape.default, aten.clone.default,
                  aten._to_copy.default)
 _ROUTERS = (aten.topk.default, torch.ops.moe_ops.route.default)
+# Top-1 routers written as a max or argmax over the experts' softmax (Switch Transformers): explained
+# like the top-ks; a max over anything else (a sampler's logits, attention scores) is no router.
+_TOP1 = (aten.max.dim, aten.argmax.default)
 _MASK_WRITES = (aten.scatter.value, aten.scatter_.value, aten.scatter.src)
 
 
@@ -337,6 +340,41 @@ def _router_ids(node: Node) -> Node | None:
     return None
 
 
+def _is_softmax_over_last_dim(node) -> bool:
+    """``node`` (through casts and views) is a softmax over its last dim, as the op or as Inductor
+    decomposes it (exp(x - amax) / sum(exp(x - amax), -1))."""
+    while _calls(node, _PASS_THROUGH):
+        node = node.args[0]
+    if _calls(node, (aten._softmax.default,)):
+        return node.args[1] in (-1, val(node).dim() - 1)
+    if not _calls(node, (aten.div.Tensor,)):
+        return False
+    numerator, denominator = node.args[0], node.args[1]
+    return (_calls(numerator, (aten.exp.default,)) and _calls(denominator, (aten.sum.dim_IntList,))
+            and denominator.args[0] is numerator and list(denominator.args[1]) in ([-1], [val(numerator).dim() - 1]))
+
+
+def _is_router(node: Node) -> bool:
+    if _calls(node, _ROUTERS):
+        return True
+    if not _calls(node, _TOP1) or val(node.args[0]) is None:
+        return False
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    return dim in (-1, val(node.args[0]).dim() - 1) and _is_softmax_over_last_dim(node.args[0])
+
+
+def _router_id_readers(router: Node) -> list[Node]:
+    """The nodes that read a router's ids, past casts, views and tuple indexing."""
+    if _calls(router, (aten.argmax.default,)):  # the ids themselves
+        readers = list(router.users)
+    else:  # (values, ids)
+        readers = [u for u in router.users if is_call(u, operator.getitem) and u.args[1] == 1]
+    while any(_calls(r, _PASS_THROUGH) or is_call(r, operator.getitem) for r in readers):
+        readers = [u for r in readers for u in (r.users if _calls(r, _PASS_THROUGH) or is_call(r, operator.getitem)
+                                                  else (r,))]
+    return readers
+
+
 def _explain_routers_left_alone(graph: Graph, reasons: list[str]) -> None:
     """Log at INFO, once each, why the experts after a router were not rewritten: a top-k over
     (tokens, experts) whose ids some expert computation reads but no moe_ops.fused_experts does.
@@ -344,14 +382,11 @@ def _explain_routers_left_alone(graph: Graph, reasons: list[str]) -> None:
     candidates that were no MoE block at all stay at DEBUG."""
     served = {_router_ids(n.args[2]) for n in graph.nodes if is_call(n, torch.ops.moe_ops.fused_experts.default)}
     for router in graph.nodes:
-        if not _calls(router, _ROUTERS) or router in served:
+        if not _is_router(router) or router in served:
             continue
         if val(router.args[0]) is None or val(router.args[0]).dim() != 2:
             continue
-        readers = [u for u in router.users if is_call(u, operator.getitem) and u.args[1] == 1]
-        while any(_calls(r, _PASS_THROUGH) or is_call(r, operator.getitem) for r in readers):
-            readers = [u for r in readers for u in (r.users if _calls(r, _PASS_THROUGH) or is_call(r, operator.getitem)
-                                                      else (r,))]
+        readers = _router_id_readers(router)
         if not readers or all(_calls(r, _MASK_WRITES) or r.op == "output" for r in readers):
             continue
         where = _source_line(router)
