@@ -129,9 +129,13 @@ def test_rewritten_block_and_plain_topk_say_nothing_at_info(caplog):
     def sampler(logits):  # a top-k that is no router: its ids leave the graph
         return torch.topk(logits.softmax(-1), 5, dim=-1)
 
+    def load_counter(logits):  # a top-k whose ids are only counted (load-balancing statistics)
+        return torch.histc(torch.topk(logits.softmax(-1), K, dim=-1).indices.float(), bins=E, min=0, max=E - 1)
+
     with caplog.at_level(logging.INFO, logger="moe_ops"):
         torch.compile(_gpt_fast_block(F.silu))(torch.randn(10, H))
         torch.compile(sampler)(torch.randn(4, 50))
+        torch.compile(load_counter)(torch.randn(10, E))
     assert _not_rewritten_lines(caplog) == []
 
 

@@ -90,9 +90,7 @@ getitem(1)
 getitem(2)
 getitem(3)
 getitem(4)
-aten.full.default([10, 2], 0)
-moe_ops.route_backward.default(2, 'softmax', False, False, 0.0, None, 1, 1, 1.0, [%, %])
-getitem(0)
+moe_ops.route_backward.default('softmax', False, False, 0.0, 1.0)
 aten.permute.default([1, 0])
 aten.mm.default()
 aten.permute.default([1, 0])
@@ -100,6 +98,31 @@ aten.permute.default([1, 0])
 aten.permute.default([1, 0])
 aten.addmm.default()
 aten.permute.default([1, 0])""")  # noqa: E501
+
+
+class CountingMoE(GroupedMoE):
+    """torchtitan's MoE keeps the step's tokens per expert in a buffer (for its expert-bias update): the
+    forward writes an input, which the training rewrite keeps."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("tokens_per_expert", torch.zeros(E))
+
+    def forward(self, x_TH):
+        with torch.no_grad():
+            _, ids_TK = torch.topk(self.gate(x_TH).float(), K, dim=-1)
+            self.tokens_per_expert.add_(torch.histc(ids_TK.view(-1).float(), bins=E, min=0, max=E - 1))
+        return self.experts(x_TH)
+
+
+def test_buffer_writes_are_kept():
+    module = CountingMoE()
+    x = torch.randn(12, H, dtype=torch.bfloat16)
+    forward_graph, _ = check_training(module, x, dtype=torch.bfloat16)
+    assert counters["moe_ops"]["joint_rewrite"] == 1 and counters["moe_ops"]["experts_rewrite_torchtitan"] == 1
+    assert "moe_ops.fused_experts.default" in forward_graph
+    # check_training ran the compiled step once and eager once: each added T * K slots.
+    assert module.tokens_per_expert.sum().item() == 2 * 12 * K
 
 
 def test_one_graph_for_every_token_count():

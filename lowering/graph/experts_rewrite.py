@@ -310,6 +310,8 @@ _ROUTERS = (aten.topk.default, torch.ops.moe_ops.route.default)
 # like the top-ks; a max over anything else (a sampler's logits, attention scores) is no router.
 _TOP1 = (aten.max.dim, aten.argmax.default)
 _MASK_WRITES = (aten.scatter.value, aten.scatter_.value, aten.scatter.src)
+# Ids read only to count the slots per expert (load-balancing statistics) feed no expert computation.
+_COUNTS = (aten.histc.default, aten.bincount.default)
 
 
 def _calls(node, targets) -> bool:
@@ -378,8 +380,8 @@ def _router_id_readers(router: Node) -> list[Node]:
 def _explain_routers_left_alone(graph: Graph, reasons: list[str]) -> None:
     """Log at INFO, once each, why the experts after a router were not rewritten: a top-k over
     (tokens, experts) whose ids some expert computation reads but no moe_ops.fused_experts does.
-    Other top-ks (a group mask's, a sampler's: ids that only feed scatters or leave the graph) and
-    candidates that were no MoE block at all stay at DEBUG."""
+    Other top-ks (a group mask's, a sampler's, a token counter's: ids that only feed scatters or counts,
+    or leave the graph) and candidates that were no MoE block at all stay at DEBUG."""
     served = {_router_ids(n.args[2]) for n in graph.nodes if is_call(n, torch.ops.moe_ops.fused_experts.default)}
     for router in graph.nodes:
         if not _is_router(router) or router in served:
@@ -387,7 +389,7 @@ def _explain_routers_left_alone(graph: Graph, reasons: list[str]) -> None:
         if val(router.args[0]) is None or val(router.args[0]).dim() != 2:
             continue
         readers = _router_id_readers(router)
-        if not readers or all(_calls(r, _MASK_WRITES) or r.op == "output" for r in readers):
+        if not readers or all(_calls(r, _MASK_WRITES + _COUNTS) or r.op == "output" for r in readers):
             continue
         where = _source_line(router)
         why = "; ".join(dict.fromkeys(reasons)) or "no form of routed-experts code was recognised after it"

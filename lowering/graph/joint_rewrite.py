@@ -18,7 +18,9 @@ new joint graph has the old one's interface and keeps everything it did: placeho
 primals and tangents, outputs needing gradients that do not line up with the tangents,
 activation-checkpointing tags (recomputation choices the trace would lose), a backward node with an
 effect that no output reads (a runtime assert the re-derived backward would not have), a forward assert
-the new trace loses, an op without an autograd formula, mutations in the traced graph.
+the new trace loses, an op without an autograd formula, mutations in the traced graph other than the
+forward's writes into inputs that need no gradient (buffers, e.g. token counts), which must be the old
+graph's.
 """
 
 from __future__ import annotations
@@ -155,6 +157,19 @@ def _trace_joint(forward: GraphModule, example_primals: list, example_tangents: 
         raise NotRewritable(f"tracing the new joint graph failed: {error}") from error
 
 
+def _buffer_writes(graph: Graph, wants_grad: list[bool]) -> dict[int, Node]:
+    """The forward's in-place updates of inputs that need no gradient (a module's buffers: token counts
+    kept for load balancing), as AOTAutograd leaves them: ``copy_`` into the primal. By primal index
+    (the primals are the first placeholders, whatever a trace names them)."""
+    primals = list(graph.find_nodes(op="placeholder"))[: len(wants_grad)]
+    writes = {}
+    for node in graph.find_nodes(op="call_function", target=torch.ops.aten.copy_.default):
+        destination = node.args[0]
+        if destination in primals and not wants_grad[primals.index(destination)]:
+            writes[primals.index(destination)] = node
+    return writes
+
+
 def _mark_forward_and_backward(graph: Graph, tangents: list[Node], num_forward_outputs: int) -> None:
     """Tag nodes for the partitioner as AOTAutograd does: forward = what the forward outputs need
     without the tangents; everything else belongs to the backward."""
@@ -192,8 +207,11 @@ def rewrite_joint_graph(graph: Graph, rewrites: Sequence[Callable[[Graph], int]]
         )
         if len(_effects(traced.graph)) < len(_effects(forward)):
             raise NotRewritable("the new trace lost a runtime assert of the forward")
-        mutating = [n.target for n in traced.graph.nodes
-                    if isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable]
+        buffer_writes = _buffer_writes(traced.graph, wants_grad)
+        if buffer_writes.keys() != _buffer_writes(graph, wants_grad).keys():
+            raise NotRewritable("the new trace writes other inputs than the old one")
+        mutating = [n.target for n in traced.graph.nodes if isinstance(n.target, torch._ops.OpOverload)
+                    and n.target._schema.is_mutable and n not in buffer_writes.values()]
         if mutating:
             raise NotRewritable(f"the traced joint graph mutates ({mutating[0]})")
     except NotRewritable as reason:
