@@ -1,21 +1,28 @@
-"""One training step (forward + backward) of one MoE layer: transformers' block with and without moe_ops.
+"""One training step (forward + backward) of one MoE layer: moe_ops against plain torch.compile and a
+torchtitan-style block, at the shapes of the training issue.
 
 transformers' own ``MixtralSparseMoeBlock`` (experts_implementation="grouped_mm") at a model's shape,
 bf16, weights ~N(0, 0.02), random tokens that require grad (as the output of a previous layer would),
 random output gradients. One step = forward, then backward into the input and every parameter
 (router, gate_up_proj, down_proj); parameter gradients are reset to None between steps, untimed.
 
-    hf_grouped_mm                  eager
-    compile_hf_grouped_mm          torch.compile, moe_ops rewrites off (plain torch.compile)
-    moe_ops_compile_hf_grouped_mm  torch.compile with moe_ops and moe_ops.config.training_rewrites on:
-                                   the joint graph rewritten, the backward is fused_experts' backward
-                                   kernel (lowering/graph/joint_rewrite.py)
+    compile_hf_grouped_mm          torch.compile of transformers' block, moe_ops rewrites off
+    compile_torchtitan             torch.compile of a torchtitan-style block on the same weights (router,
+                                   stable argsort, three ``torch._grouped_mm`` with SiLU in torch,
+                                   scatter_add), moe_ops rewrites off
+    moe_ops_compile_hf_grouped_mm  torch.compile of transformers' block with moe_ops and
+                                   moe_ops.config.training_rewrites on (lowering/graph/joint_rewrite.py)
 
-Each compiled implementation compiles once per shape for a dynamic token count (mark_dynamic), as a
-training run with varying sequence lengths would. Gradients of every implementation are checked
-against the eager block's before timing.
+Each implementation compiles once per shape for a dynamic token count (mark_dynamic), as a training run
+with varying sequence lengths would. Gradients of every implementation are checked against the eager
+block's before timing. Timing: ROUNDS interleaved rounds (each implementation once per round,
+``triton.testing.do_bench``); the reported ms is the median of the rounds' medians, and "won every round"
+says whether moe_ops was faster than both peers in each round. TFLOP/s counts 18 T K H F (three GEMMs
+forward, six backward; router excluded), as the public anchors do. Peak GiB: torch.cuda's peak allocated
+memory during one step (weights, their gradients and the step's activations).
 
     python benchmarks/bench_training.py                    # writes benchmarks/results/training_<gpu>.*
+    python benchmarks/bench_training.py --shapes qwen3-30b-a3b --tokens 32768
     python benchmarks/bench_training.py --dry-run          # CPU, tiny shapes: checks everything but speed
     python benchmarks/bench_training.py --profile qwen3-30b-a3b:8192   # kernel table of one cell
 """
@@ -26,6 +33,7 @@ import argparse
 import datetime
 import functools
 import gc
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -48,45 +56,77 @@ from bench_layer import (
 
 import moe_ops
 
-IMPLS = ("hf_grouped_mm", "compile_hf_grouped_mm", "moe_ops_compile_hf_grouped_mm")
+IMPLS = ("compile_hf_grouped_mm", "compile_torchtitan", "moe_ops_compile_hf_grouped_mm")
 IMPL_LABELS = {
-    "hf_grouped_mm": "HF grouped_mm (eager)",
     "compile_hf_grouped_mm": "torch.compile(HF grouped_mm)",
+    "compile_torchtitan": "torch.compile(torchtitan-style)",
     "moe_ops_compile_hf_grouped_mm": "torch.compile(HF grouped_mm) + moe_ops",
 }
-# DeepSeek-V3's experts (22.5 GB in bf16) with their gradients and the eager block's training
-# intermediates ran out of the H100's 80 GB at T = 512: not timed.
-TOKENS = {"mixtral-8x7b": (512, 2048, 8192), "qwen3-30b-a3b": (512, 2048, 8192)}
+OURS, PEERS = IMPLS[2], IMPLS[:2]
+TOKENS = {"mixtral-8x7b": (8192, 32768), "qwen3-30b-a3b": (8192, 32768), "deepseek-v3": (8192,)}
 DRY_RUN_TOKENS = (5, 48)
-CSV_COLUMNS = ("shape", "E", "K", "H", "F", "T", "impl", "ms_p50", "ms_p20", "ms_p80", "max_grad_rel_err",
-               "gpu", "torch", "triton", "transformers", "timestamp")
+ROUNDS = 3
+CSV_COLUMNS = ("shape", "E", "K", "H", "F", "T", "impl", "ms", "tflops", "peak_gib", "round_ms",
+               "max_grad_rel_err", "gpu", "torch", "triton", "transformers", "timestamp")
 CSV_KEY = ("shape", "T", "impl")
+
+
+class TorchtitanStyle(torch.nn.Module):
+    """torchtitan's routed experts as plain torch on transformers' block's weights (views, no copies):
+    softmax router and top-k, tokens grouped by a stable argsort, ``torch._grouped_mm`` for w1, w3 and
+    w2 over int32 offsets, SiLU in torch, the routing weight applied in fp32, scatter_add back."""
+
+    def __init__(self, block: torch.nn.Module):
+        super().__init__()
+        self.block = block  # shares the parameters, so gradients land on the same tensors
+
+    def forward(self, x):
+        gate, experts = self.block.gate, self.block.experts
+        x_TH = x.reshape(-1, x.shape[-1])
+        num_experts, top_k = experts.gate_up_proj.shape[0], self.block.top_k
+        ffn = experts.gate_up_proj.shape[1] // 2
+        scores_TE = torch.softmax(torch.nn.functional.linear(x_TH, gate.weight).float(), dim=-1)
+        weights_TK, ids_TK = torch.topk(scores_TE, top_k, dim=-1)
+        weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
+        order_S = torch.argsort(ids_TK.view(-1), stable=True)
+        counts_E = torch.histc(ids_TK.view(-1).float(), bins=num_experts, min=0, max=num_experts - 1)
+        offsets_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
+        token_S = order_S // top_k
+        x_SH = x_TH[token_S]
+        w_gate_up = experts.gate_up_proj  # (E, 2F, H)
+        h_gate = torch._grouped_mm(x_SH, w_gate_up[:, :ffn].transpose(-2, -1), offs=offsets_E)
+        h_up = torch._grouped_mm(x_SH, w_gate_up[:, ffn:].transpose(-2, -1), offs=offsets_E)
+        y_SH = torch._grouped_mm(torch.nn.functional.silu(h_gate) * h_up, experts.down_proj.transpose(-2, -1),
+                                 offs=offsets_E)
+        y_SH = (y_SH.float() * weights_TK.view(-1)[order_S, None]).to(x.dtype)
+        out_TH = torch.zeros_like(x_TH).scatter_add(0, token_S[:, None].expand(-1, x_TH.shape[1]), y_SH)
+        return out_TH.view_as(x)
 
 
 def make_step(impl: str, block: torch.nn.Module):
     """A function of (x, grad_out) that runs one training step of ``impl`` on ``block``."""
-    if impl == "hf_grouped_mm":
-        layer = block
-    else:
-        torch._dynamo.reset()
-        compiled = torch.compile(block)
-        if impl == "moe_ops_compile_hf_grouped_mm":
-            layer = compiled
-        else:
-            def layer(x):
-                with moe_ops.rewrites_disabled():
-                    return compiled(x)
+    torch._dynamo.reset()
+    compiled = torch.compile(TorchtitanStyle(block) if impl == "compile_torchtitan" else block)
 
     def step(x, grad_out):
-        moe_ops.config.training_rewrites = impl == "moe_ops_compile_hf_grouped_mm"
+        moe_ops.config.training_rewrites = impl == OURS
         try:
-            out = layer(x)
+            if impl == OURS:
+                out = compiled(x)
+            else:
+                with moe_ops.rewrites_disabled():
+                    out = compiled(x)
             out = out[0] if isinstance(out, tuple) else out
             out.backward(grad_out)
         finally:
             moe_ops.config.training_rewrites = False
 
     return step
+
+
+def eager_step(block: torch.nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> None:
+    out = block(x)
+    (out[0] if isinstance(out, tuple) else out).backward(grad_out)
 
 
 def gradients(block: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
@@ -98,36 +138,58 @@ def reset_grads(block: torch.nn.Module, x: torch.Tensor) -> None:
     block.zero_grad(set_to_none=True)
 
 
+def peak_gib(step, block, x, grad_out) -> float:
+    """Peak memory allocated during one step, GiB (0 on the CPU)."""
+    if x.device.type != "cuda":
+        return 0.0
+    reset_grads(block, x)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step(x, grad_out)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
 def run_shape(shape: MoEShape, tokens, device, time_fn, run_info: dict, out_dir: Path, mismatches: list) -> None:
     block = build_hf_blocks(shape, device)["hf_grouped_mm"].train().requires_grad_(True)
-    cases = {}
+    steps = {impl: make_step(impl, block) for impl in IMPLS}
+    rows = []
     for t in tokens:
         with torch.no_grad():
             x = random_tokens(block.gate.weight, t, shape.top_k)
         x.requires_grad_(True)
         grad_out = torch.randn_like(x)
         reset_grads(block, x)
-        make_step("hf_grouped_mm", block)(x, grad_out)
-        cases[t] = (x, grad_out, [g.clone() for g in gradients(block, x)])
-
-    rows = []
-    for impl in IMPLS:
-        step = make_step(impl, block)
-        for t, (x, grad_out, expected) in cases.items():
-            if impl != "hf_grouped_mm":
-                torch._dynamo.mark_dynamic(x, 1)
+        eager_step(block, x, grad_out)
+        expected = [g.clone() for g in gradients(block, x)]
+        torch._dynamo.mark_dynamic(x, 1)
+        errors, peaks = {}, {}
+        for impl, step in steps.items():
             reset_grads(block, x)
             step(x, grad_out)  # compiles on the first T
-            err = max(relative_error(g, e) for g, e in zip(gradients(block, x), expected, strict=True))
-            if not err <= REL_ERR_TOLERANCE:
-                mismatches.append(f"{shape.name} T={t} {impl}: gradient error {err:.2e}")
-            ms = time_fn(functools.partial(step, x, grad_out), grad_to_none=[x, *block.parameters()])
-            print(f"{shape.name:<14} T={t:<5} {impl:<30} {ms[0]:9.3f} ms  max gradient rel err {err:.1e}")
+            errors[impl] = max(relative_error(g, e) for g, e in zip(gradients(block, x), expected, strict=True))
+            if not errors[impl] <= REL_ERR_TOLERANCE:
+                mismatches.append(f"{shape.name} T={t} {impl}: gradient error {errors[impl]:.2e}")
+            peaks[impl] = peak_gib(step, block, x, grad_out)
+        del expected
+        rounds = {impl: [] for impl in IMPLS}
+        for _ in range(ROUNDS):
+            for impl, step in steps.items():
+                ms = time_fn(functools.partial(step, x, grad_out), grad_to_none=[x, *block.parameters()])
+                rounds[impl].append(ms[0])
+        flops = 18 * t * shape.top_k * shape.hidden * shape.intermediate
+        for impl in IMPLS:
+            ms = statistics.median(rounds[impl])
+            print(f"{shape.name:<14} T={t:<6} {impl:<30} {ms:9.3f} ms {flops / ms / 1e9:7.1f} TFLOP/s "
+                  f"{peaks[impl]:6.1f} GiB  max gradient rel err {errors[impl]:.1e}")
             rows.append({
                 "shape": shape.name, "E": shape.num_experts, "K": shape.top_k, "H": shape.hidden,
-                "F": shape.intermediate, "T": t, "impl": impl, "ms_p50": f"{ms[0]:.4f}", "ms_p20": f"{ms[1]:.4f}",
-                "ms_p80": f"{ms[2]:.4f}", "max_grad_rel_err": f"{err:.2e}", **run_info,
+                "F": shape.intermediate, "T": t, "impl": impl, "ms": f"{ms:.4f}",
+                "tflops": f"{flops / ms / 1e9:.1f}", "peak_gib": f"{peaks[impl]:.2f}",
+                "round_ms": " ".join(f"{r:.4f}" for r in rounds[impl]),
+                "max_grad_rel_err": f"{errors[impl]:.2e}", **run_info,
             })
+        del x, grad_out
     all_rows = merge_csv(out_dir / f"training_{slug(run_info['gpu'])}.csv", rows, CSV_COLUMNS, CSV_KEY)
     (out_dir / f"training_{slug(run_info['gpu'])}.md").write_text(markdown_report(all_rows))
 
@@ -164,22 +226,29 @@ def markdown_report(rows: list[dict]) -> str:
         "# MoE layer training step (benchmarks/bench_training.py)",
         "",
         *run_lines(rows),
-        "- bf16, transformers' MixtralSparseMoeBlock (grouped_mm experts), forward + backward into the input"
-        " and every parameter, dynamic T; `triton.testing.do_bench` p50 in ms; speed-up = torch.compile"
-        " without moe_ops / with it",
+        "- bf16, forward + backward into the input and every parameter, dynamic T; ms = median of "
+        f"{ROUNDS} interleaved rounds of `triton.testing.do_bench` medians; TFLOP/s counts 18 T K H F; "
+        "peak GiB = torch.cuda peak allocated during one step; \"won every round\" = moe_ops faster than "
+        "both peers in each round",
         "",
-        "| shape | T | " + " | ".join(IMPL_LABELS[i] for i in IMPLS) + " | speed-up | max gradient rel err |",
-        "|---" * (len(IMPLS) + 4) + "|",
+        "| shape | T | " + " | ".join(f"{IMPL_LABELS[i]} ms / TFLOP/s / GiB" for i in IMPLS)
+        + " | moe_ops vs faster peer | won every round | max gradient rel err |",
+        "|---" * (len(IMPLS) + 5) + "|",
     ]
     cells = dict.fromkeys((r["shape"], int(r["T"])) for r in rows)
     by_cell = {(r["shape"], int(r["T"]), r["impl"]): r for r in rows}
     for shape, t in cells:
-        times = [by_cell.get((shape, t, impl)) for impl in IMPLS]
-        text = [f"{float(r['ms_p50']):.3f}" if r else "" for r in times]
-        ours, peer = by_cell.get((shape, t, IMPLS[2])), by_cell.get((shape, t, IMPLS[1]))
-        speedup = f"{float(peer['ms_p50']) / float(ours['ms_p50']):.2f}x" if ours and peer else ""
+        found = {impl: by_cell.get((shape, t, impl)) for impl in IMPLS}
+        text = [f"{float(r['ms']):.2f} / {r['tflops']} / {r['peak_gib']}" if r else "" for r in found.values()]
+        ours, peers = found[OURS], [found[p] for p in PEERS if found[p]]
+        speedup = won = ""
+        if ours and peers:
+            speedup = f"{min(float(p['ms']) for p in peers) / float(ours['ms']):.2f}x"
+            our_rounds = [float(v) for v in ours["round_ms"].split()]
+            peer_rounds = [[float(v) for v in p["round_ms"].split()] for p in peers]
+            won = "yes" if all(o < min(p[i] for p in peer_rounds) for i, o in enumerate(our_rounds)) else "no"
         err = ours["max_grad_rel_err"] if ours else ""
-        lines.append(f"| {shape} | {t} | " + " | ".join(text) + f" | {speedup} | {err} |")
+        lines.append(f"| {shape} | {t} | " + " | ".join(text) + f" | {speedup} | {won} | {err} |")
     return "\n".join(lines) + "\n"
 
 
@@ -187,6 +256,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results)")
     parser.add_argument("--shapes", help=f"comma-separated subset of {','.join(TOKENS)}")
+    parser.add_argument("--tokens", help="comma-separated token counts (default: each shape's in TOKENS)")
     parser.add_argument("--dry-run", action="store_true", help="on the CPU, tiny shapes, wall-clock timer")
     parser.add_argument("--profile", metavar="SHAPE:T", help="only print (and write) a kernel profile of one cell")
     args = parser.parse_args()
@@ -226,6 +296,8 @@ def main() -> None:
     mismatches = []
     for name in names:
         tokens = DRY_RUN_TOKENS if args.dry_run else TOKENS[name]
+        if args.tokens:
+            tokens = tuple(int(t) for t in args.tokens.split(","))
         run_shape(known[name], tokens, device, time_fn, run_info, out_dir, mismatches)
         torch._dynamo.reset()
         gc.collect()

@@ -45,12 +45,15 @@ def _activation_grad_kernel(
     for f0 in range(0, F, BLOCK_F):
         cols = f0 + tl.arange(0, BLOCK_F)
         mask = row_in[:, None] & (cols < F)[None, :]
-        gate = tl.load(gate_ptr + rows[:, None] * stride_gate_m + cols[None, :] * stride_gate_f, mask=mask, other=0.0)
-        g = tl.load(g_ptr + rows[:, None] * stride_g_m + cols[None, :] * stride_g_f, mask=mask, other=0.0)
+        gate = tl.load(gate_ptr + rows[:, None] * stride_gate_m + cols[None, :] * stride_gate_f, mask=mask,
+                       other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + rows[:, None] * stride_g_m + cols[None, :] * stride_g_f, mask=mask,
+                    other=0.0).to(tl.float32)
         acted, slope = gate_activation(gate, ACTIVATION, alpha, limit)
         dh = g * weight[:, None]
         if GATED:
-            up = tl.load(up_ptr + rows[:, None] * stride_up_m + cols[None, :] * stride_up_f, mask=mask, other=0.0)
+            up = tl.load(up_ptr + rows[:, None] * stride_up_m + cols[None, :] * stride_up_f, mask=mask,
+                         other=0.0).to(tl.float32)
             factor, up_slope = up_factor(up, ACTIVATION, limit)
             h = acted * factor
             tl.store(d_up_ptr + rows[:, None] * stride_dup_m + cols[None, :] * stride_dup_f,
@@ -70,7 +73,9 @@ def _activation_grad_kernel(
 def activation_grad_triton(gate, up, g_PF, slot_weights, sorted_slots, h, d_gate, d_up, activation, alpha, limit):
     """Fill ``h`` (the activation, rounded to its dtype), ``d_gate``/``d_up`` (the pre-activation
     gradients for ``dh = w_s g``) and return the (P,) fp32 gradient of each row's routing weight,
-    sum_f h * g. ``gate``/``up``: fp32 pre-activations (P, F), any strides (views of one tensor)."""
+    sum_f h * g. ``gate``/``up``: pre-activations (P, F), any strides (views of one tensor). Each element
+    is read before the same program writes that element of the outputs, so ``d_gate``/``d_up`` may be
+    ``gate``/``up`` and ``h`` may be ``g_PF`` (in place)."""
     num_rows, F = g_PF.shape
     d_weight = torch.empty(num_rows, dtype=torch.float32, device=g_PF.device)
     if num_rows == 0:
@@ -172,10 +177,10 @@ def fused_experts_backward_triton(
     With g the output gradient, t(s) a slot's token, w_s its routing weight and h_s = act(x W_gu^T):
     y_s = w_s (h_s W_d^T + b_d), so dh_s = w_s g_t W_d, d w_s = h_s . (g_t W_d) + g_t . b_d,
     dW_d = sum_s (w_s g_t)^T h_s, and the pre-activation gradient gives dx and dW_gu. Three expert GEMMs
-    over the block schedule (the pre-activations recomputed in fp32, g_t W_d, dx), one pass for the
-    activation's gradient and two weight-gradient kernels; g is read gathered and scaled inside the
-    kernels, never materialised per slot (except with a down bias).
-    Gradients pass the forward's roundings unchanged, as in the reference. Returns the gradients of
+    over the block schedule (the pre-activations recomputed in fp32, g_t W_d in x's dtype, dx), one pass
+    for the activation's gradient (which writes the activation over g_t W_d) and two weight-gradient
+    kernels; g is read gathered and scaled inside the kernels, never materialised per slot (except with
+    a down bias). Returns the gradients of
     x, topk_weights, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down (an empty tensor for an absent
     argument), each laid out like its argument (``empty_like``), as the backward op's fake kernel says.
     The arguments are checked by the caller (the op's CUDA kernel, moe_ops.fused_experts)."""
@@ -232,8 +237,10 @@ def fused_experts_backward_triton(
         first_block = (row_offsets // block_m).long()
         out_EN.copy_(running[first_block[1:]] - running[first_block[:-1]])
 
-    # Pre-activations in fp32, and their gradients in x's dtype, laid out alike (gate and up halves,
-    # interleaved, or two tensors).
+    # The recomputed pre-activations in fp32 (the forward's activation comes from fp32 accumulators), their
+    # gradients in x's dtype, laid out alike (gate and up halves, interleaved, or two tensors); g_t W_d in
+    # x's dtype, which the activation-gradient pass overwrites with the activation (it reads each element
+    # before it writes that element): per schedule row 2F * 4 + 2F * 2 + F * 2 bytes in bf16.
     pre = [gemm(x, w_gu, b_gate_up, gather_top_k=K)]
     if w_u is not None:
         pre.append(gemm(x, w_u, b_up, gather_top_k=K))
@@ -245,8 +252,8 @@ def fused_experts_backward_triton(
     else:
         (gate, up), (d_gate, d_up) = (pre[0], None), (d_pre[0], None)
 
-    g_wd_PF = gemm(grad_TH, w_d.transpose(1, 2), gather_top_k=K)  # g_t W_d, per schedule row: (P, F)
-    h_lp = torch.empty(g_wd_PF.shape, dtype=x.dtype, device=x.device)
+    g_wd_PF = gemm(grad_TH, w_d.transpose(1, 2), gather_top_k=K, out_dtype=x.dtype)  # g_t W_d per row: (P, F)
+    h_lp = g_wd_PF
     d_weight_P = activation_grad_triton(gate, up, g_wd_PF, slot_weights, sorted_slots, h_lp, d_gate, d_up,
                                         activation, alpha, limit)
     if b_down is not None:
