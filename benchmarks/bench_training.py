@@ -35,6 +35,7 @@ import functools
 import gc
 import statistics
 import tempfile
+import types
 from pathlib import Path
 
 import torch
@@ -53,6 +54,7 @@ from bench_layer import (
     time_on_gpu,
     time_wall_clock,
 )
+from torch._dynamo.utils import counters
 
 import moe_ops
 
@@ -103,10 +105,17 @@ class TorchtitanStyle(torch.nn.Module):
         return out_TH.view_as(x)
 
 
+def _call(module, x):
+    return module(x)
+
+
 def make_step(impl: str, block: torch.nn.Module):
     """A function of (x, grad_out) that runs one training step of ``impl`` on ``block``."""
-    torch._dynamo.reset()
-    compiled = torch.compile(TorchtitanStyle(block) if impl == "compile_torchtitan" else block)
+    # Dynamo keeps compiled code per code object, with guards that do not see moe_ops' settings: two
+    # torch.compile(block) would share one compiled forward (the first one compiled). Each implementation
+    # compiles its own copy of a calling function instead, which inlines the block.
+    call = types.FunctionType(_call.__code__.replace(), _call.__globals__, f"call_{impl}")
+    compiled = functools.partial(torch.compile(call), TorchtitanStyle(block) if impl == "compile_torchtitan" else block)
 
     def step(x, grad_out):
         moe_ops.config.training_rewrites = impl == OURS
@@ -166,7 +175,10 @@ def run_shape(shape: MoEShape, tokens, device, time_fn, run_info: dict, out_dir:
         errors, peaks = {}, {}
         for impl, step in steps.items():
             reset_grads(block, x)
+            rewritten_before = counters["moe_ops"]["joint_rewrite"]
             step(x, grad_out)  # compiles on the first T
+            if impl == OURS and t == tokens[0] and counters["moe_ops"]["joint_rewrite"] == rewritten_before:
+                mismatches.append(f"{shape.name} T={t} {impl}: the training graph was not rewritten")
             errors[impl] = max(relative_error(g, e) for g, e in zip(gradients(block, x), expected, strict=True))
             if not errors[impl] <= REL_ERR_TOLERANCE:
                 mismatches.append(f"{shape.name} T={t} {impl}: gradient error {errors[impl]:.2e}")
@@ -293,6 +305,10 @@ def main() -> None:
                     timestamp=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
     print(f"{gpu}: torch {run_info['torch']}, triton {run_info['triton']}, transformers {run_info['transformers']}")
     torch.manual_seed(0)
+    # Every graph compiles here, so that the check that moe_ops rewrote its training graph sees the pass
+    # run (a graph from Inductor's or AOTAutograd's on-disk cache was rewritten when first compiled).
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
     mismatches = []
     for name in names:
         tokens = DRY_RUN_TOKENS if args.dry_run else TOKENS[name]

