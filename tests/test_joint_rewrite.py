@@ -8,6 +8,7 @@ and (CUDA) a real-sized block on the GPU.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import pytest
@@ -160,11 +161,40 @@ def test_near_miss_keeps_its_own_backward():
     assert "moe_ops.route_backward.default" in backward_graph
 
 
-def test_activation_checkpointing_is_left_alone(caplog):
+def test_activation_checkpointing():
+    """A checkpointed block is rewritten and stays checkpointed: the moe_ops ops inherit the region's
+    recompute tags, so the backward computes the router again (instead of keeping its results) and the
+    experts' backward reads only the block's inputs."""
+    forward_graph, backward_graph = check_training(CheckpointedMoE(), tokens(), dtype=torch.bfloat16)
+    assert joint_rewrites() == 1
+    assert "moe_ops.fused_experts.default" in forward_graph
+    assert "moe_ops.route.default" in backward_graph and "moe_ops.fused_experts_backward.default" in backward_graph
+
+
+def _save_matmuls(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    saved = (torch.ops.aten.mm.default, torch.ops.aten._grouped_mm.default)
+    return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+class SelectivelyCheckpointedMoE(GroupedMoE):
+    """Selective activation checkpointing: matmul results saved, everything else recomputed."""
+
+    def forward(self, x_TH):
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+        context_fn = functools.partial(create_selective_checkpoint_contexts, _save_matmuls)
+        return torch.utils.checkpoint.checkpoint(self.experts, x_TH, use_reentrant=False, context_fn=context_fn)
+
+
+def test_selective_checkpointing_that_splits_a_block_is_left_alone(caplog):
+    """The saved matmuls are inside the block the rewrite would replace: no one policy fits the fused op,
+    so the graph keeps the plain code and its policy (and says why at DEBUG)."""
     with caplog.at_level(logging.DEBUG, logger="moe_ops"):
-        check_training(CheckpointedMoE(), tokens(), dtype=torch.bfloat16)
+        check_training(SelectivelyCheckpointedMoE(), tokens(), dtype=torch.bfloat16)
     assert joint_rewrites() == 0
-    assert "carries activation-checkpointing tags" in caplog.text
+    assert "straddles an activation-checkpointing boundary" in caplog.text
 
 
 def test_a_joint_graph_that_cannot_be_retraced_is_kept(monkeypatch, caplog):

@@ -6,17 +6,19 @@ graph (``primals_*`` and ``tangents_*`` in; forward outputs, then one gradient p
 ``joint_custom_post_pass`` (after its own joint-graph patterns) before partitioning it. This pass
 
 1. cuts the forward out of it: the nodes the forward outputs need, as a graph of the primals;
-2. runs the same rewrites as the post-grad pass on that forward graph (same matchers, same proofs);
+2. runs the same rewrites as the post-grad pass on that forward graph (same matchers, same proofs); the
+   nodes a rewrite adds take the activation-checkpointing tags of the nodes it replaced;
 3. if anything was rewritten, traces the joint again from the rewritten forward: the forward under
    autograd, then ``torch.autograd.grad`` of the outputs that need gradients with the same tangents,
-   with the decompositions Inductor gave AOTAutograd. The backward so comes from the moe_ops ops'
-   own autograd formulas, not from the plain code's;
+   with the decompositions Inductor gave AOTAutograd, each node's meta (checkpointing tags included)
+   carried onto what it traces. The backward so comes from the moe_ops ops' own autograd formulas,
+   not from the plain code's;
 4. puts that joint graph in place of the old one (same placeholders, same output structure).
 
 It steps aside (the joint graph stays as it was, and the reason is logged) where it cannot show the
 new joint graph has the old one's interface and keeps everything it did: placeholders other than
 primals and tangents, outputs needing gradients that do not line up with the tangents,
-activation-checkpointing tags (recomputation choices the trace would lose), a backward node with an
+a rewritten block that straddles an activation-checkpointing boundary, a backward node with an
 effect that no output reads (a runtime assert the re-derived backward would not have), a forward assert
 the new trace loses, an op without an autograd formula, mutations in the traced graph other than the
 forward's writes into inputs that need no gradient (buffers, e.g. token counts), which must be the old
@@ -29,6 +31,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.fx.traceback as fx_traceback
 from torch.fx import Graph, GraphModule, Node
 
 from moe_ops._compat.dynamo import counters, detect_fake_mode
@@ -83,6 +86,31 @@ def _effects(graph: Graph) -> list[Node]:
     return [node for node in graph.nodes if node.op == "call_function" and not node.users and node.is_impure()]
 
 
+_CHECKPOINT_KEYS = ("recompute", "ac_graph_id")
+
+
+def _checkpoint_tags(node: Node) -> tuple | None:
+    """The activation-checkpointing tags torch.utils.checkpoint left on ``node`` (None: outside a region)."""
+    tags = tuple(node.meta.get(key) for key in _CHECKPOINT_KEYS)
+    return tags if any(tag is not None for tag in tags) else None
+
+
+def _tag_new_nodes(forward: Graph, tags_before: dict[Node, tuple | None]) -> None:
+    """Give the nodes a rewrite added the checkpointing tags of the nodes it replaced, so that the
+    partitioner recomputes (or saves) the moe_ops ops as it would have the plain code. A rewrite that
+    replaced nodes from inside and outside a checkpointed region, or from two regions, has no one answer."""
+    present = set(forward.nodes)
+    replaced = {tags for node, tags in tags_before.items() if node not in present and node.op == "call_function"}
+    if len(replaced) > 1:
+        raise NotRewritable("a rewritten block straddles an activation-checkpointing boundary")
+    (tags,) = replaced or {None}
+    if tags is None:
+        return
+    for node in forward.nodes:
+        if node not in tags_before:
+            node.meta.update(zip(_CHECKPOINT_KEYS, tags, strict=True))
+
+
 def _forward_graph(graph: Graph, primals: list[Node], tangents: list[Node], forward_outputs: list) -> Graph:
     """The nodes that ``forward_outputs`` need, and the forward's runtime asserts, copied into a graph
     whose inputs are the primals."""
@@ -95,8 +123,6 @@ def _forward_graph(graph: Graph, primals: list[Node], tangents: list[Node], forw
     for node in needed:
         if node.op == "placeholder" and node not in primals:
             raise NotRewritable(f"a forward output depends on {node.name}")
-        if any(key in node.meta for key in ("recompute", "ac_graph_id")):
-            raise NotRewritable(f"node {node.name} carries activation-checkpointing tags")
     forward = Graph()
     env: dict[Node, Node] = {}
     for node in graph.nodes:
@@ -151,7 +177,9 @@ def _trace_joint(forward: GraphModule, example_primals: list, example_tangents: 
 
     fake_mode = detect_fake_mode([*example_primals, *example_tangents])
     try:
-        with fake_mode:
+        # The interpreter runs each forward node with its meta current, so the traced nodes keep the
+        # forward's checkpointing tags (and stack traces), as AOTAutograd's own trace does.
+        with fake_mode, fx_traceback.preserve_node_meta():
             return make_fx(joint, decomposition_table=select_decomp_table())(*example_primals, *example_tangents)
     except RuntimeError as error:  # e.g. an op of the forward that has no autograd formula
         raise NotRewritable(f"tracing the new joint graph failed: {error}") from error
@@ -194,7 +222,14 @@ def rewrite_joint_graph(graph: Graph, rewrites: Sequence[Callable[[Graph], int]]
         forward = _forward_graph(graph, primals, tangents, forward_outputs)
         # The rewrites count what they replace; if the joint graph is then kept, nothing was replaced.
         counted = dict(counters["moe_ops"])
-        rewritten = sum(rewrite(forward) for rewrite in rewrites)
+        rewritten = 0
+        for rewrite in rewrites:
+            tags_before = {node: _checkpoint_tags(node) for node in forward.nodes}
+            replaced = rewrite(forward)
+            if replaced:
+                forward.eliminate_dead_code()  # the replaced nodes go, so that their tags can be read off
+                _tag_new_nodes(forward, tags_before)
+            rewritten += replaced
         if not rewritten:
             return 0
         forward.eliminate_dead_code()
