@@ -142,6 +142,18 @@ def test_one_graph_for_every_token_count():
     assert joint_rewrites() == 2
 
 
+def test_autograd_grad_as_well_as_backward():
+    """torch.autograd.grad (no .grad fields written) takes the same rewritten backward."""
+    model = GroupedMoE()
+    x = tokens().requires_grad_(True)
+    inputs = [x, *model.parameters()]
+    got = torch.autograd.grad(torch.compile(model, fullgraph=True)(x).float().square().sum(), inputs)
+    want = torch.autograd.grad(model(x).float().square().sum(), inputs)
+    assert joint_rewrites() == 1 and all(p.grad is None for p in inputs)
+    for name, actual, expected in zip(["x", *dict(model.named_parameters())], got, want, strict=True):
+        assert_close_rel(actual, expected, torch.bfloat16, f"gradient of {name}")
+
+
 def test_inference_graphs_are_left_to_the_post_grad_pass():
     with torch.no_grad():
         torch.compile(GroupedMoE(), fullgraph=True)(tokens())
@@ -251,3 +263,21 @@ def test_cuda_mixtral_block_training():
     assert joint_rewrites() == 1
     assert "moe_ops.fused_experts.default" in forward_graph and "_grouped_mm" not in forward_graph
     assert "moe_ops.fused_experts_backward.default" in backward_graph
+
+
+@pytest.mark.cuda
+def test_cuda_graph_captures_a_training_step():
+    """mode="reduce-overhead": the rewritten forward and backward run as CUDA graphs (no host sync in the
+    moe_ops ops to stop the capture), step after step, with eager's gradients."""
+    model = GroupedMoE().cuda()
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    for step in range(3):
+        x = tokens(64, seed=step).cuda()
+        torch.compiler.cudagraph_mark_step_begin()
+        result, grads = training_step(model, compiled, x)
+        expected, expected_grads = training_step(model, model, x)
+        assert_close_rel(result, expected, torch.bfloat16, f"output, step {step}")
+        for name, grad in expected_grads.items():
+            assert_close_rel(grads[name], grad, torch.bfloat16, f"gradient of {name}, step {step}")
+    assert joint_rewrites() == 1
+    assert counters["inductor"]["cudagraph_skips"] == 0
