@@ -32,7 +32,13 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from transformers.activations import GELUActivation, GELUTanh, NewGELUActivation, SiLUActivation
+from transformers.activations import (
+    GELUActivation,
+    GELUTanh,
+    NewGELUActivation,
+    ReLUSquaredActivation,
+    SiLUActivation,
+)
 from transformers.integrations.moe import ExpertsInterface, use_experts_implementation
 
 from moe_ops._compat.dynamo import counters
@@ -82,6 +88,7 @@ ACTIVATION_OF_TYPE = {
     GELUTanh: "gelu_tanh",
     NewGELUActivation: "gelu_tanh",
     nn.ReLU: "relu",
+    ReLUSquaredActivation: "relu2",
 }
 TORCH_GELU_ACTIVATIONS = {"none": "gelu", "tanh": "gelu_tanh"}  # nn.GELU(approximate=...)
 

@@ -35,6 +35,7 @@ TABLE = (
     Activation("gelu_tanh", 3, lambda g: F.gelu(g, approximate="tanh")),
     Activation("relu", 4, F.relu),
     Activation("clamped_swiglu", 5, None, gated_only=True, parameters=("alpha", "limit")),
+    Activation("relu2", 6, lambda g: torch.square(F.relu(g))),  # squared ReLU (NemotronH, Primer)
 )
 BY_NAME = {activation.name: activation for activation in TABLE}
 ACTIVATIONS = tuple(BY_NAME)  # the names, for argument checks

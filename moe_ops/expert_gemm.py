@@ -195,7 +195,7 @@ def expert_gemm(
         gather_top_k: read row s // gather_top_k of a for slot s (a holds tokens); 0: a is in
                       schedule order
         scatter:      write row s of an (S, N) output; else row p of a (P, N) output
-        activation:   "none" | "silu" | "gelu" | "gelu_tanh" | "relu" | "clamped_swiglu"
+        activation:   "none" | "silu" | "gelu" | "gelu_tanh" | "relu" | "relu2" | "clamped_swiglu"
         alpha/limit:  clamped_swiglu's constants (defaults: GPT-OSS's, moe_ops.activations)
 
     Returns:

@@ -35,6 +35,7 @@ GELU: tl.constexpr = tl.constexpr(ACTIVATION_CODE["gelu"])
 GELU_TANH: tl.constexpr = tl.constexpr(ACTIVATION_CODE["gelu_tanh"])
 RELU: tl.constexpr = tl.constexpr(ACTIVATION_CODE["relu"])
 CLAMPED_SWIGLU: tl.constexpr = tl.constexpr(ACTIVATION_CODE["clamped_swiglu"])
+RELU2: tl.constexpr = tl.constexpr(ACTIVATION_CODE["relu2"])
 
 
 @triton.jit
@@ -54,6 +55,9 @@ def gate_activation(gate, ACTIVATION: tl.constexpr, alpha, limit):
         slope = s + gate * 2.0 * s * (1.0 - s) * 0.7978845608028654 * (1.0 + 0.134145 * gate * gate)
     elif ACTIVATION == RELU:
         acted, slope = tl.maximum(gate, 0.0), tl.where(gate > 0.0, 1.0, 0.0)
+    elif ACTIVATION == RELU2:
+        positive = tl.maximum(gate, 0.0)
+        acted, slope = positive * positive, 2.0 * positive
     elif ACTIVATION == CLAMPED_SWIGLU:  # GPT-OSS, gate side: clamped above, then x sigmoid(alpha x)
         clamped = tl.minimum(gate, limit)
         s = tl.sigmoid(alpha * clamped)

@@ -283,8 +283,8 @@ def fused_experts(
         b_up:         optional (E, F) bias of w_up
         b_down:       optional (E, H) bias of w_down (scaled by the routing weight, as GPT-OSS does)
         interleaved:  gate and up alternate along the 2F axis (GPT-OSS) instead of two halves
-        activation:   "silu" (SwiGLU) | "gelu" | "gelu_tanh" | "relu" | "clamped_swiglu" (GPT-OSS:
-                      alpha, limit) | "none"
+        activation:   "silu" (SwiGLU) | "gelu" | "gelu_tanh" | "relu" | "relu2" (squared ReLU) |
+                      "clamped_swiglu" (GPT-OSS: alpha, limit) | "none"
         gated:        act(gate) * up; False for a plain act(x W1) W2 MLP (w_gate_up is then W1)
         capacity_factor: 0 = dropless; else each expert takes at most ceil(cf * T * K / E) slots and
                       the rest contribute zero, chosen by drop_policy "position" (slot order),

@@ -47,8 +47,11 @@ def gpt_oss_interleaved(gate_up, alpha=1.702, limit=7.0):
         (lambda up: F.relu(up), 1, "ungated", "relu"),  # NemotronH-style act(up) alone
         (lambda up: F.silu(up), 1, "ungated", "silu"),
         (lambda up: F.gelu(up, approximate="tanh"), 1, "ungated", "gelu_tanh"),
+        (lambda up: torch.square(F.relu(up)), 1, "ungated", "relu2"),  # NemotronH's default
+        (lambda gate, up: F.relu(gate).square() * up, 2, "separate", "relu2"),
     ],
-    ids=["swiglu_concat", "gelu_separate", "relu_ungated", "silu_ungated", "gelu_tanh_ungated"],
+    ids=["swiglu_concat", "gelu_separate", "relu_ungated", "silu_ungated", "gelu_tanh_ungated", "relu2_ungated",
+         "relu2_separate"],
 )
 def test_activation_recognised(fn, num_inputs, form, expected):
     h, inputs = traced(fn, num_inputs)

@@ -214,7 +214,7 @@ def test_gpt_oss_form(dtype):
     assert layer["b_gate_up"].shape == (8, 2 * Fi)
 
 
-@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu"])
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu", "relu2"])
 def test_plain_mlp_with_bias(activation):
     # Megablocks / nanoMoE: act(x W1 + b1) W2 + b2, no gate.
     layer = _layer(12, 2, 4, 32, 24, torch.float16, TRITON_DEVICE)

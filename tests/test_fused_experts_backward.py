@@ -96,6 +96,7 @@ FORMS = {
     "ungated_gelu": dict(gated=False, activation="gelu"),
     "ungated_none": dict(gated=False, activation="none"),
     "gelu_tanh": dict(activation="gelu_tanh"),
+    "ungated_relu2": dict(gated=False, activation="relu2"),
     "relu_biases": dict(activation="relu", biases=True),
     "capacity_drops": dict(capacity_factor=0.5),
     "capacity_gshard_order": dict(capacity_factor=0.5, drop_policy="gshard"),

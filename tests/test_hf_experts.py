@@ -175,11 +175,11 @@ def test_moe_ops_implementation_in_eager_mode(name, dtype, monkeypatch):
 
 
 def test_ungated_nemotron_h_experts():
-    """NemotronH's experts have no gate (up_proj, act_fn, down_proj): relu maps onto fused_experts; its
-    default relu2 has no moe_ops activation and falls back."""
+    """NemotronH's experts have no gate (up_proj, act_fn, down_proj): relu and its default relu2 map onto
+    fused_experts; an act_fn with no moe_ops activation (relu6) falls back."""
     nemotron_h = _modeling("nemotron_h")
     x, ids, weights = torch.randn(6, H), torch.randint(0, E, (6, K)), torch.rand(6, K)
-    for act, fuses in (("relu", True), ("relu2", False)):
+    for act, fuses in (("relu", True), ("relu2", True), ("relu6", False)):
         config = transformers.NemotronHConfig(
             hidden_size=H, moe_intermediate_size=F, n_routed_experts=E, num_experts_per_tok=K,
             mlp_hidden_act=act, experts_implementation="eager",

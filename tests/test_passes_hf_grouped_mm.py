@@ -19,6 +19,7 @@ from transformers.integrations import moe as hf_moe  # noqa: E402
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE  # noqa: E402
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP  # noqa: E402
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock  # noqa: E402
+from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMoE  # noqa: E402
 from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock  # noqa: E402
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock  # noqa: E402
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock  # noqa: E402
@@ -42,6 +43,9 @@ BLOCKS = {
         n_group=4, topk_group=2, n_shared_experts=1, routed_scaling_factor=2.5)),
     "gpt_oss": lambda: GptOssMLP(transformers.GptOssConfig(
         hidden_size=H, intermediate_size=F, num_local_experts=E, num_experts_per_tok=K)),
+    # Ungated experts (up_proj, squared ReLU, down_proj) behind a sigmoid router with a selection bias.
+    "nemotron_h": lambda: NemotronHMoE(transformers.NemotronHConfig(
+        hidden_size=H, moe_intermediate_size=F, n_routed_experts=E, num_experts_per_tok=K, n_group=1, topk_group=1)),
 }
 
 

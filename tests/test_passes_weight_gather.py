@@ -316,14 +316,15 @@ def test_one_graph_serves_every_token_count(make_block):
     assert rewrites() == 1
 
 
-def test_ungated_nemotron_h_batched_mm():
-    """NemotronH's experts have no gate (up_proj -> relu -> down_proj): batched_mm of them is rewritten
+@pytest.mark.parametrize("act", ["relu", "relu2"])  # relu2: NemotronH's default
+def test_ungated_nemotron_h_batched_mm(act):
+    """NemotronH's experts have no gate (up_proj -> act -> down_proj): batched_mm of them is rewritten
     with gated=False, and matches eager."""
     nemotron_h = pytest.importorskip("transformers.models.nemotron_h.modeling_nemotron_h")
     torch.manual_seed(0)
     config = transformers.NemotronHConfig(
         hidden_size=H, moe_intermediate_size=F_, n_routed_experts=E, num_experts_per_tok=K,
-        mlp_hidden_act="relu", experts_implementation="batched_mm",
+        mlp_hidden_act=act, experts_implementation="batched_mm",
     )
     experts = nemotron_h.NemotronHExperts(config)
     with torch.no_grad():
@@ -341,7 +342,7 @@ def test_ungated_nemotron_h_batched_mm():
     assert rewrites() == 1
     (call,) = [line for line in graph.splitlines() if line.startswith("moe_ops.fused_experts")]
     # layout, interleaved, activation, gated, ...
-    assert "'EFH', False, 'relu', False," in call
+    assert f"'EFH', False, '{act}', False," in call
 
 
 # ---- Training ---------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ ACTIVATIONS = {
     "gelu": F.gelu,
     "gelu_tanh": lambda g: F.gelu(g, approximate="tanh"),
     "relu": F.relu,
+    "relu2": lambda g: F.relu(g) ** 2,
 }
 
 

@@ -88,6 +88,7 @@ def _activation_fn(activation: str, gate_up_form: str):
     act = {
         "silu": F.silu, "relu": F.relu, "gelu": F.gelu,
         "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
+        "relu2": lambda g: torch.square(F.relu(g)),  # transformers' ReLUSquaredActivation
     }.get(activation)
 
     def split(gate_up):
@@ -192,7 +193,7 @@ def match_activation(
 
 def match_any_activation(h: Node, inputs: list[Node], gate_up_form: str) -> tuple[str, set[Node], dict]:
     """The first activation the op knows that ``h`` computes from ``inputs``; Rejected if none."""
-    activations = ("silu", "gelu", "gelu_tanh", "relu")
+    activations = ("silu", "gelu", "gelu_tanh", "relu", "relu2")
     if gate_up_form != "ungated":
         activations += ("clamped_swiglu",)
     for activation in activations:

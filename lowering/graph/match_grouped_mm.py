@@ -7,7 +7,7 @@ functionalised ``masked_fill`` of the expert-parallel sentinel rows, ids >= E):
     offs  = cumsum(histc(ids_g.float() | .int(), E, 0, E-1), dtype=int32)
     xg    = where(m, 0, x[perm // K])
     gu    = where(m, 0, grouped_mm(xg, W_gu^T | W_gu, offs) [+ b_gu[clamp(ids_g, max=E-1)]])
-    h     = act(gu)                                          concatenated or interleaved gate/up
+    h     = act(gu)                                          concatenated or interleaved gate/up, or ungated
     y     = where(m, 0, grouped_mm(h, W_d^T | W_d, offs) [+ b_d[...]]) * w_TK.view(-1)[perm][:, None]
     out   = y[inv].view(T, K, H).sum(1),  inv = empty(S).index_put([perm], arange(S))
 
@@ -209,8 +209,17 @@ def _match(total: Node) -> ExpertsMatch:
     region |= between
     if layout != down_layout:
         raise Rejected("gate_up and down weights in different layouts")
-    gate_up_form = "interleaved" if any(is_call(u, aten.slice.Tensor) for u in activated_input.users) else "concat"
-    activation, act_nodes, constants = match_any_activation(h, [activated_input], gate_up_form)
+    # Gate and up interleaved (sliced), concatenated (split), or no gate at all: transformers' experts
+    # without one (NemotronH: up_proj, act_fn, down_proj) read the projection whole, run as gated=False.
+    forms = ("interleaved",) if any(is_call(u, aten.slice.Tensor) for u in activated_input.users) else (
+        "concat", "ungated")
+    for gate_up_form in forms:
+        try:
+            activation, act_nodes, constants = match_any_activation(h, [activated_input], gate_up_form)
+            break
+        except Rejected:
+            if gate_up_form == forms[-1]:
+                raise
     region |= act_nodes
 
     # xg = where(m, 0, x[perm // K])
@@ -238,7 +247,7 @@ def _match(total: Node) -> ExpertsMatch:
         form="hf_grouped_mm" if down.target is aten._grouped_mm.default else "hf_grouped_mm_fallback",
         result=result, region=region, x=x, topk_weights=topk_weights, topk_ids=topk_ids,
         w_gate_up=w_gate_up, w_down=w_down, b_gate_up=gate_up_bias, b_down=b_down, layout=layout,
-        interleaved=gate_up_form == "interleaved", activation=activation,
+        interleaved=gate_up_form == "interleaved", activation=activation, gated=gate_up_form != "ungated",
         alpha=constants.get("alpha", CLAMPED_SWIGLU_ALPHA), limit=constants.get("limit", CLAMPED_SWIGLU_LIMIT),
     )
 
