@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 from transformers.integrations import moe as hf_moe  # noqa: E402
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE  # noqa: E402
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP  # noqa: E402
+from transformers.models.minimax_m2.modeling_minimax_m2 import MiniMaxM2SparseMoeBlock  # noqa: E402
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock  # noqa: E402
 from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMoE  # noqa: E402
 from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock  # noqa: E402
@@ -42,6 +43,9 @@ BLOCKS = {
         hidden_size=H, moe_intermediate_size=F, intermediate_size=48, n_routed_experts=16, num_experts_per_tok=4,
         n_group=4, topk_group=2, n_shared_experts=1, routed_scaling_factor=2.5)),
     "gpt_oss": lambda: GptOssMLP(transformers.GptOssConfig(
+        hidden_size=H, intermediate_size=F, num_local_experts=E, num_experts_per_tok=K)),
+    # A sigmoid router with a selection bias and no groups.
+    "minimax_m2": lambda: MiniMaxM2SparseMoeBlock(transformers.MiniMaxM2Config(
         hidden_size=H, intermediate_size=F, num_local_experts=E, num_experts_per_tok=K)),
     # Ungated experts (up_proj, squared ReLU, down_proj) behind a sigmoid router with a selection bias.
     "nemotron_h": lambda: NemotronHMoE(transformers.NemotronHConfig(
@@ -86,6 +90,18 @@ def test_block_is_rewritten(name, dtype):
     form = "hf_grouped_mm" if dtype == torch.bfloat16 else "hf_grouped_mm_fallback"
     assert experts_rewrites(form) == 1
     assert_close_rel(output(result), output(block(x)), dtype, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_minimax_m2_router_with_a_selection_bias_is_rewritten(dtype):
+    block = build("minimax_m2", dtype)
+    with torch.no_grad():
+        block.e_score_correction_bias.normal_(0.0, 0.1)
+    x = tokens(10, dtype)
+    result, graph = compile_and_record(block, x)
+    assert counters["moe_ops"]["route_rewrite"] == 1 and "topk" not in graph
+    assert "moe_ops.route.default(2, 'sigmoid', False, True, 0.0, 1, 1, 1.0)" in graph
+    assert_close_rel(output(result), output(block(x)), dtype, "minimax_m2")
 
 
 @pytest.mark.parametrize("num_experts,top_k", [(64, 8), (128, 8)])

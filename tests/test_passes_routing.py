@@ -164,6 +164,47 @@ getitem(1)
 prims.convert_element_type.default(torch.int64)""")
 
 
+def biased_router(scoring):
+    """MiniMax-M2 (sigmoid) and AFMoE/Laguna-style (softmax) routers: a per-expert bias added to the
+    scores for the choice only, the weights the unbiased scores at the chosen ids, renormalised."""
+    bias = torch.randn(E) * 0.1
+
+    def router(router_logits):
+        scores = router_logits.float().sigmoid() if scoring == "sigmoid" else router_logits.float().softmax(-1)
+        _, ids = torch.topk(scores + bias, K, dim=-1, sorted=False)
+        weights = scores.gather(1, ids)
+        weights /= weights.sum(dim=-1, keepdim=True)
+        return weights, ids
+
+    return router
+
+
+@pytest.mark.parametrize("scoring", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_selection_bias_without_groups(dtype, scoring):
+    router = biased_router(scoring)
+    x = logits(dtype)
+    result, graph = compile_and_record(router, x)
+    assert_same_routing(by_expert(*result), by_expert(*router(x)))
+    assert rewrites() == 1
+    # (the summary leaves out tensor arguments: the bias)
+    assert f"moe_ops.route.default(2, '{scoring}', False, True, 0.0, 1, 1, 1.0)" in graph, graph
+
+
+def test_selection_bias_whose_choices_are_used_is_left_alone():
+    bias = torch.randn(E) * 0.1
+
+    def router(router_logits):
+        scores = router_logits.float().sigmoid()
+        choices, ids = torch.topk(scores + bias, K, dim=-1)
+        return scores.gather(1, ids) * choices, ids  # the biased values feed the weights
+
+    x = logits(torch.float32)
+    result, graph = compile_and_record(router, x)
+    assert_same_routing(result, router(x))
+    assert rewrites() == 0 and "moe_ops.route" not in graph
+
+
 # ---- Near misses: not rewritten (or only partly), and still correct --------------------------------
 
 

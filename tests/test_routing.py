@@ -25,7 +25,11 @@ MODES = {
         routed_scaling_factor=2.5,
     ),
     "sigmoid": dict(scoring="sigmoid"),
+    # A selection bias without groups: MiniMax-M2 (sigmoid), Laguna/ERNIE-style (softmax).
+    "minimax_m2": dict(scoring="sigmoid", renormalize=True),
+    "biased_softmax": dict(scoring="softmax", renormalize=True),
 }
+BIASED_MODES = ("deepseek_v3", "minimax_m2", "biased_softmax")
 FLOAT_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
@@ -37,7 +41,7 @@ def _ref_args(logits, k, *, scoring="softmax", softmax_after_topk=False, renorma
 
 
 def _bias_for(mode: str, num_experts: int, device="cpu") -> torch.Tensor | None:
-    if mode != "deepseek_v3":
+    if mode not in BIASED_MODES:
         return None
     return (torch.randn(num_experts) * 0.1).to(device)
 
@@ -81,6 +85,15 @@ def _deepseek_v3_like(logits, k, bias, n_group, topk_group, scale, eps):
     return topk_weights * scale, topk_indices
 
 
+def _minimax_m2_like(logits, k, bias):
+    # MiniMaxM2TopKRouter: sigmoid scores, the bias added for the choice only, renormalised
+    routing_weights = torch.nn.functional.sigmoid(logits.float())
+    _, top_k_index = torch.topk(routing_weights + bias, k, dim=-1, sorted=False)
+    top_k_weights = routing_weights.gather(1, top_k_index)
+    top_k_weights /= top_k_weights.sum(dim=-1, keepdim=True)
+    return top_k_weights, top_k_index
+
+
 def _by_expert(weights, ids):
     """Each row's (weights, ids) ordered by expert id: torch.topk's order among ties (and with
     sorted=False) is unspecified, the set of experts and their weights are not."""
@@ -103,7 +116,7 @@ def _cuda_topk_rule(values, k, sorted=True, dim=-1, largest=True):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-@pytest.mark.parametrize("mode", ["mixtral", "qwen2", "gpt_oss", "deepseek_v3"])
+@pytest.mark.parametrize("mode", ["mixtral", "qwen2", "gpt_oss", "deepseek_v3", "minimax_m2"])
 def test_reference_matches_model_formulations(mode, dtype):
     num_tokens, num_experts, k = 64, (256 if mode == "deepseek_v3" else 32), 8
     logits = torch.randn(num_tokens, num_experts).to(dtype)
@@ -114,6 +127,8 @@ def test_reference_matches_model_formulations(mode, dtype):
         want_w, want_ids = _mixtral_like(logits, k, cfg.get("renormalize", False))
     elif mode == "gpt_oss":
         want_w, want_ids = _gpt_oss_like(logits, k)
+    elif mode == "minimax_m2":
+        want_w, want_ids = _minimax_m2_like(logits, k, bias)
     else:
         want_w, want_ids = _deepseek_v3_like(logits, k, bias, 8, 4, 2.5, 1e-20)
     assert weights.dtype == torch.float32 and ids.dtype == torch.int32
@@ -208,6 +223,9 @@ TRITON_CASES = [
     ("qwen2", 20, 60, 4, "qwen2", "randn"),  # non-power-of-two E (Qwen2-MoE has 60 experts)
     ("gpt_oss", 33, 32, 4, "gpt_oss", "randn"),
     ("deepseek_v3", 17, 256, 8, "deepseek_v3", "randn"),  # E=256 with 8 groups (DeepSeek-V3)
+    ("minimax_m2", 19, 32, 4, "minimax_m2", "randn"),  # a selection bias without groups
+    ("biased_softmax", 19, 48, 6, "biased_softmax", "randn"),
+    ("ties_biased", 16, 32, 8, "minimax_m2", "ties"),
     # edges
     ("single_token", 1, 64, 6, "mixtral", "randn"),  # T=1 (decode)
     ("single_expert", 5, 1, 1, "mixtral", "randn"),  # E=1: one-column tile

@@ -6,6 +6,8 @@ Recognised (T tokens, E experts, K = k; every reduction over the last dim of a (
     R2   softmax(fp32(topk(logits, k).values))       GPT-OSS, mistral-inference
     R3   scores.gather(1, topk(group-masked(sigmoid(fp32 logits) + bias), k).indices)
                                                      DeepSeek-V3 (the variants that mask with -inf)
+    R4   scores.gather(1, topk(softmax|sigmoid(fp32 logits) + bias, k).indices)
+                                                     MiniMax-M2, AFMoE, Laguna (a selection bias, no groups)
 
 each optionally followed, on the weights, by ``w / (w.sum(-1, keepdim=True) [+ eps])`` and then by
 ``w * scale`` (a Python number). Whatever comes after (e.g. a cast back to the logits' dtype) is
@@ -248,6 +250,8 @@ def _match(topk: Node) -> RoutePrologue:
 
     if is_call(scores, aten.where.self):  # R3: selection among the experts of the kept groups
         return _match_group_limited(topk, k, values, ids)
+    if is_call(scores, aten.add.Tensor):  # R4: a selection bias, no groups
+        return _match_biased(topk, k, values, ids)
     softmax_after = _match_softmax_after_topk(values)
     if isinstance(softmax_after, Node):  # R2
         scoring, logits, weights = "softmax", scores, softmax_after
@@ -321,18 +325,7 @@ def _match_group_limited(topk: Node, k: int, values: Node | None, ids: Node | No
         raise Rejected(f"experts masked with {fill_value!r}, not -inf")
     if values is not None and values.users:
         raise Rejected("the top-k masked choices are used, not just their ids")
-
-    # choice = scores + bias (E,), the bias broadcast over the tokens
-    num_experts = shape(choice)[1]
-    if not isinstance(num_experts, int):
-        raise Rejected("the number of experts is not static")
-    if not (is_call(choice, aten.add.Tensor) and not choice.kwargs and val(choice).dtype == torch.float32):
-        raise Rejected("masked choices are not an fp32 add of scores and a bias")
-    scores, bias = choice.args
-    if is_call(bias, aten.unsqueeze.default) and bias.args[1] == 0:
-        bias = bias.args[0]
-    if not (isinstance(bias, Node) and shape(bias) == (num_experts,)):
-        raise Rejected("the selection bias is not an (E,) tensor")
+    num_experts, scores, bias = _biased_choice(choice)
     scoring, fp32_logits = _match_scores(scores)
 
     # keep (T, E) = the kept groups' mask (T, n_group) repeated over each group's experts
@@ -391,7 +384,46 @@ def _match_group_limited(topk: Node, k: int, values: Node | None, ids: Node | No
     ):
         raise Rejected(f"groups n_group={n_group}, topk_group={topk_group} of size {group_size}, k={k}")
 
-    # weights = the unbiased scores at the chosen ids
+    weights, renormalize, renorm_eps, scale = _fold_renorm_and_scale(_gathered_scores(scores, ids))
+    return RoutePrologue(
+        topk=topk, logits=_fp32_source(fp32_logits), k=k, scoring=scoring, softmax_after_topk=False,
+        renormalize=renormalize, renorm_eps=renorm_eps, routed_scaling_factor=scale, weights=weights,
+        ids=ids, correction_bias=bias, n_group=n_group, topk_group=topk_group,
+    )
+
+
+def _match_biased(topk: Node, k: int, values: Node | None, ids: Node | None) -> RoutePrologue:
+    """R4 (MiniMax-M2, AFMoE, Laguna): ``topk(scores + bias, k)`` over all experts, the weights the
+    unbiased scores gathered at the chosen ids."""
+    if values is not None and values.users:
+        raise Rejected("the top-k biased choices are used, not just their ids")
+    _, scores, bias = _biased_choice(topk.args[0])
+    scoring, fp32_logits = _match_scores(scores)
+    weights, renormalize, renorm_eps, scale = _fold_renorm_and_scale(_gathered_scores(scores, ids))
+    return RoutePrologue(
+        topk=topk, logits=_fp32_source(fp32_logits), k=k, scoring=scoring, softmax_after_topk=False,
+        renormalize=renormalize, renorm_eps=renorm_eps, routed_scaling_factor=scale, weights=weights,
+        ids=ids, correction_bias=bias,
+    )
+
+
+def _biased_choice(choice: Node) -> tuple[int, Node, Node]:
+    """``choice = scores + bias`` in fp32, the (E,) bias broadcast over the tokens: (E, scores, bias)."""
+    num_experts = shape(choice)[1]
+    if not isinstance(num_experts, int):
+        raise Rejected("the number of experts is not static")
+    if not (is_call(choice, aten.add.Tensor) and not choice.kwargs and val(choice).dtype == torch.float32):
+        raise Rejected("the choices are not an fp32 add of scores and a bias")
+    scores, bias = choice.args
+    if is_call(bias, aten.unsqueeze.default) and bias.args[1] == 0:
+        bias = bias.args[0]
+    if not (isinstance(bias, Node) and shape(bias) == (num_experts,)):
+        raise Rejected("the selection bias is not an (E,) tensor")
+    return num_experts, scores, bias
+
+
+def _gathered_scores(scores: Node, ids: Node | None) -> Node:
+    """The one ``scores.gather(1, ids)``: the unbiased scores at the chosen ids."""
     gathers = [
         user
         for user in (ids.users if ids is not None else ())
@@ -403,12 +435,7 @@ def _match_group_limited(topk: Node, k: int, values: Node | None, ids: Node | No
     ]
     if len(gathers) != 1:
         raise Rejected("the weights are not the scores gathered at the chosen ids")
-    weights, renormalize, renorm_eps, scale = _fold_renorm_and_scale(gathers[0])
-    return RoutePrologue(
-        topk=topk, logits=_fp32_source(fp32_logits), k=k, scoring=scoring, softmax_after_topk=False,
-        renormalize=renormalize, renorm_eps=renorm_eps, routed_scaling_factor=scale, weights=weights,
-        ids=ids, correction_bias=bias, n_group=n_group, topk_group=topk_group,
-    )
+    return gathers[0]
 
 
 # ---- Replacing ------------------------------------------------------------------------------------
