@@ -154,6 +154,37 @@ def test_autograd_grad_as_well_as_backward():
         assert_close_rel(actual, expected, torch.bfloat16, f"gradient of {name}")
 
 
+def saved_activation_bytes(module, x) -> int:
+    """Bytes of the tensors a compiled training step keeps for its backward, parameters left out."""
+    parameters = {p.data_ptr() for p in module.parameters()}
+    saved = []
+
+    def pack(tensor):
+        if tensor.data_ptr() not in parameters:
+            saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        torch.compile(module, fullgraph=True)(x)
+    return sum(saved)
+
+
+def test_saved_activations_are_the_block_inputs():
+    """The rewritten training graph keeps, per token, the input row (H * 2 bytes in bf16), the router
+    logits (E * 2), the ids (K * 4, int32) and the routing weights (K * 4: this router's are fp32): no
+    permuted copy of x, no expert intermediates. The plain code's graph keeps its (T K, F)
+    intermediates and the permuted rows."""
+    num_tokens = 64
+    x = tokens(num_tokens).requires_grad_(True)
+    ours = saved_activation_bytes(GroupedMoE(), x)
+    assert joint_rewrites() == 1
+    assert ours == num_tokens * (H * 2 + E * 2 + K * 4 + K * 4)
+    torch._dynamo.reset()
+    with moe_ops.rewrites_disabled():
+        plain = saved_activation_bytes(GroupedMoE(), x)
+    assert plain > 4 * ours, (plain, ours)
+
+
 def test_inference_graphs_are_left_to_the_post_grad_pass():
     with torch.no_grad():
         torch.compile(GroupedMoE(), fullgraph=True)(tokens())
