@@ -174,3 +174,31 @@ def test_top1_router_with_capacity_says_it_is_not_rewritten(caplog):
     assert len(messages) == 2, messages
     assert "modeling_switch_transformers.py" in messages[0] and "torch.max(router_probs, dim=-1" in messages[0]
     assert "ids = torch.argmax(F.softmax(x @ w_router.T, dim=-1), dim=-1)" in messages[1]
+
+
+@pytest.mark.usefixtures("fresh_compile_state")
+@pytest.mark.parametrize("n_group,topk_group", [(4, 2), (1, 1)])  # (1, 1): NemotronH's default
+def test_group_limited_router_is_explained_once_at_its_expert_top_k(caplog, n_group, topk_group):
+    """A group-limited router (DeepSeek-V3's form) has two top-ks: the groups' and the experts'. Only
+    the second is a router; the message names its line, not the group selection's (whose mask write
+    Inductor turns into a comparison with an iota when there is one group)."""
+    import logging
+
+    w_router, w1, w2 = torch.randn(E, H), torch.randn(E, F_, H), torch.randn(E, H, F_)
+
+    def block(x):
+        scores = (x @ w_router.T).sigmoid()
+        group_scores = scores.view(-1, n_group, E // n_group).topk(2, dim=-1)[0].sum(dim=-1)
+        group_idx = torch.topk(group_scores, k=topk_group, dim=-1)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+        keep = group_mask.unsqueeze(-1).expand(-1, n_group, E // n_group).reshape(-1, E)
+        w, ids = torch.topk(scores.masked_fill(keep == 0, float("-inf")), K, dim=-1)  # EXPERT TOP-K
+        y = torch.einsum("tao,taio->tai", torch.tanh(torch.einsum("ti,taoi->tao", x, w1[ids])), w2[ids])
+        return torch.einsum("tai,ta->ti", y, w)
+
+    with caplog.at_level(logging.INFO, logger="moe_ops"):
+        x = torch.randn(10, H)
+        torch.testing.assert_close(torch.compile(block)(x), block(x), rtol=1e-4, atol=1e-4)
+    messages = _not_rewritten_lines(caplog)
+    assert len(messages) == 1, messages
+    assert "w, ids = torch.topk(scores.masked_fill(keep == 0" in messages[0]

@@ -357,9 +357,20 @@ def _is_softmax_over_last_dim(node) -> bool:
             and denominator.args[0] is numerator and list(denominator.args[1]) in ([-1], [val(numerator).dim() - 1]))
 
 
+def _is_group_scores(node) -> bool:
+    """``node`` (through casts and views) sums the top-k values of each group: a group-limited router's
+    group scores (DeepSeek-V3), whose top-k picks groups, not experts."""
+    while _calls(node, _PASS_THROUGH):
+        node = node.args[0]
+    if not _calls(node, (aten.sum.dim_IntList,)):
+        return False
+    values = node.args[0]
+    return is_call(values, operator.getitem) and values.args[1] == 0 and _calls(values.args[0], (aten.topk.default,))
+
+
 def _is_router(node: Node) -> bool:
     if _calls(node, _ROUTERS):
-        return True
+        return not (node.target is aten.topk.default and _is_group_scores(node.args[0]))
     if not _calls(node, _TOP1) or val(node.args[0]) is None:
         return False
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
