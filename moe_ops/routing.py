@@ -81,6 +81,7 @@ def route_ref(
     n_group: int = 1,
     topk_group: int = 1,
     routed_scaling_factor: float = 1.0,
+    renorm_min: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-PyTorch definition of the router (the semantics every kernel is tested against).
 
@@ -116,7 +117,7 @@ def route_ref(
 
     ids_TK = torch.topk(choice_TE, k, dim=-1).indices
     weights_TK = route_weights_ref(
-        logits, ids_TK, scoring, softmax_after_topk, renormalize, renorm_eps, routed_scaling_factor
+        logits, ids_TK, scoring, softmax_after_topk, renormalize, renorm_eps, routed_scaling_factor, renorm_min
     )
     return weights_TK, ids_TK.to(torch.int32)
 
@@ -129,6 +130,7 @@ def route_weights_ref(
     renormalize: bool,
     renorm_eps: float,
     routed_scaling_factor: float,
+    renorm_min: float = 0.0,
 ) -> torch.Tensor:
     """The routing weights of the chosen ``ids_TK`` (T, K): route's weights once the selection is made.
 
@@ -140,14 +142,17 @@ def route_weights_ref(
     ids_TK = ids_TK.long()
     if softmax_after_topk:
         return _renormalized(torch.softmax(x_TE.gather(1, ids_TK), dim=-1), renormalize, renorm_eps,
-                             routed_scaling_factor)
+                             routed_scaling_factor, renorm_min)
     scores_TE = torch.softmax(x_TE, dim=-1) if scoring == "softmax" else torch.sigmoid(x_TE)
-    return _renormalized(scores_TE.gather(1, ids_TK), renormalize, renorm_eps, routed_scaling_factor)
+    return _renormalized(scores_TE.gather(1, ids_TK), renormalize, renorm_eps, routed_scaling_factor, renorm_min)
 
 
-def _renormalized(weights_TK, renormalize, renorm_eps, routed_scaling_factor):
+def _renormalized(weights_TK, renormalize, renorm_eps, routed_scaling_factor, renorm_min):
     if renormalize:
-        weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + renorm_eps)
+        denominator_T1 = weights_TK.sum(dim=-1, keepdim=True) + renorm_eps
+        if renorm_min > 0:  # ERNIE-4.5: w / clamp(sum, min=moe_norm_min); clamp keeps a NaN sum NaN
+            denominator_T1 = torch.clamp(denominator_T1, min=renorm_min)
+        weights_TK = weights_TK / denominator_T1
     return weights_TK * routed_scaling_factor
 
 
@@ -163,26 +168,27 @@ def _route_op(
     n_group: int,
     topk_group: int,
     routed_scaling_factor: float,
+    renorm_min: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return route_ref(
         logits, k, scoring, softmax_after_topk, renormalize, renorm_eps, correction_bias, n_group,
-        topk_group, routed_scaling_factor,
+        topk_group, routed_scaling_factor, renorm_min,
     )
 
 
 @_route_op.register_kernel("cuda")
 def _route_cuda(logits, k, scoring, softmax_after_topk, renormalize, renorm_eps, correction_bias, n_group,
-                topk_group, routed_scaling_factor):
+                topk_group, routed_scaling_factor, renorm_min=0.0):
     _check_route_args(logits, k, scoring, softmax_after_topk, correction_bias, n_group, topk_group)
     return route_triton(
         logits, k, scoring, softmax_after_topk, renormalize, renorm_eps, correction_bias, n_group,
-        topk_group, routed_scaling_factor,
+        topk_group, routed_scaling_factor, renorm_min,
     )
 
 
 @_route_op.register_fake
 def _(logits, k, scoring, softmax_after_topk, renormalize, renorm_eps, correction_bias, n_group,
-      topk_group, routed_scaling_factor):
+      topk_group, routed_scaling_factor, renorm_min=0.0):
     _check_route_args(logits, k, scoring, softmax_after_topk, correction_bias, n_group, topk_group)
     num_tokens = logits.shape[0]
     return (
@@ -201,12 +207,13 @@ def _route_backward_op(
     renormalize: bool,
     renorm_eps: float,
     routed_scaling_factor: float,
+    renorm_min: float = 0.0,
 ) -> torch.Tensor:
     """Gradient of route's weights w.r.t. the logits, at the ids route's forward chose."""
     with autograd_inside_custom_op():
         leaf = logits.detach().requires_grad_(True)
         weights_TK = route_weights_ref(
-            leaf, ids, scoring, softmax_after_topk, renormalize, renorm_eps, routed_scaling_factor
+            leaf, ids, scoring, softmax_after_topk, renormalize, renorm_eps, routed_scaling_factor, renorm_min
         )
         (grad_logits,) = torch.autograd.grad(weights_TK, leaf, grad_weights)
     return grad_logits
@@ -214,22 +221,26 @@ def _route_backward_op(
 
 @_route_backward_op.register_fake
 def _(logits, ids, grad_weights, scoring, softmax_after_topk, renormalize, renorm_eps,
-      routed_scaling_factor):
+      routed_scaling_factor, renorm_min=0.0):
     return torch.empty_like(logits)
 
 
 def _route_setup_context(ctx, inputs, output):
-    (logits, _, scoring, softmax_after_topk, renormalize, renorm_eps, _, _, _, routed_scaling_factor) = inputs
+    logits, _, scoring, softmax_after_topk, renormalize, renorm_eps = inputs[:6]
+    routed_scaling_factor, renorm_min = inputs[9], (inputs[10] if len(inputs) > 10 else 0.0)
     ctx.save_for_backward(logits, output[1])
-    ctx.weight_args = (scoring, softmax_after_topk, renormalize, renorm_eps, routed_scaling_factor)
+    # renorm_min passed only where set, so graphs of routers without it read as before.
+    ctx.weight_args = (scoring, softmax_after_topk, renormalize, renorm_eps, routed_scaling_factor) + (
+        (renorm_min,) if renorm_min else ())
+    ctx.num_inputs = len(inputs)
 
 
 def _route_backward(ctx, grad_weights, _grad_ids):
     logits, ids = ctx.saved_tensors
     if grad_weights is None:
-        return (None,) * 10
+        return (None,) * ctx.num_inputs
     grad_logits = torch.ops.moe_ops.route_backward(logits, ids, grad_weights, *ctx.weight_args)
-    return (grad_logits,) + (None,) * 9
+    return (grad_logits,) + (None,) * (ctx.num_inputs - 1)
 
 
 torch.library.register_autograd(_route_op, _route_backward, setup_context=_route_setup_context)
@@ -247,6 +258,7 @@ def route(
     n_group: int = 1,
     topk_group: int = 1,
     routed_scaling_factor: float = 1.0,
+    renorm_min: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose ``top_k`` experts per token and their routing weights.
 
@@ -256,7 +268,7 @@ def route(
         scoring:               "softmax" | "sigmoid"  scores = softmax/sigmoid(logits), in fp32
         softmax_after_topk:    select on the raw logits, weights = softmax over the K selected
                                logits (Mixtral original, GPT-OSS); scoring="softmax" only
-        renormalize:           weights / (weights.sum(-1) + renorm_eps)
+        renormalize:           weights / max(weights.sum(-1) + renorm_eps, renorm_min)
         renorm_eps:            added to the denominator of the renormalisation (DeepSeek-V3: 1e-20)
         correction_bias:       (E,) float, on the logits' device, or None  added to the scores for
                                the selection only (DeepSeek-V3 e_score_correction_bias); no gradient
@@ -265,6 +277,8 @@ def route(
         topk_group:            groups kept per token (1 <= topk_group <= n_group); experts of the
                                other groups are never chosen, so K <= topk_group * E / n_group
         routed_scaling_factor: final multiplier of the weights (DeepSeek-V3: 2.5)
+        renorm_min:            lower bound of the renormalisation's denominator, 0 = none (ERNIE-4.5:
+                               moe_norm_min, its ``w / clamp(w.sum(-1), min=...)``); a NaN sum stays NaN
 
     Returns:
         (topk_weights, topk_ids):
@@ -279,10 +293,11 @@ def route(
     check_int("n_group", n_group, minimum=1)
     check_int("topk_group", topk_group, minimum=1)
     check_number("routed_scaling_factor", routed_scaling_factor)
+    check_number("renorm_min", renorm_min, minimum=0.0)
     args = (
         router_logits, top_k, scoring, bool(softmax_after_topk), bool(renormalize),
         float(renorm_eps), correction_bias, n_group, topk_group, float(routed_scaling_factor),
-    )
+    ) + ((float(renorm_min),) if renorm_min else ())
     if direct_cuda_call_allowed(router_logits, correction_bias):
         return _route_cuda(*args)
     return torch.ops.moe_ops.route(*args)

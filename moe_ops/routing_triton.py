@@ -81,10 +81,10 @@ def _route_kernel(
     logits_ptr, bias_ptr, weights_ptr, ids_ptr,
     T, E, group_size,
     stride_lt, stride_le, stride_b,
-    renorm_eps, scale,
+    renorm_eps, scale, renorm_min,
     E_PAD: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
     SCORING: tl.constexpr,  # 0 = softmax, 1 = sigmoid
-    SOFTMAX_AFTER_TOPK: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTMAX_AFTER_TOPK: tl.constexpr, RENORMALIZE: tl.constexpr, RENORM_MIN: tl.constexpr, HAS_BIAS: tl.constexpr,
     N_GROUP: tl.constexpr, N_GROUP_PAD: tl.constexpr, TOPK_GROUP: tl.constexpr,
     PRECISE_EXP: tl.constexpr, IEEE_DIV: tl.constexpr,
     NONE: tl.constexpr,  # a key below every value's, -inf's included: padding and experts taken
@@ -170,7 +170,10 @@ def _route_kernel(
     w = tl.where(k_ok, w, 0.0)
     if RENORMALIZE:
         # The casts keep the scalars' precision out of the result: a compiled graph may pass them as fp64.
-        w = _div(w, (tl.sum(w, axis=1)[:, None] + renorm_eps).to(compute_dtype), IEEE_DIV)
+        denominator = (tl.sum(w, axis=1)[:, None] + renorm_eps).to(compute_dtype)
+        if RENORM_MIN:  # torch.clamp(sum, min=renorm_min): a NaN sum stays NaN (NaN < x is false)
+            denominator = tl.where(denominator < renorm_min, renorm_min, denominator).to(compute_dtype)
+        w = _div(w, denominator, IEEE_DIV)
     w = (w * scale).to(compute_dtype)
 
     out_offs = rows[:, None] * K + ks[None, :]
@@ -183,7 +186,7 @@ def launch_route(
     launch, logits, bias, weights, ids, num_tokens, num_experts: int, logits_strides, bias_stride: int,
     k: int, scoring: str, softmax_after_topk: bool, renormalize: bool, renorm_eps: float, n_group: int,
     topk_group: int, routed_scaling_factor: float, precise: bool, fp32_weights: bool,
-    cdiv=triton.cdiv, any_count: bool = False,
+    cdiv=triton.cdiv, any_count: bool = False, renorm_min: float = 0.0,
 ) -> None:
     """The route kernel's launch, written once for the eager op (``launch`` calls the kernel; tensors)
     and the compiled graph (lowering/inductor/kernel_calls.py: ``launch`` adds the kernel to Inductor's graph; IR
@@ -199,11 +202,11 @@ def launch_route(
         _route_kernel, (cdiv(num_tokens, block_t),), num_warps,
         logits, bias if has_bias else logits, weights, ids,
         num_tokens, num_experts, num_experts // n_group, *logits_strides, bias_stride,
-        float(renorm_eps), float(routed_scaling_factor),
+        float(renorm_eps), float(routed_scaling_factor), float(renorm_min),
         E_PAD=e_pad, K=k, K_PAD=triton.next_power_of_2(k), BLOCK_T=block_t,
         SCORING=0 if scoring == "softmax" else 1,
         SOFTMAX_AFTER_TOPK=bool(softmax_after_topk), RENORMALIZE=bool(renormalize),
-        HAS_BIAS=has_bias,
+        RENORM_MIN=renorm_min > 0, HAS_BIAS=has_bias,
         N_GROUP=n_group, N_GROUP_PAD=triton.next_power_of_2(n_group), TOPK_GROUP=topk_group,
         PRECISE_EXP=precise, IEEE_DIV=precise and fp32_weights,
         NONE=-(2**31 - 1) if fp32_weights else -(2**63 - 1),  # _order_key's int32 / int64 range
@@ -221,6 +224,7 @@ def route_triton(
     n_group: int,
     topk_group: int,
     routed_scaling_factor: float,
+    renorm_min: float = 0.0,
     any_count: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the fused router kernel (arguments already checked by moe_ops.routing). ``any_count``: the
@@ -230,7 +234,7 @@ def route_triton(
         logits:          (T, E) float32/float16/bfloat16/float64, any strides
         k:               K
         scoring:         "softmax" | "sigmoid"
-        softmax_after_topk, renormalize, renorm_eps, routed_scaling_factor: as in route()
+        softmax_after_topk, renormalize, renorm_eps, routed_scaling_factor, renorm_min: as in route()
         correction_bias: (E,) float or None
         n_group, topk_group: group-limited selection (n_group=1: none)
 
@@ -249,5 +253,6 @@ def route_triton(
         correction_bias.stride(0) if correction_bias is not None else 0, k, scoring, softmax_after_topk,
         renormalize, renorm_eps, n_group, topk_group, routed_scaling_factor,
         precise=logits.is_cuda, fp32_weights=weight_dtype == torch.float32, any_count=any_count,
+        renorm_min=renorm_min,
     )
     return weights, ids

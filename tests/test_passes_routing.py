@@ -191,6 +191,37 @@ def test_selection_bias_without_groups(dtype, scoring):
     assert f"moe_ops.route.default(2, '{scoring}', False, True, 0.0, 1, 1, 1.0)" in graph, graph
 
 
+def ernie_router(router_logits):
+    """ERNIE-4.5: a selection bias and w / clamp(w.sum(-1), min=moe_norm_min)."""
+    routing_weights = F.softmax(router_logits.float(), dim=1, dtype=torch.float)
+    _, ids = torch.topk(routing_weights + ERNIE_BIAS, K, dim=-1)
+    routing_weights = torch.gather(routing_weights, dim=-1, index=ids)
+    return routing_weights / torch.clamp(routing_weights.sum(dim=-1, keepdim=True), min=0.5), ids
+
+
+ERNIE_BIAS = torch.randn(E) * 0.1
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_clamped_renormalisation(dtype):
+    x = logits(dtype)
+    result, graph = compile_and_record(ernie_router, x)
+    assert_same_routing(by_expert(*result), by_expert(*ernie_router(x)))
+    assert rewrites() == 1
+    assert "moe_ops.route.default(2, 'softmax', False, True, 0.0, 1, 1, 1.0, 0.5)" in graph, graph
+
+
+def test_clamp_with_a_maximum_is_left_alone():
+    def router(router_logits):
+        weights, ids = torch.topk(router_logits.float().softmax(-1), K, dim=-1)
+        return weights / torch.clamp(weights.sum(dim=-1, keepdim=True), min=0.5, max=0.9), ids
+
+    x = logits(torch.float32)
+    result, graph = compile_and_record(router, x)
+    assert_same_routing(result, router(x))
+    assert "moe_ops.route.default(2, 'softmax', False, False, 0.0, None, 1, 1, 1.0)" in graph  # renormalisation kept
+
+
 def test_selection_bias_whose_choices_are_used_is_left_alone():
     bias = torch.randn(E) * 0.1
 

@@ -28,16 +28,20 @@ MODES = {
     # A selection bias without groups: MiniMax-M2 (sigmoid), Laguna/ERNIE-style (softmax).
     "minimax_m2": dict(scoring="sigmoid", renormalize=True),
     "biased_softmax": dict(scoring="softmax", renormalize=True),
+    # ERNIE-4.5: softmax, a selection bias, w / clamp(sum, min=moe_norm_min); a large minimum so that
+    # the clamp binds for many tokens.
+    "ernie": dict(scoring="softmax", renormalize=True, renorm_min=0.5),
 }
-BIASED_MODES = ("deepseek_v3", "minimax_m2", "biased_softmax")
+BIASED_MODES = ("deepseek_v3", "minimax_m2", "biased_softmax", "ernie")
 FLOAT_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
 def _ref_args(logits, k, *, scoring="softmax", softmax_after_topk=False, renormalize=False,
-              renorm_eps=0.0, correction_bias=None, n_group=1, topk_group=1, routed_scaling_factor=1.0):
+              renorm_eps=0.0, correction_bias=None, n_group=1, topk_group=1, routed_scaling_factor=1.0,
+              renorm_min=0.0):
     """route()'s keyword arguments in the op's positional order."""
     return (logits, k, scoring, softmax_after_topk, renormalize, renorm_eps, correction_bias, n_group,
-            topk_group, routed_scaling_factor)
+            topk_group, routed_scaling_factor) + ((renorm_min,) if renorm_min else ())
 
 
 def _bias_for(mode: str, num_experts: int, device="cpu") -> torch.Tensor | None:
@@ -94,6 +98,15 @@ def _minimax_m2_like(logits, k, bias):
     return top_k_weights, top_k_index
 
 
+def _ernie_like(logits, k, bias, norm_min):
+    # Ernie4_5_MoeTopKRouter (the bias added by its moe_statics module)
+    routing_weights = torch.nn.functional.softmax(logits.float(), dim=1, dtype=torch.float)
+    _, selected_experts = torch.topk(routing_weights + bias, k, dim=-1)
+    routing_weights = torch.gather(routing_weights, dim=-1, index=selected_experts)
+    routing_weights = routing_weights / torch.clamp(routing_weights.sum(dim=-1, keepdim=True), min=norm_min)
+    return routing_weights, selected_experts
+
+
 def _by_expert(weights, ids):
     """Each row's (weights, ids) ordered by expert id: torch.topk's order among ties (and with
     sorted=False) is unspecified, the set of experts and their weights are not."""
@@ -116,7 +129,7 @@ def _cuda_topk_rule(values, k, sorted=True, dim=-1, largest=True):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-@pytest.mark.parametrize("mode", ["mixtral", "qwen2", "gpt_oss", "deepseek_v3", "minimax_m2"])
+@pytest.mark.parametrize("mode", ["mixtral", "qwen2", "gpt_oss", "deepseek_v3", "minimax_m2", "ernie"])
 def test_reference_matches_model_formulations(mode, dtype):
     num_tokens, num_experts, k = 64, (256 if mode == "deepseek_v3" else 32), 8
     logits = torch.randn(num_tokens, num_experts).to(dtype)
@@ -129,6 +142,8 @@ def test_reference_matches_model_formulations(mode, dtype):
         want_w, want_ids = _gpt_oss_like(logits, k)
     elif mode == "minimax_m2":
         want_w, want_ids = _minimax_m2_like(logits, k, bias)
+    elif mode == "ernie":
+        want_w, want_ids = _ernie_like(logits, k, bias, cfg["renorm_min"])
     else:
         want_w, want_ids = _deepseek_v3_like(logits, k, bias, 8, 4, 2.5, 1e-20)
     assert weights.dtype == torch.float32 and ids.dtype == torch.int32
@@ -226,6 +241,8 @@ TRITON_CASES = [
     ("minimax_m2", 19, 32, 4, "minimax_m2", "randn"),  # a selection bias without groups
     ("biased_softmax", 19, 48, 6, "biased_softmax", "randn"),
     ("ties_biased", 16, 32, 8, "minimax_m2", "ties"),
+    ("ernie_clamped_renorm", 23, 64, 4, "ernie", "randn"),
+    ("nonfinite_clamped_renorm", 12, 16, 4, "ernie", "nonfinite"),  # a NaN sum stays NaN
     # edges
     ("single_token", 1, 64, 6, "mixtral", "randn"),  # T=1 (decode)
     ("single_expert", 5, 1, 1, "mixtral", "randn"),  # E=1: one-column tile

@@ -9,7 +9,8 @@ Recognised (T tokens, E experts, K = k; every reduction over the last dim of a (
     R4   scores.gather(1, topk(softmax|sigmoid(fp32 logits) + bias, k).indices)
                                                      MiniMax-M2, AFMoE, Laguna (a selection bias, no groups)
 
-each optionally followed, on the weights, by ``w / (w.sum(-1, keepdim=True) [+ eps])`` and then by
+each optionally followed, on the weights, by ``w / (w.sum(-1, keepdim=True) [+ eps])`` (or ERNIE-4.5's
+``w / clamp(w.sum(-1, keepdim=True), min=m)``) and then by
 ``w * scale`` (a Python number). Whatever comes after (e.g. a cast back to the logits' dtype) is
 left in place and reads the op's weights. The indices' users read the op's int32 ids cast to int64.
 
@@ -79,6 +80,7 @@ class RoutePrologue:
     correction_bias: Node | None = None
     n_group: int = 1
     topk_group: int = 1
+    renorm_min: float = 0.0
 
     def describe(self) -> str:
         parts = [self.scoring + (" after topk" if self.softmax_after_topk else ""), f"k={self.k}"]
@@ -87,7 +89,8 @@ class RoutePrologue:
         if self.n_group > 1:
             parts.append(f"n_group={self.n_group}, topk_group={self.topk_group}")
         if self.renormalize:
-            parts.append("renormalize" + (f" eps={self.renorm_eps:g}" if self.renorm_eps else ""))
+            parts.append("renormalize" + (f" eps={self.renorm_eps:g}" if self.renorm_eps else "")
+                         + (f" min={self.renorm_min:g}" if self.renorm_min else ""))
         if self.routed_scaling_factor != 1.0:
             parts.append(f"scale={self.routed_scaling_factor:g}")
         return ", ".join(parts)
@@ -194,16 +197,17 @@ def _match_scores(scores: Node) -> tuple[str, Node]:
     return scoring, fp32_logits
 
 
-def _fold_renorm_and_scale(weights: Node) -> tuple[Node, bool, float, float]:
-    """Extend the weights over ``w / (w.sum(-1, keepdim=True) [+ eps])`` then ``w * scale`` where
-    nothing else reads the intermediate values. Returns (end, renormalize, renorm_eps, scale)."""
-    renormalize, renorm_eps, scale = False, 0.0, 1.0
+def _fold_renorm_and_scale(weights: Node) -> tuple[Node, dict]:
+    """Extend the weights over ``w / (w.sum(-1, keepdim=True) [+ eps])`` or ``w / clamp(w.sum(-1,
+    keepdim=True), min=m)`` then ``w * scale`` where nothing else reads the intermediate values.
+    Returns (end, the route arguments they make: renormalize, renorm_eps, renorm_min, routed_scaling_factor)."""
+    found = dict(renormalize=False, renorm_eps=0.0, renorm_min=0.0, routed_scaling_factor=1.0)
     users = set(weights.users)
     sums = [u for u in users if is_call(u, aten.sum.dim_IntList)]
     divs = [u for u in users if is_call(u, aten.div.Tensor) and u.args[0] is weights]
     if len(users) == 2 and len(sums) == 1 and len(divs) == 1:
         (total,), (div,) = sums, divs
-        denominator, eps = total, 0.0
+        denominator, eps, low = total, 0.0, 0.0
         (after_sum,) = total.users if len(total.users) == 1 else (None,)
         if (
             is_call(after_sum, aten.add.Tensor)
@@ -212,6 +216,14 @@ def _fold_renorm_and_scale(weights: Node) -> tuple[Node, bool, float, float]:
             and not after_sum.kwargs  # alpha
         ):
             denominator, eps = after_sum, float(after_sum.args[1])
+        elif (  # ERNIE-4.5: clamp(sum, min=moe_norm_min), no max
+            (is_call(after_sum, aten.clamp_min.default) or is_call(after_sum, aten.clamp.default))
+            and after_sum.args[0] is total
+            and is_float_scalar(after_sum.args[1])
+            and float(after_sum.args[1]) > 0
+            and arg(after_sum, 2, "max", None) is None
+        ):
+            denominator, low = after_sum, float(after_sum.args[1])
         if (
             total.args[0] is weights
             and is_last_dim(total.args[1], 2)
@@ -220,14 +232,16 @@ def _fold_renorm_and_scale(weights: Node) -> tuple[Node, bool, float, float]:
             and div.args[1] is denominator
             and list(denominator.users) == [div]
         ):
-            weights, renormalize, renorm_eps = div, True, eps
+            weights = div
+            found.update(renormalize=True, renorm_eps=eps, renorm_min=low)
     (only_user,) = weights.users if len(weights.users) == 1 else (None,)
     if is_call(only_user, aten.mul.Tensor):
         a, b = only_user.args
         factor = b if a is weights else a if b is weights else None
         if is_float_scalar(factor):
-            weights, scale = only_user, float(factor)
-    return weights, renormalize, renorm_eps, scale
+            weights = only_user
+            found["routed_scaling_factor"] = float(factor)
+    return weights, found
 
 
 def _match(topk: Node) -> RoutePrologue:
@@ -266,15 +280,14 @@ def _match(topk: Node) -> RoutePrologue:
             raise
         logits, weights = _fp32_source(fp32_logits), values
 
-    renormalize, renorm_eps, scale = False, 0.0, 1.0
+    folded = dict(renormalize=False, renorm_eps=0.0, renorm_min=0.0, routed_scaling_factor=1.0)
     if weights is not None:
-        weights, renormalize, renorm_eps, scale = _fold_renorm_and_scale(weights)
+        weights, folded = _fold_renorm_and_scale(weights)
         if val(weights).dtype != torch.float32:
             raise Rejected(f"weights of dtype {val(weights).dtype}; the op returns float32")
     return RoutePrologue(
         topk=topk, logits=logits, k=k, scoring=scoring, softmax_after_topk=softmax_after is not None,
-        renormalize=renormalize, renorm_eps=renorm_eps, routed_scaling_factor=scale, weights=weights,
-        ids=ids,
+        weights=weights, ids=ids, **folded,
     )
 
 
@@ -384,11 +397,10 @@ def _match_group_limited(topk: Node, k: int, values: Node | None, ids: Node | No
     ):
         raise Rejected(f"groups n_group={n_group}, topk_group={topk_group} of size {group_size}, k={k}")
 
-    weights, renormalize, renorm_eps, scale = _fold_renorm_and_scale(_gathered_scores(scores, ids))
+    weights, folded = _fold_renorm_and_scale(_gathered_scores(scores, ids))
     return RoutePrologue(
         topk=topk, logits=_fp32_source(fp32_logits), k=k, scoring=scoring, softmax_after_topk=False,
-        renormalize=renormalize, renorm_eps=renorm_eps, routed_scaling_factor=scale, weights=weights,
-        ids=ids, correction_bias=bias, n_group=n_group, topk_group=topk_group,
+        weights=weights, ids=ids, correction_bias=bias, n_group=n_group, topk_group=topk_group, **folded,
     )
 
 
@@ -399,11 +411,10 @@ def _match_biased(topk: Node, k: int, values: Node | None, ids: Node | None) -> 
         raise Rejected("the top-k biased choices are used, not just their ids")
     _, scores, bias = _biased_choice(topk.args[0])
     scoring, fp32_logits = _match_scores(scores)
-    weights, renormalize, renorm_eps, scale = _fold_renorm_and_scale(_gathered_scores(scores, ids))
+    weights, folded = _fold_renorm_and_scale(_gathered_scores(scores, ids))
     return RoutePrologue(
         topk=topk, logits=_fp32_source(fp32_logits), k=k, scoring=scoring, softmax_after_topk=False,
-        renormalize=renormalize, renorm_eps=renorm_eps, routed_scaling_factor=scale, weights=weights,
-        ids=ids, correction_bias=bias,
+        weights=weights, ids=ids, correction_bias=bias, **folded,
     )
 
 
@@ -446,7 +457,7 @@ def _replace(graph: Graph, prologue: RoutePrologue) -> None:
         prologue.logits, prologue.k, prologue.scoring, prologue.softmax_after_topk, prologue.renormalize,
         prologue.renorm_eps, prologue.correction_bias, prologue.n_group, prologue.topk_group,
         prologue.routed_scaling_factor,
-    )
+    ) + ((prologue.renorm_min,) if prologue.renorm_min else ())  # graphs without one read as before
     logits_val = val(prologue.logits)
     # New nodes need meta["val"] (Inductor lowers from it): the op's fake kernel gives it.
     with detect_fake_mode([logits_val]):

@@ -63,9 +63,9 @@ _SYMBOLIC = dict(cdiv=CeilDiv, any_count=True)  # a graph for every T: sympy siz
 
 @register_lowering(torch.ops.moe_ops.route.default, type_promotion_kind=None)
 def lower_route(logits, k, scoring, softmax_after_topk, renormalize, renorm_eps, correction_bias, n_group,
-                topk_group, routed_scaling_factor):
+                topk_group, routed_scaling_factor, renorm_min=0.0):
     args = (logits, k, scoring, softmax_after_topk, renormalize, renorm_eps, correction_bias, n_group, topk_group,
-            routed_scaling_factor)
+            routed_scaling_factor) + ((renorm_min,) if renorm_min else ())
     num_tokens, num_experts = logits.get_size()
     if not kernels_in_graph(logits) or _static(num_tokens) == 0:
         return extern_call(torch.ops.moe_ops.route.default, *args)
@@ -79,7 +79,8 @@ def lower_route(logits, k, scoring, softmax_after_topk, renormalize, renorm_eps,
         _launch_in_graph, logits, bias, weights, ids, _count(num_tokens), int(num_experts),
         [_count(s) for s in logits.get_stride()], 1 if bias is not None else 0, k, scoring, softmax_after_topk,
         renormalize, renorm_eps, n_group, topk_group, routed_scaling_factor,
-        precise=True, fp32_weights=weight_dtype == torch.float32, **({} if _static(num_tokens) else _SYMBOLIC),
+        precise=True, fp32_weights=weight_dtype == torch.float32, renorm_min=renorm_min,
+        **({} if _static(num_tokens) else _SYMBOLIC),
     )
     return weights, ids
 
