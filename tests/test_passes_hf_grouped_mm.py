@@ -16,6 +16,7 @@ from torch._dynamo.utils import counters
 
 transformers = pytest.importorskip("transformers")
 from transformers.integrations import moe as hf_moe  # noqa: E402
+from transformers.models.afmoe.modeling_afmoe import AfmoeSparseMoeBlock  # noqa: E402
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE  # noqa: E402
 from transformers.models.ernie4_5_moe.modeling_ernie4_5_moe import Ernie4_5_MoeSparseMoeBlock  # noqa: E402
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP  # noqa: E402
@@ -45,6 +46,10 @@ BLOCKS = {
         n_group=4, topk_group=2, n_shared_experts=1, routed_scaling_factor=2.5)),
     "gpt_oss": lambda: GptOssMLP(transformers.GptOssConfig(
         hidden_size=H, intermediate_size=F, num_local_experts=E, num_experts_per_tok=K)),
+    # A sigmoid router with a selection bias, eps and a scale (route_scale), beside shared experts.
+    "afmoe": lambda: AfmoeSparseMoeBlock(transformers.AfmoeConfig(
+        hidden_size=H, moe_intermediate_size=F, num_experts=E, num_experts_per_tok=K, num_shared_experts=1,
+        route_scale=2.5)),
     # A softmax router with a selection bias and a clamped renormalisation.
     "ernie4_5_moe": lambda: Ernie4_5_MoeSparseMoeBlock(transformers.Ernie4_5_MoeConfig(
         hidden_size=H, moe_intermediate_size=F, moe_num_experts=E, moe_k=K, moe_num_shared_experts=0)),
@@ -94,6 +99,18 @@ def test_block_is_rewritten(name, dtype):
     form = "hf_grouped_mm" if dtype == torch.bfloat16 else "hf_grouped_mm_fallback"
     assert experts_rewrites(form) == 1
     assert_close_rel(output(result), output(block(x)), dtype, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_afmoe_router_with_a_selection_bias_is_rewritten(dtype):
+    block = build("afmoe", dtype)
+    with torch.no_grad():
+        block.expert_bias.normal_(0.0, 0.1)
+    x = tokens(10, dtype)
+    result, graph = compile_and_record(block, x)
+    assert counters["moe_ops"]["route_rewrite"] == 1 and "topk" not in graph
+    assert "moe_ops.route.default(2, 'sigmoid', False, True, 1e-20, 1, 1, 2.5)" in graph, graph
+    assert_close_rel(output(result), output(block(x)), dtype, "afmoe")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
