@@ -20,6 +20,7 @@ from transformers.models.afmoe.modeling_afmoe import AfmoeSparseMoeBlock  # noqa
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE  # noqa: E402
 from transformers.models.ernie4_5_moe.modeling_ernie4_5_moe import Ernie4_5_MoeSparseMoeBlock  # noqa: E402
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP  # noqa: E402
+from transformers.models.laguna.modeling_laguna import LagunaSparseMoeBlock  # noqa: E402
 from transformers.models.minimax_m2.modeling_minimax_m2 import MiniMaxM2SparseMoeBlock  # noqa: E402
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock  # noqa: E402
 from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMoE  # noqa: E402
@@ -50,6 +51,10 @@ BLOCKS = {
     "afmoe": lambda: AfmoeSparseMoeBlock(transformers.AfmoeConfig(
         hidden_size=H, moe_intermediate_size=F, num_experts=E, num_experts_per_tok=K, num_shared_experts=1,
         route_scale=2.5)),
+    # A sigmoid router over soft-capped logits with a selection bias, beside a shared expert.
+    "laguna": lambda: LagunaSparseMoeBlock(transformers.LagunaConfig(
+        hidden_size=H, moe_intermediate_size=F, shared_expert_intermediate_size=48, num_experts=E,
+        num_experts_per_tok=K, moe_router_logit_softcapping=3.0)),
     # A softmax router with a selection bias and a clamped renormalisation.
     "ernie4_5_moe": lambda: Ernie4_5_MoeSparseMoeBlock(transformers.Ernie4_5_MoeConfig(
         hidden_size=H, moe_intermediate_size=F, moe_num_experts=E, moe_k=K, moe_num_shared_experts=0)),
@@ -102,15 +107,19 @@ def test_block_is_rewritten(name, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_afmoe_router_with_a_selection_bias_is_rewritten(dtype):
-    block = build("afmoe", dtype)
+@pytest.mark.parametrize("name,bias,call", [
+    ("afmoe", "expert_bias", "moe_ops.route.default(2, 'sigmoid', False, True, 1e-20, 1, 1, 2.5)"),
+    ("laguna", "gate.e_score_correction_bias", "moe_ops.route.default(2, 'sigmoid', False, True, 0.0, 1, 1, 1.0)"),
+])
+def test_router_with_a_selection_bias_is_rewritten(name, bias, call, dtype):
+    block = build(name, dtype)
     with torch.no_grad():
-        block.expert_bias.normal_(0.0, 0.1)
+        block.get_parameter(bias).normal_(0.0, 0.1)
     x = tokens(10, dtype)
     result, graph = compile_and_record(block, x)
     assert counters["moe_ops"]["route_rewrite"] == 1 and "topk" not in graph
-    assert "moe_ops.route.default(2, 'sigmoid', False, True, 1e-20, 1, 1, 2.5)" in graph, graph
-    assert_close_rel(output(result), output(block(x)), dtype, "afmoe")
+    assert call in graph, graph
+    assert_close_rel(output(result), output(block(x)), dtype, name)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
