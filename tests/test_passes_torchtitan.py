@@ -203,19 +203,14 @@ def test_sigmoid_bias_router_and_shared_expert():
     model = MoE(score_func="sigmoid", route_norm=True, route_scale=2.5, expert_bias=True, shared_experts=True)
     graph = check_against_eager(model.eval(), inputs())
     assert rewrites() == 1
+    assert counters["moe_ops"]["route_rewrite"] == 1  # the selection bias (torchtitan's expert_bias) included
     assert_expected_inline(graph, """\
 prims.convert_element_type.default(torch.float32)
 aten.permute.default([1, 0])
 aten.mm.default()
-aten.sigmoid.default()
-aten.add.Tensor()
-aten.topk.default(2, -1, True, False)
+moe_ops.route.default(2, 'sigmoid', False, True, 1e-20, 1, 1, 2.5)
+getitem(0)
 getitem(1)
-aten.gather.default(-1)
-aten.sum.dim_IntList([-1], True)
-aten.add.Tensor(1e-20)
-aten.div.Tensor()
-aten.mul.Tensor(2.5)
 moe_ops.fused_experts.default(None, None, None, 'EFH', False, 'silu', True, 1.702, 7.0, 0.0, 'position')
 getitem(0)
 aten.permute.default([1, 0])
