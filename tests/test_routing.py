@@ -358,6 +358,7 @@ OPCHECK_CASES = {
     "qwen2": (60, 4, dict(MODES["qwen2"])),
     "gpt_oss": (32, 4, dict(MODES["gpt_oss"])),
     "deepseek_v3": (64, 6, dict(MODES["deepseek_v3"])),
+    "ernie": (16, 3, dict(MODES["ernie"])),
 }
 
 
@@ -386,13 +387,14 @@ def test_backward_pairs_each_weight_with_the_forward_ids(mode, device):
     num_experts, k, cfg = OPCHECK_CASES[mode]
     torch.manual_seed(0)
     logits = (torch.randint(0, 3, (256, num_experts), device=device).float() * 0.5).requires_grad_(True)
-    bias = None if mode != "deepseek_v3" else torch.zeros(num_experts, device=device)
+    bias = None if mode not in BIASED_MODES else torch.zeros(num_experts, device=device)
     weights, ids = route(logits, k, correction_bias=bias, **cfg)
     grad_TK = torch.randn_like(weights)
     (got,) = torch.autograd.grad(weights, logits, grad_TK)
     leaf = logits.detach().requires_grad_(True)
     weight_args = (cfg.get("scoring", "softmax"), cfg.get("softmax_after_topk", False),
-                   cfg.get("renormalize", False), cfg.get("renorm_eps", 0.0), cfg.get("routed_scaling_factor", 1.0))
+                   cfg.get("renormalize", False), cfg.get("renorm_eps", 0.0), cfg.get("routed_scaling_factor", 1.0),
+                   cfg.get("renorm_min", 0.0))
     (want,) = torch.autograd.grad(routing.route_weights_ref(leaf, ids, *weight_args), leaf, grad_TK)
     torch.testing.assert_close(got, want)
 
@@ -410,7 +412,7 @@ def test_backward_op_uses_the_ids_it_is_given():
 
 @pytest.mark.parametrize(
     "mode,num_experts,k",
-    [("mixtral", 8, 2), ("qwen2", 8, 3), ("gpt_oss", 16, 4), ("deepseek_v3", 16, 4)],
+    [("mixtral", 8, 2), ("qwen2", 8, 3), ("gpt_oss", 16, 4), ("deepseek_v3", 16, 4), ("ernie", 8, 3)],
 )
 def test_gradcheck(mode, num_experts, k):
     cfg = dict(MODES[mode])
@@ -418,6 +420,8 @@ def test_gradcheck(mode, num_experts, k):
     if mode == "deepseek_v3":
         cfg.update(n_group=4, topk_group=2)
         bias = torch.arange(num_experts, dtype=torch.float64).flip(0) * 1e-3  # small, tie-free
+    if mode == "ernie":
+        cfg.update(renorm_min=0.9)  # above these rows' top-3 sums (~0.71): the clamp binds
     logits = _spread_logits(5, num_experts).requires_grad_(True)
     torch.autograd.gradcheck(lambda x: route(x, k, correction_bias=bias, **cfg)[0], (logits,))
 
