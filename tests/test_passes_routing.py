@@ -534,7 +534,7 @@ def test_training(router):
 
 
 def routers_at(num_experts, k):
-    """The three router forms over (T, num_experts) logits, each as the model code writes it."""
+    """The router forms over (T, num_experts) logits, each as the model code writes it."""
 
     def softmax_router(router_logits):
         weights, ids = torch.topk(F.softmax(router_logits, dim=1, dtype=torch.float), k, dim=-1)
@@ -559,7 +559,14 @@ def routers_at(num_experts, k):
         weights = scores.gather(1, ids)
         return weights / (weights.sum(dim=-1, keepdim=True) + 1e-20), ids
 
-    return [softmax_router, softmax_after_topk_router] + ([grouped_router] if num_experts >= 16 else [])
+    def biased_clamped_router(router_logits):  # MiniMax-M2 / AFMoE selection bias, ERNIE's clamp
+        scores = router_logits.float().softmax(-1)
+        ids = torch.topk(scores + bias, k, dim=-1)[1]
+        weights = scores.gather(1, ids)
+        return weights / torch.clamp(weights.sum(dim=-1, keepdim=True), min=0.5), ids
+
+    return [softmax_router, softmax_after_topk_router, biased_clamped_router] + (
+        [grouped_router] if num_experts >= 16 else [])
 
 
 @pytest.mark.parametrize("logits_kind", ["bf16_randn", "three_values"])
