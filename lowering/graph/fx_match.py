@@ -34,6 +34,15 @@ def is_call(node, target) -> bool:
     return isinstance(node, Node) and node.op == "call_function" and node.target is target
 
 
+def with_registered_op(target, namespace: str, name: str) -> tuple:
+    """``target`` and, where a library has registered it, the custom op ``namespace::name`` that stands
+    for it in the graph (transformers' grouped_mm_fallback, torchtitan's deterministic scatter_add)."""
+    library = getattr(torch.ops, namespace, None)
+    if library is not None and hasattr(library, name):
+        return (target, getattr(library, name).default)
+    return (target,)
+
+
 def is_view_call(node) -> bool:
     return isinstance(node, Node) and node.op == "call_function" and node.target in VIEWS
 

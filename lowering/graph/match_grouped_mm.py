@@ -26,15 +26,22 @@ from torch.fx import Graph, Node
 
 from moe_ops.activations import CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT
 from moe_ops.lowering.graph.experts_rewrite import ExpertsMatch, match_any_activation
-from moe_ops.lowering.graph.fx_match import Rejected, arg, aten, is_call, is_view_call, prims, same_size, shape, val
+from moe_ops.lowering.graph.fx_match import (
+    Rejected,
+    arg,
+    aten,
+    is_call,
+    is_view_call,
+    prims,
+    same_size,
+    shape,
+    val,
+    with_registered_op,
+)
 
 
 def _grouped_mm_targets() -> tuple:
-    targets = [aten._grouped_mm.default]
-    transformers_ops = getattr(torch.ops, "transformers", None)
-    if transformers_ops is not None and hasattr(transformers_ops, "grouped_mm_fallback"):
-        targets.append(transformers_ops.grouped_mm_fallback.default)
-    return tuple(targets)
+    return with_registered_op(aten._grouped_mm.default, "transformers", "grouped_mm_fallback")
 
 
 def _is_grouped_mm(node) -> bool:

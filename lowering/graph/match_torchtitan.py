@@ -69,16 +69,13 @@ from moe_ops.lowering.graph.fx_match import (
     shape,
     top_k_scores,
     val,
+    with_registered_op,
 )
 
 
 def _scatter_add_targets() -> tuple:
     """``aten.scatter_add`` and, where it is registered, torchtitan's custom op around it (dim 0)."""
-    targets = [aten.scatter_add.default]
-    torchtitan_ops = getattr(torch.ops, "torchtitan", None)
-    if torchtitan_ops is not None and hasattr(torchtitan_ops, "deterministic_scatter_add"):
-        targets.append(torchtitan_ops.deterministic_scatter_add.default)
-    return tuple(targets)
+    return with_registered_op(aten.scatter_add.default, "torchtitan", "deterministic_scatter_add")
 
 
 def _is_grouped_mm(node) -> bool:
