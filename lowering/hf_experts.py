@@ -44,7 +44,7 @@ from transformers.integrations.moe import ExpertsInterface, use_experts_implemen
 from moe_ops._compat.dynamo import counters
 from moe_ops.activations import CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT
 from moe_ops.fused_experts import fused_experts
-from moe_ops.lowering.settings import config
+from moe_ops.settings import config
 
 log = logging.getLogger("moe_ops")
 

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Iterator
 
 from moe_ops._compat.imports import when_imported
-from moe_ops.lowering.settings import config
+from moe_ops.settings import config
 
 log = logging.getLogger("moe_ops")
 

@@ -1,8 +1,8 @@
 """The passes that Inductor runs: each chains any pass installed before it in its hook, then the rewrites.
 
 Inductor keys its FX graph cache on ``uuid()`` of every custom pass, so the uuid covers the source
-of this package and of moe_ops (a code change invalidates cached graphs), the on/off switch and the
-chained pass.
+of this package and of moe_ops (a code change invalidates cached graphs), every ``moe_ops.config`` switch
+and the chained pass.
 
 This module is imported while ``torch._inductor.config`` is (moe_ops.lowering.install), so it imports
 nothing heavy itself: the rewrites (which import dynamo) and the Inductor lowerings load at the first
@@ -20,7 +20,7 @@ import torch
 
 import moe_ops.layout as _op_layer  # its folder: the op layer, hashed with the passes
 from moe_ops._compat.inductor_hooks import CustomGraphPass, custom_passes_in
-from moe_ops.lowering.settings import config
+from moe_ops.settings import config
 
 log = logging.getLogger("moe_ops")
 
@@ -69,10 +69,7 @@ class _ChainedPass(CustomGraphPass):
                 return None
             chained_uuids.append(repr(chained_uuid))
         return (
-            f"moe_ops.{self.hook}:{_source_hash()}:rewrites={config.rewrites}"
-            f":stack_expert_weights={config.stack_expert_weights}"
-            f":inductor_templates={config.inductor_templates}:training_rewrites={config.training_rewrites}"
-            f":chained=[{','.join(chained_uuids)}]"
+            f"moe_ops.{self.hook}:{_source_hash()}:{config.cache_key()}:chained=[{','.join(chained_uuids)}]"
         )
 
 

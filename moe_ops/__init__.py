@@ -14,9 +14,9 @@ from moe_ops.fused_experts import fused_experts, fused_experts_ref
 from moe_ops.layout import BlockSchedule, capacity_from_factor
 from moe_ops.losses import load_balancing_loss, router_z_loss
 from moe_ops.lowering.install import disable, enable, rewrites_disabled
-from moe_ops.lowering.settings import config
 from moe_ops.routing import route, route_ref, router_jitter
 from moe_ops.schedule import block_schedule
+from moe_ops.settings import config
 
 __all__ = [
     # the layer

@@ -26,6 +26,7 @@ from moe_ops.expert_gemm_triton import expert_gemm_triton
 from moe_ops.fused_experts_backward_triton import fused_experts_backward_triton
 from moe_ops.layout import capacity_from_factor, split_gate_up
 from moe_ops.schedule_triton import block_schedule_triton, rows_in_schedule_order
+from moe_ops.settings import config
 from moe_ops.tiles import choose_block_m, tma_applies, tma_device, tma_pays
 
 LAYOUTS = ("EFH", "EHF")
@@ -217,8 +218,16 @@ def fused_experts_triton(
         h, w.down, w_up=None, bias=w.b_down, bias_up=None, slot_weights=topk_weights.reshape(-1), gather_top_k=0,
         scatter=True, activation="none", slot_ids=ids.reshape(-1), **packed,
     )
-    # torch's sum accumulates half-precision inputs in fp32 and sums K in a fixed order.
-    return y_SH.view(T, K, -1).sum(1), num_dropped
+    y_TKH = y_SH.view(T, K, -1)
+    if config.batch_invariant:
+        # As the compiled graph does: K adds in fp32, in slot order, whatever T (torch's reduction
+        # chooses its thread layout, and with it the order of the sum, from the tensor's sizes).
+        out_TH = y_TKH[:, 0].float()
+        for k in range(1, K):
+            out_TH += y_TKH[:, k]
+        return out_TH.to(x.dtype), num_dropped
+    # torch's sum accumulates half-precision inputs in fp32.
+    return y_TKH.sum(1), num_dropped
 
 
 _fused_experts_op.register_kernel("cuda")(fused_experts_triton)

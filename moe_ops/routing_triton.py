@@ -18,6 +18,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from moe_ops._dispatch import launch_jit
+from moe_ops.settings import config
 
 # Register tile budget of one program: rows * padded experts, for num_warps=4.
 _TILE_ELEMENTS = 4096
@@ -192,7 +193,9 @@ def launch_route(
     and the compiled graph (lowering/inductor/kernel_calls.py: ``launch`` adds the kernel to Inductor's graph; IR
     nodes, a symbolic token count with ``cdiv`` and ``any_count``). ``bias`` None: no correction bias.
     ``precise``: libdevice's exp and IEEE division (off only in the interpreter, which lacks libdevice).
-    ``any_count``: tiles for any token count (a graph for every T), those of a large T."""
+    ``any_count``: tiles for any token count (a graph for every T, and batch-invariant mode: the tiles
+    decide the order of the softmax's sum), those of a large T."""
+    any_count = any_count or config.batch_invariant
     e_pad = triton.next_power_of_2(num_experts)
     rows = _MAX_BLOCK_T if any_count else triton.next_power_of_2(num_tokens)
     block_t = max(1, min(_MAX_BLOCK_T, _TILE_ELEMENTS // e_pad, rows))

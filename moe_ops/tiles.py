@@ -11,21 +11,30 @@ import torch
 import triton
 import triton.language as tl
 
+from moe_ops.settings import config
+
 # Rows of a TMA tile, and the rows per expert from which TMA tiles pay for copying x's rows into
 # schedule order first (benchmarks/NOTES.md, v8).
 TMA_BLOCK_M = 128
 TMA_MIN_ROWS_PER_EXPERT = 256
+# The one GEMM block size of moe_ops.config.batch_invariant: its tile config (gemm_config) depends on
+# nothing but the dtype and whether the GEMM is gated, unlike the decode sizes' (16, 32), whose columns
+# follow the number of busy blocks.
+BATCH_INVARIANT_BLOCK_M = 64
 
 
 def tma_pays(num_slots, num_experts: int) -> bool:
-    """Whether TMA tiles are worth their gather pass at this many slots (TMA_MIN_ROWS_PER_EXPERT)."""
-    return num_slots >= TMA_MIN_ROWS_PER_EXPERT * num_experts
+    """Whether TMA tiles are worth their gather pass at this many slots (TMA_MIN_ROWS_PER_EXPERT); never
+    in batch-invariant mode (their 128-row blocks would be one more tile config)."""
+    return not config.batch_invariant and num_slots >= TMA_MIN_ROWS_PER_EXPERT * num_experts
 
 
 def choose_block_m(num_slots: int, num_experts: int) -> int:
     """Rows per GEMM block from the expected rows per expert: small blocks waste little padding at
     decode; a block that holds an expert's whole share reads its weights once; large blocks reuse
-    each weight tile across more rows at prefill."""
+    each weight tile across more rows at prefill. Batch-invariant mode: BATCH_INVARIANT_BLOCK_M."""
+    if config.batch_invariant:
+        return BATCH_INVARIANT_BLOCK_M
     rows_per_expert = num_slots / num_experts
     for block_m, up_to in ((16, 8), (32, 32), (64, 48)):
         if rows_per_expert <= up_to:
@@ -38,7 +47,9 @@ def block_m_ranges(num_experts: int) -> list[tuple[int, int, int | None, bool]]:
     template pair it holds. Three block sizes where choose_block_m has four, as each is one more pair
     of templates (benchmarks/results/block_m_sweep_*.md measures what the fourth would give). The
     128-row blocks are two pairs: TMA tiles from TMA_MIN_ROWS_PER_EXPERT rows per expert up, as the op
-    chooses."""
+    chooses. Batch-invariant mode: one pair, BATCH_INVARIANT_BLOCK_M rows for every T."""
+    if config.batch_invariant:
+        return [(BATCH_INVARIANT_BLOCK_M, 0, None, False)]
     bounds = [(16, 8 * num_experts, False), (32, 48 * num_experts, False),
               (128, TMA_MIN_ROWS_PER_EXPERT * num_experts - 1, False), (128, None, True)]
     return [(block_m, 0 if i == 0 else bounds[i - 1][1], most, tma) for i, (block_m, most, tma) in enumerate(bounds)]

@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from conftest import TRITON_DEVICE, assert_close_rel, zipf_ids
 
+import moe_ops
 from moe_ops.fused_experts import fused_experts, fused_experts_ref, fused_experts_triton
+from moe_ops.routing_triton import route_triton
 from moe_ops.tiles import choose_block_m
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -372,3 +374,38 @@ def test_cuda_block_m_buckets(dtype):
         got = fused_experts(**layer)
         want, _ = fused_experts_ref(*_args(layer), return_num_dropped=True)
         assert_close_rel(got, want, dtype, f"T={T} block_m={choose_block_m(T * K, E)}")
+
+
+
+@pytest.mark.parametrize("mode", ["eager", "compiled_dynamic", "compiled_static"])
+def test_batch_invariant_mode(mode, monkeypatch):
+    """moe_ops.config.batch_invariant: each token's output (routing and experts) is bitwise the same
+    whichever other tokens share its batch: alone, in a small batch, in a batch that the default tiles
+    would give TMA tiles and 128-row blocks. The same kernels on one device each time, so the host's
+    BLAS (the interpreter's dots) rounds the same tile shapes alike."""
+    if mode != "eager" and TRITON_DEVICE != "cuda":
+        pytest.skip("compiled graphs of CPU tensors run the references, not the Triton kernels")
+    monkeypatch.setattr(moe_ops.config, "batch_invariant", True)
+    torch.manual_seed(0)
+    if TRITON_DEVICE == "cuda":
+        T, K, E, H, Fi, batches = 4096, 8, 64, 1024, 512, [(0, 1), (5, 8), (0, 100), (1000, 2000), (0, 4096)]
+    else:
+        T, K, E, H, Fi, batches = 80, 2, 8, 32, 32, [(0, 1), (5, 8), (37, 38), (0, 80)]
+    layer = _layer(T, K, E, H, Fi, torch.bfloat16, TRITON_DEVICE)
+    logits = torch.randn(T, E, device=TRITON_DEVICE).bfloat16()
+
+    def moe_layer(x, logits, w_gate_up, w_down):
+        if TRITON_DEVICE == "cpu":  # the kernels under the interpreter (CPU tensors take the references)
+            weights, ids = route_triton(logits, K, "softmax", False, False, 0.0, None, 1, 1, 1.0)
+            return fused_experts_triton(*_args(dict(layer, x=x, topk_weights=weights, topk_ids=ids)))[0]
+        weights, ids = moe_ops.route(logits, K)
+        return moe_ops.fused_experts(x, weights, ids, w_gate_up, w_down)
+
+    if mode != "eager":
+        torch._dynamo.reset()
+        moe_layer = torch.compile(moe_layer, dynamic=mode == "compiled_dynamic", fullgraph=True)
+    x, w_gate_up, w_down = layer["x"], layer["w_gate_up"], layer["w_down"]
+    full = moe_layer(x, logits, w_gate_up, w_down)
+    for start, end in batches:
+        part = moe_layer(x[start:end], logits[start:end], w_gate_up, w_down)
+        assert torch.equal(part, full[start:end]), f"tokens {start}:{end} alone differ from the full batch"

@@ -103,7 +103,7 @@ from moe_ops.lowering.graph.fx_match import (
     top_k_scores,
     val,
 )
-from moe_ops.lowering.settings import config
+from moe_ops.settings import config
 
 log = logging.getLogger("moe_ops")
 

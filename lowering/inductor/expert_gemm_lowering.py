@@ -44,8 +44,8 @@ from moe_ops._compat.inductor import (
 )
 from moe_ops.activations import ACTIVATION_CODE
 from moe_ops.lowering.inductor.direct_calls import extern_call
-from moe_ops.lowering.settings import config
 from moe_ops.schedule import block_schedule_ref
+from moe_ops.settings import config
 from moe_ops.tiles import (
     device_limits,
     gemm_config,
@@ -341,7 +341,9 @@ def tuned_expert_gemm(
     )
     unrouted_rows = num_slots if slot_ids is not None else 0
     always_active = active == 1
-    autotune = (inductor_config.max_autotune or inductor_config.max_autotune_gemm) and always_active
+    # Batch-invariant mode: the one tile config, whatever T the tuning would have been run at.
+    autotune = ((inductor_config.max_autotune or inductor_config.max_autotune_gemm) and always_active
+                and not config.batch_invariant)
     choices = []
     for cfg in _autotune_configs(base) if autotune else [base]:
         if tma and (int(n) % cfg["BLOCK_N"] or not pipeline_fits(

@@ -108,7 +108,7 @@ def _variants(num_slots, num_experts: int, top_k: int, tma_possible: bool) -> li
         return [_Variant(choose_block_m(num_slots, num_experts),
                          tma=tma_possible and tma_pays(num_slots, num_experts))]
     ranges = block_m_ranges(num_experts)
-    if not tma_possible:
+    if not tma_possible and ranges[-1][3]:
         (block_m, fewer, _, _), _ = ranges[-2:]
         ranges = [*ranges[:-2], (block_m, fewer, None, False)]
     variants = []

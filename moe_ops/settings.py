@@ -1,5 +1,5 @@
-"""The switches of the moe_ops graph passes and lowerings (``moe_ops.config``), in a module of their own so
-that every pass can read them without importing the package that installs the passes."""
+"""The switches of moe_ops (``moe_ops.config``), in a module that imports nothing of the package, so that
+the kernels' launchers (batch invariance) and the compiler integration (the rewrites) read them alike."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from dataclasses import dataclass
 
 
 @dataclass
-class RewriteConfig:
-    """Switches of the moe_ops graph passes (``moe_ops.config``).
+class Config:
+    """Switches of moe_ops (``moe_ops.config``). Every one that changes what a compiled graph holds is part
+    of the graph passes' cache key, so a graph compiled with one value is never reused with another.
 
     Attributes:
-        rewrites: run the rewrites when Inductor compiles a graph. Part of the passes' cache key,
-                  so graphs compiled with the rewrites on are never reused with them off.
+        rewrites: run the rewrites when Inductor compiles a graph.
         transformers_eager_experts: while dynamo traces a transformers experts module with
                   ``experts_implementation="eager"`` (and ``rewrites`` is on), run it as
                   ``moe_ops.fused_experts`` instead of its per-expert loop, which dynamo cannot capture.
@@ -24,15 +24,24 @@ class RewriteConfig:
                   (mistral-inference, transformers <= 4.47 Mixtral; captured only with dynamo's
                   ``capture_dynamic_output_shape_ops``) by stacking their weights into (E, F, H)
                   tensors: a copy of all expert weights on every call, so off by default (cost in
-                  ``lowering/graph/match_expert_loop.py``). Part of the passes' cache key.
+                  ``lowering/graph/match_expert_loop.py``).
         inductor_templates: Inductor lowers ``fused_experts`` and ``expert_gemm`` into Triton templates
                   (on CUDA) into which neighbouring pointwise work fuses; off, each op is one opaque
-                  extern call. Part of the passes' cache key.
+                  extern call.
         training_rewrites: also rewrite training graphs (AOTAutograd's joint graph), so that their
                   backward is the moe_ops ops' formulas (lowering/graph/joint_rewrite.py). Off by default:
                   a training step is slower with it than plain torch.compile today (benchmarks/results/
-                  training_*.md); training graphs then compute what the plain code does. Part of the
-                  passes' cache key.
+                  training_*.md); training graphs then compute what the plain code does.
+        batch_invariant: the Triton kernels of ``route`` and ``fused_experts`` (CUDA tensors, eager and
+                  compiled) use one tile configuration whatever the number of tokens: 64-row GEMM blocks
+                  without TMA, the router's tiles for any token count, the K expert outputs of a token
+                  summed in a fixed order. A token's output is then bitwise the same whichever other
+                  tokens share its batch, as serving stacks with batch-invariant inference need; prefill
+                  is slower (benchmarks/results/batch_invariance_*.md). Off by default. Covers the
+                  forward (the backward's weight gradients sum over the batch by definition); CPU tensors
+                  run the references in torch's CPU matmuls, whose blocking torch chooses, so the
+                  guarantee is the Triton path's. Set it before compiling: a graph already compiled in
+                  this process keeps the tiles it was compiled with.
 
     Every setting is a bool; setting a name that is not one of them, or a value that is not a bool,
     raises (a typo would otherwise create a new attribute that nothing reads).
@@ -43,6 +52,11 @@ class RewriteConfig:
     stack_expert_weights: bool = False
     inductor_templates: bool = True
     training_rewrites: bool = False
+    batch_invariant: bool = False
+
+    def cache_key(self) -> str:
+        """Every switch and its value, for the graph passes' cache key."""
+        return ":".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
 
     def __setattr__(self, name: str, value) -> None:
         settings = [f.name for f in dataclasses.fields(self)]
@@ -55,4 +69,4 @@ class RewriteConfig:
         object.__setattr__(self, name, value)
 
 
-config = RewriteConfig()
+config = Config()
