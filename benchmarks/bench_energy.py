@@ -117,7 +117,9 @@ def report_rows(samples: dict[str, list[dict]]) -> list[str]:
 
 def gemm_variants(block: torch.nn.Module, x_TH: torch.Tensor, top_k: int) -> dict[str, Callable]:
     from moe_ops.expert_gemm_triton import expert_gemm_triton
+    from moe_ops.layout import PackedSchedule
     from moe_ops.schedule_triton import block_schedule_triton, rows_in_schedule_order
+    from moe_ops.tiles import TMA_BLOCK_M
 
     w_gate_up, w_down = block.experts.gate_up_proj, block.experts.down_proj  # (E, 2F, H), (E, H, F)
     num_experts, two_f, _ = w_gate_up.shape
@@ -127,9 +129,11 @@ def gemm_variants(block: torch.nn.Module, x_TH: torch.Tensor, top_k: int) -> dic
     sorted_slots, _, _, _, expert_offsets = block_schedule_triton(topk_ids, num_experts, 1)
     a_SH = rows_in_schedule_order(x_TH, sorted_slots, top_k)
 
+    schedule = PackedSchedule(sorted_slots, expert_offsets)
+
     def gate_up(gate, up):
-        return lambda: expert_gemm_triton(a_SH, gate, up, None, None, None, sorted_slots, None, None, num_slots, 128,
-                                          0, False, "silu", 1.702, 7.0, expert_offsets=expert_offsets, tma=True)
+        return lambda: expert_gemm_triton(a_SH, gate, schedule, num_slots, TMA_BLOCK_M, w_up=up, activation="silu",
+                                          tma=True)
 
     h_SF = gate_up(w_gate_up[:, :inter], w_gate_up[:, inter:])()
     group_ends = expert_offsets[1:].to(torch.int32)
@@ -142,8 +146,8 @@ def gemm_variants(block: torch.nn.Module, x_TH: torch.Tensor, top_k: int) -> dic
         "CUTLASS gate_up": lambda: torch._grouped_mm(a_SH, w_gate_up_t, offs=group_ends),
         "SiLU x up pass": lambda: silu_pass(gate_up_SF2),
         "moe_ops down": lambda: expert_gemm_triton(
-            h_SF, w_down, None, None, None, topk_weights.reshape(-1), sorted_slots, None, None, num_slots, 128, 0,
-            True, "none", 1.702, 7.0, expert_offsets=expert_offsets, slot_ids=topk_ids.reshape(-1), tma=True),
+            h_SF, w_down, schedule, num_slots, TMA_BLOCK_M, slot_weights=topk_weights.reshape(-1), scatter=True,
+            slot_ids=topk_ids.reshape(-1), tma=True),
         "CUTLASS down": lambda: torch._grouped_mm(h_SF, w_down_t, offs=group_ends),
     }
 

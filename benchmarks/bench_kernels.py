@@ -19,6 +19,7 @@ import triton
 
 import moe_ops
 from moe_ops.expert_gemm_triton import expert_gemm_triton
+from moe_ops.layout import PaddedSchedule
 from moe_ops.schedule_triton import block_schedule_triton
 from moe_ops.tiles import choose_block_m
 
@@ -44,14 +45,14 @@ def time_cell(name: str, T: int, w_gate_up: torch.Tensor, w_down: torch.Tensor) 
     schedule = block_schedule_triton(ids, E, block_m)
 
     def gate_up():
-        return expert_gemm_triton(x, w_gate_up[:, :F], w_gate_up[:, F:], None, None, None, *schedule[:3],
-                                  T * K, block_m, K, False, "silu", 0.0, 0.0)
+        return expert_gemm_triton(x, w_gate_up[:, :F], PaddedSchedule(*schedule[:3]), T * K, block_m,
+                                  w_up=w_gate_up[:, F:], gather_top_k=K, activation="silu")
 
     h = gate_up()
 
     def down():
-        return expert_gemm_triton(h, w_down, None, None, None, weights.reshape(-1), *schedule[:3],
-                                  T * K, block_m, 0, True, "none", 0.0, 0.0)
+        return expert_gemm_triton(h, w_down, PaddedSchedule(*schedule[:3]), T * K, block_m,
+                                  slot_weights=weights.reshape(-1), scatter=True)
 
     y = down()
     t = {

@@ -24,6 +24,7 @@ from bench_kernels import SHAPES
 
 import moe_ops
 from moe_ops.expert_gemm_triton import _expert_gemm_kernel, expert_gemm_triton
+from moe_ops.layout import PaddedSchedule
 from moe_ops.schedule_triton import block_schedule_triton
 from moe_ops.tiles import choose_block_m, device_limits, gemm_config, pipeline_fits
 
@@ -61,14 +62,14 @@ class Cell:
     def gate_up(self, config=None):
         F = self.F
         return expert_gemm_triton(
-            self.x, self.w_gate_up[:, :F], self.w_gate_up[:, F:], None, None, None, *self.schedule[:3],
-            self.S, self.block_m, self.K, False, "silu", 0.0, 0.0, config=config,
+            self.x, self.w_gate_up[:, :F], PaddedSchedule(*self.schedule[:3]), self.S, self.block_m,
+            w_up=self.w_gate_up[:, F:], gather_top_k=self.K, activation="silu", config=config,
         )
 
     def down(self, config=None):
         return expert_gemm_triton(
-            self.h, self.w_down, None, None, None, self.weights.reshape(-1), *self.schedule[:3],
-            self.S, self.block_m, 0, True, "none", 0.0, 0.0, config=config,
+            self.h, self.w_down, PaddedSchedule(*self.schedule[:3]), self.S, self.block_m,
+            slot_weights=self.weights.reshape(-1), scatter=True, config=config,
         )
 
     def heuristic(self, which: str) -> dict:

@@ -25,7 +25,7 @@ from moe_ops._autograd import register_reference_autograd
 from moe_ops._checks import FLOAT_DTYPES, check_choice, check_int, check_kernel_dtype, check_tensor
 from moe_ops.activations import ACTIVATIONS, CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT, activate_ref
 from moe_ops.expert_gemm_triton import expert_gemm_triton
-from moe_ops.layout import BlockSchedule
+from moe_ops.layout import BlockSchedule, PaddedSchedule
 
 
 def _check_expert_gemm_args(
@@ -141,8 +141,9 @@ def _(a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_p
     )
     check_kernel_dtype("a", a)
     return expert_gemm_triton(
-        a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
-        num_slots, block_m, gather_top_k, scatter, activation, alpha, limit,
+        a, w, PaddedSchedule(sorted_slots, block_expert, num_padded), num_slots, block_m, w_up=w_up, bias=bias,
+        bias_up=bias_up, slot_weights=slot_weights, gather_top_k=gather_top_k, scatter=scatter,
+        activation=activation, alpha=alpha, limit=limit,
     )
 
 

@@ -15,7 +15,8 @@ import triton.language as tl
 
 from moe_ops._compat.dispatch import fp32_matmul_allows_tf32
 from moe_ops._compat.triton_interpreter import fix_interpreter_bf16_dot
-from moe_ops.activations import ACTIVATION_CODE
+from moe_ops.activations import ACTIVATION_CODE, CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT
+from moe_ops.layout import PackedSchedule, PaddedSchedule
 from moe_ops.tiles import (
     device_limits,
     gemm_config,
@@ -401,20 +402,22 @@ def set_descriptor_allocator(device: torch.device) -> None:
 
 
 def expert_gemm_triton(
-    a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
-    num_slots, block_m, gather_top_k, scatter, activation, alpha, limit, config=None, out_dtype=None,
-    expert_offsets=None, slot_ids=None, tma=False,
+    a, w, schedule: PaddedSchedule | PackedSchedule, num_slots: int, block_m: int, *, w_up=None, bias=None,
+    bias_up=None, slot_weights=None, gather_top_k: int = 0, scatter: bool = False, activation: str = "none",
+    alpha: float = CLAMPED_SWIGLU_ALPHA, limit: float = CLAMPED_SWIGLU_LIMIT, config=None, out_dtype=None,
+    slot_ids=None, tma: bool = False,
 ):
-    """Launch the kernel; same arguments and result as moe_ops.expert_gemm.expert_gemm_ref.
+    """Launch the kernel; the arguments and result of moe_ops.expert_gemm.expert_gemm_ref, its schedule
+    either the padded one it takes or a PackedSchedule (for any ``block_m``; a schedule-order output then
+    has one row per position and only routed rows written).
     ``config`` (BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) replaces the heuristic's choice:
     benchmarks/profile_kernels.py sweeps it. ``out_dtype`` (default a's) stores the fp32 accumulator
-    in another dtype: the backward keeps its pre-activations in fp32. ``expert_offsets`` (E + 1,), with
-    ``block_expert`` and ``num_padded`` None: a packed schedule (``block_schedule(..., 1)``), for any
-    ``block_m``; a schedule-order output then has one row per position and only routed rows written.
+    in another dtype: the backward keeps its pre-activations in fp32.
     ``slot_ids`` (S,), with ``scatter``: each slot's expert, so that the kernel writes the zeros of the
     slots routed to no expert (ids outside [0, E)) itself (else the output is zero-filled first). ``tma``: load
     through tensor descriptors on a persistent grid (expert_gemm_tile) where the inputs allow it
     (``tma_applies``, A in schedule order with contiguous rows); the caller decides whether it pays."""
+    sorted_slots = schedule.sorted_slots
     num_positions = sorted_slots.shape[0]
     n, k = w.shape[1], w.shape[2]
     num_experts = w.shape[0]
@@ -424,11 +427,14 @@ def expert_gemm_triton(
         out = (torch.empty if zero_unrouted else torch.zeros)((num_slots, n), dtype=out_dtype, device=a.device)
     else:
         out = torch.empty((num_positions, n), dtype=out_dtype, device=a.device)
-    packed = expert_offsets is not None
+    packed = isinstance(schedule, PackedSchedule)
     if packed:
-        block_expert, num_padded = expert_offsets, sorted_slots  # the kernel reads offsets, never num_padded
+        # expert_gemm_tile's PACKED mode reads the offsets where the padded mode reads block_expert, and
+        # never num_padded.
+        block_expert, num_padded = schedule.expert_offsets, sorted_slots
         num_blocks_max = packed_blocks_max(num_slots, num_experts, block_m)
     else:
+        block_expert, num_padded = schedule.block_expert, schedule.num_padded
         num_blocks_max = block_expert.shape[0]
     if num_slots == 0 or num_blocks_max == 0 or n == 0:
         return out.zero_()

@@ -24,7 +24,7 @@ from moe_ops.capacity import apply_capacity_ref
 from moe_ops.capacity_triton import apply_capacity_triton
 from moe_ops.expert_gemm_triton import expert_gemm_triton
 from moe_ops.fused_experts_backward_triton import fused_experts_backward_triton
-from moe_ops.layout import capacity_from_factor, split_gate_up
+from moe_ops.layout import PackedSchedule, capacity_from_factor, split_gate_up
 from moe_ops.schedule_triton import block_schedule_triton, rows_in_schedule_order
 from moe_ops.settings import config
 from moe_ops.tiles import choose_block_m, tma_applies, tma_device, tma_pays
@@ -208,15 +208,14 @@ def fused_experts_triton(
         # pass over S x H, ~1% of the GEMMs' time at the sizes that get here).
         a, gather_top_k = rows_in_schedule_order(x, sorted_slots, K), 0
     # Both GEMMs read the packed schedule (sorted_slots + expert_offsets; no block_expert / num_padded).
-    packed = dict(sorted_slots=sorted_slots, block_expert=None, num_padded=None, expert_offsets=expert_offsets,
-                  num_slots=num_slots, block_m=block_m, alpha=alpha, limit=limit, tma=tma)
+    schedule = PackedSchedule(sorted_slots, expert_offsets)
     h = expert_gemm_triton(
-        a, w.gate, w_up=w.up, bias=w.b_gate, bias_up=w.b_up, slot_weights=None, gather_top_k=gather_top_k,
-        scatter=False, activation=activation, **packed,
+        a, w.gate, schedule, num_slots, block_m, w_up=w.up, bias=w.b_gate, bias_up=w.b_up,
+        gather_top_k=gather_top_k, activation=activation, alpha=alpha, limit=limit, tma=tma,
     )
     y_SH = expert_gemm_triton(
-        h, w.down, w_up=None, bias=w.b_down, bias_up=None, slot_weights=topk_weights.reshape(-1), gather_top_k=0,
-        scatter=True, activation="none", slot_ids=ids.reshape(-1), **packed,
+        h, w.down, schedule, num_slots, block_m, bias=w.b_down, slot_weights=topk_weights.reshape(-1),
+        scatter=True, slot_ids=ids.reshape(-1), tma=tma,
     )
     y_TKH = y_SH.view(T, K, -1)
     if config.batch_invariant:

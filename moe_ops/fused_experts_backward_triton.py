@@ -23,7 +23,7 @@ from moe_ops._compat.dispatch import fp32_matmul_allows_tf32
 from moe_ops.activations import ACTIVATION_CODE
 from moe_ops.capacity_triton import apply_capacity_triton
 from moe_ops.expert_gemm_triton import expert_gemm_triton, gate_activation, up_factor
-from moe_ops.layout import capacity_from_factor, padded_offsets, split_gate_up
+from moe_ops.layout import PaddedSchedule, capacity_from_factor, padded_offsets, split_gate_up
 from moe_ops.schedule_triton import block_schedule_triton
 from moe_ops.tiles import choose_block_m
 
@@ -211,10 +211,8 @@ def fused_experts_backward_triton(
 
     def gemm(a, weight, bias=None, gather_top_k=0, scatter=False, out_dtype=torch.float32):
         return expert_gemm_triton(
-            a, weight, w_up=None, bias=bias, bias_up=None, slot_weights=None, sorted_slots=sorted_slots,
-            block_expert=block_expert, num_padded=num_padded, num_slots=S, block_m=block_m,
-            gather_top_k=gather_top_k, scatter=scatter, activation="none", alpha=alpha, limit=limit,
-            out_dtype=out_dtype,
+            a, weight, PaddedSchedule(sorted_slots, block_expert, num_padded), S, block_m, bias=bias,
+            gather_top_k=gather_top_k, scatter=scatter, out_dtype=out_dtype,
         )
 
     def weight_grad(g, a, out_ENK, **options):

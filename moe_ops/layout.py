@@ -23,6 +23,24 @@ class BlockSchedule(NamedTuple):
     expert_offsets: torch.Tensor  # (E + 1,) exclusive cumsum of expert_counts; [E] = valid slots
 
 
+class PaddedSchedule(NamedTuple):
+    """What an expert GEMM reads of a BlockSchedule built for its block_m: each expert's slots padded to
+    whole blocks, each block's expert listed."""
+
+    sorted_slots: torch.Tensor  # BlockSchedule.sorted_slots
+    block_expert: torch.Tensor  # BlockSchedule.block_expert
+    num_padded: torch.Tensor  # BlockSchedule.num_padded
+
+
+class PackedSchedule(NamedTuple):
+    """A schedule without padding (``block_schedule(ids, E, 1)``): each expert's slots follow the previous
+    expert's, so one schedule serves a GEMM of any block_m (its programs find their blocks from the
+    offsets) and a graph compiled for every T shares it between several block sizes."""
+
+    sorted_slots: torch.Tensor  # (S,) BlockSchedule.sorted_slots
+    expert_offsets: torch.Tensor  # (E + 1,) BlockSchedule.expert_offsets
+
+
 def _cdiv(a, b):
     return (a + b - 1) // b
 

@@ -7,6 +7,7 @@ import torch
 from conftest import TRITON_DEVICE, assert_close_rel, zipf_ids
 
 from moe_ops.expert_gemm import expert_gemm, expert_gemm_ref
+from moe_ops.layout import PackedSchedule, PaddedSchedule
 from moe_ops.schedule import block_schedule, block_schedule_ref
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -44,7 +45,9 @@ def _run_both(args, **mode):
 
     full = dict(args, gather_top_k=mode.get("gather_top_k", 0), scatter=mode.get("scatter", False),
                 activation=mode.get("activation", "none"), alpha=1.702, limit=7.0)
-    return expert_gemm_triton(**full), expert_gemm_ref(**full)
+    kernel_args = {name: value for name, value in full.items() if name not in PaddedSchedule._fields}
+    schedule = PaddedSchedule(*(full[name] for name in PaddedSchedule._fields))
+    return expert_gemm_triton(schedule=schedule, **kernel_args), expert_gemm_ref(**full)
 
 
 SHAPES = [
@@ -151,10 +154,9 @@ def test_tma_tiles_match_pointer_tiles(weight_halves):
     routed = sorted_slots < T * K
     outputs = []
     for tma in (False, True):
-        h = expert_gemm_triton(x_sorted, gate, up, None, None, None, sorted_slots, None,
-                               None, T * K, TMA_BLOCK_M, 0, False, "silu", 1.702, 7.0, expert_offsets=offsets, tma=tma)
-        y = expert_gemm_triton(h, w_down, None, None, None, slot_weights, sorted_slots, None, None, T * K,
-                               TMA_BLOCK_M, 0, True, "none", 1.702, 7.0, expert_offsets=offsets,
+        schedule = PackedSchedule(sorted_slots, offsets)
+        h = expert_gemm_triton(x_sorted, gate, schedule, T * K, TMA_BLOCK_M, w_up=up, activation="silu", tma=tma)
+        y = expert_gemm_triton(h, w_down, schedule, T * K, TMA_BLOCK_M, slot_weights=slot_weights, scatter=True,
                                slot_ids=ids.reshape(-1), tma=tma)
         outputs.append((h[routed], y))
     (h_ptr, y_ptr), (h_tma, y_tma) = outputs
@@ -351,12 +353,14 @@ def test_interpreter_bf16_dot_is_right_without_test_setup():
 import torch
 from moe_ops.expert_gemm import expert_gemm_ref
 from moe_ops.expert_gemm_triton import expert_gemm_triton
+from moe_ops.layout import PaddedSchedule
 from moe_ops.schedule import block_schedule_ref
 torch.manual_seed(0)
 a, w = torch.randn(8, 32).bfloat16(), (torch.randn(4, 16, 32) / 32**0.5).bfloat16()
 s = block_schedule_ref(torch.rand(8, 4).argsort(-1)[:, :2], 4, 16)
 args = (a, w, None, None, None, None, s.sorted_slots, s.block_expert, s.num_padded, 16, 16, 2, True, "none", 1.0, 7.0)
-got, want = expert_gemm_triton(*args).float(), expert_gemm_ref(*args).float()
+got = expert_gemm_triton(a, w, PaddedSchedule(*s[:3]), 16, 16, gather_top_k=2, scatter=True).float()
+want = expert_gemm_ref(*args).float()
 print(((got - want).abs().max() / want.abs().max()).item())
 """
     env = dict(os.environ, TRITON_INTERPRET="1")

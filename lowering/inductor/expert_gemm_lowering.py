@@ -42,7 +42,9 @@ from moe_ops._compat.inductor import (
     register_lowering,
     selected_node,
 )
-from moe_ops.activations import ACTIVATION_CODE
+from moe_ops.activations import ACTIVATION_CODE, CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT
+from moe_ops.expert_gemm_triton import expert_gemm_triton
+from moe_ops.layout import PackedSchedule, PaddedSchedule
 from moe_ops.lowering.inductor.direct_calls import extern_call
 from moe_ops.schedule import block_schedule_ref
 from moe_ops.settings import config
@@ -202,12 +204,12 @@ def _extern_expert_gemm(*tensors, present, packed, num_slots, block_m, gather_to
     a, w = remaining.pop(0), remaining.pop(0)
     optional = [remaining.pop(0) if given else None for given in present]
     if packed:
-        from moe_ops.expert_gemm_triton import expert_gemm_triton
-
         sorted_slots, expert_offsets = remaining
+        w_up, bias, bias_up, slot_weights = optional
         return expert_gemm_triton(
-            a, w, *optional, sorted_slots, None, None, num_slots, block_m, gather_top_k, scatter, activation,
-            alpha, limit, expert_offsets=expert_offsets,
+            a, w, PackedSchedule(sorted_slots, expert_offsets), num_slots, block_m, w_up=w_up, bias=bias,
+            bias_up=bias_up, slot_weights=slot_weights, gather_top_k=gather_top_k, scatter=scatter,
+            activation=activation, alpha=alpha, limit=limit,
         )
     sorted_slots, block_expert, num_padded = remaining
     return torch.ops.moe_ops.expert_gemm(
@@ -280,24 +282,24 @@ def _autotune_configs(base: dict) -> list[dict]:
 
 
 def tuned_expert_gemm(
-    a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
-    num_slots, block_m, gather_top_k, scatter, activation, alpha, limit, slot_ids=None,
-    expert_offsets=None, active=1, busy_estimate=None, out=None, tma=False,
+    a, w, schedule: PaddedSchedule | PackedSchedule, num_slots, block_m: int, *, w_up=None, bias=None,
+    bias_up=None, slot_weights=None, gather_top_k: int = 0, scatter: bool = False, activation: str = "none",
+    alpha: float = CLAMPED_SWIGLU_ALPHA, limit: float = CLAMPED_SWIGLU_LIMIT, slot_ids=None, active=1,
+    busy_estimate=None, out=None, tma: bool = False,
 ):
-    """The template node for one expert GEMM (Inductor IR in, IR out). Callers check that the
+    """The template node for one expert GEMM (Inductor IR in, IR out; the arguments of the eager
+    launcher, expert_gemm_triton, with the schedule's tensors as IR). Callers check that the
     template applies (``template_applies``). ``slot_ids`` (S,), for a scatter output only: the expert
     of each slot, so that rows of slots routed to no expert (ids >= E) are written as zeros.
-    ``expert_offsets``: a packed schedule (``block_expert``/``num_padded`` None), see expert_gemm_tile.
     ``active`` (0/1, an expression in the token count): launch no program where 0; the choice is then
     not benchmarked, and ``busy_estimate`` (busy blocks expected where it runs) sizes the tiles.
     ``out``: a buffer of the output's shape that the kernel writes (a mutated input) instead of a new
     one; the node returned then stands for nothing but that write. ``tma``: TMA tiles on a persistent
     grid where the inputs allow them (``tma_applies``; A in schedule order, made contiguous here)."""
 
-    packed = expert_offsets is not None
+    packed = isinstance(schedule, PackedSchedule)
     optional = (w_up, bias, bias_up, slot_weights)
     present = tuple(t is not None for t in optional)
-    schedule = [sorted_slots, expert_offsets] if packed else [sorted_slots, block_expert, num_padded]
     tensors = [a, w, *[t for t in optional if t is not None], *schedule]
     # realize_input, not select_algorithm.realize_inputs: that one copies a view without a unit stride,
     # and GPT-OSS's interleaved gate/up columns are such a view (the tile function takes any strides).
@@ -307,7 +309,7 @@ def tuned_expert_gemm(
     if tma:
         # TMA loads A's rows as blocks: they must be contiguous.
         input_nodes[0] = ir.ExternKernel.require_contiguous(input_nodes[0])
-    rows = num_slots if scatter else sorted_slots.get_size()[0]
+    rows = num_slots if scatter else schedule.sorted_slots.get_size()[0]
     n = w.get_size()[1]
     # Writing into ``out``, the node's own output is a placeholder that is never allocated.
     size, stride = ([rows, n], [n, 1]) if out is None else ([1], [1])
@@ -317,7 +319,7 @@ def tuned_expert_gemm(
     if packed:
         blocks_max = packed_blocks_max(num_slots, num_experts, block_m, cdiv=CeilDiv, minimum=Min)
     else:
-        blocks_max = block_expert.get_size()[0]
+        blocks_max = schedule.block_expert.get_size()[0]
     if busy_estimate is None:
         slots_hint = inductor_size_hint(num_slots)
         blocks_hint = inductor_size_hint(blocks_max)
@@ -403,5 +405,9 @@ def lower_expert_gemm(
     if why_not is not None:
         log.debug("moe_ops.expert_gemm stays an extern call: %s", why_not)
         return extern_call(torch.ops.moe_ops.expert_gemm.default, *args)
-    return tuned_expert_gemm(*args)
+    return tuned_expert_gemm(
+        a, w, PaddedSchedule(sorted_slots, block_expert, num_padded), num_slots, block_m, w_up=w_up, bias=bias,
+        bias_up=bias_up, slot_weights=slot_weights, gather_top_k=gather_top_k, scatter=scatter,
+        activation=activation, alpha=alpha, limit=limit,
+    )
 

@@ -44,6 +44,7 @@ import moe_ops.fused_experts  # noqa: F401  (defines moe_ops::fused_experts, low
 from moe_ops._checks import KERNEL_DTYPES
 from moe_ops._compat.inductor import empty_strided, register_lowering
 from moe_ops._compat.inductor import lowerings as L
+from moe_ops.layout import PackedSchedule
 from moe_ops.lowering.inductor.direct_calls import extern_call
 from moe_ops.lowering.inductor.expert_gemm_lowering import (
     templates_allowed,
@@ -168,21 +169,20 @@ def lower_fused_experts(
     # Several pairs (a dynamic T) write one output buffer; one pair returns its own, for epilogue fusion.
     shared = None if len(variants) == 1 else empty_strided([num_slots, H], None, dtype=x.get_dtype(),
                                                            device=x.get_device())
+    schedule = PackedSchedule(sorted_slots, expert_offsets)
     for variant in variants:
-        schedule = dict(expert_offsets=expert_offsets, active=variant.active(num_slots),
-                        busy_estimate=variant.busy_estimate)
-        a, gather_top_k, tma = x, K, variant.tma
-        if tma:
+        common = dict(active=variant.active(num_slots), busy_estimate=variant.busy_estimate, tma=variant.tma)
+        a, gather_top_k = x, K
+        if variant.tma:
             # As the op: TMA loads row blocks, so x's rows are copied into schedule order first.
-            a, gather_top_k = _rows_in_schedule_order(x, sorted_slots, K, schedule["active"]), 0
+            a, gather_top_k = _rows_in_schedule_order(x, sorted_slots, K, common["active"]), 0
         h_SF = tuned_expert_gemm(
-            a, gate, up, b_gate, b_up, None, sorted_slots, None, None,
-            num_slots, variant.block_m, gather_top_k, False, activation, alpha, limit, tma=tma, **schedule,
+            a, gate, schedule, num_slots, variant.block_m, w_up=up, bias=b_gate, bias_up=b_up,
+            gather_top_k=gather_top_k, activation=activation, alpha=alpha, limit=limit, **common,
         )
         y_SH = tuned_expert_gemm(
-            h_SF, down, None, b_down, None, slot_weights, sorted_slots, None, None,
-            num_slots, variant.block_m, 0, True, "none", alpha, limit, slot_ids=slot_ids, out=shared, tma=tma,
-            **schedule,
+            h_SF, down, schedule, num_slots, variant.block_m, bias=b_down, slot_weights=slot_weights, scatter=True,
+            slot_ids=slot_ids, out=shared, **common,
         )
     y_SH = y_SH if shared is None else shared
     # As the op: K summed in fp32, in a fixed order, rounded once to x's dtype. Written as K pointwise
