@@ -12,9 +12,9 @@ from moe_ops.capacity import apply_capacity
 from moe_ops.expert_gemm import expert_gemm
 from moe_ops.fused_experts import fused_experts, fused_experts_ref
 from moe_ops.layout import BlockSchedule, capacity_from_factor
-from moe_ops.losses import load_balancing_loss, router_z_loss
+from moe_ops.losses import load_balancing_loss, load_balancing_loss_from_stats, router_z_loss
 from moe_ops.lowering.install import disable, enable, rewrites_disabled
-from moe_ops.routing import route, route_ref, router_jitter
+from moe_ops.routing import RouterStats, route, route_ref, router_jitter
 from moe_ops.schedule import block_schedule
 from moe_ops.settings import config
 
@@ -30,6 +30,8 @@ __all__ = [
     "expert_gemm",
     # training: router losses, router jitter, auxiliary-loss-free balancing
     "load_balancing_loss",
+    "load_balancing_loss_from_stats",
+    "RouterStats",
     "router_z_loss",
     "router_jitter",
     "expert_counts",

@@ -12,6 +12,9 @@ differentiable with respect to the logits. Their values are those of the convent
   choices of a token all count, so perfectly balanced routing gives K) and ``P_e`` the mean softmax
   probability of expert e. Over several layers, slot counts and probabilities are summed over the layers
   before normalising, as transformers does. ``f`` carries no gradient; ``P`` does.
+- ``load_balancing_loss_from_stats`` is the same loss from the statistics ``route(...,
+  return_stats=True)`` returns (on CUDA the routing kernel computes them in its pass over the logits,
+  so the loss reads no (T, E) tensor again); no token mask.
 - ``router_z_loss`` is ST-MoE's: the mean over tokens of ``logsumexp(logits)**2`` (transformers'
   ``router_z_loss_coef``, Megatron's ``moe_z_loss_coeff`` scale it).
 """
@@ -24,6 +27,7 @@ import torch
 
 from moe_ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
 from moe_ops.balancing import expert_counts
+from moe_ops.routing import RouterStats
 
 
 def _layers(name: str, value) -> list[torch.Tensor]:
@@ -79,6 +83,25 @@ def load_balancing_loss(
         prob_sum_E = prob_sum_E + (probs_TE * weight_T[:, None]).sum(dim=0)
         rows = weight_T.sum() if rows is None else rows + weight_T.sum()
     return num_experts * torch.sum((slots_E / rows) * (prob_sum_E / rows))
+
+
+def load_balancing_loss_from_stats(stats: RouterStats | Sequence[RouterStats]) -> torch.Tensor:
+    """The load-balancing loss of one or several MoE layers (or micro-batches) from their RouterStats:
+    ``E * sum_e (slots_e / N) * (prob_sum_e / N)`` with the sums and N (tokens) added over the stats
+    given, which is :func:`load_balancing_loss` of the same logits and ids without a token mask.
+    Differentiable w.r.t. the logits through ``router_prob_sum``."""
+    layers = [stats] if isinstance(stats, RouterStats) else _layers("stats", stats)  # a RouterStats is a tuple
+    for layer in layers:
+        if not isinstance(layer, RouterStats):
+            raise TypeError(f"stats: expected RouterStats (from route(..., return_stats=True)), got {type(layer)}")
+        check_tensor("stats.tokens_per_expert", layer.tokens_per_expert, ndim=1, dtypes=(torch.float32,))
+        check_tensor("stats.router_prob_sum", layer.router_prob_sum, shape=tuple(layers[0].tokens_per_expert.shape),
+                     dtypes=FLOAT_DTYPES, device=layers[0].tokens_per_expert.device)
+    num_experts = layers[0].tokens_per_expert.shape[0]
+    slots_E = sum(layer.tokens_per_expert for layer in layers)
+    prob_sum_E = sum(layer.router_prob_sum for layer in layers)
+    rows = sum(layer.num_tokens for layer in layers)
+    return num_experts * torch.sum((slots_E.to(prob_sum_E.dtype) / rows) * (prob_sum_E / rows))
 
 
 def router_z_loss(router_logits: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:

@@ -21,6 +21,8 @@ The CPU path calls ``torch.topk``; the CUDA kernel follows CUDA's rule (moe_ops.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from moe_ops._checks import FLOAT_DTYPES, check_choice, check_int, check_number, check_tensor
@@ -246,6 +248,97 @@ def _route_backward(ctx, grad_weights, _grad_ids):
 torch.library.register_autograd(_route_op, _route_backward, setup_context=_route_setup_context)
 
 
+class RouterStats(NamedTuple):
+    """One routing call's statistics for the load-balancing loss and for logging (``route(...,
+    return_stats=True)``), on the logits' device. Sums, not means, so that micro-batches and layers add."""
+
+    tokens_per_expert: torch.Tensor  # (E,) fp32: slots routed to each expert (whole numbers); no gradient
+    router_prob_sum: torch.Tensor  # (E,) fp32 (fp64 logits: fp64): sum over tokens of softmax(logits);
+    #                                differentiable w.r.t. the logits
+    num_tokens: int  # T
+
+
+def route_stats_ref(logits: torch.Tensor, ids_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens_per_expert, router_prob_sum) of RouterStats, in plain PyTorch: the softmax over all E
+    experts whatever the router's scoring (the P of the Switch/GShard loss, as transformers'
+    ``load_balancing_loss_func`` takes it)."""
+    num_experts = logits.shape[1]
+    counts_E = torch.zeros(num_experts, dtype=torch.float32, device=logits.device)
+    counts_E = counts_E.index_add(0, ids_TK.reshape(-1).long(), torch.ones(ids_TK.numel(), device=logits.device))
+    prob_sum_E = torch.softmax(logits.to(_weight_dtype(logits)), dim=-1).sum(dim=0)
+    return counts_E, prob_sum_E
+
+
+@torch.library.custom_op("moe_ops::route_with_stats", mutates_args=())
+def _route_with_stats_op(
+    logits: torch.Tensor,
+    k: int,
+    scoring: str,
+    softmax_after_topk: bool,
+    renormalize: bool,
+    renorm_eps: float,
+    correction_bias: torch.Tensor | None,
+    n_group: int,
+    topk_group: int,
+    routed_scaling_factor: float,
+    renorm_min: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """moe_ops::route, plus the two (E,) statistics of RouterStats."""
+    weights_TK, ids_TK = route_ref(
+        logits, k, scoring, softmax_after_topk, renormalize, renorm_eps, correction_bias, n_group,
+        topk_group, routed_scaling_factor, renorm_min,
+    )
+    return (weights_TK, ids_TK, *route_stats_ref(logits, ids_TK))
+
+
+@_route_with_stats_op.register_kernel("cuda")
+def _(logits, k, scoring, softmax_after_topk, renormalize, renorm_eps, correction_bias, n_group, topk_group,
+      routed_scaling_factor, renorm_min):
+    _check_route_args(logits, k, scoring, softmax_after_topk, correction_bias, n_group, topk_group)
+    return route_triton(
+        logits, k, scoring, softmax_after_topk, renormalize, renorm_eps, correction_bias, n_group,
+        topk_group, routed_scaling_factor, renorm_min, with_stats=True,
+    )
+
+
+@_route_with_stats_op.register_fake
+def _(logits, k, scoring, softmax_after_topk, renormalize, renorm_eps, correction_bias, n_group, topk_group,
+      routed_scaling_factor, renorm_min):
+    _check_route_args(logits, k, scoring, softmax_after_topk, correction_bias, n_group, topk_group)
+    num_tokens, num_experts = logits.shape
+    weight_dtype = _weight_dtype(logits)
+    return (
+        logits.new_empty((num_tokens, k), dtype=weight_dtype),
+        logits.new_empty((num_tokens, k), dtype=torch.int32),
+        logits.new_empty((num_experts,), dtype=torch.float32),
+        logits.new_empty((num_experts,), dtype=weight_dtype),
+    )
+
+
+def _route_with_stats_backward(ctx, grad_weights, _grad_ids, _grad_counts, grad_prob_sum):
+    logits, ids = ctx.saved_tensors
+    grad_logits = None
+    if grad_weights is not None:
+        grad_logits = torch.ops.moe_ops.route_backward(logits, ids, grad_weights, *ctx.weight_args)
+    if grad_prob_sum is not None:
+        # d/dlogits of sum_t softmax(logits_t) . g: p * (g - <p, g>) per token.
+        probs_TE = torch.softmax(logits.to(_weight_dtype(logits)), dim=-1)
+        grad_E = grad_prob_sum.to(probs_TE.dtype)
+        term = (probs_TE * (grad_E - (probs_TE * grad_E).sum(dim=-1, keepdim=True))).to(logits.dtype)
+        grad_logits = term if grad_logits is None else grad_logits + term
+    return (grad_logits,) + (None,) * (ctx.num_inputs - 1)
+
+
+def _route_with_stats_setup_context(ctx, inputs, output):
+    _route_setup_context(ctx, inputs, output)
+    ctx.mark_non_differentiable(output[2])  # the slot counts, piecewise constant
+
+
+torch.library.register_autograd(
+    _route_with_stats_op, _route_with_stats_backward, setup_context=_route_with_stats_setup_context
+)
+
+
 def route(
     router_logits: torch.Tensor,
     top_k: int,
@@ -259,7 +352,8 @@ def route(
     topk_group: int = 1,
     routed_scaling_factor: float = 1.0,
     renorm_min: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_stats: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, RouterStats]:
     """Choose ``top_k`` experts per token and their routing weights.
 
     Args:
@@ -279,9 +373,12 @@ def route(
         routed_scaling_factor: final multiplier of the weights (DeepSeek-V3: 2.5)
         renorm_min:            lower bound of the renormalisation's denominator, 0 = none (ERNIE-4.5:
                                moe_norm_min, its ``w / clamp(w.sum(-1), min=...)``); a NaN sum stays NaN
+        return_stats:          also return the call's RouterStats (slots per expert, sums of the
+                               softmax probabilities), computed by the same kernel pass on CUDA, for
+                               :func:`moe_ops.load_balancing_loss_from_stats` and load logging
 
     Returns:
-        (topk_weights, topk_ids):
+        (topk_weights, topk_ids[, stats]):
         topk_weights: (T, K) float32 (float64 for float64 logits), in descending choice order;
                       differentiable w.r.t. router_logits
         topk_ids:     (T, K) int32 expert ids, descending by choice (scores + bias); the experts
@@ -298,6 +395,11 @@ def route(
         router_logits, top_k, scoring, bool(softmax_after_topk), bool(renormalize),
         float(renorm_eps), correction_bias, n_group, topk_group, float(routed_scaling_factor),
     ) + ((float(renorm_min),) if renorm_min else ())
+    if return_stats:
+        weights_TK, ids_TK, counts_E, prob_sum_E = torch.ops.moe_ops.route_with_stats(
+            *args[:10], float(renorm_min)
+        )
+        return weights_TK, ids_TK, RouterStats(counts_E, prob_sum_E, router_logits.shape[0])
     if direct_cuda_call_allowed(router_logits, correction_bias):
         return _route_cuda(*args)
     return torch.ops.moe_ops.route(*args)

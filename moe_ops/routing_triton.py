@@ -4,7 +4,11 @@ Shape legend: T tokens, E experts (E_PAD = next power of two), K experts per tok
 N_GROUP expert groups of G = E / N_GROUP experts.
 
 Each program owns BLOCK_T rows and reads its (BLOCK_T, E_PAD) tile of logits once; everything else
-happens in registers. The semantics are those of :func:`moe_ops.routing.route_ref` on CUDA tensors,
+happens in registers. With STATS, each program also writes its rows' slots per expert and sums of the
+softmax probabilities (the load-balancing loss's statistics) as one row of a (programs, E) partial
+table, which torch then sums in a fixed order: no second pass over the logits, no atomics.
+
+The semantics are those of :func:`moe_ops.routing.route_ref` on CUDA tensors,
 whose selections are CUDA's ``torch.topk``: it picks by the radix order of the values' bits (NaN above
 +inf, +0.0 above -0.0) and, among equal values, the lower index. The kernel selects on that order as an
 integer key (:func:`_order_key`), so its experts are torch.topk's on the GPU, ties and NaNs included.
@@ -79,7 +83,7 @@ def _take_best(key, cols, E_PAD: tl.constexpr, NONE: tl.constexpr):
 
 @triton.jit
 def _route_kernel(
-    logits_ptr, bias_ptr, weights_ptr, ids_ptr,
+    logits_ptr, bias_ptr, weights_ptr, ids_ptr, counts_partial_ptr, prob_sum_partial_ptr,
     T, E, group_size,
     stride_lt, stride_le, stride_b,
     renorm_eps, scale, renorm_min,
@@ -89,6 +93,7 @@ def _route_kernel(
     N_GROUP: tl.constexpr, N_GROUP_PAD: tl.constexpr, TOPK_GROUP: tl.constexpr,
     PRECISE_EXP: tl.constexpr, IEEE_DIV: tl.constexpr,
     NONE: tl.constexpr,  # a key below every value's, -inf's included: padding and experts taken
+    STATS: tl.constexpr,
 ):
     NEG_INF: tl.constexpr = float("-inf")
     compute_dtype = weights_ptr.dtype.element_ty  # fp32, or fp64 for fp64 logits
@@ -182,28 +187,40 @@ def _route_kernel(
     tl.store(weights_ptr + out_offs, w, mask=out_mask)
     tl.store(ids_ptr + out_offs, sel_id, mask=out_mask)
 
+    if STATS:
+        # The experts taken are the columns left at NONE, a key no value maps to.
+        taken = (key == NONE) & col_ok_2d & row_ok[:, None]
+        if SOFTMAX_AFTER_TOPK or SCORING == 1:
+            probs = _exp(x - tl.max(x, axis=1)[:, None], PRECISE_EXP)
+            probs = _div(probs, tl.sum(probs, axis=1)[:, None], IEEE_DIV)
+        else:
+            probs = scores
+        partial_offs = tl.program_id(0).to(tl.int64) * E + cols
+        tl.store(counts_partial_ptr + partial_offs, tl.sum(taken.to(tl.int32), axis=0), mask=col_ok)
+        tl.store(prob_sum_partial_ptr + partial_offs, tl.sum(tl.where(row_ok[:, None], probs, 0.0), axis=0),
+                 mask=col_ok)
+
 
 def launch_route(
     launch, logits, bias, weights, ids, num_tokens, num_experts: int, logits_strides, bias_stride: int,
     k: int, scoring: str, softmax_after_topk: bool, renormalize: bool, renorm_eps: float, n_group: int,
     topk_group: int, routed_scaling_factor: float, precise: bool, fp32_weights: bool,
-    cdiv=triton.cdiv, any_count: bool = False, renorm_min: float = 0.0,
+    cdiv=triton.cdiv, any_count: bool = False, renorm_min: float = 0.0, stats_partials=None,
 ) -> None:
     """The route kernel's launch, written once for the eager op (``launch`` calls the kernel; tensors)
     and the compiled graph (lowering/inductor/kernel_calls.py: ``launch`` adds the kernel to Inductor's graph; IR
     nodes, a symbolic token count with ``cdiv`` and ``any_count``). ``bias`` None: no correction bias.
     ``precise``: libdevice's exp and IEEE division (off only in the interpreter, which lacks libdevice).
     ``any_count``: tiles for any token count (a graph for every T, and batch-invariant mode: the tiles
-    decide the order of the softmax's sum), those of a large T."""
-    any_count = any_count or config.batch_invariant
+    decide the order of the softmax's sum), those of a large T. ``stats_partials``: None, or the
+    (counts, prob_sums) tables of ``route_stats_partials`` to write the statistics into."""
     e_pad = triton.next_power_of_2(num_experts)
-    rows = _MAX_BLOCK_T if any_count else triton.next_power_of_2(num_tokens)
-    block_t = max(1, min(_MAX_BLOCK_T, _TILE_ELEMENTS // e_pad, rows))
-    num_warps = max(1, min(4, block_t * e_pad // _ELEMENTS_PER_WARP))
+    block_t, num_warps = route_tiles(num_tokens, num_experts, any_count)
     has_bias = bias is not None
+    counts_partial, prob_sum_partial = stats_partials if stats_partials is not None else (ids, weights)
     launch(
         _route_kernel, (cdiv(num_tokens, block_t),), num_warps,
-        logits, bias if has_bias else logits, weights, ids,
+        logits, bias if has_bias else logits, weights, ids, counts_partial, prob_sum_partial,
         num_tokens, num_experts, num_experts // n_group, *logits_strides, bias_stride,
         float(renorm_eps), float(routed_scaling_factor), float(renorm_min),
         E_PAD=e_pad, K=k, K_PAD=triton.next_power_of_2(k), BLOCK_T=block_t,
@@ -213,7 +230,17 @@ def launch_route(
         N_GROUP=n_group, N_GROUP_PAD=triton.next_power_of_2(n_group), TOPK_GROUP=topk_group,
         PRECISE_EXP=precise, IEEE_DIV=precise and fp32_weights,
         NONE=-(2**31 - 1) if fp32_weights else -(2**63 - 1),  # _order_key's int32 / int64 range
+        STATS=stats_partials is not None,
     )
+
+
+def route_tiles(num_tokens, num_experts: int, any_count: bool = False) -> tuple[int, int]:
+    """(rows per program, warps) of launch_route's grid; ``any_count`` as there (a symbolic token count
+    needs it)."""
+    e_pad = triton.next_power_of_2(num_experts)
+    rows = _MAX_BLOCK_T if any_count or config.batch_invariant else triton.next_power_of_2(num_tokens)
+    block_t = max(1, min(_MAX_BLOCK_T, _TILE_ELEMENTS // e_pad, rows))
+    return block_t, max(1, min(4, block_t * e_pad // _ELEMENTS_PER_WARP))
 
 
 def route_triton(
@@ -229,9 +256,12 @@ def route_triton(
     routed_scaling_factor: float,
     renorm_min: float = 0.0,
     any_count: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    with_stats: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Launch the fused router kernel (arguments already checked by moe_ops.routing). ``any_count``: the
     tiles a compiled graph for every token count launches (tested against the same reference).
+    ``with_stats``: also return (E,) slots per expert (fp32) and (E,) sums over the tokens of the
+    softmax probabilities (the weights' dtype), as moe_ops.routing.route_stats_ref.
 
     Args:
         logits:          (T, E) float32/float16/bfloat16/float64, any strides
@@ -249,13 +279,21 @@ def route_triton(
     weight_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     weights = torch.empty((num_tokens, k), dtype=weight_dtype, device=logits.device)
     ids = torch.empty((num_tokens, k), dtype=torch.int32, device=logits.device)
+    partials = None
+    if with_stats:
+        num_programs = triton.cdiv(num_tokens, route_tiles(num_tokens, num_experts, any_count)[0])
+        partials = (torch.zeros((num_programs, num_experts), dtype=torch.int32, device=logits.device),
+                    torch.zeros((num_programs, num_experts), dtype=weight_dtype, device=logits.device))
     if num_tokens == 0:
-        return weights, ids
+        return (weights, ids) + (() if partials is None else (partials[0].sum(0).float(), partials[1].sum(0)))
     launch_route(
         launch_jit, logits, correction_bias, weights, ids, num_tokens, num_experts, logits.stride(),
         correction_bias.stride(0) if correction_bias is not None else 0, k, scoring, softmax_after_topk,
         renormalize, renorm_eps, n_group, topk_group, routed_scaling_factor,
         precise=logits.is_cuda, fp32_weights=weight_dtype == torch.float32, any_count=any_count,
-        renorm_min=renorm_min,
+        renorm_min=renorm_min, stats_partials=partials,
     )
-    return weights, ids
+    if partials is None:
+        return weights, ids
+    # The partial tables summed by torch, in one fixed order (deterministic, no atomics).
+    return weights, ids, partials[0].sum(0).float(), partials[1].sum(0)

@@ -76,6 +76,21 @@ def test_z_loss_formula_and_gradient():
     assert torch.autograd.gradcheck(lambda x: moe_ops.load_balancing_loss(x, ids), (leaf,))
 
 
+@pytest.mark.parametrize("num_layers", [1, 3])
+def test_balancing_loss_from_stats_is_the_loss_of_logits_and_ids(num_layers):
+    """load_balancing_loss_from_stats(route's stats) == load_balancing_loss(logits, route's ids), value and
+    gradient, over one or several layers."""
+    layers = [_layer(seed=s)[0] for s in range(num_layers)]
+    routed = [moe_ops.route(logits, K, return_stats=True) for logits in layers]
+    got = moe_ops.load_balancing_loss_from_stats([stats for _, _, stats in routed])
+    want = moe_ops.load_balancing_loss(layers, [ids for _, ids, _ in routed])
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    for g, w in zip(torch.autograd.grad(got, layers), torch.autograd.grad(want, layers), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+    with pytest.raises(TypeError, match=r"stats: expected RouterStats"):
+        moe_ops.load_balancing_loss_from_stats([(1, 2, 3)])
+
+
 def test_compiles_without_graph_breaks():
     logits, ids = _layer()
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import TRITON_DEVICE, assert_close_rel
 
+import moe_ops
 import moe_ops.routing as routing
 from moe_ops.routing import route, route_ref
 
@@ -564,6 +565,88 @@ def test_cuda_autograd_through_kernel():
     w_ref, _ = route_ref(*_ref_args(x, 4, renormalize=True))
     w_ref.square().sum().backward()
     torch.testing.assert_close(logits.grad, x.grad)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Router statistics (route(..., return_stats=True)).
+
+
+def test_stats_reference_is_an_independent_loop():
+    """route_stats_ref against slots counted one by one and softmax written out in float64."""
+    logits = torch.randn(9, 6)
+    ids = torch.tensor([[0, 5], [5, 0], [1, 2], [2, 1], [3, 3], [4, 0], [0, 1], [5, 4], [2, 2]], dtype=torch.int32)
+    counts, prob_sum = routing.route_stats_ref(logits, ids)
+    want_counts = torch.tensor([float(sum(int(i) == e for i in ids.reshape(-1))) for e in range(6)])
+    exps = logits.double().exp()
+    want_prob_sum = (exps / exps.sum(-1, keepdim=True)).sum(0)
+    assert torch.equal(counts, want_counts) and counts.dtype == torch.float32
+    torch.testing.assert_close(prob_sum.double(), want_prob_sum, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("any_count", [False, True], ids=["fitted_tiles", "any_count_tiles"])
+@pytest.mark.parametrize(
+    "mode,num_tokens,num_experts,k",
+    [("mixtral", 37, 8, 2), ("gpt_oss", 20, 32, 4), ("deepseek_v3", 33, 64, 6), ("qwen2", 1, 60, 4),
+     ("qwen2", 0, 16, 2)],
+)
+def test_triton_stats_match_reference(mode, num_tokens, num_experts, k, any_count):
+    """The kernel's statistics (per-program partial sums) against route_stats_ref of its own ids: counts
+    exactly, probability sums to fp32 rounding; softmax over all E whatever the scoring."""
+    from moe_ops.routing_triton import route_triton
+
+    cfg = dict(MODES[mode])
+    if mode == "deepseek_v3":
+        cfg.update(n_group=8, topk_group=4)
+    logits = torch.randn(num_tokens, num_experts).to(TRITON_DEVICE)
+    args = _ref_args(logits, k, correction_bias=_bias_for(mode, num_experts, TRITON_DEVICE), **cfg)
+    weights, ids, counts, prob_sum = route_triton(*args, any_count=any_count, with_stats=True)
+    plain_weights, plain_ids = route_triton(*args, any_count=any_count)
+    assert torch.equal(weights, plain_weights) and torch.equal(ids, plain_ids)
+    want_counts, want_prob_sum = routing.route_stats_ref(logits, ids)
+    assert counts.shape == prob_sum.shape == (num_experts,) and counts.dtype == prob_sum.dtype == torch.float32
+    assert torch.equal(counts.cpu(), want_counts.cpu()) and int(counts.sum()) == num_tokens * k
+    torch.testing.assert_close(prob_sum.cpu(), want_prob_sum.cpu(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("mode", ["mixtral", "deepseek_v3", "ernie"])
+def test_route_with_stats_opcheck(mode, device):
+    num_experts, k, cfg = OPCHECK_CASES[mode]
+    logits = torch.randn(6, num_experts, device=device, requires_grad=True)
+    args = _ref_args(logits, k, correction_bias=_bias_for(mode, num_experts, device), **cfg)
+    args = args[:10] + (args[10] if len(args) > 10 else 0.0,)
+    torch.library.opcheck(torch.ops.moe_ops.route_with_stats.default, args)
+
+
+def test_stats_gradcheck_and_route_unchanged():
+    """The probability sums' gradient (float64 gradcheck, together with the weights'), and the weights
+    and ids are route()'s."""
+    logits = _spread_logits(5, 8).requires_grad_(True)
+    cfg = dict(renormalize=True, routed_scaling_factor=1.5)
+
+    def outputs(x):
+        weights, _, stats = route(x, 3, return_stats=True, **cfg)
+        return weights, stats.router_prob_sum
+
+    torch.autograd.gradcheck(outputs, (logits,))
+    weights, ids, stats = route(logits, 3, return_stats=True, **cfg)
+    plain_weights, plain_ids = route(logits, 3, **cfg)
+    assert torch.equal(weights, plain_weights) and torch.equal(ids, plain_ids)
+    assert not stats.tokens_per_expert.requires_grad and stats.num_tokens == 5
+
+
+def test_stats_compile_without_graph_breaks():
+    logits = torch.randn(24, 16, requires_grad=True)
+
+    def balancing(x):
+        _, _, stats = route(x, 4, return_stats=True, renormalize=True)
+        return moe_ops.load_balancing_loss_from_stats(stats), stats.tokens_per_expert
+
+    torch._dynamo.reset()
+    got_loss, got_counts = torch.compile(balancing, fullgraph=True)(logits)
+    want_loss, want_counts = balancing(logits)
+    torch.testing.assert_close(got_loss, want_loss)
+    assert torch.equal(got_counts, want_counts)
 
 
 def test_module_docstrings():
