@@ -69,7 +69,9 @@ def check_number(name: str, value, *, minimum: float | None = None) -> None:
     """A finite real number (int or float, not a bool), at least ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, (int, float, torch.SymInt, torch.SymFloat)):
         raise TypeError(f"{name}: expected a number, got {value!r}")
-    if not math.isfinite(value) or (minimum is not None and value < minimum):
+    # Comparisons, not math.isfinite: under torch.compile(dynamic=True) a float argument is a SymFloat,
+    # which math.isfinite cannot trace. A NaN fails the comparison too.
+    if not abs(value) < math.inf or (minimum is not None and value < minimum):
         bound = f" >= {minimum}" if minimum is not None else ""
         raise ValueError(f"{name}: expected a finite number{bound}, got {value}")
 

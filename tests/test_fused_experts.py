@@ -377,6 +377,21 @@ def test_cuda_block_m_buckets(dtype):
 
 
 
+@pytest.mark.parametrize("capacity_factor", [0.0, 1.25])
+def test_compiles_with_dynamic_true(capacity_factor):
+    """fused_experts inside torch.compile(dynamic=True, fullgraph=True), dropless and with capacity: its
+    float arguments are SymFloats there."""
+    layer = _layer(9, 2, 4, 16, 12, torch.float32, "cpu")
+
+    def experts(x, weights, ids):
+        return fused_experts(x, weights, ids, layer["w_gate_up"], layer["w_down"], capacity_factor=capacity_factor)
+
+    torch._dynamo.reset()
+    got = torch.compile(experts, dynamic=True, fullgraph=True)(layer["x"], layer["topk_weights"], layer["topk_ids"])
+    want = experts(layer["x"], layer["topk_weights"], layer["topk_ids"])
+    torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("mode", ["eager", "compiled_dynamic", "compiled_static"])
 def test_batch_invariant_mode(mode, monkeypatch):
     """moe_ops.config.batch_invariant: each token's output (routing and experts) is bitwise the same

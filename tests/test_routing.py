@@ -688,3 +688,20 @@ def test_router_jitter_compiles():
     out = torch.compile(lambda t: routing.router_jitter(t, 0.05), fullgraph=True, backend="inductor")(x)
     factor = out / x
     assert factor.min() >= 0.95 - 1e-6 and factor.max() <= 1.05 + 1e-6 and factor.std() > 0.01
+
+
+@pytest.mark.parametrize("dynamic", [True, None], ids=["dynamic_true", "automatic"])
+def test_compiles_with_dynamic_shapes(dynamic):
+    """route (and its statistics) inside torch.compile(dynamic=True, fullgraph=True): its float arguments
+    are SymFloats there, which the argument checks must take (math.isfinite cannot)."""
+    logits = torch.randn(9, 8)
+
+    def routed(x):
+        weights, ids, stats = route(x, 2, renormalize=True, renorm_eps=1e-20, routed_scaling_factor=2.5,
+                                    return_stats=True)
+        return weights, ids, stats.router_prob_sum
+
+    torch._dynamo.reset()
+    got = torch.compile(routed, dynamic=dynamic, fullgraph=True)(logits)
+    for g, w in zip(got, routed(logits), strict=True):
+        torch.testing.assert_close(g, w)

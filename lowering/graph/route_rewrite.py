@@ -348,19 +348,12 @@ def _match_group_limited(topk: Node, k: int, values: Node | None, ids: Node | No
     expanded = before_view.args[0] if is_call(before_view, aten.clone.default) else before_view
     unsqueezed = expanded.args[0] if is_call(expanded, aten.expand.default) else None
     group_keep = unsqueezed.args[0] if is_call(unsqueezed, aten.unsqueeze.default) else None
-    if not (
-        is_call(group_keep, aten.scatter.value)
-        and unsqueezed.args[1] in (-1, 2)
-        and group_keep.args[1] == 1
-        and group_keep.args[3] not in (0, False)
-        and is_call(group_keep.args[0], aten.full.default)
-        and group_keep.args[0].args[1] in (0, False)
-    ):
+    group_ids = _kept_groups_ids(group_keep)
+    if group_ids is None or unsqueezed.args[1] not in (-1, 2):
         raise Rejected("the expert mask is not the kept groups' mask repeated over their experts")
     n_group, group_size = shape(expanded)[1:]
     if shape(keep)[1:] != (num_experts,) or not (isinstance(n_group, int) and isinstance(group_size, int)):
         raise Rejected("the expert mask is not (T, E), or the group sizes are not static")
-    group_ids = group_keep.args[2]
     group_topk = group_ids.args[0] if is_call(group_ids, operator.getitem) else None
     if not (
         group_ids.args[1] == 1
@@ -402,6 +395,52 @@ def _match_group_limited(topk: Node, k: int, values: Node | None, ids: Node | No
         topk=topk, logits=_fp32_source(fp32_logits), k=k, scoring=scoring, softmax_after_topk=False,
         weights=weights, ids=ids, correction_bias=bias, n_group=n_group, topk_group=topk_group, **folded,
     )
+
+
+def _kept_groups_ids(group_keep: Node | None) -> Node | None:
+    """The (T, topk_group) group ids whose mask (T, n_group) ``group_keep`` is (1 at each id, else 0):
+    ``zeros.scatter(1, ids, 1)`` as written, or, where a token keeps one group, the one-hot compare
+    Inductor decomposes that scatter into (``where(iota(n_group) == ids, 1, 0)``; GLM-4.5's n_group=1)."""
+    if is_call(group_keep, prims.convert_element_type.default):
+        group_keep = group_keep.args[0]
+    if (
+        is_call(group_keep, aten.scatter.value)
+        and group_keep.args[1] == 1
+        and group_keep.args[3] not in (0, False)
+        and is_call(group_keep.args[0], aten.full.default)
+        and group_keep.args[0].args[1] in (0, False)
+    ):
+        return group_keep.args[2]
+    if not is_call(group_keep, aten.where.self):
+        return None
+    compare, one, zero = group_keep.args
+    if not (is_call(compare, aten.eq.Tensor) and _scalar(one) == 1 and _scalar(zero) == 0):
+        return None
+    positions, ids = compare.args
+    if is_call(ids, prims.iota.default) or is_view_call(ids) and is_call(ids.args[0], prims.iota.default):
+        positions, ids = ids, positions
+    iota = positions.args[0] if is_view_call(positions) else positions
+    if is_call(ids, aten.expand.default):
+        ids = ids.args[0]
+    if not (
+        is_call(iota, prims.iota.default)
+        and arg(iota, 1, "start", 0) == 0
+        and arg(iota, 2, "step", 1) == 1
+        and shape(positions) == (1, shape(iota)[0])
+        and len(shape(ids)) == 2
+        and shape(ids)[1] == 1
+    ):
+        return None
+    return ids
+
+
+def _scalar(node) -> float | None:
+    """The value of a Python number, or of a ``scalar_tensor`` / 0-dim ``full`` node."""
+    if isinstance(node, (int, float, bool)):
+        return node
+    if is_call(node, aten.scalar_tensor.default) or (is_call(node, aten.full.default) and node.args[0] == []):
+        return node.args[0] if is_call(node, aten.scalar_tensor.default) else node.args[1]
+    return None
 
 
 def _match_biased(topk: Node, k: int, values: Node | None, ids: Node | None) -> RoutePrologue:
