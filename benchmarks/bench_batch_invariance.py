@@ -70,7 +70,8 @@ def sweep_shape(shape) -> list[str]:
 def main() -> None:
     run_sweep(
         __doc__, "Batch-invariant mode: cost and check (benchmarks/bench_batch_invariance.py)",
-        f"bf16, eager route + fused_experts from given logits, do_bench median (ms), median of {ROUNDS} interleaved rounds",
+        f"bf16, eager route + fused_experts from given logits, do_bench median (ms), median of {ROUNDS}"
+        " interleaved rounds",
         [functools.partial(sweep_shape, SHAPES[name]) for name in ("qwen3-30b-a3b", "mixtral-8x7b", "deepseek-v3")],
         "batch_invariance",
     )
