@@ -19,6 +19,7 @@ from transformers.integrations import moe as hf_moe  # noqa: E402
 from transformers.models.afmoe.modeling_afmoe import AfmoeSparseMoeBlock  # noqa: E402
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE  # noqa: E402
 from transformers.models.ernie4_5_moe.modeling_ernie4_5_moe import Ernie4_5_MoeSparseMoeBlock  # noqa: E402
+from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeMoE  # noqa: E402
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP  # noqa: E402
 from transformers.models.laguna.modeling_laguna import LagunaSparseMoeBlock  # noqa: E402
 from transformers.models.minimax_m2.modeling_minimax_m2 import MiniMaxM2SparseMoeBlock  # noqa: E402
@@ -61,6 +62,11 @@ BLOCKS = {
     # A sigmoid router with a selection bias and no groups.
     "minimax_m2": lambda: MiniMaxM2SparseMoeBlock(transformers.MiniMaxM2Config(
         hidden_size=H, intermediate_size=F, num_local_experts=E, num_experts_per_tok=K)),
+    # DeepSeek-V3's group-limited router with one group (GLM-4.5, Kimi, MiMo, dots1, ...): Inductor turns
+    # the one-group scatter of the kept-groups mask into a one-hot compare.
+    "glm4_moe": lambda: Glm4MoeMoE(transformers.Glm4MoeConfig(
+        hidden_size=H, moe_intermediate_size=F, intermediate_size=48, n_routed_experts=E, num_experts_per_tok=K,
+        n_group=1, topk_group=1, n_shared_experts=1, routed_scaling_factor=2.5)),
     # Ungated experts (up_proj, squared ReLU, down_proj) behind a sigmoid router with a selection bias.
     "nemotron_h": lambda: NemotronHMoE(transformers.NemotronHConfig(
         hidden_size=H, moe_intermediate_size=F, n_routed_experts=E, num_experts_per_tok=K, n_group=1, topk_group=1)),
@@ -103,6 +109,7 @@ def test_block_is_rewritten(name, dtype):
     # bf16 weights take torch's grouped_mm, others transformers' fallback op (a per-expert mm loop).
     form = "hf_grouped_mm" if dtype == torch.bfloat16 else "hf_grouped_mm_fallback"
     assert experts_rewrites(form) == 1
+    assert counters["moe_ops"]["route_rewrite"] == 1  # every router here is one moe_ops.route expresses
     assert_close_rel(output(result), output(block(x)), dtype, name)
 
 

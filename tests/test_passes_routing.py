@@ -546,8 +546,7 @@ def routers_at(num_experts, k):
 
     bias = torch.zeros(num_experts)  # a zero selection bias keeps the ties exact
 
-    def grouped_router(router_logits):  # DeepSeek-V3's, with the -inf mask
-        n_group, topk_group = 8, 4
+    def grouped_router(router_logits, n_group=8, topk_group=4):  # DeepSeek-V3's, with the -inf mask
         scores = router_logits.float().sigmoid()
         choice = scores + bias.unsqueeze(0)
         group_scores = choice.view(-1, n_group, num_experts // n_group).topk(2, dim=-1)[0].sum(dim=-1)
@@ -565,7 +564,10 @@ def routers_at(num_experts, k):
         weights = scores.gather(1, ids)
         return weights / torch.clamp(weights.sum(dim=-1, keepdim=True), min=0.5), ids
 
-    return [softmax_router, softmax_after_topk_router, biased_clamped_router] + (
+    def one_group_router(router_logits):  # GLM-4.5, Kimi, MiMo: the same code with n_group = 1
+        return grouped_router(router_logits, n_group=1, topk_group=1)
+
+    return [softmax_router, softmax_after_topk_router, biased_clamped_router, one_group_router] + (
         [grouped_router] if num_experts >= 16 else [])
 
 
