@@ -40,7 +40,7 @@ class _Stop(Exception):
     pass
 
 
-def generated_code(fn, *args) -> str:
+def generated_code(fn, *args, dynamic=None) -> str:
     """The wrapper and kernel source Inductor generates for ``fn(*args)`` on CPU, with Triton as the CPU
     backend: code generation only (stock Triton has no CPU driver, so nothing is compiled or run)."""
     sources: list[str] = []
@@ -59,7 +59,7 @@ def generated_code(fn, *args) -> str:
         inductor_config.patch(cpu_backend="triton", fx_graph_cache=False),
         contextlib.suppress(Exception),
     ):
-        torch.compile(fn)(*args)
+        torch.compile(fn, dynamic=dynamic)(*args)
     assert sources, "Inductor generated no code"
     return "\n".join(sources)
 
@@ -317,7 +317,7 @@ w_gate_up, w_down = t.weights()
 args = t.layer_inputs(tokens={tokens})
 for a in args if {dynamic} else ():
     torch._dynamo.mark_dynamic(a, 0)
-print(t.generated_code(t.moe_layer(2, w_gate_up, w_down), *args))
+print(t.generated_code(t.moe_layer(2, w_gate_up, w_down), *args, dynamic={compile_dynamic}))
 """
 
 
@@ -328,7 +328,7 @@ def test_route_and_schedule_kernels_in_the_graph(dynamic):
     not extern calls: one route launch and, for a static T = 24 (48 slots, one chunk), one schedule
     launch; a dynamic T launches the three-kernel schedule with tiles for any T, grids in T."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    script = _IN_GRAPH_CODE.format(tests=os.path.dirname(__file__), tokens=T, dynamic=dynamic)
+    script = _IN_GRAPH_CODE.format(tests=os.path.dirname(__file__), tokens=T, dynamic=dynamic, compile_dynamic=None)
     result = subprocess.run([sys.executable, "-P", "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     calls = result.stdout.split("def call(")[1].split("\nrunner = ")[0]
@@ -340,12 +340,14 @@ def test_route_and_schedule_kernels_in_the_graph(dynamic):
     # The route's outputs feed the templates: ids into the schedule and the down template, weights into down.
     assert calls.count("triton_tem_") >= 2
     route_args = calls.split("_route_kernel_")[1].split("\n")[0]
+    # The token count follows the kernel's six pointers (logits, bias, weights, ids, two statistics tables).
+    num_tokens = route_args.split(", ")[6]
     if dynamic:
-        assert "s" in route_args.split(", ")[4], route_args  # the token count, an argument of the launch
+        assert "s" in num_tokens, route_args  # an argument of the launch
         # Rows per program fixed for any T, min(32, 4096 // 4 experts) = 32: the grid is cdiv(T, 32).
         assert "(31 + s" in route_args, route_args
     else:
-        assert route_args.split(", ")[4] == str(T), route_args
+        assert num_tokens == str(T), route_args
 
 
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static_T", "dynamic_T"])
@@ -712,3 +714,16 @@ def test_cuda_transformers_mixtral_block_uses_the_templates():
     assert counters["moe_ops"]["experts_rewrite_hf_grouped_mm"] == 1
     assert code.count("triton_tem_") >= 2 and ("tile_output(" in code or "expert_gemm_tile(" in code)
 
+
+def test_everything_dynamic_keeps_the_ops_extern_calls():
+    """torch.compile(dynamic=True) makes E, k and the weights' shapes symbols too: the kernels' tiles
+    need them, so route and fused_experts stay the ops' own calls (on CUDA, their kernels) instead of
+    lowerings that cannot size them (the route lowering raised on a symbolic E). Compiled kernels, as
+    in the test above."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    script = _IN_GRAPH_CODE.format(tests=os.path.dirname(__file__), tokens=T, dynamic=False, compile_dynamic=True)
+    result = subprocess.run([sys.executable, "-P", "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    calls = result.stdout.split("def call(")[1].split("\nrunner = ")[0]
+    assert "torch.ops.moe_ops.route.default(" in calls and "_route_kernel" not in calls
+    assert "torch.ops.moe_ops.fused_experts.default(" in calls

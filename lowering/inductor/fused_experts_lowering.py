@@ -148,6 +148,8 @@ def lower_fused_experts(
         why_not = f"{x.get_dtype()}: the op's own kernel refuses it with the reason"
     elif not all(isinstance(d, (int, sympy.Integer)) for w in (w_gate_up, w_down) for d in w.get_size()):
         why_not = "the expert weights' shapes are dynamic (the schedule and the tiles need them static)"
+    elif not isinstance(topk_ids.get_size()[1], (int, sympy.Integer)):
+        why_not = "the number of experts per token is dynamic (the schedule needs it static)"
     if why_not is not None:
         log.debug("moe_ops.fused_experts stays one extern call: %s", why_not)
         return extern_call(torch.ops.moe_ops.fused_experts.default, *args)

@@ -67,7 +67,9 @@ def lower_route(logits, k, scoring, softmax_after_topk, renormalize, renorm_eps,
     args = (logits, k, scoring, softmax_after_topk, renormalize, renorm_eps, correction_bias, n_group, topk_group,
             routed_scaling_factor) + ((renorm_min,) if renorm_min else ())
     num_tokens, num_experts = logits.get_size()
-    if not kernels_in_graph(logits) or _static(num_tokens) == 0:
+    # The kernel's tiles need E and k known (torch.compile(dynamic=True) makes both symbols).
+    if (not kernels_in_graph(logits) or _static(num_tokens) == 0 or _static(num_experts) is None
+            or not isinstance(k, int)):
         return extern_call(torch.ops.moe_ops.route.default, *args)
     logits = _contiguous(logits)
     bias = None if correction_bias is None else _contiguous(correction_bias)
@@ -88,7 +90,8 @@ def lower_route(logits, k, scoring, softmax_after_topk, renormalize, renorm_eps,
 def block_schedule_in_graph(topk_ids, num_experts: int, block_m: int):
     """The five outputs of ``moe_ops::block_schedule`` (IR), as kernels in the graph where they can be."""
     num_slots = topk_ids.get_size()[0] * topk_ids.get_size()[1]
-    if not kernels_in_graph(topk_ids) or _static(num_slots) == 0:
+    if (not kernels_in_graph(topk_ids) or _static(num_slots) == 0
+            or not (isinstance(num_experts, int) and isinstance(block_m, int))):
         return extern_call(torch.ops.moe_ops.block_schedule.default, topk_ids, num_experts, block_m)
     device = topk_ids.get_device()
 

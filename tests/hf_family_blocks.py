@@ -1,0 +1,116 @@
+"""transformers' Mixture-of-Experts families, each as its own MoE block built from its config class at tiny
+sizes (random weights): what tests/test_hf_families.py compiles to write the family table of the docs.
+
+A family is a ``transformers.models.<name>`` package whose modeling source assigns ``self.experts``:
+read from the installed transformers, so a family that transformers adds shows up without an edit here.
+The block is the class of that module (not an Attention, a decoder layer or the experts themselves) whose
+``__init__`` assigns ``self.experts`` (or, named "...MoE", builds an experts module), built from the
+family's config (its text config for multimodal models) with every size field this module knows set small.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+from pathlib import Path
+
+import torch
+import transformers
+
+# Config fields set wherever a family's config has them: small sizes, 8 experts, 2 per token, one group.
+TINY_CONFIG = dict(
+    hidden_size=64, d_model=64, intermediate_size=64, moe_intermediate_size=32, expert_intermediate_size=32,
+    shared_expert_intermediate_size=48, ffn_hidden_size=32, d_ff=32, expert_dim=32,
+    num_experts=8, num_local_experts=8, n_routed_experts=8, moe_num_experts=8,
+    num_experts_per_tok=2, moe_k=2, moe_topk=2, top_k=2, moe_top_k=2, n_shared_experts=1,
+    n_group=1, topk_group=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128,
+)
+# Families whose experts are no token routing of a language model.
+NOT_TOKEN_ROUTING = {"vitpose_backbone": "a vision backbone whose experts are chosen per dataset, not per token"}
+
+
+def families() -> list[str]:
+    """Every transformers model package whose modeling code assigns ``self.experts``, sorted."""
+    models = Path(transformers.__file__).parent / "models"
+    found = set()
+    for path in models.glob("*/modeling_*.py"):
+        if re.search(r"self\.experts ?=", path.read_text(encoding="utf-8")):
+            found.add(path.parent.name)
+    return sorted(found)
+
+
+def _config_class(family: str):
+    module = importlib.import_module(f"transformers.models.{family}.configuration_{family}")
+    classes = [cls for name, cls in vars(module).items()
+               if inspect.isclass(cls) and issubclass(cls, transformers.PretrainedConfig)
+               and cls.__module__ == module.__name__]
+    # The model's own config, not an audio or vision tower's.
+    main = [cls for cls in classes if not re.search(r"(Audio|Vision|Visual)Config$", cls.__name__)]
+    return min(main or classes, key=lambda cls: len(cls.__name__))
+
+
+def tiny_config(family: str):
+    """The family's (text) config with every field of TINY_CONFIG that it has set small."""
+    config = _config_class(family)()
+    text = config.get_text_config()
+    configs = {id(config): config, id(text): text}
+    for known in list(configs.values()):
+        for value in vars(known).values():
+            if isinstance(value, transformers.PretrainedConfig):
+                configs[id(value)] = value
+    for each in configs.values():
+        for name, value in TINY_CONFIG.items():
+            try:
+                if hasattr(each, name):
+                    setattr(each, name, value)
+            except Exception:  # noqa: BLE001  (configs validate fields their own way, some per layer)
+                continue
+    return text
+
+
+def _block_classes(module) -> list[type]:
+    classes = []
+    for name, cls in vars(module).items():
+        if not (inspect.isclass(cls) and issubclass(cls, torch.nn.Module) and cls.__module__ == module.__name__):
+            continue
+        if re.search(r"(Attention|Experts|Expert|Model|DecoderLayer|EncoderLayer|ForCausalLM|Router|Gate|TopK)$",
+                     name):
+            continue
+        try:
+            source = inspect.getsource(cls.__init__)
+        except (OSError, TypeError):
+            continue
+        # The experts as a module of their own, or (JetMoE) a "...MoE" class built from experts modules.
+        assigns_experts = re.search(r"self\.experts ?=", source) or (
+            re.search(r"Mo[Ee]$", name) and re.search(r"Experts\(", source))
+        if assigns_experts and "self.layers" not in source:
+            classes.append(cls)
+    return classes
+
+
+def build_block(family: str) -> tuple[str, torch.nn.Module, transformers.PretrainedConfig]:
+    """(class name, block, config) of the family's MoE block, its experts on transformers' default
+    implementation ("grouped_mm"). Raises with each candidate's error if none builds."""
+    module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    config = tiny_config(family)
+    errors = []
+    for cls in _block_classes(module):
+        parameters = inspect.signature(cls.__init__).parameters
+        extra = {}
+        if "layer_idx" in parameters:  # the last layer: past any leading dense or hash-routed layers
+            extra["layer_idx"] = max(0, getattr(config, "num_hidden_layers", 1) - 1)
+        for size in ("intermediate_size", "ffn_dim"):  # the experts' width, where the block takes it apart
+            if size in parameters:
+                extra[size] = TINY_CONFIG["moe_intermediate_size"]
+        try:
+            torch.manual_seed(0)
+            block = cls(config, **extra)
+        except Exception as error:  # noqa: BLE001  (each family's own error, reported in the table)
+            errors.append(f"{cls.__name__}: {type(error).__name__}: {error}")
+            continue
+        for submodule in block.modules():
+            if hasattr(getattr(submodule, "config", None), "_experts_implementation"):
+                submodule.config._experts_implementation = "grouped_mm"
+        return cls.__name__, block, config
+    raise RuntimeError("; ".join(errors) or "no class of the modeling module assigns self.experts")
