@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 # GPT-OSS's clamped SwiGLU constants, the defaults of every ``alpha`` / ``limit`` argument (only
-# clamped_swiglu reads them).
+# clamped_swiglu reads both, clamped_silu the limit).
 CLAMPED_SWIGLU_ALPHA = 1.702
 CLAMPED_SWIGLU_LIMIT = 7.0
 
@@ -23,7 +23,7 @@ CLAMPED_SWIGLU_LIMIT = 7.0
 class Activation:
     name: str
     code: int  # the kernels' ACTIVATION constexpr
-    gate_fn: Callable[[torch.Tensor], torch.Tensor] | None  # act(gate); None: clamped_swiglu's own formula
+    gate_fn: Callable[[torch.Tensor], torch.Tensor] | None  # act(gate); None: a clamped form's own formula
     gated_only: bool = False  # needs an up projection
     parameters: tuple[str, ...] = ()  # the op arguments it reads
 
@@ -36,6 +36,8 @@ TABLE = (
     Activation("relu", 4, F.relu),
     Activation("clamped_swiglu", 5, None, gated_only=True, parameters=("alpha", "limit")),
     Activation("relu2", 6, lambda g: torch.square(F.relu(g))),  # squared ReLU (NemotronH, Primer)
+    # SiLU of the gate clamped above, times the up clamped both ways (GLM-5-Next, HY-V4, DeepSeek-V4).
+    Activation("clamped_silu", 7, None, gated_only=True, parameters=("limit",)),
 )
 BY_NAME = {activation.name: activation for activation in TABLE}
 ACTIVATIONS = tuple(BY_NAME)  # the names, for argument checks
@@ -48,5 +50,7 @@ def activate_ref(gate: torch.Tensor, up: torch.Tensor | None, activation: str, a
         # GPT-OSS: gate clamped above, up clamped both ways, and up shifted by one.
         gate = gate.clamp(max=limit)
         return (up.clamp(-limit, limit) + 1) * (gate * torch.sigmoid(alpha * gate))
+    if activation == "clamped_silu":
+        return F.silu(gate.clamp(max=limit)) * up.clamp(-limit, limit)
     acted = BY_NAME[activation].gate_fn(gate)
     return acted if up is None else acted * up

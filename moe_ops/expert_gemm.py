@@ -23,7 +23,7 @@ import torch
 
 from moe_ops._autograd import register_reference_autograd
 from moe_ops._checks import FLOAT_DTYPES, check_choice, check_int, check_kernel_dtype, check_tensor
-from moe_ops.activations import ACTIVATIONS, CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT, activate_ref
+from moe_ops.activations import ACTIVATIONS, BY_NAME, CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT, activate_ref
 from moe_ops.expert_gemm_triton import expert_gemm_triton
 from moe_ops.layout import BlockSchedule, PaddedSchedule
 
@@ -61,8 +61,8 @@ def _check_expert_gemm_args(
     elif a.shape[0] != num_positions:
         raise ValueError(f"a: expected ({num_positions}, K) rows in schedule order, got {tuple(a.shape)}")
     check_choice("activation", activation, ACTIVATIONS)
-    if activation == "clamped_swiglu" and w_up is None:
-        raise ValueError("activation: 'clamped_swiglu' is gated and needs w_up")
+    if BY_NAME[activation].gated_only and w_up is None:
+        raise ValueError(f"activation: {activation!r} is gated and needs w_up")
 
 
 def expert_gemm_ref(
@@ -196,8 +196,9 @@ def expert_gemm(
         gather_top_k: read row s // gather_top_k of a for slot s (a holds tokens); 0: a is in
                       schedule order
         scatter:      write row s of an (S, N) output; else row p of a (P, N) output
-        activation:   "none" | "silu" | "gelu" | "gelu_tanh" | "relu" | "relu2" | "clamped_swiglu"
-        alpha/limit:  clamped_swiglu's constants (defaults: GPT-OSS's, moe_ops.activations)
+        activation:   "none" | "silu" | "gelu" | "gelu_tanh" | "relu" | "relu2" | "clamped_swiglu" |
+                      "clamped_silu"
+        alpha/limit:  the clamped forms' constants (defaults: GPT-OSS's, moe_ops.activations)
 
     Returns:
         (S, N) if scatter else (P, N), dtype of a; accumulation in fp32.

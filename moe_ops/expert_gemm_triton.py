@@ -37,6 +37,7 @@ GELU_TANH: tl.constexpr = tl.constexpr(ACTIVATION_CODE["gelu_tanh"])
 RELU: tl.constexpr = tl.constexpr(ACTIVATION_CODE["relu"])
 CLAMPED_SWIGLU: tl.constexpr = tl.constexpr(ACTIVATION_CODE["clamped_swiglu"])
 RELU2: tl.constexpr = tl.constexpr(ACTIVATION_CODE["relu2"])
+CLAMPED_SILU: tl.constexpr = tl.constexpr(ACTIVATION_CODE["clamped_silu"])
 
 
 @triton.jit
@@ -59,11 +60,13 @@ def gate_activation(gate, ACTIVATION: tl.constexpr, alpha, limit):
     elif ACTIVATION == RELU2:
         positive = tl.maximum(gate, 0.0)
         acted, slope = positive * positive, 2.0 * positive
-    elif ACTIVATION == CLAMPED_SWIGLU:  # GPT-OSS, gate side: clamped above, then x sigmoid(alpha x)
+    elif ACTIVATION == CLAMPED_SWIGLU or ACTIVATION == CLAMPED_SILU:
+        # Gate side: clamped above, then x sigmoid(alpha x) (GPT-OSS), or SiLU (alpha = 1).
+        steepness = alpha if ACTIVATION == CLAMPED_SWIGLU else 1.0
         clamped = tl.minimum(gate, limit)
-        s = tl.sigmoid(alpha * clamped)
+        s = tl.sigmoid(steepness * clamped)
         acted = clamped * s
-        slope = tl.where(gate <= limit, s + alpha * clamped * s * (1.0 - s), 0.0)
+        slope = tl.where(gate <= limit, s + steepness * clamped * s * (1.0 - s), 0.0)
     else:  # NONE
         acted, slope = gate, tl.full(gate.shape, 1.0, tl.float32)
     return acted, slope
@@ -71,9 +74,12 @@ def gate_activation(gate, ACTIVATION: tl.constexpr, alpha, limit):
 
 @triton.jit
 def up_factor(up, ACTIVATION: tl.constexpr, limit):
-    """What multiplies act(gate), and its derivative: GPT-OSS clamps up both ways and shifts it by one."""
-    if ACTIVATION == CLAMPED_SWIGLU:
-        factor = tl.minimum(tl.maximum(up, -limit), limit) + 1.0
+    """What multiplies act(gate), and its derivative: the clamped forms clamp up both ways, and GPT-OSS's
+    shifts it by one."""
+    if ACTIVATION == CLAMPED_SWIGLU or ACTIVATION == CLAMPED_SILU:
+        factor = tl.minimum(tl.maximum(up, -limit), limit)
+        if ACTIVATION == CLAMPED_SWIGLU:
+            factor = factor + 1.0
         slope = tl.where((up >= -limit) & (up <= limit), 1.0, 0.0)
     else:
         factor, slope = up, tl.full(up.shape, 1.0, tl.float32)

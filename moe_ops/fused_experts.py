@@ -18,7 +18,7 @@ import torch
 from moe_ops._autograd import register_reference_autograd
 from moe_ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_kernel_dtype, check_tensor
 from moe_ops._dispatch import direct_cuda_call_allowed
-from moe_ops.activations import ACTIVATIONS, CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT, activate_ref
+from moe_ops.activations import ACTIVATIONS, BY_NAME, CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT, activate_ref
 from moe_ops.capacity import POLICIES as CAPACITY_POLICIES
 from moe_ops.capacity import apply_capacity_ref
 from moe_ops.capacity_triton import apply_capacity_triton
@@ -61,8 +61,8 @@ def _check_fused_args(
     check_choice("layout", layout, LAYOUTS)
     check_choice("activation", activation, ACTIVATIONS)
     check_choice("drop_policy", drop_policy, CAPACITY_POLICIES)
-    if activation == "clamped_swiglu" and not gated:
-        raise ValueError("activation: 'clamped_swiglu' needs gated=True")
+    if BY_NAME[activation].gated_only and not gated:
+        raise ValueError(f"activation: {activation!r} needs gated=True")
     if interleaved and (w_up is not None or not gated):
         raise ValueError("interleaved: only for a gated w_gate_up holding both gate and up (w_up=None)")
     check_tensor("w_gate_up", w_gate_up, ndim=3, dtypes=(x.dtype,), device=x.device)
@@ -292,7 +292,8 @@ def fused_experts(
         b_down:       optional (E, H) bias of w_down (scaled by the routing weight, as GPT-OSS does)
         interleaved:  gate and up alternate along the 2F axis (GPT-OSS) instead of two halves
         activation:   "silu" (SwiGLU) | "gelu" | "gelu_tanh" | "relu" | "relu2" (squared ReLU) |
-                      "clamped_swiglu" (GPT-OSS: alpha, limit) | "none"
+                      "clamped_swiglu" (GPT-OSS: alpha, limit) | "clamped_silu" (GLM-5-Next: limit) |
+                      "none"
         gated:        act(gate) * up; False for a plain act(x W1) W2 MLP (w_gate_up is then W1)
         capacity_factor: 0 = dropless; else each expert takes at most ceil(cf * T * K / E) slots and
                       the rest contribute zero, chosen by drop_policy "position" (slot order),

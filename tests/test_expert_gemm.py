@@ -83,10 +83,11 @@ def test_down_scattered_matches_reference(T, K, E, N, D, block_m, dtype):
     assert_close_rel(got, want, dtype, "down")
 
 
-@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh", "relu", "relu2", "clamped_swiglu", "none"])
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh", "relu", "relu2", "clamped_swiglu", "clamped_silu",
+                                        "none"])
 def test_activations(activation):
     args = _problem(9, 2, 4, 24, 40, torch.float32, TRITON_DEVICE, gated=True, bias=True, slot_weights=True)
-    args["a"] = args["a"] * 4  # reach the clamp at +-7 of clamped_swiglu
+    args["a"] = args["a"] * 4  # reach the clamps at +-7 of clamped_swiglu and clamped_silu
     got, want = _run_both(args, gather_top_k=2, activation=activation)
     assert_close_rel(got, want, torch.float32, activation)
 

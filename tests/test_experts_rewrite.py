@@ -65,6 +65,32 @@ def test_clamped_swiglu_binds_its_constants():
     assert activation == "clamped_swiglu" and constants == {"alpha": 1.5, "limit": 5.0}
 
 
+def test_minimax_m3_vl_swiglu_with_a_float_one_is_clamped_swiglu():
+    """MiniMax-M3-VL writes GPT-OSS's SwiGLU on concatenated halves with ``up + 1.0``: the same op."""
+    def swiglu(gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        gate, up = gate.clamp(max=6.0), up.clamp(min=-6.0, max=6.0)
+        return (up + 1.0) * (gate * torch.sigmoid(gate * 1.25))
+
+    h, inputs = traced(swiglu)
+    activation, _, constants = match_any_activation(h, inputs, "concat")
+    assert activation == "clamped_swiglu" and constants == {"alpha": 1.25, "limit": 6.0}
+
+
+@pytest.mark.parametrize("form", ["concat", "separate"])
+def test_clamped_silu_binds_its_limit(form):
+    """GLM-5-Next, HY-V4, DeepSeek-V4: silu(gate.clamp(max=limit)) * up.clamp(-limit, limit)."""
+    def clamped(gate, up):
+        return F.silu(gate.clamp(min=None, max=10.0)) * up.clamp(min=-10.0, max=10.0)
+
+    if form == "concat":
+        h, inputs = traced(lambda gate_up: clamped(*gate_up.chunk(2, dim=-1)))
+    else:
+        h, inputs = traced(clamped, 2)
+    activation, _, constants = match_any_activation(h, inputs, form)
+    assert activation == "clamped_silu" and constants == {"limit": 10.0}
+
+
 @pytest.mark.parametrize(
     "fn, form",
     [

@@ -92,6 +92,7 @@ def test_matches_reference(T, K, E, H, Fi, dtype):
 FORMS = {
     "EHF": dict(layout="EHF"),
     "gpt_oss": dict(layout="EHF", interleaved=True, activation="clamped_swiglu", biases=True),
+    "clamped_silu": dict(activation="clamped_silu"),
     "w1_w3_biases": dict(separate_up=True, biases=True),
     "ungated_gelu": dict(gated=False, activation="gelu"),
     "ungated_none": dict(gated=False, activation="none"),

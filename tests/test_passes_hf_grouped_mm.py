@@ -12,6 +12,7 @@ import torch
 from compile_harness import check_training, compile_and_record, fresh_compile_state, training_rewrites  # noqa: F401  (fixture)
 from conftest import assert_close_rel
 from expecttest import assert_expected_inline
+from hf_family_blocks import TINY_CONFIG, build_block
 from torch._dynamo.utils import counters
 
 transformers = pytest.importorskip("transformers")
@@ -32,6 +33,8 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBl
 pytestmark = pytest.mark.usefixtures("fresh_compile_state")
 
 H, F, E, K = 64, 32, 8, 2
+# The blocks taken from tests/hf_family_blocks.py are built at its sizes: the same as these.
+assert (TINY_CONFIG["hidden_size"], TINY_CONFIG["num_experts"], TINY_CONFIG["num_experts_per_tok"]) == (H, E, K)
 
 BLOCKS = {
     "mixtral": lambda: MixtralSparseMoeBlock(transformers.MixtralConfig(
@@ -67,6 +70,10 @@ BLOCKS = {
     "glm4_moe": lambda: Glm4MoeMoE(transformers.Glm4MoeConfig(
         hidden_size=H, moe_intermediate_size=F, intermediate_size=48, n_routed_experts=E, num_experts_per_tok=K,
         n_group=1, topk_group=1, n_shared_experts=1, routed_scaling_factor=2.5)),
+    # SiLU of the gate clamped above times the up clamped both ways (activation "clamped_silu").
+    "glm5_next": lambda: build_block("glm5_next")[1],
+    # GPT-OSS's clamped SwiGLU on concatenated (not interleaved) gate and up halves.
+    "minimax_m3_vl": lambda: build_block("minimax_m3_vl")[1],
     # Ungated experts (up_proj, squared ReLU, down_proj) behind a sigmoid router with a selection bias.
     "nemotron_h": lambda: NemotronHMoE(transformers.NemotronHConfig(
         hidden_size=H, moe_intermediate_size=F, n_routed_experts=E, num_experts_per_tok=K, n_group=1, topk_group=1)),

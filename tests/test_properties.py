@@ -46,7 +46,7 @@ def _draw(seed: int) -> dict:
         T=pick([1, 2, 7, 19, 40]), E=num_experts, K=pick([k for k in (1, 2, 3, 4) if k <= num_experts]),
         H=pick([16, 24, 40]), F=pick([8, 16, 24]), dtype=pick([torch.float32, torch.float16, torch.bfloat16]),
         layout=pick(["EFH", "EHF"]), interleaved=gated and pick([False, True]), gated=gated,
-        activation=pick(list(ACTIVATIONS) + (["clamped_swiglu"] if gated else [])),
+        activation=pick(list(ACTIVATIONS) + (["clamped_swiglu", "clamped_silu"] if gated else [])),
         skew=pick([False, True]), outside_ids=pick([False, True]),
         capacity_factor=pick([0.0, 0.0, 0.5, 1.25]), drop_policy=pick(["position", "gshard", "score"]), generator=g,
     )
@@ -87,6 +87,9 @@ def _loop_fp64(case, x, weights, ids, gate_EFH, up_EFH, down_EHF):
             if case["activation"] == "clamped_swiglu":
                 gate = gate.clamp(max=7.0)
                 h = (gate * torch.sigmoid(1.702 * gate)) * ((up_EFH[e].double() @ x[t]).clamp(-7.0, 7.0) + 1)
+            elif case["activation"] == "clamped_silu":
+                gate = gate.clamp(max=7.0)
+                h = gate / (1 + torch.exp(-gate)) * (up_EFH[e].double() @ x[t]).clamp(-7.0, 7.0)
             else:
                 h = ACTIVATIONS[case["activation"]](gate)
                 if case["gated"]:

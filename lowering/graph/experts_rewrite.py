@@ -103,6 +103,11 @@ def _activation_fn(activation: str, gate_up_form: str):
             up = up.clamp(min=-_LIMIT, max=_LIMIT)
             return (up + 1) * (gate * torch.sigmoid(gate * _ALPHA))
         return fn
+    if activation == "clamped_silu":  # GLM-5-Next's, HY-V4's, DeepSeek-V4's experts
+        def clamped(*inputs):
+            gate, up = split(inputs[0]) if len(inputs) == 1 else inputs
+            return F.silu(gate.clamp(min=None, max=_LIMIT)) * up.clamp(min=-_LIMIT, max=_LIMIT)
+        return clamped
     if gate_up_form == "ungated":
         return lambda up: act(up)  # one parameter: make_fx traces F.silu's ``inplace`` as a second input
 
@@ -140,6 +145,10 @@ class _TemplateMatch:
             return self.constants.setdefault(name, sign * float(g)) == sign * float(g)
         if isinstance(t, (list, tuple)):
             return isinstance(g, (list, tuple)) and len(t) == len(g) and all(map(self.constant_or_node, t, g))
+        if isinstance(t, (int, float)) and isinstance(g, (int, float)) and not isinstance(t, bool) and not isinstance(
+                g, bool):
+            # A Python scalar operand: 1 and 1.0 compute alike (MiniMax-M3-VL writes ``up + 1.0``).
+            return t == g
         if isinstance(t, torch.SymInt | int) and isinstance(g, torch.SymInt | int) and not isinstance(t, bool):
             return same_size(t, g)
         return type(t) is type(g) and t == g
@@ -195,7 +204,7 @@ def match_any_activation(h: Node, inputs: list[Node], gate_up_form: str) -> tupl
     """The first activation the op knows that ``h`` computes from ``inputs``; Rejected if none."""
     activations = ("silu", "gelu", "gelu_tanh", "relu", "relu2")
     if gate_up_form != "ungated":
-        activations += ("clamped_swiglu",)
+        activations += ("clamped_swiglu", "clamped_silu")
     for activation in activations:
         found = match_activation(h, inputs, activation, gate_up_form)
         if found is not None:
