@@ -463,18 +463,19 @@ def test_one_graph_serves_every_token_count():
 N_GROUP, TOPK_GROUP, GROUPED_E, GROUPED_K = 4, 2, 16, 4
 
 
-def deepseek_v3_router(router_logits, e_score_correction_bias, masked_value=float("-inf")):
+def deepseek_v3_router(router_logits, e_score_correction_bias, masked_value=float("-inf"), n_group=N_GROUP,
+                       topk_group=TOPK_GROUP):
     """DeepseekV3TopkRouter.get_topk_indices + the weights of DeepseekV3MoE.route_tokens_to_experts."""
     scores = router_logits.sigmoid()
     scores_for_choice = scores.view(-1, GROUPED_E) + e_score_correction_bias.unsqueeze(0)
     group_scores = (
-        scores_for_choice.view(-1, N_GROUP, GROUPED_E // N_GROUP).topk(2, dim=-1)[0].sum(dim=-1)
+        scores_for_choice.view(-1, n_group, GROUPED_E // n_group).topk(2, dim=-1)[0].sum(dim=-1)
     )
-    group_idx = torch.topk(group_scores, k=TOPK_GROUP, dim=-1, sorted=False)[1]
+    group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
     group_mask = torch.zeros_like(group_scores)
     group_mask.scatter_(1, group_idx, 1)
     score_mask = (
-        group_mask.unsqueeze(-1).expand(-1, N_GROUP, GROUPED_E // N_GROUP).reshape(-1, GROUPED_E)
+        group_mask.unsqueeze(-1).expand(-1, n_group, GROUPED_E // n_group).reshape(-1, GROUPED_E)
     )
     scores_for_choice = scores_for_choice.masked_fill(~score_mask.bool(), masked_value)
     topk_indices = torch.topk(scores_for_choice, k=GROUPED_K, dim=-1, sorted=False)[1]
@@ -504,6 +505,17 @@ def test_deepseek_v3_masked_with_zero_not_rewritten(caplog):
     assert_same_routing(by_expert(*result), by_expert(*deepseek_v3_router(*args)))
     assert rewrites() == 0 and "moe_ops.route" not in graph
     assert "masked with 0.0, not -inf" in caplog.text
+
+
+@pytest.mark.parametrize("n_group", [1, 4])
+def test_every_group_kept_masks_nothing_whatever_the_fill(n_group):
+    """topk_group = n_group keeps every group, so the 0.0 fill (Mistral 4, A.X-K2: n_group = topk_group
+    = 1) never applies: the router is the ungrouped selection, and it is rewritten as one."""
+    args = (torch.randn(T, GROUPED_E), torch.randn(GROUPED_E), 0.0, n_group, n_group)
+    result, graph = compile_and_record(deepseek_v3_router, *args)
+    assert_same_routing(by_expert(*result), by_expert(*deepseek_v3_router(*args)))
+    assert rewrites() == 1
+    assert "moe_ops.route.default(4, 'sigmoid', False, True, 1e-20, 1, 1, 2.5)" in graph
 
 
 # ---- Training ---------------------------------------------------------------------------------------

@@ -332,10 +332,6 @@ def _match_group_limited(topk: Node, k: int, values: Node | None, ids: Node | No
     else:  # where(keep, choice, fill)
         keep, fill, choice = cond, if_false, if_true
     fill_value = fill.args[1] if is_call(fill, aten.full.default) else None
-    if fill_value != float("-inf"):
-        # HF's DeepseekV3 fills 0.0: then a masked expert beats a kept one whose biased score is
-        # negative, which moe_ops.route (-inf) never allows.
-        raise Rejected(f"experts masked with {fill_value!r}, not -inf")
     if values is not None and values.users:
         raise Rejected("the top-k masked choices are used, not just their ids")
     num_experts, scores, bias = _biased_choice(choice)
@@ -389,6 +385,14 @@ def _match_group_limited(topk: Node, k: int, values: Node | None, ids: Node | No
         and k <= topk_group * group_size
     ):
         raise Rejected(f"groups n_group={n_group}, topk_group={topk_group} of size {group_size}, k={k}")
+    if topk_group == n_group:
+        # Every group kept: the mask masks nothing, whatever it fills with (Mistral 4's and A.X-K2's
+        # n_group = topk_group = 1 with a 0.0 fill); the selection is the ungrouped one.
+        n_group = topk_group = 1
+    elif fill_value != float("-inf"):
+        # HF's DeepseekV3 fills 0.0: then a masked expert beats a kept one whose biased score is
+        # negative, which moe_ops.route (-inf) never allows.
+        raise Rejected(f"experts masked with {fill_value!r}, not -inf")
 
     weights, folded = _fold_renorm_and_scale(_gathered_scores(scores, ids))
     return RoutePrologue(
