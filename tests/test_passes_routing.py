@@ -518,6 +518,31 @@ def test_every_group_kept_masks_nothing_whatever_the_fill(n_group):
     assert "moe_ops.route.default(4, 'sigmoid', False, True, 1e-20, 1, 1, 2.5)" in graph
 
 
+def mistral4_router(router_logits, masked_value, n_group, topk_group):
+    """Mistral 4's: DeepSeek-V3's group-limited selection on softmax scores, with no selection bias."""
+    scores = router_logits.softmax(-1)
+    group_scores = scores.view(-1, n_group, GROUPED_E // n_group).topk(2, dim=-1)[0].sum(dim=-1)
+    group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores)
+    group_mask.scatter_(1, group_idx, 1)
+    score_mask = group_mask.unsqueeze(-1).expand(-1, n_group, GROUPED_E // n_group).reshape(-1, GROUPED_E)
+    topk_indices = torch.topk(scores.masked_fill(~score_mask.bool(), masked_value), k=GROUPED_K, dim=-1,
+                              sorted=False)[1]
+    topk_weights = scores.gather(1, topk_indices)
+    return topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20), topk_indices
+
+
+@pytest.mark.parametrize("masked_value,n_group,topk_group,call", [
+    (0.0, 1, 1, "moe_ops.route.default(4, 'softmax', False, True, 1e-20, None, 1, 1, 1.0)"),
+    (float("-inf"), 4, 2, "moe_ops.route.default(4, 'softmax', False, True, 1e-20, None, 4, 2, 1.0)"),
+], ids=["one_group_zero_fill", "four_groups"])
+def test_group_limited_without_a_selection_bias(masked_value, n_group, topk_group, call):
+    args = (torch.randn(T, GROUPED_E), masked_value, n_group, topk_group)
+    result, graph = compile_and_record(mistral4_router, *args)
+    assert_same_routing(by_expert(*result), by_expert(*mistral4_router(*args)))
+    assert rewrites() == 1 and call in graph
+
+
 # ---- Training ---------------------------------------------------------------------------------------
 
 

@@ -323,9 +323,9 @@ def _match_softmax_after_topk(values: Node | None) -> Node | str | None:
 
 
 def _match_group_limited(topk: Node, k: int, values: Node | None, ids: Node | None) -> RoutePrologue:
-    """R3 (DeepSeek-V3): ``choice = scores + bias``; a group scores the sum of its top-2 choices; the
-    experts outside the best ``topk_group`` groups are masked to -inf; topk on the masked choices;
-    the weights are the unbiased scores gathered at the chosen ids."""
+    """R3 (DeepSeek-V3): ``choice = scores + bias`` (or the scores alone, Mistral 4); a group scores the
+    sum of its top-2 choices; the experts outside the best ``topk_group`` groups are masked to -inf;
+    topk on the masked choices; the weights are the unbiased scores gathered at the chosen ids."""
     cond, if_true, if_false = topk.args[0].args
     if is_call(cond, aten.bitwise_not.default):  # masked_fill(choice, ~keep, fill)
         keep, fill, choice = cond.args[0], if_true, if_false
@@ -334,7 +334,12 @@ def _match_group_limited(topk: Node, k: int, values: Node | None, ids: Node | No
     fill_value = fill.args[1] if is_call(fill, aten.full.default) else None
     if values is not None and values.users:
         raise Rejected("the top-k masked choices are used, not just their ids")
-    num_experts, scores, bias = _biased_choice(choice)
+    if is_call(choice, aten.add.Tensor):
+        num_experts, scores, bias = _biased_choice(choice)
+    else:  # no selection bias (Mistral 4): the groups and the experts are chosen on the scores
+        num_experts, scores, bias = shape(choice)[1], choice, None
+        if not isinstance(num_experts, int):
+            raise Rejected("the number of experts is not static")
     scoring, fp32_logits = _match_scores(scores)
 
     # keep (T, E) = the kept groups' mask (T, n_group) repeated over each group's experts
