@@ -568,7 +568,7 @@ def test_cuda_templates_match_eager(dtype, k, unrouted):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static_T", "dynamic_T"])
-@pytest.mark.parametrize("variant", ["gpt_oss", "ungated_gelu", "separate_w_up"])
+@pytest.mark.parametrize("variant", ["gpt_oss", "ungated_gelu", "separate_w_up", "clamped_silu"])
 def test_cuda_template_variants_match_eager(variant, dynamic):
     g = torch.Generator().manual_seed(6)
     n_e, hid, inter, dtype = 8, 128, 64, torch.bfloat16
@@ -583,6 +583,9 @@ def test_cuda_template_variants_match_eager(variant, dynamic):
     elif variant == "ungated_gelu":
         kw = dict(gated=False, activation="gelu", b_gate_up=rnd(n_e, inter))
         w_gate_up, w_down = rnd(n_e, inter, hid, scale=hid**-0.5), rnd(n_e, hid, inter, scale=inter**-0.5)
+    elif variant == "clamped_silu":  # GLM-5-Next's limit; inputs scaled up so that both clamps bind
+        kw = dict(activation="clamped_silu", limit=1.5)
+        w_gate_up, w_down = rnd(n_e, 2 * inter, hid, scale=4 * hid**-0.5), rnd(n_e, hid, inter, scale=inter**-0.5)
     else:
         kw = dict(w_up=rnd(n_e, inter, hid, scale=hid**-0.5))
         w_gate_up, w_down = rnd(n_e, inter, hid, scale=hid**-0.5), rnd(n_e, hid, inter, scale=inter**-0.5)
