@@ -10,6 +10,7 @@ PyTorch MoE code into these ops; ``disable()``, ``rewrites_disabled()`` and ``co
 from moe_ops.balancing import expert_counts, update_expert_bias
 from moe_ops.capacity import apply_capacity
 from moe_ops.expert_gemm import expert_gemm
+from moe_ops.expert_parallel import fused_experts_ep
 from moe_ops.fused_experts import fused_experts, fused_experts_ref
 from moe_ops.layout import BlockSchedule, capacity_from_factor
 from moe_ops.losses import load_balancing_loss, load_balancing_loss_from_stats, router_z_loss
@@ -22,6 +23,8 @@ __all__ = [
     # the layer
     "route",
     "fused_experts",
+    # the layer with its experts sharded over ranks (expert parallelism)
+    "fused_experts_ep",
     # its parts
     "block_schedule",
     "BlockSchedule",

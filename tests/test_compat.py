@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch._inductor.config  # noqa: F401  (the Inductor areas are imported after it, as moe_ops does)
 
-AREAS = ["dispatch", "inductor_hooks", "inductor", "dynamo", "imports", "triton_interpreter"]
+AREAS = ["dispatch", "inductor_hooks", "inductor", "dynamo", "imports", "triton_interpreter", "distributed"]
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -1,0 +1,138 @@
+"""Expert parallelism: the routed experts of one MoE layer sharded over the ranks of a process group, the
+tokens sent to the ranks that hold their experts and the results sent back, through torch.distributed's
+functional collectives (so the whole layer traces into one torch.compile graph and has autograd).
+
+Shape legend: T tokens on this rank, K experts per token, E experts in all, R ranks, E_local = E / R
+experts on each rank (rank r holds experts [r * E_local, (r + 1) * E_local)), H hidden, S = T * K slots,
+C rows each rank sends each rank in padded mode.
+
+Two dispatches:
+
+- ``"padded"``: every rank sends every rank a fixed block of C rows (``capacity_factor`` sets C; by
+  default C = T * min(K, E_local), which no routing overflows), so shapes never depend on the routing: no
+  host synchronisation, one compiled graph whatever the routing, CUDA-graph safe. Slots past a
+  destination's C (in slot order) are dropped and counted. Every rank must pass the same T.
+- ``"exact"``: the ranks first exchange how many rows each sends each (one all-to-all of R counts and
+  one host synchronisation per call, to size the second), then exactly the routed rows; nothing is
+  dropped, and T may differ between ranks.
+
+On the receiving rank the rows are one batch of single-slot tokens for :func:`moe_ops.fused_experts` over
+its local experts (its kernels, fake kernel and backward as they are); the results come back in the
+same order and each token sums its K rows in slot order in fp32 (deterministic, no atomics).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from moe_ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_tensor
+from moe_ops._compat.distributed import all_to_all_single, all_to_all_single_autograd
+from moe_ops.fused_experts import fused_experts
+
+DISPATCHES = ("padded", "exact")
+
+
+def _destination_order(dest_S: torch.Tensor, num_ranks: int) -> torch.Tensor:
+    """Each slot's position among the slots sent to the same rank, in slot order (device-side)."""
+    one_hot_SR = torch.nn.functional.one_hot(dest_S.clamp(0, num_ranks - 1), num_ranks)
+    return (one_hot_SR.cumsum(0) - 1).gather(1, dest_S.clamp(0, num_ranks - 1)[:, None]).squeeze(1)
+
+
+def fused_experts_ep(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+    *,
+    dispatch: str = "padded",
+    capacity_factor: float | None = None,
+    return_num_dropped: bool = False,
+    **options,
+):
+    """:func:`moe_ops.fused_experts` with the experts sharded over ``group``'s ranks.
+
+    Args:
+        x, topk_weights, topk_ids: this rank's tokens, as for fused_experts; ids are global expert ids
+                      in [0, E) (ids outside it are routed to no expert)
+        w_gate_up, w_down: this rank's E_local experts (and ``options``' ``w_up`` and biases likewise),
+                      in any layout fused_experts takes
+        group:        the expert-parallel process group (default: the world)
+        dispatch:     "padded" (no host synchronisation; every rank passes the same T) or "exact"
+        capacity_factor: padded only: C = ceil(factor * S / R) rows per destination; None: dropless
+        return_num_dropped: also return this rank's dropped slots (0-dim int32 tensor; 0 unless padded
+                      with a capacity_factor)
+        options:      the other keyword arguments of fused_experts (layout, activation, w_up, biases...),
+                      except its capacity_factor (capacity is this function's)
+
+    Returns:
+        (T, H) in x's dtype [, num_dropped]
+    """
+    check_choice("dispatch", dispatch, DISPATCHES)
+    if "capacity_factor" in options or "drop_policy" in options:
+        raise ValueError("options: capacity here is fused_experts_ep's capacity_factor (padded dispatch)")
+    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("topk_ids", topk_ids, ndim=2, dtypes=INDEX_DTYPES, device=x.device)
+    check_tensor("topk_weights", topk_weights, shape=tuple(topk_ids.shape), dtypes=FLOAT_DTYPES, device=x.device)
+    if topk_ids.shape[0] != x.shape[0]:
+        raise ValueError(f"topk_ids: expected ({x.shape[0]}, K) like x's tokens, got {tuple(topk_ids.shape)}")
+    if capacity_factor is not None and (dispatch != "padded" or not capacity_factor > 0):
+        raise ValueError(f"capacity_factor: a positive number with dispatch='padded', got {capacity_factor!r}")
+    group = dist.group.WORLD if group is None else group
+    num_ranks = dist.get_world_size(group)
+    num_local = w_gate_up.shape[0]
+    T, K = topk_ids.shape
+    H = x.shape[1]
+    S = T * K
+    ids_S = topk_ids.reshape(-1).long()
+    routed_S = (ids_S >= 0) & (ids_S < num_local * num_ranks)
+    dest_S = torch.where(routed_S, ids_S // num_local, num_ranks)  # R: no rank
+    local_ids_S = torch.where(routed_S, ids_S - dest_S * num_local, num_local)  # E_local: no expert
+    token_S = torch.arange(S, device=x.device) // K
+
+    if dispatch == "padded":
+        capacity = (T * min(K, num_local) if capacity_factor is None
+                    else math.ceil(capacity_factor * S / num_ranks))
+        position_S = _destination_order(dest_S, num_ranks)
+        kept_S = routed_S & (position_S < capacity)
+        num_dropped = (routed_S & ~kept_S).sum().to(torch.int32)
+        # Each kept slot's row in the send buffer; the others write a spare last row that is not sent.
+        row_S = torch.where(kept_S, dest_S * capacity + position_S, num_ranks * capacity)
+        send_x = x.new_zeros(num_ranks * capacity + 1, H).index_copy(0, row_S, x[token_S])[:-1]
+        send_ids = torch.full((num_ranks * capacity + 1,), num_local, dtype=torch.int64, device=x.device)
+        send_ids = send_ids.index_copy(0, row_S, torch.where(kept_S, local_ids_S, num_local))[:-1]
+        splits = [capacity] * num_ranks
+        recv_x = all_to_all_single_autograd(send_x, splits, splits, group)
+        recv_ids = all_to_all_single(send_ids, splits, splits, group)
+        out_rows = _local_experts(recv_x, recv_ids, w_gate_up, w_down, options)
+        back = all_to_all_single_autograd(out_rows, splits, splits, group)
+        slot_rows = torch.cat([back, back.new_zeros(1, H)])[row_S]
+    else:
+        num_dropped = torch.zeros((), dtype=torch.int32, device=x.device)
+        order = torch.sort(dest_S, stable=True).indices  # slots by destination rank, routed ones first
+        send_counts = torch.nn.functional.one_hot(dest_S, num_ranks + 1).sum(0)[:num_ranks]
+        recv_counts = all_to_all_single(send_counts, [1] * num_ranks, [1] * num_ranks, group)
+        # The one host synchronisation: the row counts size the exchange.
+        send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
+        num_sent = sum(send_splits)
+        sent = order[:num_sent]
+        recv_x = all_to_all_single_autograd(x[token_S[sent]], recv_splits, send_splits, group)
+        recv_ids = all_to_all_single(local_ids_S[sent], recv_splits, send_splits, group)
+        out_rows = _local_experts(recv_x, recv_ids, w_gate_up, w_down, options)
+        back = all_to_all_single_autograd(out_rows, send_splits, recv_splits, group)
+        slot_rows = x.new_zeros(S, H).index_copy(0, sent, back)
+
+    # As fused_experts: each slot's row weighted in fp32, the K slots of a token summed in slot order.
+    weighted_SH = slot_rows.float() * topk_weights.reshape(-1, 1).float()
+    out = weighted_SH.view(T, K, H).sum(1).to(x.dtype)
+    return (out, num_dropped) if return_num_dropped else out
+
+
+def _local_experts(rows, local_ids, w_gate_up, w_down, options):
+    """fused_experts over received rows as single-slot tokens (weight 1; ids E_local: padding, zeros)."""
+    ones = torch.ones((rows.shape[0], 1), dtype=torch.float32, device=rows.device)
+    return fused_experts(rows, ones, local_ids[:, None], w_gate_up, w_down, **options)

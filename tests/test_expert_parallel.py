@@ -1,0 +1,140 @@
+"""moe_ops.fused_experts_ep: experts sharded over processes (gloo on the CPU, spawned ranks), outputs and
+gradients against one process running moe_ops.fused_experts_ref over all the ranks' tokens with all the
+experts; both dispatches, 2 and 4 ranks, skewed routing with idle experts (a rank that receives nothing),
+capacity overflow, and one compiled graph (forward and backward) across routings."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch._dynamo.utils import counters
+
+from moe_ops.expert_parallel import fused_experts_ep
+from moe_ops.fused_experts import fused_experts_ref
+
+E, K, H, F = 8, 2, 16, 12
+
+
+def _inputs(rank: int, num_tokens: int):
+    """Rank ``rank``'s tokens, routing weights and ids (skewed: expert 0 is popular, experts E - 2 and E - 1
+    idle, so that with 4 ranks the last rank receives no rows at all)."""
+    g = torch.Generator().manual_seed(100 + rank)
+    x = torch.randn(num_tokens, H, generator=g)
+    scores = torch.rand(num_tokens, E, generator=g)
+    scores[:, 0] += 0.5
+    scores[:, E - 2:] = -1.0
+    ids = scores.topk(K, dim=-1).indices.to(torch.int32)
+    weights = torch.rand(num_tokens, K, generator=g).softmax(-1)
+    grad_out = torch.randn(num_tokens, H, generator=g)
+    return x, weights, ids, grad_out
+
+
+def _weights():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(E, 2 * F, H, generator=g) / H**0.5, torch.randn(E, H, F, generator=g) / F**0.5
+
+
+def _kept_by_capacity(ids, num_ranks, capacity):
+    """Independent statement of the padded dispatch's capacity: per destination rank, the first
+    ``capacity`` slots in slot order are kept; dropped slots become id E (routed to no expert)."""
+    kept = ids.clone()
+    sent = [0] * num_ranks
+    for t in range(ids.shape[0]):
+        for k in range(ids.shape[1]):
+            rank = int(ids[t, k]) // (E // num_ranks)
+            if sent[rank] >= capacity:
+                kept[t, k] = E
+            sent[rank] += 1
+    return kept
+
+
+def _worker(rank, num_ranks, init_file, case):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=num_ranks)
+    try:
+        _check(rank, num_ranks, **case)
+    finally:
+        dist.destroy_process_group()
+
+
+def _check(rank, num_ranks, dispatch, capacity_factor, compiled, tokens):
+    torch.manual_seed(0)
+    local = E // num_ranks
+    w_gate_up, w_down = _weights()
+    token_counts = [tokens if dispatch == "padded" else tokens + 3 * r for r in range(num_ranks)]
+    run = fused_experts_ep
+    if compiled:
+        torch._dynamo.reset()
+        counters.clear()
+        run = torch.compile(fused_experts_ep, fullgraph=True)
+    for routing in range(3 if compiled else 1):
+        inputs = [_inputs(r + 10 * routing, n) for r, n in enumerate(token_counts)]
+        x, weights, ids, grad_out = inputs[rank]
+        leaves = [x.clone().requires_grad_(True), weights.clone().requires_grad_(True),
+                  w_gate_up[rank * local:(rank + 1) * local].clone().requires_grad_(True),
+                  w_down[rank * local:(rank + 1) * local].clone().requires_grad_(True)]
+        out, dropped = run(leaves[0], leaves[1], ids, leaves[2], leaves[3], dispatch=dispatch,
+                           capacity_factor=capacity_factor, return_num_dropped=True)
+        torch.autograd.backward(out, grad_out)
+
+        # The reference: every rank's tokens through all experts in one process (the expert weights'
+        # gradients collect every rank's tokens), the capacity's drops stated independently.
+        full = [w_gate_up.clone().requires_grad_(True), w_down.clone().requires_grad_(True)]
+        total, want_dropped = 0.0, 0
+        for r, (x_r, weights_r, ids_r, grad_r) in enumerate(inputs):
+            x_r, weights_r = x_r.clone().requires_grad_(True), weights_r.clone().requires_grad_(True)
+            if capacity_factor is not None:
+                kept = _kept_by_capacity(ids_r, num_ranks, math.ceil(capacity_factor * ids_r.numel() / num_ranks))
+                want_dropped += int((kept == E).sum()) if r == rank else 0
+                ids_r = kept
+            out_r = fused_experts_ref(x_r, weights_r, ids_r, *full)
+            total = total + (out_r * grad_r).sum()
+            if r == rank:
+                want_out, want_x, want_w = out_r, x_r, weights_r
+        total.backward()
+        torch.testing.assert_close(out, want_out.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(leaves[0].grad, want_x.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(leaves[1].grad, want_w.grad, rtol=1e-5, atol=1e-5)
+        for leaf, whole in zip(leaves[2:], full, strict=True):
+            torch.testing.assert_close(leaf.grad, whole.grad[rank * local:(rank + 1) * local], rtol=1e-5, atol=1e-5)
+        assert int(dropped) == want_dropped, (int(dropped), want_dropped)
+    if compiled:
+        assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+def _spawn(num_ranks, **case):
+    with tempfile.TemporaryDirectory() as folder:
+        mp.spawn(_worker, args=(num_ranks, os.path.join(folder, "init"), case), nprocs=num_ranks, join=True)
+
+
+@pytest.mark.parametrize("num_ranks", [2, 4])
+@pytest.mark.parametrize("dispatch", ["padded", "exact"])
+def test_matches_one_process(dispatch, num_ranks):
+    _spawn(num_ranks, dispatch=dispatch, capacity_factor=None, compiled=False, tokens=9)
+
+
+def test_padded_capacity_drops_the_overflow_in_slot_order():
+    # 12 tokens x 2 slots over 2 ranks: C = ceil(0.6 * 24 / 2) = 8 rows per rank, below the skewed load.
+    _spawn(2, dispatch="padded", capacity_factor=0.6, compiled=False, tokens=12)
+
+
+@pytest.mark.parametrize("dispatch", ["padded", "exact"])
+def test_compiled_is_one_graph_across_routings(dispatch):
+    """padded: static shapes; exact: the exchanged counts as unbacked sizes (one host sync, no recompile)."""
+    _spawn(2, dispatch=dispatch, capacity_factor=None, compiled=True, tokens=8)
+
+
+def test_errors_name_the_argument():
+    x, weights, ids, _ = _inputs(0, 4)
+    w_gate_up, w_down = _weights()
+    with pytest.raises(ValueError, match="dispatch: expected one of"):
+        fused_experts_ep(x, weights, ids, w_gate_up, w_down, dispatch="dense")
+    with pytest.raises(ValueError, match="capacity_factor: a positive number with dispatch='padded'"):
+        fused_experts_ep(x, weights, ids, w_gate_up, w_down, dispatch="exact", capacity_factor=1.0)
+    with pytest.raises(ValueError, match="options: capacity here is fused_experts_ep's"):
+        fused_experts_ep(x, weights, ids, w_gate_up, w_down, capacity_factor=None, drop_policy="score")
