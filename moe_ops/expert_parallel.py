@@ -18,7 +18,7 @@ Two dispatches:
 
 On the receiving rank the rows are one batch of single-slot tokens for :func:`moe_ops.fused_experts` over
 its local experts (its kernels, fake kernel and backward as they are); the results come back in the
-same order and each token sums its K rows in slot order in fp32 (deterministic, no atomics).
+same order and each token sums its K weighted rows in fp32 (deterministic: no atomics, no scatter-add).
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def fused_experts_ep(
         back = all_to_all_single_autograd(out_rows, send_splits, recv_splits, group)
         slot_rows = x.new_zeros(S, H).index_copy(0, sent, back)
 
-    # As fused_experts: each slot's row weighted in fp32, the K slots of a token summed in slot order.
+    # As fused_experts: each slot's row weighted in fp32, the K slots of a token summed in fp32.
     weighted_SH = slot_rows.float() * topk_weights.reshape(-1, 1).float()
     out = weighted_SH.view(T, K, H).sum(1).to(x.dtype)
     return (out, num_dropped) if return_num_dropped else out
