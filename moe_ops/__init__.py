@@ -25,6 +25,7 @@ __all__ = [
     "fused_experts",
     # the layer with its experts sharded over ranks (expert parallelism)
     "fused_experts_ep",
+    "parallelize_experts",
     # its parts
     "block_schedule",
     "BlockSchedule",
@@ -50,3 +51,13 @@ __all__ = [
 ]
 
 enable()
+
+
+def __getattr__(name: str):
+    # parallelize_experts shards transformers models, so it lives with the transformers integration, which
+    # imports transformers: loaded when first asked for, not by ``import moe_ops`` (its import cost).
+    if name == "parallelize_experts":
+        from moe_ops.lowering.hf_experts import parallelize_experts
+
+        return parallelize_experts
+    raise AttributeError(f"module 'moe_ops' has no attribute {name!r}")

@@ -138,3 +138,78 @@ def test_errors_name_the_argument():
         fused_experts_ep(x, weights, ids, w_gate_up, w_down, dispatch="exact", capacity_factor=1.0)
     with pytest.raises(ValueError, match="options: capacity here is fused_experts_ep's"):
         fused_experts_ep(x, weights, ids, w_gate_up, w_down, capacity_factor=None, drop_policy="score")
+
+
+# ---- A transformers model's MoE block, sharded by moe_ops.parallelize_experts ---------------------
+
+
+def _qwen3_block():
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    torch.manual_seed(0)
+    block = Qwen3MoeSparseMoeBlock(transformers.Qwen3MoeConfig(
+        hidden_size=H, moe_intermediate_size=F, num_experts=E, num_experts_per_tok=K, norm_topk_prob=True))
+    block.experts.config._experts_implementation = "grouped_mm"
+    for parameter in block.parameters():
+        torch.nn.init.normal_(parameter, std=0.2)
+    return block
+
+
+def _block_worker(rank, num_ranks, init_file, case):
+    import copy
+
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import moe_ops
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=num_ranks)
+    try:
+        reference = _qwen3_block()
+        block = moe_ops.parallelize_experts(copy.deepcopy(reference), init_device_mesh("cpu", (num_ranks,)),
+                                            dispatch=case["dispatch"])
+        assert block.experts.gate_up_proj.to_local().shape[0] == E // num_ranks
+        run = torch.compile(block, fullgraph=True) if case["compiled"] else block
+        local = slice(rank * E // num_ranks, (rank + 1) * E // num_ranks)
+        inputs = [torch.randn(1, 7, H, generator=torch.Generator().manual_seed(r)) for r in range(num_ranks)]
+        x = inputs[rank].clone().requires_grad_(True)
+        out = run(x)
+        out = out[0] if isinstance(out, tuple) else out
+        out.sum().backward()
+        # The reference block over every rank's tokens: its expert gradients collect them all.
+        total = 0.0
+        for r, x_r in enumerate(inputs):
+            x_r = x_r.clone().requires_grad_(True)
+            out_r = reference(x_r)
+            out_r = out_r[0] if isinstance(out_r, tuple) else out_r
+            total = total + out_r.sum()
+            if r == rank:
+                want, want_x = out_r, x_r
+        total.backward()
+        torch.testing.assert_close(out, want.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(x.grad, want_x.grad, rtol=1e-5, atol=1e-5)
+        for name in ("gate_up_proj", "down_proj"):
+            got = getattr(block.experts, name).grad.to_local()
+            torch.testing.assert_close(got, getattr(reference.experts, name).grad[local], rtol=1e-5, atol=1e-5)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_parallelize_experts_shards_a_transformers_block(compiled):
+    """transformers' Qwen3-MoE block, its experts sharded over 2 ranks (DTensor Shard(0)) by
+    moe_ops.parallelize_experts: each rank's output and input gradient are the unsharded block's on its
+    tokens, and each rank's expert-weight gradient is its shard of the gradient over all ranks' tokens."""
+    with tempfile.TemporaryDirectory() as folder:
+        mp.spawn(_block_worker, args=(2, os.path.join(folder, "init"), dict(dispatch="padded", compiled=compiled)),
+                 nprocs=2, join=True)
+
+
+def test_parallelize_experts_refuses_what_it_cannot_shard():
+    import moe_ops
+
+    class _OneRankMesh:
+        ndim = 2
+
+    with pytest.raises(ValueError, match="ep_mesh: expected a 1-D DeviceMesh"):
+        moe_ops.parallelize_experts(_qwen3_block(), _OneRankMesh())

@@ -161,11 +161,34 @@ def test_rewritten_block_and_plain_topk_say_nothing_at_info(caplog):
     def load_counter(logits):  # a top-k whose ids are only counted (load-balancing statistics)
         return torch.histc(torch.topk(logits.softmax(-1), K, dim=-1).indices.float(), bins=E, min=0, max=E - 1)
 
+    def scattered_counter(logits):  # counted through a one-hot scatter whose result no matmul reads
+        ids = torch.topk(logits.softmax(-1), K, dim=-1).indices
+        return torch.zeros_like(logits).scatter(1, ids, 1.0).sum(0)
+
     with caplog.at_level(logging.INFO, logger="moe_ops"):
         torch.compile(_gpt_fast_block(F.silu))(torch.randn(10, H))
         torch.compile(sampler)(torch.randn(4, 50))
         torch.compile(load_counter)(torch.randn(10, E))
+        torch.compile(scattered_counter)(torch.randn(10, E))
     assert _not_rewritten_lines(caplog) == []
+
+
+@pytest.mark.usefixtures("fresh_compile_state")
+def test_dense_dispatch_of_llama4_says_why_at_info(caplog):
+    """Llama 4 scatters the router's top-k scores over all experts and runs every expert on every token,
+    scaled by them: no form the rewrites know, and the INFO line says so, naming the router's line."""
+    import logging
+
+    pytest.importorskip("transformers")
+    from hf_family_blocks import build_block
+
+    _, block, config = build_block("llama4")
+    block = block.eval()
+    x = torch.randn(1, 6, config.hidden_size)
+    with caplog.at_level(logging.INFO, logger="moe_ops"), torch.no_grad():
+        torch.testing.assert_close(torch.compile(block)(x)[0], block(x)[0], rtol=1e-4, atol=1e-4)
+    messages = _not_rewritten_lines(caplog)
+    assert len(messages) == 1 and "modeling_llama4.py" in messages[0] and "torch.topk(router_logits" in messages[0]
 
 
 @pytest.mark.usefixtures("fresh_compile_state")

@@ -398,11 +398,31 @@ def _router_id_readers(router: Node) -> list[Node]:
     return readers
 
 
+_MATMULS = (aten.mm.default, aten.bmm.default, aten.addmm.default, aten._grouped_mm.default)
+
+
+def _feeds_a_matmul(node: Node, limit: int = 64) -> bool:
+    """Whether a matmul reads ``node``'s value within ``limit`` nodes downstream: a scattered (T, E) score
+    or mask that weights the experts' inputs (Llama 4 runs every expert on every token, scaled by it),
+    not one that is only counted (a load-balancing statistic)."""
+    seen, frontier = {node}, [node]
+    while frontier and len(seen) <= limit:
+        current = frontier.pop()
+        for user in current.users:
+            if _calls(user, _MATMULS):
+                return True
+            if user not in seen:
+                seen.add(user)
+                frontier.append(user)
+    return False
+
+
 def _explain_routers_left_alone(graph: Graph, reasons: list[str]) -> None:
     """Log at INFO, once each, why the experts after a router were not rewritten: a top-k over
     (tokens, experts) whose ids some expert computation reads but no moe_ops.fused_experts does.
-    Other top-ks (a group mask's, a sampler's, a token counter's: ids that only feed scatters or counts,
-    or leave the graph) and candidates that were no MoE block at all stay at DEBUG."""
+    Other top-ks (a group mask's, a sampler's, a token counter's: ids that only feed counts, scatters
+    whose result no matmul reads, or leave the graph) and candidates that were no MoE block at all stay
+    at DEBUG."""
     served = {_router_ids(n.args[2]) for n in graph.nodes if is_call(n, torch.ops.moe_ops.fused_experts.default)}
     for router in graph.nodes:
         if not _is_router(router) or router in served:
@@ -410,7 +430,10 @@ def _explain_routers_left_alone(graph: Graph, reasons: list[str]) -> None:
         if val(router.args[0]) is None or val(router.args[0]).dim() != 2:
             continue
         readers = _router_id_readers(router)
-        if not readers or all(_calls(r, _MASK_WRITES + _COUNTS) or r.op == "output" for r in readers):
+        if not readers or all(
+            (_calls(r, _MASK_WRITES) and not _feeds_a_matmul(r)) or _calls(r, _COUNTS) or r.op == "output"
+            for r in readers
+        ):
             continue
         where = _source_line(router)
         why = "; ".join(dict.fromkeys(reasons)) or "no form of routed-experts code was recognised after it"
