@@ -155,3 +155,17 @@ def test_layer_summary_counts_cells_clear_of_the_rounds_spread():
         "1 of 2 cells; not in s T=8192"
     ]
     assert bench_layer.clear_of_rounds_lines([dict(r, ms_rounds="") for r in rows]) == []  # older runs' rows
+
+
+def test_expert_parallel_benchmark_dry_run():
+    """bench_expert_parallel.py's CPU dry run (2 gloo ranks, tiny shapes) reports every variant."""
+    import os
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_expert_parallel.py"
+    # -P, as gpu_session.sh runs it: the benchmarks folder comes from PYTHONPATH, not the script's folder.
+    env = {**os.environ, "PYTHONPATH": str(script.parent)}
+    result = subprocess.run([sys.executable, "-P", str(script), "--dry-run"], capture_output=True, text=True,
+                            timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| tiny | 6 |" in result.stdout and "padded / EP=1" in result.stdout
