@@ -143,13 +143,20 @@ def test_errors_name_the_argument():
 # ---- A transformers model's MoE block, sharded by moe_ops.parallelize_experts ---------------------
 
 
-def _qwen3_block():
+def _hf_block(family="qwen3_moe"):
+    """transformers' own MoE block: Qwen3-MoE's, or GPT-OSS's (transposed, interleaved gate/up weights
+    with biases, clamped SwiGLU)."""
     transformers = pytest.importorskip("transformers")
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
     torch.manual_seed(0)
-    block = Qwen3MoeSparseMoeBlock(transformers.Qwen3MoeConfig(
-        hidden_size=H, moe_intermediate_size=F, num_experts=E, num_experts_per_tok=K, norm_topk_prob=True))
+    if family == "gpt_oss":
+        block = GptOssMLP(transformers.GptOssConfig(
+            hidden_size=H, intermediate_size=F, num_local_experts=E, num_experts_per_tok=K))
+    else:
+        block = Qwen3MoeSparseMoeBlock(transformers.Qwen3MoeConfig(
+            hidden_size=H, moe_intermediate_size=F, num_experts=E, num_experts_per_tok=K, norm_topk_prob=True))
     block.experts.config._experts_implementation = "grouped_mm"
     for parameter in block.parameters():
         torch.nn.init.normal_(parameter, std=0.2)
@@ -165,7 +172,7 @@ def _block_worker(rank, num_ranks, init_file, case):
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=num_ranks)
     try:
-        reference = _qwen3_block()
+        reference = _hf_block(case["family"])
         block = moe_ops.parallelize_experts(copy.deepcopy(reference), init_device_mesh("cpu", (num_ranks,)),
                                             dispatch=case["dispatch"])
         assert block.experts.gate_up_proj.to_local().shape[0] == E // num_ranks
@@ -188,21 +195,25 @@ def _block_worker(rank, num_ranks, init_file, case):
         total.backward()
         torch.testing.assert_close(out, want.detach(), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(x.grad, want_x.grad, rtol=1e-5, atol=1e-5)
-        for name in ("gate_up_proj", "down_proj"):
+        names = [name for name, _ in reference.experts.named_parameters()]
+        assert len(names) == (4 if case["family"] == "gpt_oss" else 2), names
+        for name in names:
             got = getattr(block.experts, name).grad.to_local()
             torch.testing.assert_close(got, getattr(reference.experts, name).grad[local], rtol=1e-5, atol=1e-5)
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_parallelize_experts_shards_a_transformers_block(compiled):
-    """transformers' Qwen3-MoE block, its experts sharded over 2 ranks (DTensor Shard(0)) by
+@pytest.mark.parametrize("family,compiled", [("qwen3_moe", False), ("qwen3_moe", True), ("gpt_oss", False)],
+                         ids=["qwen3_moe", "qwen3_moe_compiled", "gpt_oss"])
+def test_parallelize_experts_shards_a_transformers_block(family, compiled):
+    """transformers' MoE blocks, their experts sharded over 2 ranks (DTensor Shard(0)) by
     moe_ops.parallelize_experts: each rank's output and input gradient are the unsharded block's on its
-    tokens, and each rank's expert-weight gradient is its shard of the gradient over all ranks' tokens."""
+    tokens, and each rank's expert-weight gradient is its shard of the gradient over all ranks' tokens
+    (GPT-OSS: the biases too)."""
+    case = dict(dispatch="padded", compiled=compiled, family=family)
     with tempfile.TemporaryDirectory() as folder:
-        mp.spawn(_block_worker, args=(2, os.path.join(folder, "init"), dict(dispatch="padded", compiled=compiled)),
-                 nprocs=2, join=True)
+        mp.spawn(_block_worker, args=(2, os.path.join(folder, "init"), case), nprocs=2, join=True)
 
 
 def test_parallelize_experts_refuses_what_it_cannot_shard():
@@ -212,4 +223,4 @@ def test_parallelize_experts_refuses_what_it_cannot_shard():
         ndim = 2
 
     with pytest.raises(ValueError, match="ep_mesh: expected a 1-D DeviceMesh"):
-        moe_ops.parallelize_experts(_qwen3_block(), _OneRankMesh())
+        moe_ops.parallelize_experts(_hf_block(), _OneRankMesh())
