@@ -89,11 +89,12 @@ def _block_classes(module) -> list[type]:
     return classes
 
 
-def build_block(family: str) -> tuple[str, torch.nn.Module, transformers.PretrainedConfig]:
+def build_block(family: str, config=None) -> tuple[str, torch.nn.Module, transformers.PretrainedConfig]:
     """(class name, block, config) of the family's MoE block, its experts on transformers' default
-    implementation ("grouped_mm"). Raises with each candidate's error if none builds."""
+    implementation ("grouped_mm"), from ``config`` (default: ``tiny_config(family)``). Raises with each
+    candidate's error if none builds."""
     module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
-    config = tiny_config(family)
+    config = tiny_config(family) if config is None else config
     errors = []
     for cls in _block_classes(module):
         parameters = inspect.signature(cls.__init__).parameters

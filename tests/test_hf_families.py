@@ -136,3 +136,39 @@ def test_every_family_compiles_right_and_the_table_is_current():
     if f"(torch {_TORCH}, transformers {transformers.__version__})" in text[start:end]:
         assert text[start:end] == table, (
             "docs/families.md is stale: EXPECTTEST_ACCEPT=1 python -m pytest tests/test_hf_families.py")
+
+
+# Real sizes of families the rewrites leave alone (their reason in docs/families.md): compiled with
+# moe_ops on the GPU they must still give eager's result. Config overrides of each family's own config.
+REAL_SHAPES = {
+    "llama4": dict(hidden_size=5120, intermediate_size=8192, num_local_experts=16, num_experts_per_tok=1),
+    "dbrx": dict(d_model=6144, ffn_config=dict(hidden_size=6144, ffn_hidden_size=10752, moe_num_experts=16,
+                                               moe_top_k=4)),
+    "switch_transformers": dict(d_model=768, d_ff=3072, num_experts=8, expert_capacity=64),
+}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", list(REAL_SHAPES))
+def test_cuda_real_shapes_left_alone_still_match_eager(family):
+    from hf_family_blocks import build_block, tiny_config
+
+    sizes = REAL_SHAPES[family]
+    config = tiny_config(family)
+    for name, value in sizes.items():
+        if isinstance(value, dict):
+            for sub_name, sub_value in value.items():
+                setattr(getattr(config, name), sub_name, sub_value)
+        else:
+            setattr(config, name, value)
+    _, block, config = build_block(family, config)
+    for parameter in block.parameters():
+        torch.nn.init.normal_(parameter, std=0.02)
+    block = block.to("cuda", torch.bfloat16).eval().requires_grad_(False)
+    x = torch.randn(1, 256, config.hidden_size if hasattr(config, "hidden_size") else config.d_model,
+                    device="cuda", dtype=torch.bfloat16)
+    want = block(x)
+    got = torch.compile(block)(x)
+    got, want = (r[0] if isinstance(r, tuple) else r for r in (got, want))
+    error = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+    assert error <= TOLERANCE, (family, error)
