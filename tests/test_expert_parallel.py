@@ -224,3 +224,53 @@ def test_parallelize_experts_refuses_what_it_cannot_shard():
 
     with pytest.raises(ValueError, match="ep_mesh: expected a 1-D DeviceMesh"):
         moe_ops.parallelize_experts(_hf_block(), _OneRankMesh())
+
+
+def _fsdp_worker(rank, num_ranks, init_file, case):
+    import copy
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import moe_ops
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=num_ranks)
+    try:
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "ep"))
+        reference = _hf_block()
+        block = moe_ops.parallelize_experts(copy.deepcopy(reference), mesh["ep"])
+        # The experts are sharded over "ep" and, by FSDP, over "dp"; the rest of the block over all four
+        # data-parallel ranks. FSDP averages each gradient over its own mesh: the rest's over the 4
+        # ranks, the experts' over "dp" (2), after the expert-parallel exchange summed "ep"'s tokens
+        # (set_gradient_divide_factor(4) on the experts evens that on NCCL; gloo lacks its PREMUL_SUM).
+        fully_shard(block.experts, mesh=mesh["dp"])
+        fully_shard(block, mesh=init_device_mesh("cpu", (num_ranks,)))
+        inputs = [torch.randn(1, 7, H, generator=torch.Generator().manual_seed(r)) for r in range(num_ranks)]
+        out = block(inputs[rank])
+        out = out[0] if isinstance(out, tuple) else out
+        out.sum().backward()
+        total = 0.0
+        for r, x_r in enumerate(inputs):
+            out_r = reference(x_r)
+            out_r = out_r[0] if isinstance(out_r, tuple) else out_r
+            total = total + out_r.sum() / num_ranks  # the mean over the data-parallel ranks' losses
+            if r == rank:
+                want = out_r
+        total.backward()
+        torch.testing.assert_close(out, want.detach(), rtol=1e-5, atol=1e-5)
+        for name, parameter in reference.named_parameters():
+            got = dict(block.named_parameters())[name].grad.full_tensor()
+            scale = mesh["ep"].size() if name.startswith("experts.") else 1
+            torch.testing.assert_close(got, scale * parameter.grad, rtol=1e-5, atol=1e-6, msg=name)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_parallelize_experts_composes_with_fsdp2():
+    """A 2 x 2 (data-parallel x expert-parallel) mesh of 4 ranks: the experts sharded over "ep" by
+    parallelize_experts and over "dp" by FSDP2 (fully_shard), the rest of the block by FSDP2 over all 4.
+    Each rank's output is the unsharded block's on its tokens; every parameter's gradient (gathered) is
+    the gradient of the mean loss over the 4 ranks' batches, the experts' times the expert-parallel
+    degree (FSDP averages them over "dp" only)."""
+    with tempfile.TemporaryDirectory() as folder:
+        mp.spawn(_fsdp_worker, args=(4, os.path.join(folder, "init"), {}), nprocs=4, join=True)
