@@ -26,6 +26,8 @@ __all__ = [
     # the layer with its experts sharded over ranks (expert parallelism)
     "fused_experts_ep",
     "parallelize_experts",
+    # quantised experts through torchao
+    "experts_quantization_config",
     # its parts
     "block_schedule",
     "BlockSchedule",
@@ -55,9 +57,14 @@ enable()
 
 def __getattr__(name: str):
     # parallelize_experts shards transformers models, so it lives with the transformers integration, which
-    # imports transformers: loaded when first asked for, not by ``import moe_ops`` (its import cost).
+    # imports transformers, and experts_quantization_config imports torchao: each loaded when first asked
+    # for, not by ``import moe_ops`` (its import cost).
     if name == "parallelize_experts":
         from moe_ops.lowering.hf_experts import parallelize_experts
 
         return parallelize_experts
+    if name == "experts_quantization_config":  # imports torchao
+        from moe_ops.lowering.torchao_experts import experts_quantization_config
+
+        return experts_quantization_config
     raise AttributeError(f"module 'moe_ops' has no attribute {name!r}")

@@ -1,0 +1,93 @@
+"""moe_ops.experts_quantization_config: torchao quantises transformers' stacked expert weights (which
+quantize_'s default filter skips) and nothing else; the quantised block runs, compiles with moe_ops to
+torchao's own eager result, and its state dict round-trips."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from compile_harness import fresh_compile_state  # noqa: F401  (fixture)
+from torch._dynamo.utils import counters
+
+import moe_ops
+
+torchao = pytest.importorskip("torchao")
+transformers = pytest.importorskip("transformers")
+from torchao.quantization import Float8WeightOnlyConfig, quantize_  # noqa: E402
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock  # noqa: E402
+
+H, F, E, K = 64, 32, 8, 2
+
+
+def _block():
+    torch.manual_seed(0)
+    block = Qwen3MoeSparseMoeBlock(transformers.Qwen3MoeConfig(
+        hidden_size=H, moe_intermediate_size=F, num_experts=E, num_experts_per_tok=K, norm_topk_prob=True))
+    block.experts.config._experts_implementation = "grouped_mm"
+    for parameter in block.parameters():
+        torch.nn.init.normal_(parameter, std=0.1)
+    return block.to(torch.bfloat16).eval().requires_grad_(False)
+
+
+def _quantised():
+    block = _block()
+    quantize_(block, moe_ops.experts_quantization_config(Float8WeightOnlyConfig()), filter_fn=None)
+    return block
+
+
+def _sqnr_db(signal, noisy):
+    signal, noisy = signal.float(), noisy.float()
+    return (10 * torch.log10(signal.pow(2).mean() / (signal - noisy).pow(2).mean())).item()
+
+
+def test_the_experts_and_only_they_are_quantised():
+    block = _quantised()
+    for name in ("gate_up_proj", "down_proj"):
+        assert type(getattr(block.experts, name)).__name__ == "Float8Tensor", name
+    assert type(block.gate.weight) is torch.nn.Parameter and block.gate.weight.dtype == torch.bfloat16
+    # quantize_'s default filter (linear layers only) leaves the experts as they were: why the helper exists.
+    plain = _block()
+    quantize_(plain, Float8WeightOnlyConfig())
+    assert plain.experts.gate_up_proj.dtype == torch.bfloat16 and type(plain.experts.gate_up_proj) is torch.nn.Parameter
+
+
+@pytest.mark.usefixtures("fresh_compile_state")
+def test_quantised_block_compiles_to_torchaos_result():
+    """fp8 weight-only experts: torchao's eager block stays within fp8's error of bf16 (SQNR), and the
+    block compiled with moe_ops gives torchao's eager result; its experts are rewritten to fused_experts
+    over the dequantised weights (torchao's own weight-only path dequantises them too)."""
+    x = torch.randn(1, 12, H, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    reference = _block()(x)
+    block = _quantised()
+    want = block(x)
+    assert _sqnr_db(reference, want) >= 25.0
+    # No cache of any kind (the FX graph's, AOTAutograd's for subclass inputs): the passes must run.
+    with torch._inductor.config.patch(force_disable_caches=True):
+        got = torch.compile(block)(x)
+    error = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+    assert error <= 2e-2, error
+    assert counters["moe_ops"]["experts_rewrite"] == 1 and counters["moe_ops"]["route_rewrite"] == 1
+
+
+def test_state_dict_round_trip():
+    block = _quantised()
+    buffer = io.BytesIO()
+    torch.save(block.state_dict(), buffer)
+    buffer.seek(0)
+    restored = _block()
+    with torch.no_grad():
+        for parameter in restored.parameters():  # other weights, so that only the load can restore them
+            parameter.normal_(std=0.3)
+    quantize_(restored, moe_ops.experts_quantization_config(Float8WeightOnlyConfig()), filter_fn=None)
+    x = torch.randn(1, 5, H).to(torch.bfloat16)
+    assert not torch.allclose(restored(x), block(x))
+    restored.load_state_dict(torch.load(buffer, weights_only=False), assign=True)
+    assert type(restored.experts.gate_up_proj).__name__ == "Float8Tensor"
+    torch.testing.assert_close(restored(x), block(x))
+
+
+def test_config_refuses_what_is_not_a_torchao_config():
+    with pytest.raises(TypeError, match="config: expected a torchao quantization config"):
+        moe_ops.experts_quantization_config("float8")
