@@ -31,14 +31,9 @@ import torch.distributed as dist
 from moe_ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_tensor
 from moe_ops._compat.distributed import all_to_all_single, all_to_all_single_autograd
 from moe_ops.fused_experts import fused_experts
+from moe_ops.layout import expert_order
 
 DISPATCHES = ("padded", "exact")
-
-
-def _destination_order(dest_S: torch.Tensor, num_ranks: int) -> torch.Tensor:
-    """Each slot's position among the slots sent to the same rank, in slot order (device-side)."""
-    one_hot_SR = torch.nn.functional.one_hot(dest_S.clamp(0, num_ranks - 1), num_ranks)
-    return (one_hot_SR.cumsum(0) - 1).gather(1, dest_S.clamp(0, num_ranks - 1)[:, None]).squeeze(1)
 
 
 def fused_experts_ep(
@@ -93,11 +88,13 @@ def fused_experts_ep(
     dest_S = torch.where(routed_S, ids_S // num_local, num_ranks)  # R: no rank
     local_ids_S = torch.where(routed_S, ids_S - dest_S * num_local, num_local)  # E_local: no expert
     token_S = torch.arange(S, device=x.device) // K
+    # Slots grouped by destination rank in slot order (unrouted ones last), and each one's place there.
+    order, rank_in_order = expert_order(dest_S, num_ranks)
 
     if dispatch == "padded":
         capacity = (T * min(K, num_local) if capacity_factor is None
                     else math.ceil(capacity_factor * S / num_ranks))
-        position_S = _destination_order(dest_S, num_ranks)
+        position_S = torch.empty_like(rank_in_order).scatter_(0, order, rank_in_order)
         kept_S = routed_S & (position_S < capacity)
         num_dropped = (routed_S & ~kept_S).sum().to(torch.int32)
         # Each kept slot's row in the send buffer; the others write a spare last row that is not sent.
@@ -113,7 +110,6 @@ def fused_experts_ep(
         slot_rows = torch.cat([back, back.new_zeros(1, H)])[row_S]
     else:
         num_dropped = torch.zeros((), dtype=torch.int32, device=x.device)
-        order = torch.sort(dest_S, stable=True).indices  # slots by destination rank, routed ones first
         send_counts = torch.nn.functional.one_hot(dest_S, num_ranks + 1).sum(0)[:num_ranks]
         recv_counts = all_to_all_single(send_counts, [1] * num_ranks, [1] * num_ranks, group)
         # The one host synchronisation: the row counts size the exchange.

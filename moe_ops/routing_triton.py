@@ -57,6 +57,13 @@ def _div(a, b, IEEE_DIV: tl.constexpr):
 
 
 @triton.jit
+def _softmax_rows(x, PRECISE_EXP: tl.constexpr, IEEE_DIV: tl.constexpr):
+    """Softmax of each row of x (-inf in padding columns), in x's dtype."""
+    e = _exp(x - tl.max(x, axis=1)[:, None], PRECISE_EXP)
+    return _div(e, tl.sum(e, axis=1)[:, None], IEEE_DIV)
+
+
+@triton.jit
 def _order_key(x):
     """An integer that orders like CUDA's torch.topk orders ``x``: the float's bits with the magnitude
     bits flipped for negatives (so -0.0 ranks below +0.0, -inf below every finite value), and every NaN
@@ -116,8 +123,7 @@ def _route_kernel(
     if SOFTMAX_AFTER_TOPK:
         scores = x
     elif SCORING == 0:
-        e = _exp(x - tl.max(x, axis=1)[:, None], PRECISE_EXP)
-        scores = _div(e, tl.sum(e, axis=1)[:, None], IEEE_DIV)
+        scores = _softmax_rows(x, PRECISE_EXP, IEEE_DIV)
     else:
         # torch's formula, 1 / (1 + exp(-x)), so that equal inputs give torch's exact scores.
         scores = _div(1.0, 1.0 + _exp(-x, PRECISE_EXP), IEEE_DIV)
@@ -190,11 +196,7 @@ def _route_kernel(
     if STATS:
         # The experts taken are the columns left at NONE, a key no value maps to.
         taken = (key == NONE) & col_ok_2d & row_ok[:, None]
-        if SOFTMAX_AFTER_TOPK or SCORING == 1:
-            probs = _exp(x - tl.max(x, axis=1)[:, None], PRECISE_EXP)
-            probs = _div(probs, tl.sum(probs, axis=1)[:, None], IEEE_DIV)
-        else:
-            probs = scores
+        probs = _softmax_rows(x, PRECISE_EXP, IEEE_DIV) if SOFTMAX_AFTER_TOPK or SCORING == 1 else scores
         partial_offs = tl.program_id(0).to(tl.int64) * E + cols
         tl.store(counts_partial_ptr + partial_offs, tl.sum(taken.to(tl.int32), axis=0), mask=col_ok)
         tl.store(prob_sum_partial_ptr + partial_offs, tl.sum(tl.where(row_ok[:, None], probs, 0.0), axis=0),
