@@ -518,15 +518,15 @@ def test_every_group_kept_masks_nothing_whatever_the_fill(n_group):
     assert "moe_ops.route.default(4, 'sigmoid', False, True, 1e-20, 1, 1, 2.5)" in graph
 
 
-def mistral4_router(router_logits, masked_value, n_group, topk_group):
+def mistral4_router(router_logits, masked_value, n_group, topk_group, num_experts=GROUPED_E, k=GROUPED_K):
     """Mistral 4's: DeepSeek-V3's group-limited selection on softmax scores, with no selection bias."""
     scores = router_logits.softmax(-1)
-    group_scores = scores.view(-1, n_group, GROUPED_E // n_group).topk(2, dim=-1)[0].sum(dim=-1)
+    group_scores = scores.view(-1, n_group, num_experts // n_group).topk(2, dim=-1)[0].sum(dim=-1)
     group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
     group_mask = torch.zeros_like(group_scores)
     group_mask.scatter_(1, group_idx, 1)
-    score_mask = group_mask.unsqueeze(-1).expand(-1, n_group, GROUPED_E // n_group).reshape(-1, GROUPED_E)
-    topk_indices = torch.topk(scores.masked_fill(~score_mask.bool(), masked_value), k=GROUPED_K, dim=-1,
+    score_mask = group_mask.unsqueeze(-1).expand(-1, n_group, num_experts // n_group).reshape(-1, num_experts)
+    topk_indices = torch.topk(scores.masked_fill(~score_mask.bool(), masked_value), k=k, dim=-1,
                               sorted=False)[1]
     topk_weights = scores.gather(1, topk_indices)
     return topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20), topk_indices
@@ -604,8 +604,11 @@ def routers_at(num_experts, k):
     def one_group_router(router_logits):  # GLM-4.5, Kimi, MiMo: the same code with n_group = 1
         return grouped_router(router_logits, n_group=1, topk_group=1)
 
-    return [softmax_router, softmax_after_topk_router, biased_clamped_router, one_group_router] + (
-        [grouped_router] if num_experts >= 16 else [])
+    def unbiased_zero_fill_router(router_logits):  # Mistral 4's: no bias, every group kept, a 0.0 fill
+        return mistral4_router(router_logits.float(), 0.0, 1, 1, num_experts=num_experts, k=k)
+
+    return [softmax_router, softmax_after_topk_router, biased_clamped_router, one_group_router,
+            unbiased_zero_fill_router] + ([grouped_router] if num_experts >= 16 else [])
 
 
 @pytest.mark.parametrize("logits_kind", ["bf16_randn", "three_values"])
