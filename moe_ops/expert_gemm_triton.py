@@ -97,35 +97,36 @@ def _activate(gate, up, ACTIVATION: tl.constexpr, GATED: tl.constexpr, alpha, li
 
 @triton.jit
 def expert_gemm_tile(
-    pid,
-    a_ptr, w_ptr, w_up_ptr, bias_ptr, bias_up_ptr, slot_weight_ptr,
-    sorted_slots_ptr, block_expert_ptr, num_padded_ptr,
-    N, K, num_slots, gather_top_k, num_blocks_max, num_experts,
-    stride_am, stride_ak,
-    stride_we, stride_wn, stride_wk,
-    stride_ue, stride_un, stride_uk,
-    stride_be, stride_bn,
-    stride_bue, stride_bun,
-    alpha, limit,
+    pid, a, w, w_up, bias, bias_up, slot_weight_ptr, schedule, sizes, act_params, descriptors,
     GATHER: tl.constexpr, SCATTER: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_BIAS_UP: tl.constexpr, HAS_SLOT_WEIGHT: tl.constexpr, ACTIVATION: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PACKED: tl.constexpr, E_PAD: tl.constexpr, TMA: tl.constexpr, a_desc, w_desc, u_desc, PAIRED: tl.constexpr = False,
+    PACKED: tl.constexpr, E_PAD: tl.constexpr, TMA: tl.constexpr, PAIRED: tl.constexpr = False,
 ):
     """The (BLOCK_M, BLOCK_N) output tile of program ``pid``: (values in fp32, output rows, output
     columns, store mask). Shared by the eager kernel (which stores it) and the Inductor template
     (whose store_output fuses the graph's epilogue into the store).
 
+    The operands come as tuples, each a tensor's pointer with its strides:
+        a                (a_ptr, stride_am, stride_ak)           rows of A (tokens when GATHER)
+        w, w_up          (ptr, stride_e, stride_n, stride_k)     the (E, N, K) weights (w_up: w when not GATED)
+        bias, bias_up    (ptr, stride_e, stride_n)               read where HAS_BIAS / HAS_BIAS_UP
+        schedule         PACKED: (sorted_slots_ptr, expert_offsets_ptr); else the padded schedule's
+                         (sorted_slots_ptr, block_expert_ptr, num_padded_ptr) (moe_ops.layout)
+        sizes            (N, K, num_slots, gather_top_k, num_blocks_max, num_experts)
+        act_params       (alpha, limit) of the activation (moe_ops.activations)
+        descriptors      TMA: (a_desc, w_desc, u_desc) from make_descriptors; else unused
+
     ``PACKED``: the schedule has no padding (``block_schedule(..., block_m=1)``: each expert's slots
-    follow the previous expert's) and ``block_expert_ptr`` points at its ``expert_offsets`` (E + 1,).
+    follow the previous expert's) and gives each expert's ``expert_offsets`` (E + 1,).
     Each program finds its expert and rows from those offsets (an E-long prefix sum of every expert's
     block count), so one schedule serves any BLOCK_M: a graph compiled for every T holds templates of
     several block sizes over one schedule. Rows are schedule positions; idle programs store nothing.
 
     ``TMA`` (packed, A already in schedule order): A and weight tiles come through the tensor
     descriptors ``a_desc`` (rows of A, block (BLOCK_M, BLOCK_K)) and ``w_desc``/``u_desc`` (rows of the
-    weights as (experts x stride_we / stride_wn, K), block (BLOCK_N, BLOCK_K)), which the caller makes
+    weights as (experts x stride_e / stride_n, K), block (BLOCK_N, BLOCK_K)), which the caller makes
     once per program (``make_descriptors``): Hopper's copy engine fetches them, so the warps spend no
     registers or instructions on addresses and masks. The descriptors zero-fill past K and past A's
     rows; rows of the next expert that a tile reads are never stored. ``PAIRED`` (gated, up a fixed
@@ -133,65 +134,67 @@ def expert_gemm_tile(
     both as a (2, rows, K) array, so each K step is one dot of 2 BLOCK_N columns, A read from shared
     memory once instead of once per weight."""
     expert, row0, offs_m, rows_in_range, slot, row_valid, a_row, col0, cols, col_valid, k_end = tile_coords(
-        pid, sorted_slots_ptr, block_expert_ptr, num_padded_ptr, N, K, num_slots, gather_top_k, num_blocks_max,
-        num_experts, GATHER, BLOCK_M, BLOCK_N, GROUP_M, PACKED, E_PAD,
+        pid, schedule, sizes, GATHER, BLOCK_M, BLOCK_N, GROUP_M, PACKED, E_PAD,
     )
     acc, acc_up = tile_accumulators(BLOCK_M, BLOCK_N, GATED)
     if TMA:
         tl.static_assert(PACKED and not GATHER, "TMA tiles need a packed schedule and A in its order")
-        w_row = (expert * (stride_we // stride_wn) + col0).to(tl.int32)
+        a_desc, w_desc, u_desc = descriptors
+        w_row = (expert * (w[1] // w[2]) + col0).to(tl.int32)
         if PAIRED:
             # Gate and up rows of one column block, one box apart in a 3-D descriptor: one (2 BLOCK_N)-wide
             # dot per K step instead of two that each read the A tile again.
             tl.static_assert(GATED, "a pair of weights is a gated GEMM's")
             acc_pair = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
             for k0 in range(0, k_end, BLOCK_K):
-                a = a_desc.load([row0.to(tl.int32), k0])
+                a_tile = a_desc.load([row0.to(tl.int32), k0])
                 w_pair = w_desc.load([0, w_row, k0]).reshape(2 * BLOCK_N, BLOCK_K)
-                acc_pair = tl.dot(a, w_pair.T, acc_pair, input_precision=INPUT_PRECISION)
+                acc_pair = tl.dot(a_tile, w_pair.T, acc_pair, input_precision=INPUT_PRECISION)
             acc, acc_up = tl.split(acc_pair.reshape(BLOCK_M, 2, BLOCK_N).permute(0, 2, 1))
         else:
             if GATED:
-                u_row = (expert * (stride_ue // stride_un) + col0).to(tl.int32)
+                u_row = (expert * (w_up[1] // w_up[2]) + col0).to(tl.int32)
             for k0 in range(0, k_end, BLOCK_K):
-                a = a_desc.load([row0.to(tl.int32), k0])
-                acc = tl.dot(a, w_desc.load([w_row, k0]).T, acc, input_precision=INPUT_PRECISION)
+                a_tile = a_desc.load([row0.to(tl.int32), k0])
+                acc = tl.dot(a_tile, w_desc.load([w_row, k0]).T, acc, input_precision=INPUT_PRECISION)
                 if GATED:
-                    acc_up = tl.dot(a, u_desc.load([u_row, k0]).T, acc_up, input_precision=INPUT_PRECISION)
+                    acc_up = tl.dot(a_tile, u_desc.load([u_row, k0]).T, acc_up, input_precision=INPUT_PRECISION)
     else:
+        a_ptr, stride_am, stride_ak = a
+        K = sizes[1]
         offs_k = tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak
-        w_ptrs, u_ptrs = weight_tile_ptrs(w_ptr, w_up_ptr, expert, cols, stride_we, stride_wn, stride_wk, stride_ue,
-                                          stride_un, stride_uk, BLOCK_K)
+        w_ptrs, u_ptrs = weight_tile_ptrs(w, w_up, expert, cols, BLOCK_K)
         for k0 in range(0, k_end, BLOCK_K):
-            a = tl.load(a_ptrs, mask=row_valid[:, None] & (offs_k < K - k0)[None, :], other=0.0)
-            acc, acc_up, w_ptrs, u_ptrs = k_step(a, acc, acc_up, w_ptrs, u_ptrs, K - k0, col_valid, stride_wk,
-                                                 stride_uk, GATED, INPUT_PRECISION, BLOCK_K)
+            a_tile = tl.load(a_ptrs, mask=row_valid[:, None] & (offs_k < K - k0)[None, :], other=0.0)
+            acc, acc_up, w_ptrs, u_ptrs = k_step(a_tile, acc, acc_up, w_ptrs, u_ptrs, K - k0, col_valid, w[3],
+                                                 w_up[3], GATED, INPUT_PRECISION, BLOCK_K)
             a_ptrs += BLOCK_K * stride_ak
     return tile_output(
-        acc, acc_up, expert, slot, row_valid, offs_m, rows_in_range, cols, col_valid, bias_ptr, bias_up_ptr,
-        slot_weight_ptr, stride_be, stride_bn, stride_bue, stride_bun, alpha, limit, SCATTER, GATED, HAS_BIAS,
-        HAS_BIAS_UP, HAS_SLOT_WEIGHT, ACTIVATION,
+        acc, acc_up, expert, slot, row_valid, offs_m, rows_in_range, cols, col_valid, bias, bias_up,
+        slot_weight_ptr, act_params, SCATTER, GATED, HAS_BIAS, HAS_BIAS_UP, HAS_SLOT_WEIGHT, ACTIVATION,
     )
 
 
 @triton.jit
-def tile_coords(pid, sorted_slots_ptr, block_expert_ptr, num_padded_ptr, N, K, num_slots, gather_top_k,
-                num_blocks_max, num_experts, GATHER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def tile_coords(pid, schedule, sizes, GATHER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 GROUP_M: tl.constexpr, PACKED: tl.constexpr, E_PAD: tl.constexpr):
-    """Where program ``pid``'s tile is (see expert_gemm_tile): (expert, first row, its rows, which of them
-    are in the schedule, their slots, which are routed, the rows of A they read, the first column, the
-    columns, which of them exist, the K extent: 0 for an idle tile)."""
+    """Where program ``pid``'s tile is (``schedule`` and ``sizes`` as expert_gemm_tile takes them): (expert,
+    first row, its rows, which of them are in the schedule, their slots, which are routed, the rows of A
+    they read, the first column, the columns, which of them exist, the K extent: 0 for an idle tile)."""
+    N, K, num_slots, gather_top_k, num_blocks_max, num_experts = sizes
     num_pid_n = tl.cdiv(N, BLOCK_N)
     if PACKED:
+        sorted_slots_ptr, expert_offsets_ptr = schedule
         e_idx = tl.arange(0, E_PAD)
         e_valid = e_idx < num_experts
-        expert_start = tl.load(block_expert_ptr + e_idx, mask=e_valid, other=0)
-        expert_end = tl.load(block_expert_ptr + 1 + e_idx, mask=e_valid, other=0)
+        expert_start = tl.load(expert_offsets_ptr + e_idx, mask=e_valid, other=0)
+        expert_end = tl.load(expert_offsets_ptr + 1 + e_idx, mask=e_valid, other=0)
         expert_blocks = (expert_end - expert_start + BLOCK_M - 1) // BLOCK_M
         expert_blocks_end = tl.cumsum(expert_blocks, 0)
         num_blocks = tl.sum(expert_blocks, 0)
     else:
+        sorted_slots_ptr, block_expert_ptr, num_padded_ptr = schedule
         num_blocks = tl.load(num_padded_ptr) // BLOCK_M
     num_busy = num_blocks * num_pid_n
     busy = pid < num_busy
@@ -248,9 +251,11 @@ def tile_accumulators(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATED: tl.co
 
 
 @triton.jit
-def weight_tile_ptrs(w_ptr, w_up_ptr, expert, cols, stride_we, stride_wn, stride_wk, stride_ue, stride_un, stride_uk,
-                     BLOCK_K: tl.constexpr):
-    """Pointers to the first (BLOCK_K, BLOCK_N) weight tiles (gate, up) of a pointer-load tile."""
+def weight_tile_ptrs(w, w_up, expert, cols, BLOCK_K: tl.constexpr):
+    """Pointers to the first (BLOCK_K, BLOCK_N) weight tiles (gate, up) of a pointer-load tile; ``w`` and
+    ``w_up`` as expert_gemm_tile takes them."""
+    w_ptr, stride_we, stride_wn, stride_wk = w
+    w_up_ptr, stride_ue, stride_un, stride_uk = w_up
     offs_k = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + expert * stride_we + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
     u_ptrs = w_up_ptr + expert * stride_ue + cols[None, :].to(tl.int64) * stride_un + offs_k[:, None] * stride_uk
@@ -273,17 +278,20 @@ def k_step(a, acc, acc_up, w_ptrs, u_ptrs, k_left, col_valid, stride_wk, stride_
 
 
 @triton.jit
-def tile_output(acc, acc_up, expert, slot, row_valid, offs_m, rows_in_range, cols, col_valid, bias_ptr, bias_up_ptr,
-                slot_weight_ptr, stride_be, stride_bn, stride_bue, stride_bun, alpha, limit, SCATTER: tl.constexpr,
-                GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS_UP: tl.constexpr,
-                HAS_SLOT_WEIGHT: tl.constexpr, ACTIVATION: tl.constexpr):
-    """The accumulators made into the tile's output: (values in fp32, output rows, columns, store mask)."""
+def tile_output(acc, acc_up, expert, slot, row_valid, offs_m, rows_in_range, cols, col_valid, bias, bias_up,
+                slot_weight_ptr, act_params, SCATTER: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                HAS_BIAS_UP: tl.constexpr, HAS_SLOT_WEIGHT: tl.constexpr, ACTIVATION: tl.constexpr):
+    """The accumulators made into the tile's output: (values in fp32, output rows, columns, store mask);
+    ``bias``, ``bias_up`` and ``act_params`` as expert_gemm_tile takes them."""
     if HAS_BIAS:
+        bias_ptr, stride_be, stride_bn = bias
         acc += tl.load(bias_ptr + expert * stride_be + cols * stride_bn, mask=col_valid, other=0.0
                        ).to(tl.float32)[None, :]
     if HAS_BIAS_UP:
+        bias_up_ptr, stride_bue, stride_bun = bias_up
         acc_up += tl.load(bias_up_ptr + expert * stride_bue + cols * stride_bun, mask=col_valid,
                           other=0.0).to(tl.float32)[None, :]
+    alpha, limit = act_params
     y = _activate(acc, acc_up, ACTIVATION, GATED, alpha, limit)
     if HAS_SLOT_WEIGHT:
         y *= tl.load(slot_weight_ptr + slot, mask=row_valid, other=0.0).to(tl.float32)[:, None]
@@ -323,9 +331,9 @@ def unrouted_row_blocks(expert_offsets_ptr, num_experts, num_slots, BLOCK_M: tl.
 
 @triton.jit
 def _expert_gemm_kernel(
-    # pointers
+    # pointers (each schedule's own: expert_offsets for a packed one, block_expert and num_padded else)
     a_ptr, w_ptr, w_up_ptr, bias_ptr, bias_up_ptr, slot_weight_ptr, out_ptr,
-    sorted_slots_ptr, block_expert_ptr, num_padded_ptr, ids_ptr,
+    sorted_slots_ptr, expert_offsets_ptr, block_expert_ptr, num_padded_ptr, ids_ptr,
     # sizes
     N, K, num_slots, gather_top_k, num_blocks_max, num_experts, num_a_rows,
     # strides
@@ -345,29 +353,29 @@ def _expert_gemm_kernel(
     PACKED: tl.constexpr, E_PAD: tl.constexpr, ZERO_UNROUTED: tl.constexpr, TMA: tl.constexpr,
     PAIRED: tl.constexpr, pair_stride,
 ):
-    if TMA:
-        a_desc, w_desc, u_desc = make_descriptors(
-            a_ptr, w_ptr, w_up_ptr, num_a_rows, N, K, num_experts, stride_am, stride_we, stride_wn, stride_ue,
-            stride_un, GATED, BLOCK_M, BLOCK_N, BLOCK_K, PAIRED, pair_stride,
-        )
+    a = (a_ptr, stride_am, stride_ak)
+    w = (w_ptr, stride_we, stride_wn, stride_wk)
+    w_up = (w_up_ptr, stride_ue, stride_un, stride_uk)
+    if PACKED:
+        schedule = (sorted_slots_ptr, expert_offsets_ptr)
     else:
-        a_desc, w_desc, u_desc = a_ptr, w_ptr, w_up_ptr
+        schedule = (sorted_slots_ptr, block_expert_ptr, num_padded_ptr)
+    if TMA:
+        descriptors = make_descriptors(a, w, w_up, num_a_rows, N, K, num_experts, GATED, BLOCK_M, BLOCK_N, BLOCK_K,
+                                       PAIRED, pair_stride)
+    else:
+        descriptors = (a_ptr, w_ptr, w_up_ptr)  # unused
     num_tiles = num_blocks_max * tl.cdiv(N, BLOCK_N)
     if ZERO_UNROUTED:
         tl.static_assert(PACKED, "unrouted rows are found from a packed schedule's offsets")
-        num_tiles += unrouted_row_blocks(block_expert_ptr, num_experts, num_slots, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        num_tiles += unrouted_row_blocks(expert_offsets_ptr, num_experts, num_slots, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     # One tile per program, or (a persistent grid of one program per SM) tiles strided by the grid.
     for pid in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
         y, rows, cols, mask = expert_gemm_tile(
-            pid,
-            a_ptr, w_ptr, w_up_ptr, bias_ptr, bias_up_ptr, slot_weight_ptr,
-            sorted_slots_ptr, block_expert_ptr, num_padded_ptr,
-            N, K, num_slots, gather_top_k, num_blocks_max, num_experts,
-            stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_ue, stride_un, stride_uk,
-            stride_be, stride_bn, stride_bue, stride_bun,
-            alpha, limit,
+            pid, a, w, w_up, (bias_ptr, stride_be, stride_bn), (bias_up_ptr, stride_bue, stride_bun), slot_weight_ptr,
+            schedule, (N, K, num_slots, gather_top_k, num_blocks_max, num_experts), (alpha, limit), descriptors,
             GATHER, SCATTER, GATED, HAS_BIAS, HAS_BIAS_UP, HAS_SLOT_WEIGHT, ACTIVATION, INPUT_PRECISION,
-            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, PACKED, E_PAD, TMA, a_desc, w_desc, u_desc, PAIRED,
+            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, PACKED, E_PAD, TMA, PAIRED,
         )
         if ZERO_UNROUTED:
             q = pid - num_blocks_max * tl.cdiv(N, BLOCK_N)
@@ -379,12 +387,15 @@ def _expert_gemm_kernel(
 
 
 @triton.jit
-def make_descriptors(a_ptr, w_ptr, w_up_ptr, num_a_rows, N, K, num_experts, stride_am, stride_we, stride_wn,
-                     stride_ue, stride_un, GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, PAIRED: tl.constexpr = False, pair_stride=0):
-    """Tensor descriptors of a TMA tile (see expert_gemm_tile): A's rows, and each weight as the 2-D
-    rows of its (E, N, K) view (expert e's rows start at e * stride_we / stride_wn); PAIRED, one for both
-    weights, the pair's rows as a (2, rows, K) array (up = gate + pair_stride elements)."""
+def make_descriptors(a, w, w_up, num_a_rows, N, K, num_experts, GATED: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PAIRED: tl.constexpr = False, pair_stride=0):
+    """Tensor descriptors of a TMA tile (``a``, ``w``, ``w_up`` as expert_gemm_tile takes them, unit
+    stride along K): A's rows, and each weight as the 2-D rows of its (E, N, K) view (expert e's rows
+    start at e * stride_e / stride_n); PAIRED, one for both weights, the pair's rows as a (2, rows, K)
+    array (up = gate + pair_stride elements)."""
+    a_ptr, stride_am, _ = a
+    w_ptr, stride_we, stride_wn, _ = w
+    w_up_ptr, stride_ue, stride_un, _ = w_up
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[num_a_rows, K], strides=[stride_am, 1],
                                        block_shape=[BLOCK_M, BLOCK_K])
     if PAIRED:
@@ -435,13 +446,9 @@ def expert_gemm_triton(
         out = torch.empty((num_positions, n), dtype=out_dtype, device=a.device)
     packed = isinstance(schedule, PackedSchedule)
     if packed:
-        # expert_gemm_tile's PACKED mode reads the offsets where the padded mode reads block_expert, and
-        # never num_padded.
-        block_expert, num_padded = schedule.expert_offsets, sorted_slots
         num_blocks_max = packed_blocks_max(num_slots, num_experts, block_m)
     else:
-        block_expert, num_padded = schedule.block_expert, schedule.num_padded
-        num_blocks_max = block_expert.shape[0]
+        num_blocks_max = schedule.block_expert.shape[0]
     if num_slots == 0 or num_blocks_max == 0 or n == 0:
         return out.zero_()
     gated = w_up is not None
@@ -475,7 +482,8 @@ def expert_gemm_triton(
         a, w, w_up if gated else dummy, bias if bias is not None else dummy,
         bias_up if bias_up is not None else dummy,
         slot_weights if slot_weights is not None else dummy, out,
-        sorted_slots, block_expert, num_padded, slot_ids if zero_unrouted else dummy,
+        sorted_slots, schedule.expert_offsets if packed else dummy, dummy if packed else schedule.block_expert,
+        dummy if packed else schedule.num_padded, slot_ids if zero_unrouted else dummy,
         n, k, num_slots, max(gather_top_k, 1), num_blocks_max, num_experts, a.shape[0],
         a.stride(0), a.stride(1),
         *w.stride(),

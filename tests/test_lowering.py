@@ -481,7 +481,7 @@ def test_gpt_oss_variant_reads_interleaved_views_with_biases(dynamic):
     for gate_up in gate_ups:
         for line in ("HAS_BIAS : tl.constexpr = True", "HAS_BIAS_UP : tl.constexpr = True",
                      "ACTIVATION : tl.constexpr = 5", "W_UP = arg_W_UP + 1", "BIAS_UP = arg_BIAS_UP + 1",
-                     f"{2 * F_ * H}, 2, {2 * F_},"):
+                     f"w = (W, {2 * F_ * H}, 2, {2 * F_})", f"w_up = (W_UP, {2 * F_ * H}, 2, {2 * F_})"):
             assert line in gate_up, line
     # No kernel other than the templates and the combine: nothing copies the weights.
     assert len(kernels) == 2 * pairs + 1, list(kernels)

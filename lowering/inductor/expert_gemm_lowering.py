@@ -95,53 +95,46 @@ from moe_ops.expert_gemm_triton import (
 {%- else %}
     num_blocks_max = {{size("BLOCK_EXPERT", 0)}}
 {%- endif %}
+{%- set w_up = "W_UP" if GATED else "W" %}
+{%- set w_up_strides = [stride("W_UP", 0), stride("W_UP", 1), stride("W_UP", 2)] if GATED else [0, 0, 0] %}
+    # Each operand a tensor with its strides, as the tile functions take them.
+    w = (W, {{stride("W", 0)}}, {{stride("W", 1)}}, {{stride("W", 2)}})
+    w_up = ({{w_up}}, {{w_up_strides | join(", ")}})
+{%- set bias_strides = [stride("BIAS", 0), stride("BIAS", 1)] if HAS_BIAS else [0, 0] %}
+{%- set bias_up_strides = [stride("BIAS_UP", 0), stride("BIAS_UP", 1)] if HAS_BIAS_UP else [0, 0] %}
+    bias = ({{"BIAS" if HAS_BIAS else "W"}}, {{bias_strides | join(", ")}})
+    bias_up = ({{"BIAS_UP" if HAS_BIAS_UP else "W"}}, {{bias_up_strides | join(", ")}})
+    schedule = {{"(SORTED_SLOTS, EXPERT_OFFSETS)" if PACKED else "(SORTED_SLOTS, BLOCK_EXPERT, NUM_PADDED)"}}
+    sizes = (N, K, num_slots, GATHER_TOP_K, num_blocks_max, NUM_EXPERTS)
 {%- if TMA %}
-    a_desc, w_desc, u_desc = make_descriptors(
-        A, W, {{"W_UP" if GATED else "W"}}, {{size("A", 0)}}, N, K, NUM_EXPERTS, {{stride("A", 0)}},
-        {{stride("W", 0)}}, {{stride("W", 1)}},
-        {{stride("W_UP", 0) if GATED else 0}}, {{stride("W_UP", 1) if GATED else 0}},
-        GATED, BLOCK_M, BLOCK_N, BLOCK_K, PAIRED, PAIR_STRIDE,
-    )
+    # A as an operand only here: pointer-load tiles read it through load_input (a fused prologue may
+    # compute it, leaving no A argument).
+    a_operand = (A, {{stride("A", 0)}}, {{stride("A", 1)}})
+    descriptors = make_descriptors(a_operand, w, w_up, {{size("A", 0)}}, N, K, NUM_EXPERTS, GATED, BLOCK_M, BLOCK_N,
+                                   BLOCK_K, PAIRED, PAIR_STRIDE)
 {%- endif %}
     num_tiles = num_blocks_max * tl.cdiv(N, BLOCK_N)
 {%- if ZERO_UNROUTED %}
     num_tiles += unrouted_row_blocks(EXPERT_OFFSETS, NUM_EXPERTS, num_slots, BLOCK_M) * tl.cdiv(N, BLOCK_N)
 {%- endif %}
-{%- set w_up = "W_UP" if GATED else "W" %}
-{%- set w_up_strides = [stride("W_UP", 0), stride("W_UP", 1), stride("W_UP", 2)] if GATED else [0, 0, 0] %}
-{%- set bias_strides = [stride("BIAS", 0), stride("BIAS", 1)] if HAS_BIAS else [0, 0] %}
-{%- set bias_up_strides = [stride("BIAS_UP", 0), stride("BIAS_UP", 1)] if HAS_BIAS_UP else [0, 0] %}
-{%- set schedule = "SORTED_SLOTS, EXPERT_OFFSETS, SORTED_SLOTS" if PACKED
-                   else "SORTED_SLOTS, BLOCK_EXPERT, NUM_PADDED" %}
-{%- set optional_ptrs = [("BIAS" if HAS_BIAS else "W"), ("BIAS_UP" if HAS_BIAS_UP else "W"),
-                         ("SLOT_W" if HAS_SLOT_WEIGHT else "W")] | join(", ") %}
 {%- set precision = '"ieee"' if IEEE else '"tf32"' %}
     # One tile per program, or (TMA: a persistent grid of one program per SM) tiles strided by the grid.
     for pid in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
 {%- if TMA %}
         y, rows, cols, mask = expert_gemm_tile(
-            pid,
-            A, W, {{w_up}}, {{optional_ptrs}}, {{schedule}},
-            N, K, num_slots, GATHER_TOP_K, num_blocks_max, NUM_EXPERTS,
-            {{stride("A", 0)}}, {{stride("A", 1)}},
-            {{stride("W", 0)}}, {{stride("W", 1)}}, {{stride("W", 2)}}, {{w_up_strides | join(", ")}},
-            {{bias_strides | join(", ")}}, {{bias_up_strides | join(", ")}},
-            ALPHA, LIMIT,
-            GATHER, SCATTER, GATED, HAS_BIAS, HAS_BIAS_UP, HAS_SLOT_WEIGHT, ACTIVATION, {{precision}},
-            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, PACKED, E_PAD, TMA, a_desc, w_desc, u_desc, PAIRED,
+            pid, a_operand, w, w_up, bias, bias_up, {{"SLOT_W" if HAS_SLOT_WEIGHT else "W"}}, schedule, sizes,
+            (ALPHA, LIMIT),
+            descriptors, GATHER, SCATTER, GATED, HAS_BIAS, HAS_BIAS_UP, HAS_SLOT_WEIGHT, ACTIVATION, {{precision}},
+            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, PACKED, E_PAD, TMA, PAIRED,
         )
 {%- else %}
         # The tile function's steps with the template's own K loop: A comes through load_input, where
         # Inductor can fuse a pointwise producer of A (a prologue: a cast, a scale) into the load.
         expert, row0, offs_m, rows_in_range, slot, row_valid, a_row, col0, cols, col_valid, k_end = tile_coords(
-            pid, {{schedule}}, N, K, num_slots, GATHER_TOP_K, num_blocks_max, NUM_EXPERTS,
-            GATHER, BLOCK_M, BLOCK_N, GROUP_M, PACKED, E_PAD,
+            pid, schedule, sizes, GATHER, BLOCK_M, BLOCK_N, GROUP_M, PACKED, E_PAD,
         )
         acc, acc_up = tile_accumulators(BLOCK_M, BLOCK_N, GATED)
-        w_ptrs, u_ptrs = weight_tile_ptrs(
-            W, {{w_up}}, expert, cols, {{stride("W", 0)}}, {{stride("W", 1)}}, {{stride("W", 2)}},
-            {{w_up_strides | join(", ")}}, BLOCK_K,
-        )
+        w_ptrs, u_ptrs = weight_tile_ptrs(w, w_up, expert, cols, BLOCK_K)
         for k0 in range(0, k_end, BLOCK_K):
             idx_am = a_row[:, None]
             idx_ak = k0 + tl.arange(0, BLOCK_K)[None, :]
@@ -158,9 +151,9 @@ from moe_ops.expert_gemm_triton import (
                 {{precision}}, BLOCK_K,
             )
         y, rows, cols, mask = tile_output(
-            acc, acc_up, expert, slot, row_valid, offs_m, rows_in_range, cols, col_valid, {{optional_ptrs}},
-            {{bias_strides | join(", ")}}, {{bias_up_strides | join(", ")}}, ALPHA, LIMIT,
-            SCATTER, GATED, HAS_BIAS, HAS_BIAS_UP, HAS_SLOT_WEIGHT, ACTIVATION,
+            acc, acc_up, expert, slot, row_valid, offs_m, rows_in_range, cols, col_valid, bias, bias_up,
+            {{"SLOT_W" if HAS_SLOT_WEIGHT else "W"}}, (ALPHA, LIMIT), SCATTER, GATED, HAS_BIAS, HAS_BIAS_UP,
+            HAS_SLOT_WEIGHT, ACTIVATION,
         )
 {%- endif %}
 {%- if ZERO_UNROUTED %}
