@@ -177,8 +177,9 @@ def fused_experts_backward_triton(
     With g the output gradient, t(s) a slot's token, w_s its routing weight and h_s = act(x W_gu^T):
     y_s = w_s (h_s W_d^T + b_d), so dh_s = w_s g_t W_d, d w_s = h_s . (g_t W_d) + g_t . b_d,
     dW_d = sum_s (w_s g_t)^T h_s, and the pre-activation gradient gives dx and dW_gu. Three expert GEMMs
-    over the block schedule (the pre-activations recomputed in fp32, g_t W_d in x's dtype, dx), one pass
-    for the activation's gradient (which writes the activation over g_t W_d) and two weight-gradient
+    over the block schedule (the pre-activations recomputed, g_t W_d, dx; each in x's dtype), one pass for
+    the activation's gradient (which writes the pre-activations' gradients over them and the activation
+    over g_t W_d) and two weight-gradient
     kernels; g is read gathered and scaled inside the kernels, never materialised per slot (except with
     a down bias). Returns the gradients of
     x, topk_weights, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down (an empty tensor for an absent
@@ -209,7 +210,7 @@ def fused_experts_backward_triton(
     row_offsets = padded_offsets(counts_E, block_m).to(torch.int32)
     slot_weights = topk_weights.reshape(-1)
 
-    def gemm(a, weight, bias=None, gather_top_k=0, scatter=False, out_dtype=torch.float32):
+    def gemm(a, weight, bias=None, gather_top_k=0, scatter=False, out_dtype=None):
         return expert_gemm_triton(
             a, weight, PaddedSchedule(sorted_slots, block_expert, num_padded), S, block_m, bias=bias,
             gather_top_k=gather_top_k, scatter=scatter, out_dtype=out_dtype,
@@ -235,24 +236,24 @@ def fused_experts_backward_triton(
         first_block = (row_offsets // block_m).long()
         out_EN.copy_(running[first_block[1:]] - running[first_block[:-1]])
 
-    # The recomputed pre-activations in fp32 (the forward's activation comes from fp32 accumulators), their
-    # gradients in x's dtype, laid out alike (gate and up halves, interleaved, or two tensors); g_t W_d in
-    # x's dtype, which the activation-gradient pass overwrites with the activation (it reads each element
-    # before it writes that element): per schedule row 2F * 4 + 2F * 2 + F * 2 bytes in bf16.
-    pre = [gemm(x, w_gu, b_gate_up, gather_top_k=K)]
+    # The recomputed pre-activations in x's dtype, which the activation-gradient pass overwrites with their
+    # gradients, and g_t W_d in x's dtype, which it overwrites with the activation (it reads each element
+    # before it writes that element): per schedule row 3F values in x's dtype (bf16: 6F bytes), nothing
+    # else of that size. Gate and up laid out as the weights have them (halves, interleaved, or two tensors).
+    pre = [gemm(x, w_gu, b_gate_up, gather_top_k=K, out_dtype=x.dtype)]
     if w_u is not None:
-        pre.append(gemm(x, w_u, b_up, gather_top_k=K))
-    d_pre = [torch.empty(t.shape, dtype=x.dtype, device=x.device) for t in pre]
+        pre.append(gemm(x, w_u, b_up, gather_top_k=K, out_dtype=x.dtype))
     if len(pre) == 2:
-        (gate, up), (d_gate, d_up) = pre, d_pre
+        gate, up = pre
     elif gated:
-        (gate, up), (d_gate, d_up) = split_gate_up(pre[0], interleaved), split_gate_up(d_pre[0], interleaved)
+        gate, up = split_gate_up(pre[0], interleaved)
     else:
-        (gate, up), (d_gate, d_up) = (pre[0], None), (d_pre[0], None)
+        gate, up = pre[0], None
+    d_pre = pre  # written in place below
 
     g_wd_PF = gemm(grad_TH, w_d.transpose(1, 2), gather_top_k=K, out_dtype=x.dtype)  # g_t W_d per row: (P, F)
     h_lp = g_wd_PF
-    d_weight_P = activation_grad_triton(gate, up, g_wd_PF, slot_weights, sorted_slots, h_lp, d_gate, d_up,
+    d_weight_P = activation_grad_triton(gate, up, g_wd_PF, slot_weights, sorted_slots, h_lp, gate, up,
                                         activation, alpha, limit)
     if b_down is not None:
         g_PH = grad_TH[torch.where(valid_P, slot_P // K, 0)].float() * valid_P[:, None]

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_energy  # noqa: E402
 import bench_layer  # noqa: E402
 import bench_targets  # noqa: E402
+import compare_layer_runs  # noqa: E402
 
 
 def test_zipf_tokens_route_with_zipf_frequencies():
@@ -169,3 +170,19 @@ def test_expert_parallel_benchmark_dry_run():
                             timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| tiny | 6 |" in result.stdout and "padded / EP=1" in result.stdout
+
+
+def test_tree_comparison_calls_slower_only_beyond_the_runs_spread():
+    """compare_layer_runs: a cell is slower only when the candidate's median exceeds the baseline's by more
+    than either tree's own run-to-run spread; cells missing from a run are left out."""
+    a = ("mixtral", 1, "moe_ops")
+    b = ("mixtral", 8192, "moe_ops")
+    c = ("qwen3", 128, "moe_ops")
+    baseline = [{a: 1.00, b: 10.0, c: 2.0}, {a: 1.10, b: 10.1, c: 2.0}]
+    candidate = [{a: 1.08, b: 11.0, c: 1.5}, {a: 1.02, b: 11.2}]
+    rows = {(r["shape"], r["T"], r["impl"]): r for r in compare_layer_runs.compare(baseline, candidate)}
+    assert set(rows) == {a, b}
+    assert rows[a]["verdict"] == "within noise" and rows[a]["noise"] == pytest.approx(1.1)
+    assert rows[b]["verdict"] == "slower" and rows[b]["ratio"] == pytest.approx(11.1 / 10.05)
+    text = compare_layer_runs.report(list(rows.values()), "old", "new", [])
+    assert "1 of 2 cells slower than old beyond the noise band." in text
