@@ -4,6 +4,9 @@
 #             use several cores, with compute-sanitizer memcheck over tests/memcheck_edges.py beside them
 #   kernels   benchmarks/bench_kernels.py (per-kernel times; run alone, after the tests)
 #   layer     benchmarks/bench_layer.py (the table against transformers; LAYER_ARGS passes filters)
+#   trees     the layer benchmark of this tree against an older one (BASELINE_TREE: a folder holding its
+#             packages, e.g. `git archive <commit> moe_ops lowering | tar -x -C DIR`), TREE_RUNS runs
+#             each (default 2), alternating, then benchmarks/compare_layer_runs.py (TREE_LABELS "old new")
 #   profile   benchmarks/profile_host.py (host vs GPU time of the eager layer, with a cProfile)
 #   training  benchmarks/bench_training.py (one training step, with and without moe_ops; TRAINING_ARGS)
 #   targets   benchmarks/bench_targets.py (decode under CUDA graphs, skewed routing, fp16/fp32; TARGET_ARGS)
@@ -88,6 +91,23 @@ for stage in "$@"; do
     hostc) timeout "$LIMIT" python3 -P benchmarks/profile_host.py --out "$OUT" --compiled || status=1 ;;
     layer) timeout "$LIMIT" python3 -P benchmarks/bench_layer.py --out "$OUT" ${LAYER_ARGS:-} 2>&1 \
              | tee "$OUT/layer.log" | tail -40 || status=1 ;;
+    trees)
+      read -r old_label new_label <<< "${TREE_LABELS:-baseline head}"
+      old_runs=""; new_runs=""
+      for run in $(seq "${TREE_RUNS:-2}"); do
+        # The same benchmark script for both trees; only the package on the path differs.
+        PYTHONPATH="$BASELINE_TREE:$PWD/benchmarks:$PWD/tests" timeout "$LIMIT" python3 -P benchmarks/bench_layer.py \
+          --out "$OUT/trees/$old_label$run" ${LAYER_ARGS:-} >> "$OUT/trees.log" 2>&1 || status=1
+        timeout "$LIMIT" python3 -P benchmarks/bench_layer.py --out "$OUT/trees/$new_label$run" ${LAYER_ARGS:-} \
+          >> "$OUT/trees.log" 2>&1 || status=1
+        old_runs="$old_runs${old_runs:+,}$OUT/trees/$old_label$run"; new_runs="$new_runs${new_runs:+,}$OUT/trees/$new_label$run"
+      done
+      python3 -P benchmarks/compare_layer_runs.py --baseline "$old_label=$old_runs" --candidate "$new_label=$new_runs" \
+        --out "$OUT/layer_trees.md" | tail -30 || status=1
+      # Every run's rows in one file (the device tool brings back few files), each prefixed by its run.
+      for run_dir in "$OUT"/trees/*; do sed "s|^|$(basename "$run_dir"),|" "$run_dir"/layer_*.csv; done \
+        > "$OUT/layer_trees_runs.csv"
+      rm -rf "$OUT/trees" ;;
     *) echo "unknown stage $stage"; status=1 ;;
   esac
 done
