@@ -29,6 +29,45 @@ TINY_CONFIG = dict(
 # Families whose experts are no token routing of a language model.
 NOT_TOKEN_ROUTING = {"vitpose_backbone": "a vision backbone whose experts are chosen per dataset, not per token"}
 
+# What the MoE code of each family that is not fully rewritten does differently, in a user's words (read from
+# its transformers 5.17 source); the family table prints it beside the log's reason. tests/test_hf_families.py
+# fails when a family left alone has no entry here, or a fully rewritten one still has one.
+DIFFERENT_CODE = {
+    "aria": "its experts sort the tokens by expert, copy the counts per expert to the host and multiply one "
+            "slice per expert in a Python loop (weights stored input-first); its router is rewritten",
+    "dbrx": "its router's softmax runs in bf16 (the selection reads rounded scores) and divides the chosen "
+            "weights by their p-norm; its experts slice one flat (E x F, H) matrix per projection per expert",
+    "deepseek_v4": "its router scores are sqrt(softplus(logits)) in bf16, a scoring moe_ops.route lacks, and "
+                   "its first layers pick experts from a fixed token-id table; its experts are rewritten",
+    "diffusion_gemma": "its MoE runs inside a whole encoder layer (attention included) that needs rotary "
+                       "position embeddings, so it is not built here alone; router and experts are Gemma 4's",
+    "gemma4": "its decoder layer holds router and experts only with enable_moe_block=True (off by default), "
+              "routing on the residual while the experts read a normalised copy, with a learned per-expert scale",
+    "inkling": "its router adds the selection bias to sigmoid scores in bf16 and derives the weights from "
+               "log-sigmoids normalised together with the shared experts; its experts are rewritten",
+    "jetmoe": "its experts gather the tokens in an order sorted by expert id and split them by per-expert "
+              "counts read to the host (.tolist()), then add a learned bias; its router is rewritten",
+    "lfm2_moe": "its router adds the selection bias to sigmoid scores in bf16 (the bias is bf16 once the model "
+                "is), so the selection reads rounded sums; its experts are rewritten",
+    "llama4": "its top-k runs on raw logits, the sigmoid follows on a dense score matrix, and every token goes "
+              "through every expert with its input row scaled by the score (summed over all E experts)",
+    "longcat_flash": "its router also picks zero-compute experts that return the token unchanged, and its "
+                     "experts loop reads each expert id to the host (.item()); its router is rewritten",
+    "mistral4": "its group-limited router computes logits, softmax and top-k in bf16 (no fp32 cast), so the "
+                "selection reads rounded scores; its experts are rewritten",
+    "nllb_moe": "it picks 2 experts with two argmax calls and drops tokens past an expert's capacity; each "
+                "expert is its own ReLU MLP with biases, and its loop re-encodes the selection mask, so only "
+                "experts 0 and 1 run",
+    "phimoe": "its sparsemixer router picks two experts with successive max() calls on bf16 logits, each "
+              "weighted by a softmax over the experts within a jitter threshold; its experts are rewritten",
+    "step3p7": "its experts clamp silu(gate) after the activation (not the gate before it) and run their own "
+               "loop, not a transformers experts implementation; its router is rewritten",
+    "switch_transformers": "it routes top-1 with a max over bf16 softmax probabilities into a one-hot mask, "
+                           "and each expert is its own ReLU MLP looked up by name",
+    "zaya": "its router is a small MLP over (batch, sequence, E + 1) with a 'skip' class and passes state "
+            "between layers; its experts are rewritten",
+}
+
 
 def families() -> list[str]:
     """Every transformers model package whose modeling code assigns ``self.experts``, sorted."""
@@ -114,4 +153,5 @@ def build_block(family: str, config=None) -> tuple[str, torch.nn.Module, transfo
             if hasattr(getattr(submodule, "config", None), "_experts_implementation"):
                 submodule.config._experts_implementation = "grouped_mm"
         return cls.__name__, block, config
-    raise RuntimeError("; ".join(errors) or "no class of the modeling module assigns self.experts")
+    raise RuntimeError("; ".join(errors) or "no MoE block class: only an attention, decoder or encoder layer, "
+                       "model or experts class assigns self.experts")

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from compile_harness import fresh_compile_state  # noqa: F401  (fixture)
+from torch._dynamo.utils import counters
 from torch._inductor.decomposition import select_decomp_table
 from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -251,3 +252,31 @@ def test_group_limited_router_is_explained_once_at_its_expert_top_k(caplog, n_gr
     messages = _not_rewritten_lines(caplog)
     assert len(messages) == 1, messages
     assert "w, ids = torch.topk(scores.masked_fill(keep == 0" in messages[0]
+
+
+@pytest.mark.usefixtures("fresh_compile_state")
+def test_router_left_alone_says_why_at_info_once(caplog):
+    """A router the routing rewrite declines (a top-k over raw logits whose values feed a sigmoid, Llama 4's
+    selection) is explained at INFO once, naming its line, beside a rewritten experts block; a recompile
+    (another T) does not repeat it."""
+    import logging
+
+    w_router, w_gate_up, w_down = torch.randn(E, H), torch.randn(E, 2 * F_, H), torch.randn(E, H, F_)
+
+    def block(x):
+        logits, ids = torch.topk(x @ w_router.T, K, dim=-1)
+        w = torch.sigmoid(logits)
+        gate, up = torch.einsum("th,tkfh->tkf", x, w_gate_up[ids]).chunk(2, dim=-1)
+        y = torch.einsum("tkf,tkhf->tkh", F.silu(gate) * up, w_down[ids])
+        return torch.einsum("tkh,tk->th", y, w)
+
+    with caplog.at_level(logging.INFO, logger="moe_ops"):
+        for tokens in (10, 12):
+            x = torch.randn(tokens, H)
+            torch.testing.assert_close(torch.compile(block)(x), block(x), rtol=1e-4, atol=1e-4)
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
+    router_lines = [m for m in lines if m.startswith("MoE router not rewritten")]
+    assert len(router_lines) == 1, lines
+    assert "logits, ids = torch.topk(x @ w_router.T, K, dim=-1)" in router_lines[0], router_lines
+    assert "is not a softmax/sigmoid over the last dim" in router_lines[0], router_lines
+    assert counters["moe_ops"]["experts_rewrite"] == 2 and not counters["moe_ops"]["route_rewrite"]

@@ -34,7 +34,16 @@ import moe_ops.routing  # noqa: F401  (defines moe_ops::route, read here)
 from moe_ops._compat.dynamo import counters, detect_fake_mode
 from moe_ops._compat.inductor import select_decomp_table
 from moe_ops.activations import CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT
-from moe_ops.lowering.graph.fx_match import Rejected, aten, is_call, prims, same_shape, same_size, val
+from moe_ops.lowering.graph.fx_match import (
+    ROUTE_REJECTED,
+    Rejected,
+    aten,
+    is_call,
+    prims,
+    same_shape,
+    same_size,
+    val,
+)
 
 log = logging.getLogger("moe_ops")
 
@@ -310,9 +319,9 @@ def rewrite_experts(graph: Graph, forms) -> int:
     return rewritten
 
 
-# Routers (by source line) already explained: recompiles of the same code would repeat the message, with
-# other node names in it.
-_explained: set[str] = set()
+# (what, source line) already explained, what being "router" or "experts": recompiles of the same code
+# would repeat the message, with other node names in it.
+_explained: set[tuple[str, str]] = set()
 _PASS_THROUGH = (prims.convert_element_type.default, aten.view.default, aten.reshape.default, aten.clone.default,
                  aten._to_copy.default)
 _ROUTERS = (aten.topk.default, torch.ops.moe_ops.route.default)
@@ -418,14 +427,15 @@ def _feeds_a_matmul(node: Node, limit: int = 64) -> bool:
 
 
 def _explain_routers_left_alone(graph: Graph, reasons: list[str]) -> None:
-    """Log at INFO, once each, why the experts after a router were not rewritten: a top-k over
-    (tokens, experts) whose ids some expert computation reads but no moe_ops.fused_experts does.
+    """Log at INFO, once each, why a router that selects experts was left alone: a top-k over (tokens,
+    experts) whose ids some expert computation reads. Its own reason where the routing rewrite declined
+    it, and why the experts after it were not rewritten where no moe_ops.fused_experts reads its ids.
     Other top-ks (a group mask's, a sampler's, a token counter's: ids that only feed counts, scatters
     whose result no matmul reads, or leave the graph) and candidates that were no MoE block at all stay
     at DEBUG."""
     served = {_router_ids(n.args[2]) for n in graph.nodes if is_call(n, torch.ops.moe_ops.fused_experts.default)}
     for router in graph.nodes:
-        if not _is_router(router) or router in served:
+        if not _is_router(router):
             continue
         if val(router.args[0]) is None or val(router.args[0]).dim() != 2:
             continue
@@ -436,8 +446,12 @@ def _explain_routers_left_alone(graph: Graph, reasons: list[str]) -> None:
         ):
             continue
         where = _source_line(router)
-        why = "; ".join(dict.fromkeys(reasons)) or "no form of routed-experts code was recognised after it"
-        if where in _explained:
+        route_reason = router.meta.get(ROUTE_REJECTED)
+        if route_reason and ("router", where) not in _explained:
+            _explained.add(("router", where))
+            log.info("MoE router not rewritten (at %s): %s", where, route_reason)
+        if router in served or ("experts", where) in _explained:
             continue
-        _explained.add(where)
+        _explained.add(("experts", where))
+        why = "; ".join(dict.fromkeys(reasons)) or "no form of routed-experts code was recognised after it"
         log.info("MoE block not rewritten (router at %s): %s", where, why)

@@ -18,6 +18,11 @@ class Rejected(Exception):
     """A candidate that is not provably the op's computation; the message says why."""
 
 
+# Where the routing rewrite leaves the reason a top-k was not rewritten (node.meta), for the experts pass to
+# explain at INFO once it knows which top-ks select experts.
+ROUTE_REJECTED = "moe_ops_route_rejected"
+
+
 def val(node) -> torch.Tensor | None:
     """The fake value Inductor recorded for ``node`` (None for non-nodes)."""
     return node.meta.get("val") if isinstance(node, Node) else None

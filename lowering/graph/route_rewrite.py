@@ -17,7 +17,8 @@ left in place and reads the op's weights. The indices' users read the op's int32
 Post-grad, softmax is decomposed: ``amax -> sub -> exp -> sum -> div`` on the CPU, and on CUDA
 Inductor's own patterns first turn the amax/sum into ``prims.prepare_softmax_online``; both match.
 
-Not rewritten (each logged at DEBUG with the reason): scores not computed in fp32 (e.g. a bf16
+Not rewritten (each logged at DEBUG with the reason, and at INFO once per source line where the
+top-k selects experts: lowering/graph/experts_rewrite.py): scores not computed in fp32 (e.g. a bf16
 softmax whose bf16 result feeds topk: its rounding changes the selection), reductions over another
 dim, ``largest=False``, logits that are not 2-D, R2 where the top-k values are also used outside
 the softmax (the topk would have to stay), and R3 masking with anything but -inf (HF's DeepseekV3
@@ -45,6 +46,7 @@ from torch.fx import Graph, Node
 from moe_ops._compat.dynamo import counters, detect_fake_mode
 from moe_ops._compat.inductor import online_softmax_target
 from moe_ops.lowering.graph.fx_match import (
+    ROUTE_REJECTED,
     Rejected,
     arg,
     aten,
@@ -104,6 +106,7 @@ def rewrite_routing_prologues(graph: Graph) -> int:
             prologue = _match(topk)
         except Rejected as reason:
             log.debug("routing prologue at node %s not rewritten: %s", topk.name, reason)
+            topk.meta[ROUTE_REJECTED] = str(reason)
             continue
         _replace(graph, prologue)
         counters["moe_ops"]["route_rewrite"] += 1
