@@ -65,7 +65,7 @@ class EagerLoop(NamedTuple):
     # layout and biases this loop reads. A class whose flags differ is not the computation mapped here.
     flags: tuple[bool, bool, bool, bool]
     # Where the loop's activation comes from: "act_fn" (act_fn(gate) * up, or act_fn(up) without a gate)
-    # or "gpt_oss_gate" (GptOssExperts._apply_gate: interleaved, clamped SwiGLU with self.alpha, self.limit).
+    # or "apply_gate" (the class's _apply_gate, one of KNOWN_APPLY_GATES).
     gate: str
 
 
@@ -76,14 +76,38 @@ KNOWN_EAGER_LOOPS = {
     "40494943dd3db184": EagerLoop("MixtralExperts", (True, False, False, True), "act_fn"),
     # GptOssExperts: gate_up_proj (E, H, 2F) + gate_up_proj_bias -> self._apply_gate -> down_proj (E, F, H)
     # + down_proj_bias, the down bias scaled by the routing weight.
-    "a37b05b7e1db2477": EagerLoop("GptOssExperts", (True, True, True, False), "gpt_oss_gate"),
+    "a37b05b7e1db2477": EagerLoop("GptOssExperts", (True, True, True, False), "apply_gate"),
+    # Glm5NextTextExperts, HYV4Experts, MiniMaxM3VLExperts, DeepseekV4Experts: gate_up_proj (E, 2F, H) ->
+    # self._apply_gate -> down_proj (E, H, F), no biases.
+    "48f8e6dcf82b13bd": EagerLoop("Glm5NextTextExperts", (True, False, False, True), "apply_gate"),
     # NemotronHExperts: up_proj (E, F, H) -> act_fn -> down_proj (E, H, F), no gate, no biases.
     "d837061af87e18df": EagerLoop("NemotronHExperts", (False, False, False, True), "act_fn"),
 }
 
-# _code_fingerprint of GptOssExperts._apply_gate (transformers 5.17): gate, up = x[..., ::2], x[..., 1::2];
-# (up.clamp(-limit, limit) + 1) * gate.clamp(max=limit) * sigmoid(alpha * gate.clamp(max=limit)).
-GPT_OSS_GATE_FINGERPRINT = "a7f9b5b0d88e31cf"
+
+
+class ApplyGate(NamedTuple):
+    """An experts class's ``_apply_gate`` (gate_up -> the activation) that one moe_ops activation computes."""
+
+    name: str
+    activation: str  # "clamped_swiglu" or "clamped_silu"
+    interleaved: bool  # gate and up as x[..., ::2], x[..., 1::2] rather than the two halves (chunk)
+    limit: str  # the attribute holding the clamp limit (None: no clamp)
+    alpha: str | None = None  # clamped_swiglu: the attribute holding alpha
+    act_fn: bool = False  # SiLU through self.act_fn (which must then be SiLU) rather than F.silu
+
+
+# By _code_fingerprint (transformers 5.17):
+#   clamped_swiglu: (up.clamp(-limit, limit) + 1) * gate.clamp(max=limit) * sigmoid(alpha * gate.clamp(max=limit))
+#   clamped_silu:   silu(gate.clamp(max=limit)) * up.clamp(-limit, limit)
+KNOWN_APPLY_GATES = {
+    "a7f9b5b0d88e31cf": ApplyGate("GptOssExperts._apply_gate", "clamped_swiglu", True, "limit", "alpha"),
+    "5fd2dc54dce3646a": ApplyGate("MiniMaxM3VLExperts._apply_gate", "clamped_swiglu", False, "swiglu_limit",
+                                  "swiglu_alpha"),
+    # Glm5NextTextExperts and HYV4Experts
+    "e50d92fc68832328": ApplyGate("Glm5NextTextExperts._apply_gate", "clamped_silu", False, "swiglu_limit"),
+    "8ac057487ab6184c": ApplyGate("DeepseekV4Experts._apply_gate", "clamped_silu", False, "limit", act_fn=True),
+}
 
 # act_fn modules that compute exactly one moe_ops activation (exact types: a subclass may override forward).
 # GELUActivation is erf GELU in both of its variants; GELUTanh and NewGELUActivation the tanh formula.
@@ -97,6 +121,8 @@ ACTIVATION_OF_TYPE = {
     ReLUSquaredActivation: "relu2",
 }
 TORCH_GELU_ACTIVATIONS = {"none": "gelu", "tanh": "gelu_tanh"}  # nn.GELU(approximate=...)
+# act_fn as a plain function (LFM2-MoE's F.silu), called with its default arguments.
+ACTIVATION_OF_FUNCTION = {nn.functional.silu: "silu", nn.functional.gelu: "gelu", nn.functional.relu: "relu"}
 
 _LAYOUT_TOKENS = {
     tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER,
@@ -176,10 +202,14 @@ def _find_eager_loop(experts_class: type) -> EagerLoop | str:
             f"its eager loop {forward.__qualname__} is not one moe_ops has verified "
             f"({', '.join(known.name for known in KNOWN_EAGER_LOOPS.values())}.forward of transformers 5.17)"
         )
-    if loop.gate == "gpt_oss_gate":
+    if loop.gate == "apply_gate":
         apply_gate = getattr(experts_class, "_apply_gate", None)
-        if _code_fingerprint(apply_gate) != GPT_OSS_GATE_FINGERPRINT:
-            return f"its _apply_gate {getattr(apply_gate, '__qualname__', apply_gate)} is not GptOssExperts._apply_gate"
+        fingerprint = _code_fingerprint(apply_gate)
+        known = KNOWN_APPLY_GATES.get(fingerprint)
+        if known is None or known.interleaved == loop.flags[3]:
+            return (f"its _apply_gate {getattr(apply_gate, '__qualname__', apply_gate)} is not one moe_ops has "
+                    f"verified with this loop ({', '.join(g.name for g in KNOWN_APPLY_GATES.values())})")
+        return loop._replace(gate=fingerprint)
     return loop
 
 
@@ -200,6 +230,8 @@ def _activation_of(act_fn) -> str | None:
     act_type = type(act_fn)
     if act_type is nn.GELU:
         return TORCH_GELU_ACTIVATIONS.get(act_fn.approximate)
+    if not isinstance(act_fn, nn.Module):
+        return next((name for function, name in ACTIVATION_OF_FUNCTION.items() if act_fn is function), None)
     return ACTIVATION_OF_TYPE.get(act_type)
 
 
@@ -212,9 +244,18 @@ def fused_experts_arguments(experts: nn.Module, hidden_states: torch.Tensor) -> 
     gate, reason = _verified_gate(type(experts), flags)
     if reason is not None:
         return reason
-    if gate == "gpt_oss_gate":
-        activation = "clamped_swiglu"
-        alpha, limit = float(experts.alpha), float(experts.limit)
+    if gate in KNOWN_APPLY_GATES:
+        apply_gate = KNOWN_APPLY_GATES[gate]
+        limit = getattr(experts, apply_gate.limit)
+        alpha = CLAMPED_SWIGLU_ALPHA if apply_gate.alpha is None else float(getattr(experts, apply_gate.alpha))
+        activation = apply_gate.activation
+        if apply_gate.act_fn and _activation_of(experts.act_fn) != "silu":
+            return f"its _apply_gate applies act_fn {type(experts.act_fn).__name__}, not SiLU"
+        if limit is None:  # clamp(max=None) clamps nothing
+            if activation != "clamped_silu":
+                return f"its {apply_gate.limit} is None: {activation} without a limit is no moe_ops activation"
+            activation, limit = "silu", CLAMPED_SWIGLU_LIMIT
+        limit = float(limit)
     else:
         activation = _activation_of(experts.act_fn)
         if activation is None:

@@ -126,6 +126,32 @@ def test_compiled_eager_experts_run_fused_experts(name, dtype):
     assert_close_rel(out, expected, dtype, f"{name} compiled vs eager")
 
 
+@pytest.mark.parametrize("family", ["glm5_next", "hy_v4", "minimax_m3_vl", "deepseek_v4", "lfm2_moe"])
+def test_other_families_eager_experts_run_fused_experts(family):
+    """Experts loops whose activation is a class's own _apply_gate (clamped SiLU: GLM-5-Next, HY-V4,
+    DeepSeek-V4; clamped SwiGLU without interleaving: MiniMax-M3-VL) or a plain function (LFM2-MoE's
+    F.silu) run as fused_experts when compiled, with weights large enough that the clamps engage."""
+    from hf_family_blocks import build_block
+
+    _, block, config = build_block(family)
+    for module in block.modules():
+        if hasattr(getattr(module, "config", None), "_experts_implementation"):
+            module.config._experts_implementation = "eager"
+    torch.manual_seed(0)
+    for parameter in block.parameters():
+        torch.nn.init.normal_(parameter, std=0.5)
+    block = block.eval().requires_grad_(False)
+    x = torch.randn(1, 10, config.hidden_size)
+    limit = next((getattr(m, a) for m in block.modules() for a in ("swiglu_limit", "limit") if hasattr(m, a)), None)
+    if limit is not None:  # some pre-activation lies beyond the clamp
+        experts = block.experts
+        pre = torch.einsum("th,efh->tef", x[0], experts.gate_up_proj)
+        assert (pre.abs() > limit).any()
+    out = block_output(torch.compile(block), x)
+    assert counters["moe_ops"]["hf_experts"] == 1 and counters["moe_ops"]["hf_experts_fallback"] == 0
+    assert_close_rel(out, block_output(block, x), torch.float32, f"{family} compiled vs eager")
+
+
 def test_dynamic_tokens_compile_once():
     block = tiny_block("mixtral", torch.float32)
     backend = RecordingBackend()
@@ -234,7 +260,7 @@ class DoubledMixtralExperts(mixtral.MixtralExperts):
     "experts_class, reason",
     [
         (ShiftedGateGptOssExperts,
-         "its _apply_gate ShiftedGateGptOssExperts._apply_gate is not GptOssExperts._apply_gate"),
+         "its _apply_gate ShiftedGateGptOssExperts._apply_gate is not one moe_ops has verified"),
         (DoubledMixtralExperts, "its eager loop DoubledMixtralExperts.forward is not one moe_ops has verified"),
     ],
     ids=lambda value: getattr(value, "__name__", ""),
