@@ -140,7 +140,8 @@ def expert_gemm_tile(
     if TMA:
         tl.static_assert(PACKED and not GATHER, "TMA tiles need a packed schedule and A in its order")
         a_desc, w_desc, u_desc = descriptors
-        w_row = (expert * (w[1] // w[2]) + col0).to(tl.int32)
+        _, stride_we, stride_wn, _ = w
+        w_row = (expert * (stride_we // stride_wn) + col0).to(tl.int32)
         if PAIRED:
             # Gate and up rows of one column block, one box apart in a 3-D descriptor: one (2 BLOCK_N)-wide
             # dot per K step instead of two that each read the A tile again.
@@ -153,7 +154,8 @@ def expert_gemm_tile(
             acc, acc_up = tl.split(acc_pair.reshape(BLOCK_M, 2, BLOCK_N).permute(0, 2, 1))
         else:
             if GATED:
-                u_row = (expert * (w_up[1] // w_up[2]) + col0).to(tl.int32)
+                _, stride_ue, stride_un, _ = w_up
+                u_row = (expert * (stride_ue // stride_un) + col0).to(tl.int32)
             for k0 in range(0, k_end, BLOCK_K):
                 a_tile = a_desc.load([row0.to(tl.int32), k0])
                 acc = tl.dot(a_tile, w_desc.load([w_row, k0]).T, acc, input_precision=INPUT_PRECISION)
@@ -161,14 +163,16 @@ def expert_gemm_tile(
                     acc_up = tl.dot(a_tile, u_desc.load([u_row, k0]).T, acc_up, input_precision=INPUT_PRECISION)
     else:
         a_ptr, stride_am, stride_ak = a
-        K = sizes[1]
+        _, K, _, _, _, _ = sizes
+        _, _, _, stride_wk = w
+        _, _, _, stride_uk = w_up
         offs_k = tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak
         w_ptrs, u_ptrs = weight_tile_ptrs(w, w_up, expert, cols, BLOCK_K)
         for k0 in range(0, k_end, BLOCK_K):
             a_tile = tl.load(a_ptrs, mask=row_valid[:, None] & (offs_k < K - k0)[None, :], other=0.0)
-            acc, acc_up, w_ptrs, u_ptrs = k_step(a_tile, acc, acc_up, w_ptrs, u_ptrs, K - k0, col_valid, w[3],
-                                                 w_up[3], GATED, INPUT_PRECISION, BLOCK_K)
+            acc, acc_up, w_ptrs, u_ptrs = k_step(a_tile, acc, acc_up, w_ptrs, u_ptrs, K - k0, col_valid, stride_wk,
+                                                 stride_uk, GATED, INPUT_PRECISION, BLOCK_K)
             a_ptrs += BLOCK_K * stride_ak
     return tile_output(
         acc, acc_up, expert, slot, row_valid, offs_m, rows_in_range, cols, col_valid, bias, bias_up,
