@@ -433,7 +433,7 @@ def expert_gemm_triton(
     has one row per position and only routed rows written).
     ``config`` (BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) replaces the heuristic's choice:
     benchmarks/profile_kernels.py sweeps it. ``out_dtype`` (default a's) stores the fp32 accumulator
-    in another dtype: the backward keeps its pre-activations in fp32.
+    in another dtype: the backward keeps the two dx parts of a separate w_up in fp32 until their sum.
     ``slot_ids`` (S,), with ``scatter``: each slot's expert, so that the kernel writes the zeros of the
     slots routed to no expert (ids outside [0, E)) itself (else the output is zero-filled first). ``tma``: load
     through tensor descriptors on a persistent grid (expert_gemm_tile) where the inputs allow it
