@@ -78,7 +78,8 @@ def main() -> None:
     rows = compare(read_runs(base_folders), read_runs(cand_folders))
     if not rows:
         raise SystemExit("no (shape, T, impl) cell is in every run")
-    first = next(iter(csv.DictReader(sorted(base_folders[0].glob("layer_*.csv"))[0].open())))
+    with sorted(base_folders[0].glob("layer_*.csv"))[0].open() as f:
+        first = next(csv.DictReader(f))  # the run's GPU and versions
     header = [f"- GPU: {first['gpu']}; torch {first['torch']}, triton {first['triton']}, transformers "
               f"{first['transformers']}",
               f"- {len(base_folders)} runs of {base_label}, {len(cand_folders)} of {cand_label}, each a separate "

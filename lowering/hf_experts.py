@@ -85,14 +85,13 @@ KNOWN_EAGER_LOOPS = {
 }
 
 
-
 class ApplyGate(NamedTuple):
     """An experts class's ``_apply_gate`` (gate_up -> the activation) that one moe_ops activation computes."""
 
     name: str
     activation: str  # "clamped_swiglu" or "clamped_silu"
     interleaved: bool  # gate and up as x[..., ::2], x[..., 1::2] rather than the two halves (chunk)
-    limit: str  # the attribute holding the clamp limit (None: no clamp)
+    limit: str  # the attribute holding the clamp limit (its value None: no clamp)
     alpha: str | None = None  # clamped_swiglu: the attribute holding alpha
     act_fn: bool = False  # SiLU through self.act_fn (which must then be SiLU) rather than F.silu
 

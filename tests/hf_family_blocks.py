@@ -128,10 +128,11 @@ def _block_classes(module) -> list[type]:
     return classes
 
 
-def build_block(family: str, config=None) -> tuple[str, torch.nn.Module, transformers.PretrainedConfig]:
-    """(class name, block, config) of the family's MoE block, its experts on transformers' default
-    implementation ("grouped_mm"), from ``config`` (default: ``tiny_config(family)``). Raises with each
-    candidate's error if none builds."""
+def build_block(family: str, config=None, experts_implementation: str = "grouped_mm",
+                ) -> tuple[str, torch.nn.Module, transformers.PretrainedConfig]:
+    """(class name, block, config) of the family's MoE block, its experts on ``experts_implementation``
+    (default: transformers' default, "grouped_mm"), from ``config`` (default: ``tiny_config(family)``).
+    Raises with each candidate's error if none builds."""
     module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
     config = tiny_config(family) if config is None else config
     errors = []
@@ -151,7 +152,7 @@ def build_block(family: str, config=None) -> tuple[str, torch.nn.Module, transfo
             continue
         for submodule in block.modules():
             if hasattr(getattr(submodule, "config", None), "_experts_implementation"):
-                submodule.config._experts_implementation = "grouped_mm"
+                submodule.config._experts_implementation = experts_implementation
         return cls.__name__, block, config
     raise RuntimeError("; ".join(errors) or "no MoE block class: only an attention, decoder or encoder layer, "
                        "model or experts class assigns self.experts")

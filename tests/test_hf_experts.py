@@ -133,10 +133,7 @@ def test_other_families_eager_experts_run_fused_experts(family):
     F.silu) run as fused_experts when compiled, with weights large enough that the clamps engage."""
     from hf_family_blocks import build_block
 
-    _, block, config = build_block(family)
-    for module in block.modules():
-        if hasattr(getattr(module, "config", None), "_experts_implementation"):
-            module.config._experts_implementation = "eager"
+    _, block, config = build_block(family, experts_implementation="eager")
     torch.manual_seed(0)
     for parameter in block.parameters():
         torch.nn.init.normal_(parameter, std=0.5)
