@@ -206,18 +206,21 @@ def _rows_in_schedule_order_kernel(
     x_ptr, sorted_slots_ptr, out_ptr, num_positions, num_tokens, hidden, stride_xt,
     TOP_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """out[p] = x[min(sorted_slots[p] // K, T - 1)]: each position's token row, the sentinel S reading
-    row T - 1. A (rows x columns) tile, so the row loads are contiguous vectors (a gather written as an
+    """out[p] = x[sorted_slots[p] // K]; rows of the sentinel slot S (padding, slots routed to no expert)
+    are 0. A (rows x columns) tile, so the row loads are contiguous vectors (a gather written as an
     elementwise kernel loads each element through its own index)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < num_positions
-    slot = tl.load(sorted_slots_ptr + rows, mask=row_ok, other=0)
-    token = tl.minimum(slot // TOP_K, num_tokens - 1).to(tl.int64)
+    num_slots = num_tokens * TOP_K
+    slot = tl.load(sorted_slots_ptr + rows, mask=row_ok, other=num_slots)
+    routed = slot < num_slots
+    token = tl.where(routed, slot // TOP_K, 0).to(tl.int64)
     for h0 in range(0, hidden, BLOCK_H):
         cols = h0 + tl.arange(0, BLOCK_H)
-        mask = row_ok[:, None] & (cols < hidden)[None, :]
-        values = tl.load(x_ptr + token[:, None] * stride_xt + cols[None, :], mask=mask)
-        tl.store(out_ptr + rows.to(tl.int64)[:, None] * hidden + cols[None, :], values, mask=mask)
+        col_ok = (cols < hidden)[None, :]
+        values = tl.load(x_ptr + token[:, None] * stride_xt + cols[None, :], mask=routed[:, None] & col_ok,
+                         other=0.0)
+        tl.store(out_ptr + rows.to(tl.int64)[:, None] * hidden + cols[None, :], values, mask=row_ok[:, None] & col_ok)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -356,17 +359,18 @@ def launch_rows_in_schedule_order(
     launch, x, sorted_slots, out, num_positions, num_tokens, hidden: int, stride_xt, top_k: int, cdiv=triton.cdiv,
     active=1,
 ) -> None:
-    """``out`` (positions, H) = x's rows in schedule order (what TMA tiles load: they cannot gather),
-    written once for the eager op and the compiled graph (see :func:`launch_block_schedule`). ``active``
-    (0 or 1, a graph's expression in the token count): no program where 0, for a graph whose TMA tiles,
-    the only readers, do not run at that count."""
+    """``out`` (positions, H) = x's rows in schedule order (what TMA tiles and torch's grouped GEMM load:
+    they cannot gather), rows of no routed slot 0; written once for the eager op and the compiled graph
+    (see :func:`launch_block_schedule`). ``active`` (0 or 1, a graph's expression in the token count): no
+    program where 0, for a graph whose TMA tiles, the only readers, do not run at that count."""
     block_h = min(1024, triton.next_power_of_2(hidden))
     launch(_rows_in_schedule_order_kernel, (cdiv(num_positions, 8) * active,), 4,
-           x, sorted_slots, out, num_positions, num_tokens, hidden, stride_xt, TOP_K=top_k, BLOCK_R=8, BLOCK_H=block_h)
+           x, sorted_slots, out, num_positions, num_tokens, hidden, stride_xt, TOP_K=top_k, BLOCK_R=8,
+           BLOCK_H=block_h)
 
 
 def rows_in_schedule_order(x: torch.Tensor, sorted_slots: torch.Tensor, top_k: int) -> torch.Tensor:
-    """(positions, H): ``x[min(sorted_slots // top_k, T - 1)]`` for x (T, H)."""
+    """(positions, H): ``x[sorted_slots // top_k]`` for x (T, H), rows of no routed slot 0."""
     x = x if x.stride(1) == 1 else x.contiguous()
     out = x.new_empty((sorted_slots.shape[0], x.shape[1]))
     launch_rows_in_schedule_order(

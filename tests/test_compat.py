@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch._inductor.config  # noqa: F401  (the Inductor areas are imported after it, as moe_ops does)
 
-AREAS = ["dispatch", "inductor_hooks", "inductor", "dynamo", "imports", "triton_interpreter", "distributed"]
+AREAS = ["dispatch", "inductor_hooks", "inductor", "dynamo", "imports", "triton_interpreter", "distributed", "matmul"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -61,3 +61,20 @@ def test_modes_are_seen():
     assert no_tracing_or_modes_active()
     with FakeTensorMode():
         assert not no_tracing_or_modes_active()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_grouped_mm_groups_along_the_inner_dimension(dtype):
+    """grouped_mm(a (M, P), b (P, N), ends) is each group's a[:, rows] @ b[rows] (what the weight
+    gradients rely on), an empty group giving zeros, ``a`` read transposed (column-major)."""
+    from moe_ops._compat.matmul import grouped_mm
+
+    a_PM, b_PN = torch.randn(48, 8, dtype=dtype), torch.randn(48, 16, dtype=dtype)
+    ends = torch.tensor([16, 16, 32, 48], dtype=torch.int32)
+    got = grouped_mm(a_PM.t(), b_PN, ends)
+    starts = [0, 16, 16, 32]
+    want = torch.stack([a_PM[s:e].t().double() @ b_PN[s:e].double()
+                        for s, e in zip(starts, ends.tolist(), strict=True)])
+    assert got.shape == (4, 8, 16) and got.dtype == dtype
+    assert (got[1] == 0).all()
+    torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())

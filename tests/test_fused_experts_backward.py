@@ -12,6 +12,8 @@ from conftest import TOLERANCE, TRITON_DEVICE, assert_close_rel, zipf_ids
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+import moe_ops.fused_experts_backward_triton as backward_module
+from moe_ops._compat.matmul import grouped_mm
 from moe_ops.fused_experts import fused_experts, fused_experts_ref
 from moe_ops.fused_experts_backward_triton import fused_experts_backward_triton
 from moe_ops.schedule_triton import block_schedule_triton
@@ -127,6 +129,28 @@ def test_zero_tokens():
     check(make_args(0, 2, 4, 32, 16, torch.float32, TRITON_DEVICE), torch.float32)
 
 
+@pytest.mark.parametrize("form", ["EFH", "EHF", "gpt_oss", "w1_w3_biases", "ungated_gelu", "capacity_drops",
+                                  "sentinel_ids", "E>>S"])
+def test_weight_grads_through_torchs_grouped_gemm(form, monkeypatch):
+    """Where torch's grouped GEMM runs natively (bf16 on sm90/sm100) the weight and bias gradients go
+    through it over operands copied into schedule order; forced here on any device (its CPU kernel
+    computes the same), they match the reference in every layout, an expert with no rows giving zeros."""
+    calls = []
+
+    def counted(*args):
+        calls.append(args[2].shape)
+        return grouped_mm(*args)
+
+    monkeypatch.setattr(backward_module, "native_grouped_mm", lambda device, dtype: True)
+    monkeypatch.setattr(backward_module, "grouped_mm", counted)
+    shape, options = ((3, 8, 64, 32, 16), {}) if form == "E>>S" else ((13, 2, 4, 32, 16), FORMS.get(form, {}))
+    check(make_args(*shape[:2], shape[2], shape[3], shape[4], torch.bfloat16, TRITON_DEVICE, **options),
+          torch.bfloat16)
+    # One per weight and one per bias (its per-expert row sums).
+    weights_and_biases = {"w1_w3_biases": 6, "gpt_oss": 4}.get(form, 2)
+    assert len(calls) == weights_and_biases
+
+
 class PeakNewBytes(TorchDispatchMode):
     """The most bytes of storage that ops run under it had allocated and not yet freed at once (storages
     that an op's inputs already held are not new). Under Triton's interpreter its copies of kernel
@@ -163,10 +187,14 @@ class PeakNewBytes(TorchDispatchMode):
         return out
 
 
-def test_backward_keeps_3f_values_per_schedule_row():
+@pytest.mark.parametrize("weight_grads", ["triton", "grouped_mm"])
+def test_backward_keeps_3f_values_per_schedule_row(weight_grads, monkeypatch):
     """The backward's buffers beyond its results: per schedule row the recomputed pre-activations (2F, later
-    their gradients in place) and g W_d (F, later the activation in place) in x's dtype, plus the slot-order
-    dx (S x H) and its fp32 sum (T x H); nothing of P x 2F in fp32."""
+    their gradients in place) and g W_d (F, later the activation in place) in x's dtype, then either the
+    slot-order dx (S x H) and its fp32 sum (T x H) or, for torch's grouped GEMM, x's and g's rows
+    copied into schedule order (2 x positions x H); nothing of P x 2F in fp32."""
+    if weight_grads == "grouped_mm":
+        monkeypatch.setattr(backward_module, "native_grouped_mm", lambda device, dtype: True)
     T, K, E, H, Fi = 64, 2, 4, 64, 224
     args = make_args(T, K, E, H, Fi, torch.bfloat16, TRITON_DEVICE)
     grad_TH = torch.randn(T, H).to(args[0])
@@ -177,7 +205,8 @@ def test_backward_keeps_3f_values_per_schedule_row():
         results = sum(g.untyped_storage().nbytes() for g in grads)
     itemsize = args[0].element_size()
     # Per-row and per-slot vectors (slots, validity, routing-weight gradients) are bounded by 64 bytes a row.
-    bound = rows * (3 * Fi * itemsize + 64) + S * H * itemsize + T * H * 4
+    schedule_copies = 2 * rows * H * itemsize if weight_grads == "grouped_mm" else 0
+    bound = rows * (3 * Fi * itemsize + 64) + max(S * H * itemsize + T * H * 4, schedule_copies)
     assert tracker.peak - results <= bound, (tracker.peak - results, bound)
 
 

@@ -261,15 +261,16 @@ def test_cuda_graph_capture(tokens):
 
 @pytest.mark.parametrize("hidden", [48, 1500])  # one column tile; two, the second partial
 def test_rows_in_schedule_order_matches_indexing(hidden):
-    """fused_experts' copy of x's rows into schedule order (the TMA tiles' A): position p holds token
-    sorted_slots[p] // K's row, sentinel positions (slot S) row T - 1; x read through its row stride."""
+    """The copy of x's rows into schedule order (the TMA tiles' A, the grouped GEMM's operands): position
+    p holds token sorted_slots[p] // K's row, sentinel positions (slot S) 0; x read through its row stride."""
     from moe_ops.schedule_triton import rows_in_schedule_order
 
     ids = _with_sentinels(_random_ids(13, 3, 8), 8)
     sorted_slots = block_schedule_ref(ids, 8, 1).sorted_slots
     x_wide = torch.randn(13, hidden + 7, dtype=torch.bfloat16)
     x = x_wide[:, 3 : 3 + hidden]  # row stride hidden + 7
-    want = x[(sorted_slots.long() // 3).clamp_max(12)]
+    routed = sorted_slots.long() < ids.numel()
+    want = torch.where(routed[:, None], x[sorted_slots.long().clamp_max(ids.numel() - 1) // 3], 0.0)
     got = rows_in_schedule_order(x.to(TRITON_DEVICE), sorted_slots.to(TRITON_DEVICE), 3)
     assert torch.equal(got.cpu(), want)
-    assert (sorted_slots == ids.numel()).any()  # sentinels present
+    assert (~routed).any()  # sentinels present

@@ -6,7 +6,8 @@ internals, one module per area:
 - ``inductor``: Inductor IR, lowerings, templates and autotuning, the graph being lowered;
 - ``dynamo``: dynamo's counters and the fake mode of a traced graph;
 - ``imports``: running set-up code when a module gets imported;
-- ``triton_interpreter``: Triton's interpreter.
+- ``triton_interpreter``: Triton's interpreter;
+- ``matmul``: torch's grouped GEMM (``torch._grouped_mm``) and where it runs natively.
 
 This package's ``__init__`` imports nothing, so each area costs only what it imports itself.
 """
