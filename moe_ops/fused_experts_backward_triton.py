@@ -2,7 +2,8 @@
 without the reference's loop over experts and without host syncs (CUDA-graph safe).
 
 It runs on the packed schedule the forward uses (each expert's slots contiguous, no padding rows) and
-has two kernels of its own beside the expert GEMM (moe_ops/expert_gemm_triton.py):
+has three kernels of its own beside the expert GEMM (moe_ops/expert_gemm_triton.py) and torch's grouped
+GEMM:
 - ``_activation_grad_kernel``: from the recomputed pre-activations and g W_d (the output gradient
   through the down projection) it writes, per schedule row, the activation as the forward rounds it
   times the row's routing weight (the down weight's gradient operand), the gradient of the routing
@@ -11,7 +12,9 @@ has two kernels of its own beside the expert GEMM (moe_ops/expert_gemm_triton.py
   has no native kernel (fp32, fp16, GPUs before sm90, the interpreter). A program owns one (expert,
   BLOCK_N x BLOCK_K) tile of dW and walks that expert's rows BLOCK_M at a time, reading each operand in
   schedule order or gathered from the tokens (row s // top_k for slot s). Rows past the routed ones are
-  masked; each element is written once, in a fixed order.
+  masked; each element is written once, in a fixed order;
+- ``_token_sums_kernel``: dx of each token, the sum of its K schedule rows in fp32 (a gather, in k order:
+  deterministic, no atomics).
 """
 
 from __future__ import annotations
@@ -172,6 +175,37 @@ def weight_grad_triton(g, a, out_ENK, sorted_slots, expert_offsets, num_slots, t
     return out_ENK
 
 
+@triton.jit
+def _token_sums_kernel(
+    rows_ptr, position_ptr, out_ptr, num_tokens, hidden, num_positions, stride_rows, stride_out,
+    TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    token_ok = tokens < num_tokens
+    col_ok = (cols < hidden)[None, :]
+    acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
+    for k in tl.static_range(TOP_K):
+        position = tl.load(position_ptr + tokens.to(tl.int64) * TOP_K + k, mask=token_ok, other=num_positions)
+        routed = position < num_positions
+        acc += tl.load(rows_ptr + position.to(tl.int64)[:, None] * stride_rows + cols[None, :],
+                       mask=routed[:, None] & col_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + tokens.to(tl.int64)[:, None] * stride_out + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=token_ok[:, None] & col_ok)
+
+
+def token_sums_triton(rows_PH, position_S, out_TH, top_k):
+    """``out_TH[t] = sum over k of rows_PH[position_S[t * top_k + k]]`` in fp32, in k order (deterministic,
+    no atomics); a slot whose position is past the rows (routed to no expert) adds nothing."""
+    num_tokens, hidden = out_TH.shape
+    block_t, block_h = 16, min(256, triton.next_power_of_2(hidden))
+    _token_sums_kernel[(triton.cdiv(num_tokens, block_t), triton.cdiv(hidden, block_h))](
+        rows_PH, position_S, out_TH, num_tokens, hidden, rows_PH.shape[0], rows_PH.stride(0), out_TH.stride(0),
+        TOP_K=top_k, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4,
+    )
+    return out_TH
+
+
 def grouped_mm_applies(x, widths) -> bool:
     """Whether the weight gradients go to torch's grouped GEMM (:func:`weight_grad_grouped_mm`): where it
     has a native kernel for x's device and dtype, every operand's rows (``widths``) 16-byte aligned."""
@@ -204,12 +238,13 @@ def fused_experts_backward_triton(
 
     With g the output gradient, t(s) a slot's token, w_s its routing weight and h_s = act(x W_gu^T):
     y_s = w_s (h_s W_d^T + b_d), so dh_s = w_s g_t W_d, d w_s = h_s . (g_t W_d) + g_t . b_d,
-    dW_d = sum_s g_t^T (w_s h_s), and the pre-activation gradient gives dx and dW_gu. Three expert GEMMs
-    over the packed schedule (the pre-activations recomputed, g_t W_d, dx; each in x's dtype), one pass
-    for the activation's gradient (which writes the pre-activations' gradients over them and w_s h_s
+    dW_d = sum_s g_t^T (w_s h_s), and the pre-activation gradient gives dx and dW_gu. Three GEMMs over
+    the forward's packed schedule (the pre-activations recomputed, g_t W_d, dx; each in x's dtype), one
+    pass for the activation's gradient (which writes the pre-activations' gradients over them and w_s h_s
     over g_t W_d) and the weight gradients. Where torch's grouped GEMM has a native kernel (bf16 on
-    sm90/sm100) x's and g's rows are copied into schedule order once, and both the GEMMs (TMA tiles
-    where they pay) and the weight gradients (torch's grouped GEMM) read the copies; elsewhere every
+    sm90/sm100) x's and g's rows are copied into schedule order once, the GEMMs and weight gradients
+    are torch's grouped GEMMs over the copies (a biased pre-activation GEMM stays the expert GEMM, with
+    TMA tiles where they pay) and dx is summed per token from its rows; elsewhere every
     kernel gathers the tokens' rows itself. Returns the gradients of
     x, topk_weights, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down (an empty tensor for an absent
     argument), each laid out like its argument (``empty_like``), as the backward op's fake kernel says.
@@ -253,6 +288,15 @@ def fused_experts_backward_triton(
             scatter=scatter, out_dtype=out_dtype, tma=tma,
         )
 
+    def rows_gemm(a, weight, bias=None):
+        # (positions, N) in x's dtype: each schedule row of a (gathered from the tokens unless copied into
+        # schedule order) times its expert's weight (E, N, K) transposed. torch's grouped GEMM where it
+        # runs natively (it leaves rows past the routed ones unwritten; no reader looks at them), the
+        # expert GEMM where a bias is to be added too or elsewhere.
+        if grouped and bias is None:
+            return grouped_mm(a, weight.transpose(1, 2), expert_offsets[1:])
+        return gemm(a, weight, bias, out_dtype=x.dtype, gathered=True)
+
     def weight_grad(g, a, like_ENK, gather_g=False, gather_a=False):
         # (E, N, K) with like_ENK's strides (an oriented weight: its gradient; or a bias's sums).
         if grouped:
@@ -264,9 +308,9 @@ def fused_experts_backward_triton(
     # gradients, and g_t W_d in x's dtype, which it overwrites with w_s h_s (it reads each element before
     # it writes that element): per schedule row 3F values in x's dtype (bf16: 6F bytes). Gate and up laid
     # out as the weights have them (halves, interleaved, or two tensors).
-    pre = [gemm(x_rows, w_gu, b_gate_up, out_dtype=x.dtype, gathered=True)]
+    pre = [rows_gemm(x_rows, w_gu, b_gate_up)]
     if w_u is not None:
-        pre.append(gemm(x_rows, w_u, b_up, out_dtype=x.dtype, gathered=True))
+        pre.append(rows_gemm(x_rows, w_u, b_up))
     if len(pre) == 2:
         gate, up = pre
     elif gated:
@@ -277,7 +321,7 @@ def fused_experts_backward_triton(
 
     if grouped:
         g_rows = rows_in_schedule_order(grad_TH, sorted_slots, K)
-    g_wd_PF = gemm(g_rows, w_d.transpose(1, 2), out_dtype=x.dtype, gathered=True)  # g_t W_d per row: (P, F)
+    g_wd_PF = rows_gemm(g_rows, w_d.transpose(1, 2))  # g_t W_d per row: (P, F)
     h_scaled = g_wd_PF
     d_weight_P = activation_grad_triton(gate, up, g_wd_PF, slot_weights, sorted_slots, h_scaled, gate, up,
                                         activation, alpha, limit)
@@ -309,19 +353,31 @@ def fused_experts_backward_triton(
     dw_down = oriented(weight_grad(g_rows, h_scaled, w_d, gather_g=True))
     db_down = torch.empty(0) if b_down is None else bias_grad(g_rows, b_down, gathered=True, row_scale=slot_weights)
     del g_wd_PF, h_scaled, g_rows  # their memory serves the later buffers
-    # As the forward: each slot's row in x's dtype, the K of a token summed in fp32 (a separate w_up
-    # gives two parts per slot, added in fp32 first).
-    slot_dtype = x.dtype if len(d_pre) == 1 else torch.float32
     weight_grads = [oriented(weight_grad(d_pre_PN, x_rows, w, gather_a=True)) for d_pre_PN, w in zip(d_pre, (w_gu, w_u),
                                                                                                    strict=False)]
     bias_grads = [torch.empty(0) if bias is None else bias_grad(d_pre_PN, bias)
                   for d_pre_PN, bias in zip(d_pre, (b_gate_up, b_up), strict=False)]
     del x_rows
-    dx_SH = None
-    for d_pre_PN, w in zip(d_pre, (w_gu, w_u), strict=False):
-        part = gemm(d_pre_PN, w.transpose(1, 2), scatter=True, out_dtype=slot_dtype)
-        dx_SH = part if dx_SH is None else dx_SH + part
-    dx.copy_(dx_SH.view(T, K, -1).sum(1, dtype=torch.float32))
+    if grouped:
+        # dx per schedule row (a separate w_up's part added in x's dtype, as autograd of the user's code
+        # does), then each token's K rows summed in fp32.
+        dx_rows = None
+        for d_pre_PN, w in zip(d_pre, (w_gu, w_u), strict=False):
+            part = rows_gemm(d_pre_PN, w.transpose(1, 2))
+            dx_rows = part if dx_rows is None else dx_rows.add_(part)
+        # Each slot's schedule row; slots routed to no expert get the row count (they add nothing).
+        position_S = (torch.full((S + 1,), S, dtype=torch.int32, device=x.device)
+                      .scatter_(0, slot_P, torch.arange(S, dtype=torch.int32, device=x.device))[:S])
+        token_sums_triton(dx_rows, position_S, dx, K)
+    else:
+        # As the forward: each slot's row in x's dtype, the K of a token summed in fp32 (a separate w_up
+        # gives two parts per slot, added in fp32 first).
+        slot_dtype = x.dtype if len(d_pre) == 1 else torch.float32
+        dx_SH = None
+        for d_pre_PN, w in zip(d_pre, (w_gu, w_u), strict=False):
+            part = gemm(d_pre_PN, w.transpose(1, 2), scatter=True, out_dtype=slot_dtype)
+            dx_SH = part if dx_SH is None else dx_SH + part
+        dx.copy_(dx_SH.view(T, K, -1).sum(1, dtype=torch.float32))
     dw_gate_up, dw_up = (weight_grads + [torch.empty(0)])[:2]
     db_gate_up, db_up = (bias_grads + [torch.empty(0)])[:2]
     return [dx, d_topk_weights, dw_gate_up, dw_down, dw_up, db_gate_up, db_up, db_down]

@@ -11,8 +11,9 @@ __all__ = ["grouped_mm", "native_grouped_mm"]
 
 
 def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """``torch._grouped_mm``: for 2-D ``a`` (M, P) and ``b`` (P, N), the (G, M, N) products of the
-    column/row groups that ``offsets`` (G,) int32, each group's end along P, delimit."""
+    """``torch._grouped_mm`` with ``offsets`` (G,) int32, each group's end. For 2-D ``a`` (M, P) and ``b``
+    (P, N): the (G, M, N) products of the column/row groups along P. For 2-D ``a`` (M, K) and 3-D ``b``
+    (G, K, N): (M, N), each row group of ``a`` times its ``b[g]``; rows past the last end are not written."""
     return torch._grouped_mm(a, b, offs=offsets)
 
 
