@@ -174,6 +174,44 @@ def test_rewritten_block_and_plain_topk_say_nothing_at_info(caplog):
     assert _not_rewritten_lines(caplog) == []
 
 
+def _counting_block():
+    """A hand-written block that counts tokens per expert with torch.bincount and loops over the counts:
+    dynamo breaks the graph at the count, so the router and the experts land in different graphs."""
+    w_router, w1, w3, w2 = torch.randn(E, H), torch.randn(E, F_, H), torch.randn(E, F_, H), torch.randn(E, H, F_)
+
+    def block(x):
+        w, ids = torch.topk(torch.softmax(x @ w_router.T, dim=-1), K, dim=-1)  # ROUTER LINE
+        w = w / w.sum(-1, keepdim=True)
+        counts = torch.bincount(ids.flatten(), minlength=E).tolist()
+        order = ids.flatten().argsort()
+        rows, out, start = x[order // K], torch.zeros(x.shape[0] * K, x.shape[1]), 0
+        for e, n in enumerate(counts):
+            r = rows[start:start + n]
+            out[order[start:start + n]] = (F.silu(r @ w1[e].T) * (r @ w3[e].T)) @ w2[e].T
+            start += n
+        return (out.view(-1, K, x.shape[1]) * w[..., None]).sum(1)
+
+    return block
+
+
+@pytest.mark.usefixtures("fresh_compile_state")
+def test_block_split_by_a_graph_break_says_so_at_info(caplog):
+    """The graph holding the router hands its ids to the code after a graph break: the INFO line names
+    the router's line and the break, and the compiled block still computes eager's result."""
+    import inspect
+    import logging
+
+    block = _counting_block()
+    line = next(i for i, text in enumerate(inspect.getsource(_counting_block).splitlines()) if "ROUTER LINE" in text)
+    router_line = inspect.getsourcelines(_counting_block)[1] + line
+    x = torch.randn(10, H)
+    with caplog.at_level(logging.INFO, logger="moe_ops"):
+        torch.testing.assert_close(torch.compile(block)(x), block(x), rtol=1e-4, atol=1e-4)
+    messages = _not_rewritten_lines(caplog)
+    assert len(messages) == 1, messages
+    assert f"test_experts_rewrite.py:{router_line}:" in messages[0] and "a graph break after the router" in messages[0]
+
+
 @pytest.mark.usefixtures("fresh_compile_state")
 def test_dense_dispatch_of_llama4_says_why_at_info(caplog):
     """Llama 4 scatters the router's top-k scores over all experts and runs every expert on every token,

@@ -395,6 +395,28 @@ def _is_router(node: Node) -> bool:
     return dim in (-1, val(node.args[0]).dim() - 1) and _is_softmax_over_last_dim(node.args[0])
 
 
+# A top-k over more columns than this is a sampler's over a vocabulary, not a router's over experts.
+_MAX_EXPERTS = 1024
+
+
+def _scores_from_a_router_matmul(router: Node, limit: int = 12) -> bool:
+    """Whether the router's scores (at most ``_MAX_EXPERTS`` columns) come from a matmul in this graph within
+    ``limit`` nodes upstream (x W_r^T), not from the graph's inputs (a sampler's logits)."""
+    scores = router.args[0]
+    if val(scores) is None or val(scores).shape[-1] > _MAX_EXPERTS:
+        return False
+    seen, frontier = {scores}, [scores]
+    while frontier and len(seen) <= limit:
+        node = frontier.pop()
+        if _calls(node, _MATMULS):
+            return True
+        for arg in node.all_input_nodes:
+            if arg not in seen:
+                seen.add(arg)
+                frontier.append(arg)
+    return False
+
+
 def _router_id_readers(router: Node) -> list[Node]:
     """The nodes that read a router's ids, past casts, views and tuple indexing."""
     if _calls(router, (aten.argmax.default,)):  # the ids themselves
@@ -429,8 +451,8 @@ def _feeds_a_matmul(node: Node, limit: int = 64) -> bool:
 def _explain_routers_left_alone(graph: Graph, reasons: list[str]) -> None:
     """Log at INFO, once each, why a router that selects experts was left alone: a top-k over (tokens,
     experts) whose ids some expert computation reads. Its own reason where the routing rewrite declined
-    it, and why the experts after it were not rewritten where no moe_ops.fused_experts reads its ids.
-    Other top-ks (a group mask's, a sampler's, a token counter's: ids that only feed counts, scatters
+    it, and why the experts after it were not rewritten where no moe_ops.fused_experts reads its ids
+    (a block that a graph break split: ids counted per expert and handed to the next graph). Other top-ks (a group mask's, a sampler's, a token counter's: ids that only feed counts, scatters
     whose result no matmul reads, or leave the graph) and candidates that were no MoE block at all stay
     at DEBUG."""
     served = {_router_ids(n.args[2]) for n in graph.nodes if is_call(n, torch.ops.moe_ops.fused_experts.default)}
@@ -440,12 +462,22 @@ def _explain_routers_left_alone(graph: Graph, reasons: list[str]) -> None:
         if val(router.args[0]) is None or val(router.args[0]).dim() != 2:
             continue
         readers = _router_id_readers(router)
+        where = _source_line(router)
+        if router not in served and any(r.op == "output" for r in readers) and _scores_from_a_router_matmul(router):
+            # Ids of a router over this graph's tokens handed to the code after the graph: a block that a
+            # graph break split (counting tokens per expert, a .tolist() of the counts), experts elsewhere.
+            if ("split", where) not in _explained:
+                _explained.add(("split", where))
+                log.info("MoE block not rewritten (router at %s): a graph break after the router puts the experts "
+                         "in another graph (the expert ids leave this one: torch.bincount, .tolist() or .item() "
+                         "of per-expert counts break graphs); the rewrite needs the router and the experts in one "
+                         "graph", where)
+            continue
         if not readers or all(
             (_calls(r, _MASK_WRITES) and not _feeds_a_matmul(r)) or _calls(r, _COUNTS) or r.op == "output"
             for r in readers
         ):
             continue
-        where = _source_line(router)
         route_reason = router.meta.get(ROUTE_REJECTED)
         if route_reason and ("router", where) not in _explained:
             _explained.add(("router", where))
