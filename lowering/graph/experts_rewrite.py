@@ -452,9 +452,10 @@ def _explain_routers_left_alone(graph: Graph, reasons: list[str]) -> None:
     """Log at INFO, once each, why a router that selects experts was left alone: a top-k over (tokens,
     experts) whose ids some expert computation reads. Its own reason where the routing rewrite declined
     it, and why the experts after it were not rewritten where no moe_ops.fused_experts reads its ids
-    (a block that a graph break split: ids counted per expert and handed to the next graph). Other top-ks (a group mask's, a sampler's, a token counter's: ids that only feed counts, scatters
-    whose result no matmul reads, or leave the graph) and candidates that were no MoE block at all stay
-    at DEBUG."""
+    (also where a graph break split the block: ids of a router's scores from a matmul in this graph
+    handed to the next one). Other top-ks (a group mask's, a sampler's, a token counter's: ids that only
+    feed counts, scatters whose result no matmul reads, or leave the graph) and candidates that were no
+    MoE block at all stay at DEBUG."""
     served = {_router_ids(n.args[2]) for n in graph.nodes if is_call(n, torch.ops.moe_ops.fused_experts.default)}
     for router in graph.nodes:
         if not _is_router(router):
