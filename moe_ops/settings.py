@@ -29,9 +29,12 @@ class Config:
                   (on CUDA) into which neighbouring pointwise work fuses; off, each op is one opaque
                   extern call.
         training_rewrites: also rewrite training graphs (AOTAutograd's joint graph), so that their
-                  backward is the moe_ops ops' formulas (lowering/graph/joint_rewrite.py). Off by default:
-                  a training step is slower with it than plain torch.compile today (benchmarks/results/
-                  training_*.md); training graphs then compute what the plain code does.
+                  backward is the moe_ops ops' formulas (lowering/graph/joint_rewrite.py). Off by default
+                  until a step with it leads in every cell of benchmarks/results/training_*.md: on the
+                  H200 at T = 32768 it takes the least memory, is ahead of plain torch.compile at
+                  Qwen3-30B-A3B's shape but behind it at Mixtral-8x7B's, and runs at 0.85-0.89x of a
+                  torchtitan-style block (its backward recomputes the gate/up projection). Off, training
+                  graphs compute what the plain code does.
         batch_invariant: the Triton kernels of ``route`` and ``fused_experts`` (CUDA tensors, eager and
                   compiled) use one tile configuration whatever the number of tokens: 64-row GEMM blocks
                   without TMA, the router's tiles for any token count, the K expert outputs of a token
