@@ -223,9 +223,20 @@ def batched_mm_moe(x, router_weight, gate_up_proj, down_proj, variant="plain"):
     weights = F.softmax(logits, dim=1, dtype=torch.float)
     weights, ids = torch.topk(weights, top_k, dim=-1)
     weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
-    if variant == "null_expert":  # the router also scores a "no expert" E: the clamp makes it expert E-1
+    if variant in ("null_expert", "skip_class", "skip_class_kept"):
+        # The router also scores a "no expert" E. Left as it is, the clamp makes it expert E-1; Zaya masks
+        # it to expert 0 with weight 0 ("skip_class"), which the rewrite can prove stays in [0, E); a mask
+        # of another id leaves E possible ("skip_class_kept").
         null_logit = logits.mean(dim=1, keepdim=True)
         weights, ids = torch.topk(F.softmax(torch.cat([logits, null_logit], 1), dim=1), top_k, dim=-1)
+        if variant != "null_expert":
+            skip = ids == (num_experts if variant == "skip_class" else num_experts - 1)
+            weights, ids = weights.masked_fill(skip, 0), ids.masked_fill(skip, 0)
+    if variant == "sparsemixer":  # PhiMoE: two experts from successive max() calls, their indices concatenated
+        first = logits.max(dim=-1, keepdim=True)
+        second = logits.scatter(1, first.indices, float("-inf")).max(dim=-1, keepdim=True)
+        ids = torch.cat([first.indices, second.indices], dim=-1)
+        weights = torch.cat([first.values, second.values], dim=-1).softmax(-1).to(x.dtype)
 
     xr = x.repeat_interleave(top_k, dim=0)
     slot_weights = weights.reshape(-1)
@@ -252,6 +263,43 @@ def batched_mm_args(dtype=torch.float32):
         torch.randn(T, H, dtype=dtype), 0.1 * torch.randn(E, H, dtype=dtype),
         0.1 * torch.randn(E, 2 * F_, H, dtype=dtype), 0.1 * torch.randn(E, H, F_, dtype=dtype),
     )
+
+
+@pytest.mark.parametrize("variant", ["skip_class", "sparsemixer"])
+def test_ids_proved_in_range_through_masks_and_max_calls(variant):
+    """Ids the op takes without a clamp: a skip class masked to expert 0 (Zaya), indices of successive
+    max() calls concatenated (PhiMoE's sparsemixer)."""
+    args = batched_mm_args()
+    result, graph = compile_and_record(lambda *a: batched_mm_moe(*a, variant=variant), *args)
+    assert_close_rel(result, batched_mm_moe(*args, variant=variant), torch.float32)
+    assert rewrites() == 1 and "aten.bmm" not in graph
+
+
+def test_skip_class_mask_that_leaves_the_class_is_not_rewritten():
+    args = batched_mm_args()
+    result, _ = compile_and_record(lambda *a: batched_mm_moe(*a, variant="skip_class_kept"), *args)
+    assert_close_rel(result, batched_mm_moe(*args, variant="skip_class_kept"), torch.float32)
+    assert rewrites() == 0
+
+
+@pytest.mark.parametrize("family", ["zaya", "phimoe", "openai_privacy_filter"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_hf_blocks_rewritten_in_batched_mm(family, batch):
+    """transformers' batched_mm experts of Zaya ((batch, sequence, K) ids, its skip class masked to expert
+    0), PhiMoE (sparsemixer's max() calls) and OpenAI's privacy filter (clamped SwiGLU on concatenated
+    halves, gate and up read through two identical squeezes of the GEMM output) are rewritten and
+    compute eager's result."""
+    pytest.importorskip("transformers")
+    from hf_family_blocks import build_block
+
+    _, block, config = build_block(family, experts_implementation="batched_mm")
+    block = init_(block, torch.float32)
+    x = torch.randn(batch, S, config.hidden_size)
+    result, expected, graph = run(block, x)
+    if isinstance(result, tuple):  # Zaya's block also returns its router state
+        result, expected = result[0], expected[0]
+    assert_close_rel(result, expected, torch.float32)
+    assert rewrites() == 1 and "moe_ops.fused_experts" in graph
 
 
 def test_restated_batched_mm_is_rewritten():

@@ -78,7 +78,7 @@ class ExpertsMatch:
 
     def describe(self) -> str:
         num_tokens, hidden = val(self.x).shape
-        experts, top_k = val(self.w_gate_up).shape[0], val(self.topk_ids).shape[1]
+        experts, top_k = val(self.w_gate_up).shape[0], val(self.topk_ids).shape[-1]
         parts = [f"E={experts}", f"K={top_k}", f"H={hidden}", self.layout, self.activation]
         if self.interleaved:
             parts.append("interleaved")
@@ -139,12 +139,41 @@ def _activation_template(activation: str, gate_up_form: str, dtype: torch.dtype,
     return make_fx(fn, decomposition_table=select_decomp_table())(*example).graph
 
 
+def _duplicates(node: Node, other, found: set[Node]) -> bool:
+    """Whether ``other`` computes what ``node`` computes: it is ``node``, or it calls the same functional,
+    deterministic target with the same constants and with arguments that are ``node``'s or duplicates of
+    them. The duplicates found (``node`` excluded) are added to ``found``."""
+    if other is node:
+        return True
+    if not (isinstance(other, Node) and node.op == other.op == "call_function" and node.target == other.target
+            and node.kwargs == other.kwargs and len(node.args) == len(other.args)):
+        return False
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload) and (
+            target._schema.is_mutable or torch.Tag.nondeterministic_seeded in target.tags):
+        return False
+    if not isinstance(target, torch._ops.OpOverload) and target is not operator.getitem:
+        return False
+    new = set()
+    for mine, theirs in zip(node.args, other.args, strict=True):
+        if isinstance(mine, Node):
+            if not _duplicates(mine, theirs, new):
+                return False
+        elif isinstance(theirs, Node) or mine != theirs:
+            return False
+    found |= new | {other}
+    return True
+
+
 class _TemplateMatch:
     """Node-for-node comparison of a template graph with the graph, walking back from the outputs."""
 
     def __init__(self):
         self.nodes: dict[Node, Node] = {}  # template node -> graph node
         self.constants: dict[str, float] = {}
+        # Graph nodes that recompute a matched node (Inductor leaves e.g. a split of a squeeze twice when
+        # gate and up are read from two squeezes of one GEMM output): part of the match too.
+        self.duplicates: set[Node] = set()
 
     def constant(self, t, g) -> bool:
         if isinstance(t, float) and abs(abs(t) - _LIMIT) < 1e-9 or t == _ALPHA:
@@ -169,7 +198,7 @@ class _TemplateMatch:
         if not isinstance(g, Node):
             return False
         if t in self.nodes:
-            return self.nodes[t] is g
+            return _duplicates(self.nodes[t], g, self.duplicates)
         if t.op == "placeholder":
             self.nodes[t] = g
             return True
@@ -180,12 +209,12 @@ class _TemplateMatch:
         if t.target in _COMMUTATIVE and len(g.args) == 2:
             orders.append(g.args[::-1])
         for args in orders:
-            saved = dict(self.nodes), dict(self.constants)
+            saved = dict(self.nodes), dict(self.constants), set(self.duplicates)
             if len(args) == len(t.args) and all(map(self.constant_or_node, t.args, args)) and all(
                 self.constant_or_node(t.kwargs[k], g.kwargs[k]) for k in t.kwargs
             ):
                 return True
-            self.nodes, self.constants = saved
+            self.nodes, self.constants, self.duplicates = saved
         del self.nodes[t]
         return False
 
@@ -206,7 +235,7 @@ def match_activation(
     matcher.nodes.update(zip(placeholders, inputs, strict=True))
     if not matcher.node(output.args[0], h):
         return None
-    return {g for t, g in matcher.nodes.items() if t.op != "placeholder"}, matcher.constants
+    return {g for t, g in matcher.nodes.items() if t.op != "placeholder"} | matcher.duplicates, matcher.constants
 
 
 def match_any_activation(h: Node, inputs: list[Node], gate_up_form: str) -> tuple[str, set[Node], dict]:
@@ -235,10 +264,10 @@ def strip_int64_cast(ids: Node) -> Node:
 
 def check(match: ExpertsMatch) -> None:
     x, ids, weights, result = val(match.x), val(match.topk_ids), val(match.topk_weights), val(match.result)
-    if x.dim() != 2 or ids.dim() != 2 or not same_shape(ids.shape, weights.shape):
-        raise Rejected("x is not (T, H) or ids and weights are not (T, K)")
-    if not same_size(ids.shape[0], x.shape[0]):
-        raise Rejected("ids and x have different token counts")
+    if x.dim() != 2 or ids.dim() < 2 or weights.dim() < 2 or not same_size(ids.shape[-1], weights.shape[-1]):
+        raise Rejected("x is not (T, H) or ids and weights are not (..., K)")
+    if not all(same_size(functools.reduce(operator.mul, t.shape[:-1]), x.shape[0]) for t in (ids, weights)):
+        raise Rejected("ids, weights and x have different token counts")
     if ids.dtype not in (torch.int32, torch.int64) or not weights.is_floating_point():
         raise Rejected(f"ids of dtype {ids.dtype}, weights of dtype {weights.dtype}")
     if result.dtype != x.dtype or not same_shape(result.shape, x.shape):
@@ -277,6 +306,15 @@ def _add_size_reads(region: set[Node]) -> None:
 
 
 def replace(graph: Graph, match: ExpertsMatch) -> None:
+    for name in ("topk_ids", "topk_weights"):
+        # (..., K) routing viewed as the (T, K) the op takes (check() compared their token counts).
+        node = getattr(match, name)
+        if val(node).dim() > 2:
+            top_k = val(node).shape[-1]
+            with graph.inserting_before(match.result):
+                view = graph.call_function(aten.view.default, (node, [-1, top_k]))
+            view.meta["val"] = val(node).view(-1, top_k)
+            setattr(match, name, view)
     args = (
         match.x, match.topk_weights, match.topk_ids, match.w_gate_up, match.w_down, match.w_up,
         match.b_gate_up, match.b_up, match.b_down, match.layout, match.interleaved, match.activation,
@@ -464,15 +502,18 @@ def _explain_routers_left_alone(graph: Graph, reasons: list[str]) -> None:
             continue
         readers = _router_id_readers(router)
         where = _source_line(router)
-        if router not in served and any(r.op == "output" for r in readers) and _scores_from_a_router_matmul(router):
-            # Ids of a router over this graph's tokens handed to the code after the graph: a block that a
-            # graph break split (counting tokens per expert, a .tolist() of the counts), experts elsewhere.
+        if (router not in served and any(r.op == "output" for r in readers)
+                and all(r.op == "output" or _calls(r, _COUNTS) for r in readers)
+                and _scores_from_a_router_matmul(router)):
+            # Ids of a router over this graph's tokens handed, unread but for counts, to the code after the
+            # graph: a block that a graph break split (counting tokens per expert, a .tolist() of the
+            # counts), its experts in another graph.
             if ("split", where) not in _explained:
                 _explained.add(("split", where))
                 log.info("MoE block not rewritten (router at %s): a graph break after the router puts the experts "
-                         "in another graph (the expert ids leave this one: torch.bincount, .tolist() or .item() "
-                         "of per-expert counts break graphs); the rewrite needs the router and the experts in one "
-                         "graph", where)
+                         "in another graph (the expert ids leave this one unread: data-dependent calls such as "
+                         "torch.nonzero, torch.where(mask), torch.bincount, .tolist() or .item() break graphs); "
+                         "the rewrite needs the router and the experts in one graph", where)
             continue
         if not readers or all(
             (_calls(r, _MASK_WRITES) and not _feeds_a_matmul(r)) or _calls(r, _COUNTS) or r.op == "output"

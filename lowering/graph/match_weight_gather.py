@@ -48,6 +48,8 @@ logged, even where a sentinel's zero weight would make them agree.
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -289,12 +291,51 @@ def _ids_chain(idx: Node) -> tuple[Node, list[Node], list[Node]]:
 
 def _ids_bound(ids: Node) -> int | None:
     """An upper bound E' with 0 <= ids < E' for every input: the ids are a top-k's indices over E'
-    scores (``aten.topk``, or ``moe_ops.route`` over E' logits)."""
+    scores (``aten.topk``, or ``moe_ops.route`` over E' logits), the indices of a max or argmax over E'
+    scores, or views, a concatenation (PhiMoE's sparsemixer picks its experts with successive max()
+    calls and concatenates their indices) or a masked_fill of such ids."""
+    while is_call(ids, (aten.unsqueeze.default, aten.view.default, aten.reshape.default)):
+        ids = ids.args[0]  # views keep the values
+    if is_call(ids, aten.cat.default):
+        bounds = [_ids_bound(part) for part in ids.args[0]]
+        return None if None in bounds else max(bounds)
+    if is_call(ids, aten.where.self):
+        return _masked_ids_bound(*ids.args)
     found = top_k_scores(ids)
+    if found is None:
+        found = _max_scores(ids)
     if found is None:
         return None
     size = val(found[0]).shape[found[1]]
     return size if isinstance(size, int) else None
+
+
+def _masked_ids_bound(condition, filled, ids) -> int | None:
+    """``where(ids == c, v, ids)`` (a masked_fill: Zaya maps its skip class c = E to expert 0, weighted
+    0): ids' bound with c, if it was the largest id, no longer reached, and v (a constant) below it."""
+    if not (is_call(condition, aten.eq.Scalar) and condition.args[0] is ids and isinstance(condition.args[1], int)):
+        return None
+    if not (is_call(filled, aten.full.default) and list(filled.args[0]) == [] and isinstance(filled.args[1], int)):
+        return None
+    bound = _ids_bound(ids)
+    if bound is None or filled.args[1] < 0:
+        return None
+    replaced, value = condition.args[1], filled.args[1]
+    return max(bound - 1 if replaced == bound - 1 else bound, value + 1)
+
+
+def _max_scores(ids: Node) -> tuple[Node, int] | None:
+    """``ids`` as the indices of a max or argmax over one dim (possibly cast between integer types):
+    (the scores node, that dim), or None."""
+    if is_call(ids, prims.convert_element_type.default) and ids.args[1] in _INDEX_DTYPES:
+        ids = ids.args[0]
+    if is_call(ids, operator.getitem) and ids.args[1] == 1 and is_call(ids.args[0], aten.max.dim):
+        producer = ids.args[0]
+    elif is_call(ids, aten.argmax.default) and arg(ids, 1, "dim", None) is not None:
+        producer = ids
+    else:
+        return None
+    return producer.args[0], arg(producer, 1, "dim", None)
 
 
 def _clamp_bounds(clamp: Node) -> tuple[object, object]:
@@ -486,7 +527,8 @@ def _find(root: Node) -> _Block:
     block.activation = _activation(down.other)
     block.gemms = [_parse_gemm(src) for src, _ in block.activation.inputs]
 
-    # Every gather indexes by views and clamps of one (T, K) integer tensor.
+    # Every gather indexes by views and clamps of one (..., K) integer tensor whose leading dims are the
+    # tokens (Zaya's router hands the experts (batch, sequence, K) ids).
     for gather, idx in block.gathers():
         ids, chain, clamps = _ids_chain(idx)
         if block.ids is not None and ids is not block.ids:
@@ -494,9 +536,11 @@ def _find(root: Node) -> _Block:
         block.ids = ids
         block.idx_chains[idx] = chain
         block.clamps |= set(clamps)
-    if val(block.ids).dim() != 2 or val(block.ids).dtype not in _INDEX_DTYPES:
-        raise Rejected(f"the gathers' ids {block.ids.name} are not a (T, K) integer tensor")
-    num_tokens, top_k = val(block.ids).shape
+    ids_shape = val(block.ids).shape
+    if len(ids_shape) < 2 or val(block.ids).dtype not in _INDEX_DTYPES:
+        raise Rejected(f"the gathers' ids {block.ids.name} are not a (..., K) integer tensor "
+                       f"({tuple(ids_shape)}, {val(block.ids).dtype})")
+    num_tokens, top_k = functools.reduce(operator.mul, ids_shape[:-1]), ids_shape[-1]
 
     def token_rows(node: Node) -> bool:
         return val(node).dim() == 2 and same_size(val(node).shape[0], num_tokens)
@@ -509,12 +553,14 @@ def _find(root: Node) -> _Block:
     if any(gemm.other is not block.x for gemm in block.gemms):
         raise Rejected("the gate and up projections read different token rows")
 
-    def slot_table(node: Node) -> bool:
-        return token_rows(node) and same_size(val(node).shape[1], top_k)
+    def slot_table(node: Node) -> bool:  # (T, K), or shaped as the ids
+        shape = val(node).shape
+        return (token_rows(node) and same_size(shape[1], top_k)) or (
+            len(shape) == len(ids_shape) > 2 and all(same_size(a, b) for a, b in zip(shape, ids_shape, strict=True)))
 
     block.weights, block.w_chain = _trace_back(block.w_side, slot_table)
     if not (slot_table(block.weights) and val(block.weights).is_floating_point()):
-        raise Rejected("the slot outputs are not weighted by a (T, K) float tensor")
+        raise Rejected("the slot outputs are not weighted by a (T, K) float tensor (or one shaped as the ids)")
     return block
 
 
@@ -526,12 +572,16 @@ def _follow_axes(block: _Block, layout: str) -> int | None:
     down = block.down
     n_dim, f_dim = (1, 2) if layout == "EFH" else (2, 1)
     ids_shape = val(block.ids).shape
+    # The token axes: "t", or one per leading dim of (..., K) ids, which x's rows hold merged.
+    token_names = ("t",) if len(ids_shape) == 2 else tuple(f"t{i}" for i in range(len(ids_shape) - 1))
     axes = _Axes({
-        "t": ids_shape[0], "a": ids_shape[1], "h": val(block.x).shape[1],
+        **dict(zip(token_names, ids_shape[:-1], strict=True)), "a": ids_shape[-1], "h": val(block.x).shape[1],
         "n": val(block.gemms[0].weight).shape[n_dim], "f": val(down.weight).shape[f_dim],
     })
+    tokens_split = tuple(() if same_size(axes.sizes[n], 1) else (n,) for n in token_names)
+    tokens = (tuple(n for n in token_names if not same_size(axes.sizes[n], 1)),)
     gate_up_names, down_names = ("nh", "hf") if layout == "EFH" else ("hn", "fh")
-    ids_desc = axes.label("ta")
+    ids_desc = tokens_split + axes.label("a")
     axes.fits(ids_desc, block.ids)
 
     def gathered(gather: Node, idx: Node, names: str) -> Desc:
@@ -558,7 +608,7 @@ def _follow_axes(block: _Block, layout: str) -> int | None:
         return out
 
     # gate_up (gate, up): x's rows against the gathered weights, then the activation on the features.
-    x_desc = axes.label("th")
+    x_desc = tokens + axes.label("h")
     axes.fits(x_desc, block.x)
     act_in = None
     for gemm, (_, readers) in zip(block.gemms, block.activation.inputs, strict=True):
@@ -575,9 +625,10 @@ def _follow_axes(block: _Block, layout: str) -> int | None:
 
     # down, then the combine: sum_a y[t, a, h] * w[t, a].
     y_desc = axes.along(projection(down, down_names, h_desc, "f", "h"), block.y_chain)
-    w_desc = axes.along(axes.label("ta"), block.w_chain)
+    weights_tokens = tokens_split if val(block.weights).dim() > 2 else tokens
+    w_desc = axes.along(weights_tokens + axes.label("a"), block.w_chain)
     operands = (y_desc, w_desc) if block.y_first else (w_desc, y_desc)
-    slot, token_hidden = axes.label("a")[0], axes.label("th")
+    slot, token_hidden = axes.label("a")[0], tokens + axes.label("h")
     if block.weighted is not None:
         summed = axes.along(axes.broadcast(*operands, block.weighted), block.sum_chain)
         dim = block.root.args[1][0] % len(summed)
@@ -655,11 +706,11 @@ def _check_op_args(match: ExpertsMatch) -> None:
         match.x, match.topk_weights, match.topk_ids, match.w_gate_up, match.w_down, match.w_up,
         match.b_gate_up, match.b_up, match.b_down,
     )
+    values = [None if n is None else val(n) for n in nodes]
+    # (..., K) routing goes to the op viewed (T, K) (experts_rewrite.replace).
+    values[1:3] = [v.reshape(-1, v.shape[-1]) for v in values[1:3]]
     try:
-        _check_fused_args(
-            *(None if n is None else val(n) for n in nodes), match.layout, match.interleaved,
-            match.activation, match.gated, 0.0, "position",
-        )
+        _check_fused_args(*values, match.layout, match.interleaved, match.activation, match.gated, 0.0, "position")
     except (ValueError, TypeError) as reason:
         raise Rejected(f"not the op's arguments: {reason}") from None
 
