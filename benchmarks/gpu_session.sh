@@ -2,6 +2,7 @@
 # What the H100 runs, in as few device calls as possible: bash benchmarks/gpu_session.sh STAGE...
 #   tests     every test file (CUDA-marked tests included), in parallel groups so Triton's compiles
 #             use several cores, with compute-sanitizer memcheck over tests/memcheck_edges.py beside them
+#             (TEST_GROUPS picks some of the groups: the whole suite takes more than one 10-minute call)
 #   kernels   benchmarks/bench_kernels.py (per-kernel times; run alone, after the tests)
 #   layer     benchmarks/bench_layer.py (the table against transformers; LAYER_ARGS passes filters)
 #   trees     the layer benchmark of this tree against an older one (BASELINE_TREE: a folder holding its
@@ -54,9 +55,14 @@ for stage in "$@"; do
         [ $grouped = 0 ] && rest="$rest $name"
       done
       groups+=("$rest")
+      # TEST_GROUPS (indices into the list above, the rest group last: "0 1 2", "3 4 5 6") runs a part of
+      # the suite, for a device call too short for all of it.
+      if [ -n "${TEST_GROUPS:-}" ]; then
+        chosen=(); for index in $TEST_GROUPS; do chosen+=("${groups[$index]}"); done; groups=("${chosen[@]}")
+      fi
       for group in "${groups[@]}"; do
         files=(); for pattern in $group; do for f in tests/$pattern; do [ -e "$f" ] && files+=("$f"); done; done
-        timeout "$LIMIT" python3 -P -m pytest -q -rfE -p no:cacheprovider "${files[@]}" > "$OUT/pytest_${#pids[@]}.log" 2>&1 &
+        timeout "$LIMIT" python3 -P -m pytest -v -rfE -p no:cacheprovider "${files[@]}" > "$OUT/pytest_${#pids[@]}.log" 2>&1 &
         pids+=($!)
       done
       timeout "$LIMIT" compute-sanitizer --tool memcheck --error-exitcode 1 python3 -P tests/memcheck_edges.py \
