@@ -9,7 +9,8 @@ GEMM:
   times the row's routing weight (the down weight's gradient operand), the gradient of the routing
   weight (a row sum, in-program: no atomics) and the pre-activation gradient, in one pass over the rows;
 - ``_expert_weight_grad_kernel``: dW[e] = sum over expert e's rows of g^T a, where torch's grouped GEMM
-  has no native kernel (fp32, fp16, GPUs before sm90, the interpreter). A program owns one (expert,
+  has no native kernel (fp32, fp16, GPUs before sm90, the interpreter), and the bias gradients (sums
+  against a column of ones, kept in fp32) everywhere. A program owns one (expert,
   BLOCK_N x BLOCK_K) tile of dW and walks that expert's rows BLOCK_M at a time, reading each operand in
   schedule order or gathered from the tokens (row s // top_k for slot s). Rows past the routed ones are
   masked; each element is written once, in a fixed order;
@@ -206,6 +207,10 @@ def token_sums_triton(rows_PH, position_S, out_TH, top_k):
     return out_TH
 
 
+# Tiles of the weight-gradient kernel for per-expert row sums (a one-column operand: a narrow K tile).
+BIAS_SUM_TILES = (64, 64, 16, 4, 3)
+
+
 def grouped_mm_applies(x, widths) -> bool:
     """Whether the weight gradients go to torch's grouped GEMM (:func:`weight_grad_grouped_mm`): where it
     has a native kernel for x's device and dtype, every operand's rows (``widths``) 16-byte aligned."""
@@ -340,14 +345,16 @@ def fused_experts_backward_triton(
     )
 
     def bias_grad(rows_PN, bias, gathered=False, row_scale=None):
-        # Per-expert sums of rows, deterministic (no atomics): the weight gradient against a column of
-        # ones (or of each row's routing weight), 8 wide so that its rows stay 16-byte aligned.
+        # Per-expert sums of rows, deterministic (no atomics): the Triton weight gradient against a column
+        # of ones (or of each row's routing weight), accumulated and kept in fp32 (torch's grouped GEMM
+        # would round them to x's dtype), then in the bias's dtype.
         if row_scale is None:
-            column = torch.ones(slot_P.shape[0], 8, dtype=rows_PN.dtype, device=x.device)
+            column = torch.ones(slot_P.shape[0], 1, dtype=rows_PN.dtype, device=x.device)
         else:
-            scale_P = torch.where(routed_P, row_scale[slot_P.clamp(max=S - 1)], 0.0)
-            column = scale_P[:, None].expand(-1, 8).to(rows_PN.dtype).contiguous()
-        sums = weight_grad(rows_PN, column, torch.empty(E, bias.shape[1], 8, device=x.device), gather_g=gathered)
+            column = torch.where(routed_P, row_scale[slot_P.clamp(max=S - 1)], 0.0)[:, None].to(rows_PN.dtype)
+        sums = weight_grad_triton(rows_PN, column, torch.empty(E, bias.shape[1], 1, device=x.device), sorted_slots,
+                                  expert_offsets, S, K, gather_g=gathered and gather_top_k > 0,
+                                  config=BIAS_SUM_TILES)
         return torch.empty_like(bias).copy_(sums[:, :, 0])
 
     dw_down = oriented(weight_grad(g_rows, h_scaled, w_d, gather_g=True))
