@@ -1,7 +1,7 @@
 """moe_ops.fused_experts_ep: experts sharded over processes (gloo on the CPU, spawned ranks), outputs and
 gradients against one process running moe_ops.fused_experts_ref over all the ranks' tokens with all the
 experts; both dispatches, 2 and 4 ranks, skewed routing with idle experts (a rank that receives nothing),
-capacity overflow, and one compiled graph (forward and backward) across routings."""
+capacity overflow, and one compiled graph (forward and backward) across routings and token counts."""
 
 from __future__ import annotations
 
@@ -76,18 +76,23 @@ def _check(rank, num_ranks, dispatch, capacity_factor, compiled, tokens):
     torch.manual_seed(0)
     local = E // num_ranks
     w_gate_up, w_down = _weights()
-    token_counts = [tokens if dispatch == "padded" else tokens + 3 * r for r in range(num_ranks)]
     run = fused_experts_ep
     if compiled:
         torch._dynamo.reset()
         counters.clear()
         run = torch.compile(fused_experts_ep, fullgraph=True)
     for routing in range(3 if compiled else 1):
+        # Compiled, each routing has another T (marked dynamic, as a training loop's varying batch would be).
+        num_tokens = tokens + 3 * routing
+        token_counts = [num_tokens if dispatch == "padded" else num_tokens + 3 * r for r in range(num_ranks)]
         inputs = [_inputs(r + 10 * routing, n) for r, n in enumerate(token_counts)]
         x, weights, ids, grad_out = inputs[rank]
         leaves = [x.clone().requires_grad_(True), weights.clone().requires_grad_(True),
                   w_gate_up[rank * local:(rank + 1) * local].clone().requires_grad_(True),
                   w_down[rank * local:(rank + 1) * local].clone().requires_grad_(True)]
+        if compiled:
+            for tensor in (leaves[0], leaves[1], ids):
+                torch._dynamo.mark_dynamic(tensor, 0)
         out, dropped = run(leaves[0], leaves[1], ids, leaves[2], leaves[3], dispatch=dispatch,
                            capacity_factor=capacity_factor, return_num_dropped=True)
         torch.autograd.backward(out, grad_out)
@@ -135,7 +140,8 @@ def test_padded_capacity_drops_the_overflow_in_slot_order():
 
 @pytest.mark.parametrize("dispatch", ["padded", "exact"])
 def test_compiled_is_one_graph_across_routings(dispatch):
-    """padded: static shapes; exact: the exchanged counts as unbacked sizes (one host sync, no recompile)."""
+    """One graph (forward and backward) for three routings and three token counts T (marked dynamic):
+    padded: sizes from T alone; exact: the exchanged counts as unbacked sizes (one host sync, no recompile)."""
     _spawn(2, dispatch=dispatch, capacity_factor=None, compiled=True, tokens=8)
 
 
