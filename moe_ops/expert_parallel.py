@@ -16,9 +16,13 @@ Two dispatches:
   one host synchronisation per call, to size the second), then exactly the routed rows; nothing is
   dropped, and T may differ between ranks.
 
-On the receiving rank the rows are one batch of single-slot tokens for :func:`moe_ops.fused_experts` over
-its local experts (its kernels, fake kernel and backward as they are); the results come back in the
-same order and each token sums its K weighted rows in fp32 (deterministic: no atomics, no scatter-add).
+The exchange is two ops, ``moe_ops::ep_dispatch`` (rows and local expert ids out) and
+``moe_ops::ep_combine`` (result rows back, weighted and summed per token), whose one implementation is
+their decomposition into functional collectives: a compiled graph shows them by name, and autograd,
+fake tensors and Inductor see the collectives inside. On the receiving rank the rows are one batch of
+single-slot tokens for :func:`moe_ops.fused_experts` over its local experts (its kernels, fake kernel and
+backward as they are); the results come back in the same order and each token sums its K weighted rows
+in fp32 (deterministic: no atomics, no scatter-add).
 """
 
 from __future__ import annotations
@@ -34,6 +38,38 @@ from moe_ops.fused_experts import fused_experts
 from moe_ops.layout import expert_order
 
 DISPATCHES = ("padded", "exact")
+
+
+# Dispatch and combine: moe_ops ops whose only implementation is their decomposition into functional
+# collectives (CompositeImplicitAutograd), so eager calls, autograd, fake tensors and Inductor all see the
+# collectives themselves (torch.compile keeps one graph, and Inductor may schedule compute around them).
+_LIBRARY = torch.library.Library("moe_ops", "FRAGMENT")
+_LIBRARY.define("ep_dispatch(Tensor x, Tensor send_token, Tensor send_ids, SymInt[] send_splits, "
+                "SymInt[] recv_splits, str group_name) -> (Tensor, Tensor)")
+_LIBRARY.define("ep_combine(Tensor rows, Tensor slot_row, Tensor topk_weights, SymInt[] send_splits, "
+                "SymInt[] recv_splits, str group_name) -> Tensor")
+
+
+def _ep_dispatch(x, send_token, send_ids, send_splits, recv_splits, group_name):
+    """The rows x[send_token] (send_token T: a zero row) and their local expert ids sent to the ranks in
+    ``send_splits`` blocks; returns the rows and ids this rank receives (``recv_splits`` from each rank)."""
+    rows = torch.cat([x, x.new_zeros(1, x.shape[1])])[send_token]
+    recv_x = all_to_all_single_autograd(rows, recv_splits, send_splits, group_name)
+    return recv_x, all_to_all_single(send_ids, recv_splits, send_splits, group_name)
+
+
+def _ep_combine(rows, slot_row, topk_weights, send_splits, recv_splits, group_name):
+    """The experts' result rows sent back to the ranks they came from; each of this rank's (T, K) slots
+    takes the row ``slot_row`` of what comes back (past its end: a zero row), weighted in fp32, and each
+    token sums its K slots in fp32 (a fixed order, as fused_experts): (T, H) in the rows' dtype."""
+    back = all_to_all_single_autograd(rows, recv_splits, send_splits, group_name)
+    slot_rows = torch.cat([back, back.new_zeros(1, back.shape[1])])[slot_row]
+    weighted = slot_rows.float() * topk_weights.reshape(-1, 1).float()
+    return weighted.view(*topk_weights.shape, -1).sum(1).to(rows.dtype)
+
+
+_LIBRARY.impl("ep_dispatch", _ep_dispatch, "CompositeImplicitAutograd")
+_LIBRARY.impl("ep_combine", _ep_combine, "CompositeImplicitAutograd")
 
 
 def fused_experts_ep(
@@ -81,33 +117,30 @@ def fused_experts_ep(
     num_ranks = dist.get_world_size(group)
     num_local = w_gate_up.shape[0]
     T, K = topk_ids.shape
-    H = x.shape[1]
     S = T * K
     ids_S = topk_ids.reshape(-1).long()
     routed_S = (ids_S >= 0) & (ids_S < num_local * num_ranks)
     dest_S = torch.where(routed_S, ids_S // num_local, num_ranks)  # R: no rank
     local_ids_S = torch.where(routed_S, ids_S - dest_S * num_local, num_local)  # E_local: no expert
-    token_S = torch.arange(S, device=x.device) // K
     # Slots grouped by destination rank in slot order (unrouted ones last), and each one's place there.
     order, rank_in_order = expert_order(dest_S, num_ranks)
 
+    token_S = torch.arange(S, device=x.device) // K
+    group_name = group.group_name
     if dispatch == "padded":
         capacity = (T * min(K, num_local) if capacity_factor is None
                     else math.ceil(capacity_factor * S / num_ranks))
         position_S = torch.empty_like(rank_in_order).scatter_(0, order, rank_in_order)
         kept_S = routed_S & (position_S < capacity)
         num_dropped = (routed_S & ~kept_S).sum().to(torch.int32)
-        # Each kept slot's row in the send buffer; the others write a spare last row that is not sent.
-        row_S = torch.where(kept_S, dest_S * capacity + position_S, num_ranks * capacity)
-        send_x = x.new_zeros(num_ranks * capacity + 1, H).index_copy(0, row_S, x[token_S])[:-1]
-        send_ids = torch.full((num_ranks * capacity + 1,), num_local, dtype=torch.int64, device=x.device)
-        send_ids = send_ids.index_copy(0, row_S, torch.where(kept_S, local_ids_S, num_local))[:-1]
-        splits = [capacity] * num_ranks
-        recv_x = all_to_all_single_autograd(send_x, splits, splits, group)
-        recv_ids = all_to_all_single(send_ids, splits, splits, group)
-        out_rows = _local_experts(recv_x, recv_ids, w_gate_up, w_down, options)
-        back = all_to_all_single_autograd(out_rows, splits, splits, group)
-        slot_rows = torch.cat([back, back.new_zeros(1, H)])[row_S]
+        # Each kept slot's row in the fixed send buffer of R blocks of C rows; the others point past it
+        # (the spare last row below, not sent, and the zero row the combine appends).
+        num_rows = num_ranks * capacity
+        row_S = torch.where(kept_S, dest_S * capacity + position_S, num_rows)
+        send_token = x.new_full((num_rows + 1,), T, dtype=torch.int64).index_copy(0, row_S, token_S)[:-1]
+        send_ids = x.new_full((num_rows + 1,), num_local, dtype=torch.int64).index_copy(0, row_S, local_ids_S)[:-1]
+        send_splits = recv_splits = [capacity] * num_ranks
+        slot_row_S = row_S
     else:
         num_dropped = torch.zeros((), dtype=torch.int32, device=x.device)
         send_counts = torch.nn.functional.one_hot(dest_S, num_ranks + 1).sum(0)[:num_ranks]
@@ -116,15 +149,14 @@ def fused_experts_ep(
         send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
         num_sent = sum(send_splits)
         sent = order[:num_sent]
-        recv_x = all_to_all_single_autograd(x[token_S[sent]], recv_splits, send_splits, group)
-        recv_ids = all_to_all_single(local_ids_S[sent], recv_splits, send_splits, group)
-        out_rows = _local_experts(recv_x, recv_ids, w_gate_up, w_down, options)
-        back = all_to_all_single_autograd(out_rows, send_splits, recv_splits, group)
-        slot_rows = x.new_zeros(S, H).index_copy(0, sent, back)
+        send_token, send_ids = token_S[sent], local_ids_S[sent]
+        # Each routed slot's place in the sent rows (unrouted slots come last in ``order``: past them).
+        place_S = torch.empty_like(order).scatter_(0, order, torch.arange(S, device=x.device))
+        slot_row_S = torch.where(routed_S, place_S, num_sent)
 
-    # As fused_experts: each slot's row weighted in fp32, the K slots of a token summed in fp32.
-    weighted_SH = slot_rows.float() * topk_weights.reshape(-1, 1).float()
-    out = weighted_SH.view(T, K, H).sum(1).to(x.dtype)
+    recv_x, recv_ids = torch.ops.moe_ops.ep_dispatch(x, send_token, send_ids, send_splits, recv_splits, group_name)
+    out_rows = _local_experts(recv_x, recv_ids, w_gate_up, w_down, options)
+    out = torch.ops.moe_ops.ep_combine(out_rows, slot_row_S, topk_weights, recv_splits, send_splits, group_name)
     return (out, num_dropped) if return_num_dropped else out
 
 

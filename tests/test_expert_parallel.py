@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
 from moe_ops.expert_parallel import fused_experts_ep
@@ -80,7 +81,8 @@ def _check(rank, num_ranks, dispatch, capacity_factor, compiled, tokens):
     if compiled:
         torch._dynamo.reset()
         counters.clear()
-        run = torch.compile(fused_experts_ep, fullgraph=True)
+        backend = CompileCounterWithBackend("inductor")
+        run = torch.compile(fused_experts_ep, fullgraph=True, backend=backend)
     for routing in range(3 if compiled else 1):
         # Compiled, each routing has another T (marked dynamic, as a training loop's varying batch would be).
         num_tokens = tokens + 3 * routing
@@ -120,6 +122,11 @@ def _check(rank, num_ranks, dispatch, capacity_factor, compiled, tokens):
         assert int(dropped) == want_dropped, (int(dropped), want_dropped)
     if compiled:
         assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+        # The graph dynamo captured: the exchange is moe_ops' two ops around the local experts' op.
+        moe_ops_calls = [str(node.target) for node in backend.graphs[0].graph.nodes
+                         if node.op == "call_function" and str(node.target).startswith("moe_ops.")]
+        assert moe_ops_calls == ["moe_ops.ep_dispatch", "moe_ops.fused_experts",
+                                 "moe_ops.ep_combine"], moe_ops_calls
 
 
 def _spawn(num_ranks, **case):
