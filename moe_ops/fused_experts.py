@@ -17,13 +17,20 @@ import torch
 
 from moe_ops._autograd import register_reference_autograd
 from moe_ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_kernel_dtype, check_tensor
+from moe_ops._compat.matmul import grouped_mm
 from moe_ops._dispatch import direct_cuda_call_allowed
 from moe_ops.activations import ACTIVATIONS, BY_NAME, CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT, activate_ref
 from moe_ops.capacity import POLICIES as CAPACITY_POLICIES
 from moe_ops.capacity import apply_capacity_ref
 from moe_ops.capacity_triton import apply_capacity_triton
 from moe_ops.expert_gemm_triton import expert_gemm_triton
-from moe_ops.fused_experts_backward_triton import fused_experts_backward_triton
+from moe_ops.fused_experts_backward_triton import (
+    activation_triton,
+    fused_experts_backward_triton,
+    saves_preactivations,
+    slot_positions,
+    token_sums_triton,
+)
 from moe_ops.layout import PackedSchedule, capacity_from_factor, split_gate_up
 from moe_ops.schedule_triton import block_schedule_triton, rows_in_schedule_order
 from moe_ops.settings import config
@@ -253,6 +260,170 @@ _fused_experts_backward_op = register_reference_autograd(
 def _(*args):
     _check_fused_args(*args[:9], *args[9:13], *args[15:17])  # all but alpha, limit and the gradients
     return fused_experts_backward_triton(*args)
+
+
+# ---- the training variant: the same op, keeping the pre-activations for its backward ----
+
+
+def _kept_shapes(x, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down, layout):
+    """fused_experts_training's kept pre-activations: (S, N) of w_gate_up and, with w_up, of w_up, rows in the
+    packed schedule's order; (0,) each where it keeps none (the backward then recomputes them)."""
+    if not saves_preactivations(x, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down):
+        return (0,), (0,)
+    num_slots = topk_ids.numel()
+    features = (lambda w: w.shape[1]) if layout == "EFH" else (lambda w: w.shape[2])
+    return (num_slots, features(w_gate_up)), ((num_slots, features(w_up)) if w_up is not None else (0,))
+
+
+@torch.library.custom_op("moe_ops::fused_experts_training", mutates_args=())
+def _fused_experts_training_op(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    w_up: torch.Tensor | None,
+    b_gate_up: torch.Tensor | None,
+    b_up: torch.Tensor | None,
+    b_down: torch.Tensor | None,
+    layout: str,
+    interleaved: bool,
+    activation: str,
+    gated: bool,
+    alpha: float,
+    limit: float,
+    capacity_factor: float,
+    drop_policy: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """moe_ops::fused_experts for training graphs (lowering/graph/joint_rewrite.py puts it there): the same
+    (out, num_dropped), plus the pre-activations it keeps for its backward where its CUDA path runs on
+    torch's grouped GEMM (``saves_preactivations``); elsewhere, as here (the reference), it keeps none."""
+    out, num_dropped = fused_experts_ref(
+        x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
+        layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy,
+        return_num_dropped=True,
+    )
+    return out, num_dropped, x.new_empty(0), x.new_empty(0)
+
+
+@_fused_experts_training_op.register_kernel("cuda")
+def fused_experts_training_triton(
+    x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
+    layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy,
+):
+    """The training variant's CUDA path (tests also run it on CPU under the interpreter). Where it keeps
+    the pre-activations: x's rows copied into schedule order, the gate/up projection as torch's grouped
+    GEMM (kept, in x's dtype), the activation, the down projection as torch's grouped GEMM, then each
+    token's K rows times their routing weights summed in fp32 (in k order). Elsewhere fused_experts_triton."""
+    args = (x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
+            layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy)
+    if not saves_preactivations(x, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down):
+        return (*fused_experts_triton(*args), x.new_empty(0), x.new_empty(0))
+    _check_fused_args(*args[:13], capacity_factor, drop_policy)
+    check_kernel_dtype("x", x)
+    T, K = topk_ids.shape
+    E = w_gate_up.shape[0]
+    num_slots = T * K
+    kept_shape, kept_up_shape = _kept_shapes(x, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down, layout)
+    num_dropped = torch.zeros((), dtype=torch.int32, device=x.device)
+    if num_slots == 0:
+        return x.new_zeros(x.shape), num_dropped, x.new_empty(kept_shape), x.new_empty(kept_up_shape)
+    w = ExpertWeights(w_gate_up, w_down, w_up, None, None, None, layout, interleaved, gated=False)
+    ids = topk_ids
+    capacity = capacity_from_factor(capacity_factor, T, K, E)
+    if capacity >= 0:
+        ids, num_dropped = apply_capacity_triton(topk_ids, topk_weights, E, capacity, drop_policy)
+    sorted_slots, _, _, _, expert_offsets = block_schedule_triton(ids, E, 1)
+    x_rows = rows_in_schedule_order(x, sorted_slots, K)
+    # Rows past the routed ones are left unwritten by the grouped GEMMs; no reader looks at them.
+    kept = grouped_mm(x_rows, w.gate.transpose(1, 2), expert_offsets[1:])
+    kept_up = grouped_mm(x_rows, w.up.transpose(1, 2), expert_offsets[1:]) if w_up is not None else None
+    del x_rows
+    if kept_up is not None:
+        gate, up = kept, kept_up
+    else:
+        gate, up = split_gate_up(kept, interleaved) if gated else (kept, None)
+    h = activation_triton(gate, up, sorted_slots, num_slots, activation, alpha, limit)
+    y_rows = grouped_mm(h, w.down.transpose(1, 2), expert_offsets[1:])
+    del h
+    out = token_sums_triton(y_rows, slot_positions(sorted_slots, num_slots), torch.empty_like(x), K,
+                            slot_weights=topk_weights.reshape(-1))
+    return out, num_dropped, kept, x.new_empty(0) if kept_up is None else kept_up
+
+
+@_fused_experts_training_op.register_fake
+def _(x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
+      layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy):
+    _check_fused_args(
+        x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
+        layout, interleaved, activation, gated, capacity_factor, drop_policy,
+    )
+    kept_shape, kept_up_shape = _kept_shapes(x, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down, layout)
+    return (x.new_empty(x.shape), x.new_empty((), dtype=torch.int32), x.new_empty(kept_shape),
+            x.new_empty(kept_up_shape))
+
+
+@torch.library.custom_op("moe_ops::fused_experts_training_backward", mutates_args=("kept", "kept_up"))
+def _fused_experts_training_backward_op(
+    x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w_gate_up: torch.Tensor,
+    w_down: torch.Tensor, w_up: torch.Tensor | None, b_gate_up: torch.Tensor | None, b_up: torch.Tensor | None,
+    b_down: torch.Tensor | None, layout: str, interleaved: bool, activation: str, gated: bool, alpha: float,
+    limit: float, capacity_factor: float, drop_policy: str, kept: torch.Tensor, kept_up: torch.Tensor,
+    grads: list[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
+    """The training variant's backward where it kept the pre-activations, which it overwrites with their
+    gradients (declared as mutated: in a compiled step the kept tensors are buffers of the backward that
+    AOTAutograd donates, so Inductor lets the op write over them instead of copying them first, and a
+    second backward of a retained graph is refused rather than fed overwritten values). Off CUDA (never
+    reached: it keeps none there) the reference's gradients. The gradients come as a tuple (as the
+    backward op's list): Inductor writes into a mutated argument only for ops returning plain tensors."""
+    return tuple(torch.ops.moe_ops.fused_experts_backward(
+        x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
+        layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy, grads,
+    ))
+
+
+@_fused_experts_training_backward_op.register_kernel("cuda")
+def fused_experts_training_backward_triton(*args):
+    """The training variant's backward on the GPU (tests also run it on CPU under the interpreter)."""
+    *forward_args, kept, kept_up, grads = args
+    _check_fused_args(*forward_args[:13], *forward_args[15:17])
+    saved = [kept] if kept_up.dim() < 2 else [kept, kept_up]
+    return tuple(fused_experts_backward_triton(*forward_args, grads, saved=saved))
+
+
+@_fused_experts_training_backward_op.register_fake
+def _(*args):
+    forward_args = args[:17]
+    return tuple(torch.empty(0) if forward_args[i] is None else torch.empty_like(forward_args[i])
+                 for i in (0, 1, 3, 4, 5, 6, 7, 8))
+
+
+def _training_setup_context(ctx, inputs, output):
+    ctx.forward_args = inputs
+    # Saved as tensors (version-checked): the backward overwrites them, so a second backward is refused.
+    ctx.save_for_backward(*output[2:])
+    ctx.output_meta = [(o.shape, o.dtype, o.device) for o in output[:2]]
+
+
+def _training_backward(ctx, grad_out, grad_num_dropped, _grad_kept, _grad_kept_up):
+    (shape, dtype, device), _ = ctx.output_meta
+    grad_out = torch.zeros(shape, dtype=dtype, device=device) if grad_out is None else grad_out
+    grads = [grad_out, grad_out.new_empty(0)]  # num_dropped takes no gradient
+    kept, kept_up = ctx.saved_tensors
+    if kept.dim() == 2:
+        input_grads = torch.ops.moe_ops.fused_experts_training_backward(*ctx.forward_args, kept, kept_up, grads)
+    else:
+        input_grads = torch.ops.moe_ops.fused_experts_backward(*ctx.forward_args, grads)
+    result: list = [None] * len(ctx.forward_args)
+    for i, grad in zip((0, 1, 3, 4, 5, 6, 7, 8), input_grads, strict=True):
+        if ctx.forward_args[i] is not None and ctx.needs_input_grad[i]:
+            result[i] = grad
+    return tuple(result)
+
+
+_fused_experts_training_op.register_autograd(_training_backward, setup_context=_training_setup_context)
 
 
 def fused_experts(

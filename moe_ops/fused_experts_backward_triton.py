@@ -31,6 +31,7 @@ from moe_ops.capacity_triton import apply_capacity_triton
 from moe_ops.expert_gemm_triton import expert_gemm_triton, gate_activation, up_factor
 from moe_ops.layout import PackedSchedule, capacity_from_factor, split_gate_up
 from moe_ops.schedule_triton import block_schedule_triton, rows_in_schedule_order
+from moe_ops.settings import config
 from moe_ops.tiles import choose_block_m, tma_pays
 
 
@@ -178,8 +179,8 @@ def weight_grad_triton(g, a, out_ENK, sorted_slots, expert_offsets, num_slots, t
 
 @triton.jit
 def _token_sums_kernel(
-    rows_ptr, position_ptr, out_ptr, num_tokens, hidden, num_positions, stride_rows, stride_out,
-    TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    rows_ptr, position_ptr, slot_weight_ptr, out_ptr, num_tokens, hidden, num_positions, stride_rows, stride_out,
+    TOP_K: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -187,22 +188,28 @@ def _token_sums_kernel(
     col_ok = (cols < hidden)[None, :]
     acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
     for k in tl.static_range(TOP_K):
-        position = tl.load(position_ptr + tokens.to(tl.int64) * TOP_K + k, mask=token_ok, other=num_positions)
+        slot = tokens.to(tl.int64) * TOP_K + k
+        position = tl.load(position_ptr + slot, mask=token_ok, other=num_positions)
         routed = position < num_positions
-        acc += tl.load(rows_ptr + position.to(tl.int64)[:, None] * stride_rows + cols[None, :],
-                       mask=routed[:, None] & col_ok, other=0.0).to(tl.float32)
+        row = tl.load(rows_ptr + position.to(tl.int64)[:, None] * stride_rows + cols[None, :],
+                      mask=routed[:, None] & col_ok, other=0.0).to(tl.float32)
+        if WEIGHTED:
+            row *= tl.load(slot_weight_ptr + slot, mask=routed, other=0.0).to(tl.float32)[:, None]
+        acc += row
     tl.store(out_ptr + tokens.to(tl.int64)[:, None] * stride_out + cols[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=token_ok[:, None] & col_ok)
 
 
-def token_sums_triton(rows_PH, position_S, out_TH, top_k):
-    """``out_TH[t] = sum over k of rows_PH[position_S[t * top_k + k]]`` in fp32, in k order (deterministic,
-    no atomics); a slot whose position is past the rows (routed to no expert) adds nothing."""
+def token_sums_triton(rows_PH, position_S, out_TH, top_k, slot_weights=None):
+    """``out_TH[t] = sum over k of rows_PH[position_S[t * top_k + k]]``, each row times its slot's weight
+    (``slot_weights`` (S,)) where given, in fp32 and in k order (deterministic, no atomics); a slot whose
+    position is past the rows (routed to no expert) adds nothing."""
     num_tokens, hidden = out_TH.shape
     block_t, block_h = 16, min(256, triton.next_power_of_2(hidden))
     _token_sums_kernel[(triton.cdiv(num_tokens, block_t), triton.cdiv(hidden, block_h))](
-        rows_PH, position_S, out_TH, num_tokens, hidden, rows_PH.shape[0], rows_PH.stride(0), out_TH.stride(0),
-        TOP_K=top_k, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4,
+        rows_PH, position_S, position_S if slot_weights is None else slot_weights, out_TH, num_tokens, hidden,
+        rows_PH.shape[0], rows_PH.stride(0), out_TH.stride(0),
+        TOP_K=top_k, WEIGHTED=slot_weights is not None, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4,
     )
     return out_TH
 
@@ -211,10 +218,68 @@ def token_sums_triton(rows_PH, position_S, out_TH, top_k):
 BIAS_SUM_TILES = (64, 64, 16, 4, 3)
 
 
+def slot_positions(sorted_slots, num_slots):
+    """(S,) int32: each slot's row in a packed schedule; slots routed to no expert get S (past the rows)."""
+    positions = torch.arange(sorted_slots.shape[0], dtype=torch.int32, device=sorted_slots.device)
+    # The sentinel rows all land on the extra element S, which is dropped.
+    return (torch.full((num_slots + 1,), num_slots, dtype=torch.int32, device=sorted_slots.device)
+            .scatter_(0, sorted_slots.long(), positions)[:num_slots])
+
+
+@triton.jit
+def _activation_kernel(
+    gate_ptr, up_ptr, sorted_slots_ptr, h_ptr, num_rows, F, num_slots, alpha, limit,
+    stride_gate_m, stride_gate_f, stride_up_m, stride_up_f, stride_h_m,
+    ACTIVATION: tl.constexpr, GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    row_in = rows < num_rows
+    routed = tl.load(sorted_slots_ptr + rows, mask=row_in, other=num_slots) < num_slots
+    rows = rows.to(tl.int64)
+    store_mask = row_in[:, None] & (cols < F)[None, :]
+    mask = store_mask & routed[:, None]  # rows of no routed slot: never read, written as zeros
+    gate = tl.load(gate_ptr + rows[:, None] * stride_gate_m + cols[None, :] * stride_gate_f, mask=mask,
+                   other=0.0).to(tl.float32)
+    h, _ = gate_activation(gate, ACTIVATION, alpha, limit)
+    if GATED:
+        up = tl.load(up_ptr + rows[:, None] * stride_up_m + cols[None, :] * stride_up_f, mask=mask,
+                     other=0.0).to(tl.float32)
+        factor, _ = up_factor(up, ACTIVATION, limit)
+        h = h * factor
+    tl.store(h_ptr + rows[:, None] * stride_h_m + cols[None, :], tl.where(mask, h, 0.0).to(h_ptr.dtype.element_ty),
+             mask=store_mask)
+
+
+def activation_triton(gate, up, sorted_slots, num_slots, activation, alpha, limit):
+    """(P, F) in gate's dtype: the activation of each schedule row's pre-activations (``gate``, ``up``:
+    (P, F) views, any strides; ``up`` None for an ungated MLP), rows of no routed slot 0."""
+    num_rows, F = gate.shape
+    h = torch.empty((num_rows, F), dtype=gate.dtype, device=gate.device)
+    block_m, block_f = 32, 128
+    gated = up is not None
+    _activation_kernel[(triton.cdiv(num_rows, block_m), triton.cdiv(F, block_f))](
+        gate, up if gated else gate, sorted_slots, h, num_rows, F, num_slots, float(alpha), float(limit),
+        *gate.stride(), *(up.stride() if gated else (0, 0)), h.stride(0),
+        ACTIVATION=ACTIVATION_CODE[activation], GATED=gated, BLOCK_M=block_m, BLOCK_F=block_f, num_warps=4,
+    )
+    return h
+
+
 def grouped_mm_applies(x, widths) -> bool:
     """Whether the weight gradients go to torch's grouped GEMM (:func:`weight_grad_grouped_mm`): where it
     has a native kernel for x's device and dtype, every operand's rows (``widths``) 16-byte aligned."""
     return native_grouped_mm(x.device, x.dtype) and all((w * x.element_size()) % 16 == 0 for w in widths)
+
+
+def saves_preactivations(x, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down) -> bool:
+    """Whether ``moe_ops::fused_experts_training`` keeps the pre-activations for the backward (which then
+    skips recomputing them): where its GEMMs are torch's grouped GEMMs (no biases to add, rows aligned,
+    every weight's rows or columns contiguous) and batch-invariant tiles are not asked for."""
+    weights = [w for w in (w_gate_up, w_down, w_up) if w is not None]
+    return (not config.batch_invariant and b_gate_up is None and b_up is None and b_down is None
+            and all(1 in w.stride()[1:] for w in weights)
+            and grouped_mm_applies(x, {x.shape[1], *(d for w in weights for d in w.shape[1:])}))
 
 
 def weight_grad_grouped_mm(g_PN, a_PK, like_ENK, expert_offsets):
@@ -236,7 +301,7 @@ def weight_grad_grouped_mm(g_PN, a_PK, like_ENK, expert_offsets):
 
 def fused_experts_backward_triton(
     x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
-    layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy, grads,
+    layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy, grads, saved=(),
 ):
     """The backward of ``fused_experts`` on the GPU (tests also run it on CPU under the interpreter):
     what differentiating ``fused_experts_ref`` gives, without its loop over experts or host syncs.
@@ -250,7 +315,10 @@ def fused_experts_backward_triton(
     sm90/sm100) x's and g's rows are copied into schedule order once, the GEMMs and weight gradients
     are torch's grouped GEMMs over the copies (a biased pre-activation GEMM stays the expert GEMM, with
     TMA tiles where they pay) and dx is summed per token from its rows; elsewhere every
-    kernel gathers the tokens' rows itself. Returns the gradients of
+    kernel gathers the tokens' rows itself. ``saved``: the pre-activations that
+    ``moe_ops::fused_experts_training`` kept (its third and, with ``w_up``, fourth output, rows in the
+    packed schedule's order), read instead of recomputed and overwritten with their gradients as
+    recomputed ones are (the caller's op declares them mutated). Returns the gradients of
     x, topk_weights, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down (an empty tensor for an absent
     argument), each laid out like its argument (``empty_like``), as the backward op's fake kernel says.
     The arguments are checked by the caller (the op's CUDA kernel, moe_ops.fused_experts)."""
@@ -309,27 +377,31 @@ def fused_experts_backward_triton(
         return weight_grad_triton(g, a, torch.empty_like(like_ENK), sorted_slots, expert_offsets, S, K,
                                   gather_g=gather_g and gather_top_k > 0, gather_a=gather_a and gather_top_k > 0)
 
-    # The recomputed pre-activations in x's dtype, which the activation-gradient pass overwrites with their
-    # gradients, and g_t W_d in x's dtype, which it overwrites with w_s h_s (it reads each element before
-    # it writes that element): per schedule row 3F values in x's dtype (bf16: 6F bytes). Gate and up laid
-    # out as the weights have them (halves, interleaved, or two tensors).
-    pre = [rows_gemm(x_rows, w_gu, b_gate_up)]
-    if w_u is not None:
-        pre.append(rows_gemm(x_rows, w_u, b_up))
-    if len(pre) == 2:
-        gate, up = pre
-    elif gated:
-        gate, up = split_gate_up(pre[0], interleaved)
+    # The pre-activations in x's dtype (saved, or recomputed), which the activation-gradient pass
+    # overwrites with their gradients, and g_t W_d in x's dtype, which it overwrites with w_s h_s (it reads
+    # each element before it writes that element): per schedule row 3F values in x's dtype (bf16: 6F
+    # bytes). Gate and up laid out as the weights have them (halves, interleaved, or two tensors).
+    if saved:
+        pre = list(saved)
     else:
-        gate, up = pre[0], None
+        pre = [rows_gemm(x_rows, w_gu, b_gate_up)]
+        if w_u is not None:
+            pre.append(rows_gemm(x_rows, w_u, b_up))
     d_pre = pre  # written in place below
+    def gate_and_up(tensors):
+        if len(tensors) == 2:
+            return tensors
+        return split_gate_up(tensors[0], interleaved) if gated else (tensors[0], None)
+
+    (gate, up), (d_gate, d_up) = gate_and_up(pre), gate_and_up(d_pre)
 
     if grouped:
         g_rows = rows_in_schedule_order(grad_TH, sorted_slots, K)
     g_wd_PF = rows_gemm(g_rows, w_d.transpose(1, 2))  # g_t W_d per row: (P, F)
     h_scaled = g_wd_PF
-    d_weight_P = activation_grad_triton(gate, up, g_wd_PF, slot_weights, sorted_slots, h_scaled, gate, up,
+    d_weight_P = activation_grad_triton(gate, up, g_wd_PF, slot_weights, sorted_slots, h_scaled, d_gate, d_up,
                                         activation, alpha, limit)
+    del pre, gate, up  # d_pre now
     slot_P = sorted_slots.long()
     routed_P = slot_P < S
     if b_down is not None:
@@ -372,10 +444,7 @@ def fused_experts_backward_triton(
         for d_pre_PN, w in zip(d_pre, (w_gu, w_u), strict=False):
             part = rows_gemm(d_pre_PN, w.transpose(1, 2))
             dx_rows = part if dx_rows is None else dx_rows.add_(part)
-        # Each slot's schedule row; slots routed to no expert get the row count (they add nothing).
-        position_S = (torch.full((S + 1,), S, dtype=torch.int32, device=x.device)
-                      .scatter_(0, slot_P, torch.arange(S, dtype=torch.int32, device=x.device))[:S])
-        token_sums_triton(dx_rows, position_S, dx, K)
+        token_sums_triton(dx_rows, slot_positions(sorted_slots, S), dx, K)
     else:
         # As the forward: each slot's row in x's dtype, the K of a token summed in fp32 (a separate w_up
         # gives two parts per slot, added in fp32 first).

@@ -246,6 +246,8 @@ def test_public_api_opcheck_and_noncontiguous_input():
     layer = _layer(6, 2, 4, 16, 8, torch.float32, "cpu", biases=True)
     torch.library.opcheck(torch.ops.moe_ops.fused_experts.default, _args(layer))
     torch.library.opcheck(torch.ops.moe_ops.fused_experts.default, _args(layer, capacity_factor=1.0))
+    # The training variant (what training graphs call): schema, fake kernel and autograd alike.
+    torch.library.opcheck(torch.ops.moe_ops.fused_experts_training.default, _args(layer))
     x_wide = torch.randn(6, 32)
     strided = dict(layer, x=x_wide[:, ::2])  # a non-contiguous view of the activations
     out = fused_experts(**strided)

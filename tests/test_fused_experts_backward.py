@@ -14,8 +14,9 @@ from torch.utils._pytree import tree_flatten
 
 import moe_ops.fused_experts_backward_triton as backward_module
 from moe_ops._compat.matmul import grouped_mm
-from moe_ops.fused_experts import fused_experts, fused_experts_ref
+from moe_ops.fused_experts import fused_experts, fused_experts_ref, fused_experts_training_triton
 from moe_ops.fused_experts_backward_triton import fused_experts_backward_triton
+from moe_ops.schedule import block_schedule_ref
 from moe_ops.schedule_triton import block_schedule_triton
 from moe_ops.tiles import choose_block_m
 
@@ -70,9 +71,9 @@ def reference_grads(args, grad_TH):
     return [by_index.get(i) for i in (0, 1, 3, 4, 5, 6, 7, 8)]
 
 
-def check(args, dtype):
+def check(args, dtype, saved=()):
     grad_TH = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(3)).to(args[0])
-    got = fused_experts_backward_triton(*args, [grad_TH, torch.empty(0)])
+    got = fused_experts_backward_triton(*args, [grad_TH, torch.empty(0)], saved=saved)
     want = reference_grads(args, grad_TH)
     inputs = [args[i] for i in (0, 1, 3, 4, 5, 6, 7, 8)]
     for name, value, actual, expected in zip(NAMES, inputs, got, want, strict=True):
@@ -152,6 +153,72 @@ def test_weight_grads_through_torchs_grouped_gemm(form, monkeypatch):
     # w1_w3_biases has three weights and two dx parts (its pre-activation GEMMs are biased). Bias
     # gradients stay fp32 sums of the Triton kernel.
     assert len(calls) == {"w1_w3_biases": 6, "gpt_oss": 4}.get(form, 5)
+
+
+TRAINING_FORMS = ["EFH", "EHF", "w1_w3", "ungated_gelu", "capacity_drops", "sentinel_ids", "E>>S"]
+
+
+@pytest.mark.parametrize("form", TRAINING_FORMS)
+def test_training_variant_keeps_preactivations_and_its_backward_reads_them(form, monkeypatch):
+    """moe_ops::fused_experts_training's CUDA path where torch's grouped GEMM runs natively (forced here on
+    any device): the output is fused_experts' (the reference's), the kept pre-activations are each
+    routed slot's x W^T in the packed schedule's order, and the backward reading them instead of
+    recomputing gives the reference's gradients."""
+    monkeypatch.setattr(backward_module, "native_grouped_mm", lambda device, dtype: True)
+    options = {"EHF": dict(layout="EHF"), "w1_w3": dict(separate_up=True), "ungated_gelu": FORMS["ungated_gelu"],
+               "capacity_drops": FORMS["capacity_drops"], "sentinel_ids": FORMS["sentinel_ids"]}.get(form, {})
+    shape = (3, 8, 64, 32, 16) if form == "E>>S" else (13, 2, 4, 32, 16)
+    args = make_args(*shape, torch.bfloat16, TRITON_DEVICE, **options)
+    x, topk_weights, topk_ids, w_gate_up, w_down, w_up = args[:6]
+    out, num_dropped, kept, kept_up = fused_experts_training_triton(*args)
+    want, want_dropped = fused_experts_ref(*args, return_num_dropped=True)
+    assert_close_rel(out, want, torch.bfloat16, "out")
+    assert int(num_dropped) == int(want_dropped)
+
+    ids = topk_ids
+    if args[15] > 0:  # the capacity the forward applied
+        from moe_ops.capacity import apply_capacity_ref
+        from moe_ops.layout import capacity_from_factor
+        capacity = capacity_from_factor(args[15], *topk_ids.shape, w_gate_up.shape[0])
+        ids = apply_capacity_ref(topk_ids.cpu(), topk_weights.cpu(), w_gate_up.shape[0], capacity, args[16])[0]
+    slots = block_schedule_ref(ids.cpu(), w_gate_up.shape[0], 1).sorted_slots.long()
+    routed = slots < topk_ids.numel()
+    slot = slots[routed]
+    expert = ids.cpu().reshape(-1).long()[slot]
+    rows = x.cpu().float()[slot // topk_ids.shape[1]]
+    for got, weight in ((kept, w_gate_up), (kept_up, w_up)):
+        if weight is None:
+            assert got.numel() == 0
+            continue
+        w_ENK = weight.cpu().float() if args[9] == "EFH" else weight.cpu().float().transpose(1, 2)
+        want_rows = torch.einsum("sk,snk->sn", rows, w_ENK[expert])
+        assert got.shape == (topk_ids.numel(), w_ENK.shape[1])
+        assert_close_rel(got.cpu()[routed], want_rows, torch.bfloat16, "kept pre-activations")
+    check(args, torch.bfloat16, saved=[kept] if kept_up.numel() == 0 else [kept, kept_up])
+
+
+def test_training_variant_keeps_nothing_where_it_would_not_pay(monkeypatch):
+    """Biased experts (the grouped GEMM adds no bias) and devices without a native grouped GEMM: the
+    training variant is fused_experts plus two empty tensors, and its backward recomputes."""
+    monkeypatch.setattr(backward_module, "native_grouped_mm", lambda device, dtype: True)
+    args = make_args(13, 2, 4, 32, 16, torch.bfloat16, TRITON_DEVICE, **FORMS["gpt_oss"])
+    out, _, kept, kept_up = fused_experts_training_triton(*args)
+    assert kept.numel() == 0 and kept_up.numel() == 0
+    assert_close_rel(out, fused_experts_ref(*args), torch.bfloat16, "out")
+
+
+def test_training_op_autograd_matches_the_reference():
+    """Autograd through torch.ops.moe_ops.fused_experts_training (what training graphs call) gives the
+    reference's gradients; the kept tensors take no gradient."""
+    args = make_args(13, 2, 4, 32, 16, torch.float32, "cpu", separate_up=True)
+    leaves = [t.detach().requires_grad_(True) if t is not None and t.is_floating_point() else t for t in args[:9]]
+    out = torch.ops.moe_ops.fused_experts_training(*leaves, *args[9:])[0]
+    grad_TH = torch.randn_like(out)
+    wrt = [t for t in leaves if t is not None and t.requires_grad]
+    got = torch.autograd.grad(out, wrt, grad_TH)
+    want = [g for g in reference_grads(args, grad_TH) if g is not None]
+    for actual, expected in zip(got, want, strict=True):
+        assert_close_rel(actual, expected, torch.float32, "gradient", BACKWARD_TOLERANCE)
 
 
 class PeakNewBytes(TorchDispatchMode):

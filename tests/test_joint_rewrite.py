@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 
 import pytest
 import torch
@@ -19,8 +20,11 @@ from conftest import assert_close_rel
 from expecttest import assert_expected_inline
 from torch import nn
 from torch._dynamo.utils import counters
+from torch._inductor import config as inductor_config
+from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import moe_ops
+from moe_ops._compat.matmul import native_grouped_mm
 
 pytestmark = pytest.mark.usefixtures("fresh_compile_state", "training_rewrites")
 
@@ -81,10 +85,10 @@ aten.mm.default()
 moe_ops.route.default(2, 'softmax', False, False, 0.0, None, 1, 1, 1.0)
 getitem(0)
 getitem(1)
-moe_ops.fused_experts.default(None, None, None, 'EFH', False, 'silu', True, 1.702, 7.0, 0.0, 'position')
-getitem(0)""")
+moe_ops.fused_experts_training.default(None, None, None, 'EFH', False, 'silu', True, 1.702, 7.0, 0.0, 'position')
+getitem(0)
+aten.empty.memory_format([0])""")
     assert_expected_inline(backward_graph, """\
-aten.full.default([], 0)
 moe_ops.fused_experts_backward.default(None, None, None, 'EFH', False, 'silu', True, 1.702, 7.0, 0.0, 'position', [%, %])
 getitem(0)
 getitem(1)
@@ -99,6 +103,71 @@ aten.permute.default([1, 0])
 aten.permute.default([1, 0])
 aten.addmm.default()
 aten.permute.default([1, 0])""")  # noqa: E501
+
+
+_KEEPING_ON_CPU = {"on": False, "registered": False}
+
+
+@pytest.fixture
+def preactivations_kept_on_cpu(monkeypatch):
+    """The training variant's keeping path (its GPU kernels on torch's grouped GEMM, forced here) as the
+    CPU kernels of its two ops, under Triton's interpreter, for the test's duration (the ops' CPU
+    kernels otherwise stay the reference's: the forward keeps nothing, so its backward op is not reached)."""
+    fused_experts_module = sys.modules["moe_ops.fused_experts"]
+    if not _KEEPING_ON_CPU["registered"]:
+        def forward_kernel(*args):
+            if _KEEPING_ON_CPU["on"]:
+                return fused_experts_module.fused_experts_training_triton(*args)
+            out, num_dropped = fused_experts_module.fused_experts_ref(*args, return_num_dropped=True)
+            return out, num_dropped, args[0].new_empty(0), args[0].new_empty(0)
+
+        torch.library.register_kernel("moe_ops::fused_experts_training", "cpu", forward_kernel)
+        torch.library.register_kernel("moe_ops::fused_experts_training_backward", "cpu",
+                                      fused_experts_module.fused_experts_training_backward_triton)
+        _KEEPING_ON_CPU["registered"] = True
+    monkeypatch.setattr(sys.modules["moe_ops.fused_experts_backward_triton"], "native_grouped_mm",
+                        lambda device, dtype: True)
+    monkeypatch.setitem(_KEEPING_ON_CPU, "on", True)
+
+
+def test_the_backward_writes_over_the_kept_preactivations(preactivations_kept_on_cpu):
+    """Where the training variant keeps the pre-activations, the compiled backward hands them to its
+    backward op to write their gradients over (graph inputs of the backward, no copy: AOTAutograd
+    donates them), the gradients are eager's, and a second backward of the retained graph is refused
+    (it would read overwritten values), compiled and through the op's own autograd alike."""
+    model, x = GroupedMoE(), tokens()
+    _, backward_graph = check_training(model, x, dtype=torch.bfloat16)
+    assert joint_rewrites() == 1 and "moe_ops.fused_experts_training_backward.default" in backward_graph
+
+    moe_ops_pass, kept_args = inductor_config.post_grad_custom_post_pass, []
+
+    class KeptArgs(CustomGraphPass):  # what the backward op's kept arguments are, after the moe_ops pass
+        def __call__(self, graph):
+            moe_ops_pass(graph)
+            for node in graph.find_nodes(op="call_function",
+                                         target=torch.ops.moe_ops.fused_experts_training_backward.default):
+                kept_args.append([(kept.op, tuple(kept.meta["val"].shape)) for kept in node.args[17:19]])
+
+        def uuid(self):
+            return None
+
+    torch._dynamo.reset()
+    with inductor_config.patch(post_grad_custom_post_pass=KeptArgs()):
+        out = torch.compile(model, fullgraph=True)(x.detach().requires_grad_(True))
+        out.float().sum().backward(retain_graph=True)
+    assert kept_args == [[("placeholder", (20, F_)), ("placeholder", (20, F_))]]
+    # AOTAutograd refuses it (donated buffers), or autograd does (the saved tensors' versions changed).
+    with pytest.raises(RuntimeError, match="donated buffers|modified by an inplace operation"):
+        out.float().sum().backward()
+
+    args = [x, torch.full((10, K), 0.5, dtype=torch.bfloat16), torch.arange(20).view(10, K) % E,
+            model.w1.detach(), model.w2.detach(), model.w3.detach().requires_grad_(True)]
+    out = torch.ops.moe_ops.fused_experts_training(*args, None, None, None, "EFH", False, "silu", True, 1.702, 7.0,
+                                                   0.0, "position")[0]
+    assert out.requires_grad
+    out.float().sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.float().sum().backward()
 
 
 class CountingMoE(GroupedMoE):
@@ -121,7 +190,7 @@ def test_buffer_writes_are_kept():
     x = torch.randn(12, H, dtype=torch.bfloat16)
     forward_graph, _ = check_training(module, x, dtype=torch.bfloat16)
     assert counters["moe_ops"]["joint_rewrite"] == 1 and counters["moe_ops"]["experts_rewrite_torchtitan"] == 1
-    assert "moe_ops.fused_experts.default" in forward_graph
+    assert "moe_ops.fused_experts_training.default" in forward_graph
     # check_training ran the compiled step once and eager once: each added T * K slots.
     assert module.tokens_per_expert.sum().item() == 2 * 12 * K
 
@@ -210,7 +279,7 @@ def test_activation_checkpointing():
     experts' backward reads only the block's inputs."""
     forward_graph, backward_graph = check_training(CheckpointedMoE(), tokens(), dtype=torch.bfloat16)
     assert joint_rewrites() == 1
-    assert "moe_ops.fused_experts.default" in forward_graph
+    assert "moe_ops.fused_experts_training.default" in forward_graph
     assert "moe_ops.route.default" in backward_graph and "moe_ops.fused_experts_backward.default" in backward_graph
 
 
@@ -292,8 +361,11 @@ def test_cuda_mixtral_block_training():
     x = torch.randn(4, 128, 1024, device="cuda", dtype=torch.bfloat16)
     forward_graph, backward_graph = check_training(block, x, dtype=torch.bfloat16)
     assert joint_rewrites() == 1
-    assert "moe_ops.fused_experts.default" in forward_graph and "_grouped_mm" not in forward_graph
-    assert "moe_ops.fused_experts_backward.default" in backward_graph
+    assert "moe_ops.fused_experts_training.default" in forward_graph and "_grouped_mm" not in forward_graph
+    # On the H200 (sm90, bf16) the forward keeps the pre-activations and its own backward op reads them.
+    keeps = native_grouped_mm(x.device, x.dtype)
+    backward_op = "fused_experts_training_backward" if keeps else "fused_experts_backward"
+    assert f"moe_ops.{backward_op}.default" in backward_graph
 
 
 @pytest.mark.cuda

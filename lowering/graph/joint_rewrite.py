@@ -8,8 +8,10 @@ graph (``primals_*`` and ``tangents_*`` in; forward outputs, then one gradient p
 1. cuts the forward out of it: the nodes the forward outputs need, as a graph of the primals;
 2. runs the same rewrites as the post-grad pass on that forward graph (same matchers, same proofs); the
    nodes a rewrite adds take the activation-checkpointing tags of the nodes it replaced;
-3. if anything was rewritten, traces the joint again from the rewritten forward: the forward under
-   autograd, then ``torch.autograd.grad`` of the outputs that need gradients with the same tangents,
+3. if anything was rewritten, puts fused_experts' training variant in place of each fused_experts (it
+   keeps the pre-activations for its backward where that pays) and traces the joint again from the
+   rewritten forward: the forward under autograd, then ``torch.autograd.grad`` of the outputs that
+   need gradients with the same tangents,
    with the decompositions Inductor gave AOTAutograd, each node's meta (checkpointing tags included)
    carried onto what it traces. The backward so comes from the moe_ops ops' own autograd formulas,
    not from the plain code's;
@@ -22,12 +24,13 @@ a rewritten block that straddles an activation-checkpointing boundary, a backwar
 effect that no output reads (a runtime assert the re-derived backward would not have), a forward assert
 the new trace loses, an op without an autograd formula, mutations in the traced graph other than the
 forward's writes into inputs that need no gradient (buffers, e.g. token counts), which must be the old
-graph's.
+graph's, and the training variant's backward writing over the pre-activations its forward kept for it.
 """
 
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Callable, Sequence
 
 import torch
@@ -209,6 +212,36 @@ def _mark_forward_and_backward(graph: Graph, tangents: list[Node], num_forward_o
         node.meta["partitioner_tag"] = "is_backward"
 
 
+def _keep_preactivations(forward: Graph) -> None:
+    """Training graphs run fused_experts' training variant, which keeps for its backward what it would
+    otherwise recompute (moe_ops/fused_experts.py); its first two outputs are fused_experts' own."""
+    for node in forward.find_nodes(op="call_function", target=torch.ops.moe_ops.fused_experts.default):
+        node.target = torch.ops.moe_ops.fused_experts_training.default
+
+
+def _overwrites_only_its_kept_preactivations(node: Node) -> bool:
+    """The training variant's backward writes its gradients over the pre-activations that the forward's
+    training variant kept (its outputs 2 and 3), which nothing else reads: the write is invisible to the
+    rest of the graph, and the kept tensors become buffers the compiled backward may reuse (AOTAutograd
+    donates saved buffers and then refuses ``retain_graph``, which would read them twice)."""
+    if node.target is not torch.ops.moe_ops.fused_experts_training_backward.default:
+        return False
+    schema_args = node.target._schema.arguments
+    for index, argument in enumerate(schema_args):
+        if argument.alias_info is None or not argument.alias_info.is_write:
+            continue
+        kept = node.args[index] if index < len(node.args) else node.kwargs[argument.name]
+        reader = node
+        # Autograd's saved tensors reach the backward through aliases (each read by the next only).
+        while kept.target is torch.ops.aten.alias.default and set(kept.users) == {reader}:
+            kept, reader = kept.args[0], kept
+        if not (kept.target is operator.getitem and kept.args[1] in (2, 3)
+                and kept.args[0].target is torch.ops.moe_ops.fused_experts_training.default
+                and set(kept.users) == {reader}):
+            return False
+    return True
+
+
 def rewrite_joint_graph(graph: Graph, rewrites: Sequence[Callable[[Graph], int]]) -> int:
     """Apply ``rewrites`` to the forward of the joint ``graph`` and re-derive its backward; returns
     how many subgraphs they replaced (0: the graph is unchanged)."""
@@ -233,6 +266,7 @@ def rewrite_joint_graph(graph: Graph, rewrites: Sequence[Callable[[Graph], int]]
         if not rewritten:
             return 0
         forward.eliminate_dead_code()
+        _keep_preactivations(forward)
         wants_grad = [grad is not None for grad in gradients]
         traced = _trace_joint(
             GraphModule(graph.owning_module, forward),
@@ -246,7 +280,8 @@ def rewrite_joint_graph(graph: Graph, rewrites: Sequence[Callable[[Graph], int]]
         if buffer_writes.keys() != _buffer_writes(graph, wants_grad).keys():
             raise NotRewritable("the new trace writes other inputs than the old one")
         mutating = [n.target for n in traced.graph.nodes if isinstance(n.target, torch._ops.OpOverload)
-                    and n.target._schema.is_mutable and n not in buffer_writes.values()]
+                    and n.target._schema.is_mutable and n not in buffer_writes.values()
+                    and not _overwrites_only_its_kept_preactivations(n)]
         if mutating:
             raise NotRewritable(f"the traced joint graph mutates ({mutating[0]})")
     except NotRewritable as reason:
