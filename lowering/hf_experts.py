@@ -31,10 +31,8 @@ import tokenize
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor
 from transformers.activations import (
     GELUActivation,
     GELUTanh,
@@ -44,10 +42,9 @@ from transformers.activations import (
 )
 from transformers.integrations.moe import ExpertsInterface, use_experts_implementation
 
-from moe_ops._checks import check_choice
 from moe_ops._compat.dynamo import counters
 from moe_ops.activations import CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT
-from moe_ops.expert_parallel import DISPATCHES, fused_experts_ep
+from moe_ops.expert_parallel import PLAN_ATTRIBUTE, fused_experts_ep
 from moe_ops.fused_experts import fused_experts
 from moe_ops.settings import config
 
@@ -314,19 +311,11 @@ def eager_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     return original_experts_forward(type(self))(self, hidden_states, top_k_index, top_k_weights)
 
 
-class _ExpertParallelPlan(NamedTuple):
-    """What ``parallelize_experts`` set on an experts module: how its sharded experts exchange tokens."""
-
-    group: dist.ProcessGroup
-    dispatch: str
-    capacity_factor: float | None
-
-
 def moe_ops_ep_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     """``experts_implementation="moe_ops_ep"`` (set by :func:`parallelize_experts`): the experts module,
     its weights sharded over ranks, as one ``moe_ops.fused_experts_ep`` call. No fallback to the class's
     own loop: it would need every expert's weights."""
-    plan = getattr(self, "_moe_ops_expert_parallel", None)
+    plan = getattr(self, PLAN_ATTRIBUTE, None)
     if plan is None:
         raise RuntimeError(f"{type(self).__name__}: experts_implementation='moe_ops_ep' is set by "
                            "moe_ops.parallelize_experts, which shards the weights it needs")
@@ -336,41 +325,6 @@ def moe_ops_ep_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     local = {name: value.to_local() if isinstance(value, DTensor) else value for name, value in arguments.items()}
     return fused_experts_ep(hidden_states, top_k_weights, top_k_index, group=plan.group, dispatch=plan.dispatch,
                             capacity_factor=plan.capacity_factor, **local)
-
-
-def parallelize_experts(model: nn.Module, ep_mesh: DeviceMesh, *, dispatch: str = "padded",
-                        capacity_factor: float | None = None) -> nn.Module:
-    """Shard the routed experts of every transformers MoE block in ``model`` over ``ep_mesh`` (a 1-D
-    DeviceMesh, or a mesh dimension): each experts module's stacked weights (and biases) become DTensor
-    parameters ``Shard(0)`` (rank r keeps experts [r E / R, (r + 1) E / R)), and the module runs as
-    :func:`moe_ops.fused_experts_ep` (``experts_implementation="moe_ops_ep"``, set on its config) with
-    ``dispatch`` and ``capacity_factor``. The rest of the model is unchanged (replicated). Every rank
-    must hold the same full weights when this is called (the same seed, or the same checkpoint).
-    In place; returns ``model``."""
-    if ep_mesh.ndim != 1:
-        raise ValueError(f"ep_mesh: expected a 1-D DeviceMesh (or one dimension of a mesh), got {ep_mesh.ndim}-D")
-    check_choice("dispatch", dispatch, DISPATCHES)
-    plan = _ExpertParallelPlan(ep_mesh.get_group(), dispatch, capacity_factor)
-    num_ranks = ep_mesh.size()
-    sharded = 0
-    for module in model.modules():
-        if not (type(module).__name__.endswith("Experts") and hasattr(module, "down_proj")
-                and hasattr(getattr(module, "config", None), "_experts_implementation")):
-            continue
-        num_experts = module.down_proj.shape[0]
-        if num_experts % num_ranks:
-            raise ValueError(f"ep_mesh: {type(module).__name__} has {num_experts} experts, not a multiple of the "
-                             f"mesh's {num_ranks} ranks")
-        for name, parameter in list(module.named_parameters(recurse=False)):
-            if parameter.dim() >= 2 and parameter.shape[0] == num_experts:
-                sharded_parameter = distribute_tensor(parameter.detach(), ep_mesh, [Shard(0)])
-                setattr(module, name, nn.Parameter(sharded_parameter, requires_grad=parameter.requires_grad))
-        module._moe_ops_expert_parallel = plan
-        module.config._experts_implementation = EP_IMPLEMENTATION_NAME
-        sharded += 1
-    if not sharded:
-        raise ValueError("model: no transformers experts module (a *Experts module with stacked weights) found")
-    return model
 
 
 def register_experts_implementations() -> None:

@@ -56,11 +56,11 @@ enable()
 
 
 def __getattr__(name: str):
-    # parallelize_experts shards transformers models, so it lives with the transformers integration, which
-    # imports transformers, and experts_quantization_config imports torchao: each loaded when first asked
-    # for, not by ``import moe_ops`` (its import cost).
+    # parallelize_experts imports torch.distributed's tensor package (and transformers for transformers
+    # models), and experts_quantization_config imports torchao: each loaded when first asked for, not by
+    # ``import moe_ops`` (its import cost).
     if name == "parallelize_experts":
-        from moe_ops.lowering.hf_experts import parallelize_experts
+        from moe_ops.lowering.parallelize import parallelize_experts
 
         return parallelize_experts
     if name == "experts_quantization_config":  # imports torchao

@@ -28,6 +28,7 @@ in fp32 (deterministic: no atomics, no scatter-add).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -38,6 +39,18 @@ from moe_ops.fused_experts import fused_experts
 from moe_ops.layout import expert_order
 
 DISPATCHES = ("padded", "exact")
+
+
+class ExpertParallelPlan(NamedTuple):
+    """How a sharded experts module exchanges tokens (``moe_ops.parallelize_experts`` sets it as the
+    module's ``PLAN_ATTRIBUTE``)."""
+
+    group: dist.ProcessGroup
+    dispatch: str
+    capacity_factor: float | None
+
+
+PLAN_ATTRIBUTE = "_moe_ops_expert_parallel"
 
 
 # Dispatch and combine: moe_ops ops whose only implementation is their decomposition into functional

@@ -169,6 +169,9 @@ def test_errors_name_the_argument():
 def _hf_block(family="qwen3_moe"):
     """transformers' own MoE block: Qwen3-MoE's, or GPT-OSS's (transposed, interleaved gate/up weights
     with biases, clamped SwiGLU)."""
+    if family.startswith("torchtitan"):
+        torch.manual_seed(0)
+        return TorchtitanMoE(layout=family.split("_")[1])
     transformers = pytest.importorskip("transformers")
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
@@ -186,6 +189,48 @@ def _hf_block(family="qwen3_moe"):
     return block
 
 
+class GroupedExperts(torch.nn.Module):
+    """torchtitan's grouped experts as its releases write them: stacked w1, w2, w3 and a forward over rows
+    grouped by expert (here its reference loop over the experts). ``layout`` "EFH": w1 (E, F, H), as
+    torchtitan today; "EHF": w1 (E, H, F), as its earlier releases; ``activation`` other than SiLU: a
+    module parallelize_experts must refuse."""
+
+    def __init__(self, layout="EFH", activation=torch.nn.functional.silu):
+        super().__init__()
+        shapes = {"EFH": ((E, F, H), (E, H, F)), "EHF": ((E, H, F), (E, F, H))}[layout]
+        self.layout, self.activation = layout, activation
+        self.w1, self.w3 = (torch.nn.Parameter(torch.randn(*shapes[0]) / H**0.5) for _ in range(2))
+        self.w2 = torch.nn.Parameter(torch.randn(*shapes[1]) / F**0.5)
+
+    def forward(self, x_RH, num_tokens_per_expert_E):
+        outputs, start = [], 0
+        for e, count in enumerate(num_tokens_per_expert_E.tolist()):
+            rows = x_RH[start:start + int(count)]
+            start += int(count)
+            w1, w2, w3 = (w[e] if self.layout == "EHF" else w[e].t() for w in (self.w1, self.w2, self.w3))
+            outputs.append((self.activation(rows @ w1) * (rows @ w3)) @ w2)
+        return torch.cat(outputs)
+
+
+class TorchtitanMoE(torch.nn.Module):
+    """torchtitan's MoE block around its grouped experts: a top-K softmax router, the slots sorted by expert
+    (stable), the counts per expert, the routing scores applied after the experts, a scatter-add back."""
+
+    def __init__(self, layout="EFH"):
+        super().__init__()
+        self.gate = torch.nn.Linear(H, E, bias=False)
+        self.experts = GroupedExperts(layout)
+
+    def forward(self, x):
+        x_TH = x.reshape(-1, H)
+        scores_TK, ids_TK = torch.topk(self.gate(x_TH).softmax(-1), K, dim=-1)
+        order_S = torch.argsort(ids_TK.reshape(-1), stable=True)
+        counts_E = torch.nn.functional.one_hot(ids_TK.reshape(-1), E).sum(0)
+        rows_SH = self.experts(x_TH[order_S // K], counts_E)
+        rows_SH = rows_SH * scores_TK.reshape(-1)[order_S, None]
+        return torch.zeros_like(x_TH).index_add(0, order_S // K, rows_SH).view_as(x)
+
+
 def _block_worker(rank, num_ranks, init_file, case):
     import copy
 
@@ -198,7 +243,7 @@ def _block_worker(rank, num_ranks, init_file, case):
         reference = _hf_block(case["family"])
         block = moe_ops.parallelize_experts(copy.deepcopy(reference), init_device_mesh("cpu", (num_ranks,)),
                                             dispatch=case["dispatch"])
-        assert block.experts.gate_up_proj.to_local().shape[0] == E // num_ranks
+        assert all(p.to_local().shape[0] == E // num_ranks for p in block.experts.parameters())
         run = torch.compile(block, fullgraph=True) if case["compiled"] else block
         local = slice(rank * E // num_ranks, (rank + 1) * E // num_ranks)
         inputs = [torch.randn(1, 7, H, generator=torch.Generator().manual_seed(r)) for r in range(num_ranks)]
@@ -219,7 +264,7 @@ def _block_worker(rank, num_ranks, init_file, case):
         torch.testing.assert_close(out, want.detach(), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(x.grad, want_x.grad, rtol=1e-5, atol=1e-5)
         names = [name for name, _ in reference.experts.named_parameters()]
-        assert len(names) == (4 if case["family"] == "gpt_oss" else 2), names
+        assert len(names) == {"gpt_oss": 4, "qwen3_moe": 2}.get(case["family"], 3), names
         for name in names:
             got = getattr(block.experts, name).grad.to_local()
             torch.testing.assert_close(got, getattr(reference.experts, name).grad[local], rtol=1e-5, atol=1e-5)
@@ -227,14 +272,16 @@ def _block_worker(rank, num_ranks, init_file, case):
         _destroy_process_group()
 
 
-@pytest.mark.parametrize("family,compiled", [("qwen3_moe", False), ("qwen3_moe", True), ("gpt_oss", False)],
-                         ids=["qwen3_moe", "qwen3_moe_compiled", "gpt_oss"])
-def test_parallelize_experts_shards_a_transformers_block(family, compiled):
-    """transformers' MoE blocks, their experts sharded over 2 ranks (DTensor Shard(0)) by
-    moe_ops.parallelize_experts: each rank's output and input gradient are the unsharded block's on its
-    tokens, and each rank's expert-weight gradient is its shard of the gradient over all ranks' tokens
-    (GPT-OSS: the biases too)."""
-    case = dict(dispatch="padded", compiled=compiled, family=family)
+@pytest.mark.parametrize("family,compiled,dispatch", [
+    ("qwen3_moe", False, "padded"), ("qwen3_moe", True, "padded"), ("gpt_oss", False, "padded"),
+    ("torchtitan_EFH", True, "padded"), ("torchtitan_EHF", False, "exact")],
+    ids=["qwen3_moe", "qwen3_moe_compiled", "gpt_oss", "torchtitan_compiled", "torchtitan_earlier_layout_exact"])
+def test_parallelize_experts_shards_a_block(family, compiled, dispatch):
+    """transformers' MoE blocks and a torchtitan-style block, their experts sharded over 2 ranks (DTensor
+    Shard(0)) by moe_ops.parallelize_experts: each rank's output and input gradient are the unsharded
+    block's on its tokens, and each rank's expert-weight gradient is its shard of the gradient over all
+    ranks' tokens (GPT-OSS: the biases too; torchtitan: w1, w2, w3 in either orientation)."""
+    case = dict(dispatch=dispatch, compiled=compiled, family=family)
     with tempfile.TemporaryDirectory() as folder:
         mp.spawn(_block_worker, args=(2, os.path.join(folder, "init"), case), nprocs=2, join=True)
 
@@ -247,6 +294,20 @@ def test_parallelize_experts_refuses_what_it_cannot_shard():
 
     with pytest.raises(ValueError, match="ep_mesh: expected a 1-D DeviceMesh"):
         moe_ops.parallelize_experts(_hf_block(), _OneRankMesh())
+
+    class _TwoRankMesh:
+        ndim = 1
+
+        def get_group(self):
+            return None
+
+    block = TorchtitanMoE()
+    block.experts.activation = torch.nn.functional.gelu
+    with pytest.raises(ValueError, match=r"GroupedExperts's forward is not silu\(x w1\) \* \(x w3\)"):
+        moe_ops.parallelize_experts(block, _TwoRankMesh())
+    assert not isinstance(block.experts.w1.data, torch.distributed.tensor.DTensor)  # nothing sharded
+    with pytest.raises(ValueError, match="model: no experts module found"):
+        moe_ops.parallelize_experts(torch.nn.Linear(H, H), _TwoRankMesh())
 
 
 def _fsdp_worker(rank, num_ranks, init_file, case):

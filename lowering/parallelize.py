@@ -1,0 +1,140 @@
+"""``moe_ops.parallelize_experts``: a model's routed experts sharded over the ranks of a DeviceMesh
+dimension (expert parallelism), the rest of the model unchanged.
+
+Two kinds of experts modules are sharded, found by what they hold:
+
+- transformers' experts modules (a ``*Experts`` module with stacked weights whose config has an experts
+  implementation): their implementation becomes ``"moe_ops_ep"`` (moe_ops/lowering/hf_experts.py, which
+  runs ``fused_experts_ep`` over the sharded weights and checks, as the ``"moe_ops"`` implementation does,
+  that the op computes what the class's own code does);
+- torchtitan's grouped experts (stacked parameters ``w1``, ``w2``, ``w3``; ``forward(x, counts)`` over
+  rows grouped by expert, ``counts[e]`` rows for expert e): its forward becomes ``fused_experts_ep`` over
+  those rows, each a single-slot token of weight 1 routed to its expert. torchtitan's releases differ
+  in the weights' orientation ((E, F, H) or (E, H, F) for w1 and w3), so before sharding, the module's own
+  forward runs on random rows (two per expert) and the layout whose ``fused_experts_ref`` (SiLU-gated,
+  w3 the up projection) gives the same rows is the one used; if neither does (another activation, other
+  weights), the call raises and shards nothing. The sharded forward computes in the rows' dtype (the
+  weights cast to it), where torchtitan's grouped-GEMM path rounds both to bf16 first.
+
+Weights become DTensor parameters ``Shard(0)`` over the mesh (rank r keeps experts [r E / R,
+(r + 1) E / R)), so FSDP2 can shard them further over another mesh dimension.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+from moe_ops._checks import check_choice
+from moe_ops.expert_parallel import DISPATCHES, PLAN_ATTRIBUTE, ExpertParallelPlan, fused_experts_ep
+from moe_ops.fused_experts import fused_experts_ref
+
+GROUPED_EXPERTS_WEIGHTS = ("w1", "w2", "w3")
+# How far the module's own forward may be from fused_experts_ref on the probe rows (max |difference| over
+# max |value|): its bf16 rounding passes (~4e-3), another layout or activation does not (order 1).
+PROBE_TOLERANCE = 2e-2
+
+
+def parallelize_experts(model: nn.Module, ep_mesh: DeviceMesh, *, dispatch: str = "padded",
+                        capacity_factor: float | None = None) -> nn.Module:
+    """Shard the routed experts of every MoE block in ``model`` over ``ep_mesh`` (a 1-D DeviceMesh, or a
+    mesh dimension), each experts module then running as :func:`moe_ops.fused_experts_ep` with
+    ``dispatch`` and ``capacity_factor`` (transformers' experts modules and torchtitan's grouped experts:
+    see the module docstring). Every rank must hold the same full weights when this is called (the same
+    seed, or the same checkpoint). In place; returns ``model``."""
+    if ep_mesh.ndim != 1:
+        raise ValueError(f"ep_mesh: expected a 1-D DeviceMesh (or one dimension of a mesh), got {ep_mesh.ndim}-D")
+    check_choice("dispatch", dispatch, DISPATCHES)
+    plan = ExpertParallelPlan(ep_mesh.get_group(), dispatch, capacity_factor)
+    sharded = 0
+    for module in model.modules():
+        if _is_transformers_experts(module):
+            from moe_ops.lowering.hf_experts import EP_IMPLEMENTATION_NAME  # imports transformers
+
+            _shard_stacked_parameters(module, module.down_proj.shape[0], ep_mesh)
+            module.config._experts_implementation = EP_IMPLEMENTATION_NAME
+        elif _is_grouped_experts(module):
+            layout = _grouped_experts_layout(module)
+            _shard_stacked_parameters(module, module.w1.shape[0], ep_mesh)
+            module.forward = types.MethodType(_grouped_experts_ep_forward, module)
+            module._moe_ops_layout = layout
+        else:
+            continue
+        setattr(module, PLAN_ATTRIBUTE, plan)
+        sharded += 1
+    if not sharded:
+        raise ValueError("model: no experts module found (a transformers *Experts module with stacked weights, "
+                         "or grouped experts with stacked w1, w2, w3)")
+    return model
+
+
+def _is_transformers_experts(module: nn.Module) -> bool:
+    return (type(module).__name__.endswith("Experts") and hasattr(module, "down_proj")
+            and hasattr(getattr(module, "config", None), "_experts_implementation"))
+
+
+def _is_grouped_experts(module: nn.Module) -> bool:
+    weights = [getattr(module, name, None) for name in GROUPED_EXPERTS_WEIGHTS]
+    return (all(isinstance(w, nn.Parameter) and w.dim() == 3 for w in weights)
+            and len({w.shape[0] for w in weights}) == 1 and weights[0].shape == weights[2].shape
+            and weights[1].shape[1:] == weights[0].shape[1:][::-1])
+
+
+def _shard_stacked_parameters(module: nn.Module, num_experts: int, ep_mesh: DeviceMesh) -> None:
+    if num_experts % ep_mesh.size():
+        raise ValueError(f"ep_mesh: {type(module).__name__} has {num_experts} experts, not a multiple of the "
+                         f"mesh's {ep_mesh.size()} ranks")
+    for name, parameter in list(module.named_parameters(recurse=False)):
+        if parameter.dim() >= 2 and parameter.shape[0] == num_experts:
+            sharded = distribute_tensor(parameter.detach(), ep_mesh, [Shard(0)])
+            setattr(module, name, nn.Parameter(sharded, requires_grad=parameter.requires_grad))
+
+
+def _grouped_experts_layout(module: nn.Module) -> str:
+    """The layout ("EFH": w1 (E, F, H); "EHF": w1 (E, H, F)) under which fused_experts_ref gives what the
+    module's own forward gives on random rows, two per expert; raises if neither does."""
+    w1, w2, w3 = (getattr(module, name) for name in GROUPED_EXPERTS_WEIGHTS)
+    if w1.device.type == "meta":
+        raise ValueError(f"model: {type(module).__name__}'s weights are on the meta device; parallelize_experts "
+                         "checks its forward on them, so materialise them first")
+    num_experts = w1.shape[0]
+    counts = torch.full((num_experts,), 2, dtype=torch.int64, device=w1.device)
+    ids = torch.arange(num_experts, device=w1.device).repeat_interleave(2)[:, None]
+    generator = torch.Generator(device=w1.device).manual_seed(0)
+    errors = {}
+    for layout, hidden in (("EFH", w1.shape[2]), ("EHF", w1.shape[1])):
+        x = torch.randn(2 * num_experts, hidden, generator=generator, device=w1.device, dtype=w1.dtype)
+        with torch.no_grad():
+            try:
+                got = module(x, counts)
+            except (RuntimeError, ValueError, IndexError) as error:  # rows too wide or narrow for its weights
+                errors[layout] = f"its forward fails on ({2 * num_experts}, {hidden}) rows: {error}"
+                continue
+            want = fused_experts_ref(x, torch.ones_like(ids, dtype=w1.dtype), ids, w1, w2, w3, layout=layout)
+            error = ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-30)).item()
+        if error <= PROBE_TOLERANCE:
+            return layout
+        errors[layout] = f"{error:.2g} from fused_experts_ref (layout {layout!r}, SiLU-gated)"
+    raise ValueError(f"model: {type(module).__name__}'s forward is not silu(x w1) * (x w3) through w2 per expert "
+                     f"in either layout, so it cannot run as fused_experts_ep: {errors}")
+
+
+def _grouped_experts_ep_forward(self, x_RH: torch.Tensor, num_tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+    """The sharded grouped experts: ``x_RH``'s rows grouped by expert (``num_tokens_per_expert_E[e]`` rows
+    for expert e; rows past their sum belong to none and come back zero), each a single-slot token of
+    weight 1 for fused_experts_ep."""
+    plan = getattr(self, PLAN_ATTRIBUTE)
+    num_rows = x_RH.shape[0]
+    ends_E = torch.cumsum(num_tokens_per_expert_E, dim=0).long()
+    ids_R = torch.searchsorted(ends_E, torch.arange(num_rows, device=x_RH.device), right=True)
+    w1, w2, w3 = (getattr(self, name) for name in GROUPED_EXPERTS_WEIGHTS)
+    w1, w2, w3 = (w.to_local() if isinstance(w, DTensor) else w for w in (w1, w2, w3))
+    return fused_experts_ep(
+        x_RH, x_RH.new_ones(num_rows, 1), ids_R[:, None], w1.to(x_RH.dtype), w2.to(x_RH.dtype), plan.group,
+        dispatch=plan.dispatch, capacity_factor=plan.capacity_factor, w_up=w3.to(x_RH.dtype),
+        layout=self._moe_ops_layout,
+    )
