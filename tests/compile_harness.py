@@ -45,6 +45,17 @@ def config_switched_on(field: str):
 
 training_rewrites = config_switched_on("training_rewrites")  # off by default
 
+# What a rewritten training graph's forward calls: fused_experts' training variant (moe_ops/fused_experts.py).
+FUSED_EXPERTS_TRAINING = "moe_ops.fused_experts_training.default"
+
+
+def calls_experts_backward(backward_graph: str) -> bool:
+    """Whether a rewritten training graph's backward calls fused_experts' backward op: the training
+    variant's where its forward kept the pre-activations (bf16 on sm90/sm100, no biases), the op's own
+    (which recomputes them) elsewhere."""
+    return ("moe_ops.fused_experts_training_backward.default" in backward_graph
+            or "moe_ops.fused_experts_backward.default" in backward_graph)
+
 
 class _RecordAfter(CustomGraphPass):
     """Runs ``inner``, then keeps the post-grad graph it left."""
