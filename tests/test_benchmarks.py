@@ -164,8 +164,10 @@ def test_expert_parallel_benchmark_dry_run():
     import subprocess
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_expert_parallel.py"
-    # -P, as gpu_session.sh runs it: the benchmarks folder comes from PYTHONPATH, not the script's folder.
-    env = {**os.environ, "PYTHONPATH": str(script.parent)}
+    # -P, as gpu_session.sh runs it: the benchmarks folder comes from PYTHONPATH, not the script's folder;
+    # the rest of PYTHONPATH stays (the GPU host installs moe_ops there).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(script.parent),
+                                                                   os.environ.get("PYTHONPATH")]))}
     result = subprocess.run([sys.executable, "-P", str(script), "--dry-run"], capture_output=True, text=True,
                             timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
