@@ -155,7 +155,11 @@ def test_weight_grads_through_torchs_grouped_gemm(form, monkeypatch):
     assert len(calls) == {"w1_w3_biases": 6, "gpt_oss": 4}.get(form, 5)
 
 
-TRAINING_FORMS = ["EFH", "EHF", "w1_w3", "ungated_gelu", "capacity_drops", "sentinel_ids", "E>>S"]
+TRAINING_FORMS = ["EFH", "EHF", "w1_w3", "ungated_gelu", "capacity_drops", "sentinel_ids", "E>>S", "T=1", "k=E",
+                  "one_expert"]
+# (T, K, E, H, F) of the training-variant forms whose shape is the point; the others use (13, 2, 4, 32, 16).
+TRAINING_SHAPES = {"E>>S": (3, 8, 64, 32, 16), "T=1": (1, 2, 4, 32, 16), "k=E": (6, 4, 4, 32, 16),
+                   "one_expert": (13, 1, 4, 32, 16)}
 
 
 @pytest.mark.parametrize("form", TRAINING_FORMS)
@@ -167,8 +171,9 @@ def test_training_variant_keeps_preactivations_and_its_backward_reads_them(form,
     monkeypatch.setattr(backward_module, "native_grouped_mm", lambda device, dtype: True)
     options = {"EHF": dict(layout="EHF"), "w1_w3": dict(separate_up=True), "ungated_gelu": FORMS["ungated_gelu"],
                "capacity_drops": FORMS["capacity_drops"], "sentinel_ids": FORMS["sentinel_ids"]}.get(form, {})
-    shape = (3, 8, 64, 32, 16) if form == "E>>S" else (13, 2, 4, 32, 16)
-    args = make_args(*shape, torch.bfloat16, TRITON_DEVICE, **options)
+    args = make_args(*TRAINING_SHAPES.get(form, (13, 2, 4, 32, 16)), torch.bfloat16, TRITON_DEVICE, **options)
+    if form == "one_expert":  # every token to expert 2: the other experts' groups are empty
+        args = (*args[:2], torch.full_like(args[2], 2), *args[3:])
     x, topk_weights, topk_ids, w_gate_up, w_down, w_up = args[:6]
     out, num_dropped, kept, kept_up = fused_experts_training_triton(*args)
     want, want_dropped = fused_experts_ref(*args, return_num_dropped=True)
