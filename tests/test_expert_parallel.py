@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import assert_close_rel
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
@@ -65,18 +66,31 @@ def _destroy_process_group():
     time.sleep(0.1)
 
 
+# NCCL settings the two-GPU host needs (no NVLink multicast), set in every rank before its group starts.
+NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
 def _worker(rank, num_ranks, init_file, case):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=num_ranks)
+    if case.get("device") == "cuda":
+        os.environ.update(NCCL_ENV)
+        torch.cuda.set_device(rank)
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=num_ranks)
     try:
         _check(rank, num_ranks, **case)
     finally:
         _destroy_process_group()
 
 
-def _check(rank, num_ranks, dispatch, capacity_factor, compiled, tokens):
+def _check(rank, num_ranks, dispatch, capacity_factor, compiled, tokens, device="cpu", dtype=torch.float32):
+    """One rank's outputs and gradients against one process's reference. On the CPU in fp32 (gloo); on a
+    GPU per rank (NCCL) in ``dtype``, the reference in fp32 and the comparison at ``dtype``'s tolerance."""
     torch.manual_seed(0)
     local = E // num_ranks
     w_gate_up, w_down = _weights()
+    on = lambda t: t.to(f"cuda:{rank}" if device == "cuda" else "cpu")  # noqa: E731
     run = fused_experts_ep
     if compiled:
         torch._dynamo.reset()
@@ -88,20 +102,23 @@ def _check(rank, num_ranks, dispatch, capacity_factor, compiled, tokens):
         num_tokens = tokens + 3 * routing
         token_counts = [num_tokens if dispatch == "padded" else num_tokens + 3 * r for r in range(num_ranks)]
         inputs = [_inputs(r + 10 * routing, n) for r, n in enumerate(token_counts)]
-        x, weights, ids, grad_out = inputs[rank]
-        leaves = [x.clone().requires_grad_(True), weights.clone().requires_grad_(True),
-                  w_gate_up[rank * local:(rank + 1) * local].clone().requires_grad_(True),
-                  w_down[rank * local:(rank + 1) * local].clone().requires_grad_(True)]
+        x, weights, ids, grad_out = (on(t) for t in inputs[rank])
+        leaves = [on(t).to(dtype).detach().clone().requires_grad_(True)
+                  for t in (x, w_gate_up[rank * local:(rank + 1) * local], w_down[rank * local:(rank + 1) * local])]
+        leaves.insert(1, weights.detach().clone().requires_grad_(True))  # routing weights stay fp32
+        # The reference (on the CPU, in fp32) starts from the values the ranks use (rounded to dtype).
+        inputs = [(x_r.to(dtype).float(), *rest) for x_r, *rest in inputs]
+        full_weights = [w.to(dtype).float() for w in (w_gate_up, w_down)]
         if compiled:
             for tensor in (leaves[0], leaves[1], ids):
                 torch._dynamo.mark_dynamic(tensor, 0)
         out, dropped = run(leaves[0], leaves[1], ids, leaves[2], leaves[3], dispatch=dispatch,
                            capacity_factor=capacity_factor, return_num_dropped=True)
-        torch.autograd.backward(out, grad_out)
+        torch.autograd.backward(out, grad_out.to(dtype))
 
         # The reference: every rank's tokens through all experts in one process (the expert weights'
         # gradients collect every rank's tokens), the capacity's drops stated independently.
-        full = [w_gate_up.clone().requires_grad_(True), w_down.clone().requires_grad_(True)]
+        full = [w.clone().requires_grad_(True) for w in full_weights]
         total, want_dropped = 0.0, 0
         for r, (x_r, weights_r, ids_r, grad_r) in enumerate(inputs):
             x_r, weights_r = x_r.clone().requires_grad_(True), weights_r.clone().requires_grad_(True)
@@ -114,11 +131,15 @@ def _check(rank, num_ranks, dispatch, capacity_factor, compiled, tokens):
             if r == rank:
                 want_out, want_x, want_w = out_r, x_r, weights_r
         total.backward()
-        torch.testing.assert_close(out, want_out.detach(), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(leaves[0].grad, want_x.grad, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(leaves[1].grad, want_w.grad, rtol=1e-5, atol=1e-5)
-        for leaf, whole in zip(leaves[2:], full, strict=True):
-            torch.testing.assert_close(leaf.grad, whole.grad[rank * local:(rank + 1) * local], rtol=1e-5, atol=1e-5)
+        got = [out, leaves[0].grad, leaves[1].grad, *(leaf.grad for leaf in leaves[2:])]
+        want = [want_out.detach(), want_x.grad, want_w.grad,
+                *(whole.grad[rank * local:(rank + 1) * local] for whole in full)]
+        for what, actual, expected in zip(("out", "dx", "d weights", "d w_gate_up", "d w_down"), got, want,
+                                          strict=True):
+            if device == "cpu":
+                torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5, msg=lambda m, w=what: f"{w}: {m}")
+            else:
+                assert_close_rel(actual, expected, dtype, what)
         assert int(dropped) == want_dropped, (int(dropped), want_dropped)
     if compiled:
         assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
@@ -150,6 +171,48 @@ def test_compiled_is_one_graph_across_routings(dispatch):
     """One graph (forward and backward) for three routings and three token counts T (marked dynamic):
     padded: sizes from T alone; exact: the exchanged counts as unbacked sizes (one host sync, no recompile)."""
     _spawn(2, dispatch=dispatch, capacity_factor=None, compiled=True, tokens=8)
+
+
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+
+
+@pytest.mark.cuda
+@two_gpus
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("dispatch", ["padded", "exact"])
+def test_cuda_two_gpus_match_one_process(dispatch, compiled):
+    """Two GPUs over NCCL, bf16, the Triton kernels on each rank: outputs and gradients against one
+    process's fp32 reference over both ranks' tokens; compiled, one graph across routings and T."""
+    _spawn(2, dispatch=dispatch, capacity_factor=None, compiled=compiled, tokens=64, device="cuda",
+           dtype=torch.bfloat16)
+
+
+def _cuda_graph_worker(rank, num_ranks, init_file):
+    os.environ.update(NCCL_ENV)
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=num_ranks)
+    try:
+        local = E // num_ranks
+        w_gate_up, w_down = (w[rank * local:(rank + 1) * local].to(f"cuda:{rank}", torch.bfloat16)
+                             for w in _weights())
+        step = torch.compile(fused_experts_ep, mode="reduce-overhead", fullgraph=True)
+        for routing in range(3):  # replays of one captured graph, new routings each time
+            x, weights, ids, _ = (t.to(f"cuda:{rank}") for t in _inputs(rank + 10 * routing, 32))
+            torch.compiler.cudagraph_mark_step_begin()
+            out = step(x.to(torch.bfloat16), weights, ids, w_gate_up, w_down, dispatch="padded").clone()
+            want = fused_experts_ep(x.to(torch.bfloat16), weights, ids, w_gate_up, w_down, dispatch="padded")
+            assert_close_rel(out, want, torch.bfloat16, f"routing {routing}")
+    finally:
+        _destroy_process_group()
+
+
+@pytest.mark.cuda
+@two_gpus
+def test_cuda_two_gpus_padded_dispatch_replays_as_a_cuda_graph():
+    """The padded dispatch has no host synchronisation: compiled with mode="reduce-overhead" its forward is
+    captured once and replayed for new routings, equal to the eager call."""
+    with tempfile.TemporaryDirectory() as folder:
+        mp.spawn(_cuda_graph_worker, args=(2, os.path.join(folder, "init")), nprocs=2, join=True)
 
 
 def test_errors_name_the_argument():
