@@ -228,9 +228,54 @@ def profile_cell(shape: MoEShape, num_tokens: int, device, out_path: Path) -> No
                 step(x, grad_out)
             torch.cuda.synchronize()
         table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70)
-        sections.append(f"=== {impl}, {shape.name} T={num_tokens}, 5 steps\n{table}")
+        sections.append(f"=== {impl}, {shape.name} T={num_tokens}, 5 steps\n{table}\n{idle_report(prof, 5)}")
     out_path.write_text("\n\n".join(sections) + "\n")
     print(out_path.read_text())
+
+
+def idle_report(prof, num_steps: int, gap_floor_us: float = 2.0, rows: int = 12) -> str:
+    """Where the GPU waited for the host during the profiled steps: busy and idle time per step (idle = gaps
+    between kernels, copies and fills of at least ``gap_floor_us``), and the idle time by the host code that
+    launched the kernel the GPU waited for (its outermost and innermost host operations)."""
+    import json
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        events = json.loads(path.read_text())["traceEvents"]
+    device = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e),
+                    key=lambda e: e["ts"])
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    host_ops = [e for e in events if e.get("cat") in ("cpu_op", "user_annotation") and e.get("ph") == "X"]
+    if not device:
+        return "idle: no device events in the trace"
+
+    def enclosing(launch) -> str:
+        around = sorted((op for op in host_ops if op["tid"] == launch["tid"]
+                         and op["ts"] <= launch["ts"] <= op["ts"] + op["dur"]), key=lambda op: op["ts"])
+        if not around:
+            return "(no host op)"
+        outer = next((op for op in around if op["name"].startswith("moe_ops::")), around[0])
+        return outer["name"] if outer is around[-1] else f"{outer['name']} > {around[-1]['name']}"
+
+    idle_by_cause: dict[str, float] = {}
+    busy_until, idle, busy = device[0]["ts"] + device[0]["dur"], 0.0, device[0]["dur"]
+    for event in device[1:]:
+        gap = event["ts"] - busy_until
+        if gap >= gap_floor_us:
+            idle += gap
+            launch = launches.get(event.get("args", {}).get("correlation"))
+            cause = f"{enclosing(launch) if launch else '(launch not traced)'} -> {event['name'][:60]}"
+            idle_by_cause[cause] = idle_by_cause.get(cause, 0.0) + gap
+        busy += max(0.0, event["ts"] + event["dur"] - max(busy_until, event["ts"]))
+        busy_until = max(busy_until, event["ts"] + event["dur"])
+    lines = [f"per step: GPU busy {busy / num_steps / 1e3:.3f} ms, idle between kernels "
+             f"{idle / num_steps / 1e3:.3f} ms (gaps of >= {gap_floor_us:g} us); idle per step by the host code "
+             "launching the awaited kernel:"]
+    for cause, us in sorted(idle_by_cause.items(), key=lambda item: -item[1])[:rows]:
+        lines.append(f"  {us / num_steps:9.1f} us  {cause}")
+    return "\n".join(lines)
 
 
 def markdown_report(rows: list[dict]) -> str:

@@ -266,13 +266,16 @@ def _(*args):
 
 
 def _kept_shapes(x, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down, layout):
-    """fused_experts_training's kept pre-activations: (S, N) of w_gate_up and, with w_up, of w_up, rows in the
-    packed schedule's order; (0,) each where it keeps none (the backward then recomputes them)."""
+    """The shapes of what fused_experts_training keeps for its backward: the pre-activations, (S, N) of
+    w_gate_up and, with w_up, of w_up, rows in the packed schedule's order; and that schedule, its sorted
+    slots (S,) and expert offsets (E + 1,). (0,) each where it keeps none (the backward then recomputes
+    them)."""
     if not saves_preactivations(x, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down):
-        return (0,), (0,)
+        return (0,), (0,), (0,), (0,)
     num_slots = topk_ids.numel()
     features = (lambda w: w.shape[1]) if layout == "EFH" else (lambda w: w.shape[2])
-    return (num_slots, features(w_gate_up)), ((num_slots, features(w_up)) if w_up is not None else (0,))
+    kept_up = (num_slots, features(w_up)) if w_up is not None else (0,)
+    return (num_slots, features(w_gate_up)), kept_up, (num_slots,), (w_gate_up.shape[0] + 1,)
 
 
 @torch.library.custom_op("moe_ops::fused_experts_training", mutates_args=())
@@ -294,16 +297,19 @@ def _fused_experts_training_op(
     limit: float,
     capacity_factor: float,
     drop_policy: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """moe_ops::fused_experts for training graphs (lowering/graph/joint_rewrite.py puts it there): the same
-    (out, num_dropped), plus the pre-activations it keeps for its backward where its CUDA path runs on
-    torch's grouped GEMM (``saves_preactivations``); elsewhere, as here (the reference), it keeps none."""
+    (out, num_dropped), plus what it keeps for its backward where its CUDA path runs on torch's grouped
+    GEMM (``saves_preactivations``): the pre-activations and the packed schedule (sorted slots, expert
+    offsets; int32), so that the backward neither recomputes them nor routes again through capacity.
+    Elsewhere, as here (the reference), it keeps none."""
     out, num_dropped = fused_experts_ref(
         x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
         layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy,
         return_num_dropped=True,
     )
-    return out, num_dropped, x.new_empty(0), x.new_empty(0)
+    none = topk_ids.new_empty(0, dtype=torch.int32)
+    return out, num_dropped, x.new_empty(0), x.new_empty(0), none, none.clone()
 
 
 @_fused_experts_training_op.register_kernel("cuda")
@@ -318,16 +324,20 @@ def fused_experts_training_triton(
     args = (x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
             layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy)
     if not saves_preactivations(x, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down):
-        return (*fused_experts_triton(*args), x.new_empty(0), x.new_empty(0))
+        none = topk_ids.new_empty(0, dtype=torch.int32)
+        return (*fused_experts_triton(*args), x.new_empty(0), x.new_empty(0), none, none.clone())
     _check_fused_args(*args[:13], capacity_factor, drop_policy)
     check_kernel_dtype("x", x)
     T, K = topk_ids.shape
     E = w_gate_up.shape[0]
     num_slots = T * K
-    kept_shape, kept_up_shape = _kept_shapes(x, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down, layout)
+    kept_shape, kept_up_shape, _, _ = _kept_shapes(x, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
+                                                   layout)
     num_dropped = torch.zeros((), dtype=torch.int32, device=x.device)
     if num_slots == 0:
-        return x.new_zeros(x.shape), num_dropped, x.new_empty(kept_shape), x.new_empty(kept_up_shape)
+        empty = block_schedule_triton(topk_ids, E, 1)
+        return (x.new_zeros(x.shape), num_dropped, x.new_empty(kept_shape), x.new_empty(kept_up_shape),
+                empty.sorted_slots, empty.expert_offsets)
     w = ExpertWeights(w_gate_up, w_down, w_up, None, None, None, layout, interleaved, gated=False)
     ids = topk_ids
     capacity = capacity_from_factor(capacity_factor, T, K, E)
@@ -348,7 +358,7 @@ def fused_experts_training_triton(
     del h
     out = token_sums_triton(y_rows, slot_positions(sorted_slots, num_slots), torch.empty_like(x), K,
                             slot_weights=topk_weights.reshape(-1))
-    return out, num_dropped, kept, x.new_empty(0) if kept_up is None else kept_up
+    return out, num_dropped, kept, x.new_empty(0) if kept_up is None else kept_up, sorted_slots, expert_offsets
 
 
 @_fused_experts_training_op.register_fake
@@ -358,9 +368,11 @@ def _(x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_dow
         x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
         layout, interleaved, activation, gated, capacity_factor, drop_policy,
     )
-    kept_shape, kept_up_shape = _kept_shapes(x, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down, layout)
+    kept_shape, kept_up_shape, slots_shape, offsets_shape = _kept_shapes(
+        x, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down, layout)
     return (x.new_empty(x.shape), x.new_empty((), dtype=torch.int32), x.new_empty(kept_shape),
-            x.new_empty(kept_up_shape))
+            x.new_empty(kept_up_shape), topk_ids.new_empty(slots_shape, dtype=torch.int32),
+            topk_ids.new_empty(offsets_shape, dtype=torch.int32))
 
 
 @torch.library.custom_op("moe_ops::fused_experts_training_backward", mutates_args=("kept", "kept_up"))
@@ -369,7 +381,7 @@ def _fused_experts_training_backward_op(
     w_down: torch.Tensor, w_up: torch.Tensor | None, b_gate_up: torch.Tensor | None, b_up: torch.Tensor | None,
     b_down: torch.Tensor | None, layout: str, interleaved: bool, activation: str, gated: bool, alpha: float,
     limit: float, capacity_factor: float, drop_policy: str, kept: torch.Tensor, kept_up: torch.Tensor,
-    grads: list[torch.Tensor],
+    sorted_slots: torch.Tensor, expert_offsets: torch.Tensor, grads: list[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor]:
     """The training variant's backward where it kept the pre-activations, which it overwrites with their
@@ -387,10 +399,11 @@ def _fused_experts_training_backward_op(
 @_fused_experts_training_backward_op.register_kernel("cuda")
 def fused_experts_training_backward_triton(*args):
     """The training variant's backward on the GPU (tests also run it on CPU under the interpreter)."""
-    *forward_args, kept, kept_up, grads = args
+    *forward_args, kept, kept_up, sorted_slots, expert_offsets, grads = args
     _check_fused_args(*forward_args[:13], *forward_args[15:17])
     saved = [kept] if kept_up.dim() < 2 else [kept, kept_up]
-    return tuple(fused_experts_backward_triton(*forward_args, grads, saved=saved))
+    return tuple(fused_experts_backward_triton(*forward_args, grads, saved=saved,
+                                               schedule=PackedSchedule(sorted_slots, expert_offsets)))
 
 
 @_fused_experts_training_backward_op.register_fake
@@ -402,18 +415,20 @@ def _(*args):
 
 def _training_setup_context(ctx, inputs, output):
     ctx.forward_args = inputs
-    # Saved as tensors (version-checked): the backward overwrites them, so a second backward is refused.
+    # Saved as tensors (version-checked): the backward overwrites the pre-activations, so a second backward
+    # is refused.
     ctx.save_for_backward(*output[2:])
     ctx.output_meta = [(o.shape, o.dtype, o.device) for o in output[:2]]
 
 
-def _training_backward(ctx, grad_out, grad_num_dropped, _grad_kept, _grad_kept_up):
+def _training_backward(ctx, grad_out, grad_num_dropped, *_grads_of_kept):
     (shape, dtype, device), _ = ctx.output_meta
     grad_out = torch.zeros(shape, dtype=dtype, device=device) if grad_out is None else grad_out
     grads = [grad_out, grad_out.new_empty(0)]  # num_dropped takes no gradient
-    kept, kept_up = ctx.saved_tensors
+    kept, kept_up, sorted_slots, expert_offsets = ctx.saved_tensors
     if kept.dim() == 2:
-        input_grads = torch.ops.moe_ops.fused_experts_training_backward(*ctx.forward_args, kept, kept_up, grads)
+        input_grads = torch.ops.moe_ops.fused_experts_training_backward(
+            *ctx.forward_args, kept, kept_up, sorted_slots, expert_offsets, grads)
     else:
         input_grads = torch.ops.moe_ops.fused_experts_backward(*ctx.forward_args, grads)
     result: list = [None] * len(ctx.forward_args)

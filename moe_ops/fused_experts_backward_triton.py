@@ -302,6 +302,7 @@ def weight_grad_grouped_mm(g_PN, a_PK, like_ENK, expert_offsets):
 def fused_experts_backward_triton(
     x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
     layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy, grads, saved=(),
+    schedule=None,
 ):
     """The backward of ``fused_experts`` on the GPU (tests also run it on CPU under the interpreter):
     what differentiating ``fused_experts_ref`` gives, without its loop over experts or host syncs.
@@ -318,7 +319,9 @@ def fused_experts_backward_triton(
     kernel gathers the tokens' rows itself. ``saved``: the pre-activations that
     ``moe_ops::fused_experts_training`` kept (its third and, with ``w_up``, fourth output, rows in the
     packed schedule's order), read instead of recomputed and overwritten with their gradients as
-    recomputed ones are (the caller's op declares them mutated). Returns the gradients of
+    recomputed ones are (the caller's op declares them mutated). ``schedule``: the forward's packed schedule
+    (a PackedSchedule, capacity applied), which the training variant keeps beside them; recomputed when
+    None. Returns the gradients of
     x, topk_weights, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down (an empty tensor for an absent
     argument), each laid out like its argument (``empty_like``), as the backward op's fake kernel says.
     The arguments are checked by the caller (the op's CUDA kernel, moe_ops.fused_experts)."""
@@ -336,15 +339,17 @@ def fused_experts_backward_triton(
     w_gu, w_d = oriented(w_gate_up), oriented(w_down)
     w_u = None if w_up is None else oriented(w_up)
 
-    ids = topk_ids
-    capacity = capacity_from_factor(capacity_factor, T, K, E)
-    if capacity >= 0:
-        ids, _ = apply_capacity_triton(topk_ids, topk_weights, E, capacity, drop_policy)
     block_m = choose_block_m(S, E)
     # The forward's packed schedule: S positions, expert e's slots at [offsets[e], offsets[e + 1]),
-    # positions past offsets[E] the sentinel S (slots routed to no expert).
-    sorted_slots, _, _, _, expert_offsets = block_schedule_triton(ids, E, 1)
-    schedule = PackedSchedule(sorted_slots, expert_offsets)
+    # positions past offsets[E] the sentinel S (slots routed to no expert, or dropped by capacity).
+    if schedule is None:
+        ids = topk_ids
+        capacity = capacity_from_factor(capacity_factor, T, K, E)
+        if capacity >= 0:
+            ids, _ = apply_capacity_triton(topk_ids, topk_weights, E, capacity, drop_policy)
+        sorted_slots, _, _, _, expert_offsets = block_schedule_triton(ids, E, 1)
+        schedule = PackedSchedule(sorted_slots, expert_offsets)
+    sorted_slots, expert_offsets = schedule
     slot_weights = topk_weights.reshape(-1)
     F_all = w_gu.shape[1] + (0 if w_u is None else w_u.shape[1])
     grouped = grouped_mm_applies(x, (x.shape[1], F_all, w_d.shape[2]))

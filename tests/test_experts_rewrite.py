@@ -92,6 +92,28 @@ def test_clamped_silu_binds_its_limit(form):
     assert activation == "clamped_silu" and constants == {"limit": 10.0}
 
 
+@pytest.mark.parametrize("limit, recognised", [(10.0, True), (7.3, False)])
+def test_clamped_silu_without_the_rounding_of_the_clamped_gate(limit, recognised):
+    """torch 2.11's Inductor drops the bf16 rounding between the clamp of GLM-5-Next's gate and the silu (the
+    rounding changes nothing when bf16 holds the limit); torch 2.13 keeps it. Both graphs are the op's. With
+    a limit bf16 does not hold (7.3), the graph without the rounding is another function, left alone."""
+    def clamped_silu_unrounded(gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        activated = F.silu(gate.float().clamp(max=limit)).to(torch.bfloat16)
+        return activated * up.float().clamp(min=-limit, max=limit).to(torch.bfloat16)
+
+    graph = make_fx(clamped_silu_unrounded, decomposition_table=select_decomp_table())(
+        torch.randn(3, WIDTH, dtype=torch.bfloat16)).graph
+    (gate_up,) = [n for n in graph.nodes if n.op == "placeholder"]
+    (output,) = [n for n in graph.nodes if n.op == "output"]
+    if recognised:
+        activation, _, constants = match_any_activation(output.args[0], [gate_up], "concat")
+        assert activation == "clamped_silu" and constants == {"limit": limit}
+    else:
+        with pytest.raises(Rejected, match="no activation the op computes"):
+            match_any_activation(output.args[0], [gate_up], "concat")
+
+
 @pytest.mark.parametrize(
     "fn, form",
     [

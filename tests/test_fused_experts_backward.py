@@ -16,6 +16,7 @@ import moe_ops.fused_experts_backward_triton as backward_module
 from moe_ops._compat.matmul import grouped_mm
 from moe_ops.fused_experts import fused_experts, fused_experts_ref, fused_experts_training_triton
 from moe_ops.fused_experts_backward_triton import fused_experts_backward_triton
+from moe_ops.layout import PackedSchedule
 from moe_ops.schedule import block_schedule_ref
 from moe_ops.schedule_triton import block_schedule_triton
 from moe_ops.tiles import choose_block_m
@@ -71,9 +72,9 @@ def reference_grads(args, grad_TH):
     return [by_index.get(i) for i in (0, 1, 3, 4, 5, 6, 7, 8)]
 
 
-def check(args, dtype, saved=()):
+def check(args, dtype, saved=(), schedule=None):
     grad_TH = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(3)).to(args[0])
-    got = fused_experts_backward_triton(*args, [grad_TH, torch.empty(0)], saved=saved)
+    got = fused_experts_backward_triton(*args, [grad_TH, torch.empty(0)], saved=saved, schedule=schedule)
     want = reference_grads(args, grad_TH)
     inputs = [args[i] for i in (0, 1, 3, 4, 5, 6, 7, 8)]
     for name, value, actual, expected in zip(NAMES, inputs, got, want, strict=True):
@@ -166,8 +167,8 @@ TRAINING_SHAPES = {"E>>S": (3, 8, 64, 32, 16), "T=1": (1, 2, 4, 32, 16), "k=E": 
 def test_training_variant_keeps_preactivations_and_its_backward_reads_them(form, monkeypatch):
     """moe_ops::fused_experts_training's CUDA path where torch's grouped GEMM runs natively (forced here on
     any device): the output is fused_experts' (the reference's), the kept pre-activations are each
-    routed slot's x W^T in the packed schedule's order, and the backward reading them instead of
-    recomputing gives the reference's gradients."""
+    routed slot's x W^T in the packed schedule's order, the kept schedule is the reference's (capacity
+    applied), and the backward reading them instead of recomputing gives the reference's gradients."""
     monkeypatch.setattr(backward_module, "native_grouped_mm", lambda device, dtype: True)
     options = {"EHF": dict(layout="EHF"), "w1_w3": dict(separate_up=True), "ungated_gelu": FORMS["ungated_gelu"],
                "capacity_drops": FORMS["capacity_drops"], "sentinel_ids": FORMS["sentinel_ids"]}.get(form, {})
@@ -175,7 +176,7 @@ def test_training_variant_keeps_preactivations_and_its_backward_reads_them(form,
     if form == "one_expert":  # every token to expert 2: the other experts' groups are empty
         args = (*args[:2], torch.full_like(args[2], 2), *args[3:])
     x, topk_weights, topk_ids, w_gate_up, w_down, w_up = args[:6]
-    out, num_dropped, kept, kept_up = fused_experts_training_triton(*args)
+    out, num_dropped, kept, kept_up, sorted_slots, expert_offsets = fused_experts_training_triton(*args)
     want, want_dropped = fused_experts_ref(*args, return_num_dropped=True)
     assert_close_rel(out, want, torch.bfloat16, "out")
     assert int(num_dropped) == int(want_dropped)
@@ -186,7 +187,10 @@ def test_training_variant_keeps_preactivations_and_its_backward_reads_them(form,
         from moe_ops.layout import capacity_from_factor
         capacity = capacity_from_factor(args[15], *topk_ids.shape, w_gate_up.shape[0])
         ids = apply_capacity_ref(topk_ids.cpu(), topk_weights.cpu(), w_gate_up.shape[0], capacity, args[16])[0]
-    slots = block_schedule_ref(ids.cpu(), w_gate_up.shape[0], 1).sorted_slots.long()
+    schedule = block_schedule_ref(ids.cpu(), w_gate_up.shape[0], 1)
+    assert torch.equal(sorted_slots.cpu(), schedule.sorted_slots)
+    assert torch.equal(expert_offsets.cpu(), schedule.expert_offsets)
+    slots = schedule.sorted_slots.long()
     routed = slots < topk_ids.numel()
     slot = slots[routed]
     expert = ids.cpu().reshape(-1).long()[slot]
@@ -199,16 +203,17 @@ def test_training_variant_keeps_preactivations_and_its_backward_reads_them(form,
         want_rows = torch.einsum("sk,snk->sn", rows, w_ENK[expert])
         assert got.shape == (topk_ids.numel(), w_ENK.shape[1])
         assert_close_rel(got.cpu()[routed], want_rows, torch.bfloat16, "kept pre-activations")
-    check(args, torch.bfloat16, saved=[kept] if kept_up.numel() == 0 else [kept, kept_up])
+    check(args, torch.bfloat16, saved=[kept] if kept_up.numel() == 0 else [kept, kept_up],
+          schedule=PackedSchedule(sorted_slots, expert_offsets))
 
 
 def test_training_variant_keeps_nothing_where_it_would_not_pay(monkeypatch):
     """Biased experts (the grouped GEMM adds no bias) and devices without a native grouped GEMM: the
-    training variant is fused_experts plus two empty tensors, and its backward recomputes."""
+    training variant is fused_experts plus four empty tensors, and its backward recomputes."""
     monkeypatch.setattr(backward_module, "native_grouped_mm", lambda device, dtype: True)
     args = make_args(13, 2, 4, 32, 16, torch.bfloat16, TRITON_DEVICE, **FORMS["gpt_oss"])
-    out, _, kept, kept_up = fused_experts_training_triton(*args)
-    assert kept.numel() == 0 and kept_up.numel() == 0
+    out, _, *kept = fused_experts_training_triton(*args)
+    assert [t.numel() for t in kept] == [0, 0, 0, 0]
     assert_close_rel(out, fused_experts_ref(*args), torch.bfloat16, "out")
 
 

@@ -35,6 +35,7 @@ from moe_ops._compat.dynamo import counters, detect_fake_mode
 from moe_ops._compat.inductor import select_decomp_table
 from moe_ops.activations import CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT
 from moe_ops.lowering.graph.fx_match import (
+    CLAMPS,
     ROUTE_REJECTED,
     Rejected,
     aten,
@@ -165,6 +166,34 @@ def _duplicates(node: Node, other, found: set[Node]) -> bool:
     return True
 
 
+def _round_trip_dtype(t: Node) -> torch.dtype | None:
+    """The narrow dtype of a template's ``convert(convert(a, narrow), float32)`` (a rounding to narrow), else
+    None. Decompositions of a bf16/fp16 op compute in float32 and round each result to the narrow dtype."""
+    if not (is_call(t, prims.convert_element_type.default) and t.args[1] == torch.float32):
+        return None
+    inner = t.args[0]
+    if is_call(inner, prims.convert_element_type.default) and inner.args[1] in (torch.bfloat16, torch.float16):
+        return inner.args[1]
+    return None
+
+
+def _holds_exactly(g: Node, dtype: torch.dtype) -> bool:
+    """Whether every value of the float32 ``g`` is one ``dtype`` holds: ``g`` clamps (by bounds ``dtype``
+    holds) values upcast from ``dtype``. Then rounding ``g`` to ``dtype`` changes nothing, and Inductor may
+    drop the rounding (torch 2.11 drops it after the clamp of GLM-5-Next's gate; torch 2.13 keeps it)."""
+    while any(is_call(g, clamp) for clamp in CLAMPS):
+        for bound in g.args[1:]:
+            if bound is None:
+                continue
+            if not isinstance(bound, (int, float)) or isinstance(bound, bool):
+                return False
+            if torch.tensor(bound, dtype=dtype).item() != bound:
+                return False
+        g = g.args[0]
+    return is_call(g, prims.convert_element_type.default) and val(g.args[0]) is not None and (
+        val(g.args[0]).dtype == dtype)
+
+
 class _TemplateMatch:
     """Node-for-node comparison of a template graph with the graph, walking back from the outputs."""
 
@@ -202,6 +231,13 @@ class _TemplateMatch:
         if t.op == "placeholder":
             self.nodes[t] = g
             return True
+        narrow = _round_trip_dtype(t)
+        if narrow is not None and g.target != t.target and _holds_exactly(g, narrow):
+            # The graph has no rounding where the template rounds a value that the rounding leaves as it is.
+            if self.node(t.args[0].args[0], g):
+                self.nodes[t] = g
+                return True
+            return False
         if g.op != "call_function" or g.target != t.target or set(t.kwargs) != set(g.kwargs):
             return False
         self.nodes[t] = g

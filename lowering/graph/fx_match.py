@@ -23,6 +23,10 @@ class Rejected(Exception):
 ROUTE_REJECTED = "moe_ops_route_rejected"
 
 
+# Every form of a clamp in a post-grad graph: (x, min), (x, max), (x, min, max).
+CLAMPS = (aten.clamp_min.default, aten.clamp_max.default, aten.clamp.default)
+
+
 def val(node) -> torch.Tensor | None:
     """The fake value Inductor recorded for ``node`` (None for non-nodes)."""
     return node.meta.get("val") if isinstance(node, Node) else None

@@ -59,7 +59,7 @@ from torch.fx import Graph, Node
 from moe_ops.activations import CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT
 from moe_ops.fused_experts import _check_fused_args
 from moe_ops.lowering.graph.experts_rewrite import ExpertsMatch, match_any_activation
-from moe_ops.lowering.graph.fx_match import Rejected, arg, aten, is_call, prims, same_size, top_k_scores, val
+from moe_ops.lowering.graph.fx_match import CLAMPS, Rejected, arg, aten, is_call, prims, same_size, top_k_scores, val
 
 # Ops that move values without changing them: each output element is one input element.
 _VIEWS = (
@@ -67,7 +67,6 @@ _VIEWS = (
     aten.squeeze.dims, aten.squeeze.default, aten.unsqueeze.default, aten.permute.default,
     aten.transpose.int, aten.expand.default, aten.clone.default, aten.alias.default,
 )
-_CLAMPS = (aten.clamp_min.default, aten.clamp_max.default, aten.clamp.default)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _MAX_ACTIVATION_NODES = 64
 
@@ -281,7 +280,7 @@ def _ids_chain(idx: Node) -> tuple[Node, list[Node], list[Node]]:
     """Walk back from a gather's index through views and clamps: (the ids, the chain, the clamps)."""
     chain, clamps = [], []
     node = idx
-    while _is_view(node) or any(is_call(node, c) for c in _CLAMPS):
+    while _is_view(node) or any(is_call(node, c) for c in CLAMPS):
         chain.append(node)
         if not _is_view(node):
             clamps.append(node)
