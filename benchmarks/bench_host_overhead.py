@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import moe_ops
-from moe_ops.fused_experts import _check_fused_args
+from moe_ops.fused_experts import check_fused_args
 
 E, K, H, F, T = 8, 2, 4096, 14336, 1  # Mixtral-8x7B at one token
 
@@ -49,7 +49,7 @@ def main() -> None:
         "moe_ops.fused_experts (dispatch + checks + fake)": median_us(
             lambda: moe_ops.fused_experts(x, weights, ids, w_gate_up, w_down)),
         "fused_experts argument checks alone": median_us(
-            lambda: _check_fused_args(*fused_args[:13], fused_args[15], fused_args[16])),
+            lambda: check_fused_args(*fused_args[:13], fused_args[15], fused_args[16])),
     }
     cpu = platform.processor() or platform.machine()
     lines = [f"# moe_ops host overhead, {cpu}, Python {platform.python_version()}, torch {torch.__version__}",

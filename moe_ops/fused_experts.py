@@ -55,10 +55,13 @@ class ExpertWeights:
         self.down, self.b_down = w_down, b_down
 
 
-def _check_fused_args(
+def check_fused_args(
     x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
     layout, interleaved, activation, gated, capacity_factor, drop_policy,
 ) -> None:
+    """fused_experts' arguments (alpha and limit excepted) as every path takes them: a ValueError naming
+    the first argument that is not, with the shape, dtype or value expected. The graph passes ask it too,
+    so that a rewrite never emits a call the op would refuse."""
     check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
     T, H = x.shape
     check_tensor("topk_ids", topk_ids, ndim=2, dtypes=INDEX_DTYPES, device=x.device)
@@ -117,7 +120,7 @@ def fused_experts_ref(
     """Plain-PyTorch definition of :func:`fused_experts` (same arguments): a loop over experts,
     rounding where the kernels round (the intermediate activation and each slot's output are
     stored in x's dtype)."""
-    _check_fused_args(
+    check_fused_args(
         x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
         layout, interleaved, activation, gated, capacity_factor, drop_policy,
     )
@@ -187,7 +190,7 @@ def fused_experts_triton(
 ):
     """The Triton path (the op's CUDA kernel; tests also run it on CPU under the interpreter)."""
 
-    _check_fused_args(
+    check_fused_args(
         x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
         layout, interleaved, activation, gated, capacity_factor, drop_policy,
     )
@@ -242,7 +245,7 @@ _fused_experts_op.register_kernel("cuda")(fused_experts_triton)
 @_fused_experts_op.register_fake
 def _(x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
       layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy):
-    _check_fused_args(
+    check_fused_args(
         x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
         layout, interleaved, activation, gated, capacity_factor, drop_policy,
     )
@@ -258,7 +261,7 @@ _fused_experts_backward_op = register_reference_autograd(
 
 @_fused_experts_backward_op.register_kernel("cuda")
 def _(*args):
-    _check_fused_args(*args[:9], *args[9:13], *args[15:17])  # all but alpha, limit and the gradients
+    check_fused_args(*args[:9], *args[9:13], *args[15:17])  # all but alpha, limit and the gradients
     return fused_experts_backward_triton(*args)
 
 
@@ -326,7 +329,7 @@ def fused_experts_training_triton(
     if not saves_preactivations(x, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down):
         none = topk_ids.new_empty(0, dtype=torch.int32)
         return (*fused_experts_triton(*args), x.new_empty(0), x.new_empty(0), none, none.clone())
-    _check_fused_args(*args[:13], capacity_factor, drop_policy)
+    check_fused_args(*args[:13], capacity_factor, drop_policy)
     check_kernel_dtype("x", x)
     T, K = topk_ids.shape
     E = w_gate_up.shape[0]
@@ -364,7 +367,7 @@ def fused_experts_training_triton(
 @_fused_experts_training_op.register_fake
 def _(x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
       layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy):
-    _check_fused_args(
+    check_fused_args(
         x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
         layout, interleaved, activation, gated, capacity_factor, drop_policy,
     )
@@ -400,7 +403,7 @@ def _fused_experts_training_backward_op(
 def fused_experts_training_backward_triton(*args):
     """The training variant's backward on the GPU (tests also run it on CPU under the interpreter)."""
     *forward_args, kept, kept_up, sorted_slots, expert_offsets, grads = args
-    _check_fused_args(*forward_args[:13], *forward_args[15:17])
+    check_fused_args(*forward_args[:13], *forward_args[15:17])
     saved = [kept] if kept_up.dim() < 2 else [kept, kept_up]
     return tuple(fused_experts_backward_triton(*forward_args, grads, saved=saved,
                                                schedule=PackedSchedule(sorted_slots, expert_offsets)))

@@ -57,7 +57,7 @@ import torch
 from torch.fx import Graph, Node
 
 from moe_ops.activations import CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT
-from moe_ops.fused_experts import _check_fused_args
+from moe_ops.fused_experts import check_fused_args
 from moe_ops.lowering.graph.experts_rewrite import ExpertsMatch, match_any_activation
 from moe_ops.lowering.graph.fx_match import CLAMPS, Rejected, arg, aten, is_call, prims, same_size, top_k_scores, val
 
@@ -709,7 +709,7 @@ def _check_op_args(match: ExpertsMatch) -> None:
     # (..., K) routing goes to the op viewed (T, K) (experts_rewrite.replace).
     values[1:3] = [v.reshape(-1, v.shape[-1]) for v in values[1:3]]
     try:
-        _check_fused_args(*values, match.layout, match.interleaved, match.activation, match.gated, 0.0, "position")
+        check_fused_args(*values, match.layout, match.interleaved, match.activation, match.gated, 0.0, "position")
     except (ValueError, TypeError) as reason:
         raise Rejected(f"not the op's arguments: {reason}") from None
 
