@@ -215,6 +215,7 @@ def profile_cell(shape: MoEShape, num_tokens: int, device, out_path: Path) -> No
         x = random_tokens(block.gate.weight, num_tokens, shape.top_k)
     x.requires_grad_(True)
     grad_out = torch.randn_like(x)
+    torch._dynamo.mark_dynamic(x, 1)  # compiled for every token count, as the benchmark's steps are
     sections = []
     for impl in IMPLS:
         step = make_step(impl, block)

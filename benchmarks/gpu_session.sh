@@ -10,6 +10,8 @@
 #             each (default 2), alternating, then benchmarks/compare_layer_runs.py (TREE_LABELS "old new")
 #   profile   benchmarks/profile_host.py (host vs GPU time of the eager layer, with a cProfile)
 #   training  benchmarks/bench_training.py (one training step, with and without moe_ops; TRAINING_ARGS)
+#   timing    benchmarks/bench_training_timing.py in one fresh process per circumstance (compiled at the
+#             timed T or at 8192 first, eager step first, allocator cache emptied; TIMING_ARGS for all)
 #   targets   benchmarks/bench_targets.py (decode under CUDA graphs, skewed routing, fp16/fp32; TARGET_ARGS)
 #   blockm    benchmarks/sweep_block_m.py (the fused op at each GEMM block size, T = 2-8192)
 #   hostc     benchmarks/profile_host.py --compiled (host time of the compiled block, with a cProfile)
@@ -89,6 +91,11 @@ for stage in "$@"; do
                | tee "$OUT/targets.log" | tail -60 || status=1 ;;
     training) timeout "$LIMIT" python3 -P benchmarks/bench_training.py --out "$OUT" ${TRAINING_ARGS:-} 2>&1 \
                 | tee "$OUT/training.log" | tail -40 || status=1 ;;
+    timing)
+      for circumstance in "" "--compile-tokens 8192" "--eager-first" "--compile-tokens 8192 --eager-first --empty-cache"; do
+        timeout "$LIMIT" python3 -P benchmarks/bench_training_timing.py --out "$OUT" ${TIMING_ARGS:-} $circumstance 2>&1 \
+          | tail -9 || status=1
+      done ;;
     ep) timeout "$LIMIT" python3 -P benchmarks/bench_expert_parallel.py --out "$OUT" ${EP_ARGS:-} 2>&1 \
           | tee "$OUT/ep.log" | tail -20 || status=1 ;;
     energy) timeout "$LIMIT" python3 -P benchmarks/bench_energy.py --out "$OUT" ${ENERGY_ARGS:-} 2>&1 \

@@ -31,9 +31,10 @@ class Config:
         training_rewrites: also rewrite training graphs (AOTAutograd's joint graph), so that their
                   backward is the moe_ops ops' formulas (lowering/graph/joint_rewrite.py). Off by default
                   until a step with it leads in every cell and every timing round of
-                  benchmarks/results/training_*.md: on the H200 its median leads in 4 of the 5 cells
-                  (Mixtral-8x7B at T = 32768 is 0.99x of a torchtitan-style block) and wins every round
-                  in 3. Off, training graphs compute what the plain code does.
+                  benchmarks/results/training_*.md: on the H200 its median is ahead in 3 of the 5
+                  cells, even at Qwen3-30B-A3B T = 32768 and 0.99x of a torchtitan-style block at
+                  Mixtral-8x7B T = 32768, and it wins every round in 2. Off, training graphs compute
+                  what the plain code does.
         batch_invariant: the Triton kernels of ``route`` and ``fused_experts`` (CUDA tensors, eager and
                   compiled) use one tile configuration whatever the number of tokens: 64-row GEMM blocks
                   without TMA, the router's tiles for any token count, the K expert outputs of a token

@@ -158,12 +158,12 @@ def test_layer_summary_counts_cells_clear_of_the_rounds_spread():
     assert bench_layer.clear_of_rounds_lines([dict(r, ms_rounds="") for r in rows]) == []  # older runs' rows
 
 
-def test_expert_parallel_benchmark_dry_run():
-    """bench_expert_parallel.py's CPU dry run (2 gloo ranks, tiny shapes) reports every variant."""
+def _dry_run(script_name: str) -> str:
+    """The stdout of a benchmark script's ``--dry-run`` (CPU, tiny shapes), which must exit 0."""
     import os
     import subprocess
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_expert_parallel.py"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / script_name
     # -P, as gpu_session.sh runs it: the benchmarks folder comes from PYTHONPATH, not the script's folder;
     # the rest of PYTHONPATH stays (the GPU host installs moe_ops there).
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(script.parent),
@@ -171,7 +171,23 @@ def test_expert_parallel_benchmark_dry_run():
     result = subprocess.run([sys.executable, "-P", str(script), "--dry-run"], capture_output=True, text=True,
                             timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "| tiny | 6 |" in result.stdout and "padded / EP=1" in result.stdout
+    return result.stdout
+
+
+def test_expert_parallel_benchmark_dry_run():
+    """bench_expert_parallel.py's CPU dry run (2 gloo ranks, tiny shapes) reports every variant."""
+    stdout = _dry_run("bench_expert_parallel.py")
+    assert "| tiny | 6 |" in stdout and "padded / EP=1" in stdout
+
+
+def test_training_timing_dry_run():
+    """bench_training_timing.py's CPU dry run (compiled at one token count, timed at another) reports each
+    implementation's three timings."""
+    stdout = _dry_run("bench_training_timing.py")
+    assert "T = 48, compiled at T = 5" in stdout
+    for impl in ("compile_hf_grouped_mm", "compile_torchtitan", "moe_ops_compile_hf_grouped_mm"):
+        row = next(line for line in stdout.splitlines() if line.startswith(f"| {impl} |"))
+        assert all(float(cell) > 0 for cell in row.split("|")[2:5]), row
 
 
 def test_tree_comparison_calls_slower_only_beyond_the_runs_spread():
