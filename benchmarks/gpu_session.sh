@@ -47,9 +47,11 @@ for stage in "$@"; do
       # test_expert_gemm.py) holds ~67 GB, so the other GPU-heavy file (real shapes) shares its group.
       # test_lowering.py and test_export.py (AOTInductor's C++ compiles) each take ~7 minutes alone.
       pids=()
+      # test_expert_parallel.py (two spawned ranks per test, each compiling) takes more than 5 minutes
+      # beside the other groups: its own group.
       groups=("test_expert_gemm.py test_fused_experts*.py" "test_routing.py test_docs.py test_properties.py" \
               "test_schedule.py test_capacity.py test_joint_rewrite.py" "test_passes_*.py test_hf_*.py" \
-              "test_lowering.py" "test_export.py")
+              "test_lowering.py" "test_export.py" "test_expert_parallel.py")
       # Every other test file (the CPU-only units among them) runs in one more group.
       rest=""; for f in tests/test_*.py; do
         name=$(basename "$f"); grouped=0
@@ -57,7 +59,7 @@ for stage in "$@"; do
         [ $grouped = 0 ] && rest="$rest $name"
       done
       groups+=("$rest")
-      # TEST_GROUPS (indices into the list above, the rest group last: "0 1 2", "3 4 5 6") runs a part of
+      # TEST_GROUPS (indices into the list above, the rest group last: "0 1 2", "3 4 5 6 7") runs a part of
       # the suite, for a device call too short for all of it.
       if [ -n "${TEST_GROUPS:-}" ]; then
         chosen=(); for index in $TEST_GROUPS; do chosen+=("${groups[$index]}"); done; groups=("${chosen[@]}")

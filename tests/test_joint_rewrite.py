@@ -185,6 +185,23 @@ def test_the_backward_writes_over_the_kept_preactivations(preactivations_kept):
         out.float().sum().backward()
 
 
+def test_gradients_are_the_same_run_to_run(preactivations_kept):
+    """Deterministic gradients by default: two compiled training steps on the same tokens give bitwise the
+    same gradients (no atomics in the backward; each weight gradient one grouped GEMM per expert, dx and
+    the routing weights' gradients gathered per token in a fixed order). On the GPU with many rows per
+    expert, where an atomic accumulation would reorder its sums from run to run."""
+    device = preactivations_kept
+    model = GroupedMoE().to(device)
+    compiled = torch.compile(model, fullgraph=True)
+    x = tokens(4096 if device == "cuda" else 48).to(device)
+    _, first = training_step(model, compiled, x)
+    _, second = training_step(model, compiled, x)
+    assert joint_rewrites() == 1
+    assert first.keys() == second.keys() and len(first) == 5  # gate, w1, w2, w3 and the tokens
+    for name, grad in first.items():
+        assert torch.equal(grad, second[name]), name
+
+
 class CountingMoE(GroupedMoE):
     """torchtitan's MoE keeps the step's tokens per expert in a buffer (for its expert-bias update): the
     forward writes an input, which the training rewrite keeps."""
