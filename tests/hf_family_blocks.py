@@ -26,6 +26,9 @@ TINY_CONFIG = dict(
     num_experts_per_tok=2, moe_k=2, moe_topk=2, top_k=2, moe_top_k=2, n_shared_experts=1,
     n_group=1, topk_group=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128,
 )
+# Fields set per family after TINY_CONFIG, where the family's released models differ from the common tiny
+# setting in a way the rewrites depend on: Llama 4's models (Scout, Maverick) route each token to 1 expert.
+FAMILY_CONFIG = {"llama4": dict(num_experts_per_tok=1)}
 # Families whose experts are no token routing of a language model.
 NOT_TOKEN_ROUTING = {"vitpose_backbone": "a vision backbone whose experts are chosen per dataset, not per token"}
 
@@ -49,8 +52,9 @@ DIFFERENT_CODE = {
               "counts read to the host (.tolist()), then add a learned bias; its router is rewritten",
     "lfm2_moe": "its router adds the selection bias to sigmoid scores in bf16 (the bias is bf16 once the model "
                 "is), so the selection reads rounded sums; its experts are rewritten",
-    "llama4": "its top-k runs on raw logits, the sigmoid follows on a dense score matrix, and every token goes "
-              "through every expert with its input row scaled by the score (summed over all E experts)",
+    "llama4": "its top-k runs on raw logits and the sigmoid follows on a dense score matrix, a router "
+              "moe_ops.route does not express; every token goes through every expert with its input row scaled "
+              "by its score, which is rewritten at K = 1 (the released models'); its experts are rewritten",
     "longcat_flash": "its router also picks zero-compute experts that return the token unchanged, and its "
                      "experts loop reads each expert id to the host (.item()); its router is rewritten",
     "mistral4": "its group-limited router computes logits, softmax and top-k in bf16 (no fp32 cast), so the "
@@ -105,6 +109,8 @@ def tiny_config(family: str):
                     setattr(each, name, value)
             except Exception:  # noqa: BLE001  (configs validate fields their own way, some per layer)
                 continue
+    for name, value in FAMILY_CONFIG.get(family, {}).items():
+        setattr(text, name, value)
     return text
 
 

@@ -235,15 +235,19 @@ def test_block_split_by_a_graph_break_says_so_at_info(caplog):
 
 
 @pytest.mark.usefixtures("fresh_compile_state")
-def test_dense_dispatch_of_llama4_says_why_at_info(caplog):
+def test_dense_dispatch_of_llama4_with_two_experts_per_token_says_why_at_info(caplog):
     """Llama 4 scatters the router's top-k scores over all experts and runs every expert on every token,
-    scaled by them: no form the rewrites know, and the INFO line says so, naming the router's line."""
+    scaled by them: with K = 2 each chosen expert reads the row scaled by its own score, which the op cannot
+    do (K = 1 is rewritten: tests/test_passes_dense_experts.py), and the INFO line says so, naming the
+    router's line."""
     import logging
 
     pytest.importorskip("transformers")
-    from hf_family_blocks import build_block
+    from hf_family_blocks import build_block, tiny_config
 
-    _, block, config = build_block("llama4")
+    config = tiny_config("llama4")
+    config.num_experts_per_tok = 2
+    _, block, config = build_block("llama4", config)
     torch.manual_seed(0)
     for parameter in block.parameters():  # the block's experts are torch.empty: never compare uninitialised memory
         torch.nn.init.normal_(parameter, std=0.1)
@@ -253,6 +257,7 @@ def test_dense_dispatch_of_llama4_says_why_at_info(caplog):
         torch.testing.assert_close(torch.compile(block)(x)[0], block(x)[0], rtol=1e-4, atol=1e-4)
     messages = _not_rewritten_lines(caplog)
     assert len(messages) == 1 and "modeling_llama4.py" in messages[0] and "torch.topk(router_logits" in messages[0]
+    assert "(K = 2): the op scales no slot's input rows" in messages[0]
 
 
 @pytest.mark.usefixtures("fresh_compile_state")

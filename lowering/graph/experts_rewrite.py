@@ -76,6 +76,9 @@ class ExpertsMatch:
     alpha: float = CLAMPED_SWIGLU_ALPHA
     limit: float = CLAMPED_SWIGLU_LIMIT
     notes: list[str] = field(default_factory=list)
+    # Llama 4's form (K = 1): x's rows scaled by these elementwise nodes (a cast, a sigmoid) replayed on
+    # topk_weights, routing weights of 1, and each row of x holding an inf or NaN made NaN in the output.
+    input_scale_chain: list[Node] | None = None
 
     def describe(self) -> str:
         num_tokens, hidden = val(self.x).shape
@@ -351,6 +354,9 @@ def replace(graph: Graph, match: ExpertsMatch) -> None:
                 view = graph.call_function(aten.view.default, (node, [-1, top_k]))
             view.meta["val"] = val(node).view(-1, top_k)
             setattr(match, name, view)
+    unscaled_x = match.x
+    if match.input_scale_chain is not None:
+        match.x, match.topk_weights = _scaled_input_rows(graph, match)
     args = (
         match.x, match.topk_weights, match.topk_ids, match.w_gate_up, match.w_down, match.w_up,
         match.b_gate_up, match.b_up, match.b_down, match.layout, match.interleaved, match.activation,
@@ -365,7 +371,40 @@ def replace(graph: Graph, match: ExpertsMatch) -> None:
         fused.meta["val"] = (out_val, dropped_val)
         out = graph.call_function(operator.getitem, (fused, 0))
         out.meta["val"] = out_val
+        if match.input_scale_chain is not None:
+            # + sum(x[t] * 0): ±0 for a finite row, NaN for a row with an inf or NaN (as every expert's
+            # rows 0 * x[t] are in the plain code).
+            zeros = _new_node(graph, aten.mul.Tensor, (unscaled_x, 0.0))
+            row_nan = _new_node(graph, aten.sum.dim_IntList, (zeros, [-1], True))
+            out = _new_node(graph, aten.add.Tensor, (out, row_nan))
     match.result.replace_all_uses_with(out)
+
+
+def _new_node(graph: Graph, target, args) -> Node:
+    """A call of ``target`` inserted at the graph's insertion point, its meta["val"] computed from its
+    arguments' fake values."""
+    fake_args = [val(a) if isinstance(a, Node) else a for a in args]
+    with detect_fake_mode([v for v in fake_args if isinstance(v, torch.Tensor)]):
+        value = target(*fake_args)
+    node = graph.call_function(target, tuple(args))
+    node.meta["val"] = value
+    return node
+
+
+def _scaled_input_rows(graph: Graph, match: ExpertsMatch) -> tuple[Node, Node]:
+    """Llama 4's form (match_dense_experts): (x * chain(top), routing weights of 1) for the op to read."""
+    with graph.inserting_before(match.result):
+        scale = match.topk_weights
+        for link in match.input_scale_chain:
+            scale = _new_node(graph, link.target, (scale, *link.args[1:]))
+        rows = _new_node(graph, aten.mul.Tensor, (match.x, scale))
+        num_tokens = val(match.topk_weights).shape[0]
+        if not isinstance(num_tokens, int):  # a dynamic token count: read off the tensor at run time
+            num_tokens = _new_node(graph, aten.sym_size.int, (match.topk_weights, 0))
+        ones = graph.call_function(aten.full.default, ([num_tokens, 1], 1.0), {
+            "dtype": torch.float32, "layout": torch.strided, "device": val(match.x).device, "pin_memory": False})
+        ones.meta["val"] = torch.ones_like(val(match.topk_weights), dtype=torch.float32)
+    return rows, ones
 
 
 def rewrite_experts(graph: Graph, forms) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 from moe_ops.lowering.graph.experts_rewrite import rewrite_experts
+from moe_ops.lowering.graph.match_dense_experts import find_dense_input_scaled_blocks
 from moe_ops.lowering.graph.match_expert_loop import find_expert_loop_blocks
 from moe_ops.lowering.graph.match_grouped_mm import find_grouped_mm_blocks
 from moe_ops.lowering.graph.match_torchtitan import find_torchtitan_blocks
@@ -12,7 +13,8 @@ from moe_ops.lowering.graph.match_weight_gather import find_weight_gather_blocks
 from moe_ops.lowering.graph.route_rewrite import rewrite_routing_prologues
 
 # The routed-experts forms recognised (each yields candidate blocks of the post-grad graph).
-EXPERT_FORMS = (find_grouped_mm_blocks, find_torchtitan_blocks, find_weight_gather_blocks, find_expert_loop_blocks)
+EXPERT_FORMS = (find_grouped_mm_blocks, find_torchtitan_blocks, find_weight_gather_blocks, find_expert_loop_blocks,
+                find_dense_input_scaled_blocks)
 # Each rewrite takes the post-grad graph and returns how many subgraphs it replaced. Routing first:
 # an experts block then reads the route op's ids, whose int64 cast it skips.
 REWRITES = (rewrite_routing_prologues, functools.partial(rewrite_experts, forms=EXPERT_FORMS))
