@@ -332,8 +332,10 @@ def fused_experts_backward_triton(
     inputs = (x, topk_weights, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down)
     if S == 0:
         return [torch.empty(0) if t is None else torch.zeros_like(t) for t in inputs]
-    # Every element of each gradient is written below; the weights' gradients come from weight_grad.
-    dx, d_topk_weights = torch.empty_like(x), torch.empty_like(topk_weights)
+    # Every element of each gradient is written below; the weights' gradients come from weight_grad. dx is
+    # allocated only when its rows are summed, so that it is not held through the weight gradients (the
+    # backward's peak).
+    d_topk_weights = torch.empty_like(topk_weights)
     # (E, N, K) orientation of each weight and of its gradient: views, never copies (its own inverse).
     oriented = (lambda t: t) if layout == "EFH" else (lambda t: t.transpose(1, 2))
     w_gu, w_d = oriented(w_gate_up), oriented(w_down)
@@ -449,7 +451,7 @@ def fused_experts_backward_triton(
         for d_pre_PN, w in zip(d_pre, (w_gu, w_u), strict=False):
             part = rows_gemm(d_pre_PN, w.transpose(1, 2))
             dx_rows = part if dx_rows is None else dx_rows.add_(part)
-        token_sums_triton(dx_rows, slot_positions(sorted_slots, S), dx, K)
+        dx = token_sums_triton(dx_rows, slot_positions(sorted_slots, S), torch.empty_like(x), K)
     else:
         # As the forward: each slot's row in x's dtype, the K of a token summed in fp32 (a separate w_up
         # gives two parts per slot, added in fp32 first).
@@ -458,7 +460,7 @@ def fused_experts_backward_triton(
         for d_pre_PN, w in zip(d_pre, (w_gu, w_u), strict=False):
             part = gemm(d_pre_PN, w.transpose(1, 2), scatter=True, out_dtype=slot_dtype)
             dx_SH = part if dx_SH is None else dx_SH + part
-        dx.copy_(dx_SH.view(T, K, -1).sum(1, dtype=torch.float32))
+        dx = torch.empty_like(x).copy_(dx_SH.view(T, K, -1).sum(1, dtype=torch.float32))
     dw_gate_up, dw_up = (weight_grads + [torch.empty(0)])[:2]
     db_gate_up, db_up = (bias_grads + [torch.empty(0)])[:2]
     return [dx, d_topk_weights, dw_gate_up, dw_down, dw_up, db_gate_up, db_up, db_down]
