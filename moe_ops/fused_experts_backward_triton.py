@@ -356,8 +356,11 @@ def fused_experts_backward_triton(
     F_all = w_gu.shape[1] + (0 if w_u is None else w_u.shape[1])
     grouped = grouped_mm_applies(x, (x.shape[1], F_all, w_d.shape[2]))
     if grouped:
-        # Copies in schedule order (rows of no routed slot 0): each read by a GEMM and a weight gradient.
-        x_rows, g_rows, gather_top_k = rows_in_schedule_order(x, sorted_slots, K), None, 0
+        # Copies in schedule order (rows of no routed slot 0), each read by a GEMM and a weight gradient. With
+        # the pre-activations saved, x's rows are read only by the gate/up weight gradient: copied then, after
+        # g's rows are freed, so that the two copies are never held at once.
+        x_rows = None if saved else rows_in_schedule_order(x, sorted_slots, K)
+        g_rows, gather_top_k = None, 0
     else:
         x_rows, g_rows, gather_top_k = x, grad_TH, K
     tma = grouped and tma_pays(S, E)
@@ -439,6 +442,8 @@ def fused_experts_backward_triton(
     dw_down = oriented(weight_grad(g_rows, h_scaled, w_d, gather_g=True))
     db_down = torch.empty(0) if b_down is None else bias_grad(g_rows, b_down, gathered=True, row_scale=slot_weights)
     del g_wd_PF, h_scaled, g_rows  # their memory serves the later buffers
+    if x_rows is None:
+        x_rows = rows_in_schedule_order(x, sorted_slots, K)
     weight_grads = [oriented(weight_grad(d_pre_PN, x_rows, w, gather_a=True)) for d_pre_PN, w in zip(d_pre, (w_gu, w_u),
                                                                                                    strict=False)]
     bias_grads = [torch.empty(0) if bias is None else bias_grad(d_pre_PN, bias)

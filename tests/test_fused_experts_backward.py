@@ -290,6 +290,25 @@ def test_backward_keeps_3f_values_per_schedule_row(weight_grads, monkeypatch):
     assert tracker.peak - results <= bound, (tracker.peak - results, bound)
 
 
+def test_backward_on_kept_preactivations_holds_one_row_copy_at_a_time(monkeypatch):
+    """With the pre-activations kept (the training variant on torch's grouped GEMM), x's rows in schedule
+    order are read only by the gate/up weight gradient: they are copied after g's rows are freed, so beyond
+    its results the backward holds at most one (positions x H) copy and g W_d (positions x F) at once, the
+    per-row vectors included. (K = 4 makes the two row copies outweigh the gradients; holding both would
+    exceed the bound by g's copy.)"""
+    monkeypatch.setattr(backward_module, "native_grouped_mm", lambda device, dtype: True)
+    T, K, E, H, Fi = 64, 4, 4, 256, 16
+    args = make_args(T, K, E, H, Fi, torch.bfloat16, TRITON_DEVICE)
+    _, _, kept, _, sorted_slots, expert_offsets = fused_experts_training_triton(*args)
+    grad_TH = torch.randn(T, H).to(args[0])
+    with PeakNewBytes() as tracker:
+        grads = fused_experts_backward_triton(*args, [grad_TH, torch.empty(0)], saved=[kept],
+                                              schedule=PackedSchedule(sorted_slots, expert_offsets))
+        results = sum(g.untyped_storage().nbytes() for g in grads)
+    positions, itemsize = sorted_slots.shape[0], args[0].element_size()
+    assert tracker.peak - results <= positions * (H + Fi) * itemsize, (tracker.peak - results, positions)
+
+
 # ---- CUDA only ----
 
 
