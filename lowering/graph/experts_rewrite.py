@@ -1,9 +1,10 @@
 """Rewrite: a whole routed-experts block in the post-grad graph -> one ``moe_ops.fused_experts`` call.
 
-The forms (one ``match_*`` module each, listed in lowering/passes.py) find a candidate block and describe it as an
-``ExpertsMatch``: the op's inputs (graph nodes), its options, the node whose value the op computes
-and the set of nodes it replaces. This module checks what every form must hold before anything is
-replaced, and replaces:
+The forms (one ``match_*`` module each, listed in pipeline.py) find a candidate block and describe it as
+an ``ExpertsMatch``: the op's inputs (graph nodes), its options, the node whose value the op computes
+and the set of nodes it replaces (Llama 4's form also a scale of x's rows, which this module inserts with
+the term that keeps rows holding an inf or NaN NaN). This module checks what every form must hold before
+anything is replaced, and replaces:
 
 - the block's result has x's dtype and shape (T, H), the ids and weights are (T, K);
 - no node of the block other than its result is read outside the block (its intermediates die);
