@@ -202,6 +202,34 @@ def test_gradients_are_the_same_run_to_run(preactivations_kept):
         assert torch.equal(grad, second[name]), name
 
 
+def test_gradients_accumulate_over_micro_batches_into_fp32_master_gradients(preactivations_kept):
+    """bf16 parameters with fp32 master gradients: two micro-batches, each backward's bf16 gradients
+    accumulated both in ``.grad`` (autograd adding the second backward's into the first's) and into fp32
+    copies (as an optimizer keeping fp32 master weights does); the compiled, rewritten steps give eager's
+    sums, with no recompile for the second micro-batch."""
+    device = preactivations_kept
+
+    def accumulate(fn, model):
+        model.zero_grad(set_to_none=True)
+        master = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in model.named_parameters()}
+        for micro_batch in range(2):
+            fn(tokens(40, seed=micro_batch).to(device)).float().square().sum().backward()
+            for name, p in model.named_parameters():
+                master[name] += p.grad.float()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}, master
+
+    model = GroupedMoE().to(device)
+    compiled = torch.compile(model, fullgraph=True)
+    compiled(tokens(40, seed=0).to(device))  # compiles
+    with torch.compiler.set_stance("fail_on_recompile"):
+        got_grads, got_master = accumulate(compiled, model)
+    want_grads, want_master = accumulate(model, model)
+    assert joint_rewrites() == 1
+    for name in want_grads:
+        assert_close_rel(got_grads[name], want_grads[name], torch.bfloat16, f".grad of {name}")
+        assert_close_rel(got_master[name], want_master[name], torch.bfloat16, f"fp32 master gradient of {name}")
+
+
 class CountingMoE(GroupedMoE):
     """torchtitan's MoE keeps the step's tokens per expert in a buffer (for its expert-bias update): the
     forward writes an input, which the training rewrite keeps."""
