@@ -281,6 +281,13 @@ def _kept_shapes(x, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down, 
     return (num_slots, features(w_gate_up)), kept_up, (num_slots,), (w_gate_up.shape[0] + 1,)
 
 
+def _nothing_kept(x, topk_ids) -> tuple[torch.Tensor, ...]:
+    """fused_experts_training's last four outputs where it keeps nothing: empty, each its own tensor (a
+    custom op's outputs may not alias one another)."""
+    return x.new_empty(0), x.new_empty(0), topk_ids.new_empty(0, dtype=torch.int32), topk_ids.new_empty(
+        0, dtype=torch.int32)
+
+
 @torch.library.custom_op("moe_ops::fused_experts_training", mutates_args=())
 def _fused_experts_training_op(
     x: torch.Tensor,
@@ -311,8 +318,7 @@ def _fused_experts_training_op(
         layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy,
         return_num_dropped=True,
     )
-    none = topk_ids.new_empty(0, dtype=torch.int32)
-    return out, num_dropped, x.new_empty(0), x.new_empty(0), none, none.clone()
+    return out, num_dropped, *_nothing_kept(x, topk_ids)
 
 
 @_fused_experts_training_op.register_kernel("cuda")
@@ -327,8 +333,7 @@ def fused_experts_training_triton(
     args = (x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
             layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy)
     if not saves_preactivations(x, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down):
-        none = topk_ids.new_empty(0, dtype=torch.int32)
-        return (*fused_experts_triton(*args), x.new_empty(0), x.new_empty(0), none, none.clone())
+        return (*fused_experts_triton(*args), *_nothing_kept(x, topk_ids))
     check_fused_args(*args[:13], capacity_factor, drop_policy)
     check_kernel_dtype("x", x)
     T, K = topk_ids.shape

@@ -3,6 +3,7 @@ the op computes, with its form and constants, and a different function is not.""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import pytest
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from compile_harness import fresh_compile_state  # noqa: F401  (fixture)
 from torch._dynamo.utils import counters
 from torch._inductor.decomposition import select_decomp_table
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from moe_ops.lowering.graph.experts_rewrite import match_any_activation
@@ -92,11 +94,13 @@ def test_clamped_silu_binds_its_limit(form):
     assert activation == "clamped_silu" and constants == {"limit": 10.0}
 
 
+@pytest.mark.parametrize("under_fake_mode", [False, True], ids=["", "under_fake_mode"])
 @pytest.mark.parametrize("limit, recognised", [(10.0, True), (7.3, False)])
-def test_clamped_silu_without_the_rounding_of_the_clamped_gate(limit, recognised):
+def test_clamped_silu_without_the_rounding_of_the_clamped_gate(limit, recognised, under_fake_mode):
     """torch 2.11's Inductor drops the bf16 rounding between the clamp of GLM-5-Next's gate and the silu (the
     rounding changes nothing when bf16 holds the limit); torch 2.13 keeps it. Both graphs are the op's. With
-    a limit bf16 does not hold (7.3), the graph without the rounding is another function, left alone."""
+    a limit bf16 does not hold (7.3), the graph without the rounding is another function, left alone. The
+    same under a fake mode, where the training rewrite runs the matchers."""
     def clamped_silu_unrounded(gate_up):
         gate, up = gate_up.chunk(2, dim=-1)
         activated = F.silu(gate.float().clamp(max=limit)).to(torch.bfloat16)
@@ -106,12 +110,13 @@ def test_clamped_silu_without_the_rounding_of_the_clamped_gate(limit, recognised
         torch.randn(3, WIDTH, dtype=torch.bfloat16)).graph
     (gate_up,) = [n for n in graph.nodes if n.op == "placeholder"]
     (output,) = [n for n in graph.nodes if n.op == "output"]
-    if recognised:
-        activation, _, constants = match_any_activation(output.args[0], [gate_up], "concat")
-        assert activation == "clamped_silu" and constants == {"limit": limit}
-    else:
-        with pytest.raises(Rejected, match="no activation the op computes"):
-            match_any_activation(output.args[0], [gate_up], "concat")
+    with FakeTensorMode() if under_fake_mode else contextlib.nullcontext():
+        if recognised:
+            activation, _, constants = match_any_activation(output.args[0], [gate_up], "concat")
+            assert activation == "clamped_silu" and constants == {"limit": limit}
+        else:
+            with pytest.raises(Rejected, match="no activation the op computes"):
+                match_any_activation(output.args[0], [gate_up], "concat")
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import logging
 import operator
+import struct
 from dataclasses import dataclass, field
 
 import torch
@@ -181,6 +182,18 @@ def _round_trip_dtype(t: Node) -> torch.dtype | None:
     return None
 
 
+def _narrow_holds(value: float, dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` (bfloat16 or float16) holds ``value`` exactly. In Python, not with a tensor: the
+    passes also run under a fake mode (training graphs), where a tensor's value cannot be read."""
+    try:
+        if dtype == torch.float16:
+            return struct.unpack("<e", struct.pack("<e", value))[0] == value
+        bits = struct.unpack("<I", struct.pack("<f", value))[0]  # bfloat16: float32's upper 16 bits
+    except OverflowError:
+        return False
+    return struct.unpack("<f", struct.pack("<I", bits))[0] == value and bits & 0xFFFF == 0
+
+
 def _holds_exactly(g: Node, dtype: torch.dtype) -> bool:
     """Whether every value of the float32 ``g`` is one ``dtype`` holds: ``g`` clamps (by bounds ``dtype``
     holds) values upcast from ``dtype``. Then rounding ``g`` to ``dtype`` changes nothing, and Inductor may
@@ -191,7 +204,7 @@ def _holds_exactly(g: Node, dtype: torch.dtype) -> bool:
                 continue
             if not isinstance(bound, (int, float)) or isinstance(bound, bool):
                 return False
-            if torch.tensor(bound, dtype=dtype).item() != bound:
+            if not _narrow_holds(float(bound), dtype):
                 return False
         g = g.args[0]
     return is_call(g, prims.convert_element_type.default) and val(g.args[0]) is not None and (
@@ -381,13 +394,18 @@ def replace(graph: Graph, match: ExpertsMatch) -> None:
     match.result.replace_all_uses_with(out)
 
 
-def _new_node(graph: Graph, target, args) -> Node:
+def _new_node(graph: Graph, target, args, kwargs=None) -> Node:
     """A call of ``target`` inserted at the graph's insertion point, its meta["val"] computed from its
-    arguments' fake values."""
-    fake_args = [val(a) if isinstance(a, Node) else a for a in args]
+    arguments' fake values (nodes inside a list argument, such as a size, included)."""
+    def fake(a):
+        if isinstance(a, list):
+            return [fake(item) for item in a]
+        return val(a) if isinstance(a, Node) else a
+
+    fake_args = [fake(a) for a in args]
     with detect_fake_mode([v for v in fake_args if isinstance(v, torch.Tensor)]):
-        value = target(*fake_args)
-    node = graph.call_function(target, tuple(args))
+        value = target(*fake_args, **(kwargs or {}))
+    node = graph.call_function(target, tuple(args), kwargs or {})
     node.meta["val"] = value
     return node
 
@@ -402,9 +420,8 @@ def _scaled_input_rows(graph: Graph, match: ExpertsMatch) -> tuple[Node, Node]:
         num_tokens = val(match.topk_weights).shape[0]
         if not isinstance(num_tokens, int):  # a dynamic token count: read off the tensor at run time
             num_tokens = _new_node(graph, aten.sym_size.int, (match.topk_weights, 0))
-        ones = graph.call_function(aten.full.default, ([num_tokens, 1], 1.0), {
+        ones = _new_node(graph, aten.full.default, ([num_tokens, 1], 1.0), {
             "dtype": torch.float32, "layout": torch.strided, "device": val(match.x).device, "pin_memory": False})
-        ones.meta["val"] = torch.ones_like(val(match.topk_weights), dtype=torch.float32)
     return rows, ones
 
 

@@ -30,11 +30,10 @@ from collections.abc import Callable, Iterator
 from torch.fx import Graph, Node
 
 from moe_ops.lowering.graph.experts_rewrite import ExpertsMatch, match_any_activation
-from moe_ops.lowering.graph.fx_match import Rejected, aten, is_call, prims, same_size, val
+from moe_ops.lowering.graph.fx_match import VIEWS, Rejected, aten, is_call, prims, same_size, val
 
 # Ops that reorganise a tensor without reordering its elements in row-major order.
-_RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.clone.default,
-             aten.unsqueeze.default)
+_RESHAPES = (*VIEWS, aten.clone.default, aten.unsqueeze.default)
 # Elementwise ops allowed between the scatter of the chosen logits and the scores.
 _SCORE_CHAIN = (prims.convert_element_type.default, aten.sigmoid.default)
 _MAX_ACTIVATION_DEPTH = 64
