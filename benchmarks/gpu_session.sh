@@ -2,7 +2,8 @@
 # What the H100 runs, in as few device calls as possible: bash benchmarks/gpu_session.sh STAGE...
 #   tests     every test file (CUDA-marked tests included), in parallel groups so Triton's compiles
 #             use several cores, with compute-sanitizer memcheck over tests/memcheck_edges.py beside them
-#             (TEST_GROUPS picks some of the groups: the whole suite takes more than one 10-minute call)
+#             (TEST_GROUPS picks some of the groups: the whole suite takes more than one 10-minute call;
+#             PYTEST_ARGS adds pytest options, e.g. pytest-timeout's --timeout where the box has it)
 #   kernels   benchmarks/bench_kernels.py (per-kernel times; run alone, after the tests)
 #   layer     benchmarks/bench_layer.py (the table against transformers; LAYER_ARGS passes filters)
 #   trees     the layer benchmark of this tree against an older one (BASELINE_TREE: a folder holding its
@@ -30,8 +31,9 @@ mkdir -p "$OUT"
 SITE=/tmp/moe_ops_site
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target "$SITE" "${MOE_OPS_WHEEL:-.}" \
   || { echo "gpu_session: could not install moe_ops from ${MOE_OPS_WHEEL:-this tree}" >&2; exit 1; }
-# Test-only wheels the GPU box lacks (expecttest) travel in .whl/ (the device tool's carry).
-for wheel in .whl/expecttest-*.whl; do
+# Wheels the GPU box lacks (expecttest for the tests, torchao for the quantised experts) travel in .whl/
+# (the device tool's carry).
+for wheel in .whl/expecttest-*.whl .whl/torchao-*.whl; do
   [ -e "$wheel" ] && python3 -m pip install -q --no-index --no-deps --upgrade --target "$SITE" "$wheel"
 done
 export PYTHONUNBUFFERED=1 PYTHONPATH="$SITE:$PWD/benchmarks:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"
@@ -66,7 +68,7 @@ for stage in "$@"; do
       fi
       for group in "${groups[@]}"; do
         files=(); for pattern in $group; do for f in tests/$pattern; do [ -e "$f" ] && files+=("$f"); done; done
-        timeout "$LIMIT" python3 -P -m pytest -v -rfE -p no:cacheprovider "${files[@]}" > "$OUT/pytest_${#pids[@]}.log" 2>&1 &
+        timeout "$LIMIT" python3 -P -m pytest -v -rfE -p no:cacheprovider ${PYTEST_ARGS:-} "${files[@]}" > "$OUT/pytest_${#pids[@]}.log" 2>&1 &
         pids+=($!)
       done
       timeout "$LIMIT" compute-sanitizer --tool memcheck --error-exitcode 1 python3 -P tests/memcheck_edges.py \

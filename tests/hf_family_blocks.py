@@ -1,10 +1,11 @@
 """transformers' Mixture-of-Experts families, each as its own MoE block built from its config class at tiny
 sizes (random weights): what tests/test_hf_families.py compiles to write the family table of the docs.
 
-A family is a ``transformers.models.<name>`` package whose modeling source assigns ``self.experts``:
-read from the installed transformers, so a family that transformers adds shows up without an edit here.
-The block is the class of that module (not an Attention, a decoder layer or the experts themselves) whose
-``__init__`` assigns ``self.experts`` (or, named "...MoE", builds an experts module), built from the
+A family is a ``transformers.models.<name>`` package whose modeling source assigns ``self.experts`` or
+defines a "...MoE" class: read from the installed transformers, so a family that transformers adds shows
+up without an edit here. The block is the class of that module (not an Attention, a decoder layer or the
+experts themselves) whose ``__init__`` assigns ``self.experts`` (or, named "...MoE", builds an experts
+module or sizes something by ``num_experts``: Doge's embedding-row experts), built from the
 family's config (its text config for multimodal models) with every size field this module knows set small.
 """
 
@@ -27,8 +28,9 @@ TINY_CONFIG = dict(
     n_group=1, topk_group=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128,
 )
 # Fields set per family after TINY_CONFIG, where the family's released models differ from the common tiny
-# setting in a way the rewrites depend on: Llama 4's models (Scout, Maverick) route each token to 1 expert.
-FAMILY_CONFIG = {"llama4": dict(num_experts_per_tok=1)}
+# setting in a way the rewrites depend on: Llama 4's models (Scout, Maverick) route each token to 1 expert;
+# Doge's product keys need a square expert count (sqrt(E) keys a side).
+FAMILY_CONFIG = {"llama4": dict(num_experts_per_tok=1), "doge": dict(num_experts=16)}
 # Families whose experts are no token routing of a language model.
 NOT_TOKEN_ROUTING = {"vitpose_backbone": "a vision backbone whose experts are chosen per dataset, not per token"}
 
@@ -44,6 +46,10 @@ DIFFERENT_CODE = {
                    "its first layers pick experts from a fixed token-id table; its experts are rewritten",
     "diffusion_gemma": "its MoE runs inside a whole encoder layer (attention included) that needs rotary "
                        "position embeddings, so it is not built here alone; router and experts are Gemma 4's",
+    "doge": "its routed experts are single neurons, a row of two embedding tables each (act(d_e . x) w u_e), "
+            "which its two batched matmuls over the gathered rows compute: no gated MLP per expert for the "
+            "grouped GEMMs to run; its router (product keys: the top-k of sums of two halves' top keys) is "
+            "rewritten",
     "gemma4": "its decoder layer holds router and experts only with enable_moe_block=True (off by default), "
               "routing on the residual while the experts read a normalised copy, with a learned per-expert scale",
     "inkling": "its router adds the selection bias to sigmoid scores in bf16 and derives the weights from "
@@ -74,11 +80,12 @@ DIFFERENT_CODE = {
 
 
 def families() -> list[str]:
-    """Every transformers model package whose modeling code assigns ``self.experts``, sorted."""
+    """Every transformers model package whose modeling code assigns ``self.experts`` or defines a "...MoE"
+    class, sorted."""
     models = Path(transformers.__file__).parent / "models"
     found = set()
     for path in models.glob("*/modeling_*.py"):
-        if re.search(r"self\.experts ?=", path.read_text(encoding="utf-8")):
+        if re.search(r"self\.experts ?=|^class \w+Mo[Ee]\(", path.read_text(encoding="utf-8"), re.MULTILINE):
             found.add(path.parent.name)
     return sorted(found)
 
@@ -126,9 +133,10 @@ def _block_classes(module) -> list[type]:
             source = inspect.getsource(cls.__init__)
         except (OSError, TypeError):
             continue
-        # The experts as a module of their own, or (JetMoE) a "...MoE" class built from experts modules.
+        # The experts as a module of their own, or a "...MoE" class built from experts modules (JetMoE) or
+        # sized by the expert count (Doge's embedding tables).
         assigns_experts = re.search(r"self\.experts ?=", source) or (
-            re.search(r"Mo[Ee]$", name) and re.search(r"Experts\(", source))
+            re.search(r"Mo[Ee]$", name) and re.search(r"Experts\(|self\.num_experts\b", source))
         if assigns_experts and "self.layers" not in source:
             classes.append(cls)
     return classes
