@@ -201,20 +201,35 @@ def test_rewritten_block_and_plain_topk_say_nothing_at_info(caplog):
     assert _not_rewritten_lines(caplog) == []
 
 
-def _counting_block():
-    """A hand-written block that counts tokens per expert with torch.bincount and loops over the counts:
-    dynamo breaks the graph at the count, so the router and the experts land in different graphs."""
+def _counting_block(count: str):
+    """A hand-written block that reads its routing to the host, so that dynamo breaks the graph there and
+    the router and the experts land in different graphs: ``count`` "bincount" counts the tokens per expert
+    with torch.bincount, "mask" sums a one-hot mask written with scatter (JetMoE's router), both looping
+    over the counts (.tolist()); "hit" loops over the experts hit (torch.nonzero, as Switch Transformers'
+    and Step-3.7's experts do)."""
     w_router, w1, w3, w2 = torch.randn(E, H), torch.randn(E, F_, H), torch.randn(E, F_, H), torch.randn(E, H, F_)
+
+    def mlp(e, r):
+        return (F.silu(r @ w1[e].T) * (r @ w3[e].T)) @ w2[e].T
 
     def block(x):
         w, ids = torch.topk(torch.softmax(x @ w_router.T, dim=-1), K, dim=-1)  # ROUTER LINE
         w = w / w.sum(-1, keepdim=True)
-        counts = torch.bincount(ids.flatten(), minlength=E).tolist()
+        if count == "hit":
+            mask = F.one_hot(ids, E).permute(2, 1, 0)
+            out = torch.zeros_like(x)
+            for e in torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero():
+                slot, token = torch.where(mask[e[0]])
+                out.index_add_(0, token, mlp(e[0], x[token]) * w[token, slot, None])
+            return out
+        if count == "bincount":
+            counts = torch.bincount(ids.flatten(), minlength=E).tolist()
+        else:
+            counts = torch.zeros(x.shape[0], E).scatter(1, ids, 1).long().sum(0).tolist()
         order = ids.flatten().argsort()
         rows, out, start = x[order // K], torch.zeros(x.shape[0] * K, x.shape[1]), 0
         for e, n in enumerate(counts):
-            r = rows[start:start + n]
-            out[order[start:start + n]] = (F.silu(r @ w1[e].T) * (r @ w3[e].T)) @ w2[e].T
+            out[order[start:start + n]] = mlp(e, rows[start:start + n])
             start += n
         return (out.view(-1, K, x.shape[1]) * w[..., None]).sum(1)
 
@@ -222,13 +237,15 @@ def _counting_block():
 
 
 @pytest.mark.usefixtures("fresh_compile_state")
-def test_block_split_by_a_graph_break_says_so_at_info(caplog):
-    """The graph holding the router hands its ids to the code after a graph break: the INFO line names
-    the router's line and the break, and the compiled block still computes eager's result."""
+@pytest.mark.parametrize("count", ["bincount", "mask", "hit"])
+def test_block_split_by_a_graph_break_says_so_at_info(caplog, count):
+    """The graph holding the router hands its ids (or a mask or counts derived from them) to the code after
+    a graph break: the INFO line names the router's line and the break, and the compiled block still
+    computes eager's result."""
     import inspect
     import logging
 
-    block = _counting_block()
+    block = _counting_block(count)
     line = next(i for i, text in enumerate(inspect.getsource(_counting_block).splitlines()) if "ROUTER LINE" in text)
     router_line = inspect.getsourcelines(_counting_block)[1] + line
     x = torch.randn(10, H)
@@ -268,9 +285,10 @@ def test_dense_dispatch_of_llama4_with_two_experts_per_token_says_why_at_info(ca
 @pytest.mark.usefixtures("fresh_compile_state")
 def test_top1_router_with_capacity_says_it_is_not_rewritten(caplog):
     """Switch Transformers' router (a max over the softmax, then a capacity mask from a cumsum of the
-    one-hot choices) is no form the rewrites know: the compiled block computes eager's result and the
-    log names the router's line; an argmax over a softmax is explained alike, a max over other values
-    (attention scores, a sampler's logits) is no router."""
+    one-hot choices) is no form the rewrites know, and its experts run after a graph break: the compiled
+    block computes eager's result and the log names the router's line and the break; an argmax over a
+    softmax is explained alike, a max over other values (attention scores, a sampler's logits) is no
+    router."""
     import logging
 
     transformers = pytest.importorskip("transformers")
@@ -296,6 +314,10 @@ def test_top1_router_with_capacity_says_it_is_not_rewritten(caplog):
     messages = _not_rewritten_lines(caplog)
     assert len(messages) == 2, messages
     assert "modeling_switch_transformers.py" in messages[0] and "torch.max(router_probs, dim=-1" in messages[0]
+    # Its experts loop over the experts hit (torch.nonzero): a graph break after the capacity mask.
+    assert "a graph break after the router" in messages[0]
+    # The argmax's ids scale token values (no routing decision leaves the graph): no graph break is claimed.
+    assert "a graph break" not in messages[1]
     assert "ids = torch.argmax(F.softmax(x @ w_router.T, dim=-1), dim=-1)" in messages[1]
 
 

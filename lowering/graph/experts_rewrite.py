@@ -563,20 +563,46 @@ def _router_id_readers(router: Node) -> list[Node]:
 _MATMULS = (aten.mm.default, aten.bmm.default, aten.addmm.default, aten._grouped_mm.default)
 
 
-def _feeds_a_matmul(node: Node, limit: int = 64) -> bool:
-    """Whether a matmul reads ``node``'s value within ``limit`` nodes downstream: a scattered (T, E) score
-    or mask that weights the experts' inputs (Llama 4 runs every expert on every token, scaled by it),
-    not one that is only counted (a load-balancing statistic)."""
+def _reaches(node: Node, found, limit: int = 64, through=lambda node: True) -> bool:
+    """Whether a node within ``limit`` nodes downstream of ``node`` satisfies ``found``, on paths through
+    nodes that satisfy ``through``."""
     seen, frontier = {node}, [node]
     while frontier and len(seen) <= limit:
         current = frontier.pop()
         for user in current.users:
-            if _calls(user, _MATMULS):
+            if found(user):
                 return True
-            if user not in seen:
+            if user not in seen and through(user):
                 seen.add(user)
                 frontier.append(user)
     return False
+
+
+def _routing_decision(node: Node) -> bool:
+    """Whether ``node`` carries routing decisions rather than token values: integer or boolean tensors
+    (ids, counts, a sort's order, a capacity mask), a mask write's one-hot, or a tuple of them (a sort)."""
+    value = val(node)
+    if isinstance(value, (tuple, list)) or _calls(node, _MASK_WRITES):
+        return True
+    return isinstance(value, torch.Tensor) and not value.dtype.is_floating_point
+
+
+def _feeds_a_matmul(node: Node) -> bool:
+    """Whether a matmul reads ``node``'s value a few nodes downstream: a scattered (T, E) score or mask that
+    weights the experts' inputs (Llama 4 runs every expert on every token, scaled by it), not one that is
+    only counted (a load-balancing statistic)."""
+    return _reaches(node, lambda user: _calls(user, _MATMULS))
+
+
+def _split_after(router: Node, readers: list[Node]) -> bool:
+    """Whether a graph break right after ``router`` put its experts in another graph: the scores come from a
+    router matmul over this graph's tokens, its ids leave the graph as routing decisions (themselves, or a
+    one-hot mask, counts or a sort derived from them), and no matmul here reads them."""
+    return (_scores_from_a_router_matmul(router)
+            and any(r.op == "output" or (_routing_decision(r) and _reaches(r, lambda user: user.op == "output",
+                                                                           through=_routing_decision))
+                    for r in readers)
+            and not any(_feeds_a_matmul(r) for r in readers))
 
 
 def _explain_routers_left_alone(graph: Graph, reasons: list[str]) -> None:
@@ -584,9 +610,9 @@ def _explain_routers_left_alone(graph: Graph, reasons: list[str]) -> None:
     experts) whose ids some expert computation reads. Its own reason where the routing rewrite declined
     it, and why the experts after it were not rewritten where no moe_ops.fused_experts reads its ids
     (also where a graph break split the block: ids of a router's scores from a matmul in this graph
-    handed to the next one). Other top-ks (a group mask's, a sampler's, a token counter's: ids that only
-    feed counts, scatters whose result no matmul reads, or leave the graph) and candidates that were no
-    MoE block at all stay at DEBUG."""
+    handed to the next one, ``_split_after``). Other top-ks (a group mask's, a sampler's, a token
+    counter's: ids that only feed counts, scatters whose result no matmul reads, or leave the graph) and
+    candidates that were no MoE block at all stay at DEBUG."""
     served = {_router_ids(n.args[2]) for n in graph.nodes if is_call(n, torch.ops.moe_ops.fused_experts.default)}
     for router in graph.nodes:
         if not _is_router(router):
@@ -595,16 +621,15 @@ def _explain_routers_left_alone(graph: Graph, reasons: list[str]) -> None:
             continue
         readers = _router_id_readers(router)
         where = _source_line(router)
-        if (router not in served and any(r.op == "output" for r in readers)
-                and all(r.op == "output" or _calls(r, _COUNTS) for r in readers)
-                and _scores_from_a_router_matmul(router)):
-            # Ids of a router over this graph's tokens handed, unread but for counts, to the code after the
-            # graph: a block that a graph break split (counting tokens per expert, a .tolist() of the
-            # counts), its experts in another graph.
+        if router not in served and _split_after(router, readers):
+            # Ids of a router over this graph's tokens handed to the code after the graph, with no expert
+            # computation here: a block that a graph break split (a .tolist() of the counts per expert, a
+            # loop over the experts hit, a torch.nonzero), its experts in another graph.
             if ("split", where) not in _explained:
                 _explained.add(("split", where))
                 log.info("MoE block not rewritten (router at %s): a graph break after the router puts the experts "
-                         "in another graph (the expert ids leave this one unread: data-dependent calls such as "
+                         "in another graph (the expert ids leave this one with no expert computation on them: "
+                         "data-dependent calls such as "
                          "torch.nonzero, torch.where(mask), torch.bincount, .tolist() or .item() break graphs); "
                          "the rewrite needs the router and the experts in one graph", where)
             continue
