@@ -12,7 +12,8 @@
 #   profile   benchmarks/profile_host.py (host vs GPU time of the eager layer, with a cProfile)
 #   training  benchmarks/bench_training.py (one training step, with and without moe_ops; TRAINING_ARGS)
 #   timing    benchmarks/bench_training_timing.py in one fresh process per circumstance (compiled at the
-#             timed T or at 8192 first, eager step first, allocator cache emptied; TIMING_ARGS for all)
+#             timed T or at 8192 first, eager step first, both; TIMING_CASES other option sets, ";" between
+#             them; TIMING_ARGS for all)
 #   targets   benchmarks/bench_targets.py (decode under CUDA graphs, skewed routing, fp16/fp32; TARGET_ARGS)
 #   blockm    benchmarks/sweep_block_m.py (the fused op at each GEMM block size, T = 2-8192)
 #   hostc     benchmarks/profile_host.py --compiled (host time of the compiled block, with a cProfile)
@@ -96,7 +97,9 @@ for stage in "$@"; do
     training) timeout "$LIMIT" python3 -P benchmarks/bench_training.py --out "$OUT" ${TRAINING_ARGS:-} 2>&1 \
                 | tee "$OUT/training.log" | tail -40 || status=1 ;;
     timing)
-      for circumstance in "" "--compile-tokens 8192" "--eager-first" "--compile-tokens 8192 --eager-first --empty-cache"; do
+      # TIMING_CASES (";"-separated option sets) replaces the default four.
+      IFS=";" read -ra cases <<< "${TIMING_CASES:-;--compile-tokens 8192;--eager-first;--compile-tokens 8192 --eager-first}"
+      for circumstance in "${cases[@]}"; do
         timeout "$LIMIT" python3 -P benchmarks/bench_training_timing.py --out "$OUT" ${TIMING_ARGS:-} $circumstance 2>&1 \
           | tail -9 || status=1
       done ;;
