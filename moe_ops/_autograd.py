@@ -34,13 +34,23 @@ def laid_out_like(value: torch.Tensor, grad: torch.Tensor | None) -> torch.Tenso
     return grad
 
 
+# Tensors that get gradients: int8 / fp8 values of quantised weights are frozen (their dequantised
+# values are the reference's input, not theirs).
+_DIFFERENTIABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _differentiable(value) -> bool:
+    return value is not None and value.dtype in _DIFFERENTIABLE_DTYPES
+
+
 def register_reference_autograd(op, reference: Callable, differentiable: Sequence[str]):
     """Make ``op`` differentiable in the arguments named by ``differentiable``; returns the backward op.
 
     ``reference`` takes the op's arguments by name and returns what the op returns, built from
     differentiable torch operations. Optional tensor arguments that are None get no gradient (an
-    empty tensor in the backward op's result). The backward op's own implementation differentiates
-    the reference; a device kernel registered on it (``register_kernel``) must return the same list.
+    empty tensor in the backward op's result), nor do int8 / fp8 ones (zeros). The backward op's own
+    implementation differentiates the reference; a device kernel registered on it (``register_kernel``)
+    must return the same list.
     """
     schema = op._opoverload._schema
     names = [a.name for a in schema.arguments]
@@ -54,7 +64,7 @@ def register_reference_autograd(op, reference: Callable, differentiable: Sequenc
             leaves = {}
             for i in wrt:
                 value = fwd_args[i]
-                if value is not None:
+                if _differentiable(value):
                     leaves[names[i]] = value.detach().requires_grad_(True)
             outputs = reference(**{**bound, **leaves})
             outputs = outputs if isinstance(outputs, tuple) else (outputs,)
@@ -76,6 +86,8 @@ def register_reference_autograd(op, reference: Callable, differentiable: Sequenc
             value = fwd_args[i]
             if value is None:
                 result.append(torch.empty(0))
+            elif not _differentiable(value):  # quantised (frozen) weights: never asked for a gradient
+                result.append(torch.zeros_like(value))
             else:
                 result.append(laid_out_like(value, by_name[names[i]]))
         return result

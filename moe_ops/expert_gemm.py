@@ -14,7 +14,10 @@ For schedule position p holding slot s = sorted_slots[p] of block expert e = blo
     out[p]  = y    otherwise (out has P rows; padding rows and unused blocks are 0)
 
 Weights are (E, N, K) with any strides, so HF's (E, 2F, H) gate_up halves, GPT-OSS's interleaved
-columns and torchtitan's transposed (E, H, F) tensors are all views, never copies.
+columns and torchtitan's transposed (E, H, F) tensors are all views, never copies. Quantised weights
+(int8 or fp8 e4m3 values with an fp32 scale per expert and output feature, ``w_scale`` (E, N), as
+torchao's per-row weight-only tensors hold them) stand for ``w[e].float() * w_scale[e, :, None]``: the
+kernel reads the low-precision values and scales the accumulated columns, no dequantised copy made.
 """
 
 from __future__ import annotations
@@ -27,16 +30,26 @@ from moe_ops.activations import ACTIVATIONS, BY_NAME, CLAMPED_SWIGLU_ALPHA, CLAM
 from moe_ops.expert_gemm_triton import expert_gemm_triton
 from moe_ops.layout import BlockSchedule, PaddedSchedule
 
+# What a scaled (quantised) weight holds: int8 or fp8 e4m3 values, as torchao's weight-only tensors do.
+QUANTISED_WEIGHT_DTYPES = (torch.int8, torch.float8_e4m3fn)
+
 
 def _check_expert_gemm_args(
     a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
-    num_slots, block_m, gather_top_k, activation,
+    num_slots, block_m, gather_top_k, activation, w_scale=None, w_up_scale=None,
 ) -> None:
     check_tensor("a", a, ndim=2, dtypes=FLOAT_DTYPES)
-    check_tensor("w", w, shape=("E", "N", a.shape[1]), dtypes=(a.dtype,), device=a.device)
+    weight_dtypes = QUANTISED_WEIGHT_DTYPES if w_scale is not None else (a.dtype,)
+    check_tensor("w", w, shape=("E", "N", a.shape[1]), dtypes=weight_dtypes, device=a.device)
     E, N, _ = w.shape
+    if w_scale is not None:
+        check_tensor("w_scale", w_scale, shape=(E, N), dtypes=(torch.float32,), device=a.device)
     if w_up is not None:
-        check_tensor("w_up", w_up, shape=tuple(w.shape), dtypes=(a.dtype,), device=a.device)
+        check_tensor("w_up", w_up, shape=tuple(w.shape), dtypes=(w.dtype,), device=a.device)
+    if (w_up_scale is not None) != (w_up is not None and w_scale is not None):
+        raise ValueError("w_up_scale: expected exactly when w_up is given with a scaled (quantised) w")
+    if w_up_scale is not None:
+        check_tensor("w_up_scale", w_up_scale, shape=(E, N), dtypes=(torch.float32,), device=a.device)
     if bias is not None:
         check_tensor("bias", bias, shape=(E, N), dtypes=FLOAT_DTYPES, device=a.device)
     if bias_up is not None:
@@ -67,14 +80,17 @@ def _check_expert_gemm_args(
 
 def expert_gemm_ref(
     a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
-    num_slots, block_m, gather_top_k, scatter, activation, alpha, limit,
+    num_slots, block_m, gather_top_k, scatter, activation, alpha, limit, w_scale=None, w_up_scale=None,
 ):
     """Plain-PyTorch definition of the op: a loop over experts (the semantics kernels are tested against)."""
     _check_expert_gemm_args(
         a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
-        num_slots, block_m, gather_top_k, activation,
+        num_slots, block_m, gather_top_k, activation, w_scale, w_up_scale,
     )
     acc_dtype = torch.promote_types(a.dtype, torch.float32)
+    if w_scale is not None:  # the values the quantised weights stand for
+        w = w.to(acc_dtype) * w_scale[..., None]
+        w_up = None if w_up is None else w_up.to(acc_dtype) * w_up_scale[..., None]
     num_positions = sorted_slots.shape[0]
     slot_P = sorted_slots.long()
     expert_P = block_expert.long().repeat_interleave(block_m)
@@ -125,34 +141,36 @@ def _expert_gemm_op(
     activation: str,
     alpha: float,
     limit: float,
+    w_scale: torch.Tensor | None = None,
+    w_up_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     return expert_gemm_ref(
         a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
-        num_slots, block_m, gather_top_k, scatter, activation, alpha, limit,
+        num_slots, block_m, gather_top_k, scatter, activation, alpha, limit, w_scale, w_up_scale,
     )
 
 
 @_expert_gemm_op.register_kernel("cuda")
 def _(a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
-      num_slots, block_m, gather_top_k, scatter, activation, alpha, limit):
+      num_slots, block_m, gather_top_k, scatter, activation, alpha, limit, w_scale=None, w_up_scale=None):
     _check_expert_gemm_args(
         a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
-        num_slots, block_m, gather_top_k, activation,
+        num_slots, block_m, gather_top_k, activation, w_scale, w_up_scale,
     )
     check_kernel_dtype("a", a)
     return expert_gemm_triton(
         a, w, PaddedSchedule(sorted_slots, block_expert, num_padded), num_slots, block_m, w_up=w_up, bias=bias,
         bias_up=bias_up, slot_weights=slot_weights, gather_top_k=gather_top_k, scatter=scatter,
-        activation=activation, alpha=alpha, limit=limit,
+        activation=activation, alpha=alpha, limit=limit, w_scale=w_scale, w_up_scale=w_up_scale,
     )
 
 
 @_expert_gemm_op.register_fake
 def _(a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
-      num_slots, block_m, gather_top_k, scatter, activation, alpha, limit):
+      num_slots, block_m, gather_top_k, scatter, activation, alpha, limit, w_scale=None, w_up_scale=None):
     _check_expert_gemm_args(
         a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
-        num_slots, block_m, gather_top_k, activation,
+        num_slots, block_m, gather_top_k, activation, w_scale, w_up_scale,
     )
     rows = num_slots if scatter else sorted_slots.shape[0]
     return a.new_empty((rows, w.shape[1]))
@@ -181,12 +199,14 @@ def expert_gemm(
     activation: str = "none",
     alpha: float = CLAMPED_SWIGLU_ALPHA,
     limit: float = CLAMPED_SWIGLU_LIMIT,
+    w_scale: torch.Tensor | None = None,
+    w_up_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Grouped GEMM of scheduled rows against their expert's weight (see the module docstring).
 
     Args:
         a:            (T, K) if gather_top_k > 0, else (P, K); fp32/fp16/bf16
-        w:            (E, N, K) same dtype as a, any strides
+        w:            (E, N, K) same dtype as a (int8 / fp8 e4m3 with w_scale), any strides
         schedule:     :class:`moe_ops.BlockSchedule`
         num_slots:    S, the slot count the schedule was built for (its padding sentinel)
         block_m:      the block_m the schedule was built with
@@ -199,6 +219,8 @@ def expert_gemm(
         activation:   "none" | "silu" | "gelu" | "gelu_tanh" | "relu" | "relu2" | "clamped_swiglu" |
                       "clamped_silu"
         alpha/limit:  the clamped forms' constants (defaults: GPT-OSS's, moe_ops.activations)
+        w_scale/w_up_scale: (E, N) fp32 optional: w (and w_up) are quantised, int8 or fp8 e4m3 values
+                      each output feature's scaled by these (w_up_scale exactly when w_up is given)
 
     Returns:
         (S, N) if scatter else (P, N), dtype of a; accumulation in fp32.
@@ -220,5 +242,6 @@ def expert_gemm(
     check_int("gather_top_k", gather_top_k, minimum=0)
     return torch.ops.moe_ops.expert_gemm(
         a, w, w_up, bias, bias_up, slot_weights, schedule.sorted_slots, schedule.block_expert,
-        schedule.num_padded, num_slots, block_m, gather_top_k, scatter, activation, alpha, limit,
+        schedule.num_padded, num_slots, block_m, gather_top_k, scatter, activation, alpha, limit, w_scale,
+        w_up_scale,
     )

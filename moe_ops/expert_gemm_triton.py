@@ -103,6 +103,7 @@ def expert_gemm_tile(
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PACKED: tl.constexpr, E_PAD: tl.constexpr, TMA: tl.constexpr, PAIRED: tl.constexpr = False,
+    W_SCALED: tl.constexpr = False, w_scales=None,
 ):
     """The (BLOCK_M, BLOCK_N) output tile of program ``pid``: (values in fp32, output rows, output
     columns, store mask). Shared by the eager kernel (which stores it) and the Inductor template
@@ -117,6 +118,8 @@ def expert_gemm_tile(
         sizes            (N, K, num_slots, gather_top_k, num_blocks_max, num_experts)
         act_params       (alpha, limit) of the activation (moe_ops.activations)
         descriptors      TMA: (a_desc, w_desc, u_desc) from make_descriptors; else unused
+        w_scales         W_SCALED: (scale_ptr, stride_e, stride_n, up_scale_ptr, stride_e, stride_n), the
+                         (E, N) fp32 scales of int8 / fp8 weights, one per output feature (tile_output)
 
     ``PACKED``: the schedule has no padding (``block_schedule(..., block_m=1)``: each expert's slots
     follow the previous expert's) and gives each expert's ``expert_offsets`` (E + 1,).
@@ -139,6 +142,7 @@ def expert_gemm_tile(
     acc, acc_up = tile_accumulators(BLOCK_M, BLOCK_N, GATED)
     if TMA:
         tl.static_assert(PACKED and not GATHER, "TMA tiles need a packed schedule and A in its order")
+        tl.static_assert(not W_SCALED, "TMA tiles read weights of A's dtype")
         a_desc, w_desc, u_desc = descriptors
         _, stride_we, stride_wn, _ = w
         w_row = (expert * (stride_we // stride_wn) + col0).to(tl.int32)
@@ -177,6 +181,7 @@ def expert_gemm_tile(
     return tile_output(
         acc, acc_up, expert, slot, row_valid, offs_m, rows_in_range, cols, col_valid, bias, bias_up,
         slot_weight_ptr, act_params, SCATTER, GATED, HAS_BIAS, HAS_BIAS_UP, HAS_SLOT_WEIGHT, ACTIVATION,
+        W_SCALED, w_scales,
     )
 
 
@@ -267,16 +272,27 @@ def weight_tile_ptrs(w, w_up, expert, cols, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def in_dtype_of(w, a):
+    """A weight tile in the A tile's dtype for the dot: int8 / fp8 values of a scaled weight converted
+    through fp32 (exact: both fit bf16's 8-bit mantissa; Triton 3.6's interpreter misconverts int8 to bf16
+    directly), their scale applied to the accumulator after the K loop (tile_output); a tile of A's dtype
+    as it is."""
+    if w.dtype != a.dtype:
+        w = w.to(tl.float32).to(a.dtype)
+    return w
+
+
+@triton.jit
 def k_step(a, acc, acc_up, w_ptrs, u_ptrs, k_left, col_valid, stride_wk, stride_uk, GATED: tl.constexpr,
            INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
     """One K step of a pointer-load tile, given its A tile (loaded by the caller: the eager kernel loads it,
     the Inductor template through load_input, where a fused prologue computes it): both GEMMs' dots, and
     the weight pointers moved on."""
     k_valid = tl.arange(0, BLOCK_K) < k_left
-    w = tl.load(w_ptrs, mask=k_valid[:, None] & col_valid[None, :], other=0.0)
+    w = in_dtype_of(tl.load(w_ptrs, mask=k_valid[:, None] & col_valid[None, :], other=0.0), a)
     acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
     if GATED:
-        u = tl.load(u_ptrs, mask=k_valid[:, None] & col_valid[None, :], other=0.0)
+        u = in_dtype_of(tl.load(u_ptrs, mask=k_valid[:, None] & col_valid[None, :], other=0.0), a)
         acc_up = tl.dot(a, u, acc_up, input_precision=INPUT_PRECISION)
     return acc, acc_up, w_ptrs + BLOCK_K * stride_wk, u_ptrs + BLOCK_K * stride_uk
 
@@ -284,9 +300,18 @@ def k_step(a, acc, acc_up, w_ptrs, u_ptrs, k_left, col_valid, stride_wk, stride_
 @triton.jit
 def tile_output(acc, acc_up, expert, slot, row_valid, offs_m, rows_in_range, cols, col_valid, bias, bias_up,
                 slot_weight_ptr, act_params, SCATTER: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                HAS_BIAS_UP: tl.constexpr, HAS_SLOT_WEIGHT: tl.constexpr, ACTIVATION: tl.constexpr):
+                HAS_BIAS_UP: tl.constexpr, HAS_SLOT_WEIGHT: tl.constexpr, ACTIVATION: tl.constexpr,
+                W_SCALED: tl.constexpr = False, w_scales=None):
     """The accumulators made into the tile's output: (values in fp32, output rows, columns, store mask);
-    ``bias``, ``bias_up`` and ``act_params`` as expert_gemm_tile takes them."""
+    ``bias``, ``bias_up``, ``act_params`` and ``w_scales`` as expert_gemm_tile takes them. A scaled
+    weight's scale is per output feature, so it multiplies the accumulated column once, before the bias:
+    sum_k a[k] (q[n, k] s[n]) = s[n] sum_k a[k] q[n, k]."""
+    if W_SCALED:
+        scale_ptr, stride_se, stride_sn, up_scale_ptr, stride_use, stride_usn = w_scales
+        acc *= tl.load(scale_ptr + expert * stride_se + cols * stride_sn, mask=col_valid, other=0.0)[None, :]
+        if GATED:
+            acc_up *= tl.load(up_scale_ptr + expert * stride_use + cols * stride_usn, mask=col_valid,
+                              other=0.0)[None, :]
     if HAS_BIAS:
         bias_ptr, stride_be, stride_bn = bias
         acc += tl.load(bias_ptr + expert * stride_be + cols * stride_bn, mask=col_valid, other=0.0
@@ -337,7 +362,7 @@ def unrouted_row_blocks(expert_offsets_ptr, num_experts, num_slots, BLOCK_M: tl.
 def _expert_gemm_kernel(
     # pointers (each schedule's own: expert_offsets for a packed one, block_expert and num_padded else)
     a_ptr, w_ptr, w_up_ptr, bias_ptr, bias_up_ptr, slot_weight_ptr, out_ptr,
-    sorted_slots_ptr, expert_offsets_ptr, block_expert_ptr, num_padded_ptr, ids_ptr,
+    sorted_slots_ptr, expert_offsets_ptr, block_expert_ptr, num_padded_ptr, ids_ptr, w_scale_ptr, w_up_scale_ptr,
     # sizes
     N, K, num_slots, gather_top_k, num_blocks_max, num_experts, num_a_rows,
     # strides
@@ -347,6 +372,8 @@ def _expert_gemm_kernel(
     stride_be, stride_bn,
     stride_bue, stride_bun,
     stride_om, stride_on, stride_ids,
+    stride_se, stride_sn,
+    stride_use, stride_usn,
     # activation constants
     alpha, limit,
     # meta
@@ -355,7 +382,7 @@ def _expert_gemm_kernel(
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PACKED: tl.constexpr, E_PAD: tl.constexpr, ZERO_UNROUTED: tl.constexpr, TMA: tl.constexpr,
-    PAIRED: tl.constexpr, pair_stride,
+    PAIRED: tl.constexpr, pair_stride, W_SCALED: tl.constexpr,
 ):
     a = (a_ptr, stride_am, stride_ak)
     w = (w_ptr, stride_we, stride_wn, stride_wk)
@@ -380,6 +407,7 @@ def _expert_gemm_kernel(
             schedule, (N, K, num_slots, gather_top_k, num_blocks_max, num_experts), (alpha, limit), descriptors,
             GATHER, SCATTER, GATED, HAS_BIAS, HAS_BIAS_UP, HAS_SLOT_WEIGHT, ACTIVATION, INPUT_PRECISION,
             BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, PACKED, E_PAD, TMA, PAIRED,
+            W_SCALED, (w_scale_ptr, stride_se, stride_sn, w_up_scale_ptr, stride_use, stride_usn),
         )
         if ZERO_UNROUTED:
             q = pid - num_blocks_max * tl.cdiv(N, BLOCK_N)
@@ -426,7 +454,7 @@ def expert_gemm_triton(
     a, w, schedule: PaddedSchedule | PackedSchedule, num_slots: int, block_m: int, *, w_up=None, bias=None,
     bias_up=None, slot_weights=None, gather_top_k: int = 0, scatter: bool = False, activation: str = "none",
     alpha: float = CLAMPED_SWIGLU_ALPHA, limit: float = CLAMPED_SWIGLU_LIMIT, config=None, out_dtype=None,
-    slot_ids=None, tma: bool = False,
+    slot_ids=None, tma: bool = False, w_scale=None, w_up_scale=None,
 ):
     """Launch the kernel; the arguments and result of moe_ops.expert_gemm.expert_gemm_ref, its schedule
     either the padded one it takes or a PackedSchedule (for any ``block_m``; a schedule-order output then
@@ -437,7 +465,9 @@ def expert_gemm_triton(
     ``slot_ids`` (S,), with ``scatter``: each slot's expert, so that the kernel writes the zeros of the
     slots routed to no expert (ids outside [0, E)) itself (else the output is zero-filled first). ``tma``: load
     through tensor descriptors on a persistent grid (expert_gemm_tile) where the inputs allow it
-    (``tma_applies``, A in schedule order with contiguous rows); the caller decides whether it pays."""
+    (``tma_applies``, A in schedule order with contiguous rows); the caller decides whether it pays.
+    ``w_scale`` / ``w_up_scale`` (E, N) fp32: ``w`` / ``w_up`` hold int8 or fp8 values, each output
+    feature's scaled by them (pointer loads only: no TMA tiles)."""
     sorted_slots = schedule.sorted_slots
     num_positions = sorted_slots.shape[0]
     n, k = w.shape[1], w.shape[2]
@@ -462,12 +492,14 @@ def expert_gemm_triton(
     num_sms, smem_bytes = device_limits(a.device.index or 0) if a.device.type == "cuda" else (1, 1 << 30)
     # fp32 inputs stay exact unless the user allowed tf32, as torch.matmul does.
     ieee = a.dtype == torch.float32 and not fp32_matmul_allows_tf32()
-    if tma:
+    scaled = w_scale is not None
+    if tma and not scaled:
         weights = [(t.shape, t.stride(), t.data_ptr()) for t in (w, w_up) if t is not None]
         # CPU tensors: the interpreter, which runs descriptors too (the tests' way to check this path).
         tma = (packed and gather_top_k == 0 and a.stride(1) == 1 and (a.stride(0) * a.element_size()) % 16 == 0
                and a.data_ptr() % 16 == 0 and (a.device.type == "cpu" or tma_device(a.device))
                and tma_applies(a.dtype, block_m, n, gated, weights))
+    tma = tma and not scaled
     if config is None:
         config = gemm_config(block_m, n, gated, a.element_size(), busy_estimate, num_sms, smem_bytes, ieee, tma)
     tma = tma and n % config["BLOCK_N"] == 0
@@ -488,6 +520,7 @@ def expert_gemm_triton(
         slot_weights if slot_weights is not None else dummy, out,
         sorted_slots, schedule.expert_offsets if packed else dummy, dummy if packed else schedule.block_expert,
         dummy if packed else schedule.num_padded, slot_ids if zero_unrouted else dummy,
+        w_scale if scaled else dummy, w_up_scale if scaled and gated else dummy,
         n, k, num_slots, max(gather_top_k, 1), num_blocks_max, num_experts, a.shape[0],
         a.stride(0), a.stride(1),
         *w.stride(),
@@ -495,6 +528,8 @@ def expert_gemm_triton(
         *(bias.stride() if bias is not None else (0, 0)),
         *(bias_up.stride() if bias_up is not None else (0, 0)),
         out.stride(0), out.stride(1), slot_ids.stride(0) if zero_unrouted else 0,
+        *(w_scale.stride() if scaled else (0, 0)),
+        *(w_up_scale.stride() if scaled and gated else (0, 0)),
         float(alpha), float(limit),
         GATHER=gather_top_k > 0, SCATTER=bool(scatter), GATED=gated, HAS_BIAS=bias is not None,
         HAS_BIAS_UP=bias_up is not None, HAS_SLOT_WEIGHT=slot_weights is not None,
@@ -502,6 +537,6 @@ def expert_gemm_triton(
         INPUT_PRECISION="ieee" if ieee else "tf32",
         BLOCK_M=block_m, PACKED=packed, E_PAD=triton.next_power_of_2(num_experts) if packed else 1,
         ZERO_UNROUTED=zero_unrouted, TMA=tma, PAIRED=pair_stride is not None, pair_stride=pair_stride or 0,
-        **config,
+        W_SCALED=scaled, **config,
     )
     return out

@@ -390,11 +390,13 @@ def template_applies(a, gather_top_k, scatter, slot_weights) -> str | None:
 @register_lowering(torch.ops.moe_ops.expert_gemm.default, type_promotion_kind=None)
 def lower_expert_gemm(
     a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
-    num_slots, block_m, gather_top_k, scatter, activation, alpha, limit,
+    num_slots, block_m, gather_top_k, scatter, activation, alpha, limit, w_scale=None, w_up_scale=None,
 ):
     args = (a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
-            num_slots, block_m, gather_top_k, scatter, activation, alpha, limit)
+            num_slots, block_m, gather_top_k, scatter, activation, alpha, limit, w_scale, w_up_scale)
     why_not = template_applies(a, gather_top_k, scatter, slot_weights)
+    if w_scale is not None:
+        why_not = "quantised weights: the templates read weights of a's dtype"
     if why_not is not None:
         log.debug("moe_ops.expert_gemm stays an extern call: %s", why_not)
         return extern_call(torch.ops.moe_ops.expert_gemm.default, *args)
