@@ -11,6 +11,7 @@ for a device (``fused_experts``' CUDA backward) replaces it there without changi
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 
 import torch
@@ -19,8 +20,10 @@ from moe_ops._compat.dispatch import autograd_inside_custom_op
 
 
 def _arguments_text(op) -> str:
+    """The op's arguments as its schema writes them, defaults left out: in the backward op they come before
+    the gradients, and Inductor refuses a schema with an argument without default after one with."""
     schema = str(op._opoverload._schema)
-    return schema[schema.index("(") + 1 : schema.rindex(") ->")]
+    return re.sub(r"=[^,]+", "", schema[schema.index("(") + 1 : schema.rindex(") ->")])
 
 
 def laid_out_like(value: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
@@ -107,7 +110,9 @@ def register_reference_autograd(op, reference: Callable, differentiable: Sequenc
         ]
 
     def setup_context(ctx, inputs, output):
-        ctx.fwd_inputs = inputs
+        # A call may leave trailing arguments with defaults out; the backward op takes every one.
+        ctx.num_inputs = len(inputs)
+        ctx.fwd_inputs = (*inputs, *(argument.default_value for argument in schema.arguments[len(inputs):]))
         outputs = output if isinstance(output, tuple) else (output,)
         ctx.output_meta = [(o.shape, o.dtype, o.device) for o in outputs]
 
@@ -122,7 +127,7 @@ def register_reference_autograd(op, reference: Callable, differentiable: Sequenc
         for i, g in zip(wrt, input_grads, strict=True):
             if ctx.fwd_inputs[i] is not None and ctx.needs_input_grad[i]:
                 result[i] = g
-        return tuple(result)
+        return tuple(result[:ctx.num_inputs])
 
     torch.library.register_autograd(op, backward, setup_context=setup_context)
     return backward_op

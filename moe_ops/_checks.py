@@ -11,6 +11,9 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # What the Triton kernels compute in; float64 runs on the plain-PyTorch references only (CPU tensors).
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
+# What a quantised expert weight holds beside its fp32 scales: int8 or fp8 e4m3 values, as torchao's
+# weight-only tensors do.
+QUANTISED_WEIGHT_DTYPES = (torch.int8, torch.float8_e4m3fn)
 
 
 def _fmt_shape(shape: Sequence) -> str:

@@ -25,13 +25,17 @@ from __future__ import annotations
 import torch
 
 from moe_ops._autograd import register_reference_autograd
-from moe_ops._checks import FLOAT_DTYPES, check_choice, check_int, check_kernel_dtype, check_tensor
+from moe_ops._checks import (
+    FLOAT_DTYPES,
+    QUANTISED_WEIGHT_DTYPES,
+    check_choice,
+    check_int,
+    check_kernel_dtype,
+    check_tensor,
+)
 from moe_ops.activations import ACTIVATIONS, BY_NAME, CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT, activate_ref
 from moe_ops.expert_gemm_triton import expert_gemm_triton
 from moe_ops.layout import BlockSchedule, PaddedSchedule
-
-# What a scaled (quantised) weight holds: int8 or fp8 e4m3 values, as torchao's weight-only tensors do.
-QUANTISED_WEIGHT_DTYPES = (torch.int8, torch.float8_e4m3fn)
 
 
 def _check_expert_gemm_args(

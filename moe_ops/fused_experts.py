@@ -16,7 +16,14 @@ import functools
 import torch
 
 from moe_ops._autograd import register_reference_autograd
-from moe_ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_kernel_dtype, check_tensor
+from moe_ops._checks import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    QUANTISED_WEIGHT_DTYPES,
+    check_choice,
+    check_kernel_dtype,
+    check_tensor,
+)
 from moe_ops._compat.matmul import grouped_mm
 from moe_ops._dispatch import direct_cuda_call_allowed
 from moe_ops.activations import ACTIVATIONS, BY_NAME, CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT, activate_ref
@@ -40,28 +47,56 @@ LAYOUTS = ("EFH", "EHF")
 
 
 class ExpertWeights:
-    """The expert tensors as (E, N, K) views (N output features, K reduction), never copies."""
+    """The expert tensors as (E, N, K) views (N output features, K reduction), never copies; the scales of
+    quantised weights as (E, N) views beside them (``s_gate``, ``s_up``, ``s_down``; None unquantised)."""
 
-    def __init__(self, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down, layout, interleaved, gated):
+    def __init__(self, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down, layout, interleaved, gated,
+                 w_gate_up_scale=None, w_up_scale=None, w_down_scale=None):
         if layout == "EHF":
             w_gate_up = w_gate_up.transpose(1, 2)
             w_up = None if w_up is None else w_up.transpose(1, 2)
             w_down = w_down.transpose(1, 2)
         self.gate, self.up, self.b_gate, self.b_up = w_gate_up, w_up, b_gate_up, b_up
+        self.s_gate, self.s_up = w_gate_up_scale, w_up_scale
         if gated and w_up is None:
             self.gate, self.up = split_gate_up(w_gate_up, interleaved)
             if b_gate_up is not None:
                 self.b_gate, self.b_up = split_gate_up(b_gate_up, interleaved)
-        self.down, self.b_down = w_down, b_down
+            if w_gate_up_scale is not None:
+                self.s_gate, self.s_up = split_gate_up(w_gate_up_scale, interleaved)
+        self.down, self.b_down, self.s_down = w_down, b_down, w_down_scale
+
+
+def _check_scales(x, w_gate_up, w_down, w_up, layout, w_gate_up_scale, w_up_scale, w_down_scale) -> bool:
+    """Whether the expert weights are quantised (the scales of every projection given); a ValueError where
+    only some are, or where they cannot mean one scale per output feature."""
+    scales = {"w_gate_up_scale": w_gate_up_scale, "w_down_scale": w_down_scale}
+    if w_up is not None:
+        scales["w_up_scale"] = w_up_scale
+    elif w_up_scale is not None:
+        raise ValueError("w_up_scale: given without w_up (a fused w_gate_up takes its scales in w_gate_up_scale)")
+    missing = [name for name, scale in scales.items() if scale is None]
+    if len(missing) == len(scales):
+        return False
+    if missing:
+        raise ValueError(f"{missing[0]}: quantised expert weights need the scales of every projection")
+    if layout != "EFH":
+        raise ValueError(
+            f"w_gate_up_scale: quantised weights take one scale per output feature, the rows of layout 'EFH' "
+            f"weights; with layout={layout!r} a stored row is a reduction row"
+        )
+    return True
 
 
 def check_fused_args(
     x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
     layout, interleaved, activation, gated, capacity_factor, drop_policy,
+    w_gate_up_scale=None, w_up_scale=None, w_down_scale=None,
 ) -> None:
     """fused_experts' arguments (alpha and limit excepted) as every path takes them: a ValueError naming
     the first argument that is not, with the shape, dtype or value expected. The graph passes ask it too,
     so that a rewrite never emits a call the op would refuse."""
+    quantised = _check_scales(x, w_gate_up, w_down, w_up, layout, w_gate_up_scale, w_up_scale, w_down_scale)
     check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
     T, H = x.shape
     check_tensor("topk_ids", topk_ids, ndim=2, dtypes=INDEX_DTYPES, device=x.device)
@@ -75,7 +110,8 @@ def check_fused_args(
         raise ValueError(f"activation: {activation!r} needs gated=True")
     if interleaved and (w_up is not None or not gated):
         raise ValueError("interleaved: only for a gated w_gate_up holding both gate and up (w_up=None)")
-    check_tensor("w_gate_up", w_gate_up, ndim=3, dtypes=(x.dtype,), device=x.device)
+    weight_dtypes = QUANTISED_WEIGHT_DTYPES if quantised else (x.dtype,)
+    check_tensor("w_gate_up", w_gate_up, ndim=3, dtypes=weight_dtypes, device=x.device)
     E = w_gate_up.shape[0]
     fused_gate_up = gated and w_up is None
     f_axis = 1 if layout == "EFH" else 2
@@ -93,9 +129,14 @@ def check_fused_args(
     if w_up is not None:
         if not gated:
             raise ValueError("w_up: given with gated=False")
-        check_tensor("w_up", w_up, shape=tuple(w_gate_up.shape), dtypes=(x.dtype,), device=x.device)
+        check_tensor("w_up", w_up, shape=tuple(w_gate_up.shape), dtypes=(w_gate_up.dtype,), device=x.device)
     want_down = (E, H, F) if layout == "EFH" else (E, F, H)
-    check_tensor("w_down", w_down, shape=want_down, dtypes=(x.dtype,), device=x.device)
+    check_tensor("w_down", w_down, shape=want_down, dtypes=weight_dtypes, device=x.device)
+    if quantised:
+        check_tensor("w_gate_up_scale", w_gate_up_scale, shape=(E, F2), dtypes=(torch.float32,), device=x.device)
+        if w_up is not None:
+            check_tensor("w_up_scale", w_up_scale, shape=(E, F), dtypes=(torch.float32,), device=x.device)
+        check_tensor("w_down_scale", w_down_scale, shape=(E, H), dtypes=(torch.float32,), device=x.device)
     if b_gate_up is not None:
         check_tensor("b_gate_up", b_gate_up, shape=(E, F2), dtypes=FLOAT_DTYPES, device=x.device)
     if b_up is not None:
@@ -116,15 +157,21 @@ def fused_experts_ref(
     layout="EFH", interleaved=False, activation="silu", gated=True, alpha=CLAMPED_SWIGLU_ALPHA,
     limit=CLAMPED_SWIGLU_LIMIT,
     capacity_factor=0.0, drop_policy="position", return_num_dropped=False,
+    w_gate_up_scale=None, w_up_scale=None, w_down_scale=None,
 ):
     """Plain-PyTorch definition of :func:`fused_experts` (same arguments): a loop over experts,
     rounding where the kernels round (the intermediate activation and each slot's output are
-    stored in x's dtype)."""
+    stored in x's dtype). Quantised weights are their dequantised values, in fp32."""
     check_fused_args(
         x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
         layout, interleaved, activation, gated, capacity_factor, drop_policy,
+        w_gate_up_scale, w_up_scale, w_down_scale,
     )
     T, K = topk_ids.shape
+    if w_gate_up_scale is not None:
+        w_gate_up = w_gate_up.float() * w_gate_up_scale[..., None]
+        w_up = None if w_up is None else w_up.float() * w_up_scale[..., None]
+        w_down = w_down.float() * w_down_scale[..., None]
     w = ExpertWeights(w_gate_up, w_down, w_up, b_gate_up, b_up, b_down, layout, interleaved, gated)
     E = w_gate_up.shape[0]
     ids = topk_ids
@@ -176,23 +223,29 @@ def _fused_experts_op(
     limit: float,
     capacity_factor: float,
     drop_policy: str,
+    w_gate_up_scale: torch.Tensor | None = None,
+    w_up_scale: torch.Tensor | None = None,
+    w_down_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return fused_experts_ref(
         x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
         layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy,
-        return_num_dropped=True,
+        return_num_dropped=True, w_gate_up_scale=w_gate_up_scale, w_up_scale=w_up_scale, w_down_scale=w_down_scale,
     )
 
 
 def fused_experts_triton(
     x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
     layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy,
+    w_gate_up_scale=None, w_up_scale=None, w_down_scale=None,
 ):
-    """The Triton path (the op's CUDA kernel; tests also run it on CPU under the interpreter)."""
+    """The Triton path (the op's CUDA kernel; tests also run it on CPU under the interpreter). Quantised
+    weights go to both GEMMs as they are, with their scales (pointer loads: no TMA tiles)."""
 
     check_fused_args(
         x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
         layout, interleaved, activation, gated, capacity_factor, drop_policy,
+        w_gate_up_scale, w_up_scale, w_down_scale,
     )
     check_kernel_dtype("x", x)
     T, K = topk_ids.shape
@@ -200,7 +253,8 @@ def fused_experts_triton(
     num_dropped = torch.zeros((), dtype=torch.int32, device=x.device)
     if T == 0:
         return x.new_empty((0, x.shape[1])), num_dropped
-    w = ExpertWeights(w_gate_up, w_down, w_up, b_gate_up, b_up, b_down, layout, interleaved, gated)
+    w = ExpertWeights(w_gate_up, w_down, w_up, b_gate_up, b_up, b_down, layout, interleaved, gated,
+                      w_gate_up_scale, w_up_scale, w_down_scale)
     ids = topk_ids
     capacity = capacity_from_factor(capacity_factor, T, K, E)
     if capacity >= 0:
@@ -211,7 +265,7 @@ def fused_experts_triton(
     sorted_slots, _, _, _, expert_offsets = block_schedule_triton(ids, E, 1)
     a, gather_top_k = x, K
     weight_views = [(t.shape, t.stride(), t.data_ptr()) for t in (w.gate, w.up) if t is not None]
-    tma = (tma_pays(num_slots, E) and tma_device(x.device)
+    tma = (w.s_gate is None and tma_pays(num_slots, E) and tma_device(x.device)
            and tma_applies(x.dtype, block_m, w.gate.shape[1], w.up is not None, weight_views))
     if tma:
         # TMA loads whole row blocks, not a gather: x's rows copied into schedule order first (one
@@ -222,10 +276,11 @@ def fused_experts_triton(
     h = expert_gemm_triton(
         a, w.gate, schedule, num_slots, block_m, w_up=w.up, bias=w.b_gate, bias_up=w.b_up,
         gather_top_k=gather_top_k, activation=activation, alpha=alpha, limit=limit, tma=tma,
+        w_scale=w.s_gate, w_up_scale=w.s_up,
     )
     y_SH = expert_gemm_triton(
         h, w.down, schedule, num_slots, block_m, bias=w.b_down, slot_weights=topk_weights.reshape(-1),
-        scatter=True, slot_ids=ids.reshape(-1), tma=tma,
+        scatter=True, slot_ids=ids.reshape(-1), tma=tma, w_scale=w.s_down,
     )
     y_TKH = y_SH.view(T, K, -1)
     if config.batch_invariant:
@@ -244,10 +299,12 @@ _fused_experts_op.register_kernel("cuda")(fused_experts_triton)
 
 @_fused_experts_op.register_fake
 def _(x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
-      layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy):
+      layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy,
+      w_gate_up_scale=None, w_up_scale=None, w_down_scale=None):
     check_fused_args(
         x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
         layout, interleaved, activation, gated, capacity_factor, drop_policy,
+        w_gate_up_scale, w_up_scale, w_down_scale,
     )
     return x.new_empty(x.shape), x.new_empty((), dtype=torch.int32)
 
@@ -261,8 +318,14 @@ _fused_experts_backward_op = register_reference_autograd(
 
 @_fused_experts_backward_op.register_kernel("cuda")
 def _(*args):
-    check_fused_args(*args[:9], *args[9:13], *args[15:17])  # all but alpha, limit and the gradients
-    return fused_experts_backward_triton(*args)
+    *forward_args, grads = args
+    check_fused_args(*forward_args[:13], *forward_args[15:])  # all but alpha, limit and the gradients
+    if any(scale is not None for scale in forward_args[17:]):
+        raise NotImplementedError(
+            "fused_experts: gradients through quantised expert weights (w_gate_up_scale given) have no CUDA "
+            "kernel; quantised experts serve inference"
+        )
+    return fused_experts_backward_triton(*forward_args[:17], grads)
 
 
 # ---- the training variant: the same op, keeping the pre-activations for its backward ----
@@ -400,7 +463,7 @@ def _fused_experts_training_backward_op(
     backward op's list): Inductor writes into a mutated argument only for ops returning plain tensors."""
     return tuple(torch.ops.moe_ops.fused_experts_backward(
         x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
-        layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy, grads,
+        layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy, None, None, None, grads,
     ))
 
 
@@ -438,7 +501,8 @@ def _training_backward(ctx, grad_out, grad_num_dropped, *_grads_of_kept):
         input_grads = torch.ops.moe_ops.fused_experts_training_backward(
             *ctx.forward_args, kept, kept_up, sorted_slots, expert_offsets, grads)
     else:
-        input_grads = torch.ops.moe_ops.fused_experts_backward(*ctx.forward_args, grads)
+        # The training variant takes no quantised weights: their scales are None.
+        input_grads = torch.ops.moe_ops.fused_experts_backward(*ctx.forward_args, None, None, None, grads)
     result: list = [None] * len(ctx.forward_args)
     for i, grad in zip((0, 1, 3, 4, 5, 6, 7, 8), input_grads, strict=True):
         if ctx.forward_args[i] is not None and ctx.needs_input_grad[i]:
@@ -469,6 +533,9 @@ def fused_experts(
     capacity_factor: float = 0.0,
     drop_policy: str = "position",
     return_num_dropped: bool = False,
+    w_gate_up_scale: torch.Tensor | None = None,
+    w_up_scale: torch.Tensor | None = None,
+    w_down_scale: torch.Tensor | None = None,
 ):
     """The routed experts of a MoE layer: sum_j w[t, j] * MLP_{ids[t, j]}(x[t]).
 
@@ -494,6 +561,11 @@ def fused_experts(
                       "gshard" (first choices before second choices) or "score" (highest routing
                       weight kept); see :func:`moe_ops.apply_capacity`
         return_num_dropped: also return the number of dropped slots (0-dim int32 tensor)
+        w_gate_up_scale, w_up_scale, w_down_scale: quantised expert weights (layout "EFH"): the weights
+                      hold int8 or fp8 e4m3 values and these their fp32 scales, one per expert and output
+                      feature ((E, 2F) or (E, F) with w_up, (E, F), (E, H)): torchao's per-row weight-only
+                      tensors. The kernels read the low-precision values (no dequantised copy); the
+                      weights get no gradient
 
     Returns:
         (T, H) in x's dtype [, num_dropped]
@@ -501,8 +573,10 @@ def fused_experts(
     args = (
         x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
         layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy,
+        w_gate_up_scale, w_up_scale, w_down_scale,
     )
-    if direct_cuda_call_allowed(x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down):
+    if direct_cuda_call_allowed(x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
+                                w_gate_up_scale, w_up_scale, w_down_scale):
         out, num_dropped = fused_experts_triton(*args)
     else:
         out, num_dropped = torch.ops.moe_ops.fused_experts(*args)

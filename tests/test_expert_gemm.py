@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TRITON_DEVICE, assert_close_rel, zipf_ids
+from conftest import TRITON_DEVICE, assert_close_rel, quantised_per_row, sqnr_db, zipf_ids
 
 from moe_ops.expert_gemm import expert_gemm, expert_gemm_ref
 from moe_ops.layout import PackedSchedule, PaddedSchedule
@@ -99,20 +99,6 @@ def test_ungated_activations(activation):
     assert_close_rel(got, want, torch.float16, activation)
 
 
-def _quantised_per_row(w, dtype):
-    """(values, scales) of ``w`` (E, N, K) quantised per expert and output row, as torchao's per-row
-    weight-only tensors hold it: int8 symmetric (127 levels a side) or fp8 e4m3 (its largest value 448)."""
-    top = 127.0 if dtype == torch.int8 else torch.finfo(torch.float8_e4m3fn).max
-    scale = w.float().abs().amax(-1).clamp_min(1e-12) / top
-    values = w.float() / scale[..., None]
-    values = values.round().clamp(-127, 127).to(torch.int8) if dtype == torch.int8 else values.to(dtype)
-    return values, scale
-
-
-def _sqnr_db(signal, noisy):
-    return (20 * torch.log10(signal.float().norm() / (signal.float() - noisy.float()).norm())).item()
-
-
 QUANTISED = [pytest.param(torch.int8, id="int8"), pytest.param(torch.float8_e4m3fn, id="fp8")]
 
 
@@ -126,9 +112,9 @@ def test_quantised_weights_match_the_reference(quantised, dtype, gated):
     T, K, E, N, D = 13, 2, 4, 24, 40
     args = _problem(T, K, E, N, D, dtype, TRITON_DEVICE, gated=gated, bias=True, slot_weights=True)
     exact = dict(args)
-    args["w"], args["w_scale"] = _quantised_per_row(exact["w"], quantised)
+    args["w"], args["w_scale"] = quantised_per_row(exact["w"], quantised)
     if gated:
-        args["w_up"], args["w_up_scale"] = _quantised_per_row(exact["w_up"], quantised)
+        args["w_up"], args["w_up_scale"] = quantised_per_row(exact["w_up"], quantised)
     activation = "silu" if gated else "relu"
     got, want = _run_both(args, gather_top_k=K, activation=activation)
     assert_close_rel(got, want, dtype, "quantised")
@@ -138,7 +124,7 @@ def test_quantised_weights_match_the_reference(quantised, dtype, gated):
     assert_close_rel(want, want_dequantised.to(dtype), dtype, "reference of the dequantised weights")
     _, unquantised = _run_both(exact, gather_top_k=K, activation=activation)
     floor = 28.0 if quantised == torch.float8_e4m3fn else 35.0  # per-row fp8 ~31 dB, int8 ~42 dB
-    assert _sqnr_db(unquantised, got) >= floor
+    assert sqnr_db(unquantised, got) >= floor
 
 
 def test_quantised_weights_are_frozen_and_give_the_input_its_gradient():
@@ -146,8 +132,8 @@ def test_quantised_weights_are_frozen_and_give_the_input_its_gradient():
     the input's gradient is the one of the dequantised weights."""
     T, K, E, N, D = 9, 2, 4, 16, 24
     args = _problem(T, K, E, N, D, torch.float32, "cpu", gated=True, bias=False, slot_weights=False)
-    w, w_scale = _quantised_per_row(args["w"], torch.int8)
-    w_up, w_up_scale = _quantised_per_row(args["w_up"], torch.int8)
+    w, w_scale = quantised_per_row(args["w"], torch.int8)
+    w_up, w_up_scale = quantised_per_row(args["w_up"], torch.int8)
     schedule = block_schedule_ref(torch.rand(T, E).argsort(-1)[:, :K], E, 16)
     x = args["a"].clone().requires_grad_(True)
     common = dict(num_slots=T * K, block_m=16, gather_top_k=K, activation="silu")
@@ -161,8 +147,8 @@ def test_quantised_weights_are_frozen_and_give_the_input_its_gradient():
 def test_quantised_weight_errors_name_the_argument():
     T, K, E, N, D = 5, 2, 4, 16, 24
     args = _problem(T, K, E, N, D, torch.bfloat16, "cpu", gated=True, bias=False, slot_weights=False)
-    w, w_scale = _quantised_per_row(args["w"], torch.int8)
-    w_up, w_up_scale = _quantised_per_row(args["w_up"], torch.int8)
+    w, w_scale = quantised_per_row(args["w"], torch.int8)
+    w_up, w_up_scale = quantised_per_row(args["w_up"], torch.int8)
     base = dict(args, w=w, w_up=w_up, w_scale=w_scale, w_up_scale=w_up_scale, gather_top_k=K, scatter=False,
                 activation="silu", alpha=1.702, limit=7.0)
     expert_gemm_ref(**base)

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TRITON_DEVICE, assert_close_rel, zipf_ids
+from conftest import TRITON_DEVICE, assert_close_rel, quantised_per_row, sqnr_db, zipf_ids
 
 import moe_ops
 from moe_ops.fused_experts import fused_experts, fused_experts_ref, fused_experts_triton
@@ -303,6 +303,114 @@ def test_errors_name_the_argument():
         fused_experts(**layer, layout="HFE")
     with pytest.raises(ValueError, match="capacity_factor"):
         fused_experts(**layer, capacity_factor=-1.0)
+
+
+QUANTISED = [pytest.param(torch.int8, id="int8"), pytest.param(torch.float8_e4m3fn, id="fp8")]
+
+
+def _quantised_layer(layer, quantised, form):
+    """The layer's expert weights quantised per output row, as options of fused_experts: gate_up as one
+    weight ("halves"), gate and up interleaved (GPT-OSS's order), or w1 and w3 apart ("w_up")."""
+    Fi = layer["w_down"].shape[2]
+    if form == "w_up":
+        weights = dict(w_gate_up=layer["w_gate_up"][:, :Fi], w_up=layer["w_gate_up"][:, Fi:], w_down=layer["w_down"])
+    else:
+        weights = dict(w_gate_up=layer["w_gate_up"], w_down=layer["w_down"])
+    options = dict(interleaved=form == "interleaved")
+    for name, weight in weights.items():
+        options[name], options[f"{name}_scale"] = quantised_per_row(weight, quantised)
+    dequantised = {name: options[name].float() * options[f"{name}_scale"][..., None] for name in weights}
+    return options, dict(weights, interleaved=form == "interleaved"), dequantised
+
+
+@pytest.mark.parametrize("quantised", QUANTISED)
+@pytest.mark.parametrize("form", ["halves", "interleaved", "w_up"])
+def test_quantised_experts_match_the_reference(quantised, form):
+    """int8 / fp8 expert weights with a scale per output feature (torchao's per-row weight-only layout):
+    the Triton path reads them as they are and gives the reference's result; the reference is the layer of
+    the dequantised weights; and the quantised layer stays within the scheme's error of the bf16 one."""
+    dtype = torch.bfloat16
+    layer = _layer(13, 2, 4, 32, 48, dtype, TRITON_DEVICE)
+    options, exact, dequantised = _quantised_layer(layer, quantised, form)
+    routed = (layer["x"], layer["topk_weights"], layer["topk_ids"])
+    scales = [options.get(f"{name}_scale") for name in ("w_gate_up", "w_up", "w_down")]
+    got, _ = fused_experts_triton(*_args(dict(layer, **options)), *scales)  # the kernels (interpreted on CPU)
+    want = fused_experts_ref(*routed, **options)
+    assert_close_rel(got, want, dtype, "quantised")
+    float_x = layer["x"].float()
+    want_dequantised = fused_experts_ref(float_x, *routed[1:], **dict(options, **dequantised, w_gate_up_scale=None,
+                                                                        w_up_scale=None, w_down_scale=None))
+    assert_close_rel(want, want_dequantised.to(dtype), dtype, "the dequantised weights' layer")
+    unquantised = fused_experts(*routed, **exact)
+    floor = 25.0 if quantised == torch.float8_e4m3fn else 30.0  # two GEMMs: fp8 per row ~28 dB, int8 ~35
+    assert sqnr_db(unquantised, got) >= floor
+
+
+def test_quantised_experts_compile_and_give_the_input_its_gradient():
+    """Compiled, the op with quantised weights keeps them as they are (a constant of the graph) and gives the
+    eager result; its input's gradient is the dequantised weights' one."""
+    layer = _layer(9, 2, 4, 32, 48, torch.float32, "cpu")
+    options, _, dequantised = _quantised_layer(layer, torch.int8, "halves")
+    x = layer["x"].clone().requires_grad_(True)
+    routed = (layer["topk_weights"], layer["topk_ids"])
+    compiled = torch.compile(lambda x: fused_experts(x, *routed, **options), fullgraph=True)
+    out = compiled(x)
+    torch.testing.assert_close(out, fused_experts(layer["x"], *routed, **options))
+    out.sum().backward()
+    x_ref = layer["x"].clone().requires_grad_(True)
+    fused_experts(x_ref, *routed, **dequantised).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+def test_quantised_expert_errors_name_the_argument():
+    layer = _layer(5, 2, 4, 32, 48, torch.bfloat16, "cpu")
+    options, _, _ = _quantised_layer(layer, torch.int8, "halves")
+    routed = (layer["x"], layer["topk_weights"], layer["topk_ids"])
+    fused_experts_ref(*routed, **options)
+    with pytest.raises(ValueError, match="w_down_scale: quantised expert weights need the scales"):
+        fused_experts_ref(*routed, **dict(options, w_down_scale=None))
+    with pytest.raises(TypeError, match="w_gate_up: expected dtype"):
+        fused_experts_ref(*routed, **dict(options, w_gate_up_scale=None, w_down_scale=None))
+    with pytest.raises(ValueError, match="w_gate_up_scale: expected shape"):
+        fused_experts_ref(*routed, **dict(options, w_gate_up_scale=options["w_gate_up_scale"][:, :-1]))
+    with pytest.raises(ValueError, match="w_up_scale: given without w_up"):
+        fused_experts_ref(*routed, **dict(options, w_up_scale=options["w_down_scale"]))
+    with pytest.raises(ValueError, match="w_gate_up_scale: quantised weights take one scale per output feature"):
+        fused_experts_ref(*routed, **dict(options, layout="EHF", w_gate_up=options["w_gate_up"].transpose(1, 2),
+                                          w_down=options["w_down"].transpose(1, 2)))
+    with pytest.raises(TypeError, match="w_down: expected dtype"):
+        fused_experts_ref(*routed, **dict(options, w_down=layer["w_down"]))
+    # Each projection is its own GEMM: int8 gate_up with an fp8 down is one call.
+    fused_experts_ref(*routed, **dict(options, w_down=options["w_down"].to(torch.float8_e4m3fn)))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("quantised", QUANTISED)
+def test_cuda_quantised_experts_make_no_dequantised_copy(quantised):
+    """Real shapes (Qwen3-30B-A3B's experts, decode and prefill): the quantised layer gives the reference's
+    result, and no call holds more memory than a small share of the bf16 weights (a dequantised copy of
+    them would need all of it)."""
+    E, H, Fi = 128, 2048, 768
+    torch.manual_seed(0)
+    w_gate_up = torch.randn(E, 2 * Fi, H, device="cuda", dtype=torch.bfloat16) / H**0.5
+    w_down = torch.randn(E, H, Fi, device="cuda", dtype=torch.bfloat16) / Fi**0.5
+    bf16_bytes = (w_gate_up.numel() + w_down.numel()) * 2
+    options = {}
+    for name, weight in dict(w_gate_up=w_gate_up, w_down=w_down).items():
+        options[name], options[f"{name}_scale"] = quantised_per_row(weight, quantised)
+    del w_gate_up, w_down
+    for T in (1, 2048):
+        x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+        ids = torch.rand(T, E, device="cuda").argsort(-1)[:, :8]
+        weights = torch.rand(T, 8, device="cuda").softmax(-1)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        out = fused_experts(x, weights, ids, **options)
+        torch.cuda.synchronize()
+        assert torch.cuda.max_memory_allocated() - before < bf16_bytes / 8
+        want = fused_experts_ref(x, weights, ids, **options)
+        assert_close_rel(out, want, torch.bfloat16, f"T={T}")
 
 
 def test_triton_path_refuses_float64():

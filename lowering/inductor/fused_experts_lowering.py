@@ -136,12 +136,16 @@ def _rows_in_schedule_order(x, sorted_slots, top_k, active):
 def lower_fused_experts(
     x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
     layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy,
+    w_gate_up_scale=None, w_up_scale=None, w_down_scale=None,
 ):
     args = (x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
-            layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy)
+            layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy,
+            w_gate_up_scale, w_up_scale, w_down_scale)
     why_not = None
     if not templates_allowed(x.get_device()):
         why_not = "no Triton templates for this device (or moe_ops.config.inductor_templates is off)"
+    elif w_gate_up_scale is not None:
+        why_not = "quantised weights: the templates read weights of x's dtype"
     elif capacity_factor != 0:
         why_not = "capacity mode"
     elif x.get_dtype() not in KERNEL_DTYPES:
