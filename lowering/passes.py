@@ -79,9 +79,9 @@ class MoeOpsPostGradPass(_ChainedPass):
     hook = "post_grad_custom_post_pass"
 
     def rewrite(self, graph: torch.fx.Graph) -> None:
-        from moe_ops.lowering.graph.pipeline import REWRITES
+        from moe_ops.lowering.graph.pipeline import POST_GRAD_REWRITES
 
-        if sum(rewrite(graph) for rewrite in REWRITES):
+        if sum(rewrite(graph) for rewrite in POST_GRAD_REWRITES):
             graph.eliminate_dead_code()
 
 

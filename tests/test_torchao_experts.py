@@ -1,6 +1,7 @@
 """moe_ops.experts_quantization_config: torchao quantises transformers' stacked expert weights (which
 quantize_'s default filter skips) and nothing else; the quantised block runs, compiles with moe_ops to
-torchao's own eager result, and its state dict round-trips."""
+torchao's own eager result with fused_experts reading the stored fp8 values (no dequantised copy), and its
+state dict round-trips."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import io
 
 import pytest
 import torch
-from compile_harness import fresh_compile_state  # noqa: F401  (fixture)
+from compile_harness import compile_and_record, fresh_compile_state  # noqa: F401  (fixture)
 from torch._dynamo.utils import counters
 
 import moe_ops
@@ -56,8 +57,9 @@ def test_the_experts_and_only_they_are_quantised():
 @pytest.mark.usefixtures("fresh_compile_state")
 def test_quantised_block_compiles_to_torchaos_result():
     """fp8 weight-only experts: torchao's eager block stays within fp8's error of bf16 (SQNR), and the
-    block compiled with moe_ops gives torchao's eager result; its experts are rewritten to fused_experts
-    over the dequantised weights (torchao's own weight-only path dequantises them too)."""
+    block compiled with moe_ops gives torchao's eager result. Its experts are rewritten to fused_experts,
+    which reads the stored fp8 values and their per-row scales (layout EFH): the graph holds no
+    dequantisation of the expert weights (torchao's own weight-only path dequantises them on every call)."""
     x = torch.randn(1, 12, H, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     reference = _block()(x)
     block = _quantised()
@@ -65,10 +67,22 @@ def test_quantised_block_compiles_to_torchaos_result():
     assert _sqnr_db(reference, want) >= 25.0
     # No cache of any kind (the FX graph's, AOTAutograd's for subclass inputs): the passes must run.
     with torch._inductor.config.patch(force_disable_caches=True):
-        got = torch.compile(block)(x)
+        got, graph = compile_and_record(block, x)
     error = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
     assert error <= 2e-2, error
     assert counters["moe_ops"]["experts_rewrite"] == 1 and counters["moe_ops"]["route_rewrite"] == 1
+    assert counters["moe_ops"]["quantised_weights_rewrite"] == 1
+    # The router's scores and the routing weights' cast are the only conversions left; the weights' scales
+    # are squeezed to (E, N) views.
+    conversions = "\n".join(line for line in graph.splitlines() if "convert_element_type" in line or "squeeze" in line
+                           or "fused_experts" in line)
+    assert conversions == (
+        "prims.convert_element_type.default(torch.bfloat16)\n"
+        "aten.squeeze.dim(-1)\n"
+        "aten.squeeze.dim(-1)\n"
+        "moe_ops.fused_experts.default(None, None, None, None, 'EFH', False, 'silu', True, 1.702, 7.0, 0.0, "
+        "'position', None)"
+    ), graph
 
 
 def test_state_dict_round_trip():

@@ -42,6 +42,7 @@ from moe_ops.lowering.graph.fx_match import (
     Rejected,
     aten,
     is_call,
+    new_node,
     prims,
     same_shape,
     same_size,
@@ -388,26 +389,10 @@ def replace(graph: Graph, match: ExpertsMatch) -> None:
         if match.input_scale_chain is not None:
             # + sum(x[t] * 0): ±0 for a finite row, NaN for a row with an inf or NaN (as every expert's
             # rows 0 * x[t] are in the plain code).
-            zeros = _new_node(graph, aten.mul.Tensor, (unscaled_x, 0.0))
-            row_nan = _new_node(graph, aten.sum.dim_IntList, (zeros, [-1], True))
-            out = _new_node(graph, aten.add.Tensor, (out, row_nan))
+            zeros = new_node(graph, aten.mul.Tensor, (unscaled_x, 0.0))
+            row_nan = new_node(graph, aten.sum.dim_IntList, (zeros, [-1], True))
+            out = new_node(graph, aten.add.Tensor, (out, row_nan))
     match.result.replace_all_uses_with(out)
-
-
-def _new_node(graph: Graph, target, args, kwargs=None) -> Node:
-    """A call of ``target`` inserted at the graph's insertion point, its meta["val"] computed from its
-    arguments' fake values (nodes inside a list argument, such as a size, included)."""
-    def fake(a):
-        if isinstance(a, list):
-            return [fake(item) for item in a]
-        return val(a) if isinstance(a, Node) else a
-
-    fake_args = [fake(a) for a in args]
-    with detect_fake_mode([v for v in fake_args if isinstance(v, torch.Tensor)]):
-        value = target(*fake_args, **(kwargs or {}))
-    node = graph.call_function(target, tuple(args), kwargs or {})
-    node.meta["val"] = value
-    return node
 
 
 def _scaled_input_rows(graph: Graph, match: ExpertsMatch) -> tuple[Node, Node]:
@@ -415,12 +400,12 @@ def _scaled_input_rows(graph: Graph, match: ExpertsMatch) -> tuple[Node, Node]:
     with graph.inserting_before(match.result):
         scale = match.topk_weights
         for link in match.input_scale_chain:
-            scale = _new_node(graph, link.target, (scale, *link.args[1:]))
-        rows = _new_node(graph, aten.mul.Tensor, (match.x, scale))
+            scale = new_node(graph, link.target, (scale, *link.args[1:]))
+        rows = new_node(graph, aten.mul.Tensor, (match.x, scale))
         num_tokens = val(match.topk_weights).shape[0]
         if not isinstance(num_tokens, int):  # a dynamic token count: read off the tensor at run time
-            num_tokens = _new_node(graph, aten.sym_size.int, (match.topk_weights, 0))
-        ones = _new_node(graph, aten.full.default, ([num_tokens, 1], 1.0), {
+            num_tokens = new_node(graph, aten.sym_size.int, (match.topk_weights, 0))
+        ones = new_node(graph, aten.full.default, ([num_tokens, 1], 1.0), {
             "dtype": torch.float32, "layout": torch.strided, "device": val(match.x).device, "pin_memory": False})
     return rows, ones
 

@@ -8,6 +8,8 @@ import torch
 from torch.fx import Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from moe_ops._compat.dynamo import detect_fake_mode
+
 aten = torch.ops.aten
 prims = torch.ops.prims
 
@@ -37,6 +39,22 @@ def arg(node: Node, index: int, name: str, default):
     if len(node.args) > index:
         return node.args[index]
     return node.kwargs.get(name, default)
+
+
+def new_node(graph, target, args, kwargs=None) -> Node:
+    """A call of ``target`` inserted at the graph's insertion point, its meta["val"] computed from its
+    arguments' fake values (nodes inside a list argument, such as a size, included)."""
+    def fake(a):
+        if isinstance(a, list):
+            return [fake(item) for item in a]
+        return val(a) if isinstance(a, Node) else a
+
+    fake_args = [fake(a) for a in args]
+    with detect_fake_mode([v for v in fake_args if isinstance(v, torch.Tensor)]):
+        value = target(*fake_args, **(kwargs or {}))
+    node = graph.call_function(target, tuple(args), kwargs or {})
+    node.meta["val"] = value
+    return node
 
 
 def is_call(node, target) -> bool:
