@@ -18,6 +18,7 @@
 #   blockm    benchmarks/sweep_block_m.py (the fused op at each GEMM block size, T = 2-8192)
 #   hostc     benchmarks/profile_host.py --compiled (host time of the compiled block, with a cProfile)
 #   ep        benchmarks/bench_expert_parallel.py (every GPU of the host, NCCL; a multi-GPU machine; EP_ARGS)
+#   quantised benchmarks/bench_quantised.py (int8 / fp8 expert weights vs bf16 and torchao; QUANTISED_ARGS)
 #   energy    benchmarks/bench_energy.py (energy per call of the expert GEMMs and layers; ENERGY_ARGS)
 #   gemm      benchmarks/profile_kernels.py: compiler report and tile sweep of the expert GEMMs, and
 #             Nsight Compute sections of the GEMMs of NCU_CELLS (one file, ncu.txt)
@@ -105,6 +106,8 @@ for stage in "$@"; do
       done ;;
     ep) timeout "$LIMIT" python3 -P benchmarks/bench_expert_parallel.py --out "$OUT" ${EP_ARGS:-} 2>&1 \
           | tee "$OUT/ep.log" | tail -20 || status=1 ;;
+    quantised) timeout "$LIMIT" python3 -P benchmarks/bench_quantised.py --out "$OUT" ${QUANTISED_ARGS:-} 2>&1 \
+                 | tee "$OUT/quantised.log" | tail -40 || status=1 ;;
     energy) timeout "$LIMIT" python3 -P benchmarks/bench_energy.py --out "$OUT" ${ENERGY_ARGS:-} 2>&1 \
               | tee "$OUT/energy.log" | tail -40 || status=1 ;;
     blockm) timeout "$LIMIT" python3 -P benchmarks/sweep_block_m.py --out "$OUT" || status=1 ;;

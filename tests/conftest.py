@@ -62,16 +62,6 @@ def _seed():
     yield
 
 
-def quantised_per_row(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, scales) of ``w`` (E, N, K) quantised per expert and output row, as torchao's per-row
-    weight-only tensors hold it: int8 symmetric (127 levels a side) or fp8 e4m3 (its largest value 448)."""
-    top = 127.0 if dtype == torch.int8 else torch.finfo(torch.float8_e4m3fn).max
-    scale = w.float().abs().amax(-1).clamp_min(1e-12) / top
-    values = w.float() / scale[..., None]
-    values = values.round().clamp(-127, 127).to(torch.int8) if dtype == torch.int8 else values.to(dtype)
-    return values, scale
-
-
 def sqnr_db(signal: torch.Tensor, noisy: torch.Tensor) -> float:
     """Signal-to-quantisation-noise ratio of ``noisy`` against ``signal``, in dB."""
     return (20 * torch.log10(signal.float().norm() / (signal.float() - noisy.float()).norm())).item()

@@ -190,6 +190,18 @@ def test_training_timing_dry_run():
         assert all(float(cell) > 0 for cell in row.split("|")[2:5]), row
 
 
+def test_quantised_dry_run():
+    """bench_quantised.py's CPU dry run times bf16, int8 and fp8 moe_ops and torchao's fp8 experts at each token
+    count, each quantised result within its scheme's error of bf16."""
+    stdout = _dry_run("bench_quantised.py")
+    for t in ("1", "5"):
+        rows = {line.split("|")[3].strip(): line.split("|") for line in stdout.splitlines()
+                if line.startswith(f"| tiny-mixtral | {t} |")}
+        assert set(rows) == {"moe_ops_bf16", "moe_ops_int8", "moe_ops_fp8", "torchao_fp8_eager"}, rows
+        assert all(float(row[4]) > 0 for row in rows.values())
+        assert all(float(rows[name][7]) >= 25.0 for name in ("moe_ops_int8", "moe_ops_fp8", "torchao_fp8_eager"))
+
+
 def test_tree_comparison_calls_slower_only_beyond_the_runs_spread():
     """compare_layer_runs: a cell is slower only when the candidate's median exceeds the baseline's by more
     than either tree's own run-to-run spread; cells missing from a run are left out."""

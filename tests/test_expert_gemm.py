@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TRITON_DEVICE, assert_close_rel, quantised_per_row, sqnr_db, zipf_ids
+from conftest import TRITON_DEVICE, assert_close_rel, sqnr_db, zipf_ids
 
 from moe_ops.expert_gemm import expert_gemm, expert_gemm_ref
-from moe_ops.layout import PackedSchedule, PaddedSchedule
+from moe_ops.layout import PackedSchedule, PaddedSchedule, quantise_per_row
 from moe_ops.schedule import block_schedule, block_schedule_ref
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -112,9 +112,9 @@ def test_quantised_weights_match_the_reference(quantised, dtype, gated):
     T, K, E, N, D = 13, 2, 4, 24, 40
     args = _problem(T, K, E, N, D, dtype, TRITON_DEVICE, gated=gated, bias=True, slot_weights=True)
     exact = dict(args)
-    args["w"], args["w_scale"] = quantised_per_row(exact["w"], quantised)
+    args["w"], args["w_scale"] = quantise_per_row(exact["w"], quantised)
     if gated:
-        args["w_up"], args["w_up_scale"] = quantised_per_row(exact["w_up"], quantised)
+        args["w_up"], args["w_up_scale"] = quantise_per_row(exact["w_up"], quantised)
     activation = "silu" if gated else "relu"
     got, want = _run_both(args, gather_top_k=K, activation=activation)
     assert_close_rel(got, want, dtype, "quantised")
@@ -132,8 +132,8 @@ def test_quantised_weights_are_frozen_and_give_the_input_its_gradient():
     the input's gradient is the one of the dequantised weights."""
     T, K, E, N, D = 9, 2, 4, 16, 24
     args = _problem(T, K, E, N, D, torch.float32, "cpu", gated=True, bias=False, slot_weights=False)
-    w, w_scale = quantised_per_row(args["w"], torch.int8)
-    w_up, w_up_scale = quantised_per_row(args["w_up"], torch.int8)
+    w, w_scale = quantise_per_row(args["w"], torch.int8)
+    w_up, w_up_scale = quantise_per_row(args["w_up"], torch.int8)
     schedule = block_schedule_ref(torch.rand(T, E).argsort(-1)[:, :K], E, 16)
     x = args["a"].clone().requires_grad_(True)
     common = dict(num_slots=T * K, block_m=16, gather_top_k=K, activation="silu")
@@ -147,8 +147,8 @@ def test_quantised_weights_are_frozen_and_give_the_input_its_gradient():
 def test_quantised_weight_errors_name_the_argument():
     T, K, E, N, D = 5, 2, 4, 16, 24
     args = _problem(T, K, E, N, D, torch.bfloat16, "cpu", gated=True, bias=False, slot_weights=False)
-    w, w_scale = quantised_per_row(args["w"], torch.int8)
-    w_up, w_up_scale = quantised_per_row(args["w_up"], torch.int8)
+    w, w_scale = quantise_per_row(args["w"], torch.int8)
+    w_up, w_up_scale = quantise_per_row(args["w_up"], torch.int8)
     base = dict(args, w=w, w_up=w_up, w_scale=w_scale, w_up_scale=w_up_scale, gather_top_k=K, scatter=False,
                 activation="silu", alpha=1.702, limit=7.0)
     expert_gemm_ref(**base)

@@ -8,10 +8,11 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TRITON_DEVICE, assert_close_rel, quantised_per_row, sqnr_db, zipf_ids
+from conftest import TRITON_DEVICE, assert_close_rel, sqnr_db, zipf_ids
 
 import moe_ops
 from moe_ops.fused_experts import fused_experts, fused_experts_ref, fused_experts_triton
+from moe_ops.layout import quantise_per_row
 from moe_ops.routing_triton import route_triton
 from moe_ops.tiles import choose_block_m
 
@@ -318,7 +319,7 @@ def _quantised_layer(layer, quantised, form):
         weights = dict(w_gate_up=layer["w_gate_up"], w_down=layer["w_down"])
     options = dict(interleaved=form == "interleaved")
     for name, weight in weights.items():
-        options[name], options[f"{name}_scale"] = quantised_per_row(weight, quantised)
+        options[name], options[f"{name}_scale"] = quantise_per_row(weight, quantised)
     dequantised = {name: options[name].float() * options[f"{name}_scale"][..., None] for name in weights}
     return options, dict(weights, interleaved=form == "interleaved"), dequantised
 
@@ -397,7 +398,7 @@ def test_cuda_quantised_experts_make_no_dequantised_copy(quantised):
     bf16_bytes = (w_gate_up.numel() + w_down.numel()) * 2
     options = {}
     for name, weight in dict(w_gate_up=w_gate_up, w_down=w_down).items():
-        options[name], options[f"{name}_scale"] = quantised_per_row(weight, quantised)
+        options[name], options[f"{name}_scale"] = quantise_per_row(weight, quantised)
     del w_gate_up, w_down
     for T in (1, 2048):
         x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)

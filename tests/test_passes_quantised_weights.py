@@ -7,18 +7,18 @@ from __future__ import annotations
 import pytest
 import torch
 from compile_harness import compile_and_record, fresh_compile_state  # noqa: F401  (fixture)
-from conftest import quantised_per_row
 from torch._dynamo.utils import counters
 
 import moe_ops
+from moe_ops.layout import quantise_per_row
 
 T, H, F, E, K = 10, 32, 24, 4, 2
 
 
 def _weights(dtype):
     torch.manual_seed(0)
-    gate_up, gate_up_scale = quantised_per_row(torch.randn(E, 2 * F, H) / H**0.5, dtype)
-    down, down_scale = quantised_per_row(torch.randn(E, H, F) / F**0.5, dtype)
+    gate_up, gate_up_scale = quantise_per_row(torch.randn(E, 2 * F, H) / H**0.5, dtype)
+    down, down_scale = quantise_per_row(torch.randn(E, H, F) / F**0.5, dtype)
     return gate_up, gate_up_scale[..., None], down, down_scale[..., None]
 
 
