@@ -29,6 +29,7 @@ from torch.testing import FileCheck
 from triton.runtime.jit import JITFunction
 
 import moe_ops
+from moe_ops.layout import quantise_per_row
 from moe_ops.routing_triton import _route_kernel
 
 pytestmark = pytest.mark.usefixtures("fresh_compile_state")
@@ -487,6 +488,47 @@ def test_gpt_oss_variant_reads_interleaved_views_with_biases(dynamic):
     assert len(kernels) == 2 * pairs + 1, list(kernels)
 
 
+def _quantised_layer(quantised, w_gate_up, w_down):
+    """moe_layer's route + fused_experts with the expert weights quantised per output row."""
+    (q_gate_up, s_gate_up), (q_down, s_down) = (quantise_per_row(w, quantised) for w in (w_gate_up, w_down))
+
+    def layer(x, logits, residual):
+        topk_weights, topk_ids = moe_ops.route(logits, 2, renormalize=True)
+        return moe_ops.fused_experts(x, topk_weights, topk_ids, q_gate_up, q_down, w_gate_up_scale=s_gate_up,
+                                     w_down_scale=s_down) + residual
+
+    return layer
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static_T", "dynamic_T"])
+def test_quantised_weights_reach_the_templates(dynamic):
+    """int8 weights with per-row scales: both templates of every block size read the stored values (views,
+    no dequantising kernel) and their scales, the gate's and the up's halves of the fused gate_up scales
+    (strides (2F, 1), up F elements on); no TMA tiles."""
+    w_gate_up, w_down = weights()
+    args = layer_inputs()
+    if dynamic:
+        for t in args:
+            torch._dynamo.mark_dynamic(t, 0)
+    code = generated_code(_quantised_layer(torch.int8, w_gate_up, w_down), *args)
+    kernels = kernel_sources(code)
+    templates = {name: src for name, src in kernels.items() if name.startswith("triton_tem_")}
+    pairs = 3 if dynamic else 1
+    assert len(templates) == 2 * pairs, list(kernels)
+    for source in templates.values():
+        assert "W_SCALED : tl.constexpr = True" in source and "TMA : tl.constexpr = False" in source
+        FileCheck().check("k_step(").check("tile_output(").check("W_SCALED, w_scales").run(source)
+    gate_ups = [src for src in templates.values() if "GATHER : tl.constexpr = True" in src]
+    assert len(gate_ups) == pairs
+    for gate_up in gate_ups:
+        for line in (f"w_scales = (W_SCALE, {2 * F_}, 1, W_UP_SCALE, {2 * F_}, 1)",
+                     f"W_UP_SCALE = arg_W_UP_SCALE + {F_}", f"W_UP = arg_W_UP + {F_ * H}"):
+            assert line in gate_up, line
+    # Besides the templates, only the combine over k: nothing dequantises or copies the weights.
+    assert len(kernels) == 2 * pairs + 1, list(kernels)
+    assert "moe_ops.fused_experts.default(" not in code.split("def call(")[1]
+
+
 def test_expert_gemm_op_template_with_fused_epilogue():
     """The grouped GEMM op on its own (schedule order, rows gathered from x): a cast and a scale after
     it run in the template's store."""
@@ -600,6 +642,21 @@ def test_cuda_template_variants_match_eager(variant, dynamic):
             torch._dynamo.mark_dynamic(t, 0)
     code = _compiled_vs_eager(layer, (x, logits), dtype)
     assert len(set(re.findall(r"def (triton_tem_\w+)\(", code))) == (6 if dynamic else 2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static_T", "dynamic_T"])
+@pytest.mark.parametrize("quantised", [torch.int8, torch.float8_e4m3fn], ids=["int8", "fp8"])
+def test_cuda_quantised_templates_match_eager(quantised, dynamic):
+    """The templates over quantised weights compute what the op's own kernels compute, T past the TMA
+    threshold included (the templates keep pointer loads for quantised weights)."""
+    w_gate_up, w_down = weights(hidden=256, inter=128, device="cuda")
+    args = layer_inputs(600, hidden=256, device="cuda")
+    if dynamic:
+        for t in args:
+            torch._dynamo.mark_dynamic(t, 0)
+    code = _compiled_vs_eager(_quantised_layer(quantised, w_gate_up, w_down), args, torch.bfloat16)
+    assert "W_SCALED : tl.constexpr = True" in code
 
 
 @pytest.mark.cuda

@@ -75,6 +75,8 @@ from moe_ops.expert_gemm_triton import (
 {%- if HAS_SLOT_WEIGHT %}{% set names = names + ["SLOT_W"] %}{% endif %}
 {%- if PACKED %}{% set names = names + ["SORTED_SLOTS", "EXPERT_OFFSETS"] %}
 {%- else %}{% set names = names + ["SORTED_SLOTS", "BLOCK_EXPERT", "NUM_PADDED"] %}{% endif %}
+{%- if W_SCALED %}{% set names = names + ["W_SCALE"] %}{% if GATED %}{% set names = names + ["W_UP_SCALE"] %}{% endif %}
+{%- endif %}
 {%- if ZERO_UNROUTED %}{% set names = names + ["IDS"] %}{% endif %}
 {%- if STORE_TO_OUT %}{% set names = names + ["OUT"] %}{% endif %}
 
@@ -105,6 +107,13 @@ from moe_ops.expert_gemm_triton import (
     bias = ({{"BIAS" if HAS_BIAS else "W"}}, {{bias_strides | join(", ")}})
     bias_up = ({{"BIAS_UP" if HAS_BIAS_UP else "W"}}, {{bias_up_strides | join(", ")}})
     schedule = {{"(SORTED_SLOTS, EXPERT_OFFSETS)" if PACKED else "(SORTED_SLOTS, BLOCK_EXPERT, NUM_PADDED)"}}
+{%- if W_SCALED %}
+{%- set up_scale = ["W_UP_SCALE", stride("W_UP_SCALE", 0), stride("W_UP_SCALE", 1)] if GATED else ["W_SCALE", 0, 0] %}
+    # Quantised weights: each output feature's scale, applied to the accumulated column (tile_output).
+    w_scales = (W_SCALE, {{stride("W_SCALE", 0)}}, {{stride("W_SCALE", 1)}}, {{up_scale | join(", ")}})
+{%- else %}
+    w_scales = None
+{%- endif %}
     sizes = (N, K, num_slots, GATHER_TOP_K, num_blocks_max, NUM_EXPERTS)
 {%- if TMA %}
     # A as an operand only here: pointer-load tiles read it through load_input (a fused prologue may
@@ -153,7 +162,7 @@ from moe_ops.expert_gemm_triton import (
         y, rows, cols, mask = tile_output(
             acc, acc_up, expert, slot, row_valid, offs_m, rows_in_range, cols, col_valid, bias, bias_up,
             {{"SLOT_W" if HAS_SLOT_WEIGHT else "W"}}, (ALPHA, LIMIT), SCATTER, GATED, HAS_BIAS, HAS_BIAS_UP,
-            HAS_SLOT_WEIGHT, ACTIVATION,
+            HAS_SLOT_WEIGHT, ACTIVATION, W_SCALED, w_scales,
         )
 {%- endif %}
 {%- if ZERO_UNROUTED %}
@@ -278,7 +287,7 @@ def tuned_expert_gemm(
     a, w, schedule: PaddedSchedule | PackedSchedule, num_slots, block_m: int, *, w_up=None, bias=None,
     bias_up=None, slot_weights=None, gather_top_k: int = 0, scatter: bool = False, activation: str = "none",
     alpha: float = CLAMPED_SWIGLU_ALPHA, limit: float = CLAMPED_SWIGLU_LIMIT, slot_ids=None, active=1,
-    busy_estimate=None, out=None, tma: bool = False,
+    busy_estimate=None, out=None, tma: bool = False, w_scale=None, w_up_scale=None,
 ):
     """The template node for one expert GEMM (Inductor IR in, IR out; the arguments of the eager
     launcher, expert_gemm_triton, with the schedule's tensors as IR). Callers check that the
@@ -288,7 +297,8 @@ def tuned_expert_gemm(
     not benchmarked, and ``busy_estimate`` (busy blocks expected where it runs) sizes the tiles.
     ``out``: a buffer of the output's shape that the kernel writes (a mutated input) instead of a new
     one; the node returned then stands for nothing but that write. ``tma``: TMA tiles on a persistent
-    grid where the inputs allow them (``tma_applies``; A in schedule order, made contiguous here)."""
+    grid where the inputs allow them (``tma_applies``; A in schedule order, made contiguous here).
+    ``w_scale`` / ``w_up_scale``: the (E, N) scales of quantised weights (pointer loads: no TMA tiles)."""
 
     packed = isinstance(schedule, PackedSchedule)
     optional = (w_up, bias, bias_up, slot_weights)
@@ -296,7 +306,9 @@ def tuned_expert_gemm(
     tensors = [a, w, *[t for t in optional if t is not None], *schedule]
     # realize_input, not select_algorithm.realize_inputs: that one copies a view without a unit stride,
     # and GPT-OSS's interleaved gate/up columns are such a view (the tile function takes any strides).
-    extra = [t for t in (slot_ids, out) if t is not None]
+    scaled = w_scale is not None
+    scales = [w_scale, w_up_scale] if scaled and w_up is not None else [w_scale]
+    extra = [t for t in (*scales, slot_ids, out) if t is not None]
     input_nodes = [ir.ExternKernel.realize_input(t) for t in (*tensors, *extra)]
     device = a.get_device()
     if tma:
@@ -320,7 +332,7 @@ def tuned_expert_gemm(
     num_sms, smem_bytes = _device_limits(device)
     gated = w_up is not None
     ieee = a.get_dtype() == torch.float32 and not fp32_matmul_allows_tf32()
-    tma = (tma and packed and gather_top_k == 0 and tma_allowed(device)
+    tma = (tma and not scaled and packed and gather_top_k == 0 and tma_allowed(device)
            and tma_applies(a.get_dtype(), block_m, n, gated, weight_views(w, w_up)))
     pair_stride = ir_pair_stride(input_nodes[1], input_nodes[2]) if tma and gated else None
     base = gemm_config(block_m, int(n), gated, a.get_dtype().itemsize, busy_estimate, num_sms, smem_bytes, ieee, tma)
@@ -333,6 +345,7 @@ def tuned_expert_gemm(
         PAIR_STRIDE=pair_stride or 0,
         ZERO_UNROUTED=slot_ids is not None, NUM_EXPERTS=num_experts,
         PACKED=packed, E_PAD=triton.next_power_of_2(num_experts) if packed else 1, STORE_TO_OUT=out is not None,
+        W_SCALED=scaled,
     )
     unrouted_rows = num_slots if slot_ids is not None else 0
     always_active = active == 1
@@ -360,7 +373,8 @@ def tuned_expert_gemm(
         )
         for i in range(len(schedule)):
             input_gen_fns[schedule_at + i] = lambda node, i=i: synthetic()[i]
-        if device.type == "cuda" and isinstance(num_slots, int) and not V.graph.cpp_wrapper and slot_ids is None:
+        if (device.type == "cuda" and isinstance(num_slots, int) and not V.graph.cpp_wrapper and slot_ids is None
+                and not scaled):
             choices.append(extern_expert_gemm.bind(
                 input_nodes, layout, present=present, packed=packed, num_slots=num_slots, block_m=block_m,
                 gather_top_k=gather_top_k, scatter=scatter, activation=activation, alpha=alpha, limit=limit,
@@ -395,14 +409,12 @@ def lower_expert_gemm(
     args = (a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
             num_slots, block_m, gather_top_k, scatter, activation, alpha, limit, w_scale, w_up_scale)
     why_not = template_applies(a, gather_top_k, scatter, slot_weights)
-    if w_scale is not None:
-        why_not = "quantised weights: the templates read weights of a's dtype"
     if why_not is not None:
         log.debug("moe_ops.expert_gemm stays an extern call: %s", why_not)
         return extern_call(torch.ops.moe_ops.expert_gemm.default, *args)
     return tuned_expert_gemm(
         a, w, PaddedSchedule(sorted_slots, block_expert, num_padded), num_slots, block_m, w_up=w_up, bias=bias,
         bias_up=bias_up, slot_weights=slot_weights, gather_top_k=gather_top_k, scatter=scatter,
-        activation=activation, alpha=alpha, limit=limit,
+        activation=activation, alpha=alpha, limit=limit, w_scale=w_scale, w_up_scale=w_up_scale,
     )
 

@@ -64,13 +64,16 @@ aten = torch.ops.aten
 prims = torch.ops.prims
 
 
-def _expert_weight_views(w_gate_up, w_down, w_up, b_gate_up, b_up, layout, interleaved, gated):
-    """As moe_ops.fused_experts.ExpertWeights, on Inductor IR: (E, N, K) views, never copies."""
+def _expert_weight_views(w_gate_up, w_down, w_up, b_gate_up, b_up, layout, interleaved, gated,
+                         w_gate_up_scale=None, w_up_scale=None):
+    """As moe_ops.fused_experts.ExpertWeights, on Inductor IR: (E, N, K) views, never copies, and the
+    scales of quantised weights beside them (a fused gate_up weight's split as its rows are)."""
     if layout == "EHF":
         w_gate_up = L[aten.permute.default](w_gate_up, [0, 2, 1])
         w_up = None if w_up is None else L[aten.permute.default](w_up, [0, 2, 1])
         w_down = L[aten.permute.default](w_down, [0, 2, 1])
     gate, up, b_gate = w_gate_up, w_up, b_gate_up
+    s_gate, s_up = w_gate_up_scale, w_up_scale
     if gated and w_up is None:
         two_f = w_gate_up.get_size()[1]
         if interleaved:
@@ -80,7 +83,9 @@ def _expert_weight_views(w_gate_up, w_down, w_up, b_gate_up, b_up, layout, inter
         (gate, up) = (L[aten.slice.Tensor](w_gate_up, 1, *half) for half in halves)
         if b_gate_up is not None:
             (b_gate, b_up) = (L[aten.slice.Tensor](b_gate_up, 1, *half) for half in halves)
-    return gate, up, b_gate, b_up, w_down
+        if w_gate_up_scale is not None:
+            (s_gate, s_up) = (L[aten.slice.Tensor](w_gate_up_scale, 1, *half) for half in halves)
+    return gate, up, b_gate, b_up, w_down, s_gate, s_up
 
 
 class _Variant(NamedTuple):
@@ -144,8 +149,6 @@ def lower_fused_experts(
     why_not = None
     if not templates_allowed(x.get_device()):
         why_not = "no Triton templates for this device (or moe_ops.config.inductor_templates is off)"
-    elif w_gate_up_scale is not None:
-        why_not = "quantised weights: the templates read weights of x's dtype"
     elif capacity_factor != 0:
         why_not = "capacity mode"
     elif x.get_dtype() not in KERNEL_DTYPES:
@@ -162,14 +165,14 @@ def lower_fused_experts(
     K = int(topk_ids.get_size()[1])
     E = int(w_gate_up.get_size()[0])
     num_slots = T * K
-    gate, up, b_gate, b_up, down = _expert_weight_views(
-        w_gate_up, w_down, w_up, b_gate_up, b_up, layout, interleaved, gated
+    gate, up, b_gate, b_up, down, s_gate, s_up = _expert_weight_views(
+        w_gate_up, w_down, w_up, b_gate_up, b_up, layout, interleaved, gated, w_gate_up_scale, w_up_scale
     )
     # Packed (block_m = 1: no padding), so that every block size's templates can share it.
     sorted_slots, _, _, _, expert_offsets = block_schedule_in_graph(topk_ids, E, 1)
     slot_weights = L[aten.reshape.default](topk_weights, [num_slots])
     slot_ids = L[aten.reshape.default](topk_ids, [num_slots])
-    tma_possible = tma_allowed(x.get_device()) and tma_applies(
+    tma_possible = w_gate_up_scale is None and tma_allowed(x.get_device()) and tma_applies(
         x.get_dtype(), TMA_BLOCK_M, gate.get_size()[1], up is not None, weight_views(gate, up))
     variants = _variants(num_slots, E, K, tma_possible)
     # Several pairs (a dynamic T) write one output buffer; one pair returns its own, for epilogue fusion.
@@ -184,11 +187,12 @@ def lower_fused_experts(
             a, gather_top_k = _rows_in_schedule_order(x, sorted_slots, K, common["active"]), 0
         h_SF = tuned_expert_gemm(
             a, gate, schedule, num_slots, variant.block_m, w_up=up, bias=b_gate, bias_up=b_up,
-            gather_top_k=gather_top_k, activation=activation, alpha=alpha, limit=limit, **common,
+            gather_top_k=gather_top_k, activation=activation, alpha=alpha, limit=limit, w_scale=s_gate,
+            w_up_scale=s_up, **common,
         )
         y_SH = tuned_expert_gemm(
             h_SF, down, schedule, num_slots, variant.block_m, bias=b_down, slot_weights=slot_weights, scatter=True,
-            slot_ids=slot_ids, out=shared, **common,
+            slot_ids=slot_ids, out=shared, w_scale=w_down_scale, **common,
         )
     y_SH = y_SH if shared is None else shared
     # As the op: K summed in fp32, in a fixed order, rounded once to x's dtype. Written as K pointwise
