@@ -46,6 +46,7 @@ from moe_ops._compat.dynamo import counters
 from moe_ops.activations import CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT
 from moe_ops.expert_parallel import PLAN_ATTRIBUTE, fused_experts_ep
 from moe_ops.fused_experts import fused_experts
+from moe_ops.lowering.torchao_experts import per_row_quantised, torchao_tensor_class
 from moe_ops.settings import config
 
 log = logging.getLogger("moe_ops")
@@ -274,6 +275,19 @@ def fused_experts_arguments(experts: nn.Module, hidden_states: torch.Tensor) -> 
                 f"{hidden_states.dtype} on {hidden_states.device}"
             )
         arguments[argument] = tensor
+    quantised = {name: per_row_quantised(arguments[name]) for name in ("w_gate_up", "w_down")}
+    for name, attribute in tensors.items():
+        if torchao_tensor_class(type(arguments[name])) is not None and quantised.get(name) is None:
+            return (f"{attribute} is a torchao {type(arguments[name]).__name__} that is no per-row weight-only "
+                    "quantisation (group-wise scales, or activations quantised too)")
+    if any(quantised.values()):
+        # torchao's per-row weight-only tensors: the stored values and their scales, read as they are.
+        if not all(quantised.values()):
+            return "some of its expert weights are quantised per row by torchao and some are not"
+        if is_transposed:
+            return "its quantised weights are stored (E, K, N): their per-row scales scale input features"
+        for name, (values, scales) in quantised.items():
+            arguments[name], arguments[f"{name}_scale"] = values, scales
     arguments.update(
         layout="EHF" if is_transposed else "EFH",
         interleaved=not is_concatenated,
@@ -283,6 +297,13 @@ def fused_experts_arguments(experts: nn.Module, hidden_states: torch.Tensor) -> 
         limit=limit,
     )
     return arguments
+
+
+def _quantised_dtype(arguments: dict) -> str | None:
+    """The dtype of the stored values of quantised expert weights ("int8", "float8_e4m3fn"), or None."""
+    if "w_down_scale" not in arguments:
+        return None
+    return str(arguments["w_down"].dtype).replace("torch.", "")
 
 
 def moe_ops_experts_forward(self, hidden_states, top_k_index, top_k_weights):
@@ -296,7 +317,8 @@ def moe_ops_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     _report(
         type(self),
         f"runs as moe_ops.fused_experts(layout={arguments['layout']!r}, interleaved={arguments['interleaved']}, "
-        f"activation={arguments['activation']!r}, gated={arguments['gated']}, biases={'b_down' in arguments})",
+        f"activation={arguments['activation']!r}, gated={arguments['gated']}, biases={'b_down' in arguments}, "
+        f"quantised={_quantised_dtype(arguments)})",
         True,
         compiling,
     )
@@ -322,6 +344,9 @@ def moe_ops_ep_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     arguments = fused_experts_arguments(self, hidden_states)
     if isinstance(arguments, str):
         raise RuntimeError(f"{type(self).__name__} cannot run sharded through moe_ops.fused_experts_ep: {arguments}")
+    if "w_down_scale" in arguments:
+        raise RuntimeError(f"{type(self).__name__}: quantised expert weights do not run sharded (fused_experts_ep "
+                           "takes weights of the activations' dtype)")
     local = {name: value.to_local() if isinstance(value, DTensor) else value for name, value in arguments.items()}
     return fused_experts_ep(hidden_states, top_k_weights, top_k_index, group=plan.group, dispatch=plan.dispatch,
                             capacity_factor=plan.capacity_factor, **local)

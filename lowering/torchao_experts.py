@@ -1,24 +1,60 @@
-"""transformers' expert weights through torchao: the ``quantize_`` config that reaches them.
+"""transformers' expert weights through torchao: the ``quantize_`` config that reaches them, and the stored
+values and scales of the weights it quantised, as ``moe_ops.fused_experts`` takes them.
 
 transformers 5 keeps a MoE block's experts as stacked 3-D parameters (``gate_up_proj``, ``up_proj``,
 ``down_proj``) of one experts module, not as ``nn.Linear`` layers, so ``quantize_``'s default filter
 (linear layers) leaves them in bf16 without a word. torchao's ``FqnToConfig`` selects parameters by
-name instead; this module builds it for the experts.
+name instead; this module builds it for the experts. torchao is imported only by that builder: the
+transformers integration reads quantised weights (``per_row_quantised``) without importing it.
 """
 
 from __future__ import annotations
 
-from torchao.core.config import AOBaseConfig
-from torchao.quantization import FqnToConfig
+import torch
+
+from moe_ops._checks import QUANTISED_WEIGHT_DTYPES
 
 # Every transformers experts module's stacked weights, whatever the model's prefix.
 EXPERT_WEIGHTS = r"re:(.*\.)?experts\.(gate_up_proj|up_proj|down_proj)$"
+# torchao's weight tensors whose weight-only product with x is (x Q^T) scaled per output row: Int8Tensor
+# multiplies by the per-row scale after its matmul (its symmetric zero point, stored as zeros, is not
+# read), Float8Tensor dequantises Q times the scale first (the same value up to rounding).
+PER_ROW_TENSORS = ("Int8Tensor", "Float8Tensor")
 
 
-def experts_quantization_config(config: AOBaseConfig) -> FqnToConfig:
+def experts_quantization_config(config):
     """torchao's config that applies ``config`` (e.g. ``Float8WeightOnlyConfig()``) to the stacked expert
     weights of every transformers MoE block and to nothing else:
     ``quantize_(model, moe_ops.experts_quantization_config(config), filter_fn=None)``."""
+    from torchao.core.config import AOBaseConfig
+    from torchao.quantization import FqnToConfig
+
     if not isinstance(config, AOBaseConfig):
         raise TypeError(f"config: expected a torchao quantization config (AOBaseConfig), got {type(config).__name__}")
     return FqnToConfig({EXPERT_WEIGHTS: config})
+
+
+@torch.compiler.assume_constant_result
+def torchao_tensor_class(kind: type) -> str | None:
+    """The name of a torchao tensor class, None for any other class. Dynamo runs it at trace time (it cannot
+    trace string methods of a class's module) and keeps the result, which depends on the class alone."""
+    return kind.__name__ if kind.__module__.startswith("torchao.") else None
+
+
+def per_row_quantised(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(values (E, N, K), fp32 scales (E, N)) of a torchao weight-only tensor quantised per expert and row
+    (int8 or fp8 e4m3 values, one scale per row: ``Int8WeightOnlyConfig()``, ``Float8WeightOnlyConfig()``),
+    as fused_experts takes quantised weights; None for any other tensor (a plain one, group-wise scales,
+    activations quantised too)."""
+    if torchao_tensor_class(type(weight)) not in PER_ROW_TENSORS:
+        return None
+    values, scale = getattr(weight, "qdata", None), getattr(weight, "scale", None)
+    if not (isinstance(values, torch.Tensor) and isinstance(scale, torch.Tensor)) or values.dim() != 3:
+        return None
+    if getattr(weight, "act_quant_kwargs", None) is not None or getattr(weight, "act_pre_scale", None) is not None:
+        return None
+    experts, rows, columns = values.shape
+    if (values.dtype not in QUANTISED_WEIGHT_DTYPES or list(getattr(weight, "block_size", ())) != [1, 1, columns]
+            or scale.dtype != torch.float32 or tuple(scale.shape) != (experts, rows, 1)):
+        return None
+    return values, scale.squeeze(-1)

@@ -16,7 +16,7 @@ import moe_ops
 
 torchao = pytest.importorskip("torchao")
 transformers = pytest.importorskip("transformers")
-from torchao.quantization import Float8WeightOnlyConfig, quantize_  # noqa: E402
+from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_  # noqa: E402
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock  # noqa: E402
 
 H, F, E, K = 64, 32, 8, 2
@@ -83,6 +83,61 @@ def test_quantised_block_compiles_to_torchaos_result():
         "moe_ops.fused_experts.default(None, None, None, None, 'EFH', False, 'silu', True, 1.702, 7.0, 0.0, "
         "'position', None)"
     ), graph
+
+
+def _dequantised_twin(block):
+    """The bf16 block whose expert weights are ``block``'s dequantised ones."""
+    twin = _block()
+    with torch.no_grad():
+        for name in ("gate_up_proj", "down_proj"):
+            getattr(twin.experts, name).copy_(getattr(block.experts, name).dequantize())
+    return twin
+
+
+@pytest.mark.usefixtures("fresh_compile_state")
+@pytest.mark.parametrize("config", [Int8WeightOnlyConfig, Float8WeightOnlyConfig], ids=["int8", "fp8"])
+def test_weight_only_experts_run_as_fused_experts_over_the_stored_values(config, caplog):
+    """experts_implementation="moe_ops" with torchao's per-row weight-only tensors: fused_experts reads their
+    stored int8 / fp8 values and scales, in eager mode (where torchao 0.18's int8 tensors cannot run
+    transformers' experts: no transpose) and compiled into one graph, giving the dequantised weights'
+    result; the log says so."""
+    import logging
+
+    block = _block()
+    quantize_(block, moe_ops.experts_quantization_config(config()), filter_fn=None)
+    block.experts.config._experts_implementation = "moe_ops"
+    x = torch.randn(1, 12, H, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    with caplog.at_level(logging.INFO, logger="moe_ops"):
+        out = block(x)
+    want = _dequantised_twin(block)(x)
+    assert ((out.float() - want.float()).abs().max() / want.float().abs().max()).item() <= 2e-2
+    stored = "int8" if config is Int8WeightOnlyConfig else "float8_e4m3fn"
+    assert any(f"quantised={stored}" in record.getMessage() for record in caplog.records)
+    with torch._inductor.config.patch(force_disable_caches=True):
+        got, graph = compile_and_record(block, x)
+    torch.testing.assert_close(got, out, rtol=2e-2, atol=2e-2)
+    assert counters["moe_ops"]["hf_experts"] == 1
+    experts_call = next(line for line in graph.splitlines() if "fused_experts" in line)
+    assert experts_call.endswith("'position', None)")  # the scales' arguments: the stored values are read
+    assert "aten.mul" not in graph  # no dequantisation
+
+
+def test_group_wise_int8_experts_run_their_own_loop(caplog):
+    """Group-wise int8 scales are no form fused_experts reads: the experts run their own loop (torchao
+    dequantises), and the log names the reason."""
+    import logging
+
+    from torchao.quantization.granularity import PerGroup
+
+    block = _block()
+    quantize_(block, moe_ops.experts_quantization_config(Int8WeightOnlyConfig(granularity=PerGroup(32))),
+              filter_fn=None)
+    block.experts.config._experts_implementation = "moe_ops"
+    x = torch.randn(1, 5, H).to(torch.bfloat16)
+    with caplog.at_level(logging.INFO, logger="moe_ops"):
+        out = block(x)
+    torch.testing.assert_close(out, _dequantised_twin(block)(x), rtol=2e-2, atol=2e-2)
+    assert any("no per-row weight-only quantisation" in record.getMessage() for record in caplog.records)
 
 
 def test_state_dict_round_trip():
