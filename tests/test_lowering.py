@@ -529,6 +529,65 @@ def test_quantised_weights_reach_the_templates(dynamic):
     assert "moe_ops.fused_experts.default(" not in code.split("def call(")[1]
 
 
+_COMPILE_FOR_HOPPER = """
+import ast, importlib.util, json, re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+folder = sys.argv[1]
+failed = 0
+for i, (label, name, source) in enumerate(json.load(open(folder + "/sources.json"))):
+    signature = ast.literal_eval(re.search(r"'signature': (\\{[^}]*\\})", source).group(1))
+    warps = int(re.search(r"num_warps=(\\d+)", source).group(1))
+    # The kernel as a plain @triton.jit function of a file of its own (Inductor's launcher decorator left out).
+    path = f"{folder}/kernel_{i}.py"
+    with open(path, "w") as file:
+        file.write(source[:source.index("@triton_heuristics.template(")] + source[source.index("@triton.jit"):])
+    spec = importlib.util.spec_from_file_location(f"kernel_{i}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        triton.compile(ASTSource(fn=getattr(module, name), signature=signature, constexprs={}),
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=3))
+        print("compiled", label, name)
+    except Exception as error:
+        failed += 1
+        print("FAILED", label, name, type(error).__name__, str(error)[:2000], file=sys.stderr)
+sys.exit(failed)
+"""
+
+
+def test_templates_compile_for_hopper(tmp_path):
+    """The templates Inductor generates compiled for sm90 (Triton's frontend and its bundled ptxas, no GPU
+    needed), as the GPU compiles them: bf16 layers with a static and a dynamic T (every block size's pair,
+    the TMA one included) and int8 / fp8 quantised weights."""
+    import json
+
+    hidden, inter = 256, 128  # multiples of the TMA tiles' columns
+    w_gate_up, w_down = weights(hidden=hidden, inter=inter)
+    layers = {"bf16": moe_layer(2, w_gate_up, w_down), "int8": _quantised_layer(torch.int8, w_gate_up, w_down),
+              "fp8": _quantised_layer(torch.float8_e4m3fn, w_gate_up, w_down)}
+    sources = []
+    for label, layer in layers.items():
+        for dynamic in ([False, True] if label == "bf16" else [False]):
+            args = layer_inputs(tokens=600, hidden=hidden)
+            if dynamic:
+                for t in args:
+                    torch._dynamo.mark_dynamic(t, 0)
+            for name, source in kernel_sources(generated_code(layer, *args)).items():
+                if name.startswith("triton_tem_"):
+                    sources.append((f"{label}{' dynamic T' if dynamic else ''}", name, source.split("'''", 1)[1]))
+    assert any("TMA : tl.constexpr = True" in source for _, _, source in sources)
+    (tmp_path / "sources.json").write_text(json.dumps(sources))
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    result = subprocess.run([sys.executable, "-P", "-c", _COMPILE_FOR_HOPPER, str(tmp_path)], env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("compiled") == len(sources), result.stdout
+
+
 def test_expert_gemm_op_template_with_fused_epilogue():
     """The grouped GEMM op on its own (schedule order, rows gathered from x): a cast and a scale after
     it run in the template's store."""
