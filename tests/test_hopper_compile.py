@@ -1,0 +1,143 @@
+"""Every Triton kernel that moe_ops' eager paths launch, compiled for sm90 as the GPU compiles it.
+
+The CPU tests run the kernels under Triton's interpreter, which executes their Python: it cannot tell
+whether the compiler accepts them (dtype rules, constexpr-only branches, layouts). Here the eager paths run
+once under the interpreter with every launch recorded (the kernel, its arguments' types, its compile-time
+values), then a process without the interpreter compiles each recorded launch for sm90 with Triton's
+frontend and its bundled ptxas: no GPU needed. The templates Inductor generates are compiled the same way
+in tests/test_lowering.py.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from triton.runtime.interpreter import InterpretedFunction
+
+import moe_ops
+from moe_ops.expert_gemm_triton import expert_gemm_triton
+from moe_ops.fused_experts import fused_experts_triton
+from moe_ops.fused_experts_backward_triton import fused_experts_backward_triton
+from moe_ops.layout import PackedSchedule, quantise_per_row
+from moe_ops.routing_triton import route_triton
+from moe_ops.schedule_triton import block_schedule_triton
+from moe_ops.tiles import TMA_BLOCK_M
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("records launches under Triton's interpreter (the CPU test setup)", allow_module_level=True)
+
+_POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32",
+                  torch.int64: "*i64", torch.int8: "*i8", torch.uint8: "*u8", torch.float8_e4m3fn: "*fp8e4nv"}
+
+
+def _argument_type(value) -> str | None:
+    """The signature type of a runtime argument, or None for a compile-time one."""
+    if isinstance(value, torch.Tensor):
+        return _POINTER_TYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i64" if abs(value) >= 2**31 else "i32"
+    if isinstance(value, float):
+        return "fp32"
+    return None
+
+
+def _record(launches: list):
+    """An InterpretedFunction.run that notes each launch (as compile_launches takes it) before running it."""
+    run = InterpretedFunction.run
+
+    def recording_run(self, *args, grid, warmup, **kwargs):
+        names = self.arg_names
+        values = dict(zip(names, args, strict=False)) | {k: v for k, v in kwargs.items() if k in names}
+        constexprs = {name for name, param in inspect.signature(self.fn).parameters.items()
+                      if "constexpr" in str(param.annotation)}
+        signature, compile_time = {}, {}
+        for name, value in values.items():
+            kind = None if name in constexprs else _argument_type(value)
+            if kind is None:
+                compile_time[name] = value
+            else:
+                signature[name] = kind
+        options = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")}
+        launches.append(dict(module=self.fn.__module__, name=self.fn.__name__, signature=signature,
+                             constexprs=compile_time, options=options))
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    return recording_run
+
+
+_COMPILE = """
+import importlib, json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+failed = 0
+for launch in json.load(open(sys.argv[1])):
+    kernel = getattr(importlib.import_module(launch["module"]), launch["name"])
+    try:
+        triton.compile(ASTSource(fn=kernel, signature=launch["signature"], constexprs=launch["constexprs"]),
+                       target=GPUTarget("cuda", 90, 32), options=launch["options"])
+        print("compiled", launch["name"])
+    except Exception as error:
+        failed += 1
+        print("FAILED", launch["name"], launch["constexprs"], type(error).__name__, str(error)[:2000], file=sys.stderr)
+sys.exit(failed)
+"""
+
+
+def test_every_launched_kernel_compiles_for_hopper(tmp_path, monkeypatch):
+    """Routing, schedule, capacity, the expert GEMMs (bf16 through pointer loads and TMA tiles, int8 and fp8
+    quantised weights) and the backward's kernels, each launch as the eager paths make it, compiled for
+    sm90."""
+    launches: list = []
+    monkeypatch.setattr(InterpretedFunction, "run", _record(launches))
+    torch.manual_seed(0)
+    T, K, E, H, F = 40, 2, 4, 64, 32
+    x = torch.randn(T, H).bfloat16()
+    w_gate_up = (torch.randn(E, 2 * F, H) / H**0.5).bfloat16()
+    w_down = (torch.randn(E, H, F) / F**0.5).bfloat16()
+    weights, ids = moe_ops.route(torch.randn(T, E), K, renormalize=True)  # the CPU route op: the reference
+    route_triton(torch.randn(T, E), K, "softmax", False, True, 0.0, None, 1, 1, 1.0)
+    plain = (x, weights, ids, w_gate_up, w_down, None, None, None, None, "EFH", False, "silu", True, 1.702, 7.0)
+    fused_experts_triton(*plain, 0.0, "position")
+    fused_experts_triton(*plain, 1.0, "gshard")  # capacity
+    (q_gate_up, s_gate_up), (q_down, s_down) = (quantise_per_row(w, torch.int8) for w in (w_gate_up, w_down))
+    fused_experts_triton(x, weights, ids, q_gate_up, q_down, *plain[5:], 0.0, "position", s_gate_up, None, s_down)
+    (f_gate_up, t_gate_up), (f_down, t_down) = (quantise_per_row(w, torch.float8_e4m3fn) for w in (w_gate_up, w_down))
+    fused_experts_triton(x, weights, ids, f_gate_up, f_down, *plain[5:], 0.0, "position", t_gate_up, None, t_down)
+    grads = [torch.randn(T, H).bfloat16(), torch.empty(0)]
+    fused_experts_backward_triton(*plain, 0.0, "position", grads)
+    # TMA tiles (descriptors, a persistent grid), which the fused op takes on a Hopper GPU from enough rows
+    # per expert on: gate and up as one paired descriptor, fp16 (the interpreter's descriptors take no bf16).
+    H, F = 256, 128  # multiples of the TMA tiles' columns (128 gated, 256 down)
+    w_gate_up, w_down = (torch.randn(E, 2 * F, H) / H**0.5).half(), (torch.randn(E, H, F) / F**0.5).half()
+    sorted_slots, _, _, _, offsets = block_schedule_triton(ids.int(), E, 1)
+    schedule = PackedSchedule(sorted_slots, offsets)
+    rows = torch.randn(T * K, H).half()
+    h = expert_gemm_triton(rows, w_gate_up[:, :F], schedule, T * K, TMA_BLOCK_M, w_up=w_gate_up[:, F:],
+                           activation="silu", tma=True)
+    expert_gemm_triton(h, w_down, schedule, T * K, TMA_BLOCK_M, slot_weights=weights.reshape(-1).float(),
+                       scatter=True, slot_ids=ids.reshape(-1), tma=True)
+    monkeypatch.undo()
+
+    unique = {json.dumps(launch, sort_keys=True, default=str) for launch in launches}
+    names = {json.loads(launch)["name"] for launch in unique}
+    assert "_expert_gemm_kernel" in names and len(names) >= 5, names
+    assert any(json.loads(launch)["constexprs"].get("TMA") for launch in unique), "no TMA launch recorded"
+    assert {json.loads(launch)["signature"].get("w_ptr") for launch in unique} >= {"*bf16", "*i8", "*fp8e4nv"}
+    path = tmp_path / "launches.json"
+    path.write_text("[" + ",".join(sorted(unique)) + "]")
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    result = subprocess.run([sys.executable, "-P", "-c", _COMPILE, str(path)], env=env, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("compiled") == len(unique), result.stdout
