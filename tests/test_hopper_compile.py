@@ -106,15 +106,28 @@ def test_every_launched_kernel_compiles_for_hopper(tmp_path, monkeypatch):
     w_down = (torch.randn(E, H, F) / F**0.5).bfloat16()
     weights, ids = moe_ops.route(torch.randn(T, E), K, renormalize=True)  # the CPU route op: the reference
     route_triton(torch.randn(T, E), K, "softmax", False, True, 0.0, None, 1, 1, 1.0)
+    # DeepSeek-V3's router: sigmoid scores, a selection bias, group-limited selection, statistics kept.
+    route_triton(torch.randn(T, 8), K, "sigmoid", False, True, 1e-20, torch.randn(8), 4, 2, 2.5, with_stats=True)
+    route_triton(torch.randn(T, E).bfloat16(), K, "softmax", True, False, 0.0, None, 1, 1, 1.0, any_count=True)
     plain = (x, weights, ids, w_gate_up, w_down, None, None, None, None, "EFH", False, "silu", True, 1.702, 7.0)
     fused_experts_triton(*plain, 0.0, "position")
-    fused_experts_triton(*plain, 1.0, "gshard")  # capacity
+    fused_experts_triton(*plain, 0.5, "position")  # capacity: the position policy's kernel
+    # fp32 (IEEE dots on the FMA units unless tf32 is allowed) and fp16; GPT-OSS's interleaved, biased,
+    # clamped form in EHF layout.
+    for dtype in (torch.float32, torch.float16):
+        fused_experts_triton(x.to(dtype), weights, ids, w_gate_up.to(dtype), w_down.to(dtype), *plain[5:], 0.0,
+                             "position")
+    fused_experts_triton(x, weights, ids, w_gate_up.transpose(1, 2), w_down.transpose(1, 2), None,
+                         torch.randn(E, 2 * F), None, torch.randn(E, H), "EHF", True, "clamped_swiglu", True, 1.702,
+                         7.0, 0.0, "position")
     (q_gate_up, s_gate_up), (q_down, s_down) = (quantise_per_row(w, torch.int8) for w in (w_gate_up, w_down))
     fused_experts_triton(x, weights, ids, q_gate_up, q_down, *plain[5:], 0.0, "position", s_gate_up, None, s_down)
     (f_gate_up, t_gate_up), (f_down, t_down) = (quantise_per_row(w, torch.float8_e4m3fn) for w in (w_gate_up, w_down))
     fused_experts_triton(x, weights, ids, f_gate_up, f_down, *plain[5:], 0.0, "position", t_gate_up, None, t_down)
-    grads = [torch.randn(T, H).bfloat16(), torch.empty(0)]
-    fused_experts_backward_triton(*plain, 0.0, "position", grads)
+    for dtype in (torch.bfloat16, torch.float32):
+        grads = [torch.randn(T, H).to(dtype), torch.empty(0)]
+        fused_experts_backward_triton(x.to(dtype), weights, ids, w_gate_up.to(dtype), w_down.to(dtype), *plain[5:],
+                                      0.0, "position", grads)
     # TMA tiles (descriptors, a persistent grid), which the fused op takes on a Hopper GPU from enough rows
     # per expert on: gate and up as one paired descriptor, fp16 (the interpreter's descriptors take no bf16).
     H, F = 256, 128  # multiples of the TMA tiles' columns (128 gated, 256 down)
@@ -130,7 +143,8 @@ def test_every_launched_kernel_compiles_for_hopper(tmp_path, monkeypatch):
 
     unique = {json.dumps(launch, sort_keys=True, default=str) for launch in launches}
     names = {json.loads(launch)["name"] for launch in unique}
-    assert "_expert_gemm_kernel" in names and len(names) >= 5, names
+    assert names >= {"_route_kernel", "_schedule_scatter_kernel", "_capacity_position_kernel", "_expert_gemm_kernel",
+                     "_activation_grad_kernel", "_expert_weight_grad_kernel"}, names
     assert any(json.loads(launch)["constexprs"].get("TMA") for launch in unique), "no TMA launch recorded"
     assert {json.loads(launch)["signature"].get("w_ptr") for launch in unique} >= {"*bf16", "*i8", "*fp8e4nv"}
     path = tmp_path / "launches.json"
