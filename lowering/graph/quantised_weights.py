@@ -38,8 +38,12 @@ log = logging.getLogger("moe_ops")
 
 _FUSED = torch.ops.moe_ops.fused_experts.default
 _TRANSPOSE = [0, 2, 1]
-# fused_experts' positional arguments: the three weights, the layout, and where the scales follow.
-_W_GATE_UP, _W_DOWN, _W_UP, _LAYOUT, _NUM_PLAIN_ARGS = 3, 4, 5, 9, 17
+# fused_experts' positional arguments, by name from its schema: the three weights, the layout, and the
+# scales, which follow every argument without a default.
+_ARGUMENTS = [argument.name for argument in _FUSED._schema.arguments]
+_W_GATE_UP, _W_DOWN, _W_UP, _LAYOUT = (_ARGUMENTS.index(name) for name in ("w_gate_up", "w_down", "w_up", "layout"))
+_NUM_PLAIN_ARGS = _ARGUMENTS.index("w_gate_up_scale")
+_CHECKED = [i for i, name in enumerate(_ARGUMENTS) if name not in ("alpha", "limit")]  # check_fused_args' order
 
 
 def _only_reader(node: Node, reader: Node) -> bool:
@@ -109,10 +113,9 @@ def rewrite_quantised_weights(graph: Graph) -> int:
                 args[position] = q
                 scales[position] = new_node(graph, aten.squeeze.dim, (s, -1))
         args[_LAYOUT] = "EFH"
-        args += [scales[_W_GATE_UP], scales.get(_W_UP), scales[_W_DOWN]]
+        args += [scales.get(position) for position in (_W_GATE_UP, _W_UP, _W_DOWN)]  # the schema's scale order
         try:
-            check_fused_args(*(val(a) if isinstance(a, Node) else a for a in args[:13]), *args[15:17],
-                             *(val(s) if isinstance(s, Node) else s for s in args[17:]))
+            check_fused_args(*(val(args[i]) if isinstance(args[i], Node) else args[i] for i in _CHECKED))
         except (TypeError, ValueError) as refusal:
             log.debug("quantised expert weights left dequantised at %s: the op refuses them: %s", node.name, refusal)
             for scale in scales.values():
