@@ -612,6 +612,30 @@ def routers_at(num_experts, k):
 
 
 @pytest.mark.parametrize("logits_kind", ["bf16_randn", "three_values"])
+def test_product_key_ties_pick_the_experts_eager_picks(logits_kind):
+    """Doge's product-key router (the top sqrt(E) keys of each half of the logits, the top-k of their
+    pairwise sums, a softmax over those): the rewrite selects over the sums, and where they tie (every
+    token, with keys of three values) it picks the candidates, and so the experts, eager picks."""
+    num_keys, k = 4, 2
+
+    def product_key_router(router_logits):
+        (scores_x, scores_y), (indices_x, indices_y) = router_logits.view(2, -1, num_keys).topk(num_keys, dim=-1)
+        all_scores = (scores_x.unsqueeze(-1) + scores_y.unsqueeze(-2)).flatten(1)
+        all_indices = (indices_x.unsqueeze(-1) * num_keys + indices_y.unsqueeze(-2)).flatten(1)
+        scores, positions = all_scores.topk(k, dim=-1)
+        return torch.softmax(scores, dim=-1), all_indices.gather(-1, positions)
+
+    shape = (2, 512 * num_keys)
+    x = torch.randn(shape) if logits_kind == "bf16_randn" else torch.randint(0, 3, shape) * 0.5
+    x = x.bfloat16()
+    result, _ = compile_and_record(product_key_router, x)
+    assert rewrites() == 1
+    (w, ids), (w_ref, ids_ref) = by_expert(*result), by_expert(*product_key_router(x))
+    assert torch.equal(ids, ids_ref), f"{(ids != ids_ref).any(-1).sum()} tokens differ"
+    torch.testing.assert_close(w, w_ref)
+
+
+@pytest.mark.parametrize("logits_kind", ["bf16_randn", "three_values"])
 @pytest.mark.parametrize("num_experts,k", [(8, 2), (64, 8), (128, 8), (256, 8)])
 def test_ties_pick_the_experts_eager_picks(num_experts, k, logits_kind):
     """bf16 logits tie (6% of tokens at the K-th expert for E=128, K=8); a rewritten router must select,
