@@ -32,7 +32,7 @@ import triton
 from bench_layer import DRY_RUN_SHAPES, SHAPES, MoEShape, slug, time_on_gpu, time_wall_clock
 
 import moe_ops
-from moe_ops.layout import quantise_per_row
+from moe_ops.quantised import quantise_per_row
 
 ROUNDS = 3
 TOKENS = (1, 2, 4, 8, 16, 2048, 8192)

@@ -46,7 +46,7 @@ from moe_ops._compat.dynamo import counters
 from moe_ops.activations import CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT
 from moe_ops.expert_parallel import PLAN_ATTRIBUTE, fused_experts_ep
 from moe_ops.fused_experts import fused_experts
-from moe_ops.lowering.torchao_experts import per_row_quantised, torchao_tensor_class
+from moe_ops.lowering.torchao_experts import torchao_tensor_class, weight_only_quantised
 from moe_ops.settings import config
 
 log = logging.getLogger("moe_ops")
@@ -275,17 +275,18 @@ def fused_experts_arguments(experts: nn.Module, hidden_states: torch.Tensor) -> 
                 f"{hidden_states.dtype} on {hidden_states.device}"
             )
         arguments[argument] = tensor
-    quantised = {name: per_row_quantised(arguments[name]) for name in ("w_gate_up", "w_down")}
+    quantised = {name: weight_only_quantised(arguments[name]) for name in ("w_gate_up", "w_down")}
     for name, attribute in tensors.items():
         if torchao_tensor_class(type(arguments[name])) is not None and quantised.get(name) is None:
-            return (f"{attribute} is a torchao {type(arguments[name]).__name__} that is no per-row weight-only "
-                    "quantisation (group-wise scales, or activations quantised too)")
+            return (f"{attribute} is a torchao {type(arguments[name]).__name__} that is no int8 / fp8 weight-only "
+                    "quantisation per row or in groups of a multiple of 16 (activations quantised too, or "
+                    "another layout)")
     if any(quantised.values()):
-        # torchao's per-row weight-only tensors: the stored values and their scales, read as they are.
+        # torchao's weight-only tensors: the stored values and their scales, read as they are.
         if not all(quantised.values()):
-            return "some of its expert weights are quantised per row by torchao and some are not"
+            return "some of its expert weights are quantised by torchao and some are not"
         if is_transposed:
-            return "its quantised weights are stored (E, K, N): their per-row scales scale input features"
+            return "its quantised weights are stored (E, K, N): their scales scale input features"
         for name, (values, scales) in quantised.items():
             arguments[name], arguments[f"{name}_scale"] = values, scales
     arguments.update(
@@ -299,11 +300,16 @@ def fused_experts_arguments(experts: nn.Module, hidden_states: torch.Tensor) -> 
     return arguments
 
 
-def _quantised_dtype(arguments: dict) -> str | None:
-    """The dtype of the stored values of quantised expert weights ("int8", "float8_e4m3fn"), or None."""
+def _quantisation(arguments: dict) -> str | None:
+    """How the expert weights are quantised, for the log ("int8 per row", "float8_e4m3fn in groups of 32"), or
+    None."""
     if "w_down_scale" not in arguments:
         return None
-    return str(arguments["w_down"].dtype).replace("torch.", "")
+    stored = str(arguments["w_down"].dtype).replace("torch.", "")
+    scale = arguments["w_gate_up_scale"]
+    if scale.dim() == 2:
+        return f"{stored} per row"
+    return f"{stored} in groups of {arguments['w_gate_up'].shape[2] // scale.shape[2]}"
 
 
 def moe_ops_experts_forward(self, hidden_states, top_k_index, top_k_weights):
@@ -318,7 +324,7 @@ def moe_ops_experts_forward(self, hidden_states, top_k_index, top_k_weights):
         type(self),
         f"runs as moe_ops.fused_experts(layout={arguments['layout']!r}, interleaved={arguments['interleaved']}, "
         f"activation={arguments['activation']!r}, gated={arguments['gated']}, biases={'b_down' in arguments}, "
-        f"quantised={_quantised_dtype(arguments)})",
+        f"quantised={_quantisation(arguments)})",
         True,
         compiling,
     )

@@ -5,21 +5,22 @@ transformers 5 keeps a MoE block's experts as stacked 3-D parameters (``gate_up_
 ``down_proj``) of one experts module, not as ``nn.Linear`` layers, so ``quantize_``'s default filter
 (linear layers) leaves them in bf16 without a word. torchao's ``FqnToConfig`` selects parameters by
 name instead; this module builds it for the experts. torchao is imported only by that builder: the
-transformers integration reads quantised weights (``per_row_quantised``) without importing it.
+transformers integration reads quantised weights (``weight_only_quantised``) without importing it.
 """
 
 from __future__ import annotations
 
 import torch
 
-from moe_ops._checks import QUANTISED_WEIGHT_DTYPES
+from moe_ops._checks import ONE_PER_BYTE_WEIGHT_DTYPES
+from moe_ops.quantised import MIN_GROUP_SIZE
 
 # Every transformers experts module's stacked weights, whatever the model's prefix.
 EXPERT_WEIGHTS = r"re:(.*\.)?experts\.(gate_up_proj|up_proj|down_proj)$"
-# torchao's weight tensors whose weight-only product with x is (x Q^T) scaled per output row: Int8Tensor
-# multiplies by the per-row scale after its matmul (its symmetric zero point, stored as zeros, is not
-# read), Float8Tensor dequantises Q times the scale first (the same value up to rounding).
-PER_ROW_TENSORS = ("Int8Tensor", "Float8Tensor")
+# torchao's weight tensors whose weight-only product with x is the one of Q times its scales, per output row
+# or per group of input features along the row: Int8Tensor (its weight-only configs quantise symmetrically:
+# the zero point it stores is zeros), Float8Tensor.
+SCALED_TENSORS = ("Int8Tensor", "Float8Tensor")
 
 
 def experts_quantization_config(config):
@@ -41,12 +42,13 @@ def torchao_tensor_class(kind: type) -> str | None:
     return kind.__name__ if kind.__module__.startswith("torchao.") else None
 
 
-def per_row_quantised(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(values (E, N, K), fp32 scales (E, N)) of a torchao weight-only tensor quantised per expert and row
-    (int8 or fp8 e4m3 values, one scale per row: ``Int8WeightOnlyConfig()``, ``Float8WeightOnlyConfig()``),
-    as fused_experts takes quantised weights; None for any other tensor (a plain one, group-wise scales,
-    activations quantised too)."""
-    if torchao_tensor_class(type(weight)) not in PER_ROW_TENSORS:
+def weight_only_quantised(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(values (E, N, K), fp32 scales) of a torchao weight-only tensor of int8 or fp8 e4m3 values with a scale
+    per expert and row ((E, N): ``Int8WeightOnlyConfig()``, ``Float8WeightOnlyConfig()``) or per group of
+    input features along the row ((E, N, K / g): ``Int8WeightOnlyConfig(granularity=PerGroup(g))``, g a
+    multiple of 16), as fused_experts takes quantised weights (moe_ops.quantised); None for any other tensor
+    (a plain one, activations quantised too, other groups)."""
+    if torchao_tensor_class(type(weight)) not in SCALED_TENSORS:
         return None
     values, scale = getattr(weight, "qdata", None), getattr(weight, "scale", None)
     if not (isinstance(values, torch.Tensor) and isinstance(scale, torch.Tensor)) or values.dim() != 3:
@@ -54,7 +56,13 @@ def per_row_quantised(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     if getattr(weight, "act_quant_kwargs", None) is not None or getattr(weight, "act_pre_scale", None) is not None:
         return None
     experts, rows, columns = values.shape
-    if (values.dtype not in QUANTISED_WEIGHT_DTYPES or list(getattr(weight, "block_size", ())) != [1, 1, columns]
-            or scale.dtype != torch.float32 or tuple(scale.shape) != (experts, rows, 1)):
+    block = list(getattr(weight, "block_size", ()))
+    if values.dtype not in ONE_PER_BYTE_WEIGHT_DTYPES or len(block) != 3 or block[:2] != [1, 1] or scale.dtype != (
+            torch.float32):
         return None
-    return values, scale.squeeze(-1)
+    group = block[2]
+    if columns % group or tuple(scale.shape) != (experts, rows, columns // group):
+        return None
+    if group == columns:
+        return values, scale.squeeze(-1)
+    return (values, scale) if group % MIN_GROUP_SIZE == 0 else None

@@ -11,9 +11,10 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # What the Triton kernels compute in; float64 runs on the plain-PyTorch references only (CPU tensors).
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
-# What a quantised expert weight holds beside its fp32 scales: int8 or fp8 e4m3 values, as torchao's
-# weight-only tensors do.
-QUANTISED_WEIGHT_DTYPES = (torch.int8, torch.float8_e4m3fn)
+# What a quantised expert weight holds beside its fp32 scales (moe_ops.quantised): one int8 or fp8 e4m3 value
+# per byte, as torchao's weight-only tensors do, or two int4 values per uint8 byte.
+ONE_PER_BYTE_WEIGHT_DTYPES = (torch.int8, torch.float8_e4m3fn)
+QUANTISED_WEIGHT_DTYPES = (*ONE_PER_BYTE_WEIGHT_DTYPES, torch.uint8)
 
 
 def _fmt_shape(shape: Sequence) -> str:

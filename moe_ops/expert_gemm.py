@@ -15,9 +15,9 @@ For schedule position p holding slot s = sorted_slots[p] of block expert e = blo
 
 Weights are (E, N, K) with any strides, so HF's (E, 2F, H) gate_up halves, GPT-OSS's interleaved
 columns and torchtitan's transposed (E, H, F) tensors are all views, never copies. Quantised weights
-(int8 or fp8 e4m3 values with an fp32 scale per expert and output feature, ``w_scale`` (E, N), as
-torchao's per-row weight-only tensors hold them) stand for ``w[e].float() * w_scale[e, :, None]``: the
-kernel reads the low-precision values and scales the accumulated columns, no dequantised copy made.
+(int8, fp8 e4m3 or packed int4 values with fp32 scales per row or per group, optional zero points:
+moe_ops.quantised) stand for their dequantised values; the kernel reads the stored values, no dequantised
+copy made.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import torch
 from moe_ops._autograd import register_reference_autograd
 from moe_ops._checks import (
     FLOAT_DTYPES,
-    QUANTISED_WEIGHT_DTYPES,
     check_choice,
     check_int,
     check_kernel_dtype,
@@ -36,24 +35,35 @@ from moe_ops._checks import (
 from moe_ops.activations import ACTIVATIONS, BY_NAME, CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT, activate_ref
 from moe_ops.expert_gemm_triton import expert_gemm_triton
 from moe_ops.layout import BlockSchedule, PaddedSchedule
+from moe_ops.quantised import check_quantised_weight, dequantise
 
 
 def _check_expert_gemm_args(
     a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
-    num_slots, block_m, gather_top_k, activation, w_scale=None, w_up_scale=None,
+    num_slots, block_m, gather_top_k, activation, w_scale=None, w_up_scale=None, w_zero=None, w_up_zero=None,
 ) -> None:
     check_tensor("a", a, ndim=2, dtypes=FLOAT_DTYPES)
-    weight_dtypes = QUANTISED_WEIGHT_DTYPES if w_scale is not None else (a.dtype,)
-    check_tensor("w", w, shape=("E", "N", a.shape[1]), dtypes=weight_dtypes, device=a.device)
-    E, N, _ = w.shape
-    if w_scale is not None:
-        check_tensor("w_scale", w_scale, shape=(E, N), dtypes=(torch.float32,), device=a.device)
+    check_tensor("w", w, ndim=3)
+    E, N, K = w.shape[0], w.shape[1], a.shape[1]
+    if w_scale is None:
+        if w_zero is not None:
+            raise ValueError("w_zero: zero points given without w_scale")
+        check_tensor("w", w, shape=("E", "N", K), dtypes=(a.dtype,), device=a.device)
+    else:
+        check_quantised_weight("w", w, w_scale, w_zero, (E, N, K), a.device, scale_name="w_scale",
+                               zero_name="w_zero")
     if w_up is not None:
         check_tensor("w_up", w_up, shape=tuple(w.shape), dtypes=(w.dtype,), device=a.device)
     if (w_up_scale is not None) != (w_up is not None and w_scale is not None):
         raise ValueError("w_up_scale: expected exactly when w_up is given with a scaled (quantised) w")
+    if (w_up_zero is not None) != (w_up is not None and w_zero is not None):
+        raise ValueError("w_up_zero: expected exactly when w_up is given with zero points of w (w_zero)")
     if w_up_scale is not None:
-        check_tensor("w_up_scale", w_up_scale, shape=(E, N), dtypes=(torch.float32,), device=a.device)
+        check_quantised_weight("w_up", w_up, w_up_scale, w_up_zero, (E, N, K), a.device, scale_name="w_up_scale",
+                               zero_name="w_up_zero")
+        if w_up_scale.shape != w_scale.shape:
+            raise ValueError(f"w_up_scale: expected w_scale's shape {tuple(w_scale.shape)}, got "
+                             f"{tuple(w_up_scale.shape)}")
     if bias is not None:
         check_tensor("bias", bias, shape=(E, N), dtypes=FLOAT_DTYPES, device=a.device)
     if bias_up is not None:
@@ -85,16 +95,17 @@ def _check_expert_gemm_args(
 def expert_gemm_ref(
     a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
     num_slots, block_m, gather_top_k, scatter, activation, alpha, limit, w_scale=None, w_up_scale=None,
+    w_zero=None, w_up_zero=None,
 ):
     """Plain-PyTorch definition of the op: a loop over experts (the semantics kernels are tested against)."""
     _check_expert_gemm_args(
         a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
-        num_slots, block_m, gather_top_k, activation, w_scale, w_up_scale,
+        num_slots, block_m, gather_top_k, activation, w_scale, w_up_scale, w_zero, w_up_zero,
     )
     acc_dtype = torch.promote_types(a.dtype, torch.float32)
     if w_scale is not None:  # the values the quantised weights stand for
-        w = w.to(acc_dtype) * w_scale[..., None]
-        w_up = None if w_up is None else w_up.to(acc_dtype) * w_up_scale[..., None]
+        w = dequantise(w, w_scale, w_zero)
+        w_up = None if w_up is None else dequantise(w_up, w_up_scale, w_up_zero)
     num_positions = sorted_slots.shape[0]
     slot_P = sorted_slots.long()
     expert_P = block_expert.long().repeat_interleave(block_m)
@@ -147,34 +158,39 @@ def _expert_gemm_op(
     limit: float,
     w_scale: torch.Tensor | None = None,
     w_up_scale: torch.Tensor | None = None,
+    w_zero: torch.Tensor | None = None,
+    w_up_zero: torch.Tensor | None = None,
 ) -> torch.Tensor:
     return expert_gemm_ref(
         a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
-        num_slots, block_m, gather_top_k, scatter, activation, alpha, limit, w_scale, w_up_scale,
+        num_slots, block_m, gather_top_k, scatter, activation, alpha, limit, w_scale, w_up_scale, w_zero, w_up_zero,
     )
 
 
 @_expert_gemm_op.register_kernel("cuda")
 def _(a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
-      num_slots, block_m, gather_top_k, scatter, activation, alpha, limit, w_scale=None, w_up_scale=None):
+      num_slots, block_m, gather_top_k, scatter, activation, alpha, limit, w_scale=None, w_up_scale=None,
+      w_zero=None, w_up_zero=None):
     _check_expert_gemm_args(
         a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
-        num_slots, block_m, gather_top_k, activation, w_scale, w_up_scale,
+        num_slots, block_m, gather_top_k, activation, w_scale, w_up_scale, w_zero, w_up_zero,
     )
     check_kernel_dtype("a", a)
     return expert_gemm_triton(
         a, w, PaddedSchedule(sorted_slots, block_expert, num_padded), num_slots, block_m, w_up=w_up, bias=bias,
         bias_up=bias_up, slot_weights=slot_weights, gather_top_k=gather_top_k, scatter=scatter,
-        activation=activation, alpha=alpha, limit=limit, w_scale=w_scale, w_up_scale=w_up_scale,
+        activation=activation, alpha=alpha, limit=limit, w_scale=w_scale, w_up_scale=w_up_scale, w_zero=w_zero,
+        w_up_zero=w_up_zero,
     )
 
 
 @_expert_gemm_op.register_fake
 def _(a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
-      num_slots, block_m, gather_top_k, scatter, activation, alpha, limit, w_scale=None, w_up_scale=None):
+      num_slots, block_m, gather_top_k, scatter, activation, alpha, limit, w_scale=None, w_up_scale=None,
+      w_zero=None, w_up_zero=None):
     _check_expert_gemm_args(
         a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
-        num_slots, block_m, gather_top_k, activation, w_scale, w_up_scale,
+        num_slots, block_m, gather_top_k, activation, w_scale, w_up_scale, w_zero, w_up_zero,
     )
     rows = num_slots if scatter else sorted_slots.shape[0]
     return a.new_empty((rows, w.shape[1]))
@@ -205,12 +221,14 @@ def expert_gemm(
     limit: float = CLAMPED_SWIGLU_LIMIT,
     w_scale: torch.Tensor | None = None,
     w_up_scale: torch.Tensor | None = None,
+    w_zero: torch.Tensor | None = None,
+    w_up_zero: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Grouped GEMM of scheduled rows against their expert's weight (see the module docstring).
 
     Args:
         a:            (T, K) if gather_top_k > 0, else (P, K); fp32/fp16/bf16
-        w:            (E, N, K) same dtype as a (int8 / fp8 e4m3 with w_scale), any strides
+        w:            (E, N, K) same dtype as a (quantised values with w_scale: moe_ops.quantised), any strides
         schedule:     :class:`moe_ops.BlockSchedule`
         num_slots:    S, the slot count the schedule was built for (its padding sentinel)
         block_m:      the block_m the schedule was built with
@@ -223,8 +241,12 @@ def expert_gemm(
         activation:   "none" | "silu" | "gelu" | "gelu_tanh" | "relu" | "relu2" | "clamped_swiglu" |
                       "clamped_silu"
         alpha/limit:  the clamped forms' constants (defaults: GPT-OSS's, moe_ops.activations)
-        w_scale/w_up_scale: (E, N) fp32 optional: w (and w_up) are quantised, int8 or fp8 e4m3 values
-                      each output feature's scaled by these (w_up_scale exactly when w_up is given)
+        w_scale/w_up_scale: fp32 optional: w (and w_up) are quantised (moe_ops.quantised): int8 or fp8 e4m3
+                      (E, N, K), or int4 packed two per byte, uint8 (E, N, K / 2); scales (E, N) per
+                      output feature or (E, N, G) per group of K / G reduction features (w_up_scale
+                      exactly when w_up is given)
+        w_zero/w_up_zero: fp32 optional, the scales' shape: zero points, the weights standing for
+                      (values - zero) * scale
 
     Returns:
         (S, N) if scatter else (P, N), dtype of a; accumulation in fp32.
@@ -247,5 +269,5 @@ def expert_gemm(
     return torch.ops.moe_ops.expert_gemm(
         a, w, w_up, bias, bias_up, slot_weights, schedule.sorted_slots, schedule.block_expert,
         schedule.num_padded, num_slots, block_m, gather_top_k, scatter, activation, alpha, limit, w_scale,
-        w_up_scale,
+        w_up_scale, w_zero, w_up_zero,
     )

@@ -103,7 +103,8 @@ def expert_gemm_tile(
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PACKED: tl.constexpr, E_PAD: tl.constexpr, TMA: tl.constexpr, PAIRED: tl.constexpr = False,
-    W_SCALED: tl.constexpr = False, w_scales=None,
+    W_SCALED: tl.constexpr = False, w_scales=None, W_GROUP_SIZE: tl.constexpr = 0, W_INT4: tl.constexpr = False,
+    W_ZERO_POINT: tl.constexpr = False,
 ):
     """The (BLOCK_M, BLOCK_N) output tile of program ``pid``: (values in fp32, output rows, output
     columns, store mask). Shared by the eager kernel (which stores it) and the Inductor template
@@ -118,8 +119,10 @@ def expert_gemm_tile(
         sizes            (N, K, num_slots, gather_top_k, num_blocks_max, num_experts)
         act_params       (alpha, limit) of the activation (moe_ops.activations)
         descriptors      TMA: (a_desc, w_desc, u_desc) from make_descriptors; else unused
-        w_scales         W_SCALED: (scale_ptr, stride_e, stride_n, up_scale_ptr, stride_e, stride_n), the
-                         (E, N) fp32 scales of int8 / fp8 weights, one per output feature (tile_output)
+        w_scales         quantised weights (moe_ops.quantised): (scale_ptr, stride_e, stride_n, stride_g) of w,
+                         of w_up, then the same of the zero points of w and of w_up; read where W_SCALED
+                         (per-row scales applied to the accumulated columns, tile_output) or W_GROUP_SIZE
+                         (the weight tiles dequantised in registers, k_step)
 
     ``PACKED``: the schedule has no padding (``block_schedule(..., block_m=1)``: each expert's slots
     follow the previous expert's) and gives each expert's ``expert_offsets`` (E + 1,).
@@ -135,14 +138,19 @@ def expert_gemm_tile(
     rows; rows of the next expert that a tile reads are never stored. ``PAIRED`` (gated, up a fixed
     distance after gate, as the halves of one gate_up weight: ``weight_pair_stride``): ``w_desc`` covers
     both as a (2, rows, K) array, so each K step is one dot of 2 BLOCK_N columns, A read from shared
-    memory once instead of once per weight."""
+    memory once instead of once per weight.
+
+    Quantised weights (moe_ops.quantised): ``W_SCALED``, int8 / fp8 values with per-row scales and no zero
+    points, dots the values and scales the accumulated columns; else ``W_GROUP_SIZE`` (the reduction features
+    per scale: K for per-row scales) dequantises each weight tile before its dot, ``W_INT4`` unpacking two
+    values per byte and ``W_ZERO_POINT`` subtracting the zero points."""
     expert, row0, offs_m, rows_in_range, slot, row_valid, a_row, col0, cols, col_valid, k_end = tile_coords(
         pid, schedule, sizes, GATHER, BLOCK_M, BLOCK_N, GROUP_M, PACKED, E_PAD,
     )
     acc, acc_up = tile_accumulators(BLOCK_M, BLOCK_N, GATED)
     if TMA:
         tl.static_assert(PACKED and not GATHER, "TMA tiles need a packed schedule and A in its order")
-        tl.static_assert(not W_SCALED, "TMA tiles read weights of A's dtype")
+        tl.static_assert(not W_SCALED and W_GROUP_SIZE == 0, "TMA tiles read weights of A's dtype")
         a_desc, w_desc, u_desc = descriptors
         _, stride_we, stride_wn, _ = w
         w_row = (expert * (stride_we // stride_wn) + col0).to(tl.int32)
@@ -172,11 +180,13 @@ def expert_gemm_tile(
         _, _, _, stride_uk = w_up
         offs_k = tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak
-        w_ptrs, u_ptrs = weight_tile_ptrs(w, w_up, expert, cols, BLOCK_K)
+        w_ptrs, u_ptrs = weight_tile_ptrs(w, w_up, expert, cols, BLOCK_K, W_INT4)
+        groups = weight_group_ptrs(w_scales, expert, cols, W_GROUP_SIZE)
         for k0 in range(0, k_end, BLOCK_K):
             a_tile = tl.load(a_ptrs, mask=row_valid[:, None] & (offs_k < K - k0)[None, :], other=0.0)
             acc, acc_up, w_ptrs, u_ptrs = k_step(a_tile, acc, acc_up, w_ptrs, u_ptrs, K - k0, col_valid, stride_wk,
-                                                 stride_uk, GATED, INPUT_PRECISION, BLOCK_K)
+                                                 stride_uk, GATED, INPUT_PRECISION, BLOCK_K, W_GROUP_SIZE, W_INT4,
+                                                 W_ZERO_POINT, groups, k0)
             a_ptrs += BLOCK_K * stride_ak
     return tile_output(
         acc, acc_up, expert, slot, row_valid, offs_m, rows_in_range, cols, col_valid, bias, bias_up,
@@ -260,23 +270,52 @@ def tile_accumulators(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATED: tl.co
 
 
 @triton.jit
-def weight_tile_ptrs(w, w_up, expert, cols, BLOCK_K: tl.constexpr):
-    """Pointers to the first (BLOCK_K, BLOCK_N) weight tiles (gate, up) of a pointer-load tile; ``w`` and
-    ``w_up`` as expert_gemm_tile takes them."""
+def weight_tile_ptrs(w, w_up, expert, cols, BLOCK_K: tl.constexpr, W_INT4: tl.constexpr = False):
+    """Pointers to the first (BLOCK_K, BLOCK_N) weight tiles (gate, up) of a pointer-load tile ((BLOCK_K / 2,
+    BLOCK_N) bytes of int4 values); ``w`` and ``w_up`` as expert_gemm_tile takes them."""
     w_ptr, stride_we, stride_wn, stride_wk = w
     w_up_ptr, stride_ue, stride_un, stride_uk = w_up
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_k = tl.arange(0, BLOCK_K // 2 if W_INT4 else BLOCK_K)
     w_ptrs = w_ptr + expert * stride_we + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
     u_ptrs = w_up_ptr + expert * stride_ue + cols[None, :].to(tl.int64) * stride_un + offs_k[:, None] * stride_uk
     return w_ptrs, u_ptrs
 
 
 @triton.jit
-def in_dtype_of(w, a):
-    """A weight tile in the A tile's dtype for the dot: int8 / fp8 values of a scaled weight converted
-    through fp32 (exact: both fit bf16's 8-bit mantissa; Triton 3.6's interpreter misconverts int8 to bf16
-    directly), their scale applied to the accumulator after the K loop (tile_output); a tile of A's dtype
-    as it is."""
+def weight_group_ptrs(w_scales, expert, cols, W_GROUP_SIZE: tl.constexpr):
+    """For a tile of weights dequantised in registers (W_GROUP_SIZE > 0): pointers to the first group's
+    scales and zero points of its columns, for w and w_up, each with its stride from group to group
+    (``w_scales`` as expert_gemm_tile takes it); an unread placeholder otherwise."""
+    if W_GROUP_SIZE > 0:
+        (s_ptr, s_e, s_n, s_g, us_ptr, us_e, us_n, us_g,
+         z_ptr, z_e, z_n, z_g, uz_ptr, uz_e, uz_n, uz_g) = w_scales
+        groups = (s_ptr + expert * s_e + cols * s_n, s_g, us_ptr + expert * us_e + cols * us_n, us_g,
+                  z_ptr + expert * z_e + cols * z_n, z_g, uz_ptr + expert * uz_e + cols * uz_n, uz_g)
+    else:
+        groups = expert
+    return groups
+
+
+@triton.jit
+def weight_tile(ptrs, k_left, col_valid, a, BLOCK_K: tl.constexpr, W_GROUP_SIZE: tl.constexpr,
+                W_INT4: tl.constexpr, W_ZERO_POINT: tl.constexpr, scale_ptrs, zero_ptrs):
+    """A (BLOCK_K, BLOCK_N) weight tile in A's dtype for the dot. Stored values of another dtype are
+    converted through fp32 (exact for int8 / fp8 / int4: all fit bf16's 8-bit mantissa; Triton 3.6's
+    interpreter misconverts int8 to bf16 directly); with W_GROUP_SIZE, dequantised: ``(values - zero) *
+    scale`` of the tile's group (``scale_ptrs`` / ``zero_ptrs``: its columns' (BLOCK_N,) pointers). W_INT4
+    unpacks (BLOCK_K / 2) rows of bytes, the even k from the low nibble."""
+    if W_INT4:
+        k_valid = tl.arange(0, BLOCK_K // 2) < (k_left + 1) // 2
+        packed = tl.load(ptrs, mask=k_valid[:, None] & col_valid[None, :], other=0)
+        w = tl.join(packed & 0xF, packed >> 4).permute(0, 2, 1).reshape(BLOCK_K, packed.shape[1])
+    else:
+        k_valid = tl.arange(0, BLOCK_K) < k_left
+        w = tl.load(ptrs, mask=k_valid[:, None] & col_valid[None, :], other=0.0)
+    if W_GROUP_SIZE > 0:
+        w = w.to(tl.float32)
+        if W_ZERO_POINT:
+            w -= tl.load(zero_ptrs, mask=col_valid, other=0.0)[None, :]
+        w *= tl.load(scale_ptrs, mask=col_valid, other=0.0)[None, :]
     if w.dtype != a.dtype:
         w = w.to(tl.float32).to(a.dtype)
     return w
@@ -284,17 +323,29 @@ def in_dtype_of(w, a):
 
 @triton.jit
 def k_step(a, acc, acc_up, w_ptrs, u_ptrs, k_left, col_valid, stride_wk, stride_uk, GATED: tl.constexpr,
-           INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+           INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, W_GROUP_SIZE: tl.constexpr = 0,
+           W_INT4: tl.constexpr = False, W_ZERO_POINT: tl.constexpr = False, groups=None, k0=0):
     """One K step of a pointer-load tile, given its A tile (loaded by the caller: the eager kernel loads it,
     the Inductor template through load_input, where a fused prologue computes it): both GEMMs' dots, and
-    the weight pointers moved on."""
-    k_valid = tl.arange(0, BLOCK_K) < k_left
-    w = in_dtype_of(tl.load(w_ptrs, mask=k_valid[:, None] & col_valid[None, :], other=0.0), a)
+    the weight pointers moved on. Weights dequantised in registers (W_GROUP_SIZE, ``groups`` from
+    weight_group_ptrs) read the scales of the group holding ``k0``, the step's first reduction feature: a
+    step never straddles two groups (BLOCK_K divides W_GROUP_SIZE, or W_GROUP_SIZE is K: one group)."""
+    if W_GROUP_SIZE > 0:
+        s_ptrs, s_g, us_ptrs, us_g, z_ptrs, z_g, uz_ptrs, uz_g = groups
+        group = k0 // W_GROUP_SIZE
+        scale_ptrs, zero_ptrs = s_ptrs + group * s_g, z_ptrs + group * z_g
+        up_scale_ptrs, up_zero_ptrs = us_ptrs + group * us_g, uz_ptrs + group * uz_g
+    else:
+        scale_ptrs, zero_ptrs, up_scale_ptrs, up_zero_ptrs = w_ptrs, w_ptrs, u_ptrs, u_ptrs  # unread
+    w = weight_tile(w_ptrs, k_left, col_valid, a, BLOCK_K, W_GROUP_SIZE, W_INT4, W_ZERO_POINT, scale_ptrs,
+                    zero_ptrs)
     acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
     if GATED:
-        u = in_dtype_of(tl.load(u_ptrs, mask=k_valid[:, None] & col_valid[None, :], other=0.0), a)
+        u = weight_tile(u_ptrs, k_left, col_valid, a, BLOCK_K, W_GROUP_SIZE, W_INT4, W_ZERO_POINT, up_scale_ptrs,
+                        up_zero_ptrs)
         acc_up = tl.dot(a, u, acc_up, input_precision=INPUT_PRECISION)
-    return acc, acc_up, w_ptrs + BLOCK_K * stride_wk, u_ptrs + BLOCK_K * stride_uk
+    rows = BLOCK_K // 2 if W_INT4 else BLOCK_K  # stored rows per step
+    return acc, acc_up, w_ptrs + rows * stride_wk, u_ptrs + rows * stride_uk
 
 
 @triton.jit
@@ -307,7 +358,7 @@ def tile_output(acc, acc_up, expert, slot, row_valid, offs_m, rows_in_range, col
     weight's scale is per output feature, so it multiplies the accumulated column once, before the bias:
     sum_k a[k] (q[n, k] s[n]) = s[n] sum_k a[k] q[n, k]."""
     if W_SCALED:
-        scale_ptr, stride_se, stride_sn, up_scale_ptr, stride_use, stride_usn = w_scales
+        scale_ptr, stride_se, stride_sn, _, up_scale_ptr, stride_use, stride_usn, _ = w_scales[:8]
         acc *= tl.load(scale_ptr + expert * stride_se + cols * stride_sn, mask=col_valid, other=0.0)[None, :]
         if GATED:
             acc_up *= tl.load(up_scale_ptr + expert * stride_use + cols * stride_usn, mask=col_valid,
@@ -363,6 +414,7 @@ def _expert_gemm_kernel(
     # pointers (each schedule's own: expert_offsets for a packed one, block_expert and num_padded else)
     a_ptr, w_ptr, w_up_ptr, bias_ptr, bias_up_ptr, slot_weight_ptr, out_ptr,
     sorted_slots_ptr, expert_offsets_ptr, block_expert_ptr, num_padded_ptr, ids_ptr, w_scale_ptr, w_up_scale_ptr,
+    w_zero_ptr, w_up_zero_ptr,
     # sizes
     N, K, num_slots, gather_top_k, num_blocks_max, num_experts, num_a_rows,
     # strides
@@ -372,8 +424,10 @@ def _expert_gemm_kernel(
     stride_be, stride_bn,
     stride_bue, stride_bun,
     stride_om, stride_on, stride_ids,
-    stride_se, stride_sn,
-    stride_use, stride_usn,
+    stride_se, stride_sn, stride_sg,
+    stride_use, stride_usn, stride_usg,
+    stride_ze, stride_zn, stride_zg,
+    stride_uze, stride_uzn, stride_uzg,
     # activation constants
     alpha, limit,
     # meta
@@ -382,7 +436,8 @@ def _expert_gemm_kernel(
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PACKED: tl.constexpr, E_PAD: tl.constexpr, ZERO_UNROUTED: tl.constexpr, TMA: tl.constexpr,
-    PAIRED: tl.constexpr, pair_stride, W_SCALED: tl.constexpr,
+    PAIRED: tl.constexpr, pair_stride, W_SCALED: tl.constexpr, W_GROUP_SIZE: tl.constexpr, W_INT4: tl.constexpr,
+    W_ZERO_POINT: tl.constexpr,
 ):
     a = (a_ptr, stride_am, stride_ak)
     w = (w_ptr, stride_we, stride_wn, stride_wk)
@@ -407,7 +462,9 @@ def _expert_gemm_kernel(
             schedule, (N, K, num_slots, gather_top_k, num_blocks_max, num_experts), (alpha, limit), descriptors,
             GATHER, SCATTER, GATED, HAS_BIAS, HAS_BIAS_UP, HAS_SLOT_WEIGHT, ACTIVATION, INPUT_PRECISION,
             BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, PACKED, E_PAD, TMA, PAIRED,
-            W_SCALED, (w_scale_ptr, stride_se, stride_sn, w_up_scale_ptr, stride_use, stride_usn),
+            W_SCALED, (w_scale_ptr, stride_se, stride_sn, stride_sg, w_up_scale_ptr, stride_use, stride_usn, stride_usg,
+                       w_zero_ptr, stride_ze, stride_zn, stride_zg, w_up_zero_ptr, stride_uze, stride_uzn, stride_uzg),
+            W_GROUP_SIZE, W_INT4, W_ZERO_POINT,
         )
         if ZERO_UNROUTED:
             q = pid - num_blocks_max * tl.cdiv(N, BLOCK_N)
@@ -454,7 +511,7 @@ def expert_gemm_triton(
     a, w, schedule: PaddedSchedule | PackedSchedule, num_slots: int, block_m: int, *, w_up=None, bias=None,
     bias_up=None, slot_weights=None, gather_top_k: int = 0, scatter: bool = False, activation: str = "none",
     alpha: float = CLAMPED_SWIGLU_ALPHA, limit: float = CLAMPED_SWIGLU_LIMIT, config=None, out_dtype=None,
-    slot_ids=None, tma: bool = False, w_scale=None, w_up_scale=None,
+    slot_ids=None, tma: bool = False, w_scale=None, w_up_scale=None, w_zero=None, w_up_zero=None,
 ):
     """Launch the kernel; the arguments and result of moe_ops.expert_gemm.expert_gemm_ref, its schedule
     either the padded one it takes or a PackedSchedule (for any ``block_m``; a schedule-order output then
@@ -466,11 +523,11 @@ def expert_gemm_triton(
     slots routed to no expert (ids outside [0, E)) itself (else the output is zero-filled first). ``tma``: load
     through tensor descriptors on a persistent grid (expert_gemm_tile) where the inputs allow it
     (``tma_applies``, A in schedule order with contiguous rows); the caller decides whether it pays.
-    ``w_scale`` / ``w_up_scale`` (E, N) fp32: ``w`` / ``w_up`` hold int8 or fp8 values, each output
-    feature's scaled by them (pointer loads only: no TMA tiles)."""
+    ``w_scale`` / ``w_up_scale`` (and zero points ``w_zero`` / ``w_up_zero``): ``w`` / ``w_up`` hold quantised
+    values (moe_ops.quantised; pointer loads only: no TMA tiles)."""
     sorted_slots = schedule.sorted_slots
     num_positions = sorted_slots.shape[0]
-    n, k = w.shape[1], w.shape[2]
+    n, k = w.shape[1], a.shape[1]
     num_experts = w.shape[0]
     out_dtype = out_dtype or a.dtype
     zero_unrouted = scatter and slot_ids is not None
@@ -492,7 +549,8 @@ def expert_gemm_triton(
     num_sms, smem_bytes = device_limits(a.device.index or 0) if a.device.type == "cuda" else (1, 1 << 30)
     # fp32 inputs stay exact unless the user allowed tf32, as torch.matmul does.
     ieee = a.dtype == torch.float32 and not fp32_matmul_allows_tf32()
-    scaled = w_scale is not None
+    quantised = weight_quantisation(w.dtype, None if w_scale is None else w_scale.shape, w_zero is not None, k)
+    scaled = quantised["W_SCALED"] or quantised["W_GROUP_SIZE"] > 0
     if tma and not scaled:
         weights = [(t.shape, t.stride(), t.data_ptr()) for t in (w, w_up) if t is not None]
         # CPU tensors: the interpreter, which runs descriptors too (the tests' way to check this path).
@@ -503,6 +561,7 @@ def expert_gemm_triton(
     if config is None:
         config = gemm_config(block_m, n, gated, a.element_size(), busy_estimate, num_sms, smem_bytes, ieee, tma)
     tma = tma and n % config["BLOCK_N"] == 0
+    config = dict(config, BLOCK_K=group_block_k(config["BLOCK_K"], quantised["W_GROUP_SIZE"], k))
     pair_stride = None
     if tma and gated:
         pair_stride = weight_pair_stride((w.shape, w.stride()), (w_up.shape, w_up.stride()),
@@ -521,6 +580,7 @@ def expert_gemm_triton(
         sorted_slots, schedule.expert_offsets if packed else dummy, dummy if packed else schedule.block_expert,
         dummy if packed else schedule.num_padded, slot_ids if zero_unrouted else dummy,
         w_scale if scaled else dummy, w_up_scale if scaled and gated else dummy,
+        w_zero if w_zero is not None else dummy, w_up_zero if w_up_zero is not None else dummy,
         n, k, num_slots, max(gather_top_k, 1), num_blocks_max, num_experts, a.shape[0],
         a.stride(0), a.stride(1),
         *w.stride(),
@@ -528,8 +588,7 @@ def expert_gemm_triton(
         *(bias.stride() if bias is not None else (0, 0)),
         *(bias_up.stride() if bias_up is not None else (0, 0)),
         out.stride(0), out.stride(1), slot_ids.stride(0) if zero_unrouted else 0,
-        *(w_scale.stride() if scaled else (0, 0)),
-        *(w_up_scale.stride() if scaled and gated else (0, 0)),
+        *scale_strides(w_scale), *scale_strides(w_up_scale), *scale_strides(w_zero), *scale_strides(w_up_zero),
         float(alpha), float(limit),
         GATHER=gather_top_k > 0, SCATTER=bool(scatter), GATED=gated, HAS_BIAS=bias is not None,
         HAS_BIAS_UP=bias_up is not None, HAS_SLOT_WEIGHT=slot_weights is not None,
@@ -537,6 +596,37 @@ def expert_gemm_triton(
         INPUT_PRECISION="ieee" if ieee else "tf32",
         BLOCK_M=block_m, PACKED=packed, E_PAD=triton.next_power_of_2(num_experts) if packed else 1,
         ZERO_UNROUTED=zero_unrouted, TMA=tma, PAIRED=pair_stride is not None, pair_stride=pair_stride or 0,
-        W_SCALED=scaled, **config,
+        **quantised, **config,
     )
     return out
+
+
+def weight_quantisation(w_dtype: torch.dtype, scale_shape, has_zero: bool, k: int) -> dict:
+    """The kernel's quantised-weight flags for a weight of ``w_dtype`` with scales of ``scale_shape`` (None:
+    not quantised) and zero points or not (moe_ops.quantised), ``k`` reduction features: per-row scales
+    alone (int8 / fp8) scale the accumulated columns (W_SCALED); any other form dequantises each weight
+    tile in registers, W_GROUP_SIZE reduction features per scale (K for per-row ones)."""
+    if scale_shape is None:
+        return dict(W_SCALED=False, W_GROUP_SIZE=0, W_INT4=False, W_ZERO_POINT=False)
+    int4 = w_dtype == torch.uint8
+    if not int4 and not has_zero and len(scale_shape) == 2:
+        return dict(W_SCALED=True, W_GROUP_SIZE=0, W_INT4=False, W_ZERO_POINT=False)
+    groups = int(scale_shape[2]) if len(scale_shape) == 3 else 1
+    return dict(W_SCALED=False, W_GROUP_SIZE=k // groups, W_INT4=int4, W_ZERO_POINT=has_zero)
+
+
+def group_block_k(block_k: int, group_size: int, k: int) -> int:
+    """BLOCK_K for weights dequantised in groups of ``group_size``: a K step reads one group's scales, so
+    the step divides the group (a power of two, 16 at least: moe_ops.quantised.MIN_GROUP_SIZE), unless the
+    group is all of K."""
+    if group_size == 0 or group_size == k:
+        return block_k
+    return min(block_k, group_size & -group_size)
+
+
+def scale_strides(t) -> tuple:
+    """(stride_e, stride_n, stride_g) of an (E, N) or (E, N, G) scale or zero point ((0, 0, 0) absent; the
+    group stride of a per-row one is never moved along)."""
+    if t is None:
+        return 0, 0, 0
+    return (*t.stride(), 0) if t.dim() == 2 else tuple(t.stride())

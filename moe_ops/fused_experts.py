@@ -19,7 +19,6 @@ from moe_ops._autograd import register_reference_autograd
 from moe_ops._checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
-    QUANTISED_WEIGHT_DTYPES,
     check_choice,
     check_kernel_dtype,
     check_tensor,
@@ -39,51 +38,62 @@ from moe_ops.fused_experts_backward_triton import (
     token_sums_triton,
 )
 from moe_ops.layout import PackedSchedule, capacity_from_factor, split_gate_up
+from moe_ops.quantised import check_quantised_weight, dequantise, stored_columns
 from moe_ops.schedule_triton import block_schedule_triton, rows_in_schedule_order
 from moe_ops.settings import config
 from moe_ops.tiles import choose_block_m, tma_applies, tma_device, tma_pays
 
 LAYOUTS = ("EFH", "EHF")
+# The op's last arguments, each None for weights that are not quantised (moe_ops.quantised).
+QUANTISATION_ARGS = ("w_gate_up_scale", "w_up_scale", "w_down_scale", "w_gate_up_zero", "w_up_zero", "w_down_zero")
+NOT_QUANTISED = (None,) * len(QUANTISATION_ARGS)
 
 
 class ExpertWeights:
-    """The expert tensors as (E, N, K) views (N output features, K reduction), never copies; the scales of
-    quantised weights as (E, N) views beside them (``s_gate``, ``s_up``, ``s_down``; None unquantised)."""
+    """The expert tensors as (E, N, K) views (N output features, K reduction), never copies; the scales and
+    zero points of quantised weights as views beside them (``s_gate``, ``s_up``, ``s_down``, ``z_gate``,
+    ``z_up``, ``z_down``; None where absent)."""
 
     def __init__(self, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down, layout, interleaved, gated,
-                 w_gate_up_scale=None, w_up_scale=None, w_down_scale=None):
+                 w_gate_up_scale=None, w_up_scale=None, w_down_scale=None, w_gate_up_zero=None, w_up_zero=None,
+                 w_down_zero=None):
         if layout == "EHF":
             w_gate_up = w_gate_up.transpose(1, 2)
             w_up = None if w_up is None else w_up.transpose(1, 2)
             w_down = w_down.transpose(1, 2)
         self.gate, self.up, self.b_gate, self.b_up = w_gate_up, w_up, b_gate_up, b_up
-        self.s_gate, self.s_up = w_gate_up_scale, w_up_scale
+        self.s_gate, self.s_up, self.z_gate, self.z_up = w_gate_up_scale, w_up_scale, w_gate_up_zero, w_up_zero
         if gated and w_up is None:
             self.gate, self.up = split_gate_up(w_gate_up, interleaved)
             if b_gate_up is not None:
                 self.b_gate, self.b_up = split_gate_up(b_gate_up, interleaved)
             if w_gate_up_scale is not None:
                 self.s_gate, self.s_up = split_gate_up(w_gate_up_scale, interleaved)
-        self.down, self.b_down, self.s_down = w_down, b_down, w_down_scale
+            if w_gate_up_zero is not None:
+                self.z_gate, self.z_up = split_gate_up(w_gate_up_zero, interleaved)
+        self.down, self.b_down, self.s_down, self.z_down = w_down, b_down, w_down_scale, w_down_zero
 
 
-def _check_scales(x, w_gate_up, w_down, w_up, layout, w_gate_up_scale, w_up_scale, w_down_scale) -> bool:
-    """Whether the expert weights are quantised (the scales of every projection given); a ValueError where
-    only some are, or where they cannot mean one scale per output feature."""
-    scales = {"w_gate_up_scale": w_gate_up_scale, "w_down_scale": w_down_scale}
-    if w_up is not None:
-        scales["w_up_scale"] = w_up_scale
-    elif w_up_scale is not None:
-        raise ValueError("w_up_scale: given without w_up (a fused w_gate_up takes its scales in w_gate_up_scale)")
-    missing = [name for name, scale in scales.items() if scale is None]
-    if len(missing) == len(scales):
+def _check_scales(w_up, layout, quantisation: dict) -> bool:
+    """Whether the expert weights are quantised (the scales of every projection given; ``quantisation`` the
+    QUANTISATION_ARGS by name); a ValueError where only some are, or zero points come without scales."""
+    given = {name: value is not None for name, value in quantisation.items()}
+    for kind in ("scale", "zero"):
+        if w_up is None and given[f"w_up_{kind}"]:
+            raise ValueError(f"w_up_{kind}: given without w_up (a fused w_gate_up takes its in w_gate_up_{kind})")
+        wanted = [f"w_gate_up_{kind}", f"w_down_{kind}"] + ([f"w_up_{kind}"] if w_up is not None else [])
+        present = [given[name] for name in wanted]
+        if any(present) and not all(present):
+            raise ValueError(f"{wanted[present.index(False)]}: quantised expert weights need the {kind}s of every "
+                             f"projection or of none")
+    if not given["w_gate_up_scale"]:
+        if given["w_gate_up_zero"]:
+            raise ValueError("w_gate_up_zero: zero points given without scales")
         return False
-    if missing:
-        raise ValueError(f"{missing[0]}: quantised expert weights need the scales of every projection")
     if layout != "EFH":
         raise ValueError(
-            f"w_gate_up_scale: quantised weights take one scale per output feature, the rows of layout 'EFH' "
-            f"weights; with layout={layout!r} a stored row is a reduction row"
+            f"w_gate_up_scale: quantised weights are stored by output feature, the rows of layout 'EFH' weights; "
+            f"with layout={layout!r} a stored row is a reduction row"
         )
     return True
 
@@ -91,12 +101,15 @@ def _check_scales(x, w_gate_up, w_down, w_up, layout, w_gate_up_scale, w_up_scal
 def check_fused_args(
     x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
     layout, interleaved, activation, gated, capacity_factor, drop_policy,
-    w_gate_up_scale=None, w_up_scale=None, w_down_scale=None,
+    w_gate_up_scale=None, w_up_scale=None, w_down_scale=None, w_gate_up_zero=None, w_up_zero=None,
+    w_down_zero=None,
 ) -> None:
     """fused_experts' arguments (alpha and limit excepted) as every path takes them: a ValueError naming
     the first argument that is not, with the shape, dtype or value expected. The graph passes ask it too,
     so that a rewrite never emits a call the op would refuse."""
-    quantised = _check_scales(x, w_gate_up, w_down, w_up, layout, w_gate_up_scale, w_up_scale, w_down_scale)
+    quantisation = dict(zip(QUANTISATION_ARGS, (w_gate_up_scale, w_up_scale, w_down_scale, w_gate_up_zero,
+                                                w_up_zero, w_down_zero), strict=True))
+    quantised = _check_scales(w_up, layout, quantisation)
     check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
     T, H = x.shape
     check_tensor("topk_ids", topk_ids, ndim=2, dtypes=INDEX_DTYPES, device=x.device)
@@ -110,14 +123,16 @@ def check_fused_args(
         raise ValueError(f"activation: {activation!r} needs gated=True")
     if interleaved and (w_up is not None or not gated):
         raise ValueError("interleaved: only for a gated w_gate_up holding both gate and up (w_up=None)")
-    weight_dtypes = QUANTISED_WEIGHT_DTYPES if quantised else (x.dtype,)
-    check_tensor("w_gate_up", w_gate_up, ndim=3, dtypes=weight_dtypes, device=x.device)
+    check_tensor("w_gate_up", w_gate_up, ndim=3, dtypes=None if quantised else (x.dtype,), device=x.device)
     E = w_gate_up.shape[0]
     fused_gate_up = gated and w_up is None
     f_axis = 1 if layout == "EFH" else 2
     F2 = w_gate_up.shape[f_axis]
     F = F2 // 2 if fused_gate_up else F2
-    want = (E, F2, H) if layout == "EFH" else (E, H, F2)
+    want = (E, F2, stored_columns(w_gate_up.dtype, H)) if layout == "EFH" else (E, H, F2)
+    if quantised:
+        check_quantised_weight("w_gate_up", w_gate_up, w_gate_up_scale, w_gate_up_zero, (E, F2, H), x.device,
+                               scale_name="w_gate_up_scale", zero_name="w_gate_up_zero")
     if w_gate_up.shape != want or (fused_gate_up and F2 % 2):
         f_name = "2F" if fused_gate_up else "F"
         dims = ("E", f_name, f"H={H}") if layout == "EFH" else ("E", f"H={H}", f_name)
@@ -130,13 +145,15 @@ def check_fused_args(
         if not gated:
             raise ValueError("w_up: given with gated=False")
         check_tensor("w_up", w_up, shape=tuple(w_gate_up.shape), dtypes=(w_gate_up.dtype,), device=x.device)
-    want_down = (E, H, F) if layout == "EFH" else (E, F, H)
-    check_tensor("w_down", w_down, shape=want_down, dtypes=weight_dtypes, device=x.device)
+        if quantised:
+            check_quantised_weight("w_up", w_up, w_up_scale, w_up_zero, (E, F, H), x.device, scale_name="w_up_scale",
+                                   zero_name="w_up_zero")
     if quantised:
-        check_tensor("w_gate_up_scale", w_gate_up_scale, shape=(E, F2), dtypes=(torch.float32,), device=x.device)
-        if w_up is not None:
-            check_tensor("w_up_scale", w_up_scale, shape=(E, F), dtypes=(torch.float32,), device=x.device)
-        check_tensor("w_down_scale", w_down_scale, shape=(E, H), dtypes=(torch.float32,), device=x.device)
+        check_quantised_weight("w_down", w_down, w_down_scale, w_down_zero, (E, H, F), x.device,
+                               scale_name="w_down_scale", zero_name="w_down_zero")
+    else:
+        check_tensor("w_down", w_down, shape=(E, H, F) if layout == "EFH" else (E, F, H), dtypes=(x.dtype,),
+                     device=x.device)
     if b_gate_up is not None:
         check_tensor("b_gate_up", b_gate_up, shape=(E, F2), dtypes=FLOAT_DTYPES, device=x.device)
     if b_up is not None:
@@ -157,7 +174,7 @@ def fused_experts_ref(
     layout="EFH", interleaved=False, activation="silu", gated=True, alpha=CLAMPED_SWIGLU_ALPHA,
     limit=CLAMPED_SWIGLU_LIMIT,
     capacity_factor=0.0, drop_policy="position", return_num_dropped=False,
-    w_gate_up_scale=None, w_up_scale=None, w_down_scale=None,
+    w_gate_up_scale=None, w_up_scale=None, w_down_scale=None, w_gate_up_zero=None, w_up_zero=None, w_down_zero=None,
 ):
     """Plain-PyTorch definition of :func:`fused_experts` (same arguments): a loop over experts,
     rounding where the kernels round (the intermediate activation and each slot's output are
@@ -165,13 +182,13 @@ def fused_experts_ref(
     check_fused_args(
         x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
         layout, interleaved, activation, gated, capacity_factor, drop_policy,
-        w_gate_up_scale, w_up_scale, w_down_scale,
+        w_gate_up_scale, w_up_scale, w_down_scale, w_gate_up_zero, w_up_zero, w_down_zero,
     )
     T, K = topk_ids.shape
     if w_gate_up_scale is not None:
-        w_gate_up = w_gate_up.float() * w_gate_up_scale[..., None]
-        w_up = None if w_up is None else w_up.float() * w_up_scale[..., None]
-        w_down = w_down.float() * w_down_scale[..., None]
+        w_gate_up = dequantise(w_gate_up, w_gate_up_scale, w_gate_up_zero)
+        w_up = None if w_up is None else dequantise(w_up, w_up_scale, w_up_zero)
+        w_down = dequantise(w_down, w_down_scale, w_down_zero)
     w = ExpertWeights(w_gate_up, w_down, w_up, b_gate_up, b_up, b_down, layout, interleaved, gated)
     E = w_gate_up.shape[0]
     ids = topk_ids
@@ -226,26 +243,30 @@ def _fused_experts_op(
     w_gate_up_scale: torch.Tensor | None = None,
     w_up_scale: torch.Tensor | None = None,
     w_down_scale: torch.Tensor | None = None,
+    w_gate_up_zero: torch.Tensor | None = None,
+    w_up_zero: torch.Tensor | None = None,
+    w_down_zero: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return fused_experts_ref(
         x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
         layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy,
-        return_num_dropped=True, w_gate_up_scale=w_gate_up_scale, w_up_scale=w_up_scale, w_down_scale=w_down_scale,
+        True, w_gate_up_scale, w_up_scale, w_down_scale, w_gate_up_zero, w_up_zero, w_down_zero,
     )
 
 
 def fused_experts_triton(
     x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
     layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy,
-    w_gate_up_scale=None, w_up_scale=None, w_down_scale=None,
+    w_gate_up_scale=None, w_up_scale=None, w_down_scale=None, w_gate_up_zero=None, w_up_zero=None, w_down_zero=None,
 ):
     """The Triton path (the op's CUDA kernel; tests also run it on CPU under the interpreter). Quantised
-    weights go to both GEMMs as they are, with their scales (pointer loads: no TMA tiles)."""
+    weights go to both GEMMs as they are stored, with their scales and zero points (pointer loads: no TMA
+    tiles)."""
 
     check_fused_args(
         x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
         layout, interleaved, activation, gated, capacity_factor, drop_policy,
-        w_gate_up_scale, w_up_scale, w_down_scale,
+        w_gate_up_scale, w_up_scale, w_down_scale, w_gate_up_zero, w_up_zero, w_down_zero,
     )
     check_kernel_dtype("x", x)
     T, K = topk_ids.shape
@@ -254,7 +275,7 @@ def fused_experts_triton(
     if T == 0:
         return x.new_empty((0, x.shape[1])), num_dropped
     w = ExpertWeights(w_gate_up, w_down, w_up, b_gate_up, b_up, b_down, layout, interleaved, gated,
-                      w_gate_up_scale, w_up_scale, w_down_scale)
+                      w_gate_up_scale, w_up_scale, w_down_scale, w_gate_up_zero, w_up_zero, w_down_zero)
     ids = topk_ids
     capacity = capacity_from_factor(capacity_factor, T, K, E)
     if capacity >= 0:
@@ -276,11 +297,11 @@ def fused_experts_triton(
     h = expert_gemm_triton(
         a, w.gate, schedule, num_slots, block_m, w_up=w.up, bias=w.b_gate, bias_up=w.b_up,
         gather_top_k=gather_top_k, activation=activation, alpha=alpha, limit=limit, tma=tma,
-        w_scale=w.s_gate, w_up_scale=w.s_up,
+        w_scale=w.s_gate, w_up_scale=w.s_up, w_zero=w.z_gate, w_up_zero=w.z_up,
     )
     y_SH = expert_gemm_triton(
         h, w.down, schedule, num_slots, block_m, bias=w.b_down, slot_weights=topk_weights.reshape(-1),
-        scatter=True, slot_ids=ids.reshape(-1), tma=tma, w_scale=w.s_down,
+        scatter=True, slot_ids=ids.reshape(-1), tma=tma, w_scale=w.s_down, w_zero=w.z_down,
     )
     y_TKH = y_SH.view(T, K, -1)
     if config.batch_invariant:
@@ -300,11 +321,12 @@ _fused_experts_op.register_kernel("cuda")(fused_experts_triton)
 @_fused_experts_op.register_fake
 def _(x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
       layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy,
-      w_gate_up_scale=None, w_up_scale=None, w_down_scale=None):
+      w_gate_up_scale=None, w_up_scale=None, w_down_scale=None, w_gate_up_zero=None, w_up_zero=None,
+      w_down_zero=None):
     check_fused_args(
         x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
         layout, interleaved, activation, gated, capacity_factor, drop_policy,
-        w_gate_up_scale, w_up_scale, w_down_scale,
+        w_gate_up_scale, w_up_scale, w_down_scale, w_gate_up_zero, w_up_zero, w_down_zero,
     )
     return x.new_empty(x.shape), x.new_empty((), dtype=torch.int32)
 
@@ -463,7 +485,7 @@ def _fused_experts_training_backward_op(
     backward op's list): Inductor writes into a mutated argument only for ops returning plain tensors."""
     return tuple(torch.ops.moe_ops.fused_experts_backward(
         x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
-        layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy, None, None, None, grads,
+        layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy, *NOT_QUANTISED, grads,
     ))
 
 
@@ -501,8 +523,8 @@ def _training_backward(ctx, grad_out, grad_num_dropped, *_grads_of_kept):
         input_grads = torch.ops.moe_ops.fused_experts_training_backward(
             *ctx.forward_args, kept, kept_up, sorted_slots, expert_offsets, grads)
     else:
-        # The training variant takes no quantised weights: their scales are None.
-        input_grads = torch.ops.moe_ops.fused_experts_backward(*ctx.forward_args, None, None, None, grads)
+        # The training variant takes no quantised weights.
+        input_grads = torch.ops.moe_ops.fused_experts_backward(*ctx.forward_args, *NOT_QUANTISED, grads)
     result: list = [None] * len(ctx.forward_args)
     for i, grad in zip((0, 1, 3, 4, 5, 6, 7, 8), input_grads, strict=True):
         if ctx.forward_args[i] is not None and ctx.needs_input_grad[i]:
@@ -536,6 +558,9 @@ def fused_experts(
     w_gate_up_scale: torch.Tensor | None = None,
     w_up_scale: torch.Tensor | None = None,
     w_down_scale: torch.Tensor | None = None,
+    w_gate_up_zero: torch.Tensor | None = None,
+    w_up_zero: torch.Tensor | None = None,
+    w_down_zero: torch.Tensor | None = None,
 ):
     """The routed experts of a MoE layer: sum_j w[t, j] * MLP_{ids[t, j]}(x[t]).
 
@@ -561,11 +586,15 @@ def fused_experts(
                       "gshard" (first choices before second choices) or "score" (highest routing
                       weight kept); see :func:`moe_ops.apply_capacity`
         return_num_dropped: also return the number of dropped slots (0-dim int32 tensor)
-        w_gate_up_scale, w_up_scale, w_down_scale: quantised expert weights (layout "EFH"): the weights
-                      hold int8 or fp8 e4m3 values and these their fp32 scales, one per expert and output
-                      feature ((E, 2F) or (E, F) with w_up, (E, F), (E, H)): torchao's per-row weight-only
-                      tensors. The kernels read the low-precision values (no dequantised copy); the
-                      weights get no gradient
+        w_gate_up_scale, w_up_scale, w_down_scale: quantised expert weights (layout "EFH";
+                      moe_ops.quantised): the weights hold int8 or fp8 e4m3 values, or int4 packed two per
+                      byte (uint8, the last axis halved), and these their fp32 scales, one per expert and
+                      output feature ((E, 2F) or (E, F) with w_up, (E, F), (E, H): torchao's per-row
+                      weight-only tensors) or per group of reduction features (the same with a last axis
+                      G). The kernels read the stored values (no dequantised copy); the weights get no
+                      gradient
+        w_gate_up_zero, w_up_zero, w_down_zero: optional zero points (fp32, the scales' shapes): the
+                      weights stand for (values - zero) * scale
 
     Returns:
         (T, H) in x's dtype [, num_dropped]
@@ -573,10 +602,10 @@ def fused_experts(
     args = (
         x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
         layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy,
-        w_gate_up_scale, w_up_scale, w_down_scale,
+        w_gate_up_scale, w_up_scale, w_down_scale, w_gate_up_zero, w_up_zero, w_down_zero,
     )
     if direct_cuda_call_allowed(x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
-                                w_gate_up_scale, w_up_scale, w_down_scale):
+                                w_gate_up_scale, w_up_scale, w_down_scale, w_gate_up_zero, w_up_zero, w_down_zero):
         out, num_dropped = fused_experts_triton(*args)
     else:
         out, num_dropped = torch.ops.moe_ops.fused_experts(*args)

@@ -1,6 +1,6 @@
 """Shared types and sizes of the op layer, below both the ops and their kernels (which import it, never
 each other the wrong way): the block schedule's type and static sizes, the capacity rule in device-side
-torch, the split of a fused gate/up weight, and quantised weights in the form the ops take.
+torch, and the split of a fused gate/up weight.
 
 Shape legend: T tokens, K experts per token, E experts, S = T*K slots (slot s = t*K + j).
 """
@@ -113,16 +113,3 @@ def split_gate_up(t: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, tor
         return t[:, 0::2], t[:, 1::2]
     half = t.shape[1] // 2
     return t[:, :half], t[:, half:]
-
-
-def quantise_per_row(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``w`` (E, N, K) as the ops take quantised weights: (values of ``dtype``, (E, N) fp32 scales), one
-    symmetric scale per expert and output row, as torchao's per-row weight-only tensors hold them; int8
-    (127 levels a side) or fp8 e4m3 (its largest value, 448, at the row's largest magnitude)."""
-    if dtype not in (torch.int8, torch.float8_e4m3fn):
-        raise TypeError(f"dtype: expected torch.int8 or torch.float8_e4m3fn, got {dtype}")
-    top = 127.0 if dtype == torch.int8 else torch.finfo(torch.float8_e4m3fn).max
-    scale = w.float().abs().amax(-1).clamp_min(torch.finfo(torch.float32).tiny) / top
-    values = w.float() / scale[..., None]
-    values = values.round().clamp(-127, 127).to(torch.int8) if dtype == torch.int8 else values.to(dtype)
-    return values, scale

@@ -7,7 +7,8 @@ import torch
 from conftest import TRITON_DEVICE, assert_close_rel, sqnr_db, zipf_ids
 
 from moe_ops.expert_gemm import expert_gemm, expert_gemm_ref
-from moe_ops.layout import PackedSchedule, PaddedSchedule, quantise_per_row
+from moe_ops.layout import PackedSchedule, PaddedSchedule
+from moe_ops.quantised import dequantise, quantise_groups, quantise_per_row
 from moe_ops.schedule import block_schedule, block_schedule_ref
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -127,6 +128,58 @@ def test_quantised_weights_match_the_reference(quantised, dtype, gated):
     assert sqnr_db(unquantised, got) >= floor
 
 
+GROUPED = [
+    # (bits, group size, D): int8 and int4 in groups (K / G scales per row), int4 with one group per row
+    pytest.param(8, 32, 64, id="int8-g32"),
+    pytest.param(4, 32, 64, id="int4-g32"),
+    pytest.param(4, 16, 48, id="int4-g16"),
+    pytest.param(4, 48, 48, id="int4-one-group"),
+]
+
+
+@pytest.mark.parametrize("bits,group,D", GROUPED)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
+def test_group_quantised_weights_match_the_reference(bits, group, D, dtype, gated):
+    """Scales per group of reduction features (int8 symmetric; int4 asymmetric with zero points, packed two
+    per byte): the kernel dequantises each weight tile in registers and gives the reference's result, the
+    GEMM of the dequantised weights; the quantised GEMM stays within the scheme's error (SQNR)."""
+    T, K, E, N = 13, 2, 4, 24
+    args = _problem(T, K, E, N, D, dtype, TRITON_DEVICE, gated=gated, bias=True, slot_weights=True)
+    exact = dict(args)
+    args["w"], args["w_scale"], args["w_zero"] = quantise_groups(exact["w"], group, bits=bits)
+    if gated:
+        args["w_up"], args["w_up_scale"], args["w_up_zero"] = quantise_groups(exact["w_up"], group, bits=bits)
+    activation = "silu" if gated else "relu"
+    got, want = _run_both(args, gather_top_k=K, activation=activation)
+    assert_close_rel(got, want, dtype, "group-quantised")
+    dequantised = dict(exact, a=args["a"].float(), w=dequantise(args["w"], args["w_scale"], args["w_zero"]),
+                       w_up=dequantise(args["w_up"], args["w_up_scale"], args["w_up_zero"]) if gated else None)
+    _, want_dequantised = _run_both(dequantised, gather_top_k=K, activation=activation)
+    assert_close_rel(want, want_dequantised.to(dtype), dtype, "reference of the dequantised weights")
+    _, unquantised = _run_both(exact, gather_top_k=K, activation=activation)
+    floor = 18.0 if bits == 4 else 35.0  # int4 ~21-23 dB here, int8 ~45 dB
+    assert sqnr_db(unquantised, got) >= floor
+
+
+def test_zero_points_of_per_row_scales_and_a_scattered_output():
+    """int8 values with a zero point per row (one group: the kernel dequantises in registers rather than
+    scaling the accumulator), in the down projection's form: schedule-order rows, scattered to slots."""
+    T, K, E, N, D = 11, 2, 4, 20, 40
+    args = _problem(T, K, E, N, D, torch.bfloat16, TRITON_DEVICE, gated=False, bias=True, slot_weights=True,
+                    layout="KN")
+    args["a"] = torch.randn(args["sorted_slots"].shape[0], D, dtype=torch.bfloat16, device=TRITON_DEVICE)
+    values, scale = quantise_per_row(args["w"], torch.int8)
+    zero = torch.randint(-3, 4, scale.shape, device=TRITON_DEVICE).float()
+    args.update(w=values, w_scale=scale, w_zero=zero)
+    got, want = _run_both(args, scatter=True)
+    assert_close_rel(got, want, torch.bfloat16, "per-row zero points")
+    shifted = (values.float() - zero[..., None]) * scale[..., None]
+    _, want_dequantised = _run_both(dict(args, a=args["a"].float(), w=shifted, w_scale=None, w_zero=None),
+                                    scatter=True)
+    assert_close_rel(want, want_dequantised.to(torch.bfloat16), torch.bfloat16, "dequantised")
+
+
 def test_quantised_weights_are_frozen_and_give_the_input_its_gradient():
     """A quantised weight is a constant of the graph (it gets no gradient, and asking for none is no error);
     the input's gradient is the one of the dequantised weights."""
@@ -145,7 +198,7 @@ def test_quantised_weights_are_frozen_and_give_the_input_its_gradient():
 
 
 def test_quantised_weight_errors_name_the_argument():
-    T, K, E, N, D = 5, 2, 4, 16, 24
+    T, K, E, N, D = 5, 2, 4, 16, 32
     args = _problem(T, K, E, N, D, torch.bfloat16, "cpu", gated=True, bias=False, slot_weights=False)
     w, w_scale = quantise_per_row(args["w"], torch.int8)
     w_up, w_up_scale = quantise_per_row(args["w_up"], torch.int8)
@@ -162,6 +215,21 @@ def test_quantised_weight_errors_name_the_argument():
         expert_gemm_ref(**dict(base, w_scale=w_scale.half()))
     with pytest.raises(ValueError, match="w_up_scale: expected exactly when"):
         expert_gemm_ref(**dict(base, w_up_scale=None))
+    q4, s4, z4 = quantise_groups(args["w"], 16, bits=4)
+    q4_up, s4_up, z4_up = quantise_groups(args["w_up"], 16, bits=4)
+    int4 = dict(base, w=q4, w_scale=s4, w_zero=z4, w_up=q4_up, w_up_scale=s4_up, w_up_zero=z4_up)
+    expert_gemm_ref(**int4)
+    with pytest.raises(ValueError, match=r"w: expected shape \(4, 16, 16\) \(two int4 values per byte\)"):
+        expert_gemm_ref(**dict(int4, w=torch.cat([q4, q4], -1), w_up=torch.cat([q4_up, q4_up], -1)))
+    with pytest.raises(ValueError, match="w_scale: expected .* K / G a multiple of 16"):
+        expert_gemm_ref(**dict(int4, w_scale=s4[..., :1].expand(-1, -1, 3), w_zero=z4[..., :1].expand(-1, -1, 3)))
+    with pytest.raises(ValueError, match="w_zero: expected shape"):
+        expert_gemm_ref(**dict(int4, w_zero=z4[..., 0]))
+    with pytest.raises(ValueError, match="w_up_zero: expected exactly when"):
+        expert_gemm_ref(**dict(int4, w_up_zero=None))
+    with pytest.raises(ValueError, match="w_zero: zero points given without w_scale"):
+        expert_gemm_ref(**dict(args, w_zero=z4, gather_top_k=K, scatter=False, activation="silu", alpha=1.702,
+                               limit=7.0))
     with pytest.raises(TypeError, match="w_up: expected dtype"):
         expert_gemm_ref(**dict(base, w_up=args["w_up"]))
 

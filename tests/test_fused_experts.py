@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from conftest import TRITON_DEVICE, assert_close_rel, sqnr_db, zipf_ids
 
 import moe_ops
-from moe_ops.fused_experts import fused_experts, fused_experts_ref, fused_experts_triton
-from moe_ops.layout import quantise_per_row
+from moe_ops.fused_experts import QUANTISATION_ARGS, fused_experts, fused_experts_ref, fused_experts_triton
+from moe_ops.quantised import dequantise, quantise_groups, quantise_per_row
 from moe_ops.routing_triton import route_triton
 from moe_ops.tiles import choose_block_m
 
@@ -310,8 +310,9 @@ QUANTISED = [pytest.param(torch.int8, id="int8"), pytest.param(torch.float8_e4m3
 
 
 def _quantised_layer(layer, quantised, form):
-    """The layer's expert weights quantised per output row, as options of fused_experts: gate_up as one
-    weight ("halves"), gate and up interleaved (GPT-OSS's order), or w1 and w3 apart ("w_up")."""
+    """The layer's expert weights quantised (per output row: a dtype; in groups of 16: "int8-g16" or
+    "int4-g16"), as options of fused_experts: gate_up as one weight ("halves"), gate and up interleaved
+    (GPT-OSS's order), or w1 and w3 apart ("w_up")."""
     Fi = layer["w_down"].shape[2]
     if form == "w_up":
         weights = dict(w_gate_up=layer["w_gate_up"][:, :Fi], w_up=layer["w_gate_up"][:, Fi:], w_down=layer["w_down"])
@@ -319,31 +320,41 @@ def _quantised_layer(layer, quantised, form):
         weights = dict(w_gate_up=layer["w_gate_up"], w_down=layer["w_down"])
     options = dict(interleaved=form == "interleaved")
     for name, weight in weights.items():
-        options[name], options[f"{name}_scale"] = quantise_per_row(weight, quantised)
-    dequantised = {name: options[name].float() * options[f"{name}_scale"][..., None] for name in weights}
+        if isinstance(quantised, str):
+            bits = 4 if quantised.startswith("int4") else 8
+            options[name], options[f"{name}_scale"], zero = quantise_groups(weight, 16, bits=bits)
+            if zero is not None:
+                options[f"{name}_zero"] = zero
+        else:
+            options[name], options[f"{name}_scale"] = quantise_per_row(weight, quantised)
+    dequantised = {name: dequantise(options[name], options[f"{name}_scale"], options.get(f"{name}_zero"))
+                   for name in weights}
     return options, dict(weights, interleaved=form == "interleaved"), dequantised
 
 
-@pytest.mark.parametrize("quantised", QUANTISED)
+@pytest.mark.parametrize("quantised", [*QUANTISED, "int8-g16", "int4-g16"])
 @pytest.mark.parametrize("form", ["halves", "interleaved", "w_up"])
 def test_quantised_experts_match_the_reference(quantised, form):
-    """int8 / fp8 expert weights with a scale per output feature (torchao's per-row weight-only layout):
-    the Triton path reads them as they are and gives the reference's result; the reference is the layer of
-    the dequantised weights; and the quantised layer stays within the scheme's error of the bf16 one."""
+    """Quantised expert weights: int8 / fp8 with a scale per output feature (torchao's per-row weight-only
+    layout), int8 with scales per group of 16 reduction features, int4 in groups with zero points, packed
+    two per byte. The Triton path reads them as they are and gives the reference's result; the reference is
+    the layer of the dequantised weights; and the quantised layer stays within the scheme's error of the
+    bf16 one."""
     dtype = torch.bfloat16
     layer = _layer(13, 2, 4, 32, 48, dtype, TRITON_DEVICE)
     options, exact, dequantised = _quantised_layer(layer, quantised, form)
     routed = (layer["x"], layer["topk_weights"], layer["topk_ids"])
-    scales = [options.get(f"{name}_scale") for name in ("w_gate_up", "w_up", "w_down")]
-    got, _ = fused_experts_triton(*_args(dict(layer, **options)), *scales)  # the kernels (interpreted on CPU)
+    quantisation = [options.get(name) for name in QUANTISATION_ARGS]
+    got, _ = fused_experts_triton(*_args(dict(layer, **options)), *quantisation)  # the kernels (interpreted on CPU)
     want = fused_experts_ref(*routed, **options)
     assert_close_rel(got, want, dtype, "quantised")
     float_x = layer["x"].float()
-    want_dequantised = fused_experts_ref(float_x, *routed[1:], **dict(options, **dequantised, w_gate_up_scale=None,
-                                                                        w_up_scale=None, w_down_scale=None))
+    plain = dict(options, **dequantised, **dict.fromkeys(QUANTISATION_ARGS))
+    want_dequantised = fused_experts_ref(float_x, *routed[1:], **plain)
     assert_close_rel(want, want_dequantised.to(dtype), dtype, "the dequantised weights' layer")
     unquantised = fused_experts(*routed, **exact)
-    floor = 25.0 if quantised == torch.float8_e4m3fn else 30.0  # two GEMMs: fp8 per row ~28 dB, int8 ~35
+    # Three quantised projections: fp8 per row ~28 dB, int8 ~35, int4 in groups of 16 ~17
+    floor = {torch.float8_e4m3fn: 25.0, "int4-g16": 15.0}.get(quantised, 30.0)
     assert sqnr_db(unquantised, got) >= floor
 
 
@@ -376,7 +387,7 @@ def test_quantised_expert_errors_name_the_argument():
         fused_experts_ref(*routed, **dict(options, w_gate_up_scale=options["w_gate_up_scale"][:, :-1]))
     with pytest.raises(ValueError, match="w_up_scale: given without w_up"):
         fused_experts_ref(*routed, **dict(options, w_up_scale=options["w_down_scale"]))
-    with pytest.raises(ValueError, match="w_gate_up_scale: quantised weights take one scale per output feature"):
+    with pytest.raises(ValueError, match="w_gate_up_scale: quantised weights are stored by output feature"):
         fused_experts_ref(*routed, **dict(options, layout="EHF", w_gate_up=options["w_gate_up"].transpose(1, 2),
                                           w_down=options["w_down"].transpose(1, 2)))
     with pytest.raises(TypeError, match="w_down: expected dtype"):

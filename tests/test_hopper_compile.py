@@ -24,7 +24,8 @@ import moe_ops
 from moe_ops.expert_gemm_triton import expert_gemm_triton
 from moe_ops.fused_experts import fused_experts_triton
 from moe_ops.fused_experts_backward_triton import fused_experts_backward_triton
-from moe_ops.layout import PackedSchedule, quantise_per_row
+from moe_ops.layout import PackedSchedule
+from moe_ops.quantised import quantise_groups, quantise_per_row
 from moe_ops.routing_triton import route_triton
 from moe_ops.schedule_triton import block_schedule_triton
 from moe_ops.tiles import TMA_BLOCK_M
@@ -94,9 +95,9 @@ sys.exit(failed)
 
 
 def test_every_launched_kernel_compiles_for_hopper(tmp_path, monkeypatch):
-    """Routing, schedule, capacity, the expert GEMMs (bf16 through pointer loads and TMA tiles, int8 and fp8
-    quantised weights) and the backward's kernels, each launch as the eager paths make it, compiled for
-    sm90."""
+    """Routing, schedule, capacity, the expert GEMMs (bf16 through pointer loads and TMA tiles; int8, fp8
+    and int4 quantised weights) and the backward's kernels, each launch as the eager paths make it, compiled
+    for sm90."""
     launches: list = []
     monkeypatch.setattr(InterpretedFunction, "run", _record(launches))
     torch.manual_seed(0)
@@ -124,6 +125,10 @@ def test_every_launched_kernel_compiles_for_hopper(tmp_path, monkeypatch):
     fused_experts_triton(x, weights, ids, q_gate_up, q_down, *plain[5:], 0.0, "position", s_gate_up, None, s_down)
     (f_gate_up, t_gate_up), (f_down, t_down) = (quantise_per_row(w, torch.float8_e4m3fn) for w in (w_gate_up, w_down))
     fused_experts_triton(x, weights, ids, f_gate_up, f_down, *plain[5:], 0.0, "position", t_gate_up, None, t_down)
+    (i_gate_up, i_s_gate_up, i_z_gate_up), (i_down, i_s_down, i_z_down) = (quantise_groups(w, 32, bits=4)
+                                                                           for w in (w_gate_up, w_down))
+    fused_experts_triton(x, weights, ids, i_gate_up, i_down, *plain[5:], 0.0, "position", i_s_gate_up, None, i_s_down,
+                         i_z_gate_up, None, i_z_down)
     for dtype in (torch.bfloat16, torch.float32):
         grads = [torch.randn(T, H).to(dtype), torch.empty(0)]
         fused_experts_backward_triton(x.to(dtype), weights, ids, w_gate_up.to(dtype), w_down.to(dtype), *plain[5:],
@@ -146,7 +151,7 @@ def test_every_launched_kernel_compiles_for_hopper(tmp_path, monkeypatch):
     assert names >= {"_route_kernel", "_schedule_scatter_kernel", "_capacity_position_kernel", "_expert_gemm_kernel",
                      "_activation_grad_kernel", "_expert_weight_grad_kernel"}, names
     assert any(json.loads(launch)["constexprs"].get("TMA") for launch in unique), "no TMA launch recorded"
-    assert {json.loads(launch)["signature"].get("w_ptr") for launch in unique} >= {"*bf16", "*i8", "*fp8e4nv"}
+    assert {json.loads(launch)["signature"].get("w_ptr") for launch in unique} >= {"*bf16", "*i8", "*fp8e4nv", "*u8"}
     path = tmp_path / "launches.json"
     path.write_text("[" + ",".join(sorted(unique)) + "]")
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}

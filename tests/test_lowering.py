@@ -29,7 +29,7 @@ from torch.testing import FileCheck
 from triton.runtime.jit import JITFunction
 
 import moe_ops
-from moe_ops.layout import quantise_per_row
+from moe_ops.quantised import quantise_groups, quantise_per_row
 from moe_ops.routing_triton import _route_kernel
 
 pytestmark = pytest.mark.usefixtures("fresh_compile_state")
@@ -489,13 +489,18 @@ def test_gpt_oss_variant_reads_interleaved_views_with_biases(dynamic):
 
 
 def _quantised_layer(quantised, w_gate_up, w_down):
-    """moe_layer's route + fused_experts with the expert weights quantised per output row."""
-    (q_gate_up, s_gate_up), (q_down, s_down) = (quantise_per_row(w, quantised) for w in (w_gate_up, w_down))
+    """moe_layer's route + fused_experts with the expert weights quantised: per output row (a dtype), or
+    "int4-g32" (asymmetric int4 in groups of 32, packed two per byte)."""
+    options = {}
+    for name, w in dict(w_gate_up=w_gate_up, w_down=w_down).items():
+        if quantised == "int4-g32":
+            options[name], options[f"{name}_scale"], options[f"{name}_zero"] = quantise_groups(w, 32, bits=4)
+        else:
+            options[name], options[f"{name}_scale"] = quantise_per_row(w, quantised)
 
     def layer(x, logits, residual):
         topk_weights, topk_ids = moe_ops.route(logits, 2, renormalize=True)
-        return moe_ops.fused_experts(x, topk_weights, topk_ids, q_gate_up, q_down, w_gate_up_scale=s_gate_up,
-                                     w_down_scale=s_down) + residual
+        return moe_ops.fused_experts(x, topk_weights, topk_ids, **options) + residual
 
     return layer
 
@@ -504,7 +509,7 @@ def _quantised_layer(quantised, w_gate_up, w_down):
 def test_quantised_weights_reach_the_templates(dynamic):
     """int8 weights with per-row scales: both templates of every block size read the stored values (views,
     no dequantising kernel) and their scales, the gate's and the up's halves of the fused gate_up scales
-    (strides (2F, 1), up F elements on); no TMA tiles."""
+    (strides (2F, 1), up F elements on; no zero points); no TMA tiles."""
     w_gate_up, w_down = weights()
     args = layer_inputs()
     if dynamic:
@@ -520,13 +525,38 @@ def test_quantised_weights_reach_the_templates(dynamic):
         FileCheck().check("k_step(").check("tile_output(").check("W_SCALED, w_scales").run(source)
     gate_ups = [src for src in templates.values() if "GATHER : tl.constexpr = True" in src]
     assert len(gate_ups) == pairs
+    no_zero_points = "W_SCALE, 0, 0, 0, W_SCALE, 0, 0, 0"  # placeholders, never read
     for gate_up in gate_ups:
-        for line in (f"w_scales = (W_SCALE, {2 * F_}, 1, W_UP_SCALE, {2 * F_}, 1)",
+        for line in (f"w_scales = (W_SCALE, {2 * F_}, 1, 0, W_UP_SCALE, {2 * F_}, 1, 0, {no_zero_points})",
                      f"W_UP_SCALE = arg_W_UP_SCALE + {F_}", f"W_UP = arg_W_UP + {F_ * H}"):
             assert line in gate_up, line
     # Besides the templates, only the combine over k: nothing dequantises or copies the weights.
     assert len(kernels) == 2 * pairs + 1, list(kernels)
     assert "moe_ops.fused_experts.default(" not in code.split("def call(")[1]
+
+
+def test_group_quantised_int4_weights_reach_the_templates():
+    """int4 weights in groups of 32 with zero points: the templates read the packed bytes (K twice their
+    columns), dequantise each tile in registers with its group's scales and zero points (no per-row scaling
+    of the accumulator), the gate's and up's halves of the fused gate_up's (2F, G) scales split as its rows;
+    nothing else touches the weights."""
+    w_gate_up, w_down = weights()
+    code = generated_code(_quantised_layer("int4-g32", w_gate_up, w_down), *layer_inputs())
+    kernels = kernel_sources(code)
+    templates = {name: src for name, src in kernels.items() if name.startswith("triton_tem_")}
+    assert len(templates) == 2, list(kernels)
+    groups = H // 32
+    for source in templates.values():
+        for line in ("W_SCALED : tl.constexpr = False", "W_INT4 : tl.constexpr = True",
+                     "W_ZERO_POINT : tl.constexpr = True", "TMA : tl.constexpr = False", "* 2  # two int4 values"):
+            assert line in source, line
+        FileCheck().check("weight_group_ptrs(w_scales").check("k_step(").check("W_ZERO_POINT, groups, k0").run(source)
+    (gate_up,) = [src for src in templates.values() if "GATHER : tl.constexpr = True" in src]
+    assert "W_GROUP_SIZE : tl.constexpr = 32" in gate_up
+    scale_strides = f"{2 * F_ * groups}, {groups}, 1"
+    assert (f"w_scales = (W_SCALE, {scale_strides}, W_UP_SCALE, {scale_strides}, W_ZERO, {scale_strides}, "
+            f"W_UP_ZERO, {scale_strides})") in gate_up
+    assert len(kernels) == 3, list(kernels)
 
 
 _COMPILE_FOR_HOPPER = """
@@ -561,13 +591,14 @@ sys.exit(failed)
 def test_templates_compile_for_hopper(tmp_path):
     """The templates Inductor generates compiled for sm90 (Triton's frontend and its bundled ptxas, no GPU
     needed), as the GPU compiles them: bf16 layers with a static and a dynamic T (every block size's pair,
-    the TMA one included) and int8 / fp8 quantised weights."""
+    the TMA one included) and int8 / fp8 / int4 quantised weights."""
     import json
 
     hidden, inter = 256, 128  # multiples of the TMA tiles' columns
     w_gate_up, w_down = weights(hidden=hidden, inter=inter)
     layers = {"bf16": moe_layer(2, w_gate_up, w_down), "int8": _quantised_layer(torch.int8, w_gate_up, w_down),
-              "fp8": _quantised_layer(torch.float8_e4m3fn, w_gate_up, w_down)}
+              "fp8": _quantised_layer(torch.float8_e4m3fn, w_gate_up, w_down),
+              "int4": _quantised_layer("int4-g32", w_gate_up, w_down)}
     sources = []
     for label, layer in layers.items():
         for dynamic in ([False, True] if label == "bf16" else [False]):

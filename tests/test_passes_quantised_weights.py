@@ -10,7 +10,7 @@ from compile_harness import compile_and_record, fresh_compile_state  # noqa: F40
 from torch._dynamo.utils import counters
 
 import moe_ops
-from moe_ops.layout import quantise_per_row
+from moe_ops.quantised import quantise_per_row
 
 T, H, F, E, K = 10, 32, 24, 4, 2
 

@@ -81,7 +81,7 @@ def test_quantised_block_compiles_to_torchaos_result():
         "aten.squeeze.dim(-1)\n"
         "aten.squeeze.dim(-1)\n"
         "moe_ops.fused_experts.default(None, None, None, None, 'EFH', False, 'silu', True, 1.702, 7.0, 0.0, "
-        "'position', None)"
+        "'position', None, None, None, None)"  # no w_up's scale; no zero points
     ), graph
 
 
@@ -95,24 +95,29 @@ def _dequantised_twin(block):
 
 
 @pytest.mark.usefixtures("fresh_compile_state")
-@pytest.mark.parametrize("config", [Int8WeightOnlyConfig, Float8WeightOnlyConfig], ids=["int8", "fp8"])
+@pytest.mark.parametrize("config", [Int8WeightOnlyConfig, Float8WeightOnlyConfig, "int8-g32"],
+                         ids=["int8", "fp8", "int8-g32"])
 def test_weight_only_experts_run_as_fused_experts_over_the_stored_values(config, caplog):
-    """experts_implementation="moe_ops" with torchao's per-row weight-only tensors: fused_experts reads their
-    stored int8 / fp8 values and scales, in eager mode (where torchao 0.18's int8 tensors cannot run
-    transformers' experts: no transpose) and compiled into one graph, giving the dequantised weights'
-    result; the log says so."""
+    """experts_implementation="moe_ops" with torchao's weight-only tensors (int8 / fp8 per row, int8 in groups
+    of 32 input features): fused_experts reads their stored values and scales, in eager mode (where torchao
+    0.18's int8 tensors cannot run transformers' experts: no transpose) and compiled into one graph, giving
+    the dequantised weights' result; the log says so."""
     import logging
 
+    from torchao.quantization.granularity import PerGroup
+
     block = _block()
-    quantize_(block, moe_ops.experts_quantization_config(config()), filter_fn=None)
+    torchao_config = Int8WeightOnlyConfig(granularity=PerGroup(32)) if config == "int8-g32" else config()
+    quantize_(block, moe_ops.experts_quantization_config(torchao_config), filter_fn=None)
     block.experts.config._experts_implementation = "moe_ops"
     x = torch.randn(1, 12, H, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     with caplog.at_level(logging.INFO, logger="moe_ops"):
         out = block(x)
     want = _dequantised_twin(block)(x)
     assert ((out.float() - want.float()).abs().max() / want.float().abs().max()).item() <= 2e-2
-    stored = "int8" if config is Int8WeightOnlyConfig else "float8_e4m3fn"
-    assert any(f"quantised={stored}" in record.getMessage() for record in caplog.records)
+    scheme = {Int8WeightOnlyConfig: "int8 per row", Float8WeightOnlyConfig: "float8_e4m3fn per row"}.get(
+        config, "int8 in groups of 32")
+    assert any(f"quantised={scheme})" in record.getMessage() for record in caplog.records)
     with torch._inductor.config.patch(force_disable_caches=True):
         got, graph = compile_and_record(block, x)
     torch.testing.assert_close(got, out, rtol=2e-2, atol=2e-2)
@@ -122,22 +127,23 @@ def test_weight_only_experts_run_as_fused_experts_over_the_stored_values(config,
     assert "aten.mul" not in graph  # no dequantisation
 
 
-def test_group_wise_int8_experts_run_their_own_loop(caplog):
-    """Group-wise int8 scales are no form fused_experts reads: the experts run their own loop (torchao
-    dequantises), and the log names the reason."""
+def test_groups_the_kernels_do_not_take_run_their_own_loop(caplog):
+    """int8 scales per group of 8 input features (the kernels take groups of a multiple of 16) are no form
+    fused_experts reads: the experts run their own loop (torchao dequantises), and the log names the reason."""
     import logging
 
     from torchao.quantization.granularity import PerGroup
 
     block = _block()
-    quantize_(block, moe_ops.experts_quantization_config(Int8WeightOnlyConfig(granularity=PerGroup(32))),
+    quantize_(block, moe_ops.experts_quantization_config(Int8WeightOnlyConfig(granularity=PerGroup(8))),
               filter_fn=None)
     block.experts.config._experts_implementation = "moe_ops"
     x = torch.randn(1, 5, H).to(torch.bfloat16)
     with caplog.at_level(logging.INFO, logger="moe_ops"):
         out = block(x)
     torch.testing.assert_close(out, _dequantised_twin(block)(x), rtol=2e-2, atol=2e-2)
-    assert any("no per-row weight-only quantisation" in record.getMessage() for record in caplog.records)
+    assert any("no int8 / fp8 weight-only quantisation per row or in groups of a multiple of 16" in record.getMessage()
+               for record in caplog.records)
 
 
 def test_state_dict_round_trip():

@@ -1,10 +1,13 @@
-"""fp8 expert weights through torchao, compiled: fused_experts reads the stored fp8 values.
+"""Quantised expert weights: fp8 through torchao, compiled; int4 in groups passed to fused_experts.
 
 A Qwen3-MoE block from transformers (tiny config, random weights): torchao's quantize_ with
 moe_ops.experts_quantization_config turns its stacked expert weights into fp8 weight-only tensors (one
 scale per expert and output row); torch.compile rewrites the experts to moe_ops.fused_experts, which reads
 the fp8 values and their scales as stored, with no dequantised copy of the weights in the graph. The
 compiled block gives torchao's own eager result.
+
+Then the same experts as int4 (moe_ops.quantised.quantise_groups: groups of 32 inputs, zero points, two
+values per byte) straight into moe_ops.fused_experts, against the layer of their dequantised values.
 """
 
 import torch
@@ -39,3 +42,20 @@ print(f"compiled vs torchao eager: relative error {error:.2e}; experts rewritten
       f"{counters['moe_ops']['experts_rewrite']}x, reading stored fp8 weights "
       f"{counters['moe_ops']['quantised_weights_rewrite']}x")
 assert error <= 2e-2 and counters["moe_ops"]["quantised_weights_rewrite"] == 1
+
+# int4 in groups of 32 (asymmetric, packed two per byte), fused_experts' own quantised form.
+from moe_ops.quantised import dequantise, quantise_groups  # noqa: E402
+
+w_gate_up = torch.randn(E, 2 * F, H) * 0.1
+w_down = torch.randn(E, H, F) * 0.1
+q_gate_up, s_gate_up, z_gate_up = quantise_groups(w_gate_up, 32, bits=4)
+q_down, s_down, z_down = quantise_groups(w_down, 32, bits=4)
+tokens = torch.randn(7, H)
+topk_weights, topk_ids = moe_ops.route(torch.randn(7, E), K, renormalize=True)
+int4_out = moe_ops.fused_experts(tokens, topk_weights, topk_ids, q_gate_up, q_down, w_gate_up_scale=s_gate_up,
+                                 w_down_scale=s_down, w_gate_up_zero=z_gate_up, w_down_zero=z_down)
+dequantised_out = moe_ops.fused_experts(tokens, topk_weights, topk_ids, dequantise(q_gate_up, s_gate_up, z_gate_up),
+                                        dequantise(q_down, s_down, z_down))
+print(f"int4 weights: {q_gate_up.dtype} {tuple(q_gate_up.shape)} for a ({E}, {2 * F}, {H}) weight; "
+      f"max difference from the dequantised layer {(int4_out - dequantised_out).abs().max().item():.1e}")
+torch.testing.assert_close(int4_out, dequantised_out)

@@ -29,7 +29,7 @@ import logging
 import torch
 from torch.fx import Graph, Node
 
-from moe_ops._checks import QUANTISED_WEIGHT_DTYPES
+from moe_ops._checks import ONE_PER_BYTE_WEIGHT_DTYPES
 from moe_ops._compat.dynamo import counters
 from moe_ops.fused_experts import check_fused_args
 from moe_ops.lowering.graph.fx_match import aten, is_call, new_node, prims, val
@@ -78,7 +78,7 @@ def _dequantised(weight: Node, layout: str, dtype: torch.dtype, reader: Node) ->
         if q is None or s is None or val(q) is None or val(s) is None:
             continue
         q_val, s_val = val(q), val(s)
-        if (q_val.dtype in QUANTISED_WEIGHT_DTYPES and q_val.dim() == 3 and s_val.dtype == torch.float32
+        if (q_val.dtype in ONE_PER_BYTE_WEIGHT_DTYPES and q_val.dim() == 3 and s_val.dtype == torch.float32
                 and tuple(s_val.shape) == (*q_val.shape[:2], 1)):
             return q, s
     return f"{weight.name} is not int8 / fp8 values times an fp32 scale per expert and output row"
@@ -114,6 +114,7 @@ def rewrite_quantised_weights(graph: Graph) -> int:
                 scales[position] = new_node(graph, aten.squeeze.dim, (s, -1))
         args[_LAYOUT] = "EFH"
         args += [scales.get(position) for position in (_W_GATE_UP, _W_UP, _W_DOWN)]  # the schema's scale order
+        args += [None] * (len(_ARGUMENTS) - len(args))  # no zero points: torchao's weight-only are symmetric
         try:
             check_fused_args(*(val(args[i]) if isinstance(args[i], Node) else args[i] for i in _CHECKED))
         except (TypeError, ValueError) as refusal:

@@ -43,7 +43,7 @@ from moe_ops._compat.inductor import (
     selected_node,
 )
 from moe_ops.activations import ACTIVATION_CODE, CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT
-from moe_ops.expert_gemm_triton import expert_gemm_triton
+from moe_ops.expert_gemm_triton import expert_gemm_triton, group_block_k, weight_quantisation
 from moe_ops.layout import PackedSchedule, PaddedSchedule
 from moe_ops.lowering.inductor.direct_calls import extern_call
 from moe_ops.schedule import block_schedule_ref
@@ -65,7 +65,7 @@ import triton
 import triton.language as tl
 from moe_ops.expert_gemm_triton import (
     expert_gemm_tile, k_step, make_descriptors, tile_accumulators, tile_coords, tile_output, unrouted_row_blocks,
-    unrouted_rows_tile, weight_tile_ptrs,
+    unrouted_rows_tile, weight_group_ptrs, weight_tile_ptrs,
 )
 
 {%- set names = ["A", "W"] %}
@@ -75,14 +75,15 @@ from moe_ops.expert_gemm_triton import (
 {%- if HAS_SLOT_WEIGHT %}{% set names = names + ["SLOT_W"] %}{% endif %}
 {%- if PACKED %}{% set names = names + ["SORTED_SLOTS", "EXPERT_OFFSETS"] %}
 {%- else %}{% set names = names + ["SORTED_SLOTS", "BLOCK_EXPERT", "NUM_PADDED"] %}{% endif %}
-{%- if W_SCALED %}{% set names = names + ["W_SCALE"] %}{% if GATED %}{% set names = names + ["W_UP_SCALE"] %}{% endif %}
-{%- endif %}
+{%- set QUANTISED = W_SCALED or W_GROUP_SIZE > 0 %}
+{%- if QUANTISED %}{% set names = names + (["W_SCALE", "W_UP_SCALE"] if GATED else ["W_SCALE"]) %}{% endif %}
+{%- if W_ZERO_POINT %}{% set names = names + (["W_ZERO", "W_UP_ZERO"] if GATED else ["W_ZERO"]) %}{% endif %}
 {%- if ZERO_UNROUTED %}{% set names = names + ["IDS"] %}{% endif %}
 {%- if STORE_TO_OUT %}{% set names = names + ["OUT"] %}{% endif %}
 
 {{def_kernel(*names)}}
     N = {{size("W", 1)}}
-    K = {{size("W", 2)}}
+    K = {{size("W", 2)}}{{" * 2  # two int4 values per stored byte" if W_INT4 else ""}}
 {%- if GATHER %}
     num_slots = {{size("A", 0)}} * GATHER_TOP_K
 {%- elif SCATTER %}
@@ -107,10 +108,15 @@ from moe_ops.expert_gemm_triton import (
     bias = ({{"BIAS" if HAS_BIAS else "W"}}, {{bias_strides | join(", ")}})
     bias_up = ({{"BIAS_UP" if HAS_BIAS_UP else "W"}}, {{bias_up_strides | join(", ")}})
     schedule = {{"(SORTED_SLOTS, EXPERT_OFFSETS)" if PACKED else "(SORTED_SLOTS, BLOCK_EXPERT, NUM_PADDED)"}}
-{%- if W_SCALED %}
-{%- set up_scale = ["W_UP_SCALE", stride("W_UP_SCALE", 0), stride("W_UP_SCALE", 1)] if GATED else ["W_SCALE", 0, 0] %}
-    # Quantised weights: each output feature's scale, applied to the accumulated column (tile_output).
-    w_scales = (W_SCALE, {{stride("W_SCALE", 0)}}, {{stride("W_SCALE", 1)}}, {{up_scale | join(", ")}})
+{%- if QUANTISED %}
+{%- macro strides3(name) -%}
+{{name}}, {{stride(name, 0)}}, {{stride(name, 1)}}, {{stride(name, 2) if W_SCALE_GROUPS else 0}}
+{%- endmacro %}
+{%- set up_scale = strides3("W_UP_SCALE") if GATED else "W_SCALE, 0, 0, 0" %}
+{%- set zero = strides3("W_ZERO") if W_ZERO_POINT else "W_SCALE, 0, 0, 0" %}
+{%- set up_zero = strides3("W_UP_ZERO") if W_ZERO_POINT and GATED else "W_SCALE, 0, 0, 0" %}
+    # Quantised weights (moe_ops.quantised): scales (and zero points) of w and w_up, as expert_gemm_tile takes them.
+    w_scales = ({{strides3("W_SCALE")}}, {{up_scale}}, {{zero}}, {{up_zero}})
 {%- else %}
     w_scales = None
 {%- endif %}
@@ -143,7 +149,8 @@ from moe_ops.expert_gemm_triton import (
             pid, schedule, sizes, GATHER, BLOCK_M, BLOCK_N, GROUP_M, PACKED, E_PAD,
         )
         acc, acc_up = tile_accumulators(BLOCK_M, BLOCK_N, GATED)
-        w_ptrs, u_ptrs = weight_tile_ptrs(w, w_up, expert, cols, BLOCK_K)
+        w_ptrs, u_ptrs = weight_tile_ptrs(w, w_up, expert, cols, BLOCK_K, W_INT4)
+        groups = weight_group_ptrs(w_scales, expert, cols, W_GROUP_SIZE)
         for k0 in range(0, k_end, BLOCK_K):
             idx_am = a_row[:, None]
             idx_ak = k0 + tl.arange(0, BLOCK_K)[None, :]
@@ -157,7 +164,7 @@ from moe_ops.expert_gemm_triton import (
 {%- endif %}
             acc, acc_up, w_ptrs, u_ptrs = k_step(
                 a, acc, acc_up, w_ptrs, u_ptrs, K - k0, col_valid, {{stride("W", 2)}}, {{w_up_strides[2]}}, GATED,
-                {{precision}}, BLOCK_K,
+                {{precision}}, BLOCK_K, W_GROUP_SIZE, W_INT4, W_ZERO_POINT, groups, k0,
             )
         y, rows, cols, mask = tile_output(
             acc, acc_up, expert, slot, row_valid, offs_m, rows_in_range, cols, col_valid, bias, bias_up,
@@ -287,7 +294,7 @@ def tuned_expert_gemm(
     a, w, schedule: PaddedSchedule | PackedSchedule, num_slots, block_m: int, *, w_up=None, bias=None,
     bias_up=None, slot_weights=None, gather_top_k: int = 0, scatter: bool = False, activation: str = "none",
     alpha: float = CLAMPED_SWIGLU_ALPHA, limit: float = CLAMPED_SWIGLU_LIMIT, slot_ids=None, active=1,
-    busy_estimate=None, out=None, tma: bool = False, w_scale=None, w_up_scale=None,
+    busy_estimate=None, out=None, tma: bool = False, w_scale=None, w_up_scale=None, w_zero=None, w_up_zero=None,
 ):
     """The template node for one expert GEMM (Inductor IR in, IR out; the arguments of the eager
     launcher, expert_gemm_triton, with the schedule's tensors as IR). Callers check that the
@@ -298,7 +305,8 @@ def tuned_expert_gemm(
     ``out``: a buffer of the output's shape that the kernel writes (a mutated input) instead of a new
     one; the node returned then stands for nothing but that write. ``tma``: TMA tiles on a persistent
     grid where the inputs allow them (``tma_applies``; A in schedule order, made contiguous here).
-    ``w_scale`` / ``w_up_scale``: the (E, N) scales of quantised weights (pointer loads: no TMA tiles)."""
+    ``w_scale`` / ``w_up_scale`` (and zero points ``w_zero`` / ``w_up_zero``): quantised weights
+    (moe_ops.quantised; pointer loads: no TMA tiles)."""
 
     packed = isinstance(schedule, PackedSchedule)
     optional = (w_up, bias, bias_up, slot_weights)
@@ -307,8 +315,7 @@ def tuned_expert_gemm(
     # realize_input, not select_algorithm.realize_inputs: that one copies a view without a unit stride,
     # and GPT-OSS's interleaved gate/up columns are such a view (the tile function takes any strides).
     scaled = w_scale is not None
-    scales = [w_scale, w_up_scale] if scaled and w_up is not None else [w_scale]
-    extra = [t for t in (*scales, slot_ids, out) if t is not None]
+    extra = [t for t in (w_scale, w_up_scale, w_zero, w_up_zero, slot_ids, out) if t is not None]
     input_nodes = [ir.ExternKernel.realize_input(t) for t in (*tensors, *extra)]
     device = a.get_device()
     if tma:
@@ -336,6 +343,9 @@ def tuned_expert_gemm(
            and tma_applies(a.get_dtype(), block_m, n, gated, weight_views(w, w_up)))
     pair_stride = ir_pair_stride(input_nodes[1], input_nodes[2]) if tma and gated else None
     base = gemm_config(block_m, int(n), gated, a.get_dtype().itemsize, busy_estimate, num_sms, smem_bytes, ieee, tma)
+    k = int(a.get_size()[1])
+    quantised = weight_quantisation(w.get_dtype(), None if w_scale is None else w_scale.get_size(),
+                                    w_zero is not None, k)
     flags = dict(
         GATHER=gather_top_k > 0, SCATTER=bool(scatter), GATED=gated, HAS_BIAS=bias is not None,
         HAS_BIAS_UP=bias_up is not None, HAS_SLOT_WEIGHT=slot_weights is not None,
@@ -345,7 +355,7 @@ def tuned_expert_gemm(
         PAIR_STRIDE=pair_stride or 0,
         ZERO_UNROUTED=slot_ids is not None, NUM_EXPERTS=num_experts,
         PACKED=packed, E_PAD=triton.next_power_of_2(num_experts) if packed else 1, STORE_TO_OUT=out is not None,
-        W_SCALED=scaled,
+        W_SCALE_GROUPS=scaled and len(w_scale.get_size()) == 3, **quantised,
     )
     unrouted_rows = num_slots if slot_ids is not None else 0
     always_active = active == 1
@@ -358,7 +368,8 @@ def tuned_expert_gemm(
                 block_m, cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_stages"], gated, a.get_dtype().itemsize,
                 smem_bytes, tma=True)):
             continue
-        cfg = dict(cfg, EVEN_K=int(w.get_size()[2]) % cfg["BLOCK_K"] == 0)
+        block_k = group_block_k(cfg["BLOCK_K"], quantised["W_GROUP_SIZE"], k)
+        cfg = dict(cfg, BLOCK_K=block_k, EVEN_K=k % block_k == 0)
         num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
         expert_gemm_template.maybe_append_choice(
             choices, input_nodes=input_nodes, layout=layout, num_warps=num_warps, num_stages=num_stages,
@@ -404,10 +415,11 @@ def template_applies(a, gather_top_k, scatter, slot_weights) -> str | None:
 @register_lowering(torch.ops.moe_ops.expert_gemm.default, type_promotion_kind=None)
 def lower_expert_gemm(
     a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
-    num_slots, block_m, gather_top_k, scatter, activation, alpha, limit, w_scale=None, w_up_scale=None,
+    num_slots, block_m, gather_top_k, scatter, activation, alpha, limit, w_scale=None, w_up_scale=None, w_zero=None,
+    w_up_zero=None,
 ):
     args = (a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
-            num_slots, block_m, gather_top_k, scatter, activation, alpha, limit, w_scale, w_up_scale)
+            num_slots, block_m, gather_top_k, scatter, activation, alpha, limit, w_scale, w_up_scale, w_zero, w_up_zero)
     why_not = template_applies(a, gather_top_k, scatter, slot_weights)
     if why_not is not None:
         log.debug("moe_ops.expert_gemm stays an extern call: %s", why_not)
@@ -415,6 +427,7 @@ def lower_expert_gemm(
     return tuned_expert_gemm(
         a, w, PaddedSchedule(sorted_slots, block_expert, num_padded), num_slots, block_m, w_up=w_up, bias=bias,
         bias_up=bias_up, slot_weights=slot_weights, gather_top_k=gather_top_k, scatter=scatter,
-        activation=activation, alpha=alpha, limit=limit, w_scale=w_scale, w_up_scale=w_up_scale,
+        activation=activation, alpha=alpha, limit=limit, w_scale=w_scale, w_up_scale=w_up_scale, w_zero=w_zero,
+        w_up_zero=w_up_zero,
     )
 

@@ -65,15 +65,16 @@ prims = torch.ops.prims
 
 
 def _expert_weight_views(w_gate_up, w_down, w_up, b_gate_up, b_up, layout, interleaved, gated,
-                         w_gate_up_scale=None, w_up_scale=None):
+                         w_gate_up_scale=None, w_up_scale=None, w_gate_up_zero=None, w_up_zero=None):
     """As moe_ops.fused_experts.ExpertWeights, on Inductor IR: (E, N, K) views, never copies, and the
-    scales of quantised weights beside them (a fused gate_up weight's split as its rows are)."""
+    scales and zero points of quantised weights beside them (a fused gate_up weight's split as its rows
+    are): (gate, up, gate bias, up bias, down, gate scale, up scale, gate zero, up zero)."""
     if layout == "EHF":
         w_gate_up = L[aten.permute.default](w_gate_up, [0, 2, 1])
         w_up = None if w_up is None else L[aten.permute.default](w_up, [0, 2, 1])
         w_down = L[aten.permute.default](w_down, [0, 2, 1])
     gate, up, b_gate = w_gate_up, w_up, b_gate_up
-    s_gate, s_up = w_gate_up_scale, w_up_scale
+    s_gate, s_up, z_gate, z_up = w_gate_up_scale, w_up_scale, w_gate_up_zero, w_up_zero
     if gated and w_up is None:
         two_f = w_gate_up.get_size()[1]
         if interleaved:
@@ -85,7 +86,9 @@ def _expert_weight_views(w_gate_up, w_down, w_up, b_gate_up, b_up, layout, inter
             (b_gate, b_up) = (L[aten.slice.Tensor](b_gate_up, 1, *half) for half in halves)
         if w_gate_up_scale is not None:
             (s_gate, s_up) = (L[aten.slice.Tensor](w_gate_up_scale, 1, *half) for half in halves)
-    return gate, up, b_gate, b_up, w_down, s_gate, s_up
+        if w_gate_up_zero is not None:
+            (z_gate, z_up) = (L[aten.slice.Tensor](w_gate_up_zero, 1, *half) for half in halves)
+    return gate, up, b_gate, b_up, w_down, s_gate, s_up, z_gate, z_up
 
 
 class _Variant(NamedTuple):
@@ -141,11 +144,11 @@ def _rows_in_schedule_order(x, sorted_slots, top_k, active):
 def lower_fused_experts(
     x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
     layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy,
-    w_gate_up_scale=None, w_up_scale=None, w_down_scale=None,
+    w_gate_up_scale=None, w_up_scale=None, w_down_scale=None, w_gate_up_zero=None, w_up_zero=None, w_down_zero=None,
 ):
     args = (x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
             layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy,
-            w_gate_up_scale, w_up_scale, w_down_scale)
+            w_gate_up_scale, w_up_scale, w_down_scale, w_gate_up_zero, w_up_zero, w_down_zero)
     why_not = None
     if not templates_allowed(x.get_device()):
         why_not = "no Triton templates for this device (or moe_ops.config.inductor_templates is off)"
@@ -165,8 +168,9 @@ def lower_fused_experts(
     K = int(topk_ids.get_size()[1])
     E = int(w_gate_up.get_size()[0])
     num_slots = T * K
-    gate, up, b_gate, b_up, down, s_gate, s_up = _expert_weight_views(
-        w_gate_up, w_down, w_up, b_gate_up, b_up, layout, interleaved, gated, w_gate_up_scale, w_up_scale
+    gate, up, b_gate, b_up, down, s_gate, s_up, z_gate, z_up = _expert_weight_views(
+        w_gate_up, w_down, w_up, b_gate_up, b_up, layout, interleaved, gated, w_gate_up_scale, w_up_scale,
+        w_gate_up_zero, w_up_zero,
     )
     # Packed (block_m = 1: no padding), so that every block size's templates can share it.
     sorted_slots, _, _, _, expert_offsets = block_schedule_in_graph(topk_ids, E, 1)
@@ -188,11 +192,11 @@ def lower_fused_experts(
         h_SF = tuned_expert_gemm(
             a, gate, schedule, num_slots, variant.block_m, w_up=up, bias=b_gate, bias_up=b_up,
             gather_top_k=gather_top_k, activation=activation, alpha=alpha, limit=limit, w_scale=s_gate,
-            w_up_scale=s_up, **common,
+            w_up_scale=s_up, w_zero=z_gate, w_up_zero=z_up, **common,
         )
         y_SH = tuned_expert_gemm(
             h_SF, down, schedule, num_slots, variant.block_m, bias=b_down, slot_weights=slot_weights, scatter=True,
-            slot_ids=slot_ids, out=shared, w_scale=w_down_scale, **common,
+            slot_ids=slot_ids, out=shared, w_scale=w_down_scale, w_zero=w_down_zero, **common,
         )
     y_SH = y_SH if shared is None else shared
     # As the op: K summed in fp32, in a fixed order, rounded once to x's dtype. Written as K pointwise

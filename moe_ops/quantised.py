@@ -1,0 +1,133 @@
+"""Quantised expert weights as the ops take them: stored values, fp32 scales, optional zero points.
+
+An (E, N, K) weight (N output features, K reduction features; layout "EFH" for fused_experts) is stored as
+
+    values  int8 or fp8 e4m3 (E, N, K), or uint8 (E, N, K / 2): two unsigned 4-bit values per byte along K,
+            the even k in the low nibble (int4)
+    scale   fp32 (E, N): one per expert and output feature (torchao's per-row weight-only tensors), or
+            (E, N, G): one per group of K / G consecutive reduction features (group-wise, K / G a multiple
+            of 16)
+    zero    fp32, the scale's shape, optional: the stored value that stands for 0 (asymmetric schemes)
+
+and stands for ``(values - zero) * scale``, the scale and zero point of the value's group (``dequantise``,
+the reference every kernel is tested against). The kernels read the stored values: per-row scales without
+zero points multiply each accumulated output column once; any other form is dequantised in registers, one
+weight tile at a time. No dequantised copy is made either way.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe_ops._checks import QUANTISED_WEIGHT_DTYPES, check_tensor
+
+# The smallest group the kernels take: a K step (one tl.dot's reduction, 16 at least) reads one group.
+MIN_GROUP_SIZE = 16
+INT4_LEVELS = 16
+INT4_RANGE_SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+
+
+def stored_columns(dtype: torch.dtype, k: int) -> int:
+    """How many stored columns hold ``k`` reduction features of a ``dtype`` weight (two per byte for int4)."""
+    return k // 2 if dtype == torch.uint8 else k
+
+
+def check_quantised_weight(name: str, w: torch.Tensor, scale, zero, shape_ENK: tuple, device, *, scale_name: str,
+                           zero_name: str) -> None:
+    """A ValueError/TypeError naming the first argument of a quantised weight (module docstring) that is not
+    as expected; ``shape_ENK`` the (E, N, K) it stands for."""
+    E, N, K = shape_ENK
+    check_tensor(name, w, ndim=3, dtypes=QUANTISED_WEIGHT_DTYPES, device=device)
+    if w.dtype == torch.uint8 and K % 2:
+        raise ValueError(f"{name}: int4 values (uint8, two per byte) need an even reduction size, got K={K}")
+    want = (E, N, stored_columns(w.dtype, K))
+    if tuple(w.shape) != want:
+        packed = " (two int4 values per byte)" if w.dtype == torch.uint8 else ""
+        raise ValueError(f"{name}: expected shape {want}{packed}, got {tuple(w.shape)}")
+    if scale is None:
+        raise ValueError(f"{scale_name}: {name} holds quantised values and needs its scales")
+    check_tensor(scale_name, scale, dtypes=(torch.float32,), device=device)
+    if scale.dim() == 2:
+        check_tensor(scale_name, scale, shape=(E, N))
+    else:
+        check_tensor(scale_name, scale, shape=(E, N, "G"))
+        groups = scale.shape[2]
+        if groups < 1 or K % groups or (groups > 1 and (K // groups) % MIN_GROUP_SIZE):
+            raise ValueError(
+                f"{scale_name}: expected (E, N) per-row scales or (E, N, G) group scales with K={K} a multiple of "
+                f"G and K / G a multiple of {MIN_GROUP_SIZE}, got {tuple(scale.shape)}"
+            )
+    if zero is not None:
+        check_tensor(zero_name, zero, shape=tuple(scale.shape), dtypes=(torch.float32,), device=device)
+
+
+def unpack_int4(w: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., K / 2) packed int4 values as (..., K) uint8 values in [0, 16), the even k from the low
+    nibble."""
+    return torch.stack((w & 0xF, w >> 4), dim=-1).flatten(-2)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """(..., K) values in [0, 16) (any integer dtype, K even) packed two per byte: uint8 (..., K / 2)."""
+    q = q.to(torch.uint8)
+    return q[..., 0::2] | (q[..., 1::2] << 4)
+
+
+def dequantise(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None) -> torch.Tensor:
+    """What a quantised weight stands for, in fp32 (E, N, K): ``(values - zero) * scale`` per group."""
+    values = (unpack_int4(w) if w.dtype == torch.uint8 else w).float()
+    groups = 1 if scale.dim() == 2 else scale.shape[2]
+    scale = scale.reshape(*scale.shape[:2], groups)
+    grouped = values.unflatten(-1, (groups, -1))
+    if zero is not None:
+        grouped = grouped - zero.reshape(scale.shape)[..., None]
+    return (grouped * scale[..., None]).flatten(-2)
+
+
+def quantise_per_row(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w`` (E, N, K) as (values of ``dtype``, (E, N) fp32 scales), one symmetric scale per expert and output
+    row, as torchao's per-row weight-only tensors hold them; int8 (127 levels a side) or fp8 e4m3 (its
+    largest value, 448, at the row's largest magnitude)."""
+    if dtype not in (torch.int8, torch.float8_e4m3fn):
+        raise TypeError(f"dtype: expected torch.int8 or torch.float8_e4m3fn, got {dtype}")
+    top = 127.0 if dtype == torch.int8 else torch.finfo(torch.float8_e4m3fn).max
+    scale = w.float().abs().amax(-1).clamp_min(torch.finfo(torch.float32).tiny) / top
+    values = w.float() / scale[..., None]
+    values = values.round().clamp(-127, 127).to(torch.int8) if dtype == torch.int8 else values.to(dtype)
+    return values, scale
+
+
+def quantise_groups(w: torch.Tensor, group_size: int, *, bits: int = 8) -> tuple[torch.Tensor, ...]:
+    """``w`` (E, N, K) quantised in groups of ``group_size`` reduction features: (values, (E, N, G) fp32
+    scales, zero points or None). ``bits=8``: symmetric int8 (torchao's ``Int8WeightOnlyConfig`` with
+    ``PerGroup``), no zero points. ``bits=4``: asymmetric, each group's range (its outliers clipped where that
+    reproduces the group better) onto [0, 15] with a zero point, the values packed two per byte (uint8 (E, N,
+    K / 2)), as GPTQ/AWQ-style int4 weights hold them."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits: expected 4 or 8, got {bits}")
+    E, N, K = w.shape
+    if group_size < MIN_GROUP_SIZE or group_size % MIN_GROUP_SIZE or K % group_size:
+        raise ValueError(f"group_size: expected a multiple of {MIN_GROUP_SIZE} dividing K={K}, got {group_size}")
+    grouped = w.float().unflatten(-1, (K // group_size, group_size))
+    tiny = torch.finfo(torch.float32).tiny
+    if bits == 8:
+        scale = grouped.abs().amax(-1).clamp_min(tiny) / 127.0
+        values = (grouped / scale[..., None]).round().clamp(-127, 127).to(torch.int8).flatten(-2)
+        return values, scale, None
+    low, high = grouped.amin(-1).clamp_max(0.0), grouped.amax(-1).clamp_min(0.0)
+    best_error = None
+    # 16 levels are coarse: clipping a group's outliers can cost less than the resolution the full range
+    # loses. Each group keeps the range, of the full one shrunk by these factors, that reproduces it best.
+    for shrink in INT4_RANGE_SHRINK:
+        scale_try = ((high - low) * shrink / (INT4_LEVELS - 1)).clamp_min(tiny)
+        zero_try = (-low * shrink / scale_try).round().clamp(0, INT4_LEVELS - 1)
+        values_try = (grouped / scale_try[..., None] + zero_try[..., None]).round().clamp(0, INT4_LEVELS - 1)
+        error = ((values_try - zero_try[..., None]) * scale_try[..., None] - grouped).square().sum(-1)
+        if best_error is None:
+            best_error, scale, zero, values = error, scale_try, zero_try, values_try
+            continue
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        scale, zero = torch.where(better, scale_try, scale), torch.where(better, zero_try, zero)
+        values = torch.where(better[..., None], values_try, values)
+    return pack_int4(values.flatten(-2)), scale, zero
