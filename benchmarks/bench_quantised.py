@@ -1,4 +1,4 @@
-"""Quantised expert weights: moe_ops.fused_experts over int8 / fp8 per-row weights against bf16 and torchao.
+"""Quantised expert weights: moe_ops.fused_experts over int8 / fp8 / int4 weights against bf16 and torchao.
 
 For each shape and token count, the routed experts of one layer (random tokens routed to K random experts,
 bf16 activations) timed with ``triton.testing.do_bench`` in ROUNDS interleaved rounds, each implementation
@@ -7,13 +7,16 @@ on the same inputs:
     moe_ops_bf16        moe_ops.fused_experts, bf16 weights
     moe_ops_int8        moe_ops.fused_experts, int8 weights, an fp32 scale per expert and output row
     moe_ops_fp8         the same with fp8 e4m3 weights
+    moe_ops_int8_g128   int8 weights, a scale per group of 128 input features
+    moe_ops_int4_g128   int4 weights packed two per byte, a scale and a zero point per group of 128
     torchao_fp8_eager   transformers' grouped_mm experts module with torchao's Float8WeightOnlyConfig weights,
                         uncompiled (torchao's own weight-only path: it dequantises the weights every call)
 
 Reported: the median ms, the speed-up over moe_ops_bf16, the weight bytes each call reads per ms (GB/s;
 the experts a batch touches, once each) and the error of each quantised result against bf16 (SQNR, dB).
-Targets of the quantised-experts issue: >= 1.8x bf16 at decode (T <= 16) for fp8 / int8, no more than 10%
-slower at large T. Results: benchmarks/results/quantised_<gpu>.md (GPU, torch, triton, torchao versions).
+Targets of the quantised-experts issue: >= 1.8x bf16 at decode (T <= 16) for fp8 / int8, int4 >= 3.2x, no
+more than 10% slower at large T. Results: benchmarks/results/quantised_<gpu>.md (GPU, torch, triton, torchao
+versions).
 
     python benchmarks/bench_quantised.py                 # H100 / H200: Mixtral-8x7B and Qwen3-30B-A3B
     python benchmarks/bench_quantised.py --dry-run       # CPU, tiny shape, wall clock (the script's logic)
@@ -32,17 +35,23 @@ import triton
 from bench_layer import DRY_RUN_SHAPES, SHAPES, MoEShape, slug, time_on_gpu, time_wall_clock
 
 import moe_ops
-from moe_ops.quantised import quantise_per_row
+from moe_ops.quantised import quantise_groups, quantise_per_row, sqnr_db
 
 ROUNDS = 3
 TOKENS = (1, 2, 4, 8, 16, 2048, 8192)
 DRY_RUN_TOKENS = (1, 5)
-QUANTISED = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+GROUP = 128
+DRY_RUN_GROUP = 16  # the dry run's tiny shape has fewer inputs than a group of 128
+# Each scheme: how it quantises an (E, N, K) weight, given the group size, into fused_experts' (values,
+# scales, zero points), and the bytes a stored weight takes (scales aside). Grouped schemes' names end in
+# "_g" and get the group size appended.
+QUANTISED = {
+    "int8": (lambda w, group: (*quantise_per_row(w, torch.int8), None), 1.0),
+    "fp8": (lambda w, group: (*quantise_per_row(w, torch.float8_e4m3fn), None), 1.0),
+    "int8_g": (lambda w, group: quantise_groups(w, group, bits=8), 1.0),
+    "int4_g": (lambda w, group: quantise_groups(w, group, bits=4), 0.5),
+}
 GPU_SHAPES = ("mixtral-8x7b", "qwen3-30b-a3b")
-
-
-def sqnr_db(signal: torch.Tensor, noisy: torch.Tensor) -> float:
-    return (20 * torch.log10(signal.float().norm() / (signal.float() - noisy.float()).norm())).item()
 
 
 def torchao_experts(shape: MoEShape, w_gate_up: torch.Tensor, w_down: torch.Tensor):
@@ -68,16 +77,22 @@ def torchao_experts(shape: MoEShape, w_gate_up: torch.Tensor, w_down: torch.Tens
     return block.experts
 
 
-def run_shape(shape: MoEShape, tokens, device, time_fn) -> list[str]:
+def run_shape(shape: MoEShape, tokens, device, time_fn, group: int = GROUP) -> list[str]:
     E, K, H, F = shape.num_experts, shape.top_k, shape.hidden, shape.intermediate
     torch.manual_seed(0)
     w_gate_up = (torch.randn(E, 2 * F, H, device=device) / H**0.5).to(torch.bfloat16)
     w_down = (torch.randn(E, H, F, device=device) / F**0.5).to(torch.bfloat16)
     weights = {"moe_ops_bf16": {"w_gate_up": w_gate_up, "w_down": w_down}}
-    for name, dtype in QUANTISED.items():
-        (gate_up, gate_up_scale), (down, down_scale) = (quantise_per_row(w, dtype) for w in (w_gate_up, w_down))
-        weights[f"moe_ops_{name}"] = {"w_gate_up": gate_up, "w_down": down, "w_gate_up_scale": gate_up_scale,
-                                      "w_down_scale": down_scale}
+    itemsizes = {"moe_ops_bf16": 2.0}
+    for scheme, (quantise, itemsize) in QUANTISED.items():
+        name = f"moe_ops_{scheme}{group if scheme.endswith('_g') else ''}"
+        arguments = {}
+        for weight_name, weight in (("w_gate_up", w_gate_up), ("w_down", w_down)):
+            values, scale, zero = quantise(weight, group)
+            arguments.update({weight_name: values, f"{weight_name}_scale": scale})
+            if zero is not None:
+                arguments[f"{weight_name}_zero"] = zero
+        weights[name], itemsizes[name] = arguments, itemsize
     torchao = torchao_experts(shape, w_gate_up, w_down)
     lines = []
     for t in tokens:
@@ -98,7 +113,7 @@ def run_shape(shape: MoEShape, tokens, device, time_fn) -> list[str]:
         bf16_ms = statistics.median(rounds["moe_ops_bf16"])
         for name, measured in rounds.items():
             ms = statistics.median(measured)
-            itemsize = 2 if name == "moe_ops_bf16" else 1
+            itemsize = itemsizes.get(name, 1.0)  # torchao's fp8: one byte
             gb_per_s = touched * 3 * F * H * itemsize / (ms * 1e-3) / 1e9
             error = f"{errors[name]:.1f}" if name in errors else "-"
             lines.append(f"| {shape.name} | {t} | {name} | {ms:.4f} | {bf16_ms / ms:.2f}x | {gb_per_s:.0f} | {error} | "
@@ -134,7 +149,7 @@ def main() -> None:
              "| shape | T | implementation | ms | vs bf16 | weight GB/s | SQNR dB | rounds (ms) |",
              "|---|---|---|---|---|---|---|---|"]
     for shape in shapes:
-        lines += run_shape(shape, tokens, device, time_fn)
+        lines += run_shape(shape, tokens, device, time_fn, DRY_RUN_GROUP if args.dry_run else GROUP)
         print("\n".join(lines[-len(tokens) * (len(QUANTISED) + 2):]), flush=True)
     report = "\n".join(lines) + "\n"
     print(report)

@@ -27,6 +27,13 @@ INT4_LEVELS = 16
 INT4_RANGE_SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 
 
+def sqnr_db(signal: torch.Tensor, noisy: torch.Tensor) -> float:
+    """Signal-to-quantisation-noise ratio of ``noisy`` against ``signal``, in dB (how the tests and benchmarks
+    judge a quantised result against the unquantised one)."""
+    signal, noisy = signal.float(), noisy.float()
+    return (20 * torch.log10(signal.norm() / (signal - noisy).norm())).item()
+
+
 def stored_columns(dtype: torch.dtype, k: int) -> int:
     """How many stored columns hold ``k`` reduction features of a ``dtype`` weight (two per byte for int4)."""
     return k // 2 if dtype == torch.uint8 else k

@@ -60,8 +60,3 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
-
-
-def sqnr_db(signal: torch.Tensor, noisy: torch.Tensor) -> float:
-    """Signal-to-quantisation-noise ratio of ``noisy`` against ``signal``, in dB."""
-    return (20 * torch.log10(signal.float().norm() / (signal.float() - noisy.float()).norm())).item()

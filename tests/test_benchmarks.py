@@ -191,15 +191,19 @@ def test_training_timing_dry_run():
 
 
 def test_quantised_dry_run():
-    """bench_quantised.py's CPU dry run times bf16, int8 and fp8 moe_ops and torchao's fp8 experts at each token
-    count, each quantised result within its scheme's error of bf16."""
+    """bench_quantised.py's CPU dry run times bf16, int8 / fp8 per row, int8 / int4 in groups (of 16 at its
+    tiny shape) moe_ops and torchao's fp8 experts at each token count, each quantised result within its
+    scheme's error of bf16."""
     stdout = _dry_run("bench_quantised.py")
     for t in ("1", "5"):
         rows = {line.split("|")[3].strip(): line.split("|") for line in stdout.splitlines()
                 if line.startswith(f"| tiny-mixtral | {t} |")}
-        assert set(rows) == {"moe_ops_bf16", "moe_ops_int8", "moe_ops_fp8", "torchao_fp8_eager"}, rows
+        assert set(rows) == {"moe_ops_bf16", "moe_ops_int8", "moe_ops_fp8", "moe_ops_int8_g16", "moe_ops_int4_g16",
+                             "torchao_fp8_eager"}, rows
         assert all(float(row[4]) > 0 for row in rows.values())
-        assert all(float(rows[name][7]) >= 25.0 for name in ("moe_ops_int8", "moe_ops_fp8", "torchao_fp8_eager"))
+        floors = dict(moe_ops_int8=25.0, moe_ops_fp8=25.0, torchao_fp8_eager=25.0, moe_ops_int8_g16=25.0,
+                      moe_ops_int4_g16=15.0)
+        assert all(float(rows[name][7]) >= floor for name, floor in floors.items())
 
 
 def test_tree_comparison_calls_slower_only_beyond_the_runs_spread():

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TRITON_DEVICE, assert_close_rel, sqnr_db, zipf_ids
+from conftest import TRITON_DEVICE, assert_close_rel, zipf_ids
 
 from moe_ops.expert_gemm import expert_gemm, expert_gemm_ref
 from moe_ops.layout import PackedSchedule, PaddedSchedule
-from moe_ops.quantised import dequantise, quantise_groups, quantise_per_row
+from moe_ops.quantised import dequantise, quantise_groups, quantise_per_row, sqnr_db
 from moe_ops.schedule import block_schedule, block_schedule_ref
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]

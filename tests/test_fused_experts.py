@@ -8,11 +8,11 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TRITON_DEVICE, assert_close_rel, sqnr_db, zipf_ids
+from conftest import TRITON_DEVICE, assert_close_rel, zipf_ids
 
 import moe_ops
 from moe_ops.fused_experts import QUANTISATION_ARGS, fused_experts, fused_experts_ref, fused_experts_triton
-from moe_ops.quantised import dequantise, quantise_groups, quantise_per_row
+from moe_ops.quantised import dequantise, quantise_groups, quantise_per_row, sqnr_db
 from moe_ops.routing_triton import route_triton
 from moe_ops.tiles import choose_block_m
 
@@ -397,11 +397,11 @@ def test_quantised_expert_errors_name_the_argument():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("quantised", QUANTISED)
+@pytest.mark.parametrize("quantised", [*QUANTISED, "int8-g128", "int4-g128"])
 def test_cuda_quantised_experts_make_no_dequantised_copy(quantised):
-    """Real shapes (Qwen3-30B-A3B's experts, decode and prefill): the quantised layer gives the reference's
-    result, and no call holds more memory than a small share of the bf16 weights (a dequantised copy of
-    them would need all of it)."""
+    """Real shapes (Qwen3-30B-A3B's experts, decode and prefill): the quantised layer (per row, or in groups
+    of 128) gives the reference's result, and no call holds more memory than a small share of the bf16
+    weights (a dequantised copy of them would need all of it)."""
     E, H, Fi = 128, 2048, 768
     torch.manual_seed(0)
     w_gate_up = torch.randn(E, 2 * Fi, H, device="cuda", dtype=torch.bfloat16) / H**0.5
@@ -409,7 +409,13 @@ def test_cuda_quantised_experts_make_no_dequantised_copy(quantised):
     bf16_bytes = (w_gate_up.numel() + w_down.numel()) * 2
     options = {}
     for name, weight in dict(w_gate_up=w_gate_up, w_down=w_down).items():
-        options[name], options[f"{name}_scale"] = quantise_per_row(weight, quantised)
+        if isinstance(quantised, str):
+            values, scale, zero = quantise_groups(weight, 128, bits=4 if quantised.startswith("int4") else 8)
+            options.update({name: values, f"{name}_scale": scale})
+            if zero is not None:
+                options[f"{name}_zero"] = zero
+        else:
+            options[name], options[f"{name}_scale"] = quantise_per_row(weight, quantised)
     del w_gate_up, w_down
     for T in (1, 2048):
         x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)

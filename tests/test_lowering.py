@@ -736,7 +736,7 @@ def test_cuda_template_variants_match_eager(variant, dynamic):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static_T", "dynamic_T"])
-@pytest.mark.parametrize("quantised", [torch.int8, torch.float8_e4m3fn], ids=["int8", "fp8"])
+@pytest.mark.parametrize("quantised", [torch.int8, torch.float8_e4m3fn, "int4-g32"], ids=["int8", "fp8", "int4-g32"])
 def test_cuda_quantised_templates_match_eager(quantised, dynamic):
     """The templates over quantised weights compute what the op's own kernels compute, T past the TMA
     threshold included (the templates keep pointer loads for quantised weights)."""
@@ -746,7 +746,7 @@ def test_cuda_quantised_templates_match_eager(quantised, dynamic):
         for t in args:
             torch._dynamo.mark_dynamic(t, 0)
     code = _compiled_vs_eager(_quantised_layer(quantised, w_gate_up, w_down), args, torch.bfloat16)
-    assert "W_SCALED : tl.constexpr = True" in code
+    assert ("W_INT4 : tl.constexpr = True" if quantised == "int4-g32" else "W_SCALED : tl.constexpr = True") in code
 
 
 @pytest.mark.cuda

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import sqnr_db
 
 from moe_ops.quantised import (
     INT4_LEVELS,
@@ -13,6 +12,7 @@ from moe_ops.quantised import (
     pack_int4,
     quantise_groups,
     quantise_per_row,
+    sqnr_db,
     unpack_int4,
 )
 

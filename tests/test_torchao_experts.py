@@ -13,6 +13,7 @@ from compile_harness import compile_and_record, fresh_compile_state  # noqa: F40
 from torch._dynamo.utils import counters
 
 import moe_ops
+from moe_ops.quantised import sqnr_db
 
 torchao = pytest.importorskip("torchao")
 transformers = pytest.importorskip("transformers")
@@ -38,11 +39,6 @@ def _quantised():
     return block
 
 
-def _sqnr_db(signal, noisy):
-    signal, noisy = signal.float(), noisy.float()
-    return (10 * torch.log10(signal.pow(2).mean() / (signal - noisy).pow(2).mean())).item()
-
-
 def test_the_experts_and_only_they_are_quantised():
     block = _quantised()
     for name in ("gate_up_proj", "down_proj"):
@@ -64,7 +60,7 @@ def test_quantised_block_compiles_to_torchaos_result():
     reference = _block()(x)
     block = _quantised()
     want = block(x)
-    assert _sqnr_db(reference, want) >= 25.0
+    assert sqnr_db(reference, want) >= 25.0
     # No cache of any kind (the FX graph's, AOTAutograd's for subclass inputs): the passes must run.
     with torch._inductor.config.patch(force_disable_caches=True):
         got, graph = compile_and_record(block, x)
