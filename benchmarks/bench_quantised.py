@@ -9,8 +9,11 @@ on the same inputs:
     moe_ops_fp8         the same with fp8 e4m3 weights
     moe_ops_int8_g128   int8 weights, a scale per group of 128 input features
     moe_ops_int4_g128   int4 weights packed two per byte, a scale and a zero point per group of 128
+    moe_ops_fp8_w8a8    fp8 weights per row, the GEMMs' inputs quantised to fp8 per row on the fly
     torchao_fp8_eager   transformers' grouped_mm experts module with torchao's Float8WeightOnlyConfig weights,
                         uncompiled (torchao's own weight-only path: it dequantises the weights every call)
+    torchao_fp8_w8a8_eager  the same with Float8DynamicActivationFloat8WeightConfig(PerRow) weights (fp8 inputs,
+                        torch's _scaled_grouped_mm; GPU only)
 
 Reported: the median ms, the speed-up over moe_ops_bf16, the weight bytes each call reads per ms (GB/s;
 the experts a batch touches, once each) and the error of each quantised result against bf16 (SQNR, dB).
@@ -43,22 +46,29 @@ DRY_RUN_TOKENS = (1, 5)
 GROUP = 128
 DRY_RUN_GROUP = 16  # the dry run's tiny shape has fewer inputs than a group of 128
 # Each scheme: how it quantises an (E, N, K) weight, given the group size, into fused_experts' (values,
-# scales, zero points), and the bytes a stored weight takes (scales aside). Grouped schemes' names end in
-# "_g" and get the group size appended.
+# scales, zero points), the bytes a stored weight takes (scales aside), and fused_experts' other options.
+# Grouped schemes' names end in "_g" and get the group size appended.
 QUANTISED = {
-    "int8": (lambda w, group: (*quantise_per_row(w, torch.int8), None), 1.0),
-    "fp8": (lambda w, group: (*quantise_per_row(w, torch.float8_e4m3fn), None), 1.0),
-    "int8_g": (lambda w, group: quantise_groups(w, group, bits=8), 1.0),
-    "int4_g": (lambda w, group: quantise_groups(w, group, bits=4), 0.5),
+    "int8": (lambda w, group: (*quantise_per_row(w, torch.int8), None), 1.0, {}),
+    "fp8": (lambda w, group: (*quantise_per_row(w, torch.float8_e4m3fn), None), 1.0, {}),
+    "int8_g": (lambda w, group: quantise_groups(w, group, bits=8), 1.0, {}),
+    "int4_g": (lambda w, group: quantise_groups(w, group, bits=4), 0.5, {}),
+    "fp8_w8a8": (lambda w, group: (*quantise_per_row(w, torch.float8_e4m3fn), None), 1.0,
+                 {"input_quantisation": "fp8_rowwise"}),
 }
 GPU_SHAPES = ("mixtral-8x7b", "qwen3-30b-a3b")
 
 
-def torchao_experts(shape: MoEShape, w_gate_up: torch.Tensor, w_down: torch.Tensor):
-    """transformers' grouped_mm experts module holding these weights, quantised by torchao (fp8 weight-only),
-    or None where torchao or transformers is missing."""
+def torchao_experts(shape: MoEShape, w_gate_up: torch.Tensor, w_down: torch.Tensor, dynamic: bool = False):
+    """transformers' grouped_mm experts module holding these weights, quantised by torchao (fp8 weight-only, or
+    ``dynamic``: fp8 inputs too), or None where torchao or transformers is missing."""
     try:
-        from torchao.quantization import Float8WeightOnlyConfig, quantize_
+        from torchao.quantization import (
+            Float8DynamicActivationFloat8WeightConfig,
+            Float8WeightOnlyConfig,
+            PerRow,
+            quantize_,
+        )
         from transformers import Qwen3MoeConfig
         from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
     except ImportError:
@@ -71,7 +81,8 @@ def torchao_experts(shape: MoEShape, w_gate_up: torch.Tensor, w_down: torch.Tens
     block.experts.gate_up_proj = torch.nn.Parameter(w_gate_up.clone(), requires_grad=False)
     block.experts.down_proj = torch.nn.Parameter(w_down.clone(), requires_grad=False)
     # The helper's names are the experts' within a block ("experts.gate_up_proj").
-    quantize_(block, moe_ops.experts_quantization_config(Float8WeightOnlyConfig()), filter_fn=None)
+    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()) if dynamic else Float8WeightOnlyConfig()
+    quantize_(block, moe_ops.experts_quantization_config(config), filter_fn=None)
     if type(block.experts.gate_up_proj).__name__ != "Float8Tensor":
         raise RuntimeError("torchao left the experts unquantised")
     return block.experts
@@ -84,24 +95,27 @@ def run_shape(shape: MoEShape, tokens, device, time_fn, group: int = GROUP) -> l
     w_down = (torch.randn(E, H, F, device=device) / F**0.5).to(torch.bfloat16)
     weights = {"moe_ops_bf16": {"w_gate_up": w_gate_up, "w_down": w_down}}
     itemsizes = {"moe_ops_bf16": 2.0}
-    for scheme, (quantise, itemsize) in QUANTISED.items():
+    for scheme, (quantise, itemsize, options) in QUANTISED.items():
         name = f"moe_ops_{scheme}{group if scheme.endswith('_g') else ''}"
-        arguments = {}
+        arguments = dict(options)
         for weight_name, weight in (("w_gate_up", w_gate_up), ("w_down", w_down)):
             values, scale, zero = quantise(weight, group)
             arguments.update({weight_name: values, f"{weight_name}_scale": scale})
             if zero is not None:
                 arguments[f"{weight_name}_zero"] = zero
         weights[name], itemsizes[name] = arguments, itemsize
-    torchao = torchao_experts(shape, w_gate_up, w_down)
+    torchao = {"torchao_fp8_eager": torchao_experts(shape, w_gate_up, w_down)}
+    if device.type == "cuda":  # torchao quantises inputs to fp8 only where an fp8 GPU can multiply them
+        torchao["torchao_fp8_w8a8_eager"] = torchao_experts(shape, w_gate_up, w_down, dynamic=True)
     lines = []
     for t in tokens:
         x = torch.randn(t, H, device=device, dtype=torch.bfloat16)
         ids = torch.rand(t, E, device=device).argsort(-1)[:, :K]
         routing = torch.rand(t, K, device=device).softmax(-1).to(torch.bfloat16)
         calls = {name: functools.partial(moe_ops.fused_experts, x, routing, ids, **w) for name, w in weights.items()}
-        if torchao is not None:
-            calls["torchao_fp8_eager"] = functools.partial(torchao, x, ids, routing)
+        for name, experts in torchao.items():
+            if experts is not None:
+                calls[name] = functools.partial(experts, x, ids, routing)
         with torch.no_grad():
             want = calls["moe_ops_bf16"]()
             errors = {name: sqnr_db(want, call()) for name, call in calls.items() if name != "moe_ops_bf16"}
@@ -149,8 +163,9 @@ def main() -> None:
              "| shape | T | implementation | ms | vs bf16 | weight GB/s | SQNR dB | rounds (ms) |",
              "|---|---|---|---|---|---|---|---|"]
     for shape in shapes:
-        lines += run_shape(shape, tokens, device, time_fn, DRY_RUN_GROUP if args.dry_run else GROUP)
-        print("\n".join(lines[-len(tokens) * (len(QUANTISED) + 2):]), flush=True)
+        shape_lines = run_shape(shape, tokens, device, time_fn, DRY_RUN_GROUP if args.dry_run else GROUP)
+        print("\n".join(shape_lines), flush=True)
+        lines += shape_lines
     report = "\n".join(lines) + "\n"
     print(report)
     if not args.dry_run:

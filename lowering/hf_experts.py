@@ -46,7 +46,7 @@ from moe_ops._compat.dynamo import counters
 from moe_ops.activations import CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT
 from moe_ops.expert_parallel import PLAN_ATTRIBUTE, fused_experts_ep
 from moe_ops.fused_experts import fused_experts
-from moe_ops.lowering.torchao_experts import torchao_tensor_class, weight_only_quantised
+from moe_ops.lowering.torchao_experts import torchao_quantised, torchao_tensor_class
 from moe_ops.settings import config
 
 log = logging.getLogger("moe_ops")
@@ -275,20 +275,25 @@ def fused_experts_arguments(experts: nn.Module, hidden_states: torch.Tensor) -> 
                 f"{hidden_states.dtype} on {hidden_states.device}"
             )
         arguments[argument] = tensor
-    quantised = {name: weight_only_quantised(arguments[name]) for name in ("w_gate_up", "w_down")}
+    quantised = {name: torchao_quantised(arguments[name]) for name in ("w_gate_up", "w_down")}
     for name, attribute in tensors.items():
         if torchao_tensor_class(type(arguments[name])) is not None and quantised.get(name) is None:
-            return (f"{attribute} is a torchao {type(arguments[name]).__name__} that is no int8 / fp8 weight-only "
-                    "quantisation per row or in groups of a multiple of 16 (activations quantised too, or "
-                    "another layout)")
+            return (f"{attribute} is a torchao {type(arguments[name]).__name__} that is no int8 / fp8 quantisation "
+                    "per row or in groups of a multiple of 16, with inputs as they are or fp8 per row (another "
+                    "layout, or other activation scales)")
     if any(quantised.values()):
-        # torchao's weight-only tensors: the stored values and their scales, read as they are.
+        # torchao's tensors: the stored values and their scales, read as they are.
         if not all(quantised.values()):
             return "some of its expert weights are quantised by torchao and some are not"
         if is_transposed:
             return "its quantised weights are stored (E, K, N): their scales scale input features"
-        for name, (values, scales) in quantised.items():
+        input_quantisations = {input_quantisation for _, _, input_quantisation in quantised.values()}
+        if len(input_quantisations) > 1:
+            return "torchao quantises the inputs of some of its expert weights and not of others"
+        for name, (values, scales, _) in quantised.items():
             arguments[name], arguments[f"{name}_scale"] = values, scales
+        if input_quantisations != {"none"}:
+            arguments["input_quantisation"] = input_quantisations.pop()
     arguments.update(
         layout="EHF" if is_transposed else "EFH",
         interleaved=not is_concatenated,
@@ -307,9 +312,10 @@ def _quantisation(arguments: dict) -> str | None:
         return None
     stored = str(arguments["w_down"].dtype).replace("torch.", "")
     scale = arguments["w_gate_up_scale"]
-    if scale.dim() == 2:
-        return f"{stored} per row"
-    return f"{stored} in groups of {arguments['w_gate_up'].shape[2] // scale.shape[2]}"
+    scheme = (f"{stored} per row" if scale.dim() == 2
+              else f"{stored} in groups of {arguments['w_gate_up'].shape[2] // scale.shape[2]}")
+    inputs = arguments.get("input_quantisation")
+    return scheme if inputs is None else f"{scheme}, inputs {inputs}"
 
 
 def moe_ops_experts_forward(self, hidden_states, top_k_index, top_k_weights):

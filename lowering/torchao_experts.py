@@ -5,7 +5,7 @@ transformers 5 keeps a MoE block's experts as stacked 3-D parameters (``gate_up_
 ``down_proj``) of one experts module, not as ``nn.Linear`` layers, so ``quantize_``'s default filter
 (linear layers) leaves them in bf16 without a word. torchao's ``FqnToConfig`` selects parameters by
 name instead; this module builds it for the experts. torchao is imported only by that builder: the
-transformers integration reads quantised weights (``weight_only_quantised``) without importing it.
+transformers integration reads quantised weights (``torchao_quantised``) without importing it.
 """
 
 from __future__ import annotations
@@ -42,18 +42,33 @@ def torchao_tensor_class(kind: type) -> str | None:
     return kind.__name__ if kind.__module__.startswith("torchao.") else None
 
 
-def weight_only_quantised(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(values (E, N, K), fp32 scales) of a torchao weight-only tensor of int8 or fp8 e4m3 values with a scale
-    per expert and row ((E, N): ``Int8WeightOnlyConfig()``, ``Float8WeightOnlyConfig()``) or per group of
-    input features along the row ((E, N, K / g): ``Int8WeightOnlyConfig(granularity=PerGroup(g))``, g a
-    multiple of 16), as fused_experts takes quantised weights (moe_ops.quantised); None for any other tensor
-    (a plain one, activations quantised too, other groups)."""
+@torch.compiler.assume_constant_result
+def fp8_rowwise_inputs(act_quant_kwargs) -> bool:
+    """Whether a torchao Float8Tensor's activation quantisation is fused_experts' "fp8_rowwise": e4m3, one scale
+    per row, no bounds on the values that set it (``Float8DynamicActivationFloat8WeightConfig(granularity=
+    PerRow())``'s). Dynamo runs it at trace time: the tensor's settings are constants."""
+    granularity = getattr(act_quant_kwargs, "granularity", None)
+    return (getattr(act_quant_kwargs, "float8_dtype", None) == torch.float8_e4m3fn
+            and type(granularity).__name__ == "PerRow" and getattr(granularity, "dim", -1) == -1
+            and getattr(act_quant_kwargs, "hp_value_lb", None) is None
+            and getattr(act_quant_kwargs, "hp_value_ub", None) is None)
+
+
+def torchao_quantised(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str] | None:
+    """(values (E, N, K), fp32 scales, input quantisation) of a torchao tensor as fused_experts takes quantised
+    weights (moe_ops.quantised), or None for any other tensor (a plain one, other layouts or groups):
+
+    - int8 or fp8 e4m3 values with a scale per expert and row ((E, N): ``Int8WeightOnlyConfig()``,
+      ``Float8WeightOnlyConfig()``) or per group of input features along the row ((E, N, K / g):
+      ``Int8WeightOnlyConfig(granularity=PerGroup(g))``, g a multiple of 16), inputs as they are ("none");
+    - fp8 e4m3 values with a scale per row whose inputs are quantised per row on the fly
+      (``Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())``): "fp8_rowwise"."""
     if torchao_tensor_class(type(weight)) not in SCALED_TENSORS:
         return None
     values, scale = getattr(weight, "qdata", None), getattr(weight, "scale", None)
     if not (isinstance(values, torch.Tensor) and isinstance(scale, torch.Tensor)) or values.dim() != 3:
         return None
-    if getattr(weight, "act_quant_kwargs", None) is not None or getattr(weight, "act_pre_scale", None) is not None:
+    if getattr(weight, "act_pre_scale", None) is not None:
         return None
     experts, rows, columns = values.shape
     block = list(getattr(weight, "block_size", ()))
@@ -63,6 +78,11 @@ def weight_only_quantised(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     group = block[2]
     if columns % group or tuple(scale.shape) != (experts, rows, columns // group):
         return None
+    act_quant_kwargs = getattr(weight, "act_quant_kwargs", None)
+    if act_quant_kwargs is not None:
+        if group != columns or values.dtype != torch.float8_e4m3fn or not fp8_rowwise_inputs(act_quant_kwargs):
+            return None
+        return values, scale.squeeze(-1), "fp8_rowwise"
     if group == columns:
-        return values, scale.squeeze(-1)
-    return (values, scale) if group % MIN_GROUP_SIZE == 0 else None
+        return values, scale.squeeze(-1), "none"
+    return (values, scale, "none") if group % MIN_GROUP_SIZE == 0 else None

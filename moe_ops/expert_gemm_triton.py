@@ -104,7 +104,7 @@ def expert_gemm_tile(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PACKED: tl.constexpr, E_PAD: tl.constexpr, TMA: tl.constexpr, PAIRED: tl.constexpr = False,
     W_SCALED: tl.constexpr = False, w_scales=None, W_GROUP_SIZE: tl.constexpr = 0, W_INT4: tl.constexpr = False,
-    W_ZERO_POINT: tl.constexpr = False,
+    W_ZERO_POINT: tl.constexpr = False, A_SCALED: tl.constexpr = False, a_scale_ptr=None,
 ):
     """The (BLOCK_M, BLOCK_N) output tile of program ``pid``: (values in fp32, output rows, output
     columns, store mask). Shared by the eager kernel (which stores it) and the Inductor template
@@ -143,7 +143,9 @@ def expert_gemm_tile(
     Quantised weights (moe_ops.quantised): ``W_SCALED``, int8 / fp8 values with per-row scales and no zero
     points, dots the values and scales the accumulated columns; else ``W_GROUP_SIZE`` (the reduction features
     per scale: K for per-row scales) dequantises each weight tile before its dot, ``W_INT4`` unpacking two
-    values per byte and ``W_ZERO_POINT`` subtracting the zero points."""
+    values per byte and ``W_ZERO_POINT`` subtracting the zero points. ``A_SCALED``: A holds fp8 values, each
+    row of A scaled by its ``a_scale_ptr`` entry (fp32), applied to the accumulated rows (w8a8 with W_SCALED:
+    fp8 dots, both scales in the epilogue)."""
     expert, row0, offs_m, rows_in_range, slot, row_valid, a_row, col0, cols, col_valid, k_end = tile_coords(
         pid, schedule, sizes, GATHER, BLOCK_M, BLOCK_N, GROUP_M, PACKED, E_PAD,
     )
@@ -188,6 +190,11 @@ def expert_gemm_tile(
                                                  stride_uk, GATED, INPUT_PRECISION, BLOCK_K, W_GROUP_SIZE, W_INT4,
                                                  W_ZERO_POINT, groups, k0)
             a_ptrs += BLOCK_K * stride_ak
+    if A_SCALED:
+        a_scale = tl.load(a_scale_ptr + a_row, mask=row_valid, other=0.0)[:, None]
+        acc *= a_scale
+        if GATED:
+            acc_up *= a_scale
     return tile_output(
         acc, acc_up, expert, slot, row_valid, offs_m, rows_in_range, cols, col_valid, bias, bias_up,
         slot_weight_ptr, act_params, SCATTER, GATED, HAS_BIAS, HAS_BIAS_UP, HAS_SLOT_WEIGHT, ACTIVATION,
@@ -414,7 +421,7 @@ def _expert_gemm_kernel(
     # pointers (each schedule's own: expert_offsets for a packed one, block_expert and num_padded else)
     a_ptr, w_ptr, w_up_ptr, bias_ptr, bias_up_ptr, slot_weight_ptr, out_ptr,
     sorted_slots_ptr, expert_offsets_ptr, block_expert_ptr, num_padded_ptr, ids_ptr, w_scale_ptr, w_up_scale_ptr,
-    w_zero_ptr, w_up_zero_ptr,
+    w_zero_ptr, w_up_zero_ptr, a_scale_ptr,
     # sizes
     N, K, num_slots, gather_top_k, num_blocks_max, num_experts, num_a_rows,
     # strides
@@ -437,7 +444,7 @@ def _expert_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PACKED: tl.constexpr, E_PAD: tl.constexpr, ZERO_UNROUTED: tl.constexpr, TMA: tl.constexpr,
     PAIRED: tl.constexpr, pair_stride, W_SCALED: tl.constexpr, W_GROUP_SIZE: tl.constexpr, W_INT4: tl.constexpr,
-    W_ZERO_POINT: tl.constexpr,
+    W_ZERO_POINT: tl.constexpr, A_SCALED: tl.constexpr,
 ):
     a = (a_ptr, stride_am, stride_ak)
     w = (w_ptr, stride_we, stride_wn, stride_wk)
@@ -464,7 +471,7 @@ def _expert_gemm_kernel(
             BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, PACKED, E_PAD, TMA, PAIRED,
             W_SCALED, (w_scale_ptr, stride_se, stride_sn, stride_sg, w_up_scale_ptr, stride_use, stride_usn, stride_usg,
                        w_zero_ptr, stride_ze, stride_zn, stride_zg, w_up_zero_ptr, stride_uze, stride_uzn, stride_uzg),
-            W_GROUP_SIZE, W_INT4, W_ZERO_POINT,
+            W_GROUP_SIZE, W_INT4, W_ZERO_POINT, A_SCALED, a_scale_ptr,
         )
         if ZERO_UNROUTED:
             q = pid - num_blocks_max * tl.cdiv(N, BLOCK_N)
@@ -511,7 +518,7 @@ def expert_gemm_triton(
     a, w, schedule: PaddedSchedule | PackedSchedule, num_slots: int, block_m: int, *, w_up=None, bias=None,
     bias_up=None, slot_weights=None, gather_top_k: int = 0, scatter: bool = False, activation: str = "none",
     alpha: float = CLAMPED_SWIGLU_ALPHA, limit: float = CLAMPED_SWIGLU_LIMIT, config=None, out_dtype=None,
-    slot_ids=None, tma: bool = False, w_scale=None, w_up_scale=None, w_zero=None, w_up_zero=None,
+    slot_ids=None, tma: bool = False, w_scale=None, w_up_scale=None, w_zero=None, w_up_zero=None, a_scale=None,
 ):
     """Launch the kernel; the arguments and result of moe_ops.expert_gemm.expert_gemm_ref, its schedule
     either the padded one it takes or a PackedSchedule (for any ``block_m``; a schedule-order output then
@@ -524,7 +531,8 @@ def expert_gemm_triton(
     through tensor descriptors on a persistent grid (expert_gemm_tile) where the inputs allow it
     (``tma_applies``, A in schedule order with contiguous rows); the caller decides whether it pays.
     ``w_scale`` / ``w_up_scale`` (and zero points ``w_zero`` / ``w_up_zero``): ``w`` / ``w_up`` hold quantised
-    values (moe_ops.quantised; pointer loads only: no TMA tiles)."""
+    values (moe_ops.quantised; pointer loads only: no TMA tiles). ``a_scale`` (rows of a,) fp32: ``a`` holds
+    fp8 values, row r standing for a[r] * a_scale[r] (then give ``out_dtype``)."""
     sorted_slots = schedule.sorted_slots
     num_positions = sorted_slots.shape[0]
     n, k = w.shape[1], a.shape[1]
@@ -550,7 +558,7 @@ def expert_gemm_triton(
     # fp32 inputs stay exact unless the user allowed tf32, as torch.matmul does.
     ieee = a.dtype == torch.float32 and not fp32_matmul_allows_tf32()
     quantised = weight_quantisation(w.dtype, None if w_scale is None else w_scale.shape, w_zero is not None, k)
-    scaled = quantised["W_SCALED"] or quantised["W_GROUP_SIZE"] > 0
+    scaled = quantised["W_SCALED"] or quantised["W_GROUP_SIZE"] > 0 or a_scale is not None
     if tma and not scaled:
         weights = [(t.shape, t.stride(), t.data_ptr()) for t in (w, w_up) if t is not None]
         # CPU tensors: the interpreter, which runs descriptors too (the tests' way to check this path).
@@ -581,6 +589,7 @@ def expert_gemm_triton(
         dummy if packed else schedule.num_padded, slot_ids if zero_unrouted else dummy,
         w_scale if scaled else dummy, w_up_scale if scaled and gated else dummy,
         w_zero if w_zero is not None else dummy, w_up_zero if w_up_zero is not None else dummy,
+        a_scale if a_scale is not None else dummy,
         n, k, num_slots, max(gather_top_k, 1), num_blocks_max, num_experts, a.shape[0],
         a.stride(0), a.stride(1),
         *w.stride(),
@@ -596,7 +605,7 @@ def expert_gemm_triton(
         INPUT_PRECISION="ieee" if ieee else "tf32",
         BLOCK_M=block_m, PACKED=packed, E_PAD=triton.next_power_of_2(num_experts) if packed else 1,
         ZERO_UNROUTED=zero_unrouted, TMA=tma, PAIRED=pair_stride is not None, pair_stride=pair_stride or 0,
-        **quantised, **config,
+        A_SCALED=a_scale is not None, **quantised, **config,
     )
     return out
 

@@ -38,7 +38,7 @@ from moe_ops.fused_experts_backward_triton import (
     token_sums_triton,
 )
 from moe_ops.layout import PackedSchedule, capacity_from_factor, split_gate_up
-from moe_ops.quantised import check_quantised_weight, dequantise, stored_columns
+from moe_ops.quantised import check_quantised_weight, dequantise, quantise_per_row, stored_columns
 from moe_ops.schedule_triton import block_schedule_triton, rows_in_schedule_order
 from moe_ops.settings import config
 from moe_ops.tiles import choose_block_m, tma_applies, tma_device, tma_pays
@@ -46,7 +46,16 @@ from moe_ops.tiles import choose_block_m, tma_applies, tma_device, tma_pays
 LAYOUTS = ("EFH", "EHF")
 # The op's last arguments, each None for weights that are not quantised (moe_ops.quantised).
 QUANTISATION_ARGS = ("w_gate_up_scale", "w_up_scale", "w_down_scale", "w_gate_up_zero", "w_up_zero", "w_down_zero")
-NOT_QUANTISED = (None,) * len(QUANTISATION_ARGS)
+# How the GEMMs' inputs (x, then the activation h) are quantised: not at all, or each row to fp8 e4m3 with
+# its own scale, computed on the fly (w8a8 with fp8 weights scaled per row, as torchao's
+# Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()) computes).
+INPUT_QUANTISATIONS = ("none", "fp8_rowwise")
+NOT_QUANTISED = (*(None,) * len(QUANTISATION_ARGS), "none")  # the quantisation arguments, then input_quantisation
+
+
+def quantise_input_rows(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A GEMM input's rows as "fp8_rowwise" quantises them: (fp8 e4m3 values, fp32 scale per row)."""
+    return quantise_per_row(a, torch.float8_e4m3fn)
 
 
 class ExpertWeights:
@@ -102,7 +111,7 @@ def check_fused_args(
     x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
     layout, interleaved, activation, gated, capacity_factor, drop_policy,
     w_gate_up_scale=None, w_up_scale=None, w_down_scale=None, w_gate_up_zero=None, w_up_zero=None,
-    w_down_zero=None,
+    w_down_zero=None, input_quantisation="none",
 ) -> None:
     """fused_experts' arguments (alpha and limit excepted) as every path takes them: a ValueError naming
     the first argument that is not, with the shape, dtype or value expected. The graph passes ask it too,
@@ -162,6 +171,12 @@ def check_fused_args(
         check_tensor("b_up", b_up, shape=(E, F), dtypes=FLOAT_DTYPES, device=x.device)
     if b_down is not None:
         check_tensor("b_down", b_down, shape=(E, H), dtypes=FLOAT_DTYPES, device=x.device)
+    check_choice("input_quantisation", input_quantisation, INPUT_QUANTISATIONS)
+    if input_quantisation == "fp8_rowwise" and not (
+            quantised and w_gate_up.dtype == w_down.dtype == torch.float8_e4m3fn and w_gate_up_scale.dim() == 2
+            and w_down_scale.dim() == 2 and w_gate_up_zero is None):
+        raise ValueError("input_quantisation: 'fp8_rowwise' (fp8 inputs) needs fp8 e4m3 weights with per-row scales "
+                         "((E, N) w_*_scale) and no zero points")
     K = topk_ids.shape[1]
     if not 1 <= K <= E:
         raise ValueError(f"topk_ids: expected 1 <= K <= E={E} choices per token, got K={K}")
@@ -175,15 +190,18 @@ def fused_experts_ref(
     limit=CLAMPED_SWIGLU_LIMIT,
     capacity_factor=0.0, drop_policy="position", return_num_dropped=False,
     w_gate_up_scale=None, w_up_scale=None, w_down_scale=None, w_gate_up_zero=None, w_up_zero=None, w_down_zero=None,
+    input_quantisation="none",
 ):
     """Plain-PyTorch definition of :func:`fused_experts` (same arguments): a loop over experts,
     rounding where the kernels round (the intermediate activation and each slot's output are
-    stored in x's dtype). Quantised weights are their dequantised values, in fp32."""
+    stored in x's dtype). Quantised weights are their dequantised values, in fp32; quantised inputs
+    (``input_quantisation``) the dequantised values of x's rows and of each slot's activation."""
     check_fused_args(
         x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
         layout, interleaved, activation, gated, capacity_factor, drop_policy,
-        w_gate_up_scale, w_up_scale, w_down_scale, w_gate_up_zero, w_up_zero, w_down_zero,
+        w_gate_up_scale, w_up_scale, w_down_scale, w_gate_up_zero, w_up_zero, w_down_zero, input_quantisation,
     )
+    quantised_inputs = input_quantisation != "none"
     T, K = topk_ids.shape
     if w_gate_up_scale is not None:
         w_gate_up = dequantise(w_gate_up, w_gate_up_scale, w_gate_up_zero)
@@ -203,6 +221,8 @@ def fused_experts_ref(
         if token.numel() == 0:
             continue
         x_e = x[token].to(acc_dtype)
+        if quantised_inputs:
+            x_e = dequantise(*quantise_input_rows(x[token]))
         gate = x_e @ w.gate[e].to(acc_dtype).T
         if w.b_gate is not None:
             gate = gate + w.b_gate[e].to(acc_dtype)
@@ -212,6 +232,8 @@ def fused_experts_ref(
             if w.b_up is not None:
                 up = up + w.b_up[e].to(acc_dtype)
         h = activate_ref(gate, up, activation, alpha, limit).to(x.dtype).to(acc_dtype)
+        if quantised_inputs:
+            h = dequantise(*quantise_input_rows(h.to(x.dtype)))
         y = h @ w.down[e].to(acc_dtype).T
         if w.b_down is not None:
             y = y + w.b_down[e].to(acc_dtype)
@@ -246,11 +268,12 @@ def _fused_experts_op(
     w_gate_up_zero: torch.Tensor | None = None,
     w_up_zero: torch.Tensor | None = None,
     w_down_zero: torch.Tensor | None = None,
+    input_quantisation: str = "none",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return fused_experts_ref(
         x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
         layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy,
-        True, w_gate_up_scale, w_up_scale, w_down_scale, w_gate_up_zero, w_up_zero, w_down_zero,
+        True, w_gate_up_scale, w_up_scale, w_down_scale, w_gate_up_zero, w_up_zero, w_down_zero, input_quantisation,
     )
 
 
@@ -258,16 +281,18 @@ def fused_experts_triton(
     x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
     layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy,
     w_gate_up_scale=None, w_up_scale=None, w_down_scale=None, w_gate_up_zero=None, w_up_zero=None, w_down_zero=None,
+    input_quantisation="none",
 ):
     """The Triton path (the op's CUDA kernel; tests also run it on CPU under the interpreter). Quantised
     weights go to both GEMMs as they are stored, with their scales and zero points (pointer loads: no TMA
-    tiles)."""
+    tiles); quantised inputs (fp8 rows) are made before each GEMM, their scales applied to its rows."""
 
     check_fused_args(
         x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
         layout, interleaved, activation, gated, capacity_factor, drop_policy,
-        w_gate_up_scale, w_up_scale, w_down_scale, w_gate_up_zero, w_up_zero, w_down_zero,
+        w_gate_up_scale, w_up_scale, w_down_scale, w_gate_up_zero, w_up_zero, w_down_zero, input_quantisation,
     )
+    quantised_inputs = input_quantisation != "none"
     check_kernel_dtype("x", x)
     T, K = topk_ids.shape
     E = w_gate_up.shape[0]
@@ -286,6 +311,9 @@ def fused_experts_triton(
     sorted_slots, _, _, _, expert_offsets = block_schedule_triton(ids, E, 1)
     a, gather_top_k = x, K
     weight_views = [(t.shape, t.stride(), t.data_ptr()) for t in (w.gate, w.up) if t is not None]
+    a_scale = None
+    if quantised_inputs:
+        a, a_scale = quantise_input_rows(x)
     tma = (w.s_gate is None and tma_pays(num_slots, E) and tma_device(x.device)
            and tma_applies(x.dtype, block_m, w.gate.shape[1], w.up is not None, weight_views))
     if tma:
@@ -297,11 +325,15 @@ def fused_experts_triton(
     h = expert_gemm_triton(
         a, w.gate, schedule, num_slots, block_m, w_up=w.up, bias=w.b_gate, bias_up=w.b_up,
         gather_top_k=gather_top_k, activation=activation, alpha=alpha, limit=limit, tma=tma,
-        w_scale=w.s_gate, w_up_scale=w.s_up, w_zero=w.z_gate, w_up_zero=w.z_up,
+        w_scale=w.s_gate, w_up_scale=w.s_up, w_zero=w.z_gate, w_up_zero=w.z_up, a_scale=a_scale, out_dtype=x.dtype,
     )
+    h_scale = None
+    if quantised_inputs:
+        h, h_scale = quantise_input_rows(h)
     y_SH = expert_gemm_triton(
         h, w.down, schedule, num_slots, block_m, bias=w.b_down, slot_weights=topk_weights.reshape(-1),
-        scatter=True, slot_ids=ids.reshape(-1), tma=tma, w_scale=w.s_down, w_zero=w.z_down,
+        scatter=True, slot_ids=ids.reshape(-1), tma=tma, w_scale=w.s_down, w_zero=w.z_down, a_scale=h_scale,
+        out_dtype=x.dtype,
     )
     y_TKH = y_SH.view(T, K, -1)
     if config.batch_invariant:
@@ -322,11 +354,11 @@ _fused_experts_op.register_kernel("cuda")(fused_experts_triton)
 def _(x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
       layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy,
       w_gate_up_scale=None, w_up_scale=None, w_down_scale=None, w_gate_up_zero=None, w_up_zero=None,
-      w_down_zero=None):
+      w_down_zero=None, input_quantisation="none"):
     check_fused_args(
         x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
         layout, interleaved, activation, gated, capacity_factor, drop_policy,
-        w_gate_up_scale, w_up_scale, w_down_scale, w_gate_up_zero, w_up_zero, w_down_zero,
+        w_gate_up_scale, w_up_scale, w_down_scale, w_gate_up_zero, w_up_zero, w_down_zero, input_quantisation,
     )
     return x.new_empty(x.shape), x.new_empty((), dtype=torch.int32)
 
@@ -342,7 +374,7 @@ _fused_experts_backward_op = register_reference_autograd(
 def _(*args):
     *forward_args, grads = args
     check_fused_args(*forward_args[:13], *forward_args[15:])  # all but alpha, limit and the gradients
-    if any(scale is not None for scale in forward_args[17:]):
+    if any(scale is not None for scale in forward_args[17:23]):
         raise NotImplementedError(
             "fused_experts: gradients through quantised expert weights (w_gate_up_scale given) have no CUDA "
             "kernel; quantised experts serve inference"
@@ -561,6 +593,7 @@ def fused_experts(
     w_gate_up_zero: torch.Tensor | None = None,
     w_up_zero: torch.Tensor | None = None,
     w_down_zero: torch.Tensor | None = None,
+    input_quantisation: str = "none",
 ):
     """The routed experts of a MoE layer: sum_j w[t, j] * MLP_{ids[t, j]}(x[t]).
 
@@ -595,6 +628,9 @@ def fused_experts(
                       gradient
         w_gate_up_zero, w_up_zero, w_down_zero: optional zero points (fp32, the scales' shapes): the
                       weights stand for (values - zero) * scale
+        input_quantisation: "none", or "fp8_rowwise" (w8a8, with fp8 weights scaled per row): x's rows and
+                      each slot's activation quantised to fp8 e4m3 on the fly, one scale per row (amax /
+                      448), and the GEMMs run on fp8 values
 
     Returns:
         (T, H) in x's dtype [, num_dropped]
@@ -602,7 +638,7 @@ def fused_experts(
     args = (
         x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
         layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy,
-        w_gate_up_scale, w_up_scale, w_down_scale, w_gate_up_zero, w_up_zero, w_down_zero,
+        w_gate_up_scale, w_up_scale, w_down_scale, w_gate_up_zero, w_up_zero, w_down_zero, input_quantisation,
     )
     if direct_cuda_call_allowed(x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
                                 w_gate_up_scale, w_up_scale, w_down_scale, w_gate_up_zero, w_up_zero, w_down_zero):

@@ -81,10 +81,11 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 
 
 def dequantise(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None) -> torch.Tensor:
-    """What a quantised weight stands for, in fp32 (E, N, K): ``(values - zero) * scale`` per group."""
+    """What quantised values stand for, in fp32 (a weight's (E, N, K), or any rows (..., K) with a scale per
+    row (...) or per group (..., G)): ``(values - zero) * scale`` per group."""
     values = (unpack_int4(w) if w.dtype == torch.uint8 else w).float()
-    groups = 1 if scale.dim() == 2 else scale.shape[2]
-    scale = scale.reshape(*scale.shape[:2], groups)
+    groups = 1 if scale.dim() == values.dim() - 1 else scale.shape[-1]
+    scale = scale.reshape(*values.shape[:-1], groups)
     grouped = values.unflatten(-1, (groups, -1))
     if zero is not None:
         grouped = grouped - zero.reshape(scale.shape)[..., None]
@@ -93,7 +94,8 @@ def dequantise(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None =
 
 def quantise_per_row(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """``w`` (E, N, K) as (values of ``dtype``, (E, N) fp32 scales), one symmetric scale per expert and output
-    row, as torchao's per-row weight-only tensors hold them; int8 (127 levels a side) or fp8 e4m3 (its
+    row, as torchao's per-row weight-only tensors hold them (any (..., K) rows alike: fp8 inputs); int8 (127
+    levels a side) or fp8 e4m3 (its
     largest value, 448, at the row's largest magnitude)."""
     if dtype not in (torch.int8, torch.float8_e4m3fn):
         raise TypeError(f"dtype: expected torch.int8 or torch.float8_e4m3fn, got {dtype}")

@@ -358,6 +358,52 @@ def test_quantised_experts_match_the_reference(quantised, form):
     assert sqnr_db(unquantised, got) >= floor
 
 
+@pytest.mark.parametrize("form", ["halves", "w_up"])
+def test_fp8_inputs_match_the_reference(form):
+    """w8a8: fp8 weights scaled per row and x's rows and each slot's activation quantised to fp8 on the fly
+    (input_quantisation="fp8_rowwise"). The Triton path (fp8 dots, both scales on the accumulator) gives the
+    reference's result; the reference is the layer of the dequantised weights over the dequantised inputs,
+    written out here; the layer stays within fp8's error of bf16."""
+    dtype = torch.bfloat16
+    layer = _layer(13, 2, 4, 32, 48, dtype, TRITON_DEVICE)
+    options, exact, dequantised = _quantised_layer(layer, torch.float8_e4m3fn, form)
+    options["input_quantisation"] = "fp8_rowwise"
+    routed = (layer["x"], layer["topk_weights"], layer["topk_ids"])
+    quantisation = [options.get(name) for name in QUANTISATION_ARGS]
+    got, _ = fused_experts_triton(*_args(dict(layer, **options)), *quantisation, "fp8_rowwise")
+    want = fused_experts_ref(*routed, **options)
+    # The kernels' activation and the reference's differ by bf16 rounding (their sums run in other orders),
+    # and where that moves an element across an fp8 rounding boundary it differs by a step of fp8 (1/8 of
+    # it): close, not equal, in the worst element; tens of dB closer than fp8's own error on the whole.
+    assert ((got.float() - want.float()).abs().max() / want.float().abs().max()).item() <= 6e-2
+    assert sqnr_db(want, got) >= 30.0
+    # Written out: each GEMM over dequantised rows of its input.
+    gate_up = dequantised["w_gate_up"] if form == "halves" else torch.cat([dequantised["w_gate_up"],
+                                                                           dequantised["w_up"]], 1)
+    x_rows = dequantise(*quantise_per_row(layer["x"], torch.float8_e4m3fn))
+    out = torch.zeros_like(x_rows)
+    for t in range(x_rows.shape[0]):
+        for j, e in enumerate(layer["topk_ids"][t].tolist()):
+            gate, up = (gate_up[e] @ x_rows[t]).chunk(2)
+            h = (torch.nn.functional.silu(gate) * up).to(dtype)
+            h = dequantise(*quantise_per_row(h, torch.float8_e4m3fn))
+            out[t] += ((dequantised["w_down"][e] @ h) * layer["topk_weights"][t, j].float()).to(dtype).float()
+    assert_close_rel(want, out.to(dtype), dtype, "written out")
+    assert sqnr_db(fused_experts(*routed, **exact), got) >= 22.0  # fp8 weights and inputs: ~25 dB
+
+
+def test_fp8_inputs_need_fp8_weights_scaled_per_row():
+    layer = _layer(5, 2, 4, 32, 48, torch.bfloat16, "cpu")
+    routed = (layer["x"], layer["topk_weights"], layer["topk_ids"])
+    with pytest.raises(ValueError, match="input_quantisation: expected one of"):
+        fused_experts_ref(*routed, layer["w_gate_up"], layer["w_down"], input_quantisation="fp8")
+    for weights in ({}, _quantised_layer(layer, torch.int8, "halves")[0], _quantised_layer(layer, "int8-g16",
+                                                                                           "halves")[0]):
+        with pytest.raises(ValueError, match="input_quantisation: 'fp8_rowwise' .* needs fp8 e4m3 weights"):
+            fused_experts_ref(*routed, **dict(dict(w_gate_up=layer["w_gate_up"], w_down=layer["w_down"]), **weights),
+                              input_quantisation="fp8_rowwise")
+
+
 def test_quantised_experts_compile_and_give_the_input_its_gradient():
     """Compiled, the op with quantised weights keeps them as they are (a constant of the graph) and gives the
     eager result; its input's gradient is the dequantised weights' one."""

@@ -96,7 +96,7 @@ sys.exit(failed)
 
 def test_every_launched_kernel_compiles_for_hopper(tmp_path, monkeypatch):
     """Routing, schedule, capacity, the expert GEMMs (bf16 through pointer loads and TMA tiles; int8, fp8
-    and int4 quantised weights) and the backward's kernels, each launch as the eager paths make it, compiled
+    and int4 quantised weights; fp8 inputs) and the backward's kernels, each launch as the eager paths make it, compiled
     for sm90."""
     launches: list = []
     monkeypatch.setattr(InterpretedFunction, "run", _record(launches))
@@ -125,6 +125,9 @@ def test_every_launched_kernel_compiles_for_hopper(tmp_path, monkeypatch):
     fused_experts_triton(x, weights, ids, q_gate_up, q_down, *plain[5:], 0.0, "position", s_gate_up, None, s_down)
     (f_gate_up, t_gate_up), (f_down, t_down) = (quantise_per_row(w, torch.float8_e4m3fn) for w in (w_gate_up, w_down))
     fused_experts_triton(x, weights, ids, f_gate_up, f_down, *plain[5:], 0.0, "position", t_gate_up, None, t_down)
+    # w8a8: fp8 inputs against fp8 weights (fp8 dots)
+    fused_experts_triton(x, weights, ids, f_gate_up, f_down, *plain[5:], 0.0, "position", t_gate_up, None, t_down,
+                         None, None, None, "fp8_rowwise")
     (i_gate_up, i_s_gate_up, i_z_gate_up), (i_down, i_s_down, i_z_down) = (quantise_groups(w, 32, bits=4)
                                                                            for w in (w_gate_up, w_down))
     fused_experts_triton(x, weights, ids, i_gate_up, i_down, *plain[5:], 0.0, "position", i_s_gate_up, None, i_s_down,
@@ -151,6 +154,7 @@ def test_every_launched_kernel_compiles_for_hopper(tmp_path, monkeypatch):
     assert names >= {"_route_kernel", "_schedule_scatter_kernel", "_capacity_position_kernel", "_expert_gemm_kernel",
                      "_activation_grad_kernel", "_expert_weight_grad_kernel"}, names
     assert any(json.loads(launch)["constexprs"].get("TMA") for launch in unique), "no TMA launch recorded"
+    assert any(json.loads(launch)["constexprs"].get("A_SCALED") for launch in unique), "no fp8-input launch recorded"
     assert {json.loads(launch)["signature"].get("w_ptr") for launch in unique} >= {"*bf16", "*i8", "*fp8e4nv", "*u8"}
     path = tmp_path / "launches.json"
     path.write_text("[" + ",".join(sorted(unique)) + "]")

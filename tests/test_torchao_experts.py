@@ -77,7 +77,7 @@ def test_quantised_block_compiles_to_torchaos_result():
         "aten.squeeze.dim(-1)\n"
         "aten.squeeze.dim(-1)\n"
         "moe_ops.fused_experts.default(None, None, None, None, 'EFH', False, 'silu', True, 1.702, 7.0, 0.0, "
-        "'position', None, None, None, None)"  # no w_up's scale; no zero points
+        "'position', None, None, None, None, 'none')"  # no w_up's scale; no zero points; inputs as they are
     ), graph
 
 
@@ -123,6 +123,92 @@ def test_weight_only_experts_run_as_fused_experts_over_the_stored_values(config,
     assert "aten.mul" not in graph  # no dequantisation
 
 
+def _fp8_dynamic_block():
+    """The block with fp8 expert weights scaled per row whose inputs torchao quantises to fp8 per row on the fly:
+    the tensors ``Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())`` makes, built directly (the
+    config itself refuses machines without an fp8 GPU)."""
+    from torchao.quantization import PerRow
+    from torchao.quantization.quantize_.workflows.float8.float8_tensor import (
+        Float8Tensor,
+        QuantizeTensorToFloat8Kwargs,
+    )
+
+    block = _block()
+    for name in ("gate_up_proj", "down_proj"):
+        weight = Float8Tensor.from_hp(getattr(block.experts, name), granularity=PerRow(),
+                                      act_quant_kwargs=QuantizeTensorToFloat8Kwargs(granularity=PerRow()))
+        setattr(block.experts, name, torch.nn.Parameter(weight, requires_grad=False))
+    return block
+
+
+@pytest.mark.usefixtures("fresh_compile_state")
+def test_fp8_inputs_run_as_fused_experts_with_fp8_rowwise_inputs(caplog):
+    """fp8 weights with fp8 per-row inputs (torchao's dynamic-activation tensors) under the "moe_ops"
+    implementation: fused_experts(input_quantisation="fp8_rowwise") over the stored values, eager and compiled,
+    giving the reference of the dequantised weights over per-row fp8 inputs, within fp8's error of bf16."""
+    import logging
+
+    from moe_ops.fused_experts import fused_experts_ref
+
+    block = _fp8_dynamic_block()
+    block.experts.config._experts_implementation = "moe_ops"
+    x = torch.randn(1, 12, H, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    with caplog.at_level(logging.INFO, logger="moe_ops"):
+        out = block(x)
+    assert any("quantised=float8_e4m3fn per row, inputs fp8_rowwise)" in record.getMessage()
+               for record in caplog.records)
+    # The block's routing, then the op's reference over the same stored tensors.
+    logits = torch.nn.functional.linear(x.reshape(-1, H), block.gate.weight)
+    weights, ids = torch.topk(logits.float().softmax(-1), K, dim=-1)
+    weights = (weights / weights.sum(-1, keepdim=True)).to(torch.bfloat16)
+    experts = block.experts
+    want = fused_experts_ref(x.reshape(-1, H), weights, ids, experts.gate_up_proj.qdata, experts.down_proj.qdata,
+                             w_gate_up_scale=experts.gate_up_proj.scale.squeeze(-1),
+                             w_down_scale=experts.down_proj.scale.squeeze(-1), input_quantisation="fp8_rowwise")
+    torch.testing.assert_close(out.reshape(-1, H), want, rtol=2e-2, atol=2e-2)
+    assert sqnr_db(_dequantised_twin(block)(x), out) >= 20.0
+    with torch._inductor.config.patch(force_disable_caches=True):
+        got, graph = compile_and_record(block, x)
+    torch.testing.assert_close(got, out, rtol=2e-2, atol=2e-2)
+    assert counters["moe_ops"]["hf_experts"] == 1
+    assert next(line for line in graph.splitlines() if "fused_experts" in line).endswith("'fp8_rowwise')")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("config", ["fp8-dynamic", "fp8-weight-only", "int8-g128"])
+def test_cuda_moe_ops_experts_agree_with_torchaos_eager_path(config):
+    """On the GPU, at Qwen3-30B-A3B's expert sizes: the "moe_ops" implementation over torchao's tensors gives
+    torchao's own eager result (its grouped_mm experts: _scaled_grouped_mm with fp8 inputs, or the
+    dequantised weights) within 1e-2 relative (int8 groups: against the dequantised weights' layer)."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+    from torchao.quantization.granularity import PerGroup
+
+    torch.manual_seed(0)
+    block = Qwen3MoeSparseMoeBlock(transformers.Qwen3MoeConfig(
+        hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True))
+    for parameter in block.parameters():
+        torch.nn.init.normal_(parameter, std=0.02)
+    block = block.to("cuda", torch.bfloat16).eval().requires_grad_(False)
+    torchao_config = {"fp8-dynamic": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+                      "fp8-weight-only": Float8WeightOnlyConfig,
+                      "int8-g128": lambda: Int8WeightOnlyConfig(granularity=PerGroup(128))}[config]()
+    quantize_(block, moe_ops.experts_quantization_config(torchao_config), filter_fn=None)
+    x = torch.randn(1, 64, 2048, device="cuda", dtype=torch.bfloat16)
+    if config == "int8-g128":  # torchao's int8 tensors cannot run transformers' experts code
+        twin = block.__class__(block.config).to("cuda", torch.bfloat16).eval()
+        twin.load_state_dict({name: value.dequantize() if hasattr(value, "dequantize") else value
+                              for name, value in block.state_dict().items()})
+        twin.experts.config._experts_implementation = "grouped_mm"
+        want = twin(x)
+    else:
+        block.experts.config._experts_implementation = "grouped_mm"
+        want = block(x)
+    block.experts.config._experts_implementation = "moe_ops"
+    got = block(x)
+    error = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+    assert error <= 1e-2, error
+
+
 def test_groups_the_kernels_do_not_take_run_their_own_loop(caplog):
     """int8 scales per group of 8 input features (the kernels take groups of a multiple of 16) are no form
     fused_experts reads: the experts run their own loop (torchao dequantises), and the log names the reason."""
@@ -138,7 +224,7 @@ def test_groups_the_kernels_do_not_take_run_their_own_loop(caplog):
     with caplog.at_level(logging.INFO, logger="moe_ops"):
         out = block(x)
     torch.testing.assert_close(out, _dequantised_twin(block)(x), rtol=2e-2, atol=2e-2)
-    assert any("no int8 / fp8 weight-only quantisation per row or in groups of a multiple of 16" in record.getMessage()
+    assert any("no int8 / fp8 quantisation per row or in groups of a multiple of 16" in record.getMessage()
                for record in caplog.records)
 
 

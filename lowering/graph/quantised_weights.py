@@ -114,7 +114,9 @@ def rewrite_quantised_weights(graph: Graph) -> int:
                 scales[position] = new_node(graph, aten.squeeze.dim, (s, -1))
         args[_LAYOUT] = "EFH"
         args += [scales.get(position) for position in (_W_GATE_UP, _W_UP, _W_DOWN)]  # the schema's scale order
-        args += [None] * (len(_ARGUMENTS) - len(args))  # no zero points: torchao's weight-only are symmetric
+        # The rest as the schema's defaults: no zero points (torchao's weight-only tensors are symmetric), inputs
+        # not quantised.
+        args += [argument.default_value for argument in _FUSED._schema.arguments[len(args):]]
         try:
             check_fused_args(*(val(args[i]) if isinstance(args[i], Node) else args[i] for i in _CHECKED))
         except (TypeError, ValueError) as refusal:

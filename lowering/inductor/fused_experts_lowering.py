@@ -145,15 +145,18 @@ def lower_fused_experts(
     x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
     layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy,
     w_gate_up_scale=None, w_up_scale=None, w_down_scale=None, w_gate_up_zero=None, w_up_zero=None, w_down_zero=None,
+    input_quantisation="none",
 ):
     args = (x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
             layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy,
-            w_gate_up_scale, w_up_scale, w_down_scale, w_gate_up_zero, w_up_zero, w_down_zero)
+            w_gate_up_scale, w_up_scale, w_down_scale, w_gate_up_zero, w_up_zero, w_down_zero, input_quantisation)
     why_not = None
     if not templates_allowed(x.get_device()):
         why_not = "no Triton templates for this device (or moe_ops.config.inductor_templates is off)"
     elif capacity_factor != 0:
         why_not = "capacity mode"
+    elif input_quantisation != "none":
+        why_not = f"input_quantisation={input_quantisation!r} (the templates take inputs of x's dtype)"
     elif x.get_dtype() not in KERNEL_DTYPES:
         why_not = f"{x.get_dtype()}: the op's own kernel refuses it with the reason"
     elif not all(isinstance(d, (int, sympy.Integer)) for w in (w_gate_up, w_down) for d in w.get_size()):
