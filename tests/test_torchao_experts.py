@@ -245,6 +245,36 @@ def test_state_dict_round_trip():
     torch.testing.assert_close(restored(x), block(x))
 
 
+@pytest.mark.usefixtures("fresh_compile_state")
+def test_transformers_torchao_config_quantises_the_experts_at_load(tmp_path):
+    """The helper's config through transformers' TorchAoConfig: from_pretrained quantises the experts (and
+    nothing else) as quantize_ does, to the same logits; compiled, the model's experts are rewritten to
+    fused_experts over the stored fp8 values."""
+    from transformers import Qwen3MoeForCausalLM, TorchAoConfig
+
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=128, hidden_size=H, intermediate_size=64, moe_intermediate_size=F, num_experts=E,
+        num_experts_per_tok=K, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    torch.manual_seed(0)
+    Qwen3MoeForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path)
+    helper_config = moe_ops.experts_quantization_config(Float8WeightOnlyConfig())
+    loaded = Qwen3MoeForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16,
+                                                 quantization_config=TorchAoConfig(quant_type=helper_config)).eval()
+    layer = loaded.model.layers[0]
+    assert type(layer.mlp.experts.gate_up_proj).__name__ == "Float8Tensor"
+    assert type(layer.self_attn.q_proj.weight) is torch.nn.Parameter  # the helper selects the experts only
+    quantised = Qwen3MoeForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    quantize_(quantised, helper_config, filter_fn=None)
+    tokens = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = loaded(tokens).logits
+        torch.testing.assert_close(quantised(tokens).logits, want, rtol=0, atol=0)
+        with torch._inductor.config.patch(force_disable_caches=True):
+            got = torch.compile(loaded)(tokens).logits
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    assert counters["moe_ops"]["experts_rewrite"] == 1 and counters["moe_ops"]["quantised_weights_rewrite"] == 1
+
+
 def test_config_refuses_what_is_not_a_torchao_config():
     with pytest.raises(TypeError, match="config: expected a torchao quantization config"):
         moe_ops.experts_quantization_config("float8")
