@@ -243,8 +243,8 @@ def expert_gemm(
         alpha/limit:  the clamped forms' constants (defaults: GPT-OSS's, moe_ops.activations)
         w_scale/w_up_scale: fp32 optional: w (and w_up) are quantised (moe_ops.quantised): int8 or fp8 e4m3
                       (E, N, K), or int4 packed two per byte, uint8 (E, N, K / 2); scales (E, N) per
-                      output feature or (E, N, G) per group of K / G reduction features (w_up_scale
-                      exactly when w_up is given)
+                      output feature or (E, R, G) per block of N / R output and K / G reduction features
+                      (w_up_scale exactly when w_up is given)
         w_zero/w_up_zero: fp32 optional, the scales' shape: zero points, the weights standing for
                       (values - zero) * scale
 

@@ -105,6 +105,7 @@ def expert_gemm_tile(
     PACKED: tl.constexpr, E_PAD: tl.constexpr, TMA: tl.constexpr, PAIRED: tl.constexpr = False,
     W_SCALED: tl.constexpr = False, w_scales=None, W_GROUP_SIZE: tl.constexpr = 0, W_INT4: tl.constexpr = False,
     W_ZERO_POINT: tl.constexpr = False, A_SCALED: tl.constexpr = False, a_scale_ptr=None,
+    W_SCALE_ROWS: tl.constexpr = 1,
 ):
     """The (BLOCK_M, BLOCK_N) output tile of program ``pid``: (values in fp32, output rows, output
     columns, store mask). Shared by the eager kernel (which stores it) and the Inductor template
@@ -142,8 +143,9 @@ def expert_gemm_tile(
 
     Quantised weights (moe_ops.quantised): ``W_SCALED``, int8 / fp8 values with per-row scales and no zero
     points, dots the values and scales the accumulated columns; else ``W_GROUP_SIZE`` (the reduction features
-    per scale: K for per-row scales) dequantises each weight tile before its dot, ``W_INT4`` unpacking two
-    values per byte and ``W_ZERO_POINT`` subtracting the zero points. ``A_SCALED``: A holds fp8 values, each
+    per scale: K for per-row scales; ``W_SCALE_ROWS`` output features per scale: 1 but for block scales)
+    dequantises each weight tile before its dot, ``W_INT4`` unpacking two values per byte and ``W_ZERO_POINT``
+    subtracting the zero points. ``A_SCALED``: A holds fp8 values, each
     row of A scaled by its ``a_scale_ptr`` entry (fp32), applied to the accumulated rows (w8a8 with W_SCALED:
     fp8 dots, both scales in the epilogue)."""
     expert, row0, offs_m, rows_in_range, slot, row_valid, a_row, col0, cols, col_valid, k_end = tile_coords(
@@ -183,7 +185,7 @@ def expert_gemm_tile(
         offs_k = tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak
         w_ptrs, u_ptrs = weight_tile_ptrs(w, w_up, expert, cols, BLOCK_K, W_INT4)
-        groups = weight_group_ptrs(w_scales, expert, cols, W_GROUP_SIZE)
+        groups = weight_group_ptrs(w_scales, expert, cols, W_GROUP_SIZE, W_SCALE_ROWS)
         for k0 in range(0, k_end, BLOCK_K):
             a_tile = tl.load(a_ptrs, mask=row_valid[:, None] & (offs_k < K - k0)[None, :], other=0.0)
             acc, acc_up, w_ptrs, u_ptrs = k_step(a_tile, acc, acc_up, w_ptrs, u_ptrs, K - k0, col_valid, stride_wk,
@@ -289,15 +291,17 @@ def weight_tile_ptrs(w, w_up, expert, cols, BLOCK_K: tl.constexpr, W_INT4: tl.co
 
 
 @triton.jit
-def weight_group_ptrs(w_scales, expert, cols, W_GROUP_SIZE: tl.constexpr):
+def weight_group_ptrs(w_scales, expert, cols, W_GROUP_SIZE: tl.constexpr, W_SCALE_ROWS: tl.constexpr = 1):
     """For a tile of weights dequantised in registers (W_GROUP_SIZE > 0): pointers to the first group's
-    scales and zero points of its columns, for w and w_up, each with its stride from group to group
-    (``w_scales`` as expert_gemm_tile takes it); an unread placeholder otherwise."""
+    scales and zero points of its columns (W_SCALE_ROWS output features per scale), for w and w_up, each
+    with its stride from group to group (``w_scales`` as expert_gemm_tile takes it); an unread placeholder
+    otherwise."""
     if W_GROUP_SIZE > 0:
         (s_ptr, s_e, s_n, s_g, us_ptr, us_e, us_n, us_g,
          z_ptr, z_e, z_n, z_g, uz_ptr, uz_e, uz_n, uz_g) = w_scales
-        groups = (s_ptr + expert * s_e + cols * s_n, s_g, us_ptr + expert * us_e + cols * us_n, us_g,
-                  z_ptr + expert * z_e + cols * z_n, z_g, uz_ptr + expert * uz_e + cols * uz_n, uz_g)
+        rows = cols // W_SCALE_ROWS
+        groups = (s_ptr + expert * s_e + rows * s_n, s_g, us_ptr + expert * us_e + rows * us_n, us_g,
+                  z_ptr + expert * z_e + rows * z_n, z_g, uz_ptr + expert * uz_e + rows * uz_n, uz_g)
     else:
         groups = expert
     return groups
@@ -444,7 +448,7 @@ def _expert_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PACKED: tl.constexpr, E_PAD: tl.constexpr, ZERO_UNROUTED: tl.constexpr, TMA: tl.constexpr,
     PAIRED: tl.constexpr, pair_stride, W_SCALED: tl.constexpr, W_GROUP_SIZE: tl.constexpr, W_INT4: tl.constexpr,
-    W_ZERO_POINT: tl.constexpr, A_SCALED: tl.constexpr,
+    W_ZERO_POINT: tl.constexpr, A_SCALED: tl.constexpr, W_SCALE_ROWS: tl.constexpr,
 ):
     a = (a_ptr, stride_am, stride_ak)
     w = (w_ptr, stride_we, stride_wn, stride_wk)
@@ -471,7 +475,7 @@ def _expert_gemm_kernel(
             BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, PACKED, E_PAD, TMA, PAIRED,
             W_SCALED, (w_scale_ptr, stride_se, stride_sn, stride_sg, w_up_scale_ptr, stride_use, stride_usn, stride_usg,
                        w_zero_ptr, stride_ze, stride_zn, stride_zg, w_up_zero_ptr, stride_uze, stride_uzn, stride_uzg),
-            W_GROUP_SIZE, W_INT4, W_ZERO_POINT, A_SCALED, a_scale_ptr,
+            W_GROUP_SIZE, W_INT4, W_ZERO_POINT, A_SCALED, a_scale_ptr, W_SCALE_ROWS,
         )
         if ZERO_UNROUTED:
             q = pid - num_blocks_max * tl.cdiv(N, BLOCK_N)
@@ -557,7 +561,7 @@ def expert_gemm_triton(
     num_sms, smem_bytes = device_limits(a.device.index or 0) if a.device.type == "cuda" else (1, 1 << 30)
     # fp32 inputs stay exact unless the user allowed tf32, as torch.matmul does.
     ieee = a.dtype == torch.float32 and not fp32_matmul_allows_tf32()
-    quantised = weight_quantisation(w.dtype, None if w_scale is None else w_scale.shape, w_zero is not None, k)
+    quantised = weight_quantisation(w.dtype, None if w_scale is None else w_scale.shape, w_zero is not None, n, k)
     scaled = quantised["W_SCALED"] or quantised["W_GROUP_SIZE"] > 0 or a_scale is not None
     if tma and not scaled:
         weights = [(t.shape, t.stride(), t.data_ptr()) for t in (w, w_up) if t is not None]
@@ -610,18 +614,21 @@ def expert_gemm_triton(
     return out
 
 
-def weight_quantisation(w_dtype: torch.dtype, scale_shape, has_zero: bool, k: int) -> dict:
-    """The kernel's quantised-weight flags for a weight of ``w_dtype`` with scales of ``scale_shape`` (None:
-    not quantised) and zero points or not (moe_ops.quantised), ``k`` reduction features: per-row scales
-    alone (int8 / fp8) scale the accumulated columns (W_SCALED); any other form dequantises each weight
-    tile in registers, W_GROUP_SIZE reduction features per scale (K for per-row ones)."""
+def weight_quantisation(w_dtype: torch.dtype, scale_shape, has_zero: bool, n: int, k: int) -> dict:
+    """The kernel's quantised-weight flags for an (E, ``n``, ``k``) weight of ``w_dtype`` with scales of
+    ``scale_shape`` (None: not quantised) and zero points or not (moe_ops.quantised): per-row scales alone
+    (int8 / fp8) scale the accumulated columns (W_SCALED); any other form dequantises each weight tile in
+    registers, W_GROUP_SIZE reduction features (K for per-row scales) and W_SCALE_ROWS output features per
+    scale."""
+    plain = dict(W_SCALED=False, W_GROUP_SIZE=0, W_INT4=False, W_ZERO_POINT=False, W_SCALE_ROWS=1)
     if scale_shape is None:
-        return dict(W_SCALED=False, W_GROUP_SIZE=0, W_INT4=False, W_ZERO_POINT=False)
+        return plain
     int4 = w_dtype == torch.uint8
     if not int4 and not has_zero and len(scale_shape) == 2:
-        return dict(W_SCALED=True, W_GROUP_SIZE=0, W_INT4=False, W_ZERO_POINT=False)
-    groups = int(scale_shape[2]) if len(scale_shape) == 3 else 1
-    return dict(W_SCALED=False, W_GROUP_SIZE=k // groups, W_INT4=int4, W_ZERO_POINT=has_zero)
+        return dict(plain, W_SCALED=True)
+    row_blocks, groups = (int(scale_shape[1]), int(scale_shape[2])) if len(scale_shape) == 3 else (int(n), 1)
+    return dict(plain, W_GROUP_SIZE=int(k) // groups, W_INT4=int4, W_ZERO_POINT=has_zero,
+                W_SCALE_ROWS=int(n) // row_blocks)
 
 
 def group_block_k(block_k: int, group_size: int, k: int) -> int:

@@ -142,6 +142,12 @@ def check_fused_args(
     if quantised:
         check_quantised_weight("w_gate_up", w_gate_up, w_gate_up_scale, w_gate_up_zero, (E, F2, H), x.device,
                                scale_name="w_gate_up_scale", zero_name="w_gate_up_zero")
+    if quantised and fused_gate_up and w_gate_up_scale.dim() == 3 and w_gate_up_scale.shape[1] != F2 and (
+            interleaved or w_gate_up_scale.shape[1] % 2):
+        raise ValueError(
+            f"w_gate_up_scale: scales of blocks of {F2 // w_gate_up_scale.shape[1]} rows cannot be split between gate "
+            f"and up ({'interleaved rows' if interleaved else 'an odd number of row blocks'}), got "
+            f"{tuple(w_gate_up_scale.shape)}")
     if w_gate_up.shape != want or (fused_gate_up and F2 % 2):
         f_name = "2F" if fused_gate_up else "F"
         dims = ("E", f_name, f"H={H}") if layout == "EFH" else ("E", f"H={H}", f_name)
@@ -623,9 +629,9 @@ def fused_experts(
                       moe_ops.quantised): the weights hold int8 or fp8 e4m3 values, or int4 packed two per
                       byte (uint8, the last axis halved), and these their fp32 scales, one per expert and
                       output feature ((E, 2F) or (E, F) with w_up, (E, F), (E, H): torchao's per-row
-                      weight-only tensors) or per group of reduction features (the same with a last axis
-                      G). The kernels read the stored values (no dequantised copy); the weights get no
-                      gradient
+                      weight-only tensors) or per block of output features and reduction features ((E, R,
+                      G): groups along each row where R is the row count, DeepSeek-V3's 128 x 128 fp8 tiles).
+                      The kernels read the stored values (no dequantised copy); the weights get no gradient
         w_gate_up_zero, w_up_zero, w_down_zero: optional zero points (fp32, the scales' shapes): the
                       weights stand for (values - zero) * scale
         input_quantisation: "none", or "fp8_rowwise" (w8a8, with fp8 weights scaled per row): x's rows and

@@ -5,8 +5,9 @@ An (E, N, K) weight (N output features, K reduction features; layout "EFH" for f
     values  int8 or fp8 e4m3 (E, N, K), or uint8 (E, N, K / 2): two unsigned 4-bit values per byte along K,
             the even k in the low nibble (int4)
     scale   fp32 (E, N): one per expert and output feature (torchao's per-row weight-only tensors), or
-            (E, N, G): one per group of K / G consecutive reduction features (group-wise, K / G a multiple
-            of 16)
+            (E, R, G): one per block of N / R consecutive output features and K / G consecutive reduction
+            features (R = N: groups along each row, int8 / int4 group-wise; R = N / 128, G = K / 128: the
+            128 x 128 blocks of DeepSeek-V3's fp8 checkpoints). K / G is a multiple of 16 where G > 1
     zero    fp32, the scale's shape, optional: the stored value that stands for 0 (asymmetric schemes)
 
 and stands for ``(values - zero) * scale``, the scale and zero point of the value's group (``dequantise``,
@@ -57,12 +58,13 @@ def check_quantised_weight(name: str, w: torch.Tensor, scale, zero, shape_ENK: t
     if scale.dim() == 2:
         check_tensor(scale_name, scale, shape=(E, N))
     else:
-        check_tensor(scale_name, scale, shape=(E, N, "G"))
-        groups = scale.shape[2]
-        if groups < 1 or K % groups or (groups > 1 and (K // groups) % MIN_GROUP_SIZE):
+        check_tensor(scale_name, scale, shape=(E, "R", "G"))
+        row_blocks, groups = scale.shape[1:]
+        if (row_blocks < 1 or N % row_blocks or groups < 1 or K % groups
+                or (groups > 1 and (K // groups) % MIN_GROUP_SIZE)):
             raise ValueError(
-                f"{scale_name}: expected (E, N) per-row scales or (E, N, G) group scales with K={K} a multiple of "
-                f"G and K / G a multiple of {MIN_GROUP_SIZE}, got {tuple(scale.shape)}"
+                f"{scale_name}: expected (E, N) per-row scales or (E, R, G) block scales with N={N} a multiple of R, "
+                f"K={K} a multiple of G and K / G a multiple of {MIN_GROUP_SIZE}, got {tuple(scale.shape)}"
             )
     if zero is not None:
         check_tensor(zero_name, zero, shape=tuple(scale.shape), dtypes=(torch.float32,), device=device)
@@ -80,16 +82,21 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     return q[..., 0::2] | (q[..., 1::2] << 4)
 
 
+def _per_value(t: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A scale or zero point per row (..., N) or per block (..., R, G) expanded to every value (..., N, K)."""
+    if t.dim() == values.dim() - 1:
+        t = t[..., None]
+    rows, columns = values.shape[-2:]
+    return t.repeat_interleave(rows // t.shape[-2], -2).repeat_interleave(columns // t.shape[-1], -1)
+
+
 def dequantise(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None) -> torch.Tensor:
-    """What quantised values stand for, in fp32 (a weight's (E, N, K), or any rows (..., K) with a scale per
-    row (...) or per group (..., G)): ``(values - zero) * scale`` per group."""
+    """What quantised values stand for, in fp32 (a weight's (E, N, K), or any rows (..., N, K) with a scale
+    per row (..., N) or per block (..., R, G)): ``(values - zero) * scale`` of each value's block."""
     values = (unpack_int4(w) if w.dtype == torch.uint8 else w).float()
-    groups = 1 if scale.dim() == values.dim() - 1 else scale.shape[-1]
-    scale = scale.reshape(*values.shape[:-1], groups)
-    grouped = values.unflatten(-1, (groups, -1))
     if zero is not None:
-        grouped = grouped - zero.reshape(scale.shape)[..., None]
-    return (grouped * scale[..., None]).flatten(-2)
+        values = values - _per_value(zero, values)
+    return values * _per_value(scale, values)
 
 
 def quantise_per_row(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,6 +110,20 @@ def quantise_per_row(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor,
     scale = w.float().abs().amax(-1).clamp_min(torch.finfo(torch.float32).tiny) / top
     values = w.float() / scale[..., None]
     values = values.round().clamp(-127, 127).to(torch.int8) if dtype == torch.int8 else values.to(dtype)
+    return values, scale
+
+
+def quantise_blocks(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w`` (E, N, K) as fp8 e4m3 values with one fp32 scale per ``block`` x ``block`` tile ((E, N / block,
+    K / block)), as DeepSeek-V3's checkpoints and transformers' FP8 experts store them: each tile's largest
+    magnitude at fp8's largest value, 448."""
+    E, N, K = w.shape
+    if block < MIN_GROUP_SIZE or N % block or K % block:
+        raise ValueError(f"block: expected at least {MIN_GROUP_SIZE}, dividing N={N} and K={K}, got {block}")
+    tiles = w.float().reshape(E, N // block, block, K // block, block)
+    top = torch.finfo(torch.float8_e4m3fn).max
+    scale = tiles.abs().amax((2, 4)).clamp_min(torch.finfo(torch.float32).tiny) / top
+    values = (tiles / scale[:, :, None, :, None]).to(torch.float8_e4m3fn).reshape(E, N, K)
     return values, scale
 
 

@@ -8,7 +8,7 @@ from conftest import TRITON_DEVICE, assert_close_rel, zipf_ids
 
 from moe_ops.expert_gemm import expert_gemm, expert_gemm_ref
 from moe_ops.layout import PackedSchedule, PaddedSchedule
-from moe_ops.quantised import dequantise, quantise_groups, quantise_per_row, sqnr_db
+from moe_ops.quantised import dequantise, quantise_blocks, quantise_groups, quantise_per_row, sqnr_db
 from moe_ops.schedule import block_schedule, block_schedule_ref
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -160,6 +160,22 @@ def test_group_quantised_weights_match_the_reference(bits, group, D, dtype, gate
     _, unquantised = _run_both(exact, gather_top_k=K, activation=activation)
     floor = 18.0 if bits == 4 else 35.0  # int4 ~21-23 dB here, int8 ~45 dB
     assert sqnr_db(unquantised, got) >= floor
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_block_scaled_fp8_weights_match_the_reference(dtype):
+    """fp8 weights with a scale per 16 x 16 tile (DeepSeek-V3's 128 x 128 form, smaller): the kernel finds
+    each column's row of scales and each K step's group, and gives the reference's result."""
+    T, K, E, N, D = 13, 2, 4, 32, 64
+    args = _problem(T, K, E, N, D, dtype, TRITON_DEVICE, gated=True, bias=True, slot_weights=True)
+    exact = dict(args)
+    args["w"], args["w_scale"] = quantise_blocks(exact["w"].contiguous(), 16)
+    args["w_up"], args["w_up_scale"] = quantise_blocks(exact["w_up"].contiguous(), 16)
+    assert args["w_scale"].shape == (E, N // 16, D // 16)
+    got, want = _run_both(args, gather_top_k=K, activation="silu")
+    assert_close_rel(got, want, dtype, "block-scaled")
+    _, unquantised = _run_both(exact, gather_top_k=K, activation="silu")
+    assert sqnr_db(unquantised, got) >= 25.0  # fp8 in 16 x 16 tiles ~31 dB
 
 
 def test_zero_points_of_per_row_scales_and_a_scattered_output():

@@ -12,7 +12,7 @@ from conftest import TRITON_DEVICE, assert_close_rel, zipf_ids
 
 import moe_ops
 from moe_ops.fused_experts import QUANTISATION_ARGS, fused_experts, fused_experts_ref, fused_experts_triton
-from moe_ops.quantised import dequantise, quantise_groups, quantise_per_row, sqnr_db
+from moe_ops.quantised import dequantise, quantise_blocks, quantise_groups, quantise_per_row, sqnr_db
 from moe_ops.routing_triton import route_triton
 from moe_ops.tiles import choose_block_m
 
@@ -311,8 +311,8 @@ QUANTISED = [pytest.param(torch.int8, id="int8"), pytest.param(torch.float8_e4m3
 
 def _quantised_layer(layer, quantised, form):
     """The layer's expert weights quantised (per output row: a dtype; in groups of 16: "int8-g16" or
-    "int4-g16"), as options of fused_experts: gate_up as one weight ("halves"), gate and up interleaved
-    (GPT-OSS's order), or w1 and w3 apart ("w_up")."""
+    "int4-g16"; fp8 in 16 x 16 tiles: "fp8-b16"), as options of fused_experts: gate_up as one weight
+    ("halves"), gate and up interleaved (GPT-OSS's order), or w1 and w3 apart ("w_up")."""
     Fi = layer["w_down"].shape[2]
     if form == "w_up":
         weights = dict(w_gate_up=layer["w_gate_up"][:, :Fi], w_up=layer["w_gate_up"][:, Fi:], w_down=layer["w_down"])
@@ -320,7 +320,9 @@ def _quantised_layer(layer, quantised, form):
         weights = dict(w_gate_up=layer["w_gate_up"], w_down=layer["w_down"])
     options = dict(interleaved=form == "interleaved")
     for name, weight in weights.items():
-        if isinstance(quantised, str):
+        if quantised == "fp8-b16":
+            options[name], options[f"{name}_scale"] = quantise_blocks(weight.contiguous(), 16)
+        elif isinstance(quantised, str):
             bits = 4 if quantised.startswith("int4") else 8
             options[name], options[f"{name}_scale"], zero = quantise_groups(weight, 16, bits=bits)
             if zero is not None:
@@ -332,18 +334,23 @@ def _quantised_layer(layer, quantised, form):
     return options, dict(weights, interleaved=form == "interleaved"), dequantised
 
 
-@pytest.mark.parametrize("quantised", [*QUANTISED, "int8-g16", "int4-g16"])
+@pytest.mark.parametrize("quantised", [*QUANTISED, "int8-g16", "int4-g16", "fp8-b16"])
 @pytest.mark.parametrize("form", ["halves", "interleaved", "w_up"])
 def test_quantised_experts_match_the_reference(quantised, form):
     """Quantised expert weights: int8 / fp8 with a scale per output feature (torchao's per-row weight-only
     layout), int8 with scales per group of 16 reduction features, int4 in groups with zero points, packed
-    two per byte. The Triton path reads them as they are and gives the reference's result; the reference is
+    two per byte; fp8 with a scale per 16 x 16 tile (not for interleaved gate and up rows, which split
+    tiles). The Triton path reads them as they are and gives the reference's result; the reference is
     the layer of the dequantised weights; and the quantised layer stays within the scheme's error of the
     bf16 one."""
     dtype = torch.bfloat16
     layer = _layer(13, 2, 4, 32, 48, dtype, TRITON_DEVICE)
     options, exact, dequantised = _quantised_layer(layer, quantised, form)
     routed = (layer["x"], layer["topk_weights"], layer["topk_ids"])
+    if quantised == "fp8-b16" and form == "interleaved":
+        with pytest.raises(ValueError, match="w_gate_up_scale: scales of blocks of 16 rows cannot be split"):
+            fused_experts_ref(*routed, **options)
+        return
     quantisation = [options.get(name) for name in QUANTISATION_ARGS]
     got, _ = fused_experts_triton(*_args(dict(layer, **options)), *quantisation)  # the kernels (interpreted on CPU)
     want = fused_experts_ref(*routed, **options)
@@ -354,7 +361,7 @@ def test_quantised_experts_match_the_reference(quantised, form):
     assert_close_rel(want, want_dequantised.to(dtype), dtype, "the dequantised weights' layer")
     unquantised = fused_experts(*routed, **exact)
     # Three quantised projections: fp8 per row ~28 dB, int8 ~35, int4 in groups of 16 ~17
-    floor = {torch.float8_e4m3fn: 25.0, "int4-g16": 15.0}.get(quantised, 30.0)
+    floor = {torch.float8_e4m3fn: 25.0, "fp8-b16": 25.0, "int4-g16": 15.0}.get(quantised, 30.0)
     assert sqnr_db(unquantised, got) >= floor
 
 

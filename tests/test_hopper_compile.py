@@ -25,7 +25,7 @@ from moe_ops.expert_gemm_triton import expert_gemm_triton
 from moe_ops.fused_experts import fused_experts_triton
 from moe_ops.fused_experts_backward_triton import fused_experts_backward_triton
 from moe_ops.layout import PackedSchedule
-from moe_ops.quantised import quantise_groups, quantise_per_row
+from moe_ops.quantised import quantise_blocks, quantise_groups, quantise_per_row
 from moe_ops.routing_triton import route_triton
 from moe_ops.schedule_triton import block_schedule_triton
 from moe_ops.tiles import TMA_BLOCK_M
@@ -125,6 +125,8 @@ def test_every_launched_kernel_compiles_for_hopper(tmp_path, monkeypatch):
     fused_experts_triton(x, weights, ids, q_gate_up, q_down, *plain[5:], 0.0, "position", s_gate_up, None, s_down)
     (f_gate_up, t_gate_up), (f_down, t_down) = (quantise_per_row(w, torch.float8_e4m3fn) for w in (w_gate_up, w_down))
     fused_experts_triton(x, weights, ids, f_gate_up, f_down, *plain[5:], 0.0, "position", t_gate_up, None, t_down)
+    (b_gate_up, c_gate_up), (b_down, c_down) = (quantise_blocks(w.contiguous(), 32) for w in (w_gate_up, w_down))
+    fused_experts_triton(x, weights, ids, b_gate_up, b_down, *plain[5:], 0.0, "position", c_gate_up, None, c_down)
     # w8a8: fp8 inputs against fp8 weights (fp8 dots)
     fused_experts_triton(x, weights, ids, f_gate_up, f_down, *plain[5:], 0.0, "position", t_gate_up, None, t_down,
                          None, None, None, "fp8_rowwise")

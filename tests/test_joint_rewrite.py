@@ -95,7 +95,7 @@ moe_ops.fused_experts_training.default(None, None, None, 'EFH', False, 'silu', T
 getitem(0)
 aten.empty.memory_format([0])""")
     assert_expected_inline(backward_graph, """\
-moe_ops.fused_experts_backward.default(None, None, None, 'EFH', False, 'silu', True, 1.702, 7.0, 0.0, 'position', None, None, None, [%, %])
+moe_ops.fused_experts_backward.default(None, None, None, 'EFH', False, 'silu', True, 1.702, 7.0, 0.0, 'position', None, None, None, None, None, None, 'none', [%, %])
 getitem(0)
 getitem(1)
 getitem(2)

@@ -29,7 +29,7 @@ from torch.testing import FileCheck
 from triton.runtime.jit import JITFunction
 
 import moe_ops
-from moe_ops.quantised import quantise_groups, quantise_per_row
+from moe_ops.quantised import quantise_blocks, quantise_groups, quantise_per_row
 from moe_ops.routing_triton import _route_kernel
 
 pytestmark = pytest.mark.usefixtures("fresh_compile_state")
@@ -489,11 +489,14 @@ def test_gpt_oss_variant_reads_interleaved_views_with_biases(dynamic):
 
 
 def _quantised_layer(quantised, w_gate_up, w_down):
-    """moe_layer's route + fused_experts with the expert weights quantised: per output row (a dtype), or
-    "int4-g32" (asymmetric int4 in groups of 32, packed two per byte)."""
+    """moe_layer's route + fused_experts with the expert weights quantised: per output row (a dtype),
+    "int4-g32" (asymmetric int4 in groups of 32, packed two per byte) or "fp8-b32" (fp8, a scale per 32 x 32
+    tile)."""
     options = {}
     for name, w in dict(w_gate_up=w_gate_up, w_down=w_down).items():
-        if quantised == "int4-g32":
+        if quantised == "fp8-b32":
+            options[name], options[f"{name}_scale"] = quantise_blocks(w.contiguous(), 32)
+        elif quantised == "int4-g32":
             options[name], options[f"{name}_scale"], options[f"{name}_zero"] = quantise_groups(w, 32, bits=4)
         else:
             options[name], options[f"{name}_scale"] = quantise_per_row(w, quantised)
@@ -559,6 +562,22 @@ def test_group_quantised_int4_weights_reach_the_templates():
     assert len(kernels) == 3, list(kernels)
 
 
+def test_block_scaled_fp8_weights_reach_the_templates():
+    """fp8 weights with a scale per 32 x 32 tile: the templates read a row of scales per 32 output features
+    (W_SCALE_ROWS) and a group per 32 inputs, the fused gate_up's block scales split between gate and up."""
+    w_gate_up, w_down = weights()
+    code = generated_code(_quantised_layer("fp8-b32", w_gate_up, w_down), *layer_inputs())
+    templates = [src for name, src in kernel_sources(code).items() if name.startswith("triton_tem_")]
+    assert len(templates) == 2
+    for source in templates:
+        for line in ("W_SCALE_ROWS : tl.constexpr = 32", "W_GROUP_SIZE : tl.constexpr = 32",
+                     "W_SCALED : tl.constexpr = False", "W_INT4 : tl.constexpr = False"):
+            assert line in source, line
+    (gate_up,) = [src for src in templates if "GATHER : tl.constexpr = True" in src]
+    blocks = 2 * F_ // 32 * (H // 32)  # the gate_up scale's (row blocks, groups) per expert
+    assert f"w_scales = (W_SCALE, {blocks}, {H // 32}, 1, W_UP_SCALE, {blocks}, {H // 32}, 1," in gate_up
+
+
 _COMPILE_FOR_HOPPER = """
 import ast, importlib.util, json, re, sys
 import triton
@@ -598,7 +617,8 @@ def test_templates_compile_for_hopper(tmp_path):
     w_gate_up, w_down = weights(hidden=hidden, inter=inter)
     layers = {"bf16": moe_layer(2, w_gate_up, w_down), "int8": _quantised_layer(torch.int8, w_gate_up, w_down),
               "fp8": _quantised_layer(torch.float8_e4m3fn, w_gate_up, w_down),
-              "int4": _quantised_layer("int4-g32", w_gate_up, w_down)}
+              "int4": _quantised_layer("int4-g32", w_gate_up, w_down),
+              "fp8 blocks": _quantised_layer("fp8-b32", w_gate_up, w_down)}
     sources = []
     for label, layer in layers.items():
         for dynamic in ([False, True] if label == "bf16" else [False]):
@@ -736,7 +756,8 @@ def test_cuda_template_variants_match_eager(variant, dynamic):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static_T", "dynamic_T"])
-@pytest.mark.parametrize("quantised", [torch.int8, torch.float8_e4m3fn, "int4-g32"], ids=["int8", "fp8", "int4-g32"])
+@pytest.mark.parametrize("quantised", [torch.int8, torch.float8_e4m3fn, "int4-g32", "fp8-b32"],
+                         ids=["int8", "fp8", "int4-g32", "fp8-b32"])
 def test_cuda_quantised_templates_match_eager(quantised, dynamic):
     """The templates over quantised weights compute what the op's own kernels compute, T past the TMA
     threshold included (the templates keep pointer loads for quantised weights)."""
@@ -746,7 +767,8 @@ def test_cuda_quantised_templates_match_eager(quantised, dynamic):
         for t in args:
             torch._dynamo.mark_dynamic(t, 0)
     code = _compiled_vs_eager(_quantised_layer(quantised, w_gate_up, w_down), args, torch.bfloat16)
-    assert ("W_INT4 : tl.constexpr = True" if quantised == "int4-g32" else "W_SCALED : tl.constexpr = True") in code
+    assert {"int4-g32": "W_INT4 : tl.constexpr = True", "fp8-b32": "W_SCALE_ROWS : tl.constexpr = 32"}.get(
+        quantised, "W_SCALED : tl.constexpr = True") in code
 
 
 @pytest.mark.cuda

@@ -150,7 +150,7 @@ from moe_ops.expert_gemm_triton import (
         )
         acc, acc_up = tile_accumulators(BLOCK_M, BLOCK_N, GATED)
         w_ptrs, u_ptrs = weight_tile_ptrs(w, w_up, expert, cols, BLOCK_K, W_INT4)
-        groups = weight_group_ptrs(w_scales, expert, cols, W_GROUP_SIZE)
+        groups = weight_group_ptrs(w_scales, expert, cols, W_GROUP_SIZE, W_SCALE_ROWS)
         for k0 in range(0, k_end, BLOCK_K):
             idx_am = a_row[:, None]
             idx_ak = k0 + tl.arange(0, BLOCK_K)[None, :]
@@ -345,7 +345,7 @@ def tuned_expert_gemm(
     base = gemm_config(block_m, int(n), gated, a.get_dtype().itemsize, busy_estimate, num_sms, smem_bytes, ieee, tma)
     k = int(a.get_size()[1])
     quantised = weight_quantisation(w.get_dtype(), None if w_scale is None else w_scale.get_size(),
-                                    w_zero is not None, k)
+                                    w_zero is not None, int(n), k)
     flags = dict(
         GATHER=gather_top_k > 0, SCATTER=bool(scatter), GATED=gated, HAS_BIAS=bias is not None,
         HAS_BIAS_UP=bias_up is not None, HAS_SLOT_WEIGHT=slot_weights is not None,

@@ -76,18 +76,19 @@ def _expert_weight_views(w_gate_up, w_down, w_up, b_gate_up, b_up, layout, inter
     gate, up, b_gate = w_gate_up, w_up, b_gate_up
     s_gate, s_up, z_gate, z_up = w_gate_up_scale, w_up_scale, w_gate_up_zero, w_up_zero
     if gated and w_up is None:
-        two_f = w_gate_up.get_size()[1]
-        if interleaved:
-            halves = [(0, two_f, 2), (1, two_f, 2)]
-        else:
-            halves = [(0, two_f // 2, 1), (two_f // 2, two_f, 1)]
-        (gate, up) = (L[aten.slice.Tensor](w_gate_up, 1, *half) for half in halves)
+        def split(t):
+            # The halves of dim 1, or its alternate rows (a block scale's dim 1 counts blocks of rows: halved too).
+            rows = t.get_size()[1]
+            halves = [(0, rows, 2), (1, rows, 2)] if interleaved else [(0, rows // 2, 1), (rows // 2, rows, 1)]
+            return tuple(L[aten.slice.Tensor](t, 1, *half) for half in halves)
+
+        gate, up = split(w_gate_up)
         if b_gate_up is not None:
-            (b_gate, b_up) = (L[aten.slice.Tensor](b_gate_up, 1, *half) for half in halves)
+            b_gate, b_up = split(b_gate_up)
         if w_gate_up_scale is not None:
-            (s_gate, s_up) = (L[aten.slice.Tensor](w_gate_up_scale, 1, *half) for half in halves)
+            s_gate, s_up = split(w_gate_up_scale)
         if w_gate_up_zero is not None:
-            (z_gate, z_up) = (L[aten.slice.Tensor](w_gate_up_zero, 1, *half) for half in halves)
+            z_gate, z_up = split(w_gate_up_zero)
     return gate, up, b_gate, b_up, w_down, s_gate, s_up, z_gate, z_up
 
 
