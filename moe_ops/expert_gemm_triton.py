@@ -104,8 +104,8 @@ def expert_gemm_tile(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PACKED: tl.constexpr, E_PAD: tl.constexpr, TMA: tl.constexpr, PAIRED: tl.constexpr = False,
     W_SCALED: tl.constexpr = False, w_scales=None, W_GROUP_SIZE: tl.constexpr = 0, W_INT4: tl.constexpr = False,
-    W_ZERO_POINT: tl.constexpr = False, A_SCALED: tl.constexpr = False, a_scale_ptr=None,
-    W_SCALE_ROWS: tl.constexpr = 1,
+    W_ZERO_POINT: tl.constexpr = False, A_SCALED: tl.constexpr = False, a_scales=None,
+    W_SCALE_ROWS: tl.constexpr = 1, A_GROUPED: tl.constexpr = False,
 ):
     """The (BLOCK_M, BLOCK_N) output tile of program ``pid``: (values in fp32, output rows, output
     columns, store mask). Shared by the eager kernel (which stores it) and the Inductor template
@@ -145,9 +145,11 @@ def expert_gemm_tile(
     points, dots the values and scales the accumulated columns; else ``W_GROUP_SIZE`` (the reduction features
     per scale: K for per-row scales; ``W_SCALE_ROWS`` output features per scale: 1 but for block scales)
     dequantises each weight tile before its dot, ``W_INT4`` unpacking two values per byte and ``W_ZERO_POINT``
-    subtracting the zero points. ``A_SCALED``: A holds fp8 values, each
-    row of A scaled by its ``a_scale_ptr`` entry (fp32), applied to the accumulated rows (w8a8 with W_SCALED:
-    fp8 dots, both scales in the epilogue)."""
+    subtracting the zero points. A holding fp8 values with fp32 scales (``a_scales``: (pointer, row stride,
+    group stride)): ``A_SCALED``, one per row, applied to the accumulated rows (w8a8 with W_SCALED: fp8
+    dots, both scales in the epilogue); ``A_GROUPED``, one per row and group of W_GROUP_SIZE inputs, the
+    weights' groups (fp8 weights with block scales): each K step's fp8 dot scaled by both groups' scales
+    before it is accumulated."""
     expert, row0, offs_m, rows_in_range, slot, row_valid, a_row, col0, cols, col_valid, k_end = tile_coords(
         pid, schedule, sizes, GATHER, BLOCK_M, BLOCK_N, GROUP_M, PACKED, E_PAD,
     )
@@ -186,14 +188,16 @@ def expert_gemm_tile(
         a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak
         w_ptrs, u_ptrs = weight_tile_ptrs(w, w_up, expert, cols, BLOCK_K, W_INT4)
         groups = weight_group_ptrs(w_scales, expert, cols, W_GROUP_SIZE, W_SCALE_ROWS)
+        a_groups = input_group_ptrs(a_scales, a_row, row_valid, A_GROUPED)
         for k0 in range(0, k_end, BLOCK_K):
             a_tile = tl.load(a_ptrs, mask=row_valid[:, None] & (offs_k < K - k0)[None, :], other=0.0)
             acc, acc_up, w_ptrs, u_ptrs = k_step(a_tile, acc, acc_up, w_ptrs, u_ptrs, K - k0, col_valid, stride_wk,
                                                  stride_uk, GATED, INPUT_PRECISION, BLOCK_K, W_GROUP_SIZE, W_INT4,
-                                                 W_ZERO_POINT, groups, k0)
+                                                 W_ZERO_POINT, groups, k0, A_GROUPED, a_groups)
             a_ptrs += BLOCK_K * stride_ak
     if A_SCALED:
-        a_scale = tl.load(a_scale_ptr + a_row, mask=row_valid, other=0.0)[:, None]
+        a_scale_ptr, stride_asm, _ = a_scales
+        a_scale = tl.load(a_scale_ptr + a_row * stride_asm, mask=row_valid, other=0.0)[:, None]
         acc *= a_scale
         if GATED:
             acc_up *= a_scale
@@ -308,13 +312,27 @@ def weight_group_ptrs(w_scales, expert, cols, W_GROUP_SIZE: tl.constexpr, W_SCAL
 
 
 @triton.jit
+def input_group_ptrs(a_scales, a_row, row_valid, A_GROUPED: tl.constexpr):
+    """For fp8 A scaled per group (A_GROUPED): (pointers to its rows' first group's scales, the stride from
+    group to group, which rows are read); an unread placeholder otherwise."""
+    if A_GROUPED:
+        a_scale_ptr, stride_asm, stride_asg = a_scales
+        a_groups = (a_scale_ptr + a_row * stride_asm, stride_asg, row_valid)
+    else:
+        a_groups = a_row
+    return a_groups
+
+
+@triton.jit
 def weight_tile(ptrs, k_left, col_valid, a, BLOCK_K: tl.constexpr, W_GROUP_SIZE: tl.constexpr,
-                W_INT4: tl.constexpr, W_ZERO_POINT: tl.constexpr, scale_ptrs, zero_ptrs):
+                W_INT4: tl.constexpr, W_ZERO_POINT: tl.constexpr, scale_ptrs, zero_ptrs,
+                A_GROUPED: tl.constexpr = False):
     """A (BLOCK_K, BLOCK_N) weight tile in A's dtype for the dot. Stored values of another dtype are
     converted through fp32 (exact for int8 / fp8 / int4: all fit bf16's 8-bit mantissa; Triton 3.6's
     interpreter misconverts int8 to bf16 directly); with W_GROUP_SIZE, dequantised: ``(values - zero) *
-    scale`` of the tile's group (``scale_ptrs`` / ``zero_ptrs``: its columns' (BLOCK_N,) pointers). W_INT4
-    unpacks (BLOCK_K / 2) rows of bytes, the even k from the low nibble."""
+    scale`` of the tile's group (``scale_ptrs`` / ``zero_ptrs``: its columns' (BLOCK_N,) pointers), unless
+    A_GROUPED (fp8 against fp8: the caller scales the dot). W_INT4 unpacks (BLOCK_K / 2) rows of bytes, the
+    even k from the low nibble."""
     if W_INT4:
         k_valid = tl.arange(0, BLOCK_K // 2) < (k_left + 1) // 2
         packed = tl.load(ptrs, mask=k_valid[:, None] & col_valid[None, :], other=0)
@@ -322,7 +340,7 @@ def weight_tile(ptrs, k_left, col_valid, a, BLOCK_K: tl.constexpr, W_GROUP_SIZE:
     else:
         k_valid = tl.arange(0, BLOCK_K) < k_left
         w = tl.load(ptrs, mask=k_valid[:, None] & col_valid[None, :], other=0.0)
-    if W_GROUP_SIZE > 0:
+    if W_GROUP_SIZE > 0 and not A_GROUPED:
         w = w.to(tl.float32)
         if W_ZERO_POINT:
             w -= tl.load(zero_ptrs, mask=col_valid, other=0.0)[None, :]
@@ -335,12 +353,15 @@ def weight_tile(ptrs, k_left, col_valid, a, BLOCK_K: tl.constexpr, W_GROUP_SIZE:
 @triton.jit
 def k_step(a, acc, acc_up, w_ptrs, u_ptrs, k_left, col_valid, stride_wk, stride_uk, GATED: tl.constexpr,
            INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, W_GROUP_SIZE: tl.constexpr = 0,
-           W_INT4: tl.constexpr = False, W_ZERO_POINT: tl.constexpr = False, groups=None, k0=0):
+           W_INT4: tl.constexpr = False, W_ZERO_POINT: tl.constexpr = False, groups=None, k0=0,
+           A_GROUPED: tl.constexpr = False, a_groups=None):
     """One K step of a pointer-load tile, given its A tile (loaded by the caller: the eager kernel loads it,
     the Inductor template through load_input, where a fused prologue computes it): both GEMMs' dots, and
     the weight pointers moved on. Weights dequantised in registers (W_GROUP_SIZE, ``groups`` from
     weight_group_ptrs) read the scales of the group holding ``k0``, the step's first reduction feature: a
-    step never straddles two groups (BLOCK_K divides W_GROUP_SIZE, or W_GROUP_SIZE is K: one group)."""
+    step never straddles two groups (BLOCK_K divides W_GROUP_SIZE, or W_GROUP_SIZE is K: one group).
+    A_GROUPED (``a_groups`` from input_group_ptrs): fp8 A and W dotted as stored, the product scaled by the
+    group's input-row and weight-column scales."""
     if W_GROUP_SIZE > 0:
         s_ptrs, s_g, us_ptrs, us_g, z_ptrs, z_g, uz_ptrs, uz_g = groups
         group = k0 // W_GROUP_SIZE
@@ -349,12 +370,20 @@ def k_step(a, acc, acc_up, w_ptrs, u_ptrs, k_left, col_valid, stride_wk, stride_
     else:
         scale_ptrs, zero_ptrs, up_scale_ptrs, up_zero_ptrs = w_ptrs, w_ptrs, u_ptrs, u_ptrs  # unread
     w = weight_tile(w_ptrs, k_left, col_valid, a, BLOCK_K, W_GROUP_SIZE, W_INT4, W_ZERO_POINT, scale_ptrs,
-                    zero_ptrs)
-    acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+                    zero_ptrs, A_GROUPED)
+    if A_GROUPED:
+        a_s_ptrs, a_s_g, row_valid = a_groups
+        a_s = tl.load(a_s_ptrs + group * a_s_g, mask=row_valid, other=0.0)[:, None]
+        acc += tl.dot(a, w) * (a_s * tl.load(scale_ptrs, mask=col_valid, other=0.0)[None, :])
+    else:
+        acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
     if GATED:
         u = weight_tile(u_ptrs, k_left, col_valid, a, BLOCK_K, W_GROUP_SIZE, W_INT4, W_ZERO_POINT, up_scale_ptrs,
-                        up_zero_ptrs)
-        acc_up = tl.dot(a, u, acc_up, input_precision=INPUT_PRECISION)
+                        up_zero_ptrs, A_GROUPED)
+        if A_GROUPED:
+            acc_up += tl.dot(a, u) * (a_s * tl.load(up_scale_ptrs, mask=col_valid, other=0.0)[None, :])
+        else:
+            acc_up = tl.dot(a, u, acc_up, input_precision=INPUT_PRECISION)
     rows = BLOCK_K // 2 if W_INT4 else BLOCK_K  # stored rows per step
     return acc, acc_up, w_ptrs + rows * stride_wk, u_ptrs + rows * stride_uk
 
@@ -439,6 +468,7 @@ def _expert_gemm_kernel(
     stride_use, stride_usn, stride_usg,
     stride_ze, stride_zn, stride_zg,
     stride_uze, stride_uzn, stride_uzg,
+    stride_asm, stride_asg,
     # activation constants
     alpha, limit,
     # meta
@@ -448,7 +478,7 @@ def _expert_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PACKED: tl.constexpr, E_PAD: tl.constexpr, ZERO_UNROUTED: tl.constexpr, TMA: tl.constexpr,
     PAIRED: tl.constexpr, pair_stride, W_SCALED: tl.constexpr, W_GROUP_SIZE: tl.constexpr, W_INT4: tl.constexpr,
-    W_ZERO_POINT: tl.constexpr, A_SCALED: tl.constexpr, W_SCALE_ROWS: tl.constexpr,
+    W_ZERO_POINT: tl.constexpr, A_SCALED: tl.constexpr, W_SCALE_ROWS: tl.constexpr, A_GROUPED: tl.constexpr,
 ):
     a = (a_ptr, stride_am, stride_ak)
     w = (w_ptr, stride_we, stride_wn, stride_wk)
@@ -475,7 +505,8 @@ def _expert_gemm_kernel(
             BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, PACKED, E_PAD, TMA, PAIRED,
             W_SCALED, (w_scale_ptr, stride_se, stride_sn, stride_sg, w_up_scale_ptr, stride_use, stride_usn, stride_usg,
                        w_zero_ptr, stride_ze, stride_zn, stride_zg, w_up_zero_ptr, stride_uze, stride_uzn, stride_uzg),
-            W_GROUP_SIZE, W_INT4, W_ZERO_POINT, A_SCALED, a_scale_ptr, W_SCALE_ROWS,
+            W_GROUP_SIZE, W_INT4, W_ZERO_POINT, A_SCALED, (a_scale_ptr, stride_asm, stride_asg), W_SCALE_ROWS,
+            A_GROUPED,
         )
         if ZERO_UNROUTED:
             q = pid - num_blocks_max * tl.cdiv(N, BLOCK_N)
@@ -535,8 +566,9 @@ def expert_gemm_triton(
     through tensor descriptors on a persistent grid (expert_gemm_tile) where the inputs allow it
     (``tma_applies``, A in schedule order with contiguous rows); the caller decides whether it pays.
     ``w_scale`` / ``w_up_scale`` (and zero points ``w_zero`` / ``w_up_zero``): ``w`` / ``w_up`` hold quantised
-    values (moe_ops.quantised; pointer loads only: no TMA tiles). ``a_scale`` (rows of a,) fp32: ``a`` holds
-    fp8 values, row r standing for a[r] * a_scale[r] (then give ``out_dtype``)."""
+    values (moe_ops.quantised; pointer loads only: no TMA tiles). ``a_scale`` fp32: ``a`` holds fp8 values,
+    with a scale per row (rows of a,) or per row and group of the weights' groups (rows of a, G) (then give
+    ``out_dtype``)."""
     sorted_slots = schedule.sorted_slots
     num_positions = sorted_slots.shape[0]
     n, k = w.shape[1], a.shape[1]
@@ -602,6 +634,7 @@ def expert_gemm_triton(
         *(bias_up.stride() if bias_up is not None else (0, 0)),
         out.stride(0), out.stride(1), slot_ids.stride(0) if zero_unrouted else 0,
         *scale_strides(w_scale), *scale_strides(w_up_scale), *scale_strides(w_zero), *scale_strides(w_up_zero),
+        *((a_scale.stride(0), a_scale.stride(1) if a_scale.dim() == 2 else 0) if a_scale is not None else (0, 0)),
         float(alpha), float(limit),
         GATHER=gather_top_k > 0, SCATTER=bool(scatter), GATED=gated, HAS_BIAS=bias is not None,
         HAS_BIAS_UP=bias_up is not None, HAS_SLOT_WEIGHT=slot_weights is not None,
@@ -609,7 +642,8 @@ def expert_gemm_triton(
         INPUT_PRECISION="ieee" if ieee else "tf32",
         BLOCK_M=block_m, PACKED=packed, E_PAD=triton.next_power_of_2(num_experts) if packed else 1,
         ZERO_UNROUTED=zero_unrouted, TMA=tma, PAIRED=pair_stride is not None, pair_stride=pair_stride or 0,
-        A_SCALED=a_scale is not None, **quantised, **config,
+        A_SCALED=a_scale is not None and a_scale.dim() == 1, A_GROUPED=a_scale is not None and a_scale.dim() == 2,
+        **quantised, **config,
     )
     return out
 

@@ -38,7 +38,13 @@ from moe_ops.fused_experts_backward_triton import (
     token_sums_triton,
 )
 from moe_ops.layout import PackedSchedule, capacity_from_factor, split_gate_up
-from moe_ops.quantised import check_quantised_weight, dequantise, quantise_per_row, stored_columns
+from moe_ops.quantised import (
+    check_quantised_weight,
+    dequantise,
+    quantise_fp8_groups,
+    quantise_per_row,
+    stored_columns,
+)
 from moe_ops.schedule_triton import block_schedule_triton, rows_in_schedule_order
 from moe_ops.settings import config
 from moe_ops.tiles import choose_block_m, tma_applies, tma_device, tma_pays
@@ -46,16 +52,21 @@ from moe_ops.tiles import choose_block_m, tma_applies, tma_device, tma_pays
 LAYOUTS = ("EFH", "EHF")
 # The op's last arguments, each None for weights that are not quantised (moe_ops.quantised).
 QUANTISATION_ARGS = ("w_gate_up_scale", "w_up_scale", "w_down_scale", "w_gate_up_zero", "w_up_zero", "w_down_zero")
-# How the GEMMs' inputs (x, then the activation h) are quantised: not at all, or each row to fp8 e4m3 with
-# its own scale, computed on the fly (w8a8 with fp8 weights scaled per row, as torchao's
-# Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()) computes).
-INPUT_QUANTISATIONS = ("none", "fp8_rowwise")
+# How the GEMMs' inputs (x, then the activation h) are quantised: not at all, or to fp8 e4m3 on the fly,
+# with a scale per row (w8a8 with fp8 weights scaled per row, as torchao's
+# Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()) computes) or per row and group of the
+# weights' groups along K (fp8 weights with block scales: DeepSeek-V3's recipe, 1 x 128 inputs against
+# 128 x 128 weights).
+INPUT_QUANTISATIONS = ("none", "fp8_rowwise", "fp8_groupwise")
 NOT_QUANTISED = (*(None,) * len(QUANTISATION_ARGS), "none")  # the quantisation arguments, then input_quantisation
 
 
-def quantise_input_rows(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A GEMM input's rows as "fp8_rowwise" quantises them: (fp8 e4m3 values, fp32 scale per row)."""
-    return quantise_per_row(a, torch.float8_e4m3fn)
+def quantise_inputs(a: torch.Tensor, input_quantisation: str, w_scale: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A GEMM input's rows (..., K) as ``input_quantisation`` makes them for a weight with scales ``w_scale``:
+    (fp8 e4m3 values, fp32 scales per row (...) or per row and group of the weight's (..., G))."""
+    if input_quantisation == "fp8_rowwise":
+        return quantise_per_row(a, torch.float8_e4m3fn)
+    return quantise_fp8_groups(a, a.shape[-1] // w_scale.shape[-1])
 
 
 class ExpertWeights:
@@ -163,6 +174,9 @@ def check_fused_args(
         if quantised:
             check_quantised_weight("w_up", w_up, w_up_scale, w_up_zero, (E, F, H), x.device, scale_name="w_up_scale",
                                    zero_name="w_up_zero")
+            if w_up_scale.shape != w_gate_up_scale.shape:  # one GEMM reads both
+                raise ValueError(f"w_up_scale: expected w_gate_up_scale's shape {tuple(w_gate_up_scale.shape)}, got "
+                                 f"{tuple(w_up_scale.shape)}")
     if quantised:
         check_quantised_weight("w_down", w_down, w_down_scale, w_down_zero, (E, H, F), x.device,
                                scale_name="w_down_scale", zero_name="w_down_zero")
@@ -178,11 +192,13 @@ def check_fused_args(
     if b_down is not None:
         check_tensor("b_down", b_down, shape=(E, H), dtypes=FLOAT_DTYPES, device=x.device)
     check_choice("input_quantisation", input_quantisation, INPUT_QUANTISATIONS)
-    if input_quantisation == "fp8_rowwise" and not (
-            quantised and w_gate_up.dtype == w_down.dtype == torch.float8_e4m3fn and w_gate_up_scale.dim() == 2
-            and w_down_scale.dim() == 2 and w_gate_up_zero is None):
-        raise ValueError("input_quantisation: 'fp8_rowwise' (fp8 inputs) needs fp8 e4m3 weights with per-row scales "
-                         "((E, N) w_*_scale) and no zero points")
+    if input_quantisation != "none":
+        scale_dims, scales = (2, "per-row scales ((E, N) w_*_scale)") if input_quantisation == "fp8_rowwise" else (
+            3, "block scales ((E, R, G) w_*_scale)")
+        if not (quantised and w_gate_up.dtype == w_down.dtype == torch.float8_e4m3fn and w_gate_up_zero is None
+                and w_gate_up_scale.dim() == w_down_scale.dim() == scale_dims):
+            raise ValueError(f"input_quantisation: {input_quantisation!r} (fp8 inputs) needs fp8 e4m3 weights with "
+                             f"{scales} and no zero points")
     K = topk_ids.shape[1]
     if not 1 <= K <= E:
         raise ValueError(f"topk_ids: expected 1 <= K <= E={E} choices per token, got K={K}")
@@ -228,7 +244,7 @@ def fused_experts_ref(
             continue
         x_e = x[token].to(acc_dtype)
         if quantised_inputs:
-            x_e = dequantise(*quantise_input_rows(x[token]))
+            x_e = dequantise(*quantise_inputs(x[token], input_quantisation, w_gate_up_scale))
         gate = x_e @ w.gate[e].to(acc_dtype).T
         if w.b_gate is not None:
             gate = gate + w.b_gate[e].to(acc_dtype)
@@ -239,7 +255,7 @@ def fused_experts_ref(
                 up = up + w.b_up[e].to(acc_dtype)
         h = activate_ref(gate, up, activation, alpha, limit).to(x.dtype).to(acc_dtype)
         if quantised_inputs:
-            h = dequantise(*quantise_input_rows(h.to(x.dtype)))
+            h = dequantise(*quantise_inputs(h.to(x.dtype), input_quantisation, w_down_scale))
         y = h @ w.down[e].to(acc_dtype).T
         if w.b_down is not None:
             y = y + w.b_down[e].to(acc_dtype)
@@ -319,7 +335,7 @@ def fused_experts_triton(
     weight_views = [(t.shape, t.stride(), t.data_ptr()) for t in (w.gate, w.up) if t is not None]
     a_scale = None
     if quantised_inputs:
-        a, a_scale = quantise_input_rows(x)
+        a, a_scale = quantise_inputs(x, input_quantisation, w_gate_up_scale)
     tma = (w.s_gate is None and tma_pays(num_slots, E) and tma_device(x.device)
            and tma_applies(x.dtype, block_m, w.gate.shape[1], w.up is not None, weight_views))
     if tma:
@@ -335,7 +351,7 @@ def fused_experts_triton(
     )
     h_scale = None
     if quantised_inputs:
-        h, h_scale = quantise_input_rows(h)
+        h, h_scale = quantise_inputs(h, input_quantisation, w_down_scale)
     y_SH = expert_gemm_triton(
         h, w.down, schedule, num_slots, block_m, bias=w.b_down, slot_weights=topk_weights.reshape(-1),
         scatter=True, slot_ids=ids.reshape(-1), tma=tma, w_scale=w.s_down, w_zero=w.z_down, a_scale=h_scale,
@@ -634,9 +650,10 @@ def fused_experts(
                       The kernels read the stored values (no dequantised copy); the weights get no gradient
         w_gate_up_zero, w_up_zero, w_down_zero: optional zero points (fp32, the scales' shapes): the
                       weights stand for (values - zero) * scale
-        input_quantisation: "none", or "fp8_rowwise" (w8a8, with fp8 weights scaled per row): x's rows and
+        input_quantisation: "none"; "fp8_rowwise" (w8a8, with fp8 weights scaled per row): x's rows and
                       each slot's activation quantised to fp8 e4m3 on the fly, one scale per row (amax /
-                      448), and the GEMMs run on fp8 values
+                      448), and the GEMMs run on fp8 values; "fp8_groupwise" (with fp8 weights in blocks):
+                      the same with a scale per row and group of the weights' groups of inputs
 
     Returns:
         (T, H) in x's dtype [, num_dropped]

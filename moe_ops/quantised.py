@@ -127,6 +127,16 @@ def quantise_blocks(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, to
     return values, scale
 
 
+def quantise_fp8_groups(a: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``a`` (..., K) as fp8 e4m3 values with one fp32 scale per group of ``group_size`` consecutive
+    values ((..., K / group_size)): each group's largest magnitude at 448. How fp8 inputs in groups are made
+    (the per-token groups of DeepSeek-V3's w8a8 recipe)."""
+    grouped = a.float().unflatten(-1, (-1, group_size))
+    top = torch.finfo(torch.float8_e4m3fn).max
+    scale = grouped.abs().amax(-1).clamp_min(torch.finfo(torch.float32).tiny) / top
+    return (grouped / scale[..., None]).to(torch.float8_e4m3fn).flatten(-2), scale
+
+
 def quantise_groups(w: torch.Tensor, group_size: int, *, bits: int = 8) -> tuple[torch.Tensor, ...]:
     """``w`` (E, N, K) quantised in groups of ``group_size`` reduction features: (values, (E, N, G) fp32
     scales, zero points or None). ``bits=8``: symmetric int8 (torchao's ``Int8WeightOnlyConfig`` with

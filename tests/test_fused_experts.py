@@ -365,19 +365,22 @@ def test_quantised_experts_match_the_reference(quantised, form):
     assert sqnr_db(unquantised, got) >= floor
 
 
+@pytest.mark.parametrize("inputs", ["fp8_rowwise", "fp8_groupwise"])
 @pytest.mark.parametrize("form", ["halves", "w_up"])
-def test_fp8_inputs_match_the_reference(form):
-    """w8a8: fp8 weights scaled per row and x's rows and each slot's activation quantised to fp8 on the fly
-    (input_quantisation="fp8_rowwise"). The Triton path (fp8 dots, both scales on the accumulator) gives the
+def test_fp8_inputs_match_the_reference(form, inputs):
+    """w8a8: x's rows and each slot's activation quantised to fp8 on the fly, against fp8 weights scaled per
+    row ("fp8_rowwise": one scale per input row) or per 16 x 16 tile ("fp8_groupwise": one per input row and
+    group of 16). The Triton path (fp8 dots, both scales on the accumulator, per K step in groups) gives the
     reference's result; the reference is the layer of the dequantised weights over the dequantised inputs,
     written out here; the layer stays within fp8's error of bf16."""
     dtype = torch.bfloat16
     layer = _layer(13, 2, 4, 32, 48, dtype, TRITON_DEVICE)
-    options, exact, dequantised = _quantised_layer(layer, torch.float8_e4m3fn, form)
-    options["input_quantisation"] = "fp8_rowwise"
+    options, exact, dequantised = _quantised_layer(
+        layer, torch.float8_e4m3fn if inputs == "fp8_rowwise" else "fp8-b16", form)
+    options["input_quantisation"] = inputs
     routed = (layer["x"], layer["topk_weights"], layer["topk_ids"])
     quantisation = [options.get(name) for name in QUANTISATION_ARGS]
-    got, _ = fused_experts_triton(*_args(dict(layer, **options)), *quantisation, "fp8_rowwise")
+    got, _ = fused_experts_triton(*_args(dict(layer, **options)), *quantisation, inputs)
     want = fused_experts_ref(*routed, **options)
     # The kernels' activation and the reference's differ by bf16 rounding (their sums run in other orders),
     # and where that moves an element across an fp8 rounding boundary it differs by a step of fp8 (1/8 of
@@ -387,13 +390,20 @@ def test_fp8_inputs_match_the_reference(form):
     # Written out: each GEMM over dequantised rows of its input.
     gate_up = dequantised["w_gate_up"] if form == "halves" else torch.cat([dequantised["w_gate_up"],
                                                                            dequantised["w_up"]], 1)
-    x_rows = dequantise(*quantise_per_row(layer["x"], torch.float8_e4m3fn))
+    def fp8_inputs(rows):
+        if inputs == "fp8_rowwise":
+            return dequantise(*quantise_per_row(rows, torch.float8_e4m3fn))
+        grouped = rows.float().unflatten(-1, (-1, 16))
+        scale = grouped.abs().amax(-1, keepdim=True) / 448
+        return ((grouped / scale).to(torch.float8_e4m3fn).float() * scale).flatten(-2)
+
+    x_rows = fp8_inputs(layer["x"])
     out = torch.zeros_like(x_rows)
     for t in range(x_rows.shape[0]):
         for j, e in enumerate(layer["topk_ids"][t].tolist()):
             gate, up = (gate_up[e] @ x_rows[t]).chunk(2)
             h = (torch.nn.functional.silu(gate) * up).to(dtype)
-            h = dequantise(*quantise_per_row(h, torch.float8_e4m3fn))
+            h = fp8_inputs(h[None])[0]
             out[t] += ((dequantised["w_down"][e] @ h) * layer["topk_weights"][t, j].float()).to(dtype).float()
     assert_close_rel(want, out.to(dtype), dtype, "written out")
     assert sqnr_db(fused_experts(*routed, **exact), got) >= 22.0  # fp8 weights and inputs: ~25 dB
@@ -409,6 +419,13 @@ def test_fp8_inputs_need_fp8_weights_scaled_per_row():
         with pytest.raises(ValueError, match="input_quantisation: 'fp8_rowwise' .* needs fp8 e4m3 weights"):
             fused_experts_ref(*routed, **dict(dict(w_gate_up=layer["w_gate_up"], w_down=layer["w_down"]), **weights),
                               input_quantisation="fp8_rowwise")
+    fp8_rows = _quantised_layer(layer, torch.float8_e4m3fn, "halves")[0]
+    with pytest.raises(ValueError, match=r"input_quantisation: 'fp8_groupwise' .* needs fp8 e4m3 weights with block"):
+        fused_experts_ref(*routed, **fp8_rows, input_quantisation="fp8_groupwise")
+    fp8_blocks = _quantised_layer(layer, "fp8-b16", "halves")[0]
+    with pytest.raises(ValueError, match=r"input_quantisation: 'fp8_rowwise' .* needs fp8 e4m3 weights with per-row"):
+        fused_experts_ref(*routed, **fp8_blocks, input_quantisation="fp8_rowwise")
+    fused_experts_ref(*routed, **fp8_blocks, input_quantisation="fp8_groupwise")
 
 
 def test_quantised_experts_compile_and_give_the_input_its_gradient():

@@ -127,6 +127,8 @@ def test_every_launched_kernel_compiles_for_hopper(tmp_path, monkeypatch):
     fused_experts_triton(x, weights, ids, f_gate_up, f_down, *plain[5:], 0.0, "position", t_gate_up, None, t_down)
     (b_gate_up, c_gate_up), (b_down, c_down) = (quantise_blocks(w.contiguous(), 32) for w in (w_gate_up, w_down))
     fused_experts_triton(x, weights, ids, b_gate_up, b_down, *plain[5:], 0.0, "position", c_gate_up, None, c_down)
+    fused_experts_triton(x, weights, ids, b_gate_up, b_down, *plain[5:], 0.0, "position", c_gate_up, None, c_down,
+                         None, None, None, "fp8_groupwise")
     # w8a8: fp8 inputs against fp8 weights (fp8 dots)
     fused_experts_triton(x, weights, ids, f_gate_up, f_down, *plain[5:], 0.0, "position", t_gate_up, None, t_down,
                          None, None, None, "fp8_rowwise")
@@ -156,7 +158,8 @@ def test_every_launched_kernel_compiles_for_hopper(tmp_path, monkeypatch):
     assert names >= {"_route_kernel", "_schedule_scatter_kernel", "_capacity_position_kernel", "_expert_gemm_kernel",
                      "_activation_grad_kernel", "_expert_weight_grad_kernel"}, names
     assert any(json.loads(launch)["constexprs"].get("TMA") for launch in unique), "no TMA launch recorded"
-    assert any(json.loads(launch)["constexprs"].get("A_SCALED") for launch in unique), "no fp8-input launch recorded"
+    for flag in ("A_SCALED", "A_GROUPED", "W_INT4"):
+        assert any(json.loads(launch)["constexprs"].get(flag) for launch in unique), f"no {flag} launch recorded"
     assert {json.loads(launch)["signature"].get("w_ptr") for launch in unique} >= {"*bf16", "*i8", "*fp8e4nv", "*u8"}
     path = tmp_path / "launches.json"
     path.write_text("[" + ",".join(sorted(unique)) + "]")
