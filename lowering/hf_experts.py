@@ -47,6 +47,7 @@ from moe_ops.activations import CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT
 from moe_ops.expert_parallel import PLAN_ATTRIBUTE, fused_experts_ep
 from moe_ops.fused_experts import fused_experts
 from moe_ops.lowering.torchao_experts import torchao_quantised, torchao_tensor_class
+from moe_ops.quantised import check_quantised_weight
 from moe_ops.settings import config
 
 log = logging.getLogger("moe_ops")
@@ -305,15 +306,94 @@ def fused_experts_arguments(experts: nn.Module, hidden_states: torch.Tensor) -> 
     return arguments
 
 
+# transformers' fine-grained FP8 experts (integrations/finegrained_fp8.py, FP8Experts), by _code_fingerprint of
+# the methods whose computation fp8_experts_arguments maps (transformers 5.17): the loop over experts, the gate
+# (chunk(2); clamped SwiGLU-OAI with swiglu_alpha, clamped act_fn with limit, else act_fn(gate) * up), and the
+# per-expert linear (fp8_linear: inputs quantised to fp8 per token and group of block_size[1] on the fly,
+# weights in block_size tiles scaled by their scale_inv).
+FP8_EXPERTS_CODE = {"forward": "e9d4f828a1564b77", "_apply_gate": "7404fb8647e7d7bf", "linear": "53eab8ab7845d556"}
+_FP8_CLASS_REASON: dict[type, str | None] = {}
+
+
+@torch.compiler.assume_constant_result
+def _verified_fp8_experts_class(experts_class: type) -> str | None:
+    """None where ``experts_class`` runs transformers 5.17's FP8Experts code (FP8_EXPERTS_CODE), else why not.
+    Dynamo runs it at trace time: a class's code is a constant."""
+    if experts_class not in _FP8_CLASS_REASON:
+        reason = None
+        for name, fingerprint in FP8_EXPERTS_CODE.items():
+            method = original_experts_forward(experts_class) if name == "forward" else getattr(experts_class, name)
+            if _code_fingerprint(method) != fingerprint:
+                reason = f"its {name} is not the FP8Experts.{name} of transformers 5.17 that moe_ops maps"
+                break
+        _FP8_CLASS_REASON[experts_class] = reason
+    return _FP8_CLASS_REASON[experts_class]
+
+
+def fp8_experts_arguments(experts: nn.Module, hidden_states: torch.Tensor) -> dict | str:
+    """Keyword arguments of ``moe_ops.fused_experts`` that compute what transformers' fine-grained FP8 experts
+    module ``experts`` computes on ``hidden_states`` (fp8 weights in blocks, fp8 inputs in groups: the op's
+    "fp8_groupwise"), or the reason there are none."""
+    reason = _verified_fp8_experts_class(type(experts))
+    if reason is not None:
+        return reason
+    if experts.activation_scheme != "dynamic":
+        return (f"activation_scheme={experts.activation_scheme!r}: fixed activation scales are no moe_ops input "
+                "quantisation")
+    if experts.block_size is None:
+        return "its weights have one scale each (no block_size): moe_ops takes fp8 weights in blocks or per row"
+    if hidden_states.dim() != 2:
+        return f"hidden_states has {hidden_states.dim()} dims, fused_experts takes (tokens, hidden)"
+    if experts.has_gate:
+        first_name, alpha, limit = "gate_up_proj", CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT
+        if experts.swiglu_alpha is not None:
+            if experts.swiglu_limit is None:
+                return "its swiglu_limit is None: clamped_swiglu without a limit is no moe_ops activation"
+            activation, alpha, limit = "clamped_swiglu", float(experts.swiglu_alpha), float(experts.swiglu_limit)
+        elif experts.limit is not None:
+            if _activation_of(experts.act_fn) != "silu":
+                return f"its gate clamps act_fn {type(experts.act_fn).__name__}, not SiLU"
+            activation, limit = "clamped_silu", float(experts.limit)
+        else:
+            activation = _activation_of(experts.act_fn)
+    else:
+        first_name, alpha, limit = "up_proj", CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT
+        activation = _activation_of(experts.act_fn)
+    if activation is None:
+        return f"act_fn {type(experts.act_fn).__name__} has no moe_ops activation"
+    arguments = dict(layout="EFH", interleaved=False, activation=activation, gated=experts.has_gate, alpha=alpha,
+                     limit=limit, input_quantisation="fp8_groupwise")
+    block_rows, block_columns = experts.block_size
+    for argument, name in (("w_gate_up", first_name), ("w_down", "down_proj")):
+        weight, scale = getattr(experts, name), getattr(experts, f"{name}_scale_inv")
+        if weight.device != hidden_states.device:
+            return f"{name} is on {weight.device} but hidden_states on {hidden_states.device}"
+        try:
+            check_quantised_weight(name, weight, scale, None, tuple(weight.shape), weight.device,
+                                   scale_name=f"{name}_scale_inv", zero_name="-")
+        except (TypeError, ValueError) as refusal:
+            return str(refusal)
+        if weight.dtype != torch.float8_e4m3fn or scale.dim() != 3 or (
+                weight.shape[1] != block_rows * scale.shape[1] or weight.shape[2] != block_columns * scale.shape[2]):
+            return (f"{name} ({weight.dtype}, scales {tuple(scale.shape)}) is no fp8 weight in whole "
+                    f"{block_rows} x {block_columns} blocks")
+        arguments[argument], arguments[f"{argument}_scale"] = weight, scale
+    return arguments
+
+
 def _quantisation(arguments: dict) -> str | None:
-    """How the expert weights are quantised, for the log ("int8 per row", "float8_e4m3fn in groups of 32"), or
-    None."""
+    """How the expert weights are quantised, for the log ("int8 per row", "float8_e4m3fn in groups of 32",
+    "float8_e4m3fn in 128 x 128 blocks"), or None."""
     if "w_down_scale" not in arguments:
         return None
     stored = str(arguments["w_down"].dtype).replace("torch.", "")
-    scale = arguments["w_gate_up_scale"]
-    scheme = (f"{stored} per row" if scale.dim() == 2
-              else f"{stored} in groups of {arguments['w_gate_up'].shape[2] // scale.shape[2]}")
+    scale, rows, columns = arguments["w_gate_up_scale"], *arguments["w_gate_up"].shape[1:]
+    if scale.dim() == 2:
+        scheme = f"{stored} per row"
+    elif scale.shape[1] == rows:
+        scheme = f"{stored} in groups of {columns // scale.shape[2]}"
+    else:
+        scheme = f"{stored} in {rows // scale.shape[1]} x {columns // scale.shape[2]} blocks"
     inputs = arguments.get("input_quantisation")
     return scheme if inputs is None else f"{scheme}, inputs {inputs}"
 
@@ -321,7 +401,19 @@ def _quantisation(arguments: dict) -> str | None:
 def moe_ops_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     """``experts_implementation="moe_ops"``: the experts module ``self`` as one ``moe_ops.fused_experts``
     call, or its own loop where that would not be the same computation (the reason is logged)."""
-    arguments = fused_experts_arguments(self, hidden_states)
+    return _fused_or_own_loop(self, fused_experts_arguments(self, hidden_states), hidden_states, top_k_index,
+                              top_k_weights)
+
+
+def moe_ops_fp8_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """``experts_implementation="moe_ops"`` for transformers' fine-grained FP8 experts: as
+    :func:`moe_ops_experts_forward`, with :func:`fp8_experts_arguments`."""
+    return _fused_or_own_loop(self, fp8_experts_arguments(self, hidden_states), hidden_states, top_k_index,
+                              top_k_weights)
+
+
+def _fused_or_own_loop(self, arguments, hidden_states, top_k_index, top_k_weights):
+    """``fused_experts`` with ``arguments``, or (``arguments`` a reason) the class's own loop; logged."""
     compiling = torch.compiler.is_compiling()
     if isinstance(arguments, str):
         _report(type(self), f"runs its own loop, not moe_ops.fused_experts: {arguments}", False, compiling)
@@ -342,6 +434,14 @@ def eager_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     rewrites on, where it becomes :func:`moe_ops_experts_forward` (the loop cannot be captured)."""
     if torch.compiler.is_compiling() and config.rewrites and config.transformers_eager_experts:
         return moe_ops_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    return original_experts_forward(type(self))(self, hidden_states, top_k_index, top_k_weights)
+
+
+def eager_fp8_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """``experts_implementation="eager"`` for transformers' fine-grained FP8 experts: as
+    :func:`eager_experts_forward`, with :func:`moe_ops_fp8_experts_forward`."""
+    if torch.compiler.is_compiling() and config.rewrites and config.transformers_eager_experts:
+        return moe_ops_fp8_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     return original_experts_forward(type(self))(self, hidden_states, top_k_index, top_k_weights)
 
 
@@ -373,3 +473,12 @@ def register_experts_implementations() -> None:
     ExpertsInterface.register(IMPLEMENTATION_NAME, moe_ops_experts_forward)
     ExpertsInterface.register(EP_IMPLEMENTATION_NAME, moe_ops_ep_experts_forward)
     ExpertsInterface.register("eager", eager_experts_forward)
+
+
+def register_fp8_experts_implementations() -> None:
+    """Register "moe_ops" and "eager" in the interface of transformers' fine-grained FP8 experts (its own
+    ``FP8ExpertsInterface``, apart from ``ALL_EXPERTS_FUNCTIONS``), as register_experts_implementations does."""
+    from transformers.integrations.finegrained_fp8 import FP8ExpertsInterface
+
+    FP8ExpertsInterface.register(IMPLEMENTATION_NAME, moe_ops_fp8_experts_forward)
+    FP8ExpertsInterface.register("eager", eager_fp8_experts_forward)

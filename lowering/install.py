@@ -35,6 +35,7 @@ def enable() -> None:
     config.rewrites = True
     when_imported("torch._inductor.config", _install_passes)
     when_imported("transformers", _register_transformers_experts)
+    when_imported("transformers.integrations.finegrained_fp8", _register_transformers_fp8_experts)
 
 
 def _install_passes() -> None:
@@ -65,6 +66,17 @@ def _register_transformers_experts() -> None:
         log.debug("transformers experts implementations not registered: %s", error)
         return
     register_experts_implementations()
+
+
+def _register_transformers_fp8_experts() -> None:
+    # transformers imports its fine-grained FP8 integration when it loads an FP8 model (or the user does):
+    # registering then costs ``import moe_ops`` nothing.
+    try:
+        from moe_ops.lowering.hf_experts import register_fp8_experts_implementations
+    except ImportError as error:
+        log.debug("transformers FP8 experts implementations not registered: %s", error)
+        return
+    register_fp8_experts_implementations()
 
 
 def disable() -> None:

@@ -399,3 +399,98 @@ def test_training_backward_through_fused_experts():
     expected_grads = [x.grad, *(p.grad for p in block.parameters())]
     for index, (got, want) in enumerate(zip(compiled_grads, expected_grads, strict=True)):
         assert_close_rel(got, want, torch.float32, f"gradient {index}")
+
+
+def _fp8_experts(block: int, **config_overrides):
+    """transformers' fine-grained FP8 experts module (as its quantiser builds it), H = 256 and F = 128 so that
+    ``block`` x ``block`` tiles divide its weights, holding random weights quantised to fp8 in those tiles."""
+    from transformers.integrations.finegrained_fp8 import ALL_FP8_EXPERTS_FUNCTIONS, FP8Experts
+
+    from moe_ops.quantised import quantise_blocks
+
+    config = transformers.Qwen3MoeConfig(hidden_size=256, moe_intermediate_size=128, num_experts=E,
+                                         num_experts_per_tok=K, **config_overrides)
+    experts_class = moe_integration.use_experts_implementation(
+        experts_class=FP8Experts, experts_interface=ALL_FP8_EXPERTS_FUNCTIONS, has_bias=False, has_gate=True)
+    experts = experts_class(config=config, block_size=[block, block], activation_scheme="dynamic",
+                            scale_fmt="float", has_bias=False, has_gate=True)
+    torch.manual_seed(0)
+    for name, shape in (("gate_up_proj", (E, 256, 256)), ("down_proj", (E, 256, 128))):
+        values, scale = quantise_blocks(torch.randn(shape) / shape[2] ** 0.5, block)
+        setattr(experts, name, torch.nn.Parameter(values, requires_grad=False))
+        setattr(experts, f"{name}_scale_inv", torch.nn.Parameter(scale, requires_grad=False))
+    return experts
+
+
+def test_transformers_fp8_experts_run_as_fused_experts(caplog):
+    """transformers' fine-grained FP8 experts (DeepSeek-V3-style checkpoints: fp8 weights in 128 x 128 tiles,
+    inputs quantised per token and group of 128 on the fly) with experts_implementation "moe_ops" (and
+    "eager" under torch.compile): fused_experts(input_quantisation="fp8_groupwise") over the stored weights and
+    scales, equal to the written-out computation of transformers' loop; the log says so."""
+    from moe_ops.quantised import dequantise, sqnr_db
+
+    experts = _fp8_experts(128)
+    experts.config._experts_implementation = "moe_ops"
+    x = torch.randn(11, 256).to(torch.bfloat16)
+    weights, ids = moe_ops.route(torch.randn(11, E), K, renormalize=True)
+    weights = weights.to(torch.bfloat16)
+    with caplog.at_level(logging.INFO, logger="moe_ops"):
+        out = experts(x, ids, weights)
+    assert any("quantised=float8_e4m3fn in 128 x 128 blocks, inputs fp8_groupwise)" in record.getMessage()
+               for record in caplog.records)
+
+    def fp8_linear(rows, weight, scale):  # fp8_linear written out: inputs in groups of 128, weights in tiles
+        grouped = rows.float().unflatten(-1, (-1, 128))
+        row_scale = grouped.abs().amax(-1, keepdim=True) / 448
+        inputs = ((grouped / row_scale).to(torch.float8_e4m3fn).float() * row_scale).flatten(-2)
+        return (inputs @ dequantise(weight[None], scale[None])[0].T).to(rows.dtype)
+
+    want = torch.zeros(11, 256)
+    for t in range(11):
+        for j, e in enumerate(ids[t].tolist()):
+            gate, up = fp8_linear(x[t:t + 1], experts.gate_up_proj[e], experts.gate_up_proj_scale_inv[e]).chunk(2, -1)
+            h = torch.nn.functional.silu(gate) * up
+            y = fp8_linear(h, experts.down_proj[e], experts.down_proj_scale_inv[e])
+            want[t] += (y * weights[t, j]).float()[0]
+    # transformers rounds gate and up to bf16 before the activation, the op rounds the activation once; where
+    # that moves an element of it across an fp8 rounding boundary the two differ by a step of fp8 (1/8): close
+    # in the worst element, tens of dB closer than fp8's own error on the whole.
+    want = want.to(torch.bfloat16)
+    assert ((out.float() - want.float()).abs().max() / want.float().abs().max()).item() <= 6e-2
+    assert sqnr_db(want, out) >= 30.0
+    experts.config._experts_implementation = "eager"
+    backend = RecordingBackend()
+    torch.testing.assert_close(torch.compile(experts, backend=backend, fullgraph=True)(x, ids, weights), out,
+                               rtol=2e-2, atol=2e-2)
+    assert backend.fused_experts_calls() == 1 and counters["moe_ops"]["hf_experts"] == 1
+
+
+def test_transformers_fp8_experts_that_are_not_the_op_run_their_own_loop(caplog, monkeypatch):
+    """FP8 experts whose tiles do not divide the weights, or whose activations take fixed scales, keep
+    transformers' loop (its fp8_linear replaced here by a recording stand-in: its kernels need a GPU), and the
+    log names the reason."""
+    from transformers.integrations import finegrained_fp8
+
+    calls = []
+
+    def recording_fp8_linear(rows, weight, *args, **kwargs):
+        calls.append(weight.shape)
+        return rows.new_zeros(rows.shape[0], weight.shape[0])
+
+    monkeypatch.setattr(finegrained_fp8, "fp8_linear", recording_fp8_linear)
+    cases = {"activation_scale": ("static", "fixed activation scales are no moe_ops input quantisation"),
+             "blocks": ("dynamic", "is no fp8 weight in whole 128 x 128 blocks")}
+    for case, (scheme, reason) in cases.items():
+        experts = _fp8_experts(64)
+        experts.activation_scheme = scheme
+        if scheme == "static":  # one fixed input scale per expert, as FP8Experts allocates them for it
+            for name in ("gate_up_proj", "down_proj"):
+                setattr(experts, f"{name}_activation_scale", torch.nn.Parameter(torch.ones(E)))
+        experts.block_size = [128, 128] if case == "blocks" else [64, 64]
+        experts.config._experts_implementation = "moe_ops"
+        calls.clear()
+        with caplog.at_level(logging.INFO, logger="moe_ops"):
+            experts(torch.randn(5, 256).to(torch.bfloat16), torch.zeros(5, K, dtype=torch.long),
+                    torch.ones(5, K, dtype=torch.bfloat16))
+        assert any(reason in record.getMessage() for record in caplog.records), case
+        assert calls == [(256, 256), (256, 128)], case  # the loop's two linears of the one expert hit
