@@ -10,6 +10,7 @@ on the same inputs:
     moe_ops_int8_g128   int8 weights, a scale per group of 128 input features
     moe_ops_int4_g128   int4 weights packed two per byte, a scale and a zero point per group of 128
     moe_ops_fp8_w8a8    fp8 weights per row, the GEMMs' inputs quantised to fp8 per row on the fly
+    moe_ops_fp8_b128_w8a8  fp8 weights in 128 x 128 tiles, inputs in fp8 per row and group of 128 (DeepSeek-V3)
     torchao_fp8_eager   transformers' grouped_mm experts module with torchao's Float8WeightOnlyConfig weights,
                         uncompiled (torchao's own weight-only path: it dequantises the weights every call)
     torchao_fp8_w8a8_eager  the same with Float8DynamicActivationFloat8WeightConfig(PerRow) weights (fp8 inputs,
@@ -38,7 +39,7 @@ import triton
 from bench_layer import DRY_RUN_SHAPES, SHAPES, MoEShape, slug, time_on_gpu, time_wall_clock
 
 import moe_ops
-from moe_ops.quantised import quantise_groups, quantise_per_row, sqnr_db
+from moe_ops.quantised import quantise_blocks, quantise_groups, quantise_per_row, sqnr_db
 
 ROUNDS = 3
 TOKENS = (1, 2, 4, 8, 16, 2048, 8192)
@@ -55,6 +56,7 @@ QUANTISED = {
     "int4_g": (lambda w, group: quantise_groups(w, group, bits=4), 0.5, {}),
     "fp8_w8a8": (lambda w, group: (*quantise_per_row(w, torch.float8_e4m3fn), None), 1.0,
                  {"input_quantisation": "fp8_rowwise"}),
+    "fp8_b_w8a8": (lambda w, group: (*quantise_blocks(w, group), None), 1.0, {"input_quantisation": "fp8_groupwise"}),
 }
 GPU_SHAPES = ("mixtral-8x7b", "qwen3-30b-a3b")
 
@@ -96,7 +98,7 @@ def run_shape(shape: MoEShape, tokens, device, time_fn, group: int = GROUP) -> l
     weights = {"moe_ops_bf16": {"w_gate_up": w_gate_up, "w_down": w_down}}
     itemsizes = {"moe_ops_bf16": 2.0}
     for scheme, (quantise, itemsize, options) in QUANTISED.items():
-        name = f"moe_ops_{scheme}{group if scheme.endswith('_g') else ''}"
+        name = f"moe_ops_{scheme}{group if scheme.endswith('_g') else ''}".replace("_b_", f"_b{group}_")
         arguments = dict(options)
         for weight_name, weight in (("w_gate_up", w_gate_up), ("w_down", w_down)):
             values, scale, zero = quantise(weight, group)
