@@ -1,7 +1,7 @@
 """Form 5 of the experts rewrite (lowering/graph/match_dense_experts.py): Llama 4's experts, every token
 through every expert with its input row scaled by its score, become one ``moe_ops.fused_experts`` call on
-the rows scaled by the chosen expert's score (K = 1), with eager's results, NaN rows included; near-misses
-are left alone."""
+the rows scaled by each chosen expert's score (one row per slot for K > 1), with eager's results, NaN rows
+included; near-misses are left alone."""
 
 from __future__ import annotations
 
@@ -105,24 +105,60 @@ def test_dynamic_token_count():
 
 
 @pytest.mark.usefixtures("training_rewrites")
-def test_training_graph_is_rewritten():
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_training_graph_is_rewritten(top_k):
     """With training_rewrites, the training step runs the op's training variant, and the input gradient,
     the router's and the experts' gradients are eager's (the scale's gradient flows through the mul)."""
-    block = llama4_block(torch.float32).train().requires_grad_(True)
+    block = llama4_block(torch.float32, top_k=top_k).train().requires_grad_(True)
     forward_graph, _ = check_training(block, tokens(12, torch.float32), dtype=torch.float32)
     assert FUSED_EXPERTS_TRAINING in forward_graph and "aten.bmm" not in forward_graph
 
 
-def test_two_experts_per_token_are_left_alone(caplog):
-    """K = 2: each chosen expert reads the row scaled by its own score, a per-slot input scaling the op has
-    not; the block is left alone with that reason, and its result is eager's."""
-    block = llama4_block(torch.float32, top_k=2)
-    x = tokens(10, torch.float32)
-    with caplog.at_level(logging.DEBUG, logger="moe_ops"):
-        result, graph = compile_and_record(block, x)
-    assert dense_rewrites() == 0 and "moe_ops.fused_experts" not in graph
-    assert "(K = 2): the op scales no slot's input rows" in caplog.text
-    assert_close_rel(result[0], block(x)[0], torch.float32, "output")
+@pytest.mark.parametrize("top_k", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_several_experts_per_token_read_their_own_scaled_rows(top_k, dtype):
+    """K > 1: each chosen expert reads the row scaled by its own score. The op reads one row per slot, x[t]
+    times that slot's score (in x's dtype, as eager rounds it), with routing weights of 1, and each token's K
+    outputs are summed: eager's result, NaN rows included, for a static and a dynamic token count."""
+    block = llama4_block(dtype, top_k=top_k)
+    x = tokens(10, dtype)
+    x[0, 4, 7] = float("nan")
+    result, graph = compile_and_record(block, x)
+    want = block(x)[0]
+    assert dense_rewrites() == 1 and "aten.bmm" not in graph and "aten.repeat" not in graph
+    nan_rows = result[0].isnan().any(-1)
+    assert torch.equal(nan_rows, want.isnan().any(-1)) and nan_rows.nonzero().flatten().tolist() == [4]
+    assert_close_rel(result[0][~nan_rows], want[~nan_rows], dtype, f"K={top_k}")
+    compiled = torch.compile(block, dynamic=True)
+    for num_tokens in (5, 17):
+        x = tokens(num_tokens, dtype, seed=num_tokens)
+        assert_close_rel(compiled(x)[0], block(x)[0], dtype, f"K={top_k}, T={num_tokens}")
+
+
+def test_several_experts_per_token_rewritten_graph():
+    """K = 2: the slot rows x[t] * score[t, k] (T * K, H), their experts (T * K, 1), routing weights of 1;
+    the op's output viewed (T, K, H) and summed over K, then sum(x * 0) added per row."""
+    block = llama4_block(torch.bfloat16, top_k=2)
+    _, graph = compile_and_record(block, tokens(10, torch.bfloat16))
+    lines = graph.splitlines()
+    first, last = lines.index("aten.sigmoid.default()") - 1, lines.index("aten.sum.dim_IntList([-1], True)") + 1
+    assert_expected_inline("\n".join(lines[first:last + 1]), """\
+prims.convert_element_type.default(torch.float32)
+aten.sigmoid.default()
+prims.convert_element_type.default(torch.bfloat16)
+aten.unsqueeze.default(1)
+aten.unsqueeze.default(-1)
+aten.mul.Tensor()
+aten.view.default([-1, 64])
+aten.view.default([-1, 1])
+aten.full.default([20, 1], 1.0)
+moe_ops.fused_experts.default(None, None, None, None, 'EHF', False, 'silu', True, 1.702, 7.0, 0.0, 'position')
+getitem(0)
+aten.view.default([-1, 2, 64])
+aten.sum.dim_IntList([1])
+aten.mul.Tensor(0.0)
+aten.sum.dim_IntList([-1], True)
+aten.add.Tensor()""")
 
 
 class ScaledDenseExperts(nn.Module):

@@ -370,8 +370,9 @@ def replace(graph: Graph, match: ExpertsMatch) -> None:
             view.meta["val"] = val(node).view(-1, top_k)
             setattr(match, name, view)
     unscaled_x = match.x
+    num_tokens, top_k = val(match.topk_ids).shape
     if match.input_scale_chain is not None:
-        match.x, match.topk_weights = _scaled_input_rows(graph, match)
+        match.x, match.topk_ids, match.topk_weights = _scaled_input_rows(graph, match)
     args = (
         match.x, match.topk_weights, match.topk_ids, match.w_gate_up, match.w_down, match.w_up,
         match.b_gate_up, match.b_up, match.b_down, match.layout, match.interleaved, match.activation,
@@ -387,6 +388,11 @@ def replace(graph: Graph, match: ExpertsMatch) -> None:
         out = graph.call_function(operator.getitem, (fused, 0))
         out.meta["val"] = out_val
         if match.input_scale_chain is not None:
+            if top_k > 1:
+                # One row per slot: each token's K outputs (each rounded to x's dtype) summed, accumulated in
+                # fp32 and rounded once, as the plain code's sum over the experts adds them.
+                per_slot = new_node(graph, aten.view.default, (out, [-1, top_k, val(out).shape[-1]]))
+                out = new_node(graph, aten.sum.dim_IntList, (per_slot, [1]))
             # + sum(x[t] * 0): ±0 for a finite row, NaN for a row with an inf or NaN (as every expert's
             # rows 0 * x[t] are in the plain code).
             zeros = new_node(graph, aten.mul.Tensor, (unscaled_x, 0.0))
@@ -395,19 +401,30 @@ def replace(graph: Graph, match: ExpertsMatch) -> None:
     match.result.replace_all_uses_with(out)
 
 
-def _scaled_input_rows(graph: Graph, match: ExpertsMatch) -> tuple[Node, Node]:
-    """Llama 4's form (match_dense_experts): (x * chain(top), routing weights of 1) for the op to read."""
+def _scaled_input_rows(graph: Graph, match: ExpertsMatch) -> tuple[Node, Node, Node]:
+    """Llama 4's form (match_dense_experts): the rows the op reads, one per slot, x[t] * chain(top[t, k]) in
+    x's dtype as the plain code rounds them ((T * K, H)); each row's expert ((T * K, 1)); routing weights of
+    1. With K = 1 the rows are x's tokens, scaled."""
     with graph.inserting_before(match.result):
         scale = match.topk_weights
         for link in match.input_scale_chain:
             scale = new_node(graph, link.target, (scale, *link.args[1:]))
-        rows = new_node(graph, aten.mul.Tensor, (match.x, scale))
-        num_tokens = val(match.topk_weights).shape[0]
-        if not isinstance(num_tokens, int):  # a dynamic token count: read off the tensor at run time
-            num_tokens = new_node(graph, aten.sym_size.int, (match.topk_weights, 0))
-        ones = new_node(graph, aten.full.default, ([num_tokens, 1], 1.0), {
+        num_tokens, top_k = val(match.topk_ids).shape
+        ids = match.topk_ids
+        if top_k == 1:
+            rows = new_node(graph, aten.mul.Tensor, (match.x, scale))
+        else:
+            token_rows = new_node(graph, aten.unsqueeze.default, (match.x, 1))
+            slot_scales = new_node(graph, aten.unsqueeze.default, (scale, -1))
+            slot_rows = new_node(graph, aten.mul.Tensor, (token_rows, slot_scales))
+            rows = new_node(graph, aten.view.default, (slot_rows, [-1, val(match.x).shape[-1]]))
+            ids = new_node(graph, aten.view.default, (ids, [-1, 1]))
+        num_rows = val(rows).shape[0]
+        if not isinstance(num_rows, int):  # a dynamic token count: read off the tensor at run time
+            num_rows = new_node(graph, aten.sym_size.int, (rows, 0))
+        ones = new_node(graph, aten.full.default, ([num_rows, 1], 1.0), {
             "dtype": torch.float32, "layout": torch.strided, "device": val(match.x).device, "pin_memory": False})
-    return rows, ones
+    return rows, ids, ones
 
 
 def rewrite_experts(graph: Graph, forms) -> int:

@@ -12,13 +12,13 @@ transformers' ``Llama4TextMoe`` computes (post-grad, views aside)::
 
 Why this is the op: ``chain(-inf)`` is evaluated here and must be exactly 0, so an expert that a token
 did not choose reads the row ``0 * x[t]``. Where that row is finite, each product in its two GEMMs is
-±0 and it adds ±0 to the sum. With K = 1 the sum is then the chosen expert's output on the row
-``x[t] * chain(top[t])``, rounded to x's dtype once, as the plain code rounds it: the op on the rows
-``x * chain(top)`` with a routing weight of 1. A row of x that holds an inf or a NaN makes every
-expert's rows NaN in the plain code (inf * 0); the rewrite adds ``sum(x[t] * 0)`` (±0 for a finite row,
-NaN for such a row) to the op's output, so that row is NaN there too. Only the sign of a zero output
-can differ. With K > 1 each chosen expert reads the row scaled by its own score, a per-slot scaling of
-the input that the op does not have: such blocks are left alone, with the reason logged.
+±0 and it adds ±0 to the sum. The sum is then that of the K chosen experts' outputs, each on the row
+``x[t] * chain(top[t, k])`` (rounded to x's dtype, as the plain code rounds it) and rounded to x's dtype
+itself, added in fp32: the op on one row per slot, ``x[t] * chain(top[t, k])`` with a routing weight of 1
+(with K = 1 the token rows, scaled), each token's K rows summed (experts_rewrite.replace). A row of x that
+holds an inf or a NaN makes every expert's rows NaN in the plain code (inf * 0); the rewrite adds
+``sum(x[t] * 0)`` (±0 for a finite row, NaN for such a row) to the op's output, so that row is NaN there
+too. Only the sign of a zero output, and for K > 1 the order of an fp32 sum of K values, can differ.
 """
 
 from __future__ import annotations
@@ -155,10 +155,6 @@ def _match(root: Node) -> ExpertsMatch:
             and tuple(_value(topk.args[0]).shape) == tuple(_value(scores).shape)):
         raise Rejected(f"the scattered scores {scatter.name} are not one top-k's values at its indices, over "
                        "each token's experts")
-    top_k = _value(ids).shape[1]
-    if top_k != 1:
-        raise Rejected(f"each token's rows are scaled by each of its {top_k} experts' scores (K = {top_k}): "
-                       "the op scales no slot's input rows, so only K = 1 is rewritten")
     return ExpertsMatch(
         form="dense_input_scaled", result=root, region=region, x=x, topk_weights=top, topk_ids=ids,
         w_gate_up=w_gate_up, w_down=w_down, layout="EHF", interleaved=form == "interleaved",
