@@ -7,6 +7,7 @@ Each rank holds T random bf16 tokens, routes them with moe_ops.route over random
 (``triton.testing.do_bench`` medians, every rank timing the same calls; rank 0 reports):
     ep1             fused_experts over all E experts (what one GPU does without expert parallelism)
     ep_padded       fused_experts_ep, padded dispatch (dropless capacity)
+    ep_pipelined    the same in PIPELINE_CHUNKS chunks (each chunk's exchange in flight during another's experts)
     ep_exact        fused_experts_ep, exact dispatch (one host sync per call)
     all_to_all      one all-to-all of T K rows of H bf16 values (the exact dispatch's size)
 and derives per-GPU throughput of each EP variant against ep1, and the all-to-all's bus rate.
@@ -40,6 +41,7 @@ SHAPES = {  # E, K, H, F
 }
 DRY_RUN_SHAPES = {"tiny": (8, 2, 32, 16)}
 TOKENS = (4096, 16384)
+PIPELINE_CHUNKS = 2
 DRY_RUN_TOKENS = (6,)
 
 
@@ -87,6 +89,8 @@ def _cell(rank, num_ranks, shape, tokens, device) -> dict:
     times = {
         "ep1": _time(step(moe_ops.fused_experts, full), cuda),
         "ep_padded": _time(step(lambda *a: moe_ops.fused_experts_ep(*a, dispatch="padded"), shards), cuda),
+        "ep_pipelined": _time(step(lambda *a: moe_ops.fused_experts_ep(*a, dispatch="padded",
+                                                                     pipeline_chunks=PIPELINE_CHUNKS), shards), cuda),
         "ep_exact": _time(step(lambda *a: moe_ops.fused_experts_ep(*a, dispatch="exact"), shards), cuda),
         "all_to_all": _time(lambda: dist.all_to_all_single(torch.empty_like(rows), rows, splits, splits), cuda),
     }
@@ -125,12 +129,13 @@ def _report(rows, num_ranks, dry_run) -> str:
              f"- run: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')}",
              "- forward + backward of one layer, ms = median (do_bench on GPUs); throughput per GPU vs EP = 1 at the"
              " same T per rank", "",
-             "| shape | T per rank | EP=1 ms | padded ms | exact ms | padded / EP=1 | exact / EP=1 | all-to-all ms | "
-             "all-to-all GB/s |", "|---|---|---|---|---|---|---|---|---|"]
+             f"| shape | T per rank | EP=1 ms | padded ms | padded, {PIPELINE_CHUNKS} chunks ms | exact ms | "
+             "padded / EP=1 | chunks / EP=1 | exact / EP=1 | all-to-all ms | all-to-all GB/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, _, tokens, t in rows:
-        lines.append(f"| {name} | {tokens} | {t['ep1']:.3f} | {t['ep_padded']:.3f} | {t['ep_exact']:.3f} | "
-                     f"{t['ep1'] / t['ep_padded']:.2f} | {t['ep1'] / t['ep_exact']:.2f} | {t['all_to_all']:.3f} | "
-                     f"{t['all_to_all_GBps']:.1f} |")
+        lines.append(f"| {name} | {tokens} | {t['ep1']:.3f} | {t['ep_padded']:.3f} | {t['ep_pipelined']:.3f} | "
+                     f"{t['ep_exact']:.3f} | {t['ep1'] / t['ep_padded']:.2f} | {t['ep1'] / t['ep_pipelined']:.2f} | "
+                     f"{t['ep1'] / t['ep_exact']:.2f} | {t['all_to_all']:.3f} | {t['all_to_all_GBps']:.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -461,7 +461,7 @@ def moe_ops_ep_experts_forward(self, hidden_states, top_k_index, top_k_weights):
                            "takes weights of the activations' dtype)")
     local = {name: value.to_local() if isinstance(value, DTensor) else value for name, value in arguments.items()}
     return fused_experts_ep(hidden_states, top_k_weights, top_k_index, group=plan.group, dispatch=plan.dispatch,
-                            capacity_factor=plan.capacity_factor, **local)
+                            capacity_factor=plan.capacity_factor, pipeline_chunks=plan.pipeline_chunks, **local)
 
 
 def register_experts_implementations() -> None:

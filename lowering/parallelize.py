@@ -30,7 +30,13 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from moe_ops._checks import check_choice
-from moe_ops.expert_parallel import DISPATCHES, PLAN_ATTRIBUTE, ExpertParallelPlan, fused_experts_ep
+from moe_ops.expert_parallel import (
+    DISPATCHES,
+    PLAN_ATTRIBUTE,
+    ExpertParallelPlan,
+    check_pipeline_chunks,
+    fused_experts_ep,
+)
 from moe_ops.fused_experts import fused_experts_ref
 
 GROUPED_EXPERTS_WEIGHTS = ("w1", "w2", "w3")
@@ -40,16 +46,17 @@ PROBE_TOLERANCE = 2e-2
 
 
 def parallelize_experts(model: nn.Module, ep_mesh: DeviceMesh, *, dispatch: str = "padded",
-                        capacity_factor: float | None = None) -> nn.Module:
+                        capacity_factor: float | None = None, pipeline_chunks: int = 1) -> nn.Module:
     """Shard the routed experts of every MoE block in ``model`` over ``ep_mesh`` (a 1-D DeviceMesh, or a
     mesh dimension), each experts module then running as :func:`moe_ops.fused_experts_ep` with
-    ``dispatch`` and ``capacity_factor`` (transformers' experts modules and torchtitan's grouped experts:
-    see the module docstring). Every rank must hold the same full weights when this is called (the same
+    ``dispatch``, ``capacity_factor`` and ``pipeline_chunks`` (transformers' experts modules and torchtitan's
+    grouped experts: see the module docstring). Every rank must hold the same full weights when this is called (the same
     seed, or the same checkpoint). In place; returns ``model``."""
     if ep_mesh.ndim != 1:
         raise ValueError(f"ep_mesh: expected a 1-D DeviceMesh (or one dimension of a mesh), got {ep_mesh.ndim}-D")
     check_choice("dispatch", dispatch, DISPATCHES)
-    plan = ExpertParallelPlan(ep_mesh.get_group(), dispatch, capacity_factor)
+    check_pipeline_chunks(pipeline_chunks, dispatch)
+    plan = ExpertParallelPlan(ep_mesh.get_group(), dispatch, capacity_factor, pipeline_chunks)
     sharded = 0
     for module in model.modules():
         if _is_transformers_experts(module):
@@ -135,6 +142,7 @@ def _grouped_experts_ep_forward(self, x_RH: torch.Tensor, num_tokens_per_expert_
     w1, w2, w3 = (w.to_local() if isinstance(w, DTensor) else w for w in (w1, w2, w3))
     return fused_experts_ep(
         x_RH, x_RH.new_ones(num_rows, 1), ids_R[:, None], w1.to(x_RH.dtype), w2.to(x_RH.dtype), plan.group,
-        dispatch=plan.dispatch, capacity_factor=plan.capacity_factor, w_up=w3.to(x_RH.dtype),
+        dispatch=plan.dispatch, capacity_factor=plan.capacity_factor, pipeline_chunks=plan.pipeline_chunks,
+        w_up=w3.to(x_RH.dtype),
         layout=self._moe_ops_layout,
     )

@@ -16,10 +16,17 @@ Two dispatches:
   one host synchronisation per call, to size the second), then exactly the routed rows; nothing is
   dropped, and T may differ between ranks.
 
-The exchange is two ops, ``moe_ops::ep_dispatch`` (rows and local expert ids out) and
-``moe_ops::ep_combine`` (result rows back, weighted and summed per token), whose one implementation is
-their decomposition into functional collectives: a compiled graph shows them by name, and autograd,
-fake tensors and Inductor see the collectives inside. On the receiving rank the rows are one batch of
+The exchange is three ops, ``moe_ops::ep_dispatch`` (rows and local expert ids out),
+``moe_ops::ep_return`` (result rows back) and ``moe_ops::ep_combine`` (result rows back, weighted and
+summed per token), whose one implementation is their decomposition into functional collectives: a compiled
+graph shows them by name, and autograd, fake tensors and Inductor see the collectives inside.
+
+Overlap (padded dispatch, ``pipeline_chunks`` = n > 1): each destination's block of rows is sent in n
+chunks, every chunk's exchange issued before any expert runs; the experts then run chunk by chunk, each
+chunk's results sent back as soon as they exist. A functional collective is waited for where its result is
+first read, so chunk i + 1's dispatch is in flight while chunk i's experts run, and chunk i's return while
+chunk i + 1's experts run (on NCCL, whose collectives run on their own stream). Each expert GEMM then sees
+1 / n of the rows. On the receiving rank the rows are one batch of
 single-slot tokens for :func:`moe_ops.fused_experts` over its local experts (its kernels, fake kernel and
 backward as they are); the results come back in the same order and each token sums its K weighted rows
 in fp32 (deterministic: no atomics, no scatter-add).
@@ -48,9 +55,18 @@ class ExpertParallelPlan(NamedTuple):
     group: dist.ProcessGroup
     dispatch: str
     capacity_factor: float | None
+    pipeline_chunks: int = 1
 
 
 PLAN_ATTRIBUTE = "_moe_ops_expert_parallel"
+
+
+def check_pipeline_chunks(pipeline_chunks, dispatch: str) -> None:
+    """A ValueError unless ``pipeline_chunks`` is a positive int, above 1 only with the padded dispatch."""
+    chunks_valid = isinstance(pipeline_chunks, int) and pipeline_chunks >= 1
+    if not chunks_valid or (pipeline_chunks > 1 and dispatch != "padded"):
+        raise ValueError(
+            f"pipeline_chunks: a positive int, above 1 only with dispatch='padded', got {pipeline_chunks!r}")
 
 
 # Dispatch and combine: moe_ops ops whose only implementation is their decomposition into functional
@@ -59,6 +75,7 @@ PLAN_ATTRIBUTE = "_moe_ops_expert_parallel"
 _LIBRARY = torch.library.Library("moe_ops", "FRAGMENT")
 _LIBRARY.define("ep_dispatch(Tensor x, Tensor send_token, Tensor send_ids, SymInt[] send_splits, "
                 "SymInt[] recv_splits, str group_name) -> (Tensor, Tensor)")
+_LIBRARY.define("ep_return(Tensor rows, SymInt[] send_splits, SymInt[] recv_splits, str group_name) -> Tensor")
 _LIBRARY.define("ep_combine(Tensor rows, Tensor slot_row, Tensor topk_weights, SymInt[] send_splits, "
                 "SymInt[] recv_splits, str group_name) -> Tensor")
 
@@ -71,17 +88,28 @@ def _ep_dispatch(x, send_token, send_ids, send_splits, recv_splits, group_name):
     return recv_x, all_to_all_single(send_ids, recv_splits, send_splits, group_name)
 
 
-def _ep_combine(rows, slot_row, topk_weights, send_splits, recv_splits, group_name):
-    """The experts' result rows sent back to the ranks they came from; each of this rank's (T, K) slots
-    takes the row ``slot_row`` of what comes back (past its end: a zero row), weighted in fp32, and each
-    token sums its K slots in fp32 (a fixed order, as fused_experts): (T, H) in the rows' dtype."""
-    back = all_to_all_single_autograd(rows, recv_splits, send_splits, group_name)
+def _ep_return(rows, send_splits, recv_splits, group_name):
+    """The experts' result rows sent back to the ranks they came from (``send_splits`` rows to each)."""
+    return all_to_all_single_autograd(rows, recv_splits, send_splits, group_name)
+
+
+def _token_sums(back, slot_row, topk_weights):
+    """Each of this rank's (T, K) slots takes the row ``slot_row`` of the rows that came back (past their end:
+    a zero row), weighted in fp32, and each token sums its K slots in fp32 (a fixed order, as fused_experts):
+    (T, H) in the rows' dtype."""
     slot_rows = torch.cat([back, back.new_zeros(1, back.shape[1])])[slot_row]
     weighted = slot_rows.float() * topk_weights.reshape(-1, 1).float()
-    return weighted.view(*topk_weights.shape, -1).sum(1).to(rows.dtype)
+    return weighted.view(*topk_weights.shape, -1).sum(1).to(back.dtype)
+
+
+def _ep_combine(rows, slot_row, topk_weights, send_splits, recv_splits, group_name):
+    """ep_return, then each token's weighted sum of its slots' rows (_token_sums)."""
+    return _token_sums(torch.ops.moe_ops.ep_return(rows, send_splits, recv_splits, group_name), slot_row,
+                       topk_weights)
 
 
 _LIBRARY.impl("ep_dispatch", _ep_dispatch, "CompositeImplicitAutograd")
+_LIBRARY.impl("ep_return", _ep_return, "CompositeImplicitAutograd")
 _LIBRARY.impl("ep_combine", _ep_combine, "CompositeImplicitAutograd")
 
 
@@ -96,6 +124,7 @@ def fused_experts_ep(
     dispatch: str = "padded",
     capacity_factor: float | None = None,
     return_num_dropped: bool = False,
+    pipeline_chunks: int = 1,
     **options,
 ):
     """:func:`moe_ops.fused_experts` with the experts sharded over ``group``'s ranks.
@@ -110,6 +139,8 @@ def fused_experts_ep(
         capacity_factor: padded only: C = ceil(factor * S / R) rows per destination; None: dropless
         return_num_dropped: also return this rank's dropped slots (0-dim int32 tensor; 0 unless padded
                       with a capacity_factor)
+        pipeline_chunks: padded only: send each destination's rows in this many chunks, so that one
+                      chunk's exchange overlaps another's experts (module docstring); 1: one exchange
         options:      the other keyword arguments of fused_experts (layout, activation, w_up, biases...),
                       except its capacity_factor (capacity is this function's)
 
@@ -126,6 +157,7 @@ def fused_experts_ep(
         raise ValueError(f"topk_ids: expected ({x.shape[0]}, K) like x's tokens, got {tuple(topk_ids.shape)}")
     if capacity_factor is not None and (dispatch != "padded" or not capacity_factor > 0):
         raise ValueError(f"capacity_factor: a positive number with dispatch='padded', got {capacity_factor!r}")
+    check_pipeline_chunks(pipeline_chunks, dispatch)
     group = dist.group.WORLD if group is None else group
     num_ranks = dist.get_world_size(group)
     num_local = w_gate_up.shape[0]
@@ -146,13 +178,15 @@ def fused_experts_ep(
         position_S = torch.empty_like(rank_in_order).scatter_(0, order, rank_in_order)
         kept_S = routed_S & (position_S < capacity)
         num_dropped = (routed_S & ~kept_S).sum().to(torch.int32)
-        # Each kept slot's row in the fixed send buffer of R blocks of C rows; the others point past it
-        # (the spare last row below, not sent, and the zero row the combine appends).
-        num_rows = num_ranks * capacity
-        row_S = torch.where(kept_S, dest_S * capacity + position_S, num_rows)
+        # Each kept slot's row in the fixed send buffer of R blocks of C rows (rounded up to whole chunks:
+        # the extra rows are padding); the others point past it (the spare last row below, not sent, and the
+        # zero row the combine appends).
+        block_rows = math.ceil(capacity / pipeline_chunks) * pipeline_chunks
+        num_rows = num_ranks * block_rows
+        row_S = torch.where(kept_S, dest_S * block_rows + position_S, num_rows)
         send_token = x.new_full((num_rows + 1,), T, dtype=torch.int64).index_copy(0, row_S, token_S)[:-1]
         send_ids = x.new_full((num_rows + 1,), num_local, dtype=torch.int64).index_copy(0, row_S, local_ids_S)[:-1]
-        send_splits = recv_splits = [capacity] * num_ranks
+        send_splits = recv_splits = [block_rows // pipeline_chunks] * num_ranks
         slot_row_S = row_S
     else:
         num_dropped = torch.zeros((), dtype=torch.int32, device=x.device)
@@ -167,9 +201,25 @@ def fused_experts_ep(
         place_S = torch.empty_like(order).scatter_(0, order, torch.arange(S, device=x.device))
         slot_row_S = torch.where(routed_S, place_S, num_sent)
 
-    recv_x, recv_ids = torch.ops.moe_ops.ep_dispatch(x, send_token, send_ids, send_splits, recv_splits, group_name)
-    out_rows = _local_experts(recv_x, recv_ids, w_gate_up, w_down, options)
-    out = torch.ops.moe_ops.ep_combine(out_rows, slot_row_S, topk_weights, recv_splits, send_splits, group_name)
+    if pipeline_chunks == 1:
+        recv_x, recv_ids = torch.ops.moe_ops.ep_dispatch(x, send_token, send_ids, send_splits, recv_splits,
+                                                         group_name)
+        out_rows = _local_experts(recv_x, recv_ids, w_gate_up, w_down, options)
+        out = torch.ops.moe_ops.ep_combine(out_rows, slot_row_S, topk_weights, recv_splits, send_splits, group_name)
+    else:
+        # Chunk j: rows [j C / n, (j + 1) C / n) of each destination's block. Every dispatch first, then each
+        # chunk's experts and at once its return (module docstring: what overlaps).
+        def chunk(t, j):
+            return t.view(num_ranks, pipeline_chunks, -1)[:, j].reshape(-1)
+
+        received = [torch.ops.moe_ops.ep_dispatch(x, chunk(send_token, j), chunk(send_ids, j), send_splits,
+                                                  recv_splits, group_name) for j in range(pipeline_chunks)]
+        back = [torch.ops.moe_ops.ep_return(_local_experts(recv_x, recv_ids, w_gate_up, w_down, options),
+                                            recv_splits, send_splits, group_name) for recv_x, recv_ids in received]
+        # Back in the send buffer's order: destination-major blocks, each its chunks in turn.
+        back = torch.stack(back).view(pipeline_chunks, num_ranks, -1, x.shape[1]).transpose(0, 1).reshape(
+            num_rows, x.shape[1])
+        out = _token_sums(back, slot_row_S, topk_weights)
     return (out, num_dropped) if return_num_dropped else out
 
 

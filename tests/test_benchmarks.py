@@ -177,7 +177,7 @@ def _dry_run(script_name: str) -> str:
 def test_expert_parallel_benchmark_dry_run():
     """bench_expert_parallel.py's CPU dry run (2 gloo ranks, tiny shapes) reports every variant."""
     stdout = _dry_run("bench_expert_parallel.py")
-    assert "| tiny | 6 |" in stdout and "padded / EP=1" in stdout
+    assert "| tiny | 6 |" in stdout and "padded / EP=1" in stdout and "chunks / EP=1" in stdout
 
 
 def test_training_timing_dry_run():

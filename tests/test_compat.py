@@ -34,6 +34,18 @@ def test_no_private_torch_import_outside_the_compat_layer():
     assert not offenders, offenders
 
 
+def test_inductor_overlap_passes_exist():
+    """Each overlap pass named in moe_ops._compat.distributed is a function of torch._inductor.comms, and the
+    config fields it sets exist."""
+    import torch._inductor.comms as comms
+
+    from moe_ops._compat.distributed import INDUCTOR_OVERLAP_PASSES, inductor_overlap_config
+
+    assert all(callable(getattr(comms, name, None)) for name in INDUCTOR_OVERLAP_PASSES), INDUCTOR_OVERLAP_PASSES
+    with torch._inductor.config.patch(**inductor_overlap_config()):
+        assert torch._inductor.config.reorder_for_compute_comm_overlap
+
+
 def test_custom_op_kernel_finds_the_cuda_registration():
     """The registered CUDA kernel (torch wraps it) of an op that has one; None for a CPU-only op or none."""
     from moe_ops._compat.dispatch import custom_op_kernel

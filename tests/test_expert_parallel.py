@@ -84,7 +84,8 @@ def _worker(rank, num_ranks, init_file, case):
         _destroy_process_group()
 
 
-def _check(rank, num_ranks, dispatch, capacity_factor, compiled, tokens, device="cpu", dtype=torch.float32):
+def _check(rank, num_ranks, dispatch, capacity_factor, compiled, tokens, device="cpu", dtype=torch.float32,
+           pipeline_chunks=1):
     """One rank's outputs and gradients against one process's reference. On the CPU in fp32 (gloo); on a
     GPU per rank (NCCL) in ``dtype``, the reference in fp32 and the comparison at ``dtype``'s tolerance."""
     torch.manual_seed(0)
@@ -113,7 +114,7 @@ def _check(rank, num_ranks, dispatch, capacity_factor, compiled, tokens, device=
             for tensor in (leaves[0], leaves[1], ids):
                 torch._dynamo.mark_dynamic(tensor, 0)
         out, dropped = run(leaves[0], leaves[1], ids, leaves[2], leaves[3], dispatch=dispatch,
-                           capacity_factor=capacity_factor, return_num_dropped=True)
+                           capacity_factor=capacity_factor, return_num_dropped=True, pipeline_chunks=pipeline_chunks)
         torch.autograd.backward(out, grad_out.to(dtype))
 
         # The reference: every rank's tokens through all experts in one process (the expert weights'
@@ -143,11 +144,16 @@ def _check(rank, num_ranks, dispatch, capacity_factor, compiled, tokens, device=
         assert int(dropped) == want_dropped, (int(dropped), want_dropped)
     if compiled:
         assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
-        # The graph dynamo captured: the exchange is moe_ops' two ops around the local experts' op.
+        # The graph dynamo captured: the exchange is moe_ops' ops around the local experts' op; pipelined, every
+        # chunk's dispatch first, then each chunk's experts followed by its return.
         moe_ops_calls = [str(node.target) for node in backend.graphs[0].graph.nodes
                          if node.op == "call_function" and str(node.target).startswith("moe_ops.")]
-        assert moe_ops_calls == ["moe_ops.ep_dispatch", "moe_ops.fused_experts",
-                                 "moe_ops.ep_combine"], moe_ops_calls
+        if pipeline_chunks == 1:
+            want_calls = ["moe_ops.ep_dispatch", "moe_ops.fused_experts", "moe_ops.ep_combine"]
+        else:
+            want_calls = (["moe_ops.ep_dispatch"] * pipeline_chunks
+                          + ["moe_ops.fused_experts", "moe_ops.ep_return"] * pipeline_chunks)
+        assert moe_ops_calls == want_calls, moe_ops_calls
 
 
 def _spawn(num_ranks, **case):
@@ -166,11 +172,74 @@ def test_padded_capacity_drops_the_overflow_in_slot_order():
     _spawn(2, dispatch="padded", capacity_factor=0.6, compiled=False, tokens=12)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_pipelined_chunks_match_one_process(compiled):
+    """pipeline_chunks=3 (each destination's rows in 3 chunks, 2 ranks): the same outputs and gradients
+    (eager with capacity 0.7: C = ceil(0.7 * 26 / 2) = 10 rows, sent as 3 chunks of 4; the drops those of
+    C = 10); compiled (dropless: C = 13 * 2, sent as 3 chunks of 9), one graph
+    across routings holding every chunk's dispatch before the first chunk's experts, each chunk's return
+    right after its experts."""
+    _spawn(2, dispatch="padded", capacity_factor=0.7 if not compiled else None, compiled=compiled, tokens=13,
+           pipeline_chunks=3)
+
+
 @pytest.mark.parametrize("dispatch", ["padded", "exact"])
 def test_compiled_is_one_graph_across_routings(dispatch):
     """One graph (forward and backward) for three routings and three token counts T (marked dynamic):
     padded: sizes from T alone; exact: the exchanged counts as unbacked sizes (one host sync, no recompile)."""
     _spawn(2, dispatch=dispatch, capacity_factor=None, compiled=True, tokens=8)
+
+
+def _overlap_worker(rank, num_ranks, init_file):
+    """Rank 0 records the wrapper code Inductor generates for a pipelined call with its overlap passes on."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    from moe_ops._compat.distributed import inductor_overlap_config
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=num_ranks)
+    try:
+        torch._dynamo.reset()
+        w_gate_up, w_down = (w[rank * E // num_ranks:(rank + 1) * E // num_ranks] for w in _weights())
+        x, weights, ids, _ = _inputs(rank, 13)
+        with inductor_config.patch(force_disable_caches=True, **inductor_overlap_config()):
+            step = torch.compile(lambda *args: fused_experts_ep(*args, pipeline_chunks=3), fullgraph=True)
+            _, (code, *_) = run_and_get_code(step, x, weights, ids, w_gate_up, w_down)
+        if rank == 0:
+            with open(init_file + ".code", "w") as file:
+                file.write(code[code.index("def call("):])
+    finally:
+        _destroy_process_group()
+
+
+def test_pipelined_chunks_overlap_in_the_compiled_schedule():
+    """With Inductor's overlap passes (reorder_for_compute_comm_overlap), the generated code of a call with 3
+    chunks issues all three dispatches before the first chunk's experts, waits for chunk j's rows just
+    before chunk j's experts, and waits for every return only after the last experts: chunk j + 1's dispatch
+    and chunk j's return are in flight while experts run."""
+    with tempfile.TemporaryDirectory() as folder:
+        init_file = os.path.join(folder, "init")
+        mp.spawn(_overlap_worker, args=(2, init_file), nprocs=2, join=True)
+        code = open(init_file + ".code").read()
+    events = []  # (kind, chunk) in the order the generated code runs them
+    for line in code.splitlines():
+        if line.strip().startswith("# Topologically Sorted Source Nodes:"):
+            source = line
+        elif "all_to_all_single.default(" in line or "wait_tensor.default(" in line or "fused_experts.default(" in line:
+            names = [name.strip(" []") for name in source.split("Nodes:")[1].split("Original ATen")[0].split(",")]
+            name = next(n for n in names if n.startswith(("ep_dispatch", "ep_return", "fused_experts")))
+            kind = ("issue " if "all_to_all" in line else "wait " if "wait_tensor" in line else "") + name.rstrip(
+                "_0123456789")
+            events.append((kind, int(name.rsplit("_", 1)[1]) if name[-1].isdigit() else 0))
+    experts = [i for i, (kind, _) in enumerate(events) if kind == "fused_experts"]
+    assert [chunk for kind, chunk in events if kind == "fused_experts"] == [0, 1, 2], events
+    issued = [i for i, (kind, _) in enumerate(events) if kind == "issue ep_dispatch"]
+    assert len(issued) == 6 and max(issued) < experts[0], events  # rows and ids of each chunk
+    for j, at in enumerate(experts):
+        waits = [i for i, (kind, chunk) in enumerate(events) if kind == "wait ep_dispatch" and chunk == j]
+        assert len(waits) == 2 and all((experts[j - 1] if j else -1) < i < at for i in waits), events
+    return_waits = [i for i, (kind, _) in enumerate(events) if kind == "wait ep_return"]
+    assert len(return_waits) == 3 and min(return_waits) > experts[-1], events
 
 
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
@@ -220,6 +289,8 @@ def test_errors_name_the_argument():
     w_gate_up, w_down = _weights()
     with pytest.raises(ValueError, match="dispatch: expected one of"):
         fused_experts_ep(x, weights, ids, w_gate_up, w_down, dispatch="dense")
+    with pytest.raises(ValueError, match="pipeline_chunks: a positive int, above 1 only with dispatch='padded'"):
+        fused_experts_ep(x, weights, ids, w_gate_up, w_down, dispatch="exact", pipeline_chunks=2)
     with pytest.raises(ValueError, match="capacity_factor: a positive number with dispatch='padded'"):
         fused_experts_ep(x, weights, ids, w_gate_up, w_down, dispatch="exact", capacity_factor=1.0)
     with pytest.raises(ValueError, match="options: capacity here is fused_experts_ep's"):
@@ -305,7 +376,7 @@ def _block_worker(rank, num_ranks, init_file, case):
     try:
         reference = _hf_block(case["family"])
         block = moe_ops.parallelize_experts(copy.deepcopy(reference), init_device_mesh("cpu", (num_ranks,)),
-                                            dispatch=case["dispatch"])
+                                            dispatch=case["dispatch"], pipeline_chunks=case.get("chunks", 1))
         assert all(p.to_local().shape[0] == E // num_ranks for p in block.experts.parameters())
         run = torch.compile(block, fullgraph=True) if case["compiled"] else block
         local = slice(rank * E // num_ranks, (rank + 1) * E // num_ranks)
@@ -335,16 +406,18 @@ def _block_worker(rank, num_ranks, init_file, case):
         _destroy_process_group()
 
 
-@pytest.mark.parametrize("family,compiled,dispatch", [
-    ("qwen3_moe", False, "padded"), ("qwen3_moe", True, "padded"), ("gpt_oss", False, "padded"),
-    ("torchtitan_EFH", True, "padded"), ("torchtitan_EHF", False, "exact")],
-    ids=["qwen3_moe", "qwen3_moe_compiled", "gpt_oss", "torchtitan_compiled", "torchtitan_earlier_layout_exact"])
-def test_parallelize_experts_shards_a_block(family, compiled, dispatch):
+@pytest.mark.parametrize("family,compiled,dispatch,chunks", [
+    ("qwen3_moe", False, "padded", 1), ("qwen3_moe", True, "padded", 2), ("gpt_oss", False, "padded", 1),
+    ("torchtitan_EFH", True, "padded", 1), ("torchtitan_EHF", False, "exact", 1)],
+    ids=["qwen3_moe", "qwen3_moe_compiled_pipelined", "gpt_oss", "torchtitan_compiled",
+         "torchtitan_earlier_layout_exact"])
+def test_parallelize_experts_shards_a_block(family, compiled, dispatch, chunks):
     """transformers' MoE blocks and a torchtitan-style block, their experts sharded over 2 ranks (DTensor
     Shard(0)) by moe_ops.parallelize_experts: each rank's output and input gradient are the unsharded
     block's on its tokens, and each rank's expert-weight gradient is its shard of the gradient over all
-    ranks' tokens (GPT-OSS: the biases too; torchtitan: w1, w2, w3 in either orientation)."""
-    case = dict(dispatch=dispatch, compiled=compiled, family=family)
+    ranks' tokens (GPT-OSS: the biases too; torchtitan: w1, w2, w3 in either orientation; Qwen3 compiled:
+    in 2 pipelined chunks)."""
+    case = dict(dispatch=dispatch, compiled=compiled, family=family, chunks=chunks)
     with tempfile.TemporaryDirectory() as folder:
         mp.spawn(_block_worker, args=(2, os.path.join(folder, "init"), case), nprocs=2, join=True)
 
