@@ -54,6 +54,9 @@ log = logging.getLogger("moe_ops")
 
 IMPLEMENTATION_NAME = "moe_ops"
 EP_IMPLEMENTATION_NAME = "moe_ops_ep"
+# Set by moe_ops.quantise_experts on an experts module whose weights it stored quantised (the scheme, for the
+# log): each weight ``name`` is then (E, N, K) values beside ``{name}_scale`` and maybe ``{name}_zero``.
+QUANTISED_ATTRIBUTE = "_moe_ops_quantised"
 
 
 class EagerLoop(NamedTuple):
@@ -233,6 +236,15 @@ def _activation_of(act_fn) -> str | None:
     return ACTIVATION_OF_TYPE.get(act_type)
 
 
+def stored_quantised(experts: nn.Module, attribute: str) -> dict[str, torch.Tensor] | None:
+    """The (E, N, K) values, scales and zero points (``w``, ``scale``, ``zero``) of a weight that
+    moe_ops.quantise_experts stored, or None for a module it did not quantise."""
+    if getattr(experts, QUANTISED_ATTRIBUTE, None) is None:
+        return None
+    return dict(w=getattr(experts, attribute), scale=getattr(experts, f"{attribute}_scale"),
+                zero=getattr(experts, f"{attribute}_zero", None))
+
+
 def fused_experts_arguments(experts: nn.Module, hidden_states: torch.Tensor) -> dict | str:
     """Keyword arguments of ``moe_ops.fused_experts`` that compute what ``experts``' own loop computes on
     ``hidden_states``, or the reason there are none."""
@@ -270,12 +282,17 @@ def fused_experts_arguments(experts: nn.Module, hidden_states: torch.Tensor) -> 
     arguments = {}
     for argument, attribute in tensors.items():
         tensor = getattr(experts, attribute)
-        if tensor.dtype != hidden_states.dtype or tensor.device != hidden_states.device:
+        stored = stored_quantised(experts, attribute) if argument in ("w_gate_up", "w_down") else None
+        if (stored is None and tensor.dtype != hidden_states.dtype) or tensor.device != hidden_states.device:
             return (
                 f"{attribute} is {tensor.dtype} on {tensor.device} but hidden_states is "
                 f"{hidden_states.dtype} on {hidden_states.device}"
             )
         arguments[argument] = tensor
+        if stored is not None:  # quantise_experts' values (E, N, K), scales and zero points
+            arguments[f"{argument}_scale"] = stored["scale"]
+            if stored["zero"] is not None:
+                arguments[f"{argument}_zero"] = stored["zero"]
     quantised = {name: torchao_quantised(arguments[name]) for name in ("w_gate_up", "w_down")}
     for name, attribute in tensors.items():
         if torchao_tensor_class(type(arguments[name])) is not None and quantised.get(name) is None:
@@ -296,7 +313,7 @@ def fused_experts_arguments(experts: nn.Module, hidden_states: torch.Tensor) -> 
         if input_quantisations != {"none"}:
             arguments["input_quantisation"] = input_quantisations.pop()
     arguments.update(
-        layout="EHF" if is_transposed else "EFH",
+        layout="EHF" if is_transposed and getattr(experts, QUANTISED_ATTRIBUTE, None) is None else "EFH",
         interleaved=not is_concatenated,
         activation=activation,
         gated=has_gate,
@@ -388,6 +405,8 @@ def _quantisation(arguments: dict) -> str | None:
         return None
     stored = str(arguments["w_down"].dtype).replace("torch.", "")
     scale, rows, columns = arguments["w_gate_up_scale"], *arguments["w_gate_up"].shape[1:]
+    if arguments["w_down"].dtype == torch.uint8:  # two int4 values a byte
+        stored, columns = "int4", 2 * columns
     if scale.dim() == 2:
         scheme = f"{stored} per row"
     elif scale.shape[1] == rows:
@@ -415,6 +434,10 @@ def moe_ops_fp8_experts_forward(self, hidden_states, top_k_index, top_k_weights)
 def _fused_or_own_loop(self, arguments, hidden_states, top_k_index, top_k_weights):
     """``fused_experts`` with ``arguments``, or (``arguments`` a reason) the class's own loop; logged."""
     compiling = torch.compiler.is_compiling()
+    if isinstance(arguments, str) and getattr(self, QUANTISED_ATTRIBUTE, None) is not None:
+        raise RuntimeError(f"{type(self).__name__}: its expert weights are moe_ops-quantised "
+                           f"({getattr(self, QUANTISED_ATTRIBUTE)}), which only moe_ops.fused_experts reads, and "
+                           f"fused_experts cannot take this call: {arguments}")
     if isinstance(arguments, str):
         _report(type(self), f"runs its own loop, not moe_ops.fused_experts: {arguments}", False, compiling)
         return original_experts_forward(type(self))(self, hidden_states, top_k_index, top_k_weights)

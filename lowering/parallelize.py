@@ -59,7 +59,7 @@ def parallelize_experts(model: nn.Module, ep_mesh: DeviceMesh, *, dispatch: str 
     plan = ExpertParallelPlan(ep_mesh.get_group(), dispatch, capacity_factor, pipeline_chunks)
     sharded = 0
     for module in model.modules():
-        if _is_transformers_experts(module):
+        if is_transformers_experts(module):
             from moe_ops.lowering.hf_experts import EP_IMPLEMENTATION_NAME  # imports transformers
 
             _shard_stacked_parameters(module, module.down_proj.shape[0], ep_mesh)
@@ -79,7 +79,8 @@ def parallelize_experts(model: nn.Module, ep_mesh: DeviceMesh, *, dispatch: str 
     return model
 
 
-def _is_transformers_experts(module: nn.Module) -> bool:
+def is_transformers_experts(module: nn.Module) -> bool:
+    """A transformers experts module with stacked weights (its class decorated by use_experts_implementation)."""
     return (type(module).__name__.endswith("Experts") and hasattr(module, "down_proj")
             and hasattr(getattr(module, "config", None), "_experts_implementation"))
 

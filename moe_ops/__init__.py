@@ -26,8 +26,9 @@ __all__ = [
     # the layer with its experts sharded over ranks (expert parallelism)
     "fused_experts_ep",
     "parallelize_experts",
-    # quantised experts through torchao
+    # quantised experts: through torchao, or moe_ops' own forms
     "experts_quantization_config",
+    "quantise_experts",
     # its parts
     "block_schedule",
     "BlockSchedule",
@@ -56,9 +57,9 @@ enable()
 
 
 def __getattr__(name: str):
-    # parallelize_experts imports torch.distributed's tensor package (and transformers for transformers
-    # models), and experts_quantization_config imports torchao: each loaded when first asked for, not by
-    # ``import moe_ops`` (its import cost).
+    # parallelize_experts and quantise_experts import torch.distributed's tensor package (and transformers for
+    # transformers models), and experts_quantization_config imports torchao: each loaded when first asked
+    # for, not by ``import moe_ops`` (its import cost).
     if name == "parallelize_experts":
         from moe_ops.lowering.parallelize import parallelize_experts
 
@@ -67,4 +68,8 @@ def __getattr__(name: str):
         from moe_ops.lowering.torchao_experts import experts_quantization_config
 
         return experts_quantization_config
+    if name == "quantise_experts":
+        from moe_ops.lowering.quantise_experts import quantise_experts
+
+        return quantise_experts
     raise AttributeError(f"module 'moe_ops' has no attribute {name!r}")

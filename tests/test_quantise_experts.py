@@ -1,0 +1,119 @@
+"""moe_ops.quantise_experts (lowering/quantise_experts.py): transformers' expert weights stored in moe_ops'
+own quantised forms (int4 in groups, fp8 in tiles), run as moe_ops.fused_experts eager and compiled, equal
+to the block of their dequantised weights; the state dict round-trips."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import pytest
+import torch
+from compile_harness import compile_and_record, fresh_compile_state  # noqa: F401  (fixture)
+from conftest import assert_close_rel
+from torch._dynamo.utils import counters
+
+import moe_ops
+from moe_ops.quantised import dequantise
+
+transformers = pytest.importorskip("transformers")
+from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP  # noqa: E402
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock  # noqa: E402
+
+H, F, E, K = 64, 32, 8, 2
+
+
+def _block(family: str = "qwen3_moe", seed: int = 0):
+    torch.manual_seed(seed)
+    if family == "gpt_oss":
+        block = GptOssMLP(transformers.GptOssConfig(hidden_size=H, intermediate_size=F, num_local_experts=E,
+                                                    num_experts_per_tok=K, experts_implementation="eager"))
+    else:
+        block = Qwen3MoeSparseMoeBlock(transformers.Qwen3MoeConfig(
+            hidden_size=H, moe_intermediate_size=F, num_experts=E, num_experts_per_tok=K, norm_topk_prob=True,
+            experts_implementation="eager"))
+    with torch.no_grad():
+        for parameter in block.parameters():
+            parameter.normal_(0.0, 0.1)
+    return block.to(torch.bfloat16).eval().requires_grad_(False)
+
+
+def _output(block, x):
+    out = block(x)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _dequantised_twin(block, family):
+    """The unquantised block holding ``block``'s dequantised expert weights (in its own layout)."""
+    twin = _block(family)
+    experts = block.experts
+    with torch.no_grad():
+        for name in ("gate_up_proj", "down_proj"):
+            weight = dequantise(getattr(experts, name), getattr(experts, f"{name}_scale"),
+                                getattr(experts, f"{name}_zero", None))
+            getattr(twin.experts, name).copy_(weight.transpose(1, 2) if twin.experts.is_transposed else weight)
+    return twin
+
+
+@pytest.mark.usefixtures("fresh_compile_state")
+@pytest.mark.parametrize("family,scheme", [("qwen3_moe", "int4"), ("qwen3_moe", "fp8_blocks"), ("gpt_oss", "int4")])
+def test_quantised_experts_run_as_fused_experts(family, scheme, caplog):
+    """The stored values, scales (and zero points) replace the weights; the block runs as fused_experts,
+    eager and compiled, and gives the result of its dequantised weights (GPT-OSS: transposed, interleaved,
+    biased, clamped SwiGLU; stored (E, N, K) all the same)."""
+    block = moe_ops.quantise_experts(_block(family), scheme, group_size=32)
+    experts = block.experts
+    packed = scheme == "int4"
+    assert experts.gate_up_proj.dtype == (torch.uint8 if packed else torch.float8_e4m3fn)
+    assert experts.gate_up_proj.shape == (E, 2 * F, H // 2 if packed else H)
+    assert experts.gate_up_proj_scale.shape == ((E, 2 * F, H // 32) if packed else (E, 2 * F // 32, H // 32))
+    assert hasattr(experts, "down_proj_zero") == packed
+    x = torch.randn(1, 9, H, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    with caplog.at_level(logging.INFO, logger="moe_ops"):
+        out = _output(block, x)
+    label = "int4 in groups of 32" if packed else "float8_e4m3fn in 32 x 32 blocks"
+    assert any(f"quantised={label})" in record.getMessage() for record in caplog.records), caplog.text
+    twin = _dequantised_twin(block, family)
+    twin.experts.config._experts_implementation = "eager"  # transformers' own loop
+    assert_close_rel(out, _output(twin, x), torch.bfloat16, "dequantised block")
+    result, graph = compile_and_record(block, x)
+    assert counters["moe_ops"]["hf_experts"] == 1 and "moe_ops.fused_experts" in graph
+    assert_close_rel(result[0] if isinstance(result, tuple) else result, out, torch.bfloat16, "compiled")
+
+
+def test_state_dict_round_trip():
+    """A model quantised the same way loads a quantised state dict: the same values and the same output."""
+    block = moe_ops.quantise_experts(_block(), "int4", group_size=32)
+    buffer = io.BytesIO()
+    torch.save(block.state_dict(), buffer)
+    buffer.seek(0)
+    restored = moe_ops.quantise_experts(_block(seed=7), "int4", group_size=32)  # other weights until loaded
+    x = torch.randn(1, 5, H).to(torch.bfloat16)
+    assert not torch.allclose(_output(restored, x), _output(block, x))
+    restored.load_state_dict(torch.load(buffer))
+    assert torch.equal(restored.experts.gate_up_proj, block.experts.gate_up_proj)
+    torch.testing.assert_close(_output(restored, x), _output(block, x))
+
+
+def test_a_call_fused_experts_cannot_take_raises_the_reason():
+    """The module's own loop cannot multiply packed values: where fused_experts cannot take a call (here
+    under autocast), the call raises the reason instead of running the loop."""
+    block = moe_ops.quantise_experts(_block(), "int4", group_size=32)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError, match="autocast is on"):
+        block(torch.randn(1, 5, H))
+
+
+def test_errors_name_the_argument():
+    with pytest.raises(ValueError, match="scheme: expected one of"):
+        moe_ops.quantise_experts(_block(), "int3")
+    with pytest.raises(ValueError, match="scheme: 'fp8_blocks' tiles would mix the interleaved gate and up rows"):
+        moe_ops.quantise_experts(_block("gpt_oss"), "fp8_blocks", group_size=32)
+    with pytest.raises(ValueError, match="model: no transformers experts module"):
+        moe_ops.quantise_experts(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="group_size: expected a multiple of 16 dividing K=64"):
+        moe_ops.quantise_experts(_block(), "int4", group_size=24)
+    # Groups of 64 divide the gate_up weights' 64 inputs, not down's 32: nothing is changed.
+    block = _block()
+    with pytest.raises(ValueError, match="group_size: expected a multiple of 16 dividing K=32, got 64"):
+        moe_ops.quantise_experts(block, "int4", group_size=64)
+    assert block.experts.gate_up_proj.dtype == torch.bfloat16 and not hasattr(block.experts, "gate_up_proj_scale")
