@@ -111,6 +111,36 @@ aten.addmm.default()
 aten.permute.default([1, 0])""")  # noqa: E501
 
 
+class MoEBesideFrozenQuantisedExperts(GroupedMoE):
+    """The rewritten block, plus frozen int8 experts the user calls fused_experts on directly (a training
+    step with quantised experts beside trained ones)."""
+
+    def __init__(self):
+        super().__init__()
+        from moe_ops.quantised import quantise_per_row
+
+        for name, shape in (("q_gate_up", (E, 2 * F_, H)), ("q_down", (E, H, F_))):
+            values, scale = quantise_per_row(torch.randn(shape) / shape[2] ** 0.5, torch.int8)
+            self.register_buffer(name, values)
+            self.register_buffer(f"{name}_scale", scale)
+
+    def forward(self, x_TH):
+        weights, ids = moe_ops.route(self.gate(x_TH), K, renormalize=True)
+        frozen = moe_ops.fused_experts(x_TH, weights, ids, self.q_gate_up, self.q_down,
+                                       w_gate_up_scale=self.q_gate_up_scale, w_down_scale=self.q_down_scale)
+        return self.experts(x_TH) + frozen
+
+
+def test_a_quantised_fused_experts_call_keeps_its_weights():
+    """Only the calls without quantisation become the training variant (which takes none): the user's call
+    over int8 weights stays fused_experts with its scales, and the step's outputs and gradients are eager's."""
+    forward_graph, _ = check_training(MoEBesideFrozenQuantisedExperts(), tokens(), dtype=torch.bfloat16)
+    assert joint_rewrites() == 1
+    calls = [line for line in forward_graph.splitlines() if line.startswith("moe_ops.fused_experts")]
+    assert len(calls) == 2 and sum(line.startswith("moe_ops.fused_experts_training.default(") for line in calls) == 1
+    assert any(line.startswith("moe_ops.fused_experts.default(") for line in calls), calls
+
+
 _KEEPING_ON_CPU = {"on": False, "registered": False}
 
 

@@ -214,8 +214,19 @@ def _mark_forward_and_backward(graph: Graph, tangents: list[Node], num_forward_o
 
 def _keep_preactivations(forward: Graph) -> None:
     """Training graphs run fused_experts' training variant, which keeps for its backward what it would
-    otherwise recompute (moe_ops/fused_experts.py); its first two outputs are fused_experts' own."""
+    otherwise recompute (moe_ops/fused_experts.py); its first two outputs are fused_experts' own. A call
+    that quantises (its arguments past the variant's at other than their defaults: quantised weights a user
+    passed) stays fused_experts."""
+    plain = torch.ops.moe_ops.fused_experts.default._schema.arguments
+    num_training_args = len(torch.ops.moe_ops.fused_experts_training.default._schema.arguments)
+    training_names = {argument.name for argument in plain[:num_training_args]}
     for node in forward.find_nodes(op="call_function", target=torch.ops.moe_ops.fused_experts.default):
+        given = dict(zip((argument.name for argument in plain), node.args, strict=False)) | dict(node.kwargs)
+        if any(given.get(argument.name, argument.default_value) != argument.default_value
+               for argument in plain[num_training_args:]):
+            continue
+        node.args = node.args[:num_training_args]
+        node.kwargs = {name: value for name, value in node.kwargs.items() if name in training_names}
         node.target = torch.ops.moe_ops.fused_experts_training.default
 
 
