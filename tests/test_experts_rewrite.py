@@ -257,32 +257,6 @@ def test_block_split_by_a_graph_break_says_so_at_info(caplog, count):
 
 
 @pytest.mark.usefixtures("fresh_compile_state")
-def test_dense_dispatch_of_llama4_with_two_experts_per_token_says_why_at_info(caplog):
-    """Llama 4 scatters the router's top-k scores over all experts and runs every expert on every token,
-    scaled by them: with K = 2 each chosen expert reads the row scaled by its own score, which the op cannot
-    do (K = 1 is rewritten: tests/test_passes_dense_experts.py), and the INFO line says so, naming the
-    router's line."""
-    import logging
-
-    pytest.importorskip("transformers")
-    from hf_family_blocks import build_block, tiny_config
-
-    config = tiny_config("llama4")
-    config.num_experts_per_tok = 2
-    _, block, config = build_block("llama4", config)
-    torch.manual_seed(0)
-    for parameter in block.parameters():  # the block's experts are torch.empty: never compare uninitialised memory
-        torch.nn.init.normal_(parameter, std=0.1)
-    block = block.eval()
-    x = torch.randn(1, 6, config.hidden_size)
-    with caplog.at_level(logging.INFO, logger="moe_ops"), torch.no_grad():
-        torch.testing.assert_close(torch.compile(block)(x)[0], block(x)[0], rtol=1e-4, atol=1e-4)
-    messages = _not_rewritten_lines(caplog)
-    assert len(messages) == 1 and "modeling_llama4.py" in messages[0] and "torch.topk(router_logits" in messages[0]
-    assert "(K = 2): the op scales no slot's input rows" in messages[0]
-
-
-@pytest.mark.usefixtures("fresh_compile_state")
 def test_top1_router_with_capacity_says_it_is_not_rewritten(caplog):
     """Switch Transformers' router (a max over the softmax, then a capacity mask from a cumsum of the
     one-hot choices) is no form the rewrites know, and its experts run after a graph break: the compiled
