@@ -491,8 +491,12 @@ def test_gpt_oss_variant_reads_interleaved_views_with_biases(dynamic):
 def _quantised_layer(quantised, w_gate_up, w_down):
     """moe_layer's route + fused_experts with the expert weights quantised: per output row (a dtype),
     "int4-g32" (asymmetric int4 in groups of 32, packed two per byte) or "fp8-b32" (fp8, a scale per 32 x 32
-    tile)."""
+    tile); "-w8a8" after an fp8 form: fp8 inputs too (per row, or per group for the tiles)."""
     options = {}
+    if quantised == "fp8-w8a8":
+        quantised, options["input_quantisation"] = torch.float8_e4m3fn, "fp8_rowwise"
+    elif quantised == "fp8-b32-w8a8":
+        quantised, options["input_quantisation"] = "fp8-b32", "fp8_groupwise"
     for name, w in dict(w_gate_up=w_gate_up, w_down=w_down).items():
         if quantised == "fp8-b32":
             options[name], options[f"{name}_scale"] = quantise_blocks(w.contiguous(), 32)
@@ -562,6 +566,22 @@ def test_group_quantised_int4_weights_reach_the_templates():
     assert len(kernels) == 3, list(kernels)
 
 
+@pytest.mark.parametrize("scheme", ["fp8-w8a8", "fp8-b32-w8a8"])
+def test_fp8_inputs_reach_the_templates(scheme):
+    """w8a8: the graph quantises x's rows (and, between the templates, the activation's rows) to fp8 per row
+    or per group; both templates read fp8 A with its scales (A_SCALED: after the K loop; A_GROUPED: in each
+    K step), storing in x's dtype; no extern call of the op."""
+    w_gate_up, w_down = weights()
+    code = generated_code(_quantised_layer(scheme, w_gate_up, w_down), *layer_inputs())
+    templates = [src for name, src in kernel_sources(code).items() if name.startswith("triton_tem_")]
+    assert len(templates) == 2
+    flag = "A_SCALED" if scheme == "fp8-w8a8" else "A_GROUPED"
+    for source in templates:
+        assert f"{flag} : tl.constexpr = True" in source, source
+        FileCheck().check("input_group_ptrs(a_scales").check("k_step(").check("A_GROUPED, a_groups").run(source)
+    assert "moe_ops.fused_experts.default(" not in code.split("def call(")[1]
+
+
 def test_block_scaled_fp8_weights_reach_the_templates():
     """fp8 weights with a scale per 32 x 32 tile: the templates read a row of scales per 32 output features
     (W_SCALE_ROWS) and a group per 32 inputs, the fused gate_up's block scales split between gate and up."""
@@ -618,7 +638,9 @@ def test_templates_compile_for_hopper(tmp_path):
     layers = {"bf16": moe_layer(2, w_gate_up, w_down), "int8": _quantised_layer(torch.int8, w_gate_up, w_down),
               "fp8": _quantised_layer(torch.float8_e4m3fn, w_gate_up, w_down),
               "int4": _quantised_layer("int4-g32", w_gate_up, w_down),
-              "fp8 blocks": _quantised_layer("fp8-b32", w_gate_up, w_down)}
+              "fp8 blocks": _quantised_layer("fp8-b32", w_gate_up, w_down),
+              "fp8 w8a8": _quantised_layer("fp8-w8a8", w_gate_up, w_down),
+              "fp8 blocks w8a8": _quantised_layer("fp8-b32-w8a8", w_gate_up, w_down)}
     sources = []
     for label, layer in layers.items():
         for dynamic in ([False, True] if label == "bf16" else [False]):
@@ -756,8 +778,9 @@ def test_cuda_template_variants_match_eager(variant, dynamic):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static_T", "dynamic_T"])
-@pytest.mark.parametrize("quantised", [torch.int8, torch.float8_e4m3fn, "int4-g32", "fp8-b32"],
-                         ids=["int8", "fp8", "int4-g32", "fp8-b32"])
+@pytest.mark.parametrize("quantised", [torch.int8, torch.float8_e4m3fn, "int4-g32", "fp8-b32", "fp8-w8a8",
+                                       "fp8-b32-w8a8"],
+                         ids=["int8", "fp8", "int4-g32", "fp8-b32", "fp8-w8a8", "fp8-b32-w8a8"])
 def test_cuda_quantised_templates_match_eager(quantised, dynamic):
     """The templates over quantised weights compute what the op's own kernels compute, T past the TMA
     threshold included (the templates keep pointer loads for quantised weights)."""
@@ -767,7 +790,8 @@ def test_cuda_quantised_templates_match_eager(quantised, dynamic):
         for t in args:
             torch._dynamo.mark_dynamic(t, 0)
     code = _compiled_vs_eager(_quantised_layer(quantised, w_gate_up, w_down), args, torch.bfloat16)
-    assert {"int4-g32": "W_INT4 : tl.constexpr = True", "fp8-b32": "W_SCALE_ROWS : tl.constexpr = 32"}.get(
+    assert {"int4-g32": "W_INT4 : tl.constexpr = True", "fp8-b32": "W_SCALE_ROWS : tl.constexpr = 32",
+            "fp8-w8a8": "A_SCALED : tl.constexpr = True", "fp8-b32-w8a8": "A_GROUPED : tl.constexpr = True"}.get(
         quantised, "W_SCALED : tl.constexpr = True") in code
 
 

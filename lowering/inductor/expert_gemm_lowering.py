@@ -64,8 +64,8 @@ TEMPLATE_SOURCE = r"""
 import triton
 import triton.language as tl
 from moe_ops.expert_gemm_triton import (
-    expert_gemm_tile, k_step, make_descriptors, tile_accumulators, tile_coords, tile_output, unrouted_row_blocks,
-    unrouted_rows_tile, weight_group_ptrs, weight_tile_ptrs,
+    expert_gemm_tile, input_group_ptrs, k_step, make_descriptors, tile_accumulators, tile_coords, tile_output,
+    unrouted_row_blocks, unrouted_rows_tile, weight_group_ptrs, weight_tile_ptrs,
 )
 
 {%- set names = ["A", "W"] %}
@@ -78,6 +78,7 @@ from moe_ops.expert_gemm_triton import (
 {%- set QUANTISED = W_SCALED or W_GROUP_SIZE > 0 %}
 {%- if QUANTISED %}{% set names = names + (["W_SCALE", "W_UP_SCALE"] if GATED else ["W_SCALE"]) %}{% endif %}
 {%- if W_ZERO_POINT %}{% set names = names + (["W_ZERO", "W_UP_ZERO"] if GATED else ["W_ZERO"]) %}{% endif %}
+{%- if A_SCALED or A_GROUPED %}{% set names = names + ["A_SCALE"] %}{% endif %}
 {%- if ZERO_UNROUTED %}{% set names = names + ["IDS"] %}{% endif %}
 {%- if STORE_TO_OUT %}{% set names = names + ["OUT"] %}{% endif %}
 
@@ -151,6 +152,13 @@ from moe_ops.expert_gemm_triton import (
         acc, acc_up = tile_accumulators(BLOCK_M, BLOCK_N, GATED)
         w_ptrs, u_ptrs = weight_tile_ptrs(w, w_up, expert, cols, BLOCK_K, W_INT4)
         groups = weight_group_ptrs(w_scales, expert, cols, W_GROUP_SIZE, W_SCALE_ROWS)
+{%- if A_SCALED or A_GROUPED %}
+        # fp8 A: its rows' scales (per group: applied in each K step; per row: after the K loop).
+        a_scales = (A_SCALE, {{stride("A_SCALE", 0)}}, {{stride("A_SCALE", 1) if A_GROUPED else 0}})
+{%- else %}
+        a_scales = None
+{%- endif %}
+        a_groups = input_group_ptrs(a_scales, a_row, row_valid, A_GROUPED)
         for k0 in range(0, k_end, BLOCK_K):
             idx_am = a_row[:, None]
             idx_ak = k0 + tl.arange(0, BLOCK_K)[None, :]
@@ -164,8 +172,15 @@ from moe_ops.expert_gemm_triton import (
 {%- endif %}
             acc, acc_up, w_ptrs, u_ptrs = k_step(
                 a, acc, acc_up, w_ptrs, u_ptrs, K - k0, col_valid, {{stride("W", 2)}}, {{w_up_strides[2]}}, GATED,
-                {{precision}}, BLOCK_K, W_GROUP_SIZE, W_INT4, W_ZERO_POINT, groups, k0,
+                {{precision}}, BLOCK_K, W_GROUP_SIZE, W_INT4, W_ZERO_POINT, groups, k0, A_GROUPED, a_groups,
             )
+{%- if A_SCALED %}
+        a_row_scale = tl.load(A_SCALE + a_row * {{stride("A_SCALE", 0)}}, mask=row_valid, other=0.0)[:, None]
+        acc *= a_row_scale
+{%- if GATED %}
+        acc_up *= a_row_scale
+{%- endif %}
+{%- endif %}
         y, rows, cols, mask = tile_output(
             acc, acc_up, expert, slot, row_valid, offs_m, rows_in_range, cols, col_valid, bias, bias_up,
             {{"SLOT_W" if HAS_SLOT_WEIGHT else "W"}}, (ALPHA, LIMIT), SCATTER, GATED, HAS_BIAS, HAS_BIAS_UP,
@@ -295,6 +310,7 @@ def tuned_expert_gemm(
     bias_up=None, slot_weights=None, gather_top_k: int = 0, scatter: bool = False, activation: str = "none",
     alpha: float = CLAMPED_SWIGLU_ALPHA, limit: float = CLAMPED_SWIGLU_LIMIT, slot_ids=None, active=1,
     busy_estimate=None, out=None, tma: bool = False, w_scale=None, w_up_scale=None, w_zero=None, w_up_zero=None,
+    a_scale=None, out_dtype=None,
 ):
     """The template node for one expert GEMM (Inductor IR in, IR out; the arguments of the eager
     launcher, expert_gemm_triton, with the schedule's tensors as IR). Callers check that the
@@ -306,7 +322,8 @@ def tuned_expert_gemm(
     one; the node returned then stands for nothing but that write. ``tma``: TMA tiles on a persistent
     grid where the inputs allow them (``tma_applies``; A in schedule order, made contiguous here).
     ``w_scale`` / ``w_up_scale`` (and zero points ``w_zero`` / ``w_up_zero``): quantised weights
-    (moe_ops.quantised; pointer loads: no TMA tiles)."""
+    (moe_ops.quantised; pointer loads: no TMA tiles). ``a_scale``: A holds fp8 values with these scales per row
+    (rows,) or per row and group of the weights' groups (rows, G); ``out_dtype`` then the output's dtype."""
 
     packed = isinstance(schedule, PackedSchedule)
     optional = (w_up, bias, bias_up, slot_weights)
@@ -315,7 +332,7 @@ def tuned_expert_gemm(
     # realize_input, not select_algorithm.realize_inputs: that one copies a view without a unit stride,
     # and GPT-OSS's interleaved gate/up columns are such a view (the tile function takes any strides).
     scaled = w_scale is not None
-    extra = [t for t in (w_scale, w_up_scale, w_zero, w_up_zero, slot_ids, out) if t is not None]
+    extra = [t for t in (w_scale, w_up_scale, w_zero, w_up_zero, a_scale, slot_ids, out) if t is not None]
     input_nodes = [ir.ExternKernel.realize_input(t) for t in (*tensors, *extra)]
     device = a.get_device()
     if tma:
@@ -325,7 +342,7 @@ def tuned_expert_gemm(
     n = w.get_size()[1]
     # Writing into ``out``, the node's own output is a placeholder that is never allocated.
     size, stride = ([rows, n], [n, 1]) if out is None else ([1], [1])
-    layout = ir.FixedLayout(device, a.get_dtype(), size, stride)
+    layout = ir.FixedLayout(device, out_dtype or a.get_dtype(), size, stride)
 
     num_experts = int(w.get_size()[0])
     if packed:
@@ -356,6 +373,8 @@ def tuned_expert_gemm(
         ZERO_UNROUTED=slot_ids is not None, NUM_EXPERTS=num_experts,
         PACKED=packed, E_PAD=triton.next_power_of_2(num_experts) if packed else 1, STORE_TO_OUT=out is not None,
         W_SCALE_GROUPS=scaled and len(w_scale.get_size()) == 3, **quantised,
+        A_SCALED=a_scale is not None and len(a_scale.get_size()) == 1,
+        A_GROUPED=a_scale is not None and len(a_scale.get_size()) == 2,
     )
     unrouted_rows = num_slots if slot_ids is not None else 0
     always_active = active == 1

@@ -129,6 +129,23 @@ def _variants(num_slots, num_experts: int, top_k: int, tma_possible: bool) -> li
     return variants
 
 
+def _quantised_inputs(rows, input_quantisation: str, w_scale):
+    """A GEMM's input rows (R, K) as fused_experts quantises them (moe_ops.fused_experts.quantise_inputs), on
+    Inductor IR: (fp8 e4m3 values (R, K), fp32 scales (R,) per row, or (R, G) per row and group of the
+    weight's G groups); each scale the largest magnitude over 448, as moe_ops.quantised computes it."""
+    num_rows, k = rows.get_size()
+    groups = 1 if input_quantisation == "fp8_rowwise" else int(w_scale.get_size()[-1])
+    grouped = L[aten.view.default](L[prims.convert_element_type.default](rows, torch.float32),
+                                   [num_rows, groups, k // groups])
+    largest = L[aten.amax.default](L[aten.abs.default](grouped), [-1])
+    scale = L[aten.div.Tensor](L[aten.clamp_min.default](largest, torch.finfo(torch.float32).tiny),
+                               torch.finfo(torch.float8_e4m3fn).max)
+    values = L[prims.convert_element_type.default](
+        L[aten.div.Tensor](grouped, L[aten.unsqueeze.default](scale, -1)), torch.float8_e4m3fn)
+    values = L[aten.view.default](values, [num_rows, k])
+    return values, L[aten.view.default](scale, [num_rows]) if input_quantisation == "fp8_rowwise" else scale
+
+
 def _rows_in_schedule_order(x, sorted_slots, top_k, active):
     """x[sorted_slots // K] (T, H) -> (S, H); the sentinel positions of unrouted slots read row T - 1.
     The op's kernel in the graph where it can be (lowering/inductor/kernel_calls.py), launching no program where
@@ -156,8 +173,6 @@ def lower_fused_experts(
         why_not = "no Triton templates for this device (or moe_ops.config.inductor_templates is off)"
     elif capacity_factor != 0:
         why_not = "capacity mode"
-    elif input_quantisation != "none":
-        why_not = f"input_quantisation={input_quantisation!r} (the templates take inputs of x's dtype)"
     elif x.get_dtype() not in KERNEL_DTYPES:
         why_not = f"{x.get_dtype()}: the op's own kernel refuses it with the reason"
     elif not all(isinstance(d, (int, sympy.Integer)) for w in (w_gate_up, w_down) for d in w.get_size()):
@@ -187,20 +202,25 @@ def lower_fused_experts(
     shared = None if len(variants) == 1 else empty_strided([num_slots, H], None, dtype=x.get_dtype(),
                                                            device=x.get_device())
     schedule = PackedSchedule(sorted_slots, expert_offsets)
+    x_quantised = None if input_quantisation == "none" else _quantised_inputs(x, input_quantisation, w_gate_up_scale)
     for variant in variants:
         common = dict(active=variant.active(num_slots), busy_estimate=variant.busy_estimate, tma=variant.tma)
-        a, gather_top_k = x, K
+        a, gather_top_k = (x, None) if input_quantisation == "none" else x_quantised, K
         if variant.tma:
             # As the op: TMA loads row blocks, so x's rows are copied into schedule order first.
-            a, gather_top_k = _rows_in_schedule_order(x, sorted_slots, K, common["active"]), 0
+            a, gather_top_k = (_rows_in_schedule_order(x, sorted_slots, K, common["active"]), None), 0
         h_SF = tuned_expert_gemm(
-            a, gate, schedule, num_slots, variant.block_m, w_up=up, bias=b_gate, bias_up=b_up,
+            a[0], gate, schedule, num_slots, variant.block_m, w_up=up, bias=b_gate, bias_up=b_up,
             gather_top_k=gather_top_k, activation=activation, alpha=alpha, limit=limit, w_scale=s_gate,
-            w_up_scale=s_up, w_zero=z_gate, w_up_zero=z_up, **common,
+            w_up_scale=s_up, w_zero=z_gate, w_up_zero=z_up, a_scale=a[1], out_dtype=x.get_dtype(), **common,
         )
+        h_scale = None
+        if input_quantisation != "none":
+            h_SF, h_scale = _quantised_inputs(h_SF, input_quantisation, w_down_scale)
         y_SH = tuned_expert_gemm(
             h_SF, down, schedule, num_slots, variant.block_m, bias=b_down, slot_weights=slot_weights, scatter=True,
-            slot_ids=slot_ids, out=shared, w_scale=w_down_scale, w_zero=w_down_zero, **common,
+            slot_ids=slot_ids, out=shared, w_scale=w_down_scale, w_zero=w_down_zero, a_scale=h_scale,
+            out_dtype=x.get_dtype(), **common,
         )
     y_SH = y_SH if shared is None else shared
     # As the op: K summed in fp32, in a fixed order, rounded once to x's dtype. Written as K pointwise
