@@ -7,6 +7,8 @@ up without an edit here. The block is the class of that module (not an Attention
 experts themselves) whose ``__init__`` assigns ``self.experts`` (or, named "...MoE", builds an experts
 module or sizes something by ``num_experts``: Doge's embedding-row experts), built from the
 family's config (its text config for multimodal models) with every size field this module knows set small.
+Where only a decoder or encoder layer assigns ``self.experts`` (Gemma 4: router and experts beside the dense
+MLP), the block is that layer, called with its family's rotary position embeddings (``LayerBlock``).
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ TINY_CONFIG = dict(
     hidden_size=64, d_model=64, intermediate_size=64, moe_intermediate_size=32, expert_intermediate_size=32,
     shared_expert_intermediate_size=48, ffn_hidden_size=32, d_ff=32, expert_dim=32,
     num_experts=8, num_local_experts=8, n_routed_experts=8, moe_num_experts=8,
-    num_experts_per_tok=2, moe_k=2, moe_topk=2, top_k=2, moe_top_k=2, n_shared_experts=1,
+    num_experts_per_tok=2, moe_k=2, moe_topk=2, top_k=2, moe_top_k=2, top_k_experts=2, n_shared_experts=1,
     n_group=1, topk_group=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128,
+    # Gemma 4: its layers' MoE switched on, and no per-layer input (which only the whole model computes).
+    enable_moe_block=True, hidden_size_per_layer_input=0,
 )
 # Fields set per family after TINY_CONFIG, where the family's released models differ from the common tiny
 # setting in a way the rewrites depend on: Llama 4's models (Scout, Maverick) route each token to 1 expert;
@@ -44,14 +48,10 @@ DIFFERENT_CODE = {
             "weights by their p-norm; its experts slice one flat (E x F, H) matrix per projection per expert",
     "deepseek_v4": "its router scores are sqrt(softplus(logits)) in bf16, a scoring moe_ops.route lacks, and "
                    "its first layers pick experts from a fixed token-id table; its experts are rewritten",
-    "diffusion_gemma": "its MoE runs inside a whole encoder layer (attention included) that needs rotary "
-                       "position embeddings, so it is not built here alone; router and experts are Gemma 4's",
     "doge": "its routed experts are single neurons, a row of two embedding tables each (act(d_e . x) w u_e), "
             "which its two batched matmuls over the gathered rows compute: no gated MLP per expert for the "
             "grouped GEMMs to run; its router (product keys: the top-k of sums of two halves' top keys) is "
             "rewritten",
-    "gemma4": "its decoder layer holds router and experts only with enable_moe_block=True (off by default), "
-              "routing on the residual while the experts read a normalised copy, with a learned per-expert scale",
     "inkling": "its router adds the selection bias to sigmoid scores in bf16 and derives the weights from "
                "log-sigmoids normalised together with the shared experts; its experts are rewritten",
     "jetmoe": "its experts gather the tokens in an order sorted by expert id and split them by per-expert "
@@ -126,7 +126,7 @@ def _block_classes(module) -> list[type]:
     for name, cls in vars(module).items():
         if not (inspect.isclass(cls) and issubclass(cls, torch.nn.Module) and cls.__module__ == module.__name__):
             continue
-        if re.search(r"(Attention|Experts|Expert|Model|DecoderLayer|EncoderLayer|ForCausalLM|Router|Gate|TopK)$",
+        if re.search(r"(Attention|Experts|Expert|Model|(Decoder|Encoder)\w*Layer|ForCausalLM|Router|Gate|TopK)$",
                      name):
             continue
         try:
@@ -140,6 +140,41 @@ def _block_classes(module) -> list[type]:
         if assigns_experts and "self.layers" not in source:
             classes.append(cls)
     return classes
+
+
+class LayerBlock(torch.nn.Module):
+    """A decoder (or encoder) layer that holds a family's router and experts, called as a block: hidden
+    states in, the layer's hidden states out, with the position embeddings of the family's own rotary class
+    for positions 0, 1, ... and no attention mask."""
+
+    def __init__(self, layer: torch.nn.Module, rotary: torch.nn.Module, layer_type: str | None):
+        super().__init__()
+        self.layer, self.rotary, self.layer_type = layer, rotary, layer_type
+
+    def forward(self, hidden_states):
+        positions = torch.arange(hidden_states.shape[1], device=hidden_states.device)[None]
+        rotary_args = () if self.layer_type is None else (self.layer_type,)
+        embeddings = self.rotary(hidden_states, positions, *rotary_args)
+        out = self.layer(hidden_states, position_embeddings=embeddings, attention_mask=None, position_ids=positions)
+        return out[0] if isinstance(out, tuple) else out
+
+
+def _layer_block(module, config) -> tuple[str, torch.nn.Module] | None:
+    """(layer class name, LayerBlock) for a family whose only holder of ``self.experts`` is a decoder or
+    encoder layer, else None."""
+    own = {name: cls for name, cls in vars(module).items()
+           if inspect.isclass(cls) and cls.__module__ == module.__name__}
+    layers = [cls for name, cls in own.items() if re.search(r"(Decoder|Encoder)\w*Layer$", name)
+              and re.search(r"self\.experts ?=", inspect.getsource(cls.__init__))]
+    rotaries = [cls for name, cls in own.items() if name.endswith("RotaryEmbedding")]
+    if not layers or not rotaries:
+        return None
+    torch.manual_seed(0)
+    layer = layers[0](config, layer_idx=0)
+    layer_types = getattr(config, "layer_types", None)
+    rotary = min(rotaries, key=lambda cls: len(cls.__name__))(config)
+    needs_type = "layer_type" in inspect.signature(rotary.forward).parameters
+    return layers[0].__name__, LayerBlock(layer, rotary, layer_types[0] if needs_type else None)
 
 
 def build_block(family: str, config=None, experts_implementation: str = "grouped_mm",
@@ -164,9 +199,18 @@ def build_block(family: str, config=None, experts_implementation: str = "grouped
         except Exception as error:  # noqa: BLE001  (each family's own error, reported in the table)
             errors.append(f"{cls.__name__}: {type(error).__name__}: {error}")
             continue
-        for submodule in block.modules():
-            if hasattr(getattr(submodule, "config", None), "_experts_implementation"):
-                submodule.config._experts_implementation = experts_implementation
+        _set_experts_implementation(block, experts_implementation)
         return cls.__name__, block, config
+    if not errors:
+        layer_block = _layer_block(module, config)
+        if layer_block is not None:
+            _set_experts_implementation(layer_block[1], experts_implementation)
+            return (*layer_block, config)
     raise RuntimeError("; ".join(errors) or "no MoE block class: only an attention, decoder or encoder layer, "
                        "model or experts class assigns self.experts")
+
+
+def _set_experts_implementation(block: torch.nn.Module, experts_implementation: str) -> None:
+    for submodule in block.modules():
+        if hasattr(getattr(submodule, "config", None), "_experts_implementation"):
+            submodule.config._experts_implementation = experts_implementation
