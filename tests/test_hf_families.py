@@ -109,7 +109,7 @@ def family_row(family: str) -> tuple[dict, str | None]:
 
 
 def render(rows: list[dict]) -> str:
-    both = sum(r["router"] != "-" and r["experts"] != "-" and r["block"] != "" for r in rows)
+    both = sum((r["router"], r["experts"]) == ("moe_ops.route", "moe_ops.fused_experts") for r in rows)
     lines = [BEGIN, "", f"{len(rows)} families; {both} with router and experts rewritten"
              f" (torch {_TORCH}, transformers {transformers.__version__}).", "",
              "| family | MoE block | router | experts | what its code does differently | why not (the log) |",
