@@ -46,17 +46,18 @@ TOKENS = (1, 2, 4, 8, 16, 2048, 8192)
 DRY_RUN_TOKENS = (1, 5)
 GROUP = 128
 DRY_RUN_GROUP = 16  # the dry run's tiny shape has fewer inputs than a group of 128
-# Each scheme: how it quantises an (E, N, K) weight, given the group size, into fused_experts' (values,
-# scales, zero points), the bytes a stored weight takes (scales aside), and fused_experts' other options.
-# Grouped schemes' names end in "_g" and get the group size appended.
+# Each scheme (its name given the group size): how it quantises an (E, N, K) weight into fused_experts'
+# (values, scales, zero points), the bytes a stored weight takes (scales aside), and fused_experts' other
+# options.
 QUANTISED = {
     "int8": (lambda w, group: (*quantise_per_row(w, torch.int8), None), 1.0, {}),
     "fp8": (lambda w, group: (*quantise_per_row(w, torch.float8_e4m3fn), None), 1.0, {}),
-    "int8_g": (lambda w, group: quantise_groups(w, group, bits=8), 1.0, {}),
-    "int4_g": (lambda w, group: quantise_groups(w, group, bits=4), 0.5, {}),
+    "int8_g{group}": (lambda w, group: quantise_groups(w, group, bits=8), 1.0, {}),
+    "int4_g{group}": (lambda w, group: quantise_groups(w, group, bits=4), 0.5, {}),
     "fp8_w8a8": (lambda w, group: (*quantise_per_row(w, torch.float8_e4m3fn), None), 1.0,
                  {"input_quantisation": "fp8_rowwise"}),
-    "fp8_b_w8a8": (lambda w, group: (*quantise_blocks(w, group), None), 1.0, {"input_quantisation": "fp8_groupwise"}),
+    "fp8_b{group}_w8a8": (lambda w, group: (*quantise_blocks(w, group), None), 1.0,
+                          {"input_quantisation": "fp8_groupwise"}),
 }
 GPU_SHAPES = ("mixtral-8x7b", "qwen3-30b-a3b")
 
@@ -98,7 +99,7 @@ def run_shape(shape: MoEShape, tokens, device, time_fn, group: int = GROUP) -> l
     weights = {"moe_ops_bf16": {"w_gate_up": w_gate_up, "w_down": w_down}}
     itemsizes = {"moe_ops_bf16": 2.0}
     for scheme, (quantise, itemsize, options) in QUANTISED.items():
-        name = f"moe_ops_{scheme}{group if scheme.endswith('_g') else ''}".replace("_b_", f"_b{group}_")
+        name = f"moe_ops_{scheme.format(group=group)}"
         arguments = dict(options)
         for weight_name, weight in (("w_gate_up", w_gate_up), ("w_down", w_down)):
             values, scale, zero = quantise(weight, group)
