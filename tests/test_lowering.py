@@ -29,7 +29,7 @@ from torch.testing import FileCheck
 from triton.runtime.jit import JITFunction
 
 import moe_ops
-from moe_ops.quantised import quantise_blocks, quantise_groups, quantise_per_row
+from moe_ops.quantised import quantise_blocks, quantise_groups, quantise_per_row, sqnr_db
 from moe_ops.routing_triton import _route_kernel
 
 pytestmark = pytest.mark.usefixtures("fresh_compile_state")
@@ -707,11 +707,19 @@ def schedule_rows(num_slots, num_experts, block_m):
 # ---- CUDA (run on the H100) --------------------------------------------------------------------------
 
 
-def _compiled_vs_eager(layer, args, dtype, **compile_kwargs):
+def _compiled_vs_eager(layer, args, dtype, fp8_inputs=False, **compile_kwargs):
+    """The compiled layer's generated code, after checking its result against the eager layer's. With
+    ``fp8_inputs`` (the activation quantised to fp8 between the GEMMs) an element whose bf16 activation
+    rounds differently in the two (other tile shapes, other sum orders) may land a step of fp8 (1/8)
+    away: close in the worst element, and tens of dB closer than fp8's own error on the whole."""
     torch._dynamo.reset()
     expected = layer(*args)
     actual, codes = run_and_get_code(torch.compile(layer, **compile_kwargs), *args)
-    assert_close_rel(actual, expected, dtype)
+    if fp8_inputs:
+        assert ((actual.float() - expected.float()).abs().max() / expected.float().abs().max()).item() <= 6e-2
+        assert sqnr_db(expected, actual) >= 30.0
+    else:
+        assert_close_rel(actual, expected, dtype)
     return "\n".join(codes)
 
 
@@ -789,7 +797,8 @@ def test_cuda_quantised_templates_match_eager(quantised, dynamic):
     if dynamic:
         for t in args:
             torch._dynamo.mark_dynamic(t, 0)
-    code = _compiled_vs_eager(_quantised_layer(quantised, w_gate_up, w_down), args, torch.bfloat16)
+    code = _compiled_vs_eager(_quantised_layer(quantised, w_gate_up, w_down), args, torch.bfloat16,
+                              fp8_inputs=str(quantised).endswith("w8a8"))
     assert {"int4-g32": "W_INT4 : tl.constexpr = True", "fp8-b32": "W_SCALE_ROWS : tl.constexpr = 32",
             "fp8-w8a8": "A_SCALED : tl.constexpr = True", "fp8-b32-w8a8": "A_GROUPED : tl.constexpr = True"}.get(
         quantised, "W_SCALED : tl.constexpr = True") in code
