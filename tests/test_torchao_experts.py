@@ -179,7 +179,7 @@ def test_fp8_inputs_run_as_fused_experts_with_fp8_rowwise_inputs(caplog):
 def test_cuda_moe_ops_experts_agree_with_torchaos_eager_path(config):
     """On the GPU, at Qwen3-30B-A3B's expert sizes: the "moe_ops" implementation over torchao's tensors gives
     torchao's own eager result (its grouped_mm experts: _scaled_grouped_mm with fp8 inputs, or the
-    dequantised weights) within 1e-2 relative (int8 groups: against the dequantised weights' layer)."""
+    dequantised weights; int8 groups: the dequantised weights' layer)."""
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
     from torchao.quantization.granularity import PerGroup
 
@@ -205,8 +205,11 @@ def test_cuda_moe_ops_experts_agree_with_torchaos_eager_path(config):
         want = block(x)
     block.experts.config._experts_implementation = "moe_ops"
     got = block(x)
-    error = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
-    assert error <= 1e-2, error
+    # Relative to the output's norm: 1e-2 (40 dB). With fp8 inputs, where torchao rounds gate and up to bf16
+    # before the activation and the op does not, an element of the activation can land a step of fp8 (1/8)
+    # away and reach the output: 3e-2 (30 dB), still well inside fp8's own error (~25 dB).
+    error = ((got.float() - want.float()).norm() / want.float().norm()).item()
+    assert error <= (3e-2 if config == "fp8-dynamic" else 1e-2), error
 
 
 def test_groups_the_kernels_do_not_take_run_their_own_loop(caplog):
