@@ -42,6 +42,7 @@ from transformers.activations import (
 )
 from transformers.integrations.moe import ExpertsInterface, use_experts_implementation
 
+from moe_ops._checks import QUANTISED_WEIGHT_DTYPES
 from moe_ops._compat.dynamo import counters
 from moe_ops.activations import CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT
 from moe_ops.expert_parallel import PLAN_ATTRIBUTE, fused_experts_ep
@@ -289,6 +290,11 @@ def fused_experts_arguments(experts: nn.Module, hidden_states: torch.Tensor) -> 
                 f"{hidden_states.dtype} on {hidden_states.device}"
             )
         arguments[argument] = tensor
+        if stored is not None and (tensor.dtype not in QUANTISED_WEIGHT_DTYPES or any(
+                t is not None and t.dtype != torch.float32 for t in (stored["scale"], stored["zero"]))):
+            return (f"{attribute} ({tensor.dtype}, scales {stored['scale'].dtype}) no longer holds what "
+                    "moe_ops.quantise_experts stored: a cast after it (model.to(dtype)) converts fp8 values and fp32 "
+                    "scales; cast the model first, then quantise")
         if stored is not None:  # quantise_experts' values (E, N, K), scales and zero points
             arguments[f"{argument}_scale"] = stored["scale"]
             if stored["zero"] is not None:

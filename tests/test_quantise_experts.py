@@ -103,6 +103,14 @@ def test_a_call_fused_experts_cannot_take_raises_the_reason():
         block(torch.randn(1, 5, H))
 
 
+@pytest.mark.parametrize("scheme", ["int4", "fp8_blocks"])
+def test_a_cast_after_quantising_is_named(scheme):
+    """model.to(bf16) after quantise_experts converts the fp32 scales (and fp8 values): the call says so."""
+    block = moe_ops.quantise_experts(_block(), scheme, group_size=32).to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"a cast after it \(model.to\(dtype\)\) converts fp8 values and fp32"):
+        block(torch.randn(1, 5, H).to(torch.bfloat16))
+
+
 def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="scheme: expected one of"):
         moe_ops.quantise_experts(_block(), "int3")
