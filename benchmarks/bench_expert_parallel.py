@@ -11,10 +11,14 @@ Each rank holds T random bf16 tokens, routes them with moe_ops.route over random
     ep_exact        fused_experts_ep, exact dispatch (one host sync per call)
     all_to_all      one all-to-all of T K rows of H bf16 values (the exact dispatch's size)
 and derives per-GPU throughput of each EP variant against ep1, and the all-to-all's bus rate.
-Writes ``results/expert_parallel_<gpu>.md``.
+Writes ``results/expert_parallel_<gpu>.md``. ``--profile``: rank 0 also records one pipelined forward +
+backward (the first shape and token count) with torch.profiler: a Chrome trace
+(``expert_parallel_profile_<gpu>.json``), and how much of the collectives' kernel time ran while a compute
+kernel ran (GPU only: the dry run's gloo collectives run on CPU threads, which the trace does not pair).
 
     python benchmarks/bench_expert_parallel.py                  # every GPU of the host, NCCL
     python benchmarks/bench_expert_parallel.py --ranks 2 --tokens 8192
+    python benchmarks/bench_expert_parallel.py --profile        # + a trace of a pipelined call, and its overlap
     python benchmarks/bench_expert_parallel.py --dry-run        # CPU, 2 gloo ranks, tiny shapes, no speed
 """
 
@@ -99,6 +103,63 @@ def _cell(rank, num_ranks, shape, tokens, device) -> dict:
     return times
 
 
+def overlapped_ms(collectives: list[tuple[float, float]], compute: list[tuple[float, float]]) -> float:
+    """Time (the intervals' unit) during which some collective interval and some compute interval both run:
+    the length of the union of collectives intersected with the union of compute."""
+    def union(intervals):
+        merged = []
+        for start, end in sorted(intervals):
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        return merged
+
+    busy, total = union(compute), 0.0
+    for start, end in union(collectives):
+        total += sum(max(0.0, min(end, b_end) - max(start, b_start)) for b_start, b_end in busy)
+    return total
+
+
+def _profile(rank, num_ranks, shape, tokens, device, out_folder) -> str | None:
+    """One pipelined forward + backward under torch.profiler (rank 0 keeps the trace): the summary line."""
+    num_experts, top_k, hidden, inter = shape
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    local = num_experts // num_ranks
+    shards = [(torch.randn(local, *dims, device=device) * 0.02).to(dtype).requires_grad_(True)
+              for dims in ((2 * inter, hidden), (hidden, inter))]
+    x = torch.randn(tokens, hidden, device=device, dtype=dtype, requires_grad=True)
+    weights, ids = moe_ops.route(torch.randn(tokens, num_experts, device=device), top_k, renormalize=True)
+
+    def step():
+        out = moe_ops.fused_experts_ep(x, weights, ids, *shards, dispatch="padded", pipeline_chunks=PIPELINE_CHUNKS)
+        out.float().sum().backward()
+
+    step()  # compiled kernels and communicators ready before the trace
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    if rank != 0:
+        return None
+    gpu = slug(torch.cuda.get_device_name()) if device.type == "cuda" else "cpu"
+    trace = Path(out_folder) / f"expert_parallel_profile_{gpu}.json"
+    prof.export_chrome_trace(str(trace))
+    if device.type != "cuda":
+        return f"trace: {trace.name} (CPU dry run: no kernel overlap to measure)"
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    intervals = [(e.time_range.start / 1e3, e.time_range.end / 1e3, "nccl" in e.name.lower()) for e in kernels]
+    collectives = [(a, b) for a, b, nccl in intervals if nccl]
+    compute = [(a, b) for a, b, nccl in intervals if not nccl]
+    collective_ms = sum(b - a for a, b in collectives)
+    hidden_ms = overlapped_ms(collectives, compute)
+    return (f"trace: {trace.name}; pipelined ({PIPELINE_CHUNKS} chunks) forward + backward, T = {tokens}: collective "
+            f"kernels {collective_ms:.3f} ms, of which {hidden_ms:.3f} ms ran beside compute kernels")
+
+
 def _worker(rank, num_ranks, init_file, args, out_file):
     cuda = not args.dry_run
     if cuda:
@@ -113,8 +174,14 @@ def _worker(rank, num_ranks, init_file, args, out_file):
             for tokens in args.tokens or (DRY_RUN_TOKENS if args.dry_run else TOKENS):
                 cell = _cell(rank, num_ranks, shape, tokens, device)
                 rows.append((name, shape, tokens, cell))
+        report = _report(rows, num_ranks, args.dry_run)
+        if args.profile:
+            name, shape = next(iter(shapes.items()))
+            tokens = (args.tokens or (DRY_RUN_TOKENS if args.dry_run else TOKENS))[0]
+            summary = _profile(rank, num_ranks, shape, tokens, device, Path(out_file).parent)
+            report += f"\n- profile ({name}): {summary}\n" if summary else ""
         if rank == 0:
-            Path(out_file).write_text(_report(rows, num_ranks, args.dry_run))
+            Path(out_file).write_text(report)
     finally:
         dist.destroy_process_group()
         # gloo's worker threads drop a finished collective's tensors after its wait() returns; one that needs
@@ -145,6 +212,7 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=None, help="processes (default: every GPU; 2 in a dry run)")
     parser.add_argument("--tokens", type=lambda s: tuple(int(t) for t in s.split(",")), default=None)
     parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="also a torch.profiler trace of a pipelined call")
     args = parser.parse_args()
     num_ranks = args.ranks or (2 if args.dry_run else torch.cuda.device_count())
     if num_ranks < 2:
@@ -153,10 +221,13 @@ def main() -> None:
         out_file = os.path.join(folder, "report.md")
         mp.spawn(_worker, args=(num_ranks, os.path.join(folder, "init"), args, out_file), nprocs=num_ranks)
         text = Path(out_file).read_text()
+        traces = sorted(Path(folder).glob("expert_parallel_profile_*.json"))
+        if not args.dry_run:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / f"expert_parallel_{slug(torch.cuda.get_device_name())}_x{num_ranks}.md").write_text(text)
+            for trace in traces:
+                (args.out / trace.name).write_bytes(trace.read_bytes())
     print(text)
-    if not args.dry_run:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"expert_parallel_{slug(torch.cuda.get_device_name())}_x{num_ranks}.md").write_text(text)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,10 @@
 #   targets   benchmarks/bench_targets.py (decode under CUDA graphs, skewed routing, fp16/fp32; TARGET_ARGS)
 #   blockm    benchmarks/sweep_block_m.py (the fused op at each GEMM block size, T = 2-8192)
 #   hostc     benchmarks/profile_host.py --compiled (host time of the compiled block, with a cProfile)
-#   ep        benchmarks/bench_expert_parallel.py (every GPU of the host, NCCL; a multi-GPU machine; EP_ARGS)
-#   quantised benchmarks/bench_quantised.py (int8 / fp8 expert weights vs bf16 and torchao; QUANTISED_ARGS)
+#   ep        benchmarks/bench_expert_parallel.py (every GPU of the host, NCCL; a multi-GPU machine; EP_ARGS,
+#             e.g. --profile for a trace of a pipelined call and its overlap)
+#   quantised benchmarks/bench_quantised.py (int8 / fp8 / int4 expert weights and fp8 inputs vs bf16 and
+#             torchao; QUANTISED_ARGS)
 #   energy    benchmarks/bench_energy.py (energy per call of the expert GEMMs and layers; ENERGY_ARGS)
 #   gemm      benchmarks/profile_kernels.py: compiler report and tile sweep of the expert GEMMs, and
 #             Nsight Compute sections of the GEMMs of NCU_CELLS (one file, ncu.txt)

@@ -158,7 +158,7 @@ def test_layer_summary_counts_cells_clear_of_the_rounds_spread():
     assert bench_layer.clear_of_rounds_lines([dict(r, ms_rounds="") for r in rows]) == []  # older runs' rows
 
 
-def _dry_run(script_name: str) -> str:
+def _dry_run(script_name: str, *options: str) -> str:
     """The stdout of a benchmark script's ``--dry-run`` (CPU, tiny shapes), which must exit 0."""
     import os
     import subprocess
@@ -168,16 +168,29 @@ def _dry_run(script_name: str) -> str:
     # the rest of PYTHONPATH stays (the GPU host installs moe_ops there).
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(script.parent),
                                                                    os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run([sys.executable, "-P", str(script), "--dry-run"], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-P", str(script), "--dry-run", *options], capture_output=True, text=True,
                             timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
 
 def test_expert_parallel_benchmark_dry_run():
-    """bench_expert_parallel.py's CPU dry run (2 gloo ranks, tiny shapes) reports every variant."""
-    stdout = _dry_run("bench_expert_parallel.py")
+    """bench_expert_parallel.py's CPU dry run (2 gloo ranks, tiny shapes) reports every variant, and with
+    --profile records a trace of a pipelined call."""
+    stdout = _dry_run("bench_expert_parallel.py", "--profile")
     assert "| tiny | 6 |" in stdout and "padded / EP=1" in stdout and "chunks / EP=1" in stdout
+    assert "- profile (tiny): trace: expert_parallel_profile_cpu.json" in stdout
+
+
+def test_collective_overlap_counts_only_time_beside_compute():
+    """bench_expert_parallel.overlapped_ms: the time collectives and compute run together, each side's
+    intervals merged first (overlapping kernels of one side are not counted twice)."""
+    import bench_expert_parallel
+
+    collectives = [(0.0, 4.0), (3.0, 6.0), (10.0, 12.0)]  # union: [0, 6], [10, 12]
+    compute = [(1.0, 2.0), (1.5, 5.0), (11.0, 20.0)]  # union: [1, 5], [11, 20]
+    assert bench_expert_parallel.overlapped_ms(collectives, compute) == pytest.approx(4.0 + 1.0)
+    assert bench_expert_parallel.overlapped_ms(collectives, []) == 0.0
 
 
 def test_training_timing_dry_run():
