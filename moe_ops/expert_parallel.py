@@ -93,13 +93,14 @@ def _ep_return(rows, send_splits, recv_splits, group_name):
     return all_to_all_single_autograd(rows, recv_splits, send_splits, group_name)
 
 
-def _token_sums(back, slot_row, topk_weights):
-    """Each of this rank's (T, K) slots takes the row ``slot_row`` of the rows that came back (past their end:
-    a zero row), weighted in fp32, and each token sums its K slots in fp32 (a fixed order, as fused_experts):
-    (T, H) in the rows' dtype."""
-    slot_rows = torch.cat([back, back.new_zeros(1, back.shape[1])])[slot_row]
+def _token_sums(backs, slot_row, topk_weights):
+    """Each of this rank's (T, K) slots takes the row ``slot_row`` of the rows that came back (``backs``, one
+    tensor or several in turn; past their end: a zero row), weighted in fp32, and each token sums its K
+    slots in fp32 (a fixed order, as fused_experts): (T, H) in the rows' dtype."""
+    backs = [backs] if isinstance(backs, torch.Tensor) else list(backs)
+    slot_rows = torch.cat([*backs, backs[0].new_zeros(1, backs[0].shape[1])])[slot_row]
     weighted = slot_rows.float() * topk_weights.reshape(-1, 1).float()
-    return weighted.view(*topk_weights.shape, -1).sum(1).to(back.dtype)
+    return weighted.view(*topk_weights.shape, -1).sum(1).to(backs[0].dtype)
 
 
 def _ep_combine(rows, slot_row, topk_weights, send_splits, recv_splits, group_name):
@@ -214,12 +215,15 @@ def fused_experts_ep(
 
         received = [torch.ops.moe_ops.ep_dispatch(x, chunk(send_token, j), chunk(send_ids, j), send_splits,
                                                   recv_splits, group_name) for j in range(pipeline_chunks)]
-        back = [torch.ops.moe_ops.ep_return(_local_experts(recv_x, recv_ids, w_gate_up, w_down, options),
-                                            recv_splits, send_splits, group_name) for recv_x, recv_ids in received]
-        # Back in the send buffer's order: destination-major blocks, each its chunks in turn.
-        back = torch.stack(back).view(pipeline_chunks, num_ranks, -1, x.shape[1]).transpose(0, 1).reshape(
-            num_rows, x.shape[1])
-        out = _token_sums(back, slot_row_S, topk_weights)
+        backs = [torch.ops.moe_ops.ep_return(_local_experts(recv_x, recv_ids, w_gate_up, w_down, options),
+                                             recv_splits, send_splits, group_name) for recv_x, recv_ids in received]
+        # The returned rows come chunk by chunk, each chunk destination-major: a kept slot's row there (the
+        # others past every chunk, at the zero row).
+        chunk_rows = block_rows // pipeline_chunks
+        position_S = torch.where(kept_S, position_S, 0)
+        chunked_row_S = (position_S // chunk_rows * num_ranks + dest_S.clamp_max(num_ranks - 1)) * chunk_rows + (
+            position_S % chunk_rows)
+        out = _token_sums(backs, torch.where(kept_S, chunked_row_S, num_rows), topk_weights)
     return (out, num_dropped) if return_num_dropped else out
 
 

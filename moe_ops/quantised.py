@@ -99,6 +99,16 @@ def dequantise(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None =
     return values * _per_value(scale, values)
 
 
+def _symmetric(x: torch.Tensor, dims, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 ``x`` as (values of ``dtype``, fp32 scales over ``dims``, kept as size-1 dims): each group's largest
+    magnitude at the dtype's largest level (int8: 127 a side, rounded; fp8 e4m3: 448)."""
+    top = 127.0 if dtype == torch.int8 else torch.finfo(dtype).max
+    scale = x.abs().amax(dims, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / top
+    values = x / scale
+    values = values.round().clamp(-127, 127).to(torch.int8) if dtype == torch.int8 else values.to(dtype)
+    return values, scale
+
+
 def quantise_per_row(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """``w`` (E, N, K) as (values of ``dtype``, (E, N) fp32 scales), one symmetric scale per expert and output
     row, as torchao's per-row weight-only tensors hold them (any (..., K) rows alike: fp8 inputs); int8 (127
@@ -106,11 +116,8 @@ def quantise_per_row(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor,
     largest value, 448, at the row's largest magnitude)."""
     if dtype not in (torch.int8, torch.float8_e4m3fn):
         raise TypeError(f"dtype: expected torch.int8 or torch.float8_e4m3fn, got {dtype}")
-    top = 127.0 if dtype == torch.int8 else torch.finfo(torch.float8_e4m3fn).max
-    scale = w.float().abs().amax(-1).clamp_min(torch.finfo(torch.float32).tiny) / top
-    values = w.float() / scale[..., None]
-    values = values.round().clamp(-127, 127).to(torch.int8) if dtype == torch.int8 else values.to(dtype)
-    return values, scale
+    values, scale = _symmetric(w.float(), -1, dtype)
+    return values, scale.squeeze(-1)
 
 
 def quantise_blocks(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,21 +127,17 @@ def quantise_blocks(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, to
     E, N, K = w.shape
     if block < MIN_GROUP_SIZE or N % block or K % block:
         raise ValueError(f"block: expected at least {MIN_GROUP_SIZE}, dividing N={N} and K={K}, got {block}")
-    tiles = w.float().reshape(E, N // block, block, K // block, block)
-    top = torch.finfo(torch.float8_e4m3fn).max
-    scale = tiles.abs().amax((2, 4)).clamp_min(torch.finfo(torch.float32).tiny) / top
-    values = (tiles / scale[:, :, None, :, None]).to(torch.float8_e4m3fn).reshape(E, N, K)
-    return values, scale
+    values, scale = _symmetric(w.float().reshape(E, N // block, block, K // block, block), (2, 4),
+                               torch.float8_e4m3fn)
+    return values.reshape(E, N, K), scale[:, :, 0, :, 0]
 
 
 def quantise_fp8_groups(a: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows ``a`` (..., K) as fp8 e4m3 values with one fp32 scale per group of ``group_size`` consecutive
     values ((..., K / group_size)): each group's largest magnitude at 448. How fp8 inputs in groups are made
     (the per-token groups of DeepSeek-V3's w8a8 recipe)."""
-    grouped = a.float().unflatten(-1, (-1, group_size))
-    top = torch.finfo(torch.float8_e4m3fn).max
-    scale = grouped.abs().amax(-1).clamp_min(torch.finfo(torch.float32).tiny) / top
-    return (grouped / scale[..., None]).to(torch.float8_e4m3fn).flatten(-2), scale
+    values, scale = _symmetric(a.float().unflatten(-1, (-1, group_size)), -1, torch.float8_e4m3fn)
+    return values.flatten(-2), scale.squeeze(-1)
 
 
 def quantise_groups(w: torch.Tensor, group_size: int, *, bits: int = 8) -> tuple[torch.Tensor, ...]:
@@ -151,9 +154,8 @@ def quantise_groups(w: torch.Tensor, group_size: int, *, bits: int = 8) -> tuple
     grouped = w.float().unflatten(-1, (K // group_size, group_size))
     tiny = torch.finfo(torch.float32).tiny
     if bits == 8:
-        scale = grouped.abs().amax(-1).clamp_min(tiny) / 127.0
-        values = (grouped / scale[..., None]).round().clamp(-127, 127).to(torch.int8).flatten(-2)
-        return values, scale, None
+        values, scale = _symmetric(grouped, -1, torch.int8)
+        return values.flatten(-2), scale.squeeze(-1), None
     low, high = grouped.amin(-1).clamp_max(0.0), grouped.amax(-1).clamp_min(0.0)
     best_error = None
     # 16 levels are coarse: clipping a group's outliers can cost less than the resolution the full range
