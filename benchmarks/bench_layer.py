@@ -14,6 +14,10 @@ top-k, renormalise, gated SiLU experts), bf16, weights ~N(0, 0.02), random input
     moe_ops_extern_compile_hf_grouped_mm
                            the same with moe_ops.config.inductor_templates off: the rewritten op is one
                            opaque extern call (the unfused variant)
+    vllm_triton            vLLM's Triton fused-MoE kernel with its tuned config for the GPU, standalone, on the
+                           block's own weights: timed where --vllm-source names vLLM's fused_moe.py (a file
+                           outside this repository; benchmarks/peer_vllm.py says what runs around the kernel),
+                           behind moe_ops' router (router linear + moe_ops.route, as the moe_ops row)
 
 Floor of a cell = max(bytes / copy bandwidth, FLOPs / bf16 matmul rate), both ceilings measured once per
 run on the same GPU. Bytes = the expert weights touched (expected distinct experts under uniform
@@ -23,6 +27,7 @@ routing) plus the activations read and written; FLOPs = the three expert GEMMs o
     python benchmarks/bench_layer.py --impls all          # also compile_hf_eager (slow to compile)
     python benchmarks/bench_layer.py --out "$OUT" --shapes deepseek-v3 --tokens 1,128 --skip-hf-eager
     python benchmarks/bench_layer.py --dry-run            # CPU, tiny shapes: checks everything but speed
+    python benchmarks/bench_layer.py --vllm-source ~/vllm/vllm/model_executor/layers/fused_moe/fused_moe.py
 """
 
 from __future__ import annotations
@@ -86,12 +91,13 @@ DRY_RUN_TOKENS = (1, 5, 48)
 
 IMPLS = (
     "hf_eager", "hf_grouped_mm", "compile_hf_eager", "compile_hf_grouped_mm", "moe_ops",
-    "moe_ops_compile_hf_grouped_mm", "moe_ops_extern_compile_hf_grouped_mm",
+    "moe_ops_compile_hf_grouped_mm", "moe_ops_extern_compile_hf_grouped_mm", "vllm_triton",
 )
 HF_EAGER_IMPLS = ("hf_eager", "compile_hf_eager")
 # torch.compile of the eager loop graph-breaks at every expert (data-dependent nonzero) and compiles
 # for minutes at DeepSeek-V3's 256 experts; it is timed only when asked for.
-DEFAULT_IMPLS = tuple(impl for impl in IMPLS if impl != "compile_hf_eager")
+# vLLM's kernel needs a vLLM source file (--vllm-source), which adds it.
+DEFAULT_IMPLS = tuple(impl for impl in IMPLS if impl not in ("compile_hf_eager", "vllm_triton"))
 IMPL_LABELS = {
     "hf_eager": "HF eager loop",
     "hf_grouped_mm": "HF grouped_mm",
@@ -100,6 +106,7 @@ IMPL_LABELS = {
     "moe_ops": "moe_ops (eager op)",
     "moe_ops_compile_hf_grouped_mm": "torch.compile(HF grouped_mm) + moe_ops",
     "moe_ops_extern_compile_hf_grouped_mm": "torch.compile(HF grouped_mm) + moe_ops, templates off",
+    "vllm_triton": "vLLM fused_moe (Triton), tuned config",
 }
 
 CSV_COLUMNS = (
@@ -254,6 +261,26 @@ def moe_ops_layer(block: torch.nn.Module, top_k: int) -> Callable[[torch.Tensor]
     return layer
 
 
+def vllm_layer(block: torch.nn.Module, top_k: int, source: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The HF block's work through vLLM's kernel (benchmarks/peer_vllm.py) behind moe_ops' router, same weights."""
+    import peer_vllm
+
+    experts = peer_vllm.VllmFusedMoE(
+        peer_vllm.load_kernel(source), block.experts.gate_up_proj, block.experts.down_proj,
+        configs=Path(source).parent / "configs", device_name=torch.cuda.get_device_name(),
+    )
+    print(f"vllm_triton: {experts.config_source}")
+    router_weight = block.gate.weight
+
+    def layer(x: torch.Tensor) -> torch.Tensor:
+        batch, seq, hidden = x.shape
+        x_TH = x.view(-1, hidden)
+        topk_weights, topk_ids = moe_ops.route(F.linear(x_TH, router_weight), top_k, renormalize=True)
+        return experts(x_TH, topk_weights, topk_ids).view(batch, seq, hidden)
+
+    return layer
+
+
 def random_tokens(router_weight: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
     """(1, T, H) random tokens whose router logits never tie at the top-k boundary.
 
@@ -296,10 +323,14 @@ def own_code_object(block: torch.nn.Module) -> Callable[[torch.Tensor], torch.Te
     return namespace["forward"]
 
 
-def make_layer(impl: str, blocks: dict[str, torch.nn.Module], shape: MoEShape, mode: str | None = None) -> Callable:
-    """``mode`` is torch.compile's (bench_targets.py times decode with "reduce-overhead")."""
+def make_layer(impl: str, blocks: dict[str, torch.nn.Module], shape: MoEShape, mode: str | None = None,
+               vllm_source: Path | None = None) -> Callable:
+    """``mode`` is torch.compile's (bench_targets.py times decode with "reduce-overhead"); ``vllm_source``
+    vLLM's fused_moe.py, for vllm_triton."""
     if impl == "moe_ops":
         return moe_ops_layer(blocks["hf_eager"], shape.top_k)
+    if impl == "vllm_triton":
+        return vllm_layer(blocks["hf_eager"], shape.top_k, vllm_source)
     if "compile_" in impl:
         compiled = torch.compile(own_code_object(blocks[impl.split("compile_", 1)[1]]), mode=mode)
         if impl == "moe_ops_compile_hf_grouped_mm":
@@ -344,6 +375,7 @@ def run_shape(
     run_info: RunInfo,
     out_dir: Path,
     mismatches: list[str],
+    vllm_source: Path | None = None,
 ) -> None:
     """Every implementation first sees the token counts in order, as a model's first calls would (a
     compiled one: a static graph at the first T, then one dynamic-T graph), and is checked; then each T
@@ -357,7 +389,7 @@ def run_shape(
 
     layers, rel_errs = {}, {}
     for impl in impls:
-        layers[impl] = make_layer(impl, blocks, shape)
+        layers[impl] = make_layer(impl, blocks, shape, vllm_source=vllm_source)
         for T in tokens:
             rel_errs[impl, T] = checked_error(ExperimentConfig(shape, impl, T), layers[impl], inputs[T], expected[T])
 
@@ -470,7 +502,7 @@ def summary_lines(rows: list[dict]) -> list[str]:
                 f"{IMPL_LABELS[impl]} at or ahead of torch.compile(HF grouped_mm) in {ahead} of {len(cells)} cells"
             )
     lines += clear_of_rounds_lines(rows)
-    peers = ("hf_eager", "compile_hf_eager", "hf_grouped_mm", "compile_hf_grouped_mm")
+    peers = ("hf_eager", "compile_hf_eager", "hf_grouped_mm", "compile_hf_grouped_mm", "vllm_triton")
     impl = "moe_ops_compile_hf_grouped_mm"
     cells = sorted({(s, t) for s, t, i in p50 if i == impl}, key=lambda cell: (cell[0], int(cell[1])))
     best_peer = {cell: min((p50[(*cell, peer)] for peer in peers if (*cell, peer) in p50), default=None)
@@ -614,6 +646,12 @@ def parse_args() -> argparse.Namespace:
         help="timing rounds per token count, implementations in alternating order (default 3)",
     )
     parser.add_argument(
+        "--vllm-source",
+        type=Path,
+        help="vLLM's vllm/model_executor/layers/fused_moe/fused_moe.py (its configs/ folder beside it): adds "
+        "vllm_triton, vLLM's Triton kernel, to the implementations timed (GPU only)",
+    )
+    parser.add_argument(
         "--dry-run",
         action="store_true",
         help=f"on the CPU: shapes {','.join(DRY_RUN_SHAPES)}, tokens {','.join(map(str, DRY_RUN_TOKENS))}, "
@@ -635,6 +673,12 @@ def main() -> None:
     unknown = [impl for impl in chosen if impl not in IMPLS]
     if unknown:
         raise SystemExit(f"--impls: unknown {unknown}; known: {list(IMPLS)}")
+    if args.vllm_source:
+        chosen = (*chosen, "vllm_triton")
+        if args.dry_run:
+            raise SystemExit("--vllm-source: vLLM's kernel is timed on the GPU only, not in --dry-run")
+    elif "vllm_triton" in chosen:
+        raise SystemExit("--impls vllm_triton needs --vllm-source (vLLM's fused_moe.py)")
     impls = [impl for impl in IMPLS if impl in chosen and not (args.skip_hf_eager and impl in HF_EAGER_IMPLS)]
 
     if args.dry_run:
@@ -668,7 +712,7 @@ def main() -> None:
         for name in shape_names:
             run_shape(
                 known_shapes[name], tokens, impls, device, samples_fn, args.rounds, ceilings, run_info, out_dir,
-                mismatches,
+                mismatches, args.vllm_source,
             )
             # Compiled graphs and dynamo's caches hold the previous shape's modules; drop them so the
             # next shape gets the GPU memory and fresh recompile budgets.

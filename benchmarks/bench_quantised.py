@@ -15,6 +15,10 @@ on the same inputs:
                         uncompiled (torchao's own weight-only path: it dequantises the weights every call)
     torchao_fp8_w8a8_eager  the same with Float8DynamicActivationFloat8WeightConfig(PerRow) weights (fp8 inputs,
                         torch's _scaled_grouped_mm; GPU only)
+    vllm_bf16           vLLM's Triton fused-MoE kernel with its tuned config for the GPU (where --vllm-source names
+                        vLLM's fused_moe.py, a file outside this repository; benchmarks/peer_vllm.py)
+    vllm_fp8_w8a8       the same kernel with fp8 weights per row and fp8 inputs per token (vLLM's per-channel w8a8:
+                        the scheme of moe_ops_fp8_w8a8)
 
 Reported: the median ms, the speed-up over moe_ops_bf16, the weight bytes each call reads per ms (GB/s;
 the experts a batch touches, once each) and the error of each quantised result against bf16 (SQNR, dB).
@@ -24,6 +28,7 @@ versions).
 
     python benchmarks/bench_quantised.py                 # H100 / H200: Mixtral-8x7B and Qwen3-30B-A3B
     python benchmarks/bench_quantised.py --dry-run       # CPU, tiny shape, wall clock (the script's logic)
+    python benchmarks/bench_quantised.py --vllm-source ~/vllm/vllm/model_executor/layers/fused_moe/fused_moe.py
 """
 
 from __future__ import annotations
@@ -91,7 +96,23 @@ def torchao_experts(shape: MoEShape, w_gate_up: torch.Tensor, w_down: torch.Tens
     return block.experts
 
 
-def run_shape(shape: MoEShape, tokens, device, time_fn, group: int = GROUP) -> list[str]:
+def vllm_experts(source: Path | None, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> dict:
+    """vLLM's kernel over these weights, bf16 and fp8 w8a8 (benchmarks/peer_vllm.py), where ``source`` is given."""
+    if source is None:
+        return {}
+    import peer_vllm
+
+    kernel, configs = peer_vllm.load_kernel(source), Path(source).parent / "configs"
+    experts = {f"vllm_{name}": peer_vllm.VllmFusedMoE(kernel, w_gate_up, w_down, fp8=fp8, configs=configs,
+                                                      device_name=torch.cuda.get_device_name())
+               for name, fp8 in (("bf16", False), ("fp8_w8a8", True))}
+    for name, peer in experts.items():
+        print(f"{name}: {peer.config_source}")
+    return experts
+
+
+def run_shape(shape: MoEShape, tokens, device, time_fn, group: int = GROUP,
+              vllm_source: Path | None = None) -> list[str]:
     E, K, H, F = shape.num_experts, shape.top_k, shape.hidden, shape.intermediate
     torch.manual_seed(0)
     w_gate_up = (torch.randn(E, 2 * F, H, device=device) / H**0.5).to(torch.bfloat16)
@@ -110,6 +131,7 @@ def run_shape(shape: MoEShape, tokens, device, time_fn, group: int = GROUP) -> l
     torchao = {"torchao_fp8_eager": torchao_experts(shape, w_gate_up, w_down)}
     if device.type == "cuda":  # torchao quantises inputs to fp8 only where an fp8 GPU can multiply them
         torchao["torchao_fp8_w8a8_eager"] = torchao_experts(shape, w_gate_up, w_down, dynamic=True)
+    vllm = vllm_experts(vllm_source, w_gate_up, w_down)
     lines = []
     for t in tokens:
         x = torch.randn(t, H, device=device, dtype=torch.bfloat16)
@@ -119,6 +141,8 @@ def run_shape(shape: MoEShape, tokens, device, time_fn, group: int = GROUP) -> l
         for name, experts in torchao.items():
             if experts is not None:
                 calls[name] = functools.partial(experts, x, ids, routing)
+        for name, experts in vllm.items():
+            calls[name] = functools.partial(experts, x, routing, ids)
         with torch.no_grad():
             want = calls["moe_ops_bf16"]()
             errors = {name: sqnr_db(want, call()) for name, call in calls.items() if name != "moe_ops_bf16"}
@@ -130,7 +154,7 @@ def run_shape(shape: MoEShape, tokens, device, time_fn, group: int = GROUP) -> l
         bf16_ms = statistics.median(rounds["moe_ops_bf16"])
         for name, measured in rounds.items():
             ms = statistics.median(measured)
-            itemsize = itemsizes.get(name, 1.0)  # torchao's fp8: one byte
+            itemsize = itemsizes.get(name, 2.0 if name == "vllm_bf16" else 1.0)  # the peers' fp8: one byte
             gb_per_s = touched * 3 * F * H * itemsize / (ms * 1e-3) / 1e9
             error = f"{errors[name]:.1f}" if name in errors else "-"
             lines.append(f"| {shape.name} | {t} | {name} | {ms:.4f} | {bf16_ms / ms:.2f}x | {gb_per_s:.0f} | {error} | "
@@ -143,10 +167,14 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join(GPU_SHAPES), help=f"of {','.join(SHAPES)}")
     parser.add_argument("--dry-run", action="store_true", help="on the CPU, a tiny shape, wall-clock timer")
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results; dry run: none)")
+    parser.add_argument("--vllm-source", type=Path, help="vLLM's fused_moe.py (its configs/ folder beside it): adds "
+                        "vLLM's Triton kernel, bf16 and fp8 w8a8 (GPU only)")
     args = parser.parse_args()
     if args.dry_run:
         device, shapes, tokens = torch.device("cpu"), [DRY_RUN_SHAPES["tiny-mixtral"]], DRY_RUN_TOKENS
         gpu, time_fn = "cpu-dry-run", time_wall_clock
+        if args.vllm_source:
+            raise SystemExit("--vllm-source: vLLM's kernel is timed on the GPU only, not in --dry-run")
     else:
         unknown = [name for name in args.shapes.split(",") if name not in SHAPES]
         if unknown:
@@ -166,7 +194,8 @@ def main() -> None:
              "| shape | T | implementation | ms | vs bf16 | weight GB/s | SQNR dB | rounds (ms) |",
              "|---|---|---|---|---|---|---|---|"]
     for shape in shapes:
-        shape_lines = run_shape(shape, tokens, device, time_fn, DRY_RUN_GROUP if args.dry_run else GROUP)
+        shape_lines = run_shape(shape, tokens, device, time_fn, DRY_RUN_GROUP if args.dry_run else GROUP,
+                                args.vllm_source)
         print("\n".join(shape_lines), flush=True)
         lines += shape_lines
     report = "\n".join(lines) + "\n"

@@ -26,6 +26,8 @@
 #   energy    benchmarks/bench_energy.py (energy per call of the expert GEMMs and layers; ENERGY_ARGS)
 #   gemm      benchmarks/profile_kernels.py: compiler report and tile sweep of the expert GEMMs, and
 #             Nsight Compute sections of the GEMMs of NCU_CELLS (one file, ncu.txt)
+# VLLM_SOURCE (vLLM's fused_moe.py, its configs/ folder beside it; carried, never in the repository) adds vLLM's
+# Triton kernel to the layer and quantised stages' peers.
 # Logs and result files go to $OUT (the device tool brings them back). STAGE_TIMEOUT caps each stage.
 set -uo pipefail
 OUT=${OUT:-/tmp/moe_ops_out}
@@ -118,13 +120,15 @@ for stage in "$@"; do
       done ;;
     ep) timeout "$LIMIT" python3 -P benchmarks/bench_expert_parallel.py --out "$OUT" ${EP_ARGS:-} 2>&1 \
           | tee "$OUT/ep.log" | tail -20 || status=1 ;;
-    quantised) timeout "$LIMIT" python3 -P benchmarks/bench_quantised.py --out "$OUT" ${QUANTISED_ARGS:-} 2>&1 \
+    quantised) timeout "$LIMIT" python3 -P benchmarks/bench_quantised.py --out "$OUT" ${QUANTISED_ARGS:-} \
+                 ${VLLM_SOURCE:+--vllm-source "$VLLM_SOURCE"} 2>&1 \
                  | tee "$OUT/quantised.log" | tail -40 || status=1 ;;
     energy) timeout "$LIMIT" python3 -P benchmarks/bench_energy.py --out "$OUT" ${ENERGY_ARGS:-} 2>&1 \
               | tee "$OUT/energy.log" | tail -40 || status=1 ;;
     blockm) timeout "$LIMIT" python3 -P benchmarks/sweep_block_m.py --out "$OUT" || status=1 ;;
     hostc) timeout "$LIMIT" python3 -P benchmarks/profile_host.py --out "$OUT" --compiled || status=1 ;;
-    layer) timeout "$LIMIT" python3 -P benchmarks/bench_layer.py --out "$OUT" ${LAYER_ARGS:-} 2>&1 \
+    layer) timeout "$LIMIT" python3 -P benchmarks/bench_layer.py --out "$OUT" ${LAYER_ARGS:-} \
+             ${VLLM_SOURCE:+--vllm-source "$VLLM_SOURCE"} 2>&1 \
              | tee "$OUT/layer.log" | tail -40 || status=1 ;;
     trees)
       read -r old_label new_label <<< "${TREE_LABELS:-baseline head}"

@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import moe_ops
+from moe_ops.quantised import quantise_per_row, sqnr_db
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_energy  # noqa: E402
@@ -75,6 +78,10 @@ def test_layer_summary_counts_cells_against_the_best_peer():
     assert "torch.compile(HF grouped_mm) + moe_ops at or ahead of torch.compile(HF grouped_mm) in 2 of 2 cells" in lines
     best = [line for line in lines if "best peer" in line]
     assert len(best) == 1 and "in 1 of 2 cells; behind in s T=1" in best[0]
+    # vLLM's kernel is a peer too, where it was timed.
+    lines = bench_layer.summary_lines([*rows, _layer_row(32, "vllm_triton", 1.9)])
+    best = [line for line in lines if "best peer" in line]
+    assert "in 0 of 2 cells; behind in s T=1, s T=32" in best[0]
 
 
 def _target_row(section, impl, ms, floor, T=1, dtype="bf16", routing="uniform"):
@@ -233,3 +240,118 @@ def test_tree_comparison_calls_slower_only_beyond_the_runs_spread():
     assert rows[b]["verdict"] == "slower" and rows[b]["ratio"] == pytest.approx(11.1 / 10.05)
     text = compare_layer_runs.report(list(rows.values()), "old", "new", [])
     assert "1 of 2 cells slower than old beyond the noise band." in text
+
+
+# A stand-in for vLLM's fused_moe_kernel, written here with its argument names: a plain blocked GEMM over the
+# block schedule (no tiling tricks), so the driver around it (peer_vllm.VllmFusedMoE) is checked without vLLM.
+STAND_IN_KERNEL = '''
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def helper_scale(acc, scale_ptr, offsets, mask):
+    return acc * tl.load(scale_ptr + offsets, mask=mask, other=0.0)
+
+
+@triton.jit
+def fused_moe_kernel(a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, topk_weights_ptr, sorted_token_ids_ptr,
+                     expert_ids_ptr, num_tokens_post_padded_ptr, N, K, EM, num_valid_tokens, stride_am, stride_ak,
+                     stride_be, stride_bk, stride_bn, stride_cm, stride_cn, stride_asm, stride_ask, stride_bse,
+                     stride_bsk, stride_bsn, group_n: tl.constexpr, group_k: tl.constexpr,
+                     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
+                     GROUP_SIZE_M: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr, top_k: tl.constexpr,
+                     compute_type: tl.constexpr, use_fp8_w8a8: tl.constexpr, use_int8_w8a8: tl.constexpr,
+                     use_int8_w8a16: tl.constexpr, per_channel_quant: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_m = pid // tl.cdiv(N, BLOCK_SIZE_N)
+    pid_n = pid % tl.cdiv(N, BLOCK_SIZE_N)
+    if pid_m * BLOCK_SIZE_M >= tl.load(num_tokens_post_padded_ptr):
+        return
+    slot = tl.load(sorted_token_ids_ptr + pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M))
+    valid = slot < num_valid_tokens
+    expert = tl.load(expert_ids_ptr + pid_m)
+    cols = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
+    acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), tl.float32)
+    for k0 in range(0, K, BLOCK_SIZE_K):
+        ks = k0 + tl.arange(0, BLOCK_SIZE_K)
+        a = tl.load(a_ptr + (slot // top_k)[:, None] * stride_am + ks[None, :] * stride_ak,
+                    mask=valid[:, None] & (ks[None, :] < K), other=0.0)
+        b = tl.load(b_ptr + expert * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
+                    mask=(ks[:, None] < K) & (cols[None, :] < N), other=0.0)
+        acc += tl.dot(a.to(tl.float32), b.to(tl.float32))
+    if use_fp8_w8a8:
+        acc = helper_scale(acc, a_scale_ptr, (slot // top_k)[:, None] * stride_asm, valid[:, None])
+        acc = helper_scale(acc, b_scale_ptr + expert * stride_bse, cols[None, :] * stride_bsn, cols[None, :] < N)
+    if MUL_ROUTED_WEIGHT:
+        acc = helper_scale(acc, topk_weights_ptr, slot[:, None], valid[:, None])
+    tl.store(c_ptr + slot[:, None] * stride_cm + cols[None, :] * stride_cn, acc.to(compute_type),
+             mask=valid[:, None] & (cols[None, :] < N))
+'''
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8_w8a8"])
+@pytest.mark.parametrize("num_tokens", [1, 7])
+def test_vllm_peer_driver_computes_the_layer(tmp_path, fp8, num_tokens):
+    """peer_vllm.VllmFusedMoE around a kernel with vLLM's argument names (a stand-in): the schedule it builds,
+    the strides and scales it passes, SiLU-and-mul of the two halves and the sum over K give fused_experts_ref's
+    layer (fp8: within fp8's error, and close to moe_ops' layer of the same fp8 weights and inputs). T = 7 > E
+    takes the large default config."""
+    import peer_vllm
+
+    (tmp_path / "fused_moe.py").write_text(STAND_IN_KERNEL)
+    kernel = peer_vllm.load_kernel(tmp_path / "fused_moe.py")
+    num_experts, top_k, hidden, intermediate = 4, 2, 32, 48
+    w_gate_up = (torch.randn(num_experts, 2 * intermediate, hidden) / hidden**0.5).to(torch.bfloat16)
+    w_down = (torch.randn(num_experts, hidden, intermediate) / intermediate**0.5).to(torch.bfloat16)
+    x = torch.randn(num_tokens, hidden, dtype=torch.bfloat16)
+    ids = torch.rand(num_tokens, num_experts).argsort(-1)[:, :top_k].to(torch.int32)
+    weights = torch.rand(num_tokens, top_k).softmax(-1)
+    layer = peer_vllm.VllmFusedMoE(kernel, w_gate_up, w_down, fp8=fp8)
+    assert layer.config_source == "vLLM's default config (no tuned file)"
+    out = layer(x, weights, ids)
+    exact = moe_ops.fused_experts_ref(x.double(), weights.double(), ids, w_gate_up.double(), w_down.double())
+    if not fp8:
+        error = (out.double() - exact).abs().max() / exact.abs().max()
+        assert error < 2e-2, error
+        return
+    # moe_ops' layer of the same fp8 values and scales of weights and inputs (per row). vLLM rounds each GEMM's
+    # output to bf16 before the next step (moe_ops keeps the activation in fp32): where that moves an element of
+    # the second GEMM's input across an fp8 rounding boundary, the two differ by a step of fp8. The peer stays
+    # within fp8's error of the exact layer, and closer to moe_ops' fp8 layer than either is to the exact one.
+    quantised = {}
+    for name, w in (("w_gate_up", w_gate_up), ("w_down", w_down)):
+        quantised[name], quantised[f"{name}_scale"] = quantise_per_row(w, torch.float8_e4m3fn)
+    moe_ops_fp8 = moe_ops.fused_experts(x, weights, ids, **quantised, input_quantisation="fp8_rowwise")
+    fp8_error_db = sqnr_db(exact, moe_ops_fp8)
+    assert sqnr_db(exact, out) >= 20.0
+    assert sqnr_db(moe_ops_fp8, out) >= fp8_error_db + 3.0, (sqnr_db(moe_ops_fp8, out), fp8_error_db)
+
+
+def test_vllm_peer_refuses_sources_it_cannot_launch(tmp_path):
+    import peer_vllm
+
+    (tmp_path / "none.py").write_text("import triton\n\n@triton.jit\ndef other(x_ptr):\n    pass\n")
+    with pytest.raises(peer_vllm.VllmKernelError, match="defines no @triton.jit fused_moe_kernel"):
+        peer_vllm.load_kernel(tmp_path / "none.py")
+    constexpr = "per_channel_quant: tl.constexpr"
+    newer = STAND_IN_KERNEL.replace(constexpr, f"{constexpr}, HAS_BIAS: tl.constexpr")
+    (tmp_path / "newer.py").write_text(newer)
+    with pytest.raises(peer_vllm.VllmKernelError, match=r"also takes \['HAS_BIAS'\]"):
+        peer_vllm.load_kernel(tmp_path / "newer.py")
+    with pytest.raises(peer_vllm.VllmKernelError, match="is no file"):
+        peer_vllm.load_kernel(tmp_path / "missing.py")
+
+
+def test_vllm_peer_picks_the_tuned_row_of_the_nearest_batch(tmp_path):
+    """As vLLM picks it: the tuned file of (E, N = F, the GPU, dtype) and its row nearest T."""
+    import peer_vllm
+
+    path = peer_vllm.config_file(tmp_path, 8, 48, "NVIDIA H200", fp8=True)
+    assert path.name == "E=8,N=48,device_name=NVIDIA_H200,dtype=fp8_w8a8.json"
+    tuned = {1: {"BLOCK_SIZE_M": 16}, 64: {"BLOCK_SIZE_M": 32}, 256: {"BLOCK_SIZE_M": 64}}
+    assert peer_vllm.kernel_config(tuned, 1, 8) == {"BLOCK_SIZE_M": 16}
+    assert peer_vllm.kernel_config(tuned, 100, 8) == {"BLOCK_SIZE_M": 32}
+    assert peer_vllm.kernel_config(tuned, 200, 8) == {"BLOCK_SIZE_M": 64}
+    assert peer_vllm.kernel_config(None, 8, 8) == peer_vllm.DEFAULT_CONFIG["small"]
+    assert peer_vllm.kernel_config(None, 9, 8) == peer_vllm.DEFAULT_CONFIG["large"]
