@@ -44,25 +44,22 @@ import triton
 from bench_layer import DRY_RUN_SHAPES, SHAPES, MoEShape, slug, time_on_gpu, time_wall_clock
 
 import moe_ops
-from moe_ops.quantised import quantise_blocks, quantise_groups, quantise_per_row, sqnr_db
+from moe_ops.quantised import quantise_weight, sqnr_db
 
 ROUNDS = 3
 TOKENS = (1, 2, 4, 8, 16, 2048, 8192)
 DRY_RUN_TOKENS = (1, 5)
 GROUP = 128
 DRY_RUN_GROUP = 16  # the dry run's tiny shape has fewer inputs than a group of 128
-# Each scheme (its name given the group size): how it quantises an (E, N, K) weight into fused_experts'
-# (values, scales, zero points), the bytes a stored weight takes (scales aside), and fused_experts' other
-# options.
+# Each scheme (names given the group size): the weights' form (moe_ops.quantised.quantise_weight), the bytes a
+# stored weight takes (scales aside), and fused_experts' other options.
 QUANTISED = {
-    "int8": (lambda w, group: (*quantise_per_row(w, torch.int8), None), 1.0, {}),
-    "fp8": (lambda w, group: (*quantise_per_row(w, torch.float8_e4m3fn), None), 1.0, {}),
-    "int8_g{group}": (lambda w, group: quantise_groups(w, group, bits=8), 1.0, {}),
-    "int4_g{group}": (lambda w, group: quantise_groups(w, group, bits=4), 0.5, {}),
-    "fp8_w8a8": (lambda w, group: (*quantise_per_row(w, torch.float8_e4m3fn), None), 1.0,
-                 {"input_quantisation": "fp8_rowwise"}),
-    "fp8_b{group}_w8a8": (lambda w, group: (*quantise_blocks(w, group), None), 1.0,
-                          {"input_quantisation": "fp8_groupwise"}),
+    "int8": ("int8", 1.0, {}),
+    "fp8": ("fp8", 1.0, {}),
+    "int8_g{group}": ("int8_g{group}", 1.0, {}),
+    "int4_g{group}": ("int4_g{group}", 0.5, {}),
+    "fp8_w8a8": ("fp8", 1.0, {"input_quantisation": "fp8_rowwise"}),
+    "fp8_b{group}_w8a8": ("fp8_b{group}", 1.0, {"input_quantisation": "fp8_groupwise"}),
 }
 GPU_SHAPES = ("mixtral-8x7b", "qwen3-30b-a3b")
 
@@ -119,11 +116,11 @@ def run_shape(shape: MoEShape, tokens, device, time_fn, group: int = GROUP,
     w_down = (torch.randn(E, H, F, device=device) / F**0.5).to(torch.bfloat16)
     weights = {"moe_ops_bf16": {"w_gate_up": w_gate_up, "w_down": w_down}}
     itemsizes = {"moe_ops_bf16": 2.0}
-    for scheme, (quantise, itemsize, options) in QUANTISED.items():
+    for scheme, (form, itemsize, options) in QUANTISED.items():
         name = f"moe_ops_{scheme.format(group=group)}"
         arguments = dict(options)
         for weight_name, weight in (("w_gate_up", w_gate_up), ("w_down", w_down)):
-            values, scale, zero = quantise(weight, group)
+            values, scale, zero = quantise_weight(weight, form.format(group=group))
             arguments.update({weight_name: values, f"{weight_name}_scale": scale})
             if zero is not None:
                 arguments[f"{weight_name}_zero"] = zero

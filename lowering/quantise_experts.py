@@ -19,7 +19,7 @@ from torch import nn
 from moe_ops._checks import check_choice, check_int
 from moe_ops.lowering.hf_experts import QUANTISED_ATTRIBUTE
 from moe_ops.lowering.parallelize import is_transformers_experts
-from moe_ops.quantised import quantise_blocks, quantise_groups
+from moe_ops.quantised import quantise_weight
 
 SCHEMES = ("int4", "fp8_blocks")
 
@@ -47,10 +47,8 @@ def quantise_experts(model: nn.Module, scheme: str = "int4", *, group_size: int 
         for name in ["gate_up_proj" if module.has_gate else "up_proj", "down_proj"]:
             weight = getattr(module, name).detach()
             weight_ENK = weight.transpose(1, 2) if module.is_transposed else weight
-            if scheme == "int4":
-                values, scale, zero = quantise_groups(weight_ENK, group_size, bits=4)
-            else:
-                (values, scale), zero = quantise_blocks(weight_ENK.contiguous(), group_size), None
+            form = f"int4_g{group_size}" if scheme == "int4" else f"fp8_b{group_size}"
+            values, scale, zero = quantise_weight(weight_ENK, form)
             stored.append((module, name, values, scale, zero))
     label = f"int4 in groups of {group_size}" if scheme == "int4" else f"fp8 in {group_size} x {group_size} tiles"
     for module, name, values, scale, zero in stored:

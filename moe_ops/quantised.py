@@ -18,6 +18,8 @@ weight tile at a time. No dequantised copy is made either way.
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from moe_ops._checks import QUANTISED_WEIGHT_DTYPES, check_tensor
@@ -173,3 +175,24 @@ def quantise_groups(w: torch.Tensor, group_size: int, *, bits: int = 8) -> tuple
         scale, zero = torch.where(better, scale_try, scale), torch.where(better, zero_try, zero)
         values = torch.where(better[..., None], values_try, values)
     return pack_int4(values.flatten(-2)), scale, zero
+
+
+# A weight form by name: the stored dtype, then "_g<n>" (groups of n reduction features) or "_b<n>" (n x n tiles);
+# no suffix: a scale per output row.
+_SCHEME = re.compile(r"(int8|int4|fp8)(?:_([gb])(\d+))?")
+
+
+def quantise_weight(w: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``w`` (E, N, K) in the weight form ``scheme`` names, as (values, scales, zero points or None):
+    ``"int8"`` / ``"fp8"`` a scale per output row (quantise_per_row); ``"int8_g<n>"`` / ``"int4_g<n>"`` groups of n
+    reduction features, int4 with zero points (quantise_groups); ``"fp8_b<n>"`` n x n tiles (quantise_blocks)."""
+    match = _SCHEME.fullmatch(scheme) if isinstance(scheme, str) else None
+    forms = {None: ("int8", "fp8"), "g": ("int8", "int4"), "b": ("fp8",)}  # the suffixes each dtype takes
+    if match is None or match[1] not in forms[match[2]]:
+        raise ValueError(f"scheme: expected 'int8', 'fp8', 'int8_g<n>', 'int4_g<n>' or 'fp8_b<n>', got {scheme!r}")
+    dtype, form, size = match[1], match[2], int(match[3] or 0)
+    if form == "g":
+        return quantise_groups(w, size, bits=4 if dtype == "int4" else 8)
+    if form == "b":
+        return (*quantise_blocks(w.contiguous(), size), None)
+    return (*quantise_per_row(w, torch.int8 if dtype == "int8" else torch.float8_e4m3fn), None)

@@ -12,7 +12,7 @@ from conftest import TRITON_DEVICE, assert_close_rel, zipf_ids
 
 import moe_ops
 from moe_ops.fused_experts import QUANTISATION_ARGS, fused_experts, fused_experts_ref, fused_experts_triton
-from moe_ops.quantised import dequantise, quantise_blocks, quantise_groups, quantise_per_row, sqnr_db
+from moe_ops.quantised import dequantise, quantise_per_row, quantise_weight, sqnr_db
 from moe_ops.routing_triton import route_triton
 from moe_ops.tiles import choose_block_m
 
@@ -306,13 +306,14 @@ def test_errors_name_the_argument():
         fused_experts(**layer, capacity_factor=-1.0)
 
 
-QUANTISED = [pytest.param(torch.int8, id="int8"), pytest.param(torch.float8_e4m3fn, id="fp8")]
+QUANTISED = ["int8", "fp8"]  # per output row
 
 
 def _quantised_layer(layer, quantised, form):
-    """The layer's expert weights quantised (per output row: a dtype; in groups of 16: "int8-g16" or
-    "int4-g16"; fp8 in 16 x 16 tiles: "fp8-b16"), as options of fused_experts: gate_up as one weight
-    ("halves"), gate and up interleaved (GPT-OSS's order), or w1 and w3 apart ("w_up")."""
+    """The layer's expert weights in the form ``quantised`` names (moe_ops.quantised.quantise_weight: per output
+    row "int8" / "fp8", in groups of 16 "int8_g16" / "int4_g16", fp8 in 16 x 16 tiles "fp8_b16"), as options of
+    fused_experts: gate_up as one weight ("halves"), gate and up interleaved (GPT-OSS's order), or w1 and w3
+    apart ("w_up")."""
     Fi = layer["w_down"].shape[2]
     if form == "w_up":
         weights = dict(w_gate_up=layer["w_gate_up"][:, :Fi], w_up=layer["w_gate_up"][:, Fi:], w_down=layer["w_down"])
@@ -320,21 +321,15 @@ def _quantised_layer(layer, quantised, form):
         weights = dict(w_gate_up=layer["w_gate_up"], w_down=layer["w_down"])
     options = dict(interleaved=form == "interleaved")
     for name, weight in weights.items():
-        if quantised == "fp8-b16":
-            options[name], options[f"{name}_scale"] = quantise_blocks(weight.contiguous(), 16)
-        elif isinstance(quantised, str):
-            bits = 4 if quantised.startswith("int4") else 8
-            options[name], options[f"{name}_scale"], zero = quantise_groups(weight, 16, bits=bits)
-            if zero is not None:
-                options[f"{name}_zero"] = zero
-        else:
-            options[name], options[f"{name}_scale"] = quantise_per_row(weight, quantised)
+        options[name], options[f"{name}_scale"], zero = quantise_weight(weight, quantised)
+        if zero is not None:
+            options[f"{name}_zero"] = zero
     dequantised = {name: dequantise(options[name], options[f"{name}_scale"], options.get(f"{name}_zero"))
                    for name in weights}
     return options, dict(weights, interleaved=form == "interleaved"), dequantised
 
 
-@pytest.mark.parametrize("quantised", [*QUANTISED, "int8-g16", "int4-g16", "fp8-b16"])
+@pytest.mark.parametrize("quantised", [*QUANTISED, "int8_g16", "int4_g16", "fp8_b16"])
 @pytest.mark.parametrize("form", ["halves", "interleaved", "w_up"])
 def test_quantised_experts_match_the_reference(quantised, form):
     """Quantised expert weights: int8 / fp8 with a scale per output feature (torchao's per-row weight-only
@@ -347,7 +342,7 @@ def test_quantised_experts_match_the_reference(quantised, form):
     layer = _layer(13, 2, 4, 32, 48, dtype, TRITON_DEVICE)
     options, exact, dequantised = _quantised_layer(layer, quantised, form)
     routed = (layer["x"], layer["topk_weights"], layer["topk_ids"])
-    if quantised == "fp8-b16" and form == "interleaved":
+    if quantised == "fp8_b16" and form == "interleaved":
         with pytest.raises(ValueError, match="w_gate_up_scale: scales of blocks of 16 rows cannot be split"):
             fused_experts_ref(*routed, **options)
         return
@@ -361,7 +356,7 @@ def test_quantised_experts_match_the_reference(quantised, form):
     assert_close_rel(want, want_dequantised.to(dtype), dtype, "the dequantised weights' layer")
     unquantised = fused_experts(*routed, **exact)
     # Three quantised projections: fp8 per row ~28 dB, int8 ~35, int4 in groups of 16 ~17
-    floor = {torch.float8_e4m3fn: 25.0, "fp8-b16": 25.0, "int4-g16": 15.0}.get(quantised, 30.0)
+    floor = {"fp8": 25.0, "fp8_b16": 25.0, "int4_g16": 15.0}.get(quantised, 30.0)
     assert sqnr_db(unquantised, got) >= floor
 
 
@@ -376,7 +371,7 @@ def test_fp8_inputs_match_the_reference(form, inputs):
     dtype = torch.bfloat16
     layer = _layer(13, 2, 4, 32, 48, dtype, TRITON_DEVICE)
     options, exact, dequantised = _quantised_layer(
-        layer, torch.float8_e4m3fn if inputs == "fp8_rowwise" else "fp8-b16", form)
+        layer, "fp8" if inputs == "fp8_rowwise" else "fp8_b16", form)
     options["input_quantisation"] = inputs
     routed = (layer["x"], layer["topk_weights"], layer["topk_ids"])
     quantisation = [options.get(name) for name in QUANTISATION_ARGS]
@@ -414,15 +409,14 @@ def test_fp8_inputs_need_fp8_weights_scaled_per_row():
     routed = (layer["x"], layer["topk_weights"], layer["topk_ids"])
     with pytest.raises(ValueError, match="input_quantisation: expected one of"):
         fused_experts_ref(*routed, layer["w_gate_up"], layer["w_down"], input_quantisation="fp8")
-    for weights in ({}, _quantised_layer(layer, torch.int8, "halves")[0], _quantised_layer(layer, "int8-g16",
-                                                                                           "halves")[0]):
+    for weights in ({}, _quantised_layer(layer, "int8", "halves")[0], _quantised_layer(layer, "int8_g16", "halves")[0]):
         with pytest.raises(ValueError, match="input_quantisation: 'fp8_rowwise' .* needs fp8 e4m3 weights"):
             fused_experts_ref(*routed, **dict(dict(w_gate_up=layer["w_gate_up"], w_down=layer["w_down"]), **weights),
                               input_quantisation="fp8_rowwise")
-    fp8_rows = _quantised_layer(layer, torch.float8_e4m3fn, "halves")[0]
+    fp8_rows = _quantised_layer(layer, "fp8", "halves")[0]
     with pytest.raises(ValueError, match=r"input_quantisation: 'fp8_groupwise' .* needs fp8 e4m3 weights with block"):
         fused_experts_ref(*routed, **fp8_rows, input_quantisation="fp8_groupwise")
-    fp8_blocks = _quantised_layer(layer, "fp8-b16", "halves")[0]
+    fp8_blocks = _quantised_layer(layer, "fp8_b16", "halves")[0]
     with pytest.raises(ValueError, match=r"input_quantisation: 'fp8_rowwise' .* needs fp8 e4m3 weights with per-row"):
         fused_experts_ref(*routed, **fp8_blocks, input_quantisation="fp8_rowwise")
     fused_experts_ref(*routed, **fp8_blocks, input_quantisation="fp8_groupwise")
@@ -432,7 +426,7 @@ def test_quantised_experts_compile_and_give_the_input_its_gradient():
     """Compiled, the op with quantised weights keeps them as they are (a constant of the graph) and gives the
     eager result; its input's gradient is the dequantised weights' one."""
     layer = _layer(9, 2, 4, 32, 48, torch.float32, "cpu")
-    options, _, dequantised = _quantised_layer(layer, torch.int8, "halves")
+    options, _, dequantised = _quantised_layer(layer, "int8", "halves")
     x = layer["x"].clone().requires_grad_(True)
     routed = (layer["topk_weights"], layer["topk_ids"])
     compiled = torch.compile(lambda x: fused_experts(x, *routed, **options), fullgraph=True)
@@ -446,7 +440,7 @@ def test_quantised_experts_compile_and_give_the_input_its_gradient():
 
 def test_quantised_expert_errors_name_the_argument():
     layer = _layer(5, 2, 4, 32, 48, torch.bfloat16, "cpu")
-    options, _, _ = _quantised_layer(layer, torch.int8, "halves")
+    options, _, _ = _quantised_layer(layer, "int8", "halves")
     routed = (layer["x"], layer["topk_weights"], layer["topk_ids"])
     fused_experts_ref(*routed, **options)
     with pytest.raises(ValueError, match="w_down_scale: quantised expert weights need the scales"):
@@ -467,7 +461,7 @@ def test_quantised_expert_errors_name_the_argument():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("quantised", [*QUANTISED, "int8-g128", "int4-g128"])
+@pytest.mark.parametrize("quantised", [*QUANTISED, "int8_g128", "int4_g128"])
 def test_cuda_quantised_experts_make_no_dequantised_copy(quantised):
     """Real shapes (Qwen3-30B-A3B's experts, decode and prefill): the quantised layer (per row, or in groups
     of 128) gives the reference's result, and no call holds more memory than a small share of the bf16
@@ -479,13 +473,9 @@ def test_cuda_quantised_experts_make_no_dequantised_copy(quantised):
     bf16_bytes = (w_gate_up.numel() + w_down.numel()) * 2
     options = {}
     for name, weight in dict(w_gate_up=w_gate_up, w_down=w_down).items():
-        if isinstance(quantised, str):
-            values, scale, zero = quantise_groups(weight, 128, bits=4 if quantised.startswith("int4") else 8)
-            options.update({name: values, f"{name}_scale": scale})
-            if zero is not None:
-                options[f"{name}_zero"] = zero
-        else:
-            options[name], options[f"{name}_scale"] = quantise_per_row(weight, quantised)
+        options[name], options[f"{name}_scale"], zero = quantise_weight(weight, quantised)
+        if zero is not None:
+            options[f"{name}_zero"] = zero
     del w_gate_up, w_down
     for T in (1, 2048):
         x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)

@@ -29,7 +29,7 @@ from torch.testing import FileCheck
 from triton.runtime.jit import JITFunction
 
 import moe_ops
-from moe_ops.quantised import quantise_blocks, quantise_groups, quantise_per_row, sqnr_db
+from moe_ops.quantised import quantise_weight, sqnr_db
 from moe_ops.routing_triton import _route_kernel
 
 pytestmark = pytest.mark.usefixtures("fresh_compile_state")
@@ -489,21 +489,18 @@ def test_gpt_oss_variant_reads_interleaved_views_with_biases(dynamic):
 
 
 def _quantised_layer(quantised, w_gate_up, w_down):
-    """moe_layer's route + fused_experts with the expert weights quantised: per output row (a dtype),
-    "int4-g32" (asymmetric int4 in groups of 32, packed two per byte) or "fp8-b32" (fp8, a scale per 32 x 32
-    tile); "-w8a8" after an fp8 form: fp8 inputs too (per row, or per group for the tiles)."""
+    """moe_layer's route + fused_experts with the expert weights in the form ``quantised`` names
+    (moe_ops.quantised.quantise_weight: "int8" / "fp8" per output row, "int4_g32" asymmetric int4 in groups of
+    32, "fp8_b32" fp8 with a scale per 32 x 32 tile); "_w8a8" after an fp8 form: fp8 inputs too (per row, or
+    per group for the tiles)."""
     options = {}
-    if quantised == "fp8-w8a8":
-        quantised, options["input_quantisation"] = torch.float8_e4m3fn, "fp8_rowwise"
-    elif quantised == "fp8-b32-w8a8":
-        quantised, options["input_quantisation"] = "fp8-b32", "fp8_groupwise"
+    if quantised.endswith("_w8a8"):
+        quantised = quantised.removesuffix("_w8a8")
+        options["input_quantisation"] = "fp8_rowwise" if quantised == "fp8" else "fp8_groupwise"
     for name, w in dict(w_gate_up=w_gate_up, w_down=w_down).items():
-        if quantised == "fp8-b32":
-            options[name], options[f"{name}_scale"] = quantise_blocks(w.contiguous(), 32)
-        elif quantised == "int4-g32":
-            options[name], options[f"{name}_scale"], options[f"{name}_zero"] = quantise_groups(w, 32, bits=4)
-        else:
-            options[name], options[f"{name}_scale"] = quantise_per_row(w, quantised)
+        options[name], options[f"{name}_scale"], zero = quantise_weight(w, quantised)
+        if zero is not None:
+            options[f"{name}_zero"] = zero
 
     def layer(x, logits, residual):
         topk_weights, topk_ids = moe_ops.route(logits, 2, renormalize=True)
@@ -522,7 +519,7 @@ def test_quantised_weights_reach_the_templates(dynamic):
     if dynamic:
         for t in args:
             torch._dynamo.mark_dynamic(t, 0)
-    code = generated_code(_quantised_layer(torch.int8, w_gate_up, w_down), *args)
+    code = generated_code(_quantised_layer("int8", w_gate_up, w_down), *args)
     kernels = kernel_sources(code)
     templates = {name: src for name, src in kernels.items() if name.startswith("triton_tem_")}
     pairs = 3 if dynamic else 1
@@ -548,7 +545,7 @@ def test_group_quantised_int4_weights_reach_the_templates():
     of the accumulator), the gate's and up's halves of the fused gate_up's (2F, G) scales split as its rows;
     nothing else touches the weights."""
     w_gate_up, w_down = weights()
-    code = generated_code(_quantised_layer("int4-g32", w_gate_up, w_down), *layer_inputs())
+    code = generated_code(_quantised_layer("int4_g32", w_gate_up, w_down), *layer_inputs())
     kernels = kernel_sources(code)
     templates = {name: src for name, src in kernels.items() if name.startswith("triton_tem_")}
     assert len(templates) == 2, list(kernels)
@@ -566,7 +563,7 @@ def test_group_quantised_int4_weights_reach_the_templates():
     assert len(kernels) == 3, list(kernels)
 
 
-@pytest.mark.parametrize("scheme", ["fp8-w8a8", "fp8-b32-w8a8"])
+@pytest.mark.parametrize("scheme", ["fp8_w8a8", "fp8_b32_w8a8"])
 def test_fp8_inputs_reach_the_templates(scheme):
     """w8a8: the graph quantises x's rows (and, between the templates, the activation's rows) to fp8 per row
     or per group; both templates read fp8 A with its scales (A_SCALED: after the K loop; A_GROUPED: in each
@@ -575,7 +572,7 @@ def test_fp8_inputs_reach_the_templates(scheme):
     code = generated_code(_quantised_layer(scheme, w_gate_up, w_down), *layer_inputs())
     templates = [src for name, src in kernel_sources(code).items() if name.startswith("triton_tem_")]
     assert len(templates) == 2
-    flag = "A_SCALED" if scheme == "fp8-w8a8" else "A_GROUPED"
+    flag = "A_SCALED" if scheme == "fp8_w8a8" else "A_GROUPED"
     for source in templates:
         assert f"{flag} : tl.constexpr = True" in source, source
         FileCheck().check("input_group_ptrs(a_scales").check("k_step(").check("A_GROUPED, a_groups").run(source)
@@ -586,7 +583,7 @@ def test_block_scaled_fp8_weights_reach_the_templates():
     """fp8 weights with a scale per 32 x 32 tile: the templates read a row of scales per 32 output features
     (W_SCALE_ROWS) and a group per 32 inputs, the fused gate_up's block scales split between gate and up."""
     w_gate_up, w_down = weights()
-    code = generated_code(_quantised_layer("fp8-b32", w_gate_up, w_down), *layer_inputs())
+    code = generated_code(_quantised_layer("fp8_b32", w_gate_up, w_down), *layer_inputs())
     templates = [src for name, src in kernel_sources(code).items() if name.startswith("triton_tem_")]
     assert len(templates) == 2
     for source in templates:
@@ -635,12 +632,12 @@ def test_templates_compile_for_hopper(tmp_path):
 
     hidden, inter = 256, 128  # multiples of the TMA tiles' columns
     w_gate_up, w_down = weights(hidden=hidden, inter=inter)
-    layers = {"bf16": moe_layer(2, w_gate_up, w_down), "int8": _quantised_layer(torch.int8, w_gate_up, w_down),
-              "fp8": _quantised_layer(torch.float8_e4m3fn, w_gate_up, w_down),
-              "int4": _quantised_layer("int4-g32", w_gate_up, w_down),
-              "fp8 blocks": _quantised_layer("fp8-b32", w_gate_up, w_down),
-              "fp8 w8a8": _quantised_layer("fp8-w8a8", w_gate_up, w_down),
-              "fp8 blocks w8a8": _quantised_layer("fp8-b32-w8a8", w_gate_up, w_down)}
+    layers = {"bf16": moe_layer(2, w_gate_up, w_down), "int8": _quantised_layer("int8", w_gate_up, w_down),
+              "fp8": _quantised_layer("fp8", w_gate_up, w_down),
+              "int4": _quantised_layer("int4_g32", w_gate_up, w_down),
+              "fp8 blocks": _quantised_layer("fp8_b32", w_gate_up, w_down),
+              "fp8 w8a8": _quantised_layer("fp8_w8a8", w_gate_up, w_down),
+              "fp8 blocks w8a8": _quantised_layer("fp8_b32_w8a8", w_gate_up, w_down)}
     sources = []
     for label, layer in layers.items():
         for dynamic in ([False, True] if label == "bf16" else [False]):
@@ -786,9 +783,7 @@ def test_cuda_template_variants_match_eager(variant, dynamic):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static_T", "dynamic_T"])
-@pytest.mark.parametrize("quantised", [torch.int8, torch.float8_e4m3fn, "int4-g32", "fp8-b32", "fp8-w8a8",
-                                       "fp8-b32-w8a8"],
-                         ids=["int8", "fp8", "int4-g32", "fp8-b32", "fp8-w8a8", "fp8-b32-w8a8"])
+@pytest.mark.parametrize("quantised", ["int8", "fp8", "int4_g32", "fp8_b32", "fp8_w8a8", "fp8_b32_w8a8"])
 def test_cuda_quantised_templates_match_eager(quantised, dynamic):
     """The templates over quantised weights compute what the op's own kernels compute, T past the TMA
     threshold included (the templates keep pointer loads for quantised weights)."""
@@ -798,9 +793,9 @@ def test_cuda_quantised_templates_match_eager(quantised, dynamic):
         for t in args:
             torch._dynamo.mark_dynamic(t, 0)
     code = _compiled_vs_eager(_quantised_layer(quantised, w_gate_up, w_down), args, torch.bfloat16,
-                              fp8_inputs=str(quantised).endswith("w8a8"))
-    assert {"int4-g32": "W_INT4 : tl.constexpr = True", "fp8-b32": "W_SCALE_ROWS : tl.constexpr = 32",
-            "fp8-w8a8": "A_SCALED : tl.constexpr = True", "fp8-b32-w8a8": "A_GROUPED : tl.constexpr = True"}.get(
+                              fp8_inputs=quantised.endswith("w8a8"))
+    assert {"int4_g32": "W_INT4 : tl.constexpr = True", "fp8_b32": "W_SCALE_ROWS : tl.constexpr = 32",
+            "fp8_w8a8": "A_SCALED : tl.constexpr = True", "fp8_b32_w8a8": "A_GROUPED : tl.constexpr = True"}.get(
         quantised, "W_SCALED : tl.constexpr = True") in code
 
 

@@ -14,6 +14,7 @@ from moe_ops.quantised import (
     quantise_blocks,
     quantise_groups,
     quantise_per_row,
+    quantise_weight,
     sqnr_db,
     unpack_int4,
 )
@@ -86,6 +87,20 @@ def test_per_row_quantiser():
         quantise_per_row(w, torch.uint8)
 
 
+def test_weight_forms_by_name_are_the_quantisers_results():
+    w = torch.randn(2, 32, 64)
+    named = {"int8": (*quantise_per_row(w, torch.int8), None), "fp8": (*quantise_per_row(w, torch.float8_e4m3fn), None),
+             "int8_g16": quantise_groups(w, 16), "int4_g32": quantise_groups(w, 32, bits=4),
+             "fp8_b16": (*quantise_blocks(w, 16), None)}
+    for scheme, want in named.items():
+        got = quantise_weight(w, scheme)
+        for g, e in zip(got, want, strict=True):
+            assert (g is None and e is None) or (g.dtype == e.dtype and torch.equal(g.float(), e.float())), scheme
+    for scheme in ("int4", "fp8_g16", "int8_b16", "bf16", "int8_", 8):
+        with pytest.raises(ValueError, match=f"scheme: expected 'int8', 'fp8', .* got {scheme!r}"):
+            quantise_weight(w, scheme)
+
+
 def test_errors_name_the_argument():
     w = torch.randn(2, 8, 64)
     with pytest.raises(ValueError, match="bits: expected 4 or 8"):
@@ -127,14 +142,14 @@ def _inputs(tokens: int, hidden: int) -> torch.Tensor:
     return x
 
 
-SCHEMES = {  # name -> how a weight is quantised (values, scales, zero points), fused_experts' other options
-    "int8": (lambda w: (*quantise_per_row(w, torch.int8), None), {}),
-    "fp8": (lambda w: (*quantise_per_row(w, torch.float8_e4m3fn), None), {}),
-    "int8_g128": (lambda w: quantise_groups(w, 128, bits=8), {}),
-    "int4_g128": (lambda w: quantise_groups(w, 128, bits=4), {}),
-    "fp8_b128": (lambda w: (*quantise_blocks(w, 128), None), {}),
-    "fp8_w8a8": (lambda w: (*quantise_per_row(w, torch.float8_e4m3fn), None), {"input_quantisation": "fp8_rowwise"}),
-    "fp8_b128_w8a8": (lambda w: (*quantise_blocks(w, 128), None), {"input_quantisation": "fp8_groupwise"}),
+SCHEMES = {  # name -> the weights' form (quantise_weight), fused_experts' other options
+    "int8": ("int8", {}),
+    "fp8": ("fp8", {}),
+    "int8_g128": ("int8_g128", {}),
+    "int4_g128": ("int4_g128", {}),
+    "fp8_b128": ("fp8_b128", {}),
+    "fp8_w8a8": ("fp8", {"input_quantisation": "fp8_rowwise"}),
+    "fp8_b128_w8a8": ("fp8_b128", {"input_quantisation": "fp8_groupwise"}),
 }
 # SQNR floors (dB) against the unquantised computation, per GEMM of the weights and per gated block of three,
 # on (gaussian, realistic) weights: the issue's floors (fp8 / int8 28 dB, int4 g128 20 dB) where round-to-
@@ -152,7 +167,7 @@ def test_quantised_gemm_error_on_gaussian_and_realistic_weights(scheme, distribu
     """One expert GEMM (512 inputs, outlier channels) of the dequantised weights against the exact one."""
     torch.manual_seed(3)
     w = _weights(distribution, (2, 256, 512))
-    values, scale, zero = SCHEMES[scheme][0](w)
+    values, scale, zero = quantise_weight(w, SCHEMES[scheme][0])
     x = _inputs(64, 512)
     floor = GEMM_FLOORS[scheme][distribution == "realistic"]
     assert sqnr_db(x @ w[0].T, x @ dequantise(values, scale, zero)[0].T) >= floor
@@ -169,10 +184,10 @@ def test_quantised_block_error_on_gaussian_and_realistic_weights(scheme, distrib
     x = _inputs(T, H)
     ids = torch.rand(T, E).argsort(-1)[:, :2]
     routing = torch.rand(T, 2).softmax(-1)
-    quantise, options = SCHEMES[scheme]
+    form, options = SCHEMES[scheme]
     options = dict(options)
     for name, weight in (("w_gate_up", w_gate_up), ("w_down", w_down)):
-        values, scale, zero = quantise(weight)
+        values, scale, zero = quantise_weight(weight, form)
         options.update({name: values, f"{name}_scale": scale})
         if zero is not None:
             options[f"{name}_zero"] = zero
