@@ -13,8 +13,9 @@ Each rank holds T random bf16 tokens, routes them with moe_ops.route over random
 and derives per-GPU throughput of each EP variant against ep1, and the all-to-all's bus rate.
 Writes ``results/expert_parallel_<gpu>.md``. ``--profile``: rank 0 also records one pipelined forward +
 backward (the first shape and token count) with torch.profiler: a Chrome trace
-(``expert_parallel_profile_<gpu>.json``), and how much of the collectives' kernel time ran while a compute
-kernel ran (GPU only: the dry run's gloo collectives run on CPU threads, which the trace does not pair).
+(``expert_parallel_profile_<gpu>.json``), and how much of the collectives' time ran while compute ran: on GPUs
+NCCL's kernels beside other kernels; in the dry run gloo's all-to-alls (on gloo's threads) beside the PyTorch
+operators of the main thread.
 
     python benchmarks/bench_expert_parallel.py                  # every GPU of the host, NCCL
     python benchmarks/bench_expert_parallel.py --ranks 2 --tokens 8192
@@ -148,16 +149,27 @@ def _profile(rank, num_ranks, shape, tokens, device, out_folder) -> str | None:
     gpu = slug(torch.cuda.get_device_name()) if device.type == "cuda" else "cpu"
     trace = Path(out_folder) / f"expert_parallel_profile_{gpu}.json"
     prof.export_chrome_trace(str(trace))
-    if device.type != "cuda":
-        return f"trace: {trace.name} (CPU dry run: no kernel overlap to measure)"
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    intervals = [(e.time_range.start / 1e3, e.time_range.end / 1e3, "nccl" in e.name.lower()) for e in kernels]
-    collectives = [(a, b) for a, b, nccl in intervals if nccl]
-    compute = [(a, b) for a, b, nccl in intervals if not nccl]
+    collectives, compute = _collective_and_compute(prof.events(), device)
     collective_ms = sum(b - a for a, b in collectives)
     hidden_ms = overlapped_ms(collectives, compute)
-    return (f"trace: {trace.name}; pipelined ({PIPELINE_CHUNKS} chunks) forward + backward, T = {tokens}: collective "
-            f"kernels {collective_ms:.3f} ms, of which {hidden_ms:.3f} ms ran beside compute kernels")
+    beside = "compute kernels" if device.type == "cuda" else "the main thread's operators"
+    return (f"trace: {trace.name}; pipelined ({PIPELINE_CHUNKS} chunks) forward + backward, T = {tokens}: "
+            f"collectives {collective_ms:.3f} ms, of which {hidden_ms:.3f} ms ran beside {beside}")
+
+
+def _collective_and_compute(events, device) -> tuple[list, list]:
+    """(collective, compute) intervals in ms of a profile: on GPUs NCCL's kernels and every other kernel; on the
+    CPU (gloo) the all-to-alls gloo runs on its own threads and the PyTorch operators (aten::) of the others."""
+    if device.type == "cuda":
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        is_collective = {e: "nccl" in e.name.lower() for e in kernels}
+    else:
+        gloo_threads = {e.thread for e in events if e.name.startswith("gloo:")}
+        kernels = [e for e in events if e.name.startswith("gloo:") or (
+            e.name.startswith("aten::") and e.thread not in gloo_threads)]
+        is_collective = {e: e.name.startswith("gloo:") for e in kernels}
+    intervals = [(e.time_range.start / 1e3, e.time_range.end / 1e3, is_collective[e]) for e in kernels]
+    return [(a, b) for a, b, c in intervals if c], [(a, b) for a, b, c in intervals if not c]
 
 
 def _worker(rank, num_ranks, init_file, args, out_file):

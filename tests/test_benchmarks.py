@@ -6,6 +6,7 @@ a chain that overflows or a summary that miscounts would publish wrong claims.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -183,10 +184,14 @@ def _dry_run(script_name: str, *options: str) -> str:
 
 def test_expert_parallel_benchmark_dry_run():
     """bench_expert_parallel.py's CPU dry run (2 gloo ranks, tiny shapes) reports every variant, and with
-    --profile records a trace of a pipelined call."""
+    --profile records a trace of a pipelined call and how much of gloo's all-to-all time ran beside operators."""
     stdout = _dry_run("bench_expert_parallel.py", "--profile")
     assert "| tiny | 6 |" in stdout and "padded / EP=1" in stdout and "chunks / EP=1" in stdout
-    assert "- profile (tiny): trace: expert_parallel_profile_cpu.json" in stdout
+    profile = re.search(r"- profile \(tiny\): trace: expert_parallel_profile_cpu.json; pipelined \(2 chunks\) "
+                        r"forward \+ backward, T = 6: collectives ([\d.]+) ms, of which ([\d.]+) ms ran beside the "
+                        r"main thread's operators", stdout)
+    assert profile, stdout
+    assert 0.0 < float(profile[1]) and 0.0 <= float(profile[2]) <= float(profile[1])
 
 
 def test_collective_overlap_counts_only_time_beside_compute():
