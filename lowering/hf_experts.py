@@ -1,4 +1,5 @@
-"""transformers' experts modules through ``moe_ops.fused_experts``: the "moe_ops" and "eager" experts implementations.
+"""transformers' experts modules through ``moe_ops.fused_experts``: the "moe_ops" and "eager" experts implementations,
+and transformers' "grouped_mm" and "batched_mm" over torchao weights.
 
 transformers (5.x) keeps the routed experts of a MoE layer in a module decorated with
 ``use_experts_implementation``. Its ``forward`` looks ``config._experts_implementation`` up in
@@ -11,6 +12,9 @@ in that interface instead of rewriting graphs:
 - ``"eager"``: ``moe_ops.fused_experts`` while dynamo traces (``torch.compile``, ``torch.export``) with
   ``moe_ops.config.rewrites`` and ``moe_ops.config.transformers_eager_experts`` on; otherwise the class's
   own loop, unchanged. Dynamo guards on both switches, so flipping one recompiles.
+- ``"grouped_mm"`` and ``"batched_mm"`` (transformers' own, wrapped): ``moe_ops.fused_experts`` while dynamo
+  traces a module whose expert weights are torchao tensors, with ``moe_ops.config.rewrites`` and
+  ``moe_ops.config.transformers_quantised_experts`` on; otherwise transformers' implementation, unchanged.
 
 Either entry calls ``fused_experts`` only for a module whose result it knows to be the same computation as
 the class's own loop: the loop's code must be one of the loops below (matched token for token), the
@@ -40,7 +44,7 @@ from transformers.activations import (
     ReLUSquaredActivation,
     SiLUActivation,
 )
-from transformers.integrations.moe import ExpertsInterface, use_experts_implementation
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface, use_experts_implementation
 
 from moe_ops._checks import QUANTISED_WEIGHT_DTYPES
 from moe_ops._compat.dynamo import counters
@@ -437,16 +441,22 @@ def moe_ops_fp8_experts_forward(self, hidden_states, top_k_index, top_k_weights)
                               top_k_weights)
 
 
-def _fused_or_own_loop(self, arguments, hidden_states, top_k_index, top_k_weights):
-    """``fused_experts`` with ``arguments``, or (``arguments`` a reason) the class's own loop; logged."""
+def _fused_or_own_loop(self, arguments, hidden_states, top_k_index, top_k_weights, fallback=None):
+    """``fused_experts`` with ``arguments``, or (``arguments`` a reason) ``fallback`` (default: the class's own
+    loop); logged."""
     compiling = torch.compiler.is_compiling()
     if isinstance(arguments, str) and getattr(self, QUANTISED_ATTRIBUTE, None) is not None:
         raise RuntimeError(f"{type(self).__name__}: its expert weights are moe_ops-quantised "
                            f"({getattr(self, QUANTISED_ATTRIBUTE)}), which only moe_ops.fused_experts reads, and "
                            f"fused_experts cannot take this call: {arguments}")
     if isinstance(arguments, str):
-        _report(type(self), f"runs its own loop, not moe_ops.fused_experts: {arguments}", False, compiling)
-        return original_experts_forward(type(self))(self, hidden_states, top_k_index, top_k_weights)
+        if fallback is None:
+            _report(type(self), f"runs its own loop, not moe_ops.fused_experts: {arguments}", False, compiling)
+            fallback = original_experts_forward(type(self))
+        else:
+            _report(type(self), f"runs transformers' {fallback.__name__}, not moe_ops.fused_experts: {arguments}",
+                    False, compiling)
+        return fallback(self, hidden_states, top_k_index, top_k_weights)
     _report(
         type(self),
         f"runs as moe_ops.fused_experts(layout={arguments['layout']!r}, interleaved={arguments['interleaved']}, "
@@ -472,6 +482,58 @@ def eager_fp8_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     if torch.compiler.is_compiling() and config.rewrites and config.transformers_eager_experts:
         return moe_ops_fp8_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     return original_experts_forward(type(self))(self, hidden_states, top_k_index, top_k_weights)
+
+
+# transformers' own experts implementations that compute what a verified eager loop computes (read in
+# transformers 5.17: sort the slots by expert, the two projections as grouped / batched GEMMs, the class's
+# _apply_gate between them, routing weights on the down projection's rows, biases included), by
+# _code_fingerprint. While dynamo traces one over torchao weights, fused_experts runs instead
+# (config.transformers_quantised_experts).
+TRANSFORMERS_IMPLEMENTATIONS = {"grouped_mm": "4a8561cdc47109b9", "batched_mm": "705ae8edc4dfa7e1"}
+_ORIGINAL_IMPLEMENTATIONS: dict[str, object] = {}
+# transformers' default _apply_gate (act_fn(gate) * up of the two halves), which those implementations apply
+# where the eager loop of MixtralExperts applies act_fn itself.
+_DEFAULT_APPLY_GATE_CODE = "3efac83283c6d5af"
+_IMPLEMENTATION_REASON: dict[type, str | None] = {}
+
+
+@torch.compiler.assume_constant_result
+def _implementation_reason(experts_class: type) -> str | None:
+    """None where transformers' grouped / batched implementations compute the class's verified eager loop
+    (the gate they apply is the one the loop applies), else why not. Dynamo runs it at trace time."""
+    if experts_class not in _IMPLEMENTATION_REASON:
+        if experts_class not in _LOOP_OF_CLASS:
+            _LOOP_OF_CLASS[experts_class] = _find_eager_loop(experts_class)
+        loop, reason = _LOOP_OF_CLASS[experts_class], None
+        if isinstance(loop, EagerLoop) and loop.gate == "act_fn" and loop.flags[0] and (
+                _code_fingerprint(getattr(experts_class, "_apply_gate", None)) != _DEFAULT_APPLY_GATE_CODE):
+            reason = (f"its _apply_gate, which transformers' grouped and batched implementations apply, is not the "
+                      f"act_fn(gate) * up its eager loop ({loop.name}) computes")
+        _IMPLEMENTATION_REASON[experts_class] = reason
+    return _IMPLEMENTATION_REASON[experts_class]
+
+
+def _holds_torchao_weights(experts: nn.Module) -> bool:
+    first = getattr(experts, "gate_up_proj" if experts.has_gate else "up_proj", None)
+    return first is not None and torchao_tensor_class(type(first)) is not None
+
+
+def _over_torchao_weights(name: str):
+    """transformers' ``name`` experts implementation, except while dynamo traces a module whose expert weights
+    are torchao tensors (config.transformers_quantised_experts): then moe_ops.fused_experts over their stored
+    values, where it computes the same, else transformers' implementation (the reason logged)."""
+    original = _ORIGINAL_IMPLEMENTATIONS[name]
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        if not (torch.compiler.is_compiling() and config.rewrites and config.transformers_quantised_experts
+                and _holds_torchao_weights(self)):
+            return original(self, hidden_states, top_k_index, top_k_weights)
+        reason = _implementation_reason(type(self))
+        arguments = fused_experts_arguments(self, hidden_states) if reason is None else reason
+        return _fused_or_own_loop(self, arguments, hidden_states, top_k_index, top_k_weights, fallback=original)
+
+    forward.__name__ = f"{name}_over_torchao_weights"
+    return forward
 
 
 def moe_ops_ep_experts_forward(self, hidden_states, top_k_index, top_k_weights):
@@ -502,6 +564,15 @@ def register_experts_implementations() -> None:
     ExpertsInterface.register(IMPLEMENTATION_NAME, moe_ops_experts_forward)
     ExpertsInterface.register(EP_IMPLEMENTATION_NAME, moe_ops_ep_experts_forward)
     ExpertsInterface.register("eager", eager_experts_forward)
+    for name, fingerprint in TRANSFORMERS_IMPLEMENTATIONS.items():
+        if name in _ORIGINAL_IMPLEMENTATIONS or name not in ALL_EXPERTS_FUNCTIONS:
+            continue
+        original = ALL_EXPERTS_FUNCTIONS[name]
+        if _code_fingerprint(original) != fingerprint:  # another transformers' code: left as it is
+            log.debug("transformers' %s experts implementation is not the one moe_ops read; left alone", name)
+            continue
+        _ORIGINAL_IMPLEMENTATIONS[name] = original
+        ExpertsInterface.register(name, _over_torchao_weights(name))
 
 
 def register_fp8_experts_implementations() -> None:

@@ -20,6 +20,13 @@ class Config:
                   ``moe_ops.fused_experts`` instead of its per-expert loop, which dynamo cannot capture.
                   Dynamo guards on this switch and on ``rewrites``: changing either recompiles, no
                   ``torch._dynamo.reset()`` needed. ``experts_implementation="moe_ops"`` ignores both.
+        transformers_quantised_experts: while dynamo traces a transformers experts module whose expert
+                  weights are torchao tensors that ``moe_ops.fused_experts`` reads (int8 / fp8 per row, int8
+                  in groups, fp8 with fp8 inputs per row), with ``experts_implementation="grouped_mm"`` or
+                  ``"batched_mm"`` (and ``rewrites`` on), run it as ``moe_ops.fused_experts`` over the stored
+                  values, as ``"moe_ops"`` does: torchao's own path there dequantises the weights on every
+                  call, multiplies fp8 inputs with ``torch._scaled_grouped_mm`` or, for its int8 tensors,
+                  cannot be traced. Dynamo guards on it as on ``transformers_eager_experts``.
         stack_expert_weights: rewrite a static loop over experts that hold separate weight tensors
                   (mistral-inference, transformers <= 4.47 Mixtral; captured only with dynamo's
                   ``capture_dynamic_output_shape_ops``) by stacking their weights into (E, F, H)
@@ -52,6 +59,7 @@ class Config:
 
     rewrites: bool = True
     transformers_eager_experts: bool = True
+    transformers_quantised_experts: bool = True
     stack_expert_weights: bool = False
     inductor_templates: bool = True
     training_rewrites: bool = False

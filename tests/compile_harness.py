@@ -4,6 +4,7 @@ moe_ops pass leaves, summarised so that it reads the same on torch 2.11 and 2.13
 from __future__ import annotations
 
 import operator
+import sys
 
 import pytest
 import torch
@@ -24,6 +25,10 @@ def fresh_compile_state():
     torch._dynamo.reset()
     counters.clear()
     experts_rewrite._explained.clear()  # each test sees its own "not rewritten" messages
+    # and its own lines of transformers' experts modules (the module loads with transformers: not imported here)
+    hf_experts = sys.modules.get("moe_ops.lowering.hf_experts")
+    if hf_experts is not None:
+        hf_experts._REPORTED.clear()
     with inductor_config.patch(fx_graph_cache=False):
         yield
     torch._dynamo.reset()

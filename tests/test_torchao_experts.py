@@ -50,12 +50,22 @@ def test_the_experts_and_only_they_are_quantised():
     assert plain.experts.gate_up_proj.dtype == torch.bfloat16 and type(plain.experts.gate_up_proj) is torch.nn.Parameter
 
 
-@pytest.mark.usefixtures("fresh_compile_state")
+@pytest.fixture
+def graph_passes_only():
+    """transformers' grouped_mm over torchao weights left to dynamo (config.transformers_quantised_experts off):
+    what the graph passes make of torchao's own weight-only path."""
+    moe_ops.config.transformers_quantised_experts = False
+    yield
+    moe_ops.config.transformers_quantised_experts = True
+
+
+@pytest.mark.usefixtures("fresh_compile_state", "graph_passes_only")
 def test_quantised_block_compiles_to_torchaos_result():
     """fp8 weight-only experts: torchao's eager block stays within fp8's error of bf16 (SQNR), and the
-    block compiled with moe_ops gives torchao's eager result. Its experts are rewritten to fused_experts,
-    which reads the stored fp8 values and their per-row scales (layout EFH): the graph holds no
-    dequantisation of the expert weights (torchao's own weight-only path dequantises them on every call)."""
+    block compiled with moe_ops gives torchao's eager result. Traced as torchao's own path (transformers'
+    grouped_mm over the dequantised weights), its experts are rewritten to fused_experts, which reads the
+    stored fp8 values and their per-row scales (layout EFH): the graph holds no dequantisation of the expert
+    weights (torchao's own weight-only path dequantises them on every call)."""
     x = torch.randn(1, 12, H, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     reference = _block()(x)
     block = _quantised()
@@ -79,6 +89,65 @@ def test_quantised_block_compiles_to_torchaos_result():
         "moe_ops.fused_experts.default(None, None, None, None, 'EFH', False, 'silu', True, 1.702, 7.0, 0.0, "
         "'position', None, None, None, None, 'none')"  # no w_up's scale; no zero points; inputs as they are
     ), graph
+
+
+@pytest.mark.usefixtures("fresh_compile_state")
+@pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm"])
+@pytest.mark.parametrize("config", [Int8WeightOnlyConfig, Float8WeightOnlyConfig, "int8-g32", "fp8-dynamic"],
+                         ids=["int8", "fp8", "int8-g32", "fp8-dynamic"])
+def test_transformers_implementations_over_torchao_weights_compile_to_fused_experts(config, implementation):
+    """transformers' grouped_mm and batched_mm experts over torchao's tensors, compiled: fused_experts over the
+    stored values and scales (fp8 inputs per row for the dynamic-activation tensors, which torchao would
+    multiply with _scaled_grouped_mm; int8, which torchao 0.18 cannot run there: no transpose), the result of
+    the "moe_ops" implementation over the same tensors; uncompiled, transformers' own implementation runs."""
+    from torchao.quantization.granularity import PerGroup
+
+    if config == "fp8-dynamic":
+        block = _fp8_dynamic_block()
+    else:
+        block = _block()
+        torchao_config = Int8WeightOnlyConfig(granularity=PerGroup(32)) if config == "int8-g32" else config()
+        quantize_(block, moe_ops.experts_quantization_config(torchao_config), filter_fn=None)
+    x = torch.randn(1, 12, H, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    block.experts.config._experts_implementation = "moe_ops"
+    want = block(x)
+    block.experts.config._experts_implementation = implementation
+    if config is Float8WeightOnlyConfig and implementation == "grouped_mm":
+        # Uncompiled: torchao's own path (its fp8 tensors take grouped_mm, not batched_mm's indexing), within
+        # fp8's error of moe_ops'.
+        assert sqnr_db(want, block(x)) >= 25.0
+    with torch._inductor.config.patch(force_disable_caches=True):
+        got, graph = compile_and_record(block, x)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    assert counters["moe_ops"]["hf_experts"] == 1 and counters["moe_ops"]["quantised_weights_rewrite"] == 0
+    experts_call = next(line for line in graph.splitlines() if "fused_experts" in line)
+    assert experts_call.endswith("'fp8_rowwise')" if config == "fp8-dynamic" else "'position', None)")
+    assert "aten.mul" not in graph and "_scaled_grouped_mm" not in graph
+
+
+@pytest.mark.usefixtures("fresh_compile_state")
+def test_an_apply_gate_grouped_mm_applies_and_the_loop_does_not_keeps_grouped_mm(caplog):
+    """A class whose eager loop applies act_fn(gate) * up but whose _apply_gate (what transformers' grouped_mm
+    applies) is another gate: grouped_mm over its torchao weights is not the loop moe_ops verified, so it runs
+    as transformers' grouped_mm, with the reason logged, and gives that implementation's result."""
+    import logging
+
+    block = _quantised()
+
+    class DoubledGate(type(block.experts)):
+        def _apply_gate(self, gate_up):
+            gate, up = gate_up.chunk(2, dim=-1)
+            return 2 * self.act_fn(gate) * up
+
+    block.experts.__class__ = DoubledGate
+    x = torch.randn(1, 12, H, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    want = block(x)
+    with caplog.at_level(logging.INFO, logger="moe_ops"), torch._inductor.config.patch(force_disable_caches=True):
+        got, _ = compile_and_record(block, x)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    assert counters["moe_ops"]["hf_experts"] == 0 and counters["moe_ops"]["hf_experts_fallback"] == 1
+    assert any("runs transformers' grouped_mm_experts_forward, not moe_ops.fused_experts: its _apply_gate"
+               in record.getMessage() for record in caplog.records)
 
 
 def _dequantised_twin(block):
@@ -249,10 +318,11 @@ def test_state_dict_round_trip():
 
 
 @pytest.mark.usefixtures("fresh_compile_state")
+@pytest.mark.usefixtures("fresh_compile_state")
 def test_transformers_torchao_config_quantises_the_experts_at_load(tmp_path):
     """The helper's config through transformers' TorchAoConfig: from_pretrained quantises the experts (and
-    nothing else) as quantize_ does, to the same logits; compiled, the model's experts are rewritten to
-    fused_experts over the stored fp8 values."""
+    nothing else) as quantize_ does, to the same logits; compiled, the model's experts run as fused_experts over
+    the stored fp8 values."""
     from transformers import Qwen3MoeForCausalLM, TorchAoConfig
 
     config = transformers.Qwen3MoeConfig(
@@ -275,7 +345,7 @@ def test_transformers_torchao_config_quantises_the_experts_at_load(tmp_path):
         with torch._inductor.config.patch(force_disable_caches=True):
             got = torch.compile(loaded)(tokens).logits
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
-    assert counters["moe_ops"]["experts_rewrite"] == 1 and counters["moe_ops"]["quantised_weights_rewrite"] == 1
+    assert counters["moe_ops"]["hf_experts"] == 1  # transformers' grouped_mm over torchao weights, traced
 
 
 def test_config_refuses_what_is_not_a_torchao_config():
