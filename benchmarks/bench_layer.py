@@ -106,7 +106,7 @@ IMPL_LABELS = {
     "moe_ops": "moe_ops (eager op)",
     "moe_ops_compile_hf_grouped_mm": "torch.compile(HF grouped_mm) + moe_ops",
     "moe_ops_extern_compile_hf_grouped_mm": "torch.compile(HF grouped_mm) + moe_ops, templates off",
-    "vllm_triton": "vLLM fused_moe (Triton), tuned config",
+    "vllm_triton": "vLLM fused_moe (Triton)",
 }
 
 CSV_COLUMNS = (
