@@ -42,16 +42,22 @@ def torchao_tensor_class(kind: type) -> str | None:
     return kind.__name__ if kind.__module__.startswith("torchao.") else None
 
 
-@torch.compiler.assume_constant_result
 def fp8_rowwise_inputs(act_quant_kwargs) -> bool:
     """Whether a torchao Float8Tensor's activation quantisation is fused_experts' "fp8_rowwise": e4m3, one scale
     per row, no bounds on the values that set it (``Float8DynamicActivationFloat8WeightConfig(granularity=
-    PerRow())``'s). Dynamo runs it at trace time: the tensor's settings are constants."""
+    PerRow())``'s). Its settings are read here and judged as constants: torch 2.11's dynamo cannot hand the
+    settings object itself to a function it keeps the result of."""
     granularity = getattr(act_quant_kwargs, "granularity", None)
-    return (getattr(act_quant_kwargs, "float8_dtype", None) == torch.float8_e4m3fn
-            and type(granularity).__name__ == "PerRow" and getattr(granularity, "dim", -1) == -1
-            and getattr(act_quant_kwargs, "hp_value_lb", None) is None
-            and getattr(act_quant_kwargs, "hp_value_ub", None) is None)
+    return _fp8_rowwise_settings(getattr(act_quant_kwargs, "float8_dtype", None), type(granularity),
+                                 getattr(granularity, "dim", -1), getattr(act_quant_kwargs, "hp_value_lb", None),
+                                 getattr(act_quant_kwargs, "hp_value_ub", None))
+
+
+@torch.compiler.assume_constant_result
+def _fp8_rowwise_settings(float8_dtype, granularity: type, dim, lower_bound, upper_bound) -> bool:
+    """Dynamo runs it at trace time (a class's name is no traceable value): the settings are constants."""
+    return (float8_dtype == torch.float8_e4m3fn and granularity.__name__ == "PerRow" and dim == -1
+            and lower_bound is None and upper_bound is None)
 
 
 def torchao_quantised(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str] | None:

@@ -17,6 +17,7 @@ import torch
 from compile_harness import fresh_compile_state  # noqa: F401  (fixture)
 from torch._dynamo.utils import counters
 
+import moe_ops
 from moe_ops.lowering.graph import experts_rewrite
 
 transformers = pytest.importorskip("transformers")
@@ -150,8 +151,8 @@ def test_every_family_compiles_right_and_the_table_is_current():
 
 
 # Real sizes of Llama 4 (its experts rewritten at its K = 1), DBRX and Switch Transformers (left alone, their
-# reason in docs/families.md): compiled with moe_ops on the GPU they give eager's result. Config overrides
-# of each family's own config.
+# reason in docs/families.md): compiled with moe_ops on the GPU they give eager's result, or, where plain
+# torch.compile does not give it either, plain torch.compile's. Config overrides of each family's own config.
 REAL_SHAPES = {
     "llama4": dict(hidden_size=5120, intermediate_size=8192, num_local_experts=16, num_experts_per_tok=1),
     "dbrx": dict(d_model=6144, ffn_config=dict(hidden_size=6144, ffn_hidden_size=10752, moe_num_experts=16,
@@ -182,7 +183,21 @@ def test_cuda_real_shapes_match_eager(family):
                     device="cuda", dtype=torch.bfloat16)
     want = block(x)
     got = torch.compile(block)(x)
-    got, want = (r[0] if isinstance(r, tuple) else r for r in (got, want))
-    error = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
-    assert error <= TOLERANCE, (family, error)
+    rewrites = sum(counters["moe_ops"][name] for name in ("route_rewrite", "experts_rewrite", "hf_experts"))
+    torch._dynamo.reset()
+    with moe_ops.rewrites_disabled():
+        plain = torch.compile(block)(x)
+    got, want, plain = (r[0] if isinstance(r, tuple) else r for r in (got, want, plain))
+
+    def error(a, b):
+        return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+    if error(plain, want) > TOLERANCE:
+        # Plain torch.compile differs from eager here too (Switch Transformers at these sizes: top-1 by an argmax
+        # over bf16 router probabilities, then each expert's capacity in token order; 0.43 on the CPU as well):
+        # moe_ops rewrote nothing in the block, and its graph computes what plain torch.compile's does.
+        assert rewrites == 0, dict(counters["moe_ops"])
+        assert error(got, plain) <= TOLERANCE, (family, error(got, plain))
+    else:
+        assert error(got, want) <= TOLERANCE, (family, error(got, want))
     assert counters["moe_ops"]["experts_rewrite"] == (family == "llama4")
