@@ -162,14 +162,13 @@ def _collective_and_compute(events, device) -> tuple[list, list]:
     CPU (gloo) the all-to-alls gloo runs on its own threads and the PyTorch operators (aten::) of the others."""
     if device.type == "cuda":
         kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
-        is_collective = {e: "nccl" in e.name.lower() for e in kernels}
+        collectives = [e for e in kernels if "nccl" in e.name.lower()]
+        compute = [e for e in kernels if "nccl" not in e.name.lower()]
     else:
-        gloo_threads = {e.thread for e in events if e.name.startswith("gloo:")}
-        kernels = [e for e in events if e.name.startswith("gloo:") or (
-            e.name.startswith("aten::") and e.thread not in gloo_threads)]
-        is_collective = {e: e.name.startswith("gloo:") for e in kernels}
-    intervals = [(e.time_range.start / 1e3, e.time_range.end / 1e3, is_collective[e]) for e in kernels]
-    return [(a, b) for a, b, c in intervals if c], [(a, b) for a, b, c in intervals if not c]
+        collectives = [e for e in events if e.name.startswith("gloo:")]
+        gloo_threads = {e.thread for e in collectives}
+        compute = [e for e in events if e.name.startswith("aten::") and e.thread not in gloo_threads]
+    return [[(e.time_range.start / 1e3, e.time_range.end / 1e3) for e in side] for side in (collectives, compute)]
 
 
 def _worker(rank, num_ranks, init_file, args, out_file):

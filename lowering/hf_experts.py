@@ -187,9 +187,7 @@ def _verified_gate(experts_class: type, flags: tuple[bool, bool, bool, bool]) ->
     cannot trace. It depends only on its arguments, which dynamo already guards (the class's identity and
     the flag values read in the traced caller).
     """
-    if experts_class not in _LOOP_OF_CLASS:
-        _LOOP_OF_CLASS[experts_class] = _find_eager_loop(experts_class)
-    loop = _LOOP_OF_CLASS[experts_class]
+    loop = _eager_loop(experts_class)
     if isinstance(loop, str):
         return None, loop
     if flags != loop.flags:
@@ -198,6 +196,13 @@ def _verified_gate(experts_class: type, flags: tuple[bool, bool, bool, bool]) ->
             f"{flags} differ from {loop.flags}, those of its eager loop ({loop.name})"
         )
     return loop.gate, None
+
+
+def _eager_loop(experts_class: type) -> EagerLoop | str:
+    """The class's verified eager loop, or why it has none; found once per class."""
+    if experts_class not in _LOOP_OF_CLASS:
+        _LOOP_OF_CLASS[experts_class] = _find_eager_loop(experts_class)
+    return _LOOP_OF_CLASS[experts_class]
 
 
 def _find_eager_loop(experts_class: type) -> EagerLoop | str:
@@ -502,9 +507,7 @@ def _implementation_reason(experts_class: type) -> str | None:
     """None where transformers' grouped / batched implementations compute the class's verified eager loop
     (the gate they apply is the one the loop applies), else why not. Dynamo runs it at trace time."""
     if experts_class not in _IMPLEMENTATION_REASON:
-        if experts_class not in _LOOP_OF_CLASS:
-            _LOOP_OF_CLASS[experts_class] = _find_eager_loop(experts_class)
-        loop, reason = _LOOP_OF_CLASS[experts_class], None
+        loop, reason = _eager_loop(experts_class), None
         if isinstance(loop, EagerLoop) and loop.gate == "act_fn" and loop.flags[0] and (
                 _code_fingerprint(getattr(experts_class, "_apply_gate", None)) != _DEFAULT_APPLY_GATE_CODE):
             reason = (f"its _apply_gate, which transformers' grouped and batched implementations apply, is not the "
