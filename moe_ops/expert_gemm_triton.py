@@ -105,7 +105,7 @@ def expert_gemm_tile(
     PACKED: tl.constexpr, E_PAD: tl.constexpr, TMA: tl.constexpr, PAIRED: tl.constexpr = False,
     W_SCALED: tl.constexpr = False, w_scales=None, W_GROUP_SIZE: tl.constexpr = 0, W_INT4: tl.constexpr = False,
     W_ZERO_POINT: tl.constexpr = False, A_SCALED: tl.constexpr = False, a_scales=None,
-    W_SCALE_ROWS: tl.constexpr = 1, A_GROUPED: tl.constexpr = False,
+    W_SCALE_ROWS: tl.constexpr = 1, A_GROUPED: tl.constexpr = False, W_LEFT: tl.constexpr = False,
 ):
     """The (BLOCK_M, BLOCK_N) output tile of program ``pid``: (values in fp32, output rows, output
     columns, store mask). Shared by the eager kernel (which stores it) and the Inductor template
@@ -149,11 +149,12 @@ def expert_gemm_tile(
     group stride)): ``A_SCALED``, one per row, applied to the accumulated rows (w8a8 with W_SCALED: fp8
     dots, both scales in the epilogue); ``A_GROUPED``, one per row and group of W_GROUP_SIZE inputs, the
     weights' groups (fp8 weights with block scales): each K step's fp8 dot scaled by both groups' scales
-    before it is accumulated."""
+    before it is accumulated. ``W_LEFT`` (weights converted in registers: k_step) accumulates the transposed
+    tile, turned back before the epilogue."""
     expert, row0, offs_m, rows_in_range, slot, row_valid, a_row, col0, cols, col_valid, k_end = tile_coords(
         pid, schedule, sizes, GATHER, BLOCK_M, BLOCK_N, GROUP_M, PACKED, E_PAD,
     )
-    acc, acc_up = tile_accumulators(BLOCK_M, BLOCK_N, GATED)
+    acc, acc_up = tile_accumulators(BLOCK_M, BLOCK_N, GATED, W_LEFT)
     if TMA:
         tl.static_assert(PACKED and not GATHER, "TMA tiles need a packed schedule and A in its order")
         tl.static_assert(not W_SCALED and W_GROUP_SIZE == 0, "TMA tiles read weights of A's dtype")
@@ -186,15 +187,16 @@ def expert_gemm_tile(
         _, _, _, stride_uk = w_up
         offs_k = tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak
-        w_ptrs, u_ptrs = weight_tile_ptrs(w, w_up, expert, cols, BLOCK_K, W_INT4)
+        w_ptrs, u_ptrs = weight_tile_ptrs(w, w_up, expert, cols, BLOCK_K, W_INT4, W_LEFT)
         groups = weight_group_ptrs(w_scales, expert, cols, W_GROUP_SIZE, W_SCALE_ROWS)
         a_groups = input_group_ptrs(a_scales, a_row, row_valid, A_GROUPED)
         for k0 in range(0, k_end, BLOCK_K):
             a_tile = tl.load(a_ptrs, mask=row_valid[:, None] & (offs_k < K - k0)[None, :], other=0.0)
             acc, acc_up, w_ptrs, u_ptrs = k_step(a_tile, acc, acc_up, w_ptrs, u_ptrs, K - k0, col_valid, stride_wk,
                                                  stride_uk, GATED, INPUT_PRECISION, BLOCK_K, W_GROUP_SIZE, W_INT4,
-                                                 W_ZERO_POINT, groups, k0, A_GROUPED, a_groups)
+                                                 W_ZERO_POINT, groups, k0, A_GROUPED, a_groups, W_LEFT)
             a_ptrs += BLOCK_K * stride_ak
+        acc, acc_up = untransposed(acc, acc_up, GATED, W_LEFT)
     if A_SCALED:
         a_scale_ptr, stride_asm, _ = a_scales
         a_scale = tl.load(a_scale_ptr + a_row * stride_asm, mask=row_valid, other=0.0)[:, None]
@@ -272,25 +274,48 @@ def tile_coords(pid, schedule, sizes, GATHER: tl.constexpr, BLOCK_M: tl.constexp
 
 
 @triton.jit
-def tile_accumulators(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATED: tl.constexpr):
-    """The gate and up accumulators (up is the gate's when not gated: no second GEMM)."""
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+def tile_accumulators(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATED: tl.constexpr,
+                      W_LEFT: tl.constexpr = False):
+    """The gate and up accumulators (up is the gate's when not gated: no second GEMM); W_LEFT (k_step) the
+    transposed tile's, (BLOCK_N, BLOCK_M)."""
+    if W_LEFT:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if GATED:
-        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros(acc.shape, dtype=tl.float32)
     else:
         acc_up = acc
     return acc, acc_up
 
 
 @triton.jit
-def weight_tile_ptrs(w, w_up, expert, cols, BLOCK_K: tl.constexpr, W_INT4: tl.constexpr = False):
-    """Pointers to the first (BLOCK_K, BLOCK_N) weight tiles (gate, up) of a pointer-load tile ((BLOCK_K / 2,
-    BLOCK_N) bytes of int4 values); ``w`` and ``w_up`` as expert_gemm_tile takes them."""
+def untransposed(acc, acc_up, GATED: tl.constexpr, W_LEFT: tl.constexpr):
+    """The accumulators as (BLOCK_M, BLOCK_N) tiles after a K loop that accumulated them transposed (W_LEFT)."""
+    if W_LEFT:
+        acc = acc.T
+        if GATED:
+            acc_up = acc_up.T
+        else:
+            acc_up = acc
+    return acc, acc_up
+
+
+@triton.jit
+def weight_tile_ptrs(w, w_up, expert, cols, BLOCK_K: tl.constexpr, W_INT4: tl.constexpr = False,
+                     W_LEFT: tl.constexpr = False):
+    """Pointers to the first weight tiles (gate, up) of a pointer-load tile, (BLOCK_K, BLOCK_N), or (BLOCK_N,
+    BLOCK_K) where the weights are the dot's left operand (W_LEFT: k_step); int4, BLOCK_K / 2 bytes along
+    k; ``w`` and ``w_up`` as expert_gemm_tile takes them."""
     w_ptr, stride_we, stride_wn, stride_wk = w
     w_up_ptr, stride_ue, stride_un, stride_uk = w_up
     offs_k = tl.arange(0, BLOCK_K // 2 if W_INT4 else BLOCK_K)
-    w_ptrs = w_ptr + expert * stride_we + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
-    u_ptrs = w_up_ptr + expert * stride_ue + cols[None, :].to(tl.int64) * stride_un + offs_k[:, None] * stride_uk
+    if W_LEFT:
+        n_index, k_index = cols[:, None].to(tl.int64), offs_k[None, :]
+    else:
+        n_index, k_index = cols[None, :].to(tl.int64), offs_k[:, None]
+    w_ptrs = w_ptr + expert * stride_we + n_index * stride_wn + k_index * stride_wk
+    u_ptrs = w_up_ptr + expert * stride_ue + n_index * stride_un + k_index * stride_uk
     return w_ptrs, u_ptrs
 
 
@@ -326,42 +351,66 @@ def input_group_ptrs(a_scales, a_row, row_valid, A_GROUPED: tl.constexpr):
 @triton.jit
 def weight_tile(ptrs, k_left, col_valid, a, BLOCK_K: tl.constexpr, W_GROUP_SIZE: tl.constexpr,
                 W_INT4: tl.constexpr, W_ZERO_POINT: tl.constexpr, scale_ptrs, zero_ptrs,
-                A_GROUPED: tl.constexpr = False):
-    """A (BLOCK_K, BLOCK_N) weight tile in A's dtype for the dot. Stored values of another dtype are
-    converted through fp32 (exact for int8 / fp8 / int4: all fit bf16's 8-bit mantissa; Triton 3.6's
-    interpreter misconverts int8 to bf16 directly); with W_GROUP_SIZE, dequantised: ``(values - zero) *
-    scale`` of the tile's group (``scale_ptrs`` / ``zero_ptrs``: its columns' (BLOCK_N,) pointers), unless
-    A_GROUPED (fp8 against fp8: the caller scales the dot). W_INT4 unpacks (BLOCK_K / 2) rows of bytes, the
-    even k from the low nibble."""
+                A_GROUPED: tl.constexpr = False, W_LEFT: tl.constexpr = False):
+    """A K step's weights in A's dtype for the dot, oriented as ``ptrs`` (weight_tile_ptrs). Stored values of
+    another dtype are converted through fp32 (exact for int8 / fp8 / int4: all fit bf16's 8-bit mantissa;
+    Triton 3.6's interpreter misconverts int8 to bf16 directly); with W_GROUP_SIZE, dequantised: ``(values -
+    zero) * scale`` of the tile's group (``scale_ptrs`` / ``zero_ptrs``: its columns' (BLOCK_N,) pointers),
+    unless A_GROUPED (fp8 against fp8: the caller scales the dot). W_INT4 (always W_LEFT) unpacks BLOCK_K / 2
+    bytes of each weight row into BLOCK_K values, the even k from the low nibble: the pair lies along the
+    row, where the dot's register operand wants it."""
     if W_INT4:
-        k_valid = tl.arange(0, BLOCK_K // 2) < (k_left + 1) // 2
-        packed = tl.load(ptrs, mask=k_valid[:, None] & col_valid[None, :], other=0)
-        w = tl.join(packed & 0xF, packed >> 4).permute(0, 2, 1).reshape(BLOCK_K, packed.shape[1])
+        tl.static_assert(W_LEFT, "int4 weights are unpacked along their rows")
+        k_valid = tl.arange(0, BLOCK_K // 2) < k_left // 2  # K is even: whole bytes
+        packed = tl.load(ptrs, mask=col_valid[:, None] & k_valid[None, :], other=0)
+        w = tl.join(packed & 0xF, packed >> 4).reshape(packed.shape[0], BLOCK_K)
+    elif W_LEFT:
+        k_valid = tl.arange(0, BLOCK_K) < k_left
+        w = tl.load(ptrs, mask=col_valid[:, None] & k_valid[None, :], other=0.0)
     else:
         k_valid = tl.arange(0, BLOCK_K) < k_left
         w = tl.load(ptrs, mask=k_valid[:, None] & col_valid[None, :], other=0.0)
     if W_GROUP_SIZE > 0 and not A_GROUPED:
+        # Scales and zero points per output feature: the rows of a left operand, else its columns.
+        scale = tl.load(scale_ptrs, mask=col_valid, other=0.0)
+        zero = tl.load(zero_ptrs, mask=col_valid, other=0.0) if W_ZERO_POINT else scale
+        if W_LEFT:
+            scale, zero = scale[:, None], zero[:, None]
+        else:
+            scale, zero = scale[None, :], zero[None, :]
         w = w.to(tl.float32)
         if W_ZERO_POINT:
-            w -= tl.load(zero_ptrs, mask=col_valid, other=0.0)[None, :]
-        w *= tl.load(scale_ptrs, mask=col_valid, other=0.0)[None, :]
+            w -= zero
+        w *= scale
     if w.dtype != a.dtype:
         w = w.to(tl.float32).to(a.dtype)
     return w
 
 
 @triton.jit
+def dot_step(a, w, acc, INPUT_PRECISION: tl.constexpr, W_LEFT: tl.constexpr):
+    """acc + a @ w; W_LEFT, the transposed product: acc (BLOCK_N, BLOCK_M) + w @ a^T, ``w`` (BLOCK_N, BLOCK_K)
+    the left operand, which Hopper's wgmma reads from registers (the right one it reads from shared memory,
+    where weights converted in registers would have to be written first)."""
+    if W_LEFT:
+        acc = tl.dot(w, a.T, acc, input_precision=INPUT_PRECISION)
+    else:
+        acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
 def k_step(a, acc, acc_up, w_ptrs, u_ptrs, k_left, col_valid, stride_wk, stride_uk, GATED: tl.constexpr,
            INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, W_GROUP_SIZE: tl.constexpr = 0,
            W_INT4: tl.constexpr = False, W_ZERO_POINT: tl.constexpr = False, groups=None, k0=0,
-           A_GROUPED: tl.constexpr = False, a_groups=None):
+           A_GROUPED: tl.constexpr = False, a_groups=None, W_LEFT: tl.constexpr = False):
     """One K step of a pointer-load tile, given its A tile (loaded by the caller: the eager kernel loads it,
     the Inductor template through load_input, where a fused prologue computes it): both GEMMs' dots, and
     the weight pointers moved on. Weights dequantised in registers (W_GROUP_SIZE, ``groups`` from
     weight_group_ptrs) read the scales of the group holding ``k0``, the step's first reduction feature: a
     step never straddles two groups (BLOCK_K divides W_GROUP_SIZE, or W_GROUP_SIZE is K: one group).
     A_GROUPED (``a_groups`` from input_group_ptrs): fp8 A and W dotted as stored, the product scaled by the
-    group's input-row and weight-column scales."""
+    group's input-row and weight-column scales. W_LEFT: transposed weight tiles and accumulators (dot_step)."""
     if W_GROUP_SIZE > 0:
         s_ptrs, s_g, us_ptrs, us_g, z_ptrs, z_g, uz_ptrs, uz_g = groups
         group = k0 // W_GROUP_SIZE
@@ -370,22 +419,22 @@ def k_step(a, acc, acc_up, w_ptrs, u_ptrs, k_left, col_valid, stride_wk, stride_
     else:
         scale_ptrs, zero_ptrs, up_scale_ptrs, up_zero_ptrs = w_ptrs, w_ptrs, u_ptrs, u_ptrs  # unread
     w = weight_tile(w_ptrs, k_left, col_valid, a, BLOCK_K, W_GROUP_SIZE, W_INT4, W_ZERO_POINT, scale_ptrs,
-                    zero_ptrs, A_GROUPED)
+                    zero_ptrs, A_GROUPED, W_LEFT)
     if A_GROUPED:
         a_s_ptrs, a_s_g, row_valid = a_groups
         a_s = tl.load(a_s_ptrs + group * a_s_g, mask=row_valid, other=0.0)[:, None]
         acc += tl.dot(a, w) * (a_s * tl.load(scale_ptrs, mask=col_valid, other=0.0)[None, :])
     else:
-        acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+        acc = dot_step(a, w, acc, INPUT_PRECISION, W_LEFT)
     if GATED:
         u = weight_tile(u_ptrs, k_left, col_valid, a, BLOCK_K, W_GROUP_SIZE, W_INT4, W_ZERO_POINT, up_scale_ptrs,
-                        up_zero_ptrs, A_GROUPED)
+                        up_zero_ptrs, A_GROUPED, W_LEFT)
         if A_GROUPED:
             acc_up += tl.dot(a, u) * (a_s * tl.load(up_scale_ptrs, mask=col_valid, other=0.0)[None, :])
         else:
-            acc_up = tl.dot(a, u, acc_up, input_precision=INPUT_PRECISION)
-    rows = BLOCK_K // 2 if W_INT4 else BLOCK_K  # stored rows per step
-    return acc, acc_up, w_ptrs + rows * stride_wk, u_ptrs + rows * stride_uk
+            acc_up = dot_step(a, u, acc_up, INPUT_PRECISION, W_LEFT)
+    steps = BLOCK_K // 2 if W_INT4 else BLOCK_K  # stored columns per step
+    return acc, acc_up, w_ptrs + steps * stride_wk, u_ptrs + steps * stride_uk
 
 
 @triton.jit
@@ -479,6 +528,7 @@ def _expert_gemm_kernel(
     PACKED: tl.constexpr, E_PAD: tl.constexpr, ZERO_UNROUTED: tl.constexpr, TMA: tl.constexpr,
     PAIRED: tl.constexpr, pair_stride, W_SCALED: tl.constexpr, W_GROUP_SIZE: tl.constexpr, W_INT4: tl.constexpr,
     W_ZERO_POINT: tl.constexpr, A_SCALED: tl.constexpr, W_SCALE_ROWS: tl.constexpr, A_GROUPED: tl.constexpr,
+    W_LEFT: tl.constexpr,
 ):
     a = (a_ptr, stride_am, stride_ak)
     w = (w_ptr, stride_we, stride_wn, stride_wk)
@@ -506,7 +556,7 @@ def _expert_gemm_kernel(
             W_SCALED, (w_scale_ptr, stride_se, stride_sn, stride_sg, w_up_scale_ptr, stride_use, stride_usn, stride_usg,
                        w_zero_ptr, stride_ze, stride_zn, stride_zg, w_up_zero_ptr, stride_uze, stride_uzn, stride_uzg),
             W_GROUP_SIZE, W_INT4, W_ZERO_POINT, A_SCALED, (a_scale_ptr, stride_asm, stride_asg), W_SCALE_ROWS,
-            A_GROUPED,
+            A_GROUPED, W_LEFT,
         )
         if ZERO_UNROUTED:
             q = pid - num_blocks_max * tl.cdiv(N, BLOCK_N)
@@ -593,7 +643,8 @@ def expert_gemm_triton(
     num_sms, smem_bytes = device_limits(a.device.index or 0) if a.device.type == "cuda" else (1, 1 << 30)
     # fp32 inputs stay exact unless the user allowed tf32, as torch.matmul does.
     ieee = a.dtype == torch.float32 and not fp32_matmul_allows_tf32()
-    quantised = weight_quantisation(w.dtype, None if w_scale is None else w_scale.shape, w_zero is not None, n, k)
+    quantised = weight_quantisation(w.dtype, None if w_scale is None else w_scale.shape, w_zero is not None, n, k,
+                                    a_scale is not None)
     scaled = quantised["W_SCALED"] or quantised["W_GROUP_SIZE"] > 0 or a_scale is not None
     if tma and not scaled:
         weights = [(t.shape, t.stride(), t.data_ptr()) for t in (w, w_up) if t is not None]
@@ -603,7 +654,8 @@ def expert_gemm_triton(
                and tma_applies(a.dtype, block_m, n, gated, weights))
     tma = tma and not scaled
     if config is None:
-        config = gemm_config(block_m, n, gated, a.element_size(), busy_estimate, num_sms, smem_bytes, ieee, tma)
+        config = gemm_config(block_m, n, gated, a.element_size(), busy_estimate, num_sms, smem_bytes, ieee, tma,
+                             quantised["W_LEFT"], a_scale is not None and a_scale.dim() == 2)
     tma = tma and n % config["BLOCK_N"] == 0
     config = dict(config, BLOCK_K=group_block_k(config["BLOCK_K"], quantised["W_GROUP_SIZE"], k))
     pair_stride = None
@@ -648,16 +700,19 @@ def expert_gemm_triton(
     return out
 
 
-def weight_quantisation(w_dtype: torch.dtype, scale_shape, has_zero: bool, n: int, k: int) -> dict:
+def weight_quantisation(w_dtype: torch.dtype, scale_shape, has_zero: bool, n: int, k: int, a_fp8: bool = False
+                        ) -> dict:
     """The kernel's quantised-weight flags for an (E, ``n``, ``k``) weight of ``w_dtype`` with scales of
-    ``scale_shape`` (None: not quantised) and zero points or not (moe_ops.quantised): per-row scales alone
-    (int8 / fp8) scale the accumulated columns (W_SCALED); any other form dequantises each weight tile in
-    registers, W_GROUP_SIZE reduction features (K for per-row scales) and W_SCALE_ROWS output features per
-    scale."""
-    plain = dict(W_SCALED=False, W_GROUP_SIZE=0, W_INT4=False, W_ZERO_POINT=False, W_SCALE_ROWS=1)
+    ``scale_shape`` (None: not quantised) and zero points or not (moe_ops.quantised), against fp8 A or not:
+    per-row scales alone (int8 / fp8) scale the accumulated columns (W_SCALED); any other form dequantises each
+    weight tile in registers, W_GROUP_SIZE reduction features (K for per-row scales) and W_SCALE_ROWS output
+    features per scale. Weights converted in registers (all but fp8 against fp8 A) are the dots' left operand
+    (W_LEFT: k_step)."""
+    plain = dict(W_SCALED=False, W_GROUP_SIZE=0, W_INT4=False, W_ZERO_POINT=False, W_SCALE_ROWS=1, W_LEFT=False)
     if scale_shape is None:
         return plain
     int4 = w_dtype == torch.uint8
+    plain = dict(plain, W_LEFT=not a_fp8)
     if not int4 and not has_zero and len(scale_shape) == 2:
         return dict(plain, W_SCALED=True)
     row_blocks, groups = (int(scale_shape[1]), int(scale_shape[2])) if len(scale_shape) == 3 else (int(n), 1)

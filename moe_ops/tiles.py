@@ -105,11 +105,14 @@ def prefill_block_n(gated: bool) -> int:
 
 def gemm_config(
     block_m: int, n: int, gated: bool, itemsize: int, busy_blocks_estimate: int, num_sms: int, smem_bytes: int,
-    ieee_fp32: bool = False, tma: bool = False,
+    ieee_fp32: bool = False, tma: bool = False, weights_left: bool = False, scaled_dots: bool = False,
 ) -> dict:
     """Tile config by token bucket (block_m): a heuristic, not autotuned, so that eager calls never
     pay a tuning sweep (benchmarks/NOTES.md records what each choice measured). ``ieee_fp32``: fp32
-    inputs without tf32, whose dots run on the FMA units."""
+    inputs without tf32, whose dots run on the FMA units. ``weights_left``: weights converted in registers
+    as the dots' left operand (expert_gemm_triton's W_LEFT), which holds them in registers beside the
+    accumulators. ``scaled_dots``: each K step's product scaled before it is accumulated (A_GROUPED), one more
+    tile of fp32 in registers."""
     if ieee_fp32 and block_m >= 64:
         # The tensor-core tiles below spill on FMA dots (255 registers, 124 spilled in the down
         # GEMM); these were the fastest of a sweep at Mixtral / Qwen3 shapes, T = 2048 (v5).
@@ -126,6 +129,14 @@ def gemm_config(
         # Prefill is compute bound: the 128 x 256 tile, 8 warps, 3 stages that Hopper's Triton GEMMs
         # run best with; gated, the 256 columns are 128 of gate and 128 of up.
         block_n, block_k, warps, stages = prefill_block_n(gated), 64, 8, 3
+        if itemsize == 1:
+            block_k *= 2  # fp8 inputs: a K step of the same bytes, as deep as fp8 dots' reduction steps run
+        if weights_left:
+            # Half the weight tile in registers, one stage deeper: ptxas spills the full tile (sm90, 255
+            # registers, 8 to 224 bytes spilled for int8 / int4 weights).
+            block_n, block_k, stages = (block_n, block_k // 2, 4) if gated else (block_n // 2, block_k, 4)
+        if scaled_dots:
+            block_n //= 2  # ptxas spills ~1.2 KB of the full tile's (sm90, fp8 weights in 128 x 128 blocks)
     if tma:
         # The same tile one stage deeper: with TMA loads the epilogue needs no room beside the pipeline
         # (Mixtral T = 8192 gate_up: 6.20 -> 5.76 ms with a persistent grid; benchmarks/NOTES.md, v8).

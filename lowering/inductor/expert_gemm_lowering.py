@@ -65,7 +65,7 @@ import triton
 import triton.language as tl
 from moe_ops.expert_gemm_triton import (
     expert_gemm_tile, input_group_ptrs, k_step, make_descriptors, tile_accumulators, tile_coords, tile_output,
-    unrouted_row_blocks, unrouted_rows_tile, weight_group_ptrs, weight_tile_ptrs,
+    unrouted_row_blocks, unrouted_rows_tile, untransposed, weight_group_ptrs, weight_tile_ptrs,
 )
 
 {%- set names = ["A", "W"] %}
@@ -149,8 +149,8 @@ from moe_ops.expert_gemm_triton import (
         expert, row0, offs_m, rows_in_range, slot, row_valid, a_row, col0, cols, col_valid, k_end = tile_coords(
             pid, schedule, sizes, GATHER, BLOCK_M, BLOCK_N, GROUP_M, PACKED, E_PAD,
         )
-        acc, acc_up = tile_accumulators(BLOCK_M, BLOCK_N, GATED)
-        w_ptrs, u_ptrs = weight_tile_ptrs(w, w_up, expert, cols, BLOCK_K, W_INT4)
+        acc, acc_up = tile_accumulators(BLOCK_M, BLOCK_N, GATED, W_LEFT)
+        w_ptrs, u_ptrs = weight_tile_ptrs(w, w_up, expert, cols, BLOCK_K, W_INT4, W_LEFT)
         groups = weight_group_ptrs(w_scales, expert, cols, W_GROUP_SIZE, W_SCALE_ROWS)
 {%- if A_SCALED or A_GROUPED %}
         # fp8 A: its rows' scales (per group: applied in each K step; per row: after the K loop).
@@ -172,8 +172,9 @@ from moe_ops.expert_gemm_triton import (
 {%- endif %}
             acc, acc_up, w_ptrs, u_ptrs = k_step(
                 a, acc, acc_up, w_ptrs, u_ptrs, K - k0, col_valid, {{stride("W", 2)}}, {{w_up_strides[2]}}, GATED,
-                {{precision}}, BLOCK_K, W_GROUP_SIZE, W_INT4, W_ZERO_POINT, groups, k0, A_GROUPED, a_groups,
+                {{precision}}, BLOCK_K, W_GROUP_SIZE, W_INT4, W_ZERO_POINT, groups, k0, A_GROUPED, a_groups, W_LEFT,
             )
+        acc, acc_up = untransposed(acc, acc_up, GATED, W_LEFT)
 {%- if A_SCALED %}
         a_row_scale = tl.load(A_SCALE + a_row * {{stride("A_SCALE", 0)}}, mask=row_valid, other=0.0)[:, None]
         acc *= a_row_scale
@@ -359,10 +360,11 @@ def tuned_expert_gemm(
     tma = (tma and not scaled and packed and gather_top_k == 0 and tma_allowed(device)
            and tma_applies(a.get_dtype(), block_m, n, gated, weight_views(w, w_up)))
     pair_stride = ir_pair_stride(input_nodes[1], input_nodes[2]) if tma and gated else None
-    base = gemm_config(block_m, int(n), gated, a.get_dtype().itemsize, busy_estimate, num_sms, smem_bytes, ieee, tma)
     k = int(a.get_size()[1])
     quantised = weight_quantisation(w.get_dtype(), None if w_scale is None else w_scale.get_size(),
-                                    w_zero is not None, int(n), k)
+                                    w_zero is not None, int(n), k, a_scale is not None)
+    base = gemm_config(block_m, int(n), gated, a.get_dtype().itemsize, busy_estimate, num_sms, smem_bytes, ieee, tma,
+                       quantised["W_LEFT"], a_scale is not None and len(a_scale.get_size()) == 2)
     flags = dict(
         GATHER=gather_top_k > 0, SCATTER=bool(scatter), GATED=gated, HAS_BIAS=bias is not None,
         HAS_BIAS_UP=bias_up is not None, HAS_SLOT_WEIGHT=slot_weights is not None,
