@@ -109,7 +109,7 @@ def vllm_experts(source: Path | None, w_gate_up: torch.Tensor, w_down: torch.Ten
 
 
 def run_shape(shape: MoEShape, tokens, device, time_fn, group: int = GROUP,
-              vllm_source: Path | None = None) -> list[str]:
+              vllm_source: Path | None = None, impls: set[str] | None = None) -> list[str]:
     E, K, H, F = shape.num_experts, shape.top_k, shape.hidden, shape.intermediate
     torch.manual_seed(0)
     w_gate_up = (torch.randn(E, 2 * F, H, device=device) / H**0.5).to(torch.bfloat16)
@@ -140,6 +140,10 @@ def run_shape(shape: MoEShape, tokens, device, time_fn, group: int = GROUP,
                 calls[name] = functools.partial(experts, x, ids, routing)
         for name, experts in vllm.items():
             calls[name] = functools.partial(experts, x, routing, ids)
+        if impls is not None:  # the bf16 call stays: the others' speed-up and error are against it
+            if impls - set(calls):
+                raise SystemExit(f"--impls: {sorted(impls - set(calls))} not among {sorted(calls)}")
+            calls = {name: call for name, call in calls.items() if name in impls or name == "moe_ops_bf16"}
         with torch.no_grad():
             want = calls["moe_ops_bf16"]()
             errors = {name: sqnr_db(want, call()) for name, call in calls.items() if name != "moe_ops_bf16"}
@@ -164,6 +168,8 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join(GPU_SHAPES), help=f"of {','.join(SHAPES)}")
     parser.add_argument("--dry-run", action="store_true", help="on the CPU, a tiny shape, wall-clock timer")
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results; dry run: none)")
+    parser.add_argument("--impls", help="only these implementations (comma-separated names; moe_ops_bf16 always runs)")
+    parser.add_argument("--tokens", help=f"comma-separated T (default {','.join(map(str, TOKENS))})")
     parser.add_argument("--vllm-source", type=Path, help="vLLM's fused_moe.py (its configs/ folder beside it): adds "
                         "vLLM's Triton kernel, bf16 and fp8 w8a8 (GPU only)")
     args = parser.parse_args()
@@ -178,6 +184,8 @@ def main() -> None:
             raise SystemExit(f"--shapes: expected names of {list(SHAPES)}, got {unknown}")
         device, shapes, tokens = torch.device("cuda"), [SHAPES[n] for n in args.shapes.split(",")], TOKENS
         gpu, time_fn = torch.cuda.get_device_name(), time_on_gpu
+    if args.tokens:
+        tokens = tuple(int(t) for t in args.tokens.split(","))
     try:
         import torchao
         torchao_version = torchao.__version__
@@ -192,7 +200,7 @@ def main() -> None:
              "|---|---|---|---|---|---|---|---|"]
     for shape in shapes:
         shape_lines = run_shape(shape, tokens, device, time_fn, DRY_RUN_GROUP if args.dry_run else GROUP,
-                                args.vllm_source)
+                                args.vllm_source, set(args.impls.split(",")) if args.impls else None)
         print("\n".join(shape_lines), flush=True)
         lines += shape_lines
     report = "\n".join(lines) + "\n"

@@ -115,6 +115,14 @@ KNOWN_APPLY_GATES = {
     "8ac057487ab6184c": ApplyGate("DeepseekV4Experts._apply_gate", "clamped_silu", False, "limit", act_fn=True),
 }
 
+# The branches of transformers' FP8Experts._apply_gate (FP8_EXPERTS_CODE): swiglu_alpha set, GPT-OSS's clamped
+# SwiGLU; else limit set, act_fn(gate.clamp(max=limit)) * up.clamp(-limit, limit); else act_fn(gate) * up.
+FP8_APPLY_GATES = {
+    "swiglu_alpha": ApplyGate("FP8Experts gate (swiglu_alpha)", "clamped_swiglu", False, "swiglu_limit",
+                              "swiglu_alpha"),
+    "limit": ApplyGate("FP8Experts gate (limit)", "clamped_silu", False, "limit", act_fn=True),
+}
+
 # act_fn modules that compute exactly one moe_ops activation (exact types: a subclass may override forward).
 # GELUActivation is erf GELU in both of its variants; GELUTanh and NewGELUActivation the tanh formula.
 ACTIVATION_OF_TYPE = {
@@ -246,6 +254,26 @@ def _activation_of(act_fn) -> str | None:
     return ACTIVATION_OF_TYPE.get(act_type)
 
 
+def _gate_activation(experts: nn.Module, apply_gate: ApplyGate | None) -> tuple[str, float, float] | str:
+    """(activation, alpha, limit) of fused_experts that compute ``experts``' gate: the one ``apply_gate``
+    describes, else its act_fn; or the reason there are none."""
+    if apply_gate is None:
+        activation = _activation_of(experts.act_fn)
+        if activation is None:
+            return f"act_fn {type(experts.act_fn).__name__} has no moe_ops activation"
+        return activation, CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT  # only the clamped activations read them
+    limit = getattr(experts, apply_gate.limit)
+    alpha = CLAMPED_SWIGLU_ALPHA if apply_gate.alpha is None else float(getattr(experts, apply_gate.alpha))
+    activation = apply_gate.activation
+    if apply_gate.act_fn and _activation_of(experts.act_fn) != "silu":
+        return f"its {apply_gate.name} applies act_fn {type(experts.act_fn).__name__}, not SiLU"
+    if limit is None:  # clamp(max=None) clamps nothing
+        if activation != "clamped_silu":
+            return f"its {apply_gate.limit} is None: {activation} without a limit is no moe_ops activation"
+        activation, limit = "silu", CLAMPED_SWIGLU_LIMIT
+    return activation, alpha, float(limit)
+
+
 def stored_quantised(experts: nn.Module, attribute: str) -> dict[str, torch.Tensor] | None:
     """The (E, N, K) values, scales and zero points (``w``, ``scale``, ``zero``) of a weight that
     moe_ops.quantise_experts stored, or None for a module it did not quantise."""
@@ -264,23 +292,10 @@ def fused_experts_arguments(experts: nn.Module, hidden_states: torch.Tensor) -> 
     gate, reason = _verified_gate(type(experts), flags)
     if reason is not None:
         return reason
-    if gate in KNOWN_APPLY_GATES:
-        apply_gate = KNOWN_APPLY_GATES[gate]
-        limit = getattr(experts, apply_gate.limit)
-        alpha = CLAMPED_SWIGLU_ALPHA if apply_gate.alpha is None else float(getattr(experts, apply_gate.alpha))
-        activation = apply_gate.activation
-        if apply_gate.act_fn and _activation_of(experts.act_fn) != "silu":
-            return f"its _apply_gate applies act_fn {type(experts.act_fn).__name__}, not SiLU"
-        if limit is None:  # clamp(max=None) clamps nothing
-            if activation != "clamped_silu":
-                return f"its {apply_gate.limit} is None: {activation} without a limit is no moe_ops activation"
-            activation, limit = "silu", CLAMPED_SWIGLU_LIMIT
-        limit = float(limit)
-    else:
-        activation = _activation_of(experts.act_fn)
-        if activation is None:
-            return f"act_fn {type(experts.act_fn).__name__} has no moe_ops activation"
-        alpha, limit = CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT  # only clamped_swiglu reads them
+    gate_activation = _gate_activation(experts, KNOWN_APPLY_GATES.get(gate))
+    if isinstance(gate_activation, str):
+        return gate_activation
+    activation, alpha, limit = gate_activation
     first_name = "gate_up_proj" if has_gate else "up_proj"
     tensors = {"w_gate_up": first_name, "w_down": "down_proj"}
     if has_bias:
@@ -376,23 +391,17 @@ def fp8_experts_arguments(experts: nn.Module, hidden_states: torch.Tensor) -> di
         return "its weights have one scale each (no block_size): moe_ops takes fp8 weights in blocks or per row"
     if hidden_states.dim() != 2:
         return f"hidden_states has {hidden_states.dim()} dims, fused_experts takes (tokens, hidden)"
+    first_name, apply_gate = "up_proj", None
     if experts.has_gate:
-        first_name, alpha, limit = "gate_up_proj", CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT
+        first_name = "gate_up_proj"
         if experts.swiglu_alpha is not None:
-            if experts.swiglu_limit is None:
-                return "its swiglu_limit is None: clamped_swiglu without a limit is no moe_ops activation"
-            activation, alpha, limit = "clamped_swiglu", float(experts.swiglu_alpha), float(experts.swiglu_limit)
+            apply_gate = FP8_APPLY_GATES["swiglu_alpha"]
         elif experts.limit is not None:
-            if _activation_of(experts.act_fn) != "silu":
-                return f"its gate clamps act_fn {type(experts.act_fn).__name__}, not SiLU"
-            activation, limit = "clamped_silu", float(experts.limit)
-        else:
-            activation = _activation_of(experts.act_fn)
-    else:
-        first_name, alpha, limit = "up_proj", CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT
-        activation = _activation_of(experts.act_fn)
-    if activation is None:
-        return f"act_fn {type(experts.act_fn).__name__} has no moe_ops activation"
+            apply_gate = FP8_APPLY_GATES["limit"]
+    gate_activation = _gate_activation(experts, apply_gate)
+    if isinstance(gate_activation, str):
+        return gate_activation
+    activation, alpha, limit = gate_activation
     arguments = dict(layout="EFH", interleaved=False, activation=activation, gated=experts.has_gate, alpha=alpha,
                      limit=limit, input_quantisation="fp8_groupwise")
     block_rows, block_columns = experts.block_size
@@ -456,11 +465,10 @@ def _fused_or_own_loop(self, arguments, hidden_states, top_k_index, top_k_weight
                            f"fused_experts cannot take this call: {arguments}")
     if isinstance(arguments, str):
         if fallback is None:
-            _report(type(self), f"runs its own loop, not moe_ops.fused_experts: {arguments}", False, compiling)
-            fallback = original_experts_forward(type(self))
+            fallback, runs = original_experts_forward(type(self)), "its own loop"
         else:
-            _report(type(self), f"runs transformers' {fallback.__name__}, not moe_ops.fused_experts: {arguments}",
-                    False, compiling)
+            runs = f"transformers' {fallback.__name__}"
+        _report(type(self), f"runs {runs}, not moe_ops.fused_experts: {arguments}", False, compiling)
         return fallback(self, hidden_states, top_k_index, top_k_weights)
     _report(
         type(self),

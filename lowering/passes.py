@@ -81,8 +81,11 @@ class MoeOpsPostGradPass(_ChainedPass):
     def rewrite(self, graph: torch.fx.Graph) -> None:
         from moe_ops.lowering.graph.pipeline import POST_GRAD_REWRITES
 
-        if sum(rewrite(graph) for rewrite in POST_GRAD_REWRITES):
-            graph.eliminate_dead_code()
+        for rewrite in POST_GRAD_REWRITES:
+            if rewrite(graph):
+                # What a rewrite replaced goes before the next rewrite reads the graph: a rewritten block's old
+                # nodes would still read what the next one matches (the dequantised weights, say) otherwise.
+                graph.eliminate_dead_code()
 
 
 class MoeOpsJointPass(_ChainedPass):

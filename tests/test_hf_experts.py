@@ -465,6 +465,27 @@ def test_transformers_fp8_experts_run_as_fused_experts(caplog):
     assert backend.fused_experts_calls() == 1 and counters["moe_ops"]["hf_experts"] == 1
 
 
+@pytest.mark.parametrize("gate_config", [{}, {"swiglu_limit": 5.0}, {"swiglu_alpha": 1.5, "swiglu_limit": 6.0},
+                                         {"swiglu_alpha": 1.5}], ids=["act_fn", "limit", "swiglu", "swiglu-no-limit"])
+def test_transformers_fp8_experts_gate_maps_to_the_op_activation(gate_config):
+    """Each branch of FP8Experts._apply_gate (SwiGLU-OAI with swiglu_alpha, act_fn clamped by limit, plain
+    act_fn) maps to the fused_experts activation that computes it, checked on values past the limits; the
+    SwiGLU branch without a limit (no clamp at all) maps to none, and the reason says so."""
+    from moe_ops.activations import activate_ref
+
+    experts = _fp8_experts(128, **gate_config)
+    arguments = hf_experts.fp8_experts_arguments(experts, torch.randn(3, 256))
+    if "swiglu_alpha" in gate_config and "swiglu_limit" not in gate_config:
+        assert arguments == "its swiglu_limit is None: clamped_swiglu without a limit is no moe_ops activation"
+        return
+    assert isinstance(arguments, dict), arguments
+    gate_up = 4 * torch.randn(64, 2 * 128, dtype=torch.float64)  # beyond the limits of 5 and 6
+    gate, up = gate_up.chunk(2, -1)
+    want = experts._apply_gate(gate_up)
+    got = activate_ref(gate, up, arguments["activation"], arguments["alpha"], arguments["limit"])
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12), arguments["activation"]
+
+
 def test_transformers_fp8_experts_that_are_not_the_op_run_their_own_loop(caplog, monkeypatch):
     """FP8 experts whose tiles do not divide the weights, or whose activations take fixed scales, keep
     transformers' loop (its fp8_linear replaced here by a recording stand-in: its kernels need a GPU), and the

@@ -88,10 +88,6 @@ def rewrite_quantised_weights(graph: Graph) -> int:
     """Give every ``moe_ops.fused_experts`` whose expert weights are all per-row dequantisations their stored
     values and scales (module docstring); returns how many calls changed."""
     rewritten = 0
-    if not graph.find_nodes(op="call_function", target=_FUSED):
-        return 0
-    # The blocks the experts rewrite replaced still read the dequantised weights until dead code goes.
-    graph.eliminate_dead_code()
     for node in list(graph.nodes):
         if not is_call(node, _FUSED) or len(node.args) != _NUM_PLAIN_ARGS or node.kwargs:
             continue
