@@ -277,8 +277,8 @@ def _variant(**changes):
         inv_perm = torch.empty_like(perm)
         inv_perm[perm] = torch.arange(perm.size(0))
         result = out[inv_perm].view(num_tokens, num_top_k, -1).sum(dim=1)
-        if changes.get("leak_h"):  # an intermediate read after the block
-            result = result + h.sum() * 0
+        if changes.get("leak_h"):  # an intermediate read after the block (x * 0 Inductor would fold away)
+            result = result + h.sum() * 1e-30
         return result.to(hidden_states.dtype)
 
     return forward
