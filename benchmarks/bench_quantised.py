@@ -153,6 +153,7 @@ def run_shape(shape: MoEShape, tokens, device, time_fn, group: int = GROUP,
                     rounds[name].append(time_fn(call)[0])
         touched = min(E, t * K)  # experts a batch reads (every expert once at most)
         bf16_ms = statistics.median(rounds["moe_ops_bf16"])
+        first = len(lines)
         for name, measured in rounds.items():
             ms = statistics.median(measured)
             itemsize = itemsizes.get(name, 2.0 if name == "vllm_bf16" else 1.0)  # the peers' fp8: one byte
@@ -160,6 +161,7 @@ def run_shape(shape: MoEShape, tokens, device, time_fn, group: int = GROUP,
             error = f"{errors[name]:.1f}" if name in errors else "-"
             lines.append(f"| {shape.name} | {t} | {name} | {ms:.4f} | {bf16_ms / ms:.2f}x | {gb_per_s:.0f} | {error} | "
                          + ", ".join(f"{m:.4f}" for m in measured) + " |")
+        print("\n".join(lines[first:]), flush=True)  # each T as it ends: a run cut short keeps what it measured
     return lines
 
 
@@ -201,7 +203,6 @@ def main() -> None:
     for shape in shapes:
         shape_lines = run_shape(shape, tokens, device, time_fn, DRY_RUN_GROUP if args.dry_run else GROUP,
                                 args.vllm_source, set(args.impls.split(",")) if args.impls else None)
-        print("\n".join(shape_lines), flush=True)
         lines += shape_lines
     report = "\n".join(lines) + "\n"
     print(report)
