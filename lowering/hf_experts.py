@@ -16,6 +16,11 @@ in that interface instead of rewriting graphs:
   traces a module whose expert weights are torchao tensors, with ``moe_ops.config.rewrites`` and
   ``moe_ops.config.transformers_quantised_experts`` on; otherwise transformers' implementation, unchanged.
 
+- LongCat-Flash's ``LongcatFlashExperts``, which transformers gives no experts interface (its forward is its
+  loop, with zero-compute experts beside the routed ones): its ``forward`` is wrapped to run
+  ``moe_ops.fused_experts`` over the routed experts plus each token times its zero experts' weights while dynamo
+  traces, on the same two switches as ``"eager"`` (``zero_experts_forward``).
+
 Either entry calls ``fused_experts`` only for a module whose result it knows to be the same computation as
 the class's own loop: the loop's code must be one of the loops below (matched token for token), the
 decorator's flags must agree with it, and the activation, dtypes and devices must map onto the op.
@@ -584,6 +589,74 @@ def register_experts_implementations() -> None:
             continue
         _ORIGINAL_IMPLEMENTATIONS[name] = original
         ExpertsInterface.register(name, _over_torchao_weights(name))
+
+
+# LongcatFlashExperts.forward of transformers 5.17, by _code_fingerprint: experts [0, n_routed) are Mixtral's
+# (gate_up_proj rows -> chunk(2) -> act_fn(gate) * up -> down_proj, no biases, the routing weight on the output),
+# experts [n_routed, n_routed + zero_expert_num) return the token (nn.Identity) times its weight, every
+# contribution rounded to the input's dtype and added with index_add_.
+ZERO_EXPERTS_CODE = {"LongcatFlashExperts": "3c5ecc785976ed7f"}
+_ORIGINAL_ZERO_EXPERTS: dict[type, object] = {}
+
+
+def zero_experts_arguments(experts: nn.Module, hidden_states: torch.Tensor) -> dict | str:
+    """Keyword arguments of ``moe_ops.fused_experts`` that compute the routed experts of a LongCat-Flash experts
+    module (its zero-compute experts, ids from ``num_routed_experts`` on, are routed to no expert there), or the
+    reason there are none."""
+    if experts.gate_up_proj is None:
+        return "it has no routed experts, only zero-compute ones"
+    activation = _activation_of(experts.act_fn)
+    if activation is None:
+        return f"act_fn {type(experts.act_fn).__name__} has no moe_ops activation"
+    if hidden_states.dim() != 2:
+        return f"hidden_states has {hidden_states.dim()} dims, fused_experts takes (tokens, hidden)"
+    if torch.is_autocast_enabled(hidden_states.device.type):
+        return "autocast is on: the eager loop multiplies in the autocast dtype, fused_experts in the weights' dtype"
+    for name in ("gate_up_proj", "down_proj"):
+        weight = getattr(experts, name)
+        if weight.dtype != hidden_states.dtype or weight.device != hidden_states.device:
+            return (f"{name} is {weight.dtype} on {weight.device} but hidden_states is {hidden_states.dtype} on "
+                    f"{hidden_states.device}")
+    # gate_up_proj holds a row per expert, zero-compute ones included, which the loop never reads.
+    return dict(w_gate_up=experts.gate_up_proj[:experts.num_routed_experts], w_down=experts.down_proj, layout="EFH",
+                interleaved=False, activation=activation, gated=True)
+
+
+def zero_experts_forward(original):
+    """``original`` (a verified ZERO_EXPERTS_CODE loop), except while dynamo traces with ``config.rewrites`` and
+    ``config.transformers_eager_experts`` on: then ``fused_experts`` over the routed experts plus each token times
+    the summed weights of the zero-compute experts it picked (the loop's ``nn.Identity`` experts)."""
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        if not (torch.compiler.is_compiling() and config.rewrites and config.transformers_eager_experts):
+            return original(self, hidden_states, top_k_index, top_k_weights)
+        arguments = zero_experts_arguments(self, hidden_states)
+        if isinstance(arguments, str):
+            _report(type(self), f"runs its own loop, not moe_ops.fused_experts: {arguments}", False, True)
+            return original(self, hidden_states, top_k_index, top_k_weights)
+        _report(type(self), f"runs as moe_ops.fused_experts over its {self.num_routed_experts} routed experts "
+                f"(activation={arguments['activation']!r}) plus the token times the weights of the "
+                f"{self.zero_expert_num} zero-compute experts it picks", True, True)
+        routed = fused_experts(hidden_states, top_k_weights, top_k_index, **arguments)
+        zero_weights = torch.where(top_k_index >= self.num_routed_experts, top_k_weights, 0).sum(-1, keepdim=True)
+        return routed + (hidden_states * zero_weights).to(hidden_states.dtype)
+
+    forward.__wrapped__ = original
+    return forward
+
+
+def register_zero_experts(module) -> None:
+    """Wrap the forward of each ZERO_EXPERTS_CODE class in ``module`` (its transformers modeling module) whose
+    code is the one read (idempotent; another code is left alone, the reason logged at DEBUG)."""
+    for name, fingerprint in ZERO_EXPERTS_CODE.items():
+        experts_class = getattr(module, name, None)
+        if experts_class is None or experts_class in _ORIGINAL_ZERO_EXPERTS:
+            continue
+        if _code_fingerprint(experts_class.forward) != fingerprint:
+            log.debug("%s.forward is not the loop moe_ops read (transformers 5.17); left alone", name)
+            continue
+        _ORIGINAL_ZERO_EXPERTS[experts_class] = experts_class.forward
+        experts_class.forward = zero_experts_forward(experts_class.forward)
 
 
 def register_fp8_experts_implementations() -> None:

@@ -18,6 +18,8 @@ from moe_ops._compat.imports import when_imported
 from moe_ops.settings import config
 
 log = logging.getLogger("moe_ops")
+# transformers' modeling module of LongCat-Flash, whose experts class moe_ops wraps (hf_experts.register_zero_experts).
+LONGCAT_MODELING = "transformers.models.longcat_flash.modeling_longcat_flash"
 
 
 def enable() -> None:
@@ -36,6 +38,7 @@ def enable() -> None:
     when_imported("torch._inductor.config", _install_passes)
     when_imported("transformers", _register_transformers_experts)
     when_imported("transformers.integrations.finegrained_fp8", _register_transformers_fp8_experts)
+    when_imported(LONGCAT_MODELING, _register_transformers_zero_experts)
 
 
 def _install_passes() -> None:
@@ -66,6 +69,17 @@ def _register_transformers_experts() -> None:
         log.debug("transformers experts implementations not registered: %s", error)
         return
     register_experts_implementations()
+
+
+def _register_transformers_zero_experts() -> None:
+    # LongCat-Flash's experts have no experts interface: their class's forward is wrapped when its modeling
+    # module is imported (building the model imports it).
+    try:
+        from moe_ops.lowering.hf_experts import register_zero_experts
+    except ImportError as error:
+        log.debug("LongCat-Flash experts not wrapped: %s", error)
+        return
+    register_zero_experts(sys.modules[LONGCAT_MODELING])
 
 
 def _register_transformers_fp8_experts() -> None:

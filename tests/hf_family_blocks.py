@@ -61,8 +61,6 @@ DIFFERENT_CODE = {
     "llama4": "its top-k runs on raw logits and the sigmoid follows on a dense score matrix, a router "
               "moe_ops.route does not express; every token goes through every expert with its input row scaled "
               "by its score, which is rewritten (one row per slot for K > 1); its experts are rewritten",
-    "longcat_flash": "its router also picks zero-compute experts that return the token unchanged, and its "
-                     "experts loop reads each expert id to the host (.item()); its router is rewritten",
     "mistral4": "its group-limited router computes logits, softmax and top-k in bf16 (no fp32 cast), so the "
                 "selection reads rounded scores; its experts are rewritten",
     "nllb_moe": "it picks 2 experts with two argmax calls and drops tokens past an expert's capacity; each "

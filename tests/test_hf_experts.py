@@ -149,6 +149,35 @@ def test_other_families_eager_experts_run_fused_experts(family):
     assert_close_rel(out, block_output(block, x), torch.float32, f"{family} compiled vs eager")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_longcat_zero_experts_run_as_fused_experts_plus_the_token(dtype, caplog):
+    """LongCat-Flash's experts (no experts interface in transformers: its forward is its loop, which reads each
+    expert id to the host) pick zero-compute experts beside the routed ones, which return the token times its
+    weight. Compiled, the block is one graph: fused_experts over the routed experts plus each token times the
+    weights of the zero experts it picked, the loop's result for tokens with no zero expert, one, or two."""
+    modeling = _modeling("longcat_flash")
+    config = transformers.LongcatFlashConfig(hidden_size=H, expert_ffn_hidden_size=F, n_routed_experts=E,
+                                             zero_expert_num=2, num_experts_per_tok=K, num_attention_heads=4,
+                                             num_key_value_heads=2, vocab_size=128)
+    torch.manual_seed(0)
+    block = modeling.LongcatFlashMoE(config)
+    for parameter in block.parameters():
+        torch.nn.init.normal_(parameter, std=0.1)
+    # The selection bias puts the two zero experts in close competition with the routed ones.
+    block.router.e_score_correction_bias.copy_(torch.tensor([0.0] * E + [0.1, 0.1]))
+    block = block.to(dtype).eval().requires_grad_(False)
+    x = torch.randn(1, 32, H).to(dtype)
+    zero_picked = (block.router(x.view(-1, H))[1] >= E).sum(-1)
+    assert set(zero_picked.tolist()) == {0, 1, 2}, zero_picked  # every case of the identity term
+    backend = RecordingBackend()
+    with caplog.at_level(logging.INFO, logger="moe_ops"):
+        out = torch.compile(block, backend=backend, fullgraph=True)(x)
+    assert len(backend.graphs) == 1 and backend.fused_experts_calls() == 1
+    assert counters["moe_ops"]["hf_experts"] == 1 and counters["moe_ops"]["hf_experts_fallback"] == 0
+    assert "runs as moe_ops.fused_experts over its 8 routed experts" in caplog.text
+    assert_close_rel(out, block(x), dtype, "LongCat-Flash compiled vs its loop")
+
+
 def test_dynamic_tokens_compile_once():
     block = tiny_block("mixtral", torch.float32)
     backend = RecordingBackend()
