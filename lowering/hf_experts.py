@@ -101,7 +101,9 @@ class ApplyGate(NamedTuple):
     """An experts class's ``_apply_gate`` (gate_up -> the activation) that one moe_ops activation computes."""
 
     name: str
-    activation: str  # "clamped_swiglu" or "clamped_silu"
+    # "clamped_swiglu" or "clamped_silu"; None: act_fn(gate).clamp(max=limit) * up.clamp(-limit, limit), the clamp
+    # after the activation, which is an op activation only where the limit is infinite (no clamp)
+    activation: str | None
     interleaved: bool  # gate and up as x[..., ::2], x[..., 1::2] rather than the two halves (chunk)
     limit: str  # the attribute holding the clamp limit (its value None: no clamp)
     alpha: str | None = None  # clamped_swiglu: the attribute holding alpha
@@ -118,6 +120,7 @@ KNOWN_APPLY_GATES = {
     # Glm5NextTextExperts and HYV4Experts
     "e50d92fc68832328": ApplyGate("Glm5NextTextExperts._apply_gate", "clamped_silu", False, "swiglu_limit"),
     "8ac057487ab6184c": ApplyGate("DeepseekV4Experts._apply_gate", "clamped_silu", False, "limit", act_fn=True),
+    "2010d1f4e1592a50": ApplyGate("Step3p7Experts._apply_gate", None, False, "limit"),
 }
 
 # The branches of transformers' FP8Experts._apply_gate (FP8_EXPERTS_CODE): swiglu_alpha set, GPT-OSS's clamped
@@ -182,7 +185,7 @@ def original_experts_forward(experts_class: type):
     for klass in experts_class.__mro__:
         forward = vars(klass).get("forward")
         if forward is not None:
-            while getattr(forward, "__code__", None) is _DISPATCHING_FORWARD_CODE:
+            while getattr(forward, "__code__", None) in (_DISPATCHING_FORWARD_CODE, *_OWN_LOOP_WRAPPER_CODES):
                 forward = forward.__wrapped__
             return forward
     raise TypeError(f"experts_class: {experts_class.__name__} has no forward")
@@ -268,6 +271,11 @@ def _gate_activation(experts: nn.Module, apply_gate: ApplyGate | None) -> tuple[
             return f"act_fn {type(experts.act_fn).__name__} has no moe_ops activation"
         return activation, CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT  # only the clamped activations read them
     limit = getattr(experts, apply_gate.limit)
+    if apply_gate.activation is None:
+        if limit is not None and limit != float("inf"):
+            return (f"its {apply_gate.name} clamps act_fn(gate) after the activation ({apply_gate.limit}={limit}), "
+                    "which no moe_ops activation computes")
+        return _gate_activation(experts, None)  # clamped by infinity: act_fn(gate) * up, NaN and inf kept
     alpha = CLAMPED_SWIGLU_ALPHA if apply_gate.alpha is None else float(getattr(experts, apply_gate.alpha))
     activation = apply_gate.activation
     if apply_gate.act_fn and _activation_of(experts.act_fn) != "silu":
@@ -288,12 +296,13 @@ def stored_quantised(experts: nn.Module, attribute: str) -> dict[str, torch.Tens
                 zero=getattr(experts, f"{attribute}_zero", None))
 
 
-def fused_experts_arguments(experts: nn.Module, hidden_states: torch.Tensor) -> dict | str:
+def fused_experts_arguments(experts: nn.Module, hidden_states: torch.Tensor, flags: tuple | None = None) -> dict | str:
     """Keyword arguments of ``moe_ops.fused_experts`` that compute what ``experts``' own loop computes on
-    ``hidden_states``, or the reason there are none."""
-    has_gate, has_bias, is_transposed, is_concatenated = flags = (
-        experts.has_gate, experts.has_bias, experts.is_transposed, experts.is_concatenated
-    )
+    ``hidden_states``, or the reason there are none; ``flags`` (has_gate, has_bias, is_transposed,
+    is_concatenated) for a class without transformers' decorator, which would declare them."""
+    if flags is None:
+        flags = (experts.has_gate, experts.has_bias, experts.is_transposed, experts.is_concatenated)
+    has_gate, has_bias, is_transposed, is_concatenated = flags
     gate, reason = _verified_gate(type(experts), flags)
     if reason is not None:
         return reason
@@ -591,12 +600,17 @@ def register_experts_implementations() -> None:
         ExpertsInterface.register(name, _over_torchao_weights(name))
 
 
-# LongcatFlashExperts.forward of transformers 5.17, by _code_fingerprint: experts [0, n_routed) are Mixtral's
-# (gate_up_proj rows -> chunk(2) -> act_fn(gate) * up -> down_proj, no biases, the routing weight on the output),
-# experts [n_routed, n_routed + zero_expert_num) return the token (nn.Identity) times its weight, every
-# contribution rounded to the input's dtype and added with index_add_.
-ZERO_EXPERTS_CODE = {"LongcatFlashExperts": "3c5ecc785976ed7f"}
-_ORIGINAL_ZERO_EXPERTS: dict[type, object] = {}
+# Experts classes of transformers 5.17 without use_experts_implementation (their forward is their loop), whose
+# forward moe_ops wraps when their modeling module is imported (register_own_loop_experts; lowering/install.py
+# names the modules). Each: the flags the decorator would declare for its loop (one of KNOWN_EAGER_LOOPS, with its
+# _apply_gate one of KNOWN_APPLY_GATES), or None: LongCat-Flash's own loop (ZERO_EXPERTS_CODE).
+OWN_LOOP_EXPERTS = {"Step3p7Experts": (True, False, False, True), "LongcatFlashExperts": None}
+# LongcatFlashExperts.forward, by _code_fingerprint: experts [0, n_routed) are Mixtral's (gate_up_proj rows ->
+# chunk(2) -> act_fn(gate) * up -> down_proj, no biases, the routing weight on the output), experts [n_routed,
+# n_routed + zero_expert_num) return the token (nn.Identity) times its weight, every contribution rounded to the
+# input's dtype and added with index_add_.
+ZERO_EXPERTS_CODE = "3c5ecc785976ed7f"
+_ORIGINAL_OWN_LOOPS: dict[type, object] = {}
 
 
 def zero_experts_arguments(experts: nn.Module, hidden_states: torch.Tensor) -> dict | str:
@@ -622,18 +636,21 @@ def zero_experts_arguments(experts: nn.Module, hidden_states: torch.Tensor) -> d
                 interleaved=False, activation=activation, gated=True)
 
 
-def zero_experts_forward(original):
-    """``original`` (a verified ZERO_EXPERTS_CODE loop), except while dynamo traces with ``config.rewrites`` and
-    ``config.transformers_eager_experts`` on: then ``fused_experts`` over the routed experts plus each token times
-    the summed weights of the zero-compute experts it picked (the loop's ``nn.Identity`` experts)."""
+def _own_loop_forward(original, flags: tuple | None):
+    """``original`` (an OWN_LOOP_EXPERTS class's loop), except while dynamo traces with ``config.rewrites`` and
+    ``config.transformers_eager_experts`` on: then ``fused_experts`` where it computes the same (as the "eager"
+    implementation decides for a decorated class), and for LongCat-Flash (``flags`` None) ``fused_experts`` over
+    the routed experts plus each token times the summed weights of the zero-compute experts it picked."""
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         if not (torch.compiler.is_compiling() and config.rewrites and config.transformers_eager_experts):
             return original(self, hidden_states, top_k_index, top_k_weights)
+        if flags is not None:
+            return _fused_or_own_loop(self, fused_experts_arguments(self, hidden_states, flags), hidden_states,
+                                      top_k_index, top_k_weights)
         arguments = zero_experts_arguments(self, hidden_states)
         if isinstance(arguments, str):
-            _report(type(self), f"runs its own loop, not moe_ops.fused_experts: {arguments}", False, True)
-            return original(self, hidden_states, top_k_index, top_k_weights)
+            return _fused_or_own_loop(self, arguments, hidden_states, top_k_index, top_k_weights)
         _report(type(self), f"runs as moe_ops.fused_experts over its {self.num_routed_experts} routed experts "
                 f"(activation={arguments['activation']!r}) plus the token times the weights of the "
                 f"{self.zero_expert_num} zero-compute experts it picks", True, True)
@@ -645,18 +662,22 @@ def zero_experts_forward(original):
     return forward
 
 
-def register_zero_experts(module) -> None:
-    """Wrap the forward of each ZERO_EXPERTS_CODE class in ``module`` (its transformers modeling module) whose
-    code is the one read (idempotent; another code is left alone, the reason logged at DEBUG)."""
-    for name, fingerprint in ZERO_EXPERTS_CODE.items():
+_OWN_LOOP_WRAPPER_CODES = (_own_loop_forward(None, None).__code__,)
+
+
+def register_own_loop_experts(module) -> None:
+    """Wrap the forward of each OWN_LOOP_EXPERTS class that ``module`` (a transformers modeling module) defines
+    (idempotent). A loop with decorator flags is verified where it runs, as a decorated class's is (the reason
+    logged when it is not the one read); LongCat-Flash's here: another code is left alone."""
+    for name, flags in OWN_LOOP_EXPERTS.items():
         experts_class = getattr(module, name, None)
-        if experts_class is None or experts_class in _ORIGINAL_ZERO_EXPERTS:
+        if experts_class is None or experts_class in _ORIGINAL_OWN_LOOPS:
             continue
-        if _code_fingerprint(experts_class.forward) != fingerprint:
+        if flags is None and _code_fingerprint(experts_class.forward) != ZERO_EXPERTS_CODE:
             log.debug("%s.forward is not the loop moe_ops read (transformers 5.17); left alone", name)
             continue
-        _ORIGINAL_ZERO_EXPERTS[experts_class] = experts_class.forward
-        experts_class.forward = zero_experts_forward(experts_class.forward)
+        _ORIGINAL_OWN_LOOPS[experts_class] = experts_class.forward
+        experts_class.forward = _own_loop_forward(experts_class.forward, flags)
 
 
 def register_fp8_experts_implementations() -> None:

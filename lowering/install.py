@@ -10,6 +10,7 @@ transformers (each import of the heavy modules below is inside the function that
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import sys
 from collections.abc import Iterator
@@ -18,8 +19,9 @@ from moe_ops._compat.imports import when_imported
 from moe_ops.settings import config
 
 log = logging.getLogger("moe_ops")
-# transformers' modeling module of LongCat-Flash, whose experts class moe_ops wraps (hf_experts.register_zero_experts).
-LONGCAT_MODELING = "transformers.models.longcat_flash.modeling_longcat_flash"
+# transformers' modeling modules that define the experts classes of hf_experts.OWN_LOOP_EXPERTS.
+OWN_LOOP_MODELING = ("transformers.models.longcat_flash.modeling_longcat_flash",
+                     "transformers.models.step3p7.modeling_step3p7")
 
 
 def enable() -> None:
@@ -38,7 +40,8 @@ def enable() -> None:
     when_imported("torch._inductor.config", _install_passes)
     when_imported("transformers", _register_transformers_experts)
     when_imported("transformers.integrations.finegrained_fp8", _register_transformers_fp8_experts)
-    when_imported(LONGCAT_MODELING, _register_transformers_zero_experts)
+    for module in OWN_LOOP_MODELING:
+        when_imported(module, _register_transformers_own_loop_experts(module))
 
 
 def _install_passes() -> None:
@@ -71,15 +74,19 @@ def _register_transformers_experts() -> None:
     register_experts_implementations()
 
 
-def _register_transformers_zero_experts() -> None:
-    # LongCat-Flash's experts have no experts interface: their class's forward is wrapped when its modeling
-    # module is imported (building the model imports it).
-    try:
-        from moe_ops.lowering.hf_experts import register_zero_experts
-    except ImportError as error:
-        log.debug("LongCat-Flash experts not wrapped: %s", error)
-        return
-    register_zero_experts(sys.modules[LONGCAT_MODELING])
+@functools.cache
+def _register_transformers_own_loop_experts(module_name: str):
+    # Experts classes without an experts interface: their forward is wrapped when their modeling module is
+    # imported (building the model imports it). One callback per module (cached: when_imported keeps it once).
+    def register() -> None:
+        try:
+            from moe_ops.lowering.hf_experts import register_own_loop_experts
+        except ImportError as error:
+            log.debug("experts of %s not wrapped: %s", module_name, error)
+            return
+        register_own_loop_experts(sys.modules[module_name])
+
+    return register
 
 
 def _register_transformers_fp8_experts() -> None:

@@ -68,8 +68,6 @@ DIFFERENT_CODE = {
                 "experts 0 and 1 run",
     "phimoe": "its sparsemixer router picks two experts with successive max() calls on bf16 logits, each "
               "weighted by a softmax over the experts within a jitter threshold; its experts are rewritten",
-    "step3p7": "its experts clamp silu(gate) after the activation (not the gate before it) and run their own "
-               "loop, not a transformers experts implementation; its router is rewritten",
     "switch_transformers": "it routes top-1 with a max over bf16 softmax probabilities into a one-hot mask, "
                            "and each expert is its own ReLU MLP looked up by name",
     "zaya": "its router is a small MLP over (batch, sequence, E + 1) with a 'skip' class and passes state "

@@ -178,6 +178,35 @@ def test_longcat_zero_experts_run_as_fused_experts_plus_the_token(dtype, caplog)
     assert_close_rel(out, block(x), dtype, "LongCat-Flash compiled vs its loop")
 
 
+def test_step3p7_experts_run_fused_experts_unless_they_clamp_after_the_activation(caplog):
+    """Step-3.7's experts have no experts interface (their forward is their loop, GLM-5-Next's code) and an
+    _apply_gate that clamps act_fn(gate) after the activation: with no limit (infinity, all but two layers of
+    Step-3.7-Flash) that is the op's SiLU and the compiled block runs fused_experts; with a finite limit it is no
+    op activation, and the block keeps its loop, the reason logged. Both equal the uncompiled loop."""
+    from hf_family_blocks import build_block
+
+    _, block, config = build_block("step3p7")
+    torch.manual_seed(0)
+    for parameter in block.parameters():
+        torch.nn.init.normal_(parameter, std=0.5)
+    block = block.eval().requires_grad_(False)
+    x = torch.randn(1, 10, config.hidden_size)
+    assert block.experts.limit == float("inf")
+    with caplog.at_level(logging.INFO, logger="moe_ops"):
+        out = block_output(torch.compile(block), x)
+    assert counters["moe_ops"]["hf_experts"] == 1 and counters["moe_ops"]["hf_experts_fallback"] == 0
+    assert_close_rel(out, block_output(block, x), torch.float32, "step3p7 compiled vs its loop")
+
+    torch._dynamo.reset()
+    counters.clear()
+    block.experts.limit = 0.5  # a finite limit, as Step-3.7-Flash's layers 43-44 have
+    with caplog.at_level(logging.INFO, logger="moe_ops"):
+        out = block_output(torch.compile(block), x)
+    assert counters["moe_ops"]["hf_experts"] == 0 and counters["moe_ops"]["hf_experts_fallback"] >= 1
+    assert "Step3p7Experts._apply_gate clamps act_fn(gate) after the activation (limit=0.5)" in caplog.text
+    assert_close_rel(out, block_output(block, x), torch.float32, "step3p7 with a limit compiled vs its loop")
+
+
 def test_dynamic_tokens_compile_once():
     block = tiny_block("mixtral", torch.float32)
     backend = RecordingBackend()
