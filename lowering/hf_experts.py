@@ -665,6 +665,74 @@ def _own_loop_forward(original, flags: tuple | None):
 _OWN_LOOP_WRAPPER_CODES = (_own_loop_forward(None, None).__code__,)
 
 
+# JetMoE's MoE block (transformers 5.17), by _code_fingerprint of each method its computation runs through: the
+# router (logits in fp32, top-k of the logits, softmax over the k, cast to the input's dtype; the expert counts
+# read to the host with .tolist()), the experts (one (E, N, K) weight per projection, the tokens split by those
+# counts), and the block (gate_up -> chunk(2) -> act(gate) * up -> down, the routing weight on the output,
+# index_add_, then a learned bias over the hidden size). The host read breaks any graph there; while dynamo traces,
+# the block's forward becomes the same routing written without it and one fused_experts call.
+JETMOE_CODE = {"JetMoeMoE": "439a92d991f462bd", "JetMoeTopKGating": "782f34a33f04bdaa",
+               "JetMoeParallelExperts": "ab34cb14d48801c5"}
+
+
+def _jetmoe_reason(block: nn.Module, layer_input: torch.Tensor) -> str | None:
+    """Why a JetMoE block is not one fused_experts call on ``layer_input`` (None: it is)."""
+    if _activation_of(block.activation) is None:
+        return f"its activation {type(block.activation).__name__} has no moe_ops activation"
+    if layer_input.dim() != 3:
+        return f"its input has {layer_input.dim()} dims, not (batch, sequence, hidden)"
+    if torch.is_autocast_enabled(layer_input.device.type):
+        return "autocast is on: its linears multiply in the autocast dtype, fused_experts in the weights' dtype"
+    for name in ("input_linear", "output_linear"):
+        weight = getattr(block, name).weight
+        if weight.dtype != layer_input.dtype or weight.device != layer_input.device:
+            return (f"{name}.weight is {weight.dtype} on {weight.device} but its input is {layer_input.dtype} on "
+                    f"{layer_input.device}")
+    return None
+
+
+def _jetmoe_forward(original):
+    """``original`` (JetMoeMoE.forward), except while dynamo traces with ``config.rewrites`` and
+    ``config.transformers_eager_experts`` on: its routing without the host read, and one fused_experts call."""
+
+    def forward(self, layer_input):
+        if not (torch.compiler.is_compiling() and config.rewrites and config.transformers_eager_experts):
+            return original(self, layer_input)
+        reason = _jetmoe_reason(self, layer_input)
+        if reason is not None:
+            _report(type(self), f"runs its own code, not moe_ops.fused_experts: {reason}", False, True)
+            return original(self, layer_input)
+        activation = _activation_of(self.activation)
+        _report(type(self), f"runs as moe_ops.fused_experts(activation={activation!r}) after its router, then its "
+                "bias", True, True)
+        batch, length, hidden = layer_input.shape
+        rows = layer_input.reshape(-1, hidden)
+        logits = self.router.layer(rows).float()
+        top_k_logits, top_k_indices = logits.topk(self.router.top_k, dim=1)
+        top_k_gates = torch.softmax(top_k_logits, dim=1).type_as(rows)
+        out = fused_experts(rows, top_k_gates, top_k_indices, self.input_linear.weight, self.output_linear.weight,
+                            layout="EFH", interleaved=False, activation=activation, gated=True)
+        return out.view(batch, length, hidden) + self.bias
+
+    forward.__wrapped__ = original
+    return forward
+
+
+def register_jetmoe(module) -> None:
+    """Wrap JetMoeMoE's forward in ``module`` (transformers' JetMoE modeling module) where every method it runs
+    is the code read (JETMOE_CODE; idempotent; another code is left alone, the reason logged at DEBUG)."""
+    block_class = getattr(module, "JetMoeMoE", None)
+    if block_class is None or block_class in _ORIGINAL_OWN_LOOPS:
+        return
+    changed = [name for name, fingerprint in JETMOE_CODE.items()
+               if _code_fingerprint(getattr(getattr(module, name, None), "forward", None)) != fingerprint]
+    if changed:
+        log.debug("JetMoE's %s is not the code moe_ops read (transformers 5.17); left alone", ", ".join(changed))
+        return
+    _ORIGINAL_OWN_LOOPS[block_class] = block_class.forward
+    block_class.forward = _jetmoe_forward(block_class.forward)
+
+
 def register_own_loop_experts(module) -> None:
     """Wrap the forward of each OWN_LOOP_EXPERTS class that ``module`` (a transformers modeling module) defines
     (idempotent). A loop with decorator flags is verified where it runs, as a decorated class's is (the reason

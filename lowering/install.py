@@ -22,6 +22,8 @@ log = logging.getLogger("moe_ops")
 # transformers' modeling modules that define the experts classes of hf_experts.OWN_LOOP_EXPERTS.
 OWN_LOOP_MODELING = ("transformers.models.longcat_flash.modeling_longcat_flash",
                      "transformers.models.step3p7.modeling_step3p7")
+# transformers' modeling module of JetMoE, whose MoE block moe_ops wraps (hf_experts.register_jetmoe).
+JETMOE_MODELING = "transformers.models.jetmoe.modeling_jetmoe"
 
 
 def enable() -> None:
@@ -42,6 +44,7 @@ def enable() -> None:
     when_imported("transformers.integrations.finegrained_fp8", _register_transformers_fp8_experts)
     for module in OWN_LOOP_MODELING:
         when_imported(module, _register_transformers_own_loop_experts(module))
+    when_imported(JETMOE_MODELING, _register_jetmoe)
 
 
 def _install_passes() -> None:
@@ -87,6 +90,15 @@ def _register_transformers_own_loop_experts(module_name: str):
         register_own_loop_experts(sys.modules[module_name])
 
     return register
+
+
+def _register_jetmoe() -> None:
+    try:
+        from moe_ops.lowering.hf_experts import register_jetmoe
+    except ImportError as error:
+        log.debug("JetMoE's MoE block not wrapped: %s", error)
+        return
+    register_jetmoe(sys.modules[JETMOE_MODELING])
 
 
 def _register_transformers_fp8_experts() -> None:

@@ -54,8 +54,6 @@ DIFFERENT_CODE = {
             "rewritten",
     "inkling": "its router adds the selection bias to sigmoid scores in bf16 and derives the weights from "
                "log-sigmoids normalised together with the shared experts; its experts are rewritten",
-    "jetmoe": "its experts gather the tokens in an order sorted by expert id and split them by per-expert "
-              "counts read to the host (.tolist()), then add a learned bias; its router is rewritten",
     "lfm2_moe": "its router adds the selection bias to sigmoid scores in bf16 (the bias is bf16 once the model "
                 "is), so the selection reads rounded sums; its experts are rewritten",
     "llama4": "its top-k runs on raw logits and the sigmoid follows on a dense score matrix, a router "

@@ -207,6 +207,29 @@ def test_step3p7_experts_run_fused_experts_unless_they_clamp_after_the_activatio
     assert_close_rel(out, block_output(block, x), torch.float32, "step3p7 with a limit compiled vs its loop")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_jetmoe_block_runs_as_one_graph_with_fused_experts(dtype, caplog):
+    """JetMoE's router reads the per-expert token counts to the host (.tolist()), which breaks any graph, and its
+    experts split the sorted tokens by those counts: compiled, the block is one graph (fullgraph) whose routing
+    needs no host read and whose experts are one fused_experts call, then the block's bias: the block's result.
+    Uncompiled, it is JetMoE's own code."""
+    from hf_family_blocks import build_block
+
+    _, block, config = build_block("jetmoe")
+    torch.manual_seed(0)
+    for parameter in block.parameters():
+        torch.nn.init.normal_(parameter, std=0.1)
+    block = block.to(dtype).eval().requires_grad_(False)
+    x = torch.randn(2, 7, config.hidden_size).to(dtype)
+    backend = RecordingBackend()
+    with caplog.at_level(logging.INFO, logger="moe_ops"):
+        out = torch.compile(block, backend=backend, fullgraph=True)(x)
+    assert len(backend.graphs) == 1 and backend.fused_experts_calls() == 1
+    assert counters["moe_ops"]["hf_experts"] == 1
+    assert "JetMoeMoE: runs as moe_ops.fused_experts(activation='silu') after its router" in caplog.text
+    assert_close_rel(out, block(x), dtype, "JetMoE compiled vs its own code")
+
+
 def test_dynamic_tokens_compile_once():
     block = tiny_block("mixtral", torch.float32)
     backend = RecordingBackend()
