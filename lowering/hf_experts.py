@@ -624,13 +624,9 @@ def zero_experts_arguments(experts: nn.Module, hidden_states: torch.Tensor) -> d
         return f"act_fn {type(experts.act_fn).__name__} has no moe_ops activation"
     if hidden_states.dim() != 2:
         return f"hidden_states has {hidden_states.dim()} dims, fused_experts takes (tokens, hidden)"
-    if torch.is_autocast_enabled(hidden_states.device.type):
-        return "autocast is on: the eager loop multiplies in the autocast dtype, fused_experts in the weights' dtype"
-    for name in ("gate_up_proj", "down_proj"):
-        weight = getattr(experts, name)
-        if weight.dtype != hidden_states.dtype or weight.device != hidden_states.device:
-            return (f"{name} is {weight.dtype} on {weight.device} but hidden_states is {hidden_states.dtype} on "
-                    f"{hidden_states.device}")
+    reason = _weights_reason(hidden_states, {name: getattr(experts, name) for name in ("gate_up_proj", "down_proj")})
+    if reason is not None:
+        return reason
     # gate_up_proj holds a row per expert, zero-compute ones included, which the loop never reads.
     return dict(w_gate_up=experts.gate_up_proj[:experts.num_routed_experts], w_down=experts.down_proj, layout="EFH",
                 interleaved=False, activation=activation, gated=True)
@@ -681,13 +677,18 @@ def _jetmoe_reason(block: nn.Module, layer_input: torch.Tensor) -> str | None:
         return f"its activation {type(block.activation).__name__} has no moe_ops activation"
     if layer_input.dim() != 3:
         return f"its input has {layer_input.dim()} dims, not (batch, sequence, hidden)"
-    if torch.is_autocast_enabled(layer_input.device.type):
-        return "autocast is on: its linears multiply in the autocast dtype, fused_experts in the weights' dtype"
-    for name in ("input_linear", "output_linear"):
-        weight = getattr(block, name).weight
-        if weight.dtype != layer_input.dtype or weight.device != layer_input.device:
-            return (f"{name}.weight is {weight.dtype} on {weight.device} but its input is {layer_input.dtype} on "
-                    f"{layer_input.device}")
+    return _weights_reason(layer_input, {f"{name}.weight": getattr(block, name).weight
+                                         for name in ("input_linear", "output_linear")})
+
+
+def _weights_reason(rows: torch.Tensor, weights: dict[str, torch.Tensor]) -> str | None:
+    """Why weights (by name) and their input ``rows`` are not what fused_experts computes with as the module does
+    (None: they are): autocast on, or another dtype or device."""
+    if torch.is_autocast_enabled(rows.device.type):
+        return "autocast is on: the module multiplies in the autocast dtype, fused_experts in the weights' dtype"
+    for name, weight in weights.items():
+        if weight.dtype != rows.dtype or weight.device != rows.device:
+            return f"{name} is {weight.dtype} on {weight.device} but its input is {rows.dtype} on {rows.device}"
     return None
 
 
