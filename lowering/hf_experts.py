@@ -37,6 +37,7 @@ import io
 import logging
 import textwrap
 import tokenize
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -600,31 +601,25 @@ def register_experts_implementations() -> None:
         ExpertsInterface.register(name, _over_torchao_weights(name))
 
 
-# Experts classes of transformers 5.17 without use_experts_implementation (their forward is their loop), whose
-# forward moe_ops wraps when their modeling module is imported (register_own_loop_experts; lowering/install.py
-# names the modules). Each: the flags the decorator would declare for its loop (one of KNOWN_EAGER_LOOPS, with its
-# _apply_gate one of KNOWN_APPLY_GATES), or None: LongCat-Flash's own loop (ZERO_EXPERTS_CODE).
-OWN_LOOP_EXPERTS = {"Step3p7Experts": (True, False, False, True), "LongcatFlashExperts": None}
-# LongcatFlashExperts.forward, by _code_fingerprint: experts [0, n_routed) are Mixtral's (gate_up_proj rows ->
-# chunk(2) -> act_fn(gate) * up -> down_proj, no biases, the routing weight on the output), experts [n_routed,
-# n_routed + zero_expert_num) return the token (nn.Identity) times its weight, every contribution rounded to the
-# input's dtype and added with index_add_.
-ZERO_EXPERTS_CODE = "3c5ecc785976ed7f"
-_ORIGINAL_OWN_LOOPS: dict[type, object] = {}
+class OwnCode(NamedTuple):
+    """An experts class of transformers 5.17 without an experts interface whose loop is its own code, mapped onto
+    fused_experts here."""
+
+    fingerprint: str  # _code_fingerprint of its forward: the code read
+    # (module, its input rows (T, H)) -> fused_experts' keyword arguments, or the reason there are none
+    arguments: Callable[[nn.Module, torch.Tensor], dict | str]
+    zero_experts: bool = False  # ids from num_routed_experts on are nn.Identity experts: the token times its weight
 
 
-def zero_experts_arguments(experts: nn.Module, hidden_states: torch.Tensor) -> dict | str:
-    """Keyword arguments of ``moe_ops.fused_experts`` that compute the routed experts of a LongCat-Flash experts
-    module (its zero-compute experts, ids from ``num_routed_experts`` on, are routed to no expert there), or the
-    reason there are none."""
+def _zero_experts_arguments(experts: nn.Module, rows: torch.Tensor) -> dict | str:
+    """LongCat-Flash's routed experts (its zero-compute experts' ids, from ``num_routed_experts`` on, are routed to
+    no expert here; the wrapper adds them)."""
     if experts.gate_up_proj is None:
         return "it has no routed experts, only zero-compute ones"
     activation = _activation_of(experts.act_fn)
     if activation is None:
         return f"act_fn {type(experts.act_fn).__name__} has no moe_ops activation"
-    if hidden_states.dim() != 2:
-        return f"hidden_states has {hidden_states.dim()} dims, fused_experts takes (tokens, hidden)"
-    reason = _weights_reason(hidden_states, {name: getattr(experts, name) for name in ("gate_up_proj", "down_proj")})
+    reason = _weights_reason(rows, {name: getattr(experts, name) for name in ("gate_up_proj", "down_proj")})
     if reason is not None:
         return reason
     # gate_up_proj holds a row per expert, zero-compute ones included, which the loop never reads.
@@ -632,33 +627,90 @@ def zero_experts_arguments(experts: nn.Module, hidden_states: torch.Tensor) -> d
                 interleaved=False, activation=activation, gated=True)
 
 
-def _own_loop_forward(original, flags: tuple | None):
+def _dbrx_arguments(experts: nn.Module, rows: torch.Tensor) -> dict | str:
+    """DBRX's experts: w1 (gate) and v1 (up) flat (E x F, H), w2 flat (E x F, H) multiplied from the left (the
+    down projection's transpose)."""
+    activation = _activation_of(experts.mlp.activation_fn)
+    if activation is None:
+        return f"its activation_fn {type(experts.mlp.activation_fn).__name__} has no moe_ops activation"
+    reason = _weights_reason(rows, {f"mlp.{name}": getattr(experts.mlp, name) for name in ("w1", "v1", "w2")})
+    if reason is not None:
+        return reason
+    shape = (experts.num_experts, experts.ffn_hidden_size, experts.hidden_size)
+    return dict(w_gate_up=experts.mlp.w1.view(shape), w_up=experts.mlp.v1.view(shape),
+                w_down=experts.mlp.w2.view(shape).transpose(1, 2), layout="EFH", interleaved=False,
+                activation=activation, gated=True)
+
+
+# Experts classes of transformers 5.17 without use_experts_implementation (their forward is their loop), whose
+# forward moe_ops wraps when their modeling module is imported (register_own_loop_experts; lowering/install.py
+# names the modules): the flags the decorator would declare for a loop of KNOWN_EAGER_LOOPS (its _apply_gate one
+# of KNOWN_APPLY_GATES, verified where it runs), or the loop's own code.
+OWN_LOOP_EXPERTS = {
+    # GLM-5-Next's loop, an _apply_gate that clamps act_fn(gate) after the activation
+    "Step3p7Experts": (True, False, False, True),
+    # Mixtral's experts [0, n_routed) (gate_up_proj rows -> chunk(2) -> act_fn(gate) * up -> down_proj, no biases,
+    # the routing weight on the output) and nn.Identity experts [n_routed, n_routed + zero_expert_num), every
+    # contribution rounded to the input's dtype and added with index_add_
+    "LongcatFlashExperts": OwnCode("3c5ecc785976ed7f", _zero_experts_arguments, zero_experts=True),
+    # one gated MLP per expert (DbrxExpertGLU: act(x w1^T) * (x v1^T), times w2) over slices of flat weights, the
+    # routing weight on the output, index_add_ in the input's dtype
+    "DbrxExperts": OwnCode("bf29037ac0b03d91", _dbrx_arguments),
+}
+# DbrxExpertGLU.forward, which DbrxExperts' loop calls: gate, up, act(gate) * up, down.
+DBRX_GLU_CODE = "f348bc181ec8ec2d"
+_ORIGINAL_OWN_LOOPS: dict[type, object] = {}
+
+
+def _own_loop_forward(original, handling):
     """``original`` (an OWN_LOOP_EXPERTS class's loop), except while dynamo traces with ``config.rewrites`` and
-    ``config.transformers_eager_experts`` on: then ``fused_experts`` where it computes the same (as the "eager"
-    implementation decides for a decorated class), and for LongCat-Flash (``flags`` None) ``fused_experts`` over
-    the routed experts plus each token times the summed weights of the zero-compute experts it picked."""
+    ``config.transformers_eager_experts`` on: then ``fused_experts`` where it computes the same (``handling``: the
+    class's decorator flags, decided as for a decorated class, or its OwnCode), zero-compute experts added as each
+    token times their summed weights."""
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         if not (torch.compiler.is_compiling() and config.rewrites and config.transformers_eager_experts):
             return original(self, hidden_states, top_k_index, top_k_weights)
-        if flags is not None:
-            return _fused_or_own_loop(self, fused_experts_arguments(self, hidden_states, flags), hidden_states,
+        if not isinstance(handling, OwnCode):  # decorator flags
+            return _fused_or_own_loop(self, fused_experts_arguments(self, hidden_states, handling), hidden_states,
                                       top_k_index, top_k_weights)
-        arguments = zero_experts_arguments(self, hidden_states)
+        rows = hidden_states.reshape(-1, hidden_states.shape[-1])
+        arguments = handling.arguments(self, rows)
         if isinstance(arguments, str):
             return _fused_or_own_loop(self, arguments, hidden_states, top_k_index, top_k_weights)
-        _report(type(self), f"runs as moe_ops.fused_experts over its {self.num_routed_experts} routed experts "
-                f"(activation={arguments['activation']!r}) plus the token times the weights of the "
-                f"{self.zero_expert_num} zero-compute experts it picks", True, True)
-        routed = fused_experts(hidden_states, top_k_weights, top_k_index, **arguments)
-        zero_weights = torch.where(top_k_index >= self.num_routed_experts, top_k_weights, 0).sum(-1, keepdim=True)
-        return routed + (hidden_states * zero_weights).to(hidden_states.dtype)
+        zero = " plus the token times the weights of the zero-compute experts it picks" if handling.zero_experts else ""
+        _report(type(self), f"runs as moe_ops.fused_experts(activation={arguments['activation']!r}){zero}", True,
+                True)
+        out = fused_experts(rows, top_k_weights, top_k_index, **arguments)
+        if handling.zero_experts:
+            weights = torch.where(top_k_index >= self.num_routed_experts, top_k_weights, 0).sum(-1, keepdim=True)
+            out = out + (rows * weights).to(rows.dtype)
+        return out.view(hidden_states.shape)
 
     forward.__wrapped__ = original
     return forward
 
 
 _OWN_LOOP_WRAPPER_CODES = (_own_loop_forward(None, None).__code__,)
+
+
+def register_own_loop_experts(module) -> None:
+    """Wrap the forward of each OWN_LOOP_EXPERTS class that ``module`` (a transformers modeling module) defines
+    (idempotent). A loop with decorator flags is verified where it runs, as a decorated class's is (the reason
+    logged when it is not the one read); one of its own code here: another code is left alone."""
+    for name, handling in OWN_LOOP_EXPERTS.items():
+        experts_class = getattr(module, name, None)
+        if experts_class is None or experts_class in _ORIGINAL_OWN_LOOPS:
+            continue
+        if isinstance(handling, OwnCode):
+            code = [_code_fingerprint(experts_class.forward) == handling.fingerprint]
+            if name == "DbrxExperts":
+                code.append(_code_fingerprint(module.DbrxExpertGLU.forward) == DBRX_GLU_CODE)
+            if not all(code):
+                log.debug("%s is not the code moe_ops read (transformers 5.17); left alone", name)
+                continue
+        _ORIGINAL_OWN_LOOPS[experts_class] = experts_class.forward
+        experts_class.forward = _own_loop_forward(experts_class.forward, handling)
 
 
 # JetMoE's MoE block (transformers 5.17), by _code_fingerprint of each method its computation runs through: the
@@ -732,21 +784,6 @@ def register_jetmoe(module) -> None:
         return
     _ORIGINAL_OWN_LOOPS[block_class] = block_class.forward
     block_class.forward = _jetmoe_forward(block_class.forward)
-
-
-def register_own_loop_experts(module) -> None:
-    """Wrap the forward of each OWN_LOOP_EXPERTS class that ``module`` (a transformers modeling module) defines
-    (idempotent). A loop with decorator flags is verified where it runs, as a decorated class's is (the reason
-    logged when it is not the one read); LongCat-Flash's here: another code is left alone."""
-    for name, flags in OWN_LOOP_EXPERTS.items():
-        experts_class = getattr(module, name, None)
-        if experts_class is None or experts_class in _ORIGINAL_OWN_LOOPS:
-            continue
-        if flags is None and _code_fingerprint(experts_class.forward) != ZERO_EXPERTS_CODE:
-            log.debug("%s.forward is not the loop moe_ops read (transformers 5.17); left alone", name)
-            continue
-        _ORIGINAL_OWN_LOOPS[experts_class] = experts_class.forward
-        experts_class.forward = _own_loop_forward(experts_class.forward, flags)
 
 
 def register_fp8_experts_implementations() -> None:

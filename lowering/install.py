@@ -21,7 +21,7 @@ from moe_ops.settings import config
 log = logging.getLogger("moe_ops")
 # transformers' modeling modules that define the experts classes of hf_experts.OWN_LOOP_EXPERTS.
 OWN_LOOP_MODELING = ("transformers.models.longcat_flash.modeling_longcat_flash",
-                     "transformers.models.step3p7.modeling_step3p7")
+                     "transformers.models.step3p7.modeling_step3p7", "transformers.models.dbrx.modeling_dbrx")
 # transformers' modeling module of JetMoE, whose MoE block moe_ops wraps (hf_experts.register_jetmoe).
 JETMOE_MODELING = "transformers.models.jetmoe.modeling_jetmoe"
 

@@ -45,7 +45,7 @@ DIFFERENT_CODE = {
     "aria": "its experts sort the tokens by expert, copy the counts per expert to the host and multiply one "
             "slice per expert in a Python loop (weights stored input-first); its router is rewritten",
     "dbrx": "its router's softmax runs in bf16 (the selection reads rounded scores) and divides the chosen "
-            "weights by their p-norm; its experts slice one flat (E x F, H) matrix per projection per expert",
+            "weights by their p-norm; its experts are rewritten",
     "deepseek_v4": "its router scores are sqrt(softplus(logits)) in bf16, a scoring moe_ops.route lacks, and "
                    "its first layers pick experts from a fixed token-id table; its experts are rewritten",
     "doge": "its routed experts are single neurons, a row of two embedding tables each (act(d_e . x) w u_e), "

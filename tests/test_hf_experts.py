@@ -174,7 +174,8 @@ def test_longcat_zero_experts_run_as_fused_experts_plus_the_token(dtype, caplog)
         out = torch.compile(block, backend=backend, fullgraph=True)(x)
     assert len(backend.graphs) == 1 and backend.fused_experts_calls() == 1
     assert counters["moe_ops"]["hf_experts"] == 1 and counters["moe_ops"]["hf_experts_fallback"] == 0
-    assert "runs as moe_ops.fused_experts over its 8 routed experts" in caplog.text
+    assert ("runs as moe_ops.fused_experts(activation='silu') plus the token times the weights of the zero-compute "
+            "experts it picks") in caplog.text
     assert_close_rel(out, block(x), dtype, "LongCat-Flash compiled vs its loop")
 
 
@@ -207,27 +208,39 @@ def test_step3p7_experts_run_fused_experts_unless_they_clamp_after_the_activatio
     assert_close_rel(out, block_output(block, x), torch.float32, "step3p7 with a limit compiled vs its loop")
 
 
+# Modules of their own code traced into one fused_experts call (hf_experts' JETMOE_CODE, OWN_LOOP_EXPERTS): the log
+# line each writes.
+OWN_CODE_FAMILIES = {
+    # The router reads the per-expert counts to the host (.tolist()) and the experts split the sorted tokens by
+    # them: the routing is written without the host read, then the block's bias.
+    "jetmoe": "JetMoeMoE: runs as moe_ops.fused_experts(activation='silu') after its router, then its bias",
+    # One gated MLP per expert over slices of flat (E x F, H) weights, the down projection stored transposed:
+    # views of those weights (the bf16 router stays as it is).
+    "dbrx": "DbrxExperts: runs as moe_ops.fused_experts(activation='silu')",
+}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_jetmoe_block_runs_as_one_graph_with_fused_experts(dtype, caplog):
-    """JetMoE's router reads the per-expert token counts to the host (.tolist()), which breaks any graph, and its
-    experts split the sorted tokens by those counts: compiled, the block is one graph (fullgraph) whose routing
-    needs no host read and whose experts are one fused_experts call, then the block's bias: the block's result.
-    Uncompiled, it is JetMoE's own code."""
+@pytest.mark.parametrize("family", list(OWN_CODE_FAMILIES))
+def test_own_code_blocks_run_as_one_graph_with_fused_experts(family, dtype, caplog):
+    """JetMoE's block and DBRX's experts have no experts interface in transformers and host reads or slices in
+    their code: compiled, the block is one graph (fullgraph) with one fused_experts call and the block's result.
+    Uncompiled, it is the block's own code."""
     from hf_family_blocks import build_block
 
-    _, block, config = build_block("jetmoe")
+    _, block, config = build_block(family)
     torch.manual_seed(0)
     for parameter in block.parameters():
         torch.nn.init.normal_(parameter, std=0.1)
     block = block.to(dtype).eval().requires_grad_(False)
-    x = torch.randn(2, 7, config.hidden_size).to(dtype)
+    x = torch.randn(2, 7, config.hidden_size if hasattr(config, "hidden_size") else config.d_model).to(dtype)
     backend = RecordingBackend()
     with caplog.at_level(logging.INFO, logger="moe_ops"):
-        out = torch.compile(block, backend=backend, fullgraph=True)(x)
+        out = block_output(torch.compile(block, backend=backend, fullgraph=True), x)
     assert len(backend.graphs) == 1 and backend.fused_experts_calls() == 1
     assert counters["moe_ops"]["hf_experts"] == 1
-    assert "JetMoeMoE: runs as moe_ops.fused_experts(activation='silu') after its router" in caplog.text
-    assert_close_rel(out, block(x), dtype, "JetMoE compiled vs its own code")
+    assert OWN_CODE_FAMILIES[family] in caplog.text
+    assert_close_rel(out, block_output(block, x), dtype, f"{family} compiled vs its own code")
 
 
 def test_dynamic_tokens_compile_once():
