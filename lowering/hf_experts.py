@@ -719,8 +719,13 @@ def register_own_loop_experts(module) -> None:
 # counts), and the block (gate_up -> chunk(2) -> act(gate) * up -> down, the routing weight on the output,
 # index_add_, then a learned bias over the hidden size). The host read breaks any graph there; while dynamo traces,
 # the block's forward becomes the same routing written without it and one fused_experts call.
-JETMOE_CODE = {"JetMoeMoE": "439a92d991f462bd", "JetMoeTopKGating": "782f34a33f04bdaa",
-               "JetMoeParallelExperts": "ab34cb14d48801c5"}
+JETMOE_CODE = {"JetMoeMoE.forward": "439a92d991f462bd", "JetMoeTopKGating.forward": "782f34a33f04bdaa",
+               "JetMoeParallelExperts.forward": "ab34cb14d48801c5"}
+# Aria's experts (transformers 5.17), likewise: the routing (top-k of the logits, softmax over the k), the tokens
+# sorted by expert with counts read to the host (tokens_per_expert.cpu()), one matmul per expert over input-first
+# weights (fc1 (E, H, 2F), fc2 (E, F, H)), silu(first half) * second half, the k outputs weighted and summed.
+ARIA_CODE = {"AriaExperts.forward": "dbe4511f64cdda9a", "AriaExperts.route_tokens_to_experts": "e09a6b9a317c1c29",
+             "AriaGroupedExpertsGemm.forward": "ca09b4c1e5d69ab5", "sequential_experts_gemm": "fb5afd476c67e1c8"}
 
 
 def _jetmoe_reason(block: nn.Module, layer_input: torch.Tensor) -> str | None:
@@ -771,19 +776,57 @@ def _jetmoe_forward(original):
     return forward
 
 
-def register_jetmoe(module) -> None:
-    """Wrap JetMoeMoE's forward in ``module`` (transformers' JetMoE modeling module) where every method it runs
-    is the code read (JETMOE_CODE; idempotent; another code is left alone, the reason logged at DEBUG)."""
-    block_class = getattr(module, "JetMoeMoE", None)
-    if block_class is None or block_class in _ORIGINAL_OWN_LOOPS:
-        return
-    changed = [name for name, fingerprint in JETMOE_CODE.items()
-               if _code_fingerprint(getattr(getattr(module, name, None), "forward", None)) != fingerprint]
-    if changed:
-        log.debug("JetMoE's %s is not the code moe_ops read (transformers 5.17); left alone", ", ".join(changed))
-        return
-    _ORIGINAL_OWN_LOOPS[block_class] = block_class.forward
-    block_class.forward = _jetmoe_forward(block_class.forward)
+def _aria_forward(original):
+    """``original`` (AriaExperts.forward), except while dynamo traces with ``config.rewrites`` and
+    ``config.transformers_eager_experts`` on: its routing, then one fused_experts call (no host read)."""
+
+    def forward(self, hidden_states, router_logits):
+        if not (torch.compiler.is_compiling() and config.rewrites and config.transformers_eager_experts):
+            return original(self, hidden_states, router_logits)
+        reason = _weights_reason(hidden_states, {"fc1.weight": self.fc1.weight, "fc2.weight": self.fc2.weight})
+        if hidden_states.dim() != 2:
+            reason = f"hidden_states has {hidden_states.dim()} dims, fused_experts takes (tokens, hidden)"
+        if reason is not None:
+            _report(type(self), f"runs its own code, not moe_ops.fused_experts: {reason}", False, True)
+            return original(self, hidden_states, router_logits)
+        _report(type(self), "runs as moe_ops.fused_experts(activation='silu') after its routing", True, True)
+        top_k_index, top_k_weights = self.route_tokens_to_experts(router_logits)
+        return fused_experts(hidden_states, top_k_weights, top_k_index, self.fc1.weight, self.fc2.weight,
+                             layout="EHF", interleaved=False, activation="silu", gated=True)
+
+    forward.__wrapped__ = original
+    return forward
+
+
+# Classes whose forward moe_ops replaces while dynamo traces (their code read: each function it runs, by
+# _code_fingerprint), and the wrapper of that forward.
+OWN_BLOCKS = {"JetMoeMoE": (JETMOE_CODE, _jetmoe_forward), "AriaExperts": (ARIA_CODE, _aria_forward)}
+
+
+def _defined(module, qualified_name: str):
+    """``module``'s function or method named ``qualified_name`` ("Class.method"), None if it has none."""
+    found = module
+    for part in qualified_name.split("."):
+        found = getattr(found, part, None)
+    return found
+
+
+def register_own_code(module) -> None:
+    """Wrap the forward of each OWN_LOOP_EXPERTS and OWN_BLOCKS class that ``module`` (a transformers modeling
+    module) defines (idempotent; a block whose code is not the one read is left alone, the reason logged at
+    DEBUG)."""
+    register_own_loop_experts(module)
+    for name, (code, wrap) in OWN_BLOCKS.items():
+        block_class = getattr(module, name, None)
+        if block_class is None or block_class in _ORIGINAL_OWN_LOOPS:
+            continue
+        changed = [part for part, fingerprint in code.items()
+                   if _code_fingerprint(_defined(module, part)) != fingerprint]
+        if changed:
+            log.debug("%s is not the code moe_ops read (transformers 5.17): %s; left alone", name, ", ".join(changed))
+            continue
+        _ORIGINAL_OWN_LOOPS[block_class] = block_class.forward
+        block_class.forward = wrap(block_class.forward)
 
 
 def register_fp8_experts_implementations() -> None:

@@ -19,11 +19,9 @@ from moe_ops._compat.imports import when_imported
 from moe_ops.settings import config
 
 log = logging.getLogger("moe_ops")
-# transformers' modeling modules that define the experts classes of hf_experts.OWN_LOOP_EXPERTS.
-OWN_LOOP_MODELING = ("transformers.models.longcat_flash.modeling_longcat_flash",
-                     "transformers.models.step3p7.modeling_step3p7", "transformers.models.dbrx.modeling_dbrx")
-# transformers' modeling module of JetMoE, whose MoE block moe_ops wraps (hf_experts.register_jetmoe).
-JETMOE_MODELING = "transformers.models.jetmoe.modeling_jetmoe"
+# transformers' modeling modules that define the classes of hf_experts.OWN_LOOP_EXPERTS and OWN_BLOCKS.
+OWN_CODE_MODELING = tuple(f"transformers.models.{family}.modeling_{family}"
+                          for family in ("longcat_flash", "step3p7", "dbrx", "jetmoe", "aria"))
 
 
 def enable() -> None:
@@ -42,9 +40,8 @@ def enable() -> None:
     when_imported("torch._inductor.config", _install_passes)
     when_imported("transformers", _register_transformers_experts)
     when_imported("transformers.integrations.finegrained_fp8", _register_transformers_fp8_experts)
-    for module in OWN_LOOP_MODELING:
-        when_imported(module, _register_transformers_own_loop_experts(module))
-    when_imported(JETMOE_MODELING, _register_jetmoe)
+    for module in OWN_CODE_MODELING:
+        when_imported(module, _register_transformers_own_code(module))
 
 
 def _install_passes() -> None:
@@ -78,27 +75,19 @@ def _register_transformers_experts() -> None:
 
 
 @functools.cache
-def _register_transformers_own_loop_experts(module_name: str):
-    # Experts classes without an experts interface: their forward is wrapped when their modeling module is
-    # imported (building the model imports it). One callback per module (cached: when_imported keeps it once).
+def _register_transformers_own_code(module_name: str):
+    # Experts classes and MoE blocks without an experts interface: their forward is wrapped when their modeling
+    # module is imported (building the model imports it). One callback per module (cached: when_imported keeps it
+    # once).
     def register() -> None:
         try:
-            from moe_ops.lowering.hf_experts import register_own_loop_experts
+            from moe_ops.lowering.hf_experts import register_own_code
         except ImportError as error:
-            log.debug("experts of %s not wrapped: %s", module_name, error)
+            log.debug("MoE code of %s not wrapped: %s", module_name, error)
             return
-        register_own_loop_experts(sys.modules[module_name])
+        register_own_code(sys.modules[module_name])
 
     return register
-
-
-def _register_jetmoe() -> None:
-    try:
-        from moe_ops.lowering.hf_experts import register_jetmoe
-    except ImportError as error:
-        log.debug("JetMoE's MoE block not wrapped: %s", error)
-        return
-    register_jetmoe(sys.modules[JETMOE_MODELING])
 
 
 def _register_transformers_fp8_experts() -> None:

@@ -42,8 +42,6 @@ NOT_TOKEN_ROUTING = {"vitpose_backbone": "a vision backbone whose experts are ch
 # its transformers 5.17 source); the family table prints it beside the log's reason. tests/test_hf_families.py
 # fails when a family left alone has no entry here, or a fully rewritten one still has one.
 DIFFERENT_CODE = {
-    "aria": "its experts sort the tokens by expert, copy the counts per expert to the host and multiply one "
-            "slice per expert in a Python loop (weights stored input-first); its router is rewritten",
     "dbrx": "its router's softmax runs in bf16 (the selection reads rounded scores) and divides the chosen "
             "weights by their p-norm; its experts are rewritten",
     "deepseek_v4": "its router scores are sqrt(softplus(logits)) in bf16, a scoring moe_ops.route lacks, and "

@@ -217,14 +217,17 @@ OWN_CODE_FAMILIES = {
     # One gated MLP per expert over slices of flat (E x F, H) weights, the down projection stored transposed:
     # views of those weights (the bf16 router stays as it is).
     "dbrx": "DbrxExperts: runs as moe_ops.fused_experts(activation='silu')",
+    # Tokens sorted by expert with the counts read to the host, one matmul per expert over input-first weights:
+    # the routing, then fused_experts over those weights (layout "EHF").
+    "aria": "AriaExperts: runs as moe_ops.fused_experts(activation='silu') after its routing",
 }
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("family", list(OWN_CODE_FAMILIES))
 def test_own_code_blocks_run_as_one_graph_with_fused_experts(family, dtype, caplog):
-    """JetMoE's block and DBRX's experts have no experts interface in transformers and host reads or slices in
-    their code: compiled, the block is one graph (fullgraph) with one fused_experts call and the block's result.
+    """JetMoE's block, DBRX's and Aria's experts: no experts interface in transformers, and host reads or slices
+    in their code. Compiled, the block is one graph (fullgraph) with one fused_experts call and the block's result.
     Uncompiled, it is the block's own code."""
     from hf_family_blocks import build_block
 
