@@ -108,6 +108,12 @@ def vllm_experts(source: Path | None, w_gate_up: torch.Tensor, w_down: torch.Ten
     return experts
 
 
+def implementation_names(group: int) -> list[str]:
+    """Every implementation this benchmark can time (the docstring's), with the group size in the names."""
+    return ["moe_ops_bf16", *(f"moe_ops_{scheme.format(group=group)}" for scheme in QUANTISED), "torchao_fp8_eager",
+            "torchao_fp8_w8a8_eager", "vllm_bf16", "vllm_fp8_w8a8"]
+
+
 def run_shape(shape: MoEShape, tokens, device, time_fn, group: int = GROUP,
               vllm_source: Path | None = None, impls: set[str] | None = None) -> list[str]:
     E, K, H, F = shape.num_experts, shape.top_k, shape.hidden, shape.intermediate
@@ -116,8 +122,11 @@ def run_shape(shape: MoEShape, tokens, device, time_fn, group: int = GROUP,
     w_down = (torch.randn(E, H, F, device=device) / F**0.5).to(torch.bfloat16)
     weights = {"moe_ops_bf16": {"w_gate_up": w_gate_up, "w_down": w_down}}
     itemsizes = {"moe_ops_bf16": 2.0}
+    wanted = (lambda name: True) if impls is None else impls.__contains__  # what to build: the rest costs seconds
     for scheme, (form, itemsize, options) in QUANTISED.items():
         name = f"moe_ops_{scheme.format(group=group)}"
+        if not wanted(name):
+            continue
         arguments = dict(options)
         for weight_name, weight in (("w_gate_up", w_gate_up), ("w_down", w_down)):
             values, scale, zero = quantise_weight(weight, form.format(group=group))
@@ -125,10 +134,11 @@ def run_shape(shape: MoEShape, tokens, device, time_fn, group: int = GROUP,
             if zero is not None:
                 arguments[f"{weight_name}_zero"] = zero
         weights[name], itemsizes[name] = arguments, itemsize
-    torchao = {"torchao_fp8_eager": torchao_experts(shape, w_gate_up, w_down)}
-    if device.type == "cuda":  # torchao quantises inputs to fp8 only where an fp8 GPU can multiply them
+    torchao = {"torchao_fp8_eager": torchao_experts(shape, w_gate_up, w_down) if wanted("torchao_fp8_eager") else None}
+    if device.type == "cuda" and wanted("torchao_fp8_w8a8_eager"):  # torchao quantises inputs to fp8 only where an
+        # fp8 GPU can multiply them
         torchao["torchao_fp8_w8a8_eager"] = torchao_experts(shape, w_gate_up, w_down, dynamic=True)
-    vllm = vllm_experts(vllm_source, w_gate_up, w_down)
+    vllm = {name: experts for name, experts in vllm_experts(vllm_source, w_gate_up, w_down).items() if wanted(name)}
     lines = []
     for t in tokens:
         x = torch.randn(t, H, device=device, dtype=torch.bfloat16)
@@ -140,10 +150,6 @@ def run_shape(shape: MoEShape, tokens, device, time_fn, group: int = GROUP,
                 calls[name] = functools.partial(experts, x, ids, routing)
         for name, experts in vllm.items():
             calls[name] = functools.partial(experts, x, routing, ids)
-        if impls is not None:  # the bf16 call stays: the others' speed-up and error are against it
-            if impls - set(calls):
-                raise SystemExit(f"--impls: {sorted(impls - set(calls))} not among {sorted(calls)}")
-            calls = {name: call for name, call in calls.items() if name in impls or name == "moe_ops_bf16"}
         with torch.no_grad():
             want = calls["moe_ops_bf16"]()
             errors = {name: sqnr_db(want, call()) for name, call in calls.items() if name != "moe_ops_bf16"}
@@ -188,6 +194,10 @@ def main() -> None:
         gpu, time_fn = torch.cuda.get_device_name(), time_on_gpu
     if args.tokens:
         tokens = tuple(int(t) for t in args.tokens.split(","))
+    impls = set(args.impls.split(",")) if args.impls else None
+    known = implementation_names(DRY_RUN_GROUP if args.dry_run else GROUP)
+    if impls is not None and impls - set(known):
+        raise SystemExit(f"--impls: {sorted(impls - set(known))} not among {known}")
     try:
         import torchao
         torchao_version = torchao.__version__
@@ -202,7 +212,7 @@ def main() -> None:
              "|---|---|---|---|---|---|---|---|"]
     for shape in shapes:
         shape_lines = run_shape(shape, tokens, device, time_fn, DRY_RUN_GROUP if args.dry_run else GROUP,
-                                args.vllm_source, set(args.impls.split(",")) if args.impls else None)
+                                args.vllm_source, impls)
         lines += shape_lines
     report = "\n".join(lines) + "\n"
     print(report)

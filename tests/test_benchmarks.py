@@ -231,6 +231,17 @@ def test_quantised_dry_run():
         assert all(float(rows[name][7]) >= floor for name, floor in floors.items())
 
 
+def test_quantised_benchmark_times_only_the_implementations_asked_for():
+    """--impls times those (and bf16, what the others are against) at the --tokens given; a name it does not
+    know is refused, naming the known ones."""
+    stdout = _dry_run("bench_quantised.py", "--impls", "moe_ops_int4_g16,moe_ops_fp8_w8a8", "--tokens", "3")
+    rows = {line.split("|")[2].strip() + line.split("|")[3].strip() for line in stdout.splitlines()
+            if line.startswith("| tiny-mixtral |")}
+    assert rows == {"3moe_ops_bf16", "3moe_ops_int4_g16", "3moe_ops_fp8_w8a8"}, rows
+    with pytest.raises(AssertionError, match="--impls: \\['int3'\\] not among"):
+        _dry_run("bench_quantised.py", "--impls", "int3")
+
+
 def test_tree_comparison_calls_slower_only_beyond_the_runs_spread():
     """compare_layer_runs: a cell is slower only when the candidate's median exceeds the baseline's by more
     than either tree's own run-to-run spread; cells missing from a run are left out."""
