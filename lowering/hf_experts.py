@@ -80,6 +80,9 @@ class EagerLoop(NamedTuple):
     # Where the loop's activation comes from: "act_fn" (act_fn(gate) * up, or act_fn(up) without a gate)
     # or "apply_gate" (the class's _apply_gate, one of KNOWN_APPLY_GATES).
     gate: str
+    # The loop multiplies in fp32 whatever the model's dtype: fused_experts, which rounds the activation to its
+    # input's dtype, computes the same only for fp32 inputs.
+    fp32_only: bool = False
 
 
 # The loops, keyed by _code_fingerprint of the original (undecorated) ``forward``; read in transformers 5.17.
@@ -95,6 +98,8 @@ KNOWN_EAGER_LOOPS = {
     "48f8e6dcf82b13bd": EagerLoop("Glm5NextTextExperts", (True, False, False, True), "apply_gate"),
     # NemotronHExperts: up_proj (E, F, H) -> act_fn -> down_proj (E, H, F), no gate, no biases.
     "d837061af87e18df": EagerLoop("NemotronHExperts", (False, False, False, True), "act_fn"),
+    # OpenAIPrivacyFilterExperts: GptOssExperts' loop with gate and up concatenated, every product in fp32.
+    "f10db330d674367f": EagerLoop("OpenAIPrivacyFilterExperts", (True, True, True, True), "apply_gate", fp32_only=True),
 }
 
 
@@ -122,6 +127,7 @@ KNOWN_APPLY_GATES = {
     "e50d92fc68832328": ApplyGate("Glm5NextTextExperts._apply_gate", "clamped_silu", False, "swiglu_limit"),
     "8ac057487ab6184c": ApplyGate("DeepseekV4Experts._apply_gate", "clamped_silu", False, "limit", act_fn=True),
     "2010d1f4e1592a50": ApplyGate("Step3p7Experts._apply_gate", None, False, "limit"),
+    "a8aad4d0d0c8d0ac": ApplyGate("OpenAIPrivacyFilterExperts._apply_gate", "clamped_swiglu", False, "limit", "alpha"),
 }
 
 # The branches of transformers' FP8Experts._apply_gate (FP8_EXPERTS_CODE): swiglu_alpha set, GPT-OSS's clamped
@@ -196,13 +202,14 @@ _LOOP_OF_CLASS: dict[type, EagerLoop | str] = {}
 
 
 @torch.compiler.assume_constant_result
-def _verified_gate(experts_class: type, flags: tuple[bool, bool, bool, bool]) -> tuple[str | None, str | None]:
+def _verified_gate(experts_class: type, flags: tuple[bool, bool, bool, bool],
+                   dtype: torch.dtype) -> tuple[str | None, str | None]:
     """``(gate, None)`` where the class runs a known loop that agrees with its decorator ``flags``
-    (has_gate, has_bias, is_transposed, is_concatenated); ``(None, reason)`` otherwise.
+    (has_gate, has_bias, is_transposed, is_concatenated) on inputs of ``dtype``; ``(None, reason)`` otherwise.
 
     Dynamo runs this at trace time and keeps the result as a constant: it reads source files, which dynamo
-    cannot trace. It depends only on its arguments, which dynamo already guards (the class's identity and
-    the flag values read in the traced caller).
+    cannot trace. It depends only on its arguments, which dynamo already guards (the class's identity, the
+    flag values read in the traced caller, the input's dtype).
     """
     loop = _eager_loop(experts_class)
     if isinstance(loop, str):
@@ -212,6 +219,9 @@ def _verified_gate(experts_class: type, flags: tuple[bool, bool, bool, bool]) ->
             f"its use_experts_implementation flags (has_gate, has_bias, is_transposed, is_concatenated) = "
             f"{flags} differ from {loop.flags}, those of its eager loop ({loop.name})"
         )
+    if loop.fp32_only and dtype != torch.float32:
+        return None, (f"its eager loop ({loop.name}) multiplies in fp32 whatever the model's dtype, and fused_experts "
+                      f"in the input's ({dtype}): the results would differ by {dtype}'s rounding")
     return loop.gate, None
 
 
@@ -304,7 +314,7 @@ def fused_experts_arguments(experts: nn.Module, hidden_states: torch.Tensor, fla
     if flags is None:
         flags = (experts.has_gate, experts.has_bias, experts.is_transposed, experts.is_concatenated)
     has_gate, has_bias, is_transposed, is_concatenated = flags
-    gate, reason = _verified_gate(type(experts), flags)
+    gate, reason = _verified_gate(type(experts), flags, hidden_states.dtype)
     if reason is not None:
         return reason
     gate_activation = _gate_activation(experts, KNOWN_APPLY_GATES.get(gate))

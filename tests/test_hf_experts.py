@@ -246,6 +246,35 @@ def test_own_code_blocks_run_as_one_graph_with_fused_experts(family, dtype, capl
     assert_close_rel(out, block_output(block, x), dtype, f"{family} compiled vs its own code")
 
 
+def test_privacy_filter_experts_run_fused_experts_in_fp32_only(caplog):
+    """OpenAI privacy-filter's experts run GPT-OSS's loop with gate and up concatenated and every product in fp32
+    whatever the model's dtype: an fp32 block compiles to fused_experts (clamped SwiGLU, weights large enough that
+    the clamps engage) with the loop's result; a bf16 block keeps its loop, because fused_experts would round its
+    activation to bf16 where the loop does not, and the log says so."""
+    from hf_family_blocks import build_block
+
+    _, block, config = build_block("openai_privacy_filter", experts_implementation="eager")
+    torch.manual_seed(0)
+    for parameter in block.parameters():
+        torch.nn.init.normal_(parameter, std=0.5)
+    block = block.eval().requires_grad_(False)
+    x = torch.randn(1, 10, config.hidden_size)
+    experts = block.experts
+    assert (torch.einsum("th,ehf->tef", x[0], experts.gate_up_proj).abs() > experts.limit).any()
+    out = block_output(torch.compile(block), x)
+    assert counters["moe_ops"]["hf_experts"] == 1 and counters["moe_ops"]["hf_experts_fallback"] == 0
+    assert_close_rel(out, block_output(block, x), torch.float32, "privacy filter compiled vs its loop")
+
+    torch._dynamo.reset()
+    counters.clear()
+    block = block.to(torch.bfloat16)
+    with caplog.at_level(logging.INFO, logger="moe_ops"):
+        out = block_output(torch.compile(block), x.to(torch.bfloat16))
+    assert counters["moe_ops"]["hf_experts"] == 0 and counters["moe_ops"]["hf_experts_fallback"] >= 1
+    assert "(OpenAIPrivacyFilterExperts) multiplies in fp32 whatever the model's dtype" in caplog.text
+    assert_close_rel(out, block_output(block, x.to(torch.bfloat16)), torch.bfloat16, "bf16: its own loop")
+
+
 def test_dynamic_tokens_compile_once():
     block = tiny_block("mixtral", torch.float32)
     backend = RecordingBackend()
