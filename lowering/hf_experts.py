@@ -16,12 +16,13 @@ in that interface instead of rewriting graphs:
   traces a module whose expert weights are torchao tensors, with ``moe_ops.config.rewrites`` and
   ``moe_ops.config.transformers_quantised_experts`` on; otherwise transformers' implementation, unchanged.
 
-- LongCat-Flash's ``LongcatFlashExperts``, which transformers gives no experts interface (its forward is its
-  loop, with zero-compute experts beside the routed ones): its ``forward`` is wrapped to run
-  ``moe_ops.fused_experts`` over the routed experts plus each token times its zero experts' weights while dynamo
-  traces, on the same two switches as ``"eager"`` (``zero_experts_forward``).
+- Classes that transformers gives no experts interface (their forward is their own loop or block:
+  ``OWN_LOOP_EXPERTS`` — Step-3.7, LongCat-Flash with its zero-compute experts, DBRX — and ``OWN_BLOCKS`` —
+  JetMoE's block, Aria's experts): their ``forward`` is wrapped when their modeling module is imported
+  (``register_own_code``) and runs ``moe_ops.fused_experts`` while dynamo traces, on the same two switches as
+  ``"eager"``; otherwise their own code, unchanged.
 
-Either entry calls ``fused_experts`` only for a module whose result it knows to be the same computation as
+Each calls ``fused_experts`` only for a module whose result it knows to be the same computation as
 the class's own loop: the loop's code must be one of the loops below (matched token for token), the
 decorator's flags must agree with it, and the activation, dtypes and devices must map onto the op.
 Anything else runs the class's own loop, and the reason is logged once per experts class and reason on
