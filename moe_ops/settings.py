@@ -17,7 +17,9 @@ class Config:
         rewrites: run the rewrites when Inductor compiles a graph.
         transformers_eager_experts: while dynamo traces a transformers experts module with
                   ``experts_implementation="eager"`` (and ``rewrites`` is on), run it as
-                  ``moe_ops.fused_experts`` instead of its per-expert loop, which dynamo cannot capture.
+                  ``moe_ops.fused_experts`` instead of its per-expert loop, which dynamo cannot capture; the
+                  same for the MoE code that transformers gives no experts interface and moe_ops wraps
+                  (LongCat-Flash, Step-3.7, DBRX, JetMoE, Aria: docs/index.md).
                   Dynamo guards on this switch and on ``rewrites``: changing either recompiles, no
                   ``torch._dynamo.reset()`` needed. ``experts_implementation="moe_ops"`` ignores both.
         transformers_quantised_experts: while dynamo traces a transformers experts module whose expert
