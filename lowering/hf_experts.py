@@ -507,10 +507,26 @@ def _fused_or_own_loop(self, arguments, hidden_states, top_k_index, top_k_weight
     return fused_experts(hidden_states, top_k_weights, top_k_index, **arguments)
 
 
+def _rewriting_transformers_code() -> bool:
+    """Whether dynamo is tracing with ``config.rewrites`` and ``config.transformers_eager_experts`` on: when the
+    "eager" implementation and the wrapped forwards run fused_experts instead of transformers' own code."""
+    return torch.compiler.is_compiling() and config.rewrites and config.transformers_eager_experts
+
+
+def _skipped_hooks(modules: dict[str, nn.Module]) -> str | None:
+    """Why submodules that a fused_experts call would not run (by name) must run (None: they need not): hooks on
+    them, which transformers uses to record outputs such as router logits."""
+    for name, module in modules.items():
+        if module._forward_hooks or module._forward_pre_hooks:
+            return (f"its {name} has forward hooks (transformers records outputs such as router logits with them), "
+                    "which a fused_experts call would skip")
+    return None
+
+
 def eager_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     """``experts_implementation="eager"``: the class's own loop, except while dynamo traces with the
     rewrites on, where it becomes :func:`moe_ops_experts_forward` (the loop cannot be captured)."""
-    if torch.compiler.is_compiling() and config.rewrites and config.transformers_eager_experts:
+    if _rewriting_transformers_code():
         return moe_ops_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     return original_experts_forward(type(self))(self, hidden_states, top_k_index, top_k_weights)
 
@@ -518,7 +534,7 @@ def eager_experts_forward(self, hidden_states, top_k_index, top_k_weights):
 def eager_fp8_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     """``experts_implementation="eager"`` for transformers' fine-grained FP8 experts: as
     :func:`eager_experts_forward`, with :func:`moe_ops_fp8_experts_forward`."""
-    if torch.compiler.is_compiling() and config.rewrites and config.transformers_eager_experts:
+    if _rewriting_transformers_code():
         return moe_ops_fp8_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     return original_experts_forward(type(self))(self, hidden_states, top_k_index, top_k_weights)
 
@@ -627,6 +643,9 @@ def _zero_experts_arguments(experts: nn.Module, rows: torch.Tensor) -> dict | st
     no expert here; the wrapper adds them)."""
     if experts.gate_up_proj is None:
         return "it has no routed experts, only zero-compute ones"
+    hooks = _skipped_hooks({"identity_expert": experts.identity_expert})
+    if hooks is not None:
+        return hooks
     activation = _activation_of(experts.act_fn)
     if activation is None:
         return f"act_fn {type(experts.act_fn).__name__} has no moe_ops activation"
@@ -644,6 +663,9 @@ def _dbrx_arguments(experts: nn.Module, rows: torch.Tensor) -> dict | str:
     activation = _activation_of(experts.mlp.activation_fn)
     if activation is None:
         return f"its activation_fn {type(experts.mlp.activation_fn).__name__} has no moe_ops activation"
+    hooks = _skipped_hooks({"mlp": experts.mlp})
+    if hooks is not None:
+        return hooks
     reason = _weights_reason(rows, {f"mlp.{name}": getattr(experts.mlp, name) for name in ("w1", "v1", "w2")})
     if reason is not None:
         return reason
@@ -654,7 +676,7 @@ def _dbrx_arguments(experts: nn.Module, rows: torch.Tensor) -> dict | str:
 
 
 # Experts classes of transformers 5.17 without use_experts_implementation (their forward is their loop), whose
-# forward moe_ops wraps when their modeling module is imported (register_own_loop_experts; lowering/install.py
+# forward moe_ops wraps when their modeling module is imported (register_own_code; lowering/install.py
 # names the modules): the flags the decorator would declare for a loop of KNOWN_EAGER_LOOPS (its _apply_gate one
 # of KNOWN_APPLY_GATES, verified where it runs), or the loop's own code.
 OWN_LOOP_EXPERTS = {
@@ -670,7 +692,7 @@ OWN_LOOP_EXPERTS = {
 }
 # DbrxExpertGLU.forward, which DbrxExperts' loop calls: gate, up, act(gate) * up, down.
 DBRX_GLU_CODE = "f348bc181ec8ec2d"
-_ORIGINAL_OWN_LOOPS: dict[type, object] = {}
+_WRAPPED: set[type] = set()  # the classes whose forward is wrapped
 
 
 def _own_loop_forward(original, handling):
@@ -680,7 +702,7 @@ def _own_loop_forward(original, handling):
     token times their summed weights."""
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
-        if not (torch.compiler.is_compiling() and config.rewrites and config.transformers_eager_experts):
+        if not _rewriting_transformers_code():
             return original(self, hidden_states, top_k_index, top_k_weights)
         if not isinstance(handling, OwnCode):  # decorator flags
             return _fused_or_own_loop(self, fused_experts_arguments(self, hidden_states, handling), hidden_states,
@@ -693,9 +715,11 @@ def _own_loop_forward(original, handling):
         _report(type(self), f"runs as moe_ops.fused_experts(activation={arguments['activation']!r}){zero}", True,
                 True)
         out = fused_experts(rows, top_k_weights, top_k_index, **arguments)
-        if handling.zero_experts:
-            weights = torch.where(top_k_index >= self.num_routed_experts, top_k_weights, 0).sum(-1, keepdim=True)
-            out = out + (rows * weights).to(rows.dtype)
+        if handling.zero_experts and self.zero_expert_num > 0:
+            # Only tokens that picked a zero expert add their row, as the loop does (x * 0 is no zero for inf x).
+            zero = top_k_index >= self.num_routed_experts
+            weights = torch.where(zero, top_k_weights, 0).sum(-1, keepdim=True)
+            out = out + torch.where(zero.any(-1, keepdim=True), rows * weights, 0).to(rows.dtype)
         return out.view(hidden_states.shape)
 
     forward.__wrapped__ = original
@@ -711,16 +735,16 @@ def register_own_loop_experts(module) -> None:
     logged when it is not the one read); one of its own code here: another code is left alone."""
     for name, handling in OWN_LOOP_EXPERTS.items():
         experts_class = getattr(module, name, None)
-        if experts_class is None or experts_class in _ORIGINAL_OWN_LOOPS:
+        if experts_class is None or experts_class in _WRAPPED:
             continue
         if isinstance(handling, OwnCode):
             code = [_code_fingerprint(experts_class.forward) == handling.fingerprint]
             if name == "DbrxExperts":
-                code.append(_code_fingerprint(module.DbrxExpertGLU.forward) == DBRX_GLU_CODE)
+                code.append(_code_fingerprint(_defined(module, "DbrxExpertGLU.forward")) == DBRX_GLU_CODE)
             if not all(code):
                 log.debug("%s is not the code moe_ops read (transformers 5.17); left alone", name)
                 continue
-        _ORIGINAL_OWN_LOOPS[experts_class] = experts_class.forward
+        _WRAPPED.add(experts_class)
         experts_class.forward = _own_loop_forward(experts_class.forward, handling)
 
 
@@ -743,6 +767,9 @@ def _jetmoe_reason(block: nn.Module, layer_input: torch.Tensor) -> str | None:
     """Why a JetMoE block is not one fused_experts call on ``layer_input`` (None: it is)."""
     if _activation_of(block.activation) is None:
         return f"its activation {type(block.activation).__name__} has no moe_ops activation"
+    hooks = _skipped_hooks({name: getattr(block, name) for name in ("router", "input_linear", "output_linear")})
+    if hooks is not None:
+        return hooks
     if layer_input.dim() != 3:
         return f"its input has {layer_input.dim()} dims, not (batch, sequence, hidden)"
     return _weights_reason(layer_input, {f"{name}.weight": getattr(block, name).weight
@@ -765,7 +792,7 @@ def _jetmoe_forward(original):
     ``config.transformers_eager_experts`` on: its routing without the host read, and one fused_experts call."""
 
     def forward(self, layer_input):
-        if not (torch.compiler.is_compiling() and config.rewrites and config.transformers_eager_experts):
+        if not _rewriting_transformers_code():
             return original(self, layer_input)
         reason = _jetmoe_reason(self, layer_input)
         if reason is not None:
@@ -792,9 +819,10 @@ def _aria_forward(original):
     ``config.transformers_eager_experts`` on: its routing, then one fused_experts call (no host read)."""
 
     def forward(self, hidden_states, router_logits):
-        if not (torch.compiler.is_compiling() and config.rewrites and config.transformers_eager_experts):
+        if not _rewriting_transformers_code():
             return original(self, hidden_states, router_logits)
-        reason = _weights_reason(hidden_states, {"fc1.weight": self.fc1.weight, "fc2.weight": self.fc2.weight})
+        reason = (_skipped_hooks({"fc1": self.fc1, "fc2": self.fc2})
+                  or _weights_reason(hidden_states, {"fc1.weight": self.fc1.weight, "fc2.weight": self.fc2.weight}))
         if hidden_states.dim() != 2:
             reason = f"hidden_states has {hidden_states.dim()} dims, fused_experts takes (tokens, hidden)"
         if reason is not None:
@@ -829,14 +857,14 @@ def register_own_code(module) -> None:
     register_own_loop_experts(module)
     for name, (code, wrap) in OWN_BLOCKS.items():
         block_class = getattr(module, name, None)
-        if block_class is None or block_class in _ORIGINAL_OWN_LOOPS:
+        if block_class is None or block_class in _WRAPPED:
             continue
         changed = [part for part, fingerprint in code.items()
                    if _code_fingerprint(_defined(module, part)) != fingerprint]
         if changed:
             log.debug("%s is not the code moe_ops read (transformers 5.17): %s; left alone", name, ", ".join(changed))
             continue
-        _ORIGINAL_OWN_LOOPS[block_class] = block_class.forward
+        _WRAPPED.add(block_class)
         block_class.forward = wrap(block_class.forward)
 
 

@@ -81,6 +81,8 @@ class MoeOpsPostGradPass(_ChainedPass):
     def rewrite(self, graph: torch.fx.Graph) -> None:
         from moe_ops.lowering.graph.pipeline import POST_GRAD_REWRITES
 
+        # Inductor's own passes leave dead nodes behind (a folded x * 0 keeps its x): a dead reader is no reader.
+        graph.eliminate_dead_code()
         for rewrite in POST_GRAD_REWRITES:
             if rewrite(graph):
                 # What a rewrite replaced goes before the next rewrite reads the graph: a rewritten block's old

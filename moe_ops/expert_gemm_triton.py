@@ -355,7 +355,7 @@ def weight_tile(ptrs, k_left, col_valid, a, BLOCK_K: tl.constexpr, W_GROUP_SIZE:
     """A K step's weights in A's dtype for the dot, oriented as ``ptrs`` (weight_tile_ptrs). Stored values of
     another dtype are converted through fp32 (exact for int8 / fp8 / int4: all fit bf16's 8-bit mantissa;
     Triton 3.6's interpreter misconverts int8 to bf16 directly); with W_GROUP_SIZE, dequantised: ``(values -
-    zero) * scale`` of the tile's group (``scale_ptrs`` / ``zero_ptrs``: its columns' (BLOCK_N,) pointers),
+    zero) * scale`` of the tile's group (``scale_ptrs`` / ``zero_ptrs``: (BLOCK_N,) pointers, one per output feature),
     unless A_GROUPED (fp8 against fp8: the caller scales the dot). W_INT4 (always W_LEFT) unpacks BLOCK_K / 2
     bytes of each weight row into BLOCK_K values, the even k from the low nibble: the pair lies along the
     row, where the dot's register operand wants it."""

@@ -208,8 +208,8 @@ def test_step3p7_experts_run_fused_experts_unless_they_clamp_after_the_activatio
     assert_close_rel(out, block_output(block, x), torch.float32, "step3p7 with a limit compiled vs its loop")
 
 
-# Modules of their own code traced into one fused_experts call (hf_experts' JETMOE_CODE, OWN_LOOP_EXPERTS): the log
-# line each writes.
+# Modules of their own code traced into one fused_experts call (hf_experts' OWN_BLOCKS and OWN_LOOP_EXPERTS): the
+# log line each writes.
 OWN_CODE_FAMILIES = {
     # The router reads the per-expert counts to the host (.tolist()) and the experts split the sorted tokens by
     # them: the routing is written without the host read, then the block's bias.
@@ -273,6 +273,26 @@ def test_privacy_filter_experts_run_fused_experts_in_fp32_only(caplog):
     assert counters["moe_ops"]["hf_experts"] == 0 and counters["moe_ops"]["hf_experts_fallback"] >= 1
     assert "(OpenAIPrivacyFilterExperts) multiplies in fp32 whatever the model's dtype" in caplog.text
     assert_close_rel(out, block_output(block, x.to(torch.bfloat16)), torch.bfloat16, "bf16: its own loop")
+
+
+def test_wrapped_code_with_hooks_on_what_it_skips_runs_its_own_code(caplog):
+    """transformers records router logits with a forward hook on JetMoE's router module, which the fused call
+    does not run: with a hook there, the compiled block runs its own code (the hook is called) and says why."""
+    from hf_family_blocks import build_block
+
+    _, block, config = build_block("jetmoe")
+    torch.manual_seed(0)
+    for parameter in block.parameters():
+        torch.nn.init.normal_(parameter, std=0.1)
+    block = block.eval().requires_grad_(False)
+    seen = []
+    block.router.register_forward_hook(lambda module, inputs, outputs: seen.append(outputs[4]))
+    x = torch.randn(2, 7, config.hidden_size)
+    with caplog.at_level(logging.INFO, logger="moe_ops"):
+        out = torch.compile(block)(x)
+    assert seen and counters["moe_ops"]["hf_experts"] == 0
+    assert "JetMoeMoE: runs its own code, not moe_ops.fused_experts: its router has forward hooks" in caplog.text
+    assert_close_rel(out, block(x), torch.float32, "JetMoE with a hooked router")
 
 
 def test_dynamic_tokens_compile_once():

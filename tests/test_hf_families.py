@@ -99,8 +99,8 @@ def family_row(family: str) -> tuple[dict, str | None]:
         return dict(row, note=f"its forward needs more than hidden states: {str(error).splitlines()[0][:160]}"), None
     got, messages = _compiled(block, x)
     router_rewritten = counters["moe_ops"]["route_rewrite"] > 0
-    # A graph rewrite of the experts, or (a module transformers gives no experts interface: LongCat-Flash's) the
-    # module traced into fused_experts.
+    # A graph rewrite of the experts, or the module traced into fused_experts (transformers' "eager" experts and
+    # the MoE code moe_ops wraps where transformers has no experts interface).
     experts_rewritten = counters["moe_ops"]["experts_rewrite"] > 0 or counters["moe_ops"]["hf_experts"] > 0
     row.update(router="moe_ops.route" if router_rewritten else "-",
                experts="moe_ops.fused_experts" if experts_rewritten else "-",
