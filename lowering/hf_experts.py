@@ -193,7 +193,7 @@ def original_experts_forward(experts_class: type):
     for klass in experts_class.__mro__:
         forward = vars(klass).get("forward")
         if forward is not None:
-            while getattr(forward, "__code__", None) in (_DISPATCHING_FORWARD_CODE, *_OWN_LOOP_WRAPPER_CODES):
+            while getattr(forward, "__code__", None) in (_DISPATCHING_FORWARD_CODE, _REWRITTEN_FORWARD_CODE):
                 forward = forward.__wrapped__
             return forward
     raise TypeError(f"experts_class: {experts_class.__name__} has no forward")
@@ -328,17 +328,16 @@ def fused_experts_arguments(experts: nn.Module, hidden_states: torch.Tensor, fla
         tensors.update(b_gate_up=f"{first_name}_bias", b_down="down_proj_bias")
     if hidden_states.dim() != 2:
         return f"hidden_states has {hidden_states.dim()} dims, fused_experts takes (tokens, hidden)"
-    if torch.is_autocast_enabled(hidden_states.device.type):
-        return "autocast is on: the eager loop multiplies in the autocast dtype, fused_experts in the weights' dtype"
+    stored_weights = {argument: stored_quantised(experts, attribute) for argument, attribute in tensors.items()
+                      if argument in ("w_gate_up", "w_down")}
+    reason = _weights_reason(hidden_states, {attribute: getattr(experts, attribute) for attribute in tensors.values()},
+                             own_dtype={tensors[argument] for argument, stored in stored_weights.items() if stored})
+    if reason is not None:
+        return reason
     arguments = {}
     for argument, attribute in tensors.items():
         tensor = getattr(experts, attribute)
-        stored = stored_quantised(experts, attribute) if argument in ("w_gate_up", "w_down") else None
-        if (stored is None and tensor.dtype != hidden_states.dtype) or tensor.device != hidden_states.device:
-            return (
-                f"{attribute} is {tensor.dtype} on {tensor.device} but hidden_states is "
-                f"{hidden_states.dtype} on {hidden_states.device}"
-            )
+        stored = stored_weights.get(argument)
         arguments[argument] = tensor
         if stored is not None and (tensor.dtype not in QUANTISED_WEIGHT_DTYPES or any(
                 t is not None and t.dtype != torch.float32 for t in (stored["scale"], stored["zero"]))):
@@ -481,30 +480,65 @@ def moe_ops_fp8_experts_forward(self, hidden_states, top_k_index, top_k_weights)
                               top_k_weights)
 
 
+def _fused_description(arguments: dict) -> str:
+    """The log line of a module that runs as fused_experts with ``arguments``."""
+    return (f"runs as moe_ops.fused_experts(layout={arguments['layout']!r}, interleaved={arguments['interleaved']}, "
+            f"activation={arguments['activation']!r}, gated={arguments['gated']}, biases={'b_down' in arguments}, "
+            f"quantised={_quantisation(arguments)})")
+
+
+def _report_fallback(self, runs: str, reason: str) -> None:
+    """Log that the module ``self`` runs ``runs`` instead of fused_experts, and why; raise where its expert weights
+    are moe_ops-quantised, which only fused_experts reads."""
+    if getattr(self, QUANTISED_ATTRIBUTE, None) is not None:
+        raise RuntimeError(f"{type(self).__name__}: its expert weights are moe_ops-quantised "
+                           f"({getattr(self, QUANTISED_ATTRIBUTE)}), which only moe_ops.fused_experts reads, and "
+                           f"fused_experts cannot take this call: {reason}")
+    _report(type(self), f"runs {runs}, not moe_ops.fused_experts: {reason}", False, torch.compiler.is_compiling())
+
+
 def _fused_or_own_loop(self, arguments, hidden_states, top_k_index, top_k_weights, fallback=None):
     """``fused_experts`` with ``arguments``, or (``arguments`` a reason) ``fallback`` (default: the class's own
     loop); logged."""
-    compiling = torch.compiler.is_compiling()
-    if isinstance(arguments, str) and getattr(self, QUANTISED_ATTRIBUTE, None) is not None:
-        raise RuntimeError(f"{type(self).__name__}: its expert weights are moe_ops-quantised "
-                           f"({getattr(self, QUANTISED_ATTRIBUTE)}), which only moe_ops.fused_experts reads, and "
-                           f"fused_experts cannot take this call: {arguments}")
     if isinstance(arguments, str):
         if fallback is None:
             fallback, runs = original_experts_forward(type(self)), "its own loop"
         else:
             runs = f"transformers' {fallback.__name__}"
-        _report(type(self), f"runs {runs}, not moe_ops.fused_experts: {arguments}", False, compiling)
+        _report_fallback(self, runs, arguments)
         return fallback(self, hidden_states, top_k_index, top_k_weights)
-    _report(
-        type(self),
-        f"runs as moe_ops.fused_experts(layout={arguments['layout']!r}, interleaved={arguments['interleaved']}, "
-        f"activation={arguments['activation']!r}, gated={arguments['gated']}, biases={'b_down' in arguments}, "
-        f"quantised={_quantisation(arguments)})",
-        True,
-        compiling,
-    )
+    _report(type(self), _fused_description(arguments), True, torch.compiler.is_compiling())
     return fused_experts(hidden_states, top_k_weights, top_k_index, **arguments)
+
+
+class Fused(NamedTuple):
+    """What a wrapped forward runs instead of its class's code while dynamo traces."""
+
+    description: str  # the log line: "runs as moe_ops.fused_experts(...)..."
+    run: Callable[[], torch.Tensor]  # the computation, fused_experts in it
+
+
+def _rewritten_forward(original, plan, runs: str):
+    """``original`` (a transformers class's forward), except while dynamo traces with ``config.rewrites`` and
+    ``config.transformers_eager_experts`` on: then ``plan(self, *args)``'s Fused computation, or, where ``plan``
+    gives a reason (a str), ``original`` (``runs``, for the log), the reason logged."""
+
+    def forward(self, *args):
+        if not _rewriting_transformers_code():
+            return original(self, *args)
+        planned = plan(self, *args)
+        if isinstance(planned, str):
+            _report_fallback(self, runs, planned)
+            return original(self, *args)
+        _report(type(self), planned.description, True, True)
+        return planned.run()
+
+    forward.__wrapped__ = original
+    return forward
+
+
+# The code of every forward _rewritten_forward makes: original_experts_forward unwraps it.
+_REWRITTEN_FORWARD_CODE = _rewritten_forward(None, None, "").__code__
 
 
 def _rewriting_transformers_code() -> bool:
@@ -695,38 +729,36 @@ DBRX_GLU_CODE = "f348bc181ec8ec2d"
 _WRAPPED: set[type] = set()  # the classes whose forward is wrapped
 
 
-def _own_loop_forward(original, handling):
-    """``original`` (an OWN_LOOP_EXPERTS class's loop), except while dynamo traces with ``config.rewrites`` and
-    ``config.transformers_eager_experts`` on: then ``fused_experts`` where it computes the same (``handling``: the
-    class's decorator flags, decided as for a decorated class, or its OwnCode), zero-compute experts added as each
-    token times their summed weights."""
+def _own_loop_plan(handling):
+    """The fused computation of an OWN_LOOP_EXPERTS class (``handling``: its decorator flags, decided as for a
+    decorated class, or its OwnCode), zero-compute experts added as each token times their summed weights; or the
+    reason there is none."""
 
-    def forward(self, hidden_states, top_k_index, top_k_weights):
-        if not _rewriting_transformers_code():
-            return original(self, hidden_states, top_k_index, top_k_weights)
+    def plan(self, hidden_states, top_k_index, top_k_weights):
         if not isinstance(handling, OwnCode):  # decorator flags
-            return _fused_or_own_loop(self, fused_experts_arguments(self, hidden_states, handling), hidden_states,
-                                      top_k_index, top_k_weights)
+            arguments = fused_experts_arguments(self, hidden_states, handling)
+            if isinstance(arguments, str):
+                return arguments
+            return Fused(_fused_description(arguments),
+                         lambda: fused_experts(hidden_states, top_k_weights, top_k_index, **arguments))
         rows = hidden_states.reshape(-1, hidden_states.shape[-1])
         arguments = handling.arguments(self, rows)
         if isinstance(arguments, str):
-            return _fused_or_own_loop(self, arguments, hidden_states, top_k_index, top_k_weights)
+            return arguments
+
+        def run():
+            out = fused_experts(rows, top_k_weights, top_k_index, **arguments)
+            if handling.zero_experts and self.zero_expert_num > 0:
+                # Only tokens that picked a zero expert add their row, as the loop does (x * 0 is no zero for inf x).
+                zero = top_k_index >= self.num_routed_experts
+                weights = torch.where(zero, top_k_weights, 0).sum(-1, keepdim=True)
+                out = out + torch.where(zero.any(-1, keepdim=True), rows * weights, 0).to(rows.dtype)
+            return out.view(hidden_states.shape)
+
         zero = " plus the token times the weights of the zero-compute experts it picks" if handling.zero_experts else ""
-        _report(type(self), f"runs as moe_ops.fused_experts(activation={arguments['activation']!r}){zero}", True,
-                True)
-        out = fused_experts(rows, top_k_weights, top_k_index, **arguments)
-        if handling.zero_experts and self.zero_expert_num > 0:
-            # Only tokens that picked a zero expert add their row, as the loop does (x * 0 is no zero for inf x).
-            zero = top_k_index >= self.num_routed_experts
-            weights = torch.where(zero, top_k_weights, 0).sum(-1, keepdim=True)
-            out = out + torch.where(zero.any(-1, keepdim=True), rows * weights, 0).to(rows.dtype)
-        return out.view(hidden_states.shape)
+        return Fused(f"runs as moe_ops.fused_experts(activation={arguments['activation']!r}){zero}", run)
 
-    forward.__wrapped__ = original
-    return forward
-
-
-_OWN_LOOP_WRAPPER_CODES = (_own_loop_forward(None, None).__code__,)
+    return plan
 
 
 def register_own_loop_experts(module) -> None:
@@ -745,7 +777,7 @@ def register_own_loop_experts(module) -> None:
                 log.debug("%s is not the code moe_ops read (transformers 5.17); left alone", name)
                 continue
         _WRAPPED.add(experts_class)
-        experts_class.forward = _own_loop_forward(experts_class.forward, handling)
+        experts_class.forward = _rewritten_forward(experts_class.forward, _own_loop_plan(handling), "its own loop")
 
 
 # JetMoE's MoE block (transformers 5.17), by _code_fingerprint of each method its computation runs through: the
@@ -776,31 +808,27 @@ def _jetmoe_reason(block: nn.Module, layer_input: torch.Tensor) -> str | None:
                                          for name in ("input_linear", "output_linear")})
 
 
-def _weights_reason(rows: torch.Tensor, weights: dict[str, torch.Tensor]) -> str | None:
+def _weights_reason(rows: torch.Tensor, weights: dict[str, torch.Tensor],
+                    own_dtype: set[str] = frozenset()) -> str | None:
     """Why weights (by name) and their input ``rows`` are not what fused_experts computes with as the module does
-    (None: they are): autocast on, or another dtype or device."""
+    (None: they are): autocast on, or another device, or another dtype (but for ``own_dtype``: weights that
+    moe_ops.quantise_experts stored)."""
     if torch.is_autocast_enabled(rows.device.type):
         return "autocast is on: the module multiplies in the autocast dtype, fused_experts in the weights' dtype"
     for name, weight in weights.items():
-        if weight.dtype != rows.dtype or weight.device != rows.device:
+        if (name not in own_dtype and weight.dtype != rows.dtype) or weight.device != rows.device:
             return f"{name} is {weight.dtype} on {weight.device} but its input is {rows.dtype} on {rows.device}"
     return None
 
 
-def _jetmoe_forward(original):
-    """``original`` (JetMoeMoE.forward), except while dynamo traces with ``config.rewrites`` and
-    ``config.transformers_eager_experts`` on: its routing without the host read, and one fused_experts call."""
+def _jetmoe_plan(self, layer_input):
+    """JetMoE's block: its routing without the host read, one fused_experts call, then its bias."""
+    reason = _jetmoe_reason(self, layer_input)
+    if reason is not None:
+        return reason
+    activation = _activation_of(self.activation)
 
-    def forward(self, layer_input):
-        if not _rewriting_transformers_code():
-            return original(self, layer_input)
-        reason = _jetmoe_reason(self, layer_input)
-        if reason is not None:
-            _report(type(self), f"runs its own code, not moe_ops.fused_experts: {reason}", False, True)
-            return original(self, layer_input)
-        activation = _activation_of(self.activation)
-        _report(type(self), f"runs as moe_ops.fused_experts(activation={activation!r}) after its router, then its "
-                "bias", True, True)
+    def run():
         batch, length, hidden = layer_input.shape
         rows = layer_input.reshape(-1, hidden)
         logits = self.router.layer(rows).float()
@@ -810,36 +838,29 @@ def _jetmoe_forward(original):
                             layout="EFH", interleaved=False, activation=activation, gated=True)
         return out.view(batch, length, hidden) + self.bias
 
-    forward.__wrapped__ = original
-    return forward
+    return Fused(f"runs as moe_ops.fused_experts(activation={activation!r}) after its router, then its bias", run)
 
 
-def _aria_forward(original):
-    """``original`` (AriaExperts.forward), except while dynamo traces with ``config.rewrites`` and
-    ``config.transformers_eager_experts`` on: its routing, then one fused_experts call (no host read)."""
+def _aria_plan(self, hidden_states, router_logits):
+    """Aria's experts: its routing, then one fused_experts call over its input-first weights (no host read)."""
+    if hidden_states.dim() != 2:
+        return f"hidden_states has {hidden_states.dim()} dims, fused_experts takes (tokens, hidden)"
+    reason = (_skipped_hooks({"fc1": self.fc1, "fc2": self.fc2})
+              or _weights_reason(hidden_states, {"fc1.weight": self.fc1.weight, "fc2.weight": self.fc2.weight}))
+    if reason is not None:
+        return reason
 
-    def forward(self, hidden_states, router_logits):
-        if not _rewriting_transformers_code():
-            return original(self, hidden_states, router_logits)
-        reason = (_skipped_hooks({"fc1": self.fc1, "fc2": self.fc2})
-                  or _weights_reason(hidden_states, {"fc1.weight": self.fc1.weight, "fc2.weight": self.fc2.weight}))
-        if hidden_states.dim() != 2:
-            reason = f"hidden_states has {hidden_states.dim()} dims, fused_experts takes (tokens, hidden)"
-        if reason is not None:
-            _report(type(self), f"runs its own code, not moe_ops.fused_experts: {reason}", False, True)
-            return original(self, hidden_states, router_logits)
-        _report(type(self), "runs as moe_ops.fused_experts(activation='silu') after its routing", True, True)
+    def run():
         top_k_index, top_k_weights = self.route_tokens_to_experts(router_logits)
         return fused_experts(hidden_states, top_k_weights, top_k_index, self.fc1.weight, self.fc2.weight,
                              layout="EHF", interleaved=False, activation="silu", gated=True)
 
-    forward.__wrapped__ = original
-    return forward
+    return Fused("runs as moe_ops.fused_experts(activation='silu') after its routing", run)
 
 
 # Classes whose forward moe_ops replaces while dynamo traces (their code read: each function it runs, by
-# _code_fingerprint), and the wrapper of that forward.
-OWN_BLOCKS = {"JetMoeMoE": (JETMOE_CODE, _jetmoe_forward), "AriaExperts": (ARIA_CODE, _aria_forward)}
+# _code_fingerprint), and the plan of what it runs instead.
+OWN_BLOCKS = {"JetMoeMoE": (JETMOE_CODE, _jetmoe_plan), "AriaExperts": (ARIA_CODE, _aria_plan)}
 
 
 def _defined(module, qualified_name: str):
@@ -855,7 +876,7 @@ def register_own_code(module) -> None:
     module) defines (idempotent; a block whose code is not the one read is left alone, the reason logged at
     DEBUG)."""
     register_own_loop_experts(module)
-    for name, (code, wrap) in OWN_BLOCKS.items():
+    for name, (code, plan) in OWN_BLOCKS.items():
         block_class = getattr(module, name, None)
         if block_class is None or block_class in _WRAPPED:
             continue
@@ -865,7 +886,7 @@ def register_own_code(module) -> None:
             log.debug("%s is not the code moe_ops read (transformers 5.17): %s; left alone", name, ", ".join(changed))
             continue
         _WRAPPED.add(block_class)
-        block_class.forward = wrap(block_class.forward)
+        block_class.forward = _rewritten_forward(block_class.forward, plan, "its own code")
 
 
 def register_fp8_experts_implementations() -> None:

@@ -364,12 +364,10 @@ def weight_tile(ptrs, k_left, col_valid, a, BLOCK_K: tl.constexpr, W_GROUP_SIZE:
         k_valid = tl.arange(0, BLOCK_K // 2) < k_left // 2  # K is even: whole bytes
         packed = tl.load(ptrs, mask=col_valid[:, None] & k_valid[None, :], other=0)
         w = tl.join(packed & 0xF, packed >> 4).reshape(packed.shape[0], BLOCK_K)
-    elif W_LEFT:
-        k_valid = tl.arange(0, BLOCK_K) < k_left
-        w = tl.load(ptrs, mask=col_valid[:, None] & k_valid[None, :], other=0.0)
     else:
         k_valid = tl.arange(0, BLOCK_K) < k_left
-        w = tl.load(ptrs, mask=k_valid[:, None] & col_valid[None, :], other=0.0)
+        mask = col_valid[:, None] & k_valid[None, :] if W_LEFT else k_valid[:, None] & col_valid[None, :]
+        w = tl.load(ptrs, mask=mask, other=0.0)
     if W_GROUP_SIZE > 0 and not A_GROUPED:
         # Scales and zero points per output feature: the rows of a left operand, else its columns.
         scale = tl.load(scale_ptrs, mask=col_valid, other=0.0)

@@ -223,6 +223,25 @@ OWN_CODE_FAMILIES = {
 }
 
 
+def test_own_code_classes_are_wrapped_from_the_modules_install_watches():
+    """Each class of hf_experts' OWN_LOOP_EXPERTS and OWN_BLOCKS is defined in a modeling module that install.py
+    registers on import (OWN_CODE_MODELING), and each such module defines one: the two lists name the same code.
+    Each class's forward is then the wrapper, unwrapped to the class's own code."""
+    install = importlib.import_module("moe_ops.lowering.install")
+    wrapped = set(hf_experts.OWN_LOOP_EXPERTS) | set(hf_experts.OWN_BLOCKS)
+    found = set()
+    for module_name in install.OWN_CODE_MODELING:
+        module = importlib.import_module(module_name)
+        defined = {name for name in wrapped if name in vars(module)}
+        assert defined, f"{module_name} defines no class moe_ops wraps"
+        for name in defined:
+            forward = vars(getattr(module, name))["forward"]
+            assert forward.__code__ is hf_experts._REWRITTEN_FORWARD_CODE, name
+            assert hf_experts.original_experts_forward(getattr(module, name)) is forward.__wrapped__
+        found |= defined
+    assert found == wrapped
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("family", list(OWN_CODE_FAMILIES))
 def test_own_code_blocks_run_as_one_graph_with_fused_experts(family, dtype, caplog):
