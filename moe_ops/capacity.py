@@ -3,7 +3,8 @@
 Shape legend: T tokens, K experts per token (top-k), E experts, S = T*K slots (slot s = t*K + j).
 
 A dropped slot gets the id ``E``, the sentinel every op skips (its token gets no contribution from
-that choice). Ids already outside ``[0, E)`` pass through unchanged and are not counted as dropped.
+that choice). Ids already outside ``[0, E)`` pass through unchanged (``E`` where int32 cannot hold them) and are
+not counted as dropped.
 Which slots an expert keeps:
 
 * ``policy="position"``: its ``capacity`` lowest slot numbers (token order: a token's second choice
@@ -21,7 +22,7 @@ import torch
 
 from moe_ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_num_experts, check_tensor
 from moe_ops.capacity_triton import apply_capacity_triton
-from moe_ops.layout import apply_capacity_torch
+from moe_ops.layout import apply_capacity_torch, ids_as_int32
 
 POLICIES = ("position", "gshard", "score")
 
@@ -51,7 +52,7 @@ def apply_capacity_ref(
     """Plain-PyTorch definition of the capacity rule (the semantics every kernel is tested against)."""
     _check_capacity_args(topk_ids, topk_weights, num_experts, capacity, policy)
     if capacity < 0 or topk_ids.numel() == 0:
-        return topk_ids.to(torch.int32, copy=True), torch.zeros((), dtype=torch.int32, device=topk_ids.device)
+        return ids_as_int32(topk_ids, num_experts), torch.zeros((), dtype=torch.int32, device=topk_ids.device)
     return apply_capacity_torch(topk_ids, topk_weights, num_experts, capacity, policy)
 
 
@@ -84,7 +85,8 @@ def apply_capacity(
     """Drop the slots over each expert's capacity by setting their id to ``num_experts``.
 
     Args:
-        topk_ids:     (T, K) int32/int64  expert of each slot; ids outside [0, num_experts) pass through
+        topk_ids:     (T, K) int32/int64  expert of each slot; ids outside [0, num_experts) pass through (as
+                                          num_experts where int32 cannot hold them)
         topk_weights: (T, K) float        routing weights (ranks the slots for ``policy="score"``)
         num_experts:  E
         capacity:     slots each expert keeps; < 0: dropless (see :func:`capacity_from_factor`)

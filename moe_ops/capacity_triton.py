@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_ops.layout import apply_capacity_torch
+from moe_ops.layout import apply_capacity_torch, ids_as_int32
 from moe_ops.schedule_triton import (
     _expert_counts,
     _load_chunk_ids,
@@ -44,8 +44,10 @@ def _capacity_position_kernel(
 ):
     pid = tl.program_id(0)
     slot, raw, expert, valid = _load_chunk_ids(ids_ptr, pid, num_slots, num_experts, CHUNK)
-    # Ids outside [0, E) pass through unchanged (in slot order) ...
-    tl.store(kept_ptr + slot, raw.to(tl.int32), mask=(slot < num_slots) & ~valid)
+    # Ids outside [0, E) pass through unchanged (in slot order; E where int32 cannot hold them) ...
+    as_int32 = raw.to(tl.int32)
+    tl.store(kept_ptr + slot, tl.where(as_int32.to(raw.dtype) == raw, as_int32, num_experts),
+             mask=(slot < num_slots) & ~valid)
     # ... the others are ranked within their expert (in (expert, slot) order).
     s_expert, s_local, rank, s_valid = _sort_chunk(expert, valid, num_experts, CHUNK)
     s_expert = tl.where(s_valid, s_expert, 0)
@@ -75,7 +77,7 @@ def apply_capacity_triton(
     device = topk_ids.device
     num_slots = topk_ids.numel()
     if capacity < 0 or num_slots == 0:
-        return topk_ids.to(torch.int32, copy=True), torch.zeros((), dtype=torch.int32, device=device)
+        return ids_as_int32(topk_ids, num_experts), torch.zeros((), dtype=torch.int32, device=device)
     if policy != "position":
         return apply_capacity_torch(topk_ids, topk_weights, num_experts, capacity, policy)
 

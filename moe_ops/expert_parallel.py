@@ -156,8 +156,8 @@ def fused_experts_ep(
     check_tensor("topk_weights", topk_weights, shape=tuple(topk_ids.shape), dtypes=FLOAT_DTYPES, device=x.device)
     if topk_ids.shape[0] != x.shape[0]:
         raise ValueError(f"topk_ids: expected ({x.shape[0]}, K) like x's tokens, got {tuple(topk_ids.shape)}")
-    if capacity_factor is not None and (dispatch != "padded" or not capacity_factor > 0):
-        raise ValueError(f"capacity_factor: a positive number with dispatch='padded', got {capacity_factor!r}")
+    if capacity_factor is not None and (dispatch != "padded" or not 0 < capacity_factor < math.inf):
+        raise ValueError(f"capacity_factor: a finite positive number with dispatch='padded', got {capacity_factor!r}")
     check_pipeline_chunks(pipeline_chunks, dispatch)
     group = dist.group.WORLD if group is None else group
     num_ranks = dist.get_world_size(group)

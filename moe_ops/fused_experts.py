@@ -12,6 +12,7 @@ sum over K in a fixed order (deterministic, fp32 accumulation).
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -202,8 +203,8 @@ def check_fused_args(
     K = topk_ids.shape[1]
     if not 1 <= K <= E:
         raise ValueError(f"topk_ids: expected 1 <= K <= E={E} choices per token, got K={K}")
-    if capacity_factor < 0:
-        raise ValueError(f"capacity_factor: expected >= 0 (0 = dropless), got {capacity_factor}")
+    if not math.isfinite(capacity_factor) or capacity_factor < 0:
+        raise ValueError(f"capacity_factor: expected a finite number >= 0 (0 = dropless), got {capacity_factor}")
 
 
 def fused_experts_ref(

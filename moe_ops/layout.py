@@ -85,6 +85,13 @@ def expert_order(expert_S: torch.Tensor, num_experts: int, first: torch.Tensor |
     return order, rank
 
 
+def ids_as_int32(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``ids`` as int32 (a copy), each id int32 cannot hold (outside [0, E), so skipped) as ``num_experts``: a
+    wrapped int64 id could name a real expert."""
+    as_int32 = ids.to(torch.int32, copy=True)
+    return torch.where(as_int32.to(ids.dtype) == ids, as_int32, num_experts)
+
+
 def apply_capacity_torch(topk_ids, topk_weights, num_experts: int, capacity: int, policy: str):
     """The capacity rule in device-side torch ops (no host sync); used by the reference and, for
     ``policy="score"`` and ``"gshard"``, by the CUDA kernel."""
@@ -102,7 +109,7 @@ def apply_capacity_torch(topk_ids, topk_weights, num_experts: int, capacity: int
         order, rank = expert_order(expert_S, num_experts)
     rank_S = torch.empty_like(rank).scatter_(0, order, rank)
     drop_S = valid_S & (rank_S >= capacity)
-    kept = torch.where(drop_S, num_experts, expert_S).to(torch.int32).reshape(topk_ids.shape)
+    kept = ids_as_int32(torch.where(drop_S, num_experts, expert_S), num_experts).reshape(topk_ids.shape)
     return kept, drop_S.sum().to(torch.int32)
 
 

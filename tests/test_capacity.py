@@ -184,6 +184,18 @@ def test_ids_outside_range_pass_through_uncounted():
     assert kept.tolist() == [[0, -1], [4, 4], [4, -(2**31)]] and int(dropped) == 2
 
 
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("capacity", [1, -1])
+def test_int64_ids_int32_cannot_hold_come_out_as_the_sentinel(capacity, policy):
+    """The kept ids are int32: an int64 id outside [0, E) that int32 cannot hold comes out as E (wrapped, 2**32
+    would name expert 0), uncounted, on the reference and the Triton path alike."""
+    ids = torch.tensor([[0, 2**32], [1, 2**32 + 1], [0, -(2**32)], [2, -1]], dtype=torch.int64)
+    want = [[0, 4], [1, 4], [4 if capacity == 1 else 0, 4], [2, -1]]
+    for apply in (apply_capacity_ref, apply_capacity_triton):
+        kept, dropped = apply(ids.to(TRITON_DEVICE), torch.ones(4, 2, device=TRITON_DEVICE), 4, capacity, policy)
+        assert kept.tolist() == want and int(dropped) == (1 if capacity == 1 else 0), apply.__name__
+
+
 # ------------------------------------------------------------------------------------------------
 # CUDA only
 # ------------------------------------------------------------------------------------------------

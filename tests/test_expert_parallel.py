@@ -291,8 +291,10 @@ def test_errors_name_the_argument():
         fused_experts_ep(x, weights, ids, w_gate_up, w_down, dispatch="dense")
     with pytest.raises(ValueError, match="pipeline_chunks: a positive int, above 1 only with dispatch='padded'"):
         fused_experts_ep(x, weights, ids, w_gate_up, w_down, dispatch="exact", pipeline_chunks=2)
-    with pytest.raises(ValueError, match="capacity_factor: a positive number with dispatch='padded'"):
+    with pytest.raises(ValueError, match="capacity_factor: a finite positive number with dispatch='padded'"):
         fused_experts_ep(x, weights, ids, w_gate_up, w_down, dispatch="exact", capacity_factor=1.0)
+    with pytest.raises(ValueError, match="capacity_factor: a finite positive number"):
+        fused_experts_ep(x, weights, ids, w_gate_up, w_down, capacity_factor=math.inf)
     with pytest.raises(ValueError, match="options: capacity here is fused_experts_ep's"):
         fused_experts_ep(x, weights, ids, w_gate_up, w_down, capacity_factor=None, drop_policy="score")
 

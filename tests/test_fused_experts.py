@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import sys
 
 import pytest
@@ -124,6 +125,22 @@ def test_ids_outside_range_route_to_no_expert(path, device):
     got = run(dict(layer, topk_ids=ids))
     assert_close_rel(got, want, torch.float32, path)
     assert (got[5] == 0).all()
+
+
+@pytest.mark.parametrize("capacity_factor", [0.0, 100.0])  # dropless, and a capacity no expert reaches
+def test_int64_ids_int32_cannot_hold_route_to_no_expert(capacity_factor):
+    """int64 ids outside int32's range (2**32 would wrap to expert 0) are slots routed to no expert, with a
+    capacity (whose kept ids are int32) as without, eager and compiled."""
+    T, K, E = 8, 2, 4
+    layer = _layer(T, K, E, 32, 16, torch.float32, TRITON_DEVICE)
+    ids = layer["topk_ids"].long()
+    ids[::2, 1] = torch.tensor([2**32, 2**32 + 1, -(2**32), 2**40], device=ids.device)
+    outside = (ids < 0) | (ids >= E)
+    want = fused_experts_ref(**dict(layer, topk_ids=torch.where(outside, 0, ids),
+                                    topk_weights=layer["topk_weights"] * ~outside))
+    for name, run in (("eager", fused_experts), ("compiled", torch.compile(fused_experts, fullgraph=True))):
+        got = run(**dict(layer, topk_ids=ids), capacity_factor=capacity_factor)
+        assert_close_rel(got, want, torch.float32, f"{name}, capacity_factor={capacity_factor}")
 
 
 @pytest.mark.parametrize("block_m", [16, 32, 64, 128])
@@ -302,8 +319,9 @@ def test_errors_name_the_argument():
         fused_experts(**dict(layer, topk_weights=torch.rand(4, 3)))
     with pytest.raises(ValueError, match="layout: expected one of"):
         fused_experts(**layer, layout="HFE")
-    with pytest.raises(ValueError, match="capacity_factor"):
-        fused_experts(**layer, capacity_factor=-1.0)
+    for capacity_factor in (-1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="capacity_factor: expected a finite number >= 0"):
+            fused_experts(**layer, capacity_factor=capacity_factor)
 
 
 QUANTISED = ["int8", "fp8"]  # per output row
