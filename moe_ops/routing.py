@@ -391,6 +391,9 @@ def route(
     check_int("topk_group", topk_group, minimum=1)
     check_number("routed_scaling_factor", routed_scaling_factor)
     check_number("renorm_min", renorm_min, minimum=0.0)
+    if not renormalize and (renorm_eps or renorm_min):
+        name, value = ("renorm_eps", renorm_eps) if renorm_eps else ("renorm_min", renorm_min)
+        raise ValueError(f"{name}: shapes the renormalisation, which renormalize=False skips; got {name}={value}")
     args = (
         router_logits, top_k, scoring, bool(softmax_after_topk), bool(renormalize),
         float(renorm_eps), correction_bias, n_group, topk_group, float(routed_scaling_factor),

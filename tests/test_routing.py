@@ -466,10 +466,15 @@ def test_backward_matches_reference_autograd():
         (lambda: route(torch.randn(4, 8), 2, n_group=2, topk_group=3), ValueError, r"topk_group: expected"),
         (lambda: route(torch.randn(4, 16), 5, n_group=4, topk_group=1),
          ValueError, r"k: expected k <= topk_group"),
+        (lambda: route(torch.randn(4, 8), 2, renorm_min=0.5), ValueError,
+         r"renorm_min: shapes the renormalisation, which renormalize=False skips"),
+        (lambda: route(torch.randn(4, 8), 2, renorm_eps=1e-20), ValueError,
+         r"renorm_eps: shapes the renormalisation, which renormalize=False skips"),
     ],
     ids=["k_gt_E", "k_zero", "k_float", "k_bool", "renorm_eps_negative", "renorm_eps_nan", "scale_inf",
          "n_group_float", "logits_1d", "logits_int", "scoring", "after_topk_sigmoid", "bias_shape",
-         "bias_dtype", "group_not_divisor", "group_of_one", "topk_group_gt_n_group", "k_gt_kept"],
+         "bias_dtype", "group_not_divisor", "group_of_one", "topk_group_gt_n_group", "k_gt_kept",
+         "renorm_min_without_renormalize", "renorm_eps_without_renormalize"],
 )
 def test_bad_arguments(call, error, match):
     with pytest.raises(error, match=match):
