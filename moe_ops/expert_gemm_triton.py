@@ -39,6 +39,12 @@ CLAMPED_SWIGLU: tl.constexpr = tl.constexpr(ACTIVATION_CODE["clamped_swiglu"])
 RELU2: tl.constexpr = tl.constexpr(ACTIVATION_CODE["relu2"])
 CLAMPED_SILU: tl.constexpr = tl.constexpr(ACTIVATION_CODE["clamped_silu"])
 
+# Hopper's fp8 dots reduce 32 deep at least (Triton refuses a shallower one): fp8 inputs in groups of 16 take
+# bf16 dots.
+FP8_DOT_MIN_K: tl.constexpr = tl.constexpr(32)
+# The shallowest K step whose int4 weights are unpacked by join + reshape (weight_tile).
+JOINED_INT4_MIN_K: tl.constexpr = tl.constexpr(32)
+
 
 @triton.jit
 def gate_activation(gate, ACTIVATION: tl.constexpr, alpha, limit):
@@ -306,10 +312,14 @@ def weight_tile_ptrs(w, w_up, expert, cols, BLOCK_K: tl.constexpr, W_INT4: tl.co
                      W_LEFT: tl.constexpr = False):
     """Pointers to the first weight tiles (gate, up) of a pointer-load tile, (BLOCK_K, BLOCK_N), or (BLOCK_N,
     BLOCK_K) where the weights are the dot's left operand (W_LEFT: k_step); int4, BLOCK_K / 2 bytes along
-    k; ``w`` and ``w_up`` as expert_gemm_tile takes them."""
+    k (a shallower step than JOINED_INT4_MIN_K: each value's byte); ``w`` and ``w_up`` as expert_gemm_tile
+    takes them."""
     w_ptr, stride_we, stride_wn, stride_wk = w
     w_up_ptr, stride_ue, stride_un, stride_uk = w_up
-    offs_k = tl.arange(0, BLOCK_K // 2 if W_INT4 else BLOCK_K)
+    if W_INT4 and BLOCK_K < JOINED_INT4_MIN_K:
+        offs_k = tl.arange(0, BLOCK_K) // 2  # each value's byte (weight_tile)
+    else:
+        offs_k = tl.arange(0, BLOCK_K // 2 if W_INT4 else BLOCK_K)
     if W_LEFT:
         n_index, k_index = cols[:, None].to(tl.int64), offs_k[None, :]
     else:
@@ -361,9 +371,16 @@ def weight_tile(ptrs, k_left, col_valid, a, BLOCK_K: tl.constexpr, W_GROUP_SIZE:
     row, where the dot's register operand wants it."""
     if W_INT4:
         tl.static_assert(W_LEFT, "int4 weights are unpacked along their rows")
-        k_valid = tl.arange(0, BLOCK_K // 2) < k_left // 2  # K is even: whole bytes
-        packed = tl.load(ptrs, mask=col_valid[:, None] & k_valid[None, :], other=0)
-        w = tl.join(packed & 0xF, packed >> 4).reshape(packed.shape[0], BLOCK_K)
+        if BLOCK_K < JOINED_INT4_MIN_K:
+            # Triton 3.6 miscompiles the join + reshape below into a 16-deep bf16 left operand (sm90: wrong
+            # products; fp32 and deeper steps are right): each value reads its own byte and shifts its nibble out.
+            k = tl.arange(0, BLOCK_K)
+            packed = tl.load(ptrs, mask=col_valid[:, None] & (k < k_left)[None, :], other=0)
+            w = (packed >> ((k % 2) * 4).to(tl.uint8)[None, :]) & 0xF
+        else:
+            k_valid = tl.arange(0, BLOCK_K // 2) < k_left // 2  # K is even: whole bytes
+            packed = tl.load(ptrs, mask=col_valid[:, None] & k_valid[None, :], other=0)
+            w = tl.join(packed & 0xF, packed >> 4).reshape(packed.shape[0], BLOCK_K)
     else:
         k_valid = tl.arange(0, BLOCK_K) < k_left
         mask = col_valid[:, None] & k_valid[None, :] if W_LEFT else k_valid[:, None] & col_valid[None, :]
@@ -421,14 +438,16 @@ def k_step(a, acc, acc_up, w_ptrs, u_ptrs, k_left, col_valid, stride_wk, stride_
     if A_GROUPED:
         a_s_ptrs, a_s_g, row_valid = a_groups
         a_s = tl.load(a_s_ptrs + group * a_s_g, mask=row_valid, other=0.0)[:, None]
-        acc += tl.dot(a, w) * (a_s * tl.load(scale_ptrs, mask=col_valid, other=0.0)[None, :])
+        if BLOCK_K < FP8_DOT_MIN_K:  # groups of 16: bf16 dots, which hold every fp8 e4m3 value exactly
+            a = a.to(tl.bfloat16)
+        acc += tl.dot(a, w.to(a.dtype)) * (a_s * tl.load(scale_ptrs, mask=col_valid, other=0.0)[None, :])
     else:
         acc = dot_step(a, w, acc, INPUT_PRECISION, W_LEFT)
     if GATED:
         u = weight_tile(u_ptrs, k_left, col_valid, a, BLOCK_K, W_GROUP_SIZE, W_INT4, W_ZERO_POINT, up_scale_ptrs,
                         up_zero_ptrs, A_GROUPED, W_LEFT)
         if A_GROUPED:
-            acc_up += tl.dot(a, u) * (a_s * tl.load(up_scale_ptrs, mask=col_valid, other=0.0)[None, :])
+            acc_up += tl.dot(a, u.to(a.dtype)) * (a_s * tl.load(up_scale_ptrs, mask=col_valid, other=0.0)[None, :])
         else:
             acc_up = dot_step(a, u, acc_up, INPUT_PRECISION, W_LEFT)
     steps = BLOCK_K // 2 if W_INT4 else BLOCK_K  # stored columns per step
@@ -641,8 +660,7 @@ def expert_gemm_triton(
     num_sms, smem_bytes = device_limits(a.device.index or 0) if a.device.type == "cuda" else (1, 1 << 30)
     # fp32 inputs stay exact unless the user allowed tf32, as torch.matmul does.
     ieee = a.dtype == torch.float32 and not fp32_matmul_allows_tf32()
-    quantised = weight_quantisation(w.dtype, None if w_scale is None else w_scale.shape, w_zero is not None, n, k,
-                                    a_scale is not None)
+    quantised = weight_quantisation(w.dtype, None if w_scale is None else w_scale.shape, w_zero is not None, n, k)
     scaled = quantised["W_SCALED"] or quantised["W_GROUP_SIZE"] > 0 or a_scale is not None
     if tma and not scaled:
         weights = [(t.shape, t.stride(), t.data_ptr()) for t in (w, w_up) if t is not None]
@@ -698,19 +716,18 @@ def expert_gemm_triton(
     return out
 
 
-def weight_quantisation(w_dtype: torch.dtype, scale_shape, has_zero: bool, n: int, k: int, a_fp8: bool = False
-                        ) -> dict:
+def weight_quantisation(w_dtype: torch.dtype, scale_shape, has_zero: bool, n: int, k: int) -> dict:
     """The kernel's quantised-weight flags for an (E, ``n``, ``k``) weight of ``w_dtype`` with scales of
-    ``scale_shape`` (None: not quantised) and zero points or not (moe_ops.quantised), against fp8 A or not:
-    per-row scales alone (int8 / fp8) scale the accumulated columns (W_SCALED); any other form dequantises each
-    weight tile in registers, W_GROUP_SIZE reduction features (K for per-row scales) and W_SCALE_ROWS output
-    features per scale. Weights converted in registers (all but fp8 against fp8 A) are the dots' left operand
-    (W_LEFT: k_step)."""
+    ``scale_shape`` (None: not quantised) and zero points or not (moe_ops.quantised): per-row scales alone
+    (int8 / fp8) scale the accumulated columns (W_SCALED); any other form dequantises each weight tile in
+    registers, W_GROUP_SIZE reduction features (K for per-row scales) and W_SCALE_ROWS output features per scale.
+    int4 weights are the dots' left operand (W_LEFT: k_step); int8 and fp8 weights the right one, which ran
+    faster on the H100 (Mixtral-8x7B, benchmarks/NOTES.md v18)."""
     plain = dict(W_SCALED=False, W_GROUP_SIZE=0, W_INT4=False, W_ZERO_POINT=False, W_SCALE_ROWS=1, W_LEFT=False)
     if scale_shape is None:
         return plain
     int4 = w_dtype == torch.uint8
-    plain = dict(plain, W_LEFT=not a_fp8)
+    plain = dict(plain, W_LEFT=int4)
     if not int4 and not has_zero and len(scale_shape) == 2:
         return dict(plain, W_SCALED=True)
     row_blocks, groups = (int(scale_shape[1]), int(scale_shape[2])) if len(scale_shape) == 3 else (int(n), 1)

@@ -133,7 +133,7 @@ def gemm_config(
             block_k *= 2  # fp8 inputs: a K step of the same bytes, as deep as fp8 dots' reduction steps run
         if weights_left:
             # Half the weight tile in registers, one stage deeper: ptxas spills the full tile (sm90, 255
-            # registers, 8 to 224 bytes spilled for int8 / int4 weights).
+            # registers, 8 to 224 bytes spilled for int4 weights).
             block_n, block_k, stages = (block_n, block_k // 2, 4) if gated else (block_n // 2, block_k, 4)
         if scaled_dots:
             block_n //= 2  # ptxas spills ~1.2 KB of the full tile's (sm90, fp8 weights in 128 x 128 blocks)

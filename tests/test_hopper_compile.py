@@ -156,6 +156,14 @@ def test_every_launched_kernel_compiles_for_hopper(tmp_path, monkeypatch):
     fused_experts_triton(x, weights, ids, b_gate_up, b_down, *plain[5:], 0.0, "position", c_gate_up, None, c_down)
     fused_experts_triton(x, weights, ids, b_gate_up, b_down, *plain[5:], 0.0, "position", c_gate_up, None, c_down,
                          None, None, None, "fp8_groupwise")
+    # Groups of 16 inputs: K steps shallower than fp8 dots reduce (bf16 dots) and than int4's joined unpacking.
+    (b_gate_up, c_gate_up), (b_down, c_down) = (quantise_blocks(w.contiguous(), 16) for w in (w_gate_up, w_down))
+    fused_experts_triton(x, weights, ids, b_gate_up, b_down, *plain[5:], 0.0, "position", c_gate_up, None, c_down,
+                         None, None, None, "fp8_groupwise")
+    (i_gate_up, i_s_gate_up, i_z_gate_up), (i_down, i_s_down, i_z_down) = (quantise_groups(w, 16, bits=4)
+                                                                           for w in (w_gate_up, w_down))
+    fused_experts_triton(x, weights, ids, i_gate_up, i_down, *plain[5:], 0.0, "position", i_s_gate_up, None, i_s_down,
+                         i_z_gate_up, None, i_z_down)
     # w8a8: fp8 inputs against fp8 weights (fp8 dots)
     fused_experts_triton(x, weights, ids, f_gate_up, f_down, *plain[5:], 0.0, "position", t_gate_up, None, t_down,
                          None, None, None, "fp8_rowwise")

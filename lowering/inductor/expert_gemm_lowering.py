@@ -362,7 +362,7 @@ def tuned_expert_gemm(
     pair_stride = ir_pair_stride(input_nodes[1], input_nodes[2]) if tma and gated else None
     k = int(a.get_size()[1])
     quantised = weight_quantisation(w.get_dtype(), None if w_scale is None else w_scale.get_size(),
-                                    w_zero is not None, int(n), k, a_scale is not None)
+                                    w_zero is not None, int(n), k)
     base = gemm_config(block_m, int(n), gated, a.get_dtype().itemsize, busy_estimate, num_sms, smem_bytes, ieee, tma,
                        quantised["W_LEFT"], a_scale is not None and len(a_scale.get_size()) == 2)
     flags = dict(
