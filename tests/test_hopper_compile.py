@@ -152,25 +152,22 @@ def test_every_launched_kernel_compiles_for_hopper(tmp_path, monkeypatch):
     fused_experts_triton(x, weights, ids, q_gate_up, q_down, *plain[5:], 0.0, "position", s_gate_up, None, s_down)
     (f_gate_up, t_gate_up), (f_down, t_down) = (quantise_per_row(w, torch.float8_e4m3fn) for w in (w_gate_up, w_down))
     fused_experts_triton(x, weights, ids, f_gate_up, f_down, *plain[5:], 0.0, "position", t_gate_up, None, t_down)
-    (b_gate_up, c_gate_up), (b_down, c_down) = (quantise_blocks(w.contiguous(), 32) for w in (w_gate_up, w_down))
-    fused_experts_triton(x, weights, ids, b_gate_up, b_down, *plain[5:], 0.0, "position", c_gate_up, None, c_down)
-    fused_experts_triton(x, weights, ids, b_gate_up, b_down, *plain[5:], 0.0, "position", c_gate_up, None, c_down,
-                         None, None, None, "fp8_groupwise")
-    # Groups of 16 inputs: K steps shallower than fp8 dots reduce (bf16 dots) and than int4's joined unpacking.
-    (b_gate_up, c_gate_up), (b_down, c_down) = (quantise_blocks(w.contiguous(), 16) for w in (w_gate_up, w_down))
-    fused_experts_triton(x, weights, ids, b_gate_up, b_down, *plain[5:], 0.0, "position", c_gate_up, None, c_down,
-                         None, None, None, "fp8_groupwise")
-    (i_gate_up, i_s_gate_up, i_z_gate_up), (i_down, i_s_down, i_z_down) = (quantise_groups(w, 16, bits=4)
-                                                                           for w in (w_gate_up, w_down))
-    fused_experts_triton(x, weights, ids, i_gate_up, i_down, *plain[5:], 0.0, "position", i_s_gate_up, None, i_s_down,
-                         i_z_gate_up, None, i_z_down)
+    # fp8 weights in tiles, against bf16 and fp8 inputs; tiles of 16 inputs: K steps shallower than fp8 dots
+    # reduce (bf16 dots there).
+    for block in (32, 16):
+        (b_gate_up, c_gate_up), (b_down, c_down) = (quantise_blocks(w.contiguous(), block) for w in (w_gate_up, w_down))
+        for inputs in ("none", "fp8_groupwise"):
+            fused_experts_triton(x, weights, ids, b_gate_up, b_down, *plain[5:], 0.0, "position", c_gate_up, None,
+                                 c_down, None, None, None, inputs)
     # w8a8: fp8 inputs against fp8 weights (fp8 dots)
     fused_experts_triton(x, weights, ids, f_gate_up, f_down, *plain[5:], 0.0, "position", t_gate_up, None, t_down,
                          None, None, None, "fp8_rowwise")
-    (i_gate_up, i_s_gate_up, i_z_gate_up), (i_down, i_s_down, i_z_down) = (quantise_groups(w, 32, bits=4)
-                                                                           for w in (w_gate_up, w_down))
-    fused_experts_triton(x, weights, ids, i_gate_up, i_down, *plain[5:], 0.0, "position", i_s_gate_up, None, i_s_down,
-                         i_z_gate_up, None, i_z_down)
+    # int4 in groups; of 16 inputs, a K step shallower than its joined unpacking.
+    for group in (32, 16):
+        (i_gate_up, i_s_gate_up, i_z_gate_up), (i_down, i_s_down, i_z_down) = (quantise_groups(w, group, bits=4)
+                                                                               for w in (w_gate_up, w_down))
+        fused_experts_triton(x, weights, ids, i_gate_up, i_down, *plain[5:], 0.0, "position", i_s_gate_up, None,
+                             i_s_down, i_z_gate_up, None, i_z_down)
     for dtype in (torch.bfloat16, torch.float32):
         grads = [torch.randn(T, H).to(dtype), torch.empty(0)]
         fused_experts_backward_triton(x.to(dtype), weights, ids, w_gate_up.to(dtype), w_down.to(dtype), *plain[5:],
