@@ -5,7 +5,8 @@
 #             (TEST_GROUPS picks some of the groups: the whole suite takes more than one 10-minute call;
 #             PYTEST_ARGS adds pytest options, e.g. pytest-timeout's --timeout where the box has it)
 #   suite     TEST_FILES (default: every test file) in one pytest run spread over PYTEST_WORKERS (default 12)
-#             pytest-xdist workers, each test's result on its own line (-v), failures summed up at the end
+#             pytest-xdist workers, each test's result on its own line (-v), failures summed up at the end;
+#             the tests marked whole_gpu after them, one at a time
 #   kernels   benchmarks/bench_kernels.py (per-kernel times; run alone, after the tests)
 #   layer     benchmarks/bench_layer.py (the table against transformers; LAYER_ARGS passes filters)
 #   trees     the layer benchmark of this tree against an older one (BASELINE_TREE: a folder holding its
@@ -89,9 +90,12 @@ for stage in "$@"; do
       echo "--- memcheck"; tail -12 "$OUT/memcheck.log" ;;
     suite)
       # One process per worker: Triton's and Inductor's compiles use the cores; -v names each test as it ends,
-      # so a call cut off by its limit still says which tests passed and failed.
+      # so a call cut off by its limit still says which tests passed and failed. Tests marked whole_gpu run
+      # after the others, one at a time (beside the workers they run out of memory).
       timeout "$LIMIT" python3 -P -m pytest -v -rfE -p no:cacheprovider -n "${PYTEST_WORKERS:-12}" ${PYTEST_ARGS:-} \
-        ${TEST_FILES:-tests} > "$OUT/tests.log" 2>&1 || status=1
+        -m "not whole_gpu" ${TEST_FILES:-tests} > "$OUT/tests.log" 2>&1 || status=1
+      timeout "$LIMIT" python3 -P -m pytest -v -rfE -p no:cacheprovider -n 0 ${PYTEST_ARGS:-} -m whole_gpu \
+        ${TEST_FILES:-tests} >> "$OUT/tests.log" 2>&1 || [ $? -eq 5 ] || status=1
       grep -E "(FAILED|ERROR) tests/" "$OUT/tests.log" | sort -u | head -40
       echo "passed $(grep -c " PASSED " "$OUT/tests.log"), failed $(grep -c " FAILED " "$OUT/tests.log"), skipped" \
         "$(grep -c " SKIPPED " "$OUT/tests.log")"; tail -3 "$OUT/tests.log" ;;

@@ -460,6 +460,7 @@ def test_cuda_real_shapes(name, E, K, H, F, T):
 
 
 @pytest.mark.cuda
+@pytest.mark.whole_gpu
 def test_cuda_int32_boundary():
     # T*K*N > 2^31 elements in the scattered output and the schedule-order intermediate: every
     # row offset must be computed in int64.

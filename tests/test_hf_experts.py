@@ -526,6 +526,7 @@ def test_registration_is_idempotent_and_validated_by_transformers():
 
 
 @pytest.mark.cuda
+@pytest.mark.whole_gpu
 def test_mixtral_8x7b_shapes_compiled_on_gpu():
     """Mixtral-8x7B's expert shapes, bf16, a few tokens: compiled "eager" runs the Triton kernels."""
     torch.manual_seed(0)

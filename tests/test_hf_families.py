@@ -164,6 +164,7 @@ REAL_SHAPES = {
 
 
 @pytest.mark.cuda
+@pytest.mark.whole_gpu
 @pytest.mark.usefixtures("fresh_compile_state")
 @pytest.mark.parametrize("family", list(REAL_SHAPES))
 def test_cuda_real_shapes_match_eager(family):
