@@ -896,3 +896,8 @@ def register_fp8_experts_implementations() -> None:
 
     FP8ExpertsInterface.register(IMPLEMENTATION_NAME, moe_ops_fp8_experts_forward)
     FP8ExpertsInterface.register("eager", eager_fp8_experts_forward)
+
+
+# transformers' import registers the implementations (lowering/install.py), except where this module's own imports
+# were transformers' first, when the hook found this module half-run: registered here, then (idempotent).
+register_experts_implementations()

@@ -66,6 +66,9 @@ def _install_passes() -> None:
 def _register_transformers_experts() -> None:
     # As soon as transformers is imported, not on first use: a model built after that must find "moe_ops"
     # among the experts implementations that transformers validates its config against.
+    hf_experts = sys.modules.get("moe_ops.lowering.hf_experts")
+    if hf_experts is not None and getattr(hf_experts.__spec__, "_initializing", False):
+        return  # its own imports are transformers' first (moe_ops.quantise_experts, say): it registers at its end
     try:
         from moe_ops.lowering.hf_experts import register_experts_implementations
     except ImportError as error:  # a transformers without use_experts_implementation (< 5), or a broken install

@@ -29,7 +29,8 @@ POLICIES = ("position", "gshard", "score")
 
 def _check_capacity_scalars(num_experts: int, capacity: int, policy: str) -> None:
     check_num_experts(num_experts)
-    if isinstance(capacity, bool) or not isinstance(capacity, int):
+    # A SymInt under torch.compile with a dynamic token count (a capacity computed from T).
+    if isinstance(capacity, bool) or not isinstance(capacity, (int, torch.SymInt)):
         raise TypeError(f"capacity: expected an int (< 0 for dropless), got {capacity!r}")
     check_choice("policy", policy, POLICIES)
 

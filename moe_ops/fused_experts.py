@@ -22,6 +22,7 @@ from moe_ops._checks import (
     INDEX_DTYPES,
     check_choice,
     check_kernel_dtype,
+    check_number,
     check_tensor,
 )
 from moe_ops._compat.matmul import grouped_mm
@@ -203,7 +204,7 @@ def check_fused_args(
     K = topk_ids.shape[1]
     if not 1 <= K <= E:
         raise ValueError(f"topk_ids: expected 1 <= K <= E={E} choices per token, got K={K}")
-    if not math.isfinite(capacity_factor) or capacity_factor < 0:
+    if not 0 <= capacity_factor < math.inf:  # comparisons, which a SymFloat takes too (NaN fails them)
         raise ValueError(f"capacity_factor: expected a finite number >= 0 (0 = dropless), got {capacity_factor}")
 
 
@@ -659,6 +660,8 @@ def fused_experts(
     Returns:
         (T, H) in x's dtype [, num_dropped]
     """
+    # Before the op, whose schema would turn capacity_factor=True into 1.0.
+    check_number("capacity_factor", capacity_factor, minimum=0.0)
     args = (
         x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
         layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy,

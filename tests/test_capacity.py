@@ -184,6 +184,20 @@ def test_ids_outside_range_pass_through_uncounted():
     assert kept.tolist() == [[0, -1], [4, 4], [4, -(2**31)]] and int(dropped) == 2
 
 
+def test_capacity_from_the_token_count_under_dynamic_shapes():
+    """A capacity computed from T (ceil(T K / E)) is a SymInt in a graph compiled for any T: taken, and each T
+    gives the eager result."""
+    def capped(ids, weights):  # 4 experts, 2 per token
+        return apply_capacity(ids, weights, 4, (ids.shape[0] * 2 + 3) // 4, "position")
+
+    compiled = torch.compile(capped, dynamic=True, fullgraph=True)
+    for tokens in (5, 9, 17):
+        ids, weights = _inputs(tokens, 2, 4, seed=tokens)
+        ids[:, 0] = 0  # expert 0 over its capacity
+        want, got = capped(ids, weights), compiled(ids, weights)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and int(want[1]) > 0
+
+
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("capacity", [1, -1])
 def test_int64_ids_int32_cannot_hold_come_out_as_the_sentinel(capacity, policy):

@@ -322,6 +322,8 @@ def test_errors_name_the_argument():
     for capacity_factor in (-1.0, math.nan, math.inf):
         with pytest.raises(ValueError, match="capacity_factor: expected a finite number >= 0"):
             fused_experts(**layer, capacity_factor=capacity_factor)
+    with pytest.raises(TypeError, match="capacity_factor: expected a number, got True"):
+        fused_experts(**layer, capacity_factor=True)
 
 
 QUANTISED = ["int8", "fp8"]  # per output row

@@ -144,9 +144,13 @@ def test_passes_installed_whichever_is_imported_first(order):
     assert _fresh(first + "\n" + ROUTER).split()[-1] == "1"
 
 
-@pytest.mark.parametrize("order", ["moe_ops_first", "transformers_first"])
+@pytest.mark.parametrize("order", ["moe_ops_first", "transformers_first", "quantise_experts_first"])
 def test_transformers_experts_registered_whichever_is_imported_first(order):
-    first = "import moe_ops; import transformers" if order == "moe_ops_first" else "import transformers; import moe_ops"
+    """Registered whether transformers comes in after moe_ops, before it, or through moe_ops' own module that
+    imports it (its import hook then finds hf_experts half-run)."""
+    first = {"moe_ops_first": "import moe_ops; import transformers",
+             "transformers_first": "import transformers; import moe_ops",
+             "quantise_experts_first": "import moe_ops; from moe_ops import quantise_experts"}[order]
     script = first + """
 from transformers.integrations import moe
 print("moe_ops" in moe.ALL_EXPERTS_FUNCTIONS, "eager" in moe.ALL_EXPERTS_FUNCTIONS)
