@@ -372,6 +372,29 @@ def test_activation_checkpointing():
     assert "moe_ops.route.default" in backward_graph and calls_experts_backward(backward_graph)
 
 
+class TwoCheckpointedLayers(torch.nn.Module):
+    """Two MoE layers, each checkpointed in a region of its own (transformers' gradient_checkpointing_enable on a
+    two-layer model), a residual between them."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = GroupedMoE(), GroupedMoE()
+
+    def forward(self, x_TH):
+        checkpoint = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+        y_TH = x_TH + checkpoint(self.first.experts, x_TH)
+        return y_TH + checkpoint(self.second.experts, torch.tanh(y_TH))
+
+
+def test_layers_checkpointed_each_in_its_region():
+    """Each layer's rewritten block takes its own region's tags (the rewrite replaces both layers at once): both
+    are rewritten, and the backward recomputes both routers."""
+    forward_graph, backward_graph = check_training(TwoCheckpointedLayers(), tokens(), dtype=torch.bfloat16)
+    assert joint_rewrites() == 1
+    assert forward_graph.count("moe_ops.fused_experts_training.default") == 2
+    assert backward_graph.count("moe_ops.route.default") == 2 and calls_experts_backward(backward_graph)
+
+
 def _save_matmuls(ctx, op, *args, **kwargs):
     from torch.utils.checkpoint import CheckpointPolicy
 

@@ -98,20 +98,50 @@ def _checkpoint_tags(node: Node) -> tuple | None:
     return tags if any(tag is not None for tag in tags) else None
 
 
-def _tag_new_nodes(forward: Graph, tags_before: dict[Node, tuple | None]) -> None:
-    """Give the nodes a rewrite added the checkpointing tags of the nodes it replaced, so that the
-    partitioner recomputes (or saves) the moe_ops ops as it would have the plain code. A rewrite that
-    replaced nodes from inside and outside a checkpointed region, or from two regions, has no one answer."""
+def _pieces(nodes: set[Node], neighbours: Callable[[Node], list[Node]]) -> list[tuple[set[Node], set[Node]]]:
+    """``nodes`` split into the pieces their edges among themselves join, each with the tensor-valued nodes outside
+    ``nodes`` it borders (placeholders and sizes excepted: a model's layers share those)."""
+    pieces, seen = [], set()
+    for start in nodes:
+        if start in seen:
+            continue
+        piece, border, stack = set(), set(), [start]
+        while stack:
+            node = stack.pop()
+            if node in piece:
+                continue
+            piece.add(node)
+            for other in neighbours(node):
+                if other in nodes:
+                    stack.append(other)
+                elif other.op != "placeholder" and isinstance(other.meta.get("val"), torch.Tensor):
+                    border.add(other)
+        seen |= piece
+        pieces.append((piece, border))
+    return pieces
+
+
+def _tag_new_nodes(forward: Graph, tags_before: dict[Node, tuple | None],
+                   neighbours_before: dict[Node, list[Node]]) -> None:
+    """Give the nodes a rewrite added the checkpointing tags of the nodes they replaced, so that the partitioner
+    recomputes (or saves) the moe_ops ops as it would have the plain code: each piece of new nodes takes the tags
+    of the replaced pieces it shares a border with (the same surviving nodes around them), so that blocks in
+    regions of their own (a model's checkpointed layers) keep each theirs. A piece that replaced nodes from inside
+    and outside a checkpointed region, or from two regions, has no one answer."""
     present = set(forward.nodes)
-    replaced = {tags for node, tags in tags_before.items() if node not in present and node.op == "call_function"}
-    if len(replaced) > 1:
-        raise NotRewritable("a rewritten block straddles an activation-checkpointing boundary")
-    (tags,) = replaced or {None}
-    if tags is None:
-        return
-    for node in forward.nodes:
-        if node not in tags_before:
-            node.meta.update(zip(_CHECKPOINT_KEYS, tags, strict=True))
+    removed = {node for node in tags_before if node not in present and node.op == "call_function"}
+    replaced = _pieces(removed, lambda node: neighbours_before[node])
+    added = {node for node in present if node not in tags_before}
+    for piece, border in _pieces(added, lambda node: [*node.all_input_nodes, *node.users]):
+        tags = {tags_before[node] for old_piece, old_border in replaced if old_border & border for node in old_piece}
+        if not tags:  # bordering no replaced piece: every replaced node's tags
+            tags = {tags_before[node] for node in removed}
+        if len(tags) > 1:
+            raise NotRewritable("a rewritten block straddles an activation-checkpointing boundary")
+        (tag,) = tags or {None}
+        if tag is not None:
+            for node in piece:
+                node.meta.update(zip(_CHECKPOINT_KEYS, tag, strict=True))
 
 
 def _forward_graph(graph: Graph, primals: list[Node], tangents: list[Node], forward_outputs: list) -> Graph:
@@ -269,10 +299,11 @@ def rewrite_joint_graph(graph: Graph, rewrites: Sequence[Callable[[Graph], int]]
         rewritten = 0
         for rewrite in rewrites:
             tags_before = {node: _checkpoint_tags(node) for node in forward.nodes}
+            neighbours_before = {node: [*node.all_input_nodes, *node.users] for node in forward.nodes}
             replaced = rewrite(forward)
             if replaced:
                 forward.eliminate_dead_code()  # the replaced nodes go, so that their tags can be read off
-                _tag_new_nodes(forward, tags_before)
+                _tag_new_nodes(forward, tags_before, neighbours_before)
             rewritten += replaced
         if not rewritten:
             return 0
