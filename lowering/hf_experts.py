@@ -521,15 +521,16 @@ class Fused(NamedTuple):
 def _rewritten_forward(original, plan, runs: str):
     """``original`` (a transformers class's forward), except while dynamo traces with ``config.rewrites`` and
     ``config.transformers_eager_experts`` on: then ``plan(self, *args)``'s Fused computation, or, where ``plan``
-    gives a reason (a str), ``original`` (``runs``, for the log), the reason logged."""
+    gives a reason (a str), ``original`` (``runs``, for the log), the reason logged. ``plan`` takes the
+    forward's arguments as ``original`` does (by name too)."""
 
-    def forward(self, *args):
+    def forward(self, *args, **kwargs):
         if not _rewriting_transformers_code():
-            return original(self, *args)
-        planned = plan(self, *args)
+            return original(self, *args, **kwargs)
+        planned = plan(self, *args, **kwargs)
         if isinstance(planned, str):
             _report_fallback(self, runs, planned)
-            return original(self, *args)
+            return original(self, *args, **kwargs)
         _report(type(self), planned.description, True, True)
         return planned.run()
 

@@ -177,6 +177,12 @@ def test_longcat_zero_experts_run_as_fused_experts_plus_the_token(dtype, caplog)
     assert ("runs as moe_ops.fused_experts(activation='silu') plus the token times the weights of the zero-compute "
             "experts it picks") in caplog.text
     assert_close_rel(out, block(x), dtype, "LongCat-Flash compiled vs its loop")
+    # The wrapped forward takes its arguments by name as the class's own does.
+    rows = x.view(-1, H)
+    weights, ids = block.router(rows)
+    call = dict(hidden_states=rows, top_k_index=ids, top_k_weights=weights)
+    got = torch.compile(block.experts, fullgraph=True)(**call)
+    assert_close_rel(got, block.experts(**call), dtype, "LongCat-Flash's experts called by name")
 
 
 def test_step3p7_experts_run_fused_experts_unless_they_clamp_after_the_activation(caplog):
