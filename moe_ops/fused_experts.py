@@ -12,7 +12,6 @@ sum over K in a fixed order (deterministic, fp32 accumulation).
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 
@@ -204,8 +203,7 @@ def check_fused_args(
     K = topk_ids.shape[1]
     if not 1 <= K <= E:
         raise ValueError(f"topk_ids: expected 1 <= K <= E={E} choices per token, got K={K}")
-    if not 0 <= capacity_factor < math.inf:  # comparisons, which a SymFloat takes too (NaN fails them)
-        raise ValueError(f"capacity_factor: expected a finite number >= 0 (0 = dropless), got {capacity_factor}")
+    check_number("capacity_factor", capacity_factor, minimum=0.0)  # 0 = dropless
 
 
 def fused_experts_ref(
