@@ -92,6 +92,7 @@ for stage in "$@"; do
       # One process per worker: Triton's and Inductor's compiles use the cores; -v names each test as it ends,
       # so a call cut off by its limit still says which tests passed and failed. Tests marked whole_gpu run
       # after the others, one at a time (beside the workers they run out of memory).
+      export MOE_OPS_FAILURE_LOG="$OUT/failures.txt"  # each failure's traceback as it happens (conftest.py)
       timeout "$LIMIT" python3 -P -m pytest -v -rfE -p no:cacheprovider -n "${PYTEST_WORKERS:-12}" ${PYTEST_ARGS:-} \
         -m "not whole_gpu" ${TEST_FILES:-tests} > "$OUT/tests.log" 2>&1 || status=1
       timeout "$LIMIT" python3 -P -m pytest -v -rfE -p no:cacheprovider -n 0 ${PYTEST_ARGS:-} -m whole_gpu \

@@ -56,6 +56,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+# A device call ends at its time limit, before pytest's closing summary: MOE_OPS_FAILURE_LOG names a file to which
+# each failure's traceback is appended as it is reported; pytest-xdist's workers send their reports to the controller,
+# which writes them (a worker writing too would log each failure twice).
+FAILURE_LOG = os.environ.get("MOE_OPS_FAILURE_LOG")
+
+
+def pytest_runtest_logreport(report):
+    if FAILURE_LOG and report.failed and "PYTEST_XDIST_WORKER" not in os.environ:
+        with open(FAILURE_LOG, "a") as log:
+            log.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

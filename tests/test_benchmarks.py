@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TRITON_DEVICE
 
 import moe_ops
 from moe_ops.quantised import quantise_per_row, sqnr_db
@@ -318,15 +319,16 @@ def test_vllm_peer_driver_computes_the_layer(tmp_path, fp8, num_tokens):
     (tmp_path / "fused_moe.py").write_text(STAND_IN_KERNEL)
     kernel = peer_vllm.load_kernel(tmp_path / "fused_moe.py")
     num_experts, top_k, hidden, intermediate = 4, 2, 32, 48
-    w_gate_up = (torch.randn(num_experts, 2 * intermediate, hidden) / hidden**0.5).to(torch.bfloat16)
-    w_down = (torch.randn(num_experts, hidden, intermediate) / intermediate**0.5).to(torch.bfloat16)
-    x = torch.randn(num_tokens, hidden, dtype=torch.bfloat16)
-    ids = torch.rand(num_tokens, num_experts).argsort(-1)[:, :top_k].to(torch.int32)
-    weights = torch.rand(num_tokens, top_k).softmax(-1)
+    w_gate_up = (torch.randn(num_experts, 2 * intermediate, hidden) / hidden**0.5).to(TRITON_DEVICE, torch.bfloat16)
+    w_down = (torch.randn(num_experts, hidden, intermediate) / intermediate**0.5).to(TRITON_DEVICE, torch.bfloat16)
+    x = torch.randn(num_tokens, hidden, dtype=torch.bfloat16).to(TRITON_DEVICE)
+    ids = torch.rand(num_tokens, num_experts).argsort(-1)[:, :top_k].to(TRITON_DEVICE, torch.int32)
+    weights = torch.rand(num_tokens, top_k).softmax(-1).to(TRITON_DEVICE)
     layer = peer_vllm.VllmFusedMoE(kernel, w_gate_up, w_down, fp8=fp8)
     assert layer.config_source == "vLLM's default config (no tuned file)"
     out = layer(x, weights, ids)
     exact = moe_ops.fused_experts_ref(x.double(), weights.double(), ids, w_gate_up.double(), w_down.double())
+    out, exact = out.cpu(), exact.cpu()
     if not fp8:
         error = (out.double() - exact).abs().max() / exact.abs().max()
         assert error < 2e-2, error
@@ -338,7 +340,7 @@ def test_vllm_peer_driver_computes_the_layer(tmp_path, fp8, num_tokens):
     quantised = {}
     for name, w in (("w_gate_up", w_gate_up), ("w_down", w_down)):
         quantised[name], quantised[f"{name}_scale"] = quantise_per_row(w, torch.float8_e4m3fn)
-    moe_ops_fp8 = moe_ops.fused_experts(x, weights, ids, **quantised, input_quantisation="fp8_rowwise")
+    moe_ops_fp8 = moe_ops.fused_experts(x, weights, ids, **quantised, input_quantisation="fp8_rowwise").cpu()
     fp8_error_db = sqnr_db(exact, moe_ops_fp8)
     assert sqnr_db(exact, out) >= 20.0
     assert sqnr_db(moe_ops_fp8, out) >= fp8_error_db + 3.0, (sqnr_db(moe_ops_fp8, out), fp8_error_db)

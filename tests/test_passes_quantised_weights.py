@@ -83,4 +83,6 @@ def test_near_misses_keep_the_dequantised_weights(near_miss):
     assert counters["moe_ops"]["quantised_weights_rewrite"] == 0
     assert "moe_ops.fused_experts.default(None, None, None, None, 'EFH', False, 'silu', True, 1.702, 7.0, 0.0, " \
            "'position')" in graph
-    torch.testing.assert_close(got, block(x, weights, ids))
+    # Inductor's code for the dequantisation and the host's matmul kernels round differently from eager's:
+    # agreement within bf16's error, as above.
+    torch.testing.assert_close(got, block(x, weights, ids), rtol=2e-2, atol=2e-2)
