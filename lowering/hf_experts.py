@@ -899,6 +899,6 @@ def register_fp8_experts_implementations() -> None:
     FP8ExpertsInterface.register("eager", eager_fp8_experts_forward)
 
 
-# transformers' import registers the implementations (lowering/install.py), except where this module's own imports
-# were transformers' first, when the hook found this module half-run: registered here, then (idempotent).
+# Importing this module registers the implementations: lowering/install.py imports it when transformers is
+# imported, whichever of the two came first.
 register_experts_implementations()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import logging
 import sys
 from collections.abc import Iterator
@@ -65,16 +66,14 @@ def _install_passes() -> None:
 
 def _register_transformers_experts() -> None:
     # As soon as transformers is imported, not on first use: a model built after that must find "moe_ops"
-    # among the experts implementations that transformers validates its config against.
-    hf_experts = sys.modules.get("moe_ops.lowering.hf_experts")
-    if hf_experts is not None and getattr(hf_experts.__spec__, "_initializing", False):
-        return  # its own imports are transformers' first (moe_ops.quantise_experts, say): it registers at its end
+    # among the experts implementations that transformers validates its config against. hf_experts registers
+    # them when it is imported, so importing it is all there is to do; where its own imports were transformers'
+    # first (moe_ops.quantise_experts, say), it is half-run now, import_module returns it as it is, and it
+    # registers when it reaches its end.
     try:
-        from moe_ops.lowering.hf_experts import register_experts_implementations
+        importlib.import_module("moe_ops.lowering.hf_experts")
     except ImportError as error:  # a transformers without use_experts_implementation (< 5), or a broken install
         log.debug("transformers experts implementations not registered: %s", error)
-        return
-    register_experts_implementations()
 
 
 @functools.cache
