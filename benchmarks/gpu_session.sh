@@ -1,12 +1,10 @@
 #!/usr/bin/env bash
 # What the H100 runs, in as few device calls as possible: bash benchmarks/gpu_session.sh STAGE...
-#   tests     every test file (CUDA-marked tests included), in parallel groups so Triton's compiles
-#             use several cores, with compute-sanitizer memcheck over tests/memcheck_edges.py beside them
-#             (TEST_GROUPS picks some of the groups: the whole suite takes more than one 10-minute call;
-#             PYTEST_ARGS adds pytest options, e.g. pytest-timeout's --timeout where the box has it)
-#   suite     TEST_FILES (default: every test file) in one pytest run spread over PYTEST_WORKERS (default 12)
-#             pytest-xdist workers, each test's result on its own line (-v), failures summed up at the end;
-#             the tests marked whole_gpu after them, one at a time
+#   suite     TEST_FILES (default: every test file; SUITE_PART instead picks a third of them that fits one
+#             10-minute call: kernels, cpu_heavy or rest) in one pytest run spread over PYTEST_WORKERS (default
+#             12) pytest-xdist workers, each test's result on its own line (-v), each failure's traceback in
+#             failures.txt as it happens; the tests marked whole_gpu after them, one at a time
+#   memcheck  compute-sanitizer memcheck over tests/memcheck_edges.py
 #   kernels   benchmarks/bench_kernels.py (per-kernel times; run alone, after the tests)
 #   layer     benchmarks/bench_layer.py (the table against transformers; LAYER_ARGS passes filters)
 #   trees     the layer benchmark of this tree against an older one (BASELINE_TREE: a folder holding its
@@ -53,42 +51,20 @@ status=0
 for stage in "$@"; do
   echo "=== $stage"
   case "$stage" in
-    tests)
-      # Groups run in parallel so Triton's compiles use several cores; the int32-boundary test (in
-      # test_expert_gemm.py) holds ~67 GB, so the other GPU-heavy file (real shapes) shares its group.
-      # test_lowering.py and test_export.py (AOTInductor's C++ compiles) each take ~7 minutes alone.
-      pids=()
-      # test_expert_parallel.py (two spawned ranks per test, each compiling) takes more than 5 minutes
-      # beside the other groups: its own group.
-      groups=("test_expert_gemm.py test_fused_experts*.py" "test_routing.py test_docs.py test_properties.py" \
-              "test_schedule.py test_capacity.py test_joint_rewrite.py" "test_passes_*.py test_hf_*.py" \
-              "test_lowering.py" "test_export.py" "test_expert_parallel.py")
-      # Every other test file (the CPU-only units among them) runs in one more group.
-      rest=""; for f in tests/test_*.py; do
-        name=$(basename "$f"); grouped=0
-        for group in "${groups[@]}"; do for pattern in $group; do [[ $name == $pattern ]] && grouped=1; done; done
-        [ $grouped = 0 ] && rest="$rest $name"
-      done
-      groups+=("$rest")
-      # TEST_GROUPS (indices into the list above, the rest group last: "0 1 2", "3 4 5 6 7") runs a part of
-      # the suite, for a device call too short for all of it.
-      if [ -n "${TEST_GROUPS:-}" ]; then
-        chosen=(); for index in $TEST_GROUPS; do chosen+=("${groups[$index]}"); done; groups=("${chosen[@]}")
-      fi
-      for group in "${groups[@]}"; do
-        files=(); for pattern in $group; do for f in tests/$pattern; do [ -e "$f" ] && files+=("$f"); done; done
-        timeout "$LIMIT" python3 -P -m pytest -v -rfE -p no:cacheprovider ${PYTEST_ARGS:-} "${files[@]}" > "$OUT/pytest_${#pids[@]}.log" 2>&1 &
-        pids+=($!)
-      done
-      timeout "$LIMIT" compute-sanitizer --tool memcheck --error-exitcode 1 python3 -P tests/memcheck_edges.py \
-        > "$OUT/memcheck.log" 2>&1 & g4=$!
-      for job in "${pids[@]}" $g4; do wait "$job" || status=1; done
-      for log in "$OUT"/pytest_*.log; do echo "--- $log"; tail -6 "$log"; done
-      # The device tool brings back at most 8 files: one log for all the test groups.
-      for log in "$OUT"/pytest_*.log; do echo "=== $log"; cat "$log"; done > "$OUT/tests.log"
-      rm -f "$OUT"/pytest_*.log
-      echo "--- memcheck"; tail -12 "$OUT/memcheck.log" ;;
     suite)
+      # The kernel and compile-heavy files, the files whose tests are mostly CPU work (compiling every transformers
+      # family, spawned ranks, the docs' scripts), and every other file: each a call's worth on the H100.
+      kernels="test_expert_gemm.py test_fused_experts.py test_fused_experts_backward.py test_lowering.py test_export.py
+               test_tiles.py test_hopper_compile.py"
+      cpu_heavy="test_training.py test_hf_families.py test_docs.py test_benchmarks.py test_expert_parallel.py
+                 test_package.py"
+      case "${SUITE_PART:-}" in
+        kernels|cpu_heavy) TEST_FILES=$(for f in ${!SUITE_PART}; do printf "tests/%s " "$f"; done) ;;
+        rest) TEST_FILES=$(for f in tests/test_*.py; do
+                [[ " $(echo $kernels $cpu_heavy) " == *" $(basename "$f") "* ]] || printf "%s " "$f"; done) ;;
+        "") ;;
+        *) echo "gpu_session: SUITE_PART is kernels, cpu_heavy or rest, not $SUITE_PART" >&2; exit 2 ;;
+      esac
       # One process per worker: Triton's and Inductor's compiles use the cores; -v names each test as it ends,
       # so a call cut off by its limit still says which tests passed and failed. Tests marked whole_gpu run
       # after the others, one at a time (beside the workers they run out of memory).
@@ -100,6 +76,10 @@ for stage in "$@"; do
       grep -E "(FAILED|ERROR) tests/" "$OUT/tests.log" | sort -u | head -40
       echo "passed $(grep -c " PASSED " "$OUT/tests.log"), failed $(grep -c " FAILED " "$OUT/tests.log"), skipped" \
         "$(grep -c " SKIPPED " "$OUT/tests.log")"; tail -3 "$OUT/tests.log" ;;
+    memcheck)
+      timeout "$LIMIT" compute-sanitizer --tool memcheck --error-exitcode 1 python3 -P tests/memcheck_edges.py \
+        > "$OUT/memcheck.log" 2>&1 || status=1
+      tail -12 "$OUT/memcheck.log" ;;
     kernels) timeout "$LIMIT" python3 -P benchmarks/bench_kernels.py --out "$OUT" ${KERNEL_ARGS:-} || status=1 ;;
     profile) timeout "$LIMIT" python3 -P benchmarks/profile_host.py --out "$OUT" || status=1 ;;
     gemm)
