@@ -88,14 +88,16 @@ def _record(launches: list):
 
 
 # Compiles each launch of the JSON file argv[1] for sm90; with argv[2] == "registers", also assembles it with
-# ptxas -v and prints the bytes of registers it spills.
+# ptxas -v and prints the bytes of registers it spills and the number of its int-to-float conversions (I2F, but
+# I2F.RP: the reciprocal of an integer division's divisor) in the machine code.
 _COMPILE = """
 import importlib, json, os, re, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+ptxas, cuobjdump = (os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
+                    for tool in ("ptxas", "cuobjdump"))
 failed = 0
 for launch in json.load(open(sys.argv[1])):
     kernel = getattr(importlib.import_module(launch["module"]), launch["name"])
@@ -113,10 +115,13 @@ for launch in json.load(open(sys.argv[1])):
         with tempfile.TemporaryDirectory() as folder:
             ptx = os.path.join(folder, "kernel.ptx")
             open(ptx, "w").write(compiled.asm["ptx"])
-            report = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx, "-o", os.path.join(folder, "kernel.cubin")],
-                                    capture_output=True, text=True).stderr
+            cubin = os.path.join(folder, "kernel.cubin")
+            report = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx, "-o", cubin], capture_output=True,
+                                    text=True).stderr
+            sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, check=True).stdout
         spilled = re.search(r"(\\d+) bytes spill stores", report)
-        print("spilled", spilled.group(1) if spilled else "unknown", json.dumps(launch["label"]))
+        conversions = len(re.findall(r"\\bI2F(?!\\.RP)", sass))
+        print("spilled", spilled.group(1) if spilled else "unknown", conversions, json.dumps(launch["label"]))
 sys.exit(failed)
 """
 
@@ -207,7 +212,8 @@ def test_expert_gemm_prefill_tiles_spill_no_registers(tmp_path, monkeypatch):
     """The expert GEMM's prefill tiles (128-row blocks, the config gemm_config picks) over each quantised weight
     form, gated and not, compiled for sm90 and assembled: ptxas spills no register. A spilling tile is slow
     beyond any tuning: fp8 weights in 128 x 128 blocks ran at 0.16x bf16's speed at Mixtral T = 8192 on the
-    H100 with the tile that spilled 1.2 KB (benchmarks/results/h100-2026-12-05/quantised.md)."""
+    H100 with the tile that spilled 1.2 KB (benchmarks/results/h100-2026-12-05/quantised.md). int4's tiles convert
+    no integer to float (I2F)."""
     launches: list = []
     monkeypatch.setattr(InterpretedFunction, "run", _record(launches))
     torch.manual_seed(0)
@@ -242,6 +248,9 @@ def test_expert_gemm_prefill_tiles_spill_no_registers(tmp_path, monkeypatch):
     result = subprocess.run([sys.executable, "-P", "-c", _COMPILE, str(path), "registers"], env=env,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
-    spills = [line.split(" ", 2)[1:] for line in result.stdout.splitlines() if line.startswith("spilled")]
+    spills = [line.split(" ", 3)[1:] for line in result.stdout.splitlines() if line.startswith("spilled")]
     assert len(spills) == len(gemms), result.stdout
-    assert all(spilled == "0" for spilled, _ in spills), spills
+    assert all(spilled == "0" for spilled, _, _ in spills), spills
+    # int4's nibbles become fp32 through the bits of 2^23 (int4_as_float32): an I2F a value bounded int4 decode.
+    int4 = [conversions for _, conversions, label in spills if "int4" in label]
+    assert len(int4) == 2 and int4 == ["0", "0"], spills
