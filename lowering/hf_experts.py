@@ -558,11 +558,21 @@ def _skipped_hooks(modules: dict[str, nn.Module]) -> str | None:
     return None
 
 
+def _refuse_quantised(self, implementation: str) -> None:
+    """Raise where the module's expert weights are moe_ops-quantised: ``implementation`` (transformers' own code)
+    would multiply their packed values as if they were the weights."""
+    if getattr(self, QUANTISED_ATTRIBUTE, None) is not None:
+        raise RuntimeError(f"{type(self).__name__}: its expert weights are moe_ops-quantised "
+                           f"({getattr(self, QUANTISED_ATTRIBUTE)}), which only the 'moe_ops' experts implementation "
+                           f"reads; the model's config asks for {implementation!r}")
+
+
 def eager_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     """``experts_implementation="eager"``: the class's own loop, except while dynamo traces with the
     rewrites on, where it becomes :func:`moe_ops_experts_forward` (the loop cannot be captured)."""
     if _rewriting_transformers_code():
         return moe_ops_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    _refuse_quantised(self, "eager")
     return original_experts_forward(type(self))(self, hidden_states, top_k_index, top_k_weights)
 
 
@@ -615,6 +625,7 @@ def _over_torchao_weights(name: str):
     def forward(self, hidden_states, top_k_index, top_k_weights):
         if not (torch.compiler.is_compiling() and config.rewrites and config.transformers_quantised_experts
                 and _holds_torchao_weights(self)):
+            _refuse_quantised(self, name)
             return original(self, hidden_states, top_k_index, top_k_weights)
         reason = _implementation_reason(type(self))
         arguments = fused_experts_arguments(self, hidden_states) if reason is None else reason

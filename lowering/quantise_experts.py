@@ -19,6 +19,7 @@ from torch import nn
 from moe_ops._checks import check_choice, check_int
 from moe_ops.lowering.hf_experts import QUANTISED_ATTRIBUTE
 from moe_ops.lowering.parallelize import is_transformers_experts
+from moe_ops.lowering.torchao_experts import torchao_tensor_class
 from moe_ops.quantised import quantise_weight
 
 SCHEMES = ("int4", "fp8_blocks")
@@ -32,23 +33,36 @@ def quantise_experts(model: nn.Module, scheme: str = "int4", *, group_size: int 
     (experts implementation "moe_ops"), eager and compiled."""
     check_choice("scheme", scheme, SCHEMES)
     check_int("group_size", group_size, minimum=1)
-    modules = [module for module in model.modules()
-               if is_transformers_experts(module) and getattr(module, QUANTISED_ATTRIBUTE, None) is None]
-    if not modules:
+    experts = [module for module in model.modules() if is_transformers_experts(module)]
+    modules = [module for module in experts if getattr(module, QUANTISED_ATTRIBUTE, None) is None]
+    if not experts:
         raise ValueError("model: no transformers experts module with stacked weights (gate_up_proj / up_proj, "
                          "down_proj) to quantise")
+    if not modules:
+        raise ValueError(f"model: its experts are quantised already ({getattr(experts[0], QUANTISED_ATTRIBUTE)}); "
+                         "quantise_experts takes a model with float expert weights")
     for module in modules:  # every module checked before any is changed
         if scheme == "fp8_blocks" and module.has_gate and not module.is_concatenated:
             raise ValueError(f"scheme: 'fp8_blocks' tiles would mix the interleaved gate and up rows of "
                              f"{type(module).__name__}; 'int4' scales each row's groups")
+        for name in _weight_names(module):
+            weight = getattr(module, name)
+            if torchao_tensor_class(type(weight)) is not None or not weight.dtype.is_floating_point:
+                raise ValueError(f"model: {type(module).__name__}.{name} is quantised already ("
+                                 f"{type(weight).__name__} of {weight.dtype}); quantise_experts takes float "
+                                 "expert weights")
     # Every weight quantised before any is replaced: a weight that cannot be leaves the model as it was.
     stored = []
     for module in modules:
-        for name in ["gate_up_proj" if module.has_gate else "up_proj", "down_proj"]:
+        for name in _weight_names(module):
             weight = getattr(module, name).detach()
             weight_ENK = weight.transpose(1, 2) if module.is_transposed else weight
             form = f"int4_g{group_size}" if scheme == "int4" else f"fp8_b{group_size}"
-            values, scale, zero = quantise_weight(weight_ENK, form)
+            try:
+                values, scale, zero = quantise_weight(weight_ENK, form)
+            except ValueError as error:  # its words name quantised.py's arguments
+                raise ValueError(f"group_size: {group_size} does not fit {type(module).__name__}.{name} "
+                                 f"(E, N, K) = {tuple(weight_ENK.shape)}: {error}") from None
             stored.append((module, name, values, scale, zero))
     label = f"int4 in groups of {group_size}" if scheme == "int4" else f"fp8 in {group_size} x {group_size} tiles"
     for module, name, values, scale, zero in stored:
@@ -59,4 +73,8 @@ def quantise_experts(model: nn.Module, scheme: str = "int4", *, group_size: int 
         setattr(module, QUANTISED_ATTRIBUTE, label)
         module.config._experts_implementation = "moe_ops"
     return model
+
+
+def _weight_names(module: nn.Module) -> list[str]:
+    return ["gate_up_proj" if module.has_gate else "up_proj", "down_proj"]
 

@@ -27,15 +27,21 @@ def expert_counts(
     topk_ids: torch.Tensor, num_experts: int, token_weight: torch.Tensor | None = None
 ) -> torch.Tensor:
     """(E,) slots routed to each expert, on the ids' device with no host sync; ids outside [0, E) (dropped
-    slots) are not counted. fp32 (the weight's dtype if given), exact for whole counts and so summed in
-    any order alike (deterministic). ``token_weight`` (T,): each token's slots count that much (a
-    padding mask)."""
+    slots) are not counted. fp32 (fp64 for an fp64 ``token_weight``), exact for whole counts below 2**24 and
+    so summed in any order alike (deterministic). ``token_weight`` (T,) float or bool: each token's slots
+    count that much (a padding mask)."""
     check_tensor("topk_ids", topk_ids, ndim=2, dtypes=INDEX_DTYPES)
     check_num_experts(num_experts)
     ids_TK = topk_ids.long()
     valid_TK = (ids_TK >= 0) & (ids_TK < num_experts)
-    dtype = torch.float32 if token_weight is None else token_weight.dtype
-    slot_weight_TK = valid_TK.to(dtype) if token_weight is None else torch.where(valid_TK, token_weight[:, None], 0)
+    dtype = torch.float32
+    if token_weight is not None:
+        check_tensor("token_weight", token_weight, shape=(topk_ids.shape[0],), dtypes=(*FLOAT_DTYPES, torch.bool),
+                     device=topk_ids.device)
+        # Counts in fp32 whatever the weight's dtype: bf16 counts 5000 slots as 4992, fp16 70000 as inf.
+        dtype = torch.promote_types(token_weight.dtype, torch.float32)
+    slot_weight_TK = valid_TK.to(dtype) if token_weight is None else torch.where(
+        valid_TK, token_weight.to(dtype)[:, None], 0)
     counts_E = torch.zeros(num_experts, dtype=dtype, device=topk_ids.device)
     return counts_E.scatter_add(0, torch.where(valid_TK, ids_TK, 0).reshape(-1), slot_weight_TK.reshape(-1))
 

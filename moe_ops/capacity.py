@@ -27,11 +27,17 @@ from moe_ops.layout import apply_capacity_torch, ids_as_int32
 POLICIES = ("position", "gshard", "score")
 
 
+INT64_MAX = torch.iinfo(torch.int64).max
+
+
 def _check_capacity_scalars(num_experts: int, capacity: int, policy: str) -> None:
     check_num_experts(num_experts)
     # A SymInt under torch.compile with a dynamic token count (a capacity computed from T).
     if isinstance(capacity, bool) or not isinstance(capacity, (int, torch.SymInt)):
         raise TypeError(f"capacity: expected an int (< 0 for dropless), got {capacity!r}")
+    if isinstance(capacity, int) and capacity > INT64_MAX:  # the op's schema holds an int64
+        raise ValueError(f"capacity: expected an int <= 2**63 - 1 (any capacity >= T * K keeps every slot), "
+                         f"got {capacity}")
     check_choice("policy", policy, POLICIES)
 
 

@@ -34,7 +34,7 @@ from moe_ops._checks import (
 )
 from moe_ops.activations import ACTIVATIONS, BY_NAME, CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT, activate_ref
 from moe_ops.expert_gemm_triton import expert_gemm_triton
-from moe_ops.layout import BlockSchedule, PaddedSchedule
+from moe_ops.layout import BlockSchedule, PaddedSchedule, schedule_sizes
 from moe_ops.quantised import check_quantised_weight, dequantise
 
 
@@ -266,6 +266,16 @@ def expert_gemm(
     check_int("num_slots", num_slots, minimum=0)
     check_int("block_m", block_m, minimum=1)
     check_int("gather_top_k", gather_top_k, minimum=0)
+    # The schedule's sizes are those of the slot count and block size it was built for (schedule_sizes): another
+    # num_slots would mark other rows as padding, another block_m read other blocks. (Slot counts whose
+    # schedules have the same sizes cannot be told apart here without reading the schedule on the host.)
+    rows, blocks = schedule.sorted_slots.shape[0], schedule.block_expert.shape[0]
+    if rows != blocks * block_m:
+        raise ValueError(f"block_m: the schedule has {blocks} blocks over {rows} rows (built with block_m="
+                         f"{rows // blocks if blocks else '?'}), got {block_m}")
+    if (rows, blocks) != schedule_sizes(num_slots, w.shape[0], block_m):
+        raise ValueError(f"num_slots: the schedule's {rows} rows (E={w.shape[0]}, block_m={block_m}) were not built "
+                         f"for {num_slots} slots (T * K of the ids given to block_schedule)")
     return torch.ops.moe_ops.expert_gemm(
         a, w, w_up, bias, bias_up, slot_weights, schedule.sorted_slots, schedule.block_expert,
         schedule.num_padded, num_slots, block_m, gather_top_k, scatter, activation, alpha, limit, w_scale,

@@ -658,8 +658,11 @@ def fused_experts(
     Returns:
         (T, H) in x's dtype [, num_dropped]
     """
-    # Before the op, whose schema would turn capacity_factor=True into 1.0.
+    # Before the op, whose schema would turn capacity_factor=True into 1.0. alpha and limit too: a NaN there
+    # would make every output NaN, a negative limit an empty clamp range.
     check_number("capacity_factor", capacity_factor, minimum=0.0)
+    check_number("alpha", alpha)
+    check_number("limit", limit, minimum=0.0)
     args = (
         x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
         layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy,

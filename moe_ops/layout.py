@@ -60,11 +60,14 @@ def padded_offsets(counts_E: torch.Tensor, block_m: int) -> torch.Tensor:
 
 
 def capacity_from_factor(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int:
-    """Slots per expert: ``ceil(factor * T * K / E)``; ``factor <= 0`` means dropless (-1)."""
+    """Slots per expert: ``ceil(factor * T * K / E)``, at most T * K (no expert gets more slots than there
+    are, so a larger capacity keeps the same ones); ``factor <= 0`` means dropless (-1)."""
     if num_experts < 1:
         raise ValueError(f"num_experts: expected a positive int, got {num_experts}")
     if capacity_factor <= 0:
         return -1
+    if capacity_factor >= num_experts:  # ceil(factor * T * K / E) >= T * K: every slot fits
+        return num_tokens * top_k
     return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
 
 

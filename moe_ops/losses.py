@@ -17,6 +17,9 @@ differentiable with respect to the logits. Their values are those of the convent
   so the loss reads no (T, E) tensor again); no token mask.
 - ``router_z_loss`` is ST-MoE's: the mean over tokens of ``logsumexp(logits)**2`` (transformers'
   ``router_z_loss_coef``, Megatron's ``moe_z_loss_coeff`` scale it).
+
+With no tokens (T = 0, or a token mask of zeros) each loss is 0, where the formulas divide 0 by 0 (and
+transformers' returns NaN): an all-padding micro-batch adds nothing to the training loss.
 """
 
 from __future__ import annotations
@@ -82,6 +85,9 @@ def load_balancing_loss(
         slots_E = slots_E + expert_counts(ids, num_experts, token_weight=weight_T)
         prob_sum_E = prob_sum_E + (probs_TE * weight_T[:, None]).sum(dim=0)
         rows = weight_T.sum() if rows is None else rows + weight_T.sum()
+    # No tokens (T = 0, or every one masked): the sums are 0 and so is the loss, not 0 / 0 (one all-padding
+    # micro-batch would make the training loss NaN).
+    rows = rows.clamp_min(torch.finfo(dtype).tiny)
     return num_experts * torch.sum((slots_E / rows) * (prob_sum_E / rows))
 
 
@@ -94,13 +100,14 @@ def load_balancing_loss_from_stats(stats: RouterStats | Sequence[RouterStats]) -
     for layer in layers:
         if not isinstance(layer, RouterStats):
             raise TypeError(f"stats: expected RouterStats (from route(..., return_stats=True)), got {type(layer)}")
-        check_tensor("stats.tokens_per_expert", layer.tokens_per_expert, ndim=1, dtypes=(torch.float32,))
+        check_tensor("stats.tokens_per_expert", layer.tokens_per_expert, shape=tuple(layers[0].tokens_per_expert.shape),
+                     dtypes=(torch.float32,), device=layers[0].tokens_per_expert.device)
         check_tensor("stats.router_prob_sum", layer.router_prob_sum, shape=tuple(layers[0].tokens_per_expert.shape),
                      dtypes=FLOAT_DTYPES, device=layers[0].tokens_per_expert.device)
     num_experts = layers[0].tokens_per_expert.shape[0]
     slots_E = sum(layer.tokens_per_expert for layer in layers)
     prob_sum_E = sum(layer.router_prob_sum for layer in layers)
-    rows = sum(layer.num_tokens for layer in layers)
+    rows = max(sum(layer.num_tokens for layer in layers), 1)  # no tokens: the sums are 0, and so the loss
     return num_experts * torch.sum((slots_E.to(prob_sum_E.dtype) / rows) * (prob_sum_E / rows))
 
 
@@ -111,4 +118,4 @@ def router_z_loss(router_logits: torch.Tensor | Sequence[torch.Tensor]) -> torch
     for logits in layers:
         check_tensor("router_logits", logits, ndim=2, dtypes=FLOAT_DTYPES, device=layers[0].device)
     lse_T = torch.cat([torch.logsumexp(logits.to(_compute_dtype(logits)), dim=-1) for logits in layers])
-    return lse_T.square().mean()
+    return lse_T.square().sum() / max(lse_T.numel(), 1)  # no tokens: 0, not the NaN of an empty mean

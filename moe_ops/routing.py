@@ -36,10 +36,11 @@ SCORINGS = ("softmax", "sigmoid")
 def _check_route_args(
     logits, k, scoring, softmax_after_topk, correction_bias, n_group, topk_group
 ) -> None:
-    check_tensor("logits", logits, ndim=2, dtypes=FLOAT_DTYPES)
+    # Messages name route()'s arguments (router_logits, top_k), which the op's logits and k are.
+    check_tensor("router_logits", logits, ndim=2, dtypes=FLOAT_DTYPES)
     num_experts = logits.shape[1]
     if not (1 <= k <= num_experts):
-        raise ValueError(f"k: expected 1 <= k <= E={num_experts}, got {k}")
+        raise ValueError(f"top_k: expected 1 <= top_k <= E={num_experts}, got {k}")
     check_choice("scoring", scoring, SCORINGS)
     if softmax_after_topk and scoring != "softmax":
         raise ValueError(
@@ -63,7 +64,7 @@ def _check_route_args(
         kept = topk_group * (num_experts // n_group)
         if k > kept:
             raise ValueError(
-                f"k: expected k <= topk_group * E / n_group = {kept} (experts in the kept groups), got {k}"
+                f"top_k: expected top_k <= topk_group * E / n_group = {kept} (experts in the kept groups), got {k}"
             )
 
 
@@ -73,8 +74,8 @@ def _weight_dtype(logits: torch.Tensor) -> torch.dtype:
 
 
 def route_ref(
-    logits: torch.Tensor,
-    k: int,
+    router_logits: torch.Tensor,
+    top_k: int,
     scoring: str = "softmax",
     softmax_after_topk: bool = False,
     renormalize: bool = False,
@@ -87,12 +88,12 @@ def route_ref(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-PyTorch definition of the router (the semantics every kernel is tested against).
 
-    Differentiable w.r.t. ``logits`` through the weights; the selection itself is piecewise
+    Differentiable w.r.t. ``router_logits`` through the weights; the selection itself is piecewise
     constant and carries no gradient.
     """
-    _check_route_args(logits, k, scoring, softmax_after_topk, correction_bias, n_group, topk_group)
-    num_tokens, num_experts = logits.shape
-    x_TE = logits.to(_weight_dtype(logits))
+    _check_route_args(router_logits, top_k, scoring, softmax_after_topk, correction_bias, n_group, topk_group)
+    num_tokens, num_experts = router_logits.shape
+    x_TE = router_logits.to(_weight_dtype(router_logits))
 
     if softmax_after_topk:
         scores_TE = x_TE  # selection on the raw logits; the softmax comes after the top-k
@@ -117,9 +118,9 @@ def route_ref(
         keep_TE = keep_TN.repeat_interleave(group_size, dim=1)
         choice_TE = choice_TE.masked_fill(~keep_TE, float("-inf"))
 
-    ids_TK = torch.topk(choice_TE, k, dim=-1).indices
+    ids_TK = torch.topk(choice_TE, top_k, dim=-1).indices
     weights_TK = route_weights_ref(
-        logits, ids_TK, scoring, softmax_after_topk, renormalize, renorm_eps, routed_scaling_factor, renorm_min
+        router_logits, ids_TK, scoring, softmax_after_topk, renormalize, renorm_eps, routed_scaling_factor, renorm_min
     )
     return weights_TK, ids_TK.to(torch.int32)
 
@@ -410,8 +411,10 @@ def route(
 
 def router_jitter(router_input: torch.Tensor, eps: float) -> torch.Tensor:
     """Multiplicative jitter of the router's input for training (Megablocks' ``moe_jitter_eps``,
-    Switch Transformers): ``router_input * u`` with u ~ U[1 - eps, 1 + eps) drawn per element, from
-    torch's generator (so ``torch.manual_seed`` repeats it; under torch.compile, Inductor's RNG).
+    Switch Transformers): ``router_input * u`` with u ~ U[1 - eps, 1 + eps) drawn per element in fp32 (fp64 for
+    fp64 inputs), the product rounded once to the input's dtype, from torch's generator (so
+    ``torch.manual_seed`` repeats it; under torch.compile, Inductor's RNG). An eps below the dtype's resolution
+    (fp16 and eps = 1e-4, say) mostly rounds back to the input.
 
     It applies to what the gate's linear layer reads, not to the logits :func:`route` takes, so it is a
     function of its own: ``logits = gate(moe_ops.router_jitter(x, 0.01) if self.training else x)``.
@@ -427,4 +430,8 @@ def router_jitter(router_input: torch.Tensor, eps: float) -> torch.Tensor:
         raise ValueError(f"eps: expected 0 <= eps < 1 (a factor in [1 - eps, 1 + eps)), got {eps}")
     if eps == 0:
         return router_input
-    return router_input * torch.empty_like(router_input).uniform_(1.0 - eps, 1.0 + eps)
+    # u drawn and the product taken in fp32 (at least), then rounded once: u drawn in bf16 has only the
+    # levels bf16 holds near 1 (0.988, 0.992, 0.996, 1 for eps = 0.01), none above 1 (biased low).
+    compute_dtype = torch.promote_types(router_input.dtype, torch.float32)
+    u = torch.empty_like(router_input, dtype=compute_dtype).uniform_(1.0 - eps, 1.0 + eps)
+    return (router_input.to(compute_dtype) * u).to(router_input.dtype)

@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import torch
 
-from moe_ops._checks import INDEX_DTYPES, check_tensor
+from moe_ops._checks import INDEX_DTYPES, check_int, check_num_experts, check_tensor
 from moe_ops.layout import BlockSchedule, padded_offsets, schedule_sizes
 from moe_ops.schedule_triton import block_schedule_triton
 
 
 def _check_schedule_args(topk_ids, num_experts: int, block_m: int) -> None:
     check_tensor("topk_ids", topk_ids, ndim=2, dtypes=INDEX_DTYPES)
-    if num_experts < 1:
-        raise ValueError(f"num_experts: expected a positive int, got {num_experts}")
-    if block_m < 1:
-        raise ValueError(f"block_m: expected a positive int, got {block_m}")
+    check_num_experts(num_experts)
+    check_int("block_m", block_m, minimum=1)
 
 
 def block_schedule_ref(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> BlockSchedule:
@@ -99,4 +97,7 @@ def block_schedule(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Bl
         :class:`BlockSchedule` of int32 tensors with static sizes S_MAX = ceil((S + min(E, S) *
         (block_m - 1)) / block_m) * block_m and B_MAX = S_MAX / block_m. Deterministic: no atomics.
     """
+    # The scalars are checked before the op too: its schema would turn num_experts=True into 1.
+    check_num_experts(num_experts)
+    check_int("block_m", block_m, minimum=1)
     return BlockSchedule(*torch.ops.moe_ops.block_schedule(topk_ids, num_experts, block_m))

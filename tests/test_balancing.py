@@ -65,3 +65,20 @@ def test_errors_name_the_argument():
         moe_ops.update_expert_bias(torch.zeros(E), torch.zeros(E), -1.0)
     with pytest.raises(ValueError, match=r"num_experts: expected a positive int"):
         moe_ops.expert_counts(torch.zeros(2, 2, dtype=torch.int32), 0)
+    with pytest.raises(ValueError, match=r"token_weight: expected shape \(2\), got \(2, 2\)"):
+        moe_ops.expert_counts(torch.zeros(2, 2, dtype=torch.int32), E, token_weight=torch.ones(2, 2))
+    with pytest.raises(TypeError, match=r"token_weight: expected dtype in"):
+        moe_ops.expert_counts(torch.zeros(2, 2, dtype=torch.int32), E, token_weight=torch.ones(2, dtype=torch.int64))
+
+
+def test_counts_with_token_weights_are_fp32_whatever_the_weight():
+    """A bool padding mask counts its tokens; bf16 / fp16 weights count in fp32 (in bf16, 5000 slots were 4992;
+    in fp16, 70000 were inf)."""
+    ids = torch.tensor([[0, 1], [1, 3], [2, 3]], dtype=torch.int32)
+    counts = moe_ops.expert_counts(ids, 4, token_weight=torch.tensor([True, False, True]))
+    assert counts.dtype == torch.float32 and counts.tolist() == [1.0, 1.0, 1.0, 1.0]
+    many = torch.zeros(35000, 2, dtype=torch.int32)
+    for dtype in (torch.bfloat16, torch.float16):
+        counts = moe_ops.expert_counts(many, 4, token_weight=torch.ones(35000, dtype=dtype))
+        assert counts.dtype == torch.float32 and counts.tolist() == [70000.0, 0.0, 0.0, 0.0]
+    assert moe_ops.expert_counts(ids, 4, token_weight=torch.ones(3, dtype=torch.float64)).dtype == torch.float64

@@ -100,6 +100,9 @@ def test_capacity_from_factor():
     assert capacity_from_factor(0.3, 10, 1, 3) == 1
     assert capacity_from_factor(0.0, 100, 2, 8) == -1
     assert capacity_from_factor(-1.0, 100, 2, 8) == -1
+    # No expert gets more than T * K slots: a larger factor keeps them all, and so does T * K (1e30 made an int
+    # that the op's int64 could not hold).
+    assert capacity_from_factor(8.0, 100, 2, 8) == capacity_from_factor(1e30, 100, 2, 8) == 200
     with pytest.raises(ValueError, match="num_experts"):
         capacity_from_factor(1.0, 10, 2, 0)
 
@@ -175,6 +178,8 @@ def test_errors():
         apply_capacity(ids, weights, 8, True)
     with pytest.raises(TypeError, match=r"capacity: expected an int"):
         apply_capacity(ids, weights, 8, 1.5)
+    with pytest.raises(ValueError, match=r"capacity: expected an int <= 2\*\*63 - 1"):
+        apply_capacity(ids, weights, 8, 2**63)
 
 
 def test_ids_outside_range_pass_through_uncounted():

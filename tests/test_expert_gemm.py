@@ -419,6 +419,13 @@ def test_public_call_checks_the_schedule_and_scalars():
         expert_gemm(a, w, schedule, **dict(call, block_m=16.0))
     with pytest.raises(TypeError, match=r"gather_top_k: expected an int, got True"):
         expert_gemm(a, w, schedule, **dict(call, gather_top_k=True))
+    # Another schedule's block size or slot count would read other blocks, or mark other rows as padding.
+    with pytest.raises(ValueError, match=r"block_m: the schedule has \d+ blocks over \d+ rows \(built with "
+                                         r"block_m=16\), got 8"):
+        expert_gemm(a, w, schedule, **dict(call, block_m=8))
+    with pytest.raises(ValueError, match=r"num_slots: the schedule's 80 rows \(E=4, block_m=16\) were not built "
+                                         r"for 40 slots"):
+        expert_gemm(a, w, schedule, **dict(call, num_slots=40))
 
 
 def test_kernel_refuses_float64():

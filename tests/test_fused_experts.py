@@ -324,6 +324,12 @@ def test_errors_name_the_argument():
             fused_experts(**layer, capacity_factor=capacity_factor)
     with pytest.raises(TypeError, match="capacity_factor: expected a number, got True"):
         fused_experts(**layer, capacity_factor=True)
+    # A NaN alpha or limit made every output NaN; a negative limit is an empty clamp range.
+    with pytest.raises(ValueError, match="alpha: expected a finite number, got nan"):
+        fused_experts(**layer, activation="clamped_swiglu", alpha=math.nan)
+    for limit in (math.nan, -1.0):
+        with pytest.raises(ValueError, match=f"limit: expected a finite number >= 0.0, got {limit}"):
+            fused_experts(**layer, activation="clamped_silu", limit=limit)
 
 
 QUANTISED = ["int8", "fp8"]  # per output row

@@ -114,3 +114,21 @@ def test_errors_name_the_argument():
         moe_ops.load_balancing_loss(logits, ids, token_mask=torch.ones(95))
     with pytest.raises(ValueError, match=r"router_logits: expected a 2-D tensor"):
         moe_ops.router_z_loss(logits[0])
+    stats = moe_ops.route(logits.detach(), 2, return_stats=True)[2]
+    with pytest.raises(ValueError, match=r"stats.tokens_per_expert: expected shape \(16\), got \(1\)"):
+        moe_ops.load_balancing_loss_from_stats([stats, stats._replace(tokens_per_expert=torch.ones(1))])
+
+
+def test_no_tokens_make_no_loss():
+    """T = 0, or a mask of zeros: each loss is 0 (the formulas' 0 / 0 would make the training loss NaN), and its
+    gradient is 0."""
+    logits, ids = _layer()
+    empty = logits.detach()[:0].clone().requires_grad_(True)
+    assert moe_ops.load_balancing_loss(empty, ids[:0]).item() == 0.0
+    assert moe_ops.router_z_loss(empty).item() == 0.0
+    masked = logits.detach().clone().requires_grad_(True)
+    loss = moe_ops.load_balancing_loss(masked, ids, token_mask=torch.zeros(logits.shape[0], dtype=torch.bool))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(masked.grad, torch.zeros_like(logits))
+    stats = moe_ops.route(empty.detach(), 2, return_stats=True)[2]
+    assert moe_ops.load_balancing_loss_from_stats(stats).item() == 0.0

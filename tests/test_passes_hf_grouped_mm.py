@@ -326,6 +326,22 @@ def test_near_miss_is_not_rewritten(change, reason, monkeypatch, caplog):
     assert_close_rel(output(result), output(block(x)), torch.bfloat16, str(change))
 
 
+def test_experts_given_ids_from_outside_are_left_alone(caplog):
+    """The experts module compiled on its own: its ids are inputs, which nothing shows to be >= 0. A negative
+    id (expert-parallel code's "no local expert") is sorted first by the plain code and counted in no expert's
+    group, so every later row reads another expert's weights, where fused_experts would route it to no
+    expert: the rewrite must not fire (it did, and changed every row)."""
+    experts = build("mixtral", torch.bfloat16).experts
+    x = tokens(9, torch.bfloat16)[0]
+    ids = torch.stack([torch.randperm(E)[:K] for _ in range(9)])
+    weights = torch.rand(9, K).to(torch.bfloat16)
+    with caplog.at_level(logging.DEBUG, logger="moe_ops"):
+        result, graph = compile_and_record(experts, x, ids, weights)
+    assert experts_rewrites() == 0 and "fused_experts" not in graph
+    assert "are not shown to be >= 0" in caplog.text
+    assert_close_rel(result, experts(x, ids, weights), torch.bfloat16, "experts alone")
+
+
 def test_the_restated_forward_is_rewritten(monkeypatch):
     """The control for the near-misses: the restatement with nothing changed does fire."""
     monkeypatch.setitem(hf_moe.ALL_EXPERTS_FUNCTIONS._global_mapping, "near_miss", _variant())

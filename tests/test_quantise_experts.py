@@ -103,6 +103,18 @@ def test_a_call_fused_experts_cannot_take_raises_the_reason():
         block(torch.randn(1, 5, H))
 
 
+@pytest.mark.parametrize("implementation", ["eager", "grouped_mm", "batched_mm"])
+def test_another_experts_implementation_is_refused(implementation):
+    """Set back to one of transformers' implementations, the module would multiply the packed values as if they
+    were the weights (opaque shape and dtype errors): the call names the weights' form and the implementation."""
+    block = moe_ops.quantise_experts(_block(), "int4", group_size=32)
+    block.experts.config._experts_implementation = implementation  # what model.set_experts_implementation sets
+    with pytest.raises(RuntimeError, match=rf"moe_ops-quantised \(int4 in groups of 32\), which only the 'moe_ops' "
+                                           rf"experts implementation reads; the model's config asks for "
+                                           rf"'{implementation}'"):
+        block(torch.randn(1, 5, H).to(torch.bfloat16))
+
+
 @pytest.mark.parametrize("scheme", ["int4", "fp8_blocks"])
 def test_a_cast_after_quantising_is_named(scheme):
     """model.to(bf16) after quantise_experts converts the fp32 scales (and fp8 values): the call says so."""
@@ -118,6 +130,11 @@ def test_errors_name_the_argument():
         moe_ops.quantise_experts(_block("gpt_oss"), "fp8_blocks", group_size=32)
     with pytest.raises(ValueError, match="model: no transformers experts module"):
         moe_ops.quantise_experts(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match=r"model: its experts are quantised already \(int4 in groups of 32\)"):
+        moe_ops.quantise_experts(moe_ops.quantise_experts(_block(), "int4", group_size=32))
+    with pytest.raises(ValueError, match=r"group_size: 64 does not fit Qwen3MoeExperts.down_proj \(E, N, K\) = "
+                                         r"\(8, 64, 32\): block: expected"):
+        moe_ops.quantise_experts(_block(), "fp8_blocks", group_size=64)
     with pytest.raises(ValueError, match="group_size: expected a multiple of 16 dividing K=64"):
         moe_ops.quantise_experts(_block(), "int4", group_size=24)
     # Groups of 64 divide the gate_up weights' 64 inputs, not down's 32: nothing is changed.

@@ -151,6 +151,15 @@ def test_reference_errors():
         block_schedule_ref(ids, 0, 16)
 
 
+def test_public_wrapper_checks_the_scalars():
+    """Before the op, whose schema would take num_experts=True as 1 and truncate nothing."""
+    ids = torch.zeros((4, 2), dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"num_experts: expected a positive int, got True"):
+        block_schedule(ids, True, 16)
+    with pytest.raises(TypeError, match=r"block_m: expected an int, got True"):
+        block_schedule(ids, 4, True)
+
+
 # ------------------------------------------------------------------------------------------------
 # Triton (GPU, or the interpreter on CPU)
 # ------------------------------------------------------------------------------------------------

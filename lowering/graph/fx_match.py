@@ -120,3 +120,52 @@ def top_k_scores(ids: Node) -> tuple[Node, int] | None:
     if route is not None and is_call(producer, route.default):
         return producer.args[0], -1
     return None
+
+
+def ids_bound(ids: Node) -> int | None:
+    """An upper bound E' with 0 <= ids < E' for every input: the ids are a top-k's indices over E'
+    scores (``aten.topk``, or ``moe_ops.route`` over E' logits), the indices of a max or argmax over E'
+    scores, or views, a concatenation (PhiMoE's sparsemixer picks its experts with successive max()
+    calls and concatenates their indices) or a masked_fill of such ids."""
+    while is_call(ids, (aten.unsqueeze.default, aten.view.default, aten.reshape.default)):
+        ids = ids.args[0]  # views keep the values
+    if is_call(ids, aten.cat.default):
+        bounds = [ids_bound(part) for part in ids.args[0]]
+        return None if None in bounds else max(bounds)
+    if is_call(ids, aten.where.self):
+        return _masked_ids_bound(*ids.args)
+    found = top_k_scores(ids)
+    if found is None:
+        found = _max_scores(ids)
+    if found is None:
+        return None
+    size = val(found[0]).shape[found[1]]
+    return size if isinstance(size, int) else None
+
+
+def _masked_ids_bound(condition, filled, ids) -> int | None:
+    """``where(ids == c, v, ids)`` (a masked_fill: Zaya maps its skip class c = E to expert 0, weighted
+    0): ids' bound with c, if it was the largest id, no longer reached, and v (a constant) below it."""
+    if not (is_call(condition, aten.eq.Scalar) and condition.args[0] is ids and isinstance(condition.args[1], int)):
+        return None
+    if not (is_call(filled, aten.full.default) and list(filled.args[0]) == [] and isinstance(filled.args[1], int)):
+        return None
+    bound = ids_bound(ids)
+    if bound is None or filled.args[1] < 0:
+        return None
+    replaced, value = condition.args[1], filled.args[1]
+    return max(bound - 1 if replaced == bound - 1 else bound, value + 1)
+
+
+def _max_scores(ids: Node) -> tuple[Node, int] | None:
+    """``ids`` as the indices of a max or argmax over one dim (possibly cast between integer types):
+    (the scores node, that dim), or None."""
+    if is_call(ids, prims.convert_element_type.default) and ids.args[1] in (torch.int32, torch.int64):
+        ids = ids.args[0]
+    if is_call(ids, operator.getitem) and ids.args[1] == 1 and is_call(ids.args[0], aten.max.dim):
+        producer = ids.args[0]
+    elif is_call(ids, aten.argmax.default) and arg(ids, 1, "dim", None) is not None:
+        producer = ids
+    else:
+        return None
+    return producer.args[0], arg(producer, 1, "dim", None)

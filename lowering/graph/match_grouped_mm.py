@@ -30,6 +30,7 @@ from moe_ops.lowering.graph.fx_match import (
     Rejected,
     arg,
     aten,
+    ids_bound,
     is_call,
     is_view_call,
     prims,
@@ -143,6 +144,12 @@ def _match(total: Node) -> ExpertsMatch:
     num_tokens, top_k = shape(topk_ids) if val(topk_ids).dim() == 2 else (None, None)
     if top_k is None or not same_size(num_tokens * top_k, num_slots):
         raise Rejected("the ids are not (T, K)")
+    if ids_bound(topk_ids) is None:
+        # An id >= E meets the sentinel mask below in both; a negative one the plain code sorts first and counts
+        # in no expert's group (every later row then reads another expert's), where fused_experts routes it to
+        # no expert.
+        raise Rejected(f"the ids ({topk_ids.name}) are not shown to be >= 0 (a top-k's, max's or moe_ops.route's "
+                       "indices in this graph)")
     region.update((sort, flat_ids, ids_sorted, perm))
 
     # y = where(m, 0, down) * w_TK.view(-1)[perm][:, None]
