@@ -58,7 +58,10 @@ def new_node(graph, target, args, kwargs=None) -> Node:
 
 
 def is_call(node, target) -> bool:
-    return isinstance(node, Node) and node.op == "call_function" and node.target is target
+    """``node`` calls ``target`` (an op, or a tuple of ops: any of them)."""
+    if not (isinstance(node, Node) and node.op == "call_function"):
+        return False
+    return node.target in target if isinstance(target, tuple) else node.target is target
 
 
 def with_registered_op(target, namespace: str, name: str) -> tuple:
