@@ -506,7 +506,15 @@ def _fused_or_own_loop(self, arguments, hidden_states, top_k_index, top_k_weight
         else:
             runs = f"transformers' {fallback.__name__}"
         _report_fallback(self, runs, arguments)
-        return fallback(self, hidden_states, top_k_index, top_k_weights)
+        try:
+            return fallback(self, hidden_states, top_k_index, top_k_weights)
+        except NotImplementedError as error:
+            # torchao tensors implement few ops: the loop's matmul over them can fail inside torchao, whose
+            # message would not say why fused_experts did not run instead.
+            if not _holds_torchao_weights(self):
+                raise
+            raise RuntimeError(f"{type(self).__name__}: fused_experts cannot take this call ({arguments}), and "
+                               f"{runs} cannot multiply its torchao weights ({str(error).splitlines()[0]})") from error
     _report(type(self), _fused_description(arguments), True, torch.compiler.is_compiling())
     return fused_experts(hidden_states, top_k_weights, top_k_index, **arguments)
 

@@ -29,7 +29,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from moe_ops._checks import check_choice
+from moe_ops._checks import check_choice, check_number
 from moe_ops.expert_parallel import (
     DISPATCHES,
     PLAN_ATTRIBUTE,
@@ -56,6 +56,16 @@ def parallelize_experts(model: nn.Module, ep_mesh: DeviceMesh, *, dispatch: str 
         raise ValueError(f"ep_mesh: expected a 1-D DeviceMesh (or one dimension of a mesh), got {ep_mesh.ndim}-D")
     check_choice("dispatch", dispatch, DISPATCHES)
     check_pipeline_chunks(pipeline_chunks, dispatch)
+    if capacity_factor is not None:
+        check_number("capacity_factor", capacity_factor)
+    # Every experts module checked before any is sharded: one that cannot run sharded leaves the model as it was.
+    for module in model.modules():
+        if is_transformers_experts(module) or _is_grouped_experts(module):
+            quantised = _quantised_weights(module)
+            if quantised is not None:
+                raise ValueError(f"model: {type(module).__name__}'s expert weights are quantised ({quantised}), and "
+                                 "quantised experts do not run sharded (fused_experts_ep takes weights of the "
+                                 "activations' dtype)")
     plan = ExpertParallelPlan(ep_mesh.get_group(), dispatch, capacity_factor, pipeline_chunks)
     sharded = 0
     for module in model.modules():
@@ -90,6 +100,19 @@ def _is_grouped_experts(module: nn.Module) -> bool:
     return (all(isinstance(w, nn.Parameter) and w.dim() == 3 for w in weights)
             and len({w.shape[0] for w in weights}) == 1 and weights[0].shape == weights[2].shape
             and weights[1].shape[1:] == weights[0].shape[1:][::-1])
+
+
+def _quantised_weights(module: nn.Module) -> str | None:
+    """How the module's stacked weights are quantised (a torchao tensor, or values of one byte: moe_ops'
+    quantise_experts), or None."""
+    for name, parameter in module.named_parameters(recurse=False):
+        if parameter.dim() < 3:
+            continue
+        if type(parameter) is not nn.Parameter and not isinstance(parameter, DTensor):
+            return f"{name} is a {type(parameter).__name__}"
+        if parameter.dtype.itemsize == 1:
+            return f"{name} holds {parameter.dtype} values"
+    return None
 
 
 def _shard_stacked_parameters(module: nn.Module, num_experts: int, ep_mesh: DeviceMesh) -> None:

@@ -40,7 +40,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from moe_ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_tensor
+from moe_ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_number, check_tensor
 from moe_ops._compat.distributed import all_to_all_single, all_to_all_single_autograd
 from moe_ops.fused_experts import fused_experts
 from moe_ops.layout import expert_order
@@ -100,7 +100,8 @@ def _token_sums(backs, slot_row, topk_weights):
     backs = [backs] if isinstance(backs, torch.Tensor) else list(backs)
     slot_rows = torch.cat([*backs, backs[0].new_zeros(1, backs[0].shape[1])])[slot_row]
     weighted = slot_rows.float() * topk_weights.reshape(-1, 1).float()
-    return weighted.view(*topk_weights.shape, -1).sum(1).to(backs[0].dtype)
+    # H named, not inferred: a rank with no tokens has (0, K, H) slots, whose -1 would be ambiguous.
+    return weighted.view(*topk_weights.shape, slot_rows.shape[1]).sum(1).to(backs[0].dtype)
 
 
 def _ep_combine(rows, slot_row, topk_weights, send_splits, recv_splits, group_name):
@@ -156,9 +157,14 @@ def fused_experts_ep(
     check_tensor("topk_weights", topk_weights, shape=tuple(topk_ids.shape), dtypes=FLOAT_DTYPES, device=x.device)
     if topk_ids.shape[0] != x.shape[0]:
         raise ValueError(f"topk_ids: expected ({x.shape[0]}, K) like x's tokens, got {tuple(topk_ids.shape)}")
+    if capacity_factor is not None:
+        check_number("capacity_factor", capacity_factor)
     if capacity_factor is not None and (dispatch != "padded" or not 0 < capacity_factor < math.inf):
         raise ValueError(f"capacity_factor: a finite positive number with dispatch='padded', got {capacity_factor!r}")
     check_pipeline_chunks(pipeline_chunks, dispatch)
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group: expected a torch.distributed ProcessGroup (of a DeviceMesh: mesh.get_group()), got "
+                        f"{type(group).__name__}")
     group = dist.group.WORLD if group is None else group
     num_ranks = dist.get_world_size(group)
     num_local = w_gate_up.shape[0]
@@ -192,9 +198,17 @@ def fused_experts_ep(
     else:
         num_dropped = torch.zeros((), dtype=torch.int32, device=x.device)
         send_counts = torch.nn.functional.one_hot(dest_S, num_ranks + 1).sum(0)[:num_ranks]
-        recv_counts = all_to_all_single(send_counts, [1] * num_ranks, [1] * num_ranks, group)
+        # Each destination also gets this rank's expert count: ids map to ranks by it, so the ranks must agree.
+        send_meta = torch.stack([send_counts, torch.full_like(send_counts, num_local)], 1).reshape(-1)
+        recv_meta = all_to_all_single(send_meta, [2] * num_ranks, [2] * num_ranks, group)
         # The one host synchronisation: the row counts size the exchange.
-        send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
+        send_splits = send_counts.tolist()
+        recv_splits, local_counts = recv_meta.view(num_ranks, 2).T.tolist()
+        # torch._check_value: a ValueError, and an assertion dynamo can trace (its message only of constants).
+        message = (f"w_gate_up: every rank holds E / R experts (an id's rank is id // E_local); this rank holds "
+                   f"{num_local}, another rank does not")
+        for count in local_counts:
+            torch._check_value(count == num_local, lambda: message)
         num_sent = sum(send_splits)
         sent = order[:num_sent]
         send_token, send_ids = token_S[sent], local_ids_S[sent]

@@ -284,6 +284,33 @@ def test_cuda_two_gpus_padded_dispatch_replays_as_a_cuda_graph():
         mp.spawn(_cuda_graph_worker, args=(2, os.path.join(folder, "init")), nprocs=2, join=True)
 
 
+def _edge_worker(rank, num_ranks, init_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=num_ranks)
+    try:
+        w_gate_up, w_down = _weights()
+        local = E // num_ranks
+        mine = w_gate_up[rank * local:(rank + 1) * local], w_down[rank * local:(rank + 1) * local]
+        # A rank with no tokens: (0, H) out, as fused_experts gives (its (0, K, H) slots made reshape fail).
+        for dispatch, token_counts in (("exact", [0, 5]), ("padded", [0, 0])):
+            x, weights, ids, _ = _inputs(rank, token_counts[rank])
+            out = fused_experts_ep(x, weights, ids, *mine, dispatch=dispatch)
+            torch.testing.assert_close(out, fused_experts_ref(x, weights, ids, w_gate_up, w_down), rtol=1e-5,
+                                       atol=1e-5)
+        # Ranks holding other numbers of experts send an id to another rank than the one holding it (silently
+        # wrong before): "exact", which exchanges counts, refuses it on every rank.
+        bounds = [(0, 3), (3, E)][rank]
+        x, weights, ids, _ = _inputs(rank, 6)
+        with pytest.raises(ValueError, match=r"w_gate_up: every rank holds E / R experts .* this rank holds [35]"):
+            fused_experts_ep(x, weights, ids, w_gate_up[slice(*bounds)], w_down[slice(*bounds)], dispatch="exact")
+    finally:
+        _destroy_process_group()
+
+
+def test_a_rank_without_tokens_and_uneven_shards():
+    with tempfile.TemporaryDirectory() as folder:
+        mp.spawn(_edge_worker, args=(2, os.path.join(folder, "init")), nprocs=2, join=True)
+
+
 def test_errors_name_the_argument():
     x, weights, ids, _ = _inputs(0, 4)
     w_gate_up, w_down = _weights()
@@ -293,10 +320,14 @@ def test_errors_name_the_argument():
         fused_experts_ep(x, weights, ids, w_gate_up, w_down, dispatch="exact", pipeline_chunks=2)
     with pytest.raises(ValueError, match="capacity_factor: a finite positive number with dispatch='padded'"):
         fused_experts_ep(x, weights, ids, w_gate_up, w_down, dispatch="exact", capacity_factor=1.0)
-    with pytest.raises(ValueError, match="capacity_factor: a finite positive number"):
+    with pytest.raises(ValueError, match="capacity_factor: expected a finite number, got inf"):
         fused_experts_ep(x, weights, ids, w_gate_up, w_down, capacity_factor=math.inf)
     with pytest.raises(ValueError, match="options: capacity here is fused_experts_ep's"):
         fused_experts_ep(x, weights, ids, w_gate_up, w_down, capacity_factor=None, drop_policy="score")
+    with pytest.raises(TypeError, match="capacity_factor: expected a number, got '1.0'"):
+        fused_experts_ep(x, weights, ids, w_gate_up, w_down, capacity_factor="1.0")
+    with pytest.raises(TypeError, match="group: expected a torch.distributed ProcessGroup .* got str"):
+        fused_experts_ep(x, weights, ids, w_gate_up, w_down, group="world")
 
 
 # ---- A transformers model's MoE block, sharded by moe_ops.parallelize_experts ---------------------
@@ -446,6 +477,18 @@ def test_parallelize_experts_refuses_what_it_cannot_shard():
     assert not isinstance(block.experts.w1.data, torch.distributed.tensor.DTensor)  # nothing sharded
     with pytest.raises(ValueError, match="model: no experts module found"):
         moe_ops.parallelize_experts(torch.nn.Linear(H, H), _TwoRankMesh())
+    # Quantised experts do not run sharded: refused before anything is sharded (they were sharded, and the
+    # first forward refused them).
+    torchao = pytest.importorskip("torchao.quantization")
+    quantised = _hf_block().to(torch.bfloat16)
+    torchao.quantize_(quantised, moe_ops.experts_quantization_config(torchao.Float8WeightOnlyConfig()),
+                      filter_fn=None)
+    with pytest.raises(ValueError, match=r"Qwen3MoeExperts's expert weights are quantised \(gate_up_proj is a "
+                                         r"Float8Tensor\), and quantised experts do not run sharded"):
+        moe_ops.parallelize_experts(quantised, _TwoRankMesh())
+    assert not isinstance(quantised.experts.gate_up_proj.data, torch.distributed.tensor.DTensor)
+    with pytest.raises(TypeError, match="capacity_factor: expected a number, got '1'"):
+        moe_ops.parallelize_experts(_hf_block(), _TwoRankMesh(), capacity_factor="1")
 
 
 def _fsdp_worker(rank, num_ranks, init_file, case):

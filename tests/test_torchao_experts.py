@@ -308,6 +308,23 @@ def test_groups_the_kernels_do_not_take_run_their_own_loop(caplog):
                for record in caplog.records)
 
 
+def test_a_loop_that_cannot_multiply_torchao_weights_raises_the_reason():
+    """GPT-OSS's experts store (E, K, N) weights, whose int8 scales (per stored row) scale input features: no form
+    fused_experts reads, and its own loop's matmul over torchao's Int8Tensor is not implemented there. The call
+    raises why fused_experts did not run, not only torchao's missing operator."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
+
+    torch.manual_seed(0)
+    block = GptOssMLP(transformers.GptOssConfig(hidden_size=H, intermediate_size=F, num_local_experts=E,
+                                                num_experts_per_tok=K))
+    block = block.to(torch.bfloat16).eval().requires_grad_(False)
+    quantize_(block, moe_ops.experts_quantization_config(Int8WeightOnlyConfig()), filter_fn=None)
+    block.experts.config._experts_implementation = "moe_ops"
+    with pytest.raises(RuntimeError, match=r"GptOssExperts: fused_experts cannot take this call \(its quantised "
+                                           r"weights are stored \(E, K, N\).*cannot multiply its torchao weights"):
+        block(torch.randn(1, 5, H).to(torch.bfloat16))
+
+
 def test_state_dict_round_trip():
     block = _quantised()
     buffer = io.BytesIO()
