@@ -514,7 +514,7 @@ def _fused_or_own_loop(self, arguments, hidden_states, top_k_index, top_k_weight
             if not _holds_torchao_weights(self):
                 raise
             raise RuntimeError(f"{type(self).__name__}: fused_experts cannot take this call ({arguments}), and "
-                               f"{runs} cannot multiply its torchao weights ({str(error).splitlines()[0]})") from error
+                               f"{runs} cannot multiply its torchao weights ({error!r})") from error
     _report(type(self), _fused_description(arguments), True, torch.compiler.is_compiling())
     return fused_experts(hidden_states, top_k_weights, top_k_index, **arguments)
 

@@ -29,11 +29,12 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from moe_ops._checks import check_choice, check_number
+from moe_ops._checks import check_choice
 from moe_ops.expert_parallel import (
     DISPATCHES,
     PLAN_ATTRIBUTE,
     ExpertParallelPlan,
+    check_capacity_factor,
     check_pipeline_chunks,
     fused_experts_ep,
 )
@@ -55,9 +56,8 @@ def parallelize_experts(model: nn.Module, ep_mesh: DeviceMesh, *, dispatch: str 
     if ep_mesh.ndim != 1:
         raise ValueError(f"ep_mesh: expected a 1-D DeviceMesh (or one dimension of a mesh), got {ep_mesh.ndim}-D")
     check_choice("dispatch", dispatch, DISPATCHES)
+    check_capacity_factor(capacity_factor, dispatch)
     check_pipeline_chunks(pipeline_chunks, dispatch)
-    if capacity_factor is not None:
-        check_number("capacity_factor", capacity_factor)
     # Every experts module checked before any is sharded: one that cannot run sharded leaves the model as it was.
     for module in model.modules():
         if is_transformers_experts(module) or _is_grouped_experts(module):

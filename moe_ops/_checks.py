@@ -81,7 +81,8 @@ def check_number(name: str, value, *, minimum: float | None = None) -> None:
 
 
 def check_num_experts(num_experts) -> None:
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+    # A SymInt under torch.compile(dynamic=True), where a Python int argument becomes one.
+    if isinstance(num_experts, bool) or not isinstance(num_experts, (int, torch.SymInt)) or num_experts < 1:
         raise ValueError(f"num_experts: expected a positive int, got {num_experts!r}")
 
 

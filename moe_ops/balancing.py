@@ -28,16 +28,17 @@ def expert_counts(
 ) -> torch.Tensor:
     """(E,) slots routed to each expert, on the ids' device with no host sync; ids outside [0, E) (dropped
     slots) are not counted. fp32 (fp64 for an fp64 ``token_weight``), exact for whole counts below 2**24 and
-    so summed in any order alike (deterministic). ``token_weight`` (T,) float or bool: each token's slots
-    count that much (a padding mask)."""
+    so summed in any order alike (deterministic). ``token_weight`` (T,) float, integer or bool: each token's
+    slots count that much (a padding mask, as transformers' int64 attention mask)."""
     check_tensor("topk_ids", topk_ids, ndim=2, dtypes=INDEX_DTYPES)
     check_num_experts(num_experts)
     ids_TK = topk_ids.long()
     valid_TK = (ids_TK >= 0) & (ids_TK < num_experts)
     dtype = torch.float32
     if token_weight is not None:
-        check_tensor("token_weight", token_weight, shape=(topk_ids.shape[0],), dtypes=(*FLOAT_DTYPES, torch.bool),
-                     device=topk_ids.device)
+        check_tensor("token_weight", token_weight, shape=(topk_ids.shape[0],), device=topk_ids.device)
+        if token_weight.is_complex():
+            raise TypeError(f"token_weight: expected a real (float, integer or bool) tensor, got {token_weight.dtype}")
         # Counts in fp32 whatever the weight's dtype: bf16 counts 5000 slots as 4992, fp16 70000 as inf.
         dtype = torch.promote_types(token_weight.dtype, torch.float32)
     slot_weight_TK = valid_TK.to(dtype) if token_weight is None else torch.where(

@@ -27,7 +27,7 @@ from moe_ops.layout import apply_capacity_torch, ids_as_int32
 POLICIES = ("position", "gshard", "score")
 
 
-INT64_MAX = torch.iinfo(torch.int64).max
+INT64_MIN, INT64_MAX = torch.iinfo(torch.int64).min, torch.iinfo(torch.int64).max
 
 
 def _check_capacity_scalars(num_experts: int, capacity: int, policy: str) -> None:
@@ -35,9 +35,9 @@ def _check_capacity_scalars(num_experts: int, capacity: int, policy: str) -> Non
     # A SymInt under torch.compile with a dynamic token count (a capacity computed from T).
     if isinstance(capacity, bool) or not isinstance(capacity, (int, torch.SymInt)):
         raise TypeError(f"capacity: expected an int (< 0 for dropless), got {capacity!r}")
-    if isinstance(capacity, int) and capacity > INT64_MAX:  # the op's schema holds an int64
-        raise ValueError(f"capacity: expected an int <= 2**63 - 1 (any capacity >= T * K keeps every slot), "
-                         f"got {capacity}")
+    if isinstance(capacity, int) and not INT64_MIN <= capacity <= INT64_MAX:  # the op's schema holds an int64
+        raise ValueError(f"capacity: expected an int in [-2**63, 2**63 - 1] (any capacity >= T * K keeps every "
+                         f"slot, any < 0 is dropless), got {capacity}")
     check_choice("policy", policy, POLICIES)
 
 

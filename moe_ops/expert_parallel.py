@@ -61,6 +61,15 @@ class ExpertParallelPlan(NamedTuple):
 PLAN_ATTRIBUTE = "_moe_ops_expert_parallel"
 
 
+def check_capacity_factor(capacity_factor, dispatch: str) -> None:
+    """None (dropless), or a finite positive number with the padded dispatch; else a TypeError / ValueError."""
+    if capacity_factor is None:
+        return
+    check_number("capacity_factor", capacity_factor)
+    if dispatch != "padded" or not capacity_factor > 0:
+        raise ValueError(f"capacity_factor: a finite positive number with dispatch='padded', got {capacity_factor!r}")
+
+
 def check_pipeline_chunks(pipeline_chunks, dispatch: str) -> None:
     """A ValueError unless ``pipeline_chunks`` is a positive int, above 1 only with the padded dispatch."""
     chunks_valid = isinstance(pipeline_chunks, int) and pipeline_chunks >= 1
@@ -135,7 +144,8 @@ def fused_experts_ep(
         x, topk_weights, topk_ids: this rank's tokens, as for fused_experts; ids are global expert ids
                       in [0, E) (ids outside it are routed to no expert)
         w_gate_up, w_down: this rank's E_local experts (and ``options``' ``w_up`` and biases likewise),
-                      in any layout fused_experts takes
+                      in any layout fused_experts takes; every rank holds E_local = E / R (an id's rank is
+                      id // E_local): "exact" refuses ranks that do not, "padded" cannot check it
         group:        the expert-parallel process group (default: the world)
         dispatch:     "padded" (no host synchronisation; every rank passes the same T) or "exact"
         capacity_factor: padded only: C = ceil(factor * S / R) rows per destination; None: dropless
@@ -157,10 +167,7 @@ def fused_experts_ep(
     check_tensor("topk_weights", topk_weights, shape=tuple(topk_ids.shape), dtypes=FLOAT_DTYPES, device=x.device)
     if topk_ids.shape[0] != x.shape[0]:
         raise ValueError(f"topk_ids: expected ({x.shape[0]}, K) like x's tokens, got {tuple(topk_ids.shape)}")
-    if capacity_factor is not None:
-        check_number("capacity_factor", capacity_factor)
-    if capacity_factor is not None and (dispatch != "padded" or not 0 < capacity_factor < math.inf):
-        raise ValueError(f"capacity_factor: a finite positive number with dispatch='padded', got {capacity_factor!r}")
+    check_capacity_factor(capacity_factor, dispatch)
     check_pipeline_chunks(pipeline_chunks, dispatch)
     if group is not None and not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"group: expected a torch.distributed ProcessGroup (of a DeviceMesh: mesh.get_group()), got "

@@ -659,10 +659,12 @@ def fused_experts(
         (T, H) in x's dtype [, num_dropped]
     """
     # Before the op, whose schema would turn capacity_factor=True into 1.0. alpha and limit too: a NaN there
-    # would make every output NaN, a negative limit an empty clamp range.
+    # would make every output NaN, a negative limit an empty clamp range (an infinite limit clamps nothing, as
+    # Step-3.7's layers without a limit have it).
     check_number("capacity_factor", capacity_factor, minimum=0.0)
     check_number("alpha", alpha)
-    check_number("limit", limit, minimum=0.0)
+    if isinstance(limit, bool) or not isinstance(limit, (int, float, torch.SymFloat)) or not limit >= 0:
+        raise ValueError(f"limit: expected a number >= 0 (inf: no clamp), got {limit!r}")
     args = (
         x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
         layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy,

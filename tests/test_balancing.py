@@ -67,8 +67,8 @@ def test_errors_name_the_argument():
         moe_ops.expert_counts(torch.zeros(2, 2, dtype=torch.int32), 0)
     with pytest.raises(ValueError, match=r"token_weight: expected shape \(2\), got \(2, 2\)"):
         moe_ops.expert_counts(torch.zeros(2, 2, dtype=torch.int32), E, token_weight=torch.ones(2, 2))
-    with pytest.raises(TypeError, match=r"token_weight: expected dtype in"):
-        moe_ops.expert_counts(torch.zeros(2, 2, dtype=torch.int32), E, token_weight=torch.ones(2, dtype=torch.int64))
+    with pytest.raises(TypeError, match=r"token_weight: expected a real \(float, integer or bool\) tensor"):
+        moe_ops.expert_counts(torch.zeros(2, 2, dtype=torch.int32), E, token_weight=torch.ones(2, dtype=torch.cfloat))
 
 
 def test_counts_with_token_weights_are_fp32_whatever_the_weight():
@@ -82,3 +82,6 @@ def test_counts_with_token_weights_are_fp32_whatever_the_weight():
         counts = moe_ops.expert_counts(many, 4, token_weight=torch.ones(35000, dtype=dtype))
         assert counts.dtype == torch.float32 and counts.tolist() == [70000.0, 0.0, 0.0, 0.0]
     assert moe_ops.expert_counts(ids, 4, token_weight=torch.ones(3, dtype=torch.float64)).dtype == torch.float64
+    # transformers' attention mask is int64
+    counts = moe_ops.expert_counts(ids, 4, token_weight=torch.tensor([1, 0, 1]))
+    assert counts.dtype == torch.float32 and counts.tolist() == [1.0, 1.0, 1.0, 1.0]

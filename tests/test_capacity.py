@@ -178,8 +178,9 @@ def test_errors():
         apply_capacity(ids, weights, 8, True)
     with pytest.raises(TypeError, match=r"capacity: expected an int"):
         apply_capacity(ids, weights, 8, 1.5)
-    with pytest.raises(ValueError, match=r"capacity: expected an int <= 2\*\*63 - 1"):
-        apply_capacity(ids, weights, 8, 2**63)
+    for capacity in (2**63, -(2**64)):
+        with pytest.raises(ValueError, match=r"capacity: expected an int in \[-2\*\*63, 2\*\*63 - 1\]"):
+            apply_capacity(ids, weights, 8, capacity)
 
 
 def test_ids_outside_range_pass_through_uncounted():

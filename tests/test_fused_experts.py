@@ -328,8 +328,11 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="alpha: expected a finite number, got nan"):
         fused_experts(**layer, activation="clamped_swiglu", alpha=math.nan)
     for limit in (math.nan, -1.0):
-        with pytest.raises(ValueError, match=f"limit: expected a finite number >= 0.0, got {limit}"):
+        with pytest.raises(ValueError, match=rf"limit: expected a number >= 0 \(inf: no clamp\), got {limit}"):
             fused_experts(**layer, activation="clamped_silu", limit=limit)
+    # An infinite limit clamps nothing (Step-3.7's layers without one): taken, and it is plain SiLU.
+    torch.testing.assert_close(fused_experts(**layer, activation="clamped_silu", limit=math.inf),
+                               fused_experts(**layer, activation="silu"))
 
 
 QUANTISED = ["int8", "fp8"]  # per output row

@@ -89,7 +89,7 @@ def _record(launches: list):
 
 # Compiles each launch of the JSON file argv[1] for sm90; with argv[2] == "registers", also assembles it with
 # ptxas -v and prints the bytes of registers it spills and the number of its int-to-float conversions (I2F, but
-# I2F.RP: the reciprocal of an integer division's divisor) in the machine code.
+# not I2F*.RP: the reciprocal of an integer division's divisor) in the machine code.
 _COMPILE = """
 import importlib, json, os, re, subprocess, sys, tempfile
 import triton
@@ -120,7 +120,7 @@ for launch in json.load(open(sys.argv[1])):
                                     text=True).stderr
             sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, check=True).stdout
         spilled = re.search(r"(\\d+) bytes spill stores", report)
-        conversions = len(re.findall(r"\\bI2F(?!\\.RP)", sass))
+        conversions = sum(not op.endswith(".RP") for op in re.findall(r"\\bI2F[.\\w]*", sass))
         print("spilled", spilled.group(1) if spilled else "unknown", conversions, json.dumps(launch["label"]))
 sys.exit(failed)
 """

@@ -160,6 +160,15 @@ def test_public_wrapper_checks_the_scalars():
         block_schedule(ids, 4, True)
 
 
+def test_compiles_with_dynamic_scalars():
+    """torch.compile(dynamic=True) makes the int arguments SymInts: the checks take them."""
+    compiled = torch.compile(lambda ids, e: block_schedule(ids, e, 16), dynamic=True, fullgraph=True)
+    for tokens in (5, 9):
+        ids = torch.randint(0, 4, (tokens, 2), dtype=torch.int32)
+        got, want = compiled(ids, 4), block_schedule(ids, 4, 16)
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+
+
 # ------------------------------------------------------------------------------------------------
 # Triton (GPU, or the interpreter on CPU)
 # ------------------------------------------------------------------------------------------------
