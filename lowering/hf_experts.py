@@ -491,9 +491,7 @@ def _report_fallback(self, runs: str, reason: str) -> None:
     """Log that the module ``self`` runs ``runs`` instead of fused_experts, and why; raise where its expert weights
     are moe_ops-quantised, which only fused_experts reads."""
     if getattr(self, QUANTISED_ATTRIBUTE, None) is not None:
-        raise RuntimeError(f"{type(self).__name__}: its expert weights are moe_ops-quantised "
-                           f"({getattr(self, QUANTISED_ATTRIBUTE)}), which only moe_ops.fused_experts reads, and "
-                           f"fused_experts cannot take this call: {reason}")
+        raise RuntimeError(_quantised_refusal(self, f"fused_experts cannot take this call: {reason}"))
     _report(type(self), f"runs {runs}, not moe_ops.fused_experts: {reason}", False, torch.compiler.is_compiling())
 
 
@@ -570,9 +568,12 @@ def _refuse_quantised(self, implementation: str) -> None:
     """Raise where the module's expert weights are moe_ops-quantised: ``implementation`` (transformers' own code)
     would multiply their packed values as if they were the weights."""
     if getattr(self, QUANTISED_ATTRIBUTE, None) is not None:
-        raise RuntimeError(f"{type(self).__name__}: its expert weights are moe_ops-quantised "
-                           f"({getattr(self, QUANTISED_ATTRIBUTE)}), which only the 'moe_ops' experts implementation "
-                           f"reads; the model's config asks for {implementation!r}")
+        raise RuntimeError(_quantised_refusal(self, f"the model's config asks for {implementation!r}"))
+
+
+def _quantised_refusal(self, why: str) -> str:
+    return (f"{type(self).__name__}: its expert weights are moe_ops-quantised ({getattr(self, QUANTISED_ATTRIBUTE)}), "
+            f"which only the 'moe_ops' experts implementation (moe_ops.fused_experts) reads; {why}")
 
 
 def eager_experts_forward(self, hidden_states, top_k_index, top_k_weights):

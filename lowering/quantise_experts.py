@@ -60,9 +60,9 @@ def quantise_experts(model: nn.Module, scheme: str = "int4", *, group_size: int 
             form = f"int4_g{group_size}" if scheme == "int4" else f"fp8_b{group_size}"
             try:
                 values, scale, zero = quantise_weight(weight_ENK, form)
-            except ValueError as error:  # its words name quantised.py's arguments
+            except ValueError as error:  # its words name quantised.py's argument (group_size, block): dropped
                 raise ValueError(f"group_size: {group_size} does not fit {type(module).__name__}.{name} "
-                                 f"(E, N, K) = {tuple(weight_ENK.shape)}: {error}") from None
+                                 f"(E, N, K) = {tuple(weight_ENK.shape)}: {str(error).split(': ', 1)[-1]}") from None
             stored.append((module, name, values, scale, zero))
     label = f"int4 in groups of {group_size}" if scheme == "int4" else f"fp8 in {group_size} x {group_size} tiles"
     for module, name, values, scale, zero in stored:

@@ -97,7 +97,6 @@ def block_schedule(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Bl
         :class:`BlockSchedule` of int32 tensors with static sizes S_MAX = ceil((S + min(E, S) *
         (block_m - 1)) / block_m) * block_m and B_MAX = S_MAX / block_m. Deterministic: no atomics.
     """
-    # The scalars are checked before the op too: its schema would turn num_experts=True into 1.
-    check_num_experts(num_experts)
-    check_int("block_m", block_m, minimum=1)
+    # Checked before the op too: its schema would turn num_experts=True into 1.
+    _check_schedule_args(topk_ids, num_experts, block_m)
     return BlockSchedule(*torch.ops.moe_ops.block_schedule(topk_ids, num_experts, block_m))

@@ -110,7 +110,8 @@ def test_another_experts_implementation_is_refused(implementation):
     block = moe_ops.quantise_experts(_block(), "int4", group_size=32)
     block.experts.config._experts_implementation = implementation  # what model.set_experts_implementation sets
     with pytest.raises(RuntimeError, match=rf"moe_ops-quantised \(int4 in groups of 32\), which only the 'moe_ops' "
-                                           rf"experts implementation reads; the model's config asks for "
+                                           rf"experts implementation \(moe_ops.fused_experts\) reads; the model's "
+                                           rf"config asks for "
                                            rf"'{implementation}'"):
         block(torch.randn(1, 5, H).to(torch.bfloat16))
 
@@ -133,12 +134,14 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match=r"model: its experts are quantised already \(int4 in groups of 32\)"):
         moe_ops.quantise_experts(moe_ops.quantise_experts(_block(), "int4", group_size=32))
     with pytest.raises(ValueError, match=r"group_size: 64 does not fit Qwen3MoeExperts.down_proj \(E, N, K\) = "
-                                         r"\(8, 64, 32\): block: expected"):
+                                         r"\(8, 64, 32\): expected at least 16, dividing N=64 and K=32"):
         moe_ops.quantise_experts(_block(), "fp8_blocks", group_size=64)
-    with pytest.raises(ValueError, match="group_size: expected a multiple of 16 dividing K=64"):
+    with pytest.raises(ValueError, match=r"group_size: 24 does not fit Qwen3MoeExperts.gate_up_proj \(E, N, K\) = "
+                                         r"\(8, 64, 64\): expected a multiple of 16 dividing K=64"):
         moe_ops.quantise_experts(_block(), "int4", group_size=24)
     # Groups of 64 divide the gate_up weights' 64 inputs, not down's 32: nothing is changed.
     block = _block()
-    with pytest.raises(ValueError, match="group_size: expected a multiple of 16 dividing K=32, got 64"):
+    with pytest.raises(ValueError, match=r"group_size: 64 does not fit Qwen3MoeExperts.down_proj .*: expected a "
+                                         r"multiple of 16 dividing K=32, got 64"):
         moe_ops.quantise_experts(block, "int4", group_size=64)
     assert block.experts.gate_up_proj.dtype == torch.bfloat16 and not hasattr(block.experts, "gate_up_proj_scale")

@@ -199,7 +199,7 @@ def _holds_exactly(g: Node, dtype: torch.dtype) -> bool:
     """Whether every value of the float32 ``g`` is one ``dtype`` holds: ``g`` clamps (by bounds ``dtype``
     holds) values upcast from ``dtype``. Then rounding ``g`` to ``dtype`` changes nothing, and Inductor may
     drop the rounding (torch 2.11 drops it after the clamp of GLM-5-Next's gate; torch 2.13 keeps it)."""
-    while any(is_call(g, clamp) for clamp in CLAMPS):
+    while is_call(g, CLAMPS):
         for bound in g.args[1:]:
             if bound is None:
                 continue

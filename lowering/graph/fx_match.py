@@ -8,6 +8,7 @@ import torch
 from torch.fx import Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from moe_ops._checks import INDEX_DTYPES
 from moe_ops._compat.dynamo import detect_fake_mode
 
 aten = torch.ops.aten
@@ -107,13 +108,18 @@ def is_float_scalar(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _uncast_ids(ids: Node) -> Node:
+    """``ids`` before a cast between index dtypes (value-preserving for indices)."""
+    if is_call(ids, prims.convert_element_type.default) and ids.args[1] in INDEX_DTYPES:
+        return ids.args[0]
+    return ids
+
+
 def top_k_scores(ids: Node) -> tuple[Node, int] | None:
     """``ids`` as the indices of a top-k (``aten.topk``, or ``moe_ops.route``, which selects over the
     last dim), possibly cast between int32 and int64 (value-preserving for indices): (the scores node,
     the dim selected over), or None. Such ids are in [0, scores.shape[dim]) and distinct along that dim."""
-    source = ids
-    if is_call(source, prims.convert_element_type.default) and source.args[1] in (torch.int32, torch.int64):
-        source = source.args[0]
+    source = _uncast_ids(ids)
     if not (is_call(source, operator.getitem) and source.args[1] == 1):
         return None
     producer = source.args[0]
@@ -163,8 +169,7 @@ def _masked_ids_bound(condition, filled, ids) -> int | None:
 def _max_scores(ids: Node) -> tuple[Node, int] | None:
     """``ids`` as the indices of a max or argmax over one dim (possibly cast between integer types):
     (the scores node, that dim), or None."""
-    if is_call(ids, prims.convert_element_type.default) and ids.args[1] in (torch.int32, torch.int64):
-        ids = ids.args[0]
+    ids = _uncast_ids(ids)
     if is_call(ids, operator.getitem) and ids.args[1] == 1 and is_call(ids.args[0], aten.max.dim):
         producer = ids.args[0]
     elif is_call(ids, aten.argmax.default) and arg(ids, 1, "dim", None) is not None:

@@ -53,9 +53,9 @@ import operator
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-import torch
 from torch.fx import Graph, Node
 
+from moe_ops._checks import INDEX_DTYPES
 from moe_ops.activations import CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT
 from moe_ops.fused_experts import check_fused_args
 from moe_ops.lowering.graph.experts_rewrite import ExpertsMatch, match_any_activation
@@ -77,7 +77,6 @@ _VIEWS = (
     aten.squeeze.dims, aten.squeeze.default, aten.unsqueeze.default, aten.permute.default,
     aten.transpose.int, aten.expand.default, aten.clone.default, aten.alias.default,
 )
-_INDEX_DTYPES = (torch.int32, torch.int64)
 _MAX_ACTIVATION_NODES = 64
 
 Desc = tuple[tuple[str, ...], ...]  # per dim: the named axes it holds, row-major
@@ -101,7 +100,7 @@ def _gather(node) -> tuple[Node, Node] | None:
     """``W[idx]`` (aten.index with one integer index tensor) -> (W, idx)."""
     if is_call(node, aten.index.Tensor) and len(node.args[1]) == 1:
         idx = node.args[1][0]
-        if isinstance(idx, Node) and val(idx).dtype in _INDEX_DTYPES:
+        if isinstance(idx, Node) and val(idx).dtype in INDEX_DTYPES:
             return node.args[0], idx
     return None
 
@@ -290,7 +289,7 @@ def _ids_chain(idx: Node) -> tuple[Node, list[Node], list[Node]]:
     """Walk back from a gather's index through views and clamps: (the ids, the chain, the clamps)."""
     chain, clamps = [], []
     node = idx
-    while _is_view(node) or any(is_call(node, c) for c in CLAMPS):
+    while _is_view(node) or is_call(node, CLAMPS):
         chain.append(node)
         if not _is_view(node):
             clamps.append(node)
@@ -497,7 +496,7 @@ def _find(root: Node) -> _Block:
         block.idx_chains[idx] = chain
         block.clamps |= set(clamps)
     ids_shape = val(block.ids).shape
-    if len(ids_shape) < 2 or val(block.ids).dtype not in _INDEX_DTYPES:
+    if len(ids_shape) < 2 or val(block.ids).dtype not in INDEX_DTYPES:
         raise Rejected(f"the gathers' ids {block.ids.name} are not a (..., K) integer tensor "
                        f"({tuple(ids_shape)}, {val(block.ids).dtype})")
     num_tokens, top_k = functools.reduce(operator.mul, ids_shape[:-1]), ids_shape[-1]
