@@ -19,10 +19,14 @@ from moe_ops.layout import BlockSchedule, padded_offsets, schedule_sizes
 from moe_ops.schedule_triton import block_schedule_triton
 
 
-def _check_schedule_args(topk_ids, num_experts: int, block_m: int) -> None:
-    check_tensor("topk_ids", topk_ids, ndim=2, dtypes=INDEX_DTYPES)
+def _check_schedule_scalars(num_experts: int, block_m: int) -> None:
     check_num_experts(num_experts)
     check_int("block_m", block_m, minimum=1)
+
+
+def _check_schedule_args(topk_ids, num_experts: int, block_m: int) -> None:
+    check_tensor("topk_ids", topk_ids, ndim=2, dtypes=INDEX_DTYPES)
+    _check_schedule_scalars(num_experts, block_m)
 
 
 def block_schedule_ref(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> BlockSchedule:
@@ -97,6 +101,7 @@ def block_schedule(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Bl
         :class:`BlockSchedule` of int32 tensors with static sizes S_MAX = ceil((S + min(E, S) *
         (block_m - 1)) / block_m) * block_m and B_MAX = S_MAX / block_m. Deterministic: no atomics.
     """
-    # Checked before the op too: its schema would turn num_experts=True into 1.
-    _check_schedule_args(topk_ids, num_experts, block_m)
+    # The scalars are checked before the op too: its schema would turn num_experts=True into 1. The op checks
+    # the tensor.
+    _check_schedule_scalars(num_experts, block_m)
     return BlockSchedule(*torch.ops.moe_ops.block_schedule(topk_ids, num_experts, block_m))

@@ -136,7 +136,7 @@ def ids_bound(ids: Node) -> int | None:
     scores (``aten.topk``, or ``moe_ops.route`` over E' logits), the indices of a max or argmax over E'
     scores, or views, a concatenation (PhiMoE's sparsemixer picks its experts with successive max()
     calls and concatenates their indices) or a masked_fill of such ids."""
-    while is_view_call(ids) or is_call(ids, aten.unsqueeze.default):
+    while is_call(ids, (*VIEWS, aten.unsqueeze.default)):
         ids = ids.args[0]  # views keep the values
     if is_call(ids, aten.cat.default):
         bounds = [ids_bound(part) for part in ids.args[0]]
