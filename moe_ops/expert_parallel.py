@@ -42,6 +42,7 @@ import torch.distributed as dist
 
 from moe_ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_number, check_tensor
 from moe_ops._compat.distributed import all_to_all_single, all_to_all_single_autograd
+from moe_ops._compat.tracing import check_value
 from moe_ops.fused_experts import fused_experts
 from moe_ops.layout import expert_order
 
@@ -211,11 +212,11 @@ def fused_experts_ep(
         # The one host synchronisation: the row counts size the exchange.
         send_splits = send_counts.tolist()
         recv_splits, local_counts = recv_meta.view(num_ranks, 2).T.tolist()
-        # torch._check_value: a ValueError, and an assertion dynamo can trace (its message only of constants).
+        # check_value: a ValueError, and an assertion dynamo can trace.
         message = (f"w_gate_up: every rank holds E / R experts (an id's rank is id // E_local); this rank holds "
                    f"{num_local}, another rank does not")
         for count in local_counts:
-            torch._check_value(count == num_local, lambda: message)
+            check_value(count == num_local, message)
         num_sent = sum(send_splits)
         sent = order[:num_sent]
         send_token, send_ids = token_S[sent], local_ids_S[sent]

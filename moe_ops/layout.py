@@ -12,6 +12,8 @@ from typing import NamedTuple
 
 import torch
 
+from moe_ops._compat.tracing import sym_min
+
 
 class BlockSchedule(NamedTuple):
     """Routing metadata consumed by :func:`moe_ops.expert_gemm`. All int32, all on the ids' device."""
@@ -45,7 +47,7 @@ def _cdiv(a, b):
     return (a + b - 1) // b
 
 
-def schedule_sizes(num_slots, num_experts: int, block_m: int, minimum=torch.sym_min, cdiv=_cdiv):
+def schedule_sizes(num_slots, num_experts: int, block_m: int, minimum=sym_min, cdiv=_cdiv):
     """(S_MAX, B_MAX): the worst case is every expert that can have a slot (at most min(E, S) of
     them) ending in a partial block. ``num_slots`` may be symbolic: a SymInt under torch.compile, or
     a sympy expression in a lowering, which passes sympy's ``Min`` and ``CeilDiv``."""

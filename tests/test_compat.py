@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch._inductor.config  # noqa: F401  (the Inductor areas are imported after it, as moe_ops does)
 
-AREAS = ["dispatch", "inductor_hooks", "inductor", "dynamo", "imports", "triton_interpreter", "distributed", "matmul"]
+AREAS = ["dispatch", "inductor_hooks", "inductor", "dynamo", "imports", "triton_interpreter", "distributed", "matmul",
+         "tracing"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -90,3 +91,26 @@ def test_grouped_mm_groups_along_the_inner_dimension(dtype):
     assert got.shape == (4, 8, 16) and got.dtype == dtype
     assert (got[1] == 0).all()
     torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
+def test_sym_min_and_check_value_trace_in_one_graph():
+    """Both compile without a graph break (torch 2.11 broke at torch.sym_min of two ints and at a message
+    function), sym_min gives the smaller value for ints and SymInts, and check_value fails eager with its
+    message and compiled with the graph's assertion."""
+    from moe_ops._compat.tracing import check_value, sym_min
+
+    def fn(x, limit: int):
+        check_value((x > 100).sum().item() == 0, "x: expected no value above 100")
+        return x[: sym_min(limit, 4)] * sym_min(x.shape[0], limit)
+
+    x = torch.arange(6.0)
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        for dynamic in (False, True):
+            torch._dynamo.reset()
+            compiled = torch.compile(fn, fullgraph=True, dynamic=dynamic)
+            torch.testing.assert_close(compiled(x, 3), x[:3] * 3)
+            torch.testing.assert_close(compiled(x[:2], 5), x[:2] * 2)
+            with pytest.raises(RuntimeError):
+                compiled(x + 200, 3)
+    with pytest.raises(ValueError, match="no value above 100"):
+        fn(x + 200, 3)

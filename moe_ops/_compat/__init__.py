@@ -5,6 +5,7 @@ internals, one module per area:
 - ``inductor_hooks``: Inductor's custom-pass hooks (light: imported while Inductor's config is);
 - ``inductor``: Inductor IR, lowerings, templates and autotuning, the graph being lowered;
 - ``dynamo``: dynamo's counters and the fake mode of a traced graph;
+- ``tracing``: calls whose traceable form differs between versions (``torch.sym_min``, ``torch._check_value``);
 - ``imports``: running set-up code when a module gets imported;
 - ``triton_interpreter``: Triton's interpreter;
 - ``matmul``: torch's grouped GEMM (``torch._grouped_mm``) and where it runs natively.
