@@ -103,15 +103,22 @@ def _is_grouped_experts(module: nn.Module) -> bool:
 
 
 def _quantised_weights(module: nn.Module) -> str | None:
-    """How the module's stacked weights are quantised (a torchao tensor, or values of one byte: moe_ops'
-    quantise_experts), or None."""
+    """How one of the module's stacked weights is stored quantised ("gate_up_proj: a Float8Tensor"), or None."""
     for name, parameter in module.named_parameters(recurse=False):
-        if parameter.dim() < 3:
-            continue
-        if type(parameter) is not nn.Parameter and not isinstance(parameter, DTensor):
-            return f"{name} is a {type(parameter).__name__}"
-        if parameter.dtype.itemsize == 1:
-            return f"{name} holds {parameter.dtype} values"
+        form = quantised_form(parameter) if parameter.dim() >= 3 else None
+        if form is not None:
+            return f"{name}: {form}"
+    return None
+
+
+def quantised_form(weight: torch.Tensor) -> str | None:
+    """How an expert weight is stored quantised: a tensor subclass (torchao's), or values that are no float of
+    two bytes or more (int8, fp8, moe_ops' packed int4: meaningless without their scales); None for plain
+    float values (sharded or not)."""
+    if type(weight) not in (nn.Parameter, torch.Tensor) and not isinstance(weight, DTensor):
+        return f"a {type(weight).__name__}"
+    if weight.dtype.itemsize == 1 or not weight.dtype.is_floating_point:
+        return f"{weight.dtype} values"
     return None
 
 

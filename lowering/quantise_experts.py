@@ -18,8 +18,7 @@ from torch import nn
 
 from moe_ops._checks import check_choice, check_int
 from moe_ops.lowering.hf_experts import QUANTISED_ATTRIBUTE
-from moe_ops.lowering.parallelize import is_transformers_experts
-from moe_ops.lowering.torchao_experts import torchao_tensor_class
+from moe_ops.lowering.parallelize import is_transformers_experts, quantised_form
 from moe_ops.quantised import quantise_weight
 
 SCHEMES = ("int4", "fp8_blocks")
@@ -46,11 +45,10 @@ def quantise_experts(model: nn.Module, scheme: str = "int4", *, group_size: int 
             raise ValueError(f"scheme: 'fp8_blocks' tiles would mix the interleaved gate and up rows of "
                              f"{type(module).__name__}; 'int4' scales each row's groups")
         for name in _weight_names(module):
-            weight = getattr(module, name)
-            if torchao_tensor_class(type(weight)) is not None or not weight.dtype.is_floating_point:
-                raise ValueError(f"model: {type(module).__name__}.{name} is quantised already ("
-                                 f"{type(weight).__name__} of {weight.dtype}); quantise_experts takes float "
-                                 "expert weights")
+            form = quantised_form(getattr(module, name))
+            if form is not None:
+                raise ValueError(f"model: {type(module).__name__}.{name} is quantised already ({form}); "
+                                 "quantise_experts takes float expert weights")
     # Every weight quantised before any is replaced: a weight that cannot be leaves the model as it was.
     stored = []
     for module in modules:

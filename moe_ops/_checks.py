@@ -80,12 +80,6 @@ def check_number(name: str, value, *, minimum: float | None = None) -> None:
         raise ValueError(f"{name}: expected a finite number{bound}, got {value}")
 
 
-def check_num_experts(num_experts) -> None:
-    # A SymInt under torch.compile(dynamic=True), where a Python int argument becomes one.
-    if isinstance(num_experts, bool) or not isinstance(num_experts, (int, torch.SymInt)) or num_experts < 1:
-        raise ValueError(f"num_experts: expected a positive int, got {num_experts!r}")
-
-
 def check_choice(name: str, value, choices: Sequence) -> None:
     if value not in choices:
         raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")

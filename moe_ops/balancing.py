@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_num_experts, check_number, check_tensor
+from moe_ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_int, check_number, check_tensor
 
 
 def expert_counts(
@@ -31,7 +31,7 @@ def expert_counts(
     so summed in any order alike (deterministic). ``token_weight`` (T,) float, integer or bool: each token's
     slots count that much (a padding mask, as transformers' int64 attention mask)."""
     check_tensor("topk_ids", topk_ids, ndim=2, dtypes=INDEX_DTYPES)
-    check_num_experts(num_experts)
+    check_int("num_experts", num_experts, minimum=1)
     ids_TK = topk_ids.long()
     valid_TK = (ids_TK >= 0) & (ids_TK < num_experts)
     dtype = torch.float32

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_num_experts, check_tensor
+from moe_ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_int, check_tensor
 from moe_ops.capacity_triton import apply_capacity_triton
 from moe_ops.layout import apply_capacity_torch, ids_as_int32
 
@@ -31,7 +31,7 @@ INT64_MIN, INT64_MAX = torch.iinfo(torch.int64).min, torch.iinfo(torch.int64).ma
 
 
 def _check_capacity_scalars(num_experts: int, capacity: int, policy: str) -> None:
-    check_num_experts(num_experts)
+    check_int("num_experts", num_experts, minimum=1)
     # A SymInt under torch.compile with a dynamic token count (a capacity computed from T).
     if isinstance(capacity, bool) or not isinstance(capacity, (int, torch.SymInt)):
         raise TypeError(f"capacity: expected an int (< 0 for dropless), got {capacity!r}")

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import torch
 
-from moe_ops._checks import INDEX_DTYPES, check_int, check_num_experts, check_tensor
+from moe_ops._checks import INDEX_DTYPES, check_int, check_tensor
 from moe_ops.layout import BlockSchedule, padded_offsets, schedule_sizes
 from moe_ops.schedule_triton import block_schedule_triton
 
 
 def _check_schedule_scalars(num_experts: int, block_m: int) -> None:
-    check_num_experts(num_experts)
+    check_int("num_experts", num_experts, minimum=1)
     check_int("block_m", block_m, minimum=1)
 
 

@@ -63,7 +63,7 @@ def test_errors_name_the_argument():
         moe_ops.update_expert_bias(torch.zeros(E), torch.zeros(E - 1), 1e-3)
     with pytest.raises(ValueError, match=r"coeff: expected a finite number >= 0"):
         moe_ops.update_expert_bias(torch.zeros(E), torch.zeros(E), -1.0)
-    with pytest.raises(ValueError, match=r"num_experts: expected a positive int"):
+    with pytest.raises(ValueError, match=r"num_experts: expected an int >= 1, got 0"):
         moe_ops.expert_counts(torch.zeros(2, 2, dtype=torch.int32), 0)
     with pytest.raises(ValueError, match=r"token_weight: expected shape \(2\), got \(2, 2\)"):
         moe_ops.expert_counts(torch.zeros(2, 2, dtype=torch.int32), E, token_weight=torch.ones(2, 2))

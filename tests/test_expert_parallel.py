@@ -483,7 +483,7 @@ def test_parallelize_experts_refuses_what_it_cannot_shard():
     quantised = _hf_block().to(torch.bfloat16)
     torchao.quantize_(quantised, moe_ops.experts_quantization_config(torchao.Float8WeightOnlyConfig()),
                       filter_fn=None)
-    with pytest.raises(ValueError, match=r"Qwen3MoeExperts's expert weights are quantised \(gate_up_proj is a "
+    with pytest.raises(ValueError, match=r"Qwen3MoeExperts's expert weights are quantised \(gate_up_proj: a "
                                          r"Float8Tensor\), and quantised experts do not run sharded"):
         moe_ops.parallelize_experts(quantised, _TwoRankMesh())
     assert not isinstance(quantised.experts.gate_up_proj.data, torch.distributed.tensor.DTensor)

@@ -133,6 +133,13 @@ def test_errors_name_the_argument():
         moe_ops.quantise_experts(torch.nn.Linear(4, 4))
     with pytest.raises(ValueError, match=r"model: its experts are quantised already \(int4 in groups of 32\)"):
         moe_ops.quantise_experts(moe_ops.quantise_experts(_block(), "int4", group_size=32))
+    # Values of one byte (a checkpoint's fp8 weights, whose scales live elsewhere) are no float weights either.
+    fp8_block = _block()
+    fp8_block.experts.down_proj.data = fp8_block.experts.down_proj.data.to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match=r"model: Qwen3MoeExperts.down_proj is quantised already "
+                                         r"\(torch.float8_e4m3fn values\); quantise_experts takes float"):
+        moe_ops.quantise_experts(fp8_block)
+    assert not hasattr(fp8_block.experts, "gate_up_proj_scale")  # nothing changed
     with pytest.raises(ValueError, match=r"group_size: 64 does not fit Qwen3MoeExperts.down_proj \(E, N, K\) = "
                                          r"\(8, 64, 32\): expected at least 16, dividing N=64 and K=32"):
         moe_ops.quantise_experts(_block(), "fp8_blocks", group_size=64)

@@ -154,8 +154,10 @@ def test_reference_errors():
 def test_public_wrapper_checks_the_scalars():
     """Before the op, whose schema would take num_experts=True as 1 and truncate nothing."""
     ids = torch.zeros((4, 2), dtype=torch.int32)
-    with pytest.raises(ValueError, match=r"num_experts: expected a positive int, got True"):
+    with pytest.raises(TypeError, match=r"num_experts: expected an int, got True"):
         block_schedule(ids, True, 16)
+    with pytest.raises(ValueError, match=r"num_experts: expected an int >= 1, got 0"):
+        block_schedule(ids, 0, 16)
     with pytest.raises(TypeError, match=r"block_m: expected an int, got True"):
         block_schedule(ids, 4, True)
 
