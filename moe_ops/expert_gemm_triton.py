@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from moe_ops._compat.dispatch import fp32_matmul_allows_tf32
-from moe_ops._compat.triton_interpreter import fix_interpreter_bf16_dot
+from moe_ops._compat.triton_interpreter import fix_interpreter_bf16
 from moe_ops.activations import ACTIVATION_CODE, CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT
 from moe_ops.layout import PackedSchedule, PaddedSchedule
 from moe_ops.tiles import (
@@ -27,7 +27,7 @@ from moe_ops.tiles import (
 )
 
 # bf16 dots under TRITON_INTERPRET=1 are wrong in Triton 3.6 without it (every kernel that dots imports this).
-fix_interpreter_bf16_dot()
+fix_interpreter_bf16()
 
 # The activations' codes, from their one table (moe_ops.activations).
 NONE: tl.constexpr = tl.constexpr(ACTIVATION_CODE["none"])
@@ -47,6 +47,12 @@ JOINED_INT4_MIN_K: tl.constexpr = tl.constexpr(32)
 # 2^23 as fp32 and its bits (int4_as_float32).
 MAGIC: tl.constexpr = tl.constexpr(8388608.0)
 MAGIC_BITS: tl.constexpr = tl.constexpr(0x4B000000)
+# The powers of two whose unit in the last place is 1 in bf16 (2^7) and fp16 (2^10), and their bits
+# (scaled_group_product: an int4 value ORed into them).
+BF16_UNIT_BIAS: tl.constexpr = tl.constexpr(128.0)
+BF16_UNIT_BITS: tl.constexpr = tl.constexpr(0x4300)
+FP16_UNIT_BIAS: tl.constexpr = tl.constexpr(1024.0)
+FP16_UNIT_BITS: tl.constexpr = tl.constexpr(0x6400)
 
 
 @triton.jit
@@ -132,7 +138,7 @@ def expert_gemm_tile(
         w_scales         quantised weights (moe_ops.quantised): (scale_ptr, stride_e, stride_n, stride_g) of w,
                          of w_up, then the same of the zero points of w and of w_up; read where W_SCALED
                          (per-row scales applied to the accumulated columns, tile_output) or W_GROUP_SIZE
-                         (the weight tiles dequantised in registers, k_step)
+                         (each K step's product scaled, or its weight tile dequantised in registers: k_step)
 
     ``PACKED``: the schedule has no padding (``block_schedule(..., block_m=1)``: each expert's slots
     follow the previous expert's) and gives each expert's ``expert_offsets`` (E + 1,).
@@ -153,9 +159,10 @@ def expert_gemm_tile(
     Quantised weights (moe_ops.quantised): ``W_SCALED``, int8 / fp8 values with per-row scales and no zero
     points, dots the values and scales the accumulated columns; else ``W_GROUP_SIZE`` (the reduction features
     per scale: K for per-row scales; ``W_SCALE_ROWS`` output features per scale: 1 but for block scales)
-    dequantises each weight tile before its dot, ``W_INT4`` unpacking two values per byte and ``W_ZERO_POINT``
-    subtracting the zero points. A holding fp8 values with fp32 scales (``a_scales``: (pointer, row stride,
-    group stride)): ``A_SCALED``, one per row, applied to the accumulated rows (w8a8 with W_SCALED: fp8
+    scales each K step's product (decode tiles) or dequantises each weight tile before its dot (k_step),
+    ``W_INT4`` unpacking two values per byte and ``W_ZERO_POINT`` subtracting the zero points. A holding fp8
+    values with fp32 scales (``a_scales``: (pointer, row stride, group stride)): ``A_SCALED``, one per row,
+    applied to the accumulated rows (w8a8 with W_SCALED: fp8
     dots, both scales in the epilogue); ``A_GROUPED``, one per row and group of W_GROUP_SIZE inputs, the
     weights' groups (fp8 weights with block scales): each K step's fp8 dot scaled by both groups' scales
     before it is accumulated. ``W_LEFT`` (weights converted in registers: k_step) accumulates the transposed
@@ -428,15 +435,64 @@ def dot_step(a, w, acc, INPUT_PRECISION: tl.constexpr, W_LEFT: tl.constexpr):
 
 
 @triton.jit
+def scaled_group_product(ptrs, k_left, col_valid, a, a_halves, acc, scale_ptrs, zero_ptrs, BLOCK_K: tl.constexpr,
+                         W_INT4: tl.constexpr, W_ZERO_POINT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                         W_LEFT: tl.constexpr):
+    """acc + the step's product of A and one group's weights, scaled after the dot: ``scale * (A @ (values -
+    zero))`` per output feature, for a 16-bit A (the scales touch the (BLOCK_N, BLOCK_M) product, not the
+    (BLOCK_N, BLOCK_K) weights, which is less work where BLOCK_M < BLOCK_K: decode). int4 values become A's
+    dtype with no conversion: a nibble ORed into the bits of 2^7 in bf16 or 2^10 in fp16 (whose last place is
+    1) is that power + the nibble; the zero point comes off in A's dtype, two values an instruction: its
+    nearest whole number plus the power, exactly (whole numbers below 256 apart), then its fraction (0 for
+    quantise_groups' zero points, which leaves the values as they are; else rounded once, as a dequantised
+    weight would be). The low nibbles (even k) and the high ones (odd k) each dot with ``a_halves``, A's
+    matching columns: the unpacked values are never interleaved."""
+    scale = tl.load(scale_ptrs, mask=col_valid, other=0.0)
+    part = tl.zeros(acc.shape, dtype=tl.float32)
+    if W_INT4:
+        tl.static_assert(W_LEFT, "int4 weights are unpacked along their rows")
+        if a.dtype == tl.bfloat16:
+            bias, bias_bits = BF16_UNIT_BIAS, BF16_UNIT_BITS
+        else:
+            bias, bias_bits = FP16_UNIT_BIAS, FP16_UNIT_BITS
+        k_valid = tl.arange(0, BLOCK_K // 2) < k_left // 2  # K is even: whole bytes
+        packed = tl.load(ptrs, mask=col_valid[:, None] & k_valid[None, :], other=0)
+        # (The OR with a constexpr widens to int32: back to 16 bits before the bitcast.)
+        low = ((packed & 0xF).to(tl.int16) | bias_bits).to(tl.int16).to(a.dtype, bitcast=True)
+        high = ((packed >> 4).to(tl.int16) | bias_bits).to(tl.int16).to(a.dtype, bitcast=True)
+        if W_ZERO_POINT:
+            zero = tl.load(zero_ptrs, mask=col_valid, other=0.0)
+            whole = (zero + bias).to(a.dtype)
+            fraction = (zero - (whole.to(tl.float32) - bias)).to(a.dtype)[:, None]
+            low, high = low - whole[:, None] - fraction, high - whole[:, None] - fraction
+        else:
+            low, high = low - bias, high - bias
+        a_even, a_odd = a_halves
+        part = tl.dot(low, a_even.T, part, input_precision=INPUT_PRECISION)
+        part = tl.dot(high, a_odd.T, part, input_precision=INPUT_PRECISION)
+    else:
+        k_valid = tl.arange(0, BLOCK_K) < k_left
+        mask = col_valid[:, None] & k_valid[None, :] if W_LEFT else k_valid[:, None] & col_valid[None, :]
+        w = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        if W_ZERO_POINT:
+            zero = tl.load(zero_ptrs, mask=col_valid, other=0.0)
+            w -= zero[:, None] if W_LEFT else zero[None, :]
+        part = dot_step(a, w.to(a.dtype), part, INPUT_PRECISION, W_LEFT)
+    return acc + part * (scale[:, None] if W_LEFT else scale[None, :])
+
+
+@triton.jit
 def k_step(a, acc, acc_up, w_ptrs, u_ptrs, k_left, col_valid, stride_wk, stride_uk, GATED: tl.constexpr,
            INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, W_GROUP_SIZE: tl.constexpr = 0,
            W_INT4: tl.constexpr = False, W_ZERO_POINT: tl.constexpr = False, groups=None, k0=0,
            A_GROUPED: tl.constexpr = False, a_groups=None, W_LEFT: tl.constexpr = False):
     """One K step of a pointer-load tile, given its A tile (loaded by the caller: the eager kernel loads it,
     the Inductor template through load_input, where a fused prologue computes it): both GEMMs' dots, and
-    the weight pointers moved on. Weights dequantised in registers (W_GROUP_SIZE, ``groups`` from
+    the weight pointers moved on. Weights quantised in groups (W_GROUP_SIZE, ``groups`` from
     weight_group_ptrs) read the scales of the group holding ``k0``, the step's first reduction feature: a
-    step never straddles two groups (BLOCK_K divides W_GROUP_SIZE, or W_GROUP_SIZE is K: one group).
+    step never straddles two groups (BLOCK_K divides W_GROUP_SIZE, or W_GROUP_SIZE is K: one group). With a
+    16-bit A and fewer rows than the step's depth (decode), the scales multiply the step's product
+    (scaled_group_product); else each weight tile is dequantised in registers before its dot (weight_tile).
     A_GROUPED (``a_groups`` from input_group_ptrs): fp8 A and W dotted as stored, the product scaled by the
     group's input-row and weight-column scales. W_LEFT: transposed weight tiles and accumulators (dot_step)."""
     if W_GROUP_SIZE > 0:
@@ -446,23 +502,36 @@ def k_step(a, acc, acc_up, w_ptrs, u_ptrs, k_left, col_valid, stride_wk, stride_
         up_scale_ptrs, up_zero_ptrs = us_ptrs + group * us_g, uz_ptrs + group * uz_g
     else:
         scale_ptrs, zero_ptrs, up_scale_ptrs, up_zero_ptrs = w_ptrs, w_ptrs, u_ptrs, u_ptrs  # unread
-    w = weight_tile(w_ptrs, k_left, col_valid, a, BLOCK_K, W_GROUP_SIZE, W_INT4, W_ZERO_POINT, scale_ptrs,
-                    zero_ptrs, A_GROUPED, W_LEFT)
-    if A_GROUPED:
-        a_s_ptrs, a_s_g, row_valid = a_groups
-        a_s = tl.load(a_s_ptrs + group * a_s_g, mask=row_valid, other=0.0)[:, None]
-        if BLOCK_K < FP8_DOT_MIN_K:  # groups of 16: bf16 dots, which hold every fp8 e4m3 value exactly
-            a = a.to(tl.bfloat16)
-        acc += tl.dot(a, w.to(a.dtype)) * (a_s * tl.load(scale_ptrs, mask=col_valid, other=0.0)[None, :])
+    # Scales after the dot (scaled_group_product) where the product tile is the smaller one and A has 16 bits
+    # (int4's halves dot 16 deep at least).
+    SCALES_AFTER_DOT: tl.constexpr = (W_GROUP_SIZE > 0 and not A_GROUPED and a.shape[0] < BLOCK_K
+                                      and (a.dtype == tl.bfloat16 or a.dtype == tl.float16)
+                                      and (BLOCK_K >= JOINED_INT4_MIN_K or not W_INT4))
+    if SCALES_AFTER_DOT:
+        a_halves = tl.split(a.reshape(a.shape[0], BLOCK_K // 2, 2)) if W_INT4 else a
+        acc = scaled_group_product(w_ptrs, k_left, col_valid, a, a_halves, acc, scale_ptrs, zero_ptrs, BLOCK_K,
+                                   W_INT4, W_ZERO_POINT, INPUT_PRECISION, W_LEFT)
+        if GATED:
+            acc_up = scaled_group_product(u_ptrs, k_left, col_valid, a, a_halves, acc_up, up_scale_ptrs,
+                                          up_zero_ptrs, BLOCK_K, W_INT4, W_ZERO_POINT, INPUT_PRECISION, W_LEFT)
     else:
-        acc = dot_step(a, w, acc, INPUT_PRECISION, W_LEFT)
-    if GATED:
-        u = weight_tile(u_ptrs, k_left, col_valid, a, BLOCK_K, W_GROUP_SIZE, W_INT4, W_ZERO_POINT, up_scale_ptrs,
-                        up_zero_ptrs, A_GROUPED, W_LEFT)
+        w = weight_tile(w_ptrs, k_left, col_valid, a, BLOCK_K, W_GROUP_SIZE, W_INT4, W_ZERO_POINT, scale_ptrs,
+                        zero_ptrs, A_GROUPED, W_LEFT)
         if A_GROUPED:
-            acc_up += tl.dot(a, u.to(a.dtype)) * (a_s * tl.load(up_scale_ptrs, mask=col_valid, other=0.0)[None, :])
+            a_s_ptrs, a_s_g, row_valid = a_groups
+            a_s = tl.load(a_s_ptrs + group * a_s_g, mask=row_valid, other=0.0)[:, None]
+            if BLOCK_K < FP8_DOT_MIN_K:  # groups of 16: bf16 dots, which hold every fp8 e4m3 value exactly
+                a = a.to(tl.bfloat16)
+            acc += tl.dot(a, w.to(a.dtype)) * (a_s * tl.load(scale_ptrs, mask=col_valid, other=0.0)[None, :])
         else:
-            acc_up = dot_step(a, u, acc_up, INPUT_PRECISION, W_LEFT)
+            acc = dot_step(a, w, acc, INPUT_PRECISION, W_LEFT)
+        if GATED:
+            u = weight_tile(u_ptrs, k_left, col_valid, a, BLOCK_K, W_GROUP_SIZE, W_INT4, W_ZERO_POINT, up_scale_ptrs,
+                            up_zero_ptrs, A_GROUPED, W_LEFT)
+            if A_GROUPED:
+                acc_up += tl.dot(a, u.to(a.dtype)) * (a_s * tl.load(up_scale_ptrs, mask=col_valid, other=0.0)[None, :])
+            else:
+                acc_up = dot_step(a, u, acc_up, INPUT_PRECISION, W_LEFT)
     steps = BLOCK_K // 2 if W_INT4 else BLOCK_K  # stored columns per step
     return acc, acc_up, w_ptrs + steps * stride_wk, u_ptrs + steps * stride_uk
 

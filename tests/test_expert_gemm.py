@@ -140,12 +140,15 @@ GROUPED = [
 @pytest.mark.parametrize("bits,group,D", GROUPED)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
-def test_group_quantised_weights_match_the_reference(bits, group, D, dtype, gated):
+@pytest.mark.parametrize("block_m", [16, 64], ids=["decode", "prefill"])
+def test_group_quantised_weights_match_the_reference(bits, group, D, dtype, gated, block_m):
     """Scales per group of reduction features (int8 symmetric; int4 asymmetric with zero points, packed two
-    per byte): the kernel dequantises each weight tile in registers and gives the reference's result, the
-    GEMM of the dequantised weights; the quantised GEMM stays within the scheme's error (SQNR)."""
+    per byte): the kernel gives the reference's result, the GEMM of the dequantised weights, whether it scales
+    each step's product (decode blocks: fewer rows than the step's depth) or dequantises each weight tile in
+    registers (prefill blocks, fp32); the quantised GEMM stays within the scheme's error (SQNR)."""
     T, K, E, N = 13, 2, 4, 24
-    args = _problem(T, K, E, N, D, dtype, TRITON_DEVICE, gated=gated, bias=True, slot_weights=True)
+    args = _problem(T, K, E, N, D, dtype, TRITON_DEVICE, gated=gated, bias=True, slot_weights=True,
+                    block_m=block_m)
     exact = dict(args)
     args["w"], args["w_scale"], args["w_zero"] = quantise_groups(exact["w"], group, bits=bits)
     if gated:
@@ -160,6 +163,37 @@ def test_group_quantised_weights_match_the_reference(bits, group, D, dtype, gate
     _, unquantised = _run_both(exact, gather_top_k=K, activation=activation)
     floor = 18.0 if bits == 4 else 35.0  # int4 ~21-23 dB here, int8 ~45 dB
     assert sqnr_db(unquantised, got) >= floor
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int4_zero_points_that_are_no_whole_numbers(dtype):
+    """Decode blocks take an int4 zero point off the values in A's dtype, its whole part exactly, then its
+    fraction: zero points with fractions (no quantise_groups output has them, a user's may) give the
+    reference's result too."""
+    T, K, E, N, D = 9, 2, 4, 24, 64
+    args = _problem(T, K, E, N, D, dtype, TRITON_DEVICE, gated=True, bias=False, slot_weights=True)
+    exact = dict(args)
+    for name in ("w", "w_up"):
+        values, scale, zero = quantise_groups(exact[name], 32, bits=4)
+        fraction = torch.rand(zero.shape, generator=torch.Generator().manual_seed(3)).to(zero.device)
+        args[name], args[f"{name}_scale"], args[f"{name}_zero"] = values, scale, zero + fraction - 0.5
+    got, want = _run_both(args, gather_top_k=K, activation="silu")
+    assert_close_rel(got, want, dtype, "zero points with fractions")
+
+
+def test_group_quantised_weights_keep_the_infinities_of_the_input():
+    """An infinite input feature: the decode tile's result is infinite (or NaN) exactly where the reference's
+    is, with int4 zero points whole or not."""
+    T, K, E, N, D = 6, 2, 4, 16, 64
+    args = _problem(T, K, E, N, D, torch.bfloat16, TRITON_DEVICE, gated=False, bias=False, slot_weights=False)
+    args["a"][2, 5] = float("inf")
+    values, scale, zero = quantise_groups(args["w"], 32, bits=4)
+    for zero_points in (zero, zero + 0.25):
+        got, want = _run_both(dict(args, w=values, w_scale=scale, w_zero=zero_points), gather_top_k=K)
+        assert not torch.isfinite(want).all()
+        assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isinf(got), torch.isinf(want))
+        finite = torch.isfinite(want)
+        assert_close_rel(got[finite], want[finite], torch.bfloat16, "finite entries")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -498,9 +532,9 @@ def test_cuda_deterministic():
         assert torch.equal(first, again)
 
 
-def test_interpreter_bf16_dot_is_right_without_test_setup():
+def test_interpreter_bf16_is_right_without_test_setup():
     """A user's own process with TRITON_INTERPRET=1 (nothing from conftest): bf16 kernels still match
-    the reference, because importing the kernels fixes the interpreter's bf16 dot."""
+    the reference, because importing the kernels fixes the interpreter's bf16 dot and arithmetic."""
     import os
     import subprocess
     import sys
