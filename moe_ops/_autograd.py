@@ -46,6 +46,21 @@ def _differentiable(value) -> bool:
     return value is not None and value.dtype in _DIFFERENTIABLE_DTYPES
 
 
+def save_inputs(ctx, inputs: Sequence, *more_tensors: torch.Tensor) -> None:
+    """Keep a forward's arguments for its backward: the tensors (then ``more_tensors``) through
+    ``save_for_backward``, whose version check refuses a backward after one of them was changed in place (as
+    torch's own ops do: the gradients would be those of the changed values), the other arguments as they are."""
+    ctx.input_slots = [None if isinstance(value, torch.Tensor) else (value,) for value in inputs]
+    ctx.save_for_backward(*(value for value in inputs if isinstance(value, torch.Tensor)), *more_tensors)
+
+
+def saved_inputs(ctx) -> tuple[list, tuple]:
+    """(the forward's arguments, the ``more_tensors`` saved after them) as ``save_inputs`` kept them."""
+    tensors = iter(ctx.saved_tensors)
+    inputs = [next(tensors) if slot is None else slot[0] for slot in ctx.input_slots]
+    return inputs, tuple(tensors)
+
+
 def register_reference_autograd(op, reference: Callable, differentiable: Sequence[str]):
     """Make ``op`` differentiable in the arguments named by ``differentiable``; returns the backward op.
 
@@ -112,7 +127,7 @@ def register_reference_autograd(op, reference: Callable, differentiable: Sequenc
     def setup_context(ctx, inputs, output):
         # A call may leave trailing arguments with defaults out; the backward op takes every one.
         ctx.num_inputs = len(inputs)
-        ctx.fwd_inputs = (*inputs, *(argument.default_value for argument in schema.arguments[len(inputs):]))
+        save_inputs(ctx, (*inputs, *(argument.default_value for argument in schema.arguments[len(inputs):])))
         outputs = output if isinstance(output, tuple) else (output,)
         ctx.output_meta = [(o.shape, o.dtype, o.device) for o in outputs]
 
@@ -122,10 +137,11 @@ def register_reference_autograd(op, reference: Callable, differentiable: Sequenc
                                      if dtype.is_floating_point else torch.empty(0, device=device))
             for g, (shape, dtype, device) in zip(grads, ctx.output_meta, strict=True)
         ]
-        input_grads = backward_op(*ctx.fwd_inputs, filled)
+        fwd_inputs, _ = saved_inputs(ctx)
+        input_grads = backward_op(*fwd_inputs, filled)
         result: list = [None] * len(names)
         for i, g in zip(wrt, input_grads, strict=True):
-            if ctx.fwd_inputs[i] is not None and ctx.needs_input_grad[i]:
+            if fwd_inputs[i] is not None and ctx.needs_input_grad[i]:
                 result[i] = g
         return tuple(result[:ctx.num_inputs])
 

@@ -15,7 +15,7 @@ import functools
 
 import torch
 
-from moe_ops._autograd import register_reference_autograd
+from moe_ops._autograd import register_reference_autograd, save_inputs, saved_inputs
 from moe_ops._checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -561,10 +561,9 @@ def _(*args):
 
 
 def _training_setup_context(ctx, inputs, output):
-    ctx.forward_args = inputs
-    # Saved as tensors (version-checked): the backward overwrites the pre-activations, so a second backward
-    # is refused.
-    ctx.save_for_backward(*output[2:])
+    # The kept pre-activations saved as tensors too (version-checked): the backward overwrites them, so a
+    # second backward is refused.
+    save_inputs(ctx, inputs, *output[2:])
     ctx.output_meta = [(o.shape, o.dtype, o.device) for o in output[:2]]
 
 
@@ -572,16 +571,16 @@ def _training_backward(ctx, grad_out, grad_num_dropped, *_grads_of_kept):
     (shape, dtype, device), _ = ctx.output_meta
     grad_out = torch.zeros(shape, dtype=dtype, device=device) if grad_out is None else grad_out
     grads = [grad_out, grad_out.new_empty(0)]  # num_dropped takes no gradient
-    kept, kept_up, sorted_slots, expert_offsets = ctx.saved_tensors
+    forward_args, (kept, kept_up, sorted_slots, expert_offsets) = saved_inputs(ctx)
     if kept.dim() == 2:
         input_grads = torch.ops.moe_ops.fused_experts_training_backward(
-            *ctx.forward_args, kept, kept_up, sorted_slots, expert_offsets, grads)
+            *forward_args, kept, kept_up, sorted_slots, expert_offsets, grads)
     else:
         # The training variant takes no quantised weights.
-        input_grads = torch.ops.moe_ops.fused_experts_backward(*ctx.forward_args, *NOT_QUANTISED, grads)
-    result: list = [None] * len(ctx.forward_args)
+        input_grads = torch.ops.moe_ops.fused_experts_backward(*forward_args, *NOT_QUANTISED, grads)
+    result: list = [None] * len(forward_args)
     for i, grad in zip((0, 1, 3, 4, 5, 6, 7, 8), input_grads, strict=True):
-        if ctx.forward_args[i] is not None and ctx.needs_input_grad[i]:
+        if forward_args[i] is not None and ctx.needs_input_grad[i]:
             result[i] = grad
     return tuple(result)
 

@@ -230,6 +230,20 @@ def test_zero_points_of_per_row_scales_and_a_scattered_output():
     assert_close_rel(want, want_dequantised.to(torch.bfloat16), torch.bfloat16, "dequantised")
 
 
+def test_a_backward_after_an_input_changed_in_place_is_refused():
+    """The weights changed in place between forward and backward: refused (the gradients would be those of the
+    changed values)."""
+    T, K, E, N, D = 9, 2, 4, 16, 24
+    args = _problem(T, K, E, N, D, torch.float32, "cpu", gated=False, bias=False, slot_weights=False)
+    schedule = block_schedule_ref(torch.rand(T, E).argsort(-1)[:, :K], E, 16)
+    w = args["w"].clone().requires_grad_(True)
+    out = expert_gemm(args["a"], w, schedule, num_slots=T * K, block_m=16, gather_top_k=K)
+    with torch.no_grad():
+        w.mul_(3.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
 def test_quantised_weights_are_frozen_and_give_the_input_its_gradient():
     """A quantised weight is a constant of the graph (it gets no gradient, and asking for none is no error);
     the input's gradient is the one of the dequantised weights."""

@@ -307,6 +307,26 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(training_variant, leaves)
 
 
+def test_a_backward_after_an_input_changed_in_place_is_refused():
+    """A weight or input changed in place between forward and backward (an optimizer step, a residual add
+    into x) makes the gradients those of other values: refused, as torch's own ops refuse it."""
+    layer = _layer(5, 2, 4, 6, 4, torch.float32, "cpu")
+    for name in ("x", "w_down"):
+        leaf = layer[name].clone().requires_grad_(True)
+        inputs = dict(layer, **{name: leaf * 1.0})  # a non-leaf may be changed in place
+        out = fused_experts(**inputs)
+        with torch.no_grad():
+            inputs[name].mul_(2.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
+    args = _args(dict(layer, w_gate_up=layer["w_gate_up"].clone().requires_grad_(True)))
+    out = torch.ops.moe_ops.fused_experts_training(*args)[0]  # what training graphs call, eager
+    with torch.no_grad():
+        args[3].add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
 def test_errors_name_the_argument():
     layer = _layer(4, 2, 4, 16, 8, torch.float32, "cpu")
     with pytest.raises(ValueError, match=r"w_gate_up: expected shape \(E, 2F, H=32\)"):
