@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import torch
 
+from moe_ops._checks import check_int, check_number
 from moe_ops._compat.tracing import sym_min
 
 
@@ -64,8 +65,10 @@ def padded_offsets(counts_E: torch.Tensor, block_m: int) -> torch.Tensor:
 def capacity_from_factor(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int:
     """Slots per expert: ``ceil(factor * T * K / E)``, at most T * K (no expert gets more slots than there
     are, so a larger capacity keeps the same ones); ``factor <= 0`` means dropless (-1)."""
-    if num_experts < 1:
-        raise ValueError(f"num_experts: expected a positive int, got {num_experts}")
+    check_number("capacity_factor", capacity_factor)
+    check_int("num_tokens", num_tokens, minimum=0)
+    check_int("top_k", top_k, minimum=1)
+    check_int("num_experts", num_experts, minimum=1)
     if capacity_factor <= 0:
         return -1
     if capacity_factor >= num_experts:  # ceil(factor * T * K / E) >= T * K: every slot fits

@@ -105,6 +105,14 @@ def test_capacity_from_factor():
     assert capacity_from_factor(8.0, 100, 2, 8) == capacity_from_factor(1e30, 100, 2, 8) == 200
     with pytest.raises(ValueError, match="num_experts"):
         capacity_from_factor(1.0, 10, 2, 0)
+    with pytest.raises(ValueError, match="capacity_factor: expected a finite number, got nan"):
+        capacity_from_factor(float("nan"), 10, 2, 4)
+    with pytest.raises(TypeError, match="capacity_factor: expected a number, got True"):
+        capacity_from_factor(True, 10, 2, 4)
+    with pytest.raises(ValueError, match="num_tokens: expected an int >= 0, got -1"):
+        capacity_from_factor(1.0, -1, 2, 4)
+    with pytest.raises(TypeError, match="top_k: expected an int, got 2.0"):
+        capacity_from_factor(1.0, 10, 2.0, 4)
 
 
 # ------------------------------------------------------------------------------------------------

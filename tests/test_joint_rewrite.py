@@ -82,9 +82,12 @@ def joint_rewrites() -> int:
     return counters["moe_ops"]["joint_rewrite"]
 
 
-def test_forward_and_backward_graphs():
-    forward_graph, backward_graph = check_training(GroupedMoE(), tokens(), dtype=torch.bfloat16)
+def test_forward_and_backward_graphs(caplog):
+    with caplog.at_level(logging.INFO, logger="moe_ops"):
+        forward_graph, backward_graph = check_training(GroupedMoE(), tokens(), dtype=torch.bfloat16)
     assert joint_rewrites() == 1
+    # The forward and backward graphs' routers feed the training calls: no "not rewritten" line for them.
+    assert "not rewritten" not in caplog.text, caplog.text
     assert_expected_inline(forward_graph, """\
 aten.permute.default([1, 0])
 aten.mm.default()
@@ -460,7 +463,10 @@ def test_off_by_default(caplog):
     with caplog.at_level(logging.DEBUG, logger="moe_ops"):
         forward_graph, backward_graph = check_training(GroupedMoE(), tokens(), dtype=torch.bfloat16)
     assert joint_rewrites() == 0 and "_grouped_mm" in forward_graph and "moe_ops" not in backward_graph
-    assert "moe_ops.config.training_rewrites is off" in caplog.text
+    # Said at INFO, where the router is (the ids the forward saves for the backward are no graph break).
+    info = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO and "not rewritten" in r.getMessage()]
+    assert len(info) == 1 and "test_joint_rewrite.py" in info[0], info
+    assert info[0].endswith("moe_ops.config.training_rewrites is off") and "graph break" not in caplog.text
 
 
 def test_switched_off():

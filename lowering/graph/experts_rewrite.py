@@ -48,6 +48,7 @@ from moe_ops.lowering.graph.fx_match import (
     same_size,
     val,
 )
+from moe_ops.settings import config
 
 log = logging.getLogger("moe_ops")
 
@@ -596,6 +597,19 @@ def _feeds_a_matmul(node: Node) -> bool:
     return _reaches(node, lambda user: _calls(user, _MATMULS))
 
 
+# The experts calls that read a router's ids (args[2]): inference's, and the training variant and backward calls of
+# a rewritten training graph.
+_EXPERT_CALLS = (torch.ops.moe_ops.fused_experts.default, torch.ops.moe_ops.fused_experts_training.default,
+                 torch.ops.moe_ops.fused_experts_backward.default,
+                 torch.ops.moe_ops.fused_experts_training_backward.default)
+
+
+def _training_graph(graph: Graph) -> bool:
+    """A training step's forward or backward graph: AOTAutograd names their inputs primals / tangents (an
+    inference graph's are arg<i>_<j>)."""
+    return any(node.name.startswith(("primals", "tangents")) for node in graph.find_nodes(op="placeholder"))
+
+
 def _split_after(router: Node, readers: list[Node]) -> bool:
     """Whether a graph break right after ``router`` put its experts in another graph: the scores come from a
     router matmul over this graph's tokens, its ids leave the graph as routing decisions (themselves, or a
@@ -615,7 +629,8 @@ def _explain_routers_left_alone(graph: Graph, reasons: list[str]) -> None:
     handed to the next one, ``_split_after``). Other top-ks (a group mask's, a sampler's, a token
     counter's: ids that only feed counts, scatters whose result no matmul reads, or leave the graph) and
     candidates that were no MoE block at all stay at DEBUG."""
-    served = {_router_ids(n.args[2]) for n in graph.nodes if is_call(n, torch.ops.moe_ops.fused_experts.default)}
+    served = {_router_ids(n.args[2]) for n in graph.nodes if is_call(n, _EXPERT_CALLS)}
+    training = _training_graph(graph)
     for router in graph.nodes:
         if not _is_router(router):
             continue
@@ -623,6 +638,16 @@ def _explain_routers_left_alone(graph: Graph, reasons: list[str]) -> None:
             continue
         readers = _router_id_readers(router)
         where = _source_line(router)
+        if training and router not in served:
+            # A training step's forward or backward, after partitioning: its blocks are rewritten in the joint
+            # graph before it (lowering/graph/joint_rewrite.py), or not at all; the ids it saves for the backward
+            # leave the forward as a split block's would.
+            if ("training", where) not in _explained:
+                _explained.add(("training", where))
+                log.info("MoE block of a training graph not rewritten (router at %s): %s", where,
+                         "the joint-graph rewrite left it (its reasons at DEBUG)" if config.training_rewrites
+                         else "moe_ops.config.training_rewrites is off")
+            continue
         if router not in served and _split_after(router, readers):
             # Ids of a router over this graph's tokens handed to the code after the graph, with no expert
             # computation here: a block that a graph break split (a .tolist() of the counts per expert, a
