@@ -69,6 +69,12 @@ def check_int(name: str, value, *, minimum: int | None = None) -> None:
         raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
 
 
+def check_bool(name: str, value) -> None:
+    """True or False: a 1 / 0 or a string is refused rather than read by its truth ("no" is true)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
+
+
 def check_number(name: str, value, *, minimum: float | None = None) -> None:
     """A finite real number (int or float, not a bool), at least ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, (int, float, torch.SymInt, torch.SymFloat)):

@@ -27,6 +27,7 @@ import torch
 from moe_ops._autograd import register_reference_autograd
 from moe_ops._checks import (
     FLOAT_DTYPES,
+    check_bool,
     check_choice,
     check_int,
     check_kernel_dtype,
@@ -266,6 +267,7 @@ def expert_gemm(
     check_int("num_slots", num_slots, minimum=0)
     check_int("block_m", block_m, minimum=1)
     check_int("gather_top_k", gather_top_k, minimum=0)
+    check_bool("scatter", scatter)
     # The schedule's sizes are those of the slot count and block size it was built for (schedule_sizes): another
     # num_slots would mark other rows as padding, another block_m read other blocks. (Slot counts whose
     # schedules have the same sizes cannot be told apart here without reading the schedule on the host.)

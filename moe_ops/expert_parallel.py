@@ -40,7 +40,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from moe_ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_choice, check_number, check_tensor
+from moe_ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_bool, check_choice, check_number, check_tensor
 from moe_ops._compat.distributed import all_to_all_single, all_to_all_single_autograd
 from moe_ops._compat.tracing import check_value
 from moe_ops.fused_experts import fused_experts
@@ -170,6 +170,7 @@ def fused_experts_ep(
         raise ValueError(f"topk_ids: expected ({x.shape[0]}, K) like x's tokens, got {tuple(topk_ids.shape)}")
     check_capacity_factor(capacity_factor, dispatch)
     check_pipeline_chunks(pipeline_chunks, dispatch)
+    check_bool("return_num_dropped", return_num_dropped)
     if group is not None and not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"group: expected a torch.distributed ProcessGroup (of a DeviceMesh: mesh.get_group()), got "
                         f"{type(group).__name__}")

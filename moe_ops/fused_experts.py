@@ -19,6 +19,7 @@ from moe_ops._autograd import register_reference_autograd, save_inputs, saved_in
 from moe_ops._checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    check_bool,
     check_choice,
     check_kernel_dtype,
     check_number,
@@ -662,6 +663,8 @@ def fused_experts(
     # Step-3.7's layers without a limit have it).
     check_number("capacity_factor", capacity_factor, minimum=0.0)
     check_number("alpha", alpha)
+    for name, flag in (("interleaved", interleaved), ("gated", gated), ("return_num_dropped", return_num_dropped)):
+        check_bool(name, flag)
     if isinstance(limit, bool) or not isinstance(limit, (int, float, torch.SymFloat)) or not limit >= 0:
         raise ValueError(f"limit: expected a number >= 0 (inf: no clamp), got {limit!r}")
     args = (

@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import torch
 
-from moe_ops._checks import FLOAT_DTYPES, check_choice, check_int, check_number, check_tensor
+from moe_ops._checks import FLOAT_DTYPES, check_bool, check_choice, check_int, check_number, check_tensor
 from moe_ops._compat.dispatch import autograd_inside_custom_op
 from moe_ops._dispatch import direct_cuda_call_allowed
 from moe_ops.routing_triton import route_triton
@@ -392,11 +392,14 @@ def route(
     check_int("topk_group", topk_group, minimum=1)
     check_number("routed_scaling_factor", routed_scaling_factor)
     check_number("renorm_min", renorm_min, minimum=0.0)
+    for name, flag in (("softmax_after_topk", softmax_after_topk), ("renormalize", renormalize),
+                       ("return_stats", return_stats)):
+        check_bool(name, flag)
     if not renormalize and (renorm_eps or renorm_min):
         name, value = ("renorm_eps", renorm_eps) if renorm_eps else ("renorm_min", renorm_min)
         raise ValueError(f"{name}: shapes the renormalisation, which renormalize=False skips; got {name}={value}")
     args = (
-        router_logits, top_k, scoring, bool(softmax_after_topk), bool(renormalize),
+        router_logits, top_k, scoring, softmax_after_topk, renormalize,
         float(renorm_eps), correction_bias, n_group, topk_group, float(routed_scaling_factor),
     ) + ((float(renorm_min),) if renorm_min else ())
     if return_stats:

@@ -11,7 +11,10 @@ from dataclasses import dataclass
 @dataclass
 class Config:
     """Switches of moe_ops (``moe_ops.config``). Every one that changes what a compiled graph holds is part
-    of the graph passes' cache key, so a graph compiled with one value is never reused with another.
+    of the graph passes' cache key, so Inductor's cache never hands a graph compiled with one value to another.
+    Dynamo's own cache of compiled frames guards only on ``rewrites`` and the two ``transformers_*`` switches
+    (below): after changing another one, ``torch._dynamo.reset()`` makes functions already compiled compile
+    again with it (a new ``torch.compile`` of the same module does not: the frames are the same).
 
     Attributes:
         rewrites: run the rewrites when Inductor compiles a graph.

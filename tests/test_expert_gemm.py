@@ -467,6 +467,8 @@ def test_public_call_checks_the_schedule_and_scalars():
         expert_gemm(a, w, schedule, **dict(call, block_m=16.0))
     with pytest.raises(TypeError, match=r"gather_top_k: expected an int, got True"):
         expert_gemm(a, w, schedule, **dict(call, gather_top_k=True))
+    with pytest.raises(TypeError, match=r"scatter: expected True or False, got 1"):
+        expert_gemm(a, w, schedule, **dict(call, scatter=1))
     # Another schedule's block size or slot count would read other blocks, or mark other rows as padding.
     with pytest.raises(ValueError, match=r"block_m: the schedule has \d+ blocks over \d+ rows \(built with "
                                          r"block_m=16\), got 8"):

@@ -316,6 +316,8 @@ def test_errors_name_the_argument():
     w_gate_up, w_down = _weights()
     with pytest.raises(ValueError, match="dispatch: expected one of"):
         fused_experts_ep(x, weights, ids, w_gate_up, w_down, dispatch="dense")
+    with pytest.raises(TypeError, match="return_num_dropped: expected True or False, got 1"):
+        fused_experts_ep(x, weights, ids, w_gate_up, w_down, return_num_dropped=1)
     with pytest.raises(ValueError, match="pipeline_chunks: a positive int, above 1 only with dispatch='padded'"):
         fused_experts_ep(x, weights, ids, w_gate_up, w_down, dispatch="exact", pipeline_chunks=2)
     with pytest.raises(ValueError, match="capacity_factor: a finite positive number with dispatch='padded'"):

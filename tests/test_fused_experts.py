@@ -329,6 +329,13 @@ def test_a_backward_after_an_input_changed_in_place_is_refused():
 
 def test_errors_name_the_argument():
     layer = _layer(4, 2, 4, 16, 8, torch.float32, "cpu")
+    # Flags are True or False: "no" would be read as true (a tuple returned), 1 / 0 pass as flags by accident.
+    with pytest.raises(TypeError, match=r"return_num_dropped: expected True or False, got 'no'"):
+        fused_experts(**layer, return_num_dropped="no")
+    with pytest.raises(TypeError, match=r"interleaved: expected True or False, got 1"):
+        fused_experts(**layer, interleaved=1)
+    with pytest.raises(TypeError, match=r"gated: expected True or False, got 0"):
+        fused_experts(**layer, gated=0)
     with pytest.raises(ValueError, match=r"w_gate_up: expected shape \(E, 2F, H=32\)"):
         fused_experts(**dict(layer, x=torch.randn(4, 32)))
     with pytest.raises(ValueError, match=r"topk_ids: expected 1 <= K <= E=4"):

@@ -470,11 +470,14 @@ def test_backward_matches_reference_autograd():
          r"renorm_min: shapes the renormalisation, which renormalize=False skips"),
         (lambda: route(torch.randn(4, 8), 2, renorm_eps=1e-20), ValueError,
          r"renorm_eps: shapes the renormalisation, which renormalize=False skips"),
+        (lambda: route(torch.randn(4, 8), 2, renormalize=1), TypeError, r"renormalize: expected True or False, got 1"),
+        (lambda: route(torch.randn(4, 8), 2, return_stats="no"), TypeError,
+         r"return_stats: expected True or False, got 'no'"),
     ],
     ids=["k_gt_E", "k_zero", "k_float", "k_bool", "renorm_eps_negative", "renorm_eps_nan", "scale_inf",
          "n_group_float", "logits_1d", "logits_int", "scoring", "after_topk_sigmoid", "bias_shape",
          "bias_dtype", "group_not_divisor", "group_of_one", "topk_group_gt_n_group", "k_gt_kept",
-         "renorm_min_without_renormalize", "renorm_eps_without_renormalize"],
+         "renorm_min_without_renormalize", "renorm_eps_without_renormalize", "renormalize_int", "return_stats_str"],
 )
 def test_bad_arguments(call, error, match):
     with pytest.raises(error, match=match):
