@@ -69,6 +69,13 @@ def check_int(name: str, value, *, minimum: int | None = None) -> None:
         raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
 
 
+def check_real_weights(name: str, t: torch.Tensor) -> None:
+    """Per-token weights or a mask of any real dtype (bool, integer or float: transformers' int64 attention
+    mask, a float weighting), not a complex one, whose cast to a real dtype drops the imaginary part."""
+    if t.is_complex():
+        raise TypeError(f"{name}: expected a real (float, integer or bool) tensor, got {t.dtype}")
+
+
 def check_bool(name: str, value) -> None:
     """True or False: a 1 / 0 or a string is refused rather than read by its truth ("no" is true)."""
     if not isinstance(value, bool):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_int, check_number, check_tensor
+from moe_ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_int, check_number, check_real_weights, check_tensor
 
 
 def expert_counts(
@@ -37,8 +37,7 @@ def expert_counts(
     dtype = torch.float32
     if token_weight is not None:
         check_tensor("token_weight", token_weight, shape=(topk_ids.shape[0],), device=topk_ids.device)
-        if token_weight.is_complex():
-            raise TypeError(f"token_weight: expected a real (float, integer or bool) tensor, got {token_weight.dtype}")
+        check_real_weights("token_weight", token_weight)
         # Counts in fp32 whatever the weight's dtype: bf16 counts 5000 slots as 4992, fp16 70000 as inf.
         dtype = torch.promote_types(token_weight.dtype, torch.float32)
     slot_weight_TK = valid_TK.to(dtype) if token_weight is None else torch.where(

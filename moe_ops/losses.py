@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import torch
 
-from moe_ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
+from moe_ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_real_weights, check_tensor
 from moe_ops.balancing import expert_counts
 from moe_ops.routing import RouterStats
 
@@ -80,6 +80,7 @@ def load_balancing_loss(
         weight_T = torch.ones(num_tokens, dtype=dtype, device=device)
         if token_mask is not None:
             check_tensor("token_mask", token_mask, shape=(num_tokens,), device=device)
+            check_real_weights("token_mask", token_mask)
             weight_T = token_mask.to(dtype)
         probs_TE = torch.softmax(logits.to(dtype), dim=-1)
         slots_E = slots_E + expert_counts(ids, num_experts, token_weight=weight_T)

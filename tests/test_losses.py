@@ -112,6 +112,9 @@ def test_errors_name_the_argument():
         moe_ops.load_balancing_loss(logits, ids.float())
     with pytest.raises(ValueError, match=r"token_mask: expected shape \(96\)"):
         moe_ops.load_balancing_loss(logits, ids, token_mask=torch.ones(95))
+    with pytest.raises(TypeError, match=r"token_mask: expected a real \(float, integer or bool\) tensor, got "
+                                        r"torch.complex64"):
+        moe_ops.load_balancing_loss(logits, ids, token_mask=torch.ones(96, dtype=torch.complex64))
     with pytest.raises(ValueError, match=r"router_logits: expected a 2-D tensor"):
         moe_ops.router_z_loss(logits[0])
     stats = moe_ops.route(logits.detach(), 2, return_stats=True)[2]
