@@ -357,11 +357,15 @@ def test_ids_from_outside_not_rewritten(caplog):
 
 
 @pytest.mark.parametrize("make_block", [mixtral_block, gpt_fast_block], ids=["mixtral", "gpt_fast"])
-def test_one_graph_serves_every_token_count(make_block):
+@pytest.mark.parametrize("dynamic", [None, True], ids=["batch_marked", "dynamic=True"])
+def test_one_graph_serves_every_token_count(make_block, dynamic):
+    """The batch marked dynamic, or every size symbolic (torch.compile(dynamic=True), the gathered weights'
+    shapes too): one rewritten graph for every token count."""
     block = make_block(torch.float32)
-    compiled = torch.compile(block, backend="inductor", fullgraph=True)
+    compiled = torch.compile(block, backend="inductor", fullgraph=True, dynamic=dynamic)
     warm_up = hidden_states(torch.float32)
-    torch._dynamo.mark_dynamic(warm_up, 0)
+    if dynamic is None:
+        torch._dynamo.mark_dynamic(warm_up, 0)
     with torch.no_grad():
         assert_same(compiled(warm_up), block(warm_up), torch.float32)
         with torch.compiler.set_stance("fail_on_recompile"):
