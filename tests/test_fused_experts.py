@@ -405,11 +405,13 @@ def test_quantised_experts_match_the_reference(quantised, form):
     quantisation = [options.get(name) for name in QUANTISATION_ARGS]
     got, _ = fused_experts_triton(*_args(dict(layer, **options)), *quantisation)  # the kernels (interpreted on CPU)
     want = fused_experts_ref(*routed, **options)
-    assert_close_rel(got, want, dtype, "quantised")
     float_x = layer["x"].float()
     plain = dict(options, **dequantised, **dict.fromkeys(QUANTISATION_ARGS))
     want_dequantised = fused_experts_ref(float_x, *routed[1:], **plain)
-    assert_close_rel(want, want_dequantised.to(dtype), dtype, "the dequantised weights' layer")
+    # Each bf16 result against the fp32 layer of the dequantised weights: two bf16 computations (the host's bf16
+    # matmuls in the reference) can differ from each other by more than either differs from fp32.
+    assert_close_rel(got, want_dequantised, dtype, "quantised")
+    assert_close_rel(want, want_dequantised, dtype, "the dequantised weights' layer")
     unquantised = fused_experts(*routed, **exact)
     # Three quantised projections: fp8 per row ~28 dB, int8 ~35, int4 in groups of 16 ~17
     floor = {"fp8": 25.0, "fp8_b16": 25.0, "int4_g16": 15.0}.get(quantised, 30.0)

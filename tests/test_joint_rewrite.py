@@ -257,9 +257,13 @@ def test_gradients_accumulate_over_micro_batches_into_fp32_master_gradients(prea
         got_grads, got_master = accumulate(compiled, model)
     want_grads, want_master = accumulate(model, model)
     assert joint_rewrites() == 1
+    # Both sides are bf16 computations whose .grad is rounded after each of the two backward passes: they can differ
+    # by more than either differs from exact (2.09e-2 in one element on torch 2.11's CPU matmuls), so their
+    # difference is held to 1.5 times bf16's tolerance.
+    summed = {torch.bfloat16: 3e-2}
     for name in want_grads:
-        assert_close_rel(got_grads[name], want_grads[name], torch.bfloat16, f".grad of {name}")
-        assert_close_rel(got_master[name], want_master[name], torch.bfloat16, f"fp32 master gradient of {name}")
+        assert_close_rel(got_grads[name], want_grads[name], torch.bfloat16, f".grad of {name}", summed)
+        assert_close_rel(got_master[name], want_master[name], torch.bfloat16, f"fp32 master gradient of {name}", summed)
 
 
 class CountingMoE(GroupedMoE):
