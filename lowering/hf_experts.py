@@ -360,11 +360,13 @@ def fused_experts_arguments(experts: nn.Module, hidden_states: torch.Tensor, fla
             return "some of its expert weights are quantised by torchao and some are not"
         if is_transposed:
             return "its quantised weights are stored (E, K, N): their scales scale input features"
-        input_quantisations = {input_quantisation for _, _, input_quantisation in quantised.values()}
+        input_quantisations = {input_quantisation for *_, input_quantisation in quantised.values()}
         if len(input_quantisations) > 1:
             return "torchao quantises the inputs of some of its expert weights and not of others"
-        for name, (values, scales, _) in quantised.items():
+        for name, (values, scales, zeros, _) in quantised.items():
             arguments[name], arguments[f"{name}_scale"] = values, scales
+            if zeros is not None:
+                arguments[f"{name}_zero"] = zeros
         if input_quantisations != {"none"}:
             arguments["input_quantisation"] = input_quantisations.pop()
     arguments.update(

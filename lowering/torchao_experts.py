@@ -60,9 +60,20 @@ def _fp8_rowwise_settings(float8_dtype, granularity: type, dim, lower_bound, upp
             and lower_bound is None and upper_bound is None)
 
 
-def torchao_quantised(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str] | None:
-    """(values (E, N, K), fp32 scales, input quantisation) of a torchao tensor as fused_experts takes quantised
-    weights (moe_ops.quantised), or None for any other tensor (a plain one, other layouts or groups):
+@torch.compiler.assume_constant_result
+def _any_nonzero(zero_point: torch.Tensor) -> bool:
+    """Whether a torchao tensor's zero points are not all 0. Dynamo runs it at trace time on the stored zero
+    points and keeps the result: quantised weights are constants of the graph (moe_ops' experts never write them;
+    a new quantisation makes new tensors, which dynamo traces again)."""
+    return bool(zero_point.any())
+
+
+def torchao_quantised(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, str] | None:
+    """(values (E, N, K), fp32 scales, fp32 zero points or None, input quantisation) of a torchao tensor as
+    fused_experts takes quantised weights (moe_ops.quantised), or None for any other tensor (a plain one, other
+    layouts or groups). torchao's int8 tensors always hold zero points (0 where the mapping is symmetric, torchao's
+    default): they are handed over only where one is not 0 (an asymmetric ``Int8Tensor``), so that symmetric weights
+    keep the faster form without them.
 
     - int8 or fp8 e4m3 values with a scale per expert and row ((E, N): ``Int8WeightOnlyConfig()``,
       ``Float8WeightOnlyConfig()``) or per group of input features along the row ((E, N, K / g):
@@ -84,11 +95,17 @@ def torchao_quantised(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
     group = block[2]
     if columns % group or tuple(scale.shape) != (experts, rows, columns // group):
         return None
+    zero = getattr(weight, "zero_point", None)
+    if zero is not None:
+        if not isinstance(zero, torch.Tensor) or zero.shape != scale.shape:
+            return None
+        zero = zero.to(torch.float32) if _any_nonzero(zero) else None
     act_quant_kwargs = getattr(weight, "act_quant_kwargs", None)
     if act_quant_kwargs is not None:
-        if group != columns or values.dtype != torch.float8_e4m3fn or not fp8_rowwise_inputs(act_quant_kwargs):
+        if (group != columns or values.dtype != torch.float8_e4m3fn or zero is not None
+                or not fp8_rowwise_inputs(act_quant_kwargs)):
             return None
-        return values, scale.squeeze(-1), "fp8_rowwise"
+        return values, scale.squeeze(-1), None, "fp8_rowwise"
     if group == columns:
-        return values, scale.squeeze(-1), "none"
-    return (values, scale, "none") if group % MIN_GROUP_SIZE == 0 else None
+        return values, scale.squeeze(-1), None if zero is None else zero.squeeze(-1), "none"
+    return (values, scale, zero, "none") if group % MIN_GROUP_SIZE == 0 else None

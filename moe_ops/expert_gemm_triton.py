@@ -460,13 +460,12 @@ def scaled_group_product(ptrs, k_left, col_valid, a, a_halves, acc, scale_ptrs, 
         # (The OR with a constexpr widens to int32: back to 16 bits before the bitcast.)
         low = ((packed & 0xF).to(tl.int16) | bias_bits).to(tl.int16).to(a.dtype, bitcast=True)
         high = ((packed >> 4).to(tl.int16) | bias_bits).to(tl.int16).to(a.dtype, bitcast=True)
+        zero = tl.load(zero_ptrs, mask=col_valid, other=0.0) if W_ZERO_POINT else tl.zeros_like(scale)
+        whole = (zero + bias).to(a.dtype)
+        low, high = low - whole[:, None], high - whole[:, None]
         if W_ZERO_POINT:
-            zero = tl.load(zero_ptrs, mask=col_valid, other=0.0)
-            whole = (zero + bias).to(a.dtype)
             fraction = (zero - (whole.to(tl.float32) - bias)).to(a.dtype)[:, None]
-            low, high = low - whole[:, None] - fraction, high - whole[:, None] - fraction
-        else:
-            low, high = low - bias, high - bias
+            low, high = low - fraction, high - fraction
         a_even, a_odd = a_halves
         part = tl.dot(low, a_even.T, part, input_precision=INPUT_PRECISION)
         part = tl.dot(high, a_odd.T, part, input_precision=INPUT_PRECISION)

@@ -181,6 +181,19 @@ def test_int4_zero_points_that_are_no_whole_numbers(dtype):
     assert_close_rel(got, want, dtype, "zero points with fractions")
 
 
+@pytest.mark.parametrize("block_m", [16, 64], ids=["decode", "prefill"])
+def test_int4_without_zero_points(block_m):
+    """int4 values with scales alone (each nibble stands for itself times its group's scale): the kernel gives
+    the reference's result at decode and prefill blocks."""
+    T, K, E, N, D = 9, 2, 4, 24, 64
+    args = _problem(T, K, E, N, D, torch.bfloat16, TRITON_DEVICE, gated=True, bias=False, slot_weights=True,
+                    block_m=block_m)
+    for name in ("w", "w_up"):
+        args[name], args[f"{name}_scale"], _ = quantise_groups(args[name], 32, bits=4)
+    got, want = _run_both(args, gather_top_k=K, activation="silu")
+    assert_close_rel(got, want, torch.bfloat16, "int4 without zero points")
+
+
 def test_group_quantised_weights_keep_the_infinities_of_the_input():
     """An infinite input feature: the decode tile's result is infinite (or NaN) exactly where the reference's
     is, with int4 zero points whole or not."""

@@ -193,6 +193,32 @@ def test_weight_only_experts_run_as_fused_experts_over_the_stored_values(config,
     assert "aten.mul" not in graph  # no dequantisation
 
 
+@pytest.mark.usefixtures("fresh_compile_state")
+def test_asymmetric_int8_weights_keep_their_zero_points():
+    """torchao's int8 tensors quantised with an asymmetric mapping (``Int8Tensor.from_hp(..., mapping_type=
+    ASYMMETRIC)``: zero points not 0): fused_experts takes the zero points too and gives the dequantised weights'
+    result, eager and compiled (it read the values and scales alone: 67% off)."""
+    from torchao.quantization import PerRow
+    from torchao.quantization.quant_primitives import MappingType
+    from torchao.quantization.quantize_.workflows.int8.int8_tensor import Int8Tensor
+
+    block = _block()
+    for name in ("gate_up_proj", "down_proj"):
+        shifted = getattr(block.experts, name) + 0.05  # a range off centre: zero points not 0
+        quantised = Int8Tensor.from_hp(shifted, PerRow(), mapping_type=MappingType.ASYMMETRIC)
+        assert (quantised.zero_point != 0).float().mean() > 0.5
+        setattr(block.experts, name, torch.nn.Parameter(quantised, requires_grad=False))
+    block.experts.config._experts_implementation = "moe_ops"
+    x = torch.randn(1, 12, H, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    want = _dequantised_twin(block)(x)
+    out = block(x)
+    assert ((out.float() - want.float()).abs().max() / want.float().abs().max()).item() <= 2e-2
+    with torch._inductor.config.patch(force_disable_caches=True):
+        got, graph = compile_and_record(block, x)
+    assert counters["moe_ops"]["hf_experts"] == 1
+    torch.testing.assert_close(got, out, rtol=2e-2, atol=2e-2)
+
+
 def _fp8_dynamic_block():
     """The block with fp8 expert weights scaled per row whose inputs torchao quantises to fp8 per row on the fly:
     the tensors ``Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())`` makes, built directly (the
