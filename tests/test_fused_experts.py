@@ -503,7 +503,8 @@ def test_quantised_expert_errors_name_the_argument():
     fused_experts_ref(*routed, **options)
     with pytest.raises(ValueError, match="w_down_scale: quantised expert weights need the scales"):
         fused_experts_ref(*routed, **dict(options, w_down_scale=None))
-    with pytest.raises(TypeError, match="w_gate_up: expected dtype"):
+    with pytest.raises(ValueError, match=r"w_gate_up_scale: torch.int8 weights are quantised values, which need "
+                                         r"their scales"):
         fused_experts_ref(*routed, **dict(options, w_gate_up_scale=None, w_down_scale=None))
     with pytest.raises(ValueError, match="w_gate_up_scale: expected shape"):
         fused_experts_ref(*routed, **dict(options, w_gate_up_scale=options["w_gate_up_scale"][:, :-1]))
