@@ -10,6 +10,8 @@ transformers integration reads quantised weights (``torchao_quantised``) without
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from moe_ops._checks import ONE_PER_BYTE_WEIGHT_DTYPES
@@ -60,12 +62,22 @@ def _fp8_rowwise_settings(float8_dtype, granularity: type, dim, lower_bound, upp
             and lower_bound is None and upper_bound is None)
 
 
+# id of a zero-point tensor -> (a weak reference to it, its version, whether any is not 0): eager calls read the
+# answer once per tensor rather than synchronising with the device on every call.
+_NONZERO: dict[int, tuple[weakref.ref, int, bool]] = {}
+
+
 @torch.compiler.assume_constant_result
 def _any_nonzero(zero_point: torch.Tensor) -> bool:
     """Whether a torchao tensor's zero points are not all 0. Dynamo runs it at trace time on the stored zero
     points and keeps the result: quantised weights are constants of the graph (moe_ops' experts never write them;
     a new quantisation makes new tensors, which dynamo traces again)."""
-    return bool(zero_point.any())
+    known = _NONZERO.get(id(zero_point))
+    if known is not None and known[0]() is zero_point and known[1] == zero_point._version:
+        return known[2]
+    nonzero = bool(zero_point.any())
+    _NONZERO[id(zero_point)] = (weakref.ref(zero_point), zero_point._version, nonzero)
+    return nonzero
 
 
 def torchao_quantised(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, str] | None:
