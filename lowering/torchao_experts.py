@@ -10,9 +10,8 @@ transformers integration reads quantised weights (``torchao_quantised``) without
 
 from __future__ import annotations
 
-import weakref
-
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from moe_ops._checks import ONE_PER_BYTE_WEIGHT_DTYPES
 from moe_ops.quantised import MIN_GROUP_SIZE
@@ -62,9 +61,10 @@ def _fp8_rowwise_settings(float8_dtype, granularity: type, dim, lower_bound, upp
             and lower_bound is None and upper_bound is None)
 
 
-# id of a zero-point tensor -> (a weak reference to it, its version, whether any is not 0): eager calls read the
-# answer once per tensor rather than synchronising with the device on every call.
-_NONZERO: dict[int, tuple[weakref.ref, int, bool]] = {}
+# A zero-point tensor -> (its version, whether any is not 0), for as long as the tensor lives: eager calls read the
+# answer once per tensor rather than synchronising with the device on every call. (Inference tensors count no
+# versions: theirs is kept as None, since weights are not written under inference mode.)
+_NONZERO = WeakIdKeyDictionary()
 
 
 @torch.compiler.assume_constant_result
@@ -72,11 +72,12 @@ def _any_nonzero(zero_point: torch.Tensor) -> bool:
     """Whether a torchao tensor's zero points are not all 0. Dynamo runs it at trace time on the stored zero
     points and keeps the result: quantised weights are constants of the graph (moe_ops' experts never write them;
     a new quantisation makes new tensors, which dynamo traces again)."""
-    known = _NONZERO.get(id(zero_point))
-    if known is not None and known[0]() is zero_point and known[1] == zero_point._version:
-        return known[2]
+    version = None if zero_point.is_inference() else zero_point._version
+    known = _NONZERO.get(zero_point)
+    if known is not None and known[0] == version:
+        return known[1]
     nonzero = bool(zero_point.any())
-    _NONZERO[id(zero_point)] = (weakref.ref(zero_point), zero_point._version, nonzero)
+    _NONZERO[zero_point] = (version, nonzero)
     return nonzero
 
 
@@ -109,9 +110,13 @@ def torchao_quantised(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
         return None
     zero = getattr(weight, "zero_point", None)
     if zero is not None:
-        if not isinstance(zero, torch.Tensor) or zero.shape != scale.shape:
+        try:  # torchao keeps a zero point of one element as it is where it slices a tensor: any that broadcasts
+            broadcast = torch.broadcast_shapes(zero.shape, scale.shape) == scale.shape
+        except (AttributeError, RuntimeError):
+            broadcast = False
+        if not broadcast:
             return None
-        zero = zero.to(torch.float32) if _any_nonzero(zero) else None
+        zero = zero.to(torch.float32).expand(scale.shape).contiguous() if _any_nonzero(zero) else None
     act_quant_kwargs = getattr(weight, "act_quant_kwargs", None)
     if act_quant_kwargs is not None:
         if (group != columns or values.dtype != torch.float8_e4m3fn or zero is not None

@@ -341,7 +341,7 @@ def weight_tile_ptrs(w, w_up, expert, cols, BLOCK_K: tl.constexpr, W_INT4: tl.co
 
 @triton.jit
 def weight_group_ptrs(w_scales, expert, cols, W_GROUP_SIZE: tl.constexpr, W_SCALE_ROWS: tl.constexpr = 1):
-    """For a tile of weights dequantised in registers (W_GROUP_SIZE > 0): pointers to the first group's
+    """For weights quantised in groups (W_GROUP_SIZE > 0): pointers to the first group's
     scales and zero points of its columns (W_SCALE_ROWS output features per scale), for w and w_up, each
     with its stride from group to group (``w_scales`` as expert_gemm_tile takes it); an unread placeholder
     otherwise."""
@@ -443,10 +443,11 @@ def scaled_group_product(ptrs, k_left, col_valid, a, a_halves, acc, scale_ptrs, 
     (BLOCK_N, BLOCK_K) weights, which is less work where BLOCK_M < BLOCK_K: decode). int4 values become A's
     dtype with no conversion: a nibble ORed into the bits of 2^7 in bf16 or 2^10 in fp16 (whose last place is
     1) is that power + the nibble; the zero point comes off in A's dtype, two values an instruction: its
-    nearest whole number plus the power, exactly (whole numbers below 256 apart), then its fraction (0 for
-    quantise_groups' zero points, which leaves the values as they are; else rounded once, as a dequantised
-    weight would be). The low nibbles (even k) and the high ones (odd k) each dot with ``a_halves``, A's
-    matching columns: the unpacked values are never interleaved."""
+    nearest whole number plus the power (exact for zero points that are whole numbers in [0, 128), bf16's
+    limit; fp16's is 1024), then its fraction (0 for quantise_groups' zero points, which leaves the values as
+    they are; else rounded to A's dtype and again by the subtraction, about one rounding of the value's). The
+    low nibbles (even k) and the high ones (odd k) each dot with ``a_halves``, A's matching columns: the
+    unpacked values are never interleaved."""
     scale = tl.load(scale_ptrs, mask=col_valid, other=0.0)
     part = tl.zeros(acc.shape, dtype=tl.float32)
     if W_INT4:
@@ -501,8 +502,9 @@ def k_step(a, acc, acc_up, w_ptrs, u_ptrs, k_left, col_valid, stride_wk, stride_
         up_scale_ptrs, up_zero_ptrs = us_ptrs + group * us_g, uz_ptrs + group * uz_g
     else:
         scale_ptrs, zero_ptrs, up_scale_ptrs, up_zero_ptrs = w_ptrs, w_ptrs, u_ptrs, u_ptrs  # unread
-    # Scales after the dot (scaled_group_product) where the product tile is the smaller one and A has 16 bits
-    # (int4's halves dot 16 deep at least).
+    # Scales after the dot (scaled_group_product) where the product tile is the smaller one and A has 16 bits.
+    # int4 needs BLOCK_K >= JOINED_INT4_MIN_K there: its halves dot 16 deep at least, and shallower steps read a
+    # byte per value (weight_tile_ptrs' pointers), which scaled_group_product does not.
     SCALES_AFTER_DOT: tl.constexpr = (W_GROUP_SIZE > 0 and not A_GROUPED and a.shape[0] < BLOCK_K
                                       and (a.dtype == tl.bfloat16 or a.dtype == tl.float16)
                                       and (BLOCK_K >= JOINED_INT4_MIN_K or not W_INT4))
@@ -800,8 +802,9 @@ def expert_gemm_triton(
 def weight_quantisation(w_dtype: torch.dtype, scale_shape, has_zero: bool, n: int, k: int) -> dict:
     """The kernel's quantised-weight flags for an (E, ``n``, ``k``) weight of ``w_dtype`` with scales of
     ``scale_shape`` (None: not quantised) and zero points or not (moe_ops.quantised): per-row scales alone
-    (int8 / fp8) scale the accumulated columns (W_SCALED); any other form dequantises each weight tile in
-    registers, W_GROUP_SIZE reduction features (K for per-row scales) and W_SCALE_ROWS output features per scale.
+    (int8 / fp8) scale the accumulated columns (W_SCALED); any other form has W_GROUP_SIZE reduction features
+    (K for per-row scales) and W_SCALE_ROWS output features per scale (k_step scales each step's product or
+    dequantises each weight tile).
     int4 weights are the dots' left operand (W_LEFT: k_step); int8 and fp8 weights the right one, which ran
     faster on the H100 (Mixtral-8x7B, benchmarks/NOTES.md v18)."""
     plain = dict(W_SCALED=False, W_GROUP_SIZE=0, W_INT4=False, W_ZERO_POINT=False, W_SCALE_ROWS=1, W_LEFT=False)

@@ -146,9 +146,10 @@ def check_fused_args(
         raise ValueError(f"activation: {activation!r} needs gated=True")
     if interleaved and (w_up is not None or not gated):
         raise ValueError("interleaved: only for a gated w_gate_up holding both gate and up (w_up=None)")
-    if not quantised and isinstance(w_gate_up, torch.Tensor) and w_gate_up.dtype in QUANTISED_WEIGHT_DTYPES:
-        raise ValueError(f"w_gate_up_scale: {w_gate_up.dtype} weights are quantised values, which need their scales "
-                         "(w_gate_up_scale and w_down_scale; moe_ops.quantised)")
+    for name, weight in (("w_gate_up", w_gate_up), ("w_up", w_up), ("w_down", w_down)):
+        if not quantised and isinstance(weight, torch.Tensor) and weight.dtype in QUANTISED_WEIGHT_DTYPES:
+            raise ValueError(f"{name}_scale: {weight.dtype} weights are quantised values, which need their scales "
+                             "(moe_ops.quantised)")
     check_tensor("w_gate_up", w_gate_up, ndim=3, dtypes=None if quantised else (x.dtype,), device=x.device)
     E = w_gate_up.shape[0]
     fused_gate_up = gated and w_up is None

@@ -114,3 +114,25 @@ def test_sym_min_and_check_value_trace_in_one_graph():
                 compiled(x + 200, 3)
     with pytest.raises(ValueError, match="no value above 100"):
         fn(x + 200, 3)
+
+
+def test_check_value_without_a_traced_message(monkeypatch):
+    """The form of torch versions that cannot trace a message function (2.11): compiled, the graph's own
+    assertion; eager, the message."""
+    from moe_ops._compat import tracing
+
+    monkeypatch.setattr(tracing, "_MESSAGE_FUNCTIONS_TRACE", False)
+
+    def fn(x):
+        tracing.check_value((x > 100).sum().item() == 0, "x: expected no value above 100")
+        return x * 2
+
+    x = torch.arange(6.0)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        compiled = torch.compile(fn, fullgraph=True)
+        torch.testing.assert_close(compiled(x), x * 2)
+        with pytest.raises(RuntimeError, match="u0"):  # the graph's assertion names the unbacked value
+            compiled(x + 200)
+    with pytest.raises(ValueError, match="no value above 100"):
+        fn(x + 200)

@@ -138,7 +138,7 @@ GROUPED = [
 
 
 @pytest.mark.parametrize("bits,group,D", GROUPED)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
 @pytest.mark.parametrize("block_m", [16, 64], ids=["decode", "prefill"])
 def test_group_quantised_weights_match_the_reference(bits, group, D, dtype, gated, block_m):

@@ -506,6 +506,8 @@ def test_quantised_expert_errors_name_the_argument():
     with pytest.raises(ValueError, match=r"w_gate_up_scale: torch.int8 weights are quantised values, which need "
                                          r"their scales"):
         fused_experts_ref(*routed, **dict(options, w_gate_up_scale=None, w_down_scale=None))
+    with pytest.raises(ValueError, match=r"w_down_scale: torch.int8 weights are quantised values"):
+        fused_experts_ref(*routed, w_gate_up=layer["w_gate_up"], w_down=options["w_down"])
     with pytest.raises(ValueError, match="w_gate_up_scale: expected shape"):
         fused_experts_ref(*routed, **dict(options, w_gate_up_scale=options["w_gate_up_scale"][:, :-1]))
     with pytest.raises(ValueError, match="w_up_scale: given without w_up"):

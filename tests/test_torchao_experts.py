@@ -202,17 +202,23 @@ def test_asymmetric_int8_weights_keep_their_zero_points():
     from torchao.quantization.quant_primitives import MappingType
     from torchao.quantization.quantize_.workflows.int8.int8_tensor import Int8Tensor
 
-    block = _block()
-    for name in ("gate_up_proj", "down_proj"):
-        shifted = getattr(block.experts, name) + 0.05  # a range off centre: zero points not 0
-        quantised = Int8Tensor.from_hp(shifted, PerRow(), mapping_type=MappingType.ASYMMETRIC)
-        assert (quantised.zero_point != 0).float().mean() > 0.5
-        setattr(block.experts, name, torch.nn.Parameter(quantised, requires_grad=False))
-    block.experts.config._experts_implementation = "moe_ops"
+    def asymmetric_block():
+        block = _block()
+        for name in ("gate_up_proj", "down_proj"):
+            shifted = getattr(block.experts, name) + 0.05  # a range off centre: zero points not 0
+            quantised = Int8Tensor.from_hp(shifted, PerRow(), mapping_type=MappingType.ASYMMETRIC)
+            assert (quantised.zero_point != 0).float().mean() > 0.5
+            setattr(block.experts, name, torch.nn.Parameter(quantised, requires_grad=False))
+        block.experts.config._experts_implementation = "moe_ops"
+        return block
+
+    block = asymmetric_block()
     x = torch.randn(1, 12, H, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     want = _dequantised_twin(block)(x)
     out = block(x)
     assert ((out.float() - want.float()).abs().max() / want.float().abs().max()).item() <= 2e-2
+    with torch.inference_mode():  # a server's way: weights made and run under inference mode (no versions)
+        torch.testing.assert_close(asymmetric_block()(x), out)
     with torch._inductor.config.patch(force_disable_caches=True):
         got, graph = compile_and_record(block, x)
     assert counters["moe_ops"]["hf_experts"] == 1

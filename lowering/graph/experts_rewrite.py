@@ -606,7 +606,8 @@ _EXPERT_CALLS = (torch.ops.moe_ops.fused_experts.default, torch.ops.moe_ops.fuse
 
 def _training_graph(graph: Graph) -> bool:
     """A training step's forward or backward graph: AOTAutograd names their inputs primals / tangents (an
-    inference graph's are arg<i>_<j>)."""
+    inference graph's are arg<i>_<j>; joint_rewrite.is_joint_graph reads the same names). The post-grad hook is
+    handed the graph alone."""
     return any(node.name.startswith(("primals", "tangents")) for node in graph.find_nodes(op="placeholder"))
 
 
@@ -638,17 +639,9 @@ def _explain_routers_left_alone(graph: Graph, reasons: list[str]) -> None:
             continue
         readers = _router_id_readers(router)
         where = _source_line(router)
-        if training and router not in served:
-            # A training step's forward or backward, after partitioning: its blocks are rewritten in the joint
-            # graph before it (lowering/graph/joint_rewrite.py), or not at all; the ids it saves for the backward
-            # leave the forward as a split block's would.
-            if ("training", where) not in _explained:
-                _explained.add(("training", where))
-                log.info("MoE block of a training graph not rewritten (router at %s): %s", where,
-                         "the joint-graph rewrite left it (its reasons at DEBUG)" if config.training_rewrites
-                         else "moe_ops.config.training_rewrites is off")
-            continue
-        if router not in served and _split_after(router, readers):
+        # A training step's forward saves the ids for its backward: they leave the graph as a split block's would,
+        # so a split is not told from that there.
+        if not training and router not in served and _split_after(router, readers):
             # Ids of a router over this graph's tokens handed to the code after the graph, with no expert
             # computation here: a block that a graph break split (a .tolist() of the counts per expert, a
             # loop over the experts hit, a torch.nonzero), its experts in another graph.
@@ -672,5 +665,12 @@ def _explain_routers_left_alone(graph: Graph, reasons: list[str]) -> None:
         if router in served or ("experts", where) in _explained:
             continue
         _explained.add(("experts", where))
+        if training:
+            # A training step's forward or backward, after partitioning: its blocks are rewritten in the joint graph
+            # before it (lowering/graph/joint_rewrite.py) or not at all.
+            log.info("MoE block of a training graph not rewritten (router at %s): %s", where,
+                     "the joint-graph rewrite left it (its reasons at DEBUG)" if config.training_rewrites
+                     else "moe_ops.config.training_rewrites is off")
+            continue
         why = "; ".join(dict.fromkeys(reasons)) or "no form of routed-experts code was recognised after it"
         log.info("MoE block not rewritten (router at %s): %s", where, why)

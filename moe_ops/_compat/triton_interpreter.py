@@ -14,7 +14,9 @@ def fix_interpreter_bf16() -> None:
     to numpy, so a bf16 ``tl.dot`` returns products of bit patterns (errors ~1e10) and bf16 arithmetic (``a -
     b`` of two bf16 tensors, which the GPU runs two values an instruction) adds bit patterns. Here dot
     operands are upcast to fp32 (what the tensor cores compute), and add, subtract, multiply, divide, min and
-    max run in fp32 and round to the nearest bf16 (a GPU's one rounding of an exact result). Applied once, by
+    max run in fp32 and round to the nearest bf16 (a GPU's one rounding of an exact result). Comparisons, fmod and
+    operations with a Python scalar operand still see bit patterns (the kernels subtract tensors, not scalars,
+    from bf16 values for that reason). Applied once, by
     the kernel modules that compute in bf16, and only in interpreter mode; other dtypes and compiled kernels
     are untouched. tests/test_expert_gemm.py's bf16 interpreter cases fail if a Triton release changes this.
     """
