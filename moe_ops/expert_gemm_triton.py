@@ -378,6 +378,29 @@ def int4_as_float32(nibbles):
 
 
 @triton.jit
+def per_feature(v, W_LEFT: tl.constexpr):
+    """(BLOCK_N,) values per output feature laid along a weight tile's (or a product's) features: its rows where
+    the weights are the left operand (W_LEFT), else its columns."""
+    return v[:, None] if W_LEFT else v[None, :]
+
+
+@triton.jit
+def stored_values(ptrs, k_left, col_valid, BLOCK_K: tl.constexpr, W_LEFT: tl.constexpr):
+    """A K step's stored weights (one value an element), oriented as ``ptrs``; 0 past K and past the columns."""
+    k_valid = tl.arange(0, BLOCK_K) < k_left
+    mask = col_valid[:, None] & k_valid[None, :] if W_LEFT else k_valid[:, None] & col_valid[None, :]
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def packed_int4(ptrs, k_left, col_valid, BLOCK_K: tl.constexpr):
+    """A K step's int4 weights as stored, (BLOCK_N, BLOCK_K / 2) bytes along each row, two values a byte; 0 past K
+    and past the columns."""
+    k_valid = tl.arange(0, BLOCK_K // 2) < k_left // 2  # K is even: whole bytes
+    return tl.load(ptrs, mask=col_valid[:, None] & k_valid[None, :], other=0)
+
+
+@triton.jit
 def weight_tile(ptrs, k_left, col_valid, a, BLOCK_K: tl.constexpr, W_GROUP_SIZE: tl.constexpr,
                 W_INT4: tl.constexpr, W_ZERO_POINT: tl.constexpr, scale_ptrs, zero_ptrs,
                 A_GROUPED: tl.constexpr = False, W_LEFT: tl.constexpr = False):
@@ -397,26 +420,17 @@ def weight_tile(ptrs, k_left, col_valid, a, BLOCK_K: tl.constexpr, W_GROUP_SIZE:
             packed = tl.load(ptrs, mask=col_valid[:, None] & (k < k_left)[None, :], other=0)
             w = (packed >> ((k % 2) * 4).to(tl.uint8)[None, :]) & 0xF
         else:
-            k_valid = tl.arange(0, BLOCK_K // 2) < k_left // 2  # K is even: whole bytes
-            packed = tl.load(ptrs, mask=col_valid[:, None] & k_valid[None, :], other=0)
+            packed = packed_int4(ptrs, k_left, col_valid, BLOCK_K)
             w = tl.join(packed & 0xF, packed >> 4).reshape(packed.shape[0], BLOCK_K)
         w = int4_as_float32(w)
     else:
-        k_valid = tl.arange(0, BLOCK_K) < k_left
-        mask = col_valid[:, None] & k_valid[None, :] if W_LEFT else k_valid[:, None] & col_valid[None, :]
-        w = tl.load(ptrs, mask=mask, other=0.0)
+        w = stored_values(ptrs, k_left, col_valid, BLOCK_K, W_LEFT)
     if W_GROUP_SIZE > 0 and not A_GROUPED:
         # Scales and zero points per output feature: the rows of a left operand, else its columns.
-        scale = tl.load(scale_ptrs, mask=col_valid, other=0.0)
-        zero = tl.load(zero_ptrs, mask=col_valid, other=0.0) if W_ZERO_POINT else scale
-        if W_LEFT:
-            scale, zero = scale[:, None], zero[:, None]
-        else:
-            scale, zero = scale[None, :], zero[None, :]
         w = w.to(tl.float32)
         if W_ZERO_POINT:
-            w -= zero
-        w *= scale
+            w -= per_feature(tl.load(zero_ptrs, mask=col_valid, other=0.0), W_LEFT)
+        w *= per_feature(tl.load(scale_ptrs, mask=col_valid, other=0.0), W_LEFT)
     if w.dtype != a.dtype:
         w = w.to(tl.float32).to(a.dtype)
     return w
@@ -456,8 +470,7 @@ def scaled_group_product(ptrs, k_left, col_valid, a, a_halves, acc, scale_ptrs, 
             bias, bias_bits = BF16_UNIT_BIAS, BF16_UNIT_BITS
         else:
             bias, bias_bits = FP16_UNIT_BIAS, FP16_UNIT_BITS
-        k_valid = tl.arange(0, BLOCK_K // 2) < k_left // 2  # K is even: whole bytes
-        packed = tl.load(ptrs, mask=col_valid[:, None] & k_valid[None, :], other=0)
+        packed = packed_int4(ptrs, k_left, col_valid, BLOCK_K)
         # (The OR with a constexpr widens to int32: back to 16 bits before the bitcast.)
         low = ((packed & 0xF).to(tl.int16) | bias_bits).to(tl.int16).to(a.dtype, bitcast=True)
         high = ((packed >> 4).to(tl.int16) | bias_bits).to(tl.int16).to(a.dtype, bitcast=True)
@@ -471,14 +484,11 @@ def scaled_group_product(ptrs, k_left, col_valid, a, a_halves, acc, scale_ptrs, 
         part = tl.dot(low, a_even.T, part, input_precision=INPUT_PRECISION)
         part = tl.dot(high, a_odd.T, part, input_precision=INPUT_PRECISION)
     else:
-        k_valid = tl.arange(0, BLOCK_K) < k_left
-        mask = col_valid[:, None] & k_valid[None, :] if W_LEFT else k_valid[:, None] & col_valid[None, :]
-        w = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        w = stored_values(ptrs, k_left, col_valid, BLOCK_K, W_LEFT).to(tl.float32)
         if W_ZERO_POINT:
-            zero = tl.load(zero_ptrs, mask=col_valid, other=0.0)
-            w -= zero[:, None] if W_LEFT else zero[None, :]
+            w -= per_feature(tl.load(zero_ptrs, mask=col_valid, other=0.0), W_LEFT)
         part = dot_step(a, w.to(a.dtype), part, INPUT_PRECISION, W_LEFT)
-    return acc + part * (scale[:, None] if W_LEFT else scale[None, :])
+    return acc + part * per_feature(scale, W_LEFT)
 
 
 @triton.jit
