@@ -38,9 +38,12 @@ from moe_ops._compat.inductor import select_decomp_table
 from moe_ops.activations import CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT
 from moe_ops.lowering.graph.fx_match import (
     CLAMPS,
+    PRIMALS,
     ROUTE_REJECTED,
+    TANGENTS,
     Rejected,
     aten,
+    has_placeholder,
     is_call,
     new_node,
     prims,
@@ -604,13 +607,6 @@ _EXPERT_CALLS = (torch.ops.moe_ops.fused_experts.default, torch.ops.moe_ops.fuse
                  torch.ops.moe_ops.fused_experts_training_backward.default)
 
 
-def _training_graph(graph: Graph) -> bool:
-    """A training step's forward or backward graph: AOTAutograd names their inputs primals / tangents (an
-    inference graph's are arg<i>_<j>; joint_rewrite.is_joint_graph reads the same names). The post-grad hook is
-    handed the graph alone."""
-    return any(node.name.startswith(("primals", "tangents")) for node in graph.find_nodes(op="placeholder"))
-
-
 def _split_after(router: Node, readers: list[Node]) -> bool:
     """Whether a graph break right after ``router`` put its experts in another graph: the scores come from a
     router matmul over this graph's tokens, its ids leave the graph as routing decisions (themselves, or a
@@ -631,7 +627,7 @@ def _explain_routers_left_alone(graph: Graph, reasons: list[str]) -> None:
     counter's: ids that only feed counts, scatters whose result no matmul reads, or leave the graph) and
     candidates that were no MoE block at all stay at DEBUG."""
     served = {_router_ids(n.args[2]) for n in graph.nodes if is_call(n, _EXPERT_CALLS)}
-    training = _training_graph(graph)
+    training = has_placeholder(graph, PRIMALS, TANGENTS)  # a training step's forward or backward graph
     for router in graph.nodes:
         if not _is_router(router):
             continue

@@ -5,7 +5,7 @@ from __future__ import annotations
 import operator
 
 import torch
-from torch.fx import Node
+from torch.fx import Graph, Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from moe_ops._checks import INDEX_DTYPES
@@ -24,6 +24,17 @@ class Rejected(Exception):
 # Where the routing rewrite leaves the reason a top-k was not rewritten (node.meta), for the experts pass to
 # explain at INFO once it knows which top-ks select experts.
 ROUTE_REJECTED = "moe_ops_route_rejected"
+
+
+# AOTAutograd's names of a training step's graph inputs (primals_<i>, and tangents_<i> for the gradients of the
+# outputs); an inference graph's are arg<i>_<j>. The graph passes are handed the graph alone, so these names are
+# how they tell the two apart.
+PRIMALS, TANGENTS = "primals", "tangents"
+
+
+def has_placeholder(graph: Graph, *prefixes: str) -> bool:
+    """Whether an input of ``graph`` is named with one of ``prefixes`` (PRIMALS, TANGENTS)."""
+    return any(node.name.startswith(prefixes) for node in graph.find_nodes(op="placeholder"))
 
 
 # Every form of a clamp in a post-grad graph: (x, min), (x, max), (x, min, max).

@@ -39,6 +39,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from moe_ops._compat.dynamo import counters, detect_fake_mode
 from moe_ops._compat.inductor import select_decomp_table
+from moe_ops.lowering.graph.fx_match import PRIMALS, TANGENTS, has_placeholder
 
 log = logging.getLogger("moe_ops")
 
@@ -50,9 +51,9 @@ class NotRewritable(Exception):
 def _placeholders(graph: Graph) -> tuple[list[Node], list[Node]]:
     primals, tangents = [], []
     for node in graph.find_nodes(op="placeholder"):
-        if node.name.startswith("primals"):
+        if node.name.startswith(PRIMALS):
             primals.append(node)
-        elif node.name.startswith("tangents"):
+        elif node.name.startswith(TANGENTS):
             tangents.append(node)
         else:
             raise NotRewritable(f"placeholder {node.name} is neither a primal nor a tangent")
@@ -61,7 +62,7 @@ def _placeholders(graph: Graph) -> tuple[list[Node], list[Node]]:
 
 def is_joint_graph(graph: Graph) -> bool:
     """Inductor runs the joint passes on inference graphs too; only a joint graph has tangents."""
-    return any(node.name.startswith("tangents") for node in graph.find_nodes(op="placeholder"))
+    return has_placeholder(graph, TANGENTS)
 
 
 def _closure(sources, step) -> set[Node]:
