@@ -6,6 +6,7 @@ before the tests import the kernel modules.
 
 from __future__ import annotations
 
+import gc
 import os
 
 import pytest
@@ -66,6 +67,16 @@ def pytest_runtest_logreport(report):
     if FAILURE_LOG and report.failed and "PYTEST_XDIST_WORKER" not in os.environ:
         with open(FAILURE_LOG, "a") as log:
             log.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
+
+
+@pytest.fixture(autouse=True)
+def _release_cuda_memory(request):
+    """Parallel test workers share the GPU: a CUDA test's blocks left in its worker's caching allocator would
+    leave the other workers' next tests out of memory."""
+    yield
+    if HAS_CUDA and request.node.get_closest_marker("cuda"):
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 @pytest.fixture(autouse=True)

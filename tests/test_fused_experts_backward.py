@@ -359,6 +359,7 @@ def test_cuda_gradients_identical_run_to_run(biases):
 
 
 @pytest.mark.cuda
+@pytest.mark.whole_gpu
 @pytest.mark.parametrize(
     "T,K,E,H,Fi",
     [(40000, 8, 16, 7168, 256),  # T*K*H = 2.29e9 > 2**31 (DeepSeek-V3's H, 320k slots)
