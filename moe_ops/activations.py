@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from moe_ops._checks import check_number
+
 # GPT-OSS's clamped SwiGLU constants, the defaults of every ``alpha`` / ``limit`` argument (only
 # clamped_swiglu reads both, clamped_silu the limit).
 CLAMPED_SWIGLU_ALPHA = 1.702
@@ -42,6 +44,15 @@ TABLE = (
 BY_NAME = {activation.name: activation for activation in TABLE}
 ACTIVATIONS = tuple(BY_NAME)  # the names, for argument checks
 ACTIVATION_CODE = {activation.name: activation.code for activation in TABLE}
+
+
+def check_clamp_constants(alpha, limit) -> None:
+    """The clamped forms' constants as every op taking them checks them: a NaN or infinite alpha would make every
+    output NaN, a negative limit an empty clamp range (an infinite limit clamps nothing, as Step-3.7's layers
+    without a limit have it)."""
+    check_number("alpha", alpha)
+    if isinstance(limit, bool) or not isinstance(limit, (int, float, torch.SymFloat)) or not limit >= 0:
+        raise ValueError(f"limit: expected a number >= 0 (inf: no clamp), got {limit!r}")
 
 
 def activate_ref(gate: torch.Tensor, up: torch.Tensor | None, activation: str, alpha: float, limit: float):

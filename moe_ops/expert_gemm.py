@@ -33,7 +33,14 @@ from moe_ops._checks import (
     check_kernel_dtype,
     check_tensor,
 )
-from moe_ops.activations import ACTIVATIONS, BY_NAME, CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT, activate_ref
+from moe_ops.activations import (
+    ACTIVATIONS,
+    BY_NAME,
+    CLAMPED_SWIGLU_ALPHA,
+    CLAMPED_SWIGLU_LIMIT,
+    activate_ref,
+    check_clamp_constants,
+)
 from moe_ops.expert_gemm_triton import expert_gemm_triton
 from moe_ops.layout import BlockSchedule, PaddedSchedule, schedule_sizes
 from moe_ops.quantised import check_quantised_weight, dequantise
@@ -81,6 +88,9 @@ def _check_expert_gemm_args(
                  device=a.device)
     check_tensor("num_padded", num_padded, shape=(1,), dtypes=(torch.int32,), device=a.device)
     if gather_top_k > 0:
+        if num_slots % gather_top_k:
+            raise ValueError(f"num_slots: expected T * gather_top_k slots (a multiple of gather_top_k="
+                             f"{gather_top_k}), got {num_slots}")
         if a.shape[0] * gather_top_k != num_slots:
             raise ValueError(
                 f"a: expected ({num_slots // gather_top_k}, K) token rows for num_slots={num_slots} and "
@@ -99,6 +109,7 @@ def expert_gemm_ref(
     w_zero=None, w_up_zero=None,
 ):
     """Plain-PyTorch definition of the op: a loop over experts (the semantics kernels are tested against)."""
+    check_clamp_constants(alpha, limit)
     _check_expert_gemm_args(
         a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded,
         num_slots, block_m, gather_top_k, activation, w_scale, w_up_scale, w_zero, w_up_zero,
@@ -268,6 +279,7 @@ def expert_gemm(
     check_int("block_m", block_m, minimum=1)
     check_int("gather_top_k", gather_top_k, minimum=0)
     check_bool("scatter", scatter)
+    check_clamp_constants(alpha, limit)
     # The schedule's sizes are those of the slot count and block size it was built for (schedule_sizes): another
     # num_slots would mark other rows as padding, another block_m read other blocks. (Slot counts whose
     # schedules have the same sizes cannot be told apart here without reading the schedule on the host.)

@@ -105,11 +105,12 @@ def _ep_return(rows, send_splits, recv_splits, group_name):
 
 def _token_sums(backs, slot_row, topk_weights):
     """Each of this rank's (T, K) slots takes the row ``slot_row`` of the rows that came back (``backs``, one
-    tensor or several in turn; past their end: a zero row), weighted in fp32, and each token sums its K
-    slots in fp32 (a fixed order, as fused_experts): (T, H) in the rows' dtype."""
+    tensor or several in turn; past their end: a zero row), weighted in fp32 (fp64 for fp64 rows), and each
+    token sums its K slots so (a fixed order, as fused_experts): (T, H) in the rows' dtype."""
     backs = [backs] if isinstance(backs, torch.Tensor) else list(backs)
     slot_rows = torch.cat([*backs, backs[0].new_zeros(1, backs[0].shape[1])])[slot_row]
-    weighted = slot_rows.float() * topk_weights.reshape(-1, 1).float()
+    acc_dtype = torch.promote_types(slot_rows.dtype, torch.float32)
+    weighted = slot_rows.to(acc_dtype) * topk_weights.reshape(-1, 1).to(acc_dtype)
     # H named, not inferred: a rank with no tokens has (0, K, H) slots, whose -1 would be ambiguous.
     return weighted.view(*topk_weights.shape, slot_rows.shape[1]).sum(1).to(backs[0].dtype)
 

@@ -28,7 +28,14 @@ from moe_ops._checks import (
 )
 from moe_ops._compat.matmul import grouped_mm
 from moe_ops._dispatch import direct_cuda_call_allowed
-from moe_ops.activations import ACTIVATIONS, BY_NAME, CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT, activate_ref
+from moe_ops.activations import (
+    ACTIVATIONS,
+    BY_NAME,
+    CLAMPED_SWIGLU_ALPHA,
+    CLAMPED_SWIGLU_LIMIT,
+    activate_ref,
+    check_clamp_constants,
+)
 from moe_ops.capacity import POLICIES as CAPACITY_POLICIES
 from moe_ops.capacity import apply_capacity_ref
 from moe_ops.capacity_triton import apply_capacity_triton
@@ -101,6 +108,9 @@ def _check_scales(w_up, layout, quantisation: dict) -> bool:
     """Whether the expert weights are quantised (the scales of every projection given; ``quantisation`` the
     QUANTISATION_ARGS by name); a ValueError where only some are, or zero points come without scales."""
     given = {name: value is not None for name, value in quantisation.items()}
+    for projection in ("w_gate_up", "w_up", "w_down"):
+        if given[f"{projection}_zero"] and not given[f"{projection}_scale"]:
+            raise ValueError(f"{projection}_zero: zero points given without {projection}_scale")
     for kind in ("scale", "zero"):
         if w_up is None and given[f"w_up_{kind}"]:
             raise ValueError(f"w_up_{kind}: given without w_up (a fused w_gate_up takes its in w_gate_up_{kind})")
@@ -110,8 +120,6 @@ def _check_scales(w_up, layout, quantisation: dict) -> bool:
             raise ValueError(f"{wanted[present.index(False)]}: quantised expert weights need the {kind}s of every "
                              f"projection or of none")
     if not given["w_gate_up_scale"]:
-        if given["w_gate_up_zero"]:
-            raise ValueError("w_gate_up_zero: zero points given without scales")
         return False
     if layout != "EFH":
         raise ValueError(
@@ -224,6 +232,7 @@ def fused_experts_ref(
     rounding where the kernels round (the intermediate activation and each slot's output are
     stored in x's dtype). Quantised weights are their dequantised values, in fp32; quantised inputs
     (``input_quantisation``) the dequantised values of x's rows and of each slot's activation."""
+    check_clamp_constants(alpha, limit)
     check_fused_args(
         x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
         layout, interleaved, activation, gated, capacity_factor, drop_policy,
@@ -663,15 +672,11 @@ def fused_experts(
     Returns:
         (T, H) in x's dtype [, num_dropped]
     """
-    # Before the op, whose schema would turn capacity_factor=True into 1.0. alpha and limit too: a NaN there
-    # would make every output NaN, a negative limit an empty clamp range (an infinite limit clamps nothing, as
-    # Step-3.7's layers without a limit have it).
+    # Before the op, whose schema would turn capacity_factor=True into 1.0 (and a flag into a number).
     check_number("capacity_factor", capacity_factor, minimum=0.0)
-    check_number("alpha", alpha)
+    check_clamp_constants(alpha, limit)
     for name, flag in (("interleaved", interleaved), ("gated", gated), ("return_num_dropped", return_num_dropped)):
         check_bool(name, flag)
-    if isinstance(limit, bool) or not isinstance(limit, (int, float, torch.SymFloat)) or not limit >= 0:
-        raise ValueError(f"limit: expected a number >= 0 (inf: no clamp), got {limit!r}")
     args = (
         x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
         layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy,

@@ -33,10 +33,11 @@ from moe_ops.balancing import expert_counts
 from moe_ops.routing import RouterStats
 
 
-def _layers(name: str, value) -> list[torch.Tensor]:
+def _layers(name: str, value, what: str = "tensor") -> list:
+    """``value`` as a list of layers: one ``what`` or a non-empty sequence of them."""
     layers = list(value) if isinstance(value, (list, tuple)) else [value]
     if not layers:
-        raise ValueError(f"{name}: expected a tensor or a non-empty sequence of tensors, one per layer")
+        raise ValueError(f"{name}: expected a {what} or a non-empty sequence of them, one per layer")
     return layers
 
 
@@ -97,7 +98,7 @@ def load_balancing_loss_from_stats(stats: RouterStats | Sequence[RouterStats]) -
     ``E * sum_e (slots_e / N) * (prob_sum_e / N)`` with the sums and N (tokens) added over the stats
     given, which is :func:`load_balancing_loss` of the same logits and ids without a token mask.
     Differentiable w.r.t. the logits through ``router_prob_sum``."""
-    layers = [stats] if isinstance(stats, RouterStats) else _layers("stats", stats)  # a RouterStats is a tuple
+    layers = [stats] if isinstance(stats, RouterStats) else _layers("stats", stats, "RouterStats")  # one is a tuple
     for layer in layers:
         if not isinstance(layer, RouterStats):
             raise TypeError(f"stats: expected RouterStats (from route(..., return_stats=True)), got {type(layer)}")

@@ -23,7 +23,7 @@ import re
 
 import torch
 
-from moe_ops._checks import QUANTISED_WEIGHT_DTYPES, check_tensor
+from moe_ops._checks import FLOAT_DTYPES, QUANTISED_WEIGHT_DTYPES, check_int, check_tensor
 
 # The smallest group the kernels take: a K step (one tl.dot's reduction, 16 at least) reads one group.
 MIN_GROUP_SIZE = 16
@@ -127,6 +127,8 @@ def quantise_blocks(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, to
     """``w`` (E, N, K) as fp8 e4m3 values with one fp32 scale per ``block`` x ``block`` tile ((E, N / block,
     K / block)), as DeepSeek-V3's checkpoints and transformers' FP8 experts store them: each tile's largest
     magnitude at fp8's largest value, 448."""
+    check_tensor("w", w, ndim=3, dtypes=FLOAT_DTYPES)
+    check_int("block", block)
     E, N, K = w.shape
     if block < MIN_GROUP_SIZE or N % block or K % block:
         raise ValueError(f"block: expected at least {MIN_GROUP_SIZE}, dividing N={N} and K={K}, got {block}")
@@ -151,6 +153,8 @@ def quantise_groups(w: torch.Tensor, group_size: int, *, bits: int = 8) -> tuple
     K / 2)), as GPTQ/AWQ-style int4 weights hold them."""
     if bits not in (4, 8):
         raise ValueError(f"bits: expected 4 or 8, got {bits}")
+    check_tensor("w", w, ndim=3, dtypes=FLOAT_DTYPES)
+    check_int("group_size", group_size)
     E, N, K = w.shape
     if group_size < MIN_GROUP_SIZE or group_size % MIN_GROUP_SIZE or K % group_size:
         raise ValueError(f"group_size: expected a multiple of {MIN_GROUP_SIZE} dividing K={K}, got {group_size}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import TRITON_DEVICE, assert_close_rel, zipf_ids
@@ -462,6 +464,13 @@ def test_errors_name_the_argument():
         expert_gemm_ref(**dict(base, w_up=None, activation="clamped_swiglu"))
     with pytest.raises(TypeError, match="sorted_slots: expected dtype in \\(int32\\)"):
         expert_gemm_ref(**dict(base, sorted_slots=args["sorted_slots"].long()))
+    # A NaN or infinite alpha made every output NaN, a negative limit every output 0.
+    for bad, message in ((dict(alpha=math.nan), "alpha: expected a finite number, got nan"),
+                         (dict(alpha=math.inf), "alpha: expected a finite number, got inf"),
+                         (dict(limit=-1.0), r"limit: expected a number >= 0 \(inf: no clamp\), got -1.0"),
+                         (dict(limit=math.nan), r"limit: expected a number >= 0 \(inf: no clamp\), got nan")):
+        with pytest.raises(ValueError, match=message):
+            expert_gemm_ref(**dict(base, activation="clamped_swiglu", **bad))
 
 
 def test_public_call_checks_the_schedule_and_scalars():
@@ -482,6 +491,14 @@ def test_public_call_checks_the_schedule_and_scalars():
         expert_gemm(a, w, schedule, **dict(call, gather_top_k=True))
     with pytest.raises(TypeError, match=r"scatter: expected True or False, got 1"):
         expert_gemm(a, w, schedule, **dict(call, scatter=1))
+    with pytest.raises(ValueError, match=r"limit: expected a number >= 0 \(inf: no clamp\), got -1.0"):
+        expert_gemm(a, w, schedule, **call, activation="clamped_silu", w_up=w, limit=-1.0)
+    # A slot count that is not T * gather_top_k is named as such (the rows of a were blamed, at the shape asked).
+    with pytest.raises(ValueError, match=r"num_slots: expected T \* gather_top_k slots \(a multiple of "
+                                         r"gather_top_k=2\), got 15"):
+        expert_gemm_ref(**dict(_problem(4, 2, 4, 8, 16, torch.float32, "cpu", gated=False, bias=False,
+                                        slot_weights=False), num_slots=15, gather_top_k=2, scatter=False,
+                               activation="relu", alpha=1.0, limit=7.0))
     # Another schedule's block size or slot count would read other blocks, or mark other rows as padding.
     with pytest.raises(ValueError, match=r"block_m: the schedule has \d+ blocks over \d+ rows \(built with "
                                          r"block_m=16\), got 8"):

@@ -18,7 +18,7 @@ from conftest import assert_close_rel
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
-from moe_ops.expert_parallel import fused_experts_ep
+from moe_ops.expert_parallel import DISPATCHES, fused_experts_ep
 from moe_ops.fused_experts import fused_experts_ref
 
 E, K, H, F = 8, 2, 16, 12
@@ -309,6 +309,30 @@ def _edge_worker(rank, num_ranks, init_file):
 def test_a_rank_without_tokens_and_uneven_shards():
     with tempfile.TemporaryDirectory() as folder:
         mp.spawn(_edge_worker, args=(2, os.path.join(folder, "init")), nprocs=2, join=True)
+
+
+def _float64_worker(rank, num_ranks, init_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=num_ranks)
+    try:
+        x, weights, ids, _ = _inputs(rank, 3)
+        x, weights = x.double(), weights.double()
+        w_gate_up, w_down = (w.double() for w in _weights())
+        want = fused_experts_ref(x, weights, ids, w_gate_up, w_down)
+        for dispatch in DISPATCHES:
+            # fp64 sums as fused_experts makes them (the token sums ran in fp32: 4e-8 off, and gradcheck failed).
+            out = fused_experts_ep(x, weights, ids, w_gate_up, w_down, dispatch=dispatch)
+            torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+            assert torch.autograd.gradcheck(
+                lambda x_, w_, dispatch=dispatch: fused_experts_ep(x_, w_, ids, w_gate_up, w_down, dispatch=dispatch),
+                (x.clone().requires_grad_(True), weights.clone().requires_grad_(True)))
+    finally:
+        _destroy_process_group()
+
+
+def test_float64_keeps_its_precision():
+    """fused_experts_ep of fp64 tensors is fused_experts' fp64 computation (gradcheck passes), on one rank."""
+    with tempfile.TemporaryDirectory() as folder:
+        mp.spawn(_float64_worker, args=(1, os.path.join(folder, "init")), nprocs=1, join=True)
 
 
 def test_errors_name_the_argument():

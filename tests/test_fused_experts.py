@@ -351,12 +351,15 @@ def test_errors_name_the_argument():
             fused_experts(**layer, capacity_factor=capacity_factor)
     with pytest.raises(TypeError, match="capacity_factor: expected a number, got True"):
         fused_experts(**layer, capacity_factor=True)
-    # A NaN alpha or limit made every output NaN; a negative limit is an empty clamp range.
-    with pytest.raises(ValueError, match="alpha: expected a finite number, got nan"):
-        fused_experts(**layer, activation="clamped_swiglu", alpha=math.nan)
-    for limit in (math.nan, -1.0):
-        with pytest.raises(ValueError, match=rf"limit: expected a number >= 0 \(inf: no clamp\), got {limit}"):
-            fused_experts(**layer, activation="clamped_silu", limit=limit)
+    # A NaN alpha or limit made every output NaN; a negative limit is an empty clamp range. The reference, which
+    # "takes the same arguments", refuses them too.
+    for op in (fused_experts, fused_experts_ref):
+        for alpha in (math.nan, math.inf):
+            with pytest.raises(ValueError, match=f"alpha: expected a finite number, got {alpha}"):
+                op(**layer, activation="clamped_swiglu", alpha=alpha)
+        for limit in (math.nan, -1.0):
+            with pytest.raises(ValueError, match=rf"limit: expected a number >= 0 \(inf: no clamp\), got {limit}"):
+                op(**layer, activation="clamped_silu", limit=limit)
     # An infinite limit clamps nothing (Step-3.7's layers without one): taken, and it is plain SiLU.
     torch.testing.assert_close(fused_experts(**layer, activation="clamped_silu", limit=math.inf),
                                fused_experts(**layer, activation="silu"))
@@ -512,6 +515,12 @@ def test_quantised_expert_errors_name_the_argument():
         fused_experts_ref(*routed, **dict(options, w_gate_up_scale=options["w_gate_up_scale"][:, :-1]))
     with pytest.raises(ValueError, match="w_up_scale: given without w_up"):
         fused_experts_ref(*routed, **dict(options, w_up_scale=options["w_down_scale"]))
+    # Zero points without their scales are named as such, on float weights too (a missing w_down_zero was blamed).
+    zero = torch.zeros_like(options["w_gate_up_scale"])
+    with pytest.raises(ValueError, match="w_gate_up_zero: zero points given without w_gate_up_scale"):
+        fused_experts_ref(*routed, w_gate_up=layer["w_gate_up"], w_down=layer["w_down"], w_gate_up_zero=zero)
+    with pytest.raises(ValueError, match="w_down_zero: zero points given without w_down_scale"):
+        fused_experts_ref(*routed, **dict(options, w_down_scale=None, w_down_zero=options["w_down_scale"]))
     with pytest.raises(ValueError, match="w_gate_up_scale: quantised weights are stored by output feature"):
         fused_experts_ref(*routed, **dict(options, layout="EHF", w_gate_up=options["w_gate_up"].transpose(1, 2),
                                           w_down=options["w_down"].transpose(1, 2)))

@@ -118,6 +118,8 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match=r"router_logits: expected a 2-D tensor"):
         moe_ops.router_z_loss(logits[0])
     stats = moe_ops.route(logits.detach(), 2, return_stats=True)[2]
+    with pytest.raises(ValueError, match=r"stats: expected a RouterStats or a non-empty sequence of them"):
+        moe_ops.load_balancing_loss_from_stats([])
     with pytest.raises(ValueError, match=r"stats.tokens_per_expert: expected shape \(16\), got \(1\)"):
         moe_ops.load_balancing_loss_from_stats([stats, stats._replace(tokens_per_expert=torch.ones(1))])
 

@@ -107,6 +107,14 @@ def test_errors_name_the_argument():
         quantise_groups(w, 32, bits=2)
     with pytest.raises(ValueError, match="group_size: expected a multiple of 16 dividing K=64"):
         quantise_groups(w, 24)
+    with pytest.raises(TypeError, match="group_size: expected an int, got 16.0"):
+        quantise_groups(w, 16.0)
+    with pytest.raises(ValueError, match=r"w: expected a 3-D tensor, got shape \(8, 64\)"):
+        quantise_groups(w[0], 32)
+    with pytest.raises(ValueError, match=r"w: expected a 3-D tensor, got shape \(64, 64\)"):
+        quantise_blocks(torch.randn(64, 64), 16)
+    with pytest.raises(TypeError, match="w: expected dtype"):
+        quantise_blocks(torch.ones(1, 64, 64, dtype=torch.int8), 16)
     values, scale, zero = quantise_groups(w, 32, bits=4)
     common = dict(scale_name="s", zero_name="z")
     check_quantised_weight("w", values, scale, zero, (2, 8, 64), values.device, **common)
