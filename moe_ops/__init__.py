@@ -7,6 +7,8 @@ The graph passes: importing moe_ops installs a torch.compile (Inductor) pass tha
 PyTorch MoE code into these ops; ``disable()``, ``rewrites_disabled()`` and ``config`` control it.
 """
 
+import importlib
+
 from moe_ops.balancing import expert_counts, update_expert_bias
 from moe_ops.capacity import apply_capacity
 from moe_ops.expert_gemm import expert_gemm
@@ -56,20 +58,21 @@ __all__ = [
 enable()
 
 
+# parallelize_experts and quantise_experts import torch.distributed's tensor package (and transformers for
+# transformers models), and experts_quantization_config imports torchao: each loaded when first asked for, not by
+# ``import moe_ops`` (its import cost). Name -> the module that defines it.
+_LOADED_WHEN_ASKED = {
+    "parallelize_experts": "moe_ops.lowering.parallelize",
+    "experts_quantization_config": "moe_ops.lowering.torchao_experts",
+    "quantise_experts": "moe_ops.lowering.quantise_experts",
+}
+
+
 def __getattr__(name: str):
-    # parallelize_experts and quantise_experts import torch.distributed's tensor package (and transformers for
-    # transformers models), and experts_quantization_config imports torchao: each loaded when first asked
-    # for, not by ``import moe_ops`` (its import cost).
-    if name == "parallelize_experts":
-        from moe_ops.lowering.parallelize import parallelize_experts
-
-        return parallelize_experts
-    if name == "experts_quantization_config":  # imports torchao
-        from moe_ops.lowering.torchao_experts import experts_quantization_config
-
-        return experts_quantization_config
-    if name == "quantise_experts":
-        from moe_ops.lowering.quantise_experts import quantise_experts
-
-        return quantise_experts
+    if name in _LOADED_WHEN_ASKED:
+        return getattr(importlib.import_module(_LOADED_WHEN_ASKED[name]), name)
     raise AttributeError(f"module 'moe_ops' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted({*globals(), *_LOADED_WHEN_ASKED})
