@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import sys
+import warnings
 from dataclasses import dataclass
 
 
@@ -12,9 +14,12 @@ from dataclasses import dataclass
 class Config:
     """Switches of moe_ops (``moe_ops.config``). Every one that changes what a compiled graph holds is part
     of the graph passes' cache key, so Inductor's cache never hands a graph compiled with one value to another.
-    Dynamo's own cache of compiled frames guards only on ``rewrites`` and the two ``transformers_*`` switches
-    (below): after changing another one, ``torch._dynamo.reset()`` makes functions already compiled compile
-    again with it (a new ``torch.compile`` of the same module does not: the frames are the same).
+    A switch is read when a function compiles: a function compiled before a change keeps the graphs it was
+    compiled with (dynamo's cache of compiled frames does not know the switches), except the code of a
+    transformers experts module, which dynamo guards on ``rewrites`` and the two ``transformers_*`` switches
+    (below) and recompiles on a change. ``torch.compiler.reset()`` makes every function compile again with the
+    switches of the moment (a new ``torch.compile`` of the same module does not: the frames are the same). The
+    first change of each switch after something was compiled in the process warns so.
 
     Attributes:
         rewrites: run the rewrites when Inductor compiles a graph.
@@ -82,7 +87,32 @@ class Config:
             raise AttributeError(f"moe_ops.config has no setting {name!r}: {hint}")
         if not isinstance(value, bool):
             raise TypeError(f"moe_ops.config.{name}: expected True or False, got {value!r}")
+        changed = name in self.__dict__ and self.__dict__[name] != value
         object.__setattr__(self, name, value)
+        if changed and name not in _warned and _compiled_in_this_process():
+            _warned.add(name)
+            warnings.warn(f"moe_ops.config.{name} changed after torch.compile compiled code in this process: "
+                          f"functions compiled before keep the graphs they were compiled with (transformers "
+                          f"experts modules recompile); torch.compiler.reset() makes them compile again",
+                          stacklevel=_caller_outside_moe_ops())
+
+
+_warned: set[str] = set()  # the switches whose change warned already
+
+
+def _compiled_in_this_process() -> bool:
+    """Whether dynamo compiled a graph in this process (never imports dynamo: ``import moe_ops`` does not)."""
+    dynamo_utils = sys.modules.get("torch._dynamo.utils")
+    return dynamo_utils is not None and dynamo_utils.counters["stats"]["unique_graphs"] > 0
+
+
+def _caller_outside_moe_ops() -> int:
+    """The warning's stacklevel: the user's frame, the first outside this package (enable, disable,
+    rewrites_disabled) and contextlib (which enters and leaves rewrites_disabled)."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(("moe_ops", "contextlib")):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 config = Config()

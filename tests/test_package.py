@@ -28,6 +28,36 @@ def test_config_refuses_typos_and_non_bools():
     moe_ops.config.training_rewrites = saved
 
 
+STALE_SWITCHES = """
+import warnings, torch, moe_ops
+warnings.simplefilter("always")
+with warnings.catch_warnings(record=True) as before:
+    moe_ops.disable()
+    moe_ops.enable()
+torch.compile(lambda x: x + 1)(torch.ones(2))
+with warnings.catch_warnings(record=True) as after:
+    with moe_ops.rewrites_disabled():
+        moe_ops.disable()
+    moe_ops.enable()
+    moe_ops.config.batch_invariant = True
+    moe_ops.config.batch_invariant = False
+print(len(before))
+print([str(w.message).split(":")[0] for w in after])
+print({w.filename for w in after})
+"""
+
+
+def test_a_change_after_a_compile_warns_once_per_switch():
+    """A switch changed after something was compiled does not reach the functions compiled before: the first
+    change of each switch says so, pointing at the user's line (not moe_ops' or contextlib's); none before a
+    compile."""
+    before, after, files = _fresh(STALE_SWITCHES).splitlines()[-3:]
+    assert before == "0"
+    assert after == ("['moe_ops.config.rewrites changed after torch.compile compiled code in this process', "
+                     "'moe_ops.config.batch_invariant changed after torch.compile compiled code in this process']")
+    assert files == "{'<string>'}"
+
+
 def test_one_import_name(tmp_path):
     """A built wheel holds moe_ops (with the lowering/ folder as moe_ops.lowering) and nothing else at its
     top level, so a user's own lowering.py cannot shadow part of the library."""
