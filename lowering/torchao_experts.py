@@ -61,23 +61,26 @@ def _fp8_rowwise_settings(float8_dtype, granularity: type, dim, lower_bound, upp
             and lower_bound is None and upper_bound is None)
 
 
-# A zero-point tensor -> (its version, whether any is not 0), for as long as the tensor lives: eager calls read the
-# answer once per tensor rather than synchronising with the device on every call. (Inference tensors count no
-# versions: theirs is kept as None, since weights are not written under inference mode.)
+# A torchao weight -> (its version, whether any zero point is not 0), for as long as the weight lives: eager calls
+# read the answer once per weight rather than synchronising with the device on every call. Keyed by the weight, not
+# its zero points: torchao writes those in place below autograd (a state dict loaded into the weight:
+# Int8Tensor.copy_), which counts on the weight's version alone. (Inference tensors count no versions: theirs is
+# kept as None, since weights are not written under inference mode.)
 _NONZERO = WeakIdKeyDictionary()
 
 
 @torch.compiler.assume_constant_result
-def _any_nonzero(zero_point: torch.Tensor) -> bool:
-    """Whether a torchao tensor's zero points are not all 0. Dynamo runs it at trace time on the stored zero
-    points and keeps the result: quantised weights are constants of the graph (moe_ops' experts never write them;
-    a new quantisation makes new tensors, which dynamo traces again)."""
-    version = None if zero_point.is_inference() else zero_point._version
-    known = _NONZERO.get(zero_point)
+def _any_nonzero_zero_point(weight: torch.Tensor) -> bool:
+    """Whether a torchao weight's zero points are not all 0. Dynamo runs it at trace time and keeps the result:
+    a compiled function keeps the form it was compiled with (docs/index.md, Quantised experts: after loading
+    weights whose zero points are 0 into ones whose are not, or the reverse, torch.compiler.reset() compiles it
+    again)."""
+    version = None if weight.is_inference() else weight._version
+    known = _NONZERO.get(weight)
     if known is not None and known[0] == version:
         return known[1]
-    nonzero = bool(zero_point.any())
-    _NONZERO[zero_point] = (version, nonzero)
+    nonzero = bool(weight.zero_point.any())
+    _NONZERO[weight] = (version, nonzero)
     return nonzero
 
 
@@ -116,7 +119,7 @@ def torchao_quantised(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
             broadcast = False
         if not broadcast:
             return None
-        zero = zero.to(torch.float32).expand(scale.shape).contiguous() if _any_nonzero(zero) else None
+        zero = zero.to(torch.float32).expand(scale.shape).contiguous() if _any_nonzero_zero_point(weight) else None
     act_quant_kwargs = getattr(weight, "act_quant_kwargs", None)
     if act_quant_kwargs is not None:
         if (group != columns or values.dtype != torch.float8_e4m3fn or zero is not None

@@ -225,6 +225,34 @@ def test_asymmetric_int8_weights_keep_their_zero_points():
     torch.testing.assert_close(got, out, rtol=2e-2, atol=2e-2)
 
 
+def test_a_loaded_state_dict_with_other_zero_points_is_read():
+    """A block run once over symmetric int8 weights (zero points of 0: the form without them), then loaded with an
+    asymmetric checkpoint: the next eager call takes the loaded zero points (torchao's copy_ writes them below
+    autograd, so they count no version of their own; a cache keyed by them kept the old answer: 80% off)."""
+    from torchao.quantization import PerRow
+    from torchao.quantization.quant_primitives import MappingType
+    from torchao.quantization.quantize_.workflows.int8.int8_tensor import Int8Tensor
+
+    def int8_block(shift, mapping):
+        block = _block()
+        for name in ("gate_up_proj", "down_proj"):
+            quantised = Int8Tensor.from_hp(getattr(block.experts, name) + shift, PerRow(), mapping_type=mapping)
+            setattr(block.experts, name, torch.nn.Parameter(quantised, requires_grad=False))
+        block.experts.config._experts_implementation = "moe_ops"
+        return block
+
+    block, checkpoint = int8_block(0.0, MappingType.SYMMETRIC), int8_block(0.05, MappingType.ASYMMETRIC)
+    x = torch.randn(1, 12, H, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    with torch.no_grad():
+        block(x)
+        assert not block.experts.gate_up_proj.zero_point.any()
+        block.load_state_dict(checkpoint.state_dict())
+        assert block.experts.gate_up_proj.zero_point.any()
+        want = _dequantised_twin(block)(x)
+        out = block(x)
+    assert ((out.float() - want.float()).abs().max() / want.float().abs().max()).item() <= 2e-2
+
+
 def _fp8_dynamic_block():
     """The block with fp8 expert weights scaled per row whose inputs torchao quantises to fp8 per row on the fly:
     the tensors ``Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())`` makes, built directly (the
