@@ -15,6 +15,7 @@ import re
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 from moe_ops._compat.dispatch import autograd_inside_custom_op
 
@@ -24,6 +25,19 @@ def _arguments_text(op) -> str:
     the gradients, and Inductor refuses a schema with an argument without default after one with."""
     schema = str(op._opoverload._schema)
     return re.sub(r"=[^,]+", "", schema[schema.index("(") + 1 : schema.rindex(") ->")])
+
+
+def refuse_forward_ad(op_name: str, *tensors) -> None:
+    """Refuses forward-mode AD (``torch.func.jvp``, ``torch.autograd.forward_ad``) through a moe_ops op: the
+    ops have no forward formula, and torch hands a custom op without one a zero tangent, silently
+    (torch 2.13). Free outside a dual level (one Python read); not under torch.compile, which traces the ops into
+    graphs that forward AD does not run."""
+    if forward_ad._current_level < 0 or torch.compiler.is_compiling():
+        return
+    if any(isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        raise NotImplementedError(f"{op_name}: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) has no "
+                                  f"formula through moe_ops' ops; autograd's reverse mode (backward, "
+                                  f"torch.autograd.grad) has")
 
 
 def laid_out_like(value: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:

@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import torch
 
+from moe_ops._autograd import refuse_forward_ad
 from moe_ops._checks import FLOAT_DTYPES, check_bool, check_choice, check_int, check_number, check_tensor
 from moe_ops._compat.dispatch import autograd_inside_custom_op
 from moe_ops._dispatch import direct_cuda_call_allowed
@@ -398,6 +399,7 @@ def route(
     if not renormalize and (renorm_eps or renorm_min):
         name, value = ("renorm_eps", renorm_eps) if renorm_eps else ("renorm_min", renorm_min)
         raise ValueError(f"{name}: shapes the renormalisation, which renormalize=False skips; got {name}={value}")
+    refuse_forward_ad("route", router_logits, correction_bias)
     args = (
         router_logits, top_k, scoring, softmax_after_topk, renormalize,
         float(renorm_eps), correction_bias, n_group, topk_group, float(routed_scaling_factor),

@@ -493,6 +493,8 @@ def test_public_call_checks_the_schedule_and_scalars():
         expert_gemm(a, w, schedule, **dict(call, scatter=1))
     with pytest.raises(ValueError, match=r"limit: expected a number >= 0 \(inf: no clamp\), got -1.0"):
         expert_gemm(a, w, schedule, **call, activation="clamped_silu", w_up=w, limit=-1.0)
+    with pytest.raises(NotImplementedError, match="expert_gemm: forward-mode AD"):
+        torch.func.jvp(lambda a_: expert_gemm(a_, w, schedule, **call), (a,), (torch.ones_like(a),))
     # A slot count that is not T * gather_top_k is named as such (the rows of a were blamed, at the shape asked).
     with pytest.raises(ValueError, match=r"num_slots: expected T \* gather_top_k slots \(a multiple of "
                                          r"gather_top_k=2\), got 15"):

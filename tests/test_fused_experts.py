@@ -307,6 +307,21 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(training_variant, leaves)
 
 
+def test_forward_mode_ad_is_refused():
+    """torch.func.jvp / forward_ad through fused_experts: no forward formula, and torch gave a zero tangent
+    (silently) rather than raising; autograd's reverse mode is unaffected."""
+    import torch.autograd.forward_ad as forward_ad
+
+    layer = _layer(5, 2, 3, 6, 4, torch.float64, "cpu")
+    with pytest.raises(NotImplementedError, match="fused_experts: forward-mode AD"):
+        torch.func.jvp(lambda x: fused_experts(**dict(layer, x=x)), (layer["x"],), (torch.ones_like(layer["x"]),))
+    with forward_ad.dual_level(), pytest.raises(NotImplementedError, match="fused_experts: forward-mode AD"):
+        fused_experts(**dict(layer, w_down=forward_ad.make_dual(layer["w_down"], torch.ones_like(layer["w_down"]))))
+    x = layer["x"].clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(fused_experts(**dict(layer, x=x)).sum(), x)
+    assert grad.abs().sum() > 0
+
+
 def test_a_backward_after_an_input_changed_in_place_is_refused():
     """A weight or input changed in place between forward and backward (an optimizer step, a residual add
     into x) makes the gradients those of other values: refused, as torch's own ops refuse it."""

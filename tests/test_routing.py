@@ -427,6 +427,13 @@ def test_gradcheck(mode, num_experts, k):
     torch.autograd.gradcheck(lambda x: route(x, k, correction_bias=bias, **cfg)[0], (logits,))
 
 
+def test_forward_mode_ad_is_refused():
+    """torch.func.jvp through route: no forward formula (torch gave a zero tangent, silently)."""
+    logits = _spread_logits(5, 8)
+    with pytest.raises(NotImplementedError, match="route: forward-mode AD"):
+        torch.func.jvp(lambda x: route(x, 2)[0], (logits,), (torch.ones_like(logits),))
+
+
 def test_backward_matches_reference_autograd():
     logits = torch.randn(7, 16, requires_grad=True)
     grad_out = torch.randn(7, 4)
