@@ -183,6 +183,29 @@ def test_int4_zero_points_that_are_no_whole_numbers(dtype):
     assert_close_rel(got, want, dtype, "zero points with fractions")
 
 
+@pytest.mark.skipif(TRITON_DEVICE == "cuda", reason="counts the interpreter's calls of the kernel's functions")
+@pytest.mark.parametrize("bits,block_m,path", [(4, 16, "scaled_group_product"), (4, 64, "weight_tile"),
+                                               (8, 16, "scaled_group_product"), (8, 64, "weight_tile")])
+def test_decode_blocks_scale_the_product(monkeypatch, bits, block_m, path):
+    """Which path the grouped tests above take: decode blocks (fewer rows than the K step) scale each step's
+    product, prefill blocks dequantise each weight tile (the "decode" / "prefill" ids say so by block size
+    alone)."""
+    from moe_ops import expert_gemm_triton
+
+    calls = []
+    for name in ("scaled_group_product", "weight_tile"):
+        function = getattr(expert_gemm_triton, name)
+        monkeypatch.setattr(expert_gemm_triton, name,
+                            lambda *args, _name=name, _function=function: calls.append(_name) or _function(*args))
+    args = _problem(9, 2, 4, 24, 64, torch.bfloat16, TRITON_DEVICE, gated=True, bias=False, slot_weights=True,
+                    block_m=block_m)
+    for name in ("w", "w_up"):
+        args[name], args[f"{name}_scale"], args[f"{name}_zero"] = quantise_groups(args[name], 32, bits=bits)
+    got, want = _run_both(args, gather_top_k=2, activation="silu")
+    assert calls and set(calls) == {path}
+    assert_close_rel(got, want, torch.bfloat16, path)
+
+
 @pytest.mark.parametrize("block_m", [16, 64], ids=["decode", "prefill"])
 def test_int4_without_zero_points(block_m):
     """int4 values with scales alone (each nibble stands for itself times its group's scale): the kernel gives
