@@ -64,23 +64,23 @@ def _fp8_rowwise_settings(float8_dtype, granularity: type, dim, lower_bound, upp
 # A torchao weight -> (its version, whether any zero point is not 0), for as long as the weight lives: eager calls
 # read the answer once per weight rather than synchronising with the device on every call. Keyed by the weight, not
 # its zero points: torchao writes those in place below autograd (a state dict loaded into the weight:
-# Int8Tensor.copy_), which counts on the weight's version alone. (Inference tensors count no versions: theirs is
-# kept as None, since weights are not written under inference mode.)
+# Int8Tensor.copy_), which counts on the weight's version alone.
 _NONZERO = WeakIdKeyDictionary()
 
 
 @torch.compiler.assume_constant_result
 def _any_nonzero_zero_point(weight: torch.Tensor) -> bool:
-    """Whether a torchao weight's zero points are not all 0. Dynamo runs it at trace time and keeps the result:
-    a compiled function keeps the form it was compiled with (docs/index.md, Quantised experts: after loading
-    weights whose zero points are 0 into ones whose are not, or the reverse, torch.compiler.reset() compiles it
-    again)."""
-    version = None if weight.is_inference() else weight._version
+    """Whether a torchao weight's zero points may not all be 0: read once per weight version. An inference tensor
+    counts no versions, so a write under inference mode could not be told: its zero points are always taken
+    (True: correct whatever they hold, the slower form where they are 0). Dynamo runs it at trace time and keeps
+    the result: a compiled function keeps the form it was compiled with (docs/index.md, Quantised experts)."""
+    if weight.is_inference():
+        return True
     known = _NONZERO.get(weight)
-    if known is not None and known[0] == version:
+    if known is not None and known[0] == weight._version:
         return known[1]
     nonzero = bool(weight.zero_point.any())
-    _NONZERO[weight] = (version, nonzero)
+    _NONZERO[weight] = (weight._version, nonzero)
     return nonzero
 
 

@@ -29,12 +29,13 @@ def _arguments_text(op) -> str:
 
 def refuse_forward_ad(op_name: str, *tensors) -> None:
     """Refuses forward-mode AD (``torch.func.jvp``, ``torch.autograd.forward_ad``) through a moe_ops op: the
-    ops have no forward formula, and torch hands a custom op without one a zero tangent, silently
-    (torch 2.13). Free outside a dual level (one Python read); not under torch.compile, which traces the ops into
-    graphs that forward AD does not run."""
-    if forward_ad._current_level < 0 or torch.compiler.is_compiling():
+    ops have no forward formula, and torch hands a custom op without one a zero tangent, silently (torch 2.13).
+    Free outside a dual level (one Python read; under torch.compile a guard on it). Inside one, a dual input is
+    refused, and under torch.compile, which cannot tell dual inputs apart, any call."""
+    if forward_ad._current_level < 0:
         return
-    if any(isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+    if torch.compiler.is_compiling() or any(
+            isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in tensors):
         raise NotImplementedError(f"{op_name}: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) has no "
                                   f"formula through moe_ops' ops; autograd's reverse mode (backward, "
                                   f"torch.autograd.grad) has")

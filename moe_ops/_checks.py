@@ -82,6 +82,12 @@ def check_bool(name: str, value) -> None:
         raise TypeError(f"{name}: expected True or False, got {value!r}")
 
 
+def shown(value):
+    """A number as an error message shows it; under torch.compile in words, since dynamo cannot format a
+    symbolic one (a float argument under dynamic=True, which it sees as a float)."""
+    return "a value outside that range" if torch.compiler.is_compiling() else value
+
+
 def check_number(name: str, value, *, minimum: float | None = None) -> None:
     """A finite real number (int or float, not a bool), at least ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, (int, float, torch.SymInt, torch.SymFloat)):
@@ -90,7 +96,7 @@ def check_number(name: str, value, *, minimum: float | None = None) -> None:
     # which math.isfinite cannot trace. A NaN fails the comparison too.
     if not abs(value) < math.inf or (minimum is not None and value < minimum):
         bound = f" >= {minimum}" if minimum is not None else ""
-        raise ValueError(f"{name}: expected a finite number{bound}, got {value}")
+        raise ValueError(f"{name}: expected a finite number{bound}, got {shown(value)}")
 
 
 def check_choice(name: str, value, choices: Sequence) -> None:

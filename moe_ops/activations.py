@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from moe_ops._checks import check_number
+from moe_ops._checks import check_number, shown
 
 # GPT-OSS's clamped SwiGLU constants, the defaults of every ``alpha`` / ``limit`` argument (only
 # clamped_swiglu reads both, clamped_silu the limit).
@@ -52,7 +52,7 @@ def check_clamp_constants(alpha, limit) -> None:
     without a limit have it)."""
     check_number("alpha", alpha)
     if isinstance(limit, bool) or not isinstance(limit, (int, float, torch.SymFloat)) or not limit >= 0:
-        raise ValueError(f"limit: expected a number >= 0 (inf: no clamp), got {limit!r}")
+        raise ValueError(f"limit: expected a number >= 0 (inf: no clamp), got {shown(limit)}")
 
 
 def activate_ref(gate: torch.Tensor, up: torch.Tensor | None, activation: str, alpha: float, limit: float):

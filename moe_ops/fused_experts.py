@@ -108,12 +108,13 @@ def _check_scales(w_up, layout, quantisation: dict) -> bool:
     """Whether the expert weights are quantised (the scales of every projection given; ``quantisation`` the
     QUANTISATION_ARGS by name); a ValueError where only some are, or zero points come without scales."""
     given = {name: value is not None for name, value in quantisation.items()}
+    for kind in ("scale", "zero"):
+        if w_up is None and given[f"w_up_{kind}"]:
+            raise ValueError(f"w_up_{kind}: given without w_up (a fused w_gate_up takes its in w_gate_up_{kind})")
     for projection in ("w_gate_up", "w_up", "w_down"):
         if given[f"{projection}_zero"] and not given[f"{projection}_scale"]:
             raise ValueError(f"{projection}_zero: zero points given without {projection}_scale")
     for kind in ("scale", "zero"):
-        if w_up is None and given[f"w_up_{kind}"]:
-            raise ValueError(f"w_up_{kind}: given without w_up (a fused w_gate_up takes its in w_gate_up_{kind})")
         wanted = [f"w_gate_up_{kind}", f"w_down_{kind}"] + ([f"w_up_{kind}"] if w_up is not None else [])
         present = [given[name] for name in wanted]
         if any(present) and not all(present):

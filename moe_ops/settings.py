@@ -1,5 +1,5 @@
-"""The switches of moe_ops (``moe_ops.config``), in a module that imports nothing of the package, so that
-the kernels' launchers (batch invariance) and the compiler integration (the rewrites) read them alike."""
+"""The switches of moe_ops (``moe_ops.config``), in a module that imports nothing of the package at import time, so
+that the kernels' launchers (batch invariance) and the compiler integration (the rewrites) read them alike."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ class Config:
     transformers experts module, which dynamo guards on ``rewrites`` and the two ``transformers_*`` switches
     (below) and recompiles on a change. ``torch.compiler.reset()`` makes every function compile again with the
     switches of the moment (a new ``torch.compile`` of the same module does not: the frames are the same). The
-    first change of each switch after something was compiled in the process warns so.
+    first change of each switch after something was compiled in the process warns so. ``batch_invariant`` is
+    also read by the kernels at each eager launch (below).
 
     Attributes:
         rewrites: run the rewrites when Inductor compiles a graph.
@@ -92,7 +93,7 @@ class Config:
         if changed and name not in _warned and _compiled_in_this_process():
             _warned.add(name)
             warnings.warn(f"moe_ops.config.{name} changed after torch.compile compiled code in this process: "
-                          f"functions compiled before keep the graphs they were compiled with (transformers "
+                          f"functions compiled before it keep the graphs they were compiled with (transformers "
                           f"experts modules recompile); torch.compiler.reset() makes them compile again",
                           stacklevel=_caller_outside_moe_ops())
 
@@ -101,9 +102,13 @@ _warned: set[str] = set()  # the switches whose change warned already
 
 
 def _compiled_in_this_process() -> bool:
-    """Whether dynamo compiled a graph in this process (never imports dynamo: ``import moe_ops`` does not)."""
-    dynamo_utils = sys.modules.get("torch._dynamo.utils")
-    return dynamo_utils is not None and dynamo_utils.counters["stats"]["unique_graphs"] > 0
+    """Whether dynamo compiled a graph since the process started or the last torch.compiler.reset(). Never
+    imports dynamo (``import moe_ops`` does not): where it is not loaded, nothing was compiled."""
+    if "torch._dynamo" not in sys.modules:
+        return False
+    from moe_ops._compat.dynamo import compiled_since_reset  # dynamo is loaded: nothing to pay at import
+
+    return compiled_since_reset()
 
 
 def _caller_outside_moe_ops() -> int:

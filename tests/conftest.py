@@ -70,11 +70,11 @@ def pytest_runtest_logreport(report):
 
 
 @pytest.fixture(autouse=True)
-def _release_cuda_memory(request):
-    """Parallel test workers share the GPU: a CUDA test's blocks left in its worker's caching allocator would
-    leave the other workers' next tests out of memory."""
+def _release_cuda_memory():
+    """Parallel test workers share the GPU: a test's blocks left in its worker's caching allocator (a CUDA-marked
+    test's, or one that ran on TRITON_DEVICE) would leave the other workers' next tests out of memory."""
     yield
-    if HAS_CUDA and request.node.get_closest_marker("cuda"):
+    if HAS_CUDA and torch.cuda.memory_reserved() > 0:
         gc.collect()
         torch.cuda.empty_cache()
 

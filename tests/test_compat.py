@@ -116,6 +116,18 @@ def test_sym_min_and_check_value_trace_in_one_graph():
         fn(x + 200, 3)
 
 
+def test_compiled_since_reset():
+    """Whether a graph was compiled since torch.compiler.reset() (the config's warning asks it)."""
+    from moe_ops._compat.dynamo import compiled_since_reset
+
+    torch._dynamo.reset()
+    assert not compiled_since_reset()
+    torch.compile(lambda x: x * 3)(torch.ones(2))
+    assert compiled_since_reset()
+    torch._dynamo.reset()
+    assert not compiled_since_reset()
+
+
 def test_check_value_without_a_traced_message(monkeypatch):
     """The form of torch versions that cannot trace a message function (2.11): compiled, the graph's own
     assertion; eager, the message."""

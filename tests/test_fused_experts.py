@@ -320,6 +320,12 @@ def test_forward_mode_ad_is_refused():
     x = layer["x"].clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(fused_experts(**dict(layer, x=x)).sum(), x)
     assert grad.abs().sum() > 0
+    # Compiled, dual inputs cannot be told apart: any call inside a dual level is refused (the tangent came back
+    # None), and none outside one.
+    compiled = torch.compile(lambda x: fused_experts(**dict(layer, x=x)), backend="aot_eager")
+    with forward_ad.dual_level(), pytest.raises(NotImplementedError, match="fused_experts: forward-mode AD"):
+        compiled(forward_ad.make_dual(layer["x"], torch.ones_like(layer["x"])))
+    torch.testing.assert_close(compiled(layer["x"]), fused_experts(**layer))
 
 
 def test_a_backward_after_an_input_changed_in_place_is_refused():
@@ -534,6 +540,8 @@ def test_quantised_expert_errors_name_the_argument():
     zero = torch.zeros_like(options["w_gate_up_scale"])
     with pytest.raises(ValueError, match="w_gate_up_zero: zero points given without w_gate_up_scale"):
         fused_experts_ref(*routed, w_gate_up=layer["w_gate_up"], w_down=layer["w_down"], w_gate_up_zero=zero)
+    with pytest.raises(ValueError, match="w_up_zero: given without w_up"):
+        fused_experts_ref(*routed, **dict(options, w_up_zero=zero))
     with pytest.raises(ValueError, match="w_down_zero: zero points given without w_down_scale"):
         fused_experts_ref(*routed, **dict(options, w_down_scale=None, w_down_zero=options["w_down_scale"]))
     with pytest.raises(ValueError, match="w_gate_up_scale: quantised weights are stored by output feature"):

@@ -228,7 +228,8 @@ def test_asymmetric_int8_weights_keep_their_zero_points():
 def test_a_loaded_state_dict_with_other_zero_points_is_read():
     """A block run once over symmetric int8 weights (zero points of 0: the form without them), then loaded with an
     asymmetric checkpoint: the next eager call takes the loaded zero points (torchao's copy_ writes them below
-    autograd, so they count no version of their own; a cache keyed by them kept the old answer: 80% off)."""
+    autograd, so they count no version of their own; a cache keyed by them kept the old answer: 80% off), also
+    under inference mode."""
     from torchao.quantization import PerRow
     from torchao.quantization.quant_primitives import MappingType
     from torchao.quantization.quantize_.workflows.int8.int8_tensor import Int8Tensor
@@ -251,6 +252,15 @@ def test_a_loaded_state_dict_with_other_zero_points_is_read():
         want = _dequantised_twin(block)(x)
         out = block(x)
     assert ((out.float() - want.float()).abs().max() / want.float().abs().max()).item() <= 2e-2
+    # The same written under inference mode (copy_: its load_state_dict refuses torchao's tensors), whose tensors
+    # count no writes: their zero points are always taken.
+    with torch.inference_mode():
+        block = int8_block(0.0, MappingType.SYMMETRIC)
+        block(x)
+        for name in ("gate_up_proj", "down_proj"):
+            getattr(block.experts, name).copy_(getattr(checkpoint.experts, name))
+        block.gate.weight.copy_(checkpoint.gate.weight)
+        torch.testing.assert_close(block(x), out)
 
 
 def _fp8_dynamic_block():

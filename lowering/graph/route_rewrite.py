@@ -21,8 +21,9 @@ Not rewritten (each logged at DEBUG with the reason, and at INFO once per source
 top-k selects experts: lowering/graph/experts_rewrite.py): scores not computed in fp32 (e.g. a bf16
 softmax whose bf16 result feeds topk: its rounding changes the selection), reductions over another
 dim, ``largest=False``, logits that are not 2-D, R2 where the top-k values are also used outside
-the softmax (the topk would have to stay), and R3 masking with anything but -inf (HF's DeepseekV3
-fills 0.0, which picks a masked expert over a kept one whose biased score is negative).
+the softmax (the topk would have to stay), and R3 masking with anything but -inf (HF's DeepSeek-V2
+fills 0.0: a masked expert then ties with a kept one whose score is 0, or beats one whose biased score is
+negative).
 
 Where the scores (the softmax output) have other users, the rewrite still happens and those users
 keep reading Inductor's softmax: the op recomputes it. Where the top-k weights have users besides
@@ -398,8 +399,8 @@ def _match_group_limited(topk: Node, k: int, values: Node | None, ids: Node | No
         # n_group = topk_group = 1 with a 0.0 fill); the selection is the ungrouped one.
         n_group = topk_group = 1
     elif fill_value != float("-inf"):
-        # HF's DeepseekV3 fills 0.0: then a masked expert beats a kept one whose biased score is
-        # negative, which moe_ops.route (-inf) never allows.
+        # A 0.0 fill (HF's DeepSeek-V2): a masked expert then ties with a kept one whose score is 0, or
+        # beats one whose biased score is negative, which moe_ops.route (-inf) never allows.
         raise Rejected(f"experts masked with {fill_value!r}, not -inf")
 
     weights, folded = _fold_renorm_and_scale(_gathered_scores(scores, ids))
