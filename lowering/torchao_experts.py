@@ -72,8 +72,9 @@ _NONZERO = WeakIdKeyDictionary()
 def _any_nonzero_zero_point(weight: torch.Tensor) -> bool:
     """Whether a torchao weight's zero points may not all be 0: read once per weight version. An inference tensor
     counts no versions, so a write under inference mode could not be told: its zero points are always taken
-    (True: correct whatever they hold, the slower form where they are 0). Dynamo runs it at trace time and keeps
-    the result: a compiled function keeps the form it was compiled with (docs/index.md, Quantised experts)."""
+    (True: correct whatever they hold; where they are 0, a subtraction per weight value is spent on them).
+    Dynamo runs it at trace time and keeps the result: a compiled function keeps the form it was compiled with
+    (docs/index.md, Quantised experts)."""
     if weight.is_inference():
         return True
     known = _NONZERO.get(weight)

@@ -156,11 +156,11 @@ def expert_gemm_tile(
     both as a (2, rows, K) array, so each K step is one dot of 2 BLOCK_N columns, A read from shared
     memory once instead of once per weight.
 
-    Quantised weights (moe_ops.quantised): ``W_SCALED``, int8 / fp8 values with per-row scales and no zero
-    points, dots the values and scales the accumulated columns; else ``W_GROUP_SIZE`` (the reduction features
-    per scale: K for per-row scales; ``W_SCALE_ROWS`` output features per scale: 1 but for block scales)
-    scales each K step's product (decode tiles) or dequantises each weight tile before its dot (k_step),
-    ``W_INT4`` unpacking two values per byte and ``W_ZERO_POINT`` subtracting the zero points. A holding fp8
+    Quantised weights (moe_ops.quantised): ``W_SCALED``, int8 / fp8 values with per-row scales, dots the values
+    (less their zero points with ``W_ZERO_POINT``) and scales the accumulated columns; else ``W_GROUP_SIZE`` (the
+    reduction features per scale; ``W_SCALE_ROWS`` output features per scale: 1 but for block scales) scales
+    each K step's product (decode tiles) or dequantises each weight tile before its dot (k_step), ``W_INT4``
+    unpacking two values per byte and ``W_ZERO_POINT`` subtracting the zero points. A holding fp8
     values with fp32 scales (``a_scales``: (pointer, row stride, group stride)): ``A_SCALED``, one per row,
     applied to the accumulated rows (w8a8 with W_SCALED: fp8
     dots, both scales in the epilogue); ``A_GROUPED``, one per row and group of W_GROUP_SIZE inputs, the
@@ -204,7 +204,7 @@ def expert_gemm_tile(
         offs_k = tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak
         w_ptrs, u_ptrs = weight_tile_ptrs(w, w_up, expert, cols, BLOCK_K, W_INT4, W_LEFT)
-        groups = weight_group_ptrs(w_scales, expert, cols, W_GROUP_SIZE, W_SCALE_ROWS)
+        groups = weight_group_ptrs(w_scales, expert, cols, W_GROUP_SIZE, W_SCALE_ROWS, W_ZERO_POINT)
         a_groups = input_group_ptrs(a_scales, a_row, row_valid, A_GROUPED)
         for k0 in range(0, k_end, BLOCK_K):
             a_tile = tl.load(a_ptrs, mask=row_valid[:, None] & (offs_k < K - k0)[None, :], other=0.0)
@@ -340,12 +340,13 @@ def weight_tile_ptrs(w, w_up, expert, cols, BLOCK_K: tl.constexpr, W_INT4: tl.co
 
 
 @triton.jit
-def weight_group_ptrs(w_scales, expert, cols, W_GROUP_SIZE: tl.constexpr, W_SCALE_ROWS: tl.constexpr = 1):
-    """For weights quantised in groups (W_GROUP_SIZE > 0): pointers to the first group's
+def weight_group_ptrs(w_scales, expert, cols, W_GROUP_SIZE: tl.constexpr, W_SCALE_ROWS: tl.constexpr = 1,
+                      W_ZERO_POINT: tl.constexpr = False):
+    """For weights quantised in groups (W_GROUP_SIZE > 0), or with zero points: pointers to the first group's
     scales and zero points of its columns (W_SCALE_ROWS output features per scale), for w and w_up, each
-    with its stride from group to group (``w_scales`` as expert_gemm_tile takes it); an unread placeholder
-    otherwise."""
-    if W_GROUP_SIZE > 0:
+    with its stride from group to group (``w_scales`` as expert_gemm_tile takes it; per-row ones have one
+    group); an unread placeholder otherwise."""
+    if W_GROUP_SIZE > 0 or W_ZERO_POINT:
         (s_ptr, s_e, s_n, s_g, us_ptr, us_e, us_n, us_g,
          z_ptr, z_e, z_n, z_g, uz_ptr, uz_e, uz_n, uz_g) = w_scales
         rows = cols // W_SCALE_ROWS
@@ -431,6 +432,11 @@ def weight_tile(ptrs, k_left, col_valid, a, BLOCK_K: tl.constexpr, W_GROUP_SIZE:
         if W_ZERO_POINT:
             w -= per_feature(tl.load(zero_ptrs, mask=col_valid, other=0.0), W_LEFT)
         w *= per_feature(tl.load(scale_ptrs, mask=col_valid, other=0.0), W_LEFT)
+    elif W_ZERO_POINT:
+        # Per-row scales (W_SCALED: applied to the accumulated columns, tile_output) with zero points: the values
+        # less their zero points here. int8 values less whole zero points are whole numbers of magnitude <= 255,
+        # exact in bf16 / fp16 (torchao's asymmetric int8: no rounding before the dot).
+        w = w.to(tl.float32) - per_feature(tl.load(zero_ptrs, mask=col_valid, other=0.0), W_LEFT)
     if w.dtype != a.dtype:
         w = w.to(tl.float32).to(a.dtype)
     return w
@@ -505,9 +511,12 @@ def k_step(a, acc, acc_up, w_ptrs, u_ptrs, k_left, col_valid, stride_wk, stride_
     (scaled_group_product); else each weight tile is dequantised in registers before its dot (weight_tile).
     A_GROUPED (``a_groups`` from input_group_ptrs): fp8 A and W dotted as stored, the product scaled by the
     group's input-row and weight-column scales. W_LEFT: transposed weight tiles and accumulators (dot_step)."""
-    if W_GROUP_SIZE > 0:
+    if W_GROUP_SIZE > 0 or W_ZERO_POINT:
         s_ptrs, s_g, us_ptrs, us_g, z_ptrs, z_g, uz_ptrs, uz_g = groups
-        group = k0 // W_GROUP_SIZE
+        if W_GROUP_SIZE > 0:
+            group = k0 // W_GROUP_SIZE
+        else:  # per-row scales with zero points: one group
+            group = 0
         scale_ptrs, zero_ptrs = s_ptrs + group * s_g, z_ptrs + group * z_g
         up_scale_ptrs, up_zero_ptrs = us_ptrs + group * us_g, uz_ptrs + group * uz_g
     else:
@@ -811,10 +820,10 @@ def expert_gemm_triton(
 
 def weight_quantisation(w_dtype: torch.dtype, scale_shape, has_zero: bool, n: int, k: int) -> dict:
     """The kernel's quantised-weight flags for an (E, ``n``, ``k``) weight of ``w_dtype`` with scales of
-    ``scale_shape`` (None: not quantised) and zero points or not (moe_ops.quantised): per-row scales alone
-    (int8 / fp8) scale the accumulated columns (W_SCALED); any other form has W_GROUP_SIZE reduction features
-    (K for per-row scales) and W_SCALE_ROWS output features per scale (k_step scales each step's product or
-    dequantises each weight tile).
+    ``scale_shape`` (None: not quantised) and zero points or not (moe_ops.quantised): per-row scales of int8 /
+    fp8 values scale the accumulated columns (W_SCALED; zero points, W_ZERO_POINT, come off the values before
+    the dot: weight_tile); any other form has W_GROUP_SIZE reduction features and W_SCALE_ROWS output features
+    per scale (k_step scales each step's product or dequantises each weight tile).
     int4 weights are the dots' left operand (W_LEFT: k_step); int8 and fp8 weights the right one, which ran
     faster on the H100 (Mixtral-8x7B, benchmarks/NOTES.md v18)."""
     plain = dict(W_SCALED=False, W_GROUP_SIZE=0, W_INT4=False, W_ZERO_POINT=False, W_SCALE_ROWS=1, W_LEFT=False)
@@ -822,8 +831,8 @@ def weight_quantisation(w_dtype: torch.dtype, scale_shape, has_zero: bool, n: in
         return plain
     int4 = w_dtype == torch.uint8
     plain = dict(plain, W_LEFT=int4)
-    if not int4 and not has_zero and len(scale_shape) == 2:
-        return dict(plain, W_SCALED=True)
+    if not int4 and len(scale_shape) == 2:
+        return dict(plain, W_SCALED=True, W_ZERO_POINT=has_zero)
     row_blocks, groups = (int(scale_shape[1]), int(scale_shape[2])) if len(scale_shape) == 3 else (int(n), 1)
     return dict(plain, W_GROUP_SIZE=int(k) // groups, W_INT4=int4, W_ZERO_POINT=has_zero,
                 W_SCALE_ROWS=int(n) // row_blocks)

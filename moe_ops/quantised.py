@@ -11,10 +11,10 @@ An (E, N, K) weight (N output features, K reduction features; layout "EFH" for f
     zero    fp32, the scale's shape, optional: the stored value that stands for 0 (asymmetric schemes)
 
 and stands for ``(values - zero) * scale``, the scale and zero point of the value's group (``dequantise``,
-the reference every kernel is tested against). The kernels read the stored values: per-row scales without
-zero points multiply each accumulated output column once; any other form keeps each K step inside one group
-and scales the step's product (decode blocks over 16-bit inputs) or dequantises the step's weight tile in
-registers. No dequantised copy is made either way.
+the reference every kernel is tested against). The kernels read the stored values: per-row scales multiply
+each accumulated output column once (zero points come off the values before the dot); any other form keeps
+each K step inside one group and scales the step's product (decode blocks over 16-bit inputs) or dequantises
+the step's weight tile in registers. No dequantised copy is made either way.
 """
 
 from __future__ import annotations

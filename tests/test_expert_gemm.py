@@ -9,6 +9,7 @@ import torch
 from conftest import TRITON_DEVICE, assert_close_rel, zipf_ids
 
 from moe_ops.expert_gemm import expert_gemm, expert_gemm_ref
+from moe_ops.expert_gemm_triton import weight_quantisation
 from moe_ops.layout import PackedSchedule, PaddedSchedule
 from moe_ops.quantised import dequantise, quantise_blocks, quantise_groups, quantise_per_row, sqnr_db
 from moe_ops.schedule import block_schedule, block_schedule_ref
@@ -250,9 +251,35 @@ def test_block_scaled_fp8_weights_match_the_reference(dtype):
     assert sqnr_db(unquantised, got) >= 25.0  # fp8 in 16 x 16 tiles ~31 dB
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
+@pytest.mark.parametrize("block_m", [16, 64], ids=["decode", "prefill"])
+def test_zero_points_of_per_row_scales(dtype, gated, block_m):
+    """int8 values with a scale and a zero point per row (torchao's asymmetric int8): the zero points come off
+    the values before the dot, the scales multiply the accumulated columns; whole zero points of int8's range
+    and zero points with fractions give the reference's result."""
+    T, K, E, N, D = 13, 2, 4, 24, 40
+    args = _problem(T, K, E, N, D, dtype, TRITON_DEVICE, gated=gated, bias=True, slot_weights=True,
+                    block_m=block_m)
+    generator = torch.Generator().manual_seed(5)
+    for name in ("w", "w_up") if gated else ("w",):
+        values, scale = quantise_per_row(args[name], torch.int8)
+        zero = torch.randint(-128, 128, scale.shape, generator=generator).float()
+        args.update({name: values, f"{name}_scale": scale / 4, f"{name}_zero": zero.to(TRITON_DEVICE)})
+    # The per-row form (scales after the accumulation), not the group one.
+    assert weight_quantisation(torch.int8, (E, N), True, N, D) == dict(
+        W_SCALED=True, W_GROUP_SIZE=0, W_INT4=False, W_ZERO_POINT=True, W_SCALE_ROWS=1, W_LEFT=False)
+    activation = "silu" if gated else "relu"
+    got, want = _run_both(args, gather_top_k=K, activation=activation)
+    assert_close_rel(got, want, dtype, "whole zero points")
+    fractions = {f"{name}_zero": args[f"{name}_zero"] + 0.375 for name in (("w", "w_up") if gated else ("w",))}
+    got, want = _run_both(dict(args, **fractions), gather_top_k=K, activation=activation)
+    assert_close_rel(got, want, dtype, "zero points with fractions")
+
+
 def test_zero_points_of_per_row_scales_and_a_scattered_output():
-    """int8 values with a zero point per row (one group: the kernel dequantises in registers rather than
-    scaling the accumulator), in the down projection's form: schedule-order rows, scattered to slots."""
+    """int8 values with a zero point per row in the down projection's form: schedule-order rows, scattered to
+    slots."""
     T, K, E, N, D = 11, 2, 4, 20, 40
     args = _problem(T, K, E, N, D, torch.bfloat16, TRITON_DEVICE, gated=False, bias=True, slot_weights=True,
                     layout="KN")

@@ -151,7 +151,7 @@ from moe_ops.expert_gemm_triton import (
         )
         acc, acc_up = tile_accumulators(BLOCK_M, BLOCK_N, GATED, W_LEFT)
         w_ptrs, u_ptrs = weight_tile_ptrs(w, w_up, expert, cols, BLOCK_K, W_INT4, W_LEFT)
-        groups = weight_group_ptrs(w_scales, expert, cols, W_GROUP_SIZE, W_SCALE_ROWS)
+        groups = weight_group_ptrs(w_scales, expert, cols, W_GROUP_SIZE, W_SCALE_ROWS, W_ZERO_POINT)
 {%- if A_SCALED or A_GROUPED %}
         # fp8 A: its rows' scales (per group: applied in each K step; per row: after the K loop).
         a_scales = (A_SCALE, {{stride("A_SCALE", 0)}}, {{stride("A_SCALE", 1) if A_GROUPED else 0}})
