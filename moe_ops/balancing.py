@@ -12,8 +12,13 @@ Usage, with the counts accumulated on the device over the micro-batches of a ste
     ...
     moe_ops.update_expert_bias(bias, counts, coeff=1e-3)   # before optimizer.step(); zeroes counts
 
-``optimizer.register_step_pre_hook(lambda *_: moe_ops.update_expert_bias(bias, counts, 1e-3))`` runs it
-as the optimizer's pre-hook.
+As the optimizer's pre-hook, a function that returns None (a pre-hook's return value replaces the step's
+arguments; update_expert_bias returns the applied delta)::
+
+    def update_bias(optimizer, args, kwargs):
+        moe_ops.update_expert_bias(bias, counts, 1e-3)
+
+    optimizer.register_step_pre_hook(update_bias)
 """
 
 from __future__ import annotations

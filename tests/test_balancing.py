@@ -40,6 +40,24 @@ def test_bias_update_follows_the_rule_over_steps():
     assert bias[0] < 0 < bias[-1]  # the crowded expert pushed down, a quiet one up
 
 
+def test_bias_update_as_an_optimizer_pre_hook():
+    """The docs' pre-hook (a function returning None) runs before each step: the bias moves, the counts are
+    zeroed, and the step updates the parameters (a hook returning update_expert_bias's delta made it raise)."""
+    E = 4
+    bias, counts = torch.zeros(E), torch.tensor([5.0, 1.0, 1.0, 1.0])
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+
+    def update_bias(optimizer, args, kwargs):
+        moe_ops.update_expert_bias(bias, counts, 1e-3)
+
+    optimizer.register_step_pre_hook(update_bias)
+    weight.sum().backward()
+    optimizer.step()
+    assert bias[0] < 0 < bias[1] and not counts.any()
+    torch.testing.assert_close(weight.detach(), torch.full((3,), 0.9))
+
+
 def test_route_with_the_bias_spreads_the_load():
     """The bias steers the selection only: route's weights stay the unbiased scores'; with a bias learned
     from skewed logits the per-expert spread of the selection shrinks."""

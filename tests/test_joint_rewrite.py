@@ -270,19 +270,27 @@ class CountingMoE(GroupedMoE):
     """torchtitan's MoE keeps the step's tokens per expert in a buffer (for its expert-bias update): the
     forward writes an input, which the training rewrite keeps."""
 
-    def __init__(self):
+    def __init__(self, in_place_add=False):
         super().__init__()
         self.register_buffer("tokens_per_expert", torch.zeros(E))
+        self.in_place_add = in_place_add
 
     def forward(self, x_TH):
         with torch.no_grad():
             _, ids_TK = torch.topk(self.gate(x_TH).float(), K, dim=-1)
-            self.tokens_per_expert.add_(torch.histc(ids_TK.view(-1).float(), bins=E, min=0, max=E - 1))
+            counts_E = torch.histc(ids_TK.view(-1).float(), bins=E, min=0, max=E - 1)
+            if self.in_place_add:
+                self.tokens_per_expert += counts_E
+            else:
+                self.tokens_per_expert.add_(counts_E)
         return self.experts(x_TH)
 
 
-def test_buffer_writes_are_kept():
-    module = CountingMoE()
+@pytest.mark.parametrize("in_place_add", [False, True], ids=["add_", "+="])
+def test_buffer_writes_are_kept(in_place_add):
+    """``buffer.add_(c)`` and ``buffer += c`` alike (the second leaves an alias of the buffer's copy_ in the new
+    trace, which was taken for a lost runtime assert: the block was left unrewritten)."""
+    module = CountingMoE(in_place_add)
     x = torch.randn(12, H, dtype=torch.bfloat16)
     forward_graph, _ = check_training(module, x, dtype=torch.bfloat16)
     assert counters["moe_ops"]["joint_rewrite"] == 1 and counters["moe_ops"]["experts_rewrite_torchtitan"] == 1

@@ -90,6 +90,12 @@ def _effects(graph: Graph) -> list[Node]:
     return [node for node in graph.nodes if node.op == "call_function" and not node.users and node.is_impure()]
 
 
+def _runtime_asserts(graph: Graph) -> list[Node]:
+    """_effects but the writes into inputs (buffers, compared by _buffer_writes): a trace may read such a write
+    back (``self.counts += c`` leaves an alias of the copy_ in the graph), and then it has a user."""
+    return [node for node in _effects(graph) if node.target is not torch.ops.aten.copy_.default]
+
+
 _CHECKPOINT_KEYS = ("recompute", "ac_graph_id")
 
 
@@ -317,7 +323,7 @@ def rewrite_joint_graph(graph: Graph, rewrites: Sequence[Callable[[Graph], int]]
             [t.meta["val"] for t in tangents],
             wants_grad,
         )
-        if len(_effects(traced.graph)) < len(_effects(forward)):
+        if len(_runtime_asserts(traced.graph)) < len(_runtime_asserts(forward)):
             raise NotRewritable("the new trace lost a runtime assert of the forward")
         buffer_writes = _buffer_writes(traced.graph, wants_grad)
         if buffer_writes.keys() != _buffer_writes(graph, wants_grad).keys():
