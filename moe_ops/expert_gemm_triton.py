@@ -409,9 +409,10 @@ def weight_tile(ptrs, k_left, col_valid, a, BLOCK_K: tl.constexpr, W_GROUP_SIZE:
     another dtype are converted through fp32 (exact for int8 / fp8 / int4: all fit bf16's 8-bit mantissa;
     Triton 3.6's interpreter misconverts int8 to bf16 directly); with W_GROUP_SIZE, dequantised: ``(values -
     zero) * scale`` of the tile's group (``scale_ptrs`` / ``zero_ptrs``: (BLOCK_N,) pointers, one per output feature),
-    unless A_GROUPED (fp8 against fp8: the caller scales the dot). W_INT4 (always W_LEFT) unpacks BLOCK_K / 2
-    bytes of each weight row into BLOCK_K values, the even k from the low nibble: the pair lies along the
-    row, where the dot's register operand wants it."""
+    unless A_GROUPED (fp8 against fp8: the caller scales the dot); otherwise, with W_ZERO_POINT, the values less
+    their zero points (per-row scales: tile_output applies them after the accumulation). W_INT4 (always
+    W_LEFT) unpacks BLOCK_K / 2 bytes of each weight row into BLOCK_K values, the even k from the low nibble:
+    the pair lies along the row, where the dot's register operand wants it."""
     if W_INT4:
         tl.static_assert(W_LEFT, "int4 weights are unpacked along their rows")
         if BLOCK_K < JOINED_INT4_MIN_K:
