@@ -58,6 +58,11 @@ class ExpertParallelPlan(NamedTuple):
     capacity_factor: float | None
     pipeline_chunks: int = 1
 
+    def __deepcopy__(self, memo):
+        """A copy of the sharded model (an EMA copy, AveragedModel) exchanges over the same group: the plan is
+        shared, as DTensor's mesh is (a ProcessGroup cannot be copied)."""
+        return self
+
 
 PLAN_ATTRIBUTE = "_moe_ops_expert_parallel"
 

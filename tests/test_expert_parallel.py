@@ -461,6 +461,11 @@ def _block_worker(rank, num_ranks, init_file, case):
         for name in names:
             got = getattr(block.experts, name).grad.to_local()
             torch.testing.assert_close(got, getattr(reference.experts, name).grad[local], rtol=1e-5, atol=1e-5)
+        # A deep copy (an EMA model, AveragedModel) shares the plan's group and computes the same (a ProcessGroup
+        # cannot be copied: deepcopy raised).
+        copied = copy.deepcopy(block)
+        again = copied(inputs[rank])
+        torch.testing.assert_close(again[0] if isinstance(again, tuple) else again, out.detach())
     finally:
         _destroy_process_group()
 
