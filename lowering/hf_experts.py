@@ -32,13 +32,14 @@ the ``"moe_ops"`` logger (INFO). Each trace is counted in ``torch._dynamo.utils.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import io
 import logging
 import textwrap
 import tokenize
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import torch
@@ -663,6 +664,21 @@ def moe_ops_ep_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     local = {name: value.to_local() if isinstance(value, DTensor) else value for name, value in arguments.items()}
     return fused_experts_ep(hidden_states, top_k_weights, top_k_index, group=plan.group, dispatch=plan.dispatch,
                             capacity_factor=plan.capacity_factor, pipeline_chunks=plan.pipeline_chunks, **local)
+
+
+def use_implementation(modules: Iterable[nn.Module], name: str) -> None:
+    """Make ``name`` the experts implementation of each of ``modules`` (transformers experts modules) and of
+    nothing else. transformers' experts modules read it from a config that the whole model shares, and often
+    other models too (a reference or teacher built from the same config object): so each module gets a copy of
+    its config carrying ``name`` (modules that shared a config share its copy), and the model's config, what it
+    saves and ``set_experts_implementation`` stay as they were for every other module."""
+    copies: dict[int, object] = {}
+    for module in modules:
+        own = copies.get(id(module.config))
+        if own is None:
+            own = copies[id(module.config)] = copy.deepcopy(module.config)
+            own._experts_implementation = name
+        module.config = own
 
 
 def register_experts_implementations() -> None:

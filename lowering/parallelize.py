@@ -4,7 +4,8 @@ dimension (expert parallelism), the rest of the model unchanged.
 Two kinds of experts modules are sharded, found by what they hold:
 
 - transformers' experts modules (a ``*Experts`` module with stacked weights whose config has an experts
-  implementation): their implementation becomes ``"moe_ops_ep"`` (moe_ops/lowering/hf_experts.py, which
+  implementation): their implementation becomes ``"moe_ops_ep"``, set on a copy of their config so that
+  nothing else sharing it changes (moe_ops/lowering/hf_experts.py, which
   runs ``fused_experts_ep`` over the sharded weights and checks, as the ``"moe_ops"`` implementation does,
   that the op computes what the class's own code does);
 - torchtitan's grouped experts (stacked parameters ``w1``, ``w2``, ``w3``; ``forward(x, counts)`` over
@@ -23,11 +24,12 @@ Weights become DTensor parameters ``Shard(0)`` over the mesh (rank r keeps exper
 from __future__ import annotations
 
 import types
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from moe_ops._checks import check_choice
 from moe_ops.expert_parallel import (
@@ -67,13 +69,10 @@ def parallelize_experts(model: nn.Module, ep_mesh: DeviceMesh, *, dispatch: str 
                                  "quantised experts do not run sharded (fused_experts_ep takes weights of the "
                                  "activations' dtype)")
     plan = ExpertParallelPlan(ep_mesh.get_group(), dispatch, capacity_factor, pipeline_chunks)
-    sharded = 0
+    sharded = []
     for module in model.modules():
         if is_transformers_experts(module):
-            from moe_ops.lowering.hf_experts import EP_IMPLEMENTATION_NAME  # imports transformers
-
             _shard_stacked_parameters(module, module.down_proj.shape[0], ep_mesh)
-            module.config._experts_implementation = EP_IMPLEMENTATION_NAME
         elif _is_grouped_experts(module):
             layout = _grouped_experts_layout(module)
             _shard_stacked_parameters(module, module.w1.shape[0], ep_mesh)
@@ -82,11 +81,49 @@ def parallelize_experts(model: nn.Module, ep_mesh: DeviceMesh, *, dispatch: str 
         else:
             continue
         setattr(module, PLAN_ATTRIBUTE, plan)
-        sharded += 1
+        sharded.append(module)
     if not sharded:
         raise ValueError("model: no experts module found (a transformers *Experts module with stacked weights, "
                          "or grouped experts with stacked w1, w2, w3)")
+    transformers_experts = [module for module in sharded if is_transformers_experts(module)]
+    if transformers_experts:
+        from moe_ops.lowering.hf_experts import EP_IMPLEMENTATION_NAME, use_implementation  # imports transformers
+
+        use_implementation(transformers_experts, EP_IMPLEMENTATION_NAME)
     return model
+
+
+def clip_grad_norm_(parameters: torch.Tensor | Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0,
+                    error_if_nonfinite: bool = False, foreach: bool | None = None) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for a model whose gradients mix DTensors and plain tensors, as after
+    :func:`parallelize_experts` (the experts' gradients are DTensor shards, the rest plain; torch's clip raises
+    on the mix). The gradients are grouped by their DeviceMesh (plain ones apart); each group's norm is
+    computed as torch computes it, a DTensor group's over its whole mesh (each expert counted once, on the
+    rank holding it); the groups' norms make the total norm, which every gradient is scaled by as torch
+    scales them. Returns the total norm (a plain tensor, the same on every rank when the plain gradients are,
+    i.e. after they have been averaged over the data-parallel ranks).
+
+    Arguments as ``torch.nn.utils.clip_grad_norm_``'s."""
+    parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    groups: dict[DeviceMesh | None, list[torch.Tensor]] = {}
+    for parameter in parameters:
+        if parameter.grad is not None:
+            mesh = parameter.grad.device_mesh if isinstance(parameter.grad, DTensor) else None
+            groups.setdefault(mesh, []).append(parameter)
+    if not groups:
+        return torch.tensor(0.0)
+    norms = []
+    for group in groups.values():
+        norm = nn.utils.get_total_norm([p.grad for p in group], norm_type, error_if_nonfinite, foreach)
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    device = norms[0].device
+    total = nn.utils.get_total_norm([norm.to(device) for norm in norms], norm_type, error_if_nonfinite, foreach)
+    for mesh, group in groups.items():
+        # a DTensor gradient is scaled by a DTensor: the total, replicated over its mesh
+        group_total = total if mesh is None else DTensor.from_local(
+            total.to(group[0].grad.device), mesh, [Replicate()] * mesh.ndim, run_check=False)
+        nn.utils.clip_grads_with_norm_(group, max_norm, group_total, foreach)
+    return total
 
 
 def is_transformers_experts(module: nn.Module) -> bool:

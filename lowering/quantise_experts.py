@@ -7,7 +7,8 @@ its stored values (a frozen parameter, layout (E, N, K): output features first, 
 layout) beside ``{name}_scale`` and, for int4, ``{name}_zero`` (frozen fp32 parameters), so that the usual
 state-dict round trip keeps them: quantise a fresh model the same way, then load the state dict. The module
 is marked (``QUANTISED_ATTRIBUTE`` of lowering/hf_experts.py, which reads such weights) and its
-``config._experts_implementation`` set to "moe_ops": its own loop cannot multiply packed values, so where
+experts implementation set to "moe_ops" (on a copy of its config: other modules and models sharing the
+config keep theirs): its own loop cannot multiply packed values, so where
 fused_experts cannot take the module's call that implementation raises the reason instead of falling back
 to the loop.
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 from torch import nn
 
 from moe_ops._checks import check_choice, check_int
-from moe_ops.lowering.hf_experts import QUANTISED_ATTRIBUTE
+from moe_ops.lowering.hf_experts import IMPLEMENTATION_NAME, QUANTISED_ATTRIBUTE, use_implementation
 from moe_ops.lowering.parallelize import is_transformers_experts, quantised_form
 from moe_ops.quantised import quantise_weight
 
@@ -69,7 +70,7 @@ def quantise_experts(model: nn.Module, scheme: str = "int4", *, group_size: int 
         if zero is not None:
             setattr(module, f"{name}_zero", nn.Parameter(zero, requires_grad=False))
         setattr(module, QUANTISED_ATTRIBUTE, label)
-        module.config._experts_implementation = "moe_ops"
+    use_implementation(modules, IMPLEMENTATION_NAME)
     return model
 
 

@@ -28,6 +28,7 @@ __all__ = [
     # the layer with its experts sharded over ranks (expert parallelism)
     "fused_experts_ep",
     "parallelize_experts",
+    "clip_grad_norm_",
     # quantised experts: through torchao, or moe_ops' own forms
     "experts_quantization_config",
     "quantise_experts",
@@ -58,11 +59,12 @@ __all__ = [
 enable()
 
 
-# parallelize_experts and quantise_experts import torch.distributed's tensor package (and transformers for
-# transformers models), and experts_quantization_config imports torchao: each loaded when first asked for, not by
-# ``import moe_ops`` (its import cost). Name -> the module that defines it.
+# parallelize_experts, clip_grad_norm_ and quantise_experts import torch.distributed's tensor package (and
+# transformers for transformers models), and experts_quantization_config imports torchao: each loaded when first
+# asked for, not by ``import moe_ops`` (its import cost). Name -> the module that defines it.
 _LOADED_WHEN_ASKED = {
     "parallelize_experts": "moe_ops.lowering.parallelize",
+    "clip_grad_norm_": "moe_ops.lowering.parallelize",
     "experts_quantization_config": "moe_ops.lowering.torchao_experts",
     "quantise_experts": "moe_ops.lowering.quantise_experts",
 }

@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 from conftest import assert_close_rel
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
+from torch.distributed.tensor import DTensor
 
 from moe_ops.expert_parallel import DISPATCHES, fused_experts_ep
 from moe_ops.fused_experts import fused_experts_ref
@@ -434,8 +435,13 @@ def _block_worker(rank, num_ranks, init_file, case):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=num_ranks)
     try:
         reference = _hf_block(case["family"])
-        block = moe_ops.parallelize_experts(copy.deepcopy(reference), init_device_mesh("cpu", (num_ranks,)),
+        block = copy.deepcopy(reference)
+        if hasattr(reference.experts, "config"):  # a transformers block: the two share one config object,
+            block.experts.config = reference.experts.config  # as two models built from one config do
+        block = moe_ops.parallelize_experts(block, init_device_mesh("cpu", (num_ranks,)),
                                             dispatch=case["dispatch"], pipeline_chunks=case.get("chunks", 1))
+        if hasattr(reference.experts, "config"):  # the reference keeps its implementation (it runs below)
+            assert reference.experts.config._experts_implementation == "grouped_mm"
         assert all(p.to_local().shape[0] == E // num_ranks for p in block.experts.parameters())
         run = torch.compile(block, fullgraph=True) if case["compiled"] else block
         local = slice(rank * E // num_ranks, (rank + 1) * E // num_ranks)
@@ -466,6 +472,20 @@ def _block_worker(rank, num_ranks, init_file, case):
         copied = copy.deepcopy(block)
         again = copied(inputs[rank])
         torch.testing.assert_close(again[0] if isinstance(again, tuple) else again, out.detach())
+        # Gradient clipping over the mix of DTensor (experts) and plain (router) gradients, once the plain ones
+        # are summed over the ranks as a data-parallel wrapper would: the reference's norm and clipped gradients.
+        for parameter in block.parameters():
+            if not isinstance(parameter.grad, DTensor):
+                dist.all_reduce(parameter.grad)
+        want_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), float("inf"))
+        norm = moe_ops.clip_grad_norm_(block.parameters(), want_norm / 2)
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), want_norm / 2)
+        torch.testing.assert_close(norm, want_norm, rtol=1e-5, atol=0)
+        for name, parameter in block.named_parameters():
+            want = reference.get_parameter(name).grad
+            got = parameter.grad.to_local() if isinstance(parameter.grad, DTensor) else parameter.grad
+            torch.testing.assert_close(got, want[local] if isinstance(parameter.grad, DTensor) else want,
+                                       rtol=1e-5, atol=1e-6)
     finally:
         _destroy_process_group()
 

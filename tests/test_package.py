@@ -161,15 +161,16 @@ def test_import_is_light():
 
 
 def test_names_loaded_when_asked_are_listed():
-    """dir(moe_ops) lists the functions loaded when first asked for (parallelize_experts, quantise_experts,
-    experts_quantization_config) though ``import moe_ops`` does not import their modules or torchao."""
+    """dir(moe_ops) lists the functions loaded when first asked for (parallelize_experts, clip_grad_norm_,
+    quantise_experts, experts_quantization_config) though ``import moe_ops`` does not import their modules or
+    torchao."""
     script = ("import sys, moe_ops; "
-              "names = ('parallelize_experts', 'quantise_experts', 'experts_quantization_config'); "
+              "names = ('parallelize_experts', 'clip_grad_norm_', 'quantise_experts', 'experts_quantization_config'); "
               "print([n for n in names if n in dir(moe_ops)]); "
               "print([m for m in ('moe_ops.lowering.parallelize', 'torchao') if m in sys.modules]); "
               "print(callable(moe_ops.quantise_experts))")
     listed, loaded, found = _fresh(script).splitlines()[-3:]
-    assert listed == "['parallelize_experts', 'quantise_experts', 'experts_quantization_config']"
+    assert listed == "['parallelize_experts', 'clip_grad_norm_', 'quantise_experts', 'experts_quantization_config']"
     assert loaded == "[]" and found == "True"
     with pytest.raises(AttributeError, match="module 'moe_ops' has no attribute 'quantize_experts'"):
         moe_ops.quantize_experts  # noqa: B018

@@ -108,12 +108,43 @@ def test_another_experts_implementation_is_refused(implementation):
     """Set back to one of transformers' implementations, the module would multiply the packed values as if they
     were the weights (opaque shape and dtype errors): the call names the weights' form and the implementation."""
     block = moe_ops.quantise_experts(_block(), "int4", group_size=32)
-    block.experts.config._experts_implementation = implementation  # what model.set_experts_implementation sets
+    block.experts.config._experts_implementation = implementation  # the module's own config, set by hand
     with pytest.raises(RuntimeError, match=rf"moe_ops-quantised \(int4 in groups of 32\), which only the 'moe_ops' "
                                            rf"experts implementation \(moe_ops.fused_experts\) reads; the model's "
                                            rf"config asks for "
                                            rf"'{implementation}'"):
         block(torch.randn(1, 5, H).to(torch.bfloat16))
+
+
+def test_models_sharing_the_config_keep_their_implementation():
+    """The experts implementation lives in a config the whole model shares, often with other models (a reference
+    or teacher built from the same config object): quantise_experts sets "moe_ops" on a copy of it, so the other
+    model keeps running its own float weights, the model's config is unchanged, and the model's
+    set_experts_implementation leaves the quantised experts (whose packed values no other implementation reads)
+    on moe_ops."""
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=64, hidden_size=H, intermediate_size=F, moe_intermediate_size=F, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_experts=E, num_experts_per_tok=K,
+        experts_implementation="grouped_mm")
+    torch.manual_seed(0)
+    reference = transformers.Qwen3MoeForCausalLM(config).eval()
+    model = transformers.Qwen3MoeForCausalLM(config).eval()
+    model.load_state_dict(reference.state_dict())
+    moe_ops.quantise_experts(model, "int4", group_size=32)
+    layers = [layer.mlp.experts for layer in model.model.layers]
+    assert [experts.config._experts_implementation for experts in layers] == ["moe_ops", "moe_ops"]
+    assert layers[0].config is layers[1].config and layers[0].config is not config  # one copy for its sharers
+    assert config._experts_implementation == "grouped_mm" and model.config is config
+    assert reference.model.layers[0].mlp.experts.config._experts_implementation == "grouped_mm"
+    ids = torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = reference(input_ids=ids).logits  # its float weights, through transformers' grouped_mm
+        quantised = model(input_ids=ids).logits
+        model.set_experts_implementation("eager")
+        assert layers[0].config._experts_implementation == "moe_ops"
+        torch.testing.assert_close(model(input_ids=ids).logits, quantised)
+    # int4 in groups of 32 of N(0, 0.02) weights: close to the float model, not equal to it
+    assert 0 < (quantised - expected).abs().max() < 0.1 * expected.abs().max()
 
 
 @pytest.mark.parametrize("scheme", ["int4", "fp8_blocks"])
