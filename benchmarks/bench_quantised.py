@@ -7,6 +7,8 @@ on the same inputs:
     moe_ops_bf16        moe_ops.fused_experts, bf16 weights
     moe_ops_int8        moe_ops.fused_experts, int8 weights, an fp32 scale per expert and output row
     moe_ops_fp8         the same with fp8 e4m3 weights
+    moe_ops_int8_zp     int8 weights, an fp32 scale and zero point per expert and output row (asymmetric, as
+                        torchao's Int8WeightOnlyConfig with MappingType.ASYMMETRIC stores them)
     moe_ops_int8_g128   int8 weights, a scale per group of 128 input features
     moe_ops_int4_g128   int4 weights packed two per byte, a scale and a zero point per group of 128
     moe_ops_fp8_w8a8    fp8 weights per row, the GEMMs' inputs quantised to fp8 per row on the fly
@@ -56,12 +58,30 @@ DRY_RUN_GROUP = 16  # the dry run's tiny shape has fewer inputs than a group of 
 QUANTISED = {
     "int8": ("int8", 1.0, {}),
     "fp8": ("fp8", 1.0, {}),
+    "int8_zp": ("int8_zp", 1.0, {}),
     "int8_g{group}": ("int8_g{group}", 1.0, {}),
     "int4_g{group}": ("int4_g{group}", 0.5, {}),
     "fp8_w8a8": ("fp8", 1.0, {"input_quantisation": "fp8_rowwise"}),
     "fp8_b{group}_w8a8": ("fp8_b{group}", 1.0, {"input_quantisation": "fp8_groupwise"}),
 }
 GPU_SHAPES = ("mixtral-8x7b", "qwen3-30b-a3b")
+INT8_LEVELS = 255
+
+
+def quantise_per_row_asymmetric(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``w`` (E, N, K) as int8 values with an fp32 scale and zero point per row: each row's [min, max] onto
+    [-128, 127], its zero point the value that stands for 0 (whole numbers, as torchao's asymmetric int8)."""
+    low = w.float().amin(-1).clamp_max(0)
+    high = w.float().amax(-1).clamp_min(0)
+    scale = ((high - low) / INT8_LEVELS).clamp_min(torch.finfo(torch.float32).tiny)
+    zero = (-128 - low / scale).round().clamp(-128, 127)
+    values = (w.float() / scale[..., None] + zero[..., None]).round().clamp(-128, 127).to(torch.int8)
+    return values, scale, zero
+
+
+def quantised_weight(weight: torch.Tensor, form: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """moe_ops.quantised.quantise_weight's forms, and "int8_zp" (quantise_per_row_asymmetric)."""
+    return quantise_per_row_asymmetric(weight) if form == "int8_zp" else quantise_weight(weight, form)
 
 
 def torchao_experts(shape: MoEShape, w_gate_up: torch.Tensor, w_down: torch.Tensor, dynamic: bool = False):
@@ -133,7 +153,7 @@ def run_shape(shape: MoEShape, tokens, device, time_fn, group: int = GROUP,
             continue
         arguments = dict(options)
         for weight_name, weight in (("w_gate_up", w_gate_up), ("w_down", w_down)):
-            values, scale, zero = quantise_weight(weight, form.format(group=group))
+            values, scale, zero = quantised_weight(weight, form.format(group=group))
             arguments.update({weight_name: values, f"{weight_name}_scale": scale})
             if zero is not None:
                 arguments[f"{weight_name}_zero"] = zero
