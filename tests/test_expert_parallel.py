@@ -578,6 +578,15 @@ def _fsdp_worker(rank, num_ranks, init_file, case):
             got = dict(block.named_parameters())[name].grad.full_tensor()
             scale = mesh["ep"].size() if name.startswith("experts.") else 1
             torch.testing.assert_close(got, scale * parameter.grad, rtol=1e-5, atol=1e-6, msg=name)
+        # Clipping over gradients on two meshes (the experts' dp x ep, the rest's 4 ranks): the norm of them all.
+        want_grads = {name: (mesh["ep"].size() if name.startswith("experts.") else 1) * parameter.grad
+                      for name, parameter in reference.named_parameters()}
+        want_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in want_grads.values()]))
+        norm = moe_ops.clip_grad_norm_(block.parameters(), want_norm / 2)
+        torch.testing.assert_close(norm, want_norm, rtol=1e-5, atol=0)
+        for name, parameter in block.named_parameters():
+            torch.testing.assert_close(parameter.grad.full_tensor(), want_grads[name] / 2, rtol=1e-4, atol=1e-6,
+                                       msg=name)
     finally:
         _destroy_process_group()
 
@@ -587,6 +596,6 @@ def test_parallelize_experts_composes_with_fsdp2():
     parallelize_experts and over "dp" by FSDP2 (fully_shard), the rest of the block by FSDP2 over all 4.
     Each rank's output is the unsharded block's on its tokens; every parameter's gradient (gathered) is
     the gradient of the mean loss over the 4 ranks' batches, the experts' times the expert-parallel
-    degree (FSDP averages them over "dp" only)."""
+    degree (FSDP averages them over "dp" only); moe_ops.clip_grad_norm_ clips them all by their total norm."""
     with tempfile.TemporaryDirectory() as folder:
         mp.spawn(_fsdp_worker, args=(4, os.path.join(folder, "init"), {}), nprocs=4, join=True)
