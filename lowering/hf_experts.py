@@ -666,19 +666,22 @@ def moe_ops_ep_experts_forward(self, hidden_states, top_k_index, top_k_weights):
                             capacity_factor=plan.capacity_factor, pipeline_chunks=plan.pipeline_chunks, **local)
 
 
-def use_implementation(modules: Iterable[nn.Module], name: str) -> None:
-    """Make ``name`` the experts implementation of each of ``modules`` (transformers experts modules) and of
-    nothing else. transformers' experts modules read it from a config that the whole model shares, and often
-    other models too (a reference or teacher built from the same config object): so each module gets a copy of
-    its config carrying ``name`` (modules that shared a config share its copy), and the model's config, what it
-    saves and ``set_experts_implementation`` stay as they were for every other module."""
+def configs_with_implementation(modules: Iterable[nn.Module], name: str) -> list:
+    """For each of ``modules`` (transformers experts modules), a copy of its config whose experts implementation is
+    ``name`` (modules that share a config get one copy), to be given to them (``module.config = copy``) once
+    nothing else can fail. transformers' experts modules read the implementation from a config that the whole model
+    shares, and often other models too (a reference or teacher built from the same config object): with the copies,
+    the model's config, what it saves and ``set_experts_implementation`` stay as they were, and no other module
+    changes."""
     copies: dict[int, object] = {}
+    configs = []
     for module in modules:
         own = copies.get(id(module.config))
         if own is None:
             own = copies[id(module.config)] = copy.deepcopy(module.config)
             own._experts_implementation = name
-        module.config = own
+        configs.append(own)
+    return configs
 
 
 def register_experts_implementations() -> None:

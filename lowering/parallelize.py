@@ -23,13 +23,15 @@ Weights become DTensor parameters ``Shard(0)`` over the mesh (rank r keeps exper
 
 from __future__ import annotations
 
+import math
 import types
 from collections.abc import Iterable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from moe_ops._checks import check_choice
 from moe_ops.expert_parallel import (
@@ -60,7 +62,9 @@ def parallelize_experts(model: nn.Module, ep_mesh: DeviceMesh, *, dispatch: str 
     check_choice("dispatch", dispatch, DISPATCHES)
     check_capacity_factor(capacity_factor, dispatch)
     check_pipeline_chunks(pipeline_chunks, dispatch)
-    # Every experts module checked before any is sharded: one that cannot run sharded leaves the model as it was.
+    # Everything that can fail runs before anything changes: a module that cannot run sharded leaves the model as
+    # it was. Each experts module: (module, its expert count, its grouped-experts layout or None for transformers').
+    found = []
     for module in model.modules():
         if is_transformers_experts(module) or _is_grouped_experts(module):
             quantised = _quantised_weights(module)
@@ -68,62 +72,116 @@ def parallelize_experts(model: nn.Module, ep_mesh: DeviceMesh, *, dispatch: str 
                 raise ValueError(f"model: {type(module).__name__}'s expert weights are quantised ({quantised}), and "
                                  "quantised experts do not run sharded (fused_experts_ep takes weights of the "
                                  "activations' dtype)")
-    plan = ExpertParallelPlan(ep_mesh.get_group(), dispatch, capacity_factor, pipeline_chunks)
-    sharded = []
-    for module in model.modules():
-        if is_transformers_experts(module):
-            _shard_stacked_parameters(module, module.down_proj.shape[0], ep_mesh)
-        elif _is_grouped_experts(module):
-            layout = _grouped_experts_layout(module)
-            _shard_stacked_parameters(module, module.w1.shape[0], ep_mesh)
-            module.forward = types.MethodType(_grouped_experts_ep_forward, module)
-            module._moe_ops_layout = layout
-        else:
-            continue
-        setattr(module, PLAN_ATTRIBUTE, plan)
-        sharded.append(module)
-    if not sharded:
+            transformers_experts = is_transformers_experts(module)
+            num_experts = (module.down_proj if transformers_experts else module.w1).shape[0]
+            if num_experts % ep_mesh.size():
+                raise ValueError(f"ep_mesh: {type(module).__name__} has {num_experts} experts, not a multiple of "
+                                 f"the mesh's {ep_mesh.size()} ranks")
+            found.append((module, num_experts, None if transformers_experts else _grouped_experts_layout(module)))
+    if not found:
         raise ValueError("model: no experts module found (a transformers *Experts module with stacked weights, "
                          "or grouped experts with stacked w1, w2, w3)")
-    transformers_experts = [module for module in sharded if is_transformers_experts(module)]
+    transformers_experts = [module for module, _, layout in found if layout is None]
+    configs = []
     if transformers_experts:
-        from moe_ops.lowering.hf_experts import EP_IMPLEMENTATION_NAME, use_implementation  # imports transformers
+        from moe_ops.lowering.hf_experts import EP_IMPLEMENTATION_NAME, configs_with_implementation  # transformers
 
-        use_implementation(transformers_experts, EP_IMPLEMENTATION_NAME)
+        configs = configs_with_implementation(transformers_experts, EP_IMPLEMENTATION_NAME)
+    plan = ExpertParallelPlan(ep_mesh.get_group(), dispatch, capacity_factor, pipeline_chunks)
+    for module, num_experts, layout in found:
+        _shard_stacked_parameters(module, num_experts, ep_mesh)
+        if layout is not None:
+            module.forward = types.MethodType(_grouped_experts_ep_forward, module)
+            module._moe_ops_layout = layout
+        setattr(module, PLAN_ATTRIBUTE, plan)
+    for module, config in zip(transformers_experts, configs, strict=True):
+        module.config = config
     return model
 
 
 def clip_grad_norm_(parameters: torch.Tensor | Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0,
                     error_if_nonfinite: bool = False, foreach: bool | None = None) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` for a model whose gradients mix DTensors and plain tensors, as after
-    :func:`parallelize_experts` (the experts' gradients are DTensor shards, the rest plain; torch's clip raises
-    on the mix). The gradients are grouped by their DeviceMesh (plain ones apart); each group's norm is
-    computed as torch computes it, a DTensor group's over its whole mesh (each expert counted once, on the
-    rank holding it); the groups' norms make the total norm, which every gradient is scaled by as torch
-    scales them. Returns the total norm (a plain tensor, the same on every rank when the plain gradients are,
-    i.e. after they have been averaged over the data-parallel ranks).
-
-    Arguments as ``torch.nn.utils.clip_grad_norm_``'s."""
+    :func:`parallelize_experts` (the experts' gradients are DTensor shards, the rest plain, maybe DTensors of
+    FSDP on another mesh; torch's clip raises on the mix). Arguments and result as torch's: each gradient's
+    norm, the norm of those norms (the total), every gradient scaled by ``max_norm / (total + 1e-6)`` where that
+    is below 1. A DTensor gradient's norm is its whole tensor's: each shard's share, in fp32, summed (max / min
+    for the infinity norms) over the mesh dimensions it is sharded on, one collective per mesh dimension for all
+    such gradients; shards may be empty. Norms are computed in fp32 whatever the gradients' dtype (an fp16
+    gradient's squares overflow where its norm does not), and the total is an fp32 tensor. Every rank must call
+    it with the same parameters, after the plain gradients are the same on every rank (averaged over the
+    data-parallel ranks): then every rank gets the same total, and with ``error_if_nonfinite`` every rank raises
+    or none does."""
     parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
-    groups: dict[DeviceMesh | None, list[torch.Tensor]] = {}
-    for parameter in parameters:
-        if parameter.grad is not None:
-            mesh = parameter.grad.device_mesh if isinstance(parameter.grad, DTensor) else None
-            groups.setdefault(mesh, []).append(parameter)
-    if not groups:
+    norm_type = float(norm_type)
+    grads = [parameter.grad for parameter in parameters if parameter.grad is not None]
+    if not grads:
         return torch.tensor(0.0)
-    norms = []
-    for group in groups.values():
-        norm = nn.utils.get_total_norm([p.grad for p in group], norm_type, error_if_nonfinite, foreach)
-        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-    device = norms[0].device
-    total = nn.utils.get_total_norm([norm.to(device) for norm in norms], norm_type, error_if_nonfinite, foreach)
-    for mesh, group in groups.items():
-        # a DTensor gradient is scaled by a DTensor: the total, replicated over its mesh
-        group_total = total if mesh is None else DTensor.from_local(
-            total.to(group[0].grad.device), mesh, [Replicate()] * mesh.ndim, run_check=False)
-        nn.utils.clip_grads_with_norm_(group, max_norm, group_total, foreach)
+    # gradients grouped by the mesh dimensions their norms are summed over (none for plain tensors)
+    groups: dict[tuple, list[int]] = {}
+    for index, grad in enumerate(grads):
+        key = ()
+        if isinstance(grad, DTensor):
+            if any(placement.is_partial() for placement in grad.placements):
+                raise ValueError(f"parameters: a gradient is a DTensor with a Partial placement {grad.placements}: "
+                                 "reduce it before clipping")
+            # Shard or _StridedShard (FSDP2 over an already sharded dimension; no is_shard() on torch 2.13)
+            dims = tuple(dim for dim, placement in enumerate(grad.placements) if not placement.is_replicate())
+            key = (grad.device_mesh, dims) if dims else ()
+        groups.setdefault(key, []).append(index)
+    norms_G = [None] * len(grads)
+    for key, indices in groups.items():
+        shards = [grads[i].to_local() if isinstance(grads[i], DTensor) else grads[i] for i in indices]
+        statistics = _shard_statistics(shards, norm_type, foreach)
+        if key:
+            mesh, dims = key
+            op = {math.inf: dist.ReduceOp.MAX, -math.inf: dist.ReduceOp.MIN}.get(norm_type, dist.ReduceOp.SUM)
+            for dim in dims:
+                dist.all_reduce(statistics, op=op, group=mesh.get_group(dim))
+        for i, statistic in zip(indices, statistics, strict=True):
+            norms_G[i] = statistic
+    device = grads[0].device
+    stacked = torch.stack([norm.to(device) for norm in norms_G])
+    if math.isfinite(norm_type) and norm_type != 0:  # shards summed |x|^p: the tensors' norms are the p-th roots
+        stacked = stacked ** (1 / norm_type)
+    total = torch.linalg.vector_norm(stacked, norm_type)
+    if error_if_nonfinite and not torch.isfinite(total):
+        raise RuntimeError(f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so "
+                           "it cannot be clipped. To disable this error and scale the gradients by the non-finite "
+                           "norm anyway, set `error_if_nonfinite=False`")
+    scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    by_place: dict[tuple, list[torch.Tensor]] = {}
+    for grad in grads:
+        local = grad.to_local() if isinstance(grad, DTensor) else grad
+        by_place.setdefault((local.device, local.dtype), []).append(local)
+    for (place, _), locals_ in by_place.items():
+        if foreach is False:
+            for local in locals_:
+                local.mul_(scale.to(place))
+        else:
+            torch._foreach_mul_(locals_, scale.to(place))
     return total
+
+
+def _shard_statistics(shards: list[torch.Tensor], norm_type: float, foreach: bool | None) -> torch.Tensor:
+    """What each tensor (or shard) adds to its whole tensor's norm of order ``norm_type``, in fp32: the sum of
+    |x|^p, the count of non-zeros for p = 0, max |x| or min |x| for the infinity norms (an empty shard adds
+    nothing: 0, or +inf for the min)."""
+    device = shards[0].device
+    statistics = torch.full((len(shards),), math.inf if norm_type == -math.inf else 0.0, dtype=torch.float32,
+                            device=device)
+    filled = [i for i, shard in enumerate(shards) if shard.numel()]
+    if filled:
+        nonempty = [shards[i].detach() for i in filled]
+        if foreach is False:
+            norms = [torch.linalg.vector_norm(shard, norm_type, dtype=torch.float32) for shard in nonempty]
+        else:
+            norms = torch._foreach_norm(nonempty, norm_type, dtype=torch.float32)
+        values = torch.stack([norm.to(device) for norm in norms])
+        if math.isfinite(norm_type) and norm_type != 0:
+            values = values ** norm_type
+        statistics[filled] = values
+    return statistics
 
 
 def is_transformers_experts(module: nn.Module) -> bool:
@@ -160,9 +218,6 @@ def quantised_form(weight: torch.Tensor) -> str | None:
 
 
 def _shard_stacked_parameters(module: nn.Module, num_experts: int, ep_mesh: DeviceMesh) -> None:
-    if num_experts % ep_mesh.size():
-        raise ValueError(f"ep_mesh: {type(module).__name__} has {num_experts} experts, not a multiple of the "
-                         f"mesh's {ep_mesh.size()} ranks")
     for name, parameter in list(module.named_parameters(recurse=False)):
         if parameter.dim() >= 2 and parameter.shape[0] == num_experts:
             sharded = distribute_tensor(parameter.detach(), ep_mesh, [Shard(0)])

@@ -16,9 +16,10 @@ to the loop.
 from __future__ import annotations
 
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from moe_ops._checks import check_choice, check_int
-from moe_ops.lowering.hf_experts import IMPLEMENTATION_NAME, QUANTISED_ATTRIBUTE, use_implementation
+from moe_ops.lowering.hf_experts import IMPLEMENTATION_NAME, QUANTISED_ATTRIBUTE, configs_with_implementation
 from moe_ops.lowering.parallelize import is_transformers_experts, quantised_form
 from moe_ops.quantised import quantise_weight
 
@@ -46,6 +47,10 @@ def quantise_experts(model: nn.Module, scheme: str = "int4", *, group_size: int 
             raise ValueError(f"scheme: 'fp8_blocks' tiles would mix the interleaved gate and up rows of "
                              f"{type(module).__name__}; 'int4' scales each row's groups")
         for name in _weight_names(module):
+            if isinstance(getattr(module, name), DTensor):
+                raise ValueError(f"model: {type(module).__name__}.{name} is sharded (parallelize_experts), and sharded "
+                                 "experts run in the activations' dtype only: quantise before sharding is refused "
+                                 "too, so keep them in bf16 / fp16 / fp32")
             form = quantised_form(getattr(module, name))
             if form is not None:
                 raise ValueError(f"model: {type(module).__name__}.{name} is quantised already ({form}); "
@@ -64,13 +69,15 @@ def quantise_experts(model: nn.Module, scheme: str = "int4", *, group_size: int 
                                  f"(E, N, K) = {tuple(weight_ENK.shape)}: {str(error).split(': ', 1)[-1]}") from None
             stored.append((module, name, values, scale, zero))
     label = f"int4 in groups of {group_size}" if scheme == "int4" else f"fp8 in {group_size} x {group_size} tiles"
+    configs = configs_with_implementation(modules, IMPLEMENTATION_NAME)
     for module, name, values, scale, zero in stored:
         setattr(module, name, nn.Parameter(values, requires_grad=False))
         setattr(module, f"{name}_scale", nn.Parameter(scale, requires_grad=False))
         if zero is not None:
             setattr(module, f"{name}_zero", nn.Parameter(zero, requires_grad=False))
         setattr(module, QUANTISED_ATTRIBUTE, label)
-    use_implementation(modules, IMPLEMENTATION_NAME)
+    for module, config in zip(modules, configs, strict=True):
+        module.config = config
     return model
 
 

@@ -467,6 +467,9 @@ def _block_worker(rank, num_ranks, init_file, case):
         for name in names:
             got = getattr(block.experts, name).grad.to_local()
             torch.testing.assert_close(got, getattr(reference.experts, name).grad[local], rtol=1e-5, atol=1e-5)
+        if case["family"] == "qwen3_moe":  # sharded experts run in the activations' dtype: not quantised
+            with pytest.raises(ValueError, match=r"Qwen3MoeExperts.gate_up_proj is sharded \(parallelize_experts\)"):
+                moe_ops.quantise_experts(block)
         # A deep copy (an EMA model, AveragedModel) shares the plan's group and computes the same (a ProcessGroup
         # cannot be copied: deepcopy raised).
         copied = copy.deepcopy(block)
@@ -521,6 +524,20 @@ def test_parallelize_experts_refuses_what_it_cannot_shard():
         def get_group(self):
             return None
 
+        def size(self):
+            return 2
+
+    class _ThreeRankMesh(_TwoRankMesh):
+        def size(self):
+            return 3
+
+    # A model whose second experts module cannot be sharded (8 experts over 3 ranks) keeps its first as it was.
+    model = torch.nn.Sequential(_hf_block(), _hf_block())
+    with pytest.raises(ValueError, match="ep_mesh: Qwen3MoeExperts has 8 experts, not a multiple of the mesh's 3"):
+        moe_ops.parallelize_experts(model, _ThreeRankMesh())
+    assert not any(isinstance(p.data, torch.distributed.tensor.DTensor) for p in model.parameters())
+    assert model[0].experts.config._experts_implementation == "grouped_mm"
+
     block = TorchtitanMoE()
     block.experts.activation = torch.nn.functional.gelu
     with pytest.raises(ValueError, match=r"GroupedExperts's forward is not silu\(x w1\) \* \(x w3\)"):
@@ -540,6 +557,62 @@ def test_parallelize_experts_refuses_what_it_cannot_shard():
     assert not isinstance(quantised.experts.gate_up_proj.data, torch.distributed.tensor.DTensor)
     with pytest.raises(TypeError, match="capacity_factor: expected a number, got '1'"):
         moe_ops.parallelize_experts(_hf_block(), _TwoRankMesh(), capacity_factor="1")
+
+
+def _clip_worker(rank, num_ranks, init_file):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    import moe_ops
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=num_ranks)
+    try:
+        mesh = init_device_mesh("cpu", (num_ranks,))
+        generator = torch.Generator().manual_seed(0)  # the same full gradients on every rank
+        # an expert weight, a tensor of one expert (rank 1's shard is empty) and a plain gradient; fp16 values whose
+        # shard norms square past fp16's largest value (65504) while the whole norm does not
+        fulls = [torch.randn(4, 3, generator=generator) * 150, torch.randn(1, 3, generator=generator),
+                 torch.randn(5, generator=generator)]
+        fulls[1][0, 1] = 0.0  # a zero for the 0-"norm" (the count of non-zero values) to see
+        for norm_type in (2.0, 1.0, 0.5, 0.0, math.inf, -math.inf):
+            for dtype, foreach in ((torch.float32, None), (torch.float32, False), (torch.float16, True)):
+                parameters = []
+                for i, full in enumerate(fulls):
+                    grad = full.to(dtype, copy=True)
+                    if i < 2:
+                        grad = distribute_tensor(grad, mesh, [Shard(0)])
+                    parameters.append(torch.nn.Parameter(torch.zeros_like(grad)))
+                    parameters[-1].grad = grad
+                plain = [torch.nn.Parameter(torch.zeros_like(full)) for full in fulls]
+                for parameter, full in zip(plain, fulls, strict=True):
+                    parameter.grad = full.to(dtype).to(torch.float32, copy=True)  # fp32: no overflow
+                want_norm = torch.nn.utils.clip_grad_norm_(plain, 1.0, norm_type)
+                norm = moe_ops.clip_grad_norm_(iter(parameters), 1.0, norm_type, foreach=foreach)
+                case = f"norm_type={norm_type} {dtype} foreach={foreach}"
+                assert norm.dtype == torch.float32, case
+                torch.testing.assert_close(norm, want_norm, rtol=1e-5, atol=0, msg=lambda m, case=case: f"{case}: {m}")
+                tolerance = {"rtol": 1e-3, "atol": 1e-5} if dtype == torch.float16 else {"rtol": 1e-5, "atol": 1e-7}
+                for parameter, reference in zip(parameters, plain, strict=True):
+                    got = parameter.grad.full_tensor() if isinstance(parameter.grad, DTensor) else parameter.grad
+                    torch.testing.assert_close(got.float(), reference.grad, **tolerance,
+                                               msg=lambda m, case=case: f"{case}: {m}")
+        nan_on_rank_1 = distribute_tensor(torch.tensor([1.0, math.nan]), mesh, [Shard(0)])
+        nonfinite = torch.nn.Parameter(torch.zeros_like(nan_on_rank_1))
+        nonfinite.grad = nan_on_rank_1
+        with pytest.raises(RuntimeError, match="The total norm of order 2.0 for gradients from `parameters` is "
+                                               "non-finite"):  # on every rank: the verdict follows the collective
+            moe_ops.clip_grad_norm_([nonfinite], 1.0, error_if_nonfinite=True)
+        assert float(moe_ops.clip_grad_norm_([torch.nn.Parameter(torch.ones(2))], 1.0)) == 0.0  # no gradients
+    finally:
+        _destroy_process_group()
+
+
+def test_clip_grad_norm_matches_torch():
+    """moe_ops.clip_grad_norm_ over DTensor shards (one of them empty on a rank) and a plain gradient: the norm and
+    the clipped gradients of torch's clip over the whole tensors, for every norm order, with and without foreach;
+    fp16 gradients whose shards' squares overflow fp16 are summed in fp32; a NaN on one rank raises on both."""
+    with tempfile.TemporaryDirectory() as folder:
+        mp.spawn(_clip_worker, args=(2, os.path.join(folder, "init")), nprocs=2, join=True)
 
 
 def _fsdp_worker(rank, num_ranks, init_file, case):
