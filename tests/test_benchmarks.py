@@ -217,18 +217,18 @@ def test_training_timing_dry_run():
 
 
 def test_quantised_dry_run():
-    """bench_quantised.py's CPU dry run times bf16, int8 / fp8 per row, int8 / int4 in groups (of 16 at its
-    tiny shape), fp8 w8a8 (weights per row or in tiles) moe_ops and torchao's fp8 experts at each token count,
-    each quantised result within its scheme's error of bf16."""
+    """bench_quantised.py's CPU dry run times bf16, int8 / fp8 per row (int8 also with zero points), int8 / int4
+    in groups (of 16 at its tiny shape), fp8 w8a8 (weights per row or in tiles) moe_ops and torchao's fp8 experts
+    at each token count, each quantised result within its scheme's error of bf16."""
     stdout = _dry_run("bench_quantised.py")
     for t in ("1", "5"):
         rows = {line.split("|")[3].strip(): line.split("|") for line in stdout.splitlines()
                 if line.startswith(f"| tiny-mixtral | {t} |")}
-        assert set(rows) == {"moe_ops_bf16", "moe_ops_int8", "moe_ops_fp8", "moe_ops_int8_g16", "moe_ops_int4_g16",
-                             "moe_ops_fp8_w8a8", "moe_ops_fp8_b16_w8a8", "torchao_fp8_eager"}, rows
+        assert set(rows) == {"moe_ops_bf16", "moe_ops_int8", "moe_ops_fp8", "moe_ops_int8_zp", "moe_ops_int8_g16",
+                             "moe_ops_int4_g16", "moe_ops_fp8_w8a8", "moe_ops_fp8_b16_w8a8", "torchao_fp8_eager"}, rows
         assert all(float(row[4]) > 0 for row in rows.values())
-        floors = dict(moe_ops_int8=25.0, moe_ops_fp8=25.0, torchao_fp8_eager=25.0, moe_ops_int8_g16=25.0,
-                      moe_ops_int4_g16=15.0, moe_ops_fp8_w8a8=20.0, moe_ops_fp8_b16_w8a8=20.0)
+        floors = dict(moe_ops_int8=25.0, moe_ops_fp8=25.0, moe_ops_int8_zp=25.0, torchao_fp8_eager=25.0,
+                      moe_ops_int8_g16=25.0, moe_ops_int4_g16=15.0, moe_ops_fp8_w8a8=20.0, moe_ops_fp8_b16_w8a8=20.0)
         assert all(float(rows[name][7]) >= floor for name, floor in floors.items())
 
 
