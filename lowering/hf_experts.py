@@ -55,6 +55,7 @@ from transformers.activations import (
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface, use_experts_implementation
 
 from moe_ops._checks import QUANTISED_WEIGHT_DTYPES
+from moe_ops._compat.dispatch import functorch_transform_active
 from moe_ops._compat.dynamo import counters
 from moe_ops.activations import CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT
 from moe_ops.expert_parallel import PLAN_ATTRIBUTE, fused_experts_ep
@@ -553,8 +554,11 @@ _REWRITTEN_FORWARD_CODE = _rewritten_forward(None, None, "").__code__
 
 def _rewriting_transformers_code() -> bool:
     """Whether dynamo is tracing with ``config.rewrites`` and ``config.transformers_eager_experts`` on: when the
-    "eager" implementation and the wrapped forwards run fused_experts instead of transformers' own code."""
-    return torch.compiler.is_compiling() and config.rewrites and config.transformers_eager_experts
+    "eager" implementation and the wrapped forwards run fused_experts instead of transformers' own code. Not
+    under a functorch transform (``torch.compile(torch.func.grad(f))``): torch.func's reverse mode cannot
+    differentiate custom ops, so transformers' own code runs there."""
+    return (torch.compiler.is_compiling() and config.rewrites and config.transformers_eager_experts
+            and not functorch_transform_active())
 
 
 def _skipped_hooks(modules: dict[str, nn.Module]) -> str | None:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.autograd.forward_ad as forward_ad
 
-from moe_ops._compat.dispatch import autograd_inside_custom_op
+from moe_ops._compat.dispatch import autograd_inside_custom_op, functorch_transform_active, grad_tracking
 
 
 def _arguments_text(op) -> str:
@@ -39,6 +39,27 @@ def refuse_forward_ad(op_name: str, *tensors) -> None:
         raise NotImplementedError(f"{op_name}: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) has no "
                                   f"formula through moe_ops' ops; autograd's reverse mode (backward, "
                                   f"torch.autograd.grad) has")
+
+
+def refuse_functorch_grad(op_name: str, *tensors) -> None:
+    """Refuses torch.func's reverse mode (grad, vjp, jacrev, hessian) over a moe_ops op, naming the op: torch cannot
+    run a custom op's autograd formula under it (it raises that an autograd.Function must override setup_context,
+    naming nothing the user wrote). Free outside functorch transforms (one call); not checked while dynamo traces
+    (``torch.compile(torch.func.grad(f))`` runs transformers' own experts code instead: lowering/hf_experts.py)."""
+    if torch.compiler.is_compiling() or not functorch_transform_active():
+        return
+    if any(isinstance(t, torch.Tensor) and grad_tracking(t) for t in tensors):
+        raise NotImplementedError(f"{op_name}: torch.func's reverse mode (grad, vjp, jacrev, hessian) cannot "
+                                  f"differentiate a custom op (torch's limit); use autograd (backward, "
+                                  f"torch.autograd.grad), or the plain-PyTorch references (moe_ops.route_ref, "
+                                  f"moe_ops.fused_experts_ref) inside torch.func transforms")
+
+
+def refuse_unsupported_ad(op_name: str, *tensors) -> None:
+    """What a moe_ops op's public function checks first: forward-mode AD and torch.func's reverse mode, which its
+    autograd formula does not serve (refuse_forward_ad, refuse_functorch_grad)."""
+    refuse_forward_ad(op_name, *tensors)
+    refuse_functorch_grad(op_name, *tensors)
 
 
 def laid_out_like(value: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
@@ -64,9 +85,12 @@ def _differentiable(value) -> bool:
 def save_inputs(ctx, inputs: Sequence, *more_tensors: torch.Tensor) -> None:
     """Keep a forward's arguments for its backward: the tensors (then ``more_tensors``) through
     ``save_for_backward``, whose version check refuses a backward after one of them was changed in place (as
-    torch's own ops do: the gradients would be those of the changed values), the other arguments as they are."""
+    torch's own ops do: the gradients would be those of the changed values), the other arguments as they are.
+    Inference tensors (made under ``torch.inference_mode``: frozen weights, say, when only the router trains),
+    which autograd refuses to save, are saved as copies."""
     ctx.input_slots = [None if isinstance(value, torch.Tensor) else (value,) for value in inputs]
-    ctx.save_for_backward(*(value for value in inputs if isinstance(value, torch.Tensor)), *more_tensors)
+    tensors = (*(value for value in inputs if isinstance(value, torch.Tensor)), *more_tensors)
+    ctx.save_for_backward(*(tensor.clone() if tensor.is_inference() else tensor for tensor in tensors))
 
 
 def saved_inputs(ctx) -> tuple[list, tuple]:

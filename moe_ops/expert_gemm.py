@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_ops._autograd import refuse_forward_ad, register_reference_autograd
+from moe_ops._autograd import refuse_unsupported_ad, register_reference_autograd
 from moe_ops._checks import (
     FLOAT_DTYPES,
     check_bool,
@@ -290,7 +290,8 @@ def expert_gemm(
     if (rows, blocks) != schedule_sizes(num_slots, w.shape[0], block_m):
         raise ValueError(f"num_slots: the schedule's {rows} rows (E={w.shape[0]}, block_m={block_m}) were not built "
                          f"for {num_slots} slots (T * K of the ids given to block_schedule)")
-    refuse_forward_ad("expert_gemm", a, w, w_up, bias, bias_up, slot_weights, w_scale, w_up_scale, w_zero, w_up_zero)
+    refuse_unsupported_ad("expert_gemm", a, w, w_up, bias, bias_up, slot_weights, w_scale, w_up_scale, w_zero,
+                          w_up_zero)
     return torch.ops.moe_ops.expert_gemm(
         a, w, w_up, bias, bias_up, slot_weights, schedule.sorted_slots, schedule.block_expert,
         schedule.num_padded, num_slots, block_m, gather_top_k, scatter, activation, alpha, limit, w_scale,

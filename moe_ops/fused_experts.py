@@ -15,7 +15,7 @@ import functools
 
 import torch
 
-from moe_ops._autograd import refuse_forward_ad, register_reference_autograd, save_inputs, saved_inputs
+from moe_ops._autograd import refuse_unsupported_ad, register_reference_autograd, save_inputs, saved_inputs
 from moe_ops._checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -683,7 +683,7 @@ def fused_experts(
         layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy,
         w_gate_up_scale, w_up_scale, w_down_scale, w_gate_up_zero, w_up_zero, w_down_zero, input_quantisation,
     )
-    refuse_forward_ad("fused_experts", *args)
+    refuse_unsupported_ad("fused_experts", *args)
     if direct_cuda_call_allowed(x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
                                 w_gate_up_scale, w_up_scale, w_down_scale, w_gate_up_zero, w_up_zero, w_down_zero):
         out, num_dropped = fused_experts_triton(*args)

@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import torch
 
-from moe_ops._autograd import refuse_forward_ad
+from moe_ops._autograd import refuse_unsupported_ad
 from moe_ops._checks import FLOAT_DTYPES, check_bool, check_choice, check_int, check_number, check_tensor
 from moe_ops._compat.dispatch import autograd_inside_custom_op
 from moe_ops._dispatch import direct_cuda_call_allowed
@@ -266,7 +266,8 @@ def route_stats_ref(logits: torch.Tensor, ids_TK: torch.Tensor) -> tuple[torch.T
     ``load_balancing_loss_func`` takes it)."""
     num_experts = logits.shape[1]
     counts_E = torch.zeros(num_experts, dtype=torch.float32, device=logits.device)
-    counts_E = counts_E.index_add(0, ids_TK.reshape(-1).long(), torch.ones(ids_TK.numel(), device=logits.device))
+    ones_S = torch.ones(ids_TK.numel(), dtype=torch.float32, device=logits.device)  # whatever the default dtype
+    counts_E = counts_E.index_add(0, ids_TK.reshape(-1).long(), ones_S)
     prob_sum_E = torch.softmax(logits.to(_weight_dtype(logits)), dim=-1).sum(dim=0)
     return counts_E, prob_sum_E
 
@@ -399,7 +400,7 @@ def route(
     if not renormalize and (renorm_eps or renorm_min):
         name, value = ("renorm_eps", renorm_eps) if renorm_eps else ("renorm_min", renorm_min)
         raise ValueError(f"{name}: shapes the renormalisation, which renormalize=False skips; got {name}={value}")
-    refuse_forward_ad("route", router_logits, correction_bias)
+    refuse_unsupported_ad("route", router_logits, correction_bias)
     args = (
         router_logits, top_k, scoring, softmax_after_topk, renormalize,
         float(renorm_eps), correction_bias, n_group, topk_group, float(routed_scaling_factor),

@@ -328,6 +328,22 @@ def test_forward_mode_ad_is_refused():
     torch.testing.assert_close(compiled(layer["x"]), fused_experts(**layer))
 
 
+def test_torch_func_reverse_mode_is_refused_by_name():
+    """torch.func.grad / vjp through fused_experts: torch cannot run a custom op's autograd formula there and said
+    so about an autograd.Function's setup_context, naming nothing the user wrote; the op now names itself and the
+    reference to use. vmap (no gradient) and the reference under grad still work."""
+    layer = _layer(5, 2, 3, 6, 4, torch.float64, "cpu")
+    for transform in (torch.func.grad, lambda f: (lambda x: torch.func.vjp(f, x)[1](torch.ones(()))[0])):
+        with pytest.raises(NotImplementedError, match="fused_experts: torch.func's reverse mode .* moe_ops.fused_exp"):
+            transform(lambda x: fused_experts(**dict(layer, x=x)).sum())(layer["x"])
+    want = torch.func.grad(lambda x: fused_experts_ref(**dict(layer, x=x)).sum())(layer["x"])
+    x = layer["x"].clone().requires_grad_(True)
+    (got,) = torch.autograd.grad(fused_experts(**dict(layer, x=x)).sum(), x)
+    torch.testing.assert_close(got, want)
+    batched = torch.func.vmap(lambda x: fused_experts(**dict(layer, x=x)))(layer["x"][None].expand(2, -1, -1))
+    torch.testing.assert_close(batched[1], fused_experts(**layer))
+
+
 def test_a_backward_after_an_input_changed_in_place_is_refused():
     """A weight or input changed in place between forward and backward (an optimizer step, a residual add
     into x) makes the gradients those of other values: refused, as torch's own ops refuse it."""

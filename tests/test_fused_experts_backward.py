@@ -127,6 +127,24 @@ def test_forms(form):
     check(make_args(13, 2, 4, 32, 16, torch.float32, TRITON_DEVICE, **FORMS[form]), torch.float32)
 
 
+def test_inference_tensor_inputs_when_only_the_routing_trains():
+    """Tokens and expert weights made under torch.inference_mode (frozen experts), only the routing weights
+    trained: autograd cannot save inference tensors, so the op saves copies, and the routing weights' gradient
+    is the reference's (it was refused: 'Inference tensors cannot be saved for backward')."""
+    T, H, Fi, E, K = 6, 8, 4, 4, 2
+    generator = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        x = torch.randn(T, H, generator=generator)
+        w_gate_up, w_down = torch.randn(E, 2 * Fi, H, generator=generator), torch.randn(E, H, Fi, generator=generator)
+    ids = torch.stack([torch.randperm(E, generator=generator)[:K] for _ in range(T)])
+    grads = []
+    for op in (fused_experts_ref, fused_experts):
+        weights = torch.rand(T, K, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+        op(x, weights, ids, w_gate_up, w_down).pow(2).sum().backward()
+        grads.append(weights.grad)
+    assert_close_rel(grads[1], grads[0], torch.float32, "routing weights' gradient")
+
+
 def test_zero_tokens():
     check(make_args(0, 2, 4, 32, 16, torch.float32, TRITON_DEVICE), torch.float32)
 

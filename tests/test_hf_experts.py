@@ -573,6 +573,29 @@ def test_training_backward_through_fused_experts():
         assert_close_rel(got, want, torch.float32, f"gradient {index}")
 
 
+def test_compiled_torch_func_grad_runs_transformers_loop():
+    """torch.compile(torch.func.grad(f)) over a block: torch.func's reverse mode cannot differentiate a custom op
+    (torch raises about autograd.Function's setup_context), so under a functorch transform the "eager" experts run
+    transformers' own loop, compiled, and give the uncompiled grad's gradients; the same function compiled
+    without the transform still runs fused_experts."""
+    block = tiny_block("mixtral", torch.float32)
+    parameters = {name: p.detach() for name, p in block.named_parameters()}
+    x = torch.randn(2, 5, H)
+
+    def loss(parameters, x):
+        out = torch.func.functional_call(block, parameters, (x,))
+        return (out[0] if isinstance(out, tuple) else out).pow(2).sum()
+
+    want = torch.func.grad(loss)(parameters, x)
+    got = torch.compile(torch.func.grad(loss))(parameters, x)
+    assert counters["moe_ops"]["hf_experts"] == 0
+    for name in want:
+        assert_close_rel(got[name], want[name], torch.float32, name)
+    torch._dynamo.reset()  # dynamo may reuse the frames it compiled under the transform (correct, unrewritten)
+    torch.compile(loss)(parameters, x)
+    assert counters["moe_ops"]["hf_experts"] == 1
+
+
 def _fp8_experts(block: int, **config_overrides):
     """transformers' fine-grained FP8 experts module (as its quantiser builds it), H = 256 and F = 128 so that
     ``block`` x ``block`` tiles divide its weights, holding random weights quantised to fp8 in those tiles."""

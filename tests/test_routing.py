@@ -664,6 +664,22 @@ def test_stats_compile_without_graph_breaks():
     assert torch.equal(got_counts, want_counts)
 
 
+@pytest.mark.parametrize("default_dtype", [torch.float64, torch.bfloat16], ids=str)
+def test_stats_under_another_default_dtype(default_dtype):
+    """torch.set_default_dtype(float64 / bfloat16) with fp32 logits: tokens_per_expert stays fp32 (the counts'
+    index_add took a default-dtype source and raised)."""
+    logits = torch.randn(6, 8, generator=torch.Generator().manual_seed(0))
+    _, ids, want = route(logits, 2, return_stats=True)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default_dtype)
+    try:
+        _, got_ids, got = route(logits, 2, return_stats=True)
+    finally:
+        torch.set_default_dtype(previous)
+    assert got.tokens_per_expert.dtype == torch.float32 and torch.equal(got.tokens_per_expert, want.tokens_per_expert)
+    assert torch.equal(got_ids, ids) and int(got.tokens_per_expert.sum()) == 12
+
+
 def test_module_docstrings():
     assert "Args:" in route.__doc__ and "Returns:" in route.__doc__
     assert routing.route_ref.__doc__

@@ -47,6 +47,19 @@ def no_tracing_or_modes_active() -> bool:
     )
 
 
+@torch.compiler.assume_constant_result
+def functorch_transform_active() -> bool:
+    """Whether a functorch transform (torch.func.grad, vjp, jacrev, vmap, ...) is running here. Dynamo runs it at
+    trace time (traced, the call would be a graph value, never None), where tracing ``torch.compile(torch.func.grad
+    (f))`` runs the transform's interpreter."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def grad_tracking(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is tracked by a torch.func reverse-mode transform (grad, vjp) running here."""
+    return torch._C._functorch.is_gradtrackingtensor(tensor)
+
+
 def custom_op_kernel(qualname: str, device_type: str):
     """The kernel registered with ``register_kernel(device_type)`` on the custom op ``qualname``, or None."""
     opdef = OPDEFS.get(qualname)
