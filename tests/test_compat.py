@@ -148,3 +148,17 @@ def test_check_value_without_a_traced_message(monkeypatch):
             compiled(x + 200)
     with pytest.raises(ValueError, match="no value above 100"):
         fn(x + 200)
+
+
+def test_functorch_transform_active_is_read_when_dynamo_traces():
+    """dispatch.functorch_transform_active runs at trace time (a traced call would be a graph value, truthy): False
+    under torch.compile alone, True while dynamo traces torch.compile(torch.func.grad(f)), as eagerly."""
+    from moe_ops._compat.dispatch import functorch_transform_active
+
+    def scaled(x):
+        return (x * (3.0 if functorch_transform_active() else 2.0)).sum()
+
+    x = torch.ones(2)
+    assert float(torch.compile(scaled, fullgraph=True)(x)) == 4.0
+    torch.testing.assert_close(torch.func.grad(scaled)(x), torch.full((2,), 3.0))
+    torch.testing.assert_close(torch.compile(torch.func.grad(scaled), fullgraph=True)(x), torch.full((2,), 3.0))

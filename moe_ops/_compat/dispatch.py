@@ -47,12 +47,16 @@ def no_tracing_or_modes_active() -> bool:
     )
 
 
-@torch.compiler.assume_constant_result
 def functorch_transform_active() -> bool:
     """Whether a functorch transform (torch.func.grad, vjp, jacrev, vmap, ...) is running here. Dynamo runs it at
     trace time (traced, the call would be a graph value, never None), where tracing ``torch.compile(torch.func.grad
     (f))`` runs the transform's interpreter."""
     return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+# What torch.compiler.assume_constant_result marks (torch 2.11 and 2.13), set here because calling it imports dynamo
+# and Inductor, which ``import moe_ops`` does not.
+functorch_transform_active._dynamo_marked_constant = True
 
 
 def grad_tracking(tensor: torch.Tensor) -> bool:
