@@ -142,7 +142,7 @@ def clip_grad_norm_(parameters: torch.Tensor | Iterable[torch.Tensor], max_norm:
             norms_G[i] = statistic
     device = grads[0].device
     stacked = torch.stack([norm.to(device) for norm in norms_G])
-    if math.isfinite(norm_type) and norm_type != 0:  # shards summed |x|^p: the tensors' norms are the p-th roots
+    if _summed_as_powers(norm_type):  # shards summed |x|^p: the tensors' norms are the p-th roots
         stacked = stacked ** (1 / norm_type)
     total = torch.linalg.vector_norm(stacked, norm_type)
     if error_if_nonfinite and not torch.isfinite(total):
@@ -163,6 +163,12 @@ def clip_grad_norm_(parameters: torch.Tensor | Iterable[torch.Tensor], max_norm:
     return total
 
 
+def _summed_as_powers(norm_type: float) -> bool:
+    """Whether shards add to a norm of this order as sums of |x|^p (finite p other than 0; the 0-"norm" adds
+    counts, the infinity norms take max / min)."""
+    return math.isfinite(norm_type) and norm_type != 0
+
+
 def _shard_statistics(shards: list[torch.Tensor], norm_type: float, foreach: bool | None) -> torch.Tensor:
     """What each tensor (or shard) adds to its whole tensor's norm of order ``norm_type``, in fp32: the sum of
     |x|^p, the count of non-zeros for p = 0, max |x| or min |x| for the infinity norms (an empty shard adds
@@ -178,7 +184,7 @@ def _shard_statistics(shards: list[torch.Tensor], norm_type: float, foreach: boo
         else:
             norms = torch._foreach_norm(nonempty, norm_type, dtype=torch.float32)
         values = torch.stack([norm.to(device) for norm in norms])
-        if math.isfinite(norm_type) and norm_type != 0:
+        if _summed_as_powers(norm_type):
             values = values ** norm_type
         statistics[filled] = values
     return statistics

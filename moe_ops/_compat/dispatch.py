@@ -43,7 +43,7 @@ def no_tracing_or_modes_active() -> bool:
         not torch.compiler.is_compiling()
         and torch._C._len_torch_dispatch_stack() == 0
         and torch._C._len_torch_function_stack() == 0
-        and torch._C._functorch.peek_interpreter_stack() is None
+        and not functorch_transform_active()
     )
 
 
