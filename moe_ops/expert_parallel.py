@@ -44,7 +44,7 @@ from moe_ops._checks import FLOAT_DTYPES, INDEX_DTYPES, check_bool, check_choice
 from moe_ops._compat.distributed import all_to_all_single, all_to_all_single_autograd
 from moe_ops._compat.tracing import check_value
 from moe_ops.fused_experts import fused_experts
-from moe_ops.layout import expert_order
+from moe_ops.layout import expert_order, scaled_ceil
 
 DISPATCHES = ("padded", "exact")
 
@@ -196,7 +196,7 @@ def fused_experts_ep(
     group_name = group.group_name
     if dispatch == "padded":
         capacity = (T * min(K, num_local) if capacity_factor is None
-                    else math.ceil(capacity_factor * S / num_ranks))
+                    else scaled_ceil(capacity_factor, S, num_ranks))
         position_S = torch.empty_like(rank_in_order).scatter_(0, order, rank_in_order)
         kept_S = routed_S & (position_S < capacity)
         num_dropped = (routed_S & ~kept_S).sum().to(torch.int32)

@@ -63,8 +63,8 @@ def padded_offsets(counts_E: torch.Tensor, block_m: int) -> torch.Tensor:
 
 
 def capacity_from_factor(capacity_factor: float, num_tokens: int, top_k: int, num_experts: int) -> int:
-    """Slots per expert: ``ceil(factor * T * K / E)``, at most T * K (no expert gets more slots than there
-    are, so a larger capacity keeps the same ones); ``factor <= 0`` means dropless (-1)."""
+    """Slots per expert: ``ceil(factor * T * K / E)`` (see :func:`scaled_ceil`), at most T * K (no expert gets
+    more slots than there are, so a larger capacity keeps the same ones); ``factor <= 0`` means dropless (-1)."""
     check_number("capacity_factor", capacity_factor)
     check_int("num_tokens", num_tokens, minimum=0)
     check_int("top_k", top_k, minimum=1)
@@ -73,7 +73,20 @@ def capacity_from_factor(capacity_factor: float, num_tokens: int, top_k: int, nu
         return -1
     if capacity_factor >= num_experts:  # ceil(factor * T * K / E) >= T * K: every slot fits
         return num_tokens * top_k
-    return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+    return scaled_ceil(capacity_factor, num_tokens * top_k, num_experts)
+
+
+# Relative slack that absorbs a float product's rounding error (scaled_ceil).
+_FLOAT_PRODUCT_SLACK = 2.0**-40
+
+
+def scaled_ceil(factor: float, count, divisor: int):
+    """``ceil(factor * count / divisor)`` without the float product's rounding error: 1.1 * 800 / 8 is
+    110.00000000000001 in floats, one slot more than asked for. The product is lowered by 2**-40 of itself
+    first, far more than its error (a few units of 2**-53) and less than any fraction a factor of up to six
+    decimals can leave above a whole number while factor digits * count stays below 10**12. Plain
+    arithmetic: ``count`` may be a SymInt and the call traced by dynamo."""
+    return math.ceil(factor * count / divisor * (1 - _FLOAT_PRODUCT_SLACK))
 
 
 def expert_order(expert_S: torch.Tensor, num_experts: int, first: torch.Tensor | None = None):

@@ -24,6 +24,7 @@ transformers' returns NaN): an all-padding micro-batch adds nothing to the train
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -41,8 +42,9 @@ def _layers(name: str, value, what: str = "tensor") -> list:
     return layers
 
 
-def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(logits.dtype, torch.float32)
+def _compute_dtype(*layers: torch.Tensor) -> torch.dtype:
+    """fp32, or fp64 if any layer's logits are fp64 (layers of mixed dtypes are computed alike)."""
+    return functools.reduce(torch.promote_types, (logits.dtype for logits in layers), torch.float32)
 
 
 def load_balancing_loss(
@@ -52,7 +54,7 @@ def load_balancing_loss(
     token_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The load-balancing loss of one or several MoE layers (see the module docstring): a scalar computed
-    in fp32 (fp64 for fp64 logits), where transformers takes the softmax in the logits' dtype.
+    in fp32 (fp64 if any layer's logits are fp64), where transformers takes the softmax in the logits' dtype.
 
     Args:
         router_logits: (T, E) float, or a sequence of them (one per layer)
@@ -69,12 +71,13 @@ def load_balancing_loss(
     check_tensor("router_logits", logits_layers[0], ndim=2, dtypes=FLOAT_DTYPES)
     num_tokens, num_experts = logits_layers[0].shape
     device = logits_layers[0].device
-    dtype = _compute_dtype(logits_layers[0])
+    for logits in logits_layers:
+        check_tensor("router_logits", logits, shape=(num_tokens, num_experts), dtypes=FLOAT_DTYPES, device=device)
+    dtype = _compute_dtype(*logits_layers)
     slots_E = torch.zeros(num_experts, dtype=dtype, device=device)
     prob_sum_E = torch.zeros(num_experts, dtype=dtype, device=device)
     rows = None
     for logits, ids in zip(logits_layers, ids_layers, strict=True):
-        check_tensor("router_logits", logits, shape=(num_tokens, num_experts), dtypes=FLOAT_DTYPES, device=device)
         check_tensor("topk_ids", ids, ndim=2, dtypes=INDEX_DTYPES, device=device)
         if ids.shape[0] != num_tokens:
             raise ValueError(f"topk_ids: expected ({num_tokens}, K) like the logits' tokens, got {tuple(ids.shape)}")
@@ -115,9 +118,11 @@ def load_balancing_loss_from_stats(stats: RouterStats | Sequence[RouterStats]) -
 
 def router_z_loss(router_logits: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
     """ST-MoE's router z-loss: the mean over the tokens (of every layer given) of ``logsumexp(logits)**2``,
-    a scalar computed in fp32 (fp64 for fp64 logits)."""
+    a scalar computed in fp32 (fp64 if any layer's logits are fp64)."""
     layers = _layers("router_logits", router_logits)
+    check_tensor("router_logits", layers[0], ndim=2, dtypes=FLOAT_DTYPES)
     for logits in layers:
         check_tensor("router_logits", logits, ndim=2, dtypes=FLOAT_DTYPES, device=layers[0].device)
-    lse_T = torch.cat([torch.logsumexp(logits.to(_compute_dtype(logits)), dim=-1) for logits in layers])
+    dtype = _compute_dtype(*layers)
+    lse_T = torch.cat([torch.logsumexp(logits.to(dtype), dim=-1) for logits in layers])
     return lse_T.square().sum() / max(lse_T.numel(), 1)  # no tokens: 0, not the NaN of an empty mean

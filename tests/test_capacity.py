@@ -98,6 +98,15 @@ def test_capacity_from_factor():
     assert capacity_from_factor(1.0, 4096, 8, 64) == 512
     assert capacity_from_factor(1.25, 100, 2, 8) == math.ceil(1.25 * 200 / 8) == 32
     assert capacity_from_factor(0.3, 10, 1, 3) == 1
+    # The factor as written, not its binary float: 1.1 * 800 / 8 is 110.00000000000001 in floats.
+    assert capacity_from_factor(1.1, 100, 8, 8) == 110 and capacity_from_factor(1.1, 90, 1, 3) == 33
+    assert capacity_from_factor(1.1, 50, 2, 10) == 11 and capacity_from_factor(1.1, 101, 8, 8) == 112
+    assert capacity_from_factor(2 / 3, 9, 1, 2) == 3  # 0.6666666666666666 * 9 / 2 = 2.99..: still 3
+    # The same under dynamo with a symbolic T (a graph compiled for every T computes the capacity so).
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: x.new_full((), capacity_from_factor(1.1, x.shape[0], 8, 8)), dynamic=True,
+                             fullgraph=True)
+    assert [int(compiled(torch.zeros(t))) for t in (90, 100, 101)] == [99, 110, 112]
     assert capacity_from_factor(0.0, 100, 2, 8) == -1
     assert capacity_from_factor(-1.0, 100, 2, 8) == -1
     # No expert gets more than T * K slots: a larger factor keeps them all, and so does T * K (1e30 made an int

@@ -117,11 +117,28 @@ def test_errors_name_the_argument():
         moe_ops.load_balancing_loss(logits, ids, token_mask=torch.ones(96, dtype=torch.complex64))
     with pytest.raises(ValueError, match=r"router_logits: expected a 2-D tensor"):
         moe_ops.router_z_loss(logits[0])
+    # transformers' router_logits is None without output_router_logits
+    with pytest.raises(TypeError, match=r"router_logits: expected a torch.Tensor, got NoneType"):
+        moe_ops.router_z_loss(None)
+    with pytest.raises(TypeError, match=r"router_logits: expected a torch.Tensor, got NoneType"):
+        moe_ops.load_balancing_loss([logits, None], [ids, ids])
     stats = moe_ops.route(logits.detach(), 2, return_stats=True)[2]
     with pytest.raises(ValueError, match=r"stats: expected a RouterStats or a non-empty sequence of them"):
         moe_ops.load_balancing_loss_from_stats([])
     with pytest.raises(ValueError, match=r"stats.tokens_per_expert: expected shape \(16\), got \(1\)"):
         moe_ops.load_balancing_loss_from_stats([stats, stats._replace(tokens_per_expert=torch.ones(1))])
+
+
+def test_layers_of_mixed_dtypes_compute_in_the_widest():
+    """fp32 and fp64 layers in either order: both losses in fp64, the fp64 layer not rounded to fp32."""
+    logits, ids = _layer()
+    wide = logits.detach().double() * (1 + 1e-12)  # a difference fp32 cannot hold
+    for pair in ([logits.detach(), wide], [wide, logits.detach()]):
+        expected = moe_ops.load_balancing_loss([p.double() for p in pair], [ids, ids])
+        got = moe_ops.load_balancing_loss(pair, [ids, ids])
+        assert got.dtype == torch.float64 and torch.equal(got, expected)
+        z = moe_ops.router_z_loss(pair)
+        assert z.dtype == torch.float64 and torch.equal(z, moe_ops.router_z_loss([p.double() for p in pair]))
 
 
 def test_no_tokens_make_no_loss():
