@@ -639,8 +639,10 @@ def _over_torchao_weights(name: str):
     original = _ORIGINAL_IMPLEMENTATIONS[name]
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
-        if not (torch.compiler.is_compiling() and config.rewrites and config.transformers_quantised_experts
-                and _holds_torchao_weights(self)):
+        # The weights first: dynamo guards a compiled graph on each setting read here, and a model without torchao
+        # weights must not recompile when the rewrites or this switch change (its graph does not depend on them).
+        if not (torch.compiler.is_compiling() and _holds_torchao_weights(self) and config.rewrites
+                and config.transformers_quantised_experts):
             _refuse_quantised(self, name)
             return original(self, hidden_states, top_k_index, top_k_weights)
         reason = _implementation_reason(type(self))

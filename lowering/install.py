@@ -54,14 +54,14 @@ def _install_passes() -> None:
         if module is not None and getattr(module.__spec__, "_initializing", False):
             log.warning("moe_ops passes not installed: %s was imported before torch._inductor.config", name)
             return
-    from moe_ops._compat.inductor_hooks import loaded_inductor_config
+    from moe_ops._compat.inductor_hooks import loaded_inductor_config, set_hook_for_every_thread
     from moe_ops.lowering.passes import PASSES
 
     inductor_config = loaded_inductor_config()
     for moe_ops_pass in PASSES:
         installed = getattr(inductor_config, moe_ops_pass.hook)
         if not isinstance(installed, moe_ops_pass):
-            setattr(inductor_config, moe_ops_pass.hook, moe_ops_pass(previous=installed))
+            set_hook_for_every_thread(inductor_config, moe_ops_pass.hook, moe_ops_pass(previous=installed))
 
 
 def _register_transformers_experts() -> None:

@@ -46,6 +46,11 @@ class _ChainedPass(CustomGraphPass):
     def __init__(self, previous=None):
         self.previous = previous
 
+    def __deepcopy__(self, memo):
+        # torch 2.13 gives a thread that set no hook a deep copy of the hook's default, which the installation
+        # sets to this pass (set_hook_for_every_thread): every thread runs this one pass and what it chains.
+        return self
+
     def __call__(self, graph: torch.fx.Graph) -> None:
         # The Inductor lowerings of the moe_ops ops, registered at the first graph Inductor compiles
         # (before it lowers that graph): importing Inductor's lowering module while torch._inductor.config,

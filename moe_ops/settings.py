@@ -94,7 +94,8 @@ class Config:
             _warned.add(name)
             warnings.warn(f"moe_ops.config.{name} changed after torch.compile compiled code in this process: "
                           f"functions compiled before it keep the graphs they were compiled with (transformers "
-                          f"experts modules recompile); torch.compiler.reset() makes them compile again",
+                          f"experts modules of the \"eager\" implementation or with torchao weights recompile); "
+                          f"torch.compiler.reset() makes them compile again",
                           stacklevel=_caller_outside_moe_ops())
 
 

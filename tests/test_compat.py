@@ -162,3 +162,36 @@ def test_functorch_transform_active_is_read_when_dynamo_traces():
     assert float(torch.compile(scaled, fullgraph=True)(x)) == 4.0
     torch.testing.assert_close(torch.func.grad(scaled)(x), torch.full((2,), 3.0))
     torch.testing.assert_close(torch.compile(torch.func.grad(scaled), fullgraph=True)(x), torch.full((2,), 3.0))
+
+
+def test_passes_reach_compiles_in_other_threads():
+    """torch 2.13 keeps Inductor settings per thread: the moe_ops passes are in every thread's hooks all the same
+    (one pass object, not a copy), and a routing block compiled in a worker thread is rewritten."""
+    import threading
+
+    from torch._dynamo.utils import counters
+
+    import moe_ops
+
+    inductor_config = torch._inductor.config
+    seen, outputs = {}, {}
+    logits = torch.randn(6, 8)
+
+    def route(x):
+        weights_TK, ids_TK = torch.topk(torch.softmax(x, dim=-1), 2, dim=-1)
+        return weights_TK / weights_TK.sum(dim=-1, keepdim=True), ids_TK
+
+    def worker():
+        seen["hooks"] = (inductor_config.post_grad_custom_post_pass, inductor_config.joint_custom_post_pass)
+        torch._dynamo.reset()
+        with inductor_config.patch(fx_graph_cache=False):  # a cache hit skips the passes (this thread's setting)
+            outputs["compiled"] = torch.compile(route, fullgraph=True)(logits)
+
+    rewrites_before = counters["moe_ops"]["route_rewrite"]
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen["hooks"] == (inductor_config.post_grad_custom_post_pass, inductor_config.joint_custom_post_pass)
+    assert type(seen["hooks"][0]).__name__ == "MoeOpsPostGradPass" and moe_ops.config.rewrites
+    assert counters["moe_ops"]["route_rewrite"] == rewrites_before + 1
+    torch.testing.assert_close(outputs["compiled"], route(logits))

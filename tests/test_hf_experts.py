@@ -51,10 +51,10 @@ BLOCKS = {
 
 
 def tiny_block(name: str, dtype: torch.dtype, **config_overrides):
-    """The block with random weights and ``experts_implementation="eager"``."""
+    """The block with random weights and ``experts_implementation="eager"`` (unless overridden)."""
     model_type, block_name, config_name, sizes = BLOCKS[name]
     config = getattr(transformers, config_name)(
-        hidden_size=H, num_experts_per_tok=K, experts_implementation="eager", **{**sizes, **config_overrides}
+        **{"hidden_size": H, "num_experts_per_tok": K, "experts_implementation": "eager", **sizes, **config_overrides}
     )
     block = getattr(_modeling(model_type), block_name)(config)
     with torch.no_grad():
@@ -498,6 +498,29 @@ def test_disable_recompiles_without_reset():
     backend.graphs.clear()
     block_output(compiled, x)
     assert backend.fused_experts_calls() == 1 and len(backend.graphs) == 1
+
+
+def test_grouped_mm_experts_keep_their_graphs_across_switches():
+    """transformers' default experts ("grouped_mm") over plain weights read no moe_ops switch while dynamo traces
+    them: a block compiled (and warmed up) inside rewrites_disabled() keeps its graph outside it, rewrite-free, and
+    flipping transformers_quantised_experts recompiles nothing (both recompiled before: demo.py's baseline then
+    timed moe_ops' graph)."""
+    block = tiny_block("mixtral", torch.float32, experts_implementation="grouped_mm")
+    x = torch.randn(2, 5, H)
+    backend = RecordingBackend(run_graph_as_is)
+    compiled = torch.compile(block, backend=backend)
+    with moe_ops.rewrites_disabled():
+        block_output(compiled, x)
+    graphs = len(backend.graphs)
+    try:
+        with torch.compiler.set_stance("fail_on_recompile"):
+            out = block_output(compiled, x)
+            moe_ops.config.transformers_quantised_experts = False
+            block_output(compiled, x)
+    finally:
+        moe_ops.config.transformers_quantised_experts = True
+    assert len(backend.graphs) == graphs and backend.fused_experts_calls() == 0
+    assert_close_rel(out, block_output(block, x), torch.float32, "compiled without the rewrites")
 
 
 def test_original_forward_of_decorated_subclass():
