@@ -7,15 +7,16 @@ Shape legend: T tokens, K experts per token, E experts, S = T*K slots (slot s = 
 
 from __future__ import annotations
 
-import math
+import functools
 from typing import NamedTuple
 
 import torch
 
 from moe_ops._checks import check_int, check_number
-from moe_ops._compat.tracing import sym_min
+from moe_ops._compat.tracing import register_for_export, sym_ceil, sym_min
 
 
+@functools.partial(register_for_export, name="moe_ops.BlockSchedule")
 class BlockSchedule(NamedTuple):
     """Routing metadata consumed by :func:`moe_ops.expert_gemm`. All int32, all on the ids' device."""
 
@@ -85,8 +86,8 @@ def scaled_ceil(factor: float, count, divisor: int):
     110.00000000000001 in floats, one slot more than asked for. The product is lowered by 2**-40 of itself
     first, far more than its error (a few units of 2**-53) and less than any fraction a factor of up to six
     decimals can leave above a whole number while factor digits * count stays below 10**12. Plain
-    arithmetic: ``count`` may be a SymInt and the call traced by dynamo."""
-    return math.ceil(factor * count / divisor * (1 - _FLOAT_PRODUCT_SLACK))
+    arithmetic: ``count`` may be a SymInt, the call traced by dynamo and saved by torch.export (sym_ceil)."""
+    return sym_ceil(factor * count / divisor * (1 - _FLOAT_PRODUCT_SLACK))
 
 
 def expert_order(expert_S: torch.Tensor, num_experts: int, first: torch.Tensor | None = None):

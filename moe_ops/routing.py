@@ -21,6 +21,7 @@ The CPU path calls ``torch.topk``; the CUDA kernel follows CUDA's rule (moe_ops.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -28,6 +29,7 @@ import torch
 from moe_ops._autograd import refuse_unsupported_ad
 from moe_ops._checks import FLOAT_DTYPES, check_bool, check_choice, check_int, check_number, check_tensor
 from moe_ops._compat.dispatch import autograd_inside_custom_op
+from moe_ops._compat.tracing import register_for_export
 from moe_ops._dispatch import direct_cuda_call_allowed
 from moe_ops.routing_triton import route_triton
 
@@ -250,6 +252,7 @@ def _route_backward(ctx, grad_weights, _grad_ids):
 torch.library.register_autograd(_route_op, _route_backward, setup_context=_route_setup_context)
 
 
+@functools.partial(register_for_export, name="moe_ops.RouterStats")
 class RouterStats(NamedTuple):
     """One routing call's statistics for the load-balancing loss and for logging (``route(...,
     return_stats=True)``), on the logits' device. Sums, not means, so that micro-batches and layers add."""

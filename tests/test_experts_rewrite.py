@@ -94,6 +94,19 @@ def test_clamped_silu_binds_its_limit(form):
     assert activation == "clamped_silu" and constants == {"limit": 10.0}
 
 
+@pytest.mark.parametrize("limit, alpha", [(-0.5, 1.702), (4.0, float("inf"))], ids=["negative_limit", "infinite_alpha"])
+def test_clamp_constants_the_op_refuses_are_no_activation(limit, alpha):
+    """A negative limit (torch's clamp then returns the bound) or a non-finite alpha: constants fused_experts refuses,
+    so the code is no activation it computes (the rewrite fired and the compiled call raised)."""
+    h, inputs = traced(functools.partial(gpt_oss_interleaved, alpha=alpha, limit=limit))
+    with pytest.raises(Rejected, match="is no activation the op computes"):
+        match_any_activation(h, inputs, "interleaved")
+    if limit < 0:
+        h, inputs = traced(lambda gate, up: F.silu(gate.clamp(max=limit)) * up.clamp(min=-limit, max=limit), 2)
+        with pytest.raises(Rejected, match="is no activation the op computes"):
+            match_any_activation(h, inputs, "separate")
+
+
 @pytest.mark.parametrize("under_fake_mode", [False, True], ids=["", "under_fake_mode"])
 @pytest.mark.parametrize("limit, recognised", [(10.0, True), (7.3, False)])
 def test_clamped_silu_without_the_rounding_of_the_clamped_gate(limit, recognised, under_fake_mode):

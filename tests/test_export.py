@@ -147,6 +147,34 @@ def test_export_keeps_the_ops(ops_model, tmp_path):
         assert_close_rel(reloaded.module()(x), expected, torch.float32, f"saved and loaded, T={num_tokens}")
 
 
+class StatsAndCapacity(torch.nn.Module):
+    """The public helpers a training program returns or computes from T: RouterStats, capacity_from_factor."""
+
+    def forward(self, logits):
+        weights, ids, stats = moe_ops.route(logits, K, renormalize=True, return_stats=True)
+        capacity = moe_ops.capacity_from_factor(1.1, logits.shape[0], K, E)
+        kept, dropped = moe_ops.apply_capacity(ids, weights, E, capacity, "position")
+        return stats, kept, dropped
+
+
+def test_saved_program_returns_router_stats_and_a_capacity_of_t(tmp_path):
+    """A program returning RouterStats, with a capacity computed from a symbolic T, saves and loads (torch.export
+    cannot save a NamedTuple without a registered name, nor math.ceil of a symbolic size)."""
+    model = StatsAndCapacity()
+    tokens = torch.export.Dim("tokens", min=2)
+    program = torch.export.export(model, (torch.randn(16, E),), dynamic_shapes=({0: tokens},))
+    torch.export.save(program, tmp_path / "stats.pt2")
+    reloaded = torch.export.load(tmp_path / "stats.pt2")
+    for num_tokens in (9, 200):  # 1.1 x 200 x 2 / 8 is 55.00000000000001 in floats: capacity 55, not 56
+        logits = torch.randn(num_tokens, E, generator=torch.Generator().manual_seed(num_tokens))
+        (stats, kept, dropped), (want_stats, want_kept, want_dropped) = reloaded.module()(logits), model(logits)
+        assert type(stats).__name__ == "RouterStats" and stats.num_tokens == num_tokens
+        torch.testing.assert_close(stats.router_prob_sum, want_stats.router_prob_sum)
+        assert torch.equal(stats.tokens_per_expert, want_stats.tokens_per_expert)
+        assert torch.equal(kept, want_kept) and torch.equal(dropped, want_dropped)
+    assert moe_ops.capacity_from_factor(1.1, 200, K, E) == 55
+
+
 @loads_packages
 def test_aoti_package_runs_the_ops(ops_model, ops_package):
     model, _ = ops_model

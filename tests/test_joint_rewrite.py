@@ -40,8 +40,9 @@ H, F_, E, K = 64, 32, 8, 2
 class GroupedMoE(nn.Module):
     """torchtitan-style routed experts (router, stable argsort, ``_grouped_mm`` on w1/w3/w2, scatter_add)."""
 
-    def __init__(self, activation=lambda gate, up: F.silu(gate) * up):
+    def __init__(self, activation=lambda gate, up: F.silu(gate) * up, routing_weights=lambda weights_TK: weights_TK):
         super().__init__()
+        self.routing_weights = routing_weights
         self.gate = nn.Linear(H, E, bias=False)
         self.w1 = nn.Parameter(torch.randn(E, F_, H) / H**0.5)
         self.w2 = nn.Parameter(torch.randn(E, H, F_) / F_**0.5)
@@ -52,6 +53,7 @@ class GroupedMoE(nn.Module):
     def experts(self, x_TH):
         scores_TE = F.softmax(self.gate(x_TH).float(), dim=-1)
         weights_TK, ids_TK = torch.topk(scores_TE, K, dim=-1)
+        weights_TK = self.routing_weights(weights_TK)
         order_S = torch.argsort(ids_TK.view(-1), stable=True)
         counts_E = torch.histc(ids_TK.view(-1).float(), bins=E, min=0, max=E - 1)
         offsets_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
@@ -375,6 +377,16 @@ def test_near_miss_keeps_its_own_backward():
     assert joint_rewrites() == 1
     assert "_grouped_mm" in forward_graph and "_grouped_mm" in backward_graph and "fused_experts" not in backward_graph
     assert "moe_ops.route_backward.default" in backward_graph
+
+
+def test_routing_weights_detached_keep_the_plain_backward(caplog):
+    """The user's code detaches the routing weights: the plain backward sends no gradient through the router. A
+    backward re-derived from the rewritten forward would (x's gradient through the router's softmax; AOTAutograd's
+    joint graph keeps no sign of the detach but the missing backward), so the joint graph is kept as it is."""
+    with caplog.at_level(logging.DEBUG, logger="moe_ops"):
+        check_training(GroupedMoE(routing_weights=torch.Tensor.detach), tokens(), dtype=torch.bfloat16)
+    assert joint_rewrites() == 0
+    assert "which the plain code does not differentiate (detached or computed without grad)" in caplog.text
 
 
 def test_activation_checkpointing():

@@ -35,7 +35,7 @@ import moe_ops.fused_experts  # noqa: F401  (defines moe_ops::fused_experts, emi
 import moe_ops.routing  # noqa: F401  (defines moe_ops::route, read here)
 from moe_ops._compat.dynamo import counters, detect_fake_mode
 from moe_ops._compat.inductor import select_decomp_table
-from moe_ops.activations import CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT
+from moe_ops.activations import CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT, check_clamp_constants
 from moe_ops.lowering.graph.fx_match import (
     CLAMPS,
     PRIMALS,
@@ -292,6 +292,11 @@ def match_activation(
     matcher = _TemplateMatch()
     matcher.nodes.update(zip(placeholders, inputs, strict=True))
     if not matcher.node(output.args[0], h):
+        return None
+    try:  # constants the op refuses (a negative limit: torch's clamp then returns its bound) leave the code as it is
+        check_clamp_constants(matcher.constants.get("alpha", CLAMPED_SWIGLU_ALPHA),
+                              matcher.constants.get("limit", CLAMPED_SWIGLU_LIMIT))
+    except ValueError:
         return None
     return {g for t, g in matcher.nodes.items() if t.op != "placeholder"} | matcher.duplicates, matcher.constants
 

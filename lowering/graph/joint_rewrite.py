@@ -151,6 +151,33 @@ def _tag_new_nodes(forward: Graph, tags_before: dict[Node, tuple | None],
                 node.meta.update(zip(_CHECKPOINT_KEYS, tag, strict=True))
 
 
+def _differentiated_ops(tangents: list[Node]) -> set:
+    """The autograd sequence numbers of the forward ops whose backward the joint graph holds: AOTAutograd tags
+    each backward node with its forward op's ``seq_nr``."""
+    return {node.meta["seq_nr"] for node in _downstream(tangents) if "seq_nr" in node.meta}
+
+
+def _check_gradient_paths(forward: Graph, old_nodes: set[Node], differentiated: set, wants_grad: list[bool]) -> None:
+    """NotRewritable where the new trace would differentiate a path the old joint graph does not: a floating input
+    of a node the rewrites added, made by a forward op of the old graph from primals that need gradients, whose
+    backward the old graph lacks. The user's code detached that value or computed it without grad (the graph keeps
+    no sign of either but the missing backward; re-traced under autograd, it would take a gradient: the router's
+    x-gradient of a block whose routing weights were detached)."""
+    primals = list(forward.find_nodes(op="placeholder"))
+    needs_grad = _downstream([p for p, wants in zip(primals, wants_grad, strict=True) if wants])
+    for node in forward.nodes:
+        if node in old_nodes or node.op != "call_function":
+            continue
+        for source in node.all_input_nodes:
+            value = source.meta.get("val")
+            if (source not in old_nodes or source.op == "placeholder" or source not in needs_grad
+                    or not isinstance(value, torch.Tensor) or not value.is_floating_point()):
+                continue
+            if source.meta.get("seq_nr") not in differentiated:
+                raise NotRewritable(f"{node.name} would take a gradient through {source.name}, which the plain "
+                                    "code does not differentiate (detached or computed without grad)")
+
+
 def _forward_graph(graph: Graph, primals: list[Node], tangents: list[Node], forward_outputs: list) -> Graph:
     """The nodes that ``forward_outputs`` need, and the forward's runtime asserts, copied into a graph
     whose inputs are the primals."""
@@ -301,6 +328,7 @@ def rewrite_joint_graph(graph: Graph, rewrites: Sequence[Callable[[Graph], int]]
             raise NotRewritable("fewer outputs than primals")
         forward_outputs, gradients = outputs[:num_forward_outputs], outputs[num_forward_outputs:]
         forward = _forward_graph(graph, primals, tangents, forward_outputs)
+        old_nodes = set(forward.nodes)
         # The rewrites count what they replace; if the joint graph is then kept, nothing was replaced.
         counted = dict(counters["moe_ops"])
         rewritten = 0
@@ -315,8 +343,9 @@ def rewrite_joint_graph(graph: Graph, rewrites: Sequence[Callable[[Graph], int]]
         if not rewritten:
             return 0
         forward.eliminate_dead_code()
-        _keep_preactivations(forward)
         wants_grad = [grad is not None for grad in gradients]
+        _check_gradient_paths(forward, old_nodes, _differentiated_ops(tangents), wants_grad)
+        _keep_preactivations(forward)
         traced = _trace_joint(
             GraphModule(graph.owning_module, forward),
             [p.meta["val"] for p in primals],
