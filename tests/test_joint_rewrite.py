@@ -40,9 +40,9 @@ H, F_, E, K = 64, 32, 8, 2
 class GroupedMoE(nn.Module):
     """torchtitan-style routed experts (router, stable argsort, ``_grouped_mm`` on w1/w3/w2, scatter_add)."""
 
-    def __init__(self, activation=lambda gate, up: F.silu(gate) * up, routing_weights=lambda weights_TK: weights_TK):
+    def __init__(self, activation=lambda gate, up: F.silu(gate) * up, detach_weights: bool = False):
         super().__init__()
-        self.routing_weights = routing_weights
+        self.detach_weights = detach_weights
         self.gate = nn.Linear(H, E, bias=False)
         self.w1 = nn.Parameter(torch.randn(E, F_, H) / H**0.5)
         self.w2 = nn.Parameter(torch.randn(E, H, F_) / F_**0.5)
@@ -53,7 +53,8 @@ class GroupedMoE(nn.Module):
     def experts(self, x_TH):
         scores_TE = F.softmax(self.gate(x_TH).float(), dim=-1)
         weights_TK, ids_TK = torch.topk(scores_TE, K, dim=-1)
-        weights_TK = self.routing_weights(weights_TK)
+        if self.detach_weights:
+            weights_TK = weights_TK.detach()
         order_S = torch.argsort(ids_TK.view(-1), stable=True)
         counts_E = torch.histc(ids_TK.view(-1).float(), bins=E, min=0, max=E - 1)
         offsets_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
@@ -384,7 +385,7 @@ def test_routing_weights_detached_keep_the_plain_backward(caplog):
     backward re-derived from the rewritten forward would (x's gradient through the router's softmax; AOTAutograd's
     joint graph keeps no sign of the detach but the missing backward), so the joint graph is kept as it is."""
     with caplog.at_level(logging.DEBUG, logger="moe_ops"):
-        check_training(GroupedMoE(routing_weights=torch.Tensor.detach), tokens(), dtype=torch.bfloat16)
+        check_training(GroupedMoE(detach_weights=True), tokens(), dtype=torch.bfloat16)
     assert joint_rewrites() == 0
     assert "which the plain code does not differentiate (detached or computed without grad)" in caplog.text
 
