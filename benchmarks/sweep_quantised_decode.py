@@ -135,6 +135,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="mixtral-8x7b", help=f"of {','.join(SHAPES)}")
     parser.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="comma-separated T")
+    parser.add_argument("--forms", help=f"comma-separated weight forms (default all: {','.join(FORMS)}, the group "
+                        "named as in the results, e.g. int4_g128)")
     parser.add_argument("--dry-run", action="store_true", help="on the CPU (interpreter), a tiny shape")
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results; dry run: none)")
     args = parser.parse_args()
@@ -149,6 +151,10 @@ def main() -> None:
         device, shapes, group, grid = torch.device("cuda"), [SHAPES[n] for n in args.shapes.split(",")], GROUP, GRID
         gpu, time_fn, rounds = torch.cuda.get_device_name(), time_on_gpu, ROUNDS
     configs = grid_configs(grid)
+    wanted = set(args.forms.split(",")) if args.forms else None
+    known = {form.format(group=group) for form in FORMS}
+    if wanted is not None and wanted - known:
+        raise SystemExit(f"--forms: {sorted(wanted - known)} not among {sorted(known)}")
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     summary = ["# Expert GEMM tiles at decode per weight form (benchmarks/sweep_quantised_decode.py)", "",
                f"{gpu}, torch {torch.__version__}, triton {triton.__version__}, moe_ops {moe_ops.__file__}, {stamp}; "
@@ -164,7 +170,8 @@ def main() -> None:
         w_gate_up = (torch.randn(E, 2 * F, H, device=device) / H**0.5).to(torch.bfloat16)
         w_down = (torch.randn(E, H, F, device=device) / F**0.5).to(torch.bfloat16)
         forms = {form.format(group=group): (form_weights(w_gate_up, w_down, scheme and scheme.format(group=group)),
-                                            itemsize) for form, (scheme, itemsize) in FORMS.items()}
+                                            itemsize) for form, (scheme, itemsize) in FORMS.items()
+                 if wanted is None or form.format(group=group) in wanted}
         for t in tokens:
             cell_summary, cell_every = run_cell(shape, t, forms, configs, device, time_fn, rounds)
             summary += cell_summary
