@@ -173,7 +173,10 @@ def _check_gradient_paths(forward: Graph, old_nodes: set[Node], differentiated: 
             if (source not in old_nodes or source.op == "placeholder" or source not in needs_grad
                     or not isinstance(value, torch.Tensor) or not value.is_floating_point()):
                 continue
-            if source.meta.get("seq_nr") not in differentiated:
+            if "seq_nr" not in source.meta:  # made by a joint-graph pattern that kept no autograd record
+                raise NotRewritable(f"{node.name} would take a gradient through {source.name}, whose backward in "
+                                    "the plain graph cannot be told (no seq_nr)")
+            if source.meta["seq_nr"] not in differentiated:
                 raise NotRewritable(f"{node.name} would take a gradient through {source.name}, which the plain "
                                     "code does not differentiate (detached or computed without grad)")
 
