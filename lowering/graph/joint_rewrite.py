@@ -17,6 +17,11 @@ graph (``primals_*`` and ``tangents_*`` in; forward outputs, then one gradient p
    not from the plain code's;
 4. puts that joint graph in place of the old one (same placeholders, same output structure).
 
+The re-derived backward is the forward's autograd formulas: what made the plain backward differ from them (a
+``.detach()``, a no_grad block, a custom autograd.Function) is lost where this pass cannot tell it was there. It
+tells only the case _check_gradient_paths names (a node it adds reading a value the plain backward does not
+differentiate); the docs say which code not to compile with training_rewrites on.
+
 It steps aside (the joint graph stays as it was, and the reason is logged) where it cannot show the
 new joint graph has the old one's interface and keeps everything it did: placeholders other than
 primals and tangents, outputs needing gradients that do not line up with the tangents,
@@ -151,6 +156,10 @@ def _tag_new_nodes(forward: Graph, tags_before: dict[Node, tuple | None],
                 node.meta.update(zip(_CHECKPOINT_KEYS, tag, strict=True))
 
 
+# Forward ops whose backward passes the gradient on with no node of its own (so no node carries their seq_nr).
+_PASS_THROUGH_BACKWARD = (torch.ops.aten.add.Tensor,)
+
+
 def _differentiated_ops(tangents: list[Node]) -> set:
     """The autograd sequence numbers of the forward ops whose backward the joint graph holds: AOTAutograd tags
     each backward node with its forward op's ``seq_nr``."""
@@ -165,20 +174,30 @@ def _check_gradient_paths(forward: Graph, old_nodes: set[Node], differentiated: 
     x-gradient of a block whose routing weights were detached)."""
     primals = list(forward.find_nodes(op="placeholder"))
     needs_grad = _downstream([p for p, wants in zip(primals, wants_grad, strict=True) if wants])
+
+    def differentiable(source: Node) -> bool:
+        value = source.meta.get("val")
+        return (source in needs_grad and source.op != "placeholder" and isinstance(value, torch.Tensor)
+                and value.is_floating_point())
+
+    def check(node: Node, source: Node) -> None:
+        if "seq_nr" not in source.meta:  # made by a joint-graph pattern that kept no autograd record
+            raise NotRewritable(f"{node.name} would take a gradient through {source.name}, whose backward in the "
+                                "plain graph cannot be told (no seq_nr)")
+        if source.meta["seq_nr"] in differentiated:
+            return
+        if source.target in _PASS_THROUGH_BACKWARD:  # a residual add: its backward has no node; its inputs tell
+            for operand in filter(differentiable, source.all_input_nodes):
+                check(node, operand)
+            return
+        raise NotRewritable(f"{node.name} would take a gradient through {source.name}, which the plain code does "
+                            "not differentiate (detached or computed without grad)")
+
     for node in forward.nodes:
-        if node in old_nodes or node.op != "call_function":
-            continue
-        for source in node.all_input_nodes:
-            value = source.meta.get("val")
-            if (source not in old_nodes or source.op == "placeholder" or source not in needs_grad
-                    or not isinstance(value, torch.Tensor) or not value.is_floating_point()):
-                continue
-            if "seq_nr" not in source.meta:  # made by a joint-graph pattern that kept no autograd record
-                raise NotRewritable(f"{node.name} would take a gradient through {source.name}, whose backward in "
-                                    "the plain graph cannot be told (no seq_nr)")
-            if source.meta["seq_nr"] not in differentiated:
-                raise NotRewritable(f"{node.name} would take a gradient through {source.name}, which the plain "
-                                    "code does not differentiate (detached or computed without grad)")
+        if node not in old_nodes and node.op == "call_function":
+            for source in filter(differentiable, node.all_input_nodes):
+                if source in old_nodes:
+                    check(node, source)
 
 
 def _forward_graph(graph: Graph, primals: list[Node], tangents: list[Node], forward_outputs: list) -> Graph:
