@@ -390,6 +390,23 @@ def test_routing_weights_detached_keep_the_plain_backward(caplog):
     assert "which the plain code does not differentiate (detached or computed without grad)" in caplog.text
 
 
+class TwoBlocks(nn.Module):
+    """Two blocks in sequence, each with a residual: the second block's input is an add whose backward has no node
+    of its own, of the first block's output (a getitem of a multi-output op after Inductor's joint patterns)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = GroupedMoE(), GroupedMoE()
+
+    def forward(self, x_TH):
+        return self.second(self.first(x_TH) + x_TH) + x_TH
+
+
+def test_blocks_in_sequence_with_residuals():
+    check_training(TwoBlocks(), tokens(), dtype=torch.bfloat16)
+    assert joint_rewrites() == 1 and counters["moe_ops"]["experts_rewrite"] == 2
+
+
 def test_activation_checkpointing():
     """A checkpointed block is rewritten and stays checkpointed: the moe_ops ops inherit the region's
     recompute tags, so the backward computes the router again (instead of keeping its results) and the

@@ -181,6 +181,11 @@ def _check_gradient_paths(forward: Graph, old_nodes: set[Node], differentiated: 
                 and value.is_floating_point())
 
     def check(node: Node, source: Node) -> None:
+        if source not in old_nodes:  # a node a rewrite added: its own inputs are checked as its reads
+            return
+        if "seq_nr" not in source.meta and source.target is operator.getitem:  # an output of a multi-output op
+            check(node, source.args[0])
+            return
         if "seq_nr" not in source.meta:  # made by a joint-graph pattern that kept no autograd record
             raise NotRewritable(f"{node.name} would take a gradient through {source.name}, whose backward in the "
                                 "plain graph cannot be told (no seq_nr)")
@@ -196,8 +201,7 @@ def _check_gradient_paths(forward: Graph, old_nodes: set[Node], differentiated: 
     for node in forward.nodes:
         if node not in old_nodes and node.op == "call_function":
             for source in filter(differentiable, node.all_input_nodes):
-                if source in old_nodes:
-                    check(node, source)
+                check(node, source)
 
 
 def _forward_graph(graph: Graph, primals: list[Node], tangents: list[Node], forward_outputs: list) -> Graph:
