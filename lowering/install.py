@@ -28,8 +28,9 @@ OWN_CODE_MODELING = tuple(f"transformers.models.{family}.modeling_{family}"
 def enable() -> None:
     """Turn the rewrites on and make sure the moe_ops pass is installed (idempotent).
 
-    The passes go into ``torch._inductor.config.post_grad_custom_post_pass`` (inference graphs) and
-    ``joint_custom_post_pass`` (training graphs). A pass already in either hook is kept: the moe_ops
+    The passes go into ``torch._inductor.config.post_grad_custom_post_pass`` (inference graphs),
+    ``joint_custom_post_pass`` (training graphs) and ``pre_grad_custom_pass`` (a look at dynamo's graph for
+    code that alters gradients, for the training pass). A pass already in a hook is kept: the moe_ops
     pass runs it first, then its own rewrites. A pass set there *after* ``enable()`` replaces the
     moe_ops pass; call ``enable()`` again to chain it.
 

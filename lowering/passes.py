@@ -115,5 +115,20 @@ class MoeOpsJointPass(_ChainedPass):
             log.debug("training graph not rewritten: moe_ops.config.training_rewrites is off")
 
 
+class MoeOpsPreGradPass(_ChainedPass):
+    """``pre_grad_custom_pass``: the graph dynamo made, before AOTAutograd traces it. Nothing is rewritten here: with
+    training_rewrites on, what in the user's code alters gradients (detach, no_grad, custom autograd Functions,
+    hooks) is noted for MoeOpsJointPass, which does not re-derive a backward that code made different
+    (lowering/graph/joint_rewrite.py)."""
+
+    hook = "pre_grad_custom_pass"
+
+    def rewrite(self, graph: torch.fx.Graph) -> None:
+        if config.training_rewrites:
+            from moe_ops.lowering.graph.joint_rewrite import note_gradient_alterations
+
+            note_gradient_alterations(graph)
+
+
 # Where each pass is installed.
-PASSES = (MoeOpsPostGradPass, MoeOpsJointPass)
+PASSES = (MoeOpsPreGradPass, MoeOpsPostGradPass, MoeOpsJointPass)

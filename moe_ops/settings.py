@@ -52,9 +52,9 @@ class Config:
                   benchmarks/results/training_*.md: on the H200 its median is ahead in 3 of the 5
                   cells, even at Qwen3-30B-A3B T = 32768 and 0.99x of a torchtitan-style block at
                   Mixtral-8x7B T = 32768, and it wins every round in 2. Off, training graphs compute
-                  what the plain code does. On, code that changes its own gradients inside the compiled
-                  region (.detach(), no_grad blocks, custom autograd Functions) may get the forward's
-                  formulas instead (docs/index.md, Training).
+                  what the plain code does. On, a compiled function whose code changes its own
+                  gradients (a .detach() or no_grad block feeding gradients, custom autograd Functions,
+                  tensor hooks) keeps the plain backward (docs/index.md, Training).
         batch_invariant: the Triton kernels of ``route`` and ``fused_experts`` (CUDA tensors, eager and
                   compiled) use one tile configuration whatever the number of tokens: 64-row GEMM blocks
                   without TMA, the router's tiles for any token count, the K expert outputs of a token

@@ -380,14 +380,84 @@ def test_near_miss_keeps_its_own_backward():
     assert "moe_ops.route_backward.default" in backward_graph
 
 
-def test_routing_weights_detached_keep_the_plain_backward(caplog):
-    """The user's code detaches the routing weights: the plain backward sends no gradient through the router. A
-    backward re-derived from the rewritten forward would (x's gradient through the router's softmax; AOTAutograd's
-    joint graph keeps no sign of the detach but the missing backward), so the joint graph is kept as it is."""
+class _HalfGradient(torch.autograd.Function):
+    """A custom backward (Megatron's aux-loss scaler is one): its forward's ops alone would pass the gradient as is."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 0.5
+
+
+class AlteredGradients(GroupedMoE):
+    """The block with one construct of the user's code that makes its backward differ from its ops' autograd
+    formulas; the joint graph (AOTAutograd's) keeps no sign of any but a missing or odd backward node."""
+
+    def __init__(self, form):
+        super().__init__(detach_weights=form == "detached routing weights")
+        self.form = form
+
+    def forward(self, x_TH):
+        if self.form == "detached input":
+            return self.experts(x_TH.detach()) + x_TH
+        if self.form == ".data input":
+            return self.experts(x_TH.data) + x_TH
+        if self.form == "no_grad logits added":
+            with torch.no_grad():
+                logits_TE = self.gate(x_TH)
+            return self.experts(x_TH) + logits_TE.sum()
+        if self.form == "custom autograd.Function":
+            return _HalfGradient.apply(self.experts(x_TH))
+        if self.form == "tensor hook":
+            y_TH = self.experts(x_TH)
+            y_TH.register_hook(lambda grad: grad * 0.5)
+            return y_TH
+        return self.experts(x_TH)
+
+
+ALTERATIONS = ("detached routing weights", "detached input", ".data input", "no_grad logits added",
+               "custom autograd.Function", "tensor hook")
+
+
+@pytest.mark.parametrize("form", ALTERATIONS)
+def test_code_that_alters_gradients_keeps_the_plain_backward(form, caplog):
+    """A backward re-derived from the rewritten forward would take gradients the user's code does not (through a
+    detached value, one computed without grad) or lose what it does to them (a custom Function's backward, a hook):
+    the joint graph is kept as it is, and the gradients are eager's (each form gave other gradients when the
+    rewrite ran on it)."""
     with caplog.at_level(logging.DEBUG, logger="moe_ops"):
-        check_training(GroupedMoE(detach_weights=True), tokens(), dtype=torch.bfloat16)
+        check_training(AlteredGradients(form), tokens(), dtype=torch.bfloat16)
     assert joint_rewrites() == 0
-    assert "which the plain code does not differentiate (detached or computed without grad)" in caplog.text
+    assert "the code alters gradients" in caplog.text, caplog.text
+
+
+class DetachedStatistics(GroupedMoE):
+    """Detached and no_grad values that reach no gradient (a router statistic kept in a buffer): the rewrite runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean_logit", torch.zeros((), dtype=torch.bfloat16))
+
+    def forward(self, x_TH):
+        self.mean_logit.copy_(self.gate(x_TH).detach().mean())
+        return self.experts(x_TH)
+
+
+def test_detached_values_that_reach_no_gradient_keep_the_rewrite():
+    module = DetachedStatistics()
+    check_training(module, tokens(), dtype=torch.bfloat16)
+    assert joint_rewrites() == 1 and counters["moe_ops"]["experts_rewrite_torchtitan"] == 1
+
+
+def test_a_joint_graph_without_the_pre_grad_look_is_kept(caplog):
+    """Without the look at dynamo's graph (another pass put in Inductor's pre-grad hook after moe_ops), nothing says
+    the code alters no gradient: the joint graph stays."""
+    with inductor_config.patch(pre_grad_custom_pass=None), caplog.at_level(logging.DEBUG, logger="moe_ops"):
+        check_training(GroupedMoE(), tokens(), dtype=torch.bfloat16)
+    assert joint_rewrites() == 0 and "no look at the dynamo graph preceded it" in caplog.text
 
 
 class TwoBlocks(nn.Module):

@@ -17,25 +17,30 @@ graph (``primals_*`` and ``tangents_*`` in; forward outputs, then one gradient p
    not from the plain code's;
 4. puts that joint graph in place of the old one (same placeholders, same output structure).
 
-The re-derived backward is the forward's autograd formulas: what made the plain backward differ from them (a
-``.detach()``, a no_grad block, a custom autograd.Function) is lost where this pass cannot tell it was there. It
-tells only the case _check_gradient_paths names (a node it adds reading a value the plain backward does not
-differentiate); the docs say which code not to compile with training_rewrites on.
+The re-derived backward is the forward's autograd formulas, so what made the user's backward differ from them
+must not be in the graph: a ``.detach()`` (or ``.data``) of a value that needs a gradient, a no_grad or
+inference_mode block that computes from one, a custom autograd.Function, a tensor hook. The joint graph keeps no
+sign of them (Inductor drops the detach, the Function's forward is its aten ops), so they are read off the graph
+dynamo made, which Inductor's pre-grad hook sees first (note_gradient_alterations, installed by
+moe_ops.lowering.passes); a joint graph whose compile showed any, or that no such look preceded, is left as it is.
+_check_gradient_paths also refuses a node it adds reading a value the plain backward does not differentiate.
 
 It steps aside (the joint graph stays as it was, and the reason is logged) where it cannot show the
-new joint graph has the old one's interface and keeps everything it did: placeholders other than
-primals and tangents, outputs needing gradients that do not line up with the tangents,
-a rewritten block that straddles an activation-checkpointing boundary, a backward node with an
-effect that no output reads (a runtime assert the re-derived backward would not have), a forward assert
-the new trace loses, an op without an autograd formula, mutations in the traced graph other than the
-forward's writes into inputs that need no gradient (buffers, e.g. token counts), which must be the old
-graph's, and the training variant's backward writing over the pre-activations its forward kept for it.
+new joint graph has the old one's interface and keeps everything it did: a compile whose dynamo graph
+alters gradients or was not looked at (above), placeholders other than primals and tangents, outputs
+needing gradients that do not line up with the tangents, a rewritten block that straddles an
+activation-checkpointing boundary, a backward node with an effect that no output reads (a runtime assert
+the re-derived backward would not have), a forward assert the new trace loses, an op without an autograd
+formula, mutations in the traced graph other than the forward's writes into inputs that need no gradient
+(buffers, e.g. token counts), which must be the old graph's, and the training variant's backward writing
+over the pre-activations its forward kept for it.
 """
 
 from __future__ import annotations
 
 import logging
 import operator
+import threading
 from collections.abc import Callable, Sequence
 
 import torch
@@ -99,6 +104,76 @@ def _runtime_asserts(graph: Graph) -> list[Node]:
     """_effects but the writes into inputs (buffers, compared by _buffer_writes): a trace may read such a write
     back (``self.counts += c`` leaves an alias of the copy_ in the graph), and then it has a user."""
     return [node for node in _effects(graph) if node.target is not torch.ops.aten.copy_.default]
+
+
+# What alters gradients in the graph dynamo made, by the name of a call's target (a method's name; a function's or
+# higher-order op's __name__).
+_DETACHING = frozenset({"detach", "detach_", "_get_data_attr"})  # x.detach(), torch.detach(x), x.data
+_GRAD_MODE = frozenset({"_set_grad_enabled", "_enter_inference_mode", "_exit_inference_mode"})
+_HOOKS = frozenset({"register_hook", "retain_grad", "requires_grad_", "register_post_accumulate_grad_hook"})
+_CUSTOM_FUNCTIONS = frozenset({"autograd_function_apply"})
+_scanned = threading.local()  # .alterations: what the last look found (None: no look since the last joint graph)
+
+
+def _needs_grad(node: Node) -> bool:
+    value = node.meta.get("example_value")
+    return isinstance(value, torch.Tensor) and value.requires_grad
+
+
+def _floating(node: Node) -> bool:
+    values = node.meta.get("example_value")
+    values = values if isinstance(values, (tuple, list)) else (values,)
+    return any(isinstance(value, torch.Tensor) and value.is_floating_point() for value in values)
+
+
+def _reaches_gradient(node: Node) -> bool:
+    """Whether ``node``'s value (no gradient taken through it) flows, through floating-point values, into one that
+    needs a gradient or into the graph's output: re-traced with gradients through it, that would take one. Integer
+    steps (top-k ids) carry none; a value that only updates a buffer (token counts) reaches neither."""
+    seen, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        for user in current.users:
+            if user.op == "output" or _needs_grad(user):
+                return True
+            if user not in seen and _floating(user):
+                seen.add(user)
+                stack.append(user)
+    return False
+
+
+def gradient_alterations(graph: Graph) -> list[str]:
+    """What in a dynamo graph (and in the subgraphs it calls: checkpointed bodies) makes its backward differ from the
+    autograd formulas of its ops: a detach of a value that needs a gradient, or an op computed from one with grad
+    mode off, whose result flows on into gradients (_reaches_gradient); a custom autograd.Function taking one; a
+    tensor hook. Each as ``"<node>: <what>"``."""
+    found = []
+    grad_off = False
+    for node in graph.nodes:
+        if node.op == "get_attr" and isinstance(sub := getattr(graph.owning_module, node.target, None), GraphModule):
+            found += gradient_alterations(sub.graph)
+        if node.op not in ("call_function", "call_method"):
+            continue
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
+        reads_grad = any(_needs_grad(n) for n in node.all_input_nodes)
+        if name in _GRAD_MODE:
+            grad_off = name == "_enter_inference_mode" or (name == "_set_grad_enabled" and node.args[:1] == (False,))
+        elif grad_off and reads_grad and _floating(node) and _reaches_gradient(node):
+            found.append(f"{node.name}: computed without grad from a value that needs one")
+        elif name in _DETACHING and reads_grad and _reaches_gradient(node):
+            found.append(f"{node.name}: a detach of a value that needs a gradient")
+        elif name in _CUSTOM_FUNCTIONS and reads_grad:
+            found.append(f"{node.name}: a custom autograd.Function")
+        elif name in _HOOKS:
+            found.append(f"{node.name}: a tensor hook or requires_grad_")
+    return found
+
+
+def note_gradient_alterations(graph: Graph) -> None:
+    """Inductor's pre-grad hook: what the dynamo ``graph`` (the one about to be traced into a joint graph) alters in
+    gradients, for rewrite_joint_graph. Its subgraphs are looked at with it (Inductor's pre-grad passes see them
+    first, alone: a later look, the whole graph's, replaces theirs)."""
+    _scanned.alterations = gradient_alterations(graph)
 
 
 _CHECKPOINT_KEYS = ("recompute", "ac_graph_id")
@@ -346,7 +421,13 @@ def _overwrites_only_its_kept_preactivations(node: Node) -> bool:
 def rewrite_joint_graph(graph: Graph, rewrites: Sequence[Callable[[Graph], int]]) -> int:
     """Apply ``rewrites`` to the forward of the joint ``graph`` and re-derive its backward; returns
     how many subgraphs they replaced (0: the graph is unchanged)."""
+    alterations, _scanned.alterations = getattr(_scanned, "alterations", None), None
     try:
+        if alterations is None:
+            raise NotRewritable("no look at the dynamo graph preceded it (Inductor's pre-grad hook did not run)")
+        if alterations:
+            raise NotRewritable(f"the code alters gradients ({'; '.join(alterations)}): the backward re-derived from "
+                                "the forward's autograd formulas would not be its own")
         primals, tangents = _placeholders(graph)
         outputs = list(graph.output_node().args[0])
         num_forward_outputs = len(outputs) - len(primals)
