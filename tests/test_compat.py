@@ -189,14 +189,17 @@ def route(x):
 seen = {}
 def worker():
     inductor_config.fx_graph_cache = False  # this thread's own setting on torch 2.13
-    seen["hooks"] = (inductor_config.post_grad_custom_post_pass, inductor_config.joint_custom_post_pass)
+    seen["hooks"] = (inductor_config.post_grad_custom_post_pass, inductor_config.joint_custom_post_pass,
+                     inductor_config.pre_grad_custom_pass)
     seen["compiled"] = torch.compile(route, fullgraph=True)(logits)
 
 thread = threading.Thread(target=worker)
 thread.start()
 thread.join()
-assert seen["hooks"] == (inductor_config.post_grad_custom_post_pass, inductor_config.joint_custom_post_pass)
-assert type(seen["hooks"][0]).__name__ == "MoeOpsPostGradPass" and moe_ops.config.rewrites
+assert seen["hooks"] == (inductor_config.post_grad_custom_post_pass, inductor_config.joint_custom_post_pass,
+                         inductor_config.pre_grad_custom_pass)
+assert [type(hook).__name__ for hook in seen["hooks"]] == ["MoeOpsPostGradPass", "MoeOpsJointPass", "MoeOpsPreGradPass"]
+assert moe_ops.config.rewrites
 torch.testing.assert_close(seen["compiled"], route(logits))
 print("route rewrites", counters["moe_ops"]["route_rewrite"])
 """
