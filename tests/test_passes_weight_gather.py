@@ -22,6 +22,7 @@ from compile_harness import (  # noqa: F401  (fixture)
     compile_and_record,
     fresh_compile_state,
     training_rewrites,
+    training_step,
 )
 from conftest import assert_close_rel
 from expecttest import assert_expected_inline
@@ -218,6 +219,41 @@ aten.sum.dim_IntList([-1], True)
 aten.div.Tensor()
 moe_ops.fused_experts.default(None, None, None, 'EFH', False, 'silu', True, 1.702, 7.0, 0.0, 'position')
 getitem(0)""")
+
+
+class OneSlotOutputs(MOEFeedForward):
+    """gpt-fast's block with its slot outputs weighted but not summed over the K slots ((T, K*H) out)."""
+
+    def forward(self, x):
+        x = x.view(-1, self.dim)
+        scores = self.gate(x)
+        expert_weights, expert_indices = torch.topk(F.softmax(scores, dim=-1), self.num_activated_experts, dim=-1)
+        expert_outs = self.cond_ffn(x, expert_indices)
+        return (expert_outs * expert_weights[..., None]).reshape(x.shape[0], -1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpt_fast_one_expert_per_token(dtype):
+    """K = 1: the einsum's decomposition drops the sum over the one slot, and the combine is the weighting alone."""
+    x = hidden_states(dtype)
+    result, expected, graph = run(init_(MOEFeedForward(num_activated_experts=1), dtype), x)
+    assert_same(result, expected, dtype)
+    assert rewrites() == 1 and "bmm" not in graph
+
+
+@pytest.mark.parametrize("top_k", [1, K])
+def test_weighted_slot_outputs_without_their_sum(top_k, caplog):
+    """The same product with K > 1 and no sum is no experts block (its output keeps the slots): not rewritten; with
+    K = 1 it is one."""
+    x = hidden_states(torch.float32)
+    with caplog.at_level(logging.DEBUG, logger="moe_ops"):
+        result, expected, graph = run(init_(OneSlotOutputs(num_activated_experts=top_k), torch.float32), x)
+    assert_same(result, expected, torch.float32)
+    if top_k == 1:
+        assert rewrites() == 1
+    else:
+        assert rewrites() == 0 and "aten.bmm" in graph
+        assert "weights the slot outputs with no sum over the K slots" in caplog.text
 
 
 # ---- Near misses: not rewritten, and still correct --------------------------------------------------
@@ -421,3 +457,19 @@ def test_training(make_block, dtype):
     assert rewrites() == 1 and counters["moe_ops"]["joint_rewrite"] == 1
     assert FUSED_EXPERTS_TRAINING in forward_graph and "bmm" not in forward_graph
     assert calls_experts_backward(backward_graph) and "bmm" not in backward_graph
+
+
+@pytest.mark.usefixtures("training_rewrites")
+def test_training_one_expert_per_token():
+    """K = 1 in training: the experts' and the input's gradients equal eager's. The router's is zero up to rounding
+    on both sides (its one weight renormalised is 1 whatever the logits), so it is held to a bound, not compared."""
+    block = init_(MOEFeedForward(num_activated_experts=1), torch.float32).train()
+    x = hidden_states(torch.float32)
+    _, grads = training_step(block, torch.compile(block, fullgraph=True), x)
+    _, expected = training_step(block, block, x)
+    assert rewrites() == 1 and counters["moe_ops"]["joint_rewrite"] == 1
+    for name, grad in expected.items():
+        if name == "gate.weight":
+            assert grads[name].abs().max() < 1e-5 and grad.abs().max() < 1e-5
+        else:
+            assert_close_rel(grads[name], grad, torch.float32, f"gradient of {name}")

@@ -17,14 +17,15 @@ Two codes compute the routed experts by gathering each slot's expert weights:
 
       x1  = silu(einsum('ti,taoi->tao', x, w1[ids]));  x3 = einsum('ti,taoi->tao', x, w3[ids])
       y   = einsum('tao,taio->tai', x1 * x3, w2[ids])
-      out = einsum('tai,ta->ti', y, w)
+      out = einsum('tai,ta->ti', y, w)          (K = 1: no sum over one slot; the weighting alone)
 
 Both are ``out[t] = sum_j w[t, j] * down_e(act(gate_up_e(x[t])))`` with ``e = ids[t, j]``: the op with
 the same weights (gate_up (E, N, H) and down (E, H, F) are "EFH", their transposes "EHF"; gpt-fast's
 separate w1/w3 are ``w_gate_up=w1, w_up=w3``).
 
-How a candidate is proven (walking back from the combine, a sum or a bmm): every tensor between the
-sources (x, the (T, K) ids and weights, the gathered weights) and the result gets a descriptor, one
+How a candidate is proven (walking back from the combine, a sum, a bmm, or for K = 1 the product of the
+slot outputs and their weights, the einsum's decomposition having dropped the sum over one slot): every
+tensor between the sources (x, the (T, K) ids and weights, the gathered weights) and the result gets a descriptor, one
 tuple of named axes per dim (t token, a slot, h hidden, n gate_up output, f intermediate; merged
 dims list their axes in row-major order; size-1 axes are left out). Views (reshape, squeeze,
 unsqueeze, permute, expand, clone) move axes without changing values, ``W[ids]`` gives ids' axes plus
@@ -404,7 +405,7 @@ def _activation(h: Node) -> _Activation:
 class _Block:
     """A candidate's pieces, found walking back from the combine."""
 
-    root: Node  # the combine: a sum over one dim, or a bmm (einsum)
+    root: Node  # the combine: a sum over one dim, a bmm (einsum), or a mul (einsum, K = 1)
     down: _Gemm
     y_first: bool  # the down projection's output is the combine's (the mul's or bmm's) first operand
     y_chain: list[Node]  # views: down.out -> combine operand
@@ -423,7 +424,9 @@ class _Block:
 
     @property
     def combine(self) -> str:
-        return "sum" if self.weighted is not None else "bmm"
+        if self.weighted is not None:
+            return "sum"
+        return "product (K = 1)" if is_call(self.root, aten.mul.Tensor) else "bmm"
 
     def gathers(self) -> list[tuple[Node, Node]]:
         """(gather, idx) of every gathered weight and bias."""
@@ -460,7 +463,7 @@ def _find(root: Node) -> _Block:
         if not (is_call(weighted, aten.mul.Tensor) and len(weighted.args) == 2):
             raise Rejected("the summed slot outputs are not multiplied by their routing weights")
         operands = weighted.args
-    else:
+    else:  # a bmm, or a mul (K = 1): the slot outputs and the weights are its operands
         weighted, sum_chain, operands = None, [], root.args
     reasons = []
     for y_first in (True, False):
@@ -527,7 +530,7 @@ def _follow_axes(block: _Block, layout: str) -> int | None:
     """Follow the axes from the sources to the result with the weights in ``layout``. Raises Rejected
     unless each GEMM contracts its right axis (h, then f), the activation acts on the gate_up
     features, and the result is the routing-weighted sum over the slots, as (T, H). Returns where
-    in ``block.forward`` a bmm combine's result is (None for a sum)."""
+    in ``block.forward`` a bmm or product combine's result is (None for a sum)."""
     down = block.down
     n_dim, f_dim = (1, 2) if layout == "EFH" else (2, 1)
     ids_shape = val(block.ids).shape
@@ -595,9 +598,15 @@ def _follow_axes(block: _Block, layout: str) -> int | None:
         if summed[dim] != slot or kept != token_hidden:
             raise Rejected(f"the sum over axes {summed[dim]} leaves {kept}: not the weighted sum over the K slots")
         return None
-    desc, contraction = axes.bmm(*operands, block.root)
-    if contraction != slot:
-        raise Rejected(f"the combine contracts axes {contraction}, not the K slots")
+    if is_call(block.root, aten.mul.Tensor):
+        # The weighted sum over the slots is the product itself only where there is one slot.
+        if not same_size(axes.sizes["a"], 1):
+            raise Rejected(f"{block.root.name} weights the slot outputs with no sum over the K slots")
+        desc = axes.broadcast(*operands, block.root)
+    else:
+        desc, contraction = axes.bmm(*operands, block.root)
+        if contraction != slot:
+            raise Rejected(f"the combine contracts axes {contraction}, not the K slots")
     for i, node in enumerate(block.forward):
         desc = axes.through(desc, node)
         if desc == token_hidden and val(node).dim() == 2:
@@ -676,8 +685,9 @@ def _check_op_args(match: ExpertsMatch) -> None:
 
 def find_weight_gather_blocks(graph: Graph) -> Iterator[Callable[[], ExpertsMatch]]:
     """Candidates: a sum over one dim of a product (the weighted slot outputs) or of a projection's
-    output, or a bmm of which no operand is a gathered weight (an einsum combine); each call matches
-    one or raises Rejected."""
+    output, a bmm of which no operand is a gathered weight (an einsum combine), or a product of a
+    projection's output with something not summed after it (an einsum combine over one slot); each call
+    matches one or raises Rejected."""
     for node in list(graph.nodes):
         if is_call(node, aten.sum.dim_IntList) and val(node.args[0]) is not None:
             summed = _trace_back(node.args[0])[0]
@@ -686,3 +696,17 @@ def find_weight_gather_blocks(graph: Graph) -> Iterator[Callable[[], ExpertsMatc
         elif is_call(node, aten.bmm.default):
             if all(_gather(_trace_back(a)[0]) is None for a in node.args[:2]):
                 yield lambda root=node: _match(root)
+        elif is_call(node, aten.mul.Tensor) and _one_slot_combine(node):
+            yield lambda root=node: _match(root)
+
+
+def _one_slot_combine(node: Node) -> bool:
+    """A product of a projection's output and another tensor whose result is not summed (through views) after:
+    the combine of one slot, if anything."""
+    if not all(isinstance(a, Node) and val(a) is not None for a in node.args):
+        return False
+    if not any(_gemm_output(_trace_back(a)[0]) is not None for a in node.args):
+        return False
+    while len(node.users) == 1 and _is_view(next(iter(node.users))):
+        node = next(iter(node.users))
+    return not any(is_call(user, aten.sum.dim_IntList) for user in node.users)
