@@ -49,9 +49,9 @@ class Config:
         training_rewrites: also rewrite training graphs (AOTAutograd's joint graph), so that their
                   backward is the moe_ops ops' formulas (lowering/graph/joint_rewrite.py). Off by default
                   until a step with it leads in every cell and every timing round of
-                  benchmarks/results/training_*.md: on the H200 its median is ahead in 3 of the 5
-                  cells, even at Qwen3-30B-A3B T = 32768 and 0.99x of a torchtitan-style block at
-                  Mixtral-8x7B T = 32768, and it wins every round in 2. Off, training graphs compute
+                  benchmarks/results/training_*.md: on the H200 it is ahead in 3 of the 5 cells,
+                  winning every round there, level at Qwen3-30B-A3B T = 32768 (0.2% behind) and 0.99x
+                  of a torchtitan-style block at Mixtral-8x7B T = 32768. Off, training graphs compute
                   what the plain code does. On, a compiled function whose code changes its own
                   gradients (a .detach() or no_grad block feeding gradients, custom autograd Functions,
                   tensor hooks) keeps the plain backward (docs/index.md, Training).
