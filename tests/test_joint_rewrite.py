@@ -411,6 +411,29 @@ class AlteredGradients(GroupedMoE):
             return self.experts(x_TH) + logits_TE.sum()
         if self.form == "custom autograd.Function":
             return _HalfGradient.apply(self.experts(x_TH))
+        if self.form == "copy of the detached input":
+            copied_TH = torch.zeros_like(x_TH)
+            copied_TH.copy_(x_TH.detach())
+            return self.experts(copied_TH) + x_TH
+        if self.form == "copy under no_grad":
+            copied_TH = torch.zeros_like(x_TH)
+            with torch.no_grad():
+                copied_TH.copy_(x_TH)
+            return self.experts(copied_TH) + x_TH
+        if self.form == "aten.detach overload":
+            return self.experts(torch.ops.aten.detach.default(x_TH)) + x_TH
+        if self.form == "detach_ of a clone":
+            copied_TH = x_TH.clone()
+            copied_TH.detach_()
+            return self.experts(copied_TH) + x_TH
+        if self.form == "new_tensor":
+            return self.experts(x_TH.new_tensor(x_TH)) + x_TH
+        if self.form == "inference_mode inside no_grad":
+            with torch.no_grad():
+                with torch.inference_mode():
+                    pass
+                logits_TE = self.gate(x_TH)  # still without grad: inference_mode's exit restores no_grad
+            return self.experts(x_TH) + logits_TE.sum()
         if self.form == "tensor hook":
             y_TH = self.experts(x_TH)
             y_TH.register_hook(lambda grad: grad * 0.5)
@@ -419,7 +442,8 @@ class AlteredGradients(GroupedMoE):
 
 
 ALTERATIONS = ("detached routing weights", "detached input", ".data input", "no_grad logits added",
-               "custom autograd.Function", "tensor hook")
+               "custom autograd.Function", "tensor hook", "copy of the detached input", "copy under no_grad",
+               "aten.detach overload", "detach_ of a clone", "new_tensor", "inference_mode inside no_grad")
 
 
 @pytest.mark.parametrize("form", ALTERATIONS)
@@ -432,6 +456,37 @@ def test_code_that_alters_gradients_keeps_the_plain_backward(form, caplog):
         check_training(AlteredGradients(form), tokens(), dtype=torch.bfloat16)
     assert joint_rewrites() == 0
     assert "the code alters gradients" in caplog.text, caplog.text
+
+
+class BoundaryOps(GroupedMoE):
+    """An op before the block whose Inductor decomposition, differentiated, is not its own formula at the inputs
+    given (the re-trace would differentiate the decomposition; AOTAutograd differentiated the op)."""
+
+    def __init__(self, form):
+        super().__init__()
+        self.form = form
+
+    def forward(self, x_TH):
+        if self.form == "relu6 at 0":
+            return self.experts(F.relu6(x_TH))
+        if self.form == "hardswish at 3":
+            return self.experts(F.hardswish(x_TH.float() * 3).to(x_TH.dtype))
+        x_f32 = x_TH.float()  # "std of a constant row"
+        return self.experts((x_f32 / (x_f32.std(-1, keepdim=True) + 1)).to(x_TH.dtype))
+
+
+@pytest.mark.parametrize("form, fill", [("relu6 at 0", 0.0), ("hardswish at 3", 1.0), ("std of a constant row", 1.0)])
+def test_ops_differentiated_otherwise_by_their_decomposition_keep_the_plain_backward(form, fill, caplog):
+    """Each gave other x-gradients than eager's with the rewrite on (relu6'(0): 0 in eager; hardswish at +3; std of
+    a constant row: NaN); the joint graph is kept."""
+    x_TH = tokens()
+    if form == "std of a constant row":
+        x_TH[2] = fill
+    else:
+        x_TH[:, :5] = fill
+    with caplog.at_level(logging.DEBUG, logger="moe_ops"):
+        check_training(BoundaryOps(form), x_TH, dtype=torch.bfloat16)
+    assert joint_rewrites() == 0 and "decomposition, whose derivative differs" in caplog.text
 
 
 class DetachedStatistics(GroupedMoE):

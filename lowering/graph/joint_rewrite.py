@@ -24,6 +24,10 @@ sign of them (Inductor drops the detach, the Function's forward is its aten ops)
 dynamo made, which Inductor's pre-grad hook sees first (note_gradient_alterations, installed by
 moe_ops.lowering.passes); a joint graph whose compile showed any, or that no such look preceded, is left as it is.
 _check_gradient_paths also refuses a node it adds reading a value the plain backward does not differentiate.
+The backward of everything else in the graph is re-derived too, from the forward's decomposed ops, whose
+derivatives can differ from their original op's at boundary points (relu6 at 0, the norm of a zero row):
+_check_decompositions refuses a graph that differentiates one of the ops known to (by the ``original_aten`` on
+its nodes).
 
 It steps aside (the joint graph stays as it was, and the reason is logged) where it cannot show the
 new joint graph has the old one's interface and keeps everything it did: a compile whose dynamo graph
@@ -106,10 +110,11 @@ def _runtime_asserts(graph: Graph) -> list[Node]:
     return [node for node in _effects(graph) if node.target is not torch.ops.aten.copy_.default]
 
 
-# What alters gradients in the graph dynamo made, by the name of a call's target (a method's name; a function's or
-# higher-order op's __name__).
-_DETACHING = frozenset({"detach", "detach_", "_get_data_attr"})  # x.detach(), torch.detach(x), x.data
-_GRAD_MODE = frozenset({"_set_grad_enabled", "_enter_inference_mode", "_exit_inference_mode"})
+# What alters gradients in the graph dynamo made, by the name of a call's target (_call_name).
+# x.detach(), x.data, torch.tensor(x) (dynamo's x.new_tensor(x)); x.detach_() (its own: dynamo's example values show
+# the tensor as the write left it, no longer needing a gradient).
+_DETACHING = frozenset({"detach", "_get_data_attr", "tensor"})
+_DETACHING_IN_PLACE = "detach_"
 _HOOKS = frozenset({"register_hook", "retain_grad", "requires_grad_", "register_post_accumulate_grad_hook"})
 _CUSTOM_FUNCTIONS = frozenset({"autograd_function_apply"})
 _scanned = threading.local()  # .alterations: what the last look found (None: no look since the last joint graph)
@@ -118,6 +123,22 @@ _scanned = threading.local()  # .alterations: what the last look found (None: no
 def _needs_grad(node: Node) -> bool:
     value = node.meta.get("example_value")
     return isinstance(value, torch.Tensor) and value.requires_grad
+
+
+def _call_name(node: Node) -> str:
+    """A method's name; a function's or higher-order op's ``__name__``; an aten overload's packet name
+    (``aten.detach.default`` -> ``detach``)."""
+    if node.op == "call_method":
+        return node.target
+    return getattr(node.target, "__name__", str(node.target)).split(".")[0]
+
+
+def _written(node: Node) -> Node | None:
+    """The tensor an in-place call writes into (``dst.copy_(src)``, ``dst.detach_()``): its first argument."""
+    name = _call_name(node)
+    if name.endswith("_") and not name.startswith("__") and node.args and isinstance(node.args[0], Node):
+        return node.args[0]
+    return None
 
 
 def _floating(node: Node) -> bool:
@@ -129,14 +150,17 @@ def _floating(node: Node) -> bool:
 def _reaches_gradient(node: Node) -> bool:
     """Whether ``node``'s value (no gradient taken through it) flows, through floating-point values, into one that
     needs a gradient or into the graph's output: re-traced with gradients through it, that would take one. Integer
-    steps (top-k ids) carry none; a value that only updates a buffer (token counts) reaches neither."""
-    seen, stack = set(), [node]
+    steps (top-k ids) carry none; a value that only updates a buffer (token counts) reaches neither. An in-place
+    write carries the value into the tensor written (whose later readers are that tensor's users in dynamo's
+    graph)."""
+    seen, stack = {node}, [node]
     while stack:
         current = stack.pop()
-        for user in current.users:
+        written = _written(current) if current.op in ("call_function", "call_method") else None
+        for user in [*current.users, *([written] if written is not None else [])]:
             if user.op == "output" or _needs_grad(user):
                 return True
-            if user not in seen and _floating(user):
+            if user not in seen and (_floating(user) or user is written):
                 seen.add(user)
                 stack.append(user)
     return False
@@ -148,19 +172,24 @@ def gradient_alterations(graph: Graph) -> list[str]:
     mode off, whose result flows on into gradients (_reaches_gradient); a custom autograd.Function taking one; a
     tensor hook. Each as ``"<node>: <what>"``."""
     found = []
-    grad_off = False
+    grad_off, before_inference_mode = False, []
     for node in graph.nodes:
         if node.op == "get_attr" and isinstance(sub := getattr(graph.owning_module, node.target, None), GraphModule):
             found += gradient_alterations(sub.graph)
         if node.op not in ("call_function", "call_method"):
             continue
-        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
+        name = _call_name(node)
         reads_grad = any(_needs_grad(n) for n in node.all_input_nodes)
-        if name in _GRAD_MODE:
-            grad_off = name == "_enter_inference_mode" or (name == "_set_grad_enabled" and node.args[:1] == (False,))
+        if name == "_set_grad_enabled":
+            grad_off = node.args[:1] == (False,)
+        elif name == "_enter_inference_mode":  # its exit restores the mode it entered from (a no_grad block's)
+            before_inference_mode.append(grad_off)
+            grad_off = True
+        elif name == "_exit_inference_mode":
+            grad_off = before_inference_mode.pop() if before_inference_mode else False
         elif grad_off and reads_grad and _floating(node) and _reaches_gradient(node):
             found.append(f"{node.name}: computed without grad from a value that needs one")
-        elif name in _DETACHING and reads_grad and _reaches_gradient(node):
+        elif ((name in _DETACHING and reads_grad) or name == _DETACHING_IN_PLACE) and _reaches_gradient(node):
             found.append(f"{node.name}: a detach of a value that needs a gradient")
         elif name in _CUSTOM_FUNCTIONS and reads_grad:
             found.append(f"{node.name}: a custom autograd.Function")
@@ -277,6 +306,28 @@ def _check_gradient_paths(forward: Graph, old_nodes: set[Node], differentiated: 
         if node not in old_nodes and node.op == "call_function":
             for source in filter(differentiable, node.all_input_nodes):
                 check(node, source)
+
+
+# Ops whose Inductor decomposition, differentiated, gives other gradients than the op's own formula at boundary or
+# singular points (hardswish at +-3, relu6 / hardtanh at their bounds, a norm or std of a zero or constant row: NaN
+# where eager's is finite). AOTAutograd differentiated the op; the re-trace would differentiate its decomposition.
+_DECOMPOSITIONS_DIFFERENTIATED_OTHERWISE = frozenset({
+    "hardswish", "hardsigmoid", "hardtanh", "relu6", "linalg_vector_norm", "norm", "std", "var", "std_mean",
+    "var_mean",
+})
+
+
+def _check_decompositions(forward: Graph, wants_grad: list[bool]) -> None:
+    """NotRewritable where a node the re-trace differentiates is part of a decomposition whose derivative is not its
+    op's (_DECOMPOSITIONS_DIFFERENTIATED_OTHERWISE), as the ``original_aten`` AOTAutograd left on it says."""
+    primals = list(forward.find_nodes(op="placeholder"))
+    needs_grad = _downstream([p for p, wants in zip(primals, wants_grad, strict=True) if wants])
+    for node in forward.nodes:
+        original = node.meta.get("original_aten")
+        name = getattr(original, "__name__", "").split(".")[0]
+        if name in _DECOMPOSITIONS_DIFFERENTIATED_OTHERWISE and node in needs_grad:
+            raise NotRewritable(f"{node.name} is part of {name}'s decomposition, whose derivative differs from "
+                                f"{name}'s own at boundary points: the re-derived backward would not be the plain one")
 
 
 def _forward_graph(graph: Graph, primals: list[Node], tangents: list[Node], forward_outputs: list) -> Graph:
@@ -452,6 +503,7 @@ def rewrite_joint_graph(graph: Graph, rewrites: Sequence[Callable[[Graph], int]]
         forward.eliminate_dead_code()
         wants_grad = [grad is not None for grad in gradients]
         _check_gradient_paths(forward, old_nodes, _differentiated_ops(tangents), wants_grad)
+        _check_decompositions(forward, wants_grad)
         _keep_preactivations(forward)
         traced = _trace_joint(
             GraphModule(graph.owning_module, forward),
