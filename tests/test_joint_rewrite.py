@@ -490,14 +490,19 @@ def test_ops_differentiated_otherwise_by_their_decomposition_keep_the_plain_back
 
 
 class DetachedStatistics(GroupedMoE):
-    """Detached and no_grad values that reach no gradient (a router statistic kept in a buffer): the rewrite runs."""
+    """Detached values that reach no gradient (router statistics kept in buffers, one through an op the decomposition
+    check lists): the rewrite runs."""
 
     def __init__(self):
         super().__init__()
         self.register_buffer("mean_logit", torch.zeros((), dtype=torch.bfloat16))
+        self.register_buffer("count_variance", torch.zeros(()))
 
     def forward(self, x_TH):
         self.mean_logit.copy_(self.gate(x_TH).detach().mean())
+        # A variance of the token counts (load-balance statistics): from integer ids, no gradient reaches it.
+        _, ids_TK = torch.topk(self.gate(x_TH), K, dim=-1)
+        self.count_variance.copy_(torch.histc(ids_TK.float(), bins=E, min=0, max=E - 1).var())
         return self.experts(x_TH)
 
 

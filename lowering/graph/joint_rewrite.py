@@ -320,8 +320,15 @@ _DECOMPOSITIONS_DIFFERENTIATED_OTHERWISE = frozenset({
 def _check_decompositions(forward: Graph, wants_grad: list[bool]) -> None:
     """NotRewritable where a node the re-trace differentiates is part of a decomposition whose derivative is not its
     op's (_DECOMPOSITIONS_DIFFERENTIATED_OTHERWISE), as the ``original_aten`` AOTAutograd left on it says."""
+    def floating(node: Node) -> bool:
+        value = node.meta.get("val")
+        return isinstance(value, torch.Tensor) and value.is_floating_point()
+
+    # What a gradient can reach: floating-point values computed from primals that want one (an integer step, the
+    # top-k ids, carries none: a variance of token counts is not differentiated).
     primals = list(forward.find_nodes(op="placeholder"))
-    needs_grad = _downstream([p for p, wants in zip(primals, wants_grad, strict=True) if wants])
+    needs_grad = _closure([p for p, wants in zip(primals, wants_grad, strict=True) if wants],
+                          lambda node: [user for user in node.users if floating(user)])
     for node in forward.nodes:
         original = node.meta.get("original_aten")
         name = getattr(original, "__name__", "").split(".")[0]
