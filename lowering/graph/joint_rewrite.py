@@ -111,9 +111,9 @@ def _runtime_asserts(graph: Graph) -> list[Node]:
 
 
 # What alters gradients in the graph dynamo made, by the name of a call's target (_call_name).
-# x.detach(), x.data, torch.tensor(x) (dynamo's x.new_tensor(x)); x.detach_() (its own: dynamo's example values show
-# the tensor as the write left it, no longer needing a gradient).
-_DETACHING = frozenset({"detach", "_get_data_attr", "tensor"})
+# x.detach(), x.data, x.new_tensor(x) (torch 2.13's dynamo records it as torch.tensor(x)); x.detach_() (its own:
+# dynamo's example values show the tensor as the write left it, no longer needing a gradient).
+_DETACHING = frozenset({"detach", "_get_data_attr", "new_tensor", "tensor"})
 _DETACHING_IN_PLACE = "detach_"
 _HOOKS = frozenset({"register_hook", "retain_grad", "requires_grad_", "register_post_accumulate_grad_hook"})
 _CUSTOM_FUNCTIONS = frozenset({"autograd_function_apply"})
