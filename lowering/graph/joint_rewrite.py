@@ -141,8 +141,10 @@ def _written(node: Node) -> Node | None:
     return None
 
 
-def _floating(node: Node) -> bool:
-    values = node.meta.get("example_value")
+def _floating(node: Node, meta_key: str = "example_value") -> bool:
+    """Whether ``node`` makes a floating-point tensor (or a tuple holding one), by its fake value (dynamo's graphs
+    keep it as ``example_value``, AOTAutograd's as ``val``)."""
+    values = node.meta.get(meta_key)
     values = values if isinstance(values, (tuple, list)) else (values,)
     return any(isinstance(value, torch.Tensor) and value.is_floating_point() for value in values)
 
@@ -320,15 +322,11 @@ _DECOMPOSITIONS_DIFFERENTIATED_OTHERWISE = frozenset({
 def _check_decompositions(forward: Graph, wants_grad: list[bool]) -> None:
     """NotRewritable where a node the re-trace differentiates is part of a decomposition whose derivative is not its
     op's (_DECOMPOSITIONS_DIFFERENTIATED_OTHERWISE), as the ``original_aten`` AOTAutograd left on it says."""
-    def floating(node: Node) -> bool:
-        value = node.meta.get("val")
-        return isinstance(value, torch.Tensor) and value.is_floating_point()
-
     # What a gradient can reach: floating-point values computed from primals that want one (an integer step, the
     # top-k ids, carries none: a variance of token counts is not differentiated).
     primals = list(forward.find_nodes(op="placeholder"))
     needs_grad = _closure([p for p, wants in zip(primals, wants_grad, strict=True) if wants],
-                          lambda node: [user for user in node.users if floating(user)])
+                          lambda node: [user for user in node.users if _floating(user, "val")])
     for node in forward.nodes:
         original = node.meta.get("original_aten")
         name = getattr(original, "__name__", "").split(".")[0]
