@@ -392,6 +392,12 @@ class _HalfGradient(torch.autograd.Function):
         return grad * 0.5
 
 
+@torch.compiler.allow_in_graph
+def _stop_gradient(x):
+    """dynamo records one call to it: the detach inside is not in its graph."""
+    return x.detach()
+
+
 class AlteredGradients(GroupedMoE):
     """The block with one construct of the user's code that makes its backward differ from its ops' autograd
     formulas; the joint graph (AOTAutograd's) keeps no sign of any but a missing or odd backward node."""
@@ -434,6 +440,8 @@ class AlteredGradients(GroupedMoE):
                     pass
                 logits_TE = self.gate(x_TH)  # still without grad: inference_mode's exit restores no_grad
             return self.experts(x_TH) + logits_TE.sum()
+        if self.form == "allow_in_graph detach":
+            return self.experts(x_TH) + _stop_gradient(x_TH) * 0.5
         if self.form == "tensor hook":
             y_TH = self.experts(x_TH)
             y_TH.register_hook(lambda grad: grad * 0.5)
@@ -443,7 +451,8 @@ class AlteredGradients(GroupedMoE):
 
 ALTERATIONS = ("detached routing weights", "detached input", ".data input", "no_grad logits added",
                "custom autograd.Function", "tensor hook", "copy of the detached input", "copy under no_grad",
-               "aten.detach overload", "detach_ of a clone", "new_tensor", "inference_mode inside no_grad")
+               "aten.detach overload", "detach_ of a clone", "new_tensor", "inference_mode inside no_grad",
+               "allow_in_graph detach")
 
 
 @pytest.mark.parametrize("form", ALTERATIONS)
@@ -466,27 +475,59 @@ class BoundaryOps(GroupedMoE):
         super().__init__()
         self.form = form
 
+        self.shared_gate, self.shared_up, self.shared_down = (
+            nn.Linear(H, F_, bias=False, dtype=torch.bfloat16), nn.Linear(H, F_, bias=False, dtype=torch.bfloat16),
+            nn.Linear(F_, H, bias=False, dtype=torch.bfloat16))
+
     def forward(self, x_TH):
+        x_f32 = x_TH.float()
         if self.form == "relu6 at 0":
             return self.experts(F.relu6(x_TH))
+        if self.form == "fmax tie":
+            return self.experts(torch.fmax(x_TH, torch.ones_like(x_TH)))
+        if self.form == "std of a constant row":
+            return self.experts((x_f32 / (x_f32.std(-1, keepdim=True) + 1)).to(x_TH.dtype))
         if self.form == "hardswish at 3":
-            return self.experts(F.hardswish(x_TH.float() * 3).to(x_TH.dtype))
-        x_f32 = x_TH.float()  # "std of a constant row"
-        return self.experts((x_f32 / (x_f32.std(-1, keepdim=True) + 1)).to(x_TH.dtype))
+            return self.experts(F.hardswish(x_f32 * 3).to(x_TH.dtype))
+        if self.form == "mish far below 0":
+            return self.experts(F.mish(x_f32 * 100).to(x_TH.dtype))
+        if self.form == "sinc at 0":
+            return self.experts(torch.sinc(x_f32).to(x_TH.dtype)) + x_TH
+        # "silu far below 0": a shared SwiGLU expert beside the block (Qwen2-MoE, DeepSeek), one token's
+        # pre-activations below -88.7, where exp(-x) of silu's decomposition x / (1 + exp(-x)) overflows
+        shared_TH = self.shared_down(F.silu(self.shared_gate(x_TH)) * self.shared_up(x_TH))
+        return self.experts(x_TH) + shared_TH
 
 
-@pytest.mark.parametrize("form, fill", [("relu6 at 0", 0.0), ("hardswish at 3", 1.0), ("std of a constant row", 1.0)])
-def test_ops_differentiated_otherwise_by_their_decomposition_keep_the_plain_backward(form, fill, caplog):
-    """Each gave other x-gradients than eager's with the rewrite on (relu6'(0): 0 in eager; hardswish at +3; std of
-    a constant row: NaN); the joint graph is kept."""
+def boundary_tokens(form):
+    """Tokens with the values where the form's op and its decomposition differentiate otherwise."""
     x_TH = tokens()
-    if form == "std of a constant row":
-        x_TH[2] = fill
-    else:
-        x_TH[:, :5] = fill
+    if form in ("std of a constant row", "fmax tie"):
+        x_TH[2] = 1.0
+    elif form == "silu far below 0":
+        x_TH[0] *= 300
+    elif form == "mish far below 0":
+        pass  # the form scales the tokens by 100: many inputs far below 0
+    else:  # relu6 at 0, sinc at 0: zeros; hardswish at 3: ones, times 3
+        x_TH[:, :5] = 0.0 if form in ("relu6 at 0", "sinc at 0") else 1.0
+    return x_TH
+
+
+@pytest.mark.parametrize("form", ["relu6 at 0", "std of a constant row", "fmax tie"])
+def test_ops_differentiated_otherwise_by_their_decomposition_keep_the_plain_backward(form, caplog):
+    """Each gave other x-gradients than eager's with the rewrite on (relu6'(0): 0 in eager; std of a constant row:
+    NaN; fmax's tie: eager's gradient goes to x); the joint graph is kept."""
     with caplog.at_level(logging.DEBUG, logger="moe_ops"):
-        check_training(BoundaryOps(form), x_TH, dtype=torch.bfloat16)
+        check_training(BoundaryOps(form), boundary_tokens(form), dtype=torch.bfloat16)
     assert joint_rewrites() == 0 and "decomposition, whose derivative differs" in caplog.text
+
+
+@pytest.mark.parametrize("form", ["silu far below 0", "mish far below 0", "sinc at 0", "hardswish at 3"])
+def test_unary_ops_are_differentiated_by_their_own_formula(form):
+    """The re-trace runs these ops as themselves, not as their decompositions' nodes, so their gradients are their
+    own formulas' (each gave NaN or other x-gradients when it differentiated the decomposition)."""
+    check_training(BoundaryOps(form), boundary_tokens(form), dtype=torch.bfloat16)
+    assert joint_rewrites() == 1
 
 
 class DetachedStatistics(GroupedMoE):

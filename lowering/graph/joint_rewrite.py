@@ -25,9 +25,10 @@ dynamo made, which Inductor's pre-grad hook sees first (note_gradient_alteration
 moe_ops.lowering.passes); a joint graph whose compile showed any, or that no such look preceded, is left as it is.
 _check_gradient_paths also refuses a node it adds reading a value the plain backward does not differentiate.
 The backward of everything else in the graph is re-derived too, from the forward's decomposed ops, whose
-derivatives can differ from their original op's at boundary points (relu6 at 0, the norm of a zero row):
-_check_decompositions refuses a graph that differentiates one of the ops known to (by the ``original_aten`` on
-its nodes).
+derivatives can differ from their original op's at boundary points: the re-trace runs the unary ops known to
+(silu, whose decomposition overflows below -88.7) as themselves (_UNARY_RUN_AS_THEMSELVES), and
+_check_decompositions refuses a graph that differentiates another op known to (relu6 at 0, the norm of a zero
+row), both by the ``original_aten`` AOTAutograd left on the nodes.
 
 It steps aside (the joint graph stays as it was, and the reason is logged) where it cannot show the
 new joint graph has the old one's interface and keeps everything it did: a compile whose dynamo graph
@@ -45,6 +46,7 @@ from __future__ import annotations
 import logging
 import operator
 import threading
+import types
 from collections.abc import Callable, Sequence
 
 import torch
@@ -117,7 +119,22 @@ _DETACHING = frozenset({"detach", "_get_data_attr", "new_tensor", "tensor"})
 _DETACHING_IN_PLACE = "detach_"
 _HOOKS = frozenset({"register_hook", "retain_grad", "requires_grad_", "register_post_accumulate_grad_hook"})
 _CUSTOM_FUNCTIONS = frozenset({"autograd_function_apply"})
+# Calls dynamo keeps opaque, their insides not in the graph: nonstrict_trace's flat_apply (and a user function
+# marked allow_in_graph, a plain Python function from outside torch: _opaque_call).
+_OPAQUE_CALLS = frozenset({"flat_apply", "flat_apply_capture"})
+
+
 _scanned = threading.local()  # .alterations: what the last look found (None: no look since the last joint graph)
+
+
+def _opaque_call(node: Node) -> bool:
+    if node.op != "call_function":
+        return False
+    if _call_name(node) in _OPAQUE_CALLS:
+        return True
+    module = (getattr(node.target, "__module__", None) or "").split(".")[0]
+    return isinstance(node.target, types.FunctionType) and module not in ("torch", "math", "operator", "_operator",
+                                                                          "builtins")
 
 
 def _needs_grad(node: Node) -> bool:
@@ -171,8 +188,8 @@ def _reaches_gradient(node: Node) -> bool:
 def gradient_alterations(graph: Graph) -> list[str]:
     """What in a dynamo graph (and in the subgraphs it calls: checkpointed bodies) makes its backward differ from the
     autograd formulas of its ops: a detach of a value that needs a gradient, or an op computed from one with grad
-    mode off, whose result flows on into gradients (_reaches_gradient); a custom autograd.Function taking one; a
-    tensor hook. Each as ``"<node>: <what>"``."""
+    mode off, whose result flows on into gradients (_reaches_gradient); a custom autograd.Function or a call dynamo
+    keeps opaque (allow_in_graph, nonstrict_trace) taking one; a tensor hook. Each as ``"<node>: <what>"``."""
     found = []
     grad_off, before_inference_mode = False, []
     for node in graph.nodes:
@@ -195,6 +212,8 @@ def gradient_alterations(graph: Graph) -> list[str]:
             found.append(f"{node.name}: a detach of a value that needs a gradient")
         elif name in _CUSTOM_FUNCTIONS and reads_grad:
             found.append(f"{node.name}: a custom autograd.Function")
+        elif _opaque_call(node) and reads_grad:
+            found.append(f"{node.name}: a call whose inside dynamo does not show (allow_in_graph, nonstrict_trace)")
         elif name in _HOOKS:
             found.append(f"{node.name}: a tensor hook or requires_grad_")
     return found
@@ -312,10 +331,11 @@ def _check_gradient_paths(forward: Graph, old_nodes: set[Node], differentiated: 
 
 # Ops whose Inductor decomposition, differentiated, gives other gradients than the op's own formula at boundary or
 # singular points (hardswish at +-3, relu6 / hardtanh at their bounds, a norm or std of a zero or constant row: NaN
-# where eager's is finite). AOTAutograd differentiated the op; the re-trace would differentiate its decomposition.
+# where eager's is finite; fmax / fmin ties). AOTAutograd differentiated the op; the re-trace would differentiate its
+# decomposition (but for the unary ops it runs as themselves, _UNARY_RUN_AS_THEMSELVES).
 _DECOMPOSITIONS_DIFFERENTIATED_OTHERWISE = frozenset({
     "hardswish", "hardsigmoid", "hardtanh", "relu6", "linalg_vector_norm", "norm", "std", "var", "std_mean",
-    "var_mean",
+    "var_mean", "fmax", "fmin",
 })
 
 
@@ -327,7 +347,10 @@ def _check_decompositions(forward: Graph, wants_grad: list[bool]) -> None:
     primals = list(forward.find_nodes(op="placeholder"))
     needs_grad = _closure([p for p, wants in zip(primals, wants_grad, strict=True) if wants],
                           lambda node: [user for user in node.users if _floating(user, "val")])
+    run_as_themselves, inner = _unary_decompositions(forward)  # differentiated by their own formula
     for node in forward.nodes:
+        if node in run_as_themselves or node in inner:
+            continue
         original = node.meta.get("original_aten")
         name = getattr(original, "__name__", "").split(".")[0]
         if name in _DECOMPOSITIONS_DIFFERENTIATED_OTHERWISE and node in needs_grad:
@@ -359,9 +382,60 @@ def _forward_graph(graph: Graph, primals: list[Node], tangents: list[Node], forw
     return forward
 
 
+# Unary ops (one tensor in, one out, no other argument) that the re-trace runs as themselves instead of their
+# decomposition's nodes, so that they are differentiated by their own formula, as AOTAutograd differentiated them:
+# silu's decomposition x / (1 + exp(-x)) differentiated overflows to NaN below x = -88.7 (fp32) where silu_backward
+# is finite; mish likewise, sinc at 0.
+# By name: the ``original_aten`` of a node copied into another graph is a copy of the op, not the op.
+_UNARY_RUN_AS_THEMSELVES = {str(op): op for op in (
+    torch.ops.aten.silu.default, torch.ops.aten.mish.default, torch.ops.aten.sinc.default,
+    torch.ops.aten.hardswish.default, torch.ops.aten.hardsigmoid.default,
+)}
+
+
+def _unary_decompositions(graph: Graph) -> tuple[dict[Node, tuple], set[Node]]:
+    """The decompositions of _UNARY_RUN_AS_THEMSELVES ops in ``graph``: ``{last node: (op, its input)}`` and the set of
+    their other nodes. A decomposition is the nodes that carry the op as ``original_aten`` and one autograd
+    sequence number, connected, with one tensor input from outside and one node read outside; any other shape
+    is left as its nodes."""
+    groups: dict[tuple, list[Node]] = {}
+    for node in graph.nodes:
+        op = _UNARY_RUN_AS_THEMSELVES.get(str(node.meta.get("original_aten")))
+        if op is not None and node.op == "call_function" and str(node.target) != str(op):
+            groups.setdefault((op, node.meta.get("seq_nr")), []).append(node)
+    last_nodes, inner = {}, set()
+    for (op, _), nodes in groups.items():
+        members = set(nodes)
+        inputs = {n for node in nodes for n in node.all_input_nodes if n not in members}
+        read_outside = [node for node in nodes if any(user not in members for user in node.users)]
+        if len(inputs) == 1 and len(read_outside) == 1 and len(_pieces(members, lambda n: [
+                *n.all_input_nodes, *n.users])) == 1:
+            (source,) = inputs
+            if isinstance(source.meta.get("val"), torch.Tensor):
+                last_nodes[read_outside[0]] = (op, source)
+                inner |= members - set(read_outside)
+    return last_nodes, inner
+
+
 class _DifferentiableInterpreter(torch.fx.Interpreter):
     """Runs a decomposed graph under autograd: the prims that decompositions leave in it have no
-    autograd formulas, so each runs as the aten op it came from."""
+    autograd formulas, so each runs as the aten op it came from; the decompositions of
+    _UNARY_RUN_AS_THEMSELVES ops run as the op."""
+
+    def __init__(self, module: GraphModule):
+        # Values stay in the environment to the end: a decomposition's input is read by its last node, after the
+        # inner nodes that would otherwise have been its last users.
+        super().__init__(module, garbage_collect_values=False)
+        self.unary_last, self.unary_inner = _unary_decompositions(module.graph)
+
+    def run_node(self, node: Node):
+        if node in self.unary_inner:
+            return None  # read only by its decomposition's last node, which runs the op instead
+        if node in self.unary_last:
+            op, source = self.unary_last[node]
+            with self._set_current_node(node):
+                return op(self.env[source])
+        return super().run_node(node)
 
     def call_function(self, target, args, kwargs):
         if target is torch.ops.prims.convert_element_type.default:
