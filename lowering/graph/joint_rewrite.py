@@ -396,8 +396,10 @@ _UNARY_RUN_AS_THEMSELVES = {str(op): op for op in (
 def _unary_decompositions(graph: Graph) -> tuple[dict[Node, tuple], set[Node]]:
     """The decompositions of _UNARY_RUN_AS_THEMSELVES ops in ``graph``: ``{last node: (op, its input)}`` and the set of
     their other nodes. A decomposition is the nodes that carry the op as ``original_aten`` and one autograd
-    sequence number, connected, with one tensor input from outside and one node read outside; any other shape
-    is left as its nodes."""
+    sequence number, connected, with one tensor input from outside and one node read outside that has the input's
+    shape and dtype; any other shape is left as its nodes."""
+    from torch.fx.experimental.symbolic_shapes import guard_or_false
+
     groups: dict[tuple, list[Node]] = {}
     for node in graph.nodes:
         op = _UNARY_RUN_AS_THEMSELVES.get(str(node.meta.get("original_aten")))
@@ -410,10 +412,14 @@ def _unary_decompositions(graph: Graph) -> tuple[dict[Node, tuple], set[Node]]:
         read_outside = [node for node in nodes if any(user not in members for user in node.users)]
         if len(inputs) == 1 and len(read_outside) == 1 and len(_pieces(members, lambda n: [
                 *n.all_input_nodes, *n.users])) == 1:
-            (source,) = inputs
-            if isinstance(source.meta.get("val"), torch.Tensor):
-                last_nodes[read_outside[0]] = (op, source)
-                inner |= members - set(read_outside)
+            (source,), (last,) = inputs, read_outside
+            value_in, value_out = source.meta.get("val"), last.meta.get("val")
+            # The op keeps its input's shape and dtype: so must what the decomposition's last node made.
+            if (isinstance(value_in, torch.Tensor) and isinstance(value_out, torch.Tensor)
+                    and value_in.dtype == value_out.dtype and value_in.dim() == value_out.dim()
+                    and all(guard_or_false(a == b) for a, b in zip(value_in.shape, value_out.shape, strict=True))):
+                last_nodes[last] = (op, source)
+                inner |= members - {last}
     return last_nodes, inner
 
 
