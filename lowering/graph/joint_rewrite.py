@@ -339,15 +339,16 @@ _DECOMPOSITIONS_DIFFERENTIATED_OTHERWISE = frozenset({
 })
 
 
-def _check_decompositions(forward: Graph, wants_grad: list[bool]) -> None:
+def _check_decompositions(forward: Graph, wants_grad: list[bool], unary: tuple[dict[Node, tuple], set[Node]]) -> None:
     """NotRewritable where a node the re-trace differentiates is part of a decomposition whose derivative is not its
-    op's (_DECOMPOSITIONS_DIFFERENTIATED_OTHERWISE), as the ``original_aten`` AOTAutograd left on it says."""
+    op's (_DECOMPOSITIONS_DIFFERENTIATED_OTHERWISE), as the ``original_aten`` AOTAutograd left on it says, but for
+    the decompositions the re-trace runs as their op (``unary``: _unary_decompositions of ``forward``)."""
     # What a gradient can reach: floating-point values computed from primals that want one (an integer step, the
     # top-k ids, carries none: a variance of token counts is not differentiated).
     primals = list(forward.find_nodes(op="placeholder"))
     needs_grad = _closure([p for p, wants in zip(primals, wants_grad, strict=True) if wants],
                           lambda node: [user for user in node.users if _floating(user, "val")])
-    run_as_themselves, inner = _unary_decompositions(forward)  # differentiated by their own formula
+    run_as_themselves, inner = unary  # differentiated by their own formula
     for node in forward.nodes:
         if node in run_as_themselves or node in inner:
             continue
@@ -426,13 +427,13 @@ def _unary_decompositions(graph: Graph) -> tuple[dict[Node, tuple], set[Node]]:
 class _DifferentiableInterpreter(torch.fx.Interpreter):
     """Runs a decomposed graph under autograd: the prims that decompositions leave in it have no
     autograd formulas, so each runs as the aten op it came from; the decompositions of
-    _UNARY_RUN_AS_THEMSELVES ops run as the op."""
+    _UNARY_RUN_AS_THEMSELVES ops (``unary``: _unary_decompositions of the module's graph) run as the op."""
 
-    def __init__(self, module: GraphModule):
+    def __init__(self, module: GraphModule, unary: tuple[dict[Node, tuple], set[Node]]):
         # Values stay in the environment to the end: a decomposition's input is read by its last node, after the
         # inner nodes that would otherwise have been its last users.
         super().__init__(module, garbage_collect_values=False)
-        self.unary_last, self.unary_inner = _unary_decompositions(module.graph)
+        self.unary_last, self.unary_inner = unary
 
     def run_node(self, node: Node):
         if node in self.unary_inner:
@@ -450,9 +451,10 @@ class _DifferentiableInterpreter(torch.fx.Interpreter):
         return super().call_function(target, args, kwargs)
 
 
-def _trace_joint(forward: GraphModule, example_primals: list, example_tangents: list, wants_grad: list[bool]):
+def _trace_joint(forward: GraphModule, example_primals: list, example_tangents: list, wants_grad: list[bool],
+                 unary: tuple[dict[Node, tuple], set[Node]]):
     """The joint graph of ``forward`` (AOTAutograd's interface: forward outputs, then one gradient or
-    None per primal), traced with fake tensors and Inductor's decompositions."""
+    None per primal), traced with fake tensors and Inductor's decompositions (``unary`` run as their ops)."""
     from torch.fx.experimental.proxy_tensor import make_fx
     from torch.fx.experimental.symbolic_shapes import guard_or_false
 
@@ -464,7 +466,7 @@ def _trace_joint(forward: GraphModule, example_primals: list, example_tangents: 
             leaves = [
                 p.detach().requires_grad_(True) if wants else p for p, wants in zip(primals, wants_grad, strict=True)
             ]
-            outputs = _DifferentiableInterpreter(forward).run(*leaves)
+            outputs = _DifferentiableInterpreter(forward, unary).run(*leaves)
             differentiable = [o for o in outputs if isinstance(o, torch.Tensor) and o.requires_grad]
             if len(differentiable) != len(tangents) or not all(
                 o.dtype == t.dtype and guard_or_false(o.shape == t.shape)
@@ -588,13 +590,15 @@ def rewrite_joint_graph(graph: Graph, rewrites: Sequence[Callable[[Graph], int]]
         forward.eliminate_dead_code()
         wants_grad = [grad is not None for grad in gradients]
         _check_gradient_paths(forward, old_nodes, _differentiated_ops(tangents), wants_grad)
-        _check_decompositions(forward, wants_grad)
+        unary = _unary_decompositions(forward)
+        _check_decompositions(forward, wants_grad, unary)
         _keep_preactivations(forward)
         traced = _trace_joint(
             GraphModule(graph.owning_module, forward),
             [p.meta["val"] for p in primals],
             [t.meta["val"] for t in tangents],
             wants_grad,
+            unary,
         )
         if len(_runtime_asserts(traced.graph)) < len(_runtime_asserts(forward)):
             raise NotRewritable("the new trace lost a runtime assert of the forward")

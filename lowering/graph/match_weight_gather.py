@@ -97,6 +97,15 @@ def _trace_back(node: Node, stop: Callable[[Node], bool] | None = None) -> tuple
     return node, chain[::-1]
 
 
+def _views_after(node: Node) -> list[Node]:
+    """The views that follow ``node``, each the single user of the one before."""
+    chain = []
+    while len(node.users) == 1 and _is_view(next(iter(node.users))):
+        node = next(iter(node.users))
+        chain.append(node)
+    return chain
+
+
 def _gather(node) -> tuple[Node, Node] | None:
     """``W[idx]`` (aten.index with one integer index tensor) -> (W, idx)."""
     if is_call(node, aten.index.Tensor) and len(node.args[1]) == 1:
@@ -481,10 +490,7 @@ def _find(root: Node) -> _Block:
     else:
         raise Rejected("no side of the combine is a gathered-weight projection: " + "; ".join(reasons))
     if weighted is None:
-        node = root
-        while len(node.users) == 1 and _is_view(next(iter(node.users))):
-            node = next(iter(node.users))
-            block.forward.append(node)
+        block.forward = _views_after(root)
 
     block.activation = _activation(down.other)
     block.gemms = [_parse_gemm(src) for src, _ in block.activation.inputs]
@@ -707,6 +713,5 @@ def _one_slot_combine(node: Node) -> bool:
         return False
     if not any(_gemm_output(_trace_back(a)[0]) is not None for a in node.args):
         return False
-    while len(node.users) == 1 and _is_view(next(iter(node.users))):
-        node = next(iter(node.users))
-    return not any(is_call(user, aten.sum.dim_IntList) for user in node.users)
+    last = (_views_after(node) or [node])[-1]
+    return not any(is_call(user, aten.sum.dim_IntList) for user in last.users)
