@@ -232,15 +232,19 @@ def test_quantised_dry_run():
         assert all(float(rows[name][7]) >= floor for name, floor in floors.items())
 
 
-def test_quantised_decode_sweep_dry_run():
-    """sweep_quantised_decode.py's CPU dry run (interpreter) times the heuristic's tile and the grid's for each weight
-    form and GEMM, each config's output checked against the heuristic's, and names the best."""
-    stdout = _dry_run("sweep_quantised_decode.py", "--tokens", "1")
+def test_expert_tiles_sweep_dry_run():
+    """sweep_expert_tiles.py's CPU dry run (interpreter) times the heuristic's tile and the grid's for each weight
+    form and GEMM, each config's output checked against the heuristic's, and names the best; --block-m adds that
+    block size's heuristic tile and grid."""
+    stdout = _dry_run("sweep_expert_tiles.py", "--tokens", "1", "--block-m", "32")
     summary = {(row[3].strip(), row[4].strip()): row for row in map(lambda line: line.split("|"), stdout.splitlines())
                if len(row) == 11 and row[1].strip() == "tiny-mixtral"}
     assert set(summary) == {(form, gemm) for form in ("bf16", "int8", "int4_g16") for gemm in ("gate_up", "down")}
-    assert all(float(row[5]) > 0 and row[9].strip() in ("heuristic", "n32 k32 w4 s2") for row in summary.values())
-    assert stdout.count("| n32 k32 w4 s2 |") == 6
+    assert all(float(row[5]) > 0 and row[9].strip() in ("heuristic", "m16 n32 k32 w4 s2", "m32 heuristic",
+                                                         "m32 n32 k32 w4 s2") for row in summary.values())
+    every_config = stdout.split("## Every config")[1]
+    for config in ("heuristic", "m16 n32 k32 w4 s2", "m32 heuristic", "m32 n32 k32 w4 s2"):
+        assert every_config.count(f"| {config} |") == 6, config
 
 
 def test_quantised_benchmark_times_only_the_implementations_asked_for():
