@@ -442,6 +442,12 @@ class AlteredGradients(GroupedMoE):
             return self.experts(x_TH) + logits_TE.sum()
         if self.form == "allow_in_graph detach":
             return self.experts(x_TH) + _stop_gradient(x_TH) * 0.5
+        if self.form == "detached cast round trip":
+            return self.experts(x_TH.float().detach().to(torch.bfloat16)) + x_TH
+        if self.form == "cast under no_grad":
+            with torch.no_grad():
+                x32_TH = x_TH.float()
+            return self.experts(x32_TH.to(torch.bfloat16)) + x_TH
         if self.form == "tensor hook":
             y_TH = self.experts(x_TH)
             y_TH.register_hook(lambda grad: grad * 0.5)
@@ -452,7 +458,7 @@ class AlteredGradients(GroupedMoE):
 ALTERATIONS = ("detached routing weights", "detached input", ".data input", "no_grad logits added",
                "custom autograd.Function", "tensor hook", "copy of the detached input", "copy under no_grad",
                "aten.detach overload", "detach_ of a clone", "new_tensor", "inference_mode inside no_grad",
-               "allow_in_graph detach")
+               "allow_in_graph detach", "detached cast round trip", "cast under no_grad")
 
 
 @pytest.mark.parametrize("form", ALTERATIONS)
@@ -545,6 +551,19 @@ class DetachedStatistics(GroupedMoE):
         _, ids_TK = torch.topk(self.gate(x_TH), K, dim=-1)
         self.count_variance.copy_(torch.histc(ids_TK.float(), bins=E, min=0, max=E - 1).var())
         return self.experts(x_TH)
+
+
+class CastRoundTrip(GroupedMoE):
+    """The block's input cast to fp32 and back first: the two casts' backward casts cancel, and Inductor's joint
+    patterns fold them away, so no backward node carries their seq_nr."""
+
+    def forward(self, x_TH):
+        return self.experts(x_TH.float().to(torch.bfloat16)) + x_TH
+
+
+def test_a_cast_round_trip_before_the_block_keeps_the_rewrite():
+    check_training(CastRoundTrip(), tokens(), dtype=torch.bfloat16)
+    assert joint_rewrites() == 1 and counters["moe_ops"]["experts_rewrite_torchtitan"] == 1
 
 
 def test_detached_values_that_reach_no_gradient_keep_the_rewrite():

@@ -281,8 +281,11 @@ def _tag_new_nodes(forward: Graph, tags_before: dict[Node, tuple | None],
                 node.meta.update(zip(_CHECKPOINT_KEYS, tag, strict=True))
 
 
-# Forward ops whose backward passes the gradient on with no node of its own (so no node carries their seq_nr).
-_PASS_THROUGH_BACKWARD = (torch.ops.aten.add.Tensor,)
+# Forward ops whose backward may pass the gradient on with no node of its own (so no node carries their seq_nr): a
+# residual add; a cast between floating dtypes, whose backward casts Inductor's joint patterns fold away (a round
+# trip x.float().to(torch.bfloat16) leaves two casts back that cancel). A detach or a no_grad region between such
+# casts is the pre-grad look's to refuse (gradient_alterations).
+_PASS_THROUGH_BACKWARD = (torch.ops.aten.add.Tensor, torch.ops.prims.convert_element_type.default)
 
 
 def _differentiated_ops(tangents: list[Node]) -> set:
@@ -316,7 +319,7 @@ def _check_gradient_paths(forward: Graph, old_nodes: set[Node], differentiated: 
                                 "plain graph cannot be told (no seq_nr)")
         if source.meta["seq_nr"] in differentiated:
             return
-        if source.target in _PASS_THROUGH_BACKWARD:  # a residual add: its backward has no node; its inputs tell
+        if source.target in _PASS_THROUGH_BACKWARD:  # its backward may have no node; its inputs tell
             for operand in filter(differentiable, source.all_input_nodes):
                 check(node, operand)
             return
