@@ -448,6 +448,16 @@ class AlteredGradients(GroupedMoE):
             with torch.no_grad():
                 x32_TH = x_TH.float()
             return self.experts(x32_TH.to(torch.bfloat16)) + x_TH
+        if self.form == "detach behind a complex cast":
+            return self.experts(x_TH.detach().to(torch.complex64).real.to(torch.bfloat16)) + x_TH
+        if self.form == "complex cast under no_grad":
+            with torch.no_grad():
+                xc_TH = x_TH.to(torch.complex64)
+            return self.experts(xc_TH.real.to(torch.bfloat16)) + x_TH
+        if self.form == "detached write read through another view":
+            buffer_2TH = torch.zeros((2, *x_TH.shape), dtype=x_TH.dtype)
+            buffer_2TH[0].copy_(x_TH.detach())
+            return self.experts(buffer_2TH[0]) + x_TH
         if self.form == "tensor hook":
             y_TH = self.experts(x_TH)
             y_TH.register_hook(lambda grad: grad * 0.5)
@@ -458,7 +468,8 @@ class AlteredGradients(GroupedMoE):
 ALTERATIONS = ("detached routing weights", "detached input", ".data input", "no_grad logits added",
                "custom autograd.Function", "tensor hook", "copy of the detached input", "copy under no_grad",
                "aten.detach overload", "detach_ of a clone", "new_tensor", "inference_mode inside no_grad",
-               "allow_in_graph detach", "detached cast round trip", "cast under no_grad")
+               "allow_in_graph detach", "detached cast round trip", "cast under no_grad",
+               "detach behind a complex cast", "complex cast under no_grad", "detached write read through another view")
 
 
 @pytest.mark.parametrize("form", ALTERATIONS)

@@ -52,6 +52,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.fx.traceback as fx_traceback
 from torch.fx import Graph, GraphModule, Node
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from moe_ops._compat.dynamo import counters, detect_fake_mode
 from moe_ops._compat.inductor import select_decomp_table
@@ -159,27 +160,41 @@ def _written(node: Node) -> Node | None:
 
 
 def _floating(node: Node, meta_key: str = "example_value") -> bool:
-    """Whether ``node`` makes a floating-point tensor (or a tuple holding one), by its fake value (dynamo's graphs
-    keep it as ``example_value``, AOTAutograd's as ``val``)."""
+    """Whether ``node`` makes a tensor that can carry a gradient, floating-point or complex (or a tuple holding one),
+    by its fake value (dynamo's graphs keep it as ``example_value``, AOTAutograd's as ``val``)."""
     values = node.meta.get(meta_key)
     values = values if isinstance(values, (tuple, list)) else (values,)
-    return any(isinstance(value, torch.Tensor) and value.is_floating_point() for value in values)
+    return any(isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex())
+               for value in values)
+
+
+def _aliases(node: Node) -> list[Node]:
+    """The nodes of ``node``'s graph whose fake values share its value's storage: its base and every view of it
+    (dynamo's fake tensors keep the aliasing of the real ones)."""
+    value = node.meta.get("example_value")
+    if not isinstance(value, torch.Tensor) or value.layout != torch.strided:
+        return [node]
+    storage = StorageWeakRef(value.untyped_storage())
+    return [other for other in node.graph.nodes
+            if isinstance(other_value := other.meta.get("example_value"), torch.Tensor)
+            and other_value.layout == torch.strided and StorageWeakRef(other_value.untyped_storage()) == storage]
 
 
 def _reaches_gradient(node: Node) -> bool:
     """Whether ``node``'s value (no gradient taken through it) flows, through floating-point values, into one that
     needs a gradient or into the graph's output: re-traced with gradients through it, that would take one. Integer
     steps (top-k ids) carry none; a value that only updates a buffer (token counts) reaches neither. An in-place
-    write carries the value into the tensor written (whose later readers are that tensor's users in dynamo's
-    graph)."""
+    write carries the value into the tensor written and every tensor sharing its storage (its base, its other
+    views: their readers are their users in dynamo's graph)."""
     seen, stack = {node}, [node]
     while stack:
         current = stack.pop()
         written = _written(current) if current.op in ("call_function", "call_method") else None
-        for user in [*current.users, *([written] if written is not None else [])]:
+        aliases = _aliases(written) if written is not None else []
+        for user in [*current.users, *aliases]:
             if user.op == "output" or _needs_grad(user):
                 return True
-            if user not in seen and (_floating(user) or user is written):
+            if user not in seen and (_floating(user) or user in aliases):
                 seen.add(user)
                 stack.append(user)
     return False
