@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import sys
 
 import pytest
 import torch
+import torch.fx.traceback as fx_traceback
 import torch.nn.functional as F
 from compile_harness import (  # noqa: F401
     calls_experts_backward,
@@ -28,9 +30,13 @@ from torch import nn
 from torch._dynamo.utils import counters
 from torch._inductor import config as inductor_config
 from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch.fx.experimental.proxy_tensor import make_fx
 
 import moe_ops
+from moe_ops._compat.inductor import select_decomp_table
 from moe_ops._compat.matmul import native_grouped_mm
+from moe_ops.lowering.graph import joint_rewrite
+from moe_ops.lowering.graph.joint_rewrite import _op_packet
 
 pytestmark = pytest.mark.usefixtures("fresh_compile_state", "training_rewrites")
 
@@ -506,6 +512,16 @@ class BoundaryOps(GroupedMoE):
             return self.experts((x_f32 / (x_f32.std(-1, keepdim=True) + 1)).to(x_TH.dtype))
         if self.form == "hardswish at 3":
             return self.experts(F.hardswish(x_f32 * 3).to(x_TH.dtype))
+        if self.form == "elu of 100":
+            return self.experts(F.elu(x_f32).to(x_TH.dtype))
+        if self.form == "softplus of 100":
+            return self.experts(F.softplus(x_f32).to(x_TH.dtype))
+        if self.form == "renorm of a zero row":
+            return self.experts(torch.renorm(x_f32, 2, 0, 5.0).to(x_TH.dtype))
+        if self.form == "dist of equal tokens":
+            return self.experts(x_TH) + torch.dist(x_f32[0], x_f32[1]).to(x_TH.dtype)
+        if self.form == "max-pool of tied tokens":
+            return F.adaptive_max_pool1d(self.experts(x_TH).float().T.unsqueeze(0), 1)
         if self.form == "mish far below 0":
             return self.experts(F.mish(x_f32 * 100).to(x_TH.dtype))
         if self.form == "sinc at 0":
@@ -521,6 +537,12 @@ def boundary_tokens(form):
     x_TH = tokens()
     if form in ("std of a constant row", "fmax tie"):
         x_TH[2] = 1.0
+    elif form in ("elu of 100", "softplus of 100"):
+        x_TH[0, 0] = 100.0  # exp(100) overflows fp32 in the branch the decomposition's where() drops
+    elif form == "renorm of a zero row":
+        x_TH[2] = 0.0
+    elif form in ("dist of equal tokens", "max-pool of tied tokens"):
+        x_TH[1], x_TH[5] = x_TH[0], x_TH[4]
     elif form == "silu far below 0":
         x_TH[0] *= 300
     elif form == "mish far below 0":
@@ -530,13 +552,70 @@ def boundary_tokens(form):
     return x_TH
 
 
-@pytest.mark.parametrize("form", ["relu6 at 0", "std of a constant row", "fmax tie"])
+@pytest.mark.parametrize("form", ["relu6 at 0", "std of a constant row", "fmax tie", "elu of 100", "softplus of 100",
+                                  "renorm of a zero row", "dist of equal tokens", "max-pool of tied tokens"])
 def test_ops_differentiated_otherwise_by_their_decomposition_keep_the_plain_backward(form, caplog):
-    """Each gave other x-gradients than eager's with the rewrite on (relu6'(0): 0 in eager; std of a constant row:
-    NaN; fmax's tie: eager's gradient goes to x); the joint graph is kept."""
+    """Each gave other x-gradients than eager's with the rewrite on (relu6'(0): 0 in eager; std of a constant row,
+    elu or softplus of 100, renorm of a zero row, dist of equal tokens: NaN; fmax's tie: eager's gradient goes to
+    x; a max-pool's tie: eager's goes to one token, the decomposition's is split); the joint graph is kept."""
     with caplog.at_level(logging.DEBUG, logger="moe_ops"):
         check_training(BoundaryOps(form), boundary_tokens(form), dtype=torch.bfloat16)
-    assert joint_rewrites() == 0 and "decomposition, whose derivative differs" in caplog.text
+    assert joint_rewrites() == 0 and "decomposition, not known to differentiate like" in caplog.text
+
+
+def _values(*values):
+    return torch.tensor(values, dtype=torch.float32)
+
+
+_CLAMPED = _values(-2.0, -1.0, -1e-8, 0.0, 1e-8, 1.0, 2.0)
+_ROWS = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [-math.inf, 0.0, 1.0], [-math.inf, -math.inf, 2.0],
+                      [100.0, -100.0, 3.0], [1e30, 1.0, 1.0]])
+# Each accepted decomposition's op at its boundary and singular points: ties, bounds, zeros, constant rows, -inf,
+# values whose exp overflows (functions of float32 tensors; integer arguments are not differentiated).
+_BOUNDARY_CASES = {
+    "aten.t": (lambda x: x.t(), [_ROWS]),
+    "aten.transpose": (lambda x: x.transpose(0, 1), [_ROWS]),
+    "aten._unsafe_view": (lambda x: torch.ops.aten._unsafe_view(x * 1, (3, 6)), [_ROWS]),
+    "aten.split": (lambda x: torch.cat([p * (i + 1) for i, p in enumerate(x.split(2, dim=1))], 1), [_ROWS]),
+    "aten.split_with_sizes": (lambda x: torch.cat([p * (i + 1) for i, p in enumerate(x.split([1, 2], 1))], 1),
+                              [_ROWS]),
+    "aten.unbind": (lambda x: torch.stack([p * (i + 1) for i, p in enumerate(x.unbind(1))]), [_ROWS]),
+    "aten.stack": (lambda x: torch.stack([x, 2 * x]), [_ROWS]),
+    "aten._to_copy": (lambda x: x.to(torch.bfloat16).float() * 3, [_ROWS]),
+    "aten.clamp": (lambda x: torch.clamp(x, -1.0, 1.0), [_CLAMPED]),
+    "aten._softmax": (lambda x: F.softmax(x, -1), [_ROWS]),
+    "aten._log_softmax": (lambda x: F.log_softmax(x, -1), [_ROWS[[0, 1, 2, 4]]]),
+    "aten.logsumexp": (lambda x: torch.logsumexp(x, -1), [_ROWS[[0, 1, 2, 4]]]),
+    "aten.topk": (lambda x: torch.topk(x, 2, -1).values, [_ROWS[[2, 4]]]),
+    "aten.native_layer_norm": (lambda x, w, b: F.layer_norm(x, (3,), w, b), [_ROWS[[0, 1, 4]], _values(1, 2, 3),
+                                                                             _values(0, 1, 0)]),
+    "aten.gelu": (F.gelu, [_values(-100, -10, -1, 0, 1, 10, 100, 1000)]),
+    "aten._scaled_dot_product_flash_attention_for_cpu": (
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        [torch.randn(1, 2, 4, 8, generator=torch.Generator().manual_seed(0)) for _ in range(3)]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(joint_rewrite._DECOMPOSITIONS_DIFFERENTIATED_ALIKE))
+def test_accepted_decompositions_differentiate_like_their_op(name):
+    """The re-trace (Inductor's decompositions, run under autograd as the joint rewrite runs them) gives eager's
+    gradients at each accepted op's boundary points: NaN where eager has NaN, and nowhere else."""
+    function, inputs = _BOUNDARY_CASES[name]
+    with fx_traceback.preserve_node_meta():  # keeps original_aten on the nodes, as AOTAutograd does
+        graph = make_fx(function, decomposition_table=select_decomp_table())(*inputs)
+    decomposed = {_op_packet(node.meta.get("original_aten")) for node in graph.graph.nodes
+                  if node.op == "call_function" and str(node.target) != str(node.meta.get("original_aten"))}
+    assert name in decomposed, f"the case runs no {name} decomposition"
+    leaves = [x.clone().requires_grad_() for x in inputs]
+    retraced = joint_rewrite._DifferentiableInterpreter(graph, ({}, set())).run(*leaves)
+    grad_out = torch.randn(retraced.shape, generator=torch.Generator().manual_seed(1))
+    retraced_grads = torch.autograd.grad(retraced, leaves, grad_out)
+    eager_leaves = [x.clone().requires_grad_() for x in inputs]
+    eager = function(*eager_leaves)
+    eager_grads = torch.autograd.grad(eager, eager_leaves, grad_out)
+    torch.testing.assert_close(retraced, eager, equal_nan=True, rtol=1e-5, atol=1e-6)
+    for retraced_grad, eager_grad in zip(retraced_grads, eager_grads, strict=True):
+        torch.testing.assert_close(retraced_grad, eager_grad, equal_nan=True, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("form", ["silu far below 0", "mish far below 0", "sinc at 0", "hardswish at 3"])

@@ -27,8 +27,9 @@ _check_gradient_paths also refuses a node it adds reading a value the plain back
 The backward of everything else in the graph is re-derived too, from the forward's decomposed ops, whose
 derivatives can differ from their original op's at boundary points: the re-trace runs the unary ops known to
 (silu, whose decomposition overflows below -88.7) as themselves (_UNARY_RUN_AS_THEMSELVES), and
-_check_decompositions refuses a graph that differentiates another op known to (relu6 at 0, the norm of a zero
-row), both by the ``original_aten`` AOTAutograd left on the nodes.
+_check_decompositions refuses a graph that differentiates the decomposition of any op not known to differentiate
+like it (_DECOMPOSITIONS_DIFFERENTIATED_ALIKE, each checked at its boundary points), both by the ``original_aten``
+AOTAutograd left on the nodes.
 
 It steps aside (the joint graph stays as it was, and the reason is logged) where it cannot show the
 new joint graph has the old one's interface and keeps everything it did: a compile whose dynamo graph
@@ -347,20 +348,31 @@ def _check_gradient_paths(forward: Graph, old_nodes: set[Node], differentiated: 
                 check(node, source)
 
 
-# Ops whose Inductor decomposition, differentiated, gives other gradients than the op's own formula at boundary or
-# singular points (hardswish at +-3, relu6 / hardtanh at their bounds, a norm or std of a zero or constant row: NaN
-# where eager's is finite; fmax / fmin ties). AOTAutograd differentiated the op; the re-trace would differentiate its
-# decomposition (but for the unary ops it runs as themselves, _UNARY_RUN_AS_THEMSELVES).
-_DECOMPOSITIONS_DIFFERENTIATED_OTHERWISE = frozenset({
-    "hardswish", "hardsigmoid", "hardtanh", "relu6", "linalg_vector_norm", "norm", "std", "var", "std_mean",
-    "var_mean", "fmax", "fmin",
+# Ops whose Inductor decomposition, differentiated, gives the op's own gradients everywhere, boundary and singular
+# points included (each checked there against eager: tests/test_joint_rewrite.py,
+# test_accepted_decompositions_differentiate_like_their_op): steps of shape, layout and dtype, and ops real blocks run
+# beside the MoE block. AOTAutograd differentiated each op; the re-trace differentiates its decomposition, so a
+# differentiated node of any other op's decomposition keeps the plain backward: elu's or softplus's where() over a
+# branch that overflows to inf (0 * inf = NaN back), renorm's, dist's or a vector norm's sqrt at 0, adaptive max
+# pooling's tie split evenly, relu6 / hardtanh at their bounds, std of a constant row, fmax ties. By overload packet:
+# the ``original_aten`` of a node copied into another graph is a copy of the op, not the op.
+_DECOMPOSITIONS_DIFFERENTIATED_ALIKE = frozenset({
+    "aten.t", "aten.transpose", "aten._unsafe_view", "aten.split", "aten.split_with_sizes", "aten.unbind",
+    "aten.stack", "aten._to_copy", "aten.clamp", "aten._softmax", "aten._log_softmax", "aten.logsumexp", "aten.topk",
+    "aten.native_layer_norm", "aten.gelu", "aten._scaled_dot_product_flash_attention_for_cpu",
 })
 
 
+def _op_packet(op) -> str:
+    """``aten.t.default`` -> ``aten.t``."""
+    return str(op).rsplit(".", 1)[0]
+
+
 def _check_decompositions(forward: Graph, wants_grad: list[bool], unary: tuple[dict[Node, tuple], set[Node]]) -> None:
-    """NotRewritable where a node the re-trace differentiates is part of a decomposition whose derivative is not its
-    op's (_DECOMPOSITIONS_DIFFERENTIATED_OTHERWISE), as the ``original_aten`` AOTAutograd left on it says, but for
-    the decompositions the re-trace runs as their op (``unary``: _unary_decompositions of ``forward``)."""
+    """NotRewritable where a node the re-trace differentiates is part of the decomposition of an op (the
+    ``original_aten`` AOTAutograd left on it, other than the node's own op) whose decomposition is not known to
+    differentiate like the op (_DECOMPOSITIONS_DIFFERENTIATED_ALIKE), but for the decompositions the re-trace runs as
+    their op (``unary``: _unary_decompositions of ``forward``) and moe_ops' own ops."""
     # What a gradient can reach: floating-point values computed from primals that want one (an integer step, the
     # top-k ids, carries none: a variance of token counts is not differentiated).
     primals = list(forward.find_nodes(op="placeholder"))
@@ -368,13 +380,15 @@ def _check_decompositions(forward: Graph, wants_grad: list[bool], unary: tuple[d
                           lambda node: [user for user in node.users if _floating(user, "val")])
     run_as_themselves, inner = unary  # differentiated by their own formula
     for node in forward.nodes:
-        if node in run_as_themselves or node in inner:
+        if node in run_as_themselves or node in inner or node not in needs_grad or node.op != "call_function":
             continue
         original = node.meta.get("original_aten")
-        name = getattr(original, "__name__", "").split(".")[0]
-        if name in _DECOMPOSITIONS_DIFFERENTIATED_OTHERWISE and node in needs_grad:
-            raise NotRewritable(f"{node.name} is part of {name}'s decomposition, whose derivative differs from "
-                                f"{name}'s own at boundary points: the re-derived backward would not be the plain one")
+        if original is None or str(original) == str(node.target):  # not a decomposition's node
+            continue
+        packet = _op_packet(original)
+        if packet not in _DECOMPOSITIONS_DIFFERENTIATED_ALIKE and not packet.startswith("moe_ops."):
+            raise NotRewritable(f"{node.name} is part of {packet}'s decomposition, not known to differentiate like "
+                                f"{packet} at its boundary points: the re-derived backward might not be the plain one")
 
 
 def _forward_graph(graph: Graph, primals: list[Node], tangents: list[Node], forward_outputs: list) -> Graph:
