@@ -464,6 +464,12 @@ class AlteredGradients(GroupedMoE):
             buffer_2TH = torch.zeros((2, *x_TH.shape), dtype=x_TH.dtype)
             buffer_2TH[0].copy_(x_TH.detach())
             return self.experts(buffer_2TH[0]) + x_TH
+        if self.form == "asarray without grad":
+            return self.experts(x_TH) + torch.asarray(x_TH * 2, requires_grad=False)
+        if self.form == "hard gumbel_softmax":
+            # Scaled so that the noise cannot change the hard choice: its straight-through gradient is the soft one.
+            choice_TE = F.gumbel_softmax(self.gate(x_TH).float() * 1000, tau=1000.0, hard=True)
+            return self.experts(x_TH) + (choice_TE @ self.gate.weight.float()).to(x_TH.dtype)
         if self.form == "tensor hook":
             y_TH = self.experts(x_TH)
             y_TH.register_hook(lambda grad: grad * 0.5)
@@ -475,7 +481,8 @@ ALTERATIONS = ("detached routing weights", "detached input", ".data input", "no_
                "custom autograd.Function", "tensor hook", "copy of the detached input", "copy under no_grad",
                "aten.detach overload", "detach_ of a clone", "new_tensor", "inference_mode inside no_grad",
                "allow_in_graph detach", "detached cast round trip", "cast under no_grad",
-               "detach behind a complex cast", "complex cast under no_grad", "detached write read through another view")
+               "detach behind a complex cast", "complex cast under no_grad", "detached write read through another view",
+               "asarray without grad", "hard gumbel_softmax")
 
 
 @pytest.mark.parametrize("form", ALTERATIONS)

@@ -44,6 +44,8 @@ over the pre-activations its forward kept for it.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import operator
 import threading
@@ -139,6 +141,59 @@ def _opaque_call(node: Node) -> bool:
                                                                           "builtins")
 
 
+# Calls that read only a tensor's shape, dtype and device, not its values: their results carry no gradient by
+# design (torch.zeros_like(x) starting a scatter_add).
+_METADATA_READERS = frozenset({
+    "zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "randint_like", "new_zeros",
+    "new_ones", "new_empty", "new_full",
+})
+# Marks in a Python function's source of a gradient cut inside it.
+_CUT_MARKS = (".detach(", "no_grad", ".data", "requires_grad_(False)", "set_grad_enabled(False)")
+
+
+def _cuts_gradient(node: Node) -> bool:
+    """Whether ``node`` (reading a value that needs a gradient, with grad mode on) makes floating-point or complex
+    values none of which needs one: autograd did not record it, whatever its name."""
+    values = node.meta.get("example_value")
+    values = values if isinstance(values, (tuple, list)) else (values,)
+    tensors = [value for value in values if isinstance(value, torch.Tensor)
+               and (value.is_floating_point() or value.is_complex())]
+    return bool(tensors) and not any(value.requires_grad for value in tensors)
+
+
+# Functions of torch.nn.functional whose source cuts a gradient only for some arguments: (position, keyword) of the
+# argument, and whether its value makes the cut (the max_norm renorm under no_grad; the hard straight-through
+# estimator's detach).
+_CUTS_WITH_ARGUMENT = {
+    "embedding": (3, "max_norm", lambda max_norm: max_norm is not None),
+    "embedding_bag": (3, "max_norm", lambda max_norm: max_norm is not None),
+    "gumbel_softmax": (2, "hard", bool),
+}
+
+
+def _alters_gradients_inside(node: Node) -> bool:
+    """Whether a Python function dynamo put in its graph whole (torch's own, not traced into) cuts a gradient inside
+    at this call: by its arguments where _CUTS_WITH_ARGUMENT knows the function, else where its source holds a
+    detach or a no-grad region."""
+    target = node.target
+    if not isinstance(target, types.FunctionType):
+        return False
+    if target.__module__ == "torch.nn.functional" and target.__name__ in _CUTS_WITH_ARGUMENT:
+        position, keyword, cuts = _CUTS_WITH_ARGUMENT[target.__name__]
+        value = node.args[position] if len(node.args) > position else node.kwargs.get(keyword)
+        return isinstance(value, Node) or cuts(value)  # a value computed in the graph: it may
+    return _source_cuts_gradient(target)
+
+
+@functools.cache
+def _source_cuts_gradient(function: types.FunctionType) -> bool:
+    try:
+        source = inspect.getsource(function)
+    except (OSError, TypeError):
+        return True  # nothing to read: it may
+    return any(mark in source for mark in _CUT_MARKS)
+
+
 def _needs_grad(node: Node) -> bool:
     value = node.meta.get("example_value")
     return isinstance(value, torch.Tensor) and value.requires_grad
@@ -172,13 +227,20 @@ def _floating(node: Node, meta_key: str = "example_value") -> bool:
 def _aliases(node: Node) -> list[Node]:
     """The nodes of ``node``'s graph whose fake values share its value's storage: its base and every view of it
     (dynamo's fake tensors keep the aliasing of the real ones)."""
-    value = node.meta.get("example_value")
-    if not isinstance(value, torch.Tensor) or value.layout != torch.strided:
+    storage = _storage(node)
+    if storage is None:
         return [node]
-    storage = StorageWeakRef(value.untyped_storage())
-    return [other for other in node.graph.nodes
-            if isinstance(other_value := other.meta.get("example_value"), torch.Tensor)
-            and other_value.layout == torch.strided and StorageWeakRef(other_value.untyped_storage()) == storage]
+    return [other for other in node.graph.nodes if (other_storage := _storage(other)) is not None
+            and other_storage == storage]
+
+
+def _storage(node: Node) -> StorageWeakRef | None:
+    """The storage of ``node``'s fake value; None for a value with none to compare (not a strided tensor, or a
+    tensor subclass whose storage is not its own: a DTensor's is its local shard's)."""
+    value = node.meta.get("example_value")
+    if type(value) is not torch._subclasses.FakeTensor or value.layout != torch.strided:
+        return None
+    return StorageWeakRef(value.untyped_storage())
 
 
 def _reaches_gradient(node: Node) -> bool:
@@ -226,10 +288,17 @@ def gradient_alterations(graph: Graph) -> list[str]:
             found.append(f"{node.name}: computed without grad from a value that needs one")
         elif ((name in _DETACHING and reads_grad) or name == _DETACHING_IN_PLACE) and _reaches_gradient(node):
             found.append(f"{node.name}: a detach of a value that needs a gradient")
+        elif (reads_grad and not grad_off and name not in _METADATA_READERS and _cuts_gradient(node)
+              and _reaches_gradient(node)):
+            found.append(f"{node.name}: a value computed from one that needs a gradient, without one (a detach by "
+                         "another name: torch.asarray(x, requires_grad=False))")
         elif name in _CUSTOM_FUNCTIONS and reads_grad:
             found.append(f"{node.name}: a custom autograd.Function")
         elif _opaque_call(node) and reads_grad:
             found.append(f"{node.name}: a call whose inside dynamo does not show (allow_in_graph, nonstrict_trace)")
+        elif reads_grad and _alters_gradients_inside(node):
+            found.append(f"{node.name}: a torch function dynamo keeps whole that detaches or turns grad off inside "
+                         "(F.gumbel_softmax's straight-through estimator)")
         elif name in _HOOKS:
             found.append(f"{node.name}: a tensor hook or requires_grad_")
     return found
