@@ -470,6 +470,19 @@ class AlteredGradients(GroupedMoE):
             # Scaled so that the noise cannot change the hard choice: its straight-through gradient is the soft one.
             choice_TE = F.gumbel_softmax(self.gate(x_TH).float() * 1000, tau=1000.0, hard=True)
             return self.experts(x_TH) + (choice_TE @ self.gate.weight.float()).to(x_TH.dtype)
+        if self.form == "item assignment of a detached value":
+            copied_TH = torch.zeros_like(x_TH)
+            copied_TH[:] = x_TH.detach()
+            return self.experts(copied_TH) + x_TH
+        if self.form == "item assignment under no_grad":
+            copied_TH = torch.zeros_like(x_TH)
+            with torch.no_grad():
+                copied_TH[:] = x_TH
+            return self.experts(copied_TH) + x_TH
+        if self.form == "out= of a detached value":
+            copied_TH = torch.empty_like(x_TH)
+            torch.mul(x_TH.detach(), 1.0, out=copied_TH)
+            return self.experts(copied_TH) + x_TH
         if self.form == "tensor hook":
             y_TH = self.experts(x_TH)
             y_TH.register_hook(lambda grad: grad * 0.5)
@@ -482,7 +495,8 @@ ALTERATIONS = ("detached routing weights", "detached input", ".data input", "no_
                "aten.detach overload", "detach_ of a clone", "new_tensor", "inference_mode inside no_grad",
                "allow_in_graph detach", "detached cast round trip", "cast under no_grad",
                "detach behind a complex cast", "complex cast under no_grad", "detached write read through another view",
-               "asarray without grad", "hard gumbel_softmax")
+               "asarray without grad", "hard gumbel_softmax", "item assignment of a detached value",
+               "item assignment under no_grad", "out= of a detached value")
 
 
 @pytest.mark.parametrize("form", ALTERATIONS)
@@ -597,6 +611,8 @@ _BOUNDARY_CASES = {
     "aten.native_layer_norm": (lambda x, w, b: F.layer_norm(x, (3,), w, b), [_ROWS[[0, 1, 4]], _values(1, 2, 3),
                                                                              _values(0, 1, 0)]),
     "aten.gelu": (F.gelu, [_values(-100, -10, -1, 0, 1, 10, 100, 1000)]),
+    "aten.nll_loss_forward": (
+        lambda x: F.nll_loss(x, torch.tensor([0, 2, 1, 2, 0, 1]), weight=_values(1, 0, 2), ignore_index=1), [_ROWS]),
     "aten._scaled_dot_product_flash_attention_for_cpu": (
         lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
         [torch.randn(1, 2, 4, 8, generator=torch.Generator().manual_seed(0)) for _ in range(3)]),
@@ -661,6 +677,21 @@ class CastRoundTrip(GroupedMoE):
 def test_a_cast_round_trip_before_the_block_keeps_the_rewrite():
     check_training(CastRoundTrip(), tokens(), dtype=torch.bfloat16)
     assert joint_rewrites() == 1 and counters["moe_ops"]["experts_rewrite_torchtitan"] == 1
+
+
+class CrossEntropyLoss(GroupedMoE):
+    """The block, then a language model's loss: cross_entropy (nll_loss's decomposition, differentiated) of logits
+    from the block's output, a padding target ignored."""
+
+    def forward(self, x_TH):
+        logits_TV = self.experts(x_TH).float()[:, :E]
+        targets_T = torch.arange(x_TH.shape[0]) % E
+        return F.cross_entropy(logits_TV, targets_T, ignore_index=3)
+
+
+def test_a_cross_entropy_loss_after_the_block_keeps_the_rewrite():
+    check_training(CrossEntropyLoss(), tokens(), dtype=torch.bfloat16)
+    assert joint_rewrites() == 1
 
 
 def test_detached_values_that_reach_no_gradient_keep_the_rewrite():

@@ -208,11 +208,14 @@ def _call_name(node: Node) -> str:
 
 
 def _written(node: Node) -> Node | None:
-    """The tensor an in-place call writes into (``dst.copy_(src)``, ``dst.detach_()``): its first argument."""
+    """The tensor a call writes into: an in-place call's first argument (``dst.copy_(src)``, ``dst.detach_()``), an
+    item assignment's (``dst[index] = src``, dynamo's operator.setitem), an ``out=`` argument."""
     name = _call_name(node)
-    if name.endswith("_") and not name.startswith("__") and node.args and isinstance(node.args[0], Node):
+    if ((name.endswith("_") and not name.startswith("__")) or name == "setitem") and node.args \
+            and isinstance(node.args[0], Node):
         return node.args[0]
-    return None
+    out = node.kwargs.get("out")
+    return out if isinstance(out, Node) else None
 
 
 def _floating(node: Node, meta_key: str = "example_value") -> bool:
@@ -257,7 +260,7 @@ def _reaches_gradient(node: Node) -> bool:
         for user in [*current.users, *aliases]:
             if user.op == "output" or _needs_grad(user):
                 return True
-            if user not in seen and (_floating(user) or user in aliases):
+            if user not in seen and (_floating(user) or user in aliases or _written(user) is not None):
                 seen.add(user)
                 stack.append(user)
     return False
@@ -284,7 +287,7 @@ def gradient_alterations(graph: Graph) -> list[str]:
             grad_off = True
         elif name == "_exit_inference_mode":
             grad_off = before_inference_mode.pop() if before_inference_mode else False
-        elif grad_off and reads_grad and _floating(node) and _reaches_gradient(node):
+        elif grad_off and reads_grad and (_floating(node) or _written(node) is not None) and _reaches_gradient(node):
             found.append(f"{node.name}: computed without grad from a value that needs one")
         elif ((name in _DETACHING and reads_grad) or name == _DETACHING_IN_PLACE) and _reaches_gradient(node):
             found.append(f"{node.name}: a detach of a value that needs a gradient")
@@ -429,6 +432,7 @@ _DECOMPOSITIONS_DIFFERENTIATED_ALIKE = frozenset({
     "aten.t", "aten.transpose", "aten._unsafe_view", "aten.split", "aten.split_with_sizes", "aten.unbind",
     "aten.stack", "aten._to_copy", "aten.clamp", "aten._softmax", "aten._log_softmax", "aten.logsumexp", "aten.topk",
     "aten.native_layer_norm", "aten.gelu", "aten._scaled_dot_product_flash_attention_for_cpu",
+    "aten.nll_loss_forward",
 })
 
 
