@@ -154,10 +154,7 @@ _CUT_MARKS = (".detach(", "no_grad", ".data", "requires_grad_(False)", "set_grad
 def _cuts_gradient(node: Node) -> bool:
     """Whether ``node`` (reading a value that needs a gradient, with grad mode on) makes floating-point or complex
     values none of which needs one: autograd did not record it, whatever its name."""
-    values = node.meta.get("example_value")
-    values = values if isinstance(values, (tuple, list)) else (values,)
-    tensors = [value for value in values if isinstance(value, torch.Tensor)
-               and (value.is_floating_point() or value.is_complex())]
+    tensors = _differentiable_values(node)
     return bool(tensors) and not any(value.requires_grad for value in tensors)
 
 
@@ -218,13 +215,18 @@ def _written(node: Node) -> Node | None:
     return out if isinstance(out, Node) else None
 
 
-def _floating(node: Node, meta_key: str = "example_value") -> bool:
-    """Whether ``node`` makes a tensor that can carry a gradient, floating-point or complex (or a tuple holding one),
-    by its fake value (dynamo's graphs keep it as ``example_value``, AOTAutograd's as ``val``)."""
+def _differentiable_values(node: Node, meta_key: str = "example_value") -> list[torch.Tensor]:
+    """The fake values ``node`` makes (one, or a tuple's) that can carry a gradient: floating-point or complex tensors
+    (dynamo's graphs keep them as ``example_value``, AOTAutograd's as ``val``)."""
     values = node.meta.get(meta_key)
     values = values if isinstance(values, (tuple, list)) else (values,)
-    return any(isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex())
-               for value in values)
+    return [value for value in values
+            if isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex())]
+
+
+def _floating(node: Node, meta_key: str = "example_value") -> bool:
+    """Whether ``node`` makes a tensor that can carry a gradient (_differentiable_values)."""
+    return bool(_differentiable_values(node, meta_key))
 
 
 def _aliases(node: Node) -> list[Node]:
