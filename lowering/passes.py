@@ -96,8 +96,8 @@ class MoeOpsPostGradPass(_ChainedPass):
 
 
 class MoeOpsJointPass(_ChainedPass):
-    """``joint_custom_post_pass``: training graphs before partitioning, so that their backward comes
-    from the moe_ops ops' autograd formulas (lowering/graph/joint_rewrite.py). It runs after Inductor's own
+    """``joint_custom_post_pass``: training graphs before partitioning, so that the rewritten blocks' backward
+    comes from the moe_ops ops' autograd formulas (lowering/graph/joint_rewrite.py). It runs after Inductor's own
     joint-graph patterns, which leave the forward as the post-grad matchers expect it (for example
     ``where(mask, 0.0, x)`` with the scalar folded in)."""
 
@@ -118,8 +118,8 @@ class MoeOpsJointPass(_ChainedPass):
 class MoeOpsPreGradPass(_ChainedPass):
     """``pre_grad_custom_pass``: the graph dynamo made, before AOTAutograd traces it. Nothing is rewritten here: with
     training_rewrites on, what in the user's code alters gradients (detach, no_grad, custom autograd Functions,
-    hooks) is noted for MoeOpsJointPass, which does not re-derive a backward that code made different
-    (lowering/graph/joint_rewrite.py)."""
+    hooks) is noted for MoeOpsJointPass, which does not put the ops' backward where that code made the plain one
+    different (lowering/graph/joint_rewrite.py)."""
 
     hook = "pre_grad_custom_pass"
 

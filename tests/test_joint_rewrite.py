@@ -15,7 +15,6 @@ import sys
 
 import pytest
 import torch
-import torch.fx.traceback as fx_traceback
 import torch.nn.functional as F
 from compile_harness import (  # noqa: F401
     calls_experts_backward,
@@ -30,13 +29,10 @@ from torch import nn
 from torch._dynamo.utils import counters
 from torch._inductor import config as inductor_config
 from torch._inductor.custom_graph_pass import CustomGraphPass
-from torch.fx.experimental.proxy_tensor import make_fx
 
 import moe_ops
-from moe_ops._compat.inductor import select_decomp_table
 from moe_ops._compat.matmul import native_grouped_mm
 from moe_ops.lowering.graph import joint_rewrite
-from moe_ops.lowering.graph.joint_rewrite import _op_packet
 
 pytestmark = pytest.mark.usefixtures("fresh_compile_state", "training_rewrites")
 
@@ -118,9 +114,7 @@ aten.permute.default([1, 0])
 aten.mm.default()
 aten.permute.default([1, 0])
 aten.permute.default([1, 0])
-aten.permute.default([1, 0])
-aten.addmm.default()
-aten.permute.default([1, 0])""")  # noqa: E501
+aten.addmm.default()""")  # noqa: E501
 
 
 class MoEBesideFrozenQuantisedExperts(GroupedMoE):
@@ -543,6 +537,10 @@ class BoundaryOps(GroupedMoE):
             return self.experts(x_TH) + torch.dist(x_f32[0], x_f32[1]).to(x_TH.dtype)
         if self.form == "max-pool of tied tokens":
             return F.adaptive_max_pool1d(self.experts(x_TH).float().T.unsqueeze(0), 1)
+        if self.form == "norm of a zero row":
+            return self.experts((x_f32 / (torch.linalg.vector_norm(x_f32, dim=-1, keepdim=True) + 1)).to(x_TH.dtype))
+        if self.form == "mse_loss after the block":
+            return F.mse_loss(self.experts(x_TH).float(), x_f32, reduction="none")
         if self.form == "mish far below 0":
             return self.experts(F.mish(x_f32 * 100).to(x_TH.dtype))
         if self.form == "sinc at 0":
@@ -560,7 +558,7 @@ def boundary_tokens(form):
         x_TH[2] = 1.0
     elif form in ("elu of 100", "softplus of 100"):
         x_TH[0, 0] = 100.0  # exp(100) overflows fp32 in the branch the decomposition's where() drops
-    elif form == "renorm of a zero row":
+    elif form in ("renorm of a zero row", "norm of a zero row"):
         x_TH[2] = 0.0
     elif form in ("dist of equal tokens", "max-pool of tied tokens"):
         x_TH[1], x_TH[5] = x_TH[0], x_TH[4]
@@ -574,79 +572,87 @@ def boundary_tokens(form):
 
 
 @pytest.mark.parametrize("form", ["relu6 at 0", "std of a constant row", "fmax tie", "elu of 100", "softplus of 100",
-                                  "renorm of a zero row", "dist of equal tokens", "max-pool of tied tokens"])
-def test_ops_differentiated_otherwise_by_their_decomposition_keep_the_plain_backward(form, caplog):
-    """Each gave other x-gradients than eager's with the rewrite on (relu6'(0): 0 in eager; std of a constant row,
-    elu or softplus of 100, renorm of a zero row, dist of equal tokens: NaN; fmax's tie: eager's gradient goes to
-    x; a max-pool's tie: eager's goes to one token, the decomposition's is split); the joint graph is kept."""
-    with caplog.at_level(logging.DEBUG, logger="moe_ops"):
-        check_training(BoundaryOps(form), boundary_tokens(form), dtype=torch.bfloat16)
-    assert joint_rewrites() == 0 and "decomposition, not known to differentiate like" in caplog.text
-
-
-def _values(*values):
-    return torch.tensor(values, dtype=torch.float32)
-
-
-_CLAMPED = _values(-2.0, -1.0, -1e-8, 0.0, 1e-8, 1.0, 2.0)
-_ROWS = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [-math.inf, 0.0, 1.0], [-math.inf, -math.inf, 2.0],
-                      [100.0, -100.0, 3.0], [1e30, 1.0, 1.0]])
-# Each accepted decomposition's op at its boundary and singular points: ties, bounds, zeros, constant rows, -inf,
-# values whose exp overflows (functions of float32 tensors; integer arguments are not differentiated).
-_BOUNDARY_CASES = {
-    "aten.t": (lambda x: x.t(), [_ROWS]),
-    "aten.transpose": (lambda x: x.transpose(0, 1), [_ROWS]),
-    "aten._unsafe_view": (lambda x: torch.ops.aten._unsafe_view(x * 1, (3, 6)), [_ROWS]),
-    "aten.split": (lambda x: torch.cat([p * (i + 1) for i, p in enumerate(x.split(2, dim=1))], 1), [_ROWS]),
-    "aten.split_with_sizes": (lambda x: torch.cat([p * (i + 1) for i, p in enumerate(x.split([1, 2], 1))], 1),
-                              [_ROWS]),
-    "aten.unbind": (lambda x: torch.stack([p * (i + 1) for i, p in enumerate(x.unbind(1))]), [_ROWS]),
-    "aten.stack": (lambda x: torch.stack([x, 2 * x]), [_ROWS]),
-    "aten._to_copy": (lambda x: x.to(torch.bfloat16).float() * 3, [_ROWS]),
-    "aten.clamp": (lambda x: torch.clamp(x, -1.0, 1.0), [_CLAMPED]),
-    "aten._softmax": (lambda x: F.softmax(x, -1), [_ROWS]),
-    "aten._log_softmax": (lambda x: F.log_softmax(x, -1), [_ROWS[[0, 1, 2, 4]]]),
-    "aten.logsumexp": (lambda x: torch.logsumexp(x, -1), [_ROWS[[0, 1, 2, 4]]]),
-    "aten.topk": (lambda x: torch.topk(x, 2, -1).values, [_ROWS[[2, 4]]]),
-    "aten.native_layer_norm": (lambda x, w, b: F.layer_norm(x, (3,), w, b), [_ROWS[[0, 1, 4]], _values(1, 2, 3),
-                                                                             _values(0, 1, 0)]),
-    "aten.gelu": (F.gelu, [_values(-100, -10, -1, 0, 1, 10, 100, 1000)]),
-    "aten.nll_loss_forward": (
-        lambda x: F.nll_loss(x, torch.tensor([0, 2, 1, 2, 0, 1]), weight=_values(1, 0, 2), ignore_index=1), [_ROWS]),
-    "aten._scaled_dot_product_flash_attention_for_cpu": (
-        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-        [torch.randn(1, 2, 4, 8, generator=torch.Generator().manual_seed(0)) for _ in range(3)]),
-}
-
-
-@pytest.mark.parametrize("name", sorted(joint_rewrite._DECOMPOSITIONS_DIFFERENTIATED_ALIKE))
-def test_accepted_decompositions_differentiate_like_their_op(name):
-    """The re-trace (Inductor's decompositions, run under autograd as the joint rewrite runs them) gives eager's
-    gradients at each accepted op's boundary points: NaN where eager has NaN, and nowhere else."""
-    function, inputs = _BOUNDARY_CASES[name]
-    with fx_traceback.preserve_node_meta():  # keeps original_aten on the nodes, as AOTAutograd does
-        graph = make_fx(function, decomposition_table=select_decomp_table())(*inputs)
-    decomposed = {_op_packet(node.meta.get("original_aten")) for node in graph.graph.nodes
-                  if node.op == "call_function" and str(node.target) != str(node.meta.get("original_aten"))}
-    assert name in decomposed, f"the case runs no {name} decomposition"
-    leaves = [x.clone().requires_grad_() for x in inputs]
-    retraced = joint_rewrite._DifferentiableInterpreter(graph, ({}, set())).run(*leaves)
-    grad_out = torch.randn(retraced.shape, generator=torch.Generator().manual_seed(1))
-    retraced_grads = torch.autograd.grad(retraced, leaves, grad_out)
-    eager_leaves = [x.clone().requires_grad_() for x in inputs]
-    eager = function(*eager_leaves)
-    eager_grads = torch.autograd.grad(eager, eager_leaves, grad_out)
-    torch.testing.assert_close(retraced, eager, equal_nan=True, rtol=1e-5, atol=1e-6)
-    for retraced_grad, eager_grad in zip(retraced_grads, eager_grads, strict=True):
-        torch.testing.assert_close(retraced_grad, eager_grad, equal_nan=True, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("form", ["silu far below 0", "mish far below 0", "sinc at 0", "hardswish at 3"])
-def test_unary_ops_are_differentiated_by_their_own_formula(form):
-    """The re-trace runs these ops as themselves, not as their decompositions' nodes, so their gradients are their
-    own formulas' (each gave NaN or other x-gradients when it differentiated the decomposition)."""
+                                  "renorm of a zero row", "dist of equal tokens", "max-pool of tied tokens",
+                                  "silu far below 0", "mish far below 0", "sinc at 0", "hardswish at 3",
+                                  "norm of a zero row", "mse_loss after the block"])
+def test_ops_beside_the_block_keep_their_own_backward(form):
+    """Ops beside the block at the points where their Inductor decomposition, differentiated, is not their own
+    formula (relu6'(0); NaN for std of a constant row, elu or softplus of 100, renorm or a vector norm of a zero row,
+    dist of equal tokens, silu and mish far below 0, sinc at 0; fmax's and a max-pool's ties), and a loss after the
+    block: the rewrite runs, and only the block's backward is the moe_ops ops', so these keep the one AOTAutograd
+    derived (eager's)."""
     check_training(BoundaryOps(form), boundary_tokens(form), dtype=torch.bfloat16)
     assert joint_rewrites() == 1
+
+
+class _ToyJointPass(CustomGraphPass):
+    """A joint pass that runs the splice with a toy rewrite in place of moe_ops' (the splice alone: no moe_ops op)."""
+
+    def __init__(self, rewrite):
+        self.rewrite = rewrite
+
+    def __call__(self, graph):
+        if joint_rewrite.is_joint_graph(graph):
+            joint_rewrite.rewrite_joint_graph(graph, [self.rewrite])
+
+    def uuid(self):
+        return f"toy-{self.rewrite.__name__}"
+
+
+def _sin_as_shifted_cos(graph) -> int:
+    """Replaces each sin(v) by cos(v - pi / 2) (the add reading it too, when it also adds v: a pass-through of v)."""
+    replaced = 0
+    for node in graph.find_nodes(op="call_function", target=torch.ops.aten.sin.default):
+        source = node.args[0]
+        add = next((u for u in node.users if u.target is torch.ops.aten.add.Tensor and source in u.args), None)
+        with graph.inserting_before((add or node).next):
+            value = graph.call_function(torch.ops.aten.cos.default,
+                                        (graph.call_function(torch.ops.aten.sub.Tensor, (source, math.pi / 2)),))
+            if add is not None:
+                value = graph.call_function(torch.ops.aten.add.Tensor, (value, source))
+        (add or node).replace_all_uses_with(value)
+        replaced += 1
+    return replaced
+
+
+class SinBeside(nn.Module):
+    def __init__(self, adds_its_input: bool):
+        super().__init__()
+        self.adds_its_input = adds_its_input
+        self.scale = nn.Parameter(torch.randn(H))
+
+    def forward(self, x_TH):
+        v_TH = x_TH * self.scale
+        y_TH = torch.sin(v_TH) + v_TH if self.adds_its_input else torch.sin(v_TH)
+        return y_TH * 3 + x_TH.cos()
+
+
+def test_the_splice_replaces_only_the_rewritten_nodes_backward():
+    """The replaced nodes' backward is the new nodes' (sin's cos(v) became -sin(v - pi / 2)), the rest stays."""
+    with inductor_config.patch(joint_custom_post_pass=_ToyJointPass(_sin_as_shifted_cos)):
+        _, backward_graph = check_training(SinBeside(adds_its_input=False), tokens().float(), dtype=torch.float32)
+    assert joint_rewrites() == 1
+    assert "aten.sin.default" in backward_graph, backward_graph
+
+
+def test_a_gradient_passed_through_the_replaced_nodes_is_refused(caplog):
+    """sin(v) + v replaced: the plain backward hands v the add's gradient with no node of the replaced nodes' own, so
+    splicing would count it twice; the joint graph is kept."""
+    with caplog.at_level(logging.DEBUG, logger="moe_ops"), inductor_config.patch(
+            joint_custom_post_pass=_ToyJointPass(_sin_as_shifted_cos)):
+        check_training(SinBeside(adds_its_input=True), tokens().float(), dtype=torch.float32)
+    assert joint_rewrites() == 0
+    assert "a gradient may pass through the replaced nodes" in caplog.text, caplog.text
+
+
+def test_a_detach_inside_the_block_is_refused_by_the_splice_too(monkeypatch, caplog):
+    """Without the pre-grad look's refusal, a block whose routing weights are detached is still refused: the new
+    nodes would take a gradient of the router's logits, which the replaced backward did not make."""
+    monkeypatch.setattr(joint_rewrite, "gradient_alterations", lambda graph: [])
+    with caplog.at_level(logging.DEBUG, logger="moe_ops"):
+        check_training(GroupedMoE(detach_weights=True), tokens(), dtype=torch.bfloat16)
+    assert joint_rewrites() == 0
+    assert "take gradients of other inputs than the replaced nodes did" in caplog.text, caplog.text
 
 
 class DetachedStatistics(GroupedMoE):
@@ -802,12 +808,11 @@ def test_selective_checkpointing_that_splits_a_block_is_left_alone(caplog):
 def test_a_joint_graph_that_cannot_be_retraced_is_kept(monkeypatch, caplog):
     """When the new joint graph cannot be traced, the old one stays, and the forward rewrites that ran
     on its copy are not counted."""
-    import moe_ops.lowering.graph.joint_rewrite as joint_rewrite
 
     def refuse(*args):
         raise joint_rewrite.NotRewritable("refused by the test")
 
-    monkeypatch.setattr(joint_rewrite, "_trace_joint", refuse)
+    monkeypatch.setattr(joint_rewrite, "_trace_region", refuse)
     with caplog.at_level(logging.DEBUG, logger="moe_ops"):
         forward_graph, backward_graph = check_training(GroupedMoE(), tokens(), dtype=torch.bfloat16)
     assert "refused by the test" in caplog.text

@@ -9,41 +9,38 @@ graph (``primals_*`` and ``tangents_*`` in; forward outputs, then one gradient p
 2. runs the same rewrites as the post-grad pass on that forward graph (same matchers, same proofs); the
    nodes a rewrite adds take the activation-checkpointing tags of the nodes it replaced;
 3. if anything was rewritten, puts fused_experts' training variant in place of each fused_experts (it
-   keeps the pre-activations for its backward where that pays) and traces the joint again from the
-   rewritten forward: the forward under autograd, then ``torch.autograd.grad`` of the outputs that
-   need gradients with the same tangents,
-   with the decompositions Inductor gave AOTAutograd, each node's meta (checkpointing tags included)
-   carried onto what it traces. The backward so comes from the moe_ops ops' own autograd formulas,
-   not from the plain code's;
-4. puts that joint graph in place of the old one (same placeholders, same output structure).
+   keeps the pre-activations for its backward where that pays) and finds, in the joint graph, the replaced
+   nodes' backward (_find_splice): the backward nodes AOTAutograd made from their autograd records (each
+   backward node carries its forward op's ``seq_nr``), the gradients reaching the replaced outputs, and the
+   part of each input's gradient that backward makes;
+4. traces the joint graph of the new nodes alone (their forward under autograd, ``torch.autograd.grad`` of
+   their outputs with those gradients, Inductor's decompositions, each node's meta carried onto what it
+   traces) and splices it in place of the replaced nodes and their backward. The block's backward so comes
+   from the moe_ops ops' own autograd formulas; every other node of the joint graph, forward and backward,
+   stays as AOTAutograd made it.
 
-The re-derived backward is the forward's autograd formulas, so what made the user's backward differ from them
-must not be in the graph: a ``.detach()`` (or ``.data``) of a value that needs a gradient, a no_grad or
-inference_mode block that computes from one, a custom autograd.Function, a tensor hook. The joint graph keeps no
-sign of them (Inductor drops the detach, the Function's forward is its aten ops), so they are read off the graph
-dynamo made, which Inductor's pre-grad hook sees first (note_gradient_alterations, installed by
-moe_ops.lowering.passes); a joint graph whose compile showed any, or that no such look preceded, is left as it is.
-_check_gradient_paths also refuses a node it adds reading a value the plain backward does not differentiate.
-The backward of everything else in the graph is re-derived too, from the forward's decomposed ops, whose
-derivatives can differ from their original op's at boundary points: the re-trace runs the unary ops known to
-(silu, whose decomposition overflows below -88.7) as themselves (_UNARY_RUN_AS_THEMSELVES), and
-_check_decompositions refuses a graph that differentiates the decomposition of any op not known to differentiate
-like it (_DECOMPOSITIONS_DIFFERENTIATED_ALIKE, each checked at its boundary points), both by the ``original_aten``
-AOTAutograd left on the nodes.
+What made the user's backward differ from the ops' autograd formulas must not be in the graph: a
+``.detach()`` (or ``.data``) of a value that needs a gradient, a no_grad or inference_mode block that computes
+from one, a custom autograd.Function, a tensor hook. The joint graph keeps no sign of them (Inductor drops the
+detach, the Function's forward is its aten ops), so they are read off the graph dynamo made, which Inductor's
+pre-grad hook sees first (note_gradient_alterations, installed by moe_ops.lowering.passes); a joint graph whose
+compile showed any, or that no such look preceded, is left as it is. The splice also checks it by structure: the
+new nodes must take gradients of exactly the inputs whose gradients the replaced backward made.
 
 It steps aside (the joint graph stays as it was, and the reason is logged) where it cannot show the
-new joint graph has the old one's interface and keeps everything it did: a compile whose dynamo graph
-alters gradients or was not looked at (above), placeholders other than primals and tangents, outputs
-needing gradients that do not line up with the tangents, a rewritten block that straddles an
-activation-checkpointing boundary, a backward node with an effect that no output reads (a runtime assert
-the re-derived backward would not have), a forward assert the new trace loses, an op without an autograd
-formula, mutations in the traced graph other than the forward's writes into inputs that need no gradient
-(buffers, e.g. token counts), which must be the old graph's, and the training variant's backward writing
-over the pre-activations its forward kept for it.
+new joint graph computes what the old one did: a compile whose dynamo graph alters gradients or was not
+looked at (above), placeholders other than primals and tangents, a rewritten block that straddles an
+activation-checkpointing boundary, a replaced node's backward the autograd records do not tell apart from a
+kept node's, a gradient the replaced nodes could pass on with no backward node of theirs, a part of a gradient
+not tied to one input, a new node taking gradients of other inputs than the replaced ones did, an op without an
+autograd formula, and mutations in the new nodes' joint graph other than the training variant's backward writing
+its gradients over the pre-activations its forward kept for it.
 """
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import functools
 import inspect
 import logging
@@ -54,11 +51,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.fx.traceback as fx_traceback
+import torch.utils._pytree as pytree
 from torch.fx import Graph, GraphModule, Node
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from moe_ops._compat.dynamo import counters, detect_fake_mode
-from moe_ops._compat.inductor import select_decomp_table
+from moe_ops._compat.inductor import select_decomp_table, stable_topological_sort
 from moe_ops.lowering.graph.fx_match import PRIMALS, TANGENTS, has_placeholder
 
 log = logging.getLogger("moe_ops")
@@ -108,12 +106,6 @@ def _upstream(sources) -> set[Node]:
 def _effects(graph: Graph) -> list[Node]:
     """Nodes kept for their effect alone (runtime asserts on sizes): impure, read by nothing."""
     return [node for node in graph.nodes if node.op == "call_function" and not node.users and node.is_impure()]
-
-
-def _runtime_asserts(graph: Graph) -> list[Node]:
-    """_effects but the writes into inputs (buffers, compared by _buffer_writes): a trace may read such a write
-    back (``self.counts += c`` leaves an alias of the copy_ in the graph), and then it has a user."""
-    return [node for node in _effects(graph) if node.target is not torch.ops.aten.copy_.default]
 
 
 # What alters gradients in the graph dynamo made, by the name of a call's target (_call_name).
@@ -371,185 +363,309 @@ def _tag_new_nodes(forward: Graph, tags_before: dict[Node, tuple | None],
                 node.meta.update(zip(_CHECKPOINT_KEYS, tag, strict=True))
 
 
-# Forward ops whose backward may pass the gradient on with no node of its own (so no node carries their seq_nr): a
-# residual add; a cast between floating dtypes, whose backward casts Inductor's joint patterns fold away (a round
-# trip x.float().to(torch.bfloat16) leaves two casts back that cancel). A detach or a no_grad region between such
-# casts is the pre-grad look's to refuse (gradient_alterations).
-_PASS_THROUGH_BACKWARD = (torch.ops.aten.add.Tensor, torch.ops.prims.convert_element_type.default)
-
-
-def _differentiated_ops(tangents: list[Node]) -> set:
-    """The autograd sequence numbers of the forward ops whose backward the joint graph holds: AOTAutograd tags
-    each backward node with its forward op's ``seq_nr``."""
-    return {node.meta["seq_nr"] for node in _downstream(tangents) if "seq_nr" in node.meta}
-
-
-def _check_gradient_paths(forward: Graph, old_nodes: set[Node], differentiated: set, wants_grad: list[bool]) -> None:
-    """NotRewritable where the new trace would differentiate a path the old joint graph does not: a floating input
-    of a node the rewrites added, made by a forward op of the old graph from primals that need gradients, whose
-    backward the old graph lacks. The user's code detached that value or computed it without grad (the graph keeps
-    no sign of either but the missing backward; re-traced under autograd, it would take a gradient: the router's
-    x-gradient of a block whose routing weights were detached)."""
-    primals = list(forward.find_nodes(op="placeholder"))
-    needs_grad = _downstream([p for p, wants in zip(primals, wants_grad, strict=True) if wants])
-
-    def differentiable(source: Node) -> bool:
-        value = source.meta.get("val")
-        return (source in needs_grad and source.op != "placeholder" and isinstance(value, torch.Tensor)
-                and value.is_floating_point())
-
-    def check(node: Node, source: Node) -> None:
-        if source not in old_nodes:  # a node a rewrite added: its own inputs are checked as its reads
-            return
-        if "seq_nr" not in source.meta and source.target is operator.getitem:  # an output of a multi-output op
-            check(node, source.args[0])
-            return
-        if "seq_nr" not in source.meta:  # made by a joint-graph pattern that kept no autograd record
-            raise NotRewritable(f"{node.name} would take a gradient through {source.name}, whose backward in the "
-                                "plain graph cannot be told (no seq_nr)")
-        if source.meta["seq_nr"] in differentiated:
-            return
-        if source.target in _PASS_THROUGH_BACKWARD:  # its backward may have no node; its inputs tell
-            for operand in filter(differentiable, source.all_input_nodes):
-                check(node, operand)
-            return
-        raise NotRewritable(f"{node.name} would take a gradient through {source.name}, which the plain code does "
-                            "not differentiate (detached or computed without grad)")
-
-    for node in forward.nodes:
-        if node not in old_nodes and node.op == "call_function":
-            for source in filter(differentiable, node.all_input_nodes):
-                check(node, source)
-
-
-# Ops whose Inductor decomposition, differentiated, gives the op's own gradients everywhere, boundary and singular
-# points included (each checked there against eager: tests/test_joint_rewrite.py,
-# test_accepted_decompositions_differentiate_like_their_op): steps of shape, layout and dtype, and ops real blocks run
-# beside the MoE block. AOTAutograd differentiated each op; the re-trace differentiates its decomposition, so a
-# differentiated node of any other op's decomposition keeps the plain backward: elu's or softplus's where() over a
-# branch that overflows to inf (0 * inf = NaN back), renorm's, dist's or a vector norm's sqrt at 0, adaptive max
-# pooling's tie split evenly, relu6 / hardtanh at their bounds, std of a constant row, fmax ties. By overload packet:
-# the ``original_aten`` of a node copied into another graph is a copy of the op, not the op.
-_DECOMPOSITIONS_DIFFERENTIATED_ALIKE = frozenset({
-    "aten.t", "aten.transpose", "aten._unsafe_view", "aten.split", "aten.split_with_sizes", "aten.unbind",
-    "aten.stack", "aten._to_copy", "aten.clamp", "aten._softmax", "aten._log_softmax", "aten.logsumexp", "aten.topk",
-    "aten.native_layer_norm", "aten.gelu", "aten._scaled_dot_product_flash_attention_for_cpu",
-    "aten.nll_loss_forward",
-})
-
-
-def _op_packet(op) -> str:
-    """``aten.t.default`` -> ``aten.t``."""
-    return str(op).rsplit(".", 1)[0]
-
-
-def _check_decompositions(forward: Graph, wants_grad: list[bool], unary: tuple[dict[Node, tuple], set[Node]]) -> None:
-    """NotRewritable where a node the re-trace differentiates is part of the decomposition of an op (the
-    ``original_aten`` AOTAutograd left on it, other than the node's own op) whose decomposition is not known to
-    differentiate like the op (_DECOMPOSITIONS_DIFFERENTIATED_ALIKE), but for the decompositions the re-trace runs as
-    their op (``unary``: _unary_decompositions of ``forward``) and moe_ops' own ops."""
-    # What a gradient can reach: floating-point values computed from primals that want one (an integer step, the
-    # top-k ids, carries none: a variance of token counts is not differentiated).
-    primals = list(forward.find_nodes(op="placeholder"))
-    needs_grad = _closure([p for p, wants in zip(primals, wants_grad, strict=True) if wants],
-                          lambda node: [user for user in node.users if _floating(user, "val")])
-    run_as_themselves, inner = unary  # differentiated by their own formula
-    for node in forward.nodes:
-        if node in run_as_themselves or node in inner or node not in needs_grad or node.op != "call_function":
-            continue
-        original = node.meta.get("original_aten")
-        if original is None or str(original) == str(node.target):  # not a decomposition's node
-            continue
-        packet = _op_packet(original)
-        if packet not in _DECOMPOSITIONS_DIFFERENTIATED_ALIKE and not packet.startswith("moe_ops."):
-            raise NotRewritable(f"{node.name} is part of {packet}'s decomposition, not known to differentiate like "
-                                f"{packet} at its boundary points: the re-derived backward might not be the plain one")
-
-
-def _forward_graph(graph: Graph, primals: list[Node], tangents: list[Node], forward_outputs: list) -> Graph:
+def _forward_graph(graph: Graph, primals: list[Node], forward_outputs: list) -> tuple[Graph, dict[Node, Node]]:
     """The nodes that ``forward_outputs`` need, and the forward's runtime asserts, copied into a graph
-    whose inputs are the primals."""
-    backward = _downstream(tangents)
-    effects = _effects(graph)
-    for node in effects:
-        if node in backward:
-            raise NotRewritable(f"node {node.name} ({node.target}) of the backward has an effect and no users")
-    needed = _upstream([*forward_outputs, *effects])
+    whose inputs are the primals; and each copied node's copy."""
+    needed = _upstream([*forward_outputs, *(node for node in _effects(graph) if not _in_backward(node))])
     for node in needed:
         if node.op == "placeholder" and node not in primals:
             raise NotRewritable(f"a forward output depends on {node.name}")
     forward = Graph()
-    env: dict[Node, Node] = {}
+    copies: dict[Node, Node] = {}
     for node in graph.nodes:
         if node.op == "placeholder" and node in primals:
-            env[node] = forward.placeholder(node.name)
-            env[node].meta = dict(node.meta)
+            copies[node] = forward.placeholder(node.name)
+            copies[node].meta = dict(node.meta)
         elif node in needed:
-            env[node] = forward.node_copy(node, lambda n: env[n])
-    forward.output(tuple(env[o] if isinstance(o, Node) else o for o in forward_outputs))
-    return forward
+            copies[node] = forward.node_copy(node, lambda n: copies[n])
+    forward.output(tuple(copies[o] if isinstance(o, Node) else o for o in forward_outputs))
+    return forward, copies
 
 
-# Unary ops (one tensor in, one out, no other argument) that the re-trace runs as themselves instead of their
-# decomposition's nodes, so that they are differentiated by their own formula, as AOTAutograd differentiated them:
-# silu's decomposition x / (1 + exp(-x)) differentiated overflows to NaN below x = -88.7 (fp32) where silu_backward
-# is finite; mish likewise, sinc at 0.
-# By name: the ``original_aten`` of a node copied into another graph is a copy of the op, not the op.
-_UNARY_RUN_AS_THEMSELVES = {str(op): op for op in (
-    torch.ops.aten.silu.default, torch.ops.aten.mish.default, torch.ops.aten.sinc.default,
-    torch.ops.aten.hardswish.default, torch.ops.aten.hardsigmoid.default,
-)}
+def _in_backward(node: Node) -> bool:
+    return any(n.op == "placeholder" and n.name.startswith(TANGENTS) for n in _upstream([node]))
 
 
-def _unary_decompositions(graph: Graph) -> tuple[dict[Node, tuple], set[Node]]:
-    """The decompositions of _UNARY_RUN_AS_THEMSELVES ops in ``graph``: ``{last node: (op, its input)}`` and the set of
-    their other nodes. A decomposition is the nodes that carry the op as ``original_aten`` and one autograd
-    sequence number, connected, with one tensor input from outside and one node read outside that has the input's
-    shape and dtype; any other shape is left as its nodes."""
+def _operands(node: Node) -> list:
+    """``node``'s arguments, flattened, in order (nodes and the rest)."""
+    return pytree.tree_leaves((node.args, node.kwargs))
+
+
+# Forward ops whose backward may pass the gradient on with no node of its own: a residual add; casts and views, whose
+# backward Inductor's joint patterns may fold into their neighbours' (a cast round trip's two casts back cancel).
+_PASS_THROUGH = frozenset({
+    "aten.add", "aten.sub", "prims.convert_element_type", "aten._to_copy", "aten.clone", "aten.alias", "aten.view",
+    "aten._unsafe_view", "aten.reshape", "aten.permute", "aten.t", "aten.transpose", "aten.squeeze", "aten.unsqueeze",
+    "aten.expand", "aten.slice", "aten.select", "aten.as_strided", "<built-in function getitem>",
+})
+# And those whose backward hands one operand the gradient as it is (the tensor accumulated into; a GEMM's bias).
+# A path of either from the replaced nodes' inputs to their outputs would carry part of the plain backward through
+# no node that the splice can replace.
+_MAY_PASS_GRADIENT_AS_IS = _PASS_THROUGH | {
+    "aten.addcmul", "aten.addcdiv", "aten.index_add", "aten.scatter_add", "aten.scatter_reduce", "aten.index_put",
+    "aten.addmm", "aten.addmv", "aten.addbmm", "aten.baddbmm", "aten.lerp", "aten.where", "aten.masked_fill",
+    "aten.cat", "aten.copy", "aten.rsub", "aten.mul", "aten.div",  # by 1: Inductor folds the backward's product
+}
+
+
+def _op_packet(op) -> str:
+    """``aten.t.default`` -> ``aten.t``."""
+    return str(op).rsplit(".", 1)[0] if isinstance(op, torch._ops.OpOverload) else str(op)
+
+
+@dataclasses.dataclass
+class _Splice:
+    """Where the rewritten forward's new nodes go into the joint graph and what of it they replace.
+
+    ``inputs``: the joint graph's nodes the new nodes read; ``wants_grad``: which of them carry a gradient;
+    ``contributions``: per such input (by index), the node of the plain backward that is the rewritten nodes' part of
+    its gradient. ``outputs``: the replaced nodes whose values the new nodes' make; ``grads``: (output index, node of
+    the plain backward that is that output's gradient). ``replaced``: every node that goes (the replaced forward
+    nodes and their backward)."""
+
+    added: list[Node]
+    new_inputs: list[Node]
+    new_outputs: list[Node]
+    inputs: list[Node]
+    wants_grad: list[bool]
+    contributions: dict[int, Node]
+    outputs: list[Node]
+    grads: list[tuple[int, Node]]
+    replaced: set[Node]
+
+
+def _find_splice(graph: Graph, forward: Graph, copies: dict[Node, Node], operands_before: dict[Node, list],
+                 primals: list[Node], wants_grad: list[bool], num_forward_outputs: int) -> _Splice:
+    """The _Splice of the rewrites made on ``forward`` (copied from ``graph`` as ``copies`` say, each node's operands
+    before the rewrites in ``operands_before``).
+
+    The backward of the replaced forward nodes is told by the autograd sequence numbers AOTAutograd puts on each
+    forward op and on the backward nodes it made from that op's formula; a gradient accumulation (an add of two
+    gradients, numbered as it happens) belongs to it where both its operands do. Where the joint graph does not tell
+    them apart (a replaced op sharing its number with a kept one that takes a gradient, a node of no number reading
+    them, a gradient passed through the replaced nodes by none of their backward's nodes, a part of the gradient not
+    tied to one input), NotRewritable."""
+    original = {copy: node for node, copy in copies.items()}
+    _absorb_trailing_steps(forward, original)
+    present = set(forward.nodes)
+    added = [node for node in forward.nodes if node not in original and node.op not in ("placeholder", "output")]
+    added_set = set(added)
+    removed = {original[copy] for copy in original if copy not in present and copy.op == "call_function"}
+
+    # The replaced nodes whose values the new ones stand for, by the operands the rewrites changed.
+    stands_for: dict[Node, Node] = {}
+    for node in forward.nodes:
+        if node in added_set or node.op == "placeholder":
+            continue
+        before, after = operands_before[node], _operands(node)
+        if len(before) != len(after):
+            raise NotRewritable(f"a rewrite changed the arguments of {node.name}")
+        for old, new in zip(before, after, strict=True):
+            if old is new:
+                continue
+            if new not in added_set or not isinstance(old, Node) or old in present:
+                raise NotRewritable(f"a rewrite made {node.name} read another node than a new one")
+            if stands_for.setdefault(new, original[old]) is not original[old]:
+                raise NotRewritable(f"{new.name} stands for two replaced nodes")
+    new_outputs = list(stands_for)
+    outputs = [stands_for[node] for node in new_outputs]
+    new_inputs = list(dict.fromkeys(n for node in added for n in node.all_input_nodes if n not in added_set))
+    inputs = [original[node] for node in new_inputs]
+
+    # What can carry a gradient: floating-point values computed from primals that want one, read on by the forward's
+    # outputs or the backward (not a statistic only written into a buffer).
+    gradients = _downstream([n for n in graph.find_nodes(op="placeholder") if n.name.startswith(TANGENTS)])
+    differentiable = _closure([p for p, wants in zip(primals, wants_grad, strict=True) if wants],
+                              lambda node: [user for user in node.users if _floating(user, "val")])
+    differentiable &= _upstream([*graph.output_node().all_input_nodes, *gradients])
+    differentiable_removed = removed & differentiable
+    if not differentiable_removed:
+        return _Splice(added, new_inputs, new_outputs, inputs, [v in differentiable for v in inputs], {}, outputs, [],
+                       removed)
+    read_by_removed = {n for node in removed for n in node.all_input_nodes if n not in removed}
+    _check_no_pass_through(removed, read_by_removed, set(outputs), differentiable)
+    numbers = set()
+    for node in differentiable_removed:
+        if "seq_nr" not in node.meta:
+            raise NotRewritable(f"{node.name}'s backward cannot be told (no seq_nr)")
+        numbers.add(node.meta["seq_nr"])
+    forward_nodes = set(copies)
+    kept_records = {node.meta.get("seq_nr") for node in forward_nodes - removed if node in differentiable}
+    if kept_records & numbers:
+        raise NotRewritable("a kept node shares its autograd record with a replaced node")
+
+    # A forward op's record is the last autograd node it made; it may have made more (an in-place op on a view): the
+    # backward nodes numbered after the previous op's record and up to its own are its.
+    records = sorted({node.meta["seq_nr"] for node in forward_nodes if "seq_nr" in node.meta})
+
+    def owner(node: Node):
+        number = node.meta.get("seq_nr")
+        if number is None:
+            return None
+        index = bisect.bisect_left(records, number)
+        return records[index] if index < len(records) else None
+
+    def accumulation(node: Node) -> bool:
+        return (node.target is torch.ops.aten.add.Tensor and len(node.all_input_nodes) == 2
+                and all(n in gradients for n in node.all_input_nodes))
+
+    backward = set()
+    for node in graph.nodes:
+        if node.op != "call_function" or node in forward_nodes:
+            continue
+        if (accumulation(node) and all(n in backward for n in node.all_input_nodes)) or (
+                not accumulation(node) and owner(node) in numbers):
+            backward.add(node)
+    # A node read only by that backward goes with it where it reads a gradient only from it (a view's backward whose
+    # forward functionalization replayed later, numbered otherwise), or where it is an accumulation of one of its parts
+    # with a gradient from outside (a value the replaced nodes both read on and hand out: router weights a model also
+    # returns; the outside operand is that output's gradient).
+    changed = True
+    while changed:
+        changed = False
+        for node in graph.nodes:
+            if node in backward or node in forward_nodes or node.op != "call_function" or not node.users:
+                continue
+            read = [n for n in node.all_input_nodes if n in gradients]
+            if (all(u in backward for u in node.users) and any(n in backward for n in read) and (
+                    accumulation(node) or (all(n in backward for n in read) and owner(node) not in kept_records))):
+                backward.add(node)
+                changed = True
+    replaced = removed | backward
+    for node in graph.nodes:
+        if node.op != "call_function" or node in replaced:
+            continue
+        reads = set(node.all_input_nodes)
+        if reads & (removed - set(outputs)):
+            raise NotRewritable(f"{node.name} reads a value of the replaced nodes")
+        if reads & backward and "seq_nr" not in node.meta and not accumulation(node):
+            raise NotRewritable(f"{node.name} (no seq_nr) reads the replaced nodes' backward")
+    if any(node.is_impure() and not node.users for node in backward):
+        raise NotRewritable("the replaced nodes' backward has a node kept for its effect")
+
+    # The gradients reaching the replaced outputs: what their backward reads of the rest of the backward.
+    # Each output's by the numbers of the replaced nodes it is made from (blocks of one shape tell apart so).
+    numbers_of = [{n.meta.get("seq_nr") for n in _closure([output], lambda node: [
+        n for n in node.all_input_nodes if n in removed])} for output in outputs]
+    grads = []
+    for node in dict.fromkeys(n for b in graph.nodes if b in backward for n in b.all_input_nodes):
+        if node in backward or node not in gradients:
+            continue
+        readers, stack = set(), [user for user in node.users if user in backward]
+        while stack:  # the backward ops reading it, through accumulations
+            user = stack.pop()
+            if accumulation(user):
+                stack += [u for u in user.users if u in backward]
+            else:
+                readers.add(owner(user))
+        matching = [i for i, output in enumerate(outputs) if output in differentiable and _same_value(output, node)]
+        if len(matching) > 1:
+            matching = [i for i in matching if readers & numbers_of[i]]
+        if len(matching) != 1 or any(i == matching[0] for i, _ in grads):
+            raise NotRewritable(f"{node.name} is not the gradient of one output of the replaced nodes")
+        grads.append((matching[0], node))
+
+    # Each part of an input's gradient the replaced backward makes: by who reads it (the output's gradient of a
+    # primal; the backward of the input's own op, by its number), through accumulations.
+    output_node = graph.output_node()
+    gradient_slots = list(output_node.args[0])[num_forward_outputs:]
+    contributions: dict[int, Node] = {}
+    for part in graph.nodes:
+        if part not in backward or all(user in backward for user in part.users):
+            continue
+        targets, stack, seen = set(), [part], set()
+        while stack:
+            node = stack.pop()
+            for user in node.users:
+                if user in backward or user in seen:
+                    continue
+                seen.add(user)
+                if user is output_node:
+                    targets |= {("primal", primals[i]) for i, slot in enumerate(gradient_slots) if slot is node}
+                elif accumulation(user):
+                    stack.append(user)
+                elif "seq_nr" in user.meta:
+                    targets.add(("number", owner(user)))
+                else:
+                    raise NotRewritable(f"{user.name} (no seq_nr) reads the replaced nodes' backward")
+        # A gradient has its value's shape and dtype, and is made by the backward of an op that reads the value;
+        # inputs alike to both are told apart by the gradient's readers.
+        read = _read_by_backward_of(part, removed, backward, accumulation, owner)
+        candidates = {i for i, value in enumerate(inputs)
+                      if value in read and value in differentiable and _same_value(value, part)}
+        if len(candidates) > 1:
+            candidates = {i for i in candidates if _gradient_readers(inputs[i], differentiable) & targets}
+        if len(candidates) != 1 or next(iter(candidates)) in contributions:
+            raise NotRewritable(f"{part.name} is not the gradient of one input of the replaced nodes")
+        contributions[candidates.pop()] = part
+    wants = [value in differentiable for value in inputs]
+    return _Splice(added, new_inputs, new_outputs, inputs, wants, contributions, outputs, grads, replaced)
+
+
+def _absorb_trailing_steps(forward: Graph, original: dict[Node, Node]) -> None:
+    """Casts and views a rewrite kept after its new nodes that share an autograd record with a node it replaced (the
+    cast back to bf16 inside ``softmax(x, dtype=x.dtype)``'s decomposition, whose upcast and arithmetic the route
+    rewrite replaced) become new nodes too: one op's backward cannot be split between replaced and kept nodes."""
+    present = {node for node in forward.nodes if node in original}
+    replaced_records = {original[copy].meta.get("seq_nr") for copy in original if copy not in present} - {None}
+    changed = True
+    while changed:
+        changed = False
+        for node in list(forward.nodes):
+            if (node in original and node.op == "call_function" and _op_packet(node.target) in _PASS_THROUGH
+                    and node.meta.get("seq_nr") in replaced_records and node.all_input_nodes
+                    and not any(n in original for n in node.all_input_nodes)):
+                with forward.inserting_after(node):
+                    copy = forward.node_copy(node, lambda n: n)
+                node.replace_all_uses_with(copy)
+                forward.erase_node(node)
+                changed = True
+
+
+def _read_by_backward_of(part: Node, removed: set[Node], backward: set[Node], accumulation, owner) -> set[Node]:
+    """The values outside ``removed`` that the replaced ops whose backward made ``part`` read (by its number, or its
+    operands' where it is an accumulation), through the replaced ops that may pass a gradient on with no node of
+    their own (a transposed weight whose backward's transpose Inductor folded into the GEMM's)."""
+    numbers = {owner(node) for node in _closure([part], lambda node: [
+        n for n in node.all_input_nodes if n in backward] if accumulation(node) else []) if not accumulation(node)}
+    ops = _closure([node for node in removed if node.meta.get("seq_nr") in numbers], lambda node: [
+        n for n in node.all_input_nodes if n in removed and _op_packet(n.target) in _PASS_THROUGH])
+    return {n for node in ops for n in node.all_input_nodes if n not in removed}
+
+
+def _gradient_readers(value: Node, differentiable: set[Node]) -> set[tuple]:
+    """Who in the plain backward may read ``value``'s gradient: the graph's output (a primal's), the backward of the op
+    that made it (its number), and, where that op may pass the gradient on with no node of its own (_PASS_THROUGH: a
+    cast round trip whose casts back Inductor folds), the same of its operands."""
+    readers = set()
+    for node in _closure([value], lambda node: [n for n in node.all_input_nodes if n in differentiable]
+                         if node.op == "call_function" and _op_packet(node.target) in _PASS_THROUGH else []):
+        readers.add(("primal", node) if node.op == "placeholder" else ("number", node.meta.get("seq_nr")))
+    return readers
+
+
+def _same_value(a: Node, b: Node) -> bool:
+    """Whether two nodes make tensors of one dtype and shape."""
     from torch.fx.experimental.symbolic_shapes import guard_or_false
 
-    groups: dict[tuple, list[Node]] = {}
-    for node in graph.nodes:
-        op = _UNARY_RUN_AS_THEMSELVES.get(str(node.meta.get("original_aten")))
-        if op is not None and node.op == "call_function" and str(node.target) != str(op):
-            groups.setdefault((op, node.meta.get("seq_nr")), []).append(node)
-    last_nodes, inner = {}, set()
-    for (op, _), nodes in groups.items():
-        members = set(nodes)
-        inputs = {n for node in nodes for n in node.all_input_nodes if n not in members}
-        read_outside = [node for node in nodes if any(user not in members for user in node.users)]
-        if len(inputs) == 1 and len(read_outside) == 1 and len(_pieces(members, lambda n: [
-                *n.all_input_nodes, *n.users])) == 1:
-            (source,), (last,) = inputs, read_outside
-            value_in, value_out = source.meta.get("val"), last.meta.get("val")
-            # The op keeps its input's shape and dtype: so must what the decomposition's last node made.
-            if (isinstance(value_in, torch.Tensor) and isinstance(value_out, torch.Tensor)
-                    and value_in.dtype == value_out.dtype and value_in.dim() == value_out.dim()
-                    and all(guard_or_false(a == b) for a, b in zip(value_in.shape, value_out.shape, strict=True))):
-                last_nodes[last] = (op, source)
-                inner |= members - {last}
-    return last_nodes, inner
+    x, y = a.meta.get("val"), b.meta.get("val")
+    return (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dtype == y.dtype and x.dim() == y.dim()
+            and all(guard_or_false(p == q) for p, q in zip(x.shape, y.shape, strict=True)))
+
+
+def _check_no_pass_through(removed: set[Node], inputs: set[Node], outputs: set[Node], differentiable: set[Node]):
+    """NotRewritable where a path of _PASS_THROUGH ops among the replaced nodes leads from an input to an output: the
+    plain backward may hand that part of the gradient on by no node of its own."""
+    reached = _closure([n for n in inputs if n in differentiable], lambda node: [
+        user for user in node.users
+        if user in removed and user in differentiable and _op_packet(user.target) in _MAY_PASS_GRADIENT_AS_IS])
+    if reached & outputs:
+        raise NotRewritable("a gradient may pass through the replaced nodes with no backward node of theirs")
 
 
 class _DifferentiableInterpreter(torch.fx.Interpreter):
-    """Runs a decomposed graph under autograd: the prims that decompositions leave in it have no
-    autograd formulas, so each runs as the aten op it came from; the decompositions of
-    _UNARY_RUN_AS_THEMSELVES ops (``unary``: _unary_decompositions of the module's graph) run as the op."""
-
-    def __init__(self, module: GraphModule, unary: tuple[dict[Node, tuple], set[Node]]):
-        # Values stay in the environment to the end: a decomposition's input is read by its last node, after the
-        # inner nodes that would otherwise have been its last users.
-        super().__init__(module, garbage_collect_values=False)
-        self.unary_last, self.unary_inner = unary
-
-    def run_node(self, node: Node):
-        if node in self.unary_inner:
-            return None  # read only by its decomposition's last node, which runs the op instead
-        if node in self.unary_last:
-            op, source = self.unary_last[node]
-            with self._set_current_node(node):
-                return op(self.env[source])
-        return super().run_node(node)
+    """Runs a graph of aten ops under autograd: a prims cast (which Inductor's graphs hold) has no autograd formula,
+    so it runs as the aten op it came from."""
 
     def call_function(self, target, args, kwargs):
         if target is torch.ops.prims.convert_element_type.default:
@@ -558,57 +674,84 @@ class _DifferentiableInterpreter(torch.fx.Interpreter):
         return super().call_function(target, args, kwargs)
 
 
-def _trace_joint(forward: GraphModule, example_primals: list, example_tangents: list, wants_grad: list[bool],
-                 unary: tuple[dict[Node, tuple], set[Node]]):
-    """The joint graph of ``forward`` (AOTAutograd's interface: forward outputs, then one gradient or
-    None per primal), traced with fake tensors and Inductor's decompositions (``unary`` run as their ops)."""
-    from torch.fx.experimental.proxy_tensor import make_fx
-    from torch.fx.experimental.symbolic_shapes import guard_or_false
+def _region_module(owner: torch.nn.Module, splice: _Splice) -> GraphModule:
+    """The new nodes as a graph of their own: the nodes they read in, the replaced nodes' stand-ins out."""
+    region = Graph()
+    env: dict[Node, Node] = {}
+    for i, node in enumerate(splice.new_inputs):
+        env[node] = region.placeholder(f"input_{i}")
+        env[node].meta = dict(node.meta)
+    for node in splice.added:
+        env[node] = region.node_copy(node, lambda n: env[n])
+    region.output(tuple(env[node] for node in splice.new_outputs))
+    return GraphModule(owner, region)
 
-    num_primals = len(example_primals)
+
+def _trace_region(module: GraphModule, splice: _Splice):
+    """The joint graph of the new nodes: (their outputs, then the gradient of each input in
+    ``splice.contributions``' order), from (the inputs, the gradients reaching the outputs in ``splice.grads``'
+    order); traced with fake tensors and Inductor's decompositions, as AOTAutograd traces. NotRewritable where the
+    new nodes take gradients other than the replaced nodes took: an input's where the plain backward has none (the
+    user's code detached it) or none where it has one, an output taking none."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    num_inputs = len(splice.inputs)
+    wanted = [i for i, wants in enumerate(splice.wants_grad) if wants]
 
     def joint(*args):
-        primals, tangents = list(args[:num_primals]), list(args[num_primals:])
+        values, grads = list(args[:num_inputs]), list(args[num_inputs:])
         with torch.enable_grad():
-            leaves = [
-                p.detach().requires_grad_(True) if wants else p for p, wants in zip(primals, wants_grad, strict=True)
-            ]
-            outputs = _DifferentiableInterpreter(forward, unary).run(*leaves)
-            differentiable = [o for o in outputs if isinstance(o, torch.Tensor) and o.requires_grad]
-            if len(differentiable) != len(tangents) or not all(
-                o.dtype == t.dtype and guard_or_false(o.shape == t.shape)
-                for o, t in zip(differentiable, tangents, strict=True)
-            ):
-                raise NotRewritable("the outputs that need gradients do not line up with the tangents")
-            inputs = [leaf for leaf, wants in zip(leaves, wants_grad, strict=True) if wants]
-            grads = iter(torch.autograd.grad(differentiable, inputs, tangents, allow_unused=True))
-        gradients = []
-        for leaf, wants in zip(leaves, wants_grad, strict=True):
-            grad = next(grads) if wants else None
-            gradients.append(torch.zeros_like(leaf) if wants and grad is None else grad)
-        return [*(o.detach() if isinstance(o, torch.Tensor) else o for o in outputs), *gradients]
+            leaves = [value.detach().requires_grad_(True) if wants else value
+                      for value, wants in zip(values, splice.wants_grad, strict=True)]
+            outputs = list(_DifferentiableInterpreter(module).run(*leaves))
+            differentiated = [outputs[i] for i, _ in splice.grads]
+            if not all(isinstance(o, torch.Tensor) and o.requires_grad for o in differentiated):
+                raise NotRewritable("an output of the new nodes takes no gradient where the replaced one took one")
+            got = (torch.autograd.grad(differentiated, [leaves[i] for i in wanted], grads, allow_unused=True)
+                   if differentiated and wanted else [None] * len(wanted))
+        by_input = dict(zip(wanted, got, strict=True))
+        if {i for i, grad in by_input.items() if grad is not None} != set(splice.contributions):
+            raise NotRewritable("the new nodes take gradients of other inputs than the replaced nodes did (a detach "
+                                "or a no-grad region in the replaced code)")
+        return [*(o.detach() if isinstance(o, torch.Tensor) else o for o in outputs),
+                *(by_input[i] for i in splice.contributions)]
 
-    fake_mode = detect_fake_mode([*example_primals, *example_tangents])
+    examples = [node.meta["val"] for node in splice.inputs] + [node.meta["val"] for _, node in splice.grads]
+    fake_mode = detect_fake_mode(examples)
     try:
-        # The interpreter runs each forward node with its meta current, so the traced nodes keep the
-        # forward's checkpointing tags (and stack traces), as AOTAutograd's own trace does.
+        # The interpreter runs each node with its meta current, so the traced nodes keep its checkpointing tags (and
+        # stack traces), as AOTAutograd's own trace does.
         with fake_mode, fx_traceback.preserve_node_meta():
-            return make_fx(joint, decomposition_table=select_decomp_table())(*example_primals, *example_tangents)
-    except RuntimeError as error:  # e.g. an op of the forward that has no autograd formula
-        raise NotRewritable(f"tracing the new joint graph failed: {error}") from error
+            return make_fx(joint, decomposition_table=select_decomp_table())(*examples)
+    except RuntimeError as error:  # e.g. an op of the new nodes that has no autograd formula
+        raise NotRewritable(f"tracing the new nodes' joint graph failed: {error}") from error
 
 
-def _buffer_writes(graph: Graph, wants_grad: list[bool]) -> dict[int, Node]:
-    """The forward's in-place updates of inputs that need no gradient (a module's buffers: token counts
-    kept for load balancing), as AOTAutograd leaves them: ``copy_`` into the primal. By primal index
-    (the primals are the first placeholders, whatever a trace names them)."""
-    primals = list(graph.find_nodes(op="placeholder"))[: len(wants_grad)]
-    writes = {}
-    for node in graph.find_nodes(op="call_function", target=torch.ops.aten.copy_.default):
-        destination = node.args[0]
-        if destination in primals and not wants_grad[primals.index(destination)]:
-            writes[primals.index(destination)] = node
-    return writes
+def _splice_in(graph: Graph, splice: _Splice, traced: GraphModule) -> None:
+    """Put ``traced`` (_trace_region's) into ``graph`` in place of ``splice.replaced``."""
+    owner = graph.owning_module
+    for node in traced.graph.find_nodes(op="get_attr"):
+        # Constants the trace made: they move onto the joint graph's module.
+        name = f"_moe_ops_{node.target}"
+        while hasattr(owner, name):
+            name += "_"
+        setattr(owner, name, getattr(traced, node.target))
+        node.target = name
+    placeholders = list(traced.graph.find_nodes(op="placeholder"))
+    with graph.inserting_before(graph.output_node()):
+        values = graph.graph_copy(traced.graph, dict(zip(
+            placeholders, [*splice.inputs, *(node for _, node in splice.grads)], strict=True)))
+    values = list(values)
+    kept = lambda user: user not in splice.replaced  # noqa: E731
+    for old, new in zip(splice.outputs, values[:len(splice.outputs)], strict=True):
+        old.replace_all_uses_with(new, delete_user_cb=kept)
+    for old, new in zip(splice.contributions.values(), values[len(splice.outputs):], strict=True):
+        old.replace_all_uses_with(new, delete_user_cb=kept)
+    for node in reversed(list(graph.nodes)):
+        if node in splice.replaced:
+            graph.erase_node(node)
+    stable_topological_sort(graph)
+
 
 
 def _mark_forward_and_backward(graph: Graph, tangents: list[Node], num_forward_outputs: int) -> None:
@@ -664,23 +807,23 @@ def _overwrites_only_its_kept_preactivations(node: Node) -> bool:
 
 
 def rewrite_joint_graph(graph: Graph, rewrites: Sequence[Callable[[Graph], int]]) -> int:
-    """Apply ``rewrites`` to the forward of the joint ``graph`` and re-derive its backward; returns
-    how many subgraphs they replaced (0: the graph is unchanged)."""
+    """Apply ``rewrites`` to the forward of the joint ``graph`` and splice the new nodes' joint graph in place of
+    the replaced nodes and their backward; returns how many subgraphs they replaced (0: the graph is unchanged)."""
     alterations, _scanned.alterations = getattr(_scanned, "alterations", None), None
     try:
         if alterations is None:
             raise NotRewritable("no look at the dynamo graph preceded it (Inductor's pre-grad hook did not run)")
         if alterations:
-            raise NotRewritable(f"the code alters gradients ({'; '.join(alterations)}): the backward re-derived from "
-                                "the forward's autograd formulas would not be its own")
+            raise NotRewritable(f"the code alters gradients ({'; '.join(alterations)}): the backward the moe_ops ops "
+                                "bring would not be its own")
         primals, tangents = _placeholders(graph)
         outputs = list(graph.output_node().args[0])
         num_forward_outputs = len(outputs) - len(primals)
         if num_forward_outputs < 0:
             raise NotRewritable("fewer outputs than primals")
-        forward_outputs, gradients = outputs[:num_forward_outputs], outputs[num_forward_outputs:]
-        forward = _forward_graph(graph, primals, tangents, forward_outputs)
-        old_nodes = set(forward.nodes)
+        wants_grad = [grad is not None for grad in outputs[num_forward_outputs:]]
+        forward, copies = _forward_graph(graph, primals, outputs[:num_forward_outputs])
+        operands_before = {node: _operands(node) for node in forward.nodes}
         # The rewrites count what they replace; if the joint graph is then kept, nothing was replaced.
         counted = dict(counters["moe_ops"])
         rewritten = 0
@@ -695,52 +838,22 @@ def rewrite_joint_graph(graph: Graph, rewrites: Sequence[Callable[[Graph], int]]
         if not rewritten:
             return 0
         forward.eliminate_dead_code()
-        wants_grad = [grad is not None for grad in gradients]
-        _check_gradient_paths(forward, old_nodes, _differentiated_ops(tangents), wants_grad)
-        unary = _unary_decompositions(forward)
-        _check_decompositions(forward, wants_grad, unary)
         _keep_preactivations(forward)
-        traced = _trace_joint(
-            GraphModule(graph.owning_module, forward),
-            [p.meta["val"] for p in primals],
-            [t.meta["val"] for t in tangents],
-            wants_grad,
-            unary,
-        )
-        if len(_runtime_asserts(traced.graph)) < len(_runtime_asserts(forward)):
-            raise NotRewritable("the new trace lost a runtime assert of the forward")
-        buffer_writes = _buffer_writes(traced.graph, wants_grad)
-        if buffer_writes.keys() != _buffer_writes(graph, wants_grad).keys():
-            raise NotRewritable("the new trace writes other inputs than the old one")
+        splice = _find_splice(graph, forward, copies, operands_before, primals, wants_grad, num_forward_outputs)
+        traced = _trace_region(_region_module(graph.owning_module, splice), splice)
         mutating = [n.target for n in traced.graph.nodes if isinstance(n.target, torch._ops.OpOverload)
-                    and n.target._schema.is_mutable and n not in buffer_writes.values()
-                    and not _overwrites_only_its_kept_preactivations(n)]
+                    and n.target._schema.is_mutable and not _overwrites_only_its_kept_preactivations(n)]
         if mutating:
-            raise NotRewritable(f"the traced joint graph mutates ({mutating[0]})")
+            raise NotRewritable(f"the new nodes' joint graph mutates ({mutating[0]})")
     except NotRewritable as reason:
         if "counted" in locals():
             counters["moe_ops"].clear()
             counters["moe_ops"].update(counted)
         log.debug("joint graph not rewritten (its forward is left as the plain code): %s", reason)
         return 0
-
-    owner = graph.owning_module
-    for node in traced.graph.find_nodes(op="get_attr"):
-        # Constants the trace made (and the forward's own): they move onto the joint graph's module.
-        name = f"_moe_ops_{node.target}"
-        while hasattr(owner, name):
-            name += "_"
-        setattr(owner, name, getattr(traced, node.target))
-        node.target = name
-    for node in reversed(list(graph.nodes)):
-        if node.op != "placeholder":
-            graph.erase_node(node)
-    traced_placeholders = list(traced.graph.find_nodes(op="placeholder"))
-    new_outputs = graph.graph_copy(
-        traced.graph, dict(zip(traced_placeholders, [*primals, *tangents], strict=True))
-    )
-    graph.output(list(new_outputs))
+    _splice_in(graph, splice, traced)
     _mark_forward_and_backward(graph, tangents, num_forward_outputs)
     counters["moe_ops"]["joint_rewrite"] += 1
-    log.info("rewrote a training graph: %d subgraph(s) in its forward, backward from the moe_ops ops", rewritten)
+    log.info("rewrote a training graph: %d subgraph(s) in its forward, their backward from the moe_ops ops",
+             rewritten)
     return rewritten

@@ -15,6 +15,7 @@ from torch._inductor import ir
 from torch._inductor.decomposition import select_decomp_table
 from torch._inductor.ir import TensorBox
 from torch._inductor.lowering import empty_strided, lowerings, register_lowering
+from torch._inductor.pattern_matcher import stable_topological_sort
 from torch._inductor.select_algorithm import (
     ExternKernelChoice,
     SymbolicGridFn,
@@ -26,7 +27,8 @@ from torch._inductor.virtualized import V
 __all__ = [
     "ExternKernelChoice", "SymbolicGridFn", "TensorBox", "TritonTemplate", "V", "autotune_select_algorithm",
     "empty_strided", "inductor_config", "inductor_size_hint", "ir", "lower_user_triton_kernel", "lowerings",
-    "online_softmax_target", "register_lowering", "select_decomp_table", "selected_node", "wrap_for_lowering",
+    "online_softmax_target", "register_lowering", "select_decomp_table", "selected_node", "stable_topological_sort",
+    "wrap_for_lowering",
 ]
 
 
