@@ -479,9 +479,6 @@ def _find_splice(graph: Graph, forward: Graph, copies: dict[Node, Node], operand
                               lambda node: [user for user in node.users if _floating(user, "val")])
     differentiable &= _upstream([*graph.output_node().all_input_nodes, *gradients])
     differentiable_removed = removed & differentiable
-    if not differentiable_removed:
-        return _Splice(added, new_inputs, new_outputs, inputs, [v in differentiable for v in inputs], {}, outputs, [],
-                       removed)
     read_by_removed = {n for node in removed for n in node.all_input_nodes if n not in removed}
     _check_no_pass_through(removed, read_by_removed, set(outputs), differentiable)
     numbers = set()
