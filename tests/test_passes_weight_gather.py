@@ -459,6 +459,48 @@ def test_training(make_block, dtype):
     assert calls_experts_backward(backward_graph) and "bmm" not in backward_graph
 
 
+class WithLoadBalancingLoss(MOEFeedForward):
+    """Returns a load-balancing loss over the softmax scores too, which so are read outside the block: the route op
+    reads the logits where the replaced top-k read the scores."""
+
+    def forward(self, x):
+        x = x.view(-1, self.dim)
+        scores = F.softmax(self.gate(x), dim=-1)
+        weights, ids = torch.topk(scores, self.num_activated_experts, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        balance = (scores.mean(0) ** 2).sum() * scores.shape[-1]
+        return torch.einsum("tai,ta -> ti", self.cond_ffn(x, ids), weights), balance
+
+
+class BlocksAround(nn.Module):
+    """The block with what real models put around it: a residual, two blocks on one input, one block twice."""
+
+    def __init__(self, form):
+        super().__init__()
+        self.form = form
+        self.first, self.second = MOEFeedForward(), MOEFeedForward()
+
+    def forward(self, x):
+        x = x.view(-1, H)
+        if self.form == "residual":
+            return self.first(x) + x
+        if self.form == "two blocks on one input":
+            return self.first(x) + self.second(x)
+        return self.first(self.first(x))  # one block twice
+
+
+@pytest.mark.usefixtures("training_rewrites")
+@pytest.mark.parametrize("form", ["load-balancing loss over the scores", "residual", "two blocks on one input",
+                                  "one block twice"])
+def test_training_with_the_block_in_a_model(form):
+    """Values the block reads or makes that the model also reads: the replaced backward's parts of their gradients
+    are told apart and replaced (an input read twice, by the block's two projections; the scores, whose part the
+    route op now gives the logits), in fp32, where a part counted twice or lost would stand out."""
+    block = WithLoadBalancingLoss() if form.startswith("load") else BlocksAround(form)
+    check_training(init_(block, torch.float32).train(), hidden_states(torch.float32), dtype=torch.float32)
+    assert counters["moe_ops"]["joint_rewrite"] == 1
+
+
 @pytest.mark.usefixtures("training_rewrites")
 def test_training_one_expert_per_token():
     """K = 1 in training: the experts' and the input's gradients equal eager's. The router's is zero up to rounding

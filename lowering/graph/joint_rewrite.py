@@ -419,9 +419,13 @@ class _Splice:
 
     ``inputs``: the joint graph's nodes the new nodes read; ``wants_grad``: which of them carry a gradient;
     ``contributions``: per such input (by index), the node of the plain backward that is the rewritten nodes' part of
-    its gradient. ``outputs``: the replaced nodes whose values the new nodes' make; ``grads``: (output index, node of
-    the plain backward that is that output's gradient). ``replaced``: every node that goes (the replaced forward
-    nodes and their backward)."""
+    its gradient. ``gradient_of``: per input that the replaced nodes did not read (the route op reads the logits
+    where the replaced top-k read the softmax a load-balancing loss also reads), the node of the plain backward
+    that is its gradient, to which the new nodes' part is added. ``dropped``: the parts of the replaced backward
+    for values the new nodes do not read, each added to the rest of that value's gradient, which the sum becomes.
+    ``outputs``: the replaced nodes whose values the new nodes make; ``grads``: (output index, node of the plain
+    backward that is that output's gradient). ``replaced``: every node that goes (the replaced forward nodes and
+    their backward)."""
 
     added: list[Node]
     new_inputs: list[Node]
@@ -429,6 +433,8 @@ class _Splice:
     inputs: list[Node]
     wants_grad: list[bool]
     contributions: dict[int, Node]
+    gradient_of: dict[int, Node]
+    dropped: list[Node]
     outputs: list[Node]
     grads: list[tuple[int, Node]]
     replaced: set[Node]
@@ -517,9 +523,20 @@ def _find_splice(graph: Graph, forward: Graph, copies: dict[Node, Node], operand
     # forward functionalization replayed later, numbered otherwise), or where it is an accumulation of one of its parts
     # with a gradient from outside (a value the replaced nodes both read on and hand out: router weights a model also
     # returns; the outside operand is that output's gradient).
+    # Nodes of no record (Inductor's joint patterns made them: a matmul's padding on CUDA) go with it where a piece of
+    # them reads gradients only from it and is read only by it.
+    unnumbered = {node for node in graph.nodes if node.op == "call_function" and node not in forward_nodes
+                  and "seq_nr" not in node.meta and not accumulation(node)}
+    pieces = [piece for piece, _ in _pieces(unnumbered, lambda node: [*node.all_input_nodes, *node.users])]
     changed = True
     while changed:
         changed = False
+        for piece in pieces:
+            read = {n for node in piece for n in node.all_input_nodes if n not in piece and n in gradients}
+            users = {user for node in piece for user in node.users if user not in piece}
+            if not piece <= backward and read and read <= backward and users and users <= backward:
+                backward |= piece
+                changed = True
         for node in graph.nodes:
             if node in backward or node in forward_nodes or node.op != "call_function" or not node.users:
                 continue
@@ -540,10 +557,12 @@ def _find_splice(graph: Graph, forward: Graph, copies: dict[Node, Node], operand
     if any(node.is_impure() and not node.users for node in backward):
         raise NotRewritable("the replaced nodes' backward has a node kept for its effect")
 
-    # The gradients reaching the replaced outputs: what their backward reads of the rest of the backward.
-    # Each output's by the numbers of the replaced nodes it is made from (blocks of one shape tell apart so).
+    # The gradients reaching the replaced outputs: what their backward reads of the rest of the backward, told
+    # apart (blocks of one shape) by the record of the op that made each output (through steps with no backward
+    # node of their own). One gradient may reach several outputs (two blocks summed).
     numbers_of = [{n.meta.get("seq_nr") for n in _closure([output], lambda node: [
-        n for n in node.all_input_nodes if n in removed])} for output in outputs]
+        n for n in node.all_input_nodes if n in removed] if _op_packet(node.target) in _PASS_THROUGH else [])}
+        for output in outputs]
     grads = []
     for node in dict.fromkeys(n for b in graph.nodes if b in backward for n in b.all_input_nodes):
         if node in backward or node not in gradients:
@@ -558,15 +577,15 @@ def _find_splice(graph: Graph, forward: Graph, copies: dict[Node, Node], operand
         matching = [i for i, output in enumerate(outputs) if output in differentiable and _same_value(output, node)]
         if len(matching) > 1:
             matching = [i for i in matching if readers & numbers_of[i]]
-        if len(matching) != 1 or any(i == matching[0] for i, _ in grads):
-            raise NotRewritable(f"{node.name} is not the gradient of one output of the replaced nodes")
-        grads.append((matching[0], node))
+        if not matching or any(i in matching for i, _ in grads):
+            raise NotRewritable(f"{node.name} is not the gradient of outputs of the replaced nodes")
+        grads += [(i, node) for i in matching]
 
     # Each part of an input's gradient the replaced backward makes: by who reads it (the output's gradient of a
     # primal; the backward of the input's own op, by its number), through accumulations.
     output_node = graph.output_node()
     gradient_slots = list(output_node.args[0])[num_forward_outputs:]
-    contributions: dict[int, Node] = {}
+    parts: dict[Node, list[Node]] = {}  # value -> its parts
     for part in graph.nodes:
         if part not in backward or all(user in backward for user in part.users):
             continue
@@ -588,15 +607,48 @@ def _find_splice(graph: Graph, forward: Graph, copies: dict[Node, Node], operand
         # A gradient has its value's shape and dtype, and is made by the backward of an op that reads the value;
         # inputs alike to both are told apart by the gradient's readers.
         read = _read_by_backward_of(part, removed, backward, accumulation, owner)
-        candidates = {i for i, value in enumerate(inputs)
-                      if value in read and value in differentiable and _same_value(value, part)}
+        candidates = [value for value in dict.fromkeys([*inputs, *read_by_removed])
+                      if value in read and value in differentiable and _same_value(value, part)]
         if len(candidates) > 1:
-            candidates = {i for i in candidates if _gradient_readers(inputs[i], differentiable) & targets}
-        if len(candidates) != 1 or next(iter(candidates)) in contributions:
+            candidates = [value for value in candidates if _gradient_readers(value, differentiable) & targets]
+        if len(candidates) != 1:
             raise NotRewritable(f"{part.name} is not the gradient of one input of the replaced nodes")
-        contributions[candidates.pop()] = part
+        parts.setdefault(candidates[0], []).append(part)
+    # An input's first part becomes the new nodes' gradient of it; its other parts (a value the replaced nodes read
+    # twice, each part summed on its own with the rest of its gradient) and the parts of values the new nodes do not
+    # read are dropped from their sums.
+    contributions = {i: parts[value][0] for i, value in enumerate(inputs) if value in parts}
+    dropped = [part for value, its_parts in parts.items() for part in its_parts[value in inputs:]]
+    for part in dropped:
+        if not all(accumulation(user) and user.args.count(part) == 1 for user in part.users if user not in backward):
+            raise NotRewritable(f"{part.name} is a gradient the new nodes do not make, and not one part of a sum")
+    # The new nodes' inputs the replaced ones did not read: their gradient in the plain backward, read by the
+    # backward of the op that made them (a primal's: the output's).
+    gradient_of = {}
+    for i, value in enumerate(inputs):
+        if value in differentiable and value not in read_by_removed:
+            gradient_of[i] = _gradient_node(value, primals, gradient_slots, forward_nodes, gradients, owner)
     wants = [value in differentiable for value in inputs]
-    return _Splice(added, new_inputs, new_outputs, inputs, wants, contributions, outputs, grads, replaced)
+    return _Splice(added, new_inputs, new_outputs, inputs, wants, contributions, gradient_of, dropped, outputs, grads,
+                   replaced)
+
+
+def _gradient_node(value: Node, primals: list[Node], gradient_slots: list, forward_nodes: set[Node],
+                   gradients: set[Node], owner) -> Node:
+    """The node of the plain backward that is ``value``'s gradient: a primal's slot in the output, else the one
+    gradient the backward of the op that made ``value`` reads (NotRewritable where that is not one node: an op whose
+    backward has no node, or that makes several values taking gradients)."""
+    if value in primals:
+        slot = gradient_slots[primals.index(value)]
+        if not isinstance(slot, Node):
+            raise NotRewritable(f"{value.name} takes no gradient in the plain backward")
+        return slot
+    number = value.meta.get("seq_nr")
+    own = {node for node in gradients if node not in forward_nodes and number is not None and owner(node) == number}
+    read = {n for node in own for n in node.all_input_nodes if n in gradients and n not in own}
+    if len(read) != 1:
+        raise NotRewritable(f"{value.name}'s gradient in the plain backward is not one node")
+    return read.pop()
 
 
 def _absorb_trailing_steps(forward: Graph, original: dict[Node, Node]) -> None:
@@ -684,16 +736,18 @@ def _region_module(owner: torch.nn.Module, splice: _Splice) -> GraphModule:
     return GraphModule(owner, region)
 
 
-def _trace_region(module: GraphModule, splice: _Splice):
+def _trace_region(module: GraphModule, splice: _Splice) -> tuple[GraphModule, list[int]]:
     """The joint graph of the new nodes: (their outputs, then the gradient of each input in
-    ``splice.contributions``' order), from (the inputs, the gradients reaching the outputs in ``splice.grads``'
-    order); traced with fake tensors and Inductor's decompositions, as AOTAutograd traces. NotRewritable where the
-    new nodes take gradients other than the replaced nodes took: an input's where the plain backward has none (the
-    user's code detached it) or none where it has one, an output taking none."""
+    ``splice.contributions``' order, then of the inputs of ``splice.gradient_of`` that take one, which it returns
+    too), from (the inputs, the gradients reaching the outputs in ``splice.grads``' order); traced with fake tensors
+    and Inductor's decompositions, as AOTAutograd traces. NotRewritable where the new nodes take gradients other than
+    the replaced nodes took: an input's that the replaced nodes read where the plain backward has none (the user's
+    code detached it) or none where it has one, an output taking none."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     num_inputs = len(splice.inputs)
     wanted = [i for i, wants in enumerate(splice.wants_grad) if wants]
+    added: list[int] = []  # the inputs of splice.gradient_of whose gradients the new nodes take, as traced
 
     def joint(*args):
         values, grads = list(args[:num_inputs]), list(args[num_inputs:])
@@ -707,11 +761,13 @@ def _trace_region(module: GraphModule, splice: _Splice):
             got = (torch.autograd.grad(differentiated, [leaves[i] for i in wanted], grads, allow_unused=True)
                    if differentiated and wanted else [None] * len(wanted))
         by_input = dict(zip(wanted, got, strict=True))
-        if {i for i, grad in by_input.items() if grad is not None} != set(splice.contributions):
+        taken = {i for i, grad in by_input.items() if grad is not None}
+        if not set(splice.contributions) <= taken or taken - set(splice.contributions) - set(splice.gradient_of):
             raise NotRewritable("the new nodes take gradients of other inputs than the replaced nodes did (a detach "
                                 "or a no-grad region in the replaced code)")
+        added.extend(i for i in splice.gradient_of if i in taken)
         return [*(o.detach() if isinstance(o, torch.Tensor) else o for o in outputs),
-                *(by_input[i] for i in splice.contributions)]
+                *(by_input[i] for i in splice.contributions), *(by_input[i] for i in added)]
 
     examples = [node.meta["val"] for node in splice.inputs] + [node.meta["val"] for _, node in splice.grads]
     fake_mode = detect_fake_mode(examples)
@@ -719,13 +775,14 @@ def _trace_region(module: GraphModule, splice: _Splice):
         # The interpreter runs each node with its meta current, so the traced nodes keep its checkpointing tags (and
         # stack traces), as AOTAutograd's own trace does.
         with fake_mode, fx_traceback.preserve_node_meta():
-            return make_fx(joint, decomposition_table=select_decomp_table())(*examples)
+            traced = make_fx(joint, decomposition_table=select_decomp_table())(*examples)
     except RuntimeError as error:  # e.g. an op of the new nodes that has no autograd formula
         raise NotRewritable(f"tracing the new nodes' joint graph failed: {error}") from error
+    return traced, added
 
 
-def _splice_in(graph: Graph, splice: _Splice, traced: GraphModule) -> None:
-    """Put ``traced`` (_trace_region's) into ``graph`` in place of ``splice.replaced``."""
+def _splice_in(graph: Graph, splice: _Splice, traced: GraphModule, added: list[int]) -> None:
+    """Put ``traced`` (with ``added``: _trace_region's) into ``graph`` in place of ``splice.replaced``."""
     owner = graph.owning_module
     for node in traced.graph.find_nodes(op="get_attr"):
         # Constants the trace made: they move onto the joint graph's module.
@@ -738,12 +795,26 @@ def _splice_in(graph: Graph, splice: _Splice, traced: GraphModule) -> None:
     with graph.inserting_before(graph.output_node()):
         values = graph.graph_copy(traced.graph, dict(zip(
             placeholders, [*splice.inputs, *(node for _, node in splice.grads)], strict=True)))
-    values = list(values)
+    values = iter(values)
     kept = lambda user: user not in splice.replaced  # noqa: E731
-    for old, new in zip(splice.outputs, values[:len(splice.outputs)], strict=True):
-        old.replace_all_uses_with(new, delete_user_cb=kept)
-    for old, new in zip(splice.contributions.values(), values[len(splice.outputs):], strict=True):
-        old.replace_all_uses_with(new, delete_user_cb=kept)
+    for old in splice.outputs:
+        old.replace_all_uses_with(next(values), delete_user_cb=kept)
+    for old in splice.contributions.values():
+        old.replace_all_uses_with(next(values), delete_user_cb=kept)
+    for i in added:
+        # The plain gradient's readers read it plus the new nodes' part.
+        old = splice.gradient_of[i]
+        readers = [user for user in old.users if user not in splice.replaced]
+        with graph.inserting_before(graph.output_node()):
+            total = graph.call_function(torch.ops.aten.add.Tensor, (old, next(values)))
+        total.meta["val"] = old.meta["val"]
+        for reader in readers:
+            reader.replace_input_with(old, total)
+    for part in splice.dropped:
+        for total in [user for user in part.users if user not in splice.replaced]:
+            (rest,) = (operand for operand in total.args if operand is not part)
+            total.replace_all_uses_with(rest)
+            graph.erase_node(total)
     for node in reversed(list(graph.nodes)):
         if node in splice.replaced:
             graph.erase_node(node)
@@ -837,7 +908,7 @@ def rewrite_joint_graph(graph: Graph, rewrites: Sequence[Callable[[Graph], int]]
         forward.eliminate_dead_code()
         _keep_preactivations(forward)
         splice = _find_splice(graph, forward, copies, operands_before, primals, wants_grad, num_forward_outputs)
-        traced = _trace_region(_region_module(graph.owning_module, splice), splice)
+        traced, added = _trace_region(_region_module(graph.owning_module, splice), splice)
         mutating = [n.target for n in traced.graph.nodes if isinstance(n.target, torch._ops.OpOverload)
                     and n.target._schema.is_mutable and not _overwrites_only_its_kept_preactivations(n)]
         if mutating:
@@ -848,7 +919,7 @@ def rewrite_joint_graph(graph: Graph, rewrites: Sequence[Callable[[Graph], int]]
             counters["moe_ops"].update(counted)
         log.debug("joint graph not rewritten (its forward is left as the plain code): %s", reason)
         return 0
-    _splice_in(graph, splice, traced)
+    _splice_in(graph, splice, traced, added)
     _mark_forward_and_backward(graph, tangents, num_forward_outputs)
     counters["moe_ops"]["joint_rewrite"] += 1
     log.info("rewrote a training graph: %d subgraph(s) in its forward, their backward from the moe_ops ops",
