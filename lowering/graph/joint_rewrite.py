@@ -417,13 +417,16 @@ def _op_packet(op) -> str:
 class _Splice:
     """Where the rewritten forward's new nodes go into the joint graph and what of it they replace.
 
-    ``inputs``: the joint graph's nodes the new nodes read; ``wants_grad``: which of them carry a gradient;
-    ``contributions``: per such input (by index), the node of the plain backward that is the rewritten nodes' part of
-    its gradient. ``gradient_of``: per input that the replaced nodes did not read (the route op reads the logits
-    where the replaced top-k read the softmax a load-balancing loss also reads), the node of the plain backward
-    that is its gradient, to which the new nodes' part is added. ``dropped``: the parts of the replaced backward
-    for values the new nodes do not read, each added to the rest of that value's gradient, which the sum becomes.
-    ``outputs``: the replaced nodes whose values the new nodes make; ``grads``: (output index, node of the plain
+    ``added``: the new nodes, in the rewritten forward's order; ``new_inputs``: the nodes of that forward they read;
+    ``new_outputs``: those of them that kept nodes read, each standing for a replaced node. ``inputs`` and
+    ``outputs``: the joint graph's nodes for the same (``outputs``: the replaced nodes). ``wants_grad``: which inputs
+    carry a gradient; ``contributions``: per such input (by index), the node of the plain backward that is the
+    replaced nodes' part of its gradient (the first, where they made several), which the new nodes' part replaces.
+    ``gradient_of``: per input that the replaced nodes did not read (the route op reads the logits where the replaced
+    top-k read the softmax a load-balancing loss also reads), the node of the plain backward that is its gradient and
+    where it is read as that (its readers, or a primal's position in the output), to which the new nodes' part is
+    added. ``dropped``: the replaced nodes' other parts, and their parts for values the new nodes do not read, each
+    summed with the rest of its value's gradient, which the sum becomes. ``grads``: (output index, node of the plain
     backward that is that output's gradient). ``replaced``: every node that goes (the replaced forward nodes and
     their backward)."""
 
@@ -433,7 +436,7 @@ class _Splice:
     inputs: list[Node]
     wants_grad: list[bool]
     contributions: dict[int, Node]
-    gradient_of: dict[int, Node]
+    gradient_of: dict[int, tuple[Node, list[Node] | int]]
     dropped: list[Node]
     outputs: list[Node]
     grads: list[tuple[int, Node]]
@@ -627,28 +630,31 @@ def _find_splice(graph: Graph, forward: Graph, copies: dict[Node, Node], operand
     gradient_of = {}
     for i, value in enumerate(inputs):
         if value in differentiable and value not in read_by_removed:
-            gradient_of[i] = _gradient_node(value, primals, gradient_slots, forward_nodes, gradients, owner)
+            gradient, readers = _gradient_node(value, primals, gradient_slots, forward_nodes, gradients, owner)
+            gradient_of[i] = gradient, readers if isinstance(readers, list) else num_forward_outputs + readers
     wants = [value in differentiable for value in inputs]
     return _Splice(added, new_inputs, new_outputs, inputs, wants, contributions, gradient_of, dropped, outputs, grads,
                    replaced)
 
 
 def _gradient_node(value: Node, primals: list[Node], gradient_slots: list, forward_nodes: set[Node],
-                   gradients: set[Node], owner) -> Node:
-    """The node of the plain backward that is ``value``'s gradient: a primal's slot in the output, else the one
-    gradient the backward of the op that made ``value`` reads (NotRewritable where that is not one node: an op whose
-    backward has no node, or that makes several values taking gradients)."""
+                   gradients: set[Node], owner) -> tuple[Node, list[Node] | int]:
+    """The node of the plain backward that is ``value``'s gradient, and where it is read as that: a primal's slot
+    (its index among the gradient slots), else the one gradient the backward of the op that made ``value`` reads
+    (those backward nodes; NotRewritable where that is not one node: an op whose backward has no node, or that makes
+    several values taking gradients). Only there: the same node may be another value's gradient too (through an add)."""
     if value in primals:
-        slot = gradient_slots[primals.index(value)]
-        if not isinstance(slot, Node):
+        index = primals.index(value)
+        if not isinstance(gradient_slots[index], Node):
             raise NotRewritable(f"{value.name} takes no gradient in the plain backward")
-        return slot
+        return gradient_slots[index], index
     number = value.meta.get("seq_nr")
     own = {node for node in gradients if node not in forward_nodes and number is not None and owner(node) == number}
     read = {n for node in own for n in node.all_input_nodes if n in gradients and n not in own}
     if len(read) != 1:
         raise NotRewritable(f"{value.name}'s gradient in the plain backward is not one node")
-    return read.pop()
+    (gradient,) = read
+    return gradient, [node for node in own if gradient in node.all_input_nodes]
 
 
 def _absorb_trailing_steps(forward: Graph, original: dict[Node, Node]) -> None:
@@ -802,14 +808,18 @@ def _splice_in(graph: Graph, splice: _Splice, traced: GraphModule, added: list[i
     for old in splice.contributions.values():
         old.replace_all_uses_with(next(values), delete_user_cb=kept)
     for i in added:
-        # The plain gradient's readers read it plus the new nodes' part.
-        old = splice.gradient_of[i]
-        readers = [user for user in old.users if user not in splice.replaced]
+        # Where the plain gradient is read as the input's, it is read plus the new nodes' part.
+        old, readers = splice.gradient_of[i]
         with graph.inserting_before(graph.output_node()):
             total = graph.call_function(torch.ops.aten.add.Tensor, (old, next(values)))
         total.meta["val"] = old.meta["val"]
-        for reader in readers:
-            reader.replace_input_with(old, total)
+        if isinstance(readers, int):  # a primal's: its slot in the output
+            slots = list(graph.output_node().args[0])
+            slots[readers] = total
+            graph.output_node().args = (slots,)
+        else:
+            for reader in readers:
+                reader.replace_input_with(old, total)
     for part in splice.dropped:
         for total in [user for user in part.users if user not in splice.replaced]:
             (rest,) = (operand for operand in total.args if operand is not part)
@@ -819,7 +829,6 @@ def _splice_in(graph: Graph, splice: _Splice, traced: GraphModule, added: list[i
         if node in splice.replaced:
             graph.erase_node(node)
     stable_topological_sort(graph)
-
 
 
 def _mark_forward_and_backward(graph: Graph, tangents: list[Node], num_forward_outputs: int) -> None:
