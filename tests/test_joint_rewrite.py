@@ -656,8 +656,7 @@ def test_a_detach_inside_the_block_is_refused_by_the_splice_too(monkeypatch, cap
 
 
 class DetachedStatistics(GroupedMoE):
-    """Detached values that reach no gradient (router statistics kept in buffers, one through an op the decomposition
-    check lists): the rewrite runs."""
+    """Detached values that reach no gradient (router statistics kept in buffers, one returned): the rewrite runs."""
 
     def __init__(self):
         super().__init__()
@@ -669,7 +668,7 @@ class DetachedStatistics(GroupedMoE):
         # A variance of the token counts (load-balance statistics): from integer ids, no gradient reaches it.
         _, ids_TK = torch.topk(self.gate(x_TH), K, dim=-1)
         self.count_variance.copy_(torch.histc(ids_TK.float(), bins=E, min=0, max=E - 1).var())
-        return self.experts(x_TH)
+        return self.experts(x_TH), self.gate(x_TH).detach().float().mean(0)
 
 
 class CastRoundTrip(GroupedMoE):

@@ -242,8 +242,9 @@ def _storage(node: Node) -> StorageWeakRef | None:
 
 def _reaches_gradient(node: Node) -> bool:
     """Whether ``node``'s value (no gradient taken through it) flows, through floating-point values, into one that
-    needs a gradient or into the graph's output: re-traced with gradients through it, that would take one. Integer
-    steps (top-k ids) carry none; a value that only updates a buffer (token counts) reaches neither. An in-place
+    needs a gradient: in the moe_ops ops' backward, that would take one. Integer steps (top-k ids) carry none; a
+    value that only updates a buffer (token counts) or is only returned (a detached statistic a model hands out: an
+    output that needs no gradient takes none, spliced or not) reaches none. An in-place
     write carries the value into the tensor written and every tensor sharing its storage (its base, its other
     views: their readers are their users in dynamo's graph)."""
     seen, stack = {node}, [node]
@@ -252,7 +253,7 @@ def _reaches_gradient(node: Node) -> bool:
         written = _written(current) if current.op in ("call_function", "call_method") else None
         aliases = _aliases(written) if written is not None else []
         for user in [*current.users, *aliases]:
-            if user.op == "output" or _needs_grad(user):
+            if _needs_grad(user):
                 return True
             if user not in seen and (_floating(user) or user in aliases or _written(user) is not None):
                 seen.add(user)
