@@ -57,7 +57,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from moe_ops._compat.dynamo import counters, detect_fake_mode
 from moe_ops._compat.inductor import select_decomp_table, stable_topological_sort
-from moe_ops.lowering.graph.fx_match import PRIMALS, TANGENTS, has_placeholder
+from moe_ops.lowering.graph.fx_match import PRIMALS, TANGENTS, has_placeholder, same_shape
 
 log = logging.getLogger("moe_ops")
 
@@ -97,6 +97,11 @@ def _closure(sources, step) -> set[Node]:
 
 def _downstream(sources) -> set[Node]:
     return _closure(sources, lambda node: node.users)
+
+
+def _gradients(graph: Graph) -> set[Node]:
+    """The joint graph's nodes computed from the tangents: the backward's gradients."""
+    return _downstream([n for n in graph.find_nodes(op="placeholder") if n.name.startswith(TANGENTS)])
 
 
 def _upstream(sources) -> set[Node]:
@@ -367,7 +372,8 @@ def _tag_new_nodes(forward: Graph, tags_before: dict[Node, tuple | None],
 def _forward_graph(graph: Graph, primals: list[Node], forward_outputs: list) -> tuple[Graph, dict[Node, Node]]:
     """The nodes that ``forward_outputs`` need, and the forward's runtime asserts, copied into a graph
     whose inputs are the primals; and each copied node's copy."""
-    needed = _upstream([*forward_outputs, *(node for node in _effects(graph) if not _in_backward(node))])
+    backward = _gradients(graph)
+    needed = _upstream([*forward_outputs, *(node for node in _effects(graph) if node not in backward)])
     for node in needed:
         if node.op == "placeholder" and node not in primals:
             raise NotRewritable(f"a forward output depends on {node.name}")
@@ -381,10 +387,6 @@ def _forward_graph(graph: Graph, primals: list[Node], forward_outputs: list) -> 
             copies[node] = forward.node_copy(node, lambda n: copies[n])
     forward.output(tuple(copies[o] if isinstance(o, Node) else o for o in forward_outputs))
     return forward, copies
-
-
-def _in_backward(node: Node) -> bool:
-    return any(n.op == "placeholder" and n.name.startswith(TANGENTS) for n in _upstream([node]))
 
 
 def _operands(node: Node) -> list:
@@ -484,7 +486,7 @@ def _find_splice(graph: Graph, forward: Graph, copies: dict[Node, Node], operand
 
     # What can carry a gradient: floating-point values computed from primals that want one, read on by the forward's
     # outputs or the backward (not a statistic only written into a buffer).
-    gradients = _downstream([n for n in graph.find_nodes(op="placeholder") if n.name.startswith(TANGENTS)])
+    gradients = _gradients(graph)
     differentiable = _closure([p for p, wants in zip(primals, wants_grad, strict=True) if wants],
                               lambda node: [user for user in node.users if _floating(user, "val")])
     differentiable &= _upstream([*graph.output_node().all_input_nodes, *gradients])
@@ -701,12 +703,10 @@ def _gradient_readers(value: Node, differentiable: set[Node]) -> set[tuple]:
 
 
 def _same_value(a: Node, b: Node) -> bool:
-    """Whether two nodes make tensors of one dtype and shape."""
-    from torch.fx.experimental.symbolic_shapes import guard_or_false
-
+    """Whether two nodes make tensors of one dtype and shape (for every value of the shape symbols)."""
     x, y = a.meta.get("val"), b.meta.get("val")
-    return (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dtype == y.dtype and x.dim() == y.dim()
-            and all(guard_or_false(p == q) for p, q in zip(x.shape, y.shape, strict=True)))
+    return (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dtype == y.dtype
+            and same_shape(x.shape, y.shape))
 
 
 def _check_no_pass_through(removed: set[Node], inputs: set[Node], outputs: set[Node], differentiable: set[Node]):
