@@ -73,12 +73,7 @@ class Cell:
         )
 
     def heuristic(self, which: str) -> dict:
-        gated = which == "gate_up"
-        n = self.F if gated else self.H
-        busy = self.schedule.block_expert.shape[0]
-        if self.block_m <= 32:
-            busy = min(busy, self.S, self.E)
-        return gemm_config(self.block_m, n, gated, self.dtype.itemsize, busy, *device_limits(0),
+        return gemm_config(self.block_m, which == "gate_up", self.dtype.itemsize, device_limits(0)[1],
                            ieee_fp32=self.dtype == torch.float32)
 
     def weight_bytes(self, which: str) -> int:

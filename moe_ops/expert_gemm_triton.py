@@ -757,8 +757,6 @@ def expert_gemm_triton(
     if num_slots == 0 or num_blocks_max == 0 or n == 0:
         return out.zero_()
     gated = w_up is not None
-    # Busy blocks are at most one per slot and one per expert with a slot.
-    busy_estimate = min(num_blocks_max, num_slots, num_experts) if block_m <= 32 else num_blocks_max
     # The interpreter (CPU tensors) has no SMs or shared-memory limit to respect.
     num_sms, smem_bytes = device_limits(a.device.index or 0) if a.device.type == "cuda" else (1, 1 << 30)
     # fp32 inputs stay exact unless the user allowed tf32, as torch.matmul does.
@@ -773,7 +771,7 @@ def expert_gemm_triton(
                and tma_applies(a.dtype, block_m, n, gated, weights))
     tma = tma and not scaled
     if config is None:
-        config = gemm_config(block_m, n, gated, a.element_size(), busy_estimate, num_sms, smem_bytes, ieee, tma,
+        config = gemm_config(block_m, gated, a.element_size(), smem_bytes, ieee, tma,
                              quantised["W_LEFT"], a_scale is not None and a_scale.dim() == 2)
     tma = tma and n % config["BLOCK_N"] == 0
     config = dict(config, BLOCK_K=group_block_k(config["BLOCK_K"], quantised["W_GROUP_SIZE"], k))

@@ -17,9 +17,8 @@ from moe_ops.settings import config
 # schedule order first (benchmarks/NOTES.md, v8).
 TMA_BLOCK_M = 128
 TMA_MIN_ROWS_PER_EXPERT = 256
-# The one GEMM block size of moe_ops.config.batch_invariant: its tile config (gemm_config) depends on
-# nothing but the dtype and whether the GEMM is gated, unlike the decode sizes' (16, 32), whose columns
-# follow the number of busy blocks.
+# The one GEMM block size of moe_ops.config.batch_invariant: gemm_config reads no batch size, so one
+# block size for every batch is one tile config (reductions in one order).
 BATCH_INVARIANT_BLOCK_M = 64
 
 
@@ -104,8 +103,8 @@ def prefill_block_n(gated: bool) -> int:
 
 
 def gemm_config(
-    block_m: int, n: int, gated: bool, itemsize: int, busy_blocks_estimate: int, num_sms: int, smem_bytes: int,
-    ieee_fp32: bool = False, tma: bool = False, weights_left: bool = False, scaled_dots: bool = False,
+    block_m: int, gated: bool, itemsize: int, smem_bytes: int, ieee_fp32: bool = False, tma: bool = False,
+    weights_left: bool = False, scaled_dots: bool = False,
 ) -> dict:
     """Tile config by token bucket (block_m): a heuristic, not autotuned, so that eager calls never
     pay a tuning sweep (benchmarks/NOTES.md records what each choice measured). ``ieee_fp32``: fp32
@@ -118,11 +117,10 @@ def gemm_config(
         # GEMM); these were the fastest of a sweep at Mixtral / Qwen3 shapes, T = 2048 (v5).
         block_n, block_k, warps, stages = (128, 16, 8, 3) if gated else (128, 32, 4, 2)
     elif block_m <= 32:
-        # Decode-sized blocks are weight-bandwidth bound: deep K steps keep many loads in flight, and
-        # narrow N tiles make at least two programs per SM, else part of HBM bandwidth goes unasked.
+        # Decode-sized blocks are weight-bandwidth bound: deep K steps keep many loads in flight. N tiles
+        # stay 64 wide even where that leaves SMs idle: narrower ones, for more programs, were slower at
+        # every decode cell swept on the H200 (benchmarks/NOTES.md, v23).
         block_n, block_k, warps, stages = 64, 128, 4, 4
-        while block_n > 16 and busy_blocks_estimate * triton.cdiv(n, block_n) < 2 * num_sms:
-            block_n //= 2
     elif block_m == 64:
         block_n, block_k, warps, stages = (64 if gated else 128), 64, 4, 4
     else:

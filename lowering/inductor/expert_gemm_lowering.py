@@ -310,7 +310,7 @@ def tuned_expert_gemm(
     a, w, schedule: PaddedSchedule | PackedSchedule, num_slots, block_m: int, *, w_up=None, bias=None,
     bias_up=None, slot_weights=None, gather_top_k: int = 0, scatter: bool = False, activation: str = "none",
     alpha: float = CLAMPED_SWIGLU_ALPHA, limit: float = CLAMPED_SWIGLU_LIMIT, slot_ids=None, active=1,
-    busy_estimate=None, out=None, tma: bool = False, w_scale=None, w_up_scale=None, w_zero=None, w_up_zero=None,
+    out=None, tma: bool = False, w_scale=None, w_up_scale=None, w_zero=None, w_up_zero=None,
     a_scale=None, out_dtype=None,
 ):
     """The template node for one expert GEMM (Inductor IR in, IR out; the arguments of the eager
@@ -318,7 +318,7 @@ def tuned_expert_gemm(
     template applies (``template_applies``). ``slot_ids`` (S,), for a scatter output only: the expert
     of each slot, so that rows of slots routed to no expert (ids >= E) are written as zeros.
     ``active`` (0/1, an expression in the token count): launch no program where 0; the choice is then
-    not benchmarked, and ``busy_estimate`` (busy blocks expected where it runs) sizes the tiles.
+    not benchmarked.
     ``out``: a buffer of the output's shape that the kernel writes (a mutated input) instead of a new
     one; the node returned then stands for nothing but that write. ``tma``: TMA tiles on a persistent
     grid where the inputs allow them (``tma_applies``; A in schedule order, made contiguous here).
@@ -350,10 +350,6 @@ def tuned_expert_gemm(
         blocks_max = packed_blocks_max(num_slots, num_experts, block_m, cdiv=CeilDiv, minimum=Min)
     else:
         blocks_max = schedule.block_expert.get_size()[0]
-    if busy_estimate is None:
-        slots_hint = inductor_size_hint(num_slots)
-        blocks_hint = inductor_size_hint(blocks_max)
-        busy_estimate = min(blocks_hint, slots_hint, num_experts) if block_m <= 32 else blocks_hint
     num_sms, smem_bytes = _device_limits(device)
     gated = w_up is not None
     ieee = a.get_dtype() == torch.float32 and not fp32_matmul_allows_tf32()
@@ -363,7 +359,7 @@ def tuned_expert_gemm(
     k = int(a.get_size()[1])
     quantised = weight_quantisation(w.get_dtype(), None if w_scale is None else w_scale.get_size(),
                                     w_zero is not None, int(n), k)
-    base = gemm_config(block_m, int(n), gated, a.get_dtype().itemsize, busy_estimate, num_sms, smem_bytes, ieee, tma,
+    base = gemm_config(block_m, gated, a.get_dtype().itemsize, smem_bytes, ieee, tma,
                        quantised["W_LEFT"], a_scale is not None and len(a_scale.get_size()) == 2)
     flags = dict(
         GATHER=gather_top_k > 0, SCATTER=bool(scatter), GATED=gated, HAS_BIAS=bias is not None,

@@ -98,7 +98,6 @@ class _Variant(NamedTuple):
     block_m: int
     fewer: int = -1
     most: int | None = None
-    busy_estimate: int | None = None  # busy blocks to size the tiles for; None: from the size hint
     tma: bool = False  # TMA tiles (where the weights allow them), as the op chooses for these slot counts
 
     def active(self, num_slots):
@@ -109,10 +108,9 @@ class _Variant(NamedTuple):
         return runs if self.most is None else runs * Max(0, Min(1, self.most + 1 - num_slots))
 
 
-def _variants(num_slots, num_experts: int, top_k: int, tma_possible: bool) -> list[_Variant]:
+def _variants(num_slots, num_experts: int, tma_possible: bool) -> list[_Variant]:
     """A static T: the op's block size and TMA choice. A dynamic T: one pair per range of
-    block_m_ranges (its two 128-row ranges as one where TMA tiles are not possible for these weights),
-    with tiles sized for the fewest busy blocks that range can have."""
+    block_m_ranges (its two 128-row ranges as one where TMA tiles are not possible for these weights)."""
     if isinstance(num_slots, (int, sympy.Integer)):
         num_slots = int(num_slots)
         return [_Variant(choose_block_m(num_slots, num_experts),
@@ -121,12 +119,7 @@ def _variants(num_slots, num_experts: int, top_k: int, tma_possible: bool) -> li
     if not tma_possible and ranges[-1][3]:
         (block_m, fewer, _, _), _ = ranges[-2:]
         ranges = [*ranges[:-2], (block_m, fewer, None, False)]
-    variants = []
-    for block_m, fewer, most, tma in ranges:
-        fewest_slots = max(fewer + 1, 2 * top_k)  # a dynamic T is at least 2 (dynamo specialises 0 and 1)
-        busy = min(fewest_slots, num_experts) if block_m <= 32 else None
-        variants.append(_Variant(block_m, fewer, most, busy, tma))
-    return variants
+    return [_Variant(block_m, fewer, most, tma) for block_m, fewer, most, tma in ranges]
 
 
 def _quantised_inputs(rows, input_quantisation: str, w_scale):
@@ -197,14 +190,14 @@ def lower_fused_experts(
     slot_ids = L[aten.reshape.default](topk_ids, [num_slots])
     tma_possible = w_gate_up_scale is None and tma_allowed(x.get_device()) and tma_applies(
         x.get_dtype(), TMA_BLOCK_M, gate.get_size()[1], up is not None, weight_views(gate, up))
-    variants = _variants(num_slots, E, K, tma_possible)
+    variants = _variants(num_slots, E, tma_possible)
     # Several pairs (a dynamic T) write one output buffer; one pair returns its own, for epilogue fusion.
     shared = None if len(variants) == 1 else empty_strided([num_slots, H], None, dtype=x.get_dtype(),
                                                            device=x.get_device())
     schedule = PackedSchedule(sorted_slots, expert_offsets)
     x_quantised = None if input_quantisation == "none" else _quantised_inputs(x, input_quantisation, w_gate_up_scale)
     for variant in variants:
-        common = dict(active=variant.active(num_slots), busy_estimate=variant.busy_estimate, tma=variant.tma)
+        common = dict(active=variant.active(num_slots), tma=variant.tma)
         a, gather_top_k = (x, None) if input_quantisation == "none" else x_quantised, K
         if variant.tma:
             # As the op: TMA loads row blocks, so x's rows are copied into schedule order first.
