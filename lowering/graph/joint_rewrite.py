@@ -446,6 +446,29 @@ class _Splice:
     replaced: set[Node]
 
 
+class _Records:
+    """Which forward op a backward node of the joint graph belongs to, by the autograd sequence numbers AOTAutograd
+    puts on both, and which nodes are gradient accumulations (an add of two gradients)."""
+
+    def __init__(self, forward_nodes: set[Node], gradients: set[Node]):
+        # A forward op's record is the last autograd node it made; it may have made more (an in-place op on a view):
+        # the backward nodes numbered after the previous op's record and up to its own are its.
+        self.numbers = sorted({node.meta["seq_nr"] for node in forward_nodes if "seq_nr" in node.meta})
+        self.gradients = gradients
+
+    def owner(self, node: Node) -> int | None:
+        """The record of the forward op whose backward made ``node`` (None: no number, or after every op's)."""
+        number = node.meta.get("seq_nr")
+        if number is None:
+            return None
+        index = bisect.bisect_left(self.numbers, number)
+        return self.numbers[index] if index < len(self.numbers) else None
+
+    def accumulation(self, node: Node) -> bool:
+        return (node.target is torch.ops.aten.add.Tensor and len(node.all_input_nodes) == 2
+                and all(n in self.gradients for n in node.all_input_nodes))
+
+
 def _find_splice(graph: Graph, forward: Graph, copies: dict[Node, Node], operands_before: dict[Node, list],
                  primals: list[Node], wants_grad: list[bool], num_forward_outputs: int) -> _Splice:
     """The _Splice of the rewrites made on ``forward`` (copied from ``graph`` as ``copies`` say, each node's operands
@@ -503,21 +526,8 @@ def _find_splice(graph: Graph, forward: Graph, copies: dict[Node, Node], operand
     if kept_records & numbers:
         raise NotRewritable("a kept node shares its autograd record with a replaced node")
 
-    # A forward op's record is the last autograd node it made; it may have made more (an in-place op on a view): the
-    # backward nodes numbered after the previous op's record and up to its own are its.
-    records = sorted({node.meta["seq_nr"] for node in forward_nodes if "seq_nr" in node.meta})
-
-    def owner(node: Node):
-        number = node.meta.get("seq_nr")
-        if number is None:
-            return None
-        index = bisect.bisect_left(records, number)
-        return records[index] if index < len(records) else None
-
-    def accumulation(node: Node) -> bool:
-        return (node.target is torch.ops.aten.add.Tensor and len(node.all_input_nodes) == 2
-                and all(n in gradients for n in node.all_input_nodes))
-
+    records = _Records(forward_nodes, gradients)
+    owner, accumulation = records.owner, records.accumulation
     backward = set()
     for node in graph.nodes:
         if node.op != "call_function" or node in forward_nodes:
@@ -612,7 +622,7 @@ def _find_splice(graph: Graph, forward: Graph, copies: dict[Node, Node], operand
                     raise NotRewritable(f"{user.name} (no seq_nr) reads the replaced nodes' backward")
         # A gradient has its value's shape and dtype, and is made by the backward of an op that reads the value;
         # inputs alike to both are told apart by the gradient's readers.
-        read = _read_by_backward_of(part, removed, backward, accumulation, owner)
+        read = _read_by_backward_of(part, removed, backward, records)
         candidates = [value for value in dict.fromkeys([*inputs, *read_by_removed])
                       if value in read and value in differentiable and _same_value(value, part)]
         if len(candidates) > 1:
@@ -633,7 +643,7 @@ def _find_splice(graph: Graph, forward: Graph, copies: dict[Node, Node], operand
     gradient_of = {}
     for i, value in enumerate(inputs):
         if value in differentiable and value not in read_by_removed:
-            gradient, readers = _gradient_node(value, primals, gradient_slots, forward_nodes, gradients, owner)
+            gradient, readers = _gradient_node(value, primals, gradient_slots, forward_nodes, records)
             gradient_of[i] = gradient, readers if isinstance(readers, list) else num_forward_outputs + readers
     wants = [value in differentiable for value in inputs]
     return _Splice(added, new_inputs, new_outputs, inputs, wants, contributions, gradient_of, dropped, outputs, grads,
@@ -641,7 +651,7 @@ def _find_splice(graph: Graph, forward: Graph, copies: dict[Node, Node], operand
 
 
 def _gradient_node(value: Node, primals: list[Node], gradient_slots: list, forward_nodes: set[Node],
-                   gradients: set[Node], owner) -> tuple[Node, list[Node] | int]:
+                   records: _Records) -> tuple[Node, list[Node] | int]:
     """The node of the plain backward that is ``value``'s gradient, and where it is read as that: a primal's slot
     (its index among the gradient slots), else the one gradient the backward of the op that made ``value`` reads
     (those backward nodes; NotRewritable where that is not one node: an op whose backward has no node, or that makes
@@ -652,7 +662,9 @@ def _gradient_node(value: Node, primals: list[Node], gradient_slots: list, forwa
             raise NotRewritable(f"{value.name} takes no gradient in the plain backward")
         return gradient_slots[index], index
     number = value.meta.get("seq_nr")
-    own = {node for node in gradients if node not in forward_nodes and number is not None and owner(node) == number}
+    gradients = records.gradients
+    own = {node for node in gradients if node not in forward_nodes and number is not None
+           and records.owner(node) == number}
     read = {n for node in own for n in node.all_input_nodes if n in gradients and n not in own}
     if len(read) != 1:
         raise NotRewritable(f"{value.name}'s gradient in the plain backward is not one node")
@@ -680,11 +692,12 @@ def _absorb_trailing_steps(forward: Graph, original: dict[Node, Node]) -> None:
                 changed = True
 
 
-def _read_by_backward_of(part: Node, removed: set[Node], backward: set[Node], accumulation, owner) -> set[Node]:
+def _read_by_backward_of(part: Node, removed: set[Node], backward: set[Node], records: _Records) -> set[Node]:
     """The values outside ``removed`` that the replaced ops whose backward made ``part`` read (by its number, or its
     operands' where it is an accumulation), through the replaced ops that may pass a gradient on with no node of
     their own (a transposed weight whose backward's transpose Inductor folded into the GEMM's)."""
-    numbers = {owner(node) for node in _closure([part], lambda node: [
+    accumulation = records.accumulation
+    numbers = {records.owner(node) for node in _closure([part], lambda node: [
         n for n in node.all_input_nodes if n in backward] if accumulation(node) else []) if not accumulation(node)}
     ops = _closure([node for node in removed if node.meta.get("seq_nr") in numbers], lambda node: [
         n for n in node.all_input_nodes if n in removed and _op_packet(n.target) in _PASS_THROUGH])
