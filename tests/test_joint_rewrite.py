@@ -742,16 +742,18 @@ def test_activation_checkpointing():
 
 class TwoCheckpointedLayers(torch.nn.Module):
     """Two MoE layers, each checkpointed in a region of its own (transformers' gradient_checkpointing_enable on a
-    two-layer model), a residual between them."""
+    two-layer model), a residual between them, which ``between`` maps to the second layer's input (the identity:
+    the residual sum is both the first region's reader and the second region's input)."""
 
-    def __init__(self):
+    def __init__(self, between=torch.tanh):
         super().__init__()
         self.first, self.second = GroupedMoE(), GroupedMoE()
+        self.between = between
 
     def forward(self, x_TH):
         checkpoint = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
         y_TH = x_TH + checkpoint(self.first.experts, x_TH)
-        return y_TH + checkpoint(self.second.experts, torch.tanh(y_TH))
+        return y_TH + checkpoint(self.second.experts, self.between(y_TH))
 
 
 def _routing_margin(gate: nn.Linear, x_TH: torch.Tensor) -> torch.Tensor:
@@ -760,15 +762,16 @@ def _routing_margin(gate: nn.Linear, x_TH: torch.Tensor) -> torch.Tensor:
     return scores_TE[:, K - 1] - scores_TE[:, K]
 
 
-def test_layers_checkpointed_each_in_its_region():
+@pytest.mark.parametrize("between", [torch.tanh, torch.nn.Identity()], ids=["tanh", "residual sum as it is"])
+def test_layers_checkpointed_each_in_its_region(between):
     """Each layer's rewritten block takes its own region's tags (the rewrite replaces both layers at once): both
     are rewritten, and the backward recomputes both routers."""
-    model = TwoCheckpointedLayers()
+    model = TwoCheckpointedLayers(between)
     # The tokens routed with the widest margins in both layers: the first layer's output rounds differently
     # compiled and eager (both within bf16), which at a near-tie of the second router picks another expert.
     candidates_TH = tokens(num_tokens=64)
     with torch.no_grad():
-        second_in_TH = torch.tanh(candidates_TH + model.first.experts(candidates_TH))
+        second_in_TH = between(candidates_TH + model.first.experts(candidates_TH))
         margin_T = torch.minimum(_routing_margin(model.first.gate, candidates_TH),
                                  _routing_margin(model.second.gate, second_in_TH))
     x_TH = candidates_TH[margin_T.topk(10).indices]

@@ -323,42 +323,52 @@ def _checkpoint_tags(node: Node) -> tuple | None:
     return tags if any(tag is not None for tag in tags) else None
 
 
-def _pieces(nodes: set[Node], neighbours: Callable[[Node], list[Node]]) -> list[tuple[set[Node], set[Node]]]:
-    """``nodes`` split into the pieces their edges among themselves join, each with the tensor-valued nodes outside
-    ``nodes`` it borders (placeholders and sizes excepted: a model's layers share those)."""
+def _pieces(nodes: set[Node], edges: Callable[[Node], tuple[list[Node], list[Node]]]
+            ) -> list[tuple[set[Node], set[Node], set[Node]]]:
+    """``nodes`` split into the pieces their edges among themselves join (``edges``: a node's inputs and users),
+    each with the tensor-valued nodes outside ``nodes`` it reads and those reading it (placeholders and sizes
+    excepted: a model's layers share those)."""
     pieces, seen = [], set()
     for start in nodes:
         if start in seen:
             continue
-        piece, border, stack = set(), set(), [start]
+        piece, reads, readers, stack = set(), set(), set(), [start]
         while stack:
             node = stack.pop()
             if node in piece:
                 continue
             piece.add(node)
-            for other in neighbours(node):
-                if other in nodes:
-                    stack.append(other)
-                elif other.op != "placeholder" and isinstance(other.meta.get("val"), torch.Tensor):
-                    border.add(other)
+            inputs, users = edges(node)
+            for others, border in ((inputs, reads), (users, readers)):
+                for other in others:
+                    if other in nodes:
+                        stack.append(other)
+                    elif other.op != "placeholder" and isinstance(other.meta.get("val"), torch.Tensor):
+                        border.add(other)
         seen |= piece
-        pieces.append((piece, border))
+        pieces.append((piece, reads, readers))
     return pieces
 
 
+def _edges(node: Node) -> tuple[list[Node], list[Node]]:
+    return list(node.all_input_nodes), list(node.users)
+
+
 def _tag_new_nodes(forward: Graph, tags_before: dict[Node, tuple | None],
-                   neighbours_before: dict[Node, list[Node]]) -> None:
+                   edges_before: dict[Node, tuple[list[Node], list[Node]]]) -> None:
     """Give the nodes a rewrite added the checkpointing tags of the nodes they replaced, so that the partitioner
     recomputes (or saves) the moe_ops ops as it would have the plain code: each piece of new nodes takes the tags
-    of the replaced pieces it shares a border with (the same surviving nodes around them), so that blocks in
-    regions of their own (a model's checkpointed layers) keep each theirs. A piece that replaced nodes from inside
-    and outside a checkpointed region, or from two regions, has no one answer."""
+    of the replaced pieces it shares a border with on the same side (a surviving value both read, or one reading
+    both; not a value one reads and the other is read by: the residual sum between two checkpointed layers), so
+    that blocks in regions of their own (a model's checkpointed layers) keep each theirs. A piece that replaced
+    nodes from inside and outside a checkpointed region, or from two regions, has no one answer."""
     present = set(forward.nodes)
     removed = {node for node in tags_before if node not in present and node.op == "call_function"}
-    replaced = _pieces(removed, lambda node: neighbours_before[node])
+    replaced = _pieces(removed, edges_before.__getitem__)
     added = {node for node in present if node not in tags_before}
-    for piece, border in _pieces(added, lambda node: [*node.all_input_nodes, *node.users]):
-        tags = {tags_before[node] for old_piece, old_border in replaced if old_border & border for node in old_piece}
+    for piece, reads, readers in _pieces(added, _edges):
+        tags = {tags_before[node] for old_piece, old_reads, old_readers in replaced
+                if old_reads & reads or old_readers & readers for node in old_piece}
         if not tags:  # bordering no replaced piece: every replaced node's tags
             tags = {tags_before[node] for node in removed}
         if len(tags) > 1:
@@ -543,7 +553,7 @@ def _find_splice(graph: Graph, forward: Graph, copies: dict[Node, Node], operand
     # them reads gradients only from it and is read only by it.
     unnumbered = {node for node in graph.nodes if node.op == "call_function" and node not in forward_nodes
                   and "seq_nr" not in node.meta and not accumulation(node)}
-    pieces = [piece for piece, _ in _pieces(unnumbered, lambda node: [*node.all_input_nodes, *node.users])]
+    pieces = [piece for piece, _, _ in _pieces(unnumbered, _edges)]
     changed = True
     while changed:
         changed = False
@@ -920,11 +930,11 @@ def rewrite_joint_graph(graph: Graph, rewrites: Sequence[Callable[[Graph], int]]
         rewritten = 0
         for rewrite in rewrites:
             tags_before = {node: _checkpoint_tags(node) for node in forward.nodes}
-            neighbours_before = {node: [*node.all_input_nodes, *node.users] for node in forward.nodes}
+            edges_before = {node: _edges(node) for node in forward.nodes}
             replaced = rewrite(forward)
             if replaced:
                 forward.eliminate_dead_code()  # the replaced nodes go, so that their tags can be read off
-                _tag_new_nodes(forward, tags_before, neighbours_before)
+                _tag_new_nodes(forward, tags_before, edges_before)
             rewritten += replaced
         if not rewritten:
             return 0
