@@ -100,6 +100,10 @@ class Config:
                           f"torch.compiler.reset() makes them compile again",
                           stacklevel=_caller_outside_moe_ops())
 
+    def __delattr__(self, name: str) -> None:
+        # Deleting would silently put the class default back in place of the user's setting.
+        raise AttributeError(f"moe_ops.config.{name} cannot be deleted: set it to True or False")
+
 
 _warned: set[str] = set()  # the switches whose change warned already
 

@@ -23,6 +23,8 @@ def test_config_refuses_typos_and_non_bools():
         moe_ops.config.speed = True
     with pytest.raises(TypeError, match=r"moe_ops.config.rewrites: expected True or False, got 1"):
         moe_ops.config.rewrites = 1
+    with pytest.raises(AttributeError, match=r"moe_ops.config.rewrites cannot be deleted"):
+        del moe_ops.config.rewrites
     assert moe_ops.config.training_rewrites is saved and not hasattr(moe_ops.config, "speed")
     moe_ops.config.training_rewrites = not saved
     moe_ops.config.training_rewrites = saved
