@@ -673,8 +673,13 @@ def fused_experts(
     Returns:
         (T, H) in x's dtype [, num_dropped]
     """
-    # Before the op, whose schema would turn capacity_factor=True into 1.0 (and a flag into a number).
+    # Before the op, whose schema would turn capacity_factor=True into 1.0 (and a flag into a number), and would
+    # refuse a choice that is not a string (drop_policy=None) in its own words, with no list of the choices.
     check_number("capacity_factor", capacity_factor, minimum=0.0)
+    for name, choice, choices in (("layout", layout, LAYOUTS), ("activation", activation, ACTIVATIONS),
+                                  ("drop_policy", drop_policy, CAPACITY_POLICIES),
+                                  ("input_quantisation", input_quantisation, INPUT_QUANTISATIONS)):
+        check_choice(name, choice, choices)
     check_clamp_constants(alpha, limit)
     for name, flag in (("interleaved", interleaved), ("gated", gated), ("return_num_dropped", return_num_dropped)):
         check_bool(name, flag)

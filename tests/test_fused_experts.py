@@ -383,6 +383,9 @@ def test_errors_name_the_argument():
         fused_experts(**dict(layer, topk_weights=torch.rand(4, 3)))
     with pytest.raises(ValueError, match="layout: expected one of"):
         fused_experts(**layer, layout="HFE")
+    for name in ("layout", "activation", "drop_policy", "input_quantisation"):  # not the schema's type error
+        with pytest.raises(ValueError, match=f"{name}: expected one of .*, got None"):
+            fused_experts(**layer, **{name: None})
     for capacity_factor in (-1.0, math.nan, math.inf):
         with pytest.raises(ValueError, match="capacity_factor: expected a finite number >= 0"):
             fused_experts(**layer, capacity_factor=capacity_factor)
