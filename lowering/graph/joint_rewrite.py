@@ -933,12 +933,12 @@ def rewrite_joint_graph(graph: Graph, rewrites: Sequence[Callable[[Graph], int]]
             edges_before = {node: _edges(node) for node in forward.nodes}
             replaced = rewrite(forward)
             if replaced:
-                forward.eliminate_dead_code()  # the replaced nodes go, so that their tags can be read off
+                # The replaced nodes go (each rewrite's, before the next looks), so that their tags can be read off.
+                forward.eliminate_dead_code()
                 _tag_new_nodes(forward, tags_before, edges_before)
             rewritten += replaced
         if not rewritten:
             return 0
-        forward.eliminate_dead_code()
         _keep_preactivations(forward)
         splice = _find_splice(graph, forward, copies, operands_before, primals, wants_grad, num_forward_outputs)
         traced, added = _trace_region(_region_module(graph.owning_module, splice), splice)
