@@ -162,10 +162,21 @@ def _percentiles(times_ms: list[float]) -> tuple[float, float, float]:
     return p50, p20, p80
 
 
+MIN_SAMPLES = 10
+
+
 def gpu_samples(fn: Callable[[], object], grad_to_none=None) -> list[float]:
-    """One do_bench run's times in ms (L2 flushed between calls). ``grad_to_none``: tensors whose .grad
-    do_bench resets between calls, untimed (training steps)."""
-    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="all", grad_to_none=grad_to_none)
+    """One do_bench run's times in ms (L2 flushed between calls), at least MIN_SAMPLES of them: do_bench
+    repeats a call for about ``rep`` ms, which is one call of a 100 ms training step, so a slow call is run
+    again with ``rep`` stretched to MIN_SAMPLES of its first run's median. ``grad_to_none``: tensors whose
+    .grad do_bench resets between calls, untimed (training steps)."""
+    def run(rep_ms: float) -> list[float]:
+        return triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="all", grad_to_none=grad_to_none)
+
+    samples = run(200)
+    if len(samples) < MIN_SAMPLES:
+        samples = run(1.1 * MIN_SAMPLES * statistics.median(samples))
+    return samples
 
 
 def time_on_gpu(fn: Callable[[], object], grad_to_none=None) -> tuple[float, float, float]:

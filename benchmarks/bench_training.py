@@ -16,10 +16,11 @@ random output gradients. One step = forward, then backward into the input and ev
 Each implementation compiles once per shape for a dynamic token count (mark_dynamic), as a training run
 with varying sequence lengths would. Gradients of every implementation are checked against the eager
 block's before timing. Timing: ROUNDS interleaved rounds (each implementation once per round,
-``triton.testing.do_bench``); the reported ms is the median of the rounds' medians, and "won every round"
-says whether moe_ops was faster than both peers in each round. TFLOP/s counts 18 T K H F (three GEMMs
-forward, six backward; router excluded), as the public anchors do. Peak GiB: torch.cuda's peak allocated
-memory during one step (weights, their gradients and the step's activations).
+``triton.testing.do_bench`` over at least bench_layer.MIN_SAMPLES steps); the reported ms is the median of
+the rounds' medians, and "won every round" says whether moe_ops was faster than both peers in each round.
+TFLOP/s counts 18 T K H F (three GEMMs forward, six backward; router excluded), as the public anchors do.
+Peak GiB: torch.cuda's peak allocated memory during one step (weights, their gradients and the step's
+activations).
 
     python benchmarks/bench_training.py                    # writes benchmarks/results/training_<gpu>.*
     python benchmarks/bench_training.py --shapes qwen3-30b-a3b --tokens 32768
