@@ -4,8 +4,9 @@ For each shape, token count T, weight form (bf16; int8 with a scale per row; int
 points: moe_ops.quantised.quantise_weight) and each of the fused op's two GEMMs (gate/up with SiLU(gate) * up;
 down, scaled by the routing weights and scattered to the slots), moe_ops' expert GEMM kernel runs with the
 heuristic's tile config (moe_ops.tiles.gemm_config) at the op's block size (choose_block_m) and at each size of
-``--block-m``, and with each config of the grid that block size's class sweeps (decode-sized blocks: BLOCK_N,
-BLOCK_K, stages; larger ones: also warps; a K step of a group-wise form stays inside one group, so deeper steps
+``--block-m``, and with each config of the grid that block size's class sweeps (decode-sized blocks: BLOCK_N
+32-128 with K steps of 128 and 256; larger ones: BLOCK_N 64-256 with K steps of 64 and 128; each with 4 and 8
+warps, 3 and 4 stages; a K step of a group-wise form stays inside one group, so deeper steps
 than the group collapse onto it), timed with ``triton.testing.do_bench`` in ROUNDS interleaved rounds. Each
 config's output is checked against the heuristic's first. Reported per (shape, T, form, GEMM): the heuristic's
 ms, the best config's ms and the weight bytes per second of the experts the batch touches (each read once), with
@@ -45,7 +46,7 @@ DRY_RUN_GROUP = 16
 FORMS = {"bf16": (None, 2.0), "int8": ("int8", 1.0), "int4_g{group}": ("int4_g{group}", 0.5)}
 # The grids per block-size class: decode-sized blocks (<= 32 rows) are bound by weight bandwidth (narrow N,
 # deep K); larger ones are tried at prefill tile shapes.
-DECODE_GRID = dict(BLOCK_N=(32, 64, 128), BLOCK_K=(128, 256), num_warps=(4,), num_stages=(3, 4))
+DECODE_GRID = dict(BLOCK_N=(32, 64, 128), BLOCK_K=(128, 256), num_warps=(4, 8), num_stages=(3, 4))
 LARGE_GRID = dict(BLOCK_N=(64, 128, 256), BLOCK_K=(64, 128), num_warps=(4, 8), num_stages=(3, 4))
 DRY_RUN_GRID = dict(BLOCK_N=(32,), BLOCK_K=(32,), num_warps=(4,), num_stages=(2,))
 
