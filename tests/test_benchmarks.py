@@ -134,6 +134,24 @@ def test_compiled_layers_of_one_block_keep_their_own_graphs():
     torch._dynamo.reset()
 
 
+def test_gpu_samples_time_a_slow_call_at_least_min_samples_times(monkeypatch):
+    """do_bench repeats a call for about ``rep`` ms: one sample of a 120 ms training step at rep = 200. The
+    samples are then taken again with ``rep`` long enough for MIN_SAMPLES of them."""
+    reps = []
+
+    def fake_do_bench(fn, warmup, rep, return_mode, grad_to_none):
+        reps.append(rep)
+        return [120.0] * max(1, int(rep / 120.0))
+
+    monkeypatch.setattr(bench_layer.triton.testing, "do_bench", fake_do_bench)
+    samples = bench_layer.gpu_samples(lambda: None)
+    assert len(samples) >= bench_layer.MIN_SAMPLES and reps[0] == 200 and reps[1] >= 120.0 * bench_layer.MIN_SAMPLES
+    reps.clear()
+    monkeypatch.setattr(bench_layer.triton.testing, "do_bench",
+                        lambda fn, warmup, rep, return_mode, grad_to_none: reps.append(rep) or [0.5] * 400)
+    assert len(bench_layer.gpu_samples(lambda: None)) == 400 and reps == [200]  # a fast call: one do_bench
+
+
 def test_energy_report_takes_medians_over_rounds():
     runs = [dict(ms=ms, mj=mj, watts=mj / ms, mhz=mhz) for ms, mj, mhz in ((2.0, 1400, 1300), (3.0, 2100, 1200),
                                                                            (2.5, 1700, 1500))]
