@@ -246,6 +246,39 @@ def test_histc_counts():
     assert "moe_ops.fused_experts" in graph and "aten.histc" not in graph and "aten._grouped_mm" not in graph
 
 
+class CountsIntoBuffer(HistcCounts):
+    """torchtitan's MoE.forward with load balancing: the token counts the experts run on are also added into a
+    buffer (the expert-bias update reads it between steps)."""
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.register_buffer("tokens_per_expert_E", torch.zeros(E))
+
+    def forward(self, x_TD):
+        topk_scores_TK, topk_expert_ids_TK, scores_TE = self.router(x_TD, self.expert_bias_E)
+        num_tokens_per_expert_E = self.count(scores_TE, topk_expert_ids_TK)
+        with torch.no_grad():
+            self.tokens_per_expert_E.add_(num_tokens_per_expert_E)
+        routed_input_RD, metadata = self.token_dispatcher.dispatch(x_TD, topk_scores_TK, topk_expert_ids_TK)
+        routed_output_RD = self.experts(routed_input_RD, num_tokens_per_expert_E)
+        return self.token_dispatcher.combine(routed_output_RD, metadata, x_TD)
+
+
+def test_counts_also_added_into_a_buffer():
+    """The counts stay in the graph for the buffer's add (routing metadata: no value of x or the weights is
+    computed twice); the block is the op, and the buffer holds eager's counts."""
+    model = CountsIntoBuffer(score_func="sigmoid", expert_bias=True).eval()
+    x = inputs()
+    with torch.no_grad():
+        expected = model(x)
+        expected_counts = model.tokens_per_expert_E.clone()
+        model.tokens_per_expert_E.zero_()
+        result, graph = compile_and_record(model, x)
+    assert rewrites() == 1 and "aten._grouped_mm" not in graph and "aten.histc" in graph
+    assert_close_rel(result, expected, torch.bfloat16, "compiled vs eager")
+    torch.testing.assert_close(model.tokens_per_expert_E, expected_counts, rtol=0, atol=0)
+
+
 def test_torchtitan_scatter_add_custom_op():
     model = MoE(score_func="sigmoid", expert_bias=True, dispatcher=CustomOpDispatcher).eval()
     graph = check_against_eager(model, inputs())
@@ -359,6 +392,16 @@ def test_one_graph_serves_every_token_count():
 
 
 # ---- Training ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("training_rewrites")
+def test_training_with_counts_added_into_a_buffer():
+    model = CountsIntoBuffer(score_func="softmax", route_norm=True)
+    forward_graph, backward_graph = check_training(model, inputs(), dtype=torch.bfloat16)
+    assert counters["moe_ops"]["joint_rewrite"] == 1 and "_grouped_mm" not in forward_graph
+    assert calls_experts_backward(backward_graph) and "_grouped_mm" not in backward_graph
+    # Counted once by the compiled step and once by check_training's eager step: each slot twice.
+    assert model.tokens_per_expert_E.sum().item() == 2 * T * K
 
 
 @pytest.mark.usefixtures("training_rewrites")

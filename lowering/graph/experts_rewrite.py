@@ -43,6 +43,7 @@ from moe_ops.lowering.graph.fx_match import (
     TANGENTS,
     Rejected,
     aten,
+    closure,
     has_placeholder,
     is_call,
     new_node,
@@ -340,9 +341,16 @@ def check(match: ExpertsMatch) -> None:
         if weight is not None and val(weight).dtype != x.dtype:
             raise Rejected(f"{name} is {val(weight).dtype}, x is {x.dtype}")
     _add_size_reads(match.region)
+    # Routing metadata that the code also reads elsewhere (the token counts torchtitan adds to its
+    # load-balancing buffer, or an auxiliary loss reads) stays in the graph for those readers: it is computed
+    # from the ids and routing weights alone, O(T K) work, and has the same value beside the op. A value
+    # computed from x or the weights and read elsewhere would be computed twice: the block is left alone.
+    data = [n for n in (match.x, match.w_gate_up, match.w_down, match.w_up, match.b_gate_up, match.b_up, match.b_down)
+            if n is not None]
+    from_data = closure(data, lambda node: [user for user in node.users if user in match.region])
     for node in match.region - {match.result}:
         outside = [user.name for user in node.users if user not in match.region]
-        if outside:
+        if outside and node in from_data:
             raise Rejected(f"{node.name} is also read outside the block (by {', '.join(outside)})")
 
 

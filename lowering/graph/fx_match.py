@@ -69,6 +69,18 @@ def new_node(graph, target, args, kwargs=None) -> Node:
     return node
 
 
+def closure(sources, step) -> set[Node]:
+    """The nodes reachable from ``sources`` (the non-nodes among them skipped) through ``step``."""
+    seen: set[Node] = set()
+    stack = [n for n in sources if isinstance(n, Node)]
+    while stack:
+        node = stack.pop()
+        if node not in seen:
+            seen.add(node)
+            stack.extend(step(node))
+    return seen
+
+
 def is_call(node, target) -> bool:
     """``node`` calls ``target`` (an op, or a tuple of ops: any of them)."""
     if not (isinstance(node, Node) and node.op == "call_function"):

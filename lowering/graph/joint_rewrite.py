@@ -57,7 +57,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from moe_ops._compat.dynamo import counters, detect_fake_mode
 from moe_ops._compat.inductor import select_decomp_table, stable_topological_sort
-from moe_ops.lowering.graph.fx_match import PRIMALS, TANGENTS, has_placeholder, same_shape
+from moe_ops.lowering.graph.fx_match import PRIMALS, TANGENTS, closure, has_placeholder, same_shape
 
 log = logging.getLogger("moe_ops")
 
@@ -83,20 +83,8 @@ def is_joint_graph(graph: Graph) -> bool:
     return has_placeholder(graph, TANGENTS)
 
 
-def _closure(sources, step) -> set[Node]:
-    """The nodes reachable from ``sources`` (the non-nodes among them skipped) through ``step``."""
-    seen: set[Node] = set()
-    stack = [n for n in sources if isinstance(n, Node)]
-    while stack:
-        node = stack.pop()
-        if node not in seen:
-            seen.add(node)
-            stack.extend(step(node))
-    return seen
-
-
 def _downstream(sources) -> set[Node]:
-    return _closure(sources, lambda node: node.users)
+    return closure(sources, lambda node: node.users)
 
 
 def _gradients(graph: Graph) -> set[Node]:
@@ -105,7 +93,7 @@ def _gradients(graph: Graph) -> set[Node]:
 
 
 def _upstream(sources) -> set[Node]:
-    return _closure(sources, lambda node: node.all_input_nodes)
+    return closure(sources, lambda node: node.all_input_nodes)
 
 
 def _effects(graph: Graph) -> list[Node]:
@@ -520,7 +508,7 @@ def _find_splice(graph: Graph, forward: Graph, copies: dict[Node, Node], operand
     # What can carry a gradient: floating-point values computed from primals that want one, read on by the forward's
     # outputs or the backward (not a statistic only written into a buffer).
     gradients = _gradients(graph)
-    differentiable = _closure([p for p, wants in zip(primals, wants_grad, strict=True) if wants],
+    differentiable = closure([p for p, wants in zip(primals, wants_grad, strict=True) if wants],
                               lambda node: [user for user in node.users if _floating(user, "val")])
     differentiable &= _upstream([*graph.output_node().all_input_nodes, *gradients])
     differentiable_removed = removed & differentiable
@@ -586,7 +574,7 @@ def _find_splice(graph: Graph, forward: Graph, copies: dict[Node, Node], operand
     # The gradients reaching the replaced outputs: what their backward reads of the rest of the backward, told
     # apart (blocks of one shape) by the record of the op that made each output (through steps with no backward
     # node of their own). One gradient may reach several outputs (two blocks summed).
-    numbers_of = [{n.meta.get("seq_nr") for n in _closure([output], lambda node: [
+    numbers_of = [{n.meta.get("seq_nr") for n in closure([output], lambda node: [
         n for n in node.all_input_nodes if n in removed] if _op_packet(node.target) in _PASS_THROUGH else [])}
         for output in outputs]
     grads = []
@@ -707,9 +695,9 @@ def _read_by_backward_of(part: Node, removed: set[Node], backward: set[Node], re
     operands' where it is an accumulation), through the replaced ops that may pass a gradient on with no node of
     their own (a transposed weight whose backward's transpose Inductor folded into the GEMM's)."""
     accumulation = records.accumulation
-    numbers = {records.owner(node) for node in _closure([part], lambda node: [
+    numbers = {records.owner(node) for node in closure([part], lambda node: [
         n for n in node.all_input_nodes if n in backward] if accumulation(node) else []) if not accumulation(node)}
-    ops = _closure([node for node in removed if node.meta.get("seq_nr") in numbers], lambda node: [
+    ops = closure([node for node in removed if node.meta.get("seq_nr") in numbers], lambda node: [
         n for n in node.all_input_nodes if n in removed and _op_packet(n.target) in _PASS_THROUGH])
     return {n for node in ops for n in node.all_input_nodes if n not in removed}
 
@@ -719,7 +707,7 @@ def _gradient_readers(value: Node, differentiable: set[Node]) -> set[tuple]:
     that made it (its number), and, where that op may pass the gradient on with no node of its own (_PASS_THROUGH: a
     cast round trip whose casts back Inductor folds), the same of its operands."""
     readers = set()
-    for node in _closure([value], lambda node: [n for n in node.all_input_nodes if n in differentiable]
+    for node in closure([value], lambda node: [n for n in node.all_input_nodes if n in differentiable]
                          if node.op == "call_function" and _op_packet(node.target) in _PASS_THROUGH else []):
         readers.add(("primal", node) if node.op == "placeholder" else ("number", node.meta.get("seq_nr")))
     return readers
@@ -735,7 +723,7 @@ def _same_value(a: Node, b: Node) -> bool:
 def _check_no_pass_through(removed: set[Node], inputs: set[Node], outputs: set[Node], differentiable: set[Node]):
     """NotRewritable where a path of _PASS_THROUGH ops among the replaced nodes leads from an input to an output: the
     plain backward may hand that part of the gradient on by no node of its own."""
-    reached = _closure([n for n in inputs if n in differentiable], lambda node: [
+    reached = closure([n for n in inputs if n in differentiable], lambda node: [
         user for user in node.users
         if user in removed and user in differentiable and _op_packet(user.target) in _MAY_PASS_GRADIENT_AS_IS])
     if reached & outputs:
