@@ -509,7 +509,7 @@ def _find_splice(graph: Graph, forward: Graph, copies: dict[Node, Node], operand
     # outputs or the backward (not a statistic only written into a buffer).
     gradients = _gradients(graph)
     differentiable = closure([p for p, wants in zip(primals, wants_grad, strict=True) if wants],
-                              lambda node: [user for user in node.users if _floating(user, "val")])
+                             lambda node: [user for user in node.users if _floating(user, "val")])
     differentiable &= _upstream([*graph.output_node().all_input_nodes, *gradients])
     differentiable_removed = removed & differentiable
     read_by_removed = {n for node in removed for n in node.all_input_nodes if n not in removed}
@@ -708,7 +708,7 @@ def _gradient_readers(value: Node, differentiable: set[Node]) -> set[tuple]:
     cast round trip whose casts back Inductor folds), the same of its operands."""
     readers = set()
     for node in closure([value], lambda node: [n for n in node.all_input_nodes if n in differentiable]
-                         if node.op == "call_function" and _op_packet(node.target) in _PASS_THROUGH else []):
+                        if node.op == "call_function" and _op_packet(node.target) in _PASS_THROUGH else []):
         readers.add(("primal", node) if node.op == "placeholder" else ("number", node.meta.get("seq_nr")))
     return readers
 
