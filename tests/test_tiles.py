@@ -21,7 +21,7 @@ SLOT_COUNTS = [1, 7, 64, 1000, 65536, 1 << 20]
 def test_default_tiles_follow_the_batch():
     """Without batch invariance the block size grows with the rows per expert and TMA tiles start at
     TMA_MIN_ROWS_PER_EXPERT (what batch-invariant mode has to switch off)."""
-    assert [choose_block_m(n, 64) for n in (8, 1024, 3072, 65536)] == [16, 32, 64, 128]
+    assert [choose_block_m(n, 64) for n in (8, 1024, 1536, 2048, 3072, 65536)] == [16, 32, 32, 64, 64, 128]
     assert not tma_pays(TMA_MIN_ROWS_PER_EXPERT * 64 - 1, 64) and tma_pays(TMA_MIN_ROWS_PER_EXPERT * 64, 64)
     assert len(block_m_ranges(64)) == 4
 
