@@ -55,6 +55,16 @@ def check_clamp_constants(alpha, limit) -> None:
         raise ValueError(f"limit: expected a number >= 0 (inf: no clamp), got {shown(limit)}")
 
 
+def check_constants_read(activation: str, alpha, limit) -> None:
+    """An ``alpha`` or ``limit`` other than the default given with an activation that does not read it is
+    refused: it would change nothing, where the caller expects it to."""
+    for name, value, default in (("alpha", alpha, CLAMPED_SWIGLU_ALPHA), ("limit", limit, CLAMPED_SWIGLU_LIMIT)):
+        if name not in BY_NAME[activation].parameters and value != default:
+            readers = [a.name for a in TABLE if name in a.parameters]
+            raise ValueError(f"{name}: read only by activation {' or '.join(map(repr, readers))}; "
+                             f"activation={activation!r} ignores it, got {name}={shown(value)}")
+
+
 def activate_ref(gate: torch.Tensor, up: torch.Tensor | None, activation: str, alpha: float, limit: float):
     """The activation of the expert MLP: act(gate) * up when gated, act(gate) otherwise."""
     if activation == "clamped_swiglu":

@@ -40,6 +40,7 @@ from moe_ops.activations import (
     CLAMPED_SWIGLU_LIMIT,
     activate_ref,
     check_clamp_constants,
+    check_constants_read,
 )
 from moe_ops.expert_gemm_triton import expert_gemm_triton
 from moe_ops.layout import BlockSchedule, PaddedSchedule, schedule_sizes
@@ -280,6 +281,8 @@ def expert_gemm(
     check_int("gather_top_k", gather_top_k, minimum=0)
     check_bool("scatter", scatter)
     check_clamp_constants(alpha, limit)
+    check_choice("activation", activation, ACTIVATIONS)
+    check_constants_read(activation, alpha, limit)
     # The schedule's sizes are those of the slot count and block size it was built for (schedule_sizes): another
     # num_slots would mark other rows as padding, another block_m read other blocks. (Slot counts whose
     # schedules have the same sizes cannot be told apart here without reading the schedule on the host.)

@@ -35,6 +35,7 @@ from moe_ops.activations import (
     CLAMPED_SWIGLU_LIMIT,
     activate_ref,
     check_clamp_constants,
+    check_constants_read,
 )
 from moe_ops.capacity import POLICIES as CAPACITY_POLICIES
 from moe_ops.capacity import apply_capacity_ref
@@ -681,6 +682,7 @@ def fused_experts(
                                   ("input_quantisation", input_quantisation, INPUT_QUANTISATIONS)):
         check_choice(name, choice, choices)
     check_clamp_constants(alpha, limit)
+    check_constants_read(activation, alpha, limit)
     for name, flag in (("interleaved", interleaved), ("gated", gated), ("return_num_dropped", return_num_dropped)):
         check_bool(name, flag)
     args = (

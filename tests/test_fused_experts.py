@@ -403,6 +403,15 @@ def test_errors_name_the_argument():
     # An infinite limit clamps nothing (Step-3.7's layers without one): taken, and it is plain SiLU.
     torch.testing.assert_close(fused_experts(**layer, activation="clamped_silu", limit=math.inf),
                                fused_experts(**layer, activation="silu"))
+    # A constant the activation does not read would change nothing the caller expects it to change.
+    for activation, constants in (("silu", dict(alpha=1.0)), ("silu", dict(limit=3.0)),
+                                  ("clamped_silu", dict(alpha=2.0)), ("gelu", dict(limit=math.inf))):
+        name = next(iter(constants))
+        with pytest.raises(ValueError, match=rf"{name}: read only by activation 'clamped_swiglu'.* "
+                                             rf"activation='{activation}' ignores it"):
+            fused_experts(**layer, activation=activation, **constants)
+    torch.testing.assert_close(fused_experts(**layer, activation="clamped_swiglu", alpha=1.0, limit=3.0),
+                               fused_experts_ref(**layer, activation="clamped_swiglu", alpha=1.0, limit=3.0))
 
 
 QUANTISED = ["int8", "fp8"]  # per output row
