@@ -650,7 +650,8 @@ def fused_experts(
         interleaved:  gate and up alternate along the 2F axis (GPT-OSS) instead of two halves
         activation:   "silu" (SwiGLU) | "gelu" | "gelu_tanh" | "relu" | "relu2" (squared ReLU) |
                       "clamped_swiglu" (GPT-OSS: alpha, limit) | "clamped_silu" (GLM-5-Next: limit) |
-                      "none"
+                      "none"; an alpha or limit other than the default given to an activation that does
+                      not read it is refused
         gated:        act(gate) * up; False for a plain act(x W1) W2 MLP (w_gate_up is then W1)
         capacity_factor: 0 = dropless; else each expert takes at most ceil(cf * T * K / E) slots and
                       the rest contribute zero, chosen by drop_policy "position" (slot order),
