@@ -57,10 +57,22 @@ if not hasattr(torch.ops.torchtitan, "deterministic_scatter_add"):
 
 
 class TokenChoiceTopKRouter(nn.Module):
-    def __init__(self, score_func="sigmoid", route_norm=False, route_scale=1.0):
+    def __init__(self, score_func="sigmoid", route_norm=False, route_scale=1.0, num_expert_groups=None,
+                 num_limited_groups=None):
         super().__init__()
         self.gate = nn.Linear(D, E, bias=False)
         self.score_func, self.route_norm, self.route_scale = score_func, route_norm, route_scale
+        self.num_expert_groups, self.num_limited_groups = num_expert_groups, num_limited_groups
+
+    def node_limited(self, scores_for_choice_TE):
+        # Only the experts of each token's num_limited_groups best groups (a group's score: its two best).
+        scores_TGX = scores_for_choice_TE.view(-1, self.num_expert_groups, E // self.num_expert_groups)
+        top2_TG2, _ = scores_TGX.topk(2, dim=-1)
+        group_scores_TG = top2_TG2.sum(dim=-1)
+        _, group_idx = torch.topk(group_scores_TG, k=self.num_limited_groups, dim=-1, sorted=False)
+        group_mask_TG = torch.ones_like(group_scores_TG, dtype=torch.bool)
+        group_mask_TG.scatter_(1, group_idx, False)  # False: selected groups
+        return scores_TGX.masked_fill(group_mask_TG.unsqueeze(-1), float("-inf")).view(-1, E)
 
     def forward(self, x_TD, expert_bias_E=None):
         scores_TE = F.linear(x_TD.float(), self.gate.weight.float())  # autocast(float32) on CUDA
@@ -69,6 +81,8 @@ class TokenChoiceTopKRouter(nn.Module):
         else:
             scores_TE = F.softmax(scores_TE, dim=-1)
         scores_for_choice_TE = scores_TE if expert_bias_E is None else scores_TE + expert_bias_E
+        if self.num_expert_groups is not None:
+            scores_for_choice_TE = self.node_limited(scores_for_choice_TE)
         _, topk_expert_ids_TK = torch.topk(scores_for_choice_TE, k=K, dim=-1, sorted=False)
         topk_scores_TK = scores_TE.gather(dim=-1, index=topk_expert_ids_TK)
         if self.route_norm:
@@ -140,9 +154,9 @@ class FeedForward(nn.Module):
 
 class MoE(nn.Module):
     def __init__(self, dtype=torch.bfloat16, score_func="sigmoid", route_norm=False, route_scale=1.0,
-                 expert_bias=False, shared_experts=False, dispatcher=LocalTokenDispatcher):
+                 expert_bias=False, shared_experts=False, dispatcher=LocalTokenDispatcher, groups=(None, None)):
         super().__init__()
-        self.router = TokenChoiceTopKRouter(score_func, route_norm, route_scale)
+        self.router = TokenChoiceTopKRouter(score_func, route_norm, route_scale, *groups)
         self.experts = GroupedExperts(dtype)
         self.token_dispatcher = dispatcher()
         self.shared_experts = FeedForward(dtype) if shared_experts else None
@@ -233,6 +247,22 @@ aten.mm.default()
 aten.mul.Tensor()
 aten.permute.default([1, 0])
 aten.addmm.default()""")
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["random", "tied_groups"])
+def test_node_limited_router(tie):
+    """torchtitan's node-limited routing (DeepSeek-V3's groups: the choices viewed per group, the groups not
+    kept filled with -inf) is moe_ops.route's n_group / topk_group. Tied: experts 2 and 3 score as 0 and 1 for
+    every token, so groups 0 and 1 tie; the op keeps the group torch.topk keeps."""
+    model = MoE(score_func="sigmoid", route_norm=True, route_scale=2.5, expert_bias=not tie, groups=(4, 2)).eval()
+    if tie:
+        with torch.no_grad():
+            model.router.gate.weight[2:4] = model.router.gate.weight[0:2]
+    graph = check_against_eager(model, inputs())
+    assert counters["moe_ops"]["route_rewrite"] == 1 and rewrites() == 1
+    bias = "None, " if tie else ""  # no selection bias; expert_bias is an input node (the summary omits nodes)
+    assert f"moe_ops.route.default(2, 'sigmoid', False, True, 1e-20, {bias}4, 2, 2.5)" in graph
+    assert "aten.topk" not in graph
 
 
 class HistcCounts(MoE):  # torchtitan before the routing map: a histogram of the flattened ids
@@ -392,6 +422,14 @@ def test_one_graph_serves_every_token_count():
 
 
 # ---- Training ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("training_rewrites")
+def test_training_with_a_node_limited_router():
+    model = MoE(score_func="sigmoid", route_norm=True, expert_bias=True, groups=(4, 2))
+    forward_graph, backward_graph = check_training(model, inputs(), dtype=torch.bfloat16)
+    assert counters["moe_ops"]["route_rewrite"] == 1 and counters["moe_ops"]["joint_rewrite"] == 1
+    assert "aten.topk" not in forward_graph and calls_experts_backward(backward_graph)
 
 
 @pytest.mark.usefixtures("training_rewrites")

@@ -5,7 +5,8 @@ Recognised (T tokens, E experts, K = k; every reduction over the last dim of a (
     R1   topk(softmax|sigmoid(fp32 logits), k)      Mixtral, Qwen2/3-MoE, OLMoE
     R2   softmax(fp32(topk(logits, k).values))       GPT-OSS, mistral-inference
     R3   scores.gather(1, topk(group-masked(sigmoid(fp32 logits) + bias), k).indices)
-                                                     DeepSeek-V3 (the variants that mask with -inf)
+                                                     DeepSeek-V3 (the variants that mask with -inf),
+                                                     torchtitan's node-limited routing (masked per group)
     R4   scores.gather(1, topk(softmax|sigmoid(fp32 logits) + bias, k).indices)
                                                      MiniMax-M2, AFMoE, Laguna (a selection bias, no groups)
 
@@ -56,6 +57,7 @@ from moe_ops.lowering.graph.fx_match import (
     is_last_dim,
     is_view_call,
     prims,
+    same_shape,
     shape,
     val,
 )
@@ -266,8 +268,8 @@ def _match(topk: Node) -> RoutePrologue:
         raise Rejected("topk result used other than through getitem")
     values, ids = outputs.get(0), outputs.get(1)
 
-    if is_call(scores, aten.where.self):  # R3: selection among the experts of the kept groups
-        return _match_group_limited(topk, k, values, ids)
+    if is_call(scores, aten.where.self) or (is_view_call(scores) and is_call(scores.args[0], aten.where.self)):
+        return _match_group_limited(topk, k, values, ids)  # R3: selection among the experts of the kept groups
     if is_call(scores, aten.add.Tensor):  # R4: a selection bias, no groups
         return _match_biased(topk, k, values, ids)
     softmax_after = _match_softmax_after_topk(values)
@@ -329,15 +331,17 @@ def _match_softmax_after_topk(values: Node | None) -> Node | str | None:
 def _match_group_limited(topk: Node, k: int, values: Node | None, ids: Node | None) -> RoutePrologue:
     """R3 (DeepSeek-V3): ``choice = scores + bias`` (or the scores alone, Mistral 4); a group scores the
     sum of its top-2 choices; the experts outside the best ``topk_group`` groups are masked to -inf;
-    topk on the masked choices; the weights are the unbiased scores gathered at the chosen ids."""
-    cond, if_true, if_false = topk.args[0].args
-    if is_call(cond, aten.bitwise_not.default):  # masked_fill(choice, ~keep, fill)
-        keep, fill, choice = cond.args[0], if_true, if_false
-    else:  # where(keep, choice, fill)
-        keep, fill, choice = cond, if_false, if_true
-    fill_value = fill.args[1] if is_call(fill, aten.full.default) else None
+    topk on the masked choices; the weights are the unbiased scores gathered at the chosen ids. The mask is
+    the (T, E) choices' (transformers), or the choices viewed as (T, n_group, E / n_group) are masked per group
+    and viewed back as (T, E) (torchtitan)."""
+    masked = topk.args[0]
     if values is not None and values.users:
         raise Rejected("the top-k masked choices are used, not just their ids")
+    if is_view_call(masked):
+        group_ids, n_group, group_size, fill, choice = _per_group_mask(masked)
+    else:
+        group_ids, n_group, group_size, fill, choice = _expert_mask(masked)
+    fill_value = fill.args[1] if is_call(fill, aten.full.default) else None
     if is_call(choice, aten.add.Tensor):
         num_experts, scores, bias = _biased_choice(choice)
     else:  # no selection bias (Mistral 4): the groups and the experts are chosen on the scores
@@ -345,19 +349,7 @@ def _match_group_limited(topk: Node, k: int, values: Node | None, ids: Node | No
         if not isinstance(num_experts, int):
             raise Rejected("the number of experts is not static")
     scoring, fp32_logits = _match_scores(scores)
-
-    # keep (T, E) = the kept groups' mask (T, n_group) repeated over each group's experts
-    if is_call(keep, prims.convert_element_type.default) and keep.args[1] == torch.bool:
-        keep = keep.args[0]
-    before_view = keep.args[0] if is_view_call(keep) else None
-    expanded = before_view.args[0] if is_call(before_view, aten.clone.default) else before_view
-    unsqueezed = expanded.args[0] if is_call(expanded, aten.expand.default) else None
-    group_keep = unsqueezed.args[0] if is_call(unsqueezed, aten.unsqueeze.default) else None
-    group_ids = _kept_groups_ids(group_keep)
-    if group_ids is None or unsqueezed.args[1] not in (-1, 2):
-        raise Rejected("the expert mask is not the kept groups' mask repeated over their experts")
-    n_group, group_size = shape(expanded)[1:]
-    if shape(keep)[1:] != (num_experts,) or not (isinstance(n_group, int) and isinstance(group_size, int)):
+    if not (shape(masked)[1:] == (num_experts,) and isinstance(n_group, int) and isinstance(group_size, int)):
         raise Rejected("the expert mask is not (T, E), or the group sizes are not static")
     group_topk = group_ids.args[0] if is_call(group_ids, operator.getitem) else None
     if not (
@@ -408,6 +400,50 @@ def _match_group_limited(topk: Node, k: int, values: Node | None, ids: Node | No
         topk=topk, logits=_fp32_source(fp32_logits), k=k, scoring=scoring, softmax_after_topk=False,
         weights=weights, ids=ids, correction_bias=bias, n_group=n_group, topk_group=topk_group, **folded,
     )
+
+
+def _expert_mask(masked: Node) -> tuple[Node, int, int, Node, Node]:
+    """transformers' R3 mask: ``masked_fill(choice, ~keep, fill)`` or ``where(keep, choice, fill)`` over (T, E),
+    keep the kept groups' (T, n_group) mask repeated over each group's experts. Returns (the kept groups' ids,
+    n_group, group size, the fill, the choices)."""
+    cond, if_true, if_false = masked.args
+    if is_call(cond, aten.bitwise_not.default):  # masked_fill(choice, ~keep, fill)
+        keep, fill, choice = cond.args[0], if_true, if_false
+    else:  # where(keep, choice, fill)
+        keep, fill, choice = cond, if_false, if_true
+    if is_call(keep, prims.convert_element_type.default) and keep.args[1] == torch.bool:
+        keep = keep.args[0]
+    before_view = keep.args[0] if is_view_call(keep) else None
+    expanded = before_view.args[0] if is_call(before_view, aten.clone.default) else before_view
+    unsqueezed = expanded.args[0] if is_call(expanded, aten.expand.default) else None
+    group_keep = unsqueezed.args[0] if is_call(unsqueezed, aten.unsqueeze.default) else None
+    group_ids = _kept_groups_ids(group_keep)
+    if group_ids is None or unsqueezed.args[1] not in (-1, 2) or not same_shape(shape(keep), shape(masked)):
+        raise Rejected("the expert mask is not the kept groups' mask repeated over their experts")
+    return group_ids, *shape(expanded)[1:], fill, choice
+
+
+def _per_group_mask(masked: Node) -> tuple[Node, int, int, Node, Node]:
+    """torchtitan's R3 mask: ``grouped.masked_fill(drop.unsqueeze(-1), fill).view(T, E)``, grouped the (T, E)
+    choices viewed as (T, n_group, E / n_group) and drop = ``ones(T, n_group).scatter(1, kept group ids, False)``
+    (True at the groups not kept): the (T, E) choices of the kept groups' experts, the rest the fill, as
+    transformers' mask gives them. Returns what _expert_mask does."""
+    where = masked.args[0]
+    cond, fill, grouped = where.args
+    drop = cond.args[0] if is_call(cond, aten.unsqueeze.default) and cond.args[1] in (-1, 2) else None
+    if not (
+        is_call(drop, aten.scatter.value)
+        and drop.args[1] == 1
+        and drop.args[3] in (0, False)
+        and is_call(drop.args[0], aten.full.default)
+        and drop.args[0].args[1] is True
+        and is_view_call(grouped)
+        and len(shape(grouped)) == 3
+        and same_shape(shape(drop), shape(grouped)[:2])
+        and same_shape(shape(where), shape(grouped))
+    ):
+        raise Rejected("the masked choices are not the groups' choices with the groups not kept filled")
+    return drop.args[2], *shape(grouped)[1:], fill, grouped.args[0]
 
 
 def _kept_groups_ids(group_keep: Node | None) -> Node | None:
