@@ -56,8 +56,9 @@ def check_clamp_constants(alpha, limit) -> None:
 
 
 def check_constants_read(activation: str, alpha, limit) -> None:
-    """An ``alpha`` or ``limit`` other than the default given with an activation that does not read it is
-    refused: it would change nothing, where the caller expects it to."""
+    """check_clamp_constants, and an ``alpha`` or ``limit`` other than the default given with an activation that
+    does not read it refused: it would change nothing, where the caller expects it to."""
+    check_clamp_constants(alpha, limit)
     for name, value, default in (("alpha", alpha, CLAMPED_SWIGLU_ALPHA), ("limit", limit, CLAMPED_SWIGLU_LIMIT)):
         if name not in BY_NAME[activation].parameters and value != default:
             readers = [a.name for a in TABLE if name in a.parameters]

@@ -280,7 +280,6 @@ def expert_gemm(
     check_int("block_m", block_m, minimum=1)
     check_int("gather_top_k", gather_top_k, minimum=0)
     check_bool("scatter", scatter)
-    check_clamp_constants(alpha, limit)
     check_choice("activation", activation, ACTIVATIONS)
     check_constants_read(activation, alpha, limit)
     # The schedule's sizes are those of the slot count and block size it was built for (schedule_sizes): another

@@ -682,7 +682,6 @@ def fused_experts(
                                   ("drop_policy", drop_policy, CAPACITY_POLICIES),
                                   ("input_quantisation", input_quantisation, INPUT_QUANTISATIONS)):
         check_choice(name, choice, choices)
-    check_clamp_constants(alpha, limit)
     check_constants_read(activation, alpha, limit)
     for name, flag in (("interleaved", interleaved), ("gated", gated), ("return_num_dropped", return_num_dropped)):
         check_bool(name, flag)
