@@ -414,6 +414,13 @@ def _op_packet(op) -> str:
     return str(op).rsplit(".", 1)[0] if isinstance(op, torch._ops.OpOverload) else str(op)
 
 
+def _back_through_pass_through(value: Node, within: set[Node]) -> set[Node]:
+    """``value`` and, while the node reached is a _PASS_THROUGH op, its operands in ``within``: the nodes whose backward
+    may be the one that reads ``value``'s gradient (a cast or view passing it on with no node of its own)."""
+    return closure([value], lambda node: [n for n in node.all_input_nodes if n in within]
+                   if node.op == "call_function" and _op_packet(node.target) in _PASS_THROUGH else [])
+
+
 @dataclasses.dataclass
 class _Splice:
     """Where the rewritten forward's new nodes go into the joint graph and what of it they replace.
@@ -574,9 +581,7 @@ def _find_splice(graph: Graph, forward: Graph, copies: dict[Node, Node], operand
     # The gradients reaching the replaced outputs: what their backward reads of the rest of the backward, told
     # apart (blocks of one shape) by the record of the op that made each output (through steps with no backward
     # node of their own). One gradient may reach several outputs (two blocks summed).
-    numbers_of = [{n.meta.get("seq_nr") for n in closure([output], lambda node: [
-        n for n in node.all_input_nodes if n in removed] if _op_packet(node.target) in _PASS_THROUGH else [])}
-        for output in outputs]
+    numbers_of = [{n.meta.get("seq_nr") for n in _back_through_pass_through(output, removed)} for output in outputs]
     grads = []
     for node in dict.fromkeys(n for b in graph.nodes if b in backward for n in b.all_input_nodes):
         if node in backward or node not in gradients:
@@ -706,11 +711,8 @@ def _gradient_readers(value: Node, differentiable: set[Node]) -> set[tuple]:
     """Who in the plain backward may read ``value``'s gradient: the graph's output (a primal's), the backward of the op
     that made it (its number), and, where that op may pass the gradient on with no node of its own (_PASS_THROUGH: a
     cast round trip whose casts back Inductor folds), the same of its operands."""
-    readers = set()
-    for node in closure([value], lambda node: [n for n in node.all_input_nodes if n in differentiable]
-                        if node.op == "call_function" and _op_packet(node.target) in _PASS_THROUGH else []):
-        readers.add(("primal", node) if node.op == "placeholder" else ("number", node.meta.get("seq_nr")))
-    return readers
+    return {("primal", node) if node.op == "placeholder" else ("number", node.meta.get("seq_nr"))
+            for node in _back_through_pass_through(value, differentiable)}
 
 
 def _same_value(a: Node, b: Node) -> bool:
