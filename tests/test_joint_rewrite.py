@@ -392,6 +392,27 @@ class _HalfGradient(torch.autograd.Function):
         return grad * 0.5
 
 
+class _CastHalfGradient(torch.autograd.Function):
+    """A forward as torchtitan's bias scaling writes it (a cast to the tensor's own dtype), a backward that is not
+    the gradient as it is."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.to(torch.bfloat16)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 0.5
+
+
+class _PassGradient(_CastHalfGradient):
+    """The same forward, the gradient passed on as it is: what autograd does without the Function."""
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
 @torch.compiler.allow_in_graph
 def _stop_gradient(x):
     """dynamo records one call to it: the detach inside is not in its graph."""
@@ -417,6 +438,10 @@ class AlteredGradients(GroupedMoE):
             return self.experts(x_TH) + logits_TE.sum()
         if self.form == "custom autograd.Function":
             return _HalfGradient.apply(self.experts(x_TH))
+        if self.form == "cast Function scaling its gradient":
+            return _CastHalfGradient.apply(self.experts(x_TH))
+        if self.form == "cast Function passing its gradient":
+            return _PassGradient.apply(self.experts(x_TH))
         if self.form == "copy of the detached input":
             copied_TH = torch.zeros_like(x_TH)
             copied_TH.copy_(x_TH.detach())
@@ -485,7 +510,7 @@ class AlteredGradients(GroupedMoE):
 
 
 ALTERATIONS = ("detached routing weights", "detached input", ".data input", "no_grad logits added",
-               "custom autograd.Function", "tensor hook", "copy of the detached input", "copy under no_grad",
+               "custom autograd.Function", "cast Function scaling its gradient", "tensor hook", "copy of the detached input", "copy under no_grad",
                "aten.detach overload", "detach_ of a clone", "new_tensor", "inference_mode inside no_grad",
                "allow_in_graph detach", "detached cast round trip", "cast under no_grad",
                "detach behind a complex cast", "complex cast under no_grad", "detached write read through another view",
@@ -503,6 +528,15 @@ def test_code_that_alters_gradients_keeps_the_plain_backward(form, caplog):
         check_training(AlteredGradients(form), tokens(), dtype=torch.bfloat16)
     assert joint_rewrites() == 0
     assert "the code alters gradients" in caplog.text, caplog.text
+
+
+def test_function_passing_its_gradient_on_keeps_the_rewrite():
+    """A custom autograd.Function whose forward is a cast to the value's own dtype and whose backward returns the
+    gradient as it is (torchtitan's ScaleBiasForward at one tensor-parallel rank) changes no gradient: the rewrite
+    runs, and the gradients are eager's."""
+    forward_graph, backward_graph = check_training(AlteredGradients("cast Function passing its gradient"), tokens(),
+                                                   dtype=torch.bfloat16)
+    assert joint_rewrites() == 1 and calls_experts_backward(backward_graph)
 
 
 class BoundaryOps(GroupedMoE):

@@ -177,6 +177,64 @@ class MoE(nn.Module):
         return out_TD
 
 
+class ScaleBiasForward(torch.autograd.Function):
+    """torchtitan's bias scaling for tensor parallelism (gpt_oss/moe.py): divided by the degree where it exceeds 1,
+    the gradient passed on as it is."""
+
+    @staticmethod
+    def forward(ctx, bias, tp_degree, dtype):
+        ctx.tp_degree = tp_degree
+        if tp_degree > 1:
+            bias = bias / tp_degree
+        return bias.to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output, None, None
+
+
+def swiglu(x, alpha: float = 1.702, limit: float = 7.0):
+    x_glu, x_linear = x[..., ::2], x[..., 1::2]
+    x_glu = x_glu.clamp(min=None, max=limit)
+    x_linear = x_linear.clamp(min=-limit, max=limit)
+    out_glu = x_glu * torch.sigmoid(alpha * x_glu)
+    return torch.addcmul(out_glu, out_glu, x_linear)
+
+
+class GptOssGroupedExperts(nn.Module):
+    """torchtitan's GPT-OSS experts (gpt_oss/moe.py, b5bcd76): gate and up interleaved in one weight, each row's
+    expert bias added by a repeat_interleave of the biases over the token counts (a zero row for the tail slack)."""
+
+    def __init__(self, dtype=torch.bfloat16, swiglu_limit=7.0, tp_degree=1):
+        super().__init__()
+        self.swiglu_limit, self.tp_degree = swiglu_limit, tp_degree
+        self.mlp1_weight_EGD = nn.Parameter(torch.randn(E, 2 * F_HIDDEN, D, dtype=dtype) / D**0.5)
+        self.mlp1_bias_EG = nn.Parameter(torch.randn(E, 2 * F_HIDDEN, dtype=dtype) * 0.5)
+        self.mlp2_weight_EDF = nn.Parameter(torch.randn(E, D, F_HIDDEN, dtype=dtype) / F_HIDDEN**0.5)
+        self.mlp2_bias_ED = nn.Parameter(torch.randn(E, D, dtype=dtype) * 0.5)
+
+    def forward(self, x_RD, num_tokens_per_expert_E):
+        offsets_E = torch.cumsum(num_tokens_per_expert_E, dim=0, dtype=torch.int32)
+        tail_slack = (x_RD.shape[0] - offsets_E[-1]).unsqueeze(0).to(num_tokens_per_expert_E.dtype)
+        num_tokens_per_expert_long = torch.cat([num_tokens_per_expert_E, tail_slack]).long()
+        h_RG = torch._grouped_mm(x_RD.bfloat16(), self.mlp1_weight_EGD.transpose(-2, -1).bfloat16(), offs=offsets_E)
+        b1 = torch.cat([self.mlp1_bias_EG, self.mlp1_bias_EG.new_zeros(1, self.mlp1_bias_EG.shape[-1])])
+        b1_RG = b1.repeat_interleave(num_tokens_per_expert_long, dim=0, output_size=x_RD.shape[0])
+        h_RG = h_RG + b1_RG.to(h_RG.dtype)
+        h_RF = swiglu(h_RG, limit=self.swiglu_limit)
+        h_RD = torch._grouped_mm(h_RF, self.mlp2_weight_EDF.transpose(-2, -1).bfloat16(), offs=offsets_E)
+        b2 = torch.cat([self.mlp2_bias_ED, self.mlp2_bias_ED.new_zeros(1, self.mlp2_bias_ED.shape[-1])])
+        b2_RD = b2.repeat_interleave(num_tokens_per_expert_long, dim=0, output_size=x_RD.shape[0])
+        b2_RD = ScaleBiasForward.apply(b2_RD, self.tp_degree, h_RD.dtype)
+        return h_RD + b2_RD
+
+
+def gpt_oss(**options):
+    model = MoE(score_func="softmax", route_norm=True)
+    model.experts = GptOssGroupedExperts(**options)
+    return model
+
+
 # ---- Harness ----------------------------------------------------------------------------------------
 
 
@@ -309,6 +367,16 @@ def test_counts_also_added_into_a_buffer():
     torch.testing.assert_close(model.tokens_per_expert_E, expected_counts, rtol=0, atol=0)
 
 
+def test_gpt_oss_experts():
+    """torchtitan's GPT-OSS experts: the biases added through repeat_interleave are the op's per-expert biases,
+    torchtitan's swiglu (an addcmul) its clamped_swiglu on interleaved gate and up, with the limit read."""
+    graph = check_against_eager(gpt_oss(swiglu_limit=1.5).eval(), inputs())
+    assert rewrites() == 1 and counters["moe_ops"]["experts_rewrite_torchtitan"] == 1
+    # No w_up and no b_up: the gate and up weights and biases are one tensor each (nodes, not shown).
+    assert "moe_ops.fused_experts.default(None, None, 'EFH', True, 'clamped_swiglu', True, 1.702, 1.5, 0.0" in graph
+    assert "aten._grouped_mm" not in graph and "aten.searchsorted" not in graph
+
+
 def test_torchtitan_scatter_add_custom_op():
     model = MoE(score_func="sigmoid", expert_bias=True, dispatcher=CustomOpDispatcher).eval()
     graph = check_against_eager(model, inputs())
@@ -350,7 +418,14 @@ def gelu_plus_up():
     return model
 
 
+def bias_scaled_for_tensor_parallelism():
+    model = gpt_oss()
+    model.experts.tp_degree = 2  # the down bias halved: not the op's bias
+    return model
+
+
 NEAR_MISSES = {
+    "bias scaled (tensor parallel)": (bias_scaled_for_tensor_parallelism, "adds something other than each row's "),
     "scores not applied": (lambda: MoE(dispatcher=ScoresNotApplied), "not multiplied by their routing weights"),
     "counts of other ids": (lambda: CountsOfOtherIds(score_func="softmax"), "counts are of other ids"),
     "gelu(w1 x) + w3 x": (gelu_plus_up, "is no activation the op computes"),
@@ -371,7 +446,8 @@ def test_not_rewritten(case, caplog):
     for got, want in zip(*((r,) if isinstance(r, torch.Tensor) else r for r in (result, expected)), strict=True):
         assert_close_rel(got, want, torch.bfloat16, case)  # the fp32 model computes its GEMMs in bf16
     assert rewrites() == 0
-    assert "moe_ops.fused_experts" not in graph and graph.count("aten._grouped_mm") == 3
+    num_gemms = 2 if isinstance(model.experts, GptOssGroupedExperts) else 3
+    assert "moe_ops.fused_experts" not in graph and graph.count("aten._grouped_mm") == num_gemms
     assert reason in caplog.text
 
 
@@ -454,6 +530,16 @@ def test_training(options):
     code), every gradient equals eager's, the shared expert keeps its own backward."""
     model = MoE(**options)
     forward_graph, backward_graph = check_training(model, inputs(), dtype=torch.bfloat16)
+    assert rewrites() == 1 and counters["moe_ops"]["joint_rewrite"] == 1
+    assert FUSED_EXPERTS_TRAINING in forward_graph and "_grouped_mm" not in forward_graph
+    assert calls_experts_backward(backward_graph) and "_grouped_mm" not in backward_graph
+
+
+@pytest.mark.usefixtures("training_rewrites")
+def test_training_gpt_oss_experts():
+    """The custom autograd.Function around the down bias (its forward a cast to the bias's own dtype, its backward
+    the gradient as it is) keeps the training rewrite; every gradient, the biases' included, equals eager's."""
+    forward_graph, backward_graph = check_training(gpt_oss(), inputs(), dtype=torch.bfloat16)
     assert rewrites() == 1 and counters["moe_ops"]["joint_rewrite"] == 1
     assert FUSED_EXPERTS_TRAINING in forward_graph and "_grouped_mm" not in forward_graph
     assert calls_experts_backward(backward_graph) and "_grouped_mm" not in backward_graph

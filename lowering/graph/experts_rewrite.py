@@ -104,8 +104,9 @@ class ExpertsMatch:
 # ---- Activations ---------------------------------------------------------------------------------
 
 
-def _activation_fn(activation: str, gate_up_form: str):
-    """The activation as transformers / torchtitan write it, from the gate_up GEMM output(s)."""
+def _activation_fn(activation: str, gate_up_form: str, written: int = 0):
+    """The activation as transformers / torchtitan write it, from the gate_up GEMM output(s); ``written`` picks
+    one of the ways code writes it (_WRITTEN_FORMS)."""
     act = {
         "silu": F.silu, "relu": F.relu, "gelu": F.gelu,
         "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
@@ -117,12 +118,15 @@ def _activation_fn(activation: str, gate_up_form: str):
             return gate_up[..., ::2], gate_up[..., 1::2]
         return gate_up.chunk(2, dim=-1)
 
-    if activation == "clamped_swiglu":  # GPT-OSS's _apply_gate
+    if activation == "clamped_swiglu":
         def fn(*inputs):
             gate, up = split(inputs[0]) if len(inputs) == 1 else inputs
             gate = gate.clamp(min=None, max=_LIMIT)
             up = up.clamp(min=-_LIMIT, max=_LIMIT)
-            return (up + 1) * (gate * torch.sigmoid(gate * _ALPHA))
+            glu = gate * torch.sigmoid(gate * _ALPHA)
+            if written == 1:  # torchtitan's swiglu: glu + glu * up in one op, one rounding (the op's is none)
+                return torch.addcmul(glu, glu, up)
+            return (up + 1) * glu  # transformers' GPT-OSS _apply_gate
         return fn
     if activation == "clamped_silu":  # GLM-5-Next's, HY-V4's, DeepSeek-V4's experts
         def clamped(*inputs):
@@ -139,15 +143,19 @@ def _activation_fn(activation: str, gate_up_form: str):
     return gated
 
 
+# How many ways code writes an activation (the same function of gate and up): _activation_fn's ``written``.
+_WRITTEN_FORMS = {"clamped_swiglu": 2}
+
+
 @functools.cache
-def _activation_template(activation: str, gate_up_form: str, dtype: torch.dtype, width: int) -> Graph:
+def _activation_template(activation: str, gate_up_form: str, dtype: torch.dtype, width: int, written: int) -> Graph:
     """The post-grad graph of the activation: traced with Inductor's decompositions, as Inductor does.
     ``width`` is the gate_up output width (it appears in the split)."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     num_inputs = 2 if gate_up_form == "separate" else 1
     example = [torch.zeros(2, width, dtype=dtype) for _ in range(num_inputs)]
-    fn = _activation_fn(activation, gate_up_form)
+    fn = _activation_fn(activation, gate_up_form, written)
     return make_fx(fn, decomposition_table=select_decomp_table())(*example).graph
 
 
@@ -287,12 +295,15 @@ def match_activation(
     width = val(inputs[0]).shape[-1]
     if not isinstance(width, int):
         return None
-    template = _activation_template(activation, gate_up_form, val(inputs[0]).dtype, width)
-    placeholders = [n for n in template.nodes if n.op == "placeholder"]
-    (output,) = [n for n in template.nodes if n.op == "output"]
-    matcher = _TemplateMatch()
-    matcher.nodes.update(zip(placeholders, inputs, strict=True))
-    if not matcher.node(output.args[0], h):
+    for written in range(_WRITTEN_FORMS.get(activation, 1)):
+        template = _activation_template(activation, gate_up_form, val(inputs[0]).dtype, width, written)
+        placeholders = [n for n in template.nodes if n.op == "placeholder"]
+        (output,) = [n for n in template.nodes if n.op == "output"]
+        matcher = _TemplateMatch()
+        matcher.nodes.update(zip(placeholders, inputs, strict=True))
+        if matcher.node(output.args[0], h):
+            break
+    else:
         return None
     try:  # constants the op refuses (a negative limit: torch's clamp then returns its bound) leave the code as it is
         check_clamp_constants(matcher.constants.get("alpha", CLAMPED_SWIGLU_ALPHA),

@@ -21,7 +21,7 @@ graph (``primals_*`` and ``tangents_*`` in; forward outputs, then one gradient p
 
 What made the user's backward differ from the ops' autograd formulas must not be in the graph: a
 ``.detach()`` (or ``.data``) of a value that needs a gradient, a no_grad or inference_mode block that computes
-from one, a custom autograd.Function, a tensor hook. The joint graph keeps no sign of them (Inductor drops the
+from one, a custom autograd.Function (but one that passes its input and its gradient on as they are), a tensor hook. The joint graph keeps no sign of them (Inductor drops the
 detach, the Function's forward is its aten ops), so they are read off the graph dynamo made, which Inductor's
 pre-grad hook sees first (note_gradient_alterations, installed by moe_ops.lowering.passes); a joint graph whose
 compile showed any, or that no such look preceded, is left as it is. The splice also checks it by structure: the
@@ -254,6 +254,35 @@ def _reaches_gradient(node: Node) -> bool:
     return False
 
 
+def _passes_gradient_unchanged(node: Node) -> bool:
+    """Whether a custom autograd.Function call (dynamo's ``autograd_function_apply``) is one whose forward returns
+    its one tensor input, at most cast (``.to(dtype)``) and viewed as itself, and whose backward returns the
+    gradient it is given unchanged: what autograd does without the Function (autograd casts a returned gradient
+    to the input's dtype, as the cast's own backward does). torchtitan's GPT-OSS experts wrap their down bias in
+    one (``ScaleBiasForward``: a division by the tensor-parallel degree only where it exceeds 1)."""
+    owner = node.graph.owning_module
+    bodies = [getattr(owner, body.target, None) if isinstance(body, Node) and body.op == "get_attr" else None
+              for body in node.args[:2]]
+    if not all(isinstance(body, GraphModule) for body in bodies):
+        return False
+    forward, backward = ([n for n in body.graph.nodes if not (n.op == "call_function" and n.target is
+                                                               torch._C._set_grad_enabled)] for body in bodies)
+    inputs = [n for n in forward if n.op == "placeholder"]
+    if len(inputs) != 1 or len([n for n in node.args[2:] if isinstance(n, Node)]) != 1:
+        return False
+    value = inputs[0]
+    for step in [n for n in forward if n.op not in ("placeholder", "output")]:  # each reads the one before
+        if not (step.op == "call_method" and step.args[0] is value and not step.kwargs and (
+                (step.target == "to" and len(step.args) == 2 and isinstance(step.args[1], torch.dtype))
+                or (step.target == "view_as" and step.args[1] is step.args[0]))):
+            return False
+        value = step
+    returned = forward[-1].args[0]
+    gradient = [n for n in backward if n.op == "placeholder"]
+    return (returned in ((value,), ((value,), ())) and len(gradient) == 1 and len(backward) == 2
+            and backward[-1].args[0] in ((gradient[0],), gradient[0]))
+
+
 def gradient_alterations(graph: Graph) -> list[str]:
     """What in a dynamo graph (and in the subgraphs it calls: checkpointed bodies) makes its backward differ from the
     autograd formulas of its ops: a detach of a value that needs a gradient, or an op computed from one with grad
@@ -261,7 +290,12 @@ def gradient_alterations(graph: Graph) -> list[str]:
     keeps opaque (allow_in_graph, nonstrict_trace) taking one; a tensor hook. Each as ``"<node>: <what>"``."""
     found = []
     grad_off, before_inference_mode = False, []
+    unchanged = {node for node in graph.nodes if node.op == "call_function" and _call_name(node) in _CUSTOM_FUNCTIONS
+                 and _passes_gradient_unchanged(node)}
+    their_bodies = {body for node in unchanged for body in node.args[:2]}
     for node in graph.nodes:
+        if node in unchanged or node in their_bodies:
+            continue
         if node.op == "get_attr" and isinstance(sub := getattr(graph.owning_module, node.target, None), GraphModule):
             found += gradient_alterations(sub.graph)
         if node.op not in ("call_function", "call_method"):

@@ -36,6 +36,12 @@ node by ``match_any_activation``; torchtitan's is silu):
   when they are bf16 already. A cast in the graph (fp32 model) means the plain code rounds inputs
   that the op would not: not rewritten.
 
+torchtitan's GPT-OSS experts (``models/gpt_oss/moe.py``) in the same MoE: one grouped_mm on the gate and up
+weights interleaved, then ``+ cat([b1, zeros]).repeat_interleave(cat([n, S - offs[-1]]), output_size=S)`` (each
+row's expert bias: _bias_rows), ``swiglu`` (``addcmul(glu, glu, up)``: the op's clamped_swiglu), the down
+grouped_mm plus its bias the same way (behind ``ScaleBiasForward``, a cast at one tensor-parallel rank): the op
+with ``b_gate_up``, ``b_down``, ``interleaved=True``. A bias divided for tensor parallelism is not matched.
+
 Rounding: torchtitan rounds each GEMM output to bf16 and adds the K slots in bf16 (scatter_add into a
 bf16 zeros); the op keeps the GEMMs and the sum in fp32 (see lowering/graph/experts_rewrite.py).
 
@@ -43,8 +49,7 @@ Not handled (logged): token-group padding. torchtitan (b5bcd76) no longer pads i
 dispatcher (no ``generate_permute_indices``); it pads groups to a multiple of 16/32 only in
 ``TorchAOTokenDispatcher`` (quantized grouped GEMMs: torchao's ``permute_and_pad``, an opaque op) and
 HybridEP. There the grouped_mm rows are not ``x[tok]`` and the offsets are not the counts' cumsum.
-The EP dispatchers (all-to-all) and the GPT-OSS experts (biases, interleaved clamped SwiGLU) are
-other forms.
+The EP dispatchers (all-to-all) are other forms.
 """
 
 from __future__ import annotations
@@ -114,6 +119,83 @@ def _grouped_mm_args(gemm: Node) -> tuple[Node, Node, Node]:
     if arg(gemm, 3, "bias", None) is not None or arg(gemm, 4, "out_dtype", None) not in (None, val(a).dtype):
         raise Rejected(f"{gemm.name} has a bias or another output dtype")
     return a, b, offsets
+
+
+def _is_integer_cast(node) -> bool:
+    return _is_cast(node) and val(node) is not None and not val(node).dtype.is_floating_point
+
+
+def _strip_integer_cast(node: Node) -> Node:
+    return node.args[0] if _is_integer_cast(node) else node
+
+
+def _bias_rows(added: Node, offsets: Node, num_slots, region: set[Node]) -> tuple[Node, Node]:
+    """torchtitan's GPT-OSS experts add each row's expert bias to a grouped_mm's output:
+    ``gemm + cat([b, zeros(1, N)]).repeat_interleave(cat([counts, S - offsets[-1]]).long(), output_size=S)``,
+    post-grad ``index(cat([b, zeros]), [clamp_max(searchsorted(cumsum(cat([counts, slack])), iota(S), right=True),
+    E)])``. Row r gets b[e] for the e with offsets[e-1] <= r < offsets[e]: the first E prefix sums are the offsets,
+    and with the slack S - offsets[-1] >= 0 the last one, S + slack, is past every row (the slack is 0 here: the
+    counts are the S slots'), so the zero row is never read. Returns (the grouped_mm, b); Rejected for anything
+    else added."""
+    rejected = Rejected(f"{added.name} adds something other than each row's expert bias to the grouped_mm")
+    gemm, rows = added.args
+    if not _is_grouped_mm(gemm):
+        gemm, rows = rows, gemm
+    if not (_is_grouped_mm(gemm) and not added.kwargs and is_call(rows, aten.index.Tensor) and len(rows.args[1]) == 1):
+        raise rejected
+    counts, num_experts = offsets.args[0], shape(offsets)[0]
+    nodes = [added, rows]
+    # rows = cat([b, zeros(1, N)])[index]
+    table, (index,) = rows.args
+    if not (is_call(table, aten.cat.default) and arg(table, 1, "dim", 0) in (0, -2) and len(table.args[0]) == 2):
+        raise rejected
+    bias, zero_row = table.args[0]
+    if not (val(bias).dim() == 2 and same_shape(shape(bias), (num_experts, shape(gemm)[1]))
+            and _is_constant(zero_row, (0, 0.0)) and same_size(shape(zero_row)[0], 1)):
+        raise rejected
+    nodes += [table, zero_row]
+    # index = clamp_max(searchsorted(prefix, iota(S), right=True), >= E - 1)
+    if is_call(index, aten.clamp_max.default):
+        if not (isinstance(index.args[1], int) and index.args[1] >= num_experts - 1):
+            raise rejected
+        nodes.append(index)
+        index = index.args[0]
+    if not (is_call(index, aten.searchsorted.Tensor) and not arg(index, 2, "out_int32", False)
+            and (arg(index, 3, "right", False) or arg(index, 4, "side", None) == "right")):
+        raise rejected
+    prefix, positions = index.args[:2]
+    if not (is_call(positions, prims.iota.default) and arg(positions, 1, "start", 0) == 0
+            and arg(positions, 2, "step", 1) == 1 and same_size(positions.args[0], num_slots)):
+        raise rejected
+    nodes += [index, positions]
+    # prefix = cumsum(cat([counts, slack]))
+    if not (is_call(prefix, aten.cumsum.default) and prefix.args[1] in (0, -1)):
+        raise rejected
+    nodes.append(prefix)
+    repeats = prefix.args[0]
+    if _is_integer_cast(repeats):
+        nodes.append(repeats)
+        repeats = repeats.args[0]
+    if not (is_call(repeats, aten.cat.default) and arg(repeats, 1, "dim", 0) in (0, -1) and len(repeats.args[0]) == 2):
+        raise rejected
+    nodes.append(repeats)
+    first, slack = repeats.args[0]
+    for node in (first, slack):
+        if _is_integer_cast(node):
+            nodes.append(node)
+    first, slack = _strip_integer_cast(first), _strip_integer_cast(slack)
+    # slack = (S - offsets[-1]).unsqueeze(0)
+    difference = slack.args[0] if is_call(slack, aten.unsqueeze.default) and slack.args[1] in (0, -1) else None
+    last = (difference.args[1] if is_call(difference, aten.sub.Tensor) and same_size(difference.args[0], num_slots)
+            else None)
+    if not (first is counts and is_call(last, aten.select.int) and last.args[0] is offsets
+            and last.args[1] in (0, -1) and last.args[2] in (-1, num_experts - 1)):
+        raise rejected
+    nodes += [slack, difference, last]
+    if val(bias).dtype != val(gemm).dtype:
+        raise Rejected(f"the bias is {val(bias).dtype}, the grouped_mm {val(gemm).dtype}")
+    region.update(nodes)
+    return gemm, bias
 
 
 def _ids_from_top_k(ids: Node, num_experts: int) -> None:
@@ -261,7 +343,10 @@ def _match(combine: Node) -> ExpertsMatch:
     if topk_weights is None:
         raise Rejected("the slot outputs are not multiplied by the (T, K) weights in slot order")
 
-    # y = grouped_mm(h, w2^T, offs)
+    # y = grouped_mm(h, w2^T, offs) (+ each row's expert bias: GPT-OSS)
+    biased_down = down if is_call(down, aten.add.Tensor) else None
+    if biased_down is not None:
+        down = next((n for n in biased_down.args if _is_grouped_mm(n)), down)
     if not _is_grouped_mm(down):
         raise Rejected(f"the weighted slot outputs ({down.name}) are not a grouped_mm (or are cast first)")
     region.add(down)
@@ -272,20 +357,33 @@ def _match(combine: Node) -> ExpertsMatch:
 
     _ids_from_top_k(ids, num_experts)
     region |= _counts_region(offsets, ids, flat_ids, sort, num_experts)
+    b_down = None if biased_down is None else _bias_rows(biased_down, offsets, num_slots, region)[1]
 
-    # h = act(grouped_mm(xg, w1^T, offs), grouped_mm(xg, w3^T, offs)), xg = x[tok]
+    # h = act(grouped_mm(xg, w1^T, offs), grouped_mm(xg, w3^T, offs)), xg = x[tok]; or (GPT-OSS) one grouped_mm on
+    # the gate and up weights interleaved, each row's expert bias added, act(gate_up)
     gate_up = [n for n in offsets.users if _is_grouped_mm(n) and n is not down]
-    if len(gate_up) != 2:
-        raise Rejected(f"not three grouped_mms share the offsets (w1, w3, w2): {len(gate_up) + 1}")
-    try:
-        activation, act_nodes, constants = match_any_activation(h, gate_up, "separate")
-    except Rejected:
-        gate_up = gate_up[::-1]
-        activation, act_nodes, constants = match_any_activation(h, gate_up, "separate")
+    b_gate_up = None
+    if len(gate_up) == 1:
+        (gemm,) = gate_up
+        activated = gemm
+        if len(gemm.users) == 1 and is_call(next(iter(gemm.users)), aten.add.Tensor):
+            activated = next(iter(gemm.users))
+            b_gate_up = _bias_rows(activated, offsets, num_slots, region)[1]
+        forms = ("interleaved",) if any(is_call(u, aten.slice.Tensor) for u in activated.users) else ("concat",)
+        activation, act_nodes, constants = match_any_activation(h, [activated], forms[0])
+    elif len(gate_up) == 2:
+        forms = ("separate",)
+        try:
+            activation, act_nodes, constants = match_any_activation(h, gate_up, "separate")
+        except Rejected:
+            gate_up = gate_up[::-1]
+            activation, act_nodes, constants = match_any_activation(h, gate_up, "separate")
+    else:
+        raise Rejected(f"not two or three grouped_mms share the offsets (w1, w3, w2): {len(gate_up) + 1}")
     region |= act_nodes
     x = None
     weights = []
-    for gemm, name in zip(gate_up, ("w1", "w3"), strict=True):
+    for gemm, name in zip(gate_up, ("w1", "w3"), strict=False):
         gathered_x, weight_view, gemm_offsets = _grouped_mm_args(gemm)
         if gemm_offsets is not offsets:
             raise Rejected(f"the {name} grouped_mm has other offsets")
@@ -303,15 +401,23 @@ def _match(combine: Node) -> ExpertsMatch:
         region |= between | {gemm, gathered_x}
     if not same_size(shape(x)[0], num_tokens) or not same_size(shape(x)[1], hidden):
         raise Rejected("the output is not x's shape")
-    # The op's shapes (grouped_mm alone would let w3's output broadcast against w1's).
+    # The op's shapes (grouped_mm alone would let w3's output broadcast against w1's). EFH: w1 (E, F, H), w2
+    # (E, H, F); EHF the reverse; a gate and up in one weight have 2F features.
     w1_shape = shape(weights[0])
-    down_shape = (w1_shape[0], w1_shape[2], w1_shape[1])  # EFH: (E, F, H) -> (E, H, F); EHF: the reverse
-    if not (same_shape(w1_shape, shape(weights[1])) and same_shape(shape(w_down), down_shape)):
-        raise Rejected(f"w1 {w1_shape}, w3 {shape(weights[1])} and w2 {shape(w_down)} are not one MLP's shapes")
+    features, inputs = (1, 2) if layout == "EFH" else (2, 1)
+    num_features = w1_shape[features] if len(weights) == 2 else w1_shape[features] // 2
+    down_shape = [w1_shape[0], None, None]
+    down_shape[features], down_shape[inputs] = w1_shape[inputs], num_features
+    w_up = weights[1] if len(weights) == 2 else None
+    if not ((w_up is None or same_shape(w1_shape, shape(w_up))) and same_shape(shape(w_down), tuple(down_shape))
+            and (w_up is not None or same_size(num_features * 2, w1_shape[features]))):
+        raise Rejected(f"w1 {w1_shape}, w3 {None if w_up is None else shape(w_up)} and w2 {shape(w_down)} are not one "
+                       "MLP's shapes")
 
     return ExpertsMatch(
         form="torchtitan", result=combine, region=region, x=x, topk_weights=topk_weights, topk_ids=ids,
-        w_gate_up=weights[0], w_up=weights[1], w_down=w_down, layout=layout, activation=activation,
+        w_gate_up=weights[0], w_up=w_up, w_down=w_down, b_gate_up=b_gate_up, b_down=b_down, layout=layout,
+        interleaved=forms[0] == "interleaved", activation=activation,
         alpha=constants.get("alpha", CLAMPED_SWIGLU_ALPHA), limit=constants.get("limit", CLAMPED_SWIGLU_LIMIT),
     )
 
