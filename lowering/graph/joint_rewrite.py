@@ -21,8 +21,9 @@ graph (``primals_*`` and ``tangents_*`` in; forward outputs, then one gradient p
 
 What made the user's backward differ from the ops' autograd formulas must not be in the graph: a
 ``.detach()`` (or ``.data``) of a value that needs a gradient, a no_grad or inference_mode block that computes
-from one, a custom autograd.Function (but one that passes its input and its gradient on as they are), a tensor hook. The joint graph keeps no sign of them (Inductor drops the
-detach, the Function's forward is its aten ops), so they are read off the graph dynamo made, which Inductor's
+from one, a custom autograd.Function (but one that passes its input and its gradient on as they are), a tensor
+hook. The joint graph keeps no sign of them (Inductor drops the detach, the Function's forward is its aten ops),
+so they are read off the graph dynamo made, which Inductor's
 pre-grad hook sees first (note_gradient_alterations, installed by moe_ops.lowering.passes); a joint graph whose
 compile showed any, or that no such look preceded, is left as it is. The splice also checks it by structure: the
 new nodes must take gradients of exactly the inputs whose gradients the replaced backward made.
@@ -270,17 +271,20 @@ def _passes_gradient_unchanged(node: Node) -> bool:
     inputs = [n for n in forward if n.op == "placeholder"]
     if len(inputs) != 1 or len([n for n in node.args[2:] if isinstance(n, Node)]) != 1:
         return False
-    value = inputs[0]
+    chain = inputs[:]
     for step in [n for n in forward if n.op not in ("placeholder", "output")]:  # each reads the one before
-        if not (step.op == "call_method" and step.args[0] is value and not step.kwargs and (
+        if not (step.op == "call_method" and step.args[0] is chain[-1] and not step.kwargs and (
                 (step.target == "to" and len(step.args) == 2 and isinstance(step.args[1], torch.dtype))
                 or (step.target == "view_as" and step.args[1] is step.args[0]))):
             return False
-        value = step
-    returned = forward[-1].args[0]
-    gradient = [n for n in backward if n.op == "placeholder"]
-    return (returned in ((value,), ((value,), ())) and len(gradient) == 1 and len(backward) == 2
-            and backward[-1].args[0] in ((gradient[0],), gradient[0]))
+        chain.append(step)
+    # ((outputs), (saved)): the Function's output first; torch 2.11 also returns the value before the view_as,
+    # whose gradient (the backward's second input) is unused.
+    outputs, saved = forward[-1].args[0]
+    gradients = [n for n in backward if n.op == "placeholder"]
+    return (outputs[0] is chain[-1] and set(outputs) <= set(chain) and not saved
+            and len(gradients) == len(outputs) and not any(n.users for n in gradients[1:])
+            and len(backward) == len(gradients) + 1 and backward[-1].args[0] in ((gradients[0],), gradients[0]))
 
 
 def gradient_alterations(graph: Graph) -> list[str]:
