@@ -510,7 +510,8 @@ class AlteredGradients(GroupedMoE):
 
 
 ALTERATIONS = ("detached routing weights", "detached input", ".data input", "no_grad logits added",
-               "custom autograd.Function", "cast Function scaling its gradient", "tensor hook", "copy of the detached input", "copy under no_grad",
+               "custom autograd.Function", "cast Function scaling its gradient",
+               "tensor hook", "copy of the detached input", "copy under no_grad",
                "aten.detach overload", "detach_ of a clone", "new_tensor", "inference_mode inside no_grad",
                "allow_in_graph detach", "detached cast round trip", "cast under no_grad",
                "detach behind a complex cast", "complex cast under no_grad", "detached write read through another view",

@@ -10,6 +10,7 @@ x and the gate weight to fp32 itself (what that autocast does on CUDA).
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import pytest
@@ -193,21 +194,26 @@ class ScaleBiasForward(torch.autograd.Function):
         return grad_output, None, None
 
 
-def swiglu(x, alpha: float = 1.702, limit: float = 7.0):
+def swiglu(x, alpha: float = 1.702, limit: float = 7.0, factors_swapped: bool = False):
     x_glu, x_linear = x[..., ::2], x[..., 1::2]
     x_glu = x_glu.clamp(min=None, max=limit)
     x_linear = x_linear.clamp(min=-limit, max=limit)
     out_glu = x_glu * torch.sigmoid(alpha * x_glu)
+    if factors_swapped:  # not torchtitan's: the same product written the other way round
+        return torch.addcmul(out_glu, x_linear, out_glu)
     return torch.addcmul(out_glu, out_glu, x_linear)
+
+
+swiglu_factors_swapped = functools.partial(swiglu, factors_swapped=True)
 
 
 class GptOssGroupedExperts(nn.Module):
     """torchtitan's GPT-OSS experts (gpt_oss/moe.py, b5bcd76): gate and up interleaved in one weight, each row's
     expert bias added by a repeat_interleave of the biases over the token counts (a zero row for the tail slack)."""
 
-    def __init__(self, dtype=torch.bfloat16, swiglu_limit=7.0, tp_degree=1):
+    def __init__(self, dtype=torch.bfloat16, swiglu_limit=7.0, tp_degree=1, activation=swiglu):
         super().__init__()
-        self.swiglu_limit, self.tp_degree = swiglu_limit, tp_degree
+        self.swiglu_limit, self.tp_degree, self.activation = swiglu_limit, tp_degree, activation
         self.mlp1_weight_EGD = nn.Parameter(torch.randn(E, 2 * F_HIDDEN, D, dtype=dtype) / D**0.5)
         self.mlp1_bias_EG = nn.Parameter(torch.randn(E, 2 * F_HIDDEN, dtype=dtype) * 0.5)
         self.mlp2_weight_EDF = nn.Parameter(torch.randn(E, D, F_HIDDEN, dtype=dtype) / F_HIDDEN**0.5)
@@ -221,7 +227,7 @@ class GptOssGroupedExperts(nn.Module):
         b1 = torch.cat([self.mlp1_bias_EG, self.mlp1_bias_EG.new_zeros(1, self.mlp1_bias_EG.shape[-1])])
         b1_RG = b1.repeat_interleave(num_tokens_per_expert_long, dim=0, output_size=x_RD.shape[0])
         h_RG = h_RG + b1_RG.to(h_RG.dtype)
-        h_RF = swiglu(h_RG, limit=self.swiglu_limit)
+        h_RF = self.activation(h_RG, limit=self.swiglu_limit)
         h_RD = torch._grouped_mm(h_RF, self.mlp2_weight_EDF.transpose(-2, -1).bfloat16(), offs=offsets_E)
         b2 = torch.cat([self.mlp2_bias_ED, self.mlp2_bias_ED.new_zeros(1, self.mlp2_bias_ED.shape[-1])])
         b2_RD = b2.repeat_interleave(num_tokens_per_expert_long, dim=0, output_size=x_RD.shape[0])
@@ -367,10 +373,12 @@ def test_counts_also_added_into_a_buffer():
     torch.testing.assert_close(model.tokens_per_expert_E, expected_counts, rtol=0, atol=0)
 
 
-def test_gpt_oss_experts():
+@pytest.mark.parametrize("activation", [swiglu, swiglu_factors_swapped], ids=["swiglu", "addcmul_factors_swapped"])
+def test_gpt_oss_experts(activation):
     """torchtitan's GPT-OSS experts: the biases added through repeat_interleave are the op's per-expert biases,
-    torchtitan's swiglu (an addcmul) its clamped_swiglu on interleaved gate and up, with the limit read."""
-    graph = check_against_eager(gpt_oss(swiglu_limit=1.5).eval(), inputs())
+    torchtitan's swiglu (an addcmul, whose two factors commute) its clamped_swiglu on interleaved gate and up,
+    with the limit read."""
+    graph = check_against_eager(gpt_oss(swiglu_limit=1.5, activation=activation).eval(), inputs())
     assert rewrites() == 1 and counters["moe_ops"]["experts_rewrite_torchtitan"] == 1
     # No w_up and no b_up: the gate and up weights and biases are one tensor each (nodes, not shown).
     assert "moe_ops.fused_experts.default(None, None, 'EFH', True, 'clamped_swiglu', True, 1.702, 1.5, 0.0" in graph
@@ -483,8 +491,23 @@ def test_ids_not_from_topk(caplog):
 # ---- Dynamic token count ----------------------------------------------------------------------------
 
 
-def test_one_graph_serves_every_token_count():
-    model = MoE(score_func="sigmoid", route_norm=True, expert_bias=True, shared_experts=True).eval()
+def gpt_oss_with_histc_counts():
+    model = HistcCounts(score_func="softmax", route_norm=True)  # float counts: the tail slack is cast to float
+    model.experts = GptOssGroupedExperts()
+    return model
+
+
+def test_gpt_oss_experts_with_histc_counts():
+    graph = check_against_eager(gpt_oss_with_histc_counts().eval(), inputs())
+    assert rewrites() == 1 and "aten._grouped_mm" not in graph and "aten.histc" not in graph
+
+
+@pytest.mark.parametrize("make", [
+    lambda: MoE(score_func="sigmoid", route_norm=True, expert_bias=True, shared_experts=True), gpt_oss],
+    ids=["moe", "gpt_oss"])
+def test_one_graph_serves_every_token_count(make):
+    """A symbolic T: GPT-OSS's repeat_interleave of the biases stays one op (its output_size a SymInt)."""
+    model = make().eval()
     compiled = torch.compile(model, backend="inductor", fullgraph=True)
     warm_up = inputs()
     torch._dynamo.mark_dynamic(warm_up, 0)

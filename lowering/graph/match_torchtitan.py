@@ -121,22 +121,22 @@ def _grouped_mm_args(gemm: Node) -> tuple[Node, Node, Node]:
     return a, b, offsets
 
 
-def _is_integer_cast(node) -> bool:
-    return _is_cast(node) and val(node) is not None and not val(node).dtype.is_floating_point
-
-
-def _strip_integer_cast(node: Node) -> Node:
-    return node.args[0] if _is_integer_cast(node) else node
+def _whole_number_cast(node) -> bool:
+    """A cast to an integer dtype, or of integers to a float dtype: on the token counts and slack _bias_rows reads
+    (whole numbers below 2**24, exact in float32, the dtype of histc's counts) it changes no value."""
+    if not (_is_cast(node) and val(node) is not None and val(node.args[0]) is not None):
+        return False
+    return not val(node).dtype.is_floating_point or not val(node.args[0]).dtype.is_floating_point
 
 
 def _bias_rows(added: Node, offsets: Node, num_slots, region: set[Node]) -> tuple[Node, Node]:
     """torchtitan's GPT-OSS experts add each row's expert bias to a grouped_mm's output:
     ``gemm + cat([b, zeros(1, N)]).repeat_interleave(cat([counts, S - offsets[-1]]).long(), output_size=S)``,
     post-grad ``index(cat([b, zeros]), [clamp_max(searchsorted(cumsum(cat([counts, slack])), iota(S), right=True),
-    E)])``. Row r gets b[e] for the e with offsets[e-1] <= r < offsets[e]: the first E prefix sums are the offsets,
-    and with the slack S - offsets[-1] >= 0 the last one, S + slack, is past every row (the slack is 0 here: the
-    counts are the S slots'), so the zero row is never read. Returns (the grouped_mm, b); Rejected for anything
-    else added."""
+    E)])`` (``repeat_interleave(cat([counts, slack]), output_size=S)`` where S is symbolic). Row r gets b[e] for
+    the e with offsets[e-1] <= r < offsets[e]: the first E prefix sums are the offsets, and with the slack
+    S - offsets[-1] >= 0 the last one, S + slack, is past every row (the slack is 0 here: the counts are the S
+    slots'), so the zero row is never read. Returns (the grouped_mm, b); Rejected for anything else added."""
     rejected = Rejected(f"{added.name} adds something other than each row's expert bias to the grouped_mm")
     gemm, rows = added.args
     if not _is_grouped_mm(gemm):
@@ -154,26 +154,32 @@ def _bias_rows(added: Node, offsets: Node, num_slots, region: set[Node]) -> tupl
             and _is_constant(zero_row, (0, 0.0)) and same_size(shape(zero_row)[0], 1)):
         raise rejected
     nodes += [table, zero_row]
-    # index = clamp_max(searchsorted(prefix, iota(S), right=True), >= E - 1)
-    if is_call(index, aten.clamp_max.default):
-        if not (isinstance(index.args[1], int) and index.args[1] >= num_experts - 1):
+    if is_call(index, aten.repeat_interleave.Tensor):
+        # A symbolic S keeps the op: repeat_interleave(repeats, output_size=S)
+        if not same_size(arg(index, 1, "output_size", None), num_slots):
             raise rejected
         nodes.append(index)
-        index = index.args[0]
-    if not (is_call(index, aten.searchsorted.Tensor) and not arg(index, 2, "out_int32", False)
-            and (arg(index, 3, "right", False) or arg(index, 4, "side", None) == "right")):
-        raise rejected
-    prefix, positions = index.args[:2]
-    if not (is_call(positions, prims.iota.default) and arg(positions, 1, "start", 0) == 0
-            and arg(positions, 2, "step", 1) == 1 and same_size(positions.args[0], num_slots)):
-        raise rejected
-    nodes += [index, positions]
-    # prefix = cumsum(cat([counts, slack]))
-    if not (is_call(prefix, aten.cumsum.default) and prefix.args[1] in (0, -1)):
-        raise rejected
-    nodes.append(prefix)
-    repeats = prefix.args[0]
-    if _is_integer_cast(repeats):
+        repeats = index.args[0]
+    else:
+        # index = clamp_max(searchsorted(prefix, iota(S), right=True), >= E - 1), prefix = cumsum(repeats)
+        if is_call(index, aten.clamp_max.default):
+            if not (isinstance(index.args[1], int) and index.args[1] >= num_experts - 1):
+                raise rejected
+            nodes.append(index)
+            index = index.args[0]
+        if not (is_call(index, aten.searchsorted.Tensor) and not arg(index, 2, "out_int32", False)
+                and (arg(index, 3, "right", False) or arg(index, 4, "side", None) == "right")):
+            raise rejected
+        prefix, positions = index.args[:2]
+        if not (is_call(positions, prims.iota.default) and arg(positions, 1, "start", 0) == 0
+                and arg(positions, 2, "step", 1) == 1 and same_size(positions.args[0], num_slots)):
+            raise rejected
+        if not (is_call(prefix, aten.cumsum.default) and prefix.args[1] in (0, -1)):
+            raise rejected
+        nodes += [index, positions, prefix]
+        repeats = prefix.args[0]
+    # repeats = cat([counts, slack]), each maybe cast
+    if _whole_number_cast(repeats):
         nodes.append(repeats)
         repeats = repeats.args[0]
     if not (is_call(repeats, aten.cat.default) and arg(repeats, 1, "dim", 0) in (0, -1) and len(repeats.args[0]) == 2):
@@ -181,9 +187,9 @@ def _bias_rows(added: Node, offsets: Node, num_slots, region: set[Node]) -> tupl
     nodes.append(repeats)
     first, slack = repeats.args[0]
     for node in (first, slack):
-        if _is_integer_cast(node):
+        if _whole_number_cast(node):
             nodes.append(node)
-    first, slack = _strip_integer_cast(first), _strip_integer_cast(slack)
+    first, slack = (node.args[0] if _whole_number_cast(node) else node for node in (first, slack))
     # slack = (S - offsets[-1]).unsqueeze(0)
     difference = slack.args[0] if is_call(slack, aten.unsqueeze.default) and slack.args[1] in (0, -1) else None
     last = (difference.args[1] if is_call(difference, aten.sub.Tensor) and same_size(difference.args[0], num_slots)
