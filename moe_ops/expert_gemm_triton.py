@@ -38,6 +38,9 @@ RELU: tl.constexpr = tl.constexpr(ACTIVATION_CODE["relu"])
 CLAMPED_SWIGLU: tl.constexpr = tl.constexpr(ACTIVATION_CODE["clamped_swiglu"])
 RELU2: tl.constexpr = tl.constexpr(ACTIVATION_CODE["relu2"])
 CLAMPED_SILU: tl.constexpr = tl.constexpr(ACTIVATION_CODE["clamped_silu"])
+# Clamps and ReLU keep a NaN, as torch's do: tl.minimum / tl.maximum otherwise return the other operand on the
+# GPU (max.f32), which would turn a NaN row into finite outputs (the interpreter's numpy keeps it either way).
+NAN_KEPT: tl.constexpr = tl.constexpr(tl.PropagateNan.ALL)
 
 # Hopper's fp8 dots reduce 32 deep at least (Triton refuses a shallower one): fp8 inputs in groups of 16 take
 # bf16 dots.
@@ -71,14 +74,15 @@ def gate_activation(gate, ACTIVATION: tl.constexpr, alpha, limit):
         acted = gate * s
         slope = s + gate * 2.0 * s * (1.0 - s) * 0.7978845608028654 * (1.0 + 0.134145 * gate * gate)
     elif ACTIVATION == RELU:
-        acted, slope = tl.maximum(gate, 0.0), tl.where(gate > 0.0, 1.0, 0.0)
+        # torch's relu backward zeroes the gradient where the value is <= 0: a NaN passes it on.
+        acted, slope = tl.maximum(gate, 0.0, propagate_nan=NAN_KEPT), tl.where(gate <= 0.0, 0.0, 1.0)
     elif ACTIVATION == RELU2:
-        positive = tl.maximum(gate, 0.0)
+        positive = tl.maximum(gate, 0.0, propagate_nan=NAN_KEPT)
         acted, slope = positive * positive, 2.0 * positive
     elif ACTIVATION == CLAMPED_SWIGLU or ACTIVATION == CLAMPED_SILU:
         # Gate side: clamped above, then x sigmoid(alpha x) (GPT-OSS), or SiLU (alpha = 1).
         steepness = alpha if ACTIVATION == CLAMPED_SWIGLU else 1.0
-        clamped = tl.minimum(gate, limit)
+        clamped = tl.minimum(gate, limit, propagate_nan=NAN_KEPT)
         s = tl.sigmoid(steepness * clamped)
         acted = clamped * s
         slope = tl.where(gate <= limit, s + steepness * clamped * s * (1.0 - s), 0.0)
@@ -92,7 +96,7 @@ def up_factor(up, ACTIVATION: tl.constexpr, limit):
     """What multiplies act(gate), and its derivative: the clamped forms clamp up both ways, and GPT-OSS's
     shifts it by one."""
     if ACTIVATION == CLAMPED_SWIGLU or ACTIVATION == CLAMPED_SILU:
-        factor = tl.minimum(tl.maximum(up, -limit), limit)
+        factor = tl.minimum(tl.maximum(up, -limit, propagate_nan=NAN_KEPT), limit, propagate_nan=NAN_KEPT)
         if ACTIVATION == CLAMPED_SWIGLU:
             factor = factor + 1.0
         slope = tl.where((up >= -limit) & (up <= limit), 1.0, 0.0)

@@ -232,8 +232,13 @@ def fused_experts_ref(
 ):
     """Plain-PyTorch definition of :func:`fused_experts` (same arguments): a loop over experts,
     rounding where the kernels round (the intermediate activation and each slot's output are
-    stored in x's dtype). Quantised weights are their dequantised values, in fp32; quantised inputs
-    (``input_quantisation``) the dequantised values of x's rows and of each slot's activation."""
+    stored in x's dtype). The pre-activations are rounded to x's dtype too, as the user's code holds its
+    GEMM outputs and the backward kernels hold them (recomputed or saved): the activation's derivative is then
+    taken at the same points on every path, which matters where it jumps (a clamp's limit: 7.01 is past
+    GPT-OSS's 7 in fp32, within it as bf16's 7.0). The forward kernels apply the activation to the fp32
+    accumulators, a difference of rounding in the values only. Quantised weights are their dequantised values,
+    in fp32; quantised inputs (``input_quantisation``) the dequantised values of x's rows and of each slot's
+    activation."""
     check_clamp_constants(alpha, limit)
     check_fused_args(
         x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
@@ -270,6 +275,7 @@ def fused_experts_ref(
             up = x_e @ w.up[e].to(acc_dtype).T
             if w.b_up is not None:
                 up = up + w.b_up[e].to(acc_dtype)
+        gate, up = (None if t is None else t.to(x.dtype).to(acc_dtype) for t in (gate, up))
         h = activate_ref(gate, up, activation, alpha, limit).to(x.dtype).to(acc_dtype)
         if quantised_inputs:
             h = dequantise(*quantise_inputs(h.to(x.dtype), input_quantisation, w_down_scale))

@@ -56,6 +56,24 @@ def _gpt_fast_formulation(x, weights, ids, w_gate_up, w_down):
     return torch.einsum("tai,ta->ti", y, weights.float())
 
 
+@pytest.mark.parametrize("activation,gated", [("clamped_swiglu", True), ("clamped_silu", True), ("relu", False),
+                                              ("relu2", False)])
+def test_a_nan_row_stays_nan(activation, gated):
+    """A token whose row holds a NaN gets NaN outputs, as from the reference (torch's clamp and relu keep a NaN):
+    the kernels' clamps and ReLU propagate it (min / max on the GPU return the other operand unless told not to,
+    which would make that token's output finite; the interpreter's numpy keeps NaN either way)."""
+    Fi = 16
+    layer = _layer(8, 2, 4, 32, Fi, torch.float32, TRITON_DEVICE)
+    if not gated:
+        layer["w_gate_up"] = layer["w_gate_up"][:, :Fi].contiguous()
+    layer["x"][3, 5] = math.nan
+    args = _args(layer, activation=activation, gated=gated)
+    (got, _), want = fused_experts_triton(*args), fused_experts_ref(*args)
+    assert torch.isnan(want[3]).all() and torch.isnan(got[3]).all()
+    others = [t for t in range(8) if t != 3]
+    assert_close_rel(got[others], want[others], torch.float32)
+
+
 def test_reference_matches_independent_formulation():
     layer = _layer(20, 2, 6, 32, 48, torch.float32, "cpu")
     out, dropped = fused_experts_ref(*_args(layer), return_num_dropped=True)

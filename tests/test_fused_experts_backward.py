@@ -23,9 +23,9 @@ from moe_ops.tiles import choose_block_m
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 NAMES = ("x", "topk_weights", "w_gate_up", "w_down", "w_up", "b_gate_up", "b_up", "b_down")
-# The backward rounds the recomputed pre-activations to x's dtype (as autograd of the user's bf16 code saves
-# them) where the reference differentiates fp32 ones; in bf16 that adds about a bf16 ulp per activation, and
-# the small shapes here (few rows per expert, no averaging) measured up to 2.4e-2 of max |gradient|.
+# The backward's GEMMs round each product to x's dtype where the reference's fp32 loop rounds only the
+# pre-activations and the activation; the small shapes here (few rows per expert, no averaging) measured up to
+# 2.4e-2 of max |gradient| in bf16.
 BACKWARD_TOLERANCE = {**TOLERANCE, torch.bfloat16: 3e-2}
 
 
@@ -125,6 +125,36 @@ FORMS = {
 @pytest.mark.parametrize("form", list(FORMS))
 def test_forms(form):
     check(make_args(13, 2, 4, 32, 16, torch.float32, TRITON_DEVICE, **FORMS[form]), torch.float32)
+
+
+@pytest.mark.parametrize("side", ["gate", "up", "up_below"])
+@pytest.mark.parametrize("activation", ["clamped_swiglu", "clamped_silu"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_preactivations_that_round_onto_the_clamp_limit(side, activation, dtype):
+    """Pre-activations past the limit in fp32 by a quarter of an ulp of x's dtype round onto it: the backward
+    holds them rounded and so does the reference, so both pass the clamp's gradient there (the reference
+    clamped fp32 ones before: gradients of every form here were up to 0.45 apart)."""
+    args = list(make_args(6, 2, 4, 32, 16, dtype, TRITON_DEVICE, activation=activation, biases=True))
+    args[3] = args[3] * 1e-4  # small products: each pre-activation is its bias to within ~1e-4
+    ulp_at_7 = torch.finfo(dtype).eps * 4  # 7 is in [2^2, 2^3): four times the spacing at 1
+    past = (7.0 + ulp_at_7 / 4) * (-1 if side == "up_below" else 1)
+    features = slice(0, 16) if side == "gate" else slice(16, 32)  # gate and up halves ("EFH", not interleaved)
+    args[6][:, features] = past
+    check(tuple(args), dtype)
+
+
+def test_relu_passes_the_gradient_at_a_nan_preactivation():
+    """torch's relu backward zeroes the gradient where the value is <= 0, which a NaN is not: the kernel's slope
+    there is 1 (it was 0: the weight and bias gradients of a NaN feature came out zero)."""
+    args = list(make_args(4, 1, 4, 32, 16, torch.float32, TRITON_DEVICE, activation="relu", gated=False, biases=True))
+    args[6][:, 0] = float("nan")  # feature 0's pre-activation is NaN in every row
+    grad_TH = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(3))
+    got = fused_experts_backward_triton(*args, [grad_TH, torch.empty(0)])
+    want = reference_grads(args, grad_TH)
+    for name in ("w_gate_up", "b_gate_up"):  # finite on both sides: the NaN reaches y, not these
+        i = NAMES.index(name)
+        assert torch.isfinite(want[i]).all() and want[i][:, 0].abs().sum() > 0, name
+        torch.testing.assert_close(got[i], want[i], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_inference_tensor_inputs_when_only_the_routing_trains():
