@@ -524,7 +524,7 @@ def test_fp8_inputs_match_the_reference(form, inputs):
     out = torch.zeros_like(x_rows)
     for t in range(x_rows.shape[0]):
         for j, e in enumerate(layer["topk_ids"][t].tolist()):
-            gate, up = (gate_up[e] @ x_rows[t]).chunk(2)
+            gate, up = (gate_up[e] @ x_rows[t]).to(dtype).float().chunk(2)  # pre-activations in x's dtype
             h = (torch.nn.functional.silu(gate) * up).to(dtype)
             h = fp8_inputs(h[None])[0]
             out[t] += ((dequantised["w_down"][e] @ h) * layer["topk_weights"][t, j].float()).to(dtype).float()

@@ -10,7 +10,6 @@ x and the gate weight to fp32 itself (what that autocast does on CUDA).
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import pytest
@@ -194,26 +193,21 @@ class ScaleBiasForward(torch.autograd.Function):
         return grad_output, None, None
 
 
-def swiglu(x, alpha: float = 1.702, limit: float = 7.0, factors_swapped: bool = False):
+def swiglu(x, alpha: float = 1.702, limit: float = 7.0):
     x_glu, x_linear = x[..., ::2], x[..., 1::2]
     x_glu = x_glu.clamp(min=None, max=limit)
     x_linear = x_linear.clamp(min=-limit, max=limit)
     out_glu = x_glu * torch.sigmoid(alpha * x_glu)
-    if factors_swapped:  # not torchtitan's: the same product written the other way round
-        return torch.addcmul(out_glu, x_linear, out_glu)
     return torch.addcmul(out_glu, out_glu, x_linear)
-
-
-swiglu_factors_swapped = functools.partial(swiglu, factors_swapped=True)
 
 
 class GptOssGroupedExperts(nn.Module):
     """torchtitan's GPT-OSS experts (gpt_oss/moe.py, b5bcd76): gate and up interleaved in one weight, each row's
     expert bias added by a repeat_interleave of the biases over the token counts (a zero row for the tail slack)."""
 
-    def __init__(self, dtype=torch.bfloat16, swiglu_limit=7.0, tp_degree=1, activation=swiglu):
+    def __init__(self, dtype=torch.bfloat16, swiglu_limit=7.0, tp_degree=1):
         super().__init__()
-        self.swiglu_limit, self.tp_degree, self.activation = swiglu_limit, tp_degree, activation
+        self.swiglu_limit, self.tp_degree = swiglu_limit, tp_degree
         self.mlp1_weight_EGD = nn.Parameter(torch.randn(E, 2 * F_HIDDEN, D, dtype=dtype) / D**0.5)
         self.mlp1_bias_EG = nn.Parameter(torch.randn(E, 2 * F_HIDDEN, dtype=dtype) * 0.5)
         self.mlp2_weight_EDF = nn.Parameter(torch.randn(E, D, F_HIDDEN, dtype=dtype) / F_HIDDEN**0.5)
@@ -227,7 +221,7 @@ class GptOssGroupedExperts(nn.Module):
         b1 = torch.cat([self.mlp1_bias_EG, self.mlp1_bias_EG.new_zeros(1, self.mlp1_bias_EG.shape[-1])])
         b1_RG = b1.repeat_interleave(num_tokens_per_expert_long, dim=0, output_size=x_RD.shape[0])
         h_RG = h_RG + b1_RG.to(h_RG.dtype)
-        h_RF = self.activation(h_RG, limit=self.swiglu_limit)
+        h_RF = swiglu(h_RG, limit=self.swiglu_limit)
         h_RD = torch._grouped_mm(h_RF, self.mlp2_weight_EDF.transpose(-2, -1).bfloat16(), offs=offsets_E)
         b2 = torch.cat([self.mlp2_bias_ED, self.mlp2_bias_ED.new_zeros(1, self.mlp2_bias_ED.shape[-1])])
         b2_RD = b2.repeat_interleave(num_tokens_per_expert_long, dim=0, output_size=x_RD.shape[0])
@@ -373,12 +367,10 @@ def test_counts_also_added_into_a_buffer():
     torch.testing.assert_close(model.tokens_per_expert_E, expected_counts, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("activation", [swiglu, swiglu_factors_swapped], ids=["swiglu", "addcmul_factors_swapped"])
-def test_gpt_oss_experts(activation):
+def test_gpt_oss_experts():
     """torchtitan's GPT-OSS experts: the biases added through repeat_interleave are the op's per-expert biases,
-    torchtitan's swiglu (an addcmul, whose two factors commute) its clamped_swiglu on interleaved gate and up,
-    with the limit read."""
-    graph = check_against_eager(gpt_oss(swiglu_limit=1.5, activation=activation).eval(), inputs())
+    torchtitan's swiglu (an addcmul) its clamped_swiglu on interleaved gate and up, with the limit read."""
+    graph = check_against_eager(gpt_oss(swiglu_limit=1.5).eval(), inputs())
     assert rewrites() == 1 and counters["moe_ops"]["experts_rewrite_torchtitan"] == 1
     # No w_up and no b_up: the gate and up weights and biases are one tensor each (nodes, not shown).
     assert "moe_ops.fused_experts.default(None, None, 'EFH', True, 'clamped_swiglu', True, 1.702, 1.5, 0.0" in graph

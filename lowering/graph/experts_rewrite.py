@@ -275,8 +275,6 @@ class _TemplateMatch:
         orders = [g.args]
         if t.target in _COMMUTATIVE and len(g.args) == 2:
             orders.append(g.args[::-1])
-        elif t.target is aten.addcmul.default and len(g.args) == 3:  # input + t1 * t2: the factors commute
-            orders.append((g.args[0], g.args[2], g.args[1]))
         for args in orders:
             saved = dict(self.nodes), dict(self.constants), set(self.duplicates)
             if len(args) == len(t.args) and all(map(self.constant_or_node, t.args, args)) and all(
