@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -101,6 +104,46 @@ def test_ungated_activations(activation):
     args = _problem(9, 2, 4, 24, 40, torch.float16, TRITON_DEVICE, gated=False, bias=False, slot_weights=False)
     got, want = _run_both(args, gather_top_k=2, activation=activation)
     assert_close_rel(got, want, torch.float16, activation)
+
+
+_PTX_OF_ACTIVATION = """
+import sys
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from moe_ops.activations import ACTIVATION_CODE
+from moe_ops.expert_gemm_triton import gate_activation, up_factor
+
+@triton.jit
+def activate(x_ptr, out_ptr, slope_ptr, alpha, limit, ACTIVATION: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs)
+    acted, slope = gate_activation(x, ACTIVATION, alpha, limit)
+    factor, up_slope = up_factor(x, ACTIVATION, limit)
+    tl.store(out_ptr + offs, acted * factor)
+    tl.store(slope_ptr + offs, slope * up_slope)
+
+source = triton.compiler.ASTSource(
+    fn=activate, constexprs={"ACTIVATION": ACTIVATION_CODE[sys.argv[1]], "BLOCK": 128},
+    signature={"x_ptr": "*fp32", "out_ptr": "*fp32", "slope_ptr": "*fp32", "alpha": "fp32", "limit": "fp32",
+               "ACTIVATION": "constexpr", "BLOCK": "constexpr"})
+print(triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"])
+"""
+
+
+@pytest.mark.parametrize("activation", ["relu", "relu2", "clamped_swiglu", "clamped_silu"])
+def test_activation_clamps_keep_a_nan_on_the_gpu(activation, tmp_path):
+    """The activations' min / max compile to PTX's NaN-propagating forms (``max.NaN.f32``), as torch's clamp and
+    relu keep a NaN: plain ``max.f32`` returns the other operand, turning a NaN row's outputs finite. Compiled
+    for sm90 by Triton's own compiler (no GPU needed), in a process without the interpreter, which keeps NaN
+    either way."""
+    script = tmp_path / "ptx_of_activation.py"  # Triton reads a jit function's source from its file
+    script.write_text(_PTX_OF_ACTIVATION)
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    ptx = subprocess.run([sys.executable, str(script), activation], env=env, check=True, capture_output=True,
+                         text=True, timeout=300).stdout
+    extrema = [line.split()[0] for line in ptx.splitlines() if line.strip().startswith(("max.", "min."))]
+    assert extrema and all(".NaN" in op for op in extrema), extrema
 
 
 QUANTISED = [pytest.param(torch.int8, id="int8"), pytest.param(torch.float8_e4m3fn, id="fp8")]
