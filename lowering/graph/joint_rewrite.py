@@ -280,7 +280,11 @@ def _passes_gradient_unchanged(node: Node) -> bool:
         chain.append(step)
     # ((outputs), (saved)): the Function's output first; torch 2.11 also returns the value before the view_as,
     # whose gradient (the backward's second input) is unused.
-    outputs, saved = forward[-1].args[0]
+    returned = forward[-1].args[0]
+    if not (isinstance(returned, (tuple, list)) and len(returned) == 2 and isinstance(returned[0], (tuple, list))
+            and returned[0]):
+        return False
+    outputs, saved = returned
     gradients = [n for n in backward if n.op == "placeholder"]
     return (outputs[0] is chain[-1] and set(outputs) <= set(chain) and not saved
             and len(gradients) == len(outputs) and not any(n.users for n in gradients[1:])
