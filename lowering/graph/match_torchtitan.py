@@ -375,10 +375,10 @@ def _match(combine: Node) -> ExpertsMatch:
         if len(gemm.users) == 1 and is_call(next(iter(gemm.users)), aten.add.Tensor):
             activated = next(iter(gemm.users))
             b_gate_up = _bias_rows(activated, offsets, num_slots, region)[1]
-        forms = ("interleaved",) if any(is_call(u, aten.slice.Tensor) for u in activated.users) else ("concat",)
-        activation, act_nodes, constants = match_any_activation(h, [activated], forms[0])
+        gate_up_form = "interleaved" if any(is_call(u, aten.slice.Tensor) for u in activated.users) else "concat"
+        activation, act_nodes, constants = match_any_activation(h, [activated], gate_up_form)
     elif len(gate_up) == 2:
-        forms = ("separate",)
+        gate_up_form = "separate"
         try:
             activation, act_nodes, constants = match_any_activation(h, gate_up, "separate")
         except Rejected:
@@ -423,7 +423,7 @@ def _match(combine: Node) -> ExpertsMatch:
     return ExpertsMatch(
         form="torchtitan", result=combine, region=region, x=x, topk_weights=topk_weights, topk_ids=ids,
         w_gate_up=weights[0], w_up=w_up, w_down=w_down, b_gate_up=b_gate_up, b_down=b_down, layout=layout,
-        interleaved=forms[0] == "interleaved", activation=activation,
+        interleaved=gate_up_form == "interleaved", activation=activation,
         alpha=constants.get("alpha", CLAMPED_SWIGLU_ALPHA), limit=constants.get("limit", CLAMPED_SWIGLU_LIMIT),
     )
 
