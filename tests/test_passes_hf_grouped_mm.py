@@ -250,6 +250,20 @@ def test_automatic_dynamic_shapes():
     assert experts_rewrites() == 2  # the static graph, then the dynamic one
 
 
+def test_gpt_oss_with_every_float_dynamic_keeps_its_experts(caplog):
+    """torch.compile(dynamic=True) passes GPT-OSS's float attribute ``alpha`` into the graph as a tensor, a
+    value known only at run time: the experts block stays as written (compiled == eager) and the log
+    names alpha. Automatic dynamic shapes (test above) and mark_dynamic keep alpha a number."""
+    block = build("gpt_oss", torch.float32)
+    compiled = torch.compile(block, fullgraph=True, dynamic=True)
+    with caplog.at_level(logging.DEBUG, logger="moe_ops"):
+        for num_tokens in (5, 11):
+            x = tokens(num_tokens, torch.float32, seed=num_tokens)
+            assert_close_rel(output(compiled(x)), output(block(x)), torch.float32, f"T={num_tokens}")
+    assert experts_rewrites() == 0
+    assert "its alpha is a tensor read at run time" in caplog.text
+
+
 # ---- Near-misses are left alone --------------------------------------------------------------------
 
 

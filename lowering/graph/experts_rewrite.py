@@ -234,10 +234,14 @@ class _TemplateMatch:
         # Graph nodes that recompute a matched node (Inductor leaves e.g. a split of a squeeze twice when
         # gate and up are read from two squeezes of one GEMM output): part of the match too.
         self.duplicates: set[Node] = set()
+        # Constants (alpha, limit) the graph reads at run time instead: named in the refusal.
+        self.runtime_constants: set[str] = set()
 
     def constant(self, t, g) -> bool:
         if isinstance(t, float) and abs(abs(t) - _LIMIT) < 1e-9 or t == _ALPHA:
             name, sign = ("alpha", 1.0) if t == _ALPHA else ("limit", 1.0 if t > 0 else -1.0)
+            if isinstance(g, Node):
+                self.runtime_constants.add(name)
             if not isinstance(g, (int, float)) or isinstance(g, bool):
                 return False
             return self.constants.setdefault(name, sign * float(g)) == sign * float(g)
@@ -287,11 +291,13 @@ class _TemplateMatch:
 
 
 def match_activation(
-    h: Node, inputs: list[Node], activation: str, gate_up_form: str
+    h: Node, inputs: list[Node], activation: str, gate_up_form: str, runtime_constants: set[str] | None = None
 ) -> tuple[set[Node], dict[str, float]] | None:
     """Whether ``h`` is ``activation`` applied to the gate_up GEMM output(s) ``inputs`` (one tensor
     split "concat" or "interleaved", or gate and up "separate"; "ungated": the one tensor).
-    Returns the nodes computing it (inputs excluded) and the bound constants (alpha, limit)."""
+    Returns the nodes computing it (inputs excluded) and the bound constants (alpha, limit).
+    ``runtime_constants`` collects the constants (alpha, limit) found as tensors of the graph where the
+    activation has a number: values known only at run time, which the op's float arguments cannot take."""
     width = val(inputs[0]).shape[-1]
     if not isinstance(width, int):
         return None
@@ -303,6 +309,8 @@ def match_activation(
         matcher.nodes.update(zip(placeholders, inputs, strict=True))
         if matcher.node(output.args[0], h):
             break
+        if runtime_constants is not None:
+            runtime_constants |= matcher.runtime_constants
     else:
         return None
     try:  # constants the op refuses (a negative limit: torch's clamp then returns its bound) leave the code as it is
@@ -318,11 +326,17 @@ def match_any_activation(h: Node, inputs: list[Node], gate_up_form: str) -> tupl
     activations = ("silu", "gelu", "gelu_tanh", "relu", "relu2")
     if gate_up_form != "ungated":
         activations += ("clamped_swiglu", "clamped_silu")
+    runtime_constants: set[str] = set()
     for activation in activations:
-        found = match_activation(h, inputs, activation, gate_up_form)
+        found = match_activation(h, inputs, activation, gate_up_form, runtime_constants)
         if found is not None:
             return activation, *found
-    raise Rejected(f"{h.name} is no activation the op computes ({', '.join(activations)}, {gate_up_form} gate/up)")
+    reason = f"{h.name} is no activation the op computes ({', '.join(activations)}, {gate_up_form} gate/up)"
+    if runtime_constants:
+        # torch.compile(dynamic=True) makes a float attribute (GPT-OSS's alpha) a graph input.
+        reason += (f"; its {' and '.join(sorted(runtime_constants))} is a tensor read at run time, not a number "
+                   "the op can take (torch.compile(dynamic=True) passes a float attribute so)")
+    raise Rejected(reason)
 
 
 # ---- Checking and replacing ----------------------------------------------------------------------
