@@ -129,19 +129,20 @@ def _whole_number_cast(node) -> bool:
     return not val(node).dtype.is_floating_point or not val(node.args[0]).dtype.is_floating_point
 
 
-def _bias_rows(added: Node, offsets: Node, num_slots, region: set[Node]) -> tuple[Node, Node]:
+def _bias_rows(added: Node, gemm: Node, offsets: Node, num_slots, region: set[Node]) -> Node:
     """torchtitan's GPT-OSS experts add each row's expert bias to a grouped_mm's output:
     ``gemm + cat([b, zeros(1, N)]).repeat_interleave(cat([counts, S - offsets[-1]]).long(), output_size=S)``,
     post-grad ``index(cat([b, zeros]), [clamp_max(searchsorted(cumsum(cat([counts, slack])), iota(S), right=True),
     E)])`` (``repeat_interleave(cat([counts, slack]), output_size=S)`` where S is symbolic). Row r gets b[e] for
     the e with offsets[e-1] <= r < offsets[e]: the first E prefix sums are the offsets, and with the slack
     S - offsets[-1] >= 0 the last one, S + slack, is past every row (the slack is 0 here: the counts are the S
-    slots'), so the zero row is never read. Returns (the grouped_mm, b); Rejected for anything else added."""
+    slots'), so the zero row is never read. ``added`` is ``gemm`` (the grouped_mm) plus the rows; returns b,
+    Rejected for anything else added."""
     rejected = Rejected(f"{added.name} adds something other than each row's expert bias to the grouped_mm")
-    gemm, rows = added.args
-    if not _is_grouped_mm(gemm):
-        gemm, rows = rows, gemm
-    if not (_is_grouped_mm(gemm) and not added.kwargs and is_call(rows, aten.index.Tensor) and len(rows.args[1]) == 1):
+    if added.kwargs or gemm not in added.args:
+        raise rejected
+    rows = added.args[1] if added.args[0] is gemm else added.args[0]
+    if not (is_call(rows, aten.index.Tensor) and len(rows.args[1]) == 1):
         raise rejected
     counts, num_experts = offsets.args[0], shape(offsets)[0]
     nodes = [added, rows]
@@ -201,7 +202,7 @@ def _bias_rows(added: Node, offsets: Node, num_slots, region: set[Node]) -> tupl
     if val(bias).dtype != val(gemm).dtype:
         raise Rejected(f"the bias is {val(bias).dtype}, the grouped_mm {val(gemm).dtype}")
     region.update(nodes)
-    return gemm, bias
+    return bias
 
 
 def _ids_from_top_k(ids: Node, num_experts: int) -> None:
@@ -363,7 +364,7 @@ def _match(combine: Node) -> ExpertsMatch:
 
     _ids_from_top_k(ids, num_experts)
     region |= _counts_region(offsets, ids, flat_ids, sort, num_experts)
-    b_down = None if biased_down is None else _bias_rows(biased_down, offsets, num_slots, region)[1]
+    b_down = None if biased_down is None else _bias_rows(biased_down, down, offsets, num_slots, region)
 
     # h = act(grouped_mm(xg, w1^T, offs), grouped_mm(xg, w3^T, offs)), xg = x[tok]; or (GPT-OSS) one grouped_mm on
     # the gate and up weights interleaved, each row's expert bias added, act(gate_up)
@@ -374,7 +375,7 @@ def _match(combine: Node) -> ExpertsMatch:
         activated = gemm
         if len(gemm.users) == 1 and is_call(next(iter(gemm.users)), aten.add.Tensor):
             activated = next(iter(gemm.users))
-            b_gate_up = _bias_rows(activated, offsets, num_slots, region)[1]
+            b_gate_up = _bias_rows(activated, gemm, offsets, num_slots, region)
         gate_up_form = "interleaved" if any(is_call(u, aten.slice.Tensor) for u in activated.users) else "concat"
         activation, act_nodes, constants = match_any_activation(h, [activated], gate_up_form)
     elif len(gate_up) == 2:
