@@ -7,7 +7,8 @@ GEMM:
 - ``_activation_grad_kernel``: from the recomputed pre-activations and g W_d (the output gradient
   through the down projection) it writes, per schedule row, the activation as the forward rounds it
   times the row's routing weight (the down weight's gradient operand), the gradient of the routing
-  weight (a row sum, in-program: no atomics) and the pre-activation gradient, in one pass over the rows;
+  weight (row sums in-program; where programs split F, one partial sum per column range, added in a fixed
+  order: no atomics) and the pre-activation gradient, in one pass over the rows;
 - ``_expert_weight_grad_kernel``: dW[e] = sum over expert e's rows of g^T a, where torch's grouped GEMM
   has no native kernel (fp32, fp16, GPUs before sm90, the interpreter), and the bias gradients (sums
   against a column of ones, kept in fp32) everywhere. A program owns one (expert,
@@ -38,11 +39,14 @@ from moe_ops.tiles import choose_block_m, tma_pays
 @triton.jit
 def _activation_grad_kernel(
     gate_ptr, up_ptr, g_ptr, slot_weight_ptr, sorted_slots_ptr, h_ptr, d_gate_ptr, d_up_ptr, d_weight_ptr,
-    num_rows, F, num_slots, alpha, limit,
+    num_rows, F, num_slots, alpha, limit, cols_per_program,
     stride_gate_m, stride_gate_f, stride_up_m, stride_up_f, stride_g_m, stride_g_f,
     stride_h_m, stride_h_f, stride_dgate_m, stride_dgate_f, stride_dup_m, stride_dup_f,
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
+    # Program (i, j): rows [i BLOCK_M, (i + 1) BLOCK_M), columns [j cols_per_program, (j + 1) cols_per_program)
+    # (a multiple of BLOCK_F) BLOCK_F at a time; its part of each row's routing-weight gradient goes to row j of
+    # d_weight (num_programs(1), num_rows), summed by the caller.
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_in = rows < num_rows
     slot = tl.load(sorted_slots_ptr + rows, mask=row_in, other=num_slots)
@@ -50,7 +54,8 @@ def _activation_grad_kernel(
     weight = tl.load(slot_weight_ptr + slot, mask=routed, other=0.0).to(tl.float32)
     rows = rows.to(tl.int64)
     d_weight = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for f0 in range(0, F, BLOCK_F):
+    first_col = tl.program_id(1) * cols_per_program
+    for f0 in range(first_col, tl.minimum(first_col + cols_per_program, F), BLOCK_F):
         cols = f0 + tl.arange(0, BLOCK_F)
         store_mask = row_in[:, None] & (cols < F)[None, :]
         # Rows of no routed slot hold whatever the GEMMs left there: never read, written as zeros.
@@ -81,30 +86,35 @@ def _activation_grad_kernel(
         tl.store(d_gate_ptr + rows[:, None] * stride_dgate_m + cols[None, :] * stride_dgate_f,
                  tl.where(mask, d_gate, 0.0).to(d_gate_ptr.dtype.element_ty), mask=store_mask)
         d_weight += tl.sum(h_lp * g, axis=1)
-    tl.store(d_weight_ptr + rows, d_weight, mask=row_in)
+    tl.store(d_weight_ptr + tl.program_id(1).to(tl.int64) * num_rows + rows, d_weight, mask=row_in)
 
 
-def activation_grad_triton(gate, up, g_PF, slot_weights, sorted_slots, h, d_gate, d_up, activation, alpha, limit):
+def activation_grad_triton(gate, up, g_PF, slot_weights, sorted_slots, h, d_gate, d_up, activation, alpha, limit,
+                           config=None):
     """Fill ``h`` (the activation rounded to its dtype, times the row's routing weight), ``d_gate``/``d_up``
     (the pre-activation gradients for ``dh = w_s g``) and return the (P,) fp32 gradient of each row's
     routing weight, sum_f h * g. ``gate``/``up``: pre-activations (P, F), any strides (views of one
     tensor). Rows of no routed slot (the sentinel S) are not read and come out 0. Each element is read
     before the same program writes that element of the outputs, so ``d_gate``/``d_up`` may be
-    ``gate``/``up`` and ``h`` may be ``g_PF`` (in place)."""
+    ``gate``/``up`` and ``h`` may be ``g_PF`` (in place). ``config`` (BLOCK_M, BLOCK_F, column blocks per
+    program or None for all F, warps) replaces the default (for sweeps: benchmarks/sweep_activation_grad.py);
+    programs that split F leave partial row sums, added here in a fixed order."""
     num_rows, F = g_PF.shape
-    d_weight = torch.empty(num_rows, dtype=torch.float32, device=g_PF.device)
+    block_m, block_f, blocks_per_program, warps = config or (32, 128, None, 4)
+    cols_per_program = block_f * (blocks_per_program or max(triton.cdiv(F, block_f), 1))
+    column_programs = max(triton.cdiv(F, cols_per_program), 1)
+    d_weight = torch.empty((column_programs, num_rows), dtype=torch.float32, device=g_PF.device)
     if num_rows == 0:
-        return d_weight
+        return d_weight[0]
     gated = up is not None
-    block_m, block_f = 32, 128
-    _activation_grad_kernel[(triton.cdiv(num_rows, block_m),)](
+    _activation_grad_kernel[(triton.cdiv(num_rows, block_m), column_programs)](
         gate, up if gated else gate, g_PF, slot_weights, sorted_slots, h, d_gate, d_up if gated else d_gate, d_weight,
-        num_rows, F, slot_weights.shape[0], float(alpha), float(limit),
+        num_rows, F, slot_weights.shape[0], float(alpha), float(limit), cols_per_program,
         *gate.stride(), *(up.stride() if gated else (0, 0)), *g_PF.stride(), *h.stride(), *d_gate.stride(),
         *(d_up.stride() if gated else (0, 0)),
-        ACTIVATION=ACTIVATION_CODE[activation], GATED=gated, BLOCK_M=block_m, BLOCK_F=block_f, num_warps=4,
+        ACTIVATION=ACTIVATION_CODE[activation], GATED=gated, BLOCK_M=block_m, BLOCK_F=block_f, num_warps=warps,
     )
-    return d_weight
+    return d_weight[0] if column_programs == 1 else d_weight.sum(0)
 
 
 @triton.jit

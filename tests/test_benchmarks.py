@@ -265,6 +265,16 @@ def test_expert_tiles_sweep_dry_run():
         assert every_config.count(f"| {config} |") == 6, config
 
 
+def test_activation_grad_sweep_dry_run():
+    """sweep_activation_grad.py's CPU dry run (interpreter) checks each config's outputs against the default's and
+    times every config beside the forward kernel and the copy ceiling."""
+    stdout = _dry_run("sweep_activation_grad.py")
+    rows = [line.split("|")[1].strip() for line in stdout.splitlines() if line.startswith("| m") or " kernel (" in line
+            or "device copy" in line]
+    assert rows == ["m32 f128 all F w4", "m16 f32 1 block(s) w4", "m16 f32 2 block(s) w4",
+                    "forward activation kernel (3 P F values)", "device copy of 6 P F values (read + write)"]
+
+
 def test_quantised_benchmark_times_only_the_implementations_asked_for():
     """--impls times those (and bf16, what the others are against) at the --tokens given; a name it does not
     know is refused, naming the known ones."""

@@ -157,6 +157,39 @@ def test_relu_passes_the_gradient_at_a_nan_preactivation():
         torch.testing.assert_close(got[i], want[i], rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
+@pytest.mark.parametrize("config", [(16, 32, 1, 4), (16, 32, 2, 4), (64, 64, 3, 4)],
+                         ids=["a_column_block_each", "two_column_blocks_each", "one_program_wider_than_F"])
+def test_activation_gradient_split_over_columns(config, gated):
+    """The activation-gradient kernel with F split between programs (a sweep's configs): the elementwise outputs
+    are the one-program-per-row kernel's bit for bit, and each row's routing-weight gradient (partial sums added
+    in a fixed order) is sum_f h g of the activation as rounded, zero for rows of no routed slot."""
+    P, F, S = 37, 200, 30  # F: six 32-wide blocks and a tail of 8; rows of slot S are no routed slot's
+    generator = torch.Generator().manual_seed(5)
+    gate_up = torch.randn(P, 2 * F if gated else F, generator=generator).to(torch.bfloat16).to(TRITON_DEVICE)
+    g_PF = torch.randn(P, F, generator=generator).to(torch.bfloat16).to(TRITON_DEVICE)
+    slot_weights = torch.rand(S, generator=generator).to(TRITON_DEVICE)
+    sorted_slots = torch.randperm(P, generator=generator).clamp(max=S).to(torch.int32).to(TRITON_DEVICE)
+    outputs = []
+    for chosen in (None, config):
+        gate, up = (gate_up[:, :F], gate_up[:, F:]) if gated else (gate_up, None)
+        h, d_gate = torch.empty_like(g_PF), torch.empty_like(g_PF)
+        d_up = torch.empty_like(g_PF) if gated else None
+        d_weight = backward_module.activation_grad_triton(gate, up, g_PF, slot_weights, sorted_slots, h, d_gate,
+                                                          d_up, "silu", 1.702, 7.0, config=chosen)
+        outputs.append((h, d_gate, d_up, d_weight))
+    for name, one, split in zip(("h", "d_gate", "d_up"), outputs[0], outputs[1], strict=False):
+        if one is not None:
+            assert torch.equal(one, split), name
+    routed = sorted_slots.long() < S
+    acted = torch.nn.functional.silu(gate_up[:, :F].float())
+    h_rounded = (acted * gate_up[:, F:].float() if gated else acted).to(torch.bfloat16).double()
+    want = torch.where(routed, (h_rounded * g_PF.double()).sum(1), 0.0)
+    assert (outputs[1][3][~routed] == 0).all()
+    torch.testing.assert_close(outputs[1][3].double(), want, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(outputs[1][3], outputs[0][3], rtol=1e-5, atol=1e-5)
+
+
 def test_inference_tensor_inputs_when_only_the_routing_trains():
     """Tokens and expert weights made under torch.inference_mode (frozen experts), only the routing weights
     trained: autograd cannot save inference tensors, so the op saves copies, and the routing weights' gradient

@@ -1,0 +1,127 @@
+"""Configs of the training backward's activation-gradient kernel, timed against the memory's speed.
+
+The kernel (moe_ops.fused_experts_backward_triton.activation_grad_triton) reads each schedule row's gate and
+up pre-activations and g W_d, and writes the activation times the routing weight, the two pre-activation
+gradients and a row sum: 6 P F values of 2 bytes for a gated bf16 layer, in place as the backward runs it.
+Each config (BLOCK_M, BLOCK_F, column blocks per program or None for one program per row block across all
+of F, warps) is timed with ``triton.testing.do_bench`` in ROUNDS interleaved rounds (configs in rotating
+order), beside the forward's activation kernel (3 P F values) and a device copy of the same bytes as the
+backward kernel (the ceiling), at the training benchmark's largest cells (P = T K schedule rows). Each config's
+outputs are checked against the default's first. Results: benchmarks/results/activation_grad_sweep_<gpu>.md
+(GPU, torch, triton versions).
+
+    python benchmarks/sweep_activation_grad.py [--cells mixtral-8x7b:32768,qwen3-30b-a3b:32768] [--out DIR]
+    python benchmarks/sweep_activation_grad.py --dry-run    # CPU interpreter, tiny shape (the script's logic)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+from pathlib import Path
+
+import torch
+import triton
+from bench_layer import DRY_RUN_SHAPES, SHAPES, slug
+from sweep_expert_tiles import time_briefly, time_once
+
+from moe_ops.fused_experts_backward_triton import activation_grad_triton, activation_triton
+
+ROUNDS = 3
+CELLS = "mixtral-8x7b:32768,qwen3-30b-a3b:32768,deepseek-v3:8192"
+# (BLOCK_M, BLOCK_F, column blocks per program (None: all of F), warps); the first is the kernel's default.
+CONFIGS = ((32, 128, None, 4), (32, 128, 1, 4), (16, 128, 1, 4), (64, 128, 1, 4), (64, 128, 1, 8), (32, 256, 1, 4),
+           (32, 256, 1, 8), (64, 64, 1, 4), (32, 128, 4, 4), (128, 64, 1, 8))
+DRY_RUN_CONFIGS = ((32, 128, None, 4), (16, 32, 1, 4), (16, 32, 2, 4))
+
+
+def label(config) -> str:
+    block_m, block_f, blocks, warps = config
+    return f"m{block_m} f{block_f} {'all F' if blocks is None else f'{blocks} block(s)'} w{warps}"
+
+
+def run_cell(name: str, num_rows: int, F: int, configs, device, time_fn, rounds: int) -> list[str]:
+    bf16 = dict(device=device, dtype=torch.bfloat16)
+    num_slots = num_rows  # a packed schedule: every row a routed slot
+    slot_weights = torch.rand(num_slots, device=device)
+    sorted_slots = torch.randperm(num_slots, device=device).to(torch.int32)
+    gate_up, g_PF = torch.randn(num_rows, 2 * F, **bf16), torch.randn(num_rows, F, **bf16)
+
+    def call(config, gate_up=gate_up, g_PF=g_PF):  # in place, as the backward runs it
+        gate, up = gate_up[:, :F], gate_up[:, F:]
+        return activation_grad_triton(gate, up, g_PF, slot_weights, sorted_slots, g_PF, gate, up, "silu", 1.702,
+                                      7.0, config=config)
+
+    # Every config's outputs against the default's, on fresh copies (the timed calls overwrite their inputs).
+    results = []
+    for config in configs:
+        gu, g = gate_up.clone(), g_PF.clone()
+        d_weight = call(config, gu, g)
+        results.append((gu, g, d_weight))
+        if len(results) > 1:
+            for got, want in zip(results[-1], results[0], strict=True):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m, c=config: f"{label(c)}: {m}")
+            results.pop()
+    results.clear()
+
+    backward_bytes, forward_bytes = 6 * num_rows * F * 2, 3 * num_rows * F * 2
+    copy_source = torch.empty(backward_bytes // 2, dtype=torch.uint8, device=device)
+    copy_target = torch.empty_like(copy_source)
+    timed = {label(c): (lambda c=c: call(c)) for c in configs}
+    timed["forward activation kernel (3 P F values)"] = lambda: activation_triton(
+        gate_up[:, :F], gate_up[:, F:], sorted_slots, num_slots, "silu", 1.702, 7.0)
+    timed["device copy of 6 P F values (read + write)"] = lambda: copy_target.copy_(copy_source)
+    moved = {name: forward_bytes if name.startswith("forward") else backward_bytes for name in timed}
+    samples = {name: [] for name in timed}
+    names = list(timed)
+    for round_index in range(rounds):
+        for name in names[round_index % len(names):] + names[:round_index % len(names)]:
+            samples[name].append(time_fn(timed[name]))
+    lines = [f"## {name}: P = {num_rows} schedule rows, F = {F}", "",
+             "| kernel / config | ms | TB/s | rounds (ms) |", "|---|---|---|---|"]
+    for name in names:
+        ms = statistics.median(samples[name])
+        lines.append(f"| {name} | {ms:.4f} | {moved[name] / ms / 1e9:.2f} | "
+                     f"{' / '.join(f'{t:.4f}' for t in samples[name])} |")
+    return lines + [""]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cells", default=CELLS, help="comma-separated shape:T")
+    parser.add_argument("--dry-run", action="store_true", help="on the CPU (interpreter), a tiny shape")
+    parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results; dry run: none)")
+    args = parser.parse_args()
+    if args.dry_run:
+        shape = DRY_RUN_SHAPES["tiny-mixtral"]
+        cells, configs = [(shape, 20)], DRY_RUN_CONFIGS
+        device, gpu, time_fn, rounds = torch.device("cpu"), "cpu-dry-run", time_once, 1
+    else:
+        cells = []
+        for cell in args.cells.split(","):
+            name, _, tokens = cell.partition(":")
+            if name not in SHAPES or not tokens.isdigit():
+                raise SystemExit(f"--cells: expected shape:T with a shape of {list(SHAPES)}, got {cell!r}")
+            cells.append((SHAPES[name], int(tokens)))
+        configs, device = CONFIGS, torch.device("cuda")
+        gpu, time_fn, rounds = torch.cuda.get_device_name(), time_briefly, ROUNDS
+    torch.manual_seed(0)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    lines = ["# Activation-gradient kernel configs (benchmarks/sweep_activation_grad.py)", "",
+             f"- GPU: {gpu}", f"- torch {torch.__version__}, triton {triton.__version__}", f"- run: {stamp}",
+             f"- bf16, SiLU, gated; ms = median of {rounds} interleaved rounds of do_bench medians; TB/s = bytes "
+             "read and written per second", ""]
+    for shape, tokens in cells:
+        lines += run_cell(f"{shape.name} T={tokens}", tokens * shape.top_k, shape.intermediate, configs, device,
+                          time_fn, rounds)
+        print("\n".join(lines[-len(configs) - 6:]), flush=True)
+        if not args.dry_run:  # after every cell, so that a run cut short keeps the cells it finished
+            out_dir = args.out or Path(__file__).parent / "results"
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / f"activation_grad_sweep_{slug(gpu)}.md").write_text("\n".join(lines) + "\n")
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
