@@ -11,6 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch._inductor.config  # noqa: F401  (the Inductor areas are imported after it, as moe_ops does)
+import triton
+import triton.language as tl
+from conftest import TRITON_DEVICE
+
+from moe_ops._compat.triton_interpreter import fix_interpreter_bf16
 
 AREAS = ["dispatch", "inductor_hooks", "inductor", "dynamo", "imports", "triton_interpreter", "distributed", "matmul",
          "tracing"]
@@ -206,3 +211,27 @@ print("route rewrites", counters["moe_ops"]["route_rewrite"])
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "route rewrites 1" in result.stdout
+
+
+@triton.jit
+def _casts_to_bf16(x_ptr, cast_ptr, stored_ptr, N: tl.constexpr):
+    values = tl.load(x_ptr + tl.arange(0, N))
+    tl.store(cast_ptr + tl.arange(0, N), values.to(tl.bfloat16))
+    tl.store(stored_ptr + tl.arange(0, N), values)  # fp32 values into a bf16 tensor: the store casts
+
+
+def test_kernel_casts_to_bf16_round_to_nearest_even():
+    """A kernel's fp32 -> bf16 casts round as torch's do (to nearest, ties to even; NaN stays NaN, past bf16's
+    largest value is inf), on the GPU and under the interpreter, whose own casts truncate (fix_interpreter_bf16
+    mends them: 1.5937 came out 1.5859 instead of 1.5938)."""
+    fix_interpreter_bf16()
+    x = torch.tensor([1.5937, -1.5937, 1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-8 + 2**-10, -(1 + 2**-8 + 2**-10), 3.4e38,
+                      float("inf"), float("nan"), 1e-40, 0.0, -0.0, 7.005, 2**-133, 65504.0, 0.1],
+                     dtype=torch.float32, device=TRITON_DEVICE)
+    cast, stored = torch.empty_like(x, dtype=torch.bfloat16), torch.empty_like(x, dtype=torch.bfloat16)
+    _casts_to_bf16[(1,)](x, cast, stored, N=x.numel())
+    want = x.to(torch.bfloat16)
+    for name, got in (("cast", cast), ("store", stored)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True, msg=name)
+        numbers = ~torch.isnan(want)  # a NaN's sign is no one's contract (torch's CPU cast sets it here)
+        assert torch.equal(torch.signbit(got[numbers]), torch.signbit(want[numbers])), name

@@ -14,7 +14,9 @@ def fix_interpreter_bf16() -> None:
     to numpy, so a bf16 ``tl.dot`` returns products of bit patterns (errors ~1e10) and bf16 arithmetic (``a -
     b`` of two bf16 tensors, which the GPU runs two values an instruction) adds bit patterns. Here dot
     operands are upcast to fp32 (what the tensor cores compute), and add, subtract, multiply, divide, min and
-    max run in fp32 and round to the nearest bf16 (a GPU's one rounding of an exact result). Comparisons, fmod and
+    max run in fp32 and round to the nearest bf16 (a GPU's one rounding of an exact result). Casts to bf16
+    (``.to(tl.bfloat16)``, a store of fp32 values into a bf16 tensor) round to the nearest too, ties to even, as
+    the GPU's do: the interpreter truncates them (toward zero, ~half an ulp low on average). Comparisons, fmod and
     operations with a Python scalar operand still see bit patterns (the kernels subtract tensors, not scalars,
     from bf16 values for that reason). Applied once, by
     the kernel modules that compute in bf16, and only in interpreter mode; other dtypes and compiled kernels
@@ -29,7 +31,7 @@ def fix_interpreter_bf16() -> None:
     builder = interpreter.InterpreterBuilder
     if getattr(builder.create_dot, "_moe_ops_bf16", False):
         return
-    original_dot, original_binary_op = builder.create_dot, builder.binary_op
+    original_dot, original_binary_op, original_cast = builder.create_dot, builder.binary_op, builder.cast_impl
     arithmetic = (np.add, np.subtract, np.multiply, np.divide, np.minimum, np.maximum)
 
     def upcast(handle):
@@ -52,5 +54,10 @@ def fix_interpreter_bf16() -> None:
             return interpreter.TensorHandle(to_bf16_bits(result.data), tl.bfloat16)
         return original_binary_op(self, lhs, rhs, op)
 
+    def cast_impl(self, src, dst_type):
+        if dst_type.scalar == tl.bfloat16 and src.dtype.scalar in (tl.float16, tl.float32):  # exact in fp32
+            return interpreter.TensorHandle(to_bf16_bits(src.data.astype(np.float32)), tl.bfloat16)
+        return original_cast(self, src, dst_type)
+
     create_dot._moe_ops_bf16 = True
-    builder.create_dot, builder.binary_op = create_dot, binary_op
+    builder.create_dot, builder.binary_op, builder.cast_impl = create_dot, binary_op, cast_impl
