@@ -60,8 +60,12 @@ def run_cell(name: str, num_rows: int, F: int, configs, device, time_fn, rounds:
         d_weight = call(config, gu, g)
         results.append((gu, g, d_weight))
         if len(results) > 1:
-            for got, want in zip(results[-1], results[0], strict=True):
-                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m, c=config: f"{label(c)}: {m}")
+            (gu, g, d_weight), (want_gu, want_g, want_d_weight) = results
+            # The elementwise outputs are the same operations whatever the config; the row sums are fp32 sums
+            # of F products in another order.
+            assert torch.equal(gu, want_gu) and torch.equal(g, want_g), label(config)
+            torch.testing.assert_close(d_weight, want_d_weight, rtol=1e-4, atol=1e-5 * want_d_weight.abs().max().item(),
+                                       msg=lambda m, c=config: f"{label(c)}: {m}")
             results.pop()
     results.clear()
 

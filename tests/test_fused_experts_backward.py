@@ -148,7 +148,7 @@ def test_relu_passes_the_gradient_at_a_nan_preactivation():
     there is 1 (it was 0: the weight and bias gradients of a NaN feature came out zero)."""
     args = list(make_args(4, 1, 4, 32, 16, torch.float32, TRITON_DEVICE, activation="relu", gated=False, biases=True))
     args[6][:, 0] = float("nan")  # feature 0's pre-activation is NaN in every row
-    grad_TH = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(3))
+    grad_TH = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(3)).to(args[0])
     got = fused_experts_backward_triton(*args, [grad_TH, torch.empty(0)])
     want = reference_grads(args, grad_TH)
     for name in ("w_gate_up", "b_gate_up"):  # finite on both sides: the NaN reaches y, not these
