@@ -3,8 +3,8 @@
 The kernel (moe_ops.fused_experts_backward_triton.activation_grad_triton) reads each schedule row's gate and
 up pre-activations and g W_d, and writes the activation times the routing weight, the two pre-activation
 gradients and a row sum: 6 P F values of 2 bytes for a gated bf16 layer, in place as the backward runs it.
-Each config (BLOCK_M, BLOCK_F, column blocks per program or None for one program per row block across all
-of F, warps) is timed with ``triton.testing.do_bench`` in ROUNDS interleaved rounds (configs in rotating
+Each config (BLOCK_M, BLOCK_F, warps; a program walks BLOCK_M rows across F, BLOCK_F columns at a
+time) is timed with ``triton.testing.do_bench`` in ROUNDS interleaved rounds (configs in rotating
 order), beside the forward's activation kernel (3 P F values) and a device copy of the same bytes as the
 backward kernel (the ceiling), at the training benchmark's largest cells (P = T K schedule rows). Each config's
 outputs are checked against the default's first. Results: benchmarks/results/activation_grad_sweep_<gpu>.md
@@ -31,14 +31,14 @@ from moe_ops.fused_experts_backward_triton import activation_grad_triton, activa
 ROUNDS = 3
 CELLS = "mixtral-8x7b:32768,qwen3-30b-a3b:32768,deepseek-v3:8192"
 # (BLOCK_M, BLOCK_F, column blocks per program (None: all of F), warps); the first is the kernel's default.
-CONFIGS = ((32, 128, None, 4), (32, 128, 1, 4), (16, 128, 1, 4), (64, 128, 1, 4), (64, 128, 1, 8), (32, 256, 1, 4),
-           (32, 256, 1, 8), (64, 64, 1, 4), (32, 128, 4, 4), (128, 64, 1, 8))
-DRY_RUN_CONFIGS = ((32, 128, None, 4), (16, 32, 1, 4), (16, 32, 2, 4))
-
+# (BLOCK_M, BLOCK_F, warps); the first is the kernel's default.
+CONFIGS = ((8, 128, 4), (4, 128, 4), (16, 128, 4), (32, 128, 4), (8, 64, 4), (8, 256, 4), (8, 128, 2), (16, 128, 8),
+           (16, 256, 8))
+DRY_RUN_CONFIGS = ((8, 128, 4), (16, 32, 4), (4, 64, 2))
 
 def label(config) -> str:
-    block_m, block_f, blocks, warps = config
-    return f"m{block_m} f{block_f} {'all F' if blocks is None else f'{blocks} block(s)'} w{warps}"
+    block_m, block_f, warps = config
+    return f"m{block_m} f{block_f} w{warps}"
 
 
 def run_cell(name: str, num_rows: int, F: int, configs, device, time_fn, rounds: int) -> list[str]:
@@ -76,18 +76,18 @@ def run_cell(name: str, num_rows: int, F: int, configs, device, time_fn, rounds:
     timed["forward activation kernel (3 P F values)"] = lambda: activation_triton(
         gate_up[:, :F], gate_up[:, F:], sorted_slots, num_slots, "silu", 1.702, 7.0)
     timed["device copy of 6 P F values (read + write)"] = lambda: copy_target.copy_(copy_source)
-    moved = {name: forward_bytes if name.startswith("forward") else backward_bytes for name in timed}
-    samples = {name: [] for name in timed}
-    names = list(timed)
+    moved = {kernel: forward_bytes if kernel.startswith("forward") else backward_bytes for kernel in timed}
+    samples = {kernel: [] for kernel in timed}
+    kernels = list(timed)
     for round_index in range(rounds):
-        for name in names[round_index % len(names):] + names[:round_index % len(names)]:
-            samples[name].append(time_fn(timed[name]))
+        for kernel in kernels[round_index % len(kernels):] + kernels[:round_index % len(kernels)]:
+            samples[kernel].append(time_fn(timed[kernel]))
     lines = [f"## {name}: P = {num_rows} schedule rows, F = {F}", "",
              "| kernel / config | ms | TB/s | rounds (ms) |", "|---|---|---|---|"]
-    for name in names:
-        ms = statistics.median(samples[name])
-        lines.append(f"| {name} | {ms:.4f} | {moved[name] / ms / 1e9:.2f} | "
-                     f"{' / '.join(f'{t:.4f}' for t in samples[name])} |")
+    for kernel in kernels:
+        ms = statistics.median(samples[kernel])
+        lines.append(f"| {kernel} | {ms:.4f} | {moved[kernel] / ms / 1e9:.2f} | "
+                     f"{' / '.join(f'{t:.4f}' for t in samples[kernel])} |")
     return lines + [""]
 
 
@@ -117,9 +117,10 @@ def main() -> None:
              f"- bf16, SiLU, gated; ms = median of {rounds} interleaved rounds of do_bench medians; TB/s = bytes "
              "read and written per second", ""]
     for shape, tokens in cells:
-        lines += run_cell(f"{shape.name} T={tokens}", tokens * shape.top_k, shape.intermediate, configs, device,
-                          time_fn, rounds)
-        print("\n".join(lines[-len(configs) - 6:]), flush=True)
+        cell = run_cell(f"{shape.name} T={tokens}", tokens * shape.top_k, shape.intermediate, configs, device,
+                        time_fn, rounds)
+        lines += cell
+        print("\n".join(cell), flush=True)
         if not args.dry_run:  # after every cell, so that a run cut short keeps the cells it finished
             out_dir = args.out or Path(__file__).parent / "results"
             out_dir.mkdir(parents=True, exist_ok=True)

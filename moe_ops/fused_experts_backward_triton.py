@@ -7,8 +7,7 @@ GEMM:
 - ``_activation_grad_kernel``: from the recomputed pre-activations and g W_d (the output gradient
   through the down projection) it writes, per schedule row, the activation as the forward rounds it
   times the row's routing weight (the down weight's gradient operand), the gradient of the routing
-  weight (row sums in-program; where programs split F, one partial sum per column range, added in a fixed
-  order: no atomics) and the pre-activation gradient, in one pass over the rows;
+  weight (a row sum, in-program: no atomics) and the pre-activation gradient, in one pass over the rows;
 - ``_expert_weight_grad_kernel``: dW[e] = sum over expert e's rows of g^T a, where torch's grouped GEMM
   has no native kernel (fp32, fp16, GPUs before sm90, the interpreter), and the bias gradients (sums
   against a column of ones, kept in fp32) everywhere. A program owns one (expert,
@@ -39,14 +38,11 @@ from moe_ops.tiles import choose_block_m, tma_pays
 @triton.jit
 def _activation_grad_kernel(
     gate_ptr, up_ptr, g_ptr, slot_weight_ptr, sorted_slots_ptr, h_ptr, d_gate_ptr, d_up_ptr, d_weight_ptr,
-    num_rows, F, num_slots, alpha, limit, cols_per_program,
+    num_rows, F, num_slots, alpha, limit,
     stride_gate_m, stride_gate_f, stride_up_m, stride_up_f, stride_g_m, stride_g_f,
     stride_h_m, stride_h_f, stride_dgate_m, stride_dgate_f, stride_dup_m, stride_dup_f,
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
-    # Program (i, j): rows [i BLOCK_M, (i + 1) BLOCK_M), columns [j cols_per_program, (j + 1) cols_per_program)
-    # (a multiple of BLOCK_F) BLOCK_F at a time; its part of each row's routing-weight gradient goes to row j of
-    # d_weight (num_programs(1), num_rows), summed by the caller.
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_in = rows < num_rows
     slot = tl.load(sorted_slots_ptr + rows, mask=row_in, other=num_slots)
@@ -54,8 +50,7 @@ def _activation_grad_kernel(
     weight = tl.load(slot_weight_ptr + slot, mask=routed, other=0.0).to(tl.float32)
     rows = rows.to(tl.int64)
     d_weight = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    first_col = tl.program_id(1) * cols_per_program
-    for f0 in range(first_col, tl.minimum(first_col + cols_per_program, F), BLOCK_F):
+    for f0 in range(0, F, BLOCK_F):
         cols = f0 + tl.arange(0, BLOCK_F)
         store_mask = row_in[:, None] & (cols < F)[None, :]
         # Rows of no routed slot hold whatever the GEMMs left there: never read, written as zeros.
@@ -86,7 +81,7 @@ def _activation_grad_kernel(
         tl.store(d_gate_ptr + rows[:, None] * stride_dgate_m + cols[None, :] * stride_dgate_f,
                  tl.where(mask, d_gate, 0.0).to(d_gate_ptr.dtype.element_ty), mask=store_mask)
         d_weight += tl.sum(h_lp * g, axis=1)
-    tl.store(d_weight_ptr + tl.program_id(1).to(tl.int64) * num_rows + rows, d_weight, mask=row_in)
+    tl.store(d_weight_ptr + rows, d_weight, mask=row_in)
 
 
 def activation_grad_triton(gate, up, g_PF, slot_weights, sorted_slots, h, d_gate, d_up, activation, alpha, limit,
@@ -96,25 +91,24 @@ def activation_grad_triton(gate, up, g_PF, slot_weights, sorted_slots, h, d_gate
     routing weight, sum_f h * g. ``gate``/``up``: pre-activations (P, F), any strides (views of one
     tensor). Rows of no routed slot (the sentinel S) are not read and come out 0. Each element is read
     before the same program writes that element of the outputs, so ``d_gate``/``d_up`` may be
-    ``gate``/``up`` and ``h`` may be ``g_PF`` (in place). ``config`` (BLOCK_M, BLOCK_F, column blocks per
-    program or None for all F, warps) replaces the default (for sweeps: benchmarks/sweep_activation_grad.py);
-    programs that split F leave partial row sums, added here in a fixed order."""
+    ``gate``/``up`` and ``h`` may be ``g_PF`` (in place). ``config`` (BLOCK_M, BLOCK_F, warps) replaces the
+    default (for sweeps)."""
     num_rows, F = g_PF.shape
-    block_m, block_f, blocks_per_program, warps = config or (32, 128, None, 4)
-    cols_per_program = block_f * (blocks_per_program or max(triton.cdiv(F, block_f), 1))
-    column_programs = max(triton.cdiv(F, cols_per_program), 1)
-    d_weight = torch.empty((column_programs, num_rows), dtype=torch.float32, device=g_PF.device)
+    d_weight = torch.empty(num_rows, dtype=torch.float32, device=g_PF.device)
     if num_rows == 0:
-        return d_weight[0]
+        return d_weight
     gated = up is not None
-    _activation_grad_kernel[(triton.cdiv(num_rows, block_m), column_programs)](
+    # 8 rows a program: 93-97% of the H100's copy rate at Mixtral, Qwen3 and DeepSeek-V3 training shapes, where
+    # 32 rows (four times the live values a thread) reached 76% (benchmarks/sweep_activation_grad.py).
+    block_m, block_f, warps = config or (8, 128, 4)
+    _activation_grad_kernel[(triton.cdiv(num_rows, block_m),)](
         gate, up if gated else gate, g_PF, slot_weights, sorted_slots, h, d_gate, d_up if gated else d_gate, d_weight,
-        num_rows, F, slot_weights.shape[0], float(alpha), float(limit), cols_per_program,
+        num_rows, F, slot_weights.shape[0], float(alpha), float(limit),
         *gate.stride(), *(up.stride() if gated else (0, 0)), *g_PF.stride(), *h.stride(), *d_gate.stride(),
         *(d_up.stride() if gated else (0, 0)),
         ACTIVATION=ACTIVATION_CODE[activation], GATED=gated, BLOCK_M=block_m, BLOCK_F=block_f, num_warps=warps,
     )
-    return d_weight[0] if column_programs == 1 else d_weight.sum(0)
+    return d_weight
 
 
 @triton.jit

@@ -52,7 +52,7 @@ class Config:
                   benchmarks/results/training_*.md: on the H200 it is ahead in 3 of the 5 cells,
                   winning every round there, level at Qwen3-30B-A3B T = 32768 (0.2% behind) and 0.99x
                   of a torchtitan-style block at Mixtral-8x7B T = 32768 (on an H100 it won every round
-                  of the four cells that fit, Mixtral T = 32768 by 0.1%). Off, training graphs compute
+                  of the four cells that fit, Mixtral T = 32768 by 0.1%, then 0.6%). Off, training graphs compute
                   what the plain code does. On, a compiled function whose code changes its own
                   gradients (a .detach() or no_grad block feeding gradients, custom autograd Functions,
                   tensor hooks) keeps the plain backward (docs/index.md, Training).

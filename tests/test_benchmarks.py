@@ -271,7 +271,7 @@ def test_activation_grad_sweep_dry_run():
     stdout = _dry_run("sweep_activation_grad.py")
     rows = [line.split("|")[1].strip() for line in stdout.splitlines() if line.startswith("| m") or " kernel (" in line
             or "device copy" in line]
-    assert rows == ["m32 f128 all F w4", "m16 f32 1 block(s) w4", "m16 f32 2 block(s) w4",
+    assert rows == ["m8 f128 w4", "m16 f32 w4", "m4 f64 w2",
                     "forward activation kernel (3 P F values)", "device copy of 6 P F values (read + write)"]
 
 

@@ -158,12 +158,11 @@ def test_relu_passes_the_gradient_at_a_nan_preactivation():
 
 
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
-@pytest.mark.parametrize("config", [(16, 32, 1, 4), (16, 32, 2, 4), (64, 64, 3, 4)],
-                         ids=["a_column_block_each", "two_column_blocks_each", "one_program_wider_than_F"])
-def test_activation_gradient_split_over_columns(config, gated):
-    """The activation-gradient kernel with F split between programs (a sweep's configs): the elementwise outputs
-    are the one-program-per-row kernel's bit for bit, and each row's routing-weight gradient (partial sums added
-    in a fixed order) is sum_f h g of the activation as rounded, zero for rows of no routed slot."""
+@pytest.mark.parametrize("config", [(32, 128, 4), (16, 32, 4), (4, 64, 2)], ids=["m32_f128", "m16_f32", "m4_f64"])
+def test_activation_gradient_kernel_configs_agree(config, gated):
+    """The activation-gradient kernel with other tiles (a sweep's configs): the elementwise outputs are the
+    default's bit for bit (the same operations on each element), and each row's routing-weight gradient (fp32
+    sums in another order) is sum_f h g of the activation as rounded, zero for rows of no routed slot."""
     P, F, S = 37, 200, 30  # F: six 32-wide blocks and a tail of 8; rows of slot S are no routed slot's
     generator = torch.Generator().manual_seed(5)
     gate_up = torch.randn(P, 2 * F if gated else F, generator=generator).to(torch.bfloat16).to(TRITON_DEVICE)
