@@ -30,11 +30,11 @@ from moe_ops.fused_experts_backward_triton import activation_grad_triton, activa
 
 ROUNDS = 3
 CELLS = "mixtral-8x7b:32768,qwen3-30b-a3b:32768,deepseek-v3:8192"
-# (BLOCK_M, BLOCK_F, column blocks per program (None: all of F), warps); the first is the kernel's default.
 # (BLOCK_M, BLOCK_F, warps); the first is the kernel's default.
 CONFIGS = ((8, 128, 4), (4, 128, 4), (16, 128, 4), (32, 128, 4), (8, 64, 4), (8, 256, 4), (8, 128, 2), (16, 128, 8),
            (16, 256, 8))
 DRY_RUN_CONFIGS = ((8, 128, 4), (16, 32, 4), (4, 64, 2))
+
 
 def label(config) -> str:
     block_m, block_f, warps = config
