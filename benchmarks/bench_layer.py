@@ -567,7 +567,9 @@ def run_lines(rows: list[dict]) -> list[str]:
 
 def run_sweep(description: str, title: str, setup: str, sections: list[Callable[[], list[str]]], stem: str) -> None:
     """main() of a sweep script: parse --out, seed, write the report ``<stem>_<gpu>.md``: a header naming
-    the GPU, the versions and the run, then each section's lines (GPU memory freed between sections)."""
+    the GPU, the versions and the run, then each section's lines (GPU memory freed between sections). The
+    report is written again after every section, so a run cut off by the device's time limit keeps the
+    sections it finished."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     out_dir = parser.parse_args().out
@@ -576,11 +578,11 @@ def run_sweep(description: str, title: str, setup: str, sections: list[Callable[
     lines = [f"# {title}", "", f"- GPU: {gpu}", f"- torch {torch.__version__}, triton {triton.__version__}",
              f"- run: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')}",
              f"- {setup}", ""]
+    out_dir.mkdir(parents=True, exist_ok=True)
     for section in sections:
         lines += section()
+        (out_dir / f"{stem}_{slug(gpu)}.md").write_text("\n".join(lines) + "\n")
         torch.cuda.empty_cache()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{stem}_{slug(gpu)}.md").write_text("\n".join(lines) + "\n")
 
 
 def markdown_report(rows: list[dict], ceilings: Ceilings) -> str:
