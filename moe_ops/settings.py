@@ -47,13 +47,11 @@ class Config:
                   (on CUDA) into which neighbouring pointwise work fuses; off, each op is one opaque
                   extern call.
         training_rewrites: also rewrite training graphs (AOTAutograd's joint graph), so that their
-                  backward is the moe_ops ops' formulas (lowering/graph/joint_rewrite.py). Off by default
-                  until a step with it leads in every cell and every timing round of
-                  benchmarks/results/training_*.md: on the H200 it is ahead in 3 of the 5 cells,
-                  winning every round there, level at Qwen3-30B-A3B T = 32768 (0.2% behind) and 0.99x
-                  of a torchtitan-style block at Mixtral-8x7B T = 32768 (on an H100 it won every round
-                  of the four cells that fit, Mixtral T = 32768 by 0.1%, then 0.6%). Off, training graphs compute
-                  what the plain code does. On, a compiled function whose code changes its own
+                  backward is the moe_ops ops' formulas (lowering/graph/joint_rewrite.py). On by default:
+                  a training step with it leads plain torch.compile and a torchtitan-style block in every
+                  cell and every timing round of benchmarks/bench_training.py on the H200
+                  (benchmarks/results/training_nvidia-h200.md). Off, training graphs compute what the
+                  plain code does. On, a compiled function whose code changes its own
                   gradients (a .detach() or no_grad block feeding gradients, custom autograd Functions,
                   tensor hooks) keeps the plain backward (docs/index.md, Training).
         batch_invariant: the Triton kernels of ``route`` and ``fused_experts`` (CUDA tensors, eager and
@@ -76,7 +74,7 @@ class Config:
     transformers_quantised_experts: bool = True
     stack_expert_weights: bool = False
     inductor_templates: bool = True
-    training_rewrites: bool = False
+    training_rewrites: bool = True
     batch_invariant: bool = False
 
     def cache_key(self) -> str:

@@ -48,7 +48,7 @@ def config_switched_on(field: str):
     return switched_on
 
 
-training_rewrites = config_switched_on("training_rewrites")  # off by default
+training_rewrites = config_switched_on("training_rewrites")  # the default too; the tests name it where they rely on it
 
 # What a rewritten training graph's forward calls: fused_experts' training variant (moe_ops/fused_experts.py).
 FUSED_EXPERTS_TRAINING = "moe_ops.fused_experts_training.default"

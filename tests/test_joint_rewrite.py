@@ -859,8 +859,8 @@ def test_a_joint_graph_that_cannot_be_retraced_is_kept(monkeypatch, caplog):
     assert "_grouped_mm" in forward_graph and "moe_ops" not in backward_graph
 
 
-def test_off_by_default(caplog):
-    """Without ``moe_ops.config.training_rewrites`` a training graph keeps the plain code's backward."""
+def test_training_rewrites_off(caplog):
+    """With ``moe_ops.config.training_rewrites`` off a training graph keeps the plain code's backward."""
     moe_ops.config.training_rewrites = False  # the fixture restores it
     with caplog.at_level(logging.DEBUG, logger="moe_ops"):
         forward_graph, backward_graph = check_training(GroupedMoE(), tokens(), dtype=torch.bfloat16)

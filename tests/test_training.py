@@ -73,10 +73,10 @@ def spread(load_LE: torch.Tensor) -> float:
     return (load_LE.std(dim=1) / load_LE.mean(dim=1)).max().item()
 
 
-@pytest.fixture(params=["training_rewrites", "default"])
+@pytest.fixture(params=["training_rewrites", "plain_backward"])
 def training_path(request, monkeypatch):
-    """The rewritten training graph (moe_ops.config.training_rewrites on), and the default path, on
-    which a training graph computes what the user's code does."""
+    """The rewritten training graph (moe_ops.config.training_rewrites on, the default), and the path with it
+    off, on which a training graph computes what the user's code does."""
     monkeypatch.setattr(moe_ops.config, "training_rewrites", request.param == "training_rewrites")
     return request.param
 
