@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import datetime
 import statistics
 import time
 from collections.abc import Callable
@@ -36,8 +35,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
-from bench_layer import SHAPES, build_hf_blocks, make_layer, random_tokens, slug
+from bench_layer import SHAPES, build_hf_blocks, make_layer, random_tokens, slug, sweep_header
 
 import moe_ops
 
@@ -165,13 +163,10 @@ def main() -> None:
     torch.manual_seed(0)
     shape, device = SHAPES[args.shape], torch.device("cuda")
     gpu = torch.cuda.get_device_name()
-    lines = [
-        f"# Energy per call: {shape.name} (benchmarks/bench_energy.py)", "",
-        f"- GPU: {gpu}", f"- torch {torch.__version__}, triton {triton.__version__}",
-        f"- run: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')}",
-        f"- each variant back to back for {args.seconds} s per round, {args.rounds} rounds in alternating order;"
-        " NVML total energy before and after, CUDA events around the same calls; medians over rounds",
-    ]
+    lines = sweep_header(
+        f"Energy per call: {shape.name} (benchmarks/bench_energy.py)", gpu,
+        f"each variant back to back for {args.seconds} s per round, {args.rounds} rounds in alternating order;"
+        " NVML total energy before and after, CUDA events around the same calls; medians over rounds")[:-1]
     with torch.inference_mode():
         blocks = build_hf_blocks(shape, device)
         layers = {"layer compile(HF)": make_layer("compile_hf_grouped_mm", blocks, shape),

@@ -565,6 +565,13 @@ def run_lines(rows: list[dict]) -> list[str]:
     ]
 
 
+def sweep_header(title: str, gpu: str, setup: str) -> list[str]:
+    """A sweep report's first lines: its title, the GPU, the versions, the run's time and what was timed."""
+    return [f"# {title}", "", f"- GPU: {gpu}", f"- torch {torch.__version__}, triton {triton.__version__}",
+            f"- run: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')}",
+            f"- {setup}", ""]
+
+
 def run_sweep(description: str, title: str, setup: str, sections: list[Callable[[], list[str]]], stem: str) -> None:
     """main() of a sweep script: parse --out, seed, write the report ``<stem>_<gpu>.md``: a header naming
     the GPU, the versions and the run, then each section's lines (GPU memory freed between sections). The
@@ -575,9 +582,7 @@ def run_sweep(description: str, title: str, setup: str, sections: list[Callable[
     out_dir = parser.parse_args().out
     torch.manual_seed(0)
     gpu = torch.cuda.get_device_name()
-    lines = [f"# {title}", "", f"- GPU: {gpu}", f"- torch {torch.__version__}, triton {triton.__version__}",
-             f"- run: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')}",
-             f"- {setup}", ""]
+    lines = sweep_header(title, gpu, setup)
     out_dir.mkdir(parents=True, exist_ok=True)
     for section in sections:
         lines += section()

@@ -17,13 +17,11 @@ outputs are checked against the default's first. Results: benchmarks/results/act
 from __future__ import annotations
 
 import argparse
-import datetime
 import statistics
 from pathlib import Path
 
 import torch
-import triton
-from bench_layer import DRY_RUN_SHAPES, SHAPES, slug
+from bench_layer import DRY_RUN_SHAPES, SHAPES, slug, sweep_header
 from sweep_expert_tiles import time_briefly, time_once
 
 from moe_ops.fused_experts_backward_triton import activation_grad_triton, activation_triton
@@ -111,11 +109,9 @@ def main() -> None:
         configs, device = CONFIGS, torch.device("cuda")
         gpu, time_fn, rounds = torch.cuda.get_device_name(), time_briefly, ROUNDS
     torch.manual_seed(0)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    lines = ["# Activation-gradient kernel configs (benchmarks/sweep_activation_grad.py)", "",
-             f"- GPU: {gpu}", f"- torch {torch.__version__}, triton {triton.__version__}", f"- run: {stamp}",
-             f"- bf16, SiLU, gated; ms = median of {rounds} interleaved rounds of do_bench medians; TB/s = bytes "
-             "read and written per second", ""]
+    lines = sweep_header("Activation-gradient kernel configs (benchmarks/sweep_activation_grad.py)", gpu,
+                         f"bf16, SiLU, gated; ms = median of {rounds} interleaved rounds of do_bench medians; TB/s = "
+                         "bytes read and written per second")
     for shape, tokens in cells:
         cell = run_cell(f"{shape.name} T={tokens}", tokens * shape.top_k, shape.intermediate, configs, device,
                         time_fn, rounds)
