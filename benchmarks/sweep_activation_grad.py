@@ -24,14 +24,14 @@ import torch
 from bench_layer import DRY_RUN_SHAPES, SHAPES, slug, sweep_header
 from sweep_expert_tiles import time_briefly, time_once
 
-from moe_ops.fused_experts_backward_triton import activation_grad_triton, activation_triton
+from moe_ops.fused_experts_backward_triton import ACTIVATION_GRAD_CONFIG, activation_grad_triton, activation_triton
 
 ROUNDS = 3
 CELLS = "mixtral-8x7b:32768,qwen3-30b-a3b:32768,deepseek-v3:8192"
 # (BLOCK_M, BLOCK_F, warps); the first is the kernel's default.
-CONFIGS = ((8, 128, 4), (4, 128, 4), (16, 128, 4), (32, 128, 4), (8, 64, 4), (8, 256, 4), (8, 128, 2), (16, 128, 8),
-           (16, 256, 8))
-DRY_RUN_CONFIGS = ((8, 128, 4), (16, 32, 4), (4, 64, 2))
+CONFIGS = (ACTIVATION_GRAD_CONFIG, (4, 128, 4), (16, 128, 4), (32, 128, 4), (8, 64, 4), (8, 256, 4), (8, 128, 2),
+           (16, 128, 8), (16, 256, 8))
+DRY_RUN_CONFIGS = (ACTIVATION_GRAD_CONFIG, (16, 32, 4), (4, 64, 2))
 
 
 def label(config) -> str:

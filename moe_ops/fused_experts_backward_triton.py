@@ -34,6 +34,10 @@ from moe_ops.schedule_triton import block_schedule_triton, rows_in_schedule_orde
 from moe_ops.settings import config
 from moe_ops.tiles import choose_block_m, tma_pays
 
+# _activation_grad_kernel's (BLOCK_M, BLOCK_F, warps): few rows a program keep few live values a thread, which
+# brings the pass near the copy rate where 32 rows did not (benchmarks/sweep_activation_grad.py, NOTES.md v26).
+ACTIVATION_GRAD_CONFIG = (8, 128, 4)
+
 
 @triton.jit
 def _activation_grad_kernel(
@@ -98,9 +102,7 @@ def activation_grad_triton(gate, up, g_PF, slot_weights, sorted_slots, h, d_gate
     if num_rows == 0:
         return d_weight
     gated = up is not None
-    # 8 rows a program: 93-97% of the H100's copy rate at Mixtral, Qwen3 and DeepSeek-V3 training shapes, where
-    # 32 rows (four times the live values a thread) reached 76% (benchmarks/sweep_activation_grad.py).
-    block_m, block_f, warps = config or (8, 128, 4)
+    block_m, block_f, warps = config or ACTIVATION_GRAD_CONFIG
     _activation_grad_kernel[(triton.cdiv(num_rows, block_m),)](
         gate, up if gated else gate, g_PF, slot_weights, sorted_slots, h, d_gate, d_up if gated else d_gate, d_weight,
         num_rows, F, slot_weights.shape[0], float(alpha), float(limit),
