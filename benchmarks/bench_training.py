@@ -26,6 +26,7 @@ activations).
     python benchmarks/bench_training.py --shapes qwen3-30b-a3b --tokens 32768
     python benchmarks/bench_training.py --dry-run          # CPU, tiny shapes: checks everything but speed
     python benchmarks/bench_training.py --profile qwen3-30b-a3b:8192   # kernel table of one cell
+    python benchmarks/bench_training.py --memory qwen3-30b-a3b:8192    # what is alive at one cell's peak
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import argparse
 import datetime
 import functools
 import gc
+import re
 import statistics
 import tempfile
 import types
@@ -235,6 +237,71 @@ def profile_cell(shape: MoEShape, num_tokens: int, device, out_path: Path) -> No
     print(out_path.read_text())
 
 
+def allocations_at_peak(trace: list[dict]) -> tuple[int, list[dict]]:
+    """(the highest sum of live bytes, the allocations alive then) over a torch.cuda memory-history trace
+    (its "alloc", "free_requested" and "free_completed" events, each with "addr" and "size"): counted from
+    the trace's start, so allocations made before it (weights, inputs) are not in either. A block leaves
+    at its first free event (the caching allocator's allocated bytes drop when the tensor is freed)."""
+    live, level, peak, at_peak = {}, 0, 0, {}
+    for event in trace:
+        action, addr = event["action"], event["addr"]
+        if action == "alloc":
+            live[addr] = event
+            level += event["size"]
+            if level > peak:
+                peak, at_peak = level, dict(live)
+        elif action in ("free_requested", "free_completed") and addr in live:
+            level -= live.pop(addr)["size"]
+    return peak, list(at_peak.values())
+
+
+def memory_cell(shape: MoEShape, num_tokens: int, device, out_path: Path, rows: int = 16) -> None:
+    """What makes one training step's peak: for each implementation, the memory allocated before the step
+    (weights, inputs), the step's peak above it, and the step's allocations alive at that peak, largest
+    first, each with the source lines that allocated it (Inductor's generated code or moe_ops), replayed
+    from torch.cuda's memory history of one step."""
+    import linecache
+
+    block = build_hf_blocks(shape, device)["hf_grouped_mm"].train().requires_grad_(True)
+    with torch.no_grad():
+        x = random_tokens(block.gate.weight, num_tokens, shape.top_k)
+    x.requires_grad_(True)
+    grad_out = torch.randn_like(x)
+    torch._dynamo.mark_dynamic(x, 1)
+    interesting = re.compile(r"torchinductor|moe_ops|bench_training|transformers/")
+
+    def origin(event) -> str:
+        frames = [f for f in event.get("frames", []) if interesting.search(f["filename"])][:2]
+        return " <- ".join(f"{Path(f['filename']).name}:{f['line']} "
+                           f"{linecache.getline(f['filename'], f['line']).strip()[:110]}" for f in frames)
+
+    sections = []
+    for impl in IMPLS:
+        step = make_step(impl, block)
+        for _ in range(2):
+            reset_grads(block, x)
+            step(x, grad_out)
+        reset_grads(block, x)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.memory._record_memory_history(context="all", stacks="python", clear_history=True)
+        step(x, grad_out)
+        torch.cuda.synchronize()
+        trace = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
+        torch.cuda.memory._record_memory_history(enabled=None)
+        peak, at_peak = allocations_at_peak(trace)
+        lines = [f"=== {impl}, {shape.name} T={num_tokens}: before the step {before / 2**30:.3f} GiB, peak "
+                 f"{(before + peak) / 2**30:.3f} GiB (+{peak / 2**20:.1f} MiB), {len(at_peak)} step allocations "
+                 "alive at the peak:"]
+        for event in sorted(at_peak, key=lambda e: -e["size"])[:rows]:
+            lines.append(f"  {event['size'] / 2**20:9.2f} MiB  {origin(event)}")
+        sections.append("\n".join(lines))
+        del step
+        gc.collect()
+    out_path.write_text("\n\n".join(sections) + "\n")
+    print(out_path.read_text())
+
+
 def idle_report(prof, num_steps: int, gap_floor_us: float = 2.0, rows: int = 12) -> str:
     """Where the GPU waited for the host during the profiled steps: busy and idle time per step (idle = gaps
     between kernels, copies and fills of at least ``gap_floor_us``), and the idle time by the host code that
@@ -318,7 +385,16 @@ def main() -> None:
     parser.add_argument("--tokens", help="comma-separated token counts (default: each shape's in TOKENS)")
     parser.add_argument("--dry-run", action="store_true", help="on the CPU, tiny shapes, wall-clock timer")
     parser.add_argument("--profile", metavar="SHAPE:T", help="only print (and write) a kernel profile of one cell")
+    parser.add_argument("--memory", metavar="SHAPE:T", help="only print (and write) what is alive at one cell's "
+                        "peak memory")
     args = parser.parse_args()
+    if args.memory:
+        name, num_tokens = args.memory.split(":")
+        out_dir = args.out or Path(__file__).parent / "results"
+        gpu = slug(torch.cuda.get_device_name())
+        memory_cell(SHAPES[name], int(num_tokens), torch.device("cuda"),
+                    out_dir / f"training_memory_{gpu}_{name}_{num_tokens}.txt")
+        return
     if args.profile:
         name, num_tokens = args.profile.split(":")
         out_dir = args.out or Path(__file__).parent / "results"

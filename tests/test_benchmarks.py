@@ -224,6 +224,25 @@ def test_collective_overlap_counts_only_time_beside_compute():
     assert bench_expert_parallel.overlapped_ms(collectives, []) == 0.0
 
 
+def test_memory_replay_finds_the_allocations_alive_at_the_peak():
+    import bench_training
+
+    def event(action, addr, size):
+        return {"action": action, "addr": addr, "size": size}
+
+    trace = [
+        event("alloc", 1, 100), event("alloc", 2, 50),  # 150
+        event("free_requested", 1, 100), event("free_completed", 1, 100),  # 50: freed once, not twice
+        event("alloc", 3, 120), event("alloc", 1, 30),  # 200, the peak: blocks 2, 3 and the reused address 1
+        event("segment_alloc", 9, 1000),  # segments are not allocations
+        event("free_requested", 3, 120), event("alloc", 4, 60),  # 140
+        event("free_completed", 5, 10),  # a block allocated before the trace began
+    ]
+    peak, alive = bench_training.allocations_at_peak(trace)
+    assert peak == 200
+    assert sorted((e["addr"], e["size"]) for e in alive) == [(1, 30), (2, 50), (3, 120)]
+
+
 def test_training_timing_dry_run():
     """bench_training_timing.py's CPU dry run (compiled at one token count, timed at another) reports each
     implementation's three timings."""
