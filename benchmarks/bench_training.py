@@ -209,22 +209,29 @@ def run_shape(shape: MoEShape, tokens, device, time_fn, run_info: dict, out_dir:
     (out_dir / f"training_{slug(run_info['gpu'])}.md").write_text(markdown_report(all_rows))
 
 
-def profile_cell(shape: MoEShape, num_tokens: int, device, out_path: Path) -> None:
-    """Where one training step's time goes: torch.profiler's kernel table for each implementation."""
-    from torch.profiler import ProfilerActivity, profile
-
+def warm_steps(shape: MoEShape, num_tokens: int, device, warmup: int = 3):
+    """For each implementation in turn: (impl, block, x, grad_out, its step), the step compiled for every
+    token count (as the benchmark's steps are) and run ``warmup`` times on one cell's inputs."""
     block = build_hf_blocks(shape, device)["hf_grouped_mm"].train().requires_grad_(True)
     with torch.no_grad():
         x = random_tokens(block.gate.weight, num_tokens, shape.top_k)
     x.requires_grad_(True)
     grad_out = torch.randn_like(x)
-    torch._dynamo.mark_dynamic(x, 1)  # compiled for every token count, as the benchmark's steps are
-    sections = []
+    torch._dynamo.mark_dynamic(x, 1)
     for impl in IMPLS:
         step = make_step(impl, block)
-        for _ in range(3):
+        for _ in range(warmup):
             reset_grads(block, x)
             step(x, grad_out)
+        yield impl, block, x, grad_out, step
+
+
+def profile_cell(shape: MoEShape, num_tokens: int, device, out_path: Path) -> None:
+    """Where one training step's time goes: torch.profiler's kernel table for each implementation."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sections = []
+    for impl, block, x, grad_out, step in warm_steps(shape, num_tokens, device):
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
@@ -262,12 +269,6 @@ def memory_cell(shape: MoEShape, num_tokens: int, device, out_path: Path, rows: 
     from torch.cuda's memory history of one step."""
     import linecache
 
-    block = build_hf_blocks(shape, device)["hf_grouped_mm"].train().requires_grad_(True)
-    with torch.no_grad():
-        x = random_tokens(block.gate.weight, num_tokens, shape.top_k)
-    x.requires_grad_(True)
-    grad_out = torch.randn_like(x)
-    torch._dynamo.mark_dynamic(x, 1)
     interesting = re.compile(r"torchinductor|moe_ops|bench_training|transformers/")
 
     def origin(event) -> str:
@@ -276,11 +277,7 @@ def memory_cell(shape: MoEShape, num_tokens: int, device, out_path: Path, rows: 
                            f"{linecache.getline(f['filename'], f['line']).strip()[:110]}" for f in frames)
 
     sections = []
-    for impl in IMPLS:
-        step = make_step(impl, block)
-        for _ in range(2):
-            reset_grads(block, x)
-            step(x, grad_out)
+    for impl, block, x, grad_out, step in warm_steps(shape, num_tokens, device):
         reset_grads(block, x)
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
@@ -296,8 +293,6 @@ def memory_cell(shape: MoEShape, num_tokens: int, device, out_path: Path, rows: 
         for event in sorted(at_peak, key=lambda e: -e["size"])[:rows]:
             lines.append(f"  {event['size'] / 2**20:9.2f} MiB  {origin(event)}")
         sections.append("\n".join(lines))
-        del step
-        gc.collect()
     out_path.write_text("\n\n".join(sections) + "\n")
     print(out_path.read_text())
 
