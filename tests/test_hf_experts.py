@@ -185,6 +185,43 @@ def test_longcat_zero_experts_run_as_fused_experts_plus_the_token(dtype, caplog)
     assert_close_rel(got, block.experts(**call), dtype, "LongCat-Flash's experts called by name")
 
 
+def test_longcat_training_gradients_are_its_loops(caplog):
+    """LongCat-Flash's block trained compiled (training rewrites on, the default): the input's, the router's and
+    the experts' gradients are its loop's, with zero experts picked beside routed ones. Where every slot of a
+    step picks a zero expert, the loop never touches the expert weights and eager leaves their .grad None; the
+    compiled graph, which reads no id to the host, gives zeros (docs/index.md, Training)."""
+    modeling = _modeling("longcat_flash")
+    config = transformers.LongcatFlashConfig(hidden_size=H, expert_ffn_hidden_size=F, n_routed_experts=E,
+                                             zero_expert_num=2, num_experts_per_tok=K, num_attention_heads=4,
+                                             num_key_value_heads=2, vocab_size=128)
+    torch.manual_seed(0)
+    block = modeling.LongcatFlashMoE(config)
+    for parameter in block.parameters():
+        torch.nn.init.normal_(parameter, std=0.1)
+    block.train().requires_grad_(True)
+    x = torch.randn(1, 32, H, requires_grad=True)
+    grad_out = torch.randn(1, 32, H)
+
+    def gradients(module):
+        x.grad = None
+        block.zero_grad(set_to_none=True)
+        module(x).backward(grad_out)
+        return {"x": x.grad, **{name: p.grad for name, p in block.named_parameters()}}
+
+    compiled = torch.compile(block, fullgraph=True)
+    for zero_bias, expert_grads in ((0.1, "equal"), (100.0, "zeros")):
+        block.router.e_score_correction_bias.copy_(torch.tensor([0.0] * E + [zero_bias] * 2))
+        picked_zero = (block.router(x.detach().view(-1, H))[1] >= E).sum(-1)
+        assert set(picked_zero.tolist()) == ({0, 1, 2} if expert_grads == "equal" else {2}), picked_zero
+        want, got = gradients(block), gradients(compiled)
+        for name in want:
+            if expert_grads == "zeros" and name.startswith("experts."):
+                assert want[name] is None and torch.count_nonzero(got[name]) == 0, name
+            else:
+                assert_close_rel(got[name], want[name], torch.float32, f"LongCat-Flash {name}.grad")
+    assert counters["moe_ops"]["joint_rewrite"] >= 1 and counters["moe_ops"]["hf_experts"] >= 1
+
+
 def test_step3p7_experts_run_fused_experts_unless_they_clamp_after_the_activation(caplog):
     """Step-3.7's experts have no experts interface (their forward is their loop, GLM-5-Next's code) and an
     _apply_gate that clamps act_fn(gate) after the activation: with no limit (infinity, all but two layers of
