@@ -149,20 +149,25 @@ def test_other_families_eager_experts_run_fused_experts(family):
     assert_close_rel(out, block_output(block, x), torch.float32, f"{family} compiled vs eager")
 
 
+def _longcat_block() -> torch.nn.Module:
+    """LongCat-Flash's MoE block at the test sizes with two zero-compute experts, weights ~N(0, 0.1)."""
+    config = transformers.LongcatFlashConfig(hidden_size=H, expert_ffn_hidden_size=F, n_routed_experts=E,
+                                             zero_expert_num=2, num_experts_per_tok=K, num_attention_heads=4,
+                                             num_key_value_heads=2, vocab_size=128)
+    torch.manual_seed(0)
+    block = _modeling("longcat_flash").LongcatFlashMoE(config)
+    for parameter in block.parameters():
+        torch.nn.init.normal_(parameter, std=0.1)
+    return block
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_longcat_zero_experts_run_as_fused_experts_plus_the_token(dtype, caplog):
     """LongCat-Flash's experts (no experts interface in transformers: its forward is its loop, which reads each
     expert id to the host) pick zero-compute experts beside the routed ones, which return the token times its
     weight. Compiled, the block is one graph: fused_experts over the routed experts plus each token times the
     weights of the zero experts it picked, the loop's result for tokens with no zero expert, one, or two."""
-    modeling = _modeling("longcat_flash")
-    config = transformers.LongcatFlashConfig(hidden_size=H, expert_ffn_hidden_size=F, n_routed_experts=E,
-                                             zero_expert_num=2, num_experts_per_tok=K, num_attention_heads=4,
-                                             num_key_value_heads=2, vocab_size=128)
-    torch.manual_seed(0)
-    block = modeling.LongcatFlashMoE(config)
-    for parameter in block.parameters():
-        torch.nn.init.normal_(parameter, std=0.1)
+    block = _longcat_block()
     # The selection bias puts the two zero experts in close competition with the routed ones.
     block.router.e_score_correction_bias.copy_(torch.tensor([0.0] * E + [0.1, 0.1]))
     block = block.to(dtype).eval().requires_grad_(False)
@@ -185,19 +190,13 @@ def test_longcat_zero_experts_run_as_fused_experts_plus_the_token(dtype, caplog)
     assert_close_rel(got, block.experts(**call), dtype, "LongCat-Flash's experts called by name")
 
 
-def test_longcat_training_gradients_are_its_loops(caplog):
+@torch._inductor.config.patch(fx_graph_cache=False)  # a cached graph would skip the joint pass that is counted
+def test_longcat_training_gradients_are_its_loops():
     """LongCat-Flash's block trained compiled (training rewrites on, the default): the input's, the router's and
     the experts' gradients are its loop's, with zero experts picked beside routed ones. Where every slot of a
     step picks a zero expert, the loop never touches the expert weights and eager leaves their .grad None; the
     compiled graph, which reads no id to the host, gives zeros (docs/index.md, Training)."""
-    modeling = _modeling("longcat_flash")
-    config = transformers.LongcatFlashConfig(hidden_size=H, expert_ffn_hidden_size=F, n_routed_experts=E,
-                                             zero_expert_num=2, num_experts_per_tok=K, num_attention_heads=4,
-                                             num_key_value_heads=2, vocab_size=128)
-    torch.manual_seed(0)
-    block = modeling.LongcatFlashMoE(config)
-    for parameter in block.parameters():
-        torch.nn.init.normal_(parameter, std=0.1)
+    block = _longcat_block()
     block.train().requires_grad_(True)
     x = torch.randn(1, 32, H, requires_grad=True)
     grad_out = torch.randn(1, 32, H)
