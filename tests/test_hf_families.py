@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from compile_harness import fresh_compile_state  # noqa: F401  (fixture)
+from conftest import assert_close_rel
 from torch._dynamo.utils import counters
 
 import moe_ops
@@ -155,6 +156,72 @@ def test_every_family_compiles_right_and_the_table_is_current():
     if f"(torch {_TORCH}, transformers {transformers.__version__})" in text[start:end]:
         assert text[start:end] == table, (
             "docs/families.md is stale: EXPECTTEST_ACCEPT=1 python -m pytest tests/test_hf_families.py")
+
+
+def _table_columns() -> dict[str, tuple[str, str]]:
+    """{family: (router column, experts column)} of docs/families.md's generated table."""
+    text = DOC.read_text(encoding="utf-8")
+    table = text[text.index(BEGIN):text.index(END)]
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ") and " | `" in line]
+    return {cells[0][2:]: (cells[2], cells[3]) for cells in rows}
+
+
+def _random_in_training(block: torch.nn.Module, x: torch.Tensor) -> bool:
+    """Whether the block's training forward draws random numbers (dropout, router jitter): two eager calls
+    on other seeds differ (a compiled graph draws other numbers than eager, so no comparison could hold)."""
+    outputs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            out = block(x.clone())
+        outputs.append(out[0] if isinstance(out, tuple) else out)
+    return not torch.equal(*outputs)
+
+
+@pytest.mark.usefixtures("fresh_compile_state")
+@pytest.mark.parametrize("family", [f for f in families() if f not in NOT_TOKEN_ROUTING])
+def test_family_trains_right(family):
+    """Each family's block in a compiled training step (moe_ops' training rewrites on, the default), fp32,
+    its experts on transformers' "eager" loop (which moe_ops traces as fused_experts; the grouped_mm experts
+    read their counts to the host in fp32 on the CPU): the output and every gradient are eager's, and the
+    training graph rewrites at least what the family table (bf16) says the inference graph does. A block
+    whose training forward is random (dropout, router jitter) runs in eval mode, gradients still taken.
+    Where eager leaves a weight's gradient None because no slot reached any of its experts (LongCat-Flash's
+    zero experts), the compiled step gives zeros (docs/index.md, Training)."""
+    try:
+        _, block, config = build_block(family, experts_implementation="eager")
+    except Exception as error:  # noqa: BLE001  (the family table says why)
+        pytest.skip(f"not built from a tiny config here: {str(error).splitlines()[0][:120]}")
+    torch.manual_seed(0)
+    for parameter in block.parameters():
+        torch.nn.init.normal_(parameter, std=0.1)
+    block.train().requires_grad_(True)
+    leaf = torch.randn(1, 10, config.hidden_size, requires_grad=True)
+
+    def step(module):
+        leaf.grad = None
+        block.zero_grad(set_to_none=True)
+        out = module(leaf.clone())  # a non-leaf: some blocks write into their input
+        out = out[0] if isinstance(out, tuple) else out
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(3)))
+        return {"output": out.detach(), "x": leaf.grad, **{name: p.grad for name, p in block.named_parameters()}}
+
+    if _random_in_training(block, leaf.detach()):
+        block.eval()
+    want = step(block)
+    got = step(torch.compile(block))
+    for name, expected in want.items():
+        if expected is None and name != "x":
+            assert got[name] is None or torch.count_nonzero(got[name]) == 0, f"{family} {name}.grad"
+            continue
+        assert_close_rel(got[name], expected, torch.float32, f"{family} {name}", tolerance={torch.float32: 1e-4})
+    # What the table's (bf16) compile rewrites, the training graph rewrites too (fp32 can take more: routers the
+    # table leaves alone for rounding in bf16).
+    router, experts = _table_columns()[family]
+    if f"(torch {_TORCH}, transformers {transformers.__version__})" in DOC.read_text(encoding="utf-8"):
+        assert router != "moe_ops.route" or counters["moe_ops"]["route_rewrite"] > 0, family
+        rewritten = counters["moe_ops"]["experts_rewrite"] + counters["moe_ops"]["hf_experts"] > 0
+        assert experts != "moe_ops.fused_experts" or rewritten, family
 
 
 # Real sizes of Llama 4 (its experts rewritten at its K = 1), DBRX and Switch Transformers (left alone, their
