@@ -8,7 +8,8 @@ from collections.abc import Sequence
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-# What the Triton kernels compute in; float64 runs on the plain-PyTorch references only (CPU tensors).
+# What the expert-GEMM and fused-experts kernels compute in (check_kernel_dtype); float64 experts run on the
+# plain-PyTorch references only (CPU tensors). The route kernel takes float64 logits too (moe_ops.routing).
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
 # What a quantised expert weight holds beside its fp32 scales (moe_ops.quantised): one int8 or fp8 e4m3 value

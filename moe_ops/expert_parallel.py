@@ -167,8 +167,9 @@ def fused_experts_ep(
         (T, H) in x's dtype [, num_dropped]
     """
     check_choice("dispatch", dispatch, DISPATCHES)
-    if "capacity_factor" in options or "drop_policy" in options:
-        raise ValueError("options: capacity here is fused_experts_ep's capacity_factor (padded dispatch)")
+    if "drop_policy" in options:  # capacity_factor is a parameter of its own, so never among the options
+        raise ValueError("drop_policy: fused_experts_ep's capacity (its capacity_factor, padded dispatch) keeps each "
+                         "expert's first slots; it takes no drop_policy")
     check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("topk_ids", topk_ids, ndim=2, dtypes=INDEX_DTYPES, device=x.device)
     check_tensor("topk_weights", topk_weights, shape=tuple(topk_ids.shape), dtypes=FLOAT_DTYPES, device=x.device)

@@ -2,8 +2,10 @@
 without the reference's loop over experts and without host syncs (CUDA-graph safe).
 
 It runs on the packed schedule the forward uses (each expert's slots contiguous, no padding rows) and
-has three kernels of its own beside the expert GEMM (moe_ops/expert_gemm_triton.py) and torch's grouped
+has four kernels of its own beside the expert GEMM (moe_ops/expert_gemm_triton.py) and torch's grouped
 GEMM:
+- ``_activation_kernel``: the training forward's activation of each schedule row's kept pre-activations
+  (``fused_experts_training`` keeps them for the backward; the activation goes into the down GEMM);
 - ``_activation_grad_kernel``: from the recomputed pre-activations and g W_d (the output gradient
   through the down projection) it writes, per schedule row, the activation as the forward rounds it
   times the row's routing weight (the down weight's gradient operand), the gradient of the routing
@@ -40,6 +42,24 @@ ACTIVATION_GRAD_CONFIG = (8, 128, 4)
 
 
 @triton.jit
+def _row_activation(gate_ptr, up_ptr, rows, cols, mask, stride_gate_m, stride_gate_f, stride_up_m, stride_up_f,
+                    alpha, limit, ACTIVATION: tl.constexpr, GATED: tl.constexpr):
+    """A tile of schedule rows' activation terms in fp32, masked elements from zeros: (act(gate), its slope,
+    the up factor, its slope); the activation is act(gate) * factor. Ungated, the factor is 1 and its slope
+    0 (up_ptr is not read)."""
+    gate = tl.load(gate_ptr + rows[:, None] * stride_gate_m + cols[None, :] * stride_gate_f, mask=mask,
+                   other=0.0).to(tl.float32)
+    acted, slope = gate_activation(gate, ACTIVATION, alpha, limit)
+    if GATED:
+        up = tl.load(up_ptr + rows[:, None] * stride_up_m + cols[None, :] * stride_up_f, mask=mask,
+                     other=0.0).to(tl.float32)
+        factor, up_slope = up_factor(up, ACTIVATION, limit)
+    else:
+        factor, up_slope = 1.0, 0.0
+    return acted, slope, factor, up_slope
+
+
+@triton.jit
 def _activation_grad_kernel(
     gate_ptr, up_ptr, g_ptr, slot_weight_ptr, sorted_slots_ptr, h_ptr, d_gate_ptr, d_up_ptr, d_weight_ptr,
     num_rows, F, num_slots, alpha, limit,
@@ -59,24 +79,18 @@ def _activation_grad_kernel(
         store_mask = row_in[:, None] & (cols < F)[None, :]
         # Rows of no routed slot hold whatever the GEMMs left there: never read, written as zeros.
         mask = store_mask & routed[:, None]
-        gate = tl.load(gate_ptr + rows[:, None] * stride_gate_m + cols[None, :] * stride_gate_f, mask=mask,
-                       other=0.0).to(tl.float32)
         g = tl.load(g_ptr + rows[:, None] * stride_g_m + cols[None, :] * stride_g_f, mask=mask,
                     other=0.0).to(tl.float32)
-        acted, slope = gate_activation(gate, ACTIVATION, alpha, limit)
+        acted, slope, factor, up_slope = _row_activation(
+            gate_ptr, up_ptr, rows, cols, mask, stride_gate_m, stride_gate_f, stride_up_m, stride_up_f, alpha,
+            limit, ACTIVATION, GATED)
         dh = g * weight[:, None]
+        h = acted * factor  # ungated: times 1, exact
         if GATED:
-            up = tl.load(up_ptr + rows[:, None] * stride_up_m + cols[None, :] * stride_up_f, mask=mask,
-                         other=0.0).to(tl.float32)
-            factor, up_slope = up_factor(up, ACTIVATION, limit)
-            h = acted * factor
             d_up = tl.where(mask, dh * acted * up_slope, 0.0)
             tl.store(d_up_ptr + rows[:, None] * stride_dup_m + cols[None, :] * stride_dup_f,
                      d_up.to(d_up_ptr.dtype.element_ty), mask=store_mask)
-            d_gate = dh * factor * slope
-        else:
-            h = acted
-            d_gate = dh * slope
+        d_gate = dh * factor * slope
         # The activation as the forward rounds it, for the routing weight's gradient; stored times the
         # routing weight, the down weight's gradient operand (dW_d = sum_s g_t^T (w_s h_s)).
         h_lp = tl.where(mask, h, 0.0).to(h_ptr.dtype.element_ty).to(tl.float32)
@@ -245,14 +259,9 @@ def _activation_kernel(
     rows = rows.to(tl.int64)
     store_mask = row_in[:, None] & (cols < F)[None, :]
     mask = store_mask & routed[:, None]  # rows of no routed slot: never read, written as zeros
-    gate = tl.load(gate_ptr + rows[:, None] * stride_gate_m + cols[None, :] * stride_gate_f, mask=mask,
-                   other=0.0).to(tl.float32)
-    h, _ = gate_activation(gate, ACTIVATION, alpha, limit)
-    if GATED:
-        up = tl.load(up_ptr + rows[:, None] * stride_up_m + cols[None, :] * stride_up_f, mask=mask,
-                     other=0.0).to(tl.float32)
-        factor, _ = up_factor(up, ACTIVATION, limit)
-        h = h * factor
+    acted, _, factor, _ = _row_activation(gate_ptr, up_ptr, rows, cols, mask, stride_gate_m, stride_gate_f,
+                                          stride_up_m, stride_up_f, alpha, limit, ACTIVATION, GATED)
+    h = acted * factor
     tl.store(h_ptr + rows[:, None] * stride_h_m + cols[None, :], tl.where(mask, h, 0.0).to(h_ptr.dtype.element_ty),
              mask=store_mask)
 

@@ -215,7 +215,7 @@ def launch_route(
     ``precise``: libdevice's exp and IEEE division (off only in the interpreter, which lacks libdevice).
     ``any_count``: tiles for any token count (a graph for every T, and batch-invariant mode: the tiles
     decide the order of the softmax's sum), those of a large T. ``stats_partials``: None, or the
-    (counts, prob_sums) tables of ``route_stats_partials`` to write the statistics into."""
+    per-program (counts, prob_sums) tables (``route_triton`` allocates them) to write the statistics into."""
     e_pad = triton.next_power_of_2(num_experts)
     block_t, num_warps = route_tiles(num_tokens, num_experts, any_count)
     has_bias = bias is not None

@@ -349,7 +349,7 @@ def test_errors_name_the_argument():
         fused_experts_ep(x, weights, ids, w_gate_up, w_down, dispatch="exact", capacity_factor=1.0)
     with pytest.raises(ValueError, match="capacity_factor: expected a finite number, got inf"):
         fused_experts_ep(x, weights, ids, w_gate_up, w_down, capacity_factor=math.inf)
-    with pytest.raises(ValueError, match="options: capacity here is fused_experts_ep's"):
+    with pytest.raises(ValueError, match="drop_policy: fused_experts_ep's capacity .* takes no drop_policy"):
         fused_experts_ep(x, weights, ids, w_gate_up, w_down, capacity_factor=None, drop_policy="score")
     with pytest.raises(TypeError, match="capacity_factor: expected a number, got '1.0'"):
         fused_experts_ep(x, weights, ids, w_gate_up, w_down, capacity_factor="1.0")

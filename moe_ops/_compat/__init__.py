@@ -8,7 +8,9 @@ internals, one module per area:
 - ``tracing``: calls whose traceable form differs between versions (``torch.sym_min``, ``torch._check_value``);
 - ``imports``: running set-up code when a module gets imported;
 - ``triton_interpreter``: Triton's interpreter;
-- ``matmul``: torch's grouped GEMM (``torch._grouped_mm``) and where it runs natively.
+- ``matmul``: torch's grouped GEMM (``torch._grouped_mm``) and where it runs natively;
+- ``distributed``: the functional collectives (traced into one graph, with autograd) and the Inductor passes
+  that overlap them with compute.
 
 This package's ``__init__`` imports nothing, so each area costs only what it imports itself.
 """
