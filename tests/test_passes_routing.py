@@ -8,6 +8,7 @@ logits and the selection bias).
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import pytest
@@ -518,10 +519,11 @@ def test_every_group_kept_masks_nothing_whatever_the_fill(n_group):
     assert "moe_ops.route.default(4, 'sigmoid', False, True, 1e-20, 1, 1, 2.5)" in graph
 
 
-def mistral4_router(router_logits, masked_value, n_group, topk_group, num_experts=GROUPED_E, k=GROUPED_K):
+def mistral4_router(router_logits, masked_value, n_group, topk_group, num_experts=GROUPED_E, k=GROUPED_K,
+                    group_sum_dim=-1):
     """Mistral 4's: DeepSeek-V3's group-limited selection on softmax scores, with no selection bias."""
     scores = router_logits.softmax(-1)
-    group_scores = scores.view(-1, n_group, num_experts // n_group).topk(2, dim=-1)[0].sum(dim=-1)
+    group_scores = scores.view(-1, n_group, num_experts // n_group).topk(2, dim=-1)[0].sum(dim=group_sum_dim)
     group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
     group_mask = torch.zeros_like(group_scores)
     group_mask.scatter_(1, group_idx, 1)
@@ -541,6 +543,21 @@ def test_group_limited_without_a_selection_bias(masked_value, n_group, topk_grou
     result, graph = compile_and_record(mistral4_router, *args)
     assert_same_routing(by_expert(*result), by_expert(*mistral4_router(*args)))
     assert rewrites() == 1 and call in graph
+
+
+@pytest.mark.parametrize("group_sum_dim,rewritten", [(2, True), (1, False)], ids=["last_dim_by_number", "over_groups"])
+def test_group_scores_are_sums_of_each_groups_two_best(group_sum_dim, rewritten, caplog):
+    """A group's score sums its two best choices: the last dim of the (T, n_group, 2) top-2 values, whether
+    named -1 or 2. Summed over dim 1 (the groups) the scores rank the two places, not the groups: another
+    selection, which stays the user's code (two groups, so that its masks still line up)."""
+    router = functools.partial(mistral4_router, group_sum_dim=group_sum_dim)
+    args = (torch.randn(T, GROUPED_E), float("-inf"), 2, 1)
+    with caplog.at_level(logging.DEBUG, logger="moe_ops"):
+        result, graph = compile_and_record(router, *args)
+    assert_same_routing(by_expert(*result), by_expert(*router(*args)))
+    assert rewrites() == int(rewritten)
+    if not rewritten:
+        assert "moe_ops.route" not in graph and "not the sum of each group's top-2 choices" in caplog.text
 
 
 # ---- Training ---------------------------------------------------------------------------------------

@@ -367,7 +367,7 @@ def _match_group_limited(topk: Node, k: int, values: Node | None, ids: Node | No
     best_two_topk = best_two.args[0] if is_call(best_two, operator.getitem) else None
     grouped = best_two_topk.args[0] if is_call(best_two_topk, aten.topk.default) else None
     if not (
-        is_last_dim(group_sum.args[1], 2)
+        is_last_dim(group_sum.args[1], 3)  # over each group's two best: the last dim of (T, n_group, 2)
         and not arg(group_sum, 2, "keepdim", False)
         and best_two.args[1] == 0
         and arg(best_two_topk, 1, "k", None) == 2
