@@ -26,7 +26,7 @@ import moe_ops
 from moe_ops.expert_gemm_triton import _expert_gemm_kernel, expert_gemm_triton
 from moe_ops.layout import PaddedSchedule
 from moe_ops.schedule_triton import block_schedule_triton
-from moe_ops.tiles import choose_block_m, device_limits, gemm_config, pipeline_fits
+from moe_ops.tiles import GEMM_GROUP_M, choose_block_m, device_limits, gemm_config, pipeline_fits
 
 REPORT_CELLS = ("qwen3-30b-a3b:1", "mixtral-8x7b:1", "deepseek-v3:1", "qwen3-30b-a3b:512",
                 "mixtral-8x7b:8192", "qwen3-30b-a3b:8192")
@@ -135,7 +135,7 @@ def sweep_configs(block_m: int, gated: bool, itemsize: int):
         tiles = itertools.product((64, 128) if gated else (128, 256), (64, 128), ((8, 3), (8, 4), (4, 4)))
     for block_n, block_k, (warps, stages) in tiles:
         if pipeline_fits(block_m, block_n, block_k, stages, gated, itemsize, device_limits(0)[1]):
-            yield dict(BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages)
+            yield dict(BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GEMM_GROUP_M, num_warps=warps, num_stages=stages)
 
 
 def sweep(cells: list[str]) -> list[str]:

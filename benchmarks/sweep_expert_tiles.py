@@ -36,7 +36,7 @@ from moe_ops.expert_gemm_triton import expert_gemm_triton
 from moe_ops.layout import PackedSchedule
 from moe_ops.quantised import quantise_weight
 from moe_ops.schedule_triton import block_schedule_triton
-from moe_ops.tiles import choose_block_m
+from moe_ops.tiles import GEMM_GROUP_M, choose_block_m
 
 ROUNDS = 3
 TOKENS = (1, 16)
@@ -52,7 +52,7 @@ DRY_RUN_GRID = dict(BLOCK_N=(32,), BLOCK_K=(32,), num_warps=(4,), num_stages=(2,
 
 
 def grid_configs(grid: dict) -> list[dict]:
-    return [dict(zip(grid, values, strict=True), GROUP_M=8) for values in itertools.product(*grid.values())]
+    return [dict(zip(grid, values, strict=True), GROUP_M=GEMM_GROUP_M) for values in itertools.product(*grid.values())]
 
 
 def block_grid(block_m: int, dry_run: bool) -> dict:

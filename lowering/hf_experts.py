@@ -1,14 +1,16 @@
-"""transformers' experts modules through ``moe_ops.fused_experts``: the "moe_ops" and "eager" experts implementations,
-and transformers' "grouped_mm" and "batched_mm" over torchao weights.
+"""transformers' experts modules through ``moe_ops.fused_experts``: the "moe_ops", "moe_ops_ep" and "eager" experts
+implementations, and transformers' "grouped_mm" and "batched_mm" over torchao weights.
 
 transformers (5.x) keeps the routed experts of a MoE layer in a module decorated with
 ``use_experts_implementation``. Its ``forward`` looks ``config._experts_implementation`` up in
 ``ALL_EXPERTS_FUNCTIONS`` and, for ``"eager"``, runs the class's own loop: ``one_hot`` -> ``nonzero`` -> a
 Python loop over the experts hit -> ``index_add_``. The loop's trip count depends on the routing, so dynamo
-breaks the graph there and no Inductor graph pass ever sees the experts. This module registers two entries
-in that interface instead of rewriting graphs:
+breaks the graph there and no Inductor graph pass ever sees the experts. This module registers entries in
+that interface instead of rewriting graphs:
 
 - ``"moe_ops"``: always ``moe_ops.fused_experts``, compiled or not (``experts_implementation="moe_ops"``).
+- ``"moe_ops_ep"``: ``moe_ops.fused_experts_ep`` over experts sharded by ``moe_ops.parallelize_experts``
+  (which sets it).
 - ``"eager"``: ``moe_ops.fused_experts`` while dynamo traces (``torch.compile``, ``torch.export``) with
   ``moe_ops.config.rewrites`` and ``moe_ops.config.transformers_eager_experts`` on; otherwise the class's
   own loop, unchanged. Dynamo guards on both switches, so flipping one recompiles.

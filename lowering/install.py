@@ -34,7 +34,7 @@ def enable() -> None:
     pass runs it first, then its own rewrites. A pass set there *after* ``enable()`` replaces the
     moe_ops pass; call ``enable()`` again to chain it.
 
-    When transformers is imported (now, if it already is), the "moe_ops" and "eager" experts
+    When transformers is imported (now, if it already is), the "moe_ops", "moe_ops_ep" and "eager" experts
     implementations are registered in its ``ALL_EXPERTS_FUNCTIONS`` (see ``moe_ops.lowering.hf_experts``),
     so a model built after that finds them.
     """

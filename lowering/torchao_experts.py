@@ -18,9 +18,9 @@ from moe_ops.quantised import MIN_GROUP_SIZE
 
 # Every transformers experts module's stacked weights, whatever the model's prefix.
 EXPERT_WEIGHTS = r"re:(.*\.)?experts\.(gate_up_proj|up_proj|down_proj)$"
-# torchao's weight tensors whose weight-only product with x is the one of Q times its scales, per output row
-# or per group of input features along the row: Int8Tensor (its weight-only configs quantise symmetrically:
-# the zero point it stores is zeros), Float8Tensor.
+# torchao's weight tensors whose weight-only product with x is the one of (Q - zero point) times its scales, per
+# output row or per group of input features along the row: Int8Tensor (symmetric by default, its zero points all 0;
+# asymmetric ones are handed over with their zero points), Float8Tensor (no zero point).
 SCALED_TENSORS = ("Int8Tensor", "Float8Tensor")
 
 

@@ -18,6 +18,7 @@ from moe_ops._compat.triton_interpreter import fix_interpreter_bf16
 from moe_ops.activations import ACTIVATION_CODE, CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT
 from moe_ops.layout import PackedSchedule, PaddedSchedule
 from moe_ops.tiles import (
+    TMA_ALIGN_BYTES,
     device_limits,
     gemm_config,
     packed_blocks_max,
@@ -770,8 +771,9 @@ def expert_gemm_triton(
     if tma and not scaled:
         weights = [(t.shape, t.stride(), t.data_ptr()) for t in (w, w_up) if t is not None]
         # CPU tensors: the interpreter, which runs descriptors too (the tests' way to check this path).
-        tma = (packed and gather_top_k == 0 and a.stride(1) == 1 and (a.stride(0) * a.element_size()) % 16 == 0
-               and a.data_ptr() % 16 == 0 and (a.device.type == "cpu" or tma_device(a.device))
+        tma = (packed and gather_top_k == 0 and a.stride(1) == 1
+               and (a.stride(0) * a.element_size()) % TMA_ALIGN_BYTES == 0 and a.data_ptr() % TMA_ALIGN_BYTES == 0
+               and (a.device.type == "cpu" or tma_device(a.device))
                and tma_applies(a.dtype, block_m, n, gated, weights))
     tma = tma and not scaled
     if config is None:

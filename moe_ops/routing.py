@@ -34,6 +34,9 @@ from moe_ops._dispatch import direct_cuda_call_allowed
 from moe_ops.routing_triton import route_triton
 
 SCORINGS = ("softmax", "sigmoid")
+# A group's score in group-limited routing (DeepSeek-V3): the sum of its best this-many choices. The route
+# kernel takes them one at a time (routing_triton's two _take_best calls); the route rewrite matches this k.
+GROUP_SCORE_TOP = 2
 
 
 def _check_route_args(
@@ -59,10 +62,10 @@ def _check_route_args(
     if not (1 <= topk_group <= n_group):
         raise ValueError(f"topk_group: expected 1 <= topk_group <= n_group={n_group}, got {topk_group}")
     if n_group > 1:
-        # The group score is the sum of each group's two best experts, so a group needs two.
-        if num_experts % n_group != 0 or num_experts // n_group < 2:
+        # The group score is the sum of each group's best GROUP_SCORE_TOP experts, so a group needs as many.
+        if num_experts % n_group != 0 or num_experts // n_group < GROUP_SCORE_TOP:
             raise ValueError(
-                f"n_group: expected a divisor of E={num_experts} with E/n_group >= 2, got {n_group}"
+                f"n_group: expected a divisor of E={num_experts} with E/n_group >= {GROUP_SCORE_TOP}, got {n_group}"
             )
         kept = topk_group * (num_experts // n_group)
         if k > kept:
@@ -115,7 +118,7 @@ def route_ref(
     if n_group > 1:
         group_size = num_experts // n_group
         choice_TNG = choice_TE.reshape(num_tokens, n_group, group_size)
-        group_score_TN = torch.topk(choice_TNG, 2, dim=-1).values.sum(dim=-1)
+        group_score_TN = torch.topk(choice_TNG, GROUP_SCORE_TOP, dim=-1).values.sum(dim=-1)
         kept_groups_TN = torch.topk(group_score_TN, topk_group, dim=-1).indices
         keep_TN = torch.zeros_like(group_score_TN, dtype=torch.bool).scatter_(1, kept_groups_TN, True)
         keep_TE = keep_TN.repeat_interleave(group_size, dim=1)

@@ -143,8 +143,9 @@ def _route_kernel(
         col_group_key = tl.full((BLOCK_T, E_PAD), NONE, key.dtype)
         for g in range(N_GROUP):
             in_g = (col_group == g)[None, :] & col_ok_2d
-            # The group's score is the sum of its top-2 choices (torch.topk(2): the two best keys, the
-            # lower index first among equal ones, so a repeated best counts twice).
+            # The group's score is the sum of its top-2 choices (routing.GROUP_SCORE_TOP, taken one at a time
+            # here; torch.topk(2): the two best keys, the lower index first among equal ones, so a repeated
+            # best counts twice).
             _, is_first, v = _take_best(tl.where(in_g, key, NONE), cols, E_PAD, NONE)
             _, is_second, v = _take_best(v, cols, E_PAD, NONE)
             s = tl.sum(tl.where(is_first | is_second, choice, 0.0), axis=1)  # exact: the other terms are +0

@@ -13,10 +13,16 @@ import triton.language as tl
 
 from moe_ops.settings import config
 
-# Rows of a TMA tile, and the rows per expert from which TMA tiles pay for copying x's rows into
-# schedule order first (benchmarks/NOTES.md, v8).
-TMA_BLOCK_M = 128
+# Rows of the prefill GEMM block (choose_block_m's largest), which is the TMA tile's too, and the rows per
+# expert from which TMA tiles pay for copying x's rows into schedule order first (benchmarks/NOTES.md, v8).
+PREFILL_BLOCK_M = 128
+TMA_BLOCK_M = PREFILL_BLOCK_M
 TMA_MIN_ROWS_PER_EXPERT = 256
+# What a TMA descriptor needs of its base address and of every stride but the last: multiples of 16 bytes.
+TMA_ALIGN_BYTES = 16
+# Programs of consecutive row blocks that walk the same columns of one weight tile (L2 reuse; the tile sweeps
+# hold it here).
+GEMM_GROUP_M = 8
 # The one GEMM block size of moe_ops.config.batch_invariant: gemm_config reads no batch size, so one
 # block size for every batch is one tile config (reductions in one order).
 BATCH_INVARIANT_BLOCK_M = 64
@@ -41,7 +47,7 @@ def choose_block_m(num_slots: int, num_experts: int) -> int:
     for block_m, up_to in ((16, 8), (32, 24), (64, 48)):
         if rows_per_expert <= up_to:
             return block_m
-    return 128
+    return PREFILL_BLOCK_M
 
 
 def block_m_ranges(num_experts: int) -> list[tuple[int, int, int | None, bool]]:
@@ -53,8 +59,13 @@ def block_m_ranges(num_experts: int) -> list[tuple[int, int, int | None, bool]]:
     if config.batch_invariant:
         return [(BATCH_INVARIANT_BLOCK_M, 0, None, False)]
     bounds = [(16, 8 * num_experts, False), (32, 48 * num_experts, False),
-              (128, TMA_MIN_ROWS_PER_EXPERT * num_experts - 1, False), (128, None, True)]
+              (PREFILL_BLOCK_M, TMA_MIN_ROWS_PER_EXPERT * num_experts - 1, False), (TMA_BLOCK_M, None, True)]
     return [(block_m, 0 if i == 0 else bounds[i - 1][1], most, tma) for i, (block_m, most, tma) in enumerate(bounds)]
+
+
+# (multiprocessors, shared memory per program) of an H100 (and H200): the limits of Triton code generated
+# without a GPU (Inductor's CPU-side code generation in tests, the sm90 compile checks).
+HOPPER_LIMITS = (132, 232448)
 
 
 @functools.cache
@@ -94,8 +105,8 @@ def tma_applies(dtype: torch.dtype, block_m: int, n, gated: bool, weights) -> bo
     itemsize = dtype.itemsize
     for shape, strides, data_ptr in weights:
         (_, _, k), (stride_e, stride_n, stride_k) = map(int, shape), map(int, strides)
-        if (stride_k != 1 or stride_n < k or stride_e % stride_n or (stride_n * itemsize) % 16
-                or (k * itemsize) % 16 or (data_ptr is not None and data_ptr % 16)):
+        if (stride_k != 1 or stride_n < k or stride_e % stride_n or (stride_n * itemsize) % TMA_ALIGN_BYTES
+                or (k * itemsize) % TMA_ALIGN_BYTES or (data_ptr is not None and data_ptr % TMA_ALIGN_BYTES)):
             return False
     return True
 
@@ -148,7 +159,7 @@ def gemm_config(
             stages -= 1
         else:
             block_k //= 2
-    return dict(BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages)
+    return dict(BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GEMM_GROUP_M, num_warps=warps, num_stages=stages)
 
 
 def packed_blocks_max(num_slots, num_experts: int, block_m: int, cdiv=triton.cdiv, minimum=min):
@@ -167,6 +178,6 @@ def weight_pair_stride(gate_layout, up_layout, step_bytes: int, itemsize: int) -
     (gate_shape, gate_strides), (up_shape, up_strides) = gate_layout, up_layout
     if [*map(int, gate_shape), *map(int, gate_strides)] != [*map(int, up_shape), *map(int, up_strides)]:
         return None
-    if not 0 < step_bytes < 1 << 40 or step_bytes % 16 or step_bytes <= int(gate_strides[1]) * itemsize:
+    if not 0 < step_bytes < 1 << 40 or step_bytes % TMA_ALIGN_BYTES or step_bytes <= int(gate_strides[1]) * itemsize:
         return None
     return step_bytes // itemsize

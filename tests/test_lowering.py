@@ -31,6 +31,7 @@ from triton.runtime.jit import JITFunction
 import moe_ops
 from moe_ops.quantised import quantise_weight, sqnr_db
 from moe_ops.routing_triton import _route_kernel
+from moe_ops.tiles import HOPPER_LIMITS
 
 pytestmark = pytest.mark.usefixtures("fresh_compile_state")
 
@@ -376,7 +377,7 @@ def test_prefill_tiles_load_through_tma(dynamic):
         FileCheck().check("make_descriptors(").check("for pid in range(tl.program_id(0), num_tiles").check(
             "expert_gemm_tile(").run(kernels[name])
         if dynamic:  # a static T's grid is a number (here fewer tiles than SMs)
-            assert "min(132, " in calls.split(f"{name}.run(")[1].split("\n")[0]
+            assert f"min({HOPPER_LIMITS[0]}, " in calls.split(f"{name}.run(")[1].split("\n")[0]
     # The gather: one kernel writes the rows the TMA gate_up template reads: the op's own (a row tile,
     # vector loads) with compiled kernels, an Inductor pointwise kernel under the interpreter.
     gate_up_inputs = calls.split(f"{tma[0]}.run(")[1].split(",")

@@ -6,7 +6,8 @@ and the set of nodes it replaces (Llama 4's form also a scale of x's rows, which
 the term that keeps rows holding an inf or NaN NaN). This module checks what every form must hold before
 anything is replaced, and replaces:
 
-- the block's result has x's dtype and shape (T, H), the ids and weights are (T, K);
+- the block's result has x's dtype and shape (T, H), the ids and weights are (..., K), their leading dims
+  T tokens (viewed as (T, K) for the op);
 - no node of the block other than its result is read outside the block (its intermediates die);
 - the activation between the two GEMMs is, node for node, what Inductor makes of the activation the
   op computes (``match_activation``: the candidate is compared with a traced reference, so every
@@ -89,7 +90,7 @@ class ExpertsMatch:
     input_scale_chain: list[Node] | None = None
 
     def describe(self) -> str:
-        num_tokens, hidden = val(self.x).shape
+        hidden = val(self.x).shape[-1]
         experts, top_k = val(self.w_gate_up).shape[0], val(self.topk_ids).shape[-1]
         parts = [f"E={experts}", f"K={top_k}", f"H={hidden}", self.layout, self.activation]
         if self.interleaved:
@@ -412,7 +413,7 @@ def replace(graph: Graph, match: ExpertsMatch) -> None:
             view.meta["val"] = val(node).view(-1, top_k)
             setattr(match, name, view)
     unscaled_x = match.x
-    num_tokens, top_k = val(match.topk_ids).shape
+    top_k = val(match.topk_ids).shape[1]
     if match.input_scale_chain is not None:
         match.x, match.topk_ids, match.topk_weights = _scaled_input_rows(graph, match)
     args = (
@@ -451,7 +452,7 @@ def _scaled_input_rows(graph: Graph, match: ExpertsMatch) -> tuple[Node, Node, N
         scale = match.topk_weights
         for link in match.input_scale_chain:
             scale = new_node(graph, link.target, (scale, *link.args[1:]))
-        num_tokens, top_k = val(match.topk_ids).shape
+        top_k = val(match.topk_ids).shape[1]
         ids = match.topk_ids
         if top_k == 1:
             rows = new_node(graph, aten.mul.Tensor, (match.x, scale))

@@ -73,9 +73,9 @@ another model of the same shapes). Frozen weights reach ``mm`` as constants, not
 weight tensors, and are not matched.
 
 Not matched (left as they are): per-expert biases (``addmm``), the transformers >= 4.48 loop over
-``expert_hit`` (not capturable, patterns.md B2), the DeepSeek reference (``bincount().tolist()``: a
-compile error under the capture flags), a one-hot built by ``scatter`` (what other torch versions'
-``one_hot`` may decompose to).
+``expert_hit`` (not capturable: it reads the hit experts to the host), the DeepSeek reference
+(``bincount().tolist()``: a compile error under the capture flags), a one-hot built by ``scatter`` (what
+other torch versions' ``one_hot`` may decompose to).
 """
 
 from __future__ import annotations
@@ -132,7 +132,6 @@ class _Link:
     acc_out: Node
     rows: Node  # t_e: the tokens of the slots routed to expert e
     y: Node  # (n_e, H): what is added at those rows
-    accumulates: bool  # index_add / accumulating index_put (False: results[rows] += y)
     region: set[Node] = field(default_factory=set)
 
 
@@ -161,7 +160,7 @@ def _link_after(acc: Node) -> _Link | None:
         if is_call(user, aten.index_add.default) and user.args[0] is acc:
             if user.args[1] not in (0, -2) or arg(user, 4, "alpha", 1) != 1:
                 raise Rejected(f"{user.name} is not index_add(acc, 0, rows, y)")
-            links.append(_Link(user, user.args[2], user.args[3], True, {user}))
+            links.append(_Link(user, user.args[2], user.args[3], {user}))
         elif is_call(user, aten.index_put.default) and user.args[0] is acc:
             indices = user.args[1]
             if len(indices) != 1 or not isinstance(indices[0], Node):
@@ -169,7 +168,7 @@ def _link_after(acc: Node) -> _Link | None:
             (rows,) = indices
             values = user.args[2]
             if arg(user, 3, "accumulate", False):
-                links.append(_Link(user, rows, values, True, {user}))
+                links.append(_Link(user, rows, values, {user}))
                 continue
             # results[rows] += y: index_put(acc, [rows], index(acc, [rows]) + y)
             if is_call(values, aten.addmm.default):
@@ -182,7 +181,7 @@ def _link_after(acc: Node) -> _Link | None:
                 raise Rejected(f"{user.name} overwrites rows of the accumulator with something other than a sum")
             for read, y in (values.args, values.args[::-1]):
                 if is_call(read, aten.index.Tensor) and read.args[0] is acc and list(read.args[1]) == [rows]:
-                    links.append(_Link(user, rows, y, False, {user, values, read}))
+                    links.append(_Link(user, rows, y, {user, values, read}))
                     break
             else:
                 raise Rejected(f"{user.name} does not add to the rows it reads (results[rows] += y)")

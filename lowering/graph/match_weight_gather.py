@@ -40,11 +40,12 @@ GPT-OSS's bias leaves) are one input.
 The ids clamp: batched_mm clamps ids to [0, E-1], so a sentinel id >= E (expert parallelism) computes
 expert E-1 and relies on its routing weight being 0; the op skips ids >= E; and for ids < 0 the
 clamp (or, without one, PyTorch's negative indexing) reads another expert where the op fails. The
-two agree for every input only if the ids are in [0, E). That is provable when they are the indices
-of a top-k (``aten.topk``, or the ``moe_ops.route`` that the routing rewrite put in its place) over
-at most E experts, in the same graph: then every clamp is a no-op and is dropped. Ids of any other
-provenance (a graph input, an expert-parallel router) leave the block as it is, with the reason
-logged, even where a sentinel's zero weight would make them agree.
+two agree for every input only if the ids are in [0, E). That is provable when, in the same graph, they
+are the indices of a top-k (``aten.topk``, or the ``moe_ops.route`` that the routing rewrite put in its
+place) or of a max or argmax over at most E scores, or views, a concatenation or a masked_fill of such ids
+(``fx_match.ids_bound``): then every clamp is a no-op and is dropped. Ids of any other provenance (a graph
+input, an expert-parallel router) leave the block as it is, with the reason logged, even where a
+sentinel's zero weight would make them agree.
 """
 
 from __future__ import annotations
@@ -273,7 +274,7 @@ def _gemm_output(src: Node) -> tuple[Node, list[Node], Node | None, list[Node]] 
     return None
 
 
-def _parse_gemm(src: Node, other_stop: Callable[[Node], bool] | None = None) -> _Gemm:
+def _parse_gemm(src: Node) -> _Gemm:
     found = _gemm_output(src)
     if found is None:
         raise Rejected(f"{src.name} is not a bmm (plus a gathered bias)")
@@ -288,7 +289,7 @@ def _parse_gemm(src: Node, other_stop: Callable[[Node], bool] | None = None) -> 
         raise Rejected(f"{bmm.name} does not multiply one gathered (E, ., .) weight by the slots' rows")
     ((weight_first, gather, weight_chain, (weight, idx)),) = sides
     gemm = _Gemm(bmm, src, weight, idx, gather, weight_chain, weight_first, bmm_chain=bmm_chain)
-    gemm.other, gemm.other_chain = _trace_back(gemm.operand(weight=False), other_stop)
+    gemm.other, gemm.other_chain = _trace_back(gemm.operand(weight=False))
     if bias_gather is not None:
         gemm.bias, gemm.bias_idx = _gather(bias_gather)
         gemm.bias_gather, gemm.bias_chain = bias_gather, bias_chain
@@ -647,7 +648,7 @@ def _match(root: Node) -> ExpertsMatch:
     bound = ids_bound(ids)
     if bound is None:
         raise Rejected(
-            f"the ids {ids.name} are not a top-k's indices in this graph: ids outside [0, {num_experts}) "
+            f"the ids {ids.name} are not a top-k's or a max's indices in this graph: ids outside [0, {num_experts}) "
             "would be clamped or wrap around here and be skipped by the op"
         )
     if bound > num_experts:

@@ -61,6 +61,7 @@ from moe_ops.lowering.graph.fx_match import (
     shape,
     val,
 )
+from moe_ops.routing import GROUP_SCORE_TOP
 
 log = logging.getLogger("moe_ops")
 
@@ -370,7 +371,7 @@ def _match_group_limited(topk: Node, k: int, values: Node | None, ids: Node | No
         is_last_dim(group_sum.args[1], 3)  # over each group's two best: the last dim of (T, n_group, 2)
         and not arg(group_sum, 2, "keepdim", False)
         and best_two.args[1] == 0
-        and arg(best_two_topk, 1, "k", None) == 2
+        and arg(best_two_topk, 1, "k", None) == GROUP_SCORE_TOP
         and is_last_dim(arg(best_two_topk, 2, "dim", -1), 3)
         and arg(best_two_topk, 3, "largest", True)
         and is_view_call(grouped)
@@ -381,7 +382,7 @@ def _match_group_limited(topk: Node, k: int, values: Node | None, ids: Node | No
     if not (
         isinstance(topk_group, int)
         and n_group * group_size == num_experts
-        and group_size >= 2
+        and group_size >= GROUP_SCORE_TOP
         and 1 <= topk_group <= n_group
         and k <= topk_group * group_size
     ):

@@ -49,6 +49,7 @@ from moe_ops.lowering.inductor.direct_calls import extern_call
 from moe_ops.schedule import block_schedule_ref
 from moe_ops.settings import config
 from moe_ops.tiles import (
+    HOPPER_LIMITS,
     device_limits,
     gemm_config,
     packed_blocks_max,
@@ -281,9 +282,8 @@ def ir_pair_stride(w, w_up) -> int | None:
 
 def _device_limits(device: torch.device) -> tuple[int, int]:
     if device.type == "cuda":
-
         return device_limits(device.index or 0)
-    return 132, 232448  # an H100's, for code generated on CPU
+    return HOPPER_LIMITS
 
 
 @functools.lru_cache(maxsize=64)
@@ -424,7 +424,7 @@ def template_applies(a, gather_top_k, scatter, slot_weights) -> str | None:
         # The op's scatter output holds zeros in rows of slots no block owns (ids outside [0, E)); the
         # template writes scheduled rows only. fused_experts' lowering masks those rows itself.
         return "scatter output: rows of unscheduled slots would be left unwritten"
-    if gather_top_k == 0 and not scatter and slot_weights is None:
+    if gather_top_k == 0 and slot_weights is None:
         return "the slot count is not known from any input's shape"
     return None
 

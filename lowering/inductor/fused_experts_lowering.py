@@ -1,6 +1,7 @@
 """Inductor lowering of ``moe_ops::fused_experts``: the op's own steps, as Inductor nodes.
 
-    block schedule (extern call: sort by expert, on the device, no host sync; packed, no padding)
+    block schedule (sort by expert, on the device, no host sync; packed, no padding: the schedule's
+                    kernels in Inductor's graph where they can be, else an extern call)
     -> gate_up template: rows gathered from x, gate and up GEMMs, activation      (S, F)
     -> down template: routing weight in registers, written to slot order          (S, H)
     -> combine over K: one Inductor pointwise kernel, into which the graph's consumers fuse
