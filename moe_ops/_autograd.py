@@ -106,8 +106,9 @@ def register_reference_autograd(op, reference: Callable, differentiable: Sequenc
     ``reference`` takes the op's arguments by name and returns what the op returns, built from
     differentiable torch operations. Optional tensor arguments that are None get no gradient (an
     empty tensor in the backward op's result), nor do int8 / fp8 ones (zeros). The backward op's own
-    implementation differentiates the reference; a device kernel registered on it (``register_kernel``)
-    must return the same list.
+    implementation differentiates the reference (also ``backward_op.reference``, for a device kernel that
+    hands some inputs back to it); a device kernel registered on it (``register_kernel``) must return the
+    same list.
     """
     schema = op._opoverload._schema
     names = [a.name for a in schema.arguments]
@@ -185,4 +186,5 @@ def register_reference_autograd(op, reference: Callable, differentiable: Sequenc
         return tuple(result[:ctx.num_inputs])
 
     torch.library.register_autograd(op, backward, setup_context=setup_context)
+    backward_op.reference = backward_impl  # for a device kernel that hands some inputs back to it
     return backward_op

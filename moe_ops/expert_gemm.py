@@ -27,6 +27,7 @@ import torch
 from moe_ops._autograd import refuse_unsupported_ad, register_reference_autograd
 from moe_ops._checks import (
     FLOAT_DTYPES,
+    KERNEL_DTYPES,
     check_bool,
     check_choice,
     check_int,
@@ -43,6 +44,13 @@ from moe_ops.activations import (
     check_constants_read,
 )
 from moe_ops.expert_gemm_triton import expert_gemm_triton
+from moe_ops.fused_experts_backward_triton import (
+    BIAS_SUM_TILES,
+    activation_grad_triton,
+    slot_positions,
+    token_sums_triton,
+    weight_grad_triton,
+)
 from moe_ops.layout import BlockSchedule, PaddedSchedule, schedule_sizes
 from moe_ops.quantised import check_quantised_weight, dequantise
 
@@ -209,11 +217,99 @@ def _(a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_p
     return a.new_empty((rows, w.shape[1]))
 
 
-register_reference_autograd(
+_expert_gemm_backward_op = register_reference_autograd(
     _expert_gemm_op,
     expert_gemm_ref,
     differentiable=("a", "w", "w_up", "bias", "bias_up", "slot_weights"),
 )
+
+
+def expert_gemm_backward_triton(
+    a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded, num_slots, block_m,
+    gather_top_k, scatter, activation, alpha, limit, grad,
+):
+    """The gradients of a, w, w_up, bias, bias_up and slot_weights (an empty tensor for an absent argument, each
+    laid out like its argument) of ``expert_gemm_ref`` for the output gradient ``grad``, with the kernels of
+    fused_experts' backward and no host sync: the pre-activations recomputed in a's dtype, one pass for the
+    activation's gradient (times each slot's weight, and each slot weight's gradient), the weight gradients
+    per expert over its schedule rows, and a's gradient as the GEMMs against the transposed weights (summed
+    over each token's slots in fp32 where the rows were gathered). The schedule is one ``block_schedule``
+    built (each expert's blocks contiguous, in expert order); weights not quantised."""
+    def empty():  # an absent argument's gradient, as the backward op's fake kernel gives it (one each: no aliases)
+        return torch.empty(0)
+
+    inputs = (a, w, w_up, bias, bias_up, slot_weights)
+    if num_slots == 0 or sorted_slots.numel() == 0:
+        return [empty() if t is None else torch.zeros_like(t) for t in inputs]
+    schedule = PaddedSchedule(sorted_slots, block_expert, num_padded)
+    num_experts = w.shape[0]
+    slot_P = sorted_slots.long()
+    routed_P = slot_P < num_slots
+    if scatter:  # the output's slot rows, back in schedule order (rows of no slot: zero)
+        g_PN = torch.where(routed_P[:, None], grad[slot_P.clamp(max=num_slots - 1)], 0)
+    else:
+        g_PN = grad
+
+    def gemm(weight, b=None, rows=a, gather=gather_top_k):
+        return expert_gemm_triton(rows, weight, schedule, num_slots, block_m, bias=b, gather_top_k=gather,
+                                  out_dtype=a.dtype)
+
+    gate = gemm(w, bias)
+    up = None if w_up is None else gemm(w_up, bias_up)
+    weights_S = slot_weights if slot_weights is not None else torch.ones(num_slots, device=a.device)
+    d_gate = torch.empty_like(gate)
+    d_up = None if up is None else torch.empty_like(up)
+    h = torch.empty_like(gate)  # the activation times the slot weight: not needed here
+    d_weight_P = activation_grad_triton(gate, up, g_PN.to(a.dtype), weights_S, sorted_slots, h, d_gate, d_up,
+                                        activation, alpha, limit)
+    del gate, up, h
+    # Rows of expert e: its blocks, contiguous from where the experts before it end.
+    blocks_E = torch.zeros(num_experts + 1, dtype=torch.int64, device=a.device).scatter_add_(
+        0, block_expert.long() + 1, torch.ones_like(block_expert, dtype=torch.int64))[1:]
+    offsets_E1 = torch.nn.functional.pad((blocks_E * block_m).cumsum(0), (1, 0)).to(torch.int32)
+
+    def weight_grad(d_pre, like):
+        return weight_grad_triton(d_pre, a, torch.empty_like(like), sorted_slots, offsets_E1, num_slots,
+                                  gather_top_k, gather_a=gather_top_k > 0)
+
+    def bias_grad(d_pre, like):
+        ones = torch.ones(d_pre.shape[0], 1, dtype=d_pre.dtype, device=a.device)
+        sums = weight_grad_triton(d_pre, ones, torch.empty(num_experts, like.shape[1], 1, device=a.device),
+                                  sorted_slots, offsets_E1, num_slots, gather_top_k, config=BIAS_SUM_TILES)
+        return torch.empty_like(like).copy_(sums[:, :, 0])
+
+    parts = [(d_gate, w, bias), *(() if w_up is None else ((d_up, w_up, bias_up),))]
+    dw = [weight_grad(d_pre, weight) for d_pre, weight, _ in parts]
+    db = [empty() if b is None else bias_grad(d_pre, b) for d_pre, _, b in parts]
+    # a's gradient per schedule row, the gate and up parts added in fp32.
+    da_PK = None
+    for d_pre, weight, _ in parts:
+        part = expert_gemm_triton(d_pre, weight.transpose(1, 2), schedule, num_slots, block_m,
+                                  out_dtype=torch.float32)
+        da_PK = part if da_PK is None else da_PK.add_(part)
+    if gather_top_k > 0:
+        da = token_sums_triton(da_PK, slot_positions(sorted_slots, num_slots), torch.empty_like(a), gather_top_k)
+    else:
+        da = torch.empty_like(a).copy_(torch.where(routed_P[:, None], da_PK, 0.0))
+    d_slot_weights = empty()
+    if slot_weights is not None:
+        d_slot_weights = torch.empty_like(slot_weights).copy_(
+            torch.zeros(num_slots + 1, dtype=torch.float32, device=a.device)
+            .scatter_(0, torch.where(routed_P, slot_P, num_slots), d_weight_P)[:num_slots])
+    return [da, dw[0], dw[1] if w_up is not None else empty(), db[0], db[1] if w_up is not None else empty(),
+            d_slot_weights]
+
+
+@_expert_gemm_backward_op.register_kernel("cuda")
+def _(a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded, num_slots, block_m,
+      gather_top_k, scatter, activation, alpha, limit, w_scale, w_up_scale, w_zero, w_up_zero, grads):
+    if w_scale is not None or a.dtype not in KERNEL_DTYPES:  # quantised weights (frozen) or float64: the reference
+        return _expert_gemm_backward_op.reference(
+            a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert, num_padded, num_slots, block_m,
+            gather_top_k, scatter, activation, alpha, limit, w_scale, w_up_scale, w_zero, w_up_zero, grads)
+    return expert_gemm_backward_triton(a, w, w_up, bias, bias_up, slot_weights, sorted_slots, block_expert,
+                                       num_padded, num_slots, block_m, gather_top_k, scatter, activation, alpha,
+                                       limit, grads[0])
 
 
 def expert_gemm(

@@ -239,10 +239,12 @@ BIAS_SUM_TILES = (64, 64, 16, 4, 3)
 
 
 def slot_positions(sorted_slots, num_slots):
-    """(S,) int32: each slot's row in a packed schedule; slots routed to no expert get S (past the rows)."""
-    positions = torch.arange(sorted_slots.shape[0], dtype=torch.int32, device=sorted_slots.device)
-    # The sentinel rows all land on the extra element S, which is dropped.
-    return (torch.full((num_slots + 1,), num_slots, dtype=torch.int32, device=sorted_slots.device)
+    """(S,) int32: each slot's row in a schedule (packed or padded); slots routed to no expert get the row
+    count P (past the rows)."""
+    num_rows = sorted_slots.shape[0]
+    positions = torch.arange(num_rows, dtype=torch.int32, device=sorted_slots.device)
+    # The sentinel rows (slot S) all land on the extra element S, which is dropped.
+    return (torch.full((num_slots + 1,), num_rows, dtype=torch.int32, device=sorted_slots.device)
             .scatter_(0, sorted_slots.long(), positions)[:num_slots])
 
 

@@ -40,6 +40,19 @@ def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.
     assert err <= tolerance[dtype], f"{what}: relative error {err:.3e} > {tolerance[dtype]:.1e} ({dtype})"
 
 
+def eager_and_captured(step):
+    """(step() run eagerly, step() captured in a CUDA graph and replayed): a step with a host sync fails to
+    capture."""
+    eager = step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    return eager, captured
+
+
 def zipf_ids(tokens: int, k: int, num_experts: int, device="cpu", alpha: float = 1.2) -> torch.Tensor:
     """Skewed routing: expert e drawn with probability ~ 1/(e+1)^alpha, k distinct experts a token (int32)."""
     if tokens == 0:

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import TRITON_DEVICE, assert_close_rel, zipf_ids
+from conftest import TRITON_DEVICE, assert_close_rel, eager_and_captured, zipf_ids
 
 from moe_ops.expert_gemm import expert_gemm, expert_gemm_ref
 from moe_ops.expert_gemm_triton import weight_quantisation
@@ -542,6 +542,54 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(f, tuple(leaves.values()))
 
 
+BACKWARD_MODES = [
+    pytest.param(dict(gated=True, activation="silu", gather=True, scatter=False, bias=False, weights=False),
+                 id="gate_up_silu_gathered"),
+    pytest.param(dict(gated=True, activation="clamped_swiglu", gather=True, scatter=False, bias=True, weights=False),
+                 id="gpt_oss_biases"),
+    pytest.param(dict(gated=False, activation="gelu", gather=True, scatter=False, bias=True, weights=True),
+                 id="ungated_gelu_weighted"),
+    pytest.param(dict(gated=False, activation="none", gather=False, scatter=True, bias=False, weights=True),
+                 id="down_scattered_weighted"),
+    pytest.param(dict(gated=True, activation="relu2", gather=False, scatter=False, bias=True, weights=True),
+                 id="schedule_order_rows"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("mode", BACKWARD_MODES)
+def test_backward_kernels_match_the_reference_backward(mode, dtype):
+    """The CUDA backward of expert_gemm (its kernels, run here on TRITON_DEVICE) against the backward op's own
+    implementation (the reference differentiated), with an expert that gets no slot, padding rows and unused
+    blocks in the schedule: every gradient, laid out like its argument."""
+    from moe_ops.expert_gemm import expert_gemm_backward_triton
+
+    T, K, E, N, D, block_m = 11, 2, 5, 24, 40, 16
+    ids = torch.rand(T, E - 1).argsort(-1)[:, :K]  # expert E - 1 gets no slot
+    args = _problem(T, K, E, N, D, dtype, TRITON_DEVICE, gated=mode["gated"], bias=mode["bias"],
+                    slot_weights=mode["weights"], ids=ids, block_m=block_m)
+    if not mode["gather"]:  # rows in schedule order, one per position (padding rows hold values too)
+        args["a"] = torch.randn(args["sorted_slots"].shape[0], D, dtype=dtype, device=TRITON_DEVICE)
+    gather_top_k = K if mode["gather"] else 0
+    rest = (args["sorted_slots"], args["block_expert"], args["num_padded"], T * K, block_m, gather_top_k,
+            mode["scatter"], mode["activation"], 1.702, 7.0)
+    tensors = [args[n] for n in ("a", "w", "w_up", "bias", "bias_up", "slot_weights")]
+    rows = T * K if mode["scatter"] else args["sorted_slots"].shape[0]
+    grad = torch.randn(rows, N, dtype=dtype, device=TRITON_DEVICE)
+    got = expert_gemm_backward_triton(*tensors, *rest, grad)
+    assert len({id(g) for g in got}) == len(got)  # a custom op's outputs may not alias one another
+    cpu = [None if t is None else t.cpu() for t in (*tensors, *rest[:3])]
+    want = torch.ops.moe_ops.expert_gemm_backward.default(*cpu[:6], *cpu[6:], *rest[3:], None, None, None, None,
+                                                          [grad.cpu()])
+    for name, g, w, t in zip(("a", "w", "w_up", "bias", "bias_up", "slot_weights"), got, want, tensors, strict=True):
+        if t is None:
+            assert g.numel() == 0 and w.numel() == 0, name
+            continue
+        like = torch.empty_like(t)  # the backward op's fake kernel's layout
+        assert g.shape == t.shape and g.stride() == like.stride() and g.dtype == t.dtype, name
+        assert_close_rel(g, w, dtype, f"{mode} {name}")
+
+
 def test_errors_name_the_argument():
     args = _problem(4, 2, 4, 8, 16, torch.float32, "cpu", gated=True, bias=False, slot_weights=False)
     base = dict(args, gather_top_k=2, scatter=False, activation="silu", alpha=1.0, limit=7.0)
@@ -639,6 +687,38 @@ def test_cuda_real_shapes(name, E, K, H, F, T):
     args_down["a"] = torch.randn(args_down["sorted_slots"].shape[0], F, dtype=dtype, device="cuda")
     got, want = _run_both(args_down, scatter=True)
     assert_close_rel(got, want, dtype, f"{name} down")
+
+
+@pytest.mark.cuda
+def test_cuda_backward_is_its_kernels_and_captures():
+    """On the GPU, expert_gemm's backward runs its kernels (no host sync: a CUDA graph captures it) and gives the
+    reference's gradients; quantised (frozen) weights hand the backward to the reference, which gives the input
+    its gradient."""
+    T, K, E, N, D = 64, 2, 8, 48, 64
+    args = _problem(T, K, E, N, D, torch.bfloat16, "cuda", gated=True, bias=True, slot_weights=True)
+    names = ("a", "w", "w_up", "bias", "bias_up", "slot_weights")
+    rest = (args["sorted_slots"], args["block_expert"], args["num_padded"], T * K, 16, K, False, "silu", 1.702, 7.0)
+    leaves = [args[n].detach().requires_grad_(True) for n in names]
+    grad = torch.randn(args["sorted_slots"].shape[0], N, dtype=torch.bfloat16, device="cuda")
+
+    def step():
+        return torch.autograd.grad(torch.ops.moe_ops.expert_gemm(*leaves, *rest), leaves, grad)
+
+    want = torch.ops.moe_ops.expert_gemm_backward.default(
+        *[t.cpu() for t in leaves], *[t.cpu() for t in rest[:3]], *rest[3:], None, None, None, None, [grad.cpu()])
+    eager, captured = eager_and_captured(step)
+    for name, g, w in zip(names, eager, want, strict=True):
+        assert_close_rel(g, w, torch.bfloat16, name)
+    for name, a, b in zip(names, captured, eager, strict=True):
+        assert torch.equal(a, b), name  # the same kernels on the same inputs
+    values, scale = quantise_per_row(args["w"].float(), torch.int8)
+    schedule = block_schedule_ref(torch.rand(T, E).argsort(-1)[:, :K].cuda(), E, 16)
+    common = dict(num_slots=T * K, block_m=16, gather_top_k=K)
+    x, x_ref = (args["a"].float().detach().requires_grad_(True) for _ in range(2))
+    out_grad = torch.randn(schedule.sorted_slots.shape[0], N, device="cuda")
+    expert_gemm(x, values, schedule, w_scale=scale, **common).backward(out_grad)
+    expert_gemm(x_ref, values.float() * scale[..., None], schedule, **common).backward(out_grad)
+    assert_close_rel(x.grad, x_ref.grad, torch.float32, "quantised weights: the input's gradient")
 
 
 @pytest.mark.cuda

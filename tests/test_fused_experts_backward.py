@@ -8,7 +8,7 @@ import weakref
 
 import pytest
 import torch
-from conftest import TOLERANCE, TRITON_DEVICE, assert_close_rel, zipf_ids
+from conftest import TOLERANCE, TRITON_DEVICE, assert_close_rel, eager_and_captured, zipf_ids
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -415,13 +415,7 @@ def test_cuda_autograd_uses_the_kernel_and_captures():
         out = fused_experts(*leaves[:5], **options)
         return torch.autograd.grad(out, [leaves[0], leaves[3], leaves[4]], grad_TH)
 
-    eager = step()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
-    graph.replay()
-    torch.cuda.synchronize()
+    eager, captured = eager_and_captured(step)
     for name, a, b in zip(("x", "w_gate_up", "w_down"), captured, eager, strict=True):
         assert torch.equal(a, b), name
 
