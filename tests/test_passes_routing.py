@@ -21,6 +21,7 @@ from torch._dynamo.utils import counters
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import moe_ops
+from moe_ops.lowering.graph.fx_match import MATCHER_FAILED
 from moe_ops.lowering.graph.route_rewrite import rewrite_routing_prologues
 from moe_ops.lowering.passes import PASSES
 
@@ -558,6 +559,58 @@ def test_group_scores_are_sums_of_each_groups_two_best(group_sum_dim, rewritten,
     assert rewrites() == int(rewritten)
     if not rewritten:
         assert "moe_ops.route" not in graph and "not the sum of each group's top-2 choices" in caplog.text
+
+
+def group_limited_variant(router_logits, bias, variant, n_group=N_GROUP, topk_group=TOPK_GROUP):
+    """DeepSeek-V3's group-limited router with one part written otherwise: other group scores, or the mask
+    inverted (the kept groups' experts filled)."""
+    choice = router_logits.sigmoid() + bias.unsqueeze(0)
+    grouped = choice.view(-1, n_group, GROUPED_E // n_group)
+    group_scores = {
+        "group_max": lambda: grouped.amax(-1),
+        "group_sum_doubled": lambda: grouped.topk(2, dim=-1)[0].sum(-1) * 2,
+        "group_sum_negated": lambda: -grouped.topk(2, dim=-1)[0].sum(-1),
+    }.get(variant, lambda: grouped.topk(2, dim=-1)[0].sum(-1))()
+    group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+    score_mask = group_mask.unsqueeze(-1).expand(-1, n_group, GROUPED_E // n_group).reshape(-1, GROUPED_E).bool()
+    masked = {
+        "kept_groups_filled": lambda: choice.masked_fill(score_mask, float("-inf")),
+        "where_kept_groups_filled": lambda: torch.where(score_mask, float("-inf"), choice),
+    }.get(variant, lambda: choice.masked_fill(~score_mask, float("-inf")))()
+    ids = torch.topk(masked, k=GROUPED_K, dim=-1, sorted=False)[1]
+    return router_logits.sigmoid().gather(1, ids), ids
+
+
+@pytest.mark.parametrize("variant", ["group_max", "group_sum_doubled", "group_sum_negated", "kept_groups_filled",
+                                     "where_kept_groups_filled"])
+@pytest.mark.parametrize("n_group", [1, N_GROUP])
+def test_other_group_limited_routers_compile_as_written(variant, n_group, caplog):
+    """Routers near DeepSeek-V3's that the matcher must turn down (it read nodes of other kinds as the ones it
+    looks for, and the compile failed): compiled, they give eager's experts and no matcher error is logged;
+    only the group scores doubled (the same ranking) may be rewritten."""
+    args = (torch.randn(T, GROUPED_E), 0.1 * torch.randn(GROUPED_E), variant, n_group, min(TOPK_GROUP, n_group))
+    with caplog.at_level(logging.DEBUG, logger="moe_ops"):
+        result, _ = compile_and_record(group_limited_variant, *args)
+    assert_same_routing(by_expert(*result), by_expert(*group_limited_variant(*args)))
+    assert MATCHER_FAILED not in caplog.text
+
+
+def test_a_matcher_that_trips_leaves_the_code_as_written(monkeypatch, caplog):
+    """A matcher error (a graph it was not written for) is its bug, not the user's: the compile goes on with
+    the router as written, and a warning says so."""
+    from moe_ops.lowering.graph import route_rewrite
+
+    def trips(topk):
+        raise AttributeError("'NoneType' object has no attribute 'args'")
+
+    monkeypatch.setattr(route_rewrite, "_match", trips)
+    x = logits(torch.float32)
+    with caplog.at_level(logging.WARNING, logger="moe_ops"):
+        result, graph = compile_and_record(mixtral_router, x)
+    assert_same_routing(result, mixtral_router(x))
+    assert rewrites() == 0 and "moe_ops.route" not in graph
+    assert MATCHER_FAILED in caplog.text and "AttributeError" in caplog.text
 
 
 # ---- Training ---------------------------------------------------------------------------------------

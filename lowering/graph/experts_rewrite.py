@@ -39,6 +39,8 @@ from moe_ops._compat.inductor import select_decomp_table
 from moe_ops.activations import CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT, check_clamp_constants
 from moe_ops.lowering.graph.fx_match import (
     CLAMPS,
+    MATCHER_ERRORS,
+    MATCHER_FAILED,
     PRIMALS,
     ROUTE_REJECTED,
     TANGENTS,
@@ -483,6 +485,10 @@ def rewrite_experts(graph: Graph, forms) -> int:
             except Rejected as reason:
                 log.debug("experts block not rewritten: %s", reason)
                 reasons.append(str(reason))
+                continue
+            except MATCHER_ERRORS as error:
+                log.warning("experts block %s (%s: %s); the code runs as written", MATCHER_FAILED,
+                            type(error).__name__, error)
                 continue
             match.topk_ids = strip_int64_cast(match.topk_ids)
             replace(graph, match)

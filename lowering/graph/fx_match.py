@@ -46,6 +46,13 @@ def val(node) -> torch.Tensor | None:
     return node.meta.get("val") if isinstance(node, Node) else None
 
 
+# What a matcher raises where a graph it was not written for trips it (a node of another kind read as the one
+# it looks for): the matcher's bug, which leaves that code as it is rather than failing the user's compile
+# (logged as a warning; tests look for that message).
+MATCHER_ERRORS = (AttributeError, IndexError, KeyError, TypeError, ValueError)
+MATCHER_FAILED = "not rewritten: the matcher failed on this graph"
+
+
 def arg(node: Node, index: int, name: str, default):
     """``node``'s argument by position or keyword."""
     if len(node.args) > index:

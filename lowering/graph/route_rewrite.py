@@ -48,6 +48,8 @@ from torch.fx import Graph, Node
 from moe_ops._compat.dynamo import counters, detect_fake_mode
 from moe_ops._compat.inductor import online_softmax_target
 from moe_ops.lowering.graph.fx_match import (
+    MATCHER_ERRORS,
+    MATCHER_FAILED,
     ROUTE_REJECTED,
     Rejected,
     arg,
@@ -111,6 +113,11 @@ def rewrite_routing_prologues(graph: Graph) -> int:
         except Rejected as reason:
             log.debug("routing prologue at node %s not rewritten: %s", topk.name, reason)
             topk.meta[ROUTE_REJECTED] = str(reason)
+            continue
+        except MATCHER_ERRORS as error:
+            log.warning("routing prologue at node %s %s (%s: %s); the code runs as written", topk.name,
+                        MATCHER_FAILED, type(error).__name__, error)
+            topk.meta[ROUTE_REJECTED] = f"the matcher failed ({type(error).__name__})"
             continue
         _replace(graph, prologue)
         counters["moe_ops"]["route_rewrite"] += 1
@@ -354,8 +361,8 @@ def _match_group_limited(topk: Node, k: int, values: Node | None, ids: Node | No
         raise Rejected("the expert mask is not (T, E), or the group sizes are not static")
     group_topk = group_ids.args[0] if is_call(group_ids, operator.getitem) else None
     if not (
-        group_ids.args[1] == 1
-        and is_call(group_topk, aten.topk.default)
+        is_call(group_topk, aten.topk.default)
+        and group_ids.args[1] == 1
         and is_last_dim(arg(group_topk, 2, "dim", -1), 2)
         and arg(group_topk, 3, "largest", True)
     ):
@@ -368,7 +375,8 @@ def _match_group_limited(topk: Node, k: int, values: Node | None, ids: Node | No
     best_two_topk = best_two.args[0] if is_call(best_two, operator.getitem) else None
     grouped = best_two_topk.args[0] if is_call(best_two_topk, aten.topk.default) else None
     if not (
-        is_last_dim(group_sum.args[1], 3)  # over each group's two best: the last dim of (T, n_group, 2)
+        grouped is not None  # so each node above is of the kind read from it
+        and is_last_dim(group_sum.args[1], 3)  # over each group's two best: the last dim of (T, n_group, 2)
         and not arg(group_sum, 2, "keepdim", False)
         and best_two.args[1] == 0
         and arg(best_two_topk, 1, "k", None) == GROUP_SCORE_TOP
@@ -407,6 +415,8 @@ def _expert_mask(masked: Node) -> tuple[Node, int, int, Node, Node]:
     """transformers' R3 mask: ``masked_fill(choice, ~keep, fill)`` or ``where(keep, choice, fill)`` over (T, E),
     keep the kept groups' (T, n_group) mask repeated over each group's experts. Returns (the kept groups' ids,
     n_group, group size, the fill, the choices)."""
+    if not is_call(masked, aten.where.self):
+        raise Rejected("the masked choices are no masked_fill or where of the choices")
     cond, if_true, if_false = masked.args
     if is_call(cond, aten.bitwise_not.default):  # masked_fill(choice, ~keep, fill)
         keep, fill, choice = cond.args[0], if_true, if_false
@@ -421,6 +431,8 @@ def _expert_mask(masked: Node) -> tuple[Node, int, int, Node, Node]:
     group_ids = _kept_groups_ids(group_keep)
     if group_ids is None or unsqueezed.args[1] not in (-1, 2) or not same_shape(shape(keep), shape(masked)):
         raise Rejected("the expert mask is not the kept groups' mask repeated over their experts")
+    if not (len(shape(choice)) == 2 and len(shape(fill)) == 0):  # where(keep, fill, choice): the kept ones filled
+        raise Rejected("the experts of the kept groups are filled, not the others")
     return group_ids, *shape(expanded)[1:], fill, choice
 
 
