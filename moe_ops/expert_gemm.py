@@ -250,12 +250,11 @@ def expert_gemm_backward_triton(
     else:
         g_PN = grad
 
-    def gemm(weight, b=None, rows=a, gather=gather_top_k):
-        return expert_gemm_triton(rows, weight, schedule, num_slots, block_m, bias=b, gather_top_k=gather,
-                                  out_dtype=a.dtype)
+    def pre_activations(weight, b):
+        return expert_gemm_triton(a, weight, schedule, num_slots, block_m, bias=b, gather_top_k=gather_top_k)
 
-    gate = gemm(w, bias)
-    up = None if w_up is None else gemm(w_up, bias_up)
+    gate = pre_activations(w, bias)
+    up = None if w_up is None else pre_activations(w_up, bias_up)
     weights_S = slot_weights if slot_weights is not None else torch.ones(num_slots, device=a.device)
     d_gate = torch.empty_like(gate)
     d_up = None if up is None else torch.empty_like(up)
