@@ -431,7 +431,8 @@ def _expert_mask(masked: Node) -> tuple[Node, int, int, Node, Node]:
     group_ids = _kept_groups_ids(group_keep)
     if group_ids is None or unsqueezed.args[1] not in (-1, 2) or not same_shape(shape(keep), shape(masked)):
         raise Rejected("the expert mask is not the kept groups' mask repeated over their experts")
-    if not (len(shape(choice)) == 2 and len(shape(fill)) == 0):  # where(keep, fill, choice): the kept ones filled
+    # where(keep, fill, choice) reads as the choices filled where kept: the fill is then the choices, no constant.
+    if not (len(shape(choice)) == 2 and (len(shape(fill)) == 0 or is_call(fill, aten.full.default))):
         raise Rejected("the experts of the kept groups are filled, not the others")
     return group_ids, *shape(expanded)[1:], fill, choice
 
