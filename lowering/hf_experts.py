@@ -203,7 +203,9 @@ def original_experts_forward(experts_class: type):
     raise TypeError(f"experts_class: {experts_class.__name__} has no forward")
 
 
-_LOOP_OF_CLASS: dict[type, EagerLoop | str] = {}
+# (class, its loop's forward, its _apply_gate) -> its verified loop or why none: a method patched on the class
+# after a first verification is verified again.
+_LOOP_OF_CLASS: dict[tuple, EagerLoop | str] = {}
 
 
 @torch.compiler.assume_constant_result
@@ -231,10 +233,11 @@ def _verified_gate(experts_class: type, flags: tuple[bool, bool, bool, bool],
 
 
 def _eager_loop(experts_class: type) -> EagerLoop | str:
-    """The class's verified eager loop, or why it has none; found once per class."""
-    if experts_class not in _LOOP_OF_CLASS:
-        _LOOP_OF_CLASS[experts_class] = _find_eager_loop(experts_class)
-    return _LOOP_OF_CLASS[experts_class]
+    """The class's verified eager loop, or why it has none; found once per class and version of its methods."""
+    key = (experts_class, original_experts_forward(experts_class), getattr(experts_class, "_apply_gate", None))
+    if key not in _LOOP_OF_CLASS:
+        _LOOP_OF_CLASS[key] = _find_eager_loop(experts_class)
+    return _LOOP_OF_CLASS[key]
 
 
 def _find_eager_loop(experts_class: type) -> EagerLoop | str:
@@ -322,6 +325,13 @@ def fused_experts_arguments(experts: nn.Module, hidden_states: torch.Tensor, fla
     gate, reason = _verified_gate(type(experts), flags, hidden_states.dtype)
     if reason is not None:
         return reason
+    if "_apply_gate" in vars(experts):
+        return ("its _apply_gate is set on the module itself, which the loop calls, not the class's that moe_ops "
+                "verified")
+    # The loop calls its submodules (act_fn): hooks on them run there and would not in a fused_experts call.
+    hooks = _skipped_hooks({name: module for name, module in experts.named_modules() if name})
+    if hooks is not None:
+        return hooks
     gate_activation = _gate_activation(experts, KNOWN_APPLY_GATES.get(gate))
     if isinstance(gate_activation, str):
         return gate_activation

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import types
 
 import pytest
 import torch
@@ -147,6 +148,36 @@ def test_other_families_eager_experts_run_fused_experts(family):
     out = block_output(torch.compile(block), x)
     assert counters["moe_ops"]["hf_experts"] == 1 and counters["moe_ops"]["hf_experts_fallback"] == 0
     assert_close_rel(out, block_output(block, x), torch.float32, f"{family} compiled vs eager")
+
+
+def _changed_gate_up(self, gate_up):  # plain SwiGLU on GPT-OSS's interleaved halves: not its clamped one
+    return torch.nn.functional.silu(gate_up[..., ::2]) * gate_up[..., 1::2]
+
+
+@pytest.mark.parametrize("change", ["act_fn_hook", "act_fn_pre_hook", "instance_apply_gate", "class_apply_gate"])
+def test_code_the_loop_runs_that_moe_ops_did_not_verify_keeps_the_loop(change, monkeypatch, caplog):
+    """The eager loop runs what it finds at call time: hooks on its act_fn, an _apply_gate set on the module, or
+    one patched on the class after a first compile verified the class's. Each keeps the loop (the compiled block
+    gives eager's result) instead of the fused_experts call verified for other code."""
+    block = tiny_block("mixtral" if change.startswith("act_fn") else "gpt_oss", torch.float32)
+    experts = block.experts
+    if change == "act_fn_hook":
+        experts.act_fn.register_forward_hook(lambda module, inputs, out: out * 2)
+    elif change == "act_fn_pre_hook":
+        experts.act_fn.register_forward_pre_hook(lambda module, inputs: (inputs[0] * 2,))
+    elif change == "instance_apply_gate":
+        experts._apply_gate = types.MethodType(_changed_gate_up, experts)
+    else:
+        torch.compile(block)(torch.randn(1, 4, H))  # verifies the class's own _apply_gate
+        assert counters["moe_ops"]["hf_experts"] >= 1
+        monkeypatch.setattr(type(experts), "_apply_gate", _changed_gate_up)
+        torch._dynamo.reset()
+        counters.clear()
+    x = torch.randn(1, 10, H)
+    with caplog.at_level(logging.INFO, logger="moe_ops"):
+        out = block_output(torch.compile(block), x)
+    assert counters["moe_ops"]["hf_experts"] == 0 and counters["moe_ops"]["hf_experts_fallback"] >= 1
+    assert_close_rel(out, block_output(block, x), torch.float32, change)
 
 
 def _longcat_block() -> torch.nn.Module:

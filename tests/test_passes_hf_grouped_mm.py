@@ -298,6 +298,60 @@ def _variant(**changes):
     return forward
 
 
+def _grouped_mm_experts(x, scores, w_gate_up, w_down, top_k=2, bias=None):
+    """transformers' grouped_mm experts written out over a top-k of ``scores``, whose columns past the experts are
+    expert parallelism's sentinel ids (their rows zeroed, then multiplied by their routing weights);
+    ``bias``: an (E, N) per-expert bias of the gate/up projection, or another shape broadcast over it."""
+    num_tokens, num_experts = x.shape[0], w_gate_up.shape[0]
+    weights, ids = torch.topk(scores, top_k, dim=-1)
+    ids_g, perm = torch.sort(ids.reshape(-1))
+    offsets = torch.cumsum(torch.histc(ids_g.float(), bins=num_experts, min=0, max=num_experts - 1), dim=0,
+                           dtype=torch.int32)
+    sentinel = (ids_g >= num_experts).unsqueeze(-1)
+    gate_up = torch._grouped_mm(x[perm // top_k].masked_fill(sentinel, 0.0), w_gate_up.transpose(-2, -1), offs=offsets)
+    if bias is not None:
+        gate_up = gate_up + bias[ids_g.clamp(max=num_experts - 1)]
+    gate, up = gate_up.masked_fill(sentinel, 0.0).chunk(2, dim=-1)
+    out = torch._grouped_mm(torch.nn.functional.silu(gate) * up, w_down.transpose(-2, -1), offs=offsets)
+    out = out.masked_fill(sentinel, 0.0) * weights.to(x.dtype).reshape(-1)[perm].unsqueeze(-1)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.size(0))
+    return out[inverse].view(num_tokens, top_k, -1).sum(dim=1).to(x.dtype)
+
+
+def _grouped_mm_problem(num_scores=12, num_experts=8, hidden=32, ffn=16, num_tokens=6):
+    generator = torch.Generator().manual_seed(1)
+    return (torch.randn(num_tokens, hidden, generator=generator).bfloat16(),
+            torch.randn(num_tokens, num_scores, generator=generator),
+            (torch.randn(num_experts, 2 * ffn, hidden, generator=generator) * 0.2).bfloat16(),
+            (torch.randn(num_experts, hidden, ffn, generator=generator) * 0.2).bfloat16())
+
+
+@pytest.mark.parametrize("weight", [1.0, float("inf"), float("nan")], ids=["finite", "inf", "nan"])
+def test_sentinel_slots_multiply_their_weights_as_the_plain_code_does(weight):
+    """A sentinel slot (id >= E) contributes its zeroed row times its routing weight: nothing for a finite
+    weight, NaN for an inf or NaN one. The rewritten block keeps both (the op skips sentinel slots)."""
+    x, scores, w_gate_up, w_down = _grouped_mm_problem()
+    scores[0, 10] = 1e4 if weight == 1.0 else weight  # token 0 picks the sentinel id 10
+    result, graph = compile_and_record(_grouped_mm_experts, x, scores, w_gate_up, w_down)
+    want = _grouped_mm_experts(x, scores, w_gate_up, w_down)
+    assert experts_rewrites() == 1 and "moe_ops.fused_experts" in graph
+    assert torch.equal(result[0].isnan(), want[0].isnan()) and want[0].isnan().all() == (weight != 1.0)
+    assert_close_rel(result[1:], want[1:], torch.bfloat16, "tokens without a sentinel slot")
+
+
+def test_a_bias_broadcast_over_the_columns_is_left_alone(caplog):
+    """A gate/up bias of one value per expert ((E, 1), broadcast over the columns) is no per-expert bias row that
+    fused_experts takes: the block stays as written and compiles (the op's argument check turned the rewrite
+    down instead of failing the compile)."""
+    x, scores, w_gate_up, w_down = _grouped_mm_problem(num_scores=8)
+    bias = (torch.randn(8, 1) * 0.2).bfloat16()
+    with caplog.at_level(logging.DEBUG, logger="moe_ops"):
+        result, _ = compile_and_record(_grouped_mm_experts, x, scores, w_gate_up, w_down, 2, bias)
+    assert experts_rewrites() == 0 and "fused_experts would refuse the block's tensors: b_gate_up" in caplog.text
+    assert_close_rel(result, _grouped_mm_experts(x, scores, w_gate_up, w_down, 2, bias), torch.bfloat16, "(E, 1) bias")
+
+
 class UngatedSharedExpert(Qwen2MoeSparseMoeBlock):  # Qwen2-MoE without the shared expert's sigmoid gate
     def forward(self, hidden_states):
         batch_size, sequence_length, hidden_dim = hidden_states.shape

@@ -37,6 +37,7 @@ import moe_ops.routing  # noqa: F401  (defines moe_ops::route, read here)
 from moe_ops._compat.dynamo import counters, detect_fake_mode
 from moe_ops._compat.inductor import select_decomp_table
 from moe_ops.activations import CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT, check_clamp_constants
+from moe_ops.fused_experts import check_fused_args
 from moe_ops.lowering.graph.fx_match import (
     CLAMPS,
     MATCHER_ERRORS,
@@ -90,6 +91,10 @@ class ExpertsMatch:
     # Llama 4's form (K = 1): x's rows scaled by these elementwise nodes (a cast, a sigmoid) replayed on
     # topk_weights, routing weights of 1, and each row of x holding an inf or NaN made NaN in the output.
     input_scale_chain: list[Node] | None = None
+    # Ids from this value on are sentinel slots (expert parallelism's), whose rows the plain code zeroes and then
+    # multiplies by their routing weight: 0 * w, NaN for an inf or NaN weight, which the output keeps. None: the
+    # ids are shown to be below it, or the form has no sentinels.
+    sentinel_from: int | None = None
 
     def describe(self) -> str:
         hidden = val(self.x).shape[-1]
@@ -368,6 +373,17 @@ def check(match: ExpertsMatch) -> None:
         weight = getattr(match, name)
         if weight is not None and val(weight).dtype != x.dtype:
             raise Rejected(f"{name} is {val(weight).dtype}, x is {x.dtype}")
+    # Every argument as the op takes it (a bias of (E, 1) broadcast over the columns, say, is no per-expert bias
+    # row): a call the op would refuse is never emitted.
+    tensors = [val(n) if n is not None else None for n in (match.w_gate_up, match.w_down, match.w_up, match.b_gate_up,
+                                                            match.b_up, match.b_down)]
+    with detect_fake_mode([x, ids, weights]):
+        top_k = ids.shape[-1]
+        try:
+            check_fused_args(x, weights.reshape(-1, top_k), ids.reshape(-1, top_k), *tensors, match.layout,
+                             match.interleaved, match.activation, match.gated, 0.0, "position")
+        except (ValueError, TypeError) as error:
+            raise Rejected(f"fused_experts would refuse the block's tensors: {error}") from None
     _add_size_reads(match.region)
     # Routing metadata that the code also reads elsewhere (the token counts torchtitan adds to its
     # load-balancing buffer, or an auxiliary loss reads) stays in the graph for those readers: it is computed
@@ -442,6 +458,18 @@ def replace(graph: Graph, match: ExpertsMatch) -> None:
             # rows 0 * x[t] are in the plain code).
             zeros = new_node(graph, aten.mul.Tensor, (unscaled_x, 0.0))
             row_nan = new_node(graph, aten.sum.dim_IntList, (zeros, [-1], True))
+            out = new_node(graph, aten.add.Tensor, (out, row_nan))
+        if match.sentinel_from is not None:
+            # + sum over the sentinel slots of 0 * w, in out's dtype: 0 for finite weights, NaN otherwise (the
+            # op skips those slots; the plain code's zeroed rows times an inf or NaN weight are NaN).
+            sentinel = new_node(graph, aten.ge.Scalar, (match.topk_ids, match.sentinel_from))
+            weights_times_0 = new_node(graph, aten.mul.Tensor, (match.topk_weights, 0.0))
+            zero = new_node(graph, aten.full.default, ([], 0.0), {
+                "dtype": val(weights_times_0).dtype, "layout": torch.strided, "device": val(out).device,
+                "pin_memory": False})
+            terms = new_node(graph, aten.where.self, (sentinel, weights_times_0, zero))
+            row_nan = new_node(graph, aten.sum.dim_IntList, (terms, [-1], True))
+            row_nan = new_node(graph, prims.convert_element_type.default, (row_nan, val(out).dtype))
             out = new_node(graph, aten.add.Tensor, (out, row_nan))
     match.result.replace_all_uses_with(out)
 

@@ -144,7 +144,8 @@ def _match(total: Node) -> ExpertsMatch:
     num_tokens, top_k = shape(topk_ids) if val(topk_ids).dim() == 2 else (None, None)
     if top_k is None or not same_size(num_tokens * top_k, num_slots):
         raise Rejected("the ids are not (T, K)")
-    if ids_bound(topk_ids) is None:
+    ids_below = ids_bound(topk_ids)
+    if ids_below is None:
         # An id >= E meets the sentinel mask below in both; a negative one the plain code sorts first and counts
         # in no expert's group (every later row then reads another expert's), where fused_experts routes it to
         # no expert.
@@ -263,6 +264,7 @@ def _match(total: Node) -> ExpertsMatch:
         w_gate_up=w_gate_up, w_down=w_down, b_gate_up=gate_up_bias, b_down=b_down, layout=layout,
         interleaved=gate_up_form == "interleaved", activation=activation, gated=gate_up_form != "ungated",
         alpha=constants.get("alpha", CLAMPED_SWIGLU_ALPHA), limit=constants.get("limit", CLAMPED_SWIGLU_LIMIT),
+        sentinel_from=num_experts if ids_below > num_experts else None,
     )
 
 
