@@ -193,6 +193,27 @@ def test_unrewritten_moe_block_says_why_at_info_once(caplog):
 
 
 @pytest.mark.usefixtures("fresh_compile_state")
+def test_an_experts_matcher_that_trips_leaves_the_block_as_written(monkeypatch, caplog):
+    """A matcher error on an experts block (a graph it was not written for: its bug) leaves the block as
+    written, with a warning, and the compile goes on."""
+    import logging
+
+    from moe_ops.lowering.graph import experts_rewrite
+    from moe_ops.lowering.graph.fx_match import MATCHER_FAILED
+
+    def trips(match):
+        raise IndexError("tuple index out of range")
+
+    monkeypatch.setattr(experts_rewrite, "check", trips)
+    block = _gpt_fast_block(F.silu)
+    x = torch.randn(10, H)
+    with caplog.at_level(logging.WARNING, logger="moe_ops"):
+        torch.testing.assert_close(torch.compile(block)(x), block(x), rtol=1e-4, atol=1e-4)
+    assert counters["moe_ops"]["experts_rewrite"] == 0
+    assert MATCHER_FAILED in caplog.text and "IndexError" in caplog.text
+
+
+@pytest.mark.usefixtures("fresh_compile_state")
 def test_rewritten_block_and_plain_topk_say_nothing_at_info(caplog):
     import logging
 
