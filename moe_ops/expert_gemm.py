@@ -45,8 +45,8 @@ from moe_ops.activations import (
 )
 from moe_ops.expert_gemm_triton import expert_gemm_triton
 from moe_ops.fused_experts_backward_triton import (
-    BIAS_SUM_TILES,
     activation_grad_triton,
+    expert_row_sums,
     slot_positions,
     token_sums_triton,
     weight_grad_triton,
@@ -258,7 +258,8 @@ def expert_gemm_backward_triton(
     weights_S = slot_weights if slot_weights is not None else torch.ones(num_slots, device=a.device)
     d_gate = torch.empty_like(gate)
     d_up = None if up is None else torch.empty_like(up)
-    h = torch.empty_like(gate)  # the activation times the slot weight: not needed here
+    # The activation times the slot weight, not needed here: written over g's rows where they are a copy of ours.
+    h = g_PN if scatter else torch.empty_like(gate)
     d_weight_P = activation_grad_triton(gate, up, g_PN.to(a.dtype), weights_S, sorted_slots, h, d_gate, d_up,
                                         activation, alpha, limit)
     del gate, up, h
@@ -273,9 +274,7 @@ def expert_gemm_backward_triton(
 
     def bias_grad(d_pre, like):
         ones = torch.ones(d_pre.shape[0], 1, dtype=d_pre.dtype, device=a.device)
-        sums = weight_grad_triton(d_pre, ones, torch.empty(num_experts, like.shape[1], 1, device=a.device),
-                                  sorted_slots, offsets_E1, num_slots, gather_top_k, config=BIAS_SUM_TILES)
-        return torch.empty_like(like).copy_(sums[:, :, 0])
+        return expert_row_sums(d_pre, ones, like, sorted_slots, offsets_E1, num_slots, gather_top_k)
 
     parts = [(d_gate, w, bias), *(() if w_up is None else ((d_up, w_up, bias_up),))]
     dw = [weight_grad(d_pre, weight) for d_pre, weight, _ in parts]

@@ -316,6 +316,16 @@ def weight_grad_grouped_mm(g_PN, a_PK, like_ENK, expert_offsets):
     return torch.empty_like(like_ENK).copy_(result)
 
 
+def expert_row_sums(rows_PN, column_P1, like_EN, sorted_slots, expert_offsets, num_slots, top_k, gather_rows=False):
+    """Each expert's sum over its schedule rows of ``rows_PN`` times ``column_P1`` (a bias's gradient), laid out
+    and typed like ``like_EN``: deterministic (no atomics), the weight-gradient kernel against the one-column
+    operand, accumulated and kept in fp32 (torch's grouped GEMM would round them to the rows' dtype).
+    ``gather_rows``: ``rows_PN`` holds one row per token, as weight_grad_triton's ``gather_g``."""
+    sums = weight_grad_triton(rows_PN, column_P1, torch.empty(*like_EN.shape, 1, device=rows_PN.device), sorted_slots,
+                              expert_offsets, num_slots, top_k, gather_g=gather_rows, config=BIAS_SUM_TILES)
+    return torch.empty_like(like_EN).copy_(sums[:, :, 0])
+
+
 def fused_experts_backward_triton(
     x, topk_weights, topk_ids, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down,
     layout, interleaved, activation, gated, alpha, limit, capacity_factor, drop_policy, grads, saved=(),
@@ -444,17 +454,13 @@ def fused_experts_backward_triton(
     )
 
     def bias_grad(rows_PN, bias, gathered=False, row_scale=None):
-        # Per-expert sums of rows, deterministic (no atomics): the Triton weight gradient against a column
-        # of ones (or of each row's routing weight), accumulated and kept in fp32 (torch's grouped GEMM
-        # would round them to x's dtype), then in the bias's dtype.
+        # Per-expert sums of rows against a column of ones (or of each row's routing weight).
         if row_scale is None:
             column = torch.ones(slot_P.shape[0], 1, dtype=rows_PN.dtype, device=x.device)
         else:
             column = torch.where(routed_P, row_scale[slot_P.clamp(max=S - 1)], 0.0)[:, None].to(rows_PN.dtype)
-        sums = weight_grad_triton(rows_PN, column, torch.empty(E, bias.shape[1], 1, device=x.device), sorted_slots,
-                                  expert_offsets, S, K, gather_g=gathered and gather_top_k > 0,
-                                  config=BIAS_SUM_TILES)
-        return torch.empty_like(bias).copy_(sums[:, :, 0])
+        return expert_row_sums(rows_PN, column, bias, sorted_slots, expert_offsets, S, K,
+                               gather_rows=gathered and gather_top_k > 0)
 
     dw_down = oriented(weight_grad(g_rows, h_scaled, w_d, gather_g=True))
     db_down = torch.empty(0) if b_down is None else bias_grad(g_rows, b_down, gathered=True, row_scale=slot_weights)

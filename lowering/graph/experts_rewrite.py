@@ -373,17 +373,7 @@ def check(match: ExpertsMatch) -> None:
         weight = getattr(match, name)
         if weight is not None and val(weight).dtype != x.dtype:
             raise Rejected(f"{name} is {val(weight).dtype}, x is {x.dtype}")
-    # Every argument as the op takes it (a bias of (E, 1) broadcast over the columns, say, is no per-expert bias
-    # row): a call the op would refuse is never emitted.
-    tensors = [val(n) if n is not None else None for n in (match.w_gate_up, match.w_down, match.w_up, match.b_gate_up,
-                                                            match.b_up, match.b_down)]
-    with detect_fake_mode([x, ids, weights]):
-        top_k = ids.shape[-1]
-        try:
-            check_fused_args(x, weights.reshape(-1, top_k), ids.reshape(-1, top_k), *tensors, match.layout,
-                             match.interleaved, match.activation, match.gated, 0.0, "position")
-        except (ValueError, TypeError) as error:
-            raise Rejected(f"fused_experts would refuse the block's tensors: {error}") from None
+    _check_op_args(match)
     _add_size_reads(match.region)
     # Routing metadata that the code also reads elsewhere (the token counts torchtitan adds to its
     # load-balancing buffer, or an auxiliary loss reads) stays in the graph for those readers: it is computed
@@ -396,6 +386,21 @@ def check(match: ExpertsMatch) -> None:
         outside = [user.name for user in node.users if user not in match.region]
         if outside and node in from_data:
             raise Rejected(f"{node.name} is also read outside the block (by {', '.join(outside)})")
+
+
+def _check_op_args(match: ExpertsMatch) -> None:
+    """The op's own argument checks (shapes, dtypes, K <= E; a bias of (E, 1) broadcast over the columns is no
+    per-expert bias row): a call the op would refuse is a rejection, never emitted."""
+    x, weights, ids, *tensors = [None if n is None else val(n) for n in (
+        match.x, match.topk_weights, match.topk_ids, match.w_gate_up, match.w_down, match.w_up, match.b_gate_up,
+        match.b_up, match.b_down)]
+    with detect_fake_mode([x, ids, weights]):
+        top_k = ids.shape[-1]  # (..., K) routing goes to the op viewed (T, K) (replace)
+        try:
+            check_fused_args(x, weights.reshape(-1, top_k), ids.reshape(-1, top_k), *tensors, match.layout,
+                             match.interleaved, match.activation, match.gated, 0.0, "position")
+        except (ValueError, TypeError) as error:
+            raise Rejected(f"fused_experts would refuse the block's tensors: {error}") from None
 
 
 _SIZE_ARITHMETIC = (aten.sym_size.int, operator.mul, operator.add, operator.sub, operator.floordiv)

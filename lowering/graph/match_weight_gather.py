@@ -59,7 +59,6 @@ from torch.fx import Graph, Node
 
 from moe_ops._checks import INDEX_DTYPES
 from moe_ops.activations import CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT
-from moe_ops.fused_experts import check_fused_args
 from moe_ops.lowering.graph.experts_rewrite import ExpertsMatch, match_any_activation
 from moe_ops.lowering.graph.fx_match import (
     CLAMPS,
@@ -671,23 +670,7 @@ def _match(root: Node) -> ExpertsMatch:
         gated=activation.form != "ungated", alpha=activation.constants.get("alpha", CLAMPED_SWIGLU_ALPHA),
         limit=activation.constants.get("limit", CLAMPED_SWIGLU_LIMIT), notes=notes,
     )
-    _check_op_args(match)
     return match
-
-
-def _check_op_args(match: ExpertsMatch) -> None:
-    """The op's own argument checks (shapes, dtypes, K <= E): a mismatch is a rejection, not an error."""
-    nodes = (
-        match.x, match.topk_weights, match.topk_ids, match.w_gate_up, match.w_down, match.w_up,
-        match.b_gate_up, match.b_up, match.b_down,
-    )
-    values = [None if n is None else val(n) for n in nodes]
-    # (..., K) routing goes to the op viewed (T, K) (experts_rewrite.replace).
-    values[1:3] = [v.reshape(-1, v.shape[-1]) for v in values[1:3]]
-    try:
-        check_fused_args(*values, match.layout, match.interleaved, match.activation, match.gated, 0.0, "position")
-    except (ValueError, TypeError) as reason:
-        raise Rejected(f"not the op's arguments: {reason}") from None
 
 
 def find_weight_gather_blocks(graph: Graph) -> Iterator[Callable[[], ExpertsMatch]]:
