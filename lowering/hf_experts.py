@@ -59,6 +59,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterfac
 from moe_ops._checks import QUANTISED_WEIGHT_DTYPES
 from moe_ops._compat.dispatch import functorch_transform_active
 from moe_ops._compat.dynamo import counters
+from moe_ops._compat.modules import hooks_a_call_runs
 from moe_ops.activations import CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT
 from moe_ops.expert_parallel import PLAN_ATTRIBUTE, fused_experts_ep
 from moe_ops.fused_experts import fused_experts
@@ -575,10 +576,11 @@ def _rewriting_transformers_code() -> bool:
 
 def _skipped_hooks(modules: dict[str, nn.Module]) -> str | None:
     """Why submodules that a fused_experts call would not run (by name) must run (None: they need not): hooks on
-    them, which transformers uses to record outputs such as router logits."""
+    them, which transformers uses to record outputs such as router logits, or hooks registered for every module."""
     for name, module in modules.items():
-        if module._forward_hooks or module._forward_pre_hooks:
-            return (f"its {name} has forward hooks (transformers records outputs such as router logits with them), "
+        hooks = hooks_a_call_runs(module)
+        if hooks is not None:
+            return (f"its {name} has {hooks} (transformers records outputs such as router logits with them), "
                     "which a fused_experts call would skip")
     return None
 

@@ -18,7 +18,7 @@ from conftest import TRITON_DEVICE
 from moe_ops._compat.triton_interpreter import fix_interpreter_bf16
 
 AREAS = ["dispatch", "inductor_hooks", "inductor", "dynamo", "imports", "triton_interpreter", "distributed", "matmul",
-         "tracing"]
+         "tracing", "modules"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -235,3 +235,24 @@ def test_kernel_casts_to_bf16_round_to_nearest_even():
         torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True, msg=name)
         numbers = ~torch.isnan(want)  # a NaN's sign is no one's contract (torch's CPU cast sets it here)
         assert torch.equal(torch.signbit(got[numbers]), torch.signbit(want[numbers])), name
+
+
+@pytest.mark.parametrize("registration", ["forward", "forward_pre", "full_backward", "full_backward_pre"])
+@pytest.mark.parametrize("scope", ["own", "global"])
+def test_hooks_a_call_runs_finds_each_registry(registration, scope):
+    """modules.hooks_a_call_runs reads each registry a module call runs hooks from (this torch's private names):
+    the module's own and the one for every module, for each kind of hook; none once the hook is removed."""
+    from moe_ops._compat.modules import hooks_a_call_runs
+
+    module = torch.nn.Linear(2, 2)
+    assert hooks_a_call_runs(module) is None
+    if scope == "own":
+        handle = getattr(module, f"register_{registration}_hook")(lambda *args: None)
+    else:
+        handle = getattr(torch.nn.modules.module, f"register_module_{registration}_hook")(lambda *args: None)
+    try:
+        kind = registration.replace("full_", "").replace("_", " ")
+        assert hooks_a_call_runs(module) == ("global " if scope == "global" else "") + f"{kind} hooks"
+    finally:
+        handle.remove()
+    assert hooks_a_call_runs(module) is None

@@ -9,6 +9,7 @@ mode, the cases that must fall back to the loop (and say why), and the switches.
 
 from __future__ import annotations
 
+import collections
 import importlib
 import logging
 import types
@@ -154,15 +155,21 @@ def _changed_gate_up(self, gate_up):  # plain SwiGLU on GPT-OSS's interleaved ha
     return torch.nn.functional.silu(gate_up[..., ::2]) * gate_up[..., 1::2]
 
 
-@pytest.mark.parametrize("change", ["act_fn_hook", "act_fn_pre_hook", "instance_apply_gate", "class_apply_gate"])
+@pytest.mark.parametrize("change", ["act_fn_hook", "act_fn_pre_hook", "global_hook", "instance_apply_gate",
+                                    "class_apply_gate"])
 def test_code_the_loop_runs_that_moe_ops_did_not_verify_keeps_the_loop(change, monkeypatch, caplog):
-    """The eager loop runs what it finds at call time: hooks on its act_fn, an _apply_gate set on the module, or
-    one patched on the class after a first compile verified the class's. Each keeps the loop (the compiled block
-    gives eager's result) instead of the fused_experts call verified for other code."""
-    block = tiny_block("mixtral" if change.startswith("act_fn") else "gpt_oss", torch.float32)
+    """The eager loop runs what it finds at call time: hooks on its act_fn (its own, or one registered for every
+    module), an _apply_gate set on the module, or one patched on the class after a first compile verified the
+    class's. Each keeps the loop (the compiled block gives eager's result) instead of the fused_experts call
+    verified for other code."""
+    block = tiny_block("gpt_oss" if change.endswith("apply_gate") else "mixtral", torch.float32)
     experts = block.experts
     if change == "act_fn_hook":
         experts.act_fn.register_forward_hook(lambda module, inputs, out: out * 2)
+    elif change == "global_hook":  # registered in a registry of the test's own, which monkeypatch puts back
+        monkeypatch.setattr(torch.nn.modules.module, "_global_forward_hooks", collections.OrderedDict())
+        torch.nn.modules.module.register_module_forward_hook(
+            lambda module, inputs, out: out * 2 if module is experts.act_fn else None)
     elif change == "act_fn_pre_hook":
         experts.act_fn.register_forward_pre_hook(lambda module, inputs: (inputs[0] * 2,))
     elif change == "instance_apply_gate":

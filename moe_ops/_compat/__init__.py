@@ -8,6 +8,7 @@ internals, one module per area:
 - ``tracing``: calls whose traceable form differs between versions (``torch.sym_min``, ``torch._check_value``);
 - ``imports``: running set-up code when a module gets imported;
 - ``triton_interpreter``: Triton's interpreter;
+- ``modules``: nn.Module's hook registries (a module's own and those for every module);
 - ``matmul``: torch's grouped GEMM (``torch._grouped_mm``) and where it runs natively;
 - ``distributed``: the functional collectives (traced into one graph, with autograd) and the Inductor passes
   that overlap them with compute.
