@@ -114,6 +114,43 @@ def test_training_graph_is_rewritten(top_k):
     assert FUSED_EXPERTS_TRAINING in forward_graph and "aten.bmm" not in forward_graph
 
 
+def _nonfinite_step(fn, block: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> dict[str, torch.Tensor]:
+    block.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_(True)
+    fn(x)[0].backward(grad_out)
+    return {"input": x.grad, **{name: p.grad for name, p in block.named_parameters()}}
+
+
+@pytest.mark.usefixtures("training_rewrites")
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("where", ["nan_token", "inf_element", "inf_output_gradient"])
+def test_training_gradients_are_nan_where_eagers_are(where, top_k):
+    """Eager runs every token through every expert, the ones it did not choose on the row 0 * x[t]: an inf or
+    NaN in x[t] makes those experts' weight gradients NaN, and one in the output's gradient too (0 * inf in the
+    GEMMs of their backward). The op never reads those rows; the training graph's rewrite brings the NaN all the
+    same: every gradient has eager's NaN and infs where eager has them, and eager's values elsewhere."""
+    block = llama4_block(torch.float32, top_k=top_k).train().requires_grad_(True)
+    x = tokens(12, torch.float32)
+    torch.manual_seed(3)
+    grad_out = torch.randn(12, 64)  # the block's output: (tokens, hidden)
+    if where == "nan_token":
+        x[0, 4] = float("nan")
+    elif where == "inf_element":
+        x[0, 4, 9] = float("inf")
+    else:
+        grad_out[4, 9] = float("inf")
+    got = _nonfinite_step(torch.compile(block, fullgraph=True), block, x, grad_out)
+    assert counters["moe_ops"]["joint_rewrite"] == 1 and dense_rewrites() == 1
+    want = _nonfinite_step(block, block, x, grad_out)
+    assert got.keys() == want.keys()
+    for name, grad in want.items():
+        assert torch.equal(got[name].isnan(), grad.isnan()), name
+        assert torch.equal(got[name].isinf(), grad.isinf()), name
+        assert grad.isnan().any() or name.startswith("shared") or name == "router.weight", name
+        finite = grad.isfinite()
+        assert_close_rel(got[name][finite], grad[finite], torch.float32, name)
+
+
 @pytest.mark.parametrize("top_k", [2, 3])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_several_experts_per_token_read_their_own_scaled_rows(top_k, dtype):

@@ -34,6 +34,7 @@ from torch.fx import Graph, Node
 
 import moe_ops.fused_experts  # noqa: F401  (defines moe_ops::fused_experts, emitted here)
 import moe_ops.routing  # noqa: F401  (defines moe_ops::route, read here)
+import moe_ops.unchosen_experts  # noqa: F401  (defines moe_ops::unchosen_expert_gradients, emitted here)
 from moe_ops._compat.dynamo import counters, detect_fake_mode
 from moe_ops._compat.inductor import select_decomp_table
 from moe_ops.activations import CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT, check_clamp_constants
@@ -435,7 +436,7 @@ def replace(graph: Graph, match: ExpertsMatch) -> None:
                 view = graph.call_function(aten.view.default, (node, [-1, top_k]))
             view.meta["val"] = val(node).view(-1, top_k)
             setattr(match, name, view)
-    unscaled_x = match.x
+    unscaled_x, ids_TK = match.x, match.topk_ids
     top_k = val(match.topk_ids).shape[1]
     if match.input_scale_chain is not None:
         match.x, match.topk_ids, match.topk_weights = _scaled_input_rows(graph, match)
@@ -464,6 +465,12 @@ def replace(graph: Graph, match: ExpertsMatch) -> None:
             zeros = new_node(graph, aten.mul.Tensor, (unscaled_x, 0.0))
             row_nan = new_node(graph, aten.sum.dim_IntList, (zeros, [-1], True))
             out = new_node(graph, aten.add.Tensor, (out, row_nan))
+            if has_placeholder(graph, PRIMALS):
+                # The forward of a training graph: + zeros whose backward gives the expert weights the NaN of
+                # the plain code's unchosen rows (moe_ops/unchosen_experts.py).
+                zeros = new_node(graph, torch.ops.moe_ops.unchosen_expert_gradients.default,
+                                 (unscaled_x, ids_TK, match.w_gate_up, match.w_down))
+                out = new_node(graph, aten.add.Tensor, (out, zeros))
         if match.sentinel_from is not None:
             # + sum over the sentinel slots of 0 * w, in out's dtype: 0 for finite weights, NaN otherwise (the
             # op skips those slots; the plain code's zeroed rows times an inf or NaN weight are NaN).

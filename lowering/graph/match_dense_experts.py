@@ -18,7 +18,9 @@ itself, added in fp32: the op on one row per slot, ``x[t] * chain(top[t, k])`` w
 (with K = 1 the token rows, scaled), each token's K rows summed (experts_rewrite.replace). A row of x that
 holds an inf or a NaN makes every expert's rows NaN in the plain code (inf * 0); the rewrite adds
 ``sum(x[t] * 0)`` (±0 for a finite row, NaN for such a row) to the op's output, so that row is NaN there
-too. Only the sign of a zero output, and for K > 1 the order of an fp32 sum of K values, can differ, given
+too. In a training graph it also adds ``moe_ops::unchosen_expert_gradients`` (zeros): its backward gives the
+expert weights the NaN that the unchosen rows give their gradients in the plain code (moe_ops/unchosen_experts.py).
+Only the sign of a zero output, and for K > 1 the order of an fp32 sum of K values, can differ, given
 finite expert weights: a NaN or inf in an expert's weights makes the plain code's rows of every token that did
 not choose that expert NaN (0 * inf in its GEMMs), the rewrite's only the rows of the tokens routed to it.
 Telling the two apart would read every expert's weights on every call, the traffic the rewrite exists to save;
