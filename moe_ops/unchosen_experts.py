@@ -54,9 +54,8 @@ def unchosen_weight_gradients(x_TH: torch.Tensor, topk_ids_TK: torch.Tensor, num
     # Counts of such tokens per (expert, output column), exact in fp32: 0/1 products, far fewer than 2**24 tokens.
     bad_TH = ~grad_TH.isfinite() | ~x_TH.isfinite().all(1, keepdim=True)
     bad_EH = unchosen_TE.T.to(torch.float32) @ bad_TH.to(torch.float32) > 0
-    nan = torch.tensor(float("nan"), device=x_TH.device)
-    down_E1H = torch.where(bad_EH, nan, 0.0)[:, None, :]
-    gate_up_E11 = torch.where(bad_EH.any(1), nan, 0.0)[:, None, None]
+    down_E1H = torch.where(bad_EH, float("nan"), 0.0)[:, None, :]
+    gate_up_E11 = torch.where(bad_EH.any(1), float("nan"), 0.0)[:, None, None]
     return gate_up_E11, down_E1H
 
 

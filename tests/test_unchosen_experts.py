@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+from conftest import eager_and_captured
 
 import moe_ops.unchosen_experts  # noqa: F401  (defines the op)
 
@@ -100,3 +101,18 @@ def test_errors_name_the_argument(change, message):
     change(arguments)
     with pytest.raises((ValueError, TypeError), match=re.escape(message)):
         op(*arguments.values())
+
+
+@pytest.mark.cuda
+def test_cuda_backward_captures():
+    """The backward makes no host copy or sync (its NaN are no host tensor): a CUDA graph captures it."""
+    x_TH, ids_TK, w_gate_up, w_down = (t.detach().cuda().requires_grad_(t.requires_grad) for t in inputs())
+    x_TH[2, 3] = float("nan")
+    grad_TH = torch.randn(T, H, device="cuda")
+
+    def step():
+        return torch.autograd.grad(op(x_TH, ids_TK, w_gate_up, w_down), [w_gate_up, w_down], grad_TH)
+
+    eager, captured = eager_and_captured(step)
+    for got, want in zip(captured, eager, strict=True):
+        assert torch.equal(got.isnan(), want.isnan()) and want.isnan().any()
