@@ -51,9 +51,10 @@ def unchosen_weight_gradients(x_TH: torch.Tensor, topk_ids_TK: torch.Tensor, num
     weight gradient NaN in the plain code (module docstring), 0 elsewhere; broadcast over each weight."""
     experts_E = torch.arange(num_experts, device=topk_ids_TK.device)
     unchosen_TE = ~(topk_ids_TK[:, :, None] == experts_E).any(1)
-    # Counts of such tokens per (expert, output column), exact in fp32: 0/1 products, far fewer than 2**24 tokens.
+    # Counts of such tokens per (expert, output column), as a GEMM of 0/1 values: in bf16 (half the bytes of fp32),
+    # whose rounding keeps a positive count positive.
     bad_TH = ~grad_TH.isfinite() | ~x_TH.isfinite().all(1, keepdim=True)
-    bad_EH = unchosen_TE.T.to(torch.float32) @ bad_TH.to(torch.float32) > 0
+    bad_EH = unchosen_TE.T.to(torch.bfloat16) @ bad_TH.to(torch.bfloat16) > 0
     down_E1H = torch.where(bad_EH, float("nan"), 0.0)[:, None, :]
     gate_up_E11 = torch.where(bad_EH.any(1), float("nan"), 0.0)[:, None, None]
     return gate_up_E11, down_E1H
