@@ -17,6 +17,7 @@
 #             them; TIMING_ARGS for all)
 #   targets   benchmarks/bench_targets.py (decode under CUDA graphs, skewed routing, fp16/fp32; TARGET_ARGS)
 #   blockm    benchmarks/sweep_block_m.py (the fused op at each GEMM block size, T = 2-8192)
+#   dxcolumns benchmarks/sweep_dx_columns.py (the training backward's dx over all columns or column halves)
 #   hostc     benchmarks/profile_host.py --compiled (host time of the compiled block, with a cProfile)
 #   ep        benchmarks/bench_expert_parallel.py (every GPU of the host, NCCL; a multi-GPU machine; EP_ARGS,
 #             e.g. --profile for a trace of a pipelined call and its overlap)
@@ -110,6 +111,7 @@ for stage in "$@"; do
                  | tee "$OUT/quantised.log" | tail -40 || status=1 ;;
     energy) timeout "$LIMIT" python3 -P benchmarks/bench_energy.py --out "$OUT" ${ENERGY_ARGS:-} 2>&1 \
               | tee "$OUT/energy.log" | tail -40 || status=1 ;;
+    dxcolumns) timeout "$LIMIT" python3 -P benchmarks/sweep_dx_columns.py --out "$OUT" || status=1 ;;
     blockm) timeout "$LIMIT" python3 -P benchmarks/sweep_block_m.py --out "$OUT" || status=1 ;;
     hostc) timeout "$LIMIT" python3 -P benchmarks/profile_host.py --out "$OUT" --compiled || status=1 ;;
     layer) timeout "$LIMIT" python3 -P benchmarks/bench_layer.py --out "$OUT" ${LAYER_ARGS:-} \

@@ -289,6 +289,14 @@ def grouped_mm_applies(x, widths) -> bool:
     return native_grouped_mm(x.device, x.dtype) and all((w * x.element_size()) % 16 == 0 for w in widths)
 
 
+def column_halves(width: int, element_size: int) -> list[slice]:
+    """Two column slices that split ``width`` near its middle, each starting 16-byte aligned (as torch's
+    grouped GEMM wants its operands); one slice where the width is too narrow to split so."""
+    align = 16 // element_size
+    split = width // 2 // align * align
+    return [slice(0, width)] if split == 0 else [slice(0, split), slice(split, width)]
+
+
 def saves_preactivations(x, w_gate_up, w_down, w_up, b_gate_up, b_up, b_down) -> bool:
     """Whether ``moe_ops::fused_experts_training`` keeps the pre-activations for the backward (which then
     skips recomputing them): where its GEMMs are torch's grouped GEMMs (no biases to add, rows aligned,
@@ -474,12 +482,18 @@ def fused_experts_backward_triton(
     del x_rows
     if grouped:
         # dx per schedule row (a separate w_up's part added in x's dtype, as autograd of the user's code
-        # does), then each token's K rows summed in fp32.
-        dx_rows = None
-        for d_pre_PN, w in zip(d_pre, (w_gu, w_u), strict=False):
-            part = rows_gemm(d_pre_PN, w.transpose(1, 2))
-            dx_rows = part if dx_rows is None else dx_rows.add_(part)
-        dx = token_sums_triton(dx_rows, slot_positions(sorted_slots, S), torch.empty_like(x), K)
+        # does), then each token's K rows summed in fp32. This is the backward's peak (the weight gradients
+        # and the caller's saved pre-activations are alive), so the rows are made for one half of dx's
+        # columns at a time: (P, H/2) held, not (P, H).
+        dx = torch.empty_like(x)
+        positions_S = slot_positions(sorted_slots, S)
+        for cols in column_halves(x.shape[1], x.element_size()):
+            dx_rows = None
+            for d_pre_PN, w in zip(d_pre, (w_gu, w_u), strict=False):
+                part = grouped_mm(d_pre_PN, w[:, :, cols], expert_offsets[1:])
+                dx_rows = part if dx_rows is None else dx_rows.add_(part)
+            token_sums_triton(dx_rows, positions_S, dx[:, cols], K)
+            del dx_rows, part
     else:
         # As the forward: each slot's row in x's dtype, the K of a token summed in fp32 (a separate w_up
         # gives two parts per slot, added in fp32 first).

@@ -233,10 +233,20 @@ def test_weight_grads_through_torchs_grouped_gemm(form, monkeypatch):
     check(make_args(*shape[:2], shape[2], shape[3], shape[4], torch.bfloat16, TRITON_DEVICE, **options),
           torch.bfloat16)
     # One per weight gradient and per GEMM over schedule rows without a bias to add (recomputed
-    # pre-activations, g W_d, dx): gpt_oss keeps its biased pre-activation GEMM on the expert GEMM;
-    # w1_w3_biases has three weights and two dx parts (its pre-activation GEMMs are biased). Bias
-    # gradients stay fp32 sums of the Triton kernel.
-    assert len(calls) == {"w1_w3_biases": 6, "gpt_oss": 4}.get(form, 5)
+    # pre-activations, g W_d), two per dx part (one per half of dx's columns, each of H / 2 columns):
+    # gpt_oss keeps its biased pre-activation GEMM on the expert GEMM; w1_w3_biases has three weights and
+    # two dx parts (its pre-activation GEMMs are biased). Bias gradients stay fp32 sums of the Triton kernel.
+    assert len(calls) == {"w1_w3_biases": 8, "gpt_oss": 5}.get(form, 6)
+
+
+@pytest.mark.parametrize("width,element_size,want", [
+    (32, 2, [(0, 16), (16, 32)]), (40, 2, [(0, 16), (16, 40)]), (8, 2, [(0, 8)]), (24, 4, [(0, 12), (12, 24)]),
+    (4, 4, [(0, 4)]),
+], ids=["even", "unaligned_middle", "too_narrow", "fp32", "fp32_too_narrow"])
+def test_column_halves_start_aligned(width, element_size, want):
+    halves = backward_module.column_halves(width, element_size)
+    assert [(c.start, c.stop) for c in halves] == want
+    assert all(c.start * element_size % 16 == 0 for c in halves)
 
 
 TRAINING_FORMS = ["EFH", "EHF", "w1_w3", "ungated_gelu", "capacity_drops", "sentinel_ids", "E>>S", "T=1", "k=E",
