@@ -215,7 +215,7 @@ def test_zero_tokens():
 
 
 @pytest.mark.parametrize("form", ["EFH", "EHF", "gpt_oss", "w1_w3_biases", "ungated_gelu", "capacity_drops",
-                                  "sentinel_ids", "E>>S"])
+                                  "sentinel_ids", "E>>S", "H=40"])
 def test_weight_grads_through_torchs_grouped_gemm(form, monkeypatch):
     """Where torch's grouped GEMM runs natively (bf16 on sm90/sm100) the backward's GEMMs and its weight
     gradients go through it over x's and g's rows copied into schedule order, dx summed per token from
@@ -229,7 +229,9 @@ def test_weight_grads_through_torchs_grouped_gemm(form, monkeypatch):
 
     monkeypatch.setattr(backward_module, "native_grouped_mm", lambda device, dtype: True)
     monkeypatch.setattr(backward_module, "grouped_mm", counted)
-    shape, options = ((3, 8, 64, 32, 16), {}) if form == "E>>S" else ((13, 2, 4, 32, 16), FORMS.get(form, {}))
+    # H = 40: dx's column halves are 16 and 24 columns wide (each starting 16-byte aligned).
+    shape = {"E>>S": (3, 8, 64, 32, 16), "H=40": (13, 2, 4, 40, 16)}.get(form, (13, 2, 4, 32, 16))
+    options = FORMS.get(form, {})
     check(make_args(*shape[:2], shape[2], shape[3], shape[4], torch.bfloat16, TRITON_DEVICE, **options),
           torch.bfloat16)
     # One per weight gradient and per GEMM over schedule rows without a bias to add (recomputed
