@@ -42,8 +42,14 @@ def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.
 
 def eager_and_captured(step):
     """(step() run eagerly, step() captured in a CUDA graph and replayed): a step with a host sync fails to
-    capture."""
-    eager = step()
+    capture. The eager run (the warm-up) is on a side stream, as torch's CUDA-graph examples and NVIDIA's
+    capture checklist ask of autograd work before a capture: autograd keeps streams of the warm-up's graph
+    (pytorch/pytorch#164302), and a captured backward that touches the legacy default stream fails."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        eager = step()
+    torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
