@@ -404,6 +404,25 @@ def test_backward_on_kept_preactivations_holds_one_row_copy_at_a_time(monkeypatc
     assert tracker.peak - results <= positions * (H + Fi) * itemsize, (tracker.peak - results, positions)
 
 
+def test_backward_makes_dx_rows_for_half_its_columns_at_a_time(monkeypatch):
+    """On torch's grouped GEMM with the pre-activations kept, the backward's peak is its dx step: every
+    weight gradient is made by then, and dx's per-row products are made for one half of its columns at a
+    time, so beyond its results it holds (positions x H/2) values, the per-row vectors included. (Weights
+    far larger than the rows make that step the peak; all of dx's columns at once would exceed the bound by
+    another half.)"""
+    monkeypatch.setattr(backward_module, "native_grouped_mm", lambda device, dtype: True)
+    T, K, E, H, Fi = 16, 2, 8, 256, 64
+    args = make_args(T, K, E, H, Fi, torch.bfloat16, TRITON_DEVICE)
+    _, _, kept, _, sorted_slots, expert_offsets = fused_experts_training_triton(*args)
+    grad_TH = torch.randn(T, H).to(args[0])
+    with PeakNewBytes() as tracker:
+        grads = fused_experts_backward_triton(*args, [grad_TH, torch.empty(0)], saved=[kept],
+                                              schedule=PackedSchedule(sorted_slots, expert_offsets))
+        results = sum(g.untyped_storage().nbytes() for g in grads)
+    positions, itemsize = sorted_slots.shape[0], args[0].element_size()
+    assert tracker.peak - results <= positions * (H // 2 * itemsize + 64), (tracker.peak - results, positions)
+
+
 # ---- CUDA only ----
 
 
