@@ -385,14 +385,10 @@ def test_backward_keeps_3f_values_per_schedule_row(weight_grads, monkeypatch):
     assert tracker.peak - results <= bound, (tracker.peak - results, bound)
 
 
-def test_backward_on_kept_preactivations_holds_one_row_copy_at_a_time(monkeypatch):
-    """With the pre-activations kept (the training variant on torch's grouped GEMM), x's rows in schedule
-    order are read only by the gate/up weight gradient: they are copied after g's rows are freed, so beyond
-    its results the backward holds at most one (positions x H) copy and g W_d (positions x F) at once, the
-    per-row vectors included. (K = 4 makes the two row copies outweigh the gradients; holding both would
-    exceed the bound by g's copy.)"""
+def _peak_beyond_results_on_kept(T, K, E, H, Fi, monkeypatch):
+    """(peak new bytes beyond the results, schedule positions) of the backward on torch's grouped GEMM
+    (forced) reading the pre-activations that the training variant kept (bf16)."""
     monkeypatch.setattr(backward_module, "native_grouped_mm", lambda device, dtype: True)
-    T, K, E, H, Fi = 64, 4, 4, 256, 16
     args = make_args(T, K, E, H, Fi, torch.bfloat16, TRITON_DEVICE)
     _, _, kept, _, sorted_slots, expert_offsets = fused_experts_training_triton(*args)
     grad_TH = torch.randn(T, H).to(args[0])
@@ -400,8 +396,18 @@ def test_backward_on_kept_preactivations_holds_one_row_copy_at_a_time(monkeypatc
         grads = fused_experts_backward_triton(*args, [grad_TH, torch.empty(0)], saved=[kept],
                                               schedule=PackedSchedule(sorted_slots, expert_offsets))
         results = sum(g.untyped_storage().nbytes() for g in grads)
-    positions, itemsize = sorted_slots.shape[0], args[0].element_size()
-    assert tracker.peak - results <= positions * (H + Fi) * itemsize, (tracker.peak - results, positions)
+    return tracker.peak - results, sorted_slots.shape[0]
+
+
+def test_backward_on_kept_preactivations_holds_one_row_copy_at_a_time(monkeypatch):
+    """With the pre-activations kept (the training variant on torch's grouped GEMM), x's rows in schedule
+    order are read only by the gate/up weight gradient: they are copied after g's rows are freed, so beyond
+    its results the backward holds at most one (positions x H) copy and g W_d (positions x F) at once, the
+    per-row vectors included. (K = 4 makes the two row copies outweigh the gradients; holding both would
+    exceed the bound by g's copy.)"""
+    H, Fi = 256, 16
+    excess, positions = _peak_beyond_results_on_kept(64, 4, 4, H, Fi, monkeypatch)
+    assert excess <= positions * (H + Fi) * 2, (excess, positions)
 
 
 def test_backward_makes_dx_rows_for_half_its_columns_at_a_time(monkeypatch):
@@ -410,17 +416,9 @@ def test_backward_makes_dx_rows_for_half_its_columns_at_a_time(monkeypatch):
     time, so beyond its results it holds (positions x H/2) values, the per-row vectors included. (Weights
     far larger than the rows make that step the peak; all of dx's columns at once would exceed the bound by
     another half.)"""
-    monkeypatch.setattr(backward_module, "native_grouped_mm", lambda device, dtype: True)
-    T, K, E, H, Fi = 16, 2, 8, 256, 64
-    args = make_args(T, K, E, H, Fi, torch.bfloat16, TRITON_DEVICE)
-    _, _, kept, _, sorted_slots, expert_offsets = fused_experts_training_triton(*args)
-    grad_TH = torch.randn(T, H).to(args[0])
-    with PeakNewBytes() as tracker:
-        grads = fused_experts_backward_triton(*args, [grad_TH, torch.empty(0)], saved=[kept],
-                                              schedule=PackedSchedule(sorted_slots, expert_offsets))
-        results = sum(g.untyped_storage().nbytes() for g in grads)
-    positions, itemsize = sorted_slots.shape[0], args[0].element_size()
-    assert tracker.peak - results <= positions * (H // 2 * itemsize + 64), (tracker.peak - results, positions)
+    H = 256
+    excess, positions = _peak_beyond_results_on_kept(16, 2, 8, H, 64, monkeypatch)
+    assert excess <= positions * (H // 2 * 2 + 64), (excess, positions)
 
 
 # ---- CUDA only ----
