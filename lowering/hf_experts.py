@@ -60,7 +60,7 @@ from moe_ops._checks import QUANTISED_WEIGHT_DTYPES
 from moe_ops._compat.dispatch import functorch_transform_active
 from moe_ops._compat.dynamo import counters
 from moe_ops._compat.modules import hooks_a_call_runs
-from moe_ops.activations import CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT
+from moe_ops.activations import CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT, check_clamp_constants
 from moe_ops.expert_parallel import PLAN_ATTRIBUTE, fused_experts_ep
 from moe_ops.fused_experts import fused_experts
 from moe_ops.lowering.torchao_experts import torchao_quantised, torchao_tensor_class
@@ -304,6 +304,10 @@ def _gate_activation(experts: nn.Module, apply_gate: ApplyGate | None) -> tuple[
         if activation != "clamped_silu":
             return f"its {apply_gate.limit} is None: {activation} without a limit is no moe_ops activation"
         activation, limit = "silu", CLAMPED_SWIGLU_LIMIT
+    try:  # constants the op refuses (a negative or NaN limit: torch's clamp then returns its bound) keep the loop
+        check_clamp_constants(alpha, float(limit))
+    except ValueError as error:
+        return f"its {apply_gate.name} constants are none that fused_experts takes ({error})"
     return activation, alpha, float(limit)
 
 

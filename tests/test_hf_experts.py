@@ -523,6 +523,25 @@ def test_unrecognised_code_falls_back(experts_class, reason, caplog):
     assert torch.equal(out, expected)  # the same loop ran
 
 
+@pytest.mark.parametrize("attribute, value", [("limit", -1.0), ("limit", float("nan")), ("alpha", float("inf"))],
+                         ids=["negative_limit", "nan_limit", "inf_alpha"])
+def test_clamp_constants_the_op_refuses_keep_the_loop(attribute, value, caplog):
+    """GPT-OSS experts whose alpha or limit fused_experts refuses (torch's clamp returns its bound where min >
+    max; a NaN limit or an infinite alpha makes NaN) keep their loop when compiled, the reason logged, and give
+    the loop's result, NaN included, instead of failing to compile."""
+    block = tiny_block("gpt_oss", torch.float32).eval().requires_grad_(False)
+    setattr(block.experts, attribute, value)
+    x = torch.randn(1, 7, H)
+    with caplog.at_level(logging.INFO, logger="moe_ops"):
+        out = block_output(torch.compile(block), x)
+    assert counters["moe_ops"]["hf_experts"] == 0 and counters["moe_ops"]["hf_experts_fallback"] >= 1
+    _expect_fallback(caplog, "GptOssExperts",
+                     "its GptOssExperts._apply_gate constants are none that fused_experts takes")
+    expected = block_output(block, x)
+    assert torch.equal(out.isnan(), expected.isnan())
+    assert_close_rel(out.nan_to_num(), expected.nan_to_num(), torch.float32, f"{attribute}={value}")
+
+
 def test_autocast_falls_back(caplog):
     block = tiny_block("mixtral", torch.float32)
     set_experts_implementation(block, "moe_ops")
