@@ -9,7 +9,8 @@ C rows each rank sends each rank in padded mode.
 Two dispatches:
 
 - ``"padded"``: every rank sends every rank a fixed block of C rows (``capacity_factor`` sets C; by
-  default C = T * min(K, E_local), which no routing overflows), so shapes never depend on the routing: no
+  default C = T * min(K, E_local), which no routing overflows: a token naming one expert in several slots
+  sends it one row, weighted by their weights' sum), so shapes never depend on the routing: no
   host synchronisation, one compiled graph whatever the routing, CUDA-graph safe. Slots past a
   destination's C (in slot order) are dropped and counted. Every rank must pass the same T.
 - ``"exact"``: the ranks first exchange how many rows each sends each (one all-to-all of R counts and
@@ -185,9 +186,20 @@ def fused_experts_ep(
     num_ranks = dist.get_world_size(group)
     num_local = w_gate_up.shape[0]
     T, K = topk_ids.shape
+    if not 1 <= K <= num_local * num_ranks:
+        raise ValueError(f"topk_ids: expected 1 <= K <= E={num_local * num_ranks} choices per token (E_local = "
+                         f"{num_local} experts on each of {num_ranks} ranks), got K={K}")
     S = T * K
     ids_S = topk_ids.reshape(-1).long()
     routed_S = (ids_S >= 0) & (ids_S < num_local * num_ranks)
+    if dispatch == "padded" and capacity_factor is None:
+        # Dropless: a token's later slots naming an expert that an earlier slot names go nowhere and their
+        # weights join that slot's (the expert's output is the same), so a token sends each rank at most
+        # min(K, E_local) rows, the block below. (fused_experts allows such ids; its sum is the same.)
+        same_TKK = topk_ids[:, :, None] == topk_ids[:, None, :]
+        repeat_TK = (same_TKK & torch.ones(K, K, dtype=torch.bool, device=x.device).tril(-1)).any(-1)
+        topk_weights = torch.where(repeat_TK, 0, (same_TKK * topk_weights[:, None, :]).sum(-1))
+        routed_S = routed_S & ~repeat_TK.reshape(-1)
     dest_S = torch.where(routed_S, ids_S // num_local, num_ranks)  # R: no rank
     local_ids_S = torch.where(routed_S, ids_S - dest_S * num_local, num_local)  # E_local: no expert
     # Slots grouped by destination rank in slot order (unrouted ones last), and each one's place there.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tempfile
 import time
 
@@ -334,6 +335,50 @@ def test_float64_keeps_its_precision():
     """fused_experts_ep of fp64 tensors is fused_experts' fp64 computation (gradcheck passes), on one rank."""
     with tempfile.TemporaryDirectory() as folder:
         mp.spawn(_float64_worker, args=(1, os.path.join(folder, "init")), nprocs=1, join=True)
+
+
+def _repeated_ids_worker(rank, num_ranks, init_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=num_ranks)
+    try:
+        # The same tokens on both ranks (so each expert's gradient is twice one process's). K = 6 slots naming
+        # few experts: 5 slots of expert 0 (rank 0 holds E_local = 4 experts), a token naming expert 7 six times.
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(3, H, generator=g)
+        ids = torch.tensor([[0, 0, 0, 0, 0, 1], [7, 7, 7, 7, 7, 7], [2, 5, 2, 9, -1, 5]], dtype=torch.int32)
+        weights = torch.rand(3, 6, generator=g)
+        grad_out = torch.randn(3, H, generator=g)
+        local = slice(rank * E // num_ranks, (rank + 1) * E // num_ranks)
+        full = [w.requires_grad_(True) for w in _weights()]
+        want_leaves = [x.clone().requires_grad_(True), weights.clone().requires_grad_(True)]
+        want = fused_experts_ref(*want_leaves[:1], want_leaves[1], ids, *full)
+        want.backward(grad_out)
+        for dispatch, chunks in (("padded", 1), ("padded", 2), ("exact", 1)):
+            leaves = [x.clone().requires_grad_(True), weights.clone().requires_grad_(True),
+                      *(w.detach()[local].clone().requires_grad_(True) for w in full)]
+            out, dropped = fused_experts_ep(leaves[0], leaves[1], ids, leaves[2], leaves[3], dispatch=dispatch,
+                                            pipeline_chunks=chunks, return_num_dropped=True)
+            out.backward(grad_out)
+            assert int(dropped) == 0, (dispatch, int(dropped))
+            got = [out, *(leaf.grad for leaf in leaves)]
+            expected = [want, want_leaves[0].grad, want_leaves[1].grad, *(2 * w.grad[local] for w in full)]
+            for what, actual, wanted in zip(("out", "dx", "d weights", "d w_gate_up", "d w_down"), got, expected,
+                                            strict=True):
+                torch.testing.assert_close(actual, wanted, rtol=1e-5, atol=1e-5,
+                                           msg=lambda m, w=what, d=dispatch: f"{d} {w}: {m}")
+        with pytest.raises(ValueError, match=re.escape("topk_ids: expected 1 <= K <= E=8 choices per token")):
+            fused_experts_ep(x, torch.rand(3, 9), torch.zeros(3, 9, dtype=torch.int32), full[0].detach()[local],
+                             full[1].detach()[local])
+    finally:
+        _destroy_process_group()
+
+
+def test_a_token_naming_an_expert_in_several_slots_drops_nothing():
+    """Padded dispatch's dropless block, T * min(K, E_local) rows, holds a token whose slots name one expert
+    several times (as fused_experts allows): those slots go as one row weighted by their weights' sum, so
+    output and gradients equal one process's, as with exact dispatch; and K > E is refused as fused_experts
+    refuses it."""
+    with tempfile.TemporaryDirectory() as folder:
+        mp.spawn(_repeated_ids_worker, args=(2, os.path.join(folder, "init")), nprocs=2, join=True)
 
 
 def test_errors_name_the_argument():
