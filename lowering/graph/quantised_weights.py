@@ -18,9 +18,10 @@ read the low-precision values and scale each accumulated column (moe_ops.expert_
 one value up to rounding: the graph rounds each dequantised weight to x's dtype before the GEMM, the kernel
 accumulates the exact products in fp32 and scales after. A NaN in Q or S reaches every output it reached
 before, as NaN; an infinite scale does too, but where the graph's 0 x inf (or inf - inf) made NaN the kernel's
-inf x sum gives +-inf (docs/index.md, Quantised experts). The rewrite fires only where every projection of the block is such a chain (a block with
-one plain weight is left as it is), the chains have no other reader (a training graph that saves the
-dequantised weight for its backward keeps it), and the op accepts the result (``check_fused_args``).
+inf x sum gives +-inf (docs/index.md, Quantised experts). The rewrite fires only where every projection of
+the block is such a chain (a block with one plain weight is left as it is), the chains have no other reader (a
+training graph that saves the dequantised weight for its backward keeps it), and the op accepts the result
+(``check_fused_args``).
 """
 
 from __future__ import annotations
