@@ -196,9 +196,11 @@ def fused_experts_ep(
         # Dropless: a token's later slots naming an expert that an earlier slot names go nowhere and their
         # weights join that slot's (the expert's output is the same), so a token sends each rank at most
         # min(K, E_local) rows, the block below. (fused_experts allows such ids; its sum is the same.)
+        # Only the slots of a repeated id change: a multiply by 0 would carry another slot's inf or NaN weight.
         same_TKK = topk_ids[:, :, None] == topk_ids[:, None, :]
         repeat_TK = (same_TKK & torch.ones(K, K, dtype=torch.bool, device=x.device).tril(-1)).any(-1)
-        topk_weights = torch.where(repeat_TK, 0, (same_TKK * topk_weights[:, None, :]).sum(-1))
+        merged_TK = torch.where(same_TKK, topk_weights[:, None, :], 0).sum(-1)
+        topk_weights = torch.where(repeat_TK, 0, torch.where(same_TKK.sum(-1) > 1, merged_TK, topk_weights))
         routed_S = routed_S & ~repeat_TK.reshape(-1)
     dest_S = torch.where(routed_S, ids_S // num_local, num_ranks)  # R: no rank
     local_ids_S = torch.where(routed_S, ids_S - dest_S * num_local, num_local)  # E_local: no expert

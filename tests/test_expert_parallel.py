@@ -341,12 +341,15 @@ def _repeated_ids_worker(rank, num_ranks, init_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=num_ranks)
     try:
         # The same tokens on both ranks (so each expert's gradient is twice one process's). K = 6 slots naming
-        # few experts: 5 slots of expert 0 (rank 0 holds E_local = 4 experts), a token naming expert 7 six times.
+        # few experts: 5 slots of expert 0 (rank 0 holds E_local = 4 experts), a token naming expert 7 six times;
+        # a token of distinct ids with an inf weight (its other slots' weights stay as they are).
         g = torch.Generator().manual_seed(0)
-        x = torch.randn(3, H, generator=g)
-        ids = torch.tensor([[0, 0, 0, 0, 0, 1], [7, 7, 7, 7, 7, 7], [2, 5, 2, 9, -1, 5]], dtype=torch.int32)
-        weights = torch.rand(3, 6, generator=g)
-        grad_out = torch.randn(3, H, generator=g)
+        x = torch.randn(4, H, generator=g)
+        ids = torch.tensor([[0, 0, 0, 0, 0, 1], [7, 7, 7, 7, 7, 7], [2, 5, 2, 9, -1, 5], [3, 4, 6, 1, 0, 7]],
+                           dtype=torch.int32)
+        weights = torch.rand(4, 6, generator=g)
+        weights[3, 5] = float("inf")
+        grad_out = torch.randn(4, H, generator=g)
         local = slice(rank * E // num_ranks, (rank + 1) * E // num_ranks)
         full = [w.requires_grad_(True) for w in _weights()]
         want_leaves = [x.clone().requires_grad_(True), weights.clone().requires_grad_(True)]
@@ -363,10 +366,10 @@ def _repeated_ids_worker(rank, num_ranks, init_file):
             expected = [want, want_leaves[0].grad, want_leaves[1].grad, *(2 * w.grad[local] for w in full)]
             for what, actual, wanted in zip(("out", "dx", "d weights", "d w_gate_up", "d w_down"), got, expected,
                                             strict=True):
-                torch.testing.assert_close(actual, wanted, rtol=1e-5, atol=1e-5,
+                torch.testing.assert_close(actual, wanted, rtol=1e-5, atol=1e-5, equal_nan=True,
                                            msg=lambda m, w=what, d=dispatch: f"{d} {w}: {m}")
         with pytest.raises(ValueError, match=re.escape("topk_ids: expected 1 <= K <= E=8 choices per token")):
-            fused_experts_ep(x, torch.rand(3, 9), torch.zeros(3, 9, dtype=torch.int32), full[0].detach()[local],
+            fused_experts_ep(x, torch.rand(4, 9), torch.zeros(4, 9, dtype=torch.int32), full[0].detach()[local],
                              full[1].detach()[local])
     finally:
         _destroy_process_group()
